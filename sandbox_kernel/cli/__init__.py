@@ -1,0 +1,60 @@
+"""The ``sandbox-kernel`` command line.
+
+Each verb lives in its own module exposing ``register(subparsers)``; the module's
+handler is stored as the parser's ``func`` default and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import SandboxError
+
+# Verb modules, in the order they appear in --help.
+VERB_MODULES = ("run", "gc", "image", "kernelspec", "doctor", "ps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sandbox-kernel",
+        description="Run Jupyter kernels (and any command) in lightweight Linux containers.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show debug logging")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name in VERB_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # verb not installed in this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="sandbox-kernel: %(message)s",
+    )
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args))
+    except SandboxError as exc:
+        print(f"sandbox-kernel: error: {exc}", file=sys.stderr)
+        return 125
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

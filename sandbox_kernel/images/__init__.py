@@ -1,0 +1,1 @@
+"""Images: an OCI image store, safe layer extraction, recipes and builds, import/export."""

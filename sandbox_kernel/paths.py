@@ -1,0 +1,51 @@
+"""Where the product keeps things on the host.
+
+* state dir (images, snapshots, build cache): ``/var/lib/sandbox-kernel`` for root,
+  ``$XDG_DATA_HOME/sandbox-kernel`` (default ``~/.local/share/sandbox-kernel``) otherwise;
+  ``SANDBOX_KERNEL_STATE_DIR`` overrides.
+* run dir (one short directory per running container, named from its id):
+  ``/run/sandbox-kernel`` for root, ``$XDG_RUNTIME_DIR/sandbox-kernel`` otherwise;
+  ``SANDBOX_KERNEL_RUN_DIR`` overrides. Keep it short: unix socket paths inside it
+  must stay under 107 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import re
+from pathlib import Path
+
+ID_PREFIX = "sk-"
+ID_RE = re.compile(r"^sk-[0-9a-f]{12}$")
+
+
+def new_container_id() -> str:
+    """A fresh container id; every host resource of the container is named from it."""
+    return ID_PREFIX + secrets.token_hex(6)
+
+
+def is_container_id(name: str) -> bool:
+    return bool(ID_RE.match(name))
+
+
+def state_dir() -> Path:
+    env = os.environ.get("SANDBOX_KERNEL_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandbox-kernel")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "sandbox-kernel"
+
+
+def run_dir() -> Path:
+    env = os.environ.get("SANDBOX_KERNEL_RUN_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/sandbox-kernel")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "sandbox-kernel"
+    return Path("/tmp") / f"sandbox-kernel-{os.geteuid()}"

@@ -1,0 +1,84 @@
+"""Parsing and formatting of sizes, CPU counts and durations.
+
+Accepted size forms: a plain number of bytes (``1048576``), or a number with a
+unit: ``k``/``K``/``KB``/``KiB``, ``M``/``MB``/``MiB``, ``G``/``GB``/``GiB``,
+``T``/``TiB`` (all binary: 1K = 1024 bytes, as Docker does). Decimals allowed
+(``1.5G``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .errors import SpecError
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*$")
+_FACTORS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+SIZE_FORMS = "bytes, or a number with K, M, G or T (binary units), e.g. 512M, 1.5G"
+CPUS_FORMS = "a positive number of CPUs, fractions allowed, e.g. 0.5, 1, 2"
+DURATION_FORMS = "seconds, or a number with ms, s, m or h, e.g. 500ms, 10s, 2m"
+
+
+def parse_size(value: str | int | float, field: str = "size") -> int:
+    """Return a size in bytes; raise SpecError naming the field and the accepted forms."""
+    if isinstance(value, bool):
+        raise SpecError(f"{field}={value!r} is not a size; use {SIZE_FORMS}")
+    if isinstance(value, (int, float)):
+        if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise SpecError(f"{field}={value!r} must be a non-negative size; use {SIZE_FORMS}")
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise SpecError(f"{field}={value!r} is not a size; use {SIZE_FORMS}")
+    number, unit = m.groups()
+    return int(float(number) * _FACTORS[unit.lower()])
+
+
+def parse_cpus(value: str | int | float, field: str = "cpus") -> float:
+    """Return a CPU count as float (> 0)."""
+    try:
+        cpus = float(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"{field}={value!r} is not a CPU count; use {CPUS_FORMS}") from None
+    if not math.isfinite(cpus) or cpus <= 0:
+        raise SpecError(f"{field}={value!r} must be more than 0; use {CPUS_FORMS}")
+    return cpus
+
+
+def parse_duration(value: str | int | float, field: str = "timeout") -> float:
+    """Return a duration in seconds (> 0)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if not m:
+            raise SpecError(f"{field}={value!r} is not a duration; use {DURATION_FORMS}")
+        seconds = float(m.group(1)) * _DURATION_FACTORS[m.group(2)]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise SpecError(f"{field}={value!r} must be more than 0; use {DURATION_FORMS}")
+    return seconds
+
+
+def format_size(nbytes: int | float | None) -> str:
+    """Human form with binary units: 536870912 -> '512 MiB'."""
+    if nbytes is None:
+        return "unlimited"
+    n = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            if unit == "B":
+                return f"{int(n)} B"
+            text = f"{n:.1f}".rstrip("0").rstrip(".")
+            return f"{text} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_cpus(cpus: float | None) -> str:
+    if cpus is None:
+        return "unlimited"
+    return f"{cpus:g}"
