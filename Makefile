@@ -1,0 +1,66 @@
+# sandbox-kernel: the two commands of the quick start are `make demo` and `make test`.
+# Both install what they need (Debian packages when root, a virtualenv, the native executor).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CC ?= cc
+CFLAGS_RT := -O2 -std=gnu11 -Wall -Wextra -D_GNU_SOURCE -fstack-protector-strong -D_FORTIFY_SOURCE=2 -fPIE -pie -Wl,-z,relro,-z,now
+DEB_PACKAGES := gcc libc6-dev make mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv
+RUNTIME := sandbox_kernel/_bin/sk-runtime
+
+.PHONY: help deps venv native demo test test-unit test-unit-matrix test-privileged test-cgroup-v2 lint bench clean
+
+help:
+	@echo "make demo            build what is missing, run the Python 2.7 and Python 3 notebooks side by side"
+	@echo "make test            the whole test suite (lint, types, unit, privileged, cgroup v2 in a VM)"
+	@echo "make test-cgroup-v2  the cgroup v2 selection in a QEMU guest (or natively: tools/vm/run-tests.sh --native)"
+	@echo "make bench           the benchmarks (table + JSON under benchmarks/results/)"
+
+deps:
+	@bash tools/install-deps.sh $(DEB_PACKAGES)
+
+$(PY): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,demo]'
+	@touch $(PY)
+
+venv: deps $(PY)
+
+$(RUNTIME): sandbox_kernel/native/sk-runtime.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_RT) -o $@ $<
+
+native: $(RUNTIME)
+
+demo: venv native
+	$(PY) -m sandbox_kernel.demo
+
+lint: venv
+	$(VENV)/bin/ruff check sandbox_kernel tests tools benchmarks
+	$(VENV)/bin/ruff format --check sandbox_kernel tests tools benchmarks
+	$(VENV)/bin/mypy
+
+test-unit: venv native
+	bash tools/pytest-run.sh $(PY) tests/unit
+
+test-unit-matrix: venv
+	bash tools/unit-matrix.sh
+
+test-privileged: venv native
+	bash tools/pytest-run.sh $(PY) tests/privileged tests/security
+
+test-cgroup-v2: venv native
+	bash tools/vm/setup.sh
+	bash tools/vm/run-tests.sh
+
+test: venv native lint test-unit test-unit-matrix test-privileged test-cgroup-v2
+	@echo "make test: all suites passed"
+
+bench: venv native
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf build dist *.egg-info sandbox_kernel/_bin

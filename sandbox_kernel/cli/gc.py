@@ -1,0 +1,27 @@
+"""``sandbox-kernel gc``: remove what crashed containers left behind."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..gc import collect
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("gc", help="remove leftovers of crashed containers (cgroups, run dirs)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.set_defaults(func=gc_command)
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    report = collect(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(report.run_dirs)} run dir(s), {len(report.cgroups)} cgroup(s)")
+    for name in report.run_dirs:
+        print(f"  run dir {name}")
+    for name in report.cgroups:
+        print(f"  cgroup {name}")
+    for err in report.errors:
+        print(f"  error: {err}")
+    return 1 if report.errors else 0

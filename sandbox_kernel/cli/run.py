@@ -1,0 +1,137 @@
+"""``sandbox-kernel run``: run one command in a container, like ``docker run --rm``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from ..container import Container
+from ..errors import SpecError
+from ..paths import new_container_id
+from ..spec import Bind, ContainerSpec, Limits
+from ..units import parse_cpus, parse_size
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a command in a new container",
+        description="Run CMD in a new container from IMAGE (an image of the store, or 'host' for the "
+        "host's /usr and /etc read-only). Streams pass through; the exit status propagates; "
+        "when the memory cap kills the command, one line says so and the status is 137.",
+    )
+    p.add_argument("--memory", "-m", help="memory cap, e.g. 512M, 1G (swap off)")
+    p.add_argument("--cpus", help="CPU cap in CPUs, e.g. 0.5, 2")
+    p.add_argument("--pids", type=int, help="maximum number of processes/threads")
+    p.add_argument("--tmp-size", default="256M", help="size of /tmp (tmpfs, counts as memory); default 256M")
+    p.add_argument("--writable-size", default="256M", help="size of the writable layer over the image; default 256M")
+    p.add_argument("--volume", "-v", action="append", default=[], metavar="SRC:DST[:ro|rw]",
+                   help="bind-mount a host path (read-write unless :ro)")
+    p.add_argument("--workdir", "-w", help="working directory inside the container (default: the image's, or /)")
+    p.add_argument("--user", "-u", help="UID[:GID] to run as (default 65534:65534; 0 needs --allow-root)")
+    p.add_argument("--allow-root", action="store_true", help="allow running as root inside the container")
+    p.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="set an environment variable")
+    p.add_argument("--hostname", default="sandbox", help="hostname inside (default: sandbox)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(func=run_command)
+
+
+def _parse_volume(text: str) -> Bind:
+    parts = text.split(":")
+    if len(parts) == 2:
+        return Bind(parts[0], parts[1], readonly=False)
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        return Bind(parts[0], parts[1], readonly=parts[2] == "ro")
+    raise SpecError(f"--volume {text!r} is invalid; use SRC:DST, SRC:DST:ro or SRC:DST:rw")
+
+
+def _parse_user(text: str) -> tuple[int, int]:
+    try:
+        uid_s, _, gid_s = text.partition(":")
+        uid = int(uid_s)
+        return uid, int(gid_s) if gid_s else uid
+    except ValueError:
+        raise SpecError(f"--user {text!r} is invalid; use a numeric UID or UID:GID, e.g. 1000:1000") from None
+
+
+def build_spec(args: argparse.Namespace) -> ContainerSpec:
+    from .. import hostimage
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    env: dict[str, str] = {}
+    mounts: list[Bind] = [_parse_volume(v) for v in args.volume]
+    workdir = "/"
+    user, group = 65534, 65534
+    image_name = args.image
+    if args.image == hostimage.NAME:
+        layers: tuple[str, ...] = (str(hostimage.layer_dir()),)
+        mounts = [*hostimage.binds(), *mounts]
+    else:
+        from ..images.store import ImageStore
+
+        image = ImageStore().resolve(args.image)
+        layers = image.lowerdirs()
+        env.update(dict(image.config.env))
+        workdir = image.config.working_dir or "/"
+        image_name = f"{image.name}:{image.tag}"
+        if not command:
+            command = [*image.config.entrypoint, *image.config.cmd]
+    if not command:
+        raise SpecError(f"no command given and image {args.image!r} has none; use: sandbox-kernel run IMAGE -- CMD")
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SpecError(f"--env {item!r} is invalid; use K=V")
+        env[key] = value
+    if args.user:
+        user, group = _parse_user(args.user)
+    if args.workdir:
+        workdir = args.workdir
+    limits = Limits(
+        memory=parse_size(args.memory, "--memory") if args.memory else None,
+        cpus=parse_cpus(args.cpus, "--cpus") if args.cpus else None,
+        pids=args.pids,
+    )
+    return ContainerSpec(
+        id=new_container_id(),
+        layers=layers,
+        command=tuple(command),
+        env=tuple(env.items()),
+        workdir=workdir,
+        user=user,
+        group=group,
+        allow_root=args.allow_root,
+        hostname=args.hostname,
+        writable_size=parse_size(args.writable_size, "--writable-size"),
+        tmp_size=parse_size(args.tmp_size, "--tmp-size"),
+        mounts=tuple(mounts),
+        limits=limits,
+        image=image_name,
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    spec = build_spec(args)
+    container = Container.create(spec)
+    try:
+        previous = {s: signal.signal(s, lambda signum, _f: container.signal(signum)) for s in FORWARDED}
+        try:
+            container.start(stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+            result = container.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if result.oom_killed or result.pids_limit_hit:
+            print(f"sandbox-kernel: {result.reason()}", file=sys.stderr)
+        if result.oom_killed:
+            return 137
+        return result.status
+    finally:
+        container.destroy()

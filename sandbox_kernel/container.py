@@ -1,0 +1,496 @@
+"""Container lifecycle: create, start, signal, wait, update, stats, destroy.
+
+Python plans (spec -> validators -> plan); the executor ``sk-runtime`` executes and
+supervises. No Python process stays per container: the owner (CLI or Jupyter server)
+holds two pipe ends, and if it dies the executor kills the container.
+
+Every host resource is named from the container id: the run dir
+``<run_root>/<id>/`` and the cgroup(s) ``.../<id>``. ``gc.collect()`` removes what a
+crash left behind; ``Container.create`` runs it first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from . import netns
+from .cgroups import get_manager
+from .cgroups.base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
+from .errors import ContainerNotFound, PrivilegeError, RuntimeStartError, SandboxError
+from .native import runtime_binary
+from .paths import is_container_id, run_dir
+from .plan import HostContext, compile_plan
+from .protocol import decode_status, encode_plan
+from .spec import ContainerSpec, Limits
+from .units import format_size
+from .validate import validate_spec
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0
+CPU_PERIOD_US = 100_000
+
+
+def cgroup_limits(limits: Limits, *, include_cpu: bool = True) -> CgroupLimits:
+    quota = None
+    if include_cpu and limits.cpus is not None:
+        quota = max(1000, int(limits.cpus * CPU_PERIOD_US))
+    return CgroupLimits(
+        memory=limits.memory,
+        memory_swap=limits.memory_swap if limits.memory_swap is not None else 0,
+        cpu_quota_us=quota,
+        cpu_period_us=CPU_PERIOD_US,
+        cpu_weight=limits.cpu_weight,
+        pids=limits.pids,
+    )
+
+
+@dataclass(frozen=True)
+class ExitResult:
+    """How the main process ended, and why, in figures."""
+
+    status: int  # shell-style: N, or 128+signal
+    code: int | None  # exit code when it exited
+    signal: int | None  # signal number when killed
+    oom_killed: bool  # the memory cap's OOM killer killed a process of the container
+    memory_limit: int | None
+    memory_peak: int | None
+    pids_limit_hit: bool  # a fork was refused by the pids cap
+    pids_limit: int | None
+    setup_error: str | None = None
+
+    def reason(self) -> str:
+        """One plain line: why the container ended."""
+        if self.setup_error:
+            return f"the sandbox could not start: {self.setup_error}"
+        if self.oom_killed:
+            text = f"out of memory (limit {format_size(self.memory_limit)}, peak {format_size(self.memory_peak)})"
+        elif self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            text = f"killed by {name}"
+        else:
+            text = f"exited with code {self.code}"
+        if self.pids_limit_hit:
+            text += f"; the process limit ({self.pids_limit}) was reached"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["reason"] = self.reason()
+        return data
+
+
+class _StatusPipe:
+    """Line reader for the executor's status fd."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+        self.eof = False
+
+    def read_line(self, deadline: float | None) -> list[str] | None:
+        while b"\n" not in self.buf:
+            if self.eof:
+                return None
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if not ready:
+                raise TimeoutError
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                self.eof = True
+                if not self.buf:
+                    return None
+                self.buf += b"\n"
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return decode_status(line.decode("utf-8", "surrogateescape"))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _proc_starttime(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # field 22 (starttime), after the ")" that ends the command name
+    rest = data.rsplit(b")", 1)[-1].split()
+    return rest[19].decode() if len(rest) > 19 else None
+
+
+def process_alive(pid: int, starttime: str | None) -> bool:
+    now = _proc_starttime(pid)
+    return now is not None and (starttime is None or now == starttime)
+
+
+def _v1_mount_opts(join_paths: list[str]) -> tuple[tuple[str, str], ...]:
+    """For v1: (name under /sys/fs/cgroup, mount options) of each hierarchy we joined."""
+    mounts: list[tuple[str, str]] = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 4 and parts[2] == "cgroup":
+                mounts.append((parts[1], parts[3]))
+    out = []
+    for path in join_paths:
+        best = max((m for m in mounts if path.startswith(m[0] + "/")), key=lambda m: len(m[0]), default=None)
+        if best is None:
+            continue
+        known = {"memory", "cpu", "cpuacct", "pids", "cpuset", "blkio", "devices", "freezer", "hugetlb"}
+        ctrls = [o for o in best[1].split(",") if o in known]
+        if ctrls:
+            out.append((os.path.basename(best[0]), ",".join(ctrls)))
+    return tuple(out)
+
+
+class Container:
+    """One container. Create with ``Container.create(spec)``; reopen with ``Container.open(id)``."""
+
+    def __init__(self, spec: ContainerSpec, manager: CgroupManager, cgroup: CgroupHandle, root: Path) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.manager = manager
+        self.cgroup = cgroup
+        self.run_dir = root / spec.id
+        self.limits = spec.limits
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.init_pid: int | None = None
+        self.setup_us: int | None = None
+        self._status: _StatusPipe | None = None
+        self._control_fd: int = -1
+        self._exit_line: list[str] | None = None
+        self._result: ExitResult | None = None
+        self._setup_error: str | None = None
+        self._cpu_deferred = spec.limits.defer_cpu and spec.limits.cpus is not None
+
+    # ---- creation --------------------------------------------------------------------
+    @classmethod
+    def create(cls, spec: ContainerSpec, *, manager: CgroupManager | None = None, root: Path | None = None,
+               meta: dict[str, Any] | None = None) -> Container:
+        """Validate the spec, then create the run dir and the cgroups. Nothing runs yet."""
+        validate_spec(spec)
+        if os.geteuid() != 0:
+            raise PrivilegeError(
+                "sandbox-kernel needs root to create containers (mount, pid and network namespaces, "
+                "cgroups); run it as root (rootless mode is not available yet)"
+            )
+        root = root or run_dir()
+        from . import gc
+
+        gc.collect(root=root, manager=manager)
+        manager = manager or get_manager()
+        root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        rdir = root / spec.id
+        try:
+            rdir.mkdir(mode=0o711)
+        except FileExistsError:
+            raise SandboxError(f"container {spec.id} already exists at {rdir}; pick a new id") from None
+        (rdir / "scratch").mkdir(mode=0o700)
+        info = {
+            "id": spec.id,
+            "image": spec.image,
+            "user": spec.user,
+            "group": spec.group,
+            "limits": asdict(spec.limits),
+            "created": time.time(),
+            "owner_pid": os.getpid(),
+            "owner_start": _proc_starttime(os.getpid()),
+            "labels": dict(spec.labels),
+            **(meta or {}),
+        }
+        _write_json(rdir / "meta.json", info)
+        try:
+            cg = manager.create(spec.id, cgroup_limits(spec.limits, include_cpu=not spec.limits.defer_cpu))
+        except BaseException:
+            shutil.rmtree(rdir, ignore_errors=True)
+            raise
+        return cls(spec, manager, cg, root)
+
+    @classmethod
+    def open(cls, container_id: str, *, root: Path | None = None) -> ContainerInfo:
+        """Read-only view of a container (from any process): metadata, liveness, stats."""
+        root = root or run_dir()
+        if not is_container_id(container_id) or not (root / container_id / "meta.json").is_file():
+            raise ContainerNotFound(f"no container {container_id!r} under {root}; list them with: sandbox-kernel ps")
+        return ContainerInfo(root / container_id)
+
+    # ---- start ---------------------------------------------------------------------
+    def start(self, *, stdin: int | IO[Any] | None = None, stdout: int | IO[Any] | None = None,
+              stderr: int | IO[Any] | None = None, timeout: float = START_TIMEOUT) -> None:
+        """Spawn the executor and return once the main process has exec'd.
+
+        Raises RuntimeStartError (with the executor's stage and errno) if setup fails.
+        """
+        if self.proc is not None:
+            raise SandboxError(f"container {self.id} was already started")
+        from . import seccomp
+
+        seccomp_file = str(seccomp.write_filter(self.run_dir.parent / ".seccomp")) if self.spec.seccomp else None
+        version = self.manager.version
+        join = self.cgroup.join_paths
+        host = HostContext(
+            scratch_dir=str(self.run_dir / "scratch"),
+            cgroup_dirs=tuple(join),
+            cgroup_version=version,
+            cgroup_v1_mounts=_v1_mount_opts(join) if version == 1 else (),
+            seccomp_file=seccomp_file,
+        )
+        plan_path = self.run_dir / "plan"
+        fd = os.open(plan_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(encode_plan(compile_plan(self.spec, host)))
+
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        control_r, control_w = os.pipe2(os.O_CLOEXEC)
+        argv = [runtime_binary(), "--status-fd", str(status_w), "--control-fd", str(control_r), str(plan_path)]
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=(status_w, control_r),
+                close_fds=True, start_new_session=True,
+            )
+        finally:
+            os.close(status_w)
+            os.close(control_r)
+        self._status = _StatusPipe(status_r)
+        self._control_fd = control_w
+        _write_json(self.run_dir / "pid", {"pid": self.proc.pid, "start": _proc_starttime(self.proc.pid)})
+        deadline = time.monotonic() + timeout
+        try:
+            self._await_exec(deadline)
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            try:
+                plan_path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _await_exec(self, deadline: float) -> None:
+        assert self._status is not None
+        while True:
+            try:
+                fields = self._status.read_line(deadline)
+            except TimeoutError:
+                raise RuntimeStartError(f"container {self.id}: setup did not finish in time", stage="timeout") from None
+            if fields is None:
+                code = self.proc.wait() if self.proc else -1
+                raise RuntimeStartError(f"container {self.id}: the executor exited ({code}) before the command started")
+            kind = fields[0]
+            if kind == "child":
+                self.init_pid = int(fields[1])
+            elif kind == "netns":
+                netns.configure_none(int(fields[1]))
+                os.write(self._control_fd, b"go\n")
+            elif kind == "exec":
+                self.setup_us = int(fields[1])
+                return
+            elif kind == "error":
+                stage, err, message = (fields + ["", "0", ""])[1:4]
+                self._setup_error = f"{stage}: {message}"
+                raise RuntimeStartError(f"container {self.id}: {stage}: {message}", stage=stage, errno=int(err or 0))
+            elif kind == "exit":
+                self._exit_line = fields
+                raise RuntimeStartError(f"container {self.id}: the command ended during setup ({' '.join(fields)})")
+
+    # ---- running ---------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """Host pid of the executor (the process Jupyter sees as the kernel)."""
+        return self.proc.pid if self.proc else None
+
+    def signal(self, signum: int) -> None:
+        """Send a signal: INT/TERM/HUP/QUIT/USR1/USR2 reach the main process; KILL ends the container."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        try:
+            self.proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL everything in the container (idempotent)."""
+        self.signal(signal.SIGKILL)
+        try:
+            self.cgroup.kill()
+        except SandboxError as exc:
+            log.warning("container %s: %s", self.id, exc)
+
+    def poll(self) -> ExitResult | None:
+        if self.proc is None:
+            return None
+        if self._result is None and self.proc.poll() is not None:
+            self._finish()
+        return self._result
+
+    def wait(self, timeout: float | None = None) -> ExitResult:
+        if self.proc is None:
+            raise SandboxError(f"container {self.id} was never started")
+        self.proc.wait(timeout)
+        if self._result is None:
+            self._finish()
+        assert self._result is not None
+        return self._result
+
+    def _finish(self) -> None:
+        assert self.proc is not None and self.proc.returncode is not None
+        if self._status is not None:
+            try:
+                while True:
+                    fields = self._status.read_line(time.monotonic() + 1.0)
+                    if fields is None:
+                        break
+                    if fields[0] == "exit":
+                        self._exit_line = fields
+                    elif fields[0] == "error" and not self._setup_error:
+                        self._setup_error = f"{fields[1]}: {fields[3] if len(fields) > 3 else ''}"
+            except TimeoutError:
+                pass
+            self._status.close()
+        self._close_control()
+        code: int | None = None
+        sig: int | None = None
+        rc = self.proc.returncode
+        if self._exit_line and len(self._exit_line) >= 3:
+            if self._exit_line[1] == "code":
+                code = int(self._exit_line[2])
+            else:
+                sig = int(self._exit_line[2])
+        elif rc < 0:
+            sig = -rc
+        elif rc > 128:
+            sig = rc - 128
+        else:
+            code = rc
+        status = code if code is not None else 128 + (sig or 0)
+        try:
+            st: CgroupStats | None = self.cgroup.stats()
+        except SandboxError:
+            st = None
+        self._result = ExitResult(
+            status=status,
+            code=code,
+            signal=sig,
+            oom_killed=bool(st and st.oom_kills > 0),
+            memory_limit=st.memory_limit if st else self.limits.memory,
+            memory_peak=st.memory_peak if st else None,
+            pids_limit_hit=bool(st and st.pids_limit_hits > 0),
+            pids_limit=st.pids_limit if st else self.limits.pids,
+            setup_error=self._setup_error,
+        )
+        _write_json(self.run_dir / "exit.json", self._result.to_json())
+
+    def _close_control(self) -> None:
+        if self._control_fd >= 0:
+            os.close(self._control_fd)
+            self._control_fd = -1
+
+    # ---- limits and usage ----------------------------------------------------------------
+    def update(self, limits: Limits) -> None:
+        """Change limits of the running container (no restart)."""
+        include_cpu = not self._cpu_deferred
+        self.cgroup.set_limits(cgroup_limits(limits, include_cpu=include_cpu))
+        self.limits = replace(limits, defer_cpu=self._cpu_deferred)
+        self._update_meta()
+
+    def apply_deferred_cpu(self) -> None:
+        """Apply the CPU quota that was deferred during start (kernel start is CPU-bound)."""
+        if self._cpu_deferred:
+            self._cpu_deferred = False
+            self.cgroup.set_limits(cgroup_limits(self.limits, include_cpu=True))
+            self.limits = replace(self.limits, defer_cpu=False)
+            self._update_meta()
+
+    def _update_meta(self) -> None:
+        path = self.run_dir / "meta.json"
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        info["limits"] = asdict(self.limits)
+        _write_json(path, info)
+
+    def stats(self) -> CgroupStats:
+        return self.cgroup.stats()
+
+    # ---- teardown ---------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Kill what runs, remove cgroups and the run dir. Idempotent."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.kill()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                log.warning("container %s: executor %s did not exit", self.id, self.proc.pid)
+        if self.proc is not None and self._result is None and self.proc.returncode is not None:
+            self._finish()
+        if self._status is not None:
+            self._status.close()
+        self._close_control()
+        self.cgroup.remove()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+class ContainerInfo:
+    """What another process can know about a container from its run dir."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.id = path.name
+        self.meta: dict[str, Any] = _read_json(path / "meta.json") or {}
+        self.pidinfo: dict[str, Any] = _read_json(path / "pid") or {}
+
+    @property
+    def supervisor_pid(self) -> int | None:
+        pid = self.pidinfo.get("pid")
+        return int(pid) if pid else None
+
+    def running(self) -> bool:
+        pid = self.supervisor_pid
+        return pid is not None and process_alive(pid, self.pidinfo.get("start"))
+
+    def owner_alive(self) -> bool:
+        pid = self.meta.get("owner_pid")
+        return bool(pid) and process_alive(int(pid), self.meta.get("owner_start"))
+
+    def exit_result(self) -> dict[str, Any] | None:
+        return _read_json(self.path / "exit.json")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,202 @@
+"""Validators for a ContainerSpec: run before anything touches the system.
+
+Each validator returns a list of problems, one line each, naming the field, the bad
+value and the accepted form. ``validate_spec`` runs them all and raises one
+SpecError listing every problem.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Callable
+
+from .errors import SpecError
+from .paths import ID_RE
+from .spec import Bind, ContainerSpec, NetworkMode, Tmpfs
+
+Validator = Callable[[ContainerSpec], list[str]]
+
+MIB = 1024 * 1024
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOST_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+RESERVED_TARGETS = ("/", "/proc", "/sys", "/dev")
+MAX_ID = 2**32 - 2
+
+
+def _clean_abs(path: str) -> bool:
+    """An absolute, normalised path without '..' or empty components."""
+    return (
+        path.startswith("/")
+        and "\0" not in path
+        and posixpath.normpath(path) == path
+        and ".." not in path.split("/")
+    )
+
+
+def check_id(spec: ContainerSpec) -> list[str]:
+    if not ID_RE.match(spec.id):
+        return [f"id={spec.id!r} is not a container id; expected 'sk-' and 12 hex digits"]
+    return []
+
+
+def check_layers(spec: ContainerSpec) -> list[str]:
+    if not spec.layers:
+        return ["layers=() is empty; an image needs at least one layer directory"]
+    out = []
+    for layer in spec.layers:
+        if not _clean_abs(layer) or ":" in layer or "," in layer:
+            out.append(f"layer {layer!r} must be an absolute normalised path without ':' or ','")
+        elif not os.path.isdir(layer):
+            out.append(f"layer {layer!r} is not a directory; is the image store intact?")
+    return out
+
+
+def check_command(spec: ContainerSpec) -> list[str]:
+    if not spec.command:
+        return ["command=() is empty; give the program to run, e.g. ('python3', '-V')"]
+    if any("\0" in a for a in spec.command) or not spec.command[0]:
+        return [f"command={list(spec.command)!r} has an empty program or a NUL byte"]
+    return []
+
+
+def check_env(spec: ContainerSpec) -> list[str]:
+    out = []
+    for key, value in spec.env:
+        if not _ENV_KEY_RE.match(key):
+            out.append(f"env key {key!r} is invalid; use letters, digits and '_' (not first a digit)")
+        if "\0" in value:
+            out.append(f"env {key} has a NUL byte in its value")
+    return out
+
+
+def check_workdir(spec: ContainerSpec) -> list[str]:
+    if not _clean_abs(spec.workdir):
+        return [f"workdir={spec.workdir!r} must be an absolute normalised path, e.g. /home/jovyan"]
+    return []
+
+
+def check_identity(spec: ContainerSpec) -> list[str]:
+    out = []
+    for name, value in (("user", spec.user), ("group", spec.group)):
+        if not 0 <= value <= MAX_ID:
+            out.append(f"{name}={value} is out of range; use 0..{MAX_ID}")
+    if spec.user == 0 and not spec.allow_root:
+        out.append("user=0 (root inside the container) needs allow_root=True; use an unprivileged uid")
+    return out
+
+
+def check_hostname(spec: ContainerSpec) -> list[str]:
+    name = spec.hostname
+    labels = name.split(".")
+    if len(name) > 64 or not all(_HOST_LABEL_RE.match(lbl) for lbl in labels):
+        return [
+            f"hostname={name!r} is invalid; use lowercase letters, digits and '-' "
+            "(not first or last), at most 63 per label"
+        ]
+    return []
+
+
+def check_sizes(spec: ContainerSpec) -> list[str]:
+    out = []
+    for name, value, minimum in (
+        ("writable_size", spec.writable_size, MIB),
+        ("tmp_size", spec.tmp_size, MIB),
+        ("shm_size", spec.shm_size, MIB),
+    ):
+        if value < minimum:
+            out.append(f"{name}={value} bytes is too small; use at least 1M")
+    if not 16 <= spec.nofile <= 1048576:
+        out.append(f"nofile={spec.nofile} is out of range; use 16..1048576")
+    return out
+
+
+def check_mounts(spec: ContainerSpec) -> list[str]:
+    out = []
+    seen: set[str] = set()
+    for m in spec.mounts:
+        target = m.target
+        if not _clean_abs(target):
+            out.append(f"mount target {target!r} must be an absolute normalised path")
+            continue
+        if target in RESERVED_TARGETS or any(
+            target.startswith(r + "/") for r in RESERVED_TARGETS if r != "/"
+        ):
+            out.append(f"mount target {target!r} is reserved (/, /proc, /sys, /dev); pick another")
+        if target in seen:
+            out.append(f"mount target {target!r} is used twice")
+        seen.add(target)
+        if isinstance(m, Bind):
+            if not _clean_abs(m.source):
+                out.append(f"volume source {m.source!r} must be an absolute normalised host path")
+            elif not os.path.exists(m.source):
+                out.append(f"volume source {m.source!r} does not exist on the host")
+        elif isinstance(m, Tmpfs) and m.size < 4096:
+            out.append(f"tmpfs {target} size={m.size} is too small; use at least 4K")
+    return out
+
+
+def check_limits(spec: ContainerSpec) -> list[str]:
+    lim = spec.limits
+    out = []
+    if lim.memory is not None and lim.memory < 8 * MIB:
+        out.append(f"memory={lim.memory} bytes is too small to start anything; use at least 8M")
+    if lim.memory_swap is not None and lim.memory_swap < 0:
+        out.append(f"memory_swap={lim.memory_swap} must be >= 0 bytes")
+    if lim.cpus is not None and not 0.01 <= lim.cpus <= 1024:
+        out.append(f"cpus={lim.cpus} is out of range; use 0.01..1024 CPUs, e.g. 0.5 or 2")
+    if lim.cpu_weight is not None and not 1 <= lim.cpu_weight <= 10000:
+        out.append(f"cpu_weight={lim.cpu_weight} is out of range; use 1..10000 (100 = default)")
+    if lim.pids is not None and lim.pids < 4:
+        out.append(f"pids={lim.pids} is too small; use at least 4 (a kernel needs about 15)")
+    return out
+
+
+def check_network(spec: ContainerSpec) -> list[str]:
+    if not isinstance(spec.network, NetworkMode):
+        modes = ", ".join(m.value for m in NetworkMode)
+        return [f"network={spec.network!r} is not a network mode; available: {modes}"]
+    return []
+
+
+def check_userns(spec: ContainerSpec) -> list[str]:
+    if spec.uid_map or spec.gid_map:
+        return [
+            "uid_map/gid_map: rootless containers (user namespaces) are not available yet; "
+            "run as root"
+        ]
+    return []
+
+
+def check_proc_paths(spec: ContainerSpec) -> list[str]:
+    return [
+        f"masked/readonly path {p!r} must be an absolute normalised path"
+        for p in (*spec.masked_paths, *spec.readonly_paths)
+        if not _clean_abs(p)
+    ]
+
+
+VALIDATORS: tuple[Validator, ...] = (
+    check_id,
+    check_layers,
+    check_command,
+    check_env,
+    check_workdir,
+    check_identity,
+    check_hostname,
+    check_sizes,
+    check_mounts,
+    check_limits,
+    check_network,
+    check_userns,
+    check_proc_paths,
+)
+
+
+def validate_spec(spec: ContainerSpec, context: str = "") -> None:
+    problems: list[str] = []
+    for validator in VALIDATORS:
+        problems.extend(validator(spec))
+    if problems:
+        raise SpecError(problems, context=context or f"container {spec.id}")

@@ -1,0 +1,45 @@
+"""Shared test policy.
+
+* Tests marked ``privileged`` need root; outside CI they skip when not root. Under
+  ``CI=true`` a skipped privileged test is turned into a failure: privileged tests must
+  run in CI. The exception is the ``cgroupv2`` selection on a cgroup v1 host: those run in
+  the QEMU guest (``make test-cgroup-v2``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def _unified_host() -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1:3] == ["/sys/fs/cgroup", "cgroup2"] for line in f)
+    except OSError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (privileged test)")
+    for item in items:
+        if "privileged" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if not (IN_CI and report.skipped and "privileged" in item.keywords):
+        return
+    if "cgroupv2" in item.keywords and not _unified_host():
+        return  # runs in the v2 guest instead
+    report.outcome = "failed"
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.longrepr = f"privileged test skipped under CI=true (privileged tests must run in CI): {reason}"

@@ -1,0 +1,79 @@
+from sandbox_kernel.plan import HostContext, compile_plan
+from sandbox_kernel.spec import Bind, ContainerSpec, Limits, Tmpfs
+
+
+def _spec(tmp_path, **kw):
+    base = dict(id="sk-0123456789ab", layers=(str(tmp_path / "l2"), str(tmp_path / "l1")),
+                command=("python3", "-c", "print(1)"), user=1000, group=1000)
+    base.update(kw)
+    return ContainerSpec(**base)
+
+
+def _host(version=2, **kw):
+    base = dict(scratch_dir="/run/sk/sk-0123456789ab/scratch", cgroup_dirs=("/sys/fs/cgroup/sk-0123456789ab",),
+                cgroup_version=version, seccomp_file="/run/sk/filter.bpf")
+    base.update(kw)
+    return HostContext(**base)
+
+
+def kinds(recs):
+    return [r[0] for r in recs]
+
+
+def test_order_of_mount_phase(tmp_path):
+    recs = compile_plan(_spec(tmp_path), _host())
+    k = kinds(recs)
+    assert k.index("scratch") < k.index("rootfs") < k.index("pivot")
+    assert k[-1] == "argv" and k.count("pivot") == 1
+    # every mount-phase record comes before pivot, process records after
+    pivot = k.index("pivot")
+    assert all(x not in k[pivot:] for x in ("mount", "bind", "mask", "readonly", "mkdir"))
+    assert all(x not in k[:pivot] for x in ("env", "user", "cwd", "argv"))
+    rootfs = recs[k.index("rootfs")]
+    assert rootfs[1] == f"{tmp_path}/l2:{tmp_path}/l1"  # top-most first
+    # /proc, /dev, /sys must be real directories in the image
+    assert [r[1] for r in recs if r[0] == "realdir"] == ["/proc", "/dev", "/sys", "/tmp"]
+    # masks come after /proc and /sys are mounted
+    assert k.index("mask") > max(i for i, r in enumerate(recs) if r[0] == "mount" and r[3] in ("/proc", "/sys"))
+
+
+def test_identity_limits_and_security_records(tmp_path):
+    recs = compile_plan(_spec(tmp_path), _host())
+    assert ("user", "1000", "1000") in recs
+    assert ("rlimit", "core", "0", "0") in recs
+    assert ("nonewprivs", "1") in recs
+    assert ("seccomp", "/run/sk/filter.bpf") in recs
+    assert ("sync", "net") in recs
+    assert ("mask", "/proc/kcore") in recs and ("readonly", "/proc/sys") in recs
+    assert ("mount", "cgroup2", "cgroup2", "/sys/fs/cgroup", "ro,nosuid,nodev,noexec", "-") in recs
+    assert [r[1] for r in recs if r[0] == "argv"] == ["python3", "-c", "print(1)"]
+
+
+def test_v1_cgroup_view_is_read_only(tmp_path):
+    recs = compile_plan(_spec(tmp_path), _host(1, cgroup_v1_mounts=(("memory", "memory"), ("pids", "pids"))))
+    assert ("mount", "cgroup", "cgroup", "/sys/fs/cgroup/memory", "ro,nosuid,nodev,noexec", "memory") in recs
+    assert ("remount", "/sys/fs/cgroup", "ro,nosuid,nodev,noexec") in recs
+
+
+def test_user_mounts(tmp_path):
+    src = tmp_path / "notebooks"
+    src.mkdir()
+    f = tmp_path / "data.csv"
+    f.write_text("x")
+    spec = _spec(tmp_path, mounts=(Bind(str(src), "/home/nb", readonly=False), Bind(str(f), "/data.csv"),
+                                   Tmpfs("/scratch", 1 << 20)))
+    recs = compile_plan(spec, _host())
+    assert ("mkdir", "/home/nb", "755") in recs
+    assert ("bind", str(src), "/home/nb", "rec,nosuid,nodev") in recs
+    assert ("touch", "/data.csv", "644") in recs
+    assert ("bind", str(f), "/data.csv", "rec,nosuid,nodev,ro") in recs
+    assert ("mount", "tmpfs", "tmpfs", "/scratch", "nosuid,nodev", "mode=1777,size=1048576") in recs
+
+
+def test_env_overrides_defaults_and_sizes(tmp_path):
+    spec = _spec(tmp_path, env=(("PATH", "/opt/bin"), ("X", "1")), tmp_size=5 << 20, limits=Limits(memory=1 << 30))
+    recs = compile_plan(spec, _host())
+    envs = [r[1] for r in recs if r[0] == "env"]
+    assert "PATH=/opt/bin" in envs and "X=1" in envs and "HOME=/home/sandbox" in envs
+    assert not any(e.startswith("PATH=/usr") for e in envs)
+    assert ("mount", "tmpfs", "tmpfs", "/tmp", "nosuid,nodev", f"mode=1777,size={5 << 20}") in recs
