@@ -59,11 +59,18 @@ class CgroupHandle(abc.ABC):
     @property
     @abc.abstractmethod
     def join_paths(self) -> list[str]:
-        """Directories whose cgroup.procs a process writes to join this container (v1: one per hierarchy)."""
+        """Directories whose cgroup.procs a process writes to join this container.
+
+        v1: one per hierarchy.
+        """
 
     @abc.abstractmethod
     def set_limits(self, limits: CgroupLimits) -> None:
-        """Apply (or change, on a running container) all limits. Lowering memory below usage is allowed."""
+        """Apply (or change, on a running container) all limits.
+
+        Lowering memory below usage is allowed (v2 reclaims, then OOM-kills; v1 raises a
+        CgroupError when the kernel cannot reclaim enough).
+        """
 
     @abc.abstractmethod
     def stats(self) -> CgroupStats: ...
@@ -74,7 +81,10 @@ class CgroupHandle(abc.ABC):
 
     @abc.abstractmethod
     def kill(self) -> None:
-        """SIGKILL every process in it (cgroup.kill where present, else freeze+kill loop); waits until empty (bounded)."""
+        """SIGKILL every process in it; waits until empty (bounded).
+
+        v2: cgroup.kill where present, else freeze + kill loop; v1: kill loop.
+        """
 
     @abc.abstractmethod
     def remove(self) -> None:

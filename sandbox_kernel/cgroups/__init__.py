@@ -1,0 +1,111 @@
+"""cgroup layer: one manager per host, v1 or v2, picked once from the detected mode.
+
+``get_manager()`` is the entry point. ``SANDBOX_KERNEL_CGROUP_MODE=v1|v2`` forces an
+implementation (tests); ``SANDBOX_KERNEL_CGROUP_PARENT`` (or the ``parent`` argument, e.g. the
+admin's setting) names the parent cgroup instead of the caller's own cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+from sandbox_kernel.cgroups.base import (
+    CgroupHandle,
+    CgroupLimits,
+    CgroupManager,
+    CgroupMode,
+    CgroupStats,
+)
+from sandbox_kernel.cgroups.common import CgroupIO, cpus_to_quota, weight_to_shares
+from sandbox_kernel.cgroups.detect import CgroupLayout, detect
+from sandbox_kernel.cgroups.v1 import V1Handle, V1Manager
+from sandbox_kernel.cgroups.v2 import V2Handle, V2Manager
+from sandbox_kernel.errors import CgroupError
+
+__all__ = [
+    "MODE_ENV",
+    "PARENT_ENV",
+    "CgroupHandle",
+    "CgroupIO",
+    "CgroupLayout",
+    "CgroupLimits",
+    "CgroupManager",
+    "CgroupMode",
+    "CgroupStats",
+    "V1Handle",
+    "V1Manager",
+    "V2Handle",
+    "V2Manager",
+    "cpus_to_quota",
+    "detect",
+    "get_manager",
+    "reset_manager_cache",
+    "weight_to_shares",
+]
+
+MODE_ENV = "SANDBOX_KERNEL_CGROUP_MODE"
+PARENT_ENV = "SANDBOX_KERNEL_CGROUP_PARENT"
+
+_Factory = Callable[[CgroupLayout, "str | None", "CgroupIO | None"], CgroupManager]
+
+#: mode -> implementation (as crun does: unified -> v2; hybrid and legacy -> v1).
+_BY_MODE: dict[CgroupMode, _Factory] = {
+    CgroupMode.UNIFIED: V2Manager,
+    CgroupMode.HYBRID: V1Manager,
+    CgroupMode.LEGACY: V1Manager,
+}
+_BY_FORCED: dict[str, _Factory] = {"v1": V1Manager, "v2": V2Manager}
+
+_cache: dict[tuple[str, str | None, str], CgroupManager] = {}
+_lock = threading.Lock()
+
+
+def reset_manager_cache() -> None:
+    """Forget the managers built so far (tests; after the host's cgroup setup changed)."""
+    with _lock:
+        _cache.clear()
+
+
+def get_manager(
+    parent: str | None = None,
+    *,
+    root: str = "/",
+    mounts_text: str | None = None,
+    cgroup_text: str | None = None,
+    io: CgroupIO | None = None,
+    mode: str | None = None,
+) -> CgroupManager:
+    """The cgroup manager for this host.
+
+    parent: parent cgroup for containers (v2: a path in the cgroup2 mount, or the directory
+        itself; v1: a cgroup path used in every hierarchy). Default: $SANDBOX_KERNEL_CGROUP_PARENT,
+        else the caller's own cgroup.
+    mode: "v1" or "v2" to force an implementation; default: $SANDBOX_KERNEL_CGROUP_MODE, else
+        chosen from the detected mode.
+    root, mounts_text, cgroup_text, io: injection points for tests (a fake tree). When any of
+        them is given, the result is built fresh and not cached.
+    """
+    if parent is None:
+        parent = os.environ.get(PARENT_ENV) or None
+    if mode is None:
+        mode = os.environ.get(MODE_ENV, "").strip().lower()
+    if mode and mode not in _BY_FORCED:
+        raise CgroupError(
+            f"{MODE_ENV}={mode!r} is not a cgroup mode; use 'v1' or 'v2', or unset it to detect"
+        )
+    injected = root != "/" or mounts_text is not None or cgroup_text is not None or io is not None
+    key = (root, parent, mode)
+    if not injected:
+        with _lock:
+            cached = _cache.get(key)
+        if cached is not None:
+            return cached
+    layout = detect(root=root, mounts_text=mounts_text, cgroup_text=cgroup_text)
+    factory = _BY_FORCED[mode] if mode else _BY_MODE[layout.mode]
+    manager = factory(layout, parent, io)
+    if not injected:
+        with _lock:
+            manager = _cache.setdefault(key, manager)
+    return manager

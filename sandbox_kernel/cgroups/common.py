@@ -1,0 +1,253 @@
+"""Pieces shared by the v1 and v2 managers: file access (injectable), error wrapping, checks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+from sandbox_kernel.cgroups.base import CgroupLimits
+from sandbox_kernel.errors import CgroupError, PrivilegeError, SandboxError, SpecError
+
+#: Default bound for kill() to see the cgroup empty, and for remove() to retry EBUSY.
+KILL_TIMEOUT_S = 5.0
+REMOVE_TIMEOUT_S = 5.0
+
+_PRIV_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class CgroupIO:
+    """Every filesystem and signal operation the managers do. Tests substitute a subclass.
+
+    Methods raise plain OSError; the managers turn them into CgroupError/PrivilegeError.
+    """
+
+    def read(self, path: str) -> str:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+
+    def write(self, path: str, value: str) -> None:
+        # One write(2) per value: cgroup files act on each write call.
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode("ascii"))
+        finally:
+            os.close(fd)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o755)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        os.kill(pid, sig)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def cgroup_error(exc: OSError, action: str, path: str, fix: str = "") -> SandboxError:
+    """A CgroupError (PrivilegeError for EACCES/EPERM/EROFS) naming path, action and fix."""
+    msg = f"{action} {path}: {exc.strerror or exc}"
+    err: SandboxError
+    if exc.errno in _PRIV_ERRNOS:
+        if not fix:
+            fix = (
+                "run the server as root or in a cgroup delegated to its user "
+                "(systemd Delegate=yes), with cgroupfs mounted read-write"
+            )
+        err = PrivilegeError(f"{msg}; {fix}")
+    else:
+        err = CgroupError(f"{msg}; {fix}" if fix else msg)
+    err.errno = exc.errno
+    err.__cause__ = exc
+    return err
+
+
+def check_name(name: str) -> None:
+    """A container cgroup name must be one plain path component."""
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\0" in name
+        or "\n" in name
+        or len(name) > 200
+    ):
+        raise SpecError(
+            f"cgroup name {name!r} is not a single path component; use a name like 'sk-<id>' "
+            "made of letters, digits, '-', '_' and '.'",
+            context="cgroup",
+        )
+
+
+def check_limits(limits: CgroupLimits) -> None:
+    """Reject values the kernel would refuse or misread, before touching any file."""
+    problems: list[str] = []
+    if limits.memory is not None and limits.memory <= 0:
+        problems.append(f"memory={limits.memory}: must be a positive number of bytes or None")
+    if limits.memory_swap is not None and limits.memory_swap < 0:
+        problems.append(
+            f"memory_swap={limits.memory_swap}: must be >= 0 bytes (0 = swap off) or None"
+        )
+    if not 1000 <= limits.cpu_period_us <= 1_000_000:
+        problems.append(f"cpu_period_us={limits.cpu_period_us}: must be 1000..1000000 µs")
+    if limits.cpu_quota_us is not None and limits.cpu_quota_us < 1000:
+        problems.append(f"cpu_quota_us={limits.cpu_quota_us}: must be >= 1000 µs or None")
+    if limits.cpu_weight is not None and not 1 <= limits.cpu_weight <= 10000:
+        problems.append(f"cpu_weight={limits.cpu_weight}: must be 1..10000 or None")
+    if limits.pids is not None and limits.pids < 1:
+        problems.append(f"pids={limits.pids}: must be >= 1 or None")
+    if problems:
+        raise SpecError(problems, context="cgroup limits")
+
+
+def cpus_to_quota(cpus: float, period: int = 100_000) -> int:
+    """CFS quota in µs for ``cpus`` CPUs over ``period`` µs (at least 1000 µs, kernel minimum)."""
+    if not cpus > 0:
+        raise SpecError(f"cpus={cpus!r}: must be a number of CPUs above 0, e.g. 0.5 or 2")
+    if period <= 0:
+        raise SpecError(f"period={period!r}: must be a positive number of microseconds")
+    return max(1000, round(cpus * period))
+
+
+def weight_to_shares(weight: int) -> int:
+    """v2 cpu.weight (1..10000, default 100) to v1 cpu.shares (2..262144, default 1024)."""
+    return min(262144, max(2, weight * 1024 // 100))
+
+
+def parse_keyed(text: str) -> dict[str, int]:
+    """Parse flat keyed files (``key value`` per line: memory.events, cpu.stat, oom_control...)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                out[parts[0]] = int(parts[1])
+            except ValueError:
+                continue
+    return out
+
+
+def parse_pids(text: str) -> list[int]:
+    return [int(tok) for tok in text.split() if tok.isdigit()]
+
+
+class Files:
+    """CgroupIO plus error wrapping and the tree walks both managers need."""
+
+    def __init__(self, io: CgroupIO) -> None:
+        self.io = io
+
+    def read(self, path: str, fix: str = "") -> str:
+        try:
+            return self.io.read(path)
+        except OSError as exc:
+            raise cgroup_error(exc, "reading", path, fix) from exc
+
+    def read_opt(self, path: str) -> str | None:
+        """Contents, or None when the file does not exist (controller off, older kernel)."""
+        try:
+            return self.io.read(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise cgroup_error(exc, "reading", path) from exc
+
+    def read_int(self, path: str) -> int | None:
+        """An integer file; None if missing or ``max``."""
+        text = self.read_opt(path)
+        if text is None:
+            return None
+        text = text.strip()
+        if text == "max" or not text:
+            return None
+        try:
+            return int(text)
+        except ValueError as exc:
+            raise CgroupError(
+                f"reading {path}: unexpected content {text!r} (expected an integer or 'max'); "
+                "the kernel's cgroup interface is not the one this version supports"
+            ) from exc
+
+    def write(self, path: str, value: str, fix: str = "") -> None:
+        try:
+            self.io.write(path, value)
+        except OSError as exc:
+            raise cgroup_error(exc, f"writing {value!r} to", path, fix) from exc
+
+    def exists(self, path: str) -> bool:
+        return self.io.exists(path)
+
+    def subdirs(self, path: str) -> list[str]:
+        """Child cgroup directories (empty if ``path`` is gone)."""
+        try:
+            names = self.io.listdir(path)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise cgroup_error(exc, "listing", path) from exc
+        return sorted(os.path.join(path, n) for n in names if self.io.isdir(os.path.join(path, n)))
+
+    def tree_bottom_up(self, path: str) -> list[str]:
+        """``path`` and every cgroup below it, deepest first."""
+        out: list[str] = []
+        for sub in self.subdirs(path):
+            out.extend(self.tree_bottom_up(sub))
+        out.append(path)
+        return out
+
+    def procs(self, path: str) -> list[int]:
+        """Pids in ``path`` and in every cgroup below it (gone = none)."""
+        pids: list[int] = []
+        for d in self.tree_bottom_up(path):
+            text = self.read_opt(os.path.join(d, "cgroup.procs"))
+            if text is not None:
+                pids.extend(parse_pids(text))
+        return sorted(set(pids))
+
+    def sigkill(self, pids: list[int]) -> None:
+        for pid in pids:
+            try:
+                self.io.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # exited meanwhile
+            except OSError as exc:
+                raise cgroup_error(exc, "sending SIGKILL to pid", str(pid)) from exc
+
+    def rmdir_retry(self, path: str, timeout: float = REMOVE_TIMEOUT_S) -> None:
+        """rmdir, retrying EBUSY (exiting tasks, zombies) for ``timeout`` s; gone = fine."""
+        deadline = self.io.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                self.io.rmdir(path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or self.io.monotonic() >= deadline:
+                    left = self.procs(path) if exc.errno == errno.EBUSY else []
+                    fix = (
+                        f"processes {left[:10]} are still in it: kill them, or reap the exited "
+                        "children of the process that started them, then retry"
+                        if left
+                        else "a process may still hold it (an unreaped zombie): retry later"
+                    )
+                    raise cgroup_error(exc, "removing cgroup", path, fix) from exc
+            self.io.sleep(delay)
+            delay = min(delay * 2, 0.1)

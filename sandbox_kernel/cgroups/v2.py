@@ -1,0 +1,347 @@
+"""cgroup v2 (unified hierarchy) manager.
+
+A container gets one directory ``<parent>/<name>`` where the parent is the caller's own cgroup
+(the ``0::`` line of /proc/self/cgroup) or an explicitly configured parent (e.g. a cgroup that
+systemd delegated to the server). memory, cpu and pids are enabled in the parent's
+cgroup.subtree_control when they are not already; the kernel's "no internal processes" rule makes
+that fail with EBUSY when the parent is not the root cgroup and has member processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+
+from sandbox_kernel.cgroups.base import (
+    CgroupHandle,
+    CgroupLimits,
+    CgroupManager,
+    CgroupStats,
+)
+from sandbox_kernel.cgroups.common import (
+    KILL_TIMEOUT_S,
+    REMOVE_TIMEOUT_S,
+    CgroupIO,
+    Files,
+    cgroup_error,
+    check_limits,
+    check_name,
+    parse_keyed,
+)
+from sandbox_kernel.cgroups.detect import V2_CONTROLLERS, CgroupLayout
+from sandbox_kernel.errors import CgroupError, ContainerNotFound
+
+_DEFAULT_WEIGHT = 100
+
+PARENT_FIX = (
+    "run the server in a delegated cgroup and give kernels a parent without processes: e.g. "
+    "start it with `systemd-run --scope -p Delegate=yes <server command>`, create an empty child "
+    "of that scope (mkdir <scope>/kernels) and set the parent-cgroup setting "
+    "(SANDBOX_KERNEL_CGROUP_PARENT) to it; or set the parent-cgroup setting to any cgroup that "
+    "has no processes"
+)
+
+
+class V2Handle(CgroupHandle):
+    def __init__(self, manager: V2Manager, name: str, path: str) -> None:
+        self.name = name
+        self.path = path
+        self._m = manager
+        self._f = manager.files
+        self._peak_seen = 0
+
+    def __repr__(self) -> str:
+        return f"V2Handle({self.name!r}, {self.path!r})"
+
+    @property
+    def join_paths(self) -> list[str]:
+        return [self.path]
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def exists(self) -> bool:
+        return self._f.io.isdir(self.path)
+
+    def set_limits(self, limits: CgroupLimits) -> None:
+        check_limits(limits)
+        f = self._f
+        missing = self._m.missing_controllers(limits, self.path)
+        if missing:
+            raise CgroupError(
+                f"cgroup {self.path}: the {', '.join(missing)} controller(s) are not enabled "
+                f"(not in {os.path.dirname(self.path)}/cgroup.subtree_control), so the requested "
+                "limits cannot be applied; enable them in the parent's cgroup.subtree_control "
+                "(they must be listed in its cgroup.controllers) or drop those limits"
+            )
+        if f.exists(self._file("memory.max")):
+            f.write(
+                self._file("memory.max"), "max" if limits.memory is None else str(limits.memory)
+            )
+            swap = self._file("memory.swap.max")
+            # Absent when the kernel has no swap accounting: then swap cannot be limited (or used
+            # beyond what the host allows) per cgroup; nothing to write.
+            if f.exists(swap):
+                f.write(swap, "max" if limits.memory_swap is None else str(limits.memory_swap))
+        if f.exists(self._file("cpu.max")):
+            quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
+            f.write(self._file("cpu.max"), f"{quota} {limits.cpu_period_us}")
+            weight = _DEFAULT_WEIGHT if limits.cpu_weight is None else limits.cpu_weight
+            f.write(self._file("cpu.weight"), str(weight))
+        if f.exists(self._file("pids.max")):
+            f.write(self._file("pids.max"), "max" if limits.pids is None else str(limits.pids))
+
+    def _event(self, filename: str, key: str) -> int | None:
+        text = self._f.read_opt(self._file(filename))
+        if text is None:
+            return None
+        return parse_keyed(text).get(key)
+
+    def stats(self) -> CgroupStats:
+        f = self._f
+        if not self.exists():
+            raise ContainerNotFound(
+                f"cgroup {self.path} does not exist (container {self.name} already removed?)"
+            )
+        current = f.read_int(self._file("memory.current")) or 0
+        peak = f.read_int(self._file("memory.peak"))
+        self._peak_seen = max(self._peak_seen, current)
+        if peak is None:
+            peak = self._peak_seen
+        cpu_stat = f.read_opt(self._file("cpu.stat"))
+        usage = parse_keyed(cpu_stat).get("usage_usec", 0) if cpu_stat is not None else 0
+        quota: int | None = None
+        period = 100_000
+        cpu_max = f.read_opt(self._file("cpu.max"))
+        if cpu_max is not None:
+            parts = cpu_max.split()
+            if parts and parts[0] != "max":
+                quota = int(parts[0])
+            if len(parts) > 1:
+                period = int(parts[1])
+        oom = self._event("memory.events", "oom_kill")
+        if oom is None:  # kernels before 4.13, or a memory.events without the key
+            oom = self._event("memory.events.local", "oom_kill")
+        hits = self._event("pids.events", "max")
+        if hits is None:
+            hits = self._event("pids.events.local", "max")
+        return CgroupStats(
+            memory_current=current,
+            memory_peak=peak,
+            memory_limit=f.read_int(self._file("memory.max")),
+            cpu_usage_us=usage,
+            cpu_quota_us=quota,
+            cpu_period_us=period,
+            pids_current=f.read_int(self._file("pids.current")) or 0,
+            pids_limit=f.read_int(self._file("pids.max")),
+            oom_kills=oom or 0,
+            pids_limit_hits=hits or 0,
+        )
+
+    def pids(self) -> list[int]:
+        return self._f.procs(self.path)
+
+    def kill(self, timeout: float = KILL_TIMEOUT_S) -> None:
+        f = self._f
+        io = f.io
+        if not self.exists():
+            return
+        kill_file = self._file("cgroup.kill")
+        freeze_file = self._file("cgroup.freeze")
+        has_kill = f.exists(kill_file)
+        has_freeze = f.exists(freeze_file)
+        deadline = io.monotonic() + timeout
+        delay = 0.002
+        while True:
+            left = self.pids()
+            if not left:
+                return
+            if io.monotonic() >= deadline:
+                raise CgroupError(
+                    f"cgroup {self.path}: processes {left[:10]} still alive {timeout:.1f} s after "
+                    "SIGKILL; they may be stuck in the kernel (D state): check "
+                    "/proc/<pid>/stack and retry removal later"
+                )
+            if has_kill:
+                try:
+                    io.write(kill_file, "1")
+                except FileNotFoundError:
+                    return  # removed meanwhile
+                except OSError as exc:
+                    raise cgroup_error(exc, "writing '1' to", kill_file) from exc
+            else:
+                # No cgroup.kill (kernel < 5.14): freeze so nothing forks while we kill, kill
+                # every member, thaw so that the signals are delivered.
+                frozen = False
+                if has_freeze:
+                    try:
+                        io.write(freeze_file, "1")
+                        frozen = True
+                    except OSError:
+                        frozen = False
+                try:
+                    f.sigkill(left)
+                finally:
+                    if frozen:
+                        try:
+                            io.write(freeze_file, "0")
+                        except FileNotFoundError:
+                            pass
+                        except OSError as exc:
+                            raise cgroup_error(
+                                exc, "thawing (writing '0' to)", freeze_file
+                            ) from exc
+            io.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def remove(self, timeout: float = REMOVE_TIMEOUT_S) -> None:
+        if not self.exists():
+            return
+        if self.pids():
+            self.kill()
+        for d in self._f.tree_bottom_up(self.path):
+            self._f.rmdir_retry(d, timeout)
+
+
+class V2Manager(CgroupManager):
+    version = 2
+
+    def __init__(
+        self,
+        layout: CgroupLayout,
+        parent: str | None = None,
+        io: CgroupIO | None = None,
+    ) -> None:
+        self.mode = layout.mode
+        self.layout = layout
+        self.files = Files(io or CgroupIO())
+        mountpoint = layout.v2_mountpoint()
+        if mountpoint is None:
+            raise CgroupError(
+                "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); mount it with "
+                "`mount -t cgroup2 none /sys/fs/cgroup` or use the cgroup v1 manager"
+            )
+        self.mountpoint = mountpoint
+        if parent:
+            if parent == mountpoint or parent.startswith(mountpoint.rstrip("/") + "/"):
+                self.parent = parent.rstrip("/") or "/"
+            else:
+                self.parent = os.path.join(mountpoint, parent.strip("/")).rstrip("/")
+        else:
+            own = layout.v2_dir()
+            assert own is not None
+            self.parent = own
+        if not self.files.io.isdir(self.parent):
+            raise CgroupError(
+                f"parent cgroup {self.parent} does not exist; create it, or fix the parent-cgroup "
+                "setting (a path inside the cgroup2 mount, e.g. /system.slice/jupyter.service)"
+            )
+
+    def __repr__(self) -> str:
+        return f"V2Manager(mode={self.mode.value}, parent={self.parent!r})"
+
+    @property
+    def is_root(self) -> bool:
+        return os.path.normpath(self.parent) == os.path.normpath(self.mountpoint)
+
+    def _set(self, path: str) -> set[str]:
+        text = self.files.read_opt(path)
+        return set(text.split()) if text is not None else set()
+
+    def controllers(self) -> dict[str, bool]:
+        available = self._set(os.path.join(self.parent, "cgroup.controllers"))
+        return {c: c in available for c in V2_CONTROLLERS}
+
+    def missing_controllers(self, limits: CgroupLimits, path: str) -> list[str]:
+        """Controllers that ``limits`` needs but that are not enabled for ``path``."""
+        wanted = []
+        if limits.memory is not None:
+            wanted.append("memory")
+        if limits.cpu_quota_us is not None or limits.cpu_weight is not None:
+            wanted.append("cpu")
+        if limits.pids is not None:
+            wanted.append("pids")
+        enabled = self._set(os.path.join(path, "cgroup.controllers"))
+        return [c for c in wanted if c not in enabled]
+
+    def enable_controllers(self) -> list[str]:
+        """Enable memory/cpu/pids (those available) in the parent's subtree_control.
+
+        Returns what was newly enabled. Nothing is written when all are already enabled.
+        """
+        available = self._set(os.path.join(self.parent, "cgroup.controllers"))
+        control = os.path.join(self.parent, "cgroup.subtree_control")
+        enabled = self._set(control)
+        todo = [c for c in V2_CONTROLLERS if c in available and c not in enabled]
+        if not todo:
+            return []
+        value = " ".join("+" + c for c in todo)
+        try:
+            self.files.io.write(control, value)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY and not self.is_root:
+                members = self.files.read_opt(os.path.join(self.parent, "cgroup.procs")) or ""
+                n = len(members.split())
+                err = CgroupError(
+                    f"cannot enable {value!r} in {control}: cgroup v2's \"no internal "
+                    f'processes" rule forbids controllers for the children of a non-root '
+                    f"cgroup that has member processes, and {self.parent} has {n}"
+                    f"{' (e.g. pid ' + members.split()[0] + ')' if n else ''}; "
+                    f"fix: {PARENT_FIX}"
+                )
+                err.errno = exc.errno
+                raise err from exc
+            raise cgroup_error(
+                exc,
+                f"enabling {value!r} in",
+                control,
+                "the controllers must be listed in the parent's cgroup.controllers "
+                "(delegated to it by its own parent)"
+                if exc.errno in (errno.ENOENT, errno.EINVAL)
+                else "",
+            ) from exc
+        return todo
+
+    def _path(self, name: str) -> str:
+        check_name(name)
+        return os.path.join(self.parent, name)
+
+    def create(self, name: str, limits: CgroupLimits) -> V2Handle:
+        path = self._path(name)
+        check_limits(limits)
+        self.enable_controllers()
+        try:
+            self.files.io.mkdir(path)
+        except FileExistsError as exc:
+            raise cgroup_error(
+                exc,
+                "creating cgroup",
+                path,
+                "a leftover of an earlier run? remove it (garbage collection) or use a new name",
+            ) from exc
+        except OSError as exc:
+            raise cgroup_error(exc, "creating cgroup", path) from exc
+        handle = V2Handle(self, name, path)
+        try:
+            handle.set_limits(limits)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the first error matters more
+                handle.remove()
+            raise
+        return handle
+
+    def open(self, name: str) -> V2Handle:
+        path = self._path(name)
+        if not self.files.io.isdir(path):
+            raise ContainerNotFound(
+                f"no cgroup {path} for container {name}; it was removed or never created"
+            )
+        return V2Handle(self, name, path)
+
+    def list_leftovers(self, prefix: str = "sk-") -> list[str]:
+        return sorted(
+            os.path.basename(d)
+            for d in self.files.subdirs(self.parent)
+            if os.path.basename(d).startswith(prefix)
+        )
