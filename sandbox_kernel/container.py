@@ -41,6 +41,15 @@ START_TIMEOUT = 60.0
 CPU_PERIOD_US = 100_000
 
 
+def require_privileges() -> None:
+    """Fail early, with what is needed, when the caller cannot create containers."""
+    if os.geteuid() != 0:
+        raise PrivilegeError(
+            "sandbox-kernel needs root to create containers (mount, pid and network namespaces, "
+            "cgroups); run it as root (rootless mode is not available yet)"
+        )
+
+
 def cgroup_limits(limits: Limits, *, include_cpu: bool = True) -> CgroupLimits:
     quota = None
     if include_cpu and limits.cpus is not None:
@@ -187,11 +196,7 @@ class Container:
                meta: dict[str, Any] | None = None) -> Container:
         """Validate the spec, then create the run dir and the cgroups. Nothing runs yet."""
         validate_spec(spec)
-        if os.geteuid() != 0:
-            raise PrivilegeError(
-                "sandbox-kernel needs root to create containers (mount, pid and network namespaces, "
-                "cgroups); run it as root (rootless mode is not available yet)"
-            )
+        require_privileges()
         root = root or run_dir()
         from . import gc
 

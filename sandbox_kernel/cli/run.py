@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import Any
 
-from ..container import Container
+from ..container import Container, require_privileges
 from ..errors import SpecError
 from ..paths import new_container_id
 from ..spec import Bind, ContainerSpec, Limits
@@ -118,6 +118,7 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    require_privileges()
     spec = build_spec(args)
     container = Container.create(spec)
     try:

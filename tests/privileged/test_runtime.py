@@ -1,0 +1,417 @@
+"""The runtime end to end, as root: isolation facts, caps, signals, lifecycle, leftovers.
+
+Every container uses the built-in ``host`` pseudo-image (the host's /usr and /etc,
+read-only) so that nothing needs building.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from sandbox_kernel import gc, hostimage
+from sandbox_kernel.cgroups import get_manager
+from sandbox_kernel.container import Container, ExitResult
+from sandbox_kernel.errors import RuntimeStartError
+from sandbox_kernel.paths import new_container_id, run_dir
+from sandbox_kernel.spec import Bind, ContainerSpec, Limits
+
+pytestmark = pytest.mark.privileged
+MIB = 1024 * 1024
+PY = "/usr/bin/python3"
+
+
+def make_spec(command, **kw) -> ContainerSpec:
+    base = dict(
+        id=new_container_id(),
+        layers=(str(hostimage.layer_dir()),),
+        command=tuple(command),
+        mounts=hostimage.binds(),
+        hostname="box",
+    )
+    if "mounts" in kw:
+        kw["mounts"] = (*hostimage.binds(), *kw["mounts"])
+    base.update(kw)
+    return ContainerSpec(**base)
+
+
+def run(command, timeout=60, **kw) -> tuple[ExitResult, str]:
+    spec = make_spec(command, **kw)
+    out_path = Path(f"/tmp/{spec.id}.out")
+    with open(out_path, "w+") as out, Container.create(spec) as c:
+        c.start(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        result = c.wait(timeout)
+        out.seek(0)
+        text = out.read()
+    out_path.unlink()
+    return result, text
+
+
+def py(code: str, **kw) -> tuple[ExitResult, str]:
+    return run([PY, "-c", textwrap.dedent(code)], **kw)
+
+
+def _mountinfo() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return sorted(" ".join(line.split()[3:5]) for line in f)
+
+
+def _our_cgroups() -> set[str]:
+    return set(get_manager().list_leftovers("sk-"))
+
+
+def _run_dirs() -> set[str]:
+    root = run_dir()
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def host_untouched():
+    """Each test leaves the host as it found it: mounts, cgroups, run dirs, children."""
+    mounts, cgroups, dirs = _mountinfo(), _our_cgroups(), _run_dirs()
+    yield
+    assert _mountinfo() == mounts
+    assert _our_cgroups() <= cgroups
+    assert {d for d in _run_dirs() if d.startswith("sk-")} <= dirs
+
+
+ISOLATION = """
+import json, os, socket, errno
+caps = {}
+for line in open('/proc/self/status'):
+    k, _, v = line.partition(':')
+    if k in ('CapEff', 'CapPrm', 'CapBnd', 'CapAmb', 'CapInh', 'NoNewPrivs', 'Seccomp'):
+        caps[k] = v.strip()
+def try_write(path):
+    try:
+        with open(path, 'w') as f:
+            f.write('x')
+        return 'ok'
+    except OSError as e:
+        return errno.errorcode[e.errno]
+def fill_tmp():
+    n = 0
+    try:
+        with open('/tmp/fill', 'wb') as f:
+            while True:
+                f.write(b'\\0' * 1048576)
+                f.flush()
+                n += 1
+    except OSError as e:
+        return [n, errno.errorcode[e.errno]]
+ifaces = [l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]]
+print(json.dumps(dict(
+    pid=os.getpid(), ppid=os.getppid(), uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(),
+    pids=sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),
+    init=open('/proc/1/comm').read().strip(),
+    hostname=socket.gethostname(), ifaces=ifaces,
+    lo_flags=int(open('/sys/class/net/lo/flags').read(), 16),
+    caps=caps, write_usr=try_write('/usr/sk-test'), write_root=try_write('/sk-test'),
+    tmp=fill_tmp(), cwd=os.getcwd(), umask=os.umask(0),
+    fds=sorted(int(x) for x in os.listdir('/proc/self/fd')),
+    sid=os.getsid(0) == os.getpid(),
+    kcore=try_write('/proc/sysrq-trigger'),
+    cgroup=open('/proc/self/cgroup').read().strip().splitlines(),
+)))
+"""
+
+
+def test_isolation_facts_from_inside():
+    result, out = py(ISOLATION, tmp_size=4 * MIB)
+    assert result.status == 0, out
+    facts = json.loads(out.strip().splitlines()[-1])
+    assert facts["pid"] == 2 and facts["ppid"] == 1, "main process is PID 2 under our init (PID 1)"
+    assert facts["init"] == "sk-runtime"
+    assert facts["pids"] == [1, 2], "only the container's processes are visible"
+    assert facts["hostname"] == "box"
+    assert facts["ifaces"] == ["lo"] and facts["lo_flags"] & 1, "only loopback, and it is up"
+    for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"):
+        assert int(facts["caps"][key], 16) == 0, key
+    assert facts["caps"]["NoNewPrivs"] == "1"
+    assert facts["caps"]["Seccomp"] == "2", "seccomp filter mode"
+    assert (facts["uid"], facts["gid"], facts["groups"]) == (65534, 65534, [])
+    assert facts["write_usr"] == "EROFS", "the image is read-only"
+    assert facts["write_root"] == "EACCES", "the unprivileged user cannot write /"
+    mib_written, err = facts["tmp"]
+    assert err == "ENOSPC" and mib_written <= 4, "/tmp is capped at its size"
+    assert facts["cwd"] == "/" and facts["umask"] == 0o022 and facts["sid"]
+    assert facts["fds"] == [0, 1, 2, 3] or facts["fds"] == [0, 1, 2], "no fd of the host leaks in"
+    assert facts["kcore"] in ("EROFS", "EACCES")
+    assert all(line.endswith(":/") for line in facts["cgroup"]), "cgroup namespace roots at the container"
+
+
+def test_memory_cap_kills_and_reason_is_reported():
+    result, out = py("x = bytearray(400 * 1024 * 1024)\nprint('survived')", limits=Limits(memory=64 * MIB))
+    assert "survived" not in out
+    assert result.oom_killed, result
+    assert result.signal == signal.SIGKILL and result.status == 137
+    assert result.memory_limit == 64 * MIB
+    assert result.memory_peak is not None and result.memory_peak >= 48 * MIB
+    assert result.reason().startswith("out of memory (limit 64 MiB, peak ")
+
+
+def test_pids_cap_bounds_fork_bomb_and_container_stays_usable():
+    code = """
+    import os, time, errno
+    kids = []
+    err = None
+    for _ in range(200):
+        try:
+            pid = os.fork()
+        except OSError as e:
+            err = errno.errorcode[e.errno]
+            break
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        kids.append(pid)
+    print('forked', len(kids), err)
+    for k in kids:
+        os.kill(k, 9)
+        os.waitpid(k, 0)
+    print('usable', os.fork() and 'yes')
+    """
+    result, out = py(code, limits=Limits(pids=20))
+    assert result.status == 0, out
+    forked = out.split()
+    assert forked[0] == "forked" and int(forked[1]) < 20 and forked[2] == "EAGAIN"
+    assert "usable yes" in out
+    assert result.pids_limit_hit and result.pids_limit == 20
+
+
+def test_cpu_cap_measured_by_cgroup_accounting():
+    spec = make_spec([PY, "-c", "import time\nt=time.time()+1.5\nwhile time.time()<t: pass"],
+                     limits=Limits(cpus=0.5))
+    with Container.create(spec) as c:
+        c.start(stdout=subprocess.DEVNULL)
+        t0 = time.monotonic()
+        c.wait(30)
+        wall = time.monotonic() - t0
+        used = c.stats().cpu_usage_us / 1e6
+    ratio = used / wall
+    assert 0.3 < ratio < 0.7, f"used {used:.2f} s CPU in {wall:.2f} s wall"
+
+
+def test_cpu_cap_can_be_deferred_then_applied():
+    spec = make_spec(["/bin/sleep", "30"], limits=Limits(cpus=0.25, defer_cpu=True))
+    with Container.create(spec) as c:
+        c.start()
+        assert c.stats().cpu_quota_us is None
+        c.apply_deferred_cpu()
+        assert c.stats().cpu_quota_us == 25_000
+
+
+def test_live_update_of_limits():
+    spec = make_spec(["/bin/sleep", "30"], limits=Limits(memory=128 * MIB, pids=50))
+    with Container.create(spec) as c:
+        c.start()
+        c.update(Limits(memory=256 * MIB, pids=100, cpus=1.5))
+        st = c.stats()
+        assert (st.memory_limit, st.pids_limit, st.cpu_quota_us) == (256 * MIB, 100, 150_000)
+
+
+@pytest.mark.parametrize(
+    ("command", "status", "code", "sig"),
+    [
+        (["/bin/sh", "-c", "exit 7"], 7, 7, None),
+        (["/bin/true"], 0, 0, None),
+        (["/bin/sh", "-c", "kill -TERM $$"], 143, None, 15),
+    ],
+)
+def test_exit_codes_and_signals(command, status, code, sig):
+    result, _ = run(command)
+    assert (result.status, result.code, result.signal) == (status, code, sig)
+
+
+def test_missing_command_fails_with_stage():
+    spec = make_spec(["/no/such/program"])
+    with Container.create(spec) as c, pytest.raises(RuntimeStartError) as err:
+        c.start(stderr=subprocess.DEVNULL)
+    assert "exec" in err.value.stage
+
+
+def test_signals_are_forwarded_to_the_main_process(tmp_path):
+    code = """
+    import signal, sys, time
+    def handler(signum, frame):
+        print('got', signum, flush=True)
+        sys.exit(3)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    print('ready', flush=True)
+    time.sleep(30)
+    """
+    out = tmp_path / "out"
+    spec = make_spec([PY, "-u", "-c", textwrap.dedent(code)])
+    with open(out, "w+") as f, Container.create(spec) as c:
+        c.start(stdout=f)
+        deadline = time.time() + 20
+        while "ready" not in out.read_text() and time.time() < deadline:
+            time.sleep(0.02)
+        c.signal(signal.SIGINT)
+        result = c.wait(20)
+    assert result.code == 3 and "got 2" in out.read_text()
+
+
+def test_orphans_are_reaped():
+    code = """
+    import os, time
+    for _ in range(5):
+        if os.fork() == 0:
+            if os.fork() == 0:
+                os._exit(0)   # grandchild exits: orphan, reparented to PID 1
+            time.sleep(0.05)
+            os._exit(0)
+    time.sleep(0.5)
+    zombies = [p for p in os.listdir('/proc') if p.isdigit() and
+               open('/proc/%s/stat' % p).read().rsplit(')', 1)[1].split()[0] == 'Z']
+    print('zombies', len(zombies))
+    """
+    result, out = py(code)
+    assert result.status == 0 and "zombies 0" in out, out
+
+
+def _wait_empty(cg, timeout=5.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not cg.pids():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_of_the_supervisor_leaves_nothing_running():
+    spec = make_spec(["/bin/sh", "-c", "sleep 1000 & sleep 1000 & sleep 1000"])
+    with Container.create(spec) as c:
+        c.start()
+        time.sleep(0.2)
+        assert len(c.cgroup.pids()) >= 3
+        os.kill(c.pid, signal.SIGKILL)
+        c.proc.wait(5)
+        assert _wait_empty(c.cgroup), f"processes survived: {c.cgroup.pids()}"
+
+
+def test_owner_gone_means_container_gone():
+    spec = make_spec(["/bin/sleep", "1000"])
+    with Container.create(spec) as c:
+        c.start()
+        c._close_control()  # what happens when the owning process dies
+        c.wait(5)
+        assert _wait_empty(c.cgroup)
+
+
+def test_symlink_in_image_cannot_redirect_a_mount_to_the_host(tmp_path):
+    sentinel = tmp_path / "host-sentinel"
+    sentinel.mkdir()
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    for d in ("proc", "dev", "sys", "tmp", "usr", "etc"):
+        (layer / d).mkdir()
+    for name in ("bin", "lib", "lib64"):
+        os.symlink(f"usr/{name}", layer / name)
+    os.symlink(str(sentinel), layer / "evil")  # absolute symlink to a host path
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "marker").write_text("volume")
+    result, out = run(
+        ["/bin/sh", "-c", "cat /evil/mnt/marker"],
+        layers=(str(layer),),
+        mounts=(Bind(str(vol), "/evil/mnt", readonly=True),),
+    )
+    assert result.status == 0 and "volume" in out, out
+    assert list(sentinel.iterdir()) == [], "the mount target escaped to the host"
+
+
+def test_image_with_symlinked_proc_is_refused(tmp_path):
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (layer / "etc").mkdir()
+    os.symlink("/etc", layer / "proc")
+    spec = make_spec(["/bin/true"], layers=(str(layer),))
+    with Container.create(spec) as c, pytest.raises(RuntimeStartError) as err:
+        c.start(stderr=subprocess.DEVNULL)
+    assert "/proc" in str(err.value)
+
+
+def test_workdir_and_environment():
+    result, out = run(["/bin/sh", "-c", "pwd; echo $FOO; env | wc -l"], workdir="/usr/share", env=(("FOO", "bar"),))
+    lines = out.split()
+    assert result.status == 0 and lines[:2] == ["/usr/share", "bar"]
+    assert int(lines[2]) < 12, "only the planned environment reaches the container"
+
+
+def test_200_create_destroy_cycles_leave_nothing():
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(200):
+        spec = make_spec(["/bin/true"])
+        with Container.create(spec) as c:
+            c.start(stdout=subprocess.DEVNULL)
+            assert c.wait(10).status == 0
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    # host_untouched checks mounts, cgroups and run dirs
+
+
+def test_gc_removes_crash_leftovers():
+    dead = subprocess.Popen(["/bin/true"])
+    dead.wait()
+    spec = make_spec(["/bin/sleep", "1000"])
+    c = Container.create(spec)
+    c.start()
+    # simulate a crashed owner and supervisor: kill the executor, then forge dead pids
+    os.kill(c.pid, signal.SIGKILL)
+    c.proc.wait(5)
+    meta = json.loads((c.run_dir / "meta.json").read_text())
+    meta["owner_pid"] = dead.pid
+    (c.run_dir / "meta.json").write_text(json.dumps(meta))
+    (c.run_dir / "pid").write_text(json.dumps({"pid": dead.pid, "start": None}))
+    assert spec.id in gc.collect(dry_run=True).run_dirs
+    report = gc.collect()
+    assert spec.id in report.run_dirs and spec.id in report.cgroups
+    assert not c.run_dir.exists() and spec.id not in _our_cgroups()
+    c._status.close()
+    c._close_control()
+
+
+def test_cli_run_reports_oom_and_exits_137():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandbox_kernel", "run", "--memory", "64M", "host", "--",
+         PY, "-c", "x = bytearray(400 * 1024 * 1024)"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 137, proc.stderr
+    assert "out of memory (limit 64 MiB, peak" in proc.stderr
+
+
+def test_cli_run_passes_streams_volume_and_status(tmp_path):
+    (tmp_path / "in.txt").write_text("data from host\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandbox_kernel", "run", "-v", f"{tmp_path}:/work:ro", "-w", "/work", "host",
+         "--", "/bin/sh", "-c", "cat in.txt; read line; echo got $line; exit 5"],
+        input="stdin line\n", capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == "data from host\ngot stdin line\n"
+
+
+def test_unprivileged_caller_gets_a_clear_message(monkeypatch, capsys):
+    from sandbox_kernel.cli import main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["run", "host", "--", "true"]) == 125
+    err = capsys.readouterr().err
+    assert "needs root" in err and "rootless" in err
+
+
+def test_spec_replace_keeps_validation(tmp_path):
+    spec = replace(make_spec(["/bin/true"]), hostname="Bad_Host")
+    with pytest.raises(Exception, match="hostname"):
+        Container.create(spec)
