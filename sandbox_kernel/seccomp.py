@@ -537,10 +537,17 @@ def write_filter(
     extra_denied: Sequence[str] = (),
 ) -> Path:
     """Write the program into ``directory`` under a name derived from its content
-    (``seccomp-<sha256 prefix>.bpf``) and return the path. An existing file with the right
-    content is reused; a damaged one is replaced (atomically, via rename)."""
+    (``seccomp-<sha256 prefix>.bpf``) and return the path. ``directory`` is created (mode
+    0700) if missing. An existing file with the right content is reused; a damaged one is
+    replaced (atomically, via rename)."""
     data = build_filter(allow_ptrace=allow_ptrace, extra_denied=extra_denied)
     directory = Path(directory)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise wrap_oserror(
+            exc, "cannot create the seccomp filter directory", str(directory)
+        ) from exc
     path = directory / f"seccomp-{hashlib.sha256(data).hexdigest()[:32]}.bpf"
     try:
         if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
@@ -550,9 +557,7 @@ def write_filter(
     try:
         fd, tmp = tempfile.mkstemp(prefix=".seccomp-", suffix=".tmp", dir=directory)
     except OSError as exc:
-        raise wrap_oserror(
-            exc, "cannot create the seccomp filter in", str(directory), "check it exists"
-        ) from exc
+        raise wrap_oserror(exc, "cannot create the seccomp filter in", str(directory)) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

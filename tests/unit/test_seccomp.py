@@ -533,9 +533,16 @@ def test_write_filter_replaces_a_symlink(tmp_path: Path) -> None:
     assert p.read_bytes() == seccomp.build_filter()
 
 
-def test_write_filter_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(SandboxError, match="missing"):
-        seccomp.write_filter(tmp_path / "missing")
+def test_write_filter_creates_its_directory(tmp_path: Path) -> None:
+    p = seccomp.write_filter(tmp_path / "a" / ".seccomp")
+    assert p.read_bytes() == seccomp.build_filter()
+    assert stat.S_IMODE(p.parent.stat().st_mode) == 0o700
+
+
+def test_write_filter_unusable_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SandboxError, match="file"):
+        seccomp.write_filter(tmp_path / "file" / "sub")
 
 
 # --- describe
@@ -571,6 +578,12 @@ def test_describe_options() -> None:
     assert named["getpid"].action == "ERRNO(EPERM)"
     with pytest.raises(SpecError):
         seccomp.describe(extra_denied=["nope"])
+
+
+def test_security_document_lists_every_denied_call() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    missing = [name for name in seccomp.DENIED if not re.search(rf"\b{name}\b", doc)]
+    assert not missing, f"docs/security.md does not mention {missing}"
 
 
 def test_errno_constants_match_this_platform() -> None:
