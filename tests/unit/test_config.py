@@ -1,0 +1,239 @@
+"""Sandbox settings, the administrator's ceilings, and the generated configuration doc."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox_kernel.config import (
+    NOBODY,
+    SETTING_NAMES,
+    Ceilings,
+    SandboxPolicy,
+    SandboxSettings,
+    configuration_markdown,
+    parse_mount,
+    parse_user,
+    read_policy,
+    resolve_settings,
+)
+from sandbox_kernel.errors import SpecError
+from sandbox_kernel.spec import Bind, NetworkMode
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+
+NO_CEILINGS = Ceilings(None, None, None, None, None, (), (), False)
+
+
+def defaults(**over: Any) -> dict[str, Any]:
+    s = SandboxSettings()
+    values = {name: getattr(s, name) for name in SETTING_NAMES}
+    values["image"] = "python3"
+    values.update(over)
+    return values
+
+
+def resolve(
+    values: dict[str, Any],
+    ceilings: Ceilings = NO_CEILINGS,
+    explicit: tuple[str, ...] = (),
+    workdir: str | None = "/tmp",
+    server_uid: int = 0,
+) -> Any:
+    return resolve_settings(
+        values,
+        ceilings,
+        explicit=frozenset(explicit),
+        workdir=workdir,
+        context="kernelspec 'k'",
+        server_uid=server_uid,
+    )
+
+
+@needs_root
+def test_defaults_resolve_to_documented_values(tmp_path: Path) -> None:
+    os.chown(tmp_path, 1000, 1000)
+    s = resolve(defaults(), workdir=str(tmp_path))
+    assert s.memory == 1024**3
+    assert s.cpus == 1.0
+    assert s.pids == 256
+    assert s.tmp_size == s.writable_size == 256 * 1024**2
+    assert s.network is NetworkMode.NONE
+    assert (s.uid, s.gid) == (1000, 1000)
+    assert s.mounts == () and s.env == ()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("memory", "lots", "memory='lots' is not a size; use bytes, or a number with K, M, G or T"),
+        ("memory", "1M", "memory='1M' is too small"),
+        ("cpus", "fast", "cpus='fast' is not a CPU count"),
+        ("cpus", 0, "cpus=0 must be more than 0"),
+        ("pids", "many", "pids='many' is not a whole number"),
+        ("pids", 3, "pids=3 is too small"),
+        ("pids", 2.5, "pids=2.5 is not a whole number"),
+        ("tmp_size", "-1", "tmp_size='-1' is not a size"),
+        ("writable_size", "10", "writable_size='10' is too small"),
+        ("extra_mounts", ["/srv"], "extra_mounts entry '/srv' is malformed; use 'SRC:DST'"),
+        ("extra_mounts", ["/srv:/srv:rx"], "has mode 'rx'"),
+        ("extra_mounts", ["srv:/srv"], "'srv' is not an absolute normalised path"),
+        ("extra_mounts", "/srv:/srv", "is not a list"),
+        ("env", {"1BAD": "x"}, "env key '1BAD' is invalid"),
+        ("env", ["A=1"], "is not a mapping"),
+        ("network", "host", "network='host' is not available; use 'none'"),
+        ("user", "nosuchuser-xyz", "user='nosuchuser-xyz' is no user of this host"),
+        ("user", "0", "user='0' is root, which the administrator does not allow"),
+        ("image", "", "image='' is missing or empty"),
+        ("cpu_defer_timeout", -1, "cpu_defer_timeout=-1 must be a positive number"),
+    ],
+)
+def test_each_field_error_names_field_value_and_form(field: str, value: Any, expected: str) -> None:
+    with pytest.raises(SpecError) as info:
+        resolve(defaults(**{field: value}), explicit=(field,))
+    text = str(info.value)
+    assert text.startswith("kernelspec 'k': ")
+    assert expected in text
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(SpecError) as info:
+        resolve(defaults(memory="x", pids="y", network="z"))
+    assert len(info.value.problems) == 3
+
+
+def test_ceilings_refuse_explicit_values_above_them() -> None:
+    ceil = Ceilings(512 * 1024**2, 2.0, 100, 64 * 1024**2, 64 * 1024**2, (), (), False)
+    for field, value, top in (
+        ("memory", "1G", "512 MiB"),
+        ("cpus", 4, "2"),
+        ("pids", 200, "100"),
+        ("tmp_size", "1G", "64 MiB"),
+        ("writable_size", "1G", "64 MiB"),
+    ):
+        with pytest.raises(SpecError) as info:
+            resolve(defaults(**{field: value}), ceil, explicit=(field,))
+        msg = str(info.value)
+        assert f"{field}={value!r} is above the administrator's ceiling" in msg
+        assert f"SandboxPolicy.max_{field} = {top}" in msg
+
+
+def test_defaults_above_a_ceiling_are_lowered_to_it() -> None:
+    ceil = Ceilings(512 * 1024**2, 0.5, 100, None, None, (), (), False)
+    s = resolve(defaults(), ceil)
+    assert (s.memory, s.cpus, s.pids) == (512 * 1024**2, 0.5, 100)
+
+
+def test_values_at_or_below_ceiling_pass() -> None:
+    ceil = Ceilings(2 * 1024**3, 2.0, 512, None, None, (), (), False)
+    s = resolve(defaults(memory="2G", cpus=2, pids=512), ceil, explicit=("memory", "cpus", "pids"))
+    assert (s.memory, s.cpus, s.pids) == (2 * 1024**3, 2.0, 512)
+
+
+def test_allowed_images() -> None:
+    ceil = Ceilings(None, None, None, None, None, ("python3",), (), False)
+    assert resolve(defaults(image="python3:latest"), ceil).image == "python3:latest"
+    with pytest.raises(SpecError, match=r"image='python2.7' is not allowed by the administrator"):
+        resolve(defaults(image="python2.7"), ceil)
+
+
+def test_extra_mounts_need_an_allowed_source(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    entry = f"{data}:/data"
+    with pytest.raises(SpecError, match="not under an allowed directory"):
+        resolve(defaults(extra_mounts=[entry]))
+    ceil = Ceilings(None, None, None, None, None, (), (str(tmp_path),), False)
+    s = resolve(defaults(extra_mounts=[entry, f"{data}:/data2:rw"]), ceil)
+    assert s.mounts == (Bind(str(data), "/data", True), Bind(str(data), "/data2", False))
+    with pytest.raises(SpecError, match="does not exist on the host"):
+        resolve(defaults(extra_mounts=[f"{tmp_path}/nope:/x"]), ceil)
+    # a sibling with the same prefix is not "under" the allowed directory
+    with pytest.raises(SpecError, match="not under an allowed directory"):
+        resolve(defaults(extra_mounts=[f"{tmp_path}x:/x"]), ceil)
+
+
+def test_parse_mount_forms() -> None:
+    assert parse_mount("/a:/b") == Bind("/a", "/b", True)
+    assert parse_mount("/a:/b:rw") == Bind("/a", "/b", False)
+    with pytest.raises(SpecError, match=r"'/a/../b'"):
+        parse_mount("/a/../b:/b")
+
+
+@needs_root
+def test_user_auto_takes_the_notebook_dir_owner(tmp_path: Path) -> None:
+    os.chown(tmp_path, 1234, 2345)
+    assert parse_user("auto", workdir=str(tmp_path), server_uid=0) == (1234, 2345)
+
+
+@needs_root
+def test_user_auto_root_owned_dir_runs_as_nobody_unless_allowed(tmp_path: Path) -> None:
+    os.chown(tmp_path, 0, 0)
+    s = resolve(defaults(), workdir=str(tmp_path))
+    assert (s.uid, s.gid) == (NOBODY, NOBODY)
+    ceil = Ceilings(None, None, None, None, None, (), (), True)
+    s = resolve(defaults(), ceil, workdir=str(tmp_path))
+    assert (s.uid, s.gid) == (0, 0)
+
+
+def test_user_auto_non_root_server_keeps_its_uid() -> None:
+    assert parse_user("auto", workdir="/", server_uid=1500)[0] == 1500
+
+
+def test_user_explicit_forms() -> None:
+    assert parse_user("1000:100", workdir=None, server_uid=0) == (1000, 100)
+    assert parse_user(1001, workdir=None, server_uid=0)[0] == 1001
+    assert parse_user("root", workdir=None, server_uid=0) == (0, 0)
+    with pytest.raises(SpecError, match="out of range"):
+        parse_user("99999999999", workdir=None, server_uid=0)
+
+
+def test_policy_parsing_and_bad_policy() -> None:
+    pol = SandboxPolicy(max_memory="4G", max_cpus=2.0, max_pids=512, allowed_images=["python3"])
+    ceil = read_policy(pol)
+    assert ceil.memory == 4 * 1024**3 and ceil.cpus == 2.0 and ceil.pids == 512
+    assert ceil.images == ("python3",)
+    with pytest.raises(SpecError, match=r"SandboxPolicy.max_memory='huge' is not a size"):
+        read_policy(SandboxPolicy(max_memory="huge"))
+    with pytest.raises(
+        SpecError, match="allowed_mount_sources entry 'rel' must be an absolute path"
+    ):
+        read_policy(SandboxPolicy(allowed_mount_sources=["rel"]))
+
+
+def test_policy_comes_from_traitlets_config() -> None:
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.SandboxPolicy.max_memory = "3G"
+    cfg.SandboxPolicy.allow_root = True
+    pol = SandboxPolicy(config=cfg)
+    assert read_policy(pol).memory == 3 * 1024**3
+    assert read_policy(pol).allow_root
+
+
+def test_configuration_doc_lists_every_trait_with_help() -> None:
+    doc = configuration_markdown()
+    for name in SETTING_NAMES:
+        assert f"`c.SandboxProvisioner.{name}`" in doc
+    for name in (
+        "max_memory",
+        "max_cpus",
+        "max_pids",
+        "allowed_images",
+        "allow_root",
+        "allowed_mount_sources",
+    ):
+        assert f"`c.SandboxPolicy.{name}`" in doc
+    assert "Default: 1G" in doc
+
+
+def test_configuration_doc_is_up_to_date() -> None:
+    path = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert path.read_text() == configuration_markdown(), (
+        "docs/configuration.md is stale; run: "
+        "python -m sandbox_kernel.config > docs/configuration.md"
+    )
