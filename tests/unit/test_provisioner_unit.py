@@ -1,0 +1,385 @@
+"""The provisioner's Jupyter-side logic, with the container layer replaced by a recorder.
+
+What is real here: jupyter_client's AsyncKernelManager, the provisioner factory (reading
+the kernelspec's metadata.kernel_provisioner.config), connection-file writing, the
+settings validation and the traitlets config. What is faked: Container (no namespaces) and
+the image store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.manager import AsyncKernelManager
+from traitlets.config import Config
+
+from sandbox_kernel import kernelspecs
+from sandbox_kernel import provisioner as prov
+from sandbox_kernel.container import ExitResult
+from sandbox_kernel.errors import ContainerNotFound, SpecError
+from sandbox_kernel.spec import Bind, ContainerSpec
+
+
+class FakeContainer:
+    """Records the spec; 'runs' a host `sleep` as the kernel so signals and exits are real."""
+
+    created: list[FakeContainer] = []
+
+    def __init__(self, spec: ContainerSpec, root: Path, meta: dict[str, Any]) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.meta = meta
+        self.limits = spec.limits
+        self.run_dir = root / spec.id
+        self.run_dir.mkdir(parents=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.setup_us = 1000
+        self.destroyed = False
+        self.cpu_applied = False
+        self._result: ExitResult | None = None
+        self.oom = False
+
+    @classmethod
+    def create(
+        cls, spec: ContainerSpec, *, meta: dict[str, Any] | None = None, **_: Any
+    ) -> FakeContainer:
+        c = cls(spec, prov.run_dir(), meta or {})
+        cls.created.append(c)
+        return c
+
+    @classmethod
+    def open(cls, container_id: str) -> Any:
+        raise ContainerNotFound(container_id)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, **_: Any) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def signal(self, signum: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def poll(self) -> ExitResult | None:
+        if self.proc is None or self.proc.poll() is None:
+            return self._result
+        if self._result is None:
+            rc = self.proc.returncode
+            sig = -rc if rc < 0 else None
+            self._result = ExitResult(
+                status=128 + sig if sig else rc,
+                code=None if sig else rc,
+                signal=sig,
+                oom_killed=self.oom,
+                memory_limit=self.limits.memory,
+                memory_peak=self.limits.memory if self.oom else 1,
+                pids_limit_hit=False,
+                pids_limit=self.limits.pids,
+            )
+        return self._result
+
+    def apply_deferred_cpu(self) -> None:
+        self.cpu_applied = True
+
+    def destroy(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.destroyed = True
+        import shutil
+
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def fake_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("SANDBOX_KERNEL_RUN_DIR", str(run))
+    monkeypatch.setattr(prov, "Container", FakeContainer)
+    FakeContainer.created = []
+
+    def fake_image(name: str, context: str) -> prov._Image:
+        if name.split(":")[0] not in ("python3", "python2.7"):
+            raise SpecError(f"image={name!r} is not in the image store", context=context)
+        return prov._Image(
+            f"{name}:latest",
+            [str(tmp_path)],
+            {"IMAGE_VAR": "1", "PATH": "/usr/bin:/bin"},
+            {
+                prov.LABEL_ARGV: '["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", '
+                '"{connection_file}"]'
+            },
+            "sha256:abc",
+        )
+
+    monkeypatch.setattr(prov, "_resolve_image", fake_image)
+    kernelspecs.register_provisioner_in_process()
+    return run
+
+
+@pytest.fixture
+def kernel_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A JUPYTER_PATH with the two shipped kernelspecs plus one per test that writes it."""
+    jp = tmp_path / "jupyter"
+    kernelspecs.install(None, prefix=str(jp))
+    monkeypatch.setenv("JUPYTER_PATH", str(jp / "share" / "jupyter"))
+    return jp / "share" / "jupyter" / "kernels"
+
+
+def add_spec(
+    kernels: Path, name: str, config: dict[str, Any], argv: list[str] | None = None
+) -> None:
+    d = kernels / name
+    d.mkdir(parents=True)
+    (d / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": argv
+                if argv is not None
+                else ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": f"Test {name}",
+                "language": "python",
+                "interrupt_mode": "signal",
+                "env": {"SPEC_VAR": "from-spec"},
+                "metadata": {
+                    "kernel_provisioner": {
+                        "provisioner_name": "sandbox-provisioner",
+                        "config": config,
+                    }
+                },
+            }
+        )
+    )
+
+
+async def test_start_writes_ipc_connection_and_container_spec(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_spec(kernel_dir, "t-ok", {"image": "python3", "memory": "512M", "cpus": 0.5, "pids": 64})
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    if os.geteuid() == 0:
+        os.chown(nb, 1000, 1000)
+    monkeypatch.setenv("HOST_SECRET", "do-not-leak")
+    km = AsyncKernelManager(kernel_name="t-ok")
+    await km.start_kernel(
+        cwd=str(nb), env={**os.environ, "JPY_PARENT_PID": "1", "JPY_SESSION_NAME": "x"}
+    )
+    try:
+        c = FakeContainer.created[-1]
+        spec = c.spec
+        conn_dir = fake_runtime / spec.id / "conn"
+        assert km.transport == "ipc"
+        assert km.ip == f"{conn_dir}/k"
+        assert km.connection_file == f"{conn_dir}/kernel.json"
+        info = json.loads(Path(km.connection_file).read_text())
+        assert info["transport"] == "ipc" and info["ip"] == f"{conn_dir}/k"
+        assert oct(conn_dir.stat().st_mode & 0o777) == "0o700"
+        # the in-container command: "python3" is not rewritten into the host interpreter
+        assert list(spec.command) == [
+            "python3",
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            km.connection_file,
+        ]
+        env = dict(spec.env)
+        assert env["SPEC_VAR"] == "from-spec" and env["IMAGE_VAR"] == "1"
+        assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+        for leaked in ("HOST_SECRET", "JPY_PARENT_PID", "JPY_SESSION_NAME", "HOME"):
+            assert leaked not in env
+        assert spec.workdir == str(nb)
+        assert Bind(str(nb), str(nb), readonly=False) in spec.mounts
+        assert Bind(str(conn_dir), str(conn_dir), readonly=False) in spec.mounts
+        assert len(spec.mounts) == 2
+        assert spec.limits.memory == 512 * 1024**2 and spec.limits.cpus == 0.5
+        assert spec.limits.pids == 64 and spec.limits.defer_cpu
+        if os.geteuid() == 0:
+            assert (spec.user, spec.group) == (1000, 1000)
+            assert conn_dir.stat().st_uid == 1000 and Path(km.connection_file).stat().st_uid == 1000
+        assert c.meta["kernel_id"] == km.kernel_id and c.meta["kernelspec"] == "t-ok"
+        assert await km.is_alive()
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert c.destroyed
+    assert not (fake_runtime / spec.id).exists()
+
+
+async def test_restart_reuses_the_connection_directory(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    add_spec(kernel_dir, "t-rs", {"image": "python3"})
+    km = AsyncKernelManager(kernel_name="t-rs")
+    await km.start_kernel(cwd=str(tmp_path))
+    first = FakeContainer.created[-1]
+    conn = km.connection_file
+    await km.restart_kernel(now=True)
+    second = FakeContainer.created[-1]
+    assert first is not second and first.destroyed and not second.destroyed
+    assert km.connection_file == conn and Path(conn).exists()
+    assert first.spec.id == second.spec.id
+    await km.shutdown_kernel(now=True)
+    assert second.destroyed
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"image": "python3", "memory": "lots"}, "memory='lots' is not a size"),
+        ({"image": "python3", "cpus": "fast"}, "cpus='fast' is not a CPU count"),
+        ({"image": "python3", "pids": 2}, "pids=2 is too small"),
+        ({"image": "python3", "tmp_size": "x"}, "tmp_size='x' is not a size"),
+        ({"image": "python3", "writable_size": "x"}, "writable_size='x' is not a size"),
+        ({"image": "python3", "extra_mounts": ["/etc"]}, "extra_mounts entry '/etc' is malformed"),
+        ({"image": "python3", "extra_mounts": "oops"}, "extra_mounts entry 'oops' is malformed"),
+        ({"image": "python3", "env": {"A": 1}}, "env={'A': 1} has the wrong type"),
+        ({"image": "python3", "network": "host"}, "network='host' is not available"),
+        ({"image": "python3", "user": "0"}, "user='0' is root"),
+        ({"image": "python3", "user": [1]}, "user=[1] has the wrong type"),
+        ({"image": "nope"}, "image='nope' is not in the image store"),
+        ({"memory": "1G"}, "image='' is missing or empty"),
+        ({"image": "python3", "colour": "red"}, "'colour' is not a sandbox setting"),
+    ],
+)
+async def test_bad_kernelspec_config_fails_start_with_a_clear_error(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path, config: dict[str, Any], message: str
+) -> None:
+    add_spec(kernel_dir, "t-bad", config)
+    km = AsyncKernelManager(kernel_name="t-bad")
+    with pytest.raises(SpecError) as info:
+        await km.start_kernel(cwd=str(tmp_path))
+    assert str(info.value).startswith("kernelspec 't-bad': ")
+    assert message in str(info.value)
+    assert not FakeContainer.created
+
+
+async def test_admin_ceiling_from_config_beats_the_kernelspec(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    add_spec(kernel_dir, "t-big", {"image": "python3", "memory": "8G"})
+    cfg = Config()
+    cfg.SandboxPolicy.max_memory = "4G"
+    km = AsyncKernelManager(kernel_name="t-big", config=cfg)
+    with pytest.raises(
+        SpecError, match=r"memory='8G' is above the administrator's ceiling \(SandboxPolicy"
+    ):
+        await km.start_kernel(cwd=str(tmp_path))
+
+
+async def test_config_file_settings_apply_and_kernelspec_overrides(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    add_spec(kernel_dir, "t-cfg", {"image": "python3", "pids": 100})
+    cfg = Config()
+    cfg.SandboxProvisioner.memory = "300M"
+    cfg.SandboxProvisioner.pids = 50
+    cfg.SandboxProvisioner.env = {"FROM_CONFIG": "1"}
+    km = AsyncKernelManager(kernel_name="t-cfg", config=cfg)
+    await km.start_kernel(cwd=str(tmp_path))
+    try:
+        spec = FakeContainer.created[-1].spec
+        assert spec.limits.memory == 300 * 1024**2
+        assert spec.limits.pids == 100
+        assert dict(spec.env)["FROM_CONFIG"] == "1"
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_empty_kernelspec_argv_falls_back_to_the_image_label(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    add_spec(kernel_dir, "t-label", {"image": "python3"}, argv=[])
+    km = AsyncKernelManager(kernel_name="t-label")
+    await km.start_kernel(cwd=str(tmp_path))
+    try:
+        cmd = list(FakeContainer.created[-1].spec.command)
+        assert cmd == ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", km.connection_file]
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_signals_reach_the_container_and_death_reason_is_kept(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_spec(kernel_dir, "t-sig", {"image": "python3", "memory": "512M"})
+    km = AsyncKernelManager(kernel_name="t-sig")
+    km.log = logging.getLogger("test-sandbox")
+    await km.start_kernel(cwd=str(tmp_path))
+    p = km.provisioner
+    assert isinstance(p, prov.SandboxProvisioner)
+    c = FakeContainer.created[-1]
+    c.oom = True
+    assert c.proc is not None
+    c.proc.send_signal(signal.SIGKILL)  # as the OOM killer would
+    c.proc.wait()
+    p.log = logging.getLogger("test-sandbox")
+    with caplog.at_level(logging.WARNING, logger="test-sandbox"):
+        assert await p.poll() == 128 + 9
+    assert (
+        f"kernel {km.kernel_id} (Test t-sig) stopped: out of memory (limit 512 MiB, peak 512 MiB)"
+        in caplog.text
+    )
+    assert p.last_exit is not None and p.last_exit["oom_killed"]
+    saved = prov.read_last_exit(str(km.kernel_id))
+    assert saved is not None and saved["reason"].startswith("out of memory")
+    # the reason survives a restart, and goes with the final shutdown
+    await km.restart_kernel(now=True)
+    assert prov.read_last_exit(str(km.kernel_id)) is not None
+    await km.shutdown_kernel(now=True)
+    assert prov.read_last_exit(str(km.kernel_id)) is None
+
+
+async def test_interrupt_sends_sigint(fake_runtime: Path, kernel_dir: Path, tmp_path: Path) -> None:
+    add_spec(kernel_dir, "t-int", {"image": "python3"})
+    km = AsyncKernelManager(kernel_name="t-int")
+    await km.start_kernel(cwd=str(tmp_path))
+    c = FakeContainer.created[-1]
+    await km.interrupt_kernel()
+    assert c.proc is not None
+    assert c.proc.wait(10) == -signal.SIGINT
+    assert not await km.is_alive()
+    await km.shutdown_kernel(now=True)
+
+
+async def test_provisioner_info_round_trip(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    add_spec(kernel_dir, "t-info", {"image": "python3"})
+    km = AsyncKernelManager(kernel_name="t-info")
+    await km.start_kernel(cwd=str(tmp_path))
+    try:
+        p = km.provisioner
+        assert isinstance(p, prov.SandboxProvisioner)
+        info = await p.get_provisioner_info()
+        assert info["container_id"] == p.container_id and info["kernel_id"] == km.kernel_id
+        other = prov.SandboxProvisioner(
+            kernel_id="x", kernel_spec=KernelSpec(display_name="x"), parent=None
+        )
+        await other.load_provisioner_info(info)
+        assert other.container_id == p.container_id and other.cwd == str(tmp_path)
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+def test_timings() -> None:
+    p = prov.SandboxProvisioner(
+        kernel_id="x", kernel_spec=KernelSpec(display_name="x"), parent=None
+    )
+    assert p.get_shutdown_wait_time(5.0) == 5.0
+    assert p.get_stable_start_time(10.0) >= 10.0
+    assert not p.has_process
