@@ -1,0 +1,777 @@
+"""Build an image from a recipe into the image store, one layer per step.
+
+Steps, in order (each present only when the recipe asks for it):
+
+1. ``base``    - ``mmdebstrap`` a Debian suite into a fresh directory (device nodes removed,
+   ``/proc /sys /dev /tmp`` kept as empty directories, host ``hostname``/``resolv.conf`` emptied);
+   or ``from``: the layers of another image of the store (built from its recipe if missing).
+2. ``pip``     - the host's pip installs pinned packages for the image's interpreter into an empty
+   layer directory (see :mod:`.pip_target`).
+3. ``files``   - files and directories from the recipe directory.
+4. ``compile`` - the image's own interpreter byte-compiles, run over the merged layers with an
+   overlay whose upper directory becomes the layer (see :func:`run_in_image`).
+5. ``config``  - environment, labels and the kernel start command; image config only, no layer.
+
+Each layer step has a cache key (parent layer digests, the step's normalised definition, the
+content hash of the files it adds); with ``use_cache`` a step whose key is in the store's layer
+cache is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import BuildError, ImageNotFound
+from ..paths import state_dir
+from . import pip_target
+from .recipe import (
+    DEFAULT_PATH,
+    LABEL_ARGV,
+    LABEL_DISPLAY_NAME,
+    LABEL_PY_ABI,
+    LABEL_PY_EXECUTABLE,
+    LABEL_PY_PLATFORMS,
+    LABEL_PY_SITE_DIR,
+    LABEL_PY_VERSION,
+    RECIPE_FILE,
+    PythonSpec,
+    Recipe,
+    hash_tree,
+    load_recipe,
+    step_cache_key,
+)
+from .store import Image, ImageConfig, ImageStore, Layer
+
+Progress = Callable[[str], None]
+
+MIRROR_ENV = "SANDBOX_KERNEL_DEBIAN_MIRROR"
+IMAGES_DIR_ENV = "SANDBOX_KERNEL_IMAGES_DIR"
+BASE_ENV = (("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8"), ("PYTHONDONTWRITEBYTECODE", "1"))
+_DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding recipes
+
+
+def recipe_dirs() -> list[Path]:
+    """Directories searched for recipes by name, in order: ``./images``, each directory of
+    ``$SANDBOX_KERNEL_IMAGES_DIR`` (``:``-separated), the recipes shipped with the package."""
+    dirs = [Path.cwd() / "images"]
+    env = os.environ.get(IMAGES_DIR_ENV, "")
+    dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    pkg = Path(__file__).resolve().parent.parent
+    dirs += [pkg / "recipes", pkg.parent / "images"]
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def available_recipes() -> dict[str, Path]:
+    """Recipe name -> recipe file, first directory in :func:`recipe_dirs` order wins."""
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        if not d.is_dir():
+            continue
+        for sub in sorted(d.iterdir()):
+            if (sub / RECIPE_FILE).is_file() and sub.name not in found:
+                found[sub.name] = sub / RECIPE_FILE
+    return found
+
+
+def find_recipe(name: str) -> Path:
+    """The recipe file for a bare recipe name; BuildError listing the available names."""
+    for d in recipe_dirs():
+        candidate = d / name / RECIPE_FILE
+        if candidate.is_file():
+            return candidate
+    avail = available_recipes()
+    names = ", ".join(sorted(avail)) or "(none)"
+    raise BuildError(
+        f"no recipe named {name!r}; searched {', '.join(str(d) for d in recipe_dirs())}; "
+        f"available recipes: {names}; give a recipe directory path, or set {IMAGES_DIR_ENV} "
+        "to a directory holding <name>/recipe.toml"
+    )
+
+
+def resolve_target(target: str) -> Path:
+    p = Path(target)
+    if p.is_dir() and (p / RECIPE_FILE).is_file():
+        return (p / RECIPE_FILE).resolve()
+    if p.is_file():
+        return p.resolve()
+    if "/" in target or target.endswith(".toml"):
+        raise BuildError(
+            f"recipe {target}: no such recipe file or directory (a recipe directory "
+            f"holds {RECIPE_FILE}); check the path"
+        )
+    return find_recipe(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host facts
+
+
+def host_debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
+    """The Debian mirror of the host's apt configuration (first non-security ``deb`` source);
+    ``$SANDBOX_KERNEL_DEBIAN_MIRROR`` overrides. Empty when none is found."""
+    env = os.environ.get(MIRROR_ENV, "").strip()
+    if env:
+        return env
+    uris: list[str] = []
+    files = [apt_dir / "sources.list"]
+    d = apt_dir / "sources.list.d"
+    if d.is_dir():
+        files += sorted(d.iterdir())
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if f.name.endswith(".list"):
+            for line in text.splitlines():
+                parts = line.split("#", 1)[0].split()
+                if parts and parts[0] == "deb":
+                    rest = [p for p in parts[1:] if not p.startswith("[")]
+                    if rest:
+                        uris.append(rest[0])
+        elif f.name.endswith(".sources"):
+            for stanza in re.split(r"\n\s*\n", text):
+                fields: dict[str, str] = {}
+                for line in stanza.splitlines():
+                    if line.startswith("#") or ":" not in line:
+                        continue
+                    k, _, v = line.partition(":")
+                    fields[k.strip().lower()] = v.strip()
+                if (
+                    "deb" in fields.get("types", "").split()
+                    and fields.get("enabled", "yes").lower() != "no"
+                ):
+                    uris += fields.get("uris", "").split()
+    for uri in uris:
+        if "security" not in uri and re.search(r"/debian/?$", uri):
+            return uri
+    return ""
+
+
+def _require_root(recipe: Recipe, step: str) -> None:
+    if os.geteuid() != 0:
+        raise BuildError(
+            f"recipe {recipe.path}: step {step}: image builds need root (mount "
+            "namespaces, overlayfs, chroot); run the build as root, e.g. with sudo"
+        )
+
+
+def _ensure_mmdebstrap(recipe: Recipe) -> str:
+    exe = shutil.which("mmdebstrap")
+    if exe:
+        return exe
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(
+            ["apt-get", "install", "-y", "mmdebstrap"],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        exe = shutil.which("mmdebstrap")
+        if exe:
+            return exe
+    raise BuildError(
+        f"recipe {recipe.path}: step base: mmdebstrap is not installed; install it "
+        "as root with `apt-get install mmdebstrap`"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the image's own programs (to be swapped for the sandboxed runtime later)
+
+
+def image_command(
+    lowerdirs: Sequence[str],
+    upper: Path,
+    work: Path,
+    merged: Path,
+    argv: Sequence[str],
+    *,
+    binds: Sequence[tuple[str, str]] = (),
+    cwd: str = "/",
+) -> list[str]:
+    """The host command that runs ``argv`` chrooted in an overlay of ``lowerdirs`` (top-most
+    first) with ``upper`` as the writable layer, in private mount and pid namespaces. ``/dev``
+    (a few device nodes bound from the host), ``/proc`` and ``/tmp`` are mounted over the
+    overlay and write nothing into ``upper``; ``binds`` are (host path, path inside) pairs."""
+    q = shlex.quote
+    m = str(merged)
+    opts = (
+        f"lowerdir={':'.join(lowerdirs)},upperdir={upper},workdir={work},"
+        "index=off,metacopy=off,redirect_dir=off"
+    )
+    lines = [
+        "set -e",
+        f"mount -t overlay overlay -o {q(opts)} {q(m)}",
+        f"mount -t tmpfs -o mode=0755,nosuid tmpfs {q(m + '/dev')}",
+        f"mkdir -m 1777 {q(m + '/dev/shm')}",
+        f"ln -s /proc/self/fd {q(m + '/dev/fd')}",
+    ]
+    for node in _DEV_NODES:
+        lines += [
+            f"touch {q(m + '/dev/' + node)}",
+            f"mount --bind /dev/{node} {q(m + '/dev/' + node)}",
+        ]
+    lines += [
+        f"mount -t proc -o nosuid,nodev,noexec proc {q(m + '/proc')}",
+        f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {q(m + '/tmp')}",
+    ]
+    for host, inside in binds:
+        tgt = m + "/" + inside.lstrip("/")
+        if Path(host).is_dir():
+            lines.append(f"mkdir -p {q(tgt)}")
+        else:
+            lines.append(f"mkdir -p {q(os.path.dirname(tgt))}; touch {q(tgt)}")
+        lines.append(f"mount --bind {q(host)} {q(tgt)}")
+    lines.append(f"cd {q(m)}")
+    lines.append(
+        f'exec chroot {q(m)} /bin/sh -c \'cd "$0" && exec "$@"\' {q(cwd)} '
+        + " ".join(q(a) for a in argv)
+    )
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--",
+        "/bin/sh",
+        "-c",
+        "\n".join(lines),
+    ]
+
+
+@contextlib.contextmanager
+def image_session(lowerdirs: Sequence[str], upper: Path) -> Iterator[tuple[Path, Path]]:
+    """Scratch ``work`` and ``merged`` directories next to ``upper`` (same file system)."""
+    scratch = Path(tempfile.mkdtemp(prefix=".run-", dir=upper.parent))
+    work, merged = scratch / "w", scratch / "m"
+    work.mkdir()
+    merged.mkdir()
+    try:
+        yield work, merged
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_in_image(
+    lowerdirs: Sequence[str],
+    upper: Path,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    binds: Sequence[tuple[str, str]] = (),
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with the image's own programs over ``lowerdirs`` (snapshot dirs, top-most
+    first); everything it writes lands in ``upper``. Returns the finished process (stdout and
+    stderr merged into ``stdout``)."""
+    upper.mkdir(parents=True, exist_ok=True)
+    with image_session(lowerdirs, upper) as (work, merged):
+        cmd = image_command(lowerdirs, upper, work, merged, argv, binds=binds)
+        proc = subprocess.run(
+            cmd,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    _clean_overlay_upper(upper)
+    return proc
+
+
+def _clean_overlay_upper(upper: Path) -> None:
+    """Drop overlayfs bookkeeping xattrs (all but ``opaque``) so the dir is plain layer content."""
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            try:
+                attrs = os.listxattr(name, follow_symlinks=False)
+            except OSError:
+                continue
+            for a in attrs:
+                if a.startswith("trusted.overlay.") and a != "trusted.overlay.opaque":
+                    with contextlib.suppress(OSError):
+                        os.removexattr(name, a, follow_symlinks=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+
+
+@dataclass(frozen=True)
+class _Step:
+    kind: str
+    what: str
+    definition: dict[str, Any]
+    content_hash: str = ""
+
+
+def _tree_size(root: Path) -> tuple[int, int]:
+    total = count = 0
+    for dirpath, _d, filenames in os.walk(root):
+        for fn in filenames:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, fn))
+                total += st.st_size
+                count += 1
+    return total, count
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _python_from_labels(labels: Mapping[str, str]) -> PythonSpec | None:
+    if LABEL_PY_EXECUTABLE not in labels or LABEL_PY_VERSION not in labels:
+        return None
+    return PythonSpec(
+        executable=labels[LABEL_PY_EXECUTABLE],
+        version=labels[LABEL_PY_VERSION],
+        abi=labels.get(LABEL_PY_ABI, ""),
+        platforms=tuple(p for p in labels.get(LABEL_PY_PLATFORMS, "").split(",") if p),
+        site_dir=labels.get(LABEL_PY_SITE_DIR, ""),
+    )
+
+
+def _base_definition(recipe: Recipe) -> dict[str, Any]:
+    assert recipe.base is not None
+    b = recipe.base
+    return {
+        "step": "base",
+        "suite": b.suite,
+        "variant": b.variant,
+        "include": sorted(b.include),
+        "exclude": list(b.exclude),
+        "keep": list(b.keep),
+        "components": list(b.components),
+    }
+
+
+def _compile_dirs(recipe: Recipe, py: PythonSpec) -> tuple[str, ...]:
+    if py.compile is not None:
+        return py.compile
+    dirs = [py.site_dir]
+    if recipe.base is not None:
+        dirs.insert(0, f"/usr/lib/python{py.version}")
+    return tuple(dirs)
+
+
+def plan_steps(recipe: Recipe, py: PythonSpec | None) -> list[_Step]:
+    """The layer steps of ``recipe`` with their normalised definitions (for cache keys)."""
+    steps: list[_Step] = []
+    if recipe.base is not None:
+        b = recipe.base
+        what = f"{b.suite} {b.variant} +{len(b.include)} packages"
+        steps.append(_Step("base", what, _base_definition(recipe)))
+    if recipe.pip is not None:
+        assert py is not None
+        p = recipe.pip
+        steps.append(
+            _Step(
+                "pip",
+                f"{len(p.packages)} packages",
+                {
+                    "step": "pip",
+                    "packages": sorted(p.packages),
+                    "from_source": sorted(p.from_source),
+                    "no_deps": p.no_deps,
+                    "ignore_requires_python": p.ignore_requires_python,
+                    "index_url": p.index_url,
+                    "extra_index_urls": list(p.extra_index_urls),
+                    "python": [py.version, py.abi, list(py.platforms), py.site_dir, py.executable],
+                },
+            )
+        )
+    if recipe.files:
+        hashes = [hash_tree(recipe.directory / f.src) for f in recipe.files]
+        content = step_cache_key((), {"files": hashes})
+        steps.append(
+            _Step(
+                "files",
+                f"{len(recipe.files)} entries",
+                {"step": "files", "files": [[f.src, f.dst, f.mode] for f in recipe.files]},
+                content,
+            )
+        )
+    if py is not None and py.compile_enabled and steps:
+        dirs = _compile_dirs(recipe, py)
+        steps.append(
+            _Step(
+                "compile",
+                f"python{py.version} {', '.join(dirs)}",
+                {
+                    "step": "compile",
+                    "python": py.executable,
+                    "version": py.version,
+                    "dirs": list(dirs),
+                },
+            )
+        )
+    return steps
+
+
+class _Builder:
+    def __init__(
+        self, store: ImageStore, use_cache: bool, progress: Progress | None, stack: tuple[str, ...]
+    ) -> None:
+        self.store = store
+        self.use_cache = use_cache
+        self.progress = progress
+        self.stack = stack
+        root = getattr(store, "root", None)
+        self.tmp_root = (Path(root) if root is not None else state_dir()) / "build-tmp"
+
+    def say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress(line)
+
+    # -- parent -------------------------------------------------------------------------------
+    def parent_image(self, recipe: Recipe) -> Image:
+        ref = recipe.from_image
+        try:
+            return self.store.resolve(ref)
+        except ImageNotFound:
+            pass
+        name = ref.split(":", 1)[0]
+        if name in self.stack:
+            raise BuildError(
+                f"recipe {recipe.path}: from = {ref!r} makes a cycle "
+                f"({' -> '.join([*self.stack, name])}); break it"
+            ) from None
+        try:
+            path = find_recipe(name)
+        except BuildError as exc:
+            raise BuildError(
+                f"recipe {recipe.path}: from = {ref!r}: no such image in the store "
+                f"and no recipe to build it ({exc}); build or import {ref!r} "
+                "first"
+            ) from None
+        self.say(f"from {ref}: not in the store, building it from {path}")
+        return _Builder(self.store, self.use_cache, self.progress, (*self.stack, name)).build(
+            load_recipe(path), None
+        )
+
+    # -- steps --------------------------------------------------------------------------------
+    def run_base(self, recipe: Recipe, out: Path) -> None:
+        assert recipe.base is not None
+        _require_root(recipe, "base")
+        b = recipe.base
+        mirror = b.mirror or host_debian_mirror()
+        if not mirror:
+            raise BuildError(
+                f"recipe {recipe.path}: step base: no Debian mirror found in the "
+                f"host's apt sources; set base.mirror in the recipe or "
+                f"{MIRROR_ENV}=http://deb.debian.org/debian"
+            )
+        exe = _ensure_mmdebstrap(recipe)
+        cmd = [
+            exe,
+            f"--variant={b.variant}",
+            "--mode=root",
+            "--quiet",
+            f"--components={','.join(b.components)}",
+        ]
+        if b.include:
+            cmd.append("--include=" + ",".join(b.include))
+        for glob in b.exclude:
+            cmd.append(f"--dpkgopt=path-exclude={glob}")
+        for glob in b.keep:
+            cmd.append(f"--dpkgopt=path-include={glob}")
+        cmd += [b.suite, str(out), mirror]
+        proc = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
+        )
+        if proc.returncode != 0:
+            tail = "\n    ".join(proc.stdout.strip().splitlines()[-15:])
+            raise BuildError(
+                f"recipe {recipe.path}: step base: mmdebstrap {b.suite} from {mirror} failed "
+                f"(exit {proc.returncode}):\n    {tail}\n  fix: check base.suite ({b.suite!r}) "
+                f"is served by the mirror and base.include ({', '.join(b.include)}) names "
+                f"packages of that suite; set base.mirror or {MIRROR_ENV} for another mirror"
+            )
+        # The runtime provides /dev, /proc, /sys, /tmp, /etc/hosts and /etc/resolv.conf.
+        for d in ("dev", "proc", "sys", "tmp"):
+            p = out / d
+            if p.is_dir() and not p.is_symlink():
+                for child in p.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                p.mkdir()
+            os.chmod(p, 0o1777 if d == "tmp" else 0o755)
+        for f in ("etc/hostname", "etc/resolv.conf"):
+            p = out / f
+            if p.is_symlink():
+                p.unlink()
+            p.write_text("")
+        for d in ("var/lib/apt/lists", "var/cache/apt/archives"):
+            for child in (out / d).glob("*"):
+                if child.is_file() and child.name != "lock":
+                    child.unlink()
+
+    def run_pip(self, recipe: Recipe, py: PythonSpec, lowers: Sequence[str], out: Path) -> str:
+        assert recipe.pip is not None
+        out.mkdir()
+        res = pip_target.install(recipe.pip, py, out, lowers, recipe.path)
+        notes = []
+        if res.dropped_same_as_parent:
+            notes.append(f"{len(res.dropped_same_as_parent)} already in parent")
+        if res.replaced_in_parent:
+            notes.append("replaced " + ", ".join(res.replaced_in_parent))
+        if res.removed_host_files:
+            notes.append(f"removed {len(res.removed_host_files)} host-built files")
+        return f"{len(res.installed)} installed" + ("; " + "; ".join(notes) if notes else "")
+
+    def run_files(self, recipe: Recipe, out: Path) -> None:
+        out.mkdir()
+        for i, f in enumerate(recipe.files):
+            src = recipe.directory / f.src
+            dst = out / f.dst.lstrip("/")
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if src.is_dir():
+                    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+                    for dirpath, _d, filenames in os.walk(dst):
+                        os.chmod(dirpath, 0o755)
+                        for fn in filenames:
+                            fp = os.path.join(dirpath, fn)
+                            if f.mode is not None and not os.path.islink(fp):
+                                os.chmod(fp, f.mode)
+                else:
+                    shutil.copy2(src, dst, follow_symlinks=True)
+                    os.chmod(
+                        dst,
+                        f.mode
+                        if f.mode is not None
+                        else (0o755 if os.access(src, os.X_OK) else 0o644),
+                    )
+            except OSError as exc:
+                raise BuildError(
+                    f"recipe {recipe.path}: step files[{i}]: copying {f.src} to "
+                    f"{f.dst} failed: {exc}; check the source is readable"
+                ) from exc
+            for p in [dst, *dst.parents]:
+                if p == out:
+                    break
+                if p != dst:
+                    os.chmod(p, 0o755)
+
+    def run_compile(self, recipe: Recipe, py: PythonSpec, lowers: Sequence[str], out: Path) -> str:
+        _require_root(recipe, "compile")
+        dirs = [
+            d
+            for d in _compile_dirs(recipe, py)
+            if any((Path(low) / d.lstrip("/")).is_dir() for low in lowers)
+        ]
+        out.mkdir()
+        if not dirs:
+            return "nothing to compile"
+        argv = [py.executable, "-m", "compileall", "-q"]
+        if py.major >= 3:
+            argv += ["-j0"]
+        argv += dirs
+        env = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
+        try:
+            proc = run_in_image(lowers, out, argv, env, timeout=1800)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BuildError(
+                f"recipe {recipe.path}: step compile: could not run "
+                f"{py.executable} in the image: {exc}; the build needs root and "
+                "util-linux unshare"
+            ) from exc
+        errors = proc.stdout.count("*** Error compiling") + proc.stdout.count("SyntaxError")
+        if proc.returncode not in (0, 1) or (proc.returncode == 1 and errors == 0):
+            tail = "\n    ".join(proc.stdout.strip().splitlines()[-15:])
+            raise BuildError(
+                f"recipe {recipe.path}: step compile: `{' '.join(argv)}` in the "
+                f"image failed (exit {proc.returncode}):\n    {tail}\n  fix: check "
+                f"python.executable ({py.executable!r}) exists in the image and "
+                f"python.compile lists directories of the image"
+            )
+        files = sum(1 for _ in out.rglob("*.pyc"))
+        note = f"{files} .pyc"
+        if errors:
+            note += f", {proc.stdout.count('*** Error compiling')} files skipped (syntax)"
+        return note
+
+    # -- whole build --------------------------------------------------------------------------
+    def build(self, recipe: Recipe, tag: str | None) -> Image:
+        parent: Image | None = None
+        parent_cfg = ImageConfig()
+        if recipe.from_image:
+            parent = self.parent_image(recipe)
+            parent_cfg = parent.config
+        parent_labels = dict(parent_cfg.labels)
+        py = recipe.python or _python_from_labels(parent_labels)
+        if recipe.python is None and py is not None and recipe.from_image:
+            py = replace(py, compile=None, compile_enabled=True)
+        if recipe.pip is not None and py is None:
+            raise BuildError(
+                f"recipe {recipe.path}: pip: the image {recipe.from_image!r} does not "
+                "say which Python it has; add a [python] section (executable, "
+                "version, site_dir)"
+            )
+        if recipe.pip is not None and py is not None and (not py.site_dir or not py.abi):
+            raise BuildError(
+                f"recipe {recipe.path}: python: site_dir and abi are needed to "
+                "install pip packages; add them to the [python] section"
+            )
+
+        steps = plan_steps(recipe, py)
+        total = len(steps) + 1
+        layers: list[Layer] = list(parent.layers) if parent is not None else []
+        history: list[str] = (
+            [f"from {parent.name}:{parent.tag}" for _ in layers] if parent is not None else []
+        )
+        self.tmp_root.mkdir(parents=True, exist_ok=True)
+        for n, step in enumerate(steps, 1):
+            t0 = time.monotonic()
+            chain = tuple(layer.digest for layer in layers)
+            key = step_cache_key(chain, step.definition, step.content_hash)
+            cached = self.store.layer_cache_get(key) if self.use_cache else None
+            if cached is not None:
+                layers.append(cached)
+                history.append(f"{step.kind}: {step.what}")
+                self.say(
+                    f"[{n}/{total}] {step.kind}: {step.what}, {_mb(cached.size)}, "
+                    f"{time.monotonic() - t0:.1f} s, cached"
+                )
+                continue
+            scratch = Path(
+                tempfile.mkdtemp(prefix=f"{recipe.name}-{step.kind}-", dir=self.tmp_root)
+            )
+            out = scratch / "layer"
+            try:
+                lowers = [layer.snapshot.as_posix() for layer in reversed(layers)]
+                note = ""
+                if step.kind == "base":
+                    self.run_base(recipe, out)
+                elif step.kind == "pip":
+                    assert py is not None
+                    note = self.run_pip(recipe, py, lowers, out)
+                elif step.kind == "files":
+                    self.run_files(recipe, out)
+                elif step.kind == "compile":
+                    assert py is not None
+                    note = self.run_compile(recipe, py, lowers, out)
+                size, count = _tree_size(out)
+                layer = self.store.add_layer_from_dir(out)
+                self.store.layer_cache_put(key, layer)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            layers.append(layer)
+            history.append(f"{step.kind}: {step.what}" + (f" ({note})" if note else ""))
+            self.say(
+                f"[{n}/{total}] {step.kind}: {step.what}"
+                + (f" ({note})" if note else "")
+                + f", {count} files, {_mb(size)}, {time.monotonic() - t0:.1f} s"
+            )
+
+        if not layers:
+            raise BuildError(
+                f"recipe {recipe.path}: the image has no layers; add a [base] "
+                'section or from = "<image>"'
+            )
+        # config
+        t0 = time.monotonic()
+        env = dict(parent_cfg.env) if parent is not None else dict(BASE_ENV)
+        env.update(recipe.env)
+        labels = dict(parent_labels)
+        if recipe.python is not None:
+            labels.update(recipe.python.labels())
+        if recipe.kernel is not None:
+            labels.update(recipe.kernel.labels())
+        labels.update(recipe.labels)
+        if recipe.description:
+            labels["org.opencontainers.image.description"] = recipe.description
+        labels["org.opencontainers.image.title"] = recipe.name
+        history.append(
+            f"config: {len(env)} env, {len(labels)} labels"
+            + (
+                f", kernel {' '.join(json.loads(labels[LABEL_ARGV]))}"
+                if LABEL_ARGV in labels
+                else ""
+            )
+        )
+        cmd = parent_cfg.cmd or ((py.executable,) if py is not None else ())
+        config = ImageConfig(
+            env=tuple(sorted(env.items())),
+            entrypoint=parent_cfg.entrypoint,
+            cmd=cmd,
+            working_dir=parent_cfg.working_dir or "/",
+            user=parent_cfg.user,
+            labels=tuple(sorted(labels.items())),
+        )
+        image = self.store.write_image(
+            recipe.name, tag or recipe.tag, layers, config, history=history
+        )
+        kern = f", kernel {labels.get(LABEL_DISPLAY_NAME, '')!r}" if LABEL_ARGV in labels else ""
+        self.say(
+            f"[{total}/{total}] config: {len(env)} env, {len(labels)} labels{kern}, "
+            f"{time.monotonic() - t0:.1f} s -> {image.name}:{image.tag} "
+            f"{image.digest[:19]} {_mb(image.size)}"
+        )
+        return image
+
+
+def build_image(
+    target: str,
+    store: ImageStore,
+    *,
+    tag: str | None = None,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> Image:
+    """Build the recipe ``target`` (a recipe directory, a recipe file or a bare recipe name, see
+    :func:`find_recipe`) into ``store`` and return the image. ``progress`` gets one line per
+    step: number, what, size and seconds ("cached" when the layer was reused)."""
+    path = resolve_target(target)
+    recipe = load_recipe(path)
+    return _Builder(store, use_cache, progress, (recipe.name,)).build(recipe, tag)
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - thin dev entry
+    """``python -m sandbox_kernel.images.build RECIPE [--no-cache]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    use_cache = "--no-cache" not in args
+    targets = [a for a in args if not a.startswith("--")]
+    store = ImageStore()
+    for t in targets:
+        img = build_image(t, store, use_cache=use_cache, progress=print)
+        print(
+            json.dumps({"name": img.name, "tag": img.tag, "digest": img.digest, "size": img.size})
+        )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
