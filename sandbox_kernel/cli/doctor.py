@@ -1,0 +1,224 @@
+"""``sandbox-kernel doctor``: is this host ready to run sandbox kernels? One line per check."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SandboxError
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+NAMESPACES = ("mnt", "pid", "uts", "ipc", "net", "cgroup")
+IMAGES = ("python2.7", "python3")
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str
+    what: str
+    fix: str = ""
+
+    def line(self) -> str:
+        tail = f"  — {self.fix}" if self.fix else ""
+        return f"{self.status:<4}  {self.what}{tail}"
+
+
+def check_root() -> list[Check]:
+    if os.geteuid() == 0:
+        return [Check(OK, "running as root (namespaces, mounts and cgroups are available)")]
+    return [
+        Check(
+            FAIL,
+            f"running as uid {os.geteuid()}, not root",
+            "run Jupyter (and this command) as root; rootless mode is not available yet",
+        )
+    ]
+
+
+def check_cgroups() -> list[Check]:
+    from ..cgroups import get_manager
+
+    try:
+        manager = get_manager()
+    except SandboxError as exc:
+        return [
+            Check(
+                FAIL, f"cgroups: {exc}", "mount cgroup v2 at /sys/fs/cgroup or the v1 controllers"
+            )
+        ]
+    out = [Check(OK, f"cgroup mode {manager.mode.value} (v{manager.version})")]
+    try:
+        ctrls = manager.controllers()
+    except SandboxError as exc:
+        return [*out, Check(FAIL, f"cgroup controllers: {exc}", "see docs/runtime-protocol.md")]
+    for name in ("memory", "cpu", "pids"):
+        if ctrls.get(name):
+            out.append(Check(OK, f"cgroup controller {name} usable"))
+        else:
+            fix = (
+                f"enable it: echo +{name} > <parent cgroup>/cgroup.subtree_control"
+                if manager.version == 2
+                else f"mount the v1 {name} hierarchy under /sys/fs/cgroup/{name}"
+            )
+            out.append(
+                Check(
+                    FAIL, f"cgroup controller {name} not usable (its cap cannot be enforced)", fix
+                )
+            )
+    return out
+
+
+def check_overlay() -> list[Check]:
+    try:
+        with open("/proc/filesystems") as f:
+            fs = {line.split()[-1] for line in f if line.strip()}
+    except OSError as exc:
+        return [Check(FAIL, f"cannot read /proc/filesystems: {exc.strerror}", "mount /proc")]
+    if "overlay" in fs:
+        return [Check(OK, "overlayfs available")]
+    return [Check(FAIL, "overlayfs not available (images are overlay layers)", "modprobe overlay")]
+
+
+def check_namespaces() -> list[Check]:
+    out = []
+    missing = [ns for ns in NAMESPACES if not os.path.exists(f"/proc/self/ns/{ns}")]
+    if missing:
+        out.append(
+            Check(
+                FAIL,
+                f"namespaces missing: {', '.join(missing)}",
+                "use a kernel built with CONFIG_*_NS",
+            )
+        )
+    else:
+        out.append(Check(OK, f"namespaces available: {', '.join(NAMESPACES)}"))
+    for ns in ("mnt", "pid", "uts", "ipc", "net", "cgroup"):
+        path = f"/proc/sys/user/max_{ns}_namespaces"
+        try:
+            with open(path) as f:
+                value = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if value == 0:
+            out.append(
+                Check(
+                    FAIL,
+                    f"user.max_{ns}_namespaces = 0",
+                    f"sysctl -w user.max_{ns}_namespaces=10000",
+                )
+            )
+        elif value < 64:
+            out.append(
+                Check(
+                    WARN,
+                    f"user.max_{ns}_namespaces = {value} (few kernels at once)",
+                    f"sysctl -w user.max_{ns}_namespaces=10000",
+                )
+            )
+    return out
+
+
+def check_executor() -> list[Check]:
+    from ..native import runtime_binary
+
+    try:
+        path = runtime_binary()
+    except SandboxError as exc:
+        return [Check(FAIL, "executor sk-runtime missing", str(exc).split("; ", 1)[-1])]
+    return [Check(OK, f"executor {path}")]
+
+
+def check_images() -> list[Check]:
+    try:
+        from ..images.store import ImageStore
+
+        store = ImageStore()
+    except Exception as exc:  # a broken store must not stop the other checks
+        return [
+            Check(FAIL, f"image store: {exc}", "check SANDBOX_KERNEL_STATE_DIR and its permissions")
+        ]
+    out = []
+    for name in IMAGES:
+        try:
+            image = store.resolve(name)
+        except Exception:
+            out.append(
+                Check(
+                    WARN,
+                    f"image {name} not built",
+                    f"sandbox-kernel image build {name} (about a minute)",
+                )
+            )
+        else:
+            out.append(Check(OK, f"image {image.ref} {image.digest[:19]}"))
+    return out
+
+
+def check_kernelspecs() -> list[Check]:
+    from .. import kernelspecs
+
+    out = []
+    found = {k.name: k for k in kernelspecs.installed()}
+    for name in kernelspecs.KERNELSPEC_NAMES:
+        if name in found:
+            out.append(Check(OK, f"kernelspec {name} in {found[name].resource_dir}"))
+        else:
+            out.append(
+                Check(
+                    WARN,
+                    f"kernelspec {name} not installed",
+                    "sandbox-kernel kernelspec install --sys-prefix",
+                )
+            )
+    if kernelspecs.provisioner_registered():
+        out.append(Check(OK, "jupyter_client finds the sandbox-provisioner entry point"))
+    else:
+        out.append(
+            Check(
+                FAIL,
+                "the sandbox-provisioner entry point is not installed in this Python",
+                "pip install sandbox-kernel (in a checkout: pip install -e .)",
+            )
+        )
+    return out
+
+
+CHECKS: tuple[Callable[[], list[Check]], ...] = (
+    check_root,
+    check_cgroups,
+    check_overlay,
+    check_namespaces,
+    check_executor,
+    check_images,
+    check_kernelspecs,
+)
+
+
+def run_checks() -> list[Check]:
+    results: list[Check] = []
+    for fn in CHECKS:
+        try:
+            results.extend(fn())
+        except Exception as exc:  # one broken probe is a FAIL line, not a traceback
+            results.append(
+                Check(FAIL, f"{fn.__name__.removeprefix('check_')}: {exc}", "report this")
+            )
+    return results
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="check that this host can run sandbox kernels")
+    p.set_defaults(func=doctor_command)
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    results = run_checks()
+    for r in results:
+        print(r.line())
+    fails = sum(r.status == FAIL for r in results)
+    warns = sum(r.status == WARN for r in results)
+    print(f"{fails} problem(s), {warns} warning(s)" if fails or warns else "all good")
+    return 1 if fails else 0
