@@ -95,6 +95,13 @@ mount -t devtmpfs devtmpfs $R/dev || fail "mount devtmpfs"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev shm $R/dev/shm
+# devtmpfs lacks the symlinks udev/systemd would add (bash process substitution needs /dev/fd)
+ln -sf /proc/self/fd $R/dev/fd
+ln -sf /proc/self/fd/0 $R/dev/stdin
+ln -sf /proc/self/fd/1 $R/dev/stdout
+ln -sf /proc/self/fd/2 $R/dev/stderr
+ln -sf /proc/kcore $R/dev/core
+rm -f $R/dev/ptmx && ln -s pts/ptmx $R/dev/ptmx
 mount -t tmpfs -o mode=1777,nosuid,nodev tmp $R/tmp || fail "mount /tmp"
 mount -t tmpfs -o mode=755,nosuid,nodev run $R/run || fail "mount /run"
 # Same options systemd uses on a unified host.

@@ -3,6 +3,9 @@
 #
 #   tools/vm/run-tests.sh [PYTEST ARGS...]           in a QEMU guest (TCG), from any host
 #   tools/vm/run-tests.sh --native [PYTEST ARGS...]  directly, on a host that is already pure v2
+#   tools/vm/run-tests.sh --exec CMD [ARGS...]       run CMD in the guest instead of pytest (debugging;
+#                                                    cwd = repo, same environment as the tests)
+#   tools/vm/run-tests.sh --print-params [...]       print the guest's params.sh and exit (no boot)
 #
 # Default PYTEST ARGS: tests/  (the selection is always narrowed by -m cgroupv2).
 # Exit status: pytest's, or 124 if the guest did not finish in time, 125 if it did not report.
@@ -17,7 +20,7 @@
 #   SANDBOX_KERNEL_VM_CGROUP   cgroup the tests run in (default /; e.g. /system.slice/ci.service
 #                              puts them in a leaf with controllers enabled above it, as systemd does)
 #   SANDBOX_KERNEL_VM_RESULTS  host dir for status, output.log, junit.xml, console.log, dmesg.log
-#                              (default: a fresh dir under $SANDBOX_KERNEL_VM_DIR/runs, 5 newest kept)
+#                              (default: a fresh dir under $SANDBOX_KERNEL_VM_DIR/runs, kept a day)
 #   SANDBOX_KERNEL_VM_VERBOSE  1 = stream the guest console (and kernel messages) live
 # Variables named SANDBOX_KERNEL_* (other than SANDBOX_KERNEL_VM_*) and PYTEST_ADDOPTS are passed
 # to the tests; SANDBOX_KERNEL_CGROUP_MODE=v2 and SANDBOX_KERNEL_IN_VM=1 are always set in the guest.
@@ -37,10 +40,22 @@ GUEST_JUNIT=/tmp/sk-vm-junit.xml
 log() { printf 'vm-tests: %s\n' "$*" >&2; }
 die() { printf 'vm-tests: error: %s\n' "$1" >&2; exit "${2:-125}"; }
 
-NATIVE=0
-if [ "${1:-}" = --native ]; then NATIVE=1; shift; fi
-case "${1:-}" in -h|--help) sed -n '2,25p' "$0"; exit 0 ;; esac
-[ $# -gt 0 ] || set -- tests/
+NATIVE=0 EXEC=0 PRINT=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --native) NATIVE=1; shift ;;
+        --exec) EXEC=1; shift; break ;;
+        --print-params) PRINT=1; shift ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) break ;;
+    esac
+done
+if [ "$EXEC" = 1 ]; then
+    [ $# -gt 0 ] || die "--exec needs a command" 2
+    [ "$NATIVE" = 0 ] || die "--exec and --native do not mix" 2
+elif [ $# -eq 0 ]; then
+    set -- tests/
+fi
 
 PY="$VENV/bin/python"
 [ -x "$PY" ] || die "no python in the virtualenv $VENV (set SANDBOX_KERNEL_VM_VENV)" 2
@@ -67,6 +82,26 @@ if [ "$NATIVE" = 1 ]; then
     exec env "${ENVS[@]}" "$PY" "${PYTEST[@]}" "$@"
 fi
 
+mapfile -t ENVS < <(test_env)
+q() { printf "'%s'" "${1//\'/\'\\\'\'}"; }   # POSIX single-quoting for the guest's busybox sh
+write_params() {
+    local cmd a
+    if [ "$EXEC" = 1 ]; then cmd=("$@"); else cmd=("$PY" "${PYTEST[@]}" "--junitxml=$GUEST_JUNIT" "$@"); fi
+    echo "# written by tools/vm/run-tests.sh"
+    echo "SK_CGROUP=$(q "$CGROUP")"
+    echo "SK_COLLECT=$(q "$GUEST_JUNIT")"
+    printf 'set --'
+    # The guest's PID 1 runs: env -i -C <repo> VARS... python -m pytest ...
+    for a in /usr/bin/env -i -C "$REPO" \
+            PATH="$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+            HOME=/root LANG=C.UTF-8 TERM=dumb COLUMNS=120 TMPDIR=/tmp VIRTUAL_ENV="$VENV" \
+            SANDBOX_KERNEL_IN_VM=1 "${ENVS[@]}" "${cmd[@]}"; do
+        printf ' %s' "$(q "$a")"
+    done
+    echo
+}
+if [ "$PRINT" = 1 ]; then write_params "$@"; exit 0; fi
+
 # ---- QEMU guest -------------------------------------------------------------------------------
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found: run tools/vm/setup.sh" 2
 [ -s "$VM_DIR/current" ] || die "no guest kernel in $VM_DIR: run tools/vm/setup.sh" 2
@@ -83,29 +118,13 @@ if [ -n "${SANDBOX_KERNEL_VM_RESULTS:-}" ]; then
     rm -f "$RESULTS"/{status,status.tmp,output.log,junit.xml,console.log,dmesg.log,guest-error,params.sh}
 else
     mkdir -p "$VM_DIR/runs"
-    # keep the 5 newest earlier runs
-    { ls -1dt "$VM_DIR"/runs/run.* 2>/dev/null || true; } | tail -n +5 | xargs -r rm -rf
+    # drop runs older than a day (never a recent one: another run may be using it)
+    find "$VM_DIR/runs" -mindepth 1 -maxdepth 1 -name 'run.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
     RESULTS="$(mktemp -d "$VM_DIR/runs/run.XXXXXX")"
 fi
 RESULTS="$(cd "$RESULTS" && pwd)"
+write_params "$@" > "$RESULTS/params.sh"
 
-mapfile -t ENVS < <(test_env)
-q() { printf "'%s'" "${1//\'/\'\\\'\'}"; }   # POSIX single-quoting for the guest's busybox sh
-{
-    echo "# written by tools/vm/run-tests.sh"
-    echo "SK_CGROUP=$(q "$CGROUP")"
-    echo "SK_COLLECT=$(q "$GUEST_JUNIT")"
-    printf 'set --'
-    # The guest runs: chroot <root> env -i -C <repo> VARS... python -m pytest ...
-    for a in /usr/bin/env -i -C "$REPO" \
-            PATH="$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-            HOME=/root LANG=C.UTF-8 TERM=dumb COLUMNS=120 TMPDIR=/tmp VIRTUAL_ENV="$VENV" \
-            SANDBOX_KERNEL_IN_VM=1 "${ENVS[@]}" \
-            "$PY" "${PYTEST[@]}" "--junitxml=$GUEST_JUNIT" "$@"; do
-        printf ' %s' "$(q "$a")"
-    done
-    echo
-} > "$RESULTS/params.sh"
 
 APPEND="console=ttyS0 quiet loglevel=3 panic=-1 cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1"
 APPEND+=" random.trust_cpu=on mitigations=off tsc=reliable"
@@ -124,7 +143,8 @@ QEMU=(qemu-system-x86_64 -name sk-vm -nodefaults -no-user-config -no-reboot
       -fsdev "local,id=results,path=$RESULTS,security_model=none,multidevs=remap"
       -device virtio-9p-pci,fsdev=results,mount_tag=sk-results)
 
-log "booting $KVER (TCG, ${CPUS} vCPUs, ${MEMORY} MiB, timeout ${TIMEOUT}s): pytest -m cgroupv2 $*"
+if [ "$EXEC" = 1 ]; then what="$*"; else what="pytest -m cgroupv2 $*"; fi
+log "booting $KVER (${ACCEL%%,*}, ${CPUS} vCPUs, ${MEMORY} MiB, timeout ${TIMEOUT}s): $what"
 log "results: $RESULTS"
 start=$SECONDS
 set +e
@@ -155,6 +175,6 @@ fi
 status="$(cat "$RESULTS/status")"
 cat "$RESULTS/output.log"
 [ -e "$RESULTS/sk-vm-junit.xml" ] && mv "$RESULTS/sk-vm-junit.xml" "$RESULTS/junit.xml"
-log "guest pytest exited with status $status after ${elapsed}s; results in $RESULTS"
+log "guest ${what%% *} exited with status $status after ${elapsed}s; results in $RESULTS"
 case "$status" in ''|*[!0-9]*) die "unreadable status '$status'" 125 ;; esac
 exit "$status"
