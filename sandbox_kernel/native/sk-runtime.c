@@ -1127,7 +1127,10 @@ static void do_rootfs(struct rec *r)
     snprintf(g_root_path, sizeof g_root_path, "%s", root);
 
     /* The merged root directory takes its attributes from the upper dir: give a
-     * fresh upper dir the owner and mode of the top-most image layer. */
+     * fresh upper dir the mode of the top-most image layer. Its owner stays
+     * init's uid (root of the container): copying the layer's owner could hand
+     * "/" to an unprivileged uid when the layer's owner is unmapped in a user
+     * namespace (it then reads as the overflow uid, usually 65534). */
     if (g_upper_created) {
         char top[PATH_MAX];
         struct stat st;
@@ -1136,7 +1139,7 @@ static void do_rootfs(struct rec *r)
             memcpy(top, lowers, n);
             top[n] = '\0';
             if (stat(top, &st) == 0) {
-                if (chown(upper, st.st_uid, st.st_gid) < 0 || chmod(upper, st.st_mode & 07777) < 0)
+                if (chmod(upper, st.st_mode & 07777) < 0)
                     die(EXIT_SETUP, errno, stage, "set attributes of %s: %s", upper, strerror(errno));
             }
         }
@@ -1597,6 +1600,16 @@ static void init_process(int p2c_r, int c2p_w)
     struct pollfd pf = { .fd = p2c_r, .events = POLLIN };
     if (poll(&pf, 1, 0) > 0 && (pf.revents & (POLLHUP | POLLERR)))
         _exit(EXIT_SETUP);
+
+    /* In a new user namespace our credentials are still the host's (unmapped
+     * there): become the namespace's root now that the maps exist. */
+    if (P.ns_user) {
+        if (P.gidmap_len && setgroups(0, NULL) < 0)
+            die(EXIT_SETUP, errno, "user namespace", "setgroups: %s", strerror(errno));
+        if ((P.gidmap_len && setresgid(0, 0, 0) < 0) || (P.uidmap_len && setresuid(0, 0, 0) < 0))
+            die(EXIT_SETUP, errno, "user namespace", "become root of the namespace: %s",
+                strerror(errno));
+    }
 
     /* nothing of the owner's fds is needed here */
     int keep[2] = { p2c_r, c2p_w };

@@ -718,3 +718,105 @@ def test_supervisor_rss_is_small(tmp_path: Path) -> None:
         assert res.rc == 128 + signal.SIGTERM
     finally:
         run.kill()
+
+
+def test_init_killed_reports_its_signal(tmp_path: Path) -> None:
+    marker = f"{time.monotonic_ns() % 10**9}.375"
+    run = Running(host_like_plan(tmp_path, ["sleep", marker]).write(tmp_path / "plan"))
+    try:
+        init_pid = int(run.wait_for("child")[0])
+        run.wait_for("exec")
+        pids = wait_marker(marker)
+        os.kill(init_pid, signal.SIGKILL)
+        res = run.finish()
+        assert res.line("exit") == ["signal", "9"], res
+        assert res.rc == 137
+        assert wait_gone(pids) == []
+    finally:
+        run.kill()
+
+
+def test_user_namespace_maps() -> None:
+    import tempfile
+    # pytest's tmp dirs are 0700: the mapped root (host uid 200000) could not reach them
+    base = Path(tempfile.mkdtemp(prefix="sk-userns-"))
+    try:
+        base.chmod(0o755)
+        plan = host_like_plan(base, ["sh", "-c", "id -u; cat /proc/self/uid_map; stat -c %u /"],
+                              namespaces="mount,pid,uts,ipc,net,user")
+        plan.records.insert(2, "uidmap 0 200000 65536")
+        plan.records.insert(3, "gidmap 0 200000 65536")
+        r = run_plan(plan, base)
+        assert r.rc == 0, r
+        lines = r.stdout.split()
+        assert lines[0] == "65534"
+        assert lines[1:4] == ["0", "200000", "65536"]
+        assert lines[4] == "0"          # the root directory belongs to the container's root
+        assert os.listdir(base / "scratch") == []
+    finally:
+        shutil.rmtree(base)
+
+
+def test_cgroup_is_joined_before_unsharing(tmp_path: Path) -> None:
+    base = Path("/sys/fs/cgroup/pids")
+    if not (base / "cgroup.procs").exists():
+        pytest.skip("no cgroup v1 pids hierarchy")
+    cg = base / f"sk-exec-test-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "pids.max").write_text("32")
+        plan = host_like_plan(tmp_path, ["sh", "-c", "grep pids /proc/self/cgroup"])
+        plan.records.insert(1, f"cgroup {enc(str(cg))}")
+        r = run_plan(plan, tmp_path)
+        assert r.rc == 0, r
+        assert r.stdout.strip().endswith(f":/{cg.name}"), r.stdout
+        plan = host_like_plan(tmp_path, ["sh", "-c", "grep pids /proc/self/cgroup"],
+                              namespaces="mount,pid,uts,ipc,net,cgroup")
+        plan.records.insert(1, f"cgroup {enc(str(cg))}")
+        r = run_plan(plan, tmp_path)
+        assert r.rc == 0, r
+        assert r.stdout.strip().endswith(":/"), r.stdout
+    finally:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def _seccomp_filter_denying_mkdir() -> bytes:
+    import struct
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06
+    prog = [
+        (ld_abs, 0, 0, 4),               # arch
+        (jeq, 0, 4, 0xC000003E),         # not x86_64: allow everything
+        (ld_abs, 0, 0, 0),               # syscall number
+        (jeq, 1, 0, 83),                 # mkdir
+        (jeq, 0, 1, 258),                # mkdirat
+        (ret, 0, 0, 0x00050000 | 1),     # SECCOMP_RET_ERRNO | EPERM
+        (ret, 0, 0, 0x7FFF0000),         # SECCOMP_RET_ALLOW
+    ]
+    return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+
+
+def test_seccomp_filter_is_loaded_last(tmp_path: Path) -> None:
+    if os.uname().machine != "x86_64":
+        pytest.skip("filter written for x86_64")
+    filt = tmp_path / "filter.bpf"
+    filt.write_bytes(_seccomp_filter_denying_mkdir())
+    plan = host_like_plan(tmp_path, ["sh", "-c", "mkdir /tmp/d 2>&1; touch /tmp/f && echo touched;"
+                                                 " grep Seccomp: /proc/self/status"])
+    plan.records.insert(1, f"seccomp {enc(str(filt))}")
+    r = run_plan(plan, tmp_path)
+    assert r.rc == 0, r
+    assert "Operation not permitted" in r.stdout
+    assert "touched" in r.stdout
+    assert "Seccomp:\t2" in r.stdout
+    filt.write_bytes(b"\0" * 12)
+    r = run_plan(plan, tmp_path)
+    assert r.rc == 125 and r.line("error") is not None, r
+    assert r.line("child") is None
