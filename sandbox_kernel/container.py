@@ -291,20 +291,28 @@ class Container:
 
     def _await_exec(self, deadline: float) -> None:
         assert self._status is not None
+        # A failure while configuring the network may be a consequence of a setup error the
+        # executor reports next (init gone): keep reading, and prefer the executor's message.
+        pending: BaseException | None = None
         while True:
             try:
                 fields = self._status.read_line(deadline)
             except TimeoutError:
                 raise RuntimeStartError(f"container {self.id}: setup did not finish in time", stage="timeout") from None
             if fields is None:
+                if pending is not None:
+                    raise pending
                 code = self.proc.wait() if self.proc else -1
                 raise RuntimeStartError(f"container {self.id}: the executor exited ({code}) before the command started")
             kind = fields[0]
             if kind == "child":
                 self.init_pid = int(fields[1])
             elif kind == "netns":
-                netns.configure_none(int(fields[1]))
-                os.write(self._control_fd, b"go\n")
+                try:
+                    netns.configure_none(int(fields[1]))
+                    os.write(self._control_fd, b"go\n")
+                except (OSError, RuntimeStartError) as exc:
+                    pending = exc
             elif kind == "exec":
                 self.setup_us = int(fields[1])
                 return

@@ -119,7 +119,8 @@ print(json.dumps(dict(
     tmp=fill_tmp(), cwd=os.getcwd(), umask=os.umask(0),
     fds=sorted(int(x) for x in os.listdir('/proc/self/fd')),
     sid=os.getsid(0) == os.getpid(),
-    kcore=try_write('/proc/sysrq-trigger'),
+    proc_sys=try_write('/proc/sys/kernel/hostname'),
+    keys=open('/proc/keys').read(),
     cgroup=open('/proc/self/cgroup').read().strip().splitlines(),
 )))
 """
@@ -145,7 +146,8 @@ def test_isolation_facts_from_inside():
     assert err == "ENOSPC" and mib_written <= 4, "/tmp is capped at its size"
     assert facts["cwd"] == "/" and facts["umask"] == 0o022 and facts["sid"]
     assert facts["fds"] == [0, 1, 2, 3] or facts["fds"] == [0, 1, 2], "no fd of the host leaks in"
-    assert facts["kcore"] in ("EROFS", "EACCES")
+    assert facts["proc_sys"] == "EROFS", "/proc/sys is read-only"
+    assert facts["keys"] == "", "/proc/keys is masked"
     assert all(line.endswith(":/") for line in facts["cgroup"]), "cgroup namespace roots at the container"
 
 
@@ -198,7 +200,8 @@ def test_cpu_cap_measured_by_cgroup_accounting():
         wall = time.monotonic() - t0
         used = c.stats().cpu_usage_us / 1e6
     ratio = used / wall
-    assert 0.3 < ratio < 0.7, f"used {used:.2f} s CPU in {wall:.2f} s wall"
+    # The cap is the upper bound; on a loaded 2-core machine the loop may get less than its quota.
+    assert 0.05 < ratio < 0.62, f"used {used:.2f} s CPU in {wall:.2f} s wall (cap 0.5)"
 
 
 def test_cpu_cap_can_be_deferred_then_applied():
@@ -265,12 +268,17 @@ def test_signals_are_forwarded_to_the_main_process(tmp_path):
 def test_orphans_are_reaped():
     code = """
     import os, time
+    kids = []
     for _ in range(5):
-        if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
             if os.fork() == 0:
-                os._exit(0)   # grandchild exits: orphan, reparented to PID 1
-            time.sleep(0.05)
+                time.sleep(0.1)
+                os._exit(0)   # grandchild outlives its parent: an orphan, reparented to PID 1
             os._exit(0)
+        kids.append(pid)
+    for pid in kids:
+        os.waitpid(pid, 0)    # main reaps its own children; init must reap the orphans
     time.sleep(0.5)
     zombies = [p for p in os.listdir('/proc') if p.isdigit() and
                open('/proc/%s/stat' % p).read().rsplit(')', 1)[1].split()[0] == 'Z']
@@ -309,26 +317,43 @@ def test_owner_gone_means_container_gone():
         assert _wait_empty(c.cgroup)
 
 
-def test_symlink_in_image_cannot_redirect_a_mount_to_the_host(tmp_path):
-    sentinel = tmp_path / "host-sentinel"
-    sentinel.mkdir()
+def _evil_layer(tmp_path, link_target):
     layer = tmp_path / "layer"
     layer.mkdir()
     for d in ("proc", "dev", "sys", "tmp", "usr", "etc"):
         (layer / d).mkdir()
     for name in ("bin", "lib", "lib64"):
         os.symlink(f"usr/{name}", layer / name)
-    os.symlink(str(sentinel), layer / "evil")  # absolute symlink to a host path
+    os.symlink(link_target, layer / "evil")  # absolute symlink naming a host path
     vol = tmp_path / "vol"
     vol.mkdir()
     (vol / "marker").write_text("volume")
-    result, out = run(
-        ["/bin/sh", "-c", "cat /evil/mnt/marker"],
-        layers=(str(layer),),
-        mounts=(Bind(str(vol), "/evil/mnt", readonly=True),),
-    )
-    assert result.status == 0 and "volume" in out, out
+    os.chmod(tmp_path, 0o755)
+    return layer, vol
+
+
+def test_symlink_to_a_host_path_is_refused_not_followed(tmp_path):
+    """CVE-2021-30465 class: a symlink in the image must never redirect a mount to the host."""
+    sentinel = tmp_path / "host-sentinel"
+    sentinel.mkdir()
+    layer, vol = _evil_layer(tmp_path, str(sentinel))
+    spec = make_spec(["/bin/true"], layers=(str(layer),), mounts=(Bind(str(vol), "/evil/mnt"),))
+    with Container.create(spec) as c, pytest.raises(RuntimeStartError) as err:
+        c.start(stderr=subprocess.DEVNULL)
+    assert "/evil" in str(err.value)
     assert list(sentinel.iterdir()) == [], "the mount target escaped to the host"
+
+
+def test_symlink_target_is_resolved_inside_the_root(tmp_path):
+    name = f"sk-test-{os.getpid()}-{time.monotonic_ns()}"
+    layer, vol = _evil_layer(tmp_path, "/tmp")  # /tmp inside the root is the container's tmpfs
+    result, out = run(
+        ["/bin/sh", "-c", f"cat /evil/{name}/marker; cat /tmp/{name}/marker"],
+        layers=(str(layer),),
+        mounts=(Bind(str(vol), f"/evil/{name}"),),
+    )
+    assert result.status == 0 and out == "volume" * 2, out
+    assert not os.path.exists(f"/tmp/{name}"), "the mount target escaped to the host's /tmp"
 
 
 def test_image_with_symlinked_proc_is_refused(tmp_path):
@@ -393,6 +418,7 @@ def test_cli_run_reports_oom_and_exits_137():
 
 def test_cli_run_passes_streams_volume_and_status(tmp_path):
     (tmp_path / "in.txt").write_text("data from host\n")
+    os.chmod(tmp_path, 0o755)  # readable by the container's unprivileged user
     proc = subprocess.run(
         [sys.executable, "-m", "sandbox_kernel", "run", "-v", f"{tmp_path}:/work:ro", "-w", "/work", "host",
          "--", "/bin/sh", "-c", "cat in.txt; read line; echo got $line; exit 5"],
