@@ -1,0 +1,331 @@
+"""The sandbox provisioner for real: jupyter_client's AsyncKernelManager, the built images,
+namespaces and cgroups. Needs root and the python2.7 / python3 images (built on first use)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from sandbox_kernel import kernelspecs
+from sandbox_kernel import provisioner as prov
+from sandbox_kernel.errors import SpecError
+from sandbox_kernel.paths import run_dir
+
+pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
+
+KERNELS = ("python2.7-sandbox", "python3-sandbox")
+
+
+# ---- fixtures shared in spirit with test_server.py / test_notebooks.py -----------------------
+@pytest.fixture(scope="session")
+def images() -> None:
+    from sandbox_kernel.errors import ImageError
+    from sandbox_kernel.images.build import build_image
+    from sandbox_kernel.images.store import ImageStore
+
+    for name in ("python2.7", "python3"):
+        try:
+            ImageStore().resolve(name)
+        except ImageError:
+            build_image(name, ImageStore())
+
+
+@pytest.fixture
+def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> Path:
+    prefix = tmp_path / "prefix"
+    kernelspecs.install(None, prefix=str(prefix))
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    if not kernelspecs.provisioner_registered():
+        kernelspecs.register_provisioner_in_process()
+    return prefix / "share" / "jupyter" / "kernels"
+
+
+@pytest.fixture
+def notebook_dir(tmp_path: Path) -> Path:
+    nb = tmp_path / "notebooks"
+    nb.mkdir()
+    os.chown(nb, 1000, 1000)
+    return nb
+
+
+def host_state() -> dict[str, Any]:
+    from sandbox_kernel.cgroups import get_manager
+
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted(line.split(" - ")[0].split(None, 4)[4] for line in f)
+    root = run_dir()
+    runs = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    procs = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"sk-runtime" in cmd:
+                procs.append(pid)
+    return {
+        "mounts": mounts,
+        "cgroups": sorted(get_manager().list_leftovers("sk-")),
+        "runs": [r for r in runs if r.startswith("sk-")],
+        "procs": sorted(procs),
+    }
+
+
+@pytest.fixture
+def clean_host() -> Iterator[dict[str, Any]]:
+    before = host_state()
+    yield before
+    deadline = time.monotonic() + 10
+    while True:
+        after = host_state()
+        if after == before or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert after["mounts"] == before["mounts"], "mounts left on the host"
+    assert after["cgroups"] == before["cgroups"], "cgroups left behind"
+    assert after["runs"] == before["runs"], "run dirs left behind"
+    assert after["procs"] == before["procs"], "executor processes left behind"
+
+
+async def execute(
+    km: AsyncKernelManager, code: str, timeout: float = 60
+) -> tuple[dict[str, Any], str]:
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=120)
+        chunks: list[str] = []
+
+        def hook(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream":
+                chunks.append(msg["content"]["text"])
+            elif msg["msg_type"] == "error":
+                chunks.append("\n".join(msg["content"]["traceback"]))
+
+        reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        return reply["content"], "".join(chunks)
+    finally:
+        kc.stop_channels()
+
+
+@pytest.fixture
+async def started(
+    kernels: Path, notebook_dir: Path
+) -> AsyncIterator[dict[str, AsyncKernelManager]]:
+    kms = {name: AsyncKernelManager(kernel_name=name) for name in KERNELS}
+    await asyncio.gather(*(km.start_kernel(cwd=str(notebook_dir)) for km in kms.values()))
+    try:
+        yield kms
+    finally:
+        for km in kms.values():
+            if km.has_kernel:
+                await km.shutdown_kernel(now=True)
+
+
+# ---- tests -------------------------------------------------------------------------------------
+async def test_both_kernels_run_at_once_isolated(
+    clean_host: dict[str, Any], started: dict[str, AsyncKernelManager], notebook_dir: Path
+) -> None:
+    code = (
+        "import os, sys, socket\n"
+        "print('%d.%d' % sys.version_info[:2])\n"
+        "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+        "print(socket.gethostname())\n"
+        "print('%d %s' % (os.getuid(), os.getcwd()))\n"
+        "print(sorted(k for k in os.environ))\n"
+    )
+    results = await asyncio.gather(*(execute(km, code) for km in started.values()))
+    for (name, km), (reply, out) in zip(started.items(), results, strict=True):
+        assert reply["status"] == "ok", out
+        lines = out.splitlines()
+        assert lines[0] == ("2.7" if name.startswith("python2") else "3.11")
+        pids = json.loads(lines[1])
+        assert pids[0] == 1 and len(pids) < 6, pids  # init, kernel (and its helpers)
+        provisioner = km.provisioner
+        assert isinstance(provisioner, prov.SandboxProvisioner)
+        assert lines[2] == provisioner.container_id
+        assert lines[3] == f"1000 {notebook_dir}"
+        env = set(json.loads(lines[4].replace("'", '"')))
+        assert "JPY_PARENT_PID" not in env and "PYTHONDONTWRITEBYTECODE" in env
+        assert not env & {"SUDO_USER", "PYTEST_CURRENT_TEST", "JUPYTER_PATH"}
+        assert km.transport == "ipc" and km.connection_file.startswith(str(run_dir()))
+
+
+async def test_network_is_absent(
+    clean_host: dict[str, Any], started: dict[str, AsyncKernelManager]
+) -> None:
+    code = (
+        "import socket, time\n"
+        "for addr in (('127.0.0.1', 1), ('1.1.1.1', 443)):\n"
+        "    s = socket.socket(); s.settimeout(5); t = time.time()\n"
+        "    try:\n"
+        "        s.connect(addr); print('connected')\n"
+        "    except Exception as e:\n"
+        "        print('%s %.2f' % (type(e).__name__, time.time() - t))\n"
+    )
+    for km in started.values():
+        reply, out = await execute(km, code)
+        assert reply["status"] == "ok"
+        assert "connected" not in out
+        for line in out.splitlines():
+            assert float(line.split()[-1]) < 1.0, out
+
+
+async def test_file_written_in_notebook_dir_has_the_owner(
+    clean_host: dict[str, Any], started: dict[str, AsyncKernelManager], notebook_dir: Path
+) -> None:
+    for name, km in started.items():
+        reply, out = await execute(km, f"open('from-{name}.txt', 'w').write(u'hi')")
+        assert reply["status"] == "ok", out
+        st = (notebook_dir / f"from-{name}.txt").stat()
+        assert (st.st_uid, st.st_gid) == (1000, 1000)
+    # nothing else of the host is visible
+    reply, out = await execute(
+        started["python3-sandbox"],
+        "import os; print(os.path.exists('/work'), os.path.exists('/root/.bashrc'))",
+    )
+    assert out.strip() == "False False"
+
+
+async def test_interrupt_restart_shutdown(
+    clean_host: dict[str, Any], started: dict[str, AsyncKernelManager]
+) -> None:
+    for km in started.values():
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=120)
+            msg_id = kc.execute("import time; time.sleep(30)")
+            await asyncio.sleep(2)
+            t0 = time.monotonic()
+            await km.interrupt_kernel()
+            while True:
+                reply = await kc.get_shell_msg(timeout=20)
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    break
+            assert time.monotonic() - t0 < 10
+            assert reply["content"]["status"] == "error"
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+        finally:
+            kc.stop_channels()
+        provisioner = km.provisioner
+        assert isinstance(provisioner, prov.SandboxProvisioner)
+        first = provisioner.container
+        await km.restart_kernel(now=True)
+        assert provisioner.container is not first
+        _, out = await execute(km, "print(6 * 7)")
+        assert out.strip() == "42"
+        await km.shutdown_kernel()
+        assert not km.has_kernel and provisioner.container is None
+
+
+async def test_cpu_cap_applied_after_first_kernel_info(
+    clean_host: dict[str, Any], kernels: Path, notebook_dir: Path
+) -> None:
+    spec = json.loads((kernels / "python3-sandbox" / "kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"]["config"].update(
+        {"cpus": 0.5, "pids": 64, "memory": "300M"}
+    )
+    (kernels / "t-caps").mkdir()
+    (kernels / "t-caps" / "kernel.json").write_text(json.dumps(spec))
+    km = AsyncKernelManager(kernel_name="t-caps")
+    await km.start_kernel(cwd=str(notebook_dir))
+    try:
+        provisioner = km.provisioner
+        assert isinstance(provisioner, prov.SandboxProvisioner)
+        await execute(km, "1")
+        for _ in range(100):
+            if provisioner.container is not None and not provisioner.container.limits.defer_cpu:
+                break
+            await asyncio.sleep(0.1)
+        assert provisioner.container is not None and not provisioner.container.limits.defer_cpu
+        st = provisioner.container.stats()
+        assert (
+            st.cpu_quota_us == 50_000 and st.pids_limit == 64 and st.memory_limit == 300 * 1024**2
+        )
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_oom_death_is_reported_and_kept(
+    clean_host: dict[str, Any], kernels: Path, notebook_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = json.loads((kernels / "python3-sandbox" / "kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"]["config"]["memory"] = "200M"
+    (kernels / "t-oom").mkdir()
+    (kernels / "t-oom" / "kernel.json").write_text(json.dumps(spec))
+    km = AsyncKernelManager(kernel_name="t-oom")
+    await km.start_kernel(cwd=str(notebook_dir))
+    try:
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=120)
+        kc.execute("x = bytearray(600 * 1024 * 1024)")
+        kc.stop_channels()
+        provisioner = km.provisioner
+        assert isinstance(provisioner, prov.SandboxProvisioner)
+        import logging
+
+        with caplog.at_level(logging.WARNING):
+            for _ in range(300):
+                if not await km.is_alive():
+                    break
+                await asyncio.sleep(0.1)
+        assert provisioner.last_exit is not None and provisioner.last_exit["oom_killed"]
+        assert "stopped: out of memory (limit 200 MiB" in caplog.text
+        saved = prov.read_last_exit(str(km.kernel_id))
+        assert saved is not None and saved["reason"].startswith("out of memory")
+        await km.restart_kernel(now=True)
+        _, out = await execute(km, "print('back')")
+        assert out.strip() == "back"
+        assert prov.read_last_exit(str(km.kernel_id)) is not None
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert prov.read_last_exit(str(km.kernel_id)) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("memory", "lots", "memory='lots' is not a size"),
+        ("cpus", "-1", "cpus='-1'"),
+        ("pids", 1, "pids=1 is too small"),
+        ("image", "no-such-image", "image='no-such-image' is not in the image store"),
+        ("network", "host", "network='host' is not available"),
+        ("user", "root", "user='root' is root"),
+        (
+            "extra_mounts",
+            ["/etc:/etc"],
+            "extra_mounts entry '/etc:/etc': source /etc is not under an allowed",
+        ),
+        ("tmp_size", "big", "tmp_size='big' is not a size"),
+        ("writable_size", "0", "writable_size='0' is too small"),
+        ("env", {"1X": "y"}, "env key '1X' is invalid"),
+    ],
+)
+async def test_bad_kernelspec_fails_clearly_and_leaves_nothing(
+    clean_host: dict[str, Any],
+    kernels: Path,
+    notebook_dir: Path,
+    field: str,
+    value: Any,
+    message: str,
+) -> None:
+    spec = json.loads((kernels / "python3-sandbox" / "kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"]["config"][field] = value
+    (kernels / "t-bad").mkdir()
+    (kernels / "t-bad" / "kernel.json").write_text(json.dumps(spec))
+    km = AsyncKernelManager(kernel_name="t-bad")
+    with pytest.raises(SpecError) as info:
+        await km.start_kernel(cwd=str(notebook_dir))
+    assert str(info.value).startswith("kernelspec 't-bad': ")
+    assert message in str(info.value)
