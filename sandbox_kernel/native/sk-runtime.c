@@ -347,6 +347,7 @@ struct rec {
 };
 
 struct rlim_entry {
+    const char *name;
     int resource;
     struct rlimit rl;
 };
@@ -579,6 +580,7 @@ static void parse_rlimit(char **f)
             break;
     if (i == sizeof rlimit_names / sizeof rlimit_names[0])
         plan_error("unknown rlimit \"%s\"", f[0]);
+    e.name = rlimit_names[i].name;
     e.resource = rlimit_names[i].res;
     for (int k = 0; k < 2; k++) {
         if (strcmp(f[k + 1], "inf") == 0)
@@ -618,13 +620,14 @@ static char *read_file(const char *path, size_t max, size_t *out_len)
             return NULL;
         }
         if (len == cap) {
-            if (cap >= max) {
+            /* one byte of slack past MAX tells "exactly MAX" from "too big" */
+            if (cap > max) {
                 free(buf);
                 close(fd);
                 errno = EFBIG;
                 return NULL;
             }
-            cap = cap * 2 > max ? max : cap * 2;
+            cap = cap * 2 > max + 1 ? max + 1 : cap * 2;
             char *nb = realloc(buf, cap + 1);
             if (!nb)
                 free(buf);
@@ -1503,7 +1506,7 @@ static void main_process(int report_fd)
 
     for (size_t i = 0; i < P.nrlimits; i++)
         if (setrlimit(P.rlimits[i].resource, &P.rlimits[i].rl) < 0)
-            die(EXIT_SETUP, errno, stagef("rlimit %d", P.rlimits[i].resource), "setrlimit: %s",
+            die(EXIT_SETUP, errno, stagef("rlimit %s", P.rlimits[i].name), "setrlimit: %s",
                 strerror(errno));
 
     /* Identity. KEEPCAPS lets the permitted set survive a switch away from
@@ -1833,10 +1836,12 @@ int main(int argc, char **argv)
     }
     if (!planfile)
         usage();
-    /* neither fd may leak into the container */
-    if (g_status_fd >= 0)
+    /* Neither fd may leak into the container (init closes every fd >= 3 as
+     * well). 0-2 are left alone: they are the main process's stdio, and the
+     * main process inherits the fd flags through fork. */
+    if (g_status_fd > 2)
         fcntl(g_status_fd, F_SETFD, FD_CLOEXEC);
-    if (control_fd >= 0)
+    if (control_fd > 2)
         fcntl(control_fd, F_SETFD, FD_CLOEXEC);
 
     parse_plan(planfile);

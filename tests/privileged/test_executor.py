@@ -820,3 +820,14 @@ def test_seccomp_filter_is_loaded_last(tmp_path: Path) -> None:
     r = run_plan(plan, tmp_path)
     assert r.rc == 125 and r.line("error") is not None, r
     assert r.line("child") is None
+
+
+def test_stdio_passes_through_even_when_status_goes_to_stderr(tmp_path: Path) -> None:
+    plan = host_like_plan(tmp_path, ["sh", "-c", "read x; echo out-$x; echo err-$x >&2"])
+    proc = subprocess.run([str(BINARY), "--status-fd", "2", str(plan.write(tmp_path / "plan"))],
+                          input=b"42\n", capture_output=True, timeout=20)
+    assert proc.returncode == 0, proc
+    assert proc.stdout == b"out-42\n"
+    err = proc.stderr.decode().splitlines()
+    assert "err-42" in err
+    assert err[0].startswith("child ") and err[-1] == "exit code 0"
