@@ -11,6 +11,7 @@ crash left behind; ``Container.create`` runs it first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,7 +84,8 @@ class ExitResult:
         if self.setup_error:
             return f"the sandbox could not start: {self.setup_error}"
         if self.oom_killed:
-            text = f"out of memory (limit {format_size(self.memory_limit)}, peak {format_size(self.memory_peak)})"
+            limit, peak = format_size(self.memory_limit), format_size(self.memory_peak)
+            text = f"out of memory (limit {limit}, peak {peak})"
         elif self.signal is not None:
             try:
                 name = signal.Signals(self.signal).name
@@ -160,10 +162,24 @@ def _v1_mount_opts(join_paths: list[str]) -> tuple[tuple[str, str], ...]:
                 mounts.append((parts[1], parts[3]))
     out = []
     for path in join_paths:
-        best = max((m for m in mounts if path.startswith(m[0] + "/")), key=lambda m: len(m[0]), default=None)
+        best = max(
+            (m for m in mounts if path.startswith(m[0] + "/")),
+            key=lambda m: len(m[0]),
+            default=None,
+        )
         if best is None:
             continue
-        known = {"memory", "cpu", "cpuacct", "pids", "cpuset", "blkio", "devices", "freezer", "hugetlb"}
+        known = {
+            "memory",
+            "cpu",
+            "cpuacct",
+            "pids",
+            "cpuset",
+            "blkio",
+            "devices",
+            "freezer",
+            "hugetlb",
+        }
         ctrls = [o for o in best[1].split(",") if o in known]
         if ctrls:
             out.append((os.path.basename(best[0]), ",".join(ctrls)))
@@ -173,7 +189,9 @@ def _v1_mount_opts(join_paths: list[str]) -> tuple[tuple[str, str], ...]:
 class Container:
     """One container. Create with ``Container.create(spec)``; reopen with ``Container.open(id)``."""
 
-    def __init__(self, spec: ContainerSpec, manager: CgroupManager, cgroup: CgroupHandle, root: Path) -> None:
+    def __init__(
+        self, spec: ContainerSpec, manager: CgroupManager, cgroup: CgroupHandle, root: Path
+    ) -> None:
         self.spec = spec
         self.id = spec.id
         self.manager = manager
@@ -192,8 +210,14 @@ class Container:
 
     # ---- creation --------------------------------------------------------------------
     @classmethod
-    def create(cls, spec: ContainerSpec, *, manager: CgroupManager | None = None, root: Path | None = None,
-               meta: dict[str, Any] | None = None) -> Container:
+    def create(
+        cls,
+        spec: ContainerSpec,
+        *,
+        manager: CgroupManager | None = None,
+        root: Path | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> Container:
         """Validate the spec, then create the run dir and the cgroups. Nothing runs yet."""
         validate_spec(spec)
         require_privileges()
@@ -207,7 +231,9 @@ class Container:
         try:
             rdir.mkdir(mode=0o711)
         except FileExistsError:
-            raise SandboxError(f"container {spec.id} already exists at {rdir}; pick a new id") from None
+            raise SandboxError(
+                f"container {spec.id} already exists at {rdir}; pick a new id"
+            ) from None
         (rdir / "scratch").mkdir(mode=0o700)
         info = {
             "id": spec.id,
@@ -223,7 +249,9 @@ class Container:
         }
         _write_json(rdir / "meta.json", info)
         try:
-            cg = manager.create(spec.id, cgroup_limits(spec.limits, include_cpu=not spec.limits.defer_cpu))
+            cg = manager.create(
+                spec.id, cgroup_limits(spec.limits, include_cpu=not spec.limits.defer_cpu)
+            )
         except BaseException:
             shutil.rmtree(rdir, ignore_errors=True)
             raise
@@ -234,12 +262,20 @@ class Container:
         """Read-only view of a container (from any process): metadata, liveness, stats."""
         root = root or run_dir()
         if not is_container_id(container_id) or not (root / container_id / "meta.json").is_file():
-            raise ContainerNotFound(f"no container {container_id!r} under {root}; list them with: sandbox-kernel ps")
+            raise ContainerNotFound(
+                f"no container {container_id!r} under {root}; list them with: sandbox-kernel ps"
+            )
         return ContainerInfo(root / container_id)
 
     # ---- start ---------------------------------------------------------------------
-    def start(self, *, stdin: int | IO[Any] | None = None, stdout: int | IO[Any] | None = None,
-              stderr: int | IO[Any] | None = None, timeout: float = START_TIMEOUT) -> None:
+    def start(
+        self,
+        *,
+        stdin: int | IO[Any] | None = None,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = None,
+        timeout: float = START_TIMEOUT,
+    ) -> None:
         """Spawn the executor and return once the main process has exec'd.
 
         Raises RuntimeStartError (with the executor's stage and errno) if setup fails.
@@ -248,7 +284,11 @@ class Container:
             raise SandboxError(f"container {self.id} was already started")
         from . import seccomp
 
-        seccomp_file = str(seccomp.write_filter(self.run_dir.parent / ".seccomp")) if self.spec.seccomp else None
+        seccomp_file = (
+            str(seccomp.write_filter(self.run_dir.parent / ".seccomp"))
+            if self.spec.seccomp
+            else None
+        )
         version = self.manager.version
         join = self.cgroup.join_paths
         host = HostContext(
@@ -265,18 +305,32 @@ class Container:
 
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
-        argv = [runtime_binary(), "--status-fd", str(status_w), "--control-fd", str(control_r), str(plan_path)]
+        argv = [
+            runtime_binary(),
+            "--status-fd",
+            str(status_w),
+            "--control-fd",
+            str(control_r),
+            str(plan_path),
+        ]
         try:
             self.proc = subprocess.Popen(
-                argv, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=(status_w, control_r),
-                close_fds=True, start_new_session=True,
+                argv,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=(status_w, control_r),
+                close_fds=True,
+                start_new_session=True,
             )
         finally:
             os.close(status_w)
             os.close(control_r)
         self._status = _StatusPipe(status_r)
         self._control_fd = control_w
-        _write_json(self.run_dir / "pid", {"pid": self.proc.pid, "start": _proc_starttime(self.proc.pid)})
+        _write_json(
+            self.run_dir / "pid", {"pid": self.proc.pid, "start": _proc_starttime(self.proc.pid)}
+        )
         deadline = time.monotonic() + timeout
         try:
             self._await_exec(deadline)
@@ -284,10 +338,8 @@ class Container:
             self.kill()
             raise
         finally:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 plan_path.unlink()
-            except FileNotFoundError:
-                pass
 
     def _await_exec(self, deadline: float) -> None:
         assert self._status is not None
@@ -298,12 +350,16 @@ class Container:
             try:
                 fields = self._status.read_line(deadline)
             except TimeoutError:
-                raise RuntimeStartError(f"container {self.id}: setup did not finish in time", stage="timeout") from None
+                raise RuntimeStartError(
+                    f"container {self.id}: setup did not finish in time", stage="timeout"
+                ) from None
             if fields is None:
                 if pending is not None:
                     raise pending
                 code = self.proc.wait() if self.proc else -1
-                raise RuntimeStartError(f"container {self.id}: the executor exited ({code}) before the command started")
+                raise RuntimeStartError(
+                    f"container {self.id}: the executor exited ({code}) before the command started"
+                )
             kind = fields[0]
             if kind == "child":
                 self.init_pid = int(fields[1])
@@ -317,12 +373,16 @@ class Container:
                 self.setup_us = int(fields[1])
                 return
             elif kind == "error":
-                stage, err, message = (fields + ["", "0", ""])[1:4]
+                stage, err, message = [*fields, "", "0", ""][1:4]
                 self._setup_error = f"{stage}: {message}"
-                raise RuntimeStartError(f"container {self.id}: {stage}: {message}", stage=stage, errno=int(err or 0))
+                raise RuntimeStartError(
+                    f"container {self.id}: {stage}: {message}", stage=stage, errno=int(err or 0)
+                )
             elif kind == "exit":
                 self._exit_line = fields
-                raise RuntimeStartError(f"container {self.id}: the command ended during setup ({' '.join(fields)})")
+                raise RuntimeStartError(
+                    f"container {self.id}: the command ended during setup ({' '.join(fields)})"
+                )
 
     # ---- running ---------------------------------------------------------------------
     @property
@@ -331,13 +391,11 @@ class Container:
         return self.proc.pid if self.proc else None
 
     def signal(self, signum: int) -> None:
-        """Send a signal: INT/TERM/HUP/QUIT/USR1/USR2 reach the main process; KILL ends the container."""
+        """Send a signal: INT/TERM/HUP/QUIT/USR1/USR2 reach the main process; KILL ends it all."""
         if self.proc is None or self.proc.returncode is not None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
 
     def kill(self) -> None:
         """SIGKILL everything in the container (idempotent)."""
@@ -488,7 +546,7 @@ class ContainerInfo:
 
     def owner_alive(self) -> bool:
         pid = self.meta.get("owner_pid")
-        return bool(pid) and process_alive(int(pid), self.meta.get("owner_start"))
+        return isinstance(pid, int) and process_alive(pid, self.meta.get("owner_start"))
 
     def exit_result(self) -> dict[str, Any] | None:
         return _read_json(self.path / "exit.json")

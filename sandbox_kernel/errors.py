@@ -78,7 +78,7 @@ class LimitRefused(SandboxError):
 
 
 def wrap_oserror(exc: OSError, action: str, path: str, fix: str = "") -> SandboxError:
-    """Turn a bare OSError into a SandboxError that says what was being done, where, and how to fix it."""
+    """Turn a bare OSError into a SandboxError naming the action, the path and the fix."""
     msg = f"{action} {path!s}: {exc.strerror or exc}"
     if fix:
         msg += f"; {fix}"

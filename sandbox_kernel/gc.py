@@ -37,7 +37,10 @@ CREATION_GRACE_S = 30.0
 def _being_created(entry: Path) -> bool:
     """A run dir without metadata yet is being created right now by another process."""
     try:
-        return not (entry / "meta.json").exists() and time.time() - entry.stat().st_mtime < CREATION_GRACE_S
+        return (
+            not (entry / "meta.json").exists()
+            and time.time() - entry.stat().st_mtime < CREATION_GRACE_S
+        )
     except OSError:
         return False
 
@@ -56,7 +59,9 @@ def live_ids(root: Path) -> set[str]:
     return live
 
 
-def collect(*, root: Path | None = None, manager: CgroupManager | None = None, dry_run: bool = False) -> GcReport:
+def collect(
+    *, root: Path | None = None, manager: CgroupManager | None = None, dry_run: bool = False
+) -> GcReport:
     """Remove leftovers of dead containers. Safe to run at any time, from any process."""
     root = root or run_dir()
     report = GcReport()
@@ -67,7 +72,9 @@ def collect(*, root: Path | None = None, manager: CgroupManager | None = None, d
                 report.run_dirs.append(entry.name)
     try:
         manager = manager or get_manager()
-        leftovers = [n for n in manager.list_leftovers("sk-") if is_container_id(n) and n not in live]
+        leftovers = [
+            n for n in manager.list_leftovers("sk-") if is_container_id(n) and n not in live
+        ]
     except SandboxError as exc:
         report.errors.append(str(exc))
         leftovers = []

@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import os
-import secrets
 import re
+import secrets
 from pathlib import Path
 
 ID_PREFIX = "sk-"
@@ -35,7 +35,9 @@ def state_dir() -> Path:
         return Path(env)
     if os.geteuid() == 0:
         return Path("/var/lib/sandbox-kernel")
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
     return Path(base) / "sandbox-kernel"
 
 

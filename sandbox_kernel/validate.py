@@ -65,7 +65,9 @@ def check_env(spec: ContainerSpec) -> list[str]:
     out = []
     for key, value in spec.env:
         if not _ENV_KEY_RE.match(key):
-            out.append(f"env key {key!r} is invalid; use letters, digits and '_' (not first a digit)")
+            out.append(
+                f"env key {key!r} is invalid; use letters, digits and '_' (not first a digit)"
+            )
         if "\0" in value:
             out.append(f"env {key} has a NUL byte in its value")
     return out
@@ -83,7 +85,9 @@ def check_identity(spec: ContainerSpec) -> list[str]:
         if not 0 <= value <= MAX_ID:
             out.append(f"{name}={value} is out of range; use 0..{MAX_ID}")
     if spec.user == 0 and not spec.allow_root:
-        out.append("user=0 (root inside the container) needs allow_root=True; use an unprivileged uid")
+        out.append(
+            "user=0 (root inside the container) needs allow_root=True; use an unprivileged uid"
+        )
     return out
 
 

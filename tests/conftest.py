@@ -42,4 +42,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         return  # runs in the v2 guest instead
     report.outcome = "failed"
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    report.longrepr = f"privileged test skipped under CI=true (privileged tests must run in CI): {reason}"
+    report.longrepr = (
+        f"privileged test skipped under CI=true (privileged tests must run in CI): {reason}"
+    )

@@ -13,28 +13,63 @@ from ..paths import new_container_id
 from ..spec import Bind, ContainerSpec, Limits
 from ..units import parse_cpus, parse_size
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "run",
         help="run a command in a new container",
-        description="Run CMD in a new container from IMAGE (an image of the store, or 'host' for the "
+        description="Run CMD in a new container from IMAGE (an image of the store, or 'host' "
+        "for the "
         "host's /usr and /etc read-only). Streams pass through; the exit status propagates; "
         "when the memory cap kills the command, one line says so and the status is 137.",
     )
     p.add_argument("--memory", "-m", help="memory cap, e.g. 512M, 1G (swap off)")
     p.add_argument("--cpus", help="CPU cap in CPUs, e.g. 0.5, 2")
     p.add_argument("--pids", type=int, help="maximum number of processes/threads")
-    p.add_argument("--tmp-size", default="256M", help="size of /tmp (tmpfs, counts as memory); default 256M")
-    p.add_argument("--writable-size", default="256M", help="size of the writable layer over the image; default 256M")
-    p.add_argument("--volume", "-v", action="append", default=[], metavar="SRC:DST[:ro|rw]",
-                   help="bind-mount a host path (read-write unless :ro)")
-    p.add_argument("--workdir", "-w", help="working directory inside the container (default: the image's, or /)")
-    p.add_argument("--user", "-u", help="UID[:GID] to run as (default 65534:65534; 0 needs --allow-root)")
-    p.add_argument("--allow-root", action="store_true", help="allow running as root inside the container")
-    p.add_argument("--env", "-e", action="append", default=[], metavar="K=V", help="set an environment variable")
+    p.add_argument(
+        "--tmp-size", default="256M", help="size of /tmp (tmpfs, counts as memory); default 256M"
+    )
+    p.add_argument(
+        "--writable-size",
+        default="256M",
+        help="size of the writable layer over the image; default 256M",
+    )
+    p.add_argument(
+        "--volume",
+        "-v",
+        action="append",
+        default=[],
+        metavar="SRC:DST[:ro|rw]",
+        help="bind-mount a host path (read-write unless :ro)",
+    )
+    p.add_argument(
+        "--workdir",
+        "-w",
+        help="working directory inside the container (default: the image's, or /)",
+    )
+    p.add_argument(
+        "--user", "-u", help="UID[:GID] to run as (default 65534:65534; 0 needs --allow-root)"
+    )
+    p.add_argument(
+        "--allow-root", action="store_true", help="allow running as root inside the container"
+    )
+    p.add_argument(
+        "--env",
+        "-e",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="set an environment variable",
+    )
     p.add_argument("--hostname", default="sandbox", help="hostname inside (default: sandbox)")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -56,7 +91,9 @@ def _parse_user(text: str) -> tuple[int, int]:
         uid = int(uid_s)
         return uid, int(gid_s) if gid_s else uid
     except ValueError:
-        raise SpecError(f"--user {text!r} is invalid; use a numeric UID or UID:GID, e.g. 1000:1000") from None
+        raise SpecError(
+            f"--user {text!r} is invalid; use a numeric UID or UID:GID, e.g. 1000:1000"
+        ) from None
 
 
 def build_spec(args: argparse.Namespace) -> ContainerSpec:
@@ -84,7 +121,10 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
         if not command:
             command = [*image.config.entrypoint, *image.config.cmd]
     if not command:
-        raise SpecError(f"no command given and image {args.image!r} has none; use: sandbox-kernel run IMAGE -- CMD")
+        raise SpecError(
+            f"no command given and image {args.image!r} has none; "
+            "use: sandbox-kernel run IMAGE -- CMD"
+        )
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep:
@@ -122,7 +162,9 @@ def run_command(args: argparse.Namespace) -> int:
     spec = build_spec(args)
     container = Container.create(spec)
     try:
-        previous = {s: signal.signal(s, lambda signum, _f: container.signal(signum)) for s in FORWARDED}
+        previous = {
+            s: signal.signal(s, lambda signum, _f: container.signal(signum)) for s in FORWARDED
+        }
         try:
             container.start(stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
             result = container.wait()

@@ -148,11 +148,15 @@ def test_isolation_facts_from_inside():
     assert facts["fds"] == [0, 1, 2, 3] or facts["fds"] == [0, 1, 2], "no fd of the host leaks in"
     assert facts["proc_sys"] == "EROFS", "/proc/sys is read-only"
     assert facts["keys"] == "", "/proc/keys is masked"
-    assert all(line.endswith(":/") for line in facts["cgroup"]), "cgroup namespace roots at the container"
+    assert all(line.endswith(":/") for line in facts["cgroup"]), (
+        "cgroup namespace roots at the container"
+    )
 
 
 def test_memory_cap_kills_and_reason_is_reported():
-    result, out = py("x = bytearray(400 * 1024 * 1024)\nprint('survived')", limits=Limits(memory=64 * MIB))
+    result, out = py(
+        "x = bytearray(400 * 1024 * 1024)\nprint('survived')", limits=Limits(memory=64 * MIB)
+    )
     assert "survived" not in out
     assert result.oom_killed, result
     assert result.signal == signal.SIGKILL and result.status == 137
@@ -191,8 +195,10 @@ def test_pids_cap_bounds_fork_bomb_and_container_stays_usable():
 
 
 def test_cpu_cap_measured_by_cgroup_accounting():
-    spec = make_spec([PY, "-c", "import time\nt=time.time()+1.5\nwhile time.time()<t: pass"],
-                     limits=Limits(cpus=0.5))
+    spec = make_spec(
+        [PY, "-c", "import time\nt=time.time()+1.5\nwhile time.time()<t: pass"],
+        limits=Limits(cpus=0.5),
+    )
     with Container.create(spec) as c:
         c.start(stdout=subprocess.DEVNULL)
         t0 = time.monotonic()
@@ -368,7 +374,11 @@ def test_image_with_symlinked_proc_is_refused(tmp_path):
 
 
 def test_workdir_and_environment():
-    result, out = run(["/bin/sh", "-c", "pwd; echo $FOO; env | wc -l"], workdir="/usr/share", env=(("FOO", "bar"),))
+    result, out = run(
+        ["/bin/sh", "-c", "pwd; echo $FOO; env | wc -l"],
+        workdir="/usr/share",
+        env=(("FOO", "bar"),),
+    )
     lines = out.split()
     assert result.status == 0 and lines[:2] == ["/usr/share", "bar"]
     assert int(lines[2]) < 12, "only the planned environment reaches the container"
@@ -408,9 +418,22 @@ def test_gc_removes_crash_leftovers():
 
 def test_cli_run_reports_oom_and_exits_137():
     proc = subprocess.run(
-        [sys.executable, "-m", "sandbox_kernel", "run", "--memory", "64M", "host", "--",
-         PY, "-c", "x = bytearray(400 * 1024 * 1024)"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "sandbox_kernel",
+            "run",
+            "--memory",
+            "64M",
+            "host",
+            "--",
+            PY,
+            "-c",
+            "x = bytearray(400 * 1024 * 1024)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 137, proc.stderr
     assert "out of memory (limit 64 MiB, peak" in proc.stderr
@@ -420,9 +443,25 @@ def test_cli_run_passes_streams_volume_and_status(tmp_path):
     (tmp_path / "in.txt").write_text("data from host\n")
     os.chmod(tmp_path, 0o755)  # readable by the container's unprivileged user
     proc = subprocess.run(
-        [sys.executable, "-m", "sandbox_kernel", "run", "-v", f"{tmp_path}:/work:ro", "-w", "/work", "host",
-         "--", "/bin/sh", "-c", "cat in.txt; read line; echo got $line; exit 5"],
-        input="stdin line\n", capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "sandbox_kernel",
+            "run",
+            "-v",
+            f"{tmp_path}:/work:ro",
+            "-w",
+            "/work",
+            "host",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat in.txt; read line; echo got $line; exit 5",
+        ],
+        input="stdin line\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 5, proc.stderr
     assert proc.stdout == "data from host\ngot stdin line\n"

@@ -5,7 +5,15 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "sandbox_kernel"
 JUPYTER_LAYER = {"provisioner", "config", "kernelspecs", "cli", "demo", "magics", "__main__"}
-FORBIDDEN = ("jupyter_client", "traitlets", "ipykernel", "zmq", "jupyter_server", "nbclient", "IPython")
+FORBIDDEN = (
+    "jupyter_client",
+    "traitlets",
+    "ipykernel",
+    "zmq",
+    "jupyter_server",
+    "nbclient",
+    "IPython",
+)
 
 
 def _os_layer_files():
@@ -35,6 +43,8 @@ def test_os_layer_does_not_import_jupyter():
     for path in files:
         for name in _imports(path):
             top = name.split(".")[0]
-            if top in FORBIDDEN or any(name.startswith(f"sandbox_kernel.{j}") for j in JUPYTER_LAYER):
+            if top in FORBIDDEN or any(
+                name.startswith(f"sandbox_kernel.{j}") for j in JUPYTER_LAYER
+            ):
                 bad.append(f"{path.relative_to(PKG)} imports {name}")
     assert not bad, "OS layer imports the Jupyter layer:\n" + "\n".join(bad)

@@ -3,15 +3,24 @@ from sandbox_kernel.spec import Bind, ContainerSpec, Limits, Tmpfs
 
 
 def _spec(tmp_path, **kw):
-    base = dict(id="sk-0123456789ab", layers=(str(tmp_path / "l2"), str(tmp_path / "l1")),
-                command=("python3", "-c", "print(1)"), user=1000, group=1000)
+    base = dict(
+        id="sk-0123456789ab",
+        layers=(str(tmp_path / "l2"), str(tmp_path / "l1")),
+        command=("python3", "-c", "print(1)"),
+        user=1000,
+        group=1000,
+    )
     base.update(kw)
     return ContainerSpec(**base)
 
 
 def _host(version=2, **kw):
-    base = dict(scratch_dir="/run/sk/sk-0123456789ab/scratch", cgroup_dirs=("/sys/fs/cgroup/sk-0123456789ab",),
-                cgroup_version=version, seccomp_file="/run/sk/filter.bpf")
+    base = dict(
+        scratch_dir="/run/sk/sk-0123456789ab/scratch",
+        cgroup_dirs=("/sys/fs/cgroup/sk-0123456789ab",),
+        cgroup_version=version,
+        seccomp_file="/run/sk/filter.bpf",
+    )
     base.update(kw)
     return HostContext(**base)
 
@@ -34,7 +43,9 @@ def test_order_of_mount_phase(tmp_path):
     # /proc, /dev, /sys must be real directories in the image
     assert [r[1] for r in recs if r[0] == "realdir"] == ["/proc", "/dev", "/sys", "/tmp"]
     # masks come after /proc and /sys are mounted
-    assert k.index("mask") > max(i for i, r in enumerate(recs) if r[0] == "mount" and r[3] in ("/proc", "/sys"))
+    assert k.index("mask") > max(
+        i for i, r in enumerate(recs) if r[0] == "mount" and r[3] in ("/proc", "/sys")
+    )
 
 
 def test_identity_limits_and_security_records(tmp_path):
@@ -50,8 +61,17 @@ def test_identity_limits_and_security_records(tmp_path):
 
 
 def test_v1_cgroup_view_is_read_only(tmp_path):
-    recs = compile_plan(_spec(tmp_path), _host(1, cgroup_v1_mounts=(("memory", "memory"), ("pids", "pids"))))
-    assert ("mount", "cgroup", "cgroup", "/sys/fs/cgroup/memory", "ro,nosuid,nodev,noexec", "memory") in recs
+    recs = compile_plan(
+        _spec(tmp_path), _host(1, cgroup_v1_mounts=(("memory", "memory"), ("pids", "pids")))
+    )
+    assert (
+        "mount",
+        "cgroup",
+        "cgroup",
+        "/sys/fs/cgroup/memory",
+        "ro,nosuid,nodev,noexec",
+        "memory",
+    ) in recs
     assert ("remount", "/sys/fs/cgroup", "ro,nosuid,nodev,noexec") in recs
 
 
@@ -60,8 +80,14 @@ def test_user_mounts(tmp_path):
     src.mkdir()
     f = tmp_path / "data.csv"
     f.write_text("x")
-    spec = _spec(tmp_path, mounts=(Bind(str(src), "/home/nb", readonly=False), Bind(str(f), "/data.csv"),
-                                   Tmpfs("/scratch", 1 << 20)))
+    spec = _spec(
+        tmp_path,
+        mounts=(
+            Bind(str(src), "/home/nb", readonly=False),
+            Bind(str(f), "/data.csv"),
+            Tmpfs("/scratch", 1 << 20),
+        ),
+    )
     recs = compile_plan(spec, _host())
     assert ("mkdir", "/home/nb", "755") in recs
     assert ("bind", str(src), "/home/nb", "rec,nosuid,nodev") in recs
@@ -71,7 +97,12 @@ def test_user_mounts(tmp_path):
 
 
 def test_env_overrides_defaults_and_sizes(tmp_path):
-    spec = _spec(tmp_path, env=(("PATH", "/opt/bin"), ("X", "1")), tmp_size=5 << 20, limits=Limits(memory=1 << 30))
+    spec = _spec(
+        tmp_path,
+        env=(("PATH", "/opt/bin"), ("X", "1")),
+        tmp_size=5 << 20,
+        limits=Limits(memory=1 << 30),
+    )
     recs = compile_plan(spec, _host())
     envs = [r[1] for r in recs if r[0] == "env"]
     assert "PATH=/opt/bin" in envs and "X=1" in envs and "HOME=/home/sandbox" in envs

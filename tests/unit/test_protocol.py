@@ -3,7 +3,9 @@ import pytest
 from sandbox_kernel.protocol import decode_field, decode_status, encode_field, encode_plan
 
 
-@pytest.mark.parametrize("value", ["plain", "", "with space", "tab\tnl\ncr\r", "50%", "ünï", "a=b c", "\x7f\x01"])
+@pytest.mark.parametrize(
+    "value", ["plain", "", "with space", "tab\tnl\ncr\r", "50%", "ünï", "a=b c", "\x7f\x01"]
+)
 def test_field_roundtrip(value):
     enc = encode_field(value)
     assert " " not in enc and "\n" not in enc and "\t" not in enc
@@ -18,6 +20,10 @@ def test_plan_has_magic_and_one_line_per_record():
 
 def test_decode_status_and_malformed_escape():
     assert decode_status("error mount%20/proc 1 Operation%20not%20permitted\n") == [
-        "error", "mount /proc", "1", "Operation not permitted"]
+        "error",
+        "mount /proc",
+        "1",
+        "Operation not permitted",
+    ]
     with pytest.raises(ValueError):
         decode_field("bad%2")

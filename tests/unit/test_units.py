@@ -6,8 +6,16 @@ from sandbox_kernel.units import format_size, parse_cpus, parse_duration, parse_
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("1048576", 1048576), ("512M", 512 * 2**20), ("1G", 2**30), ("1.5GiB", int(1.5 * 2**30)),
-     ("64k", 65536), ("2MB", 2 * 2**20), (1024, 1024), ("1T", 2**40)],
+    [
+        ("1048576", 1048576),
+        ("512M", 512 * 2**20),
+        ("1G", 2**30),
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("64k", 65536),
+        ("2MB", 2 * 2**20),
+        (1024, 1024),
+        ("1T", 2**40),
+    ],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected

@@ -39,7 +39,7 @@ def test_valid_spec_passes(spec):
         ({"mounts": (Bind("/etc", "/proc/x"),)}, "reserved"),
         ({"mounts": (Bind("/etc", "relative"),)}, "absolute normalised"),
         ({"mounts": (Bind("/no/such/src", "/data"),)}, "does not exist"),
-        ({"mounts": (Tmpfs("/data", 1), )}, "too small"),
+        ({"mounts": (Tmpfs("/data", 1),)}, "too small"),
         ({"mounts": (Tmpfs("/d", 4096), Tmpfs("/d", 4096))}, "used twice"),
         ({"limits": Limits(memory=1024)}, "memory=1024"),
         ({"limits": Limits(cpus=0.0)}, "cpus=0.0"),

@@ -1,0 +1,1 @@
+"""sandbox-kernel benchmarks: ``python -m benchmarks`` prints a table and writes JSON."""
