@@ -608,7 +608,8 @@ class _Builder:
                 f"{py.executable} in the image: {exc}; the build needs root and "
                 "util-linux unshare"
             ) from exc
-        errors = proc.stdout.count("*** Error compiling") + proc.stdout.count("SyntaxError")
+        # py3 reports "*** Error compiling", py2 only the exception; one SyntaxError per file
+        errors = max(proc.stdout.count("*** Error compiling"), proc.stdout.count("SyntaxError"))
         if proc.returncode not in (0, 1) or (proc.returncode == 1 and errors == 0):
             tail = "\n    ".join(proc.stdout.strip().splitlines()[-15:])
             raise BuildError(
@@ -620,7 +621,7 @@ class _Builder:
         files = sum(1 for _ in out.rglob("*.pyc"))
         note = f"{files} .pyc"
         if errors:
-            note += f", {proc.stdout.count('*** Error compiling')} files skipped (syntax)"
+            note += f", {errors} files with syntax errors skipped"
         return note
 
     # -- whole build --------------------------------------------------------------------------
@@ -659,10 +660,13 @@ class _Builder:
             key = step_cache_key(chain, step.definition, step.content_hash)
             cached = self.store.layer_cache_get(key) if self.use_cache else None
             if cached is not None:
+                ensure = getattr(self.store, "ensure_snapshot", None)
+                if ensure is not None:
+                    ensure(cached)
                 layers.append(cached)
                 history.append(f"{step.kind}: {step.what}")
                 self.say(
-                    f"[{n}/{total}] {step.kind}: {step.what}, {_mb(cached.size)}, "
+                    f"[{n}/{total}] {step.kind}: {step.what}, {_mb(cached.size)} packed, "
                     f"{time.monotonic() - t0:.1f} s, cached"
                 )
                 continue
@@ -693,7 +697,8 @@ class _Builder:
             self.say(
                 f"[{n}/{total}] {step.kind}: {step.what}"
                 + (f" ({note})" if note else "")
-                + f", {count} files, {_mb(size)}, {time.monotonic() - t0:.1f} s"
+                + f", {count} files, {_mb(size)} ({_mb(layer.size)} packed), "
+                f"{time.monotonic() - t0:.1f} s"
             )
 
         if not layers:

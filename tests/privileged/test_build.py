@@ -99,11 +99,19 @@ def kernel_roundtrip(image: Image, tmp: Path) -> dict[str, object]:
         try:
             kc = BlockingKernelClient(connection_file=str(cf))
             kc.load_connection_file()
-            kc.start_channels()
-            kc.wait_for_ready(timeout=120)
+            # no heartbeat channel: without a kernel manager the client would call a kernel
+            # that is still importing (no beat yet) dead; proc.poll() below tells a real death
+            kc.start_channels(hb=False)
+            try:
+                kc.wait_for_ready(timeout=120)
+            except RuntimeError:
+                pytest.fail(
+                    f"kernel did not answer (exit {proc.poll()}): {(tmp / 'kernel.log').read_text()}"
+                )
             msg_id = kc.kernel_info()
             reply = kc.get_shell_msg(timeout=30)
-            assert reply["parent_header"]["msg_id"] == msg_id
+            while reply["parent_header"].get("msg_id") != msg_id:  # wait_for_ready's replies
+                reply = kc.get_shell_msg(timeout=30)
             assert reply["header"]["msg_type"] == "kernel_info_reply"
             out: list[str] = []
 
