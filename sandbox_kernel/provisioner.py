@@ -35,6 +35,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from tornado.web import HTTPError
 
 from .config import (
     SETTING_NAMES,
@@ -75,6 +76,48 @@ def read_last_exit(kernel_id: str, root: Path | None = None) -> dict[str, Any] |
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+class _HTTPMixin(HTTPError):
+    """Lets jupyter_server put our message in the REST error (it hides other exceptions as
+    "Unhandled error"), while the exception stays a SandboxError for Python callers."""
+
+    _message = ""
+
+    def _as_http(self, status: int, message: str) -> None:
+        self.status_code = status
+        self._log_message = message  # tornado's log_message (what the REST error carries)
+        self.reason = None
+        self._message = message
+        self.args = ()  # tornado %-formats log_message with args when logging
+
+    def __str__(self) -> str:
+        return self._message
+
+
+class KernelSpecSettingsError(SpecError, _HTTPMixin):
+    """A kernelspec's sandbox settings are invalid (REST status 400)."""
+
+    def __init__(self, problems: list[str] | str, context: str = "") -> None:
+        SpecError.__init__(self, problems, context)
+        self._as_http(400, Exception.__str__(self))
+
+
+class KernelSandboxError(SandboxError, _HTTPMixin):
+    """The sandbox of a kernel could not be created or started (REST status 500)."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self._as_http(500, message)
+
+
+def _for_user(exc: SandboxError, context: str) -> SandboxError:
+    if isinstance(exc, (KernelSpecSettingsError, KernelSandboxError)):
+        return exc
+    if isinstance(exc, SpecError):
+        return KernelSpecSettingsError(exc.problems, exc.context or context)
+    text = str(exc)
+    return KernelSandboxError(text if text.startswith(context) else f"{context}: {text}")
 
 
 class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -218,6 +261,12 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     # ---- contract: launch ---------------------------------------------------------------------
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return await self._pre_launch(**kwargs)
+        except SandboxError as exc:
+            raise _for_user(exc, self._context) from exc
+
+    async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
         if km is None:
             raise SandboxError(
@@ -380,9 +429,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             await asyncio.to_thread(
                 container.start, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
             )
-        except BaseException:
+        except BaseException as exc:
             await asyncio.to_thread(container.destroy)
             self.container = None
+            if isinstance(exc, SandboxError):
+                raise _for_user(exc, self._context) from exc
             raise
         self.log.info(
             "kernel %s (%s) started in sandbox %s (%s, as uid %s, setup %.0f ms)",

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
+from tornado.web import HTTPError
 from traitlets.config import Config
 
 from sandbox_kernel import kernelspecs
@@ -265,6 +266,9 @@ async def test_bad_kernelspec_config_fails_start_with_a_clear_error(
         await km.start_kernel(cwd=str(tmp_path))
     assert str(info.value).startswith("kernelspec 't-bad': ")
     assert message in str(info.value)
+    # jupyter_server puts an HTTPError's log_message in the REST reply (others: "Unhandled error")
+    assert isinstance(info.value, HTTPError) and info.value.status_code == 400
+    assert message in (info.value.log_message or "")
     assert not FakeContainer.created
 
 
