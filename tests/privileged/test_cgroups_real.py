@@ -242,19 +242,36 @@ def test_fork_loop_stops_at_pids_max(
     assert s.pids_limit_hits > 0
 
 
-def test_cpu_quota_caps_a_busy_loop(
-    mgr: CgroupManager, new: Factory, procs: list[subprocess.Popen[str]]
-) -> None:
-    h = new(CgroupLimits(cpu_quota_us=cpus_to_quota(0.5)))
-    busy = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.5:\n    pass"
+def busy_share(procs: list[subprocess.Popen[str]], h: CgroupHandle, seconds: float) -> float:
+    """CPUs used by a one-thread busy loop of ``seconds`` wall time in ``h`` (cgroup accounting)."""
+    busy = f"import time\nt = time.monotonic()\nwhile time.monotonic() - t < {seconds}:\n    pass"
     before = h.stats().cpu_usage_us
     t0 = time.monotonic()
     p = spawn(procs, h, busy)
     assert p.wait(timeout=120) == 0
     wall = time.monotonic() - t0
-    used = (h.stats().cpu_usage_us - before) / 1e6
-    ratio = used / wall
-    assert 0.3 <= ratio <= 0.7, f"{used:.2f} s CPU in {wall:.2f} s wall = {ratio:.2f} CPU"
+    return (h.stats().cpu_usage_us - before) / 1e6 / wall
+
+
+def test_cpu_quota_caps_a_busy_loop(
+    mgr: CgroupManager, new: Factory, procs: list[subprocess.Popen[str]]
+) -> None:
+    capped_limits = CgroupLimits(cpu_quota_us=cpus_to_quota(0.5))
+    h = new(capped_limits)
+    seen: list[tuple[float, float]] = []
+    for _attempt in range(3):
+        h.set_limits(capped_limits)
+        capped = busy_share(procs, h, 1.5)
+        # Above the cap can never happen, however busy the host is.
+        assert capped <= 0.7, f"0.5 CPU quota exceeded: the loop used {capped:.2f} CPU"
+        h.set_limits(CgroupLimits())  # same loop without quota: what the host can give now
+        free = busy_share(procs, h, 1.0)
+        seen.append((capped, free))
+        if free >= 0.85:
+            assert capped >= 0.3, f"capped {capped:.2f} CPU, uncapped {free:.2f} CPU"
+            return
+        time.sleep(1.0)  # the host is contended (shared cores): measure again
+    pytest.skip(f"host too busy to measure a CPU share (capped, uncapped CPU): {seen}")
 
 
 def test_live_update(mgr: CgroupManager, new: Factory, procs: list[subprocess.Popen[str]]) -> None:
