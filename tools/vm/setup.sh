@@ -130,7 +130,7 @@ main() {
     case "${1:-}" in
         --initramfs-only) mode=initramfs ;;
         --print-kernel) pick_kernel; return 0 ;;
-        -h|--help) sed -n '2,22p' "$0"; return 0 ;;
+        -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; return 0 ;;
         "") ;;
         *) die "unknown argument: $1" ;;
     esac
