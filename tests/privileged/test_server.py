@@ -1,0 +1,266 @@
+"""The real server path: jupyter_server as a subprocess (loopback only) starts sandbox kernels
+over REST and runs cells over the websocket; bad kernelspec settings come back in the REST
+error; deleting the kernel leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox_kernel import kernelspecs
+from sandbox_kernel.paths import run_dir
+
+pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def images() -> None:
+    from sandbox_kernel.errors import ImageError
+    from sandbox_kernel.images.build import build_image
+    from sandbox_kernel.images.store import ImageStore
+
+    for name in ("python3",):  # the server tests use the Python 3 kernel only
+        try:
+            ImageStore().resolve(name)
+        except ImageError:
+            build_image(name, ImageStore())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(
+        self, url: str, token: str, root: Path, proc: subprocess.Popen[bytes], log: Path
+    ) -> None:
+        self.url, self.token, self.root, self.proc, self.log = url, token, root, proc, log
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            return err.code, json.loads(raw) if raw else None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("server")
+    prefix = base / "prefix"
+    kernelspecs.install(None, prefix=str(prefix))
+    kernels = prefix / "share" / "jupyter" / "kernels"
+    bad = json.loads((kernels / "python3-sandbox" / "kernel.json").read_text())
+    bad["display_name"] = "Broken (sandbox)"
+    bad["metadata"]["kernel_provisioner"]["config"]["memory"] = "lots"
+    (kernels / "broken-sandbox").mkdir()
+    (kernels / "broken-sandbox" / "kernel.json").write_text(json.dumps(bad))
+    root = base / "root"
+    root.mkdir()
+    os.chown(root, 1000, 1000)
+    eps = kernelspecs.entry_point_dir(base / "eps")
+    token = secrets.token_hex(16)
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(base),
+        "JUPYTER_PATH": str(prefix / "share" / "jupyter"),
+        "JUPYTER_CONFIG_DIR": str(base / "config"),
+        "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(eps)]),
+        "SECRET_OF_THE_SERVER": "must-not-leak",
+    }
+    for key in ("SANDBOX_KERNEL_STATE_DIR", "SANDBOX_KERNEL_RUN_DIR"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    log = base / "server.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter_server",
+        f"--ServerApp.token={token}",
+        f"--port={port}",
+        "--ip=127.0.0.1",
+        "--no-browser",
+        "--allow-root",
+        f"--ServerApp.root_dir={root}",
+        "--ServerApp.port_retries=0",
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(base))
+    srv = Server(f"http://127.0.0.1:{port}", token, root, proc, log)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if srv.request("GET", "/api/status")[0] == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"jupyter server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    try:
+        yield srv
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_cell(srv: Server, kernel_id: str, code: str, timeout: float = 90) -> tuple[str, str]:
+    import websocket
+
+    ws = websocket.create_connection(
+        srv.url.replace("http://", "ws://")
+        + f"/api/kernels/{kernel_id}/channels?token={srv.token}",
+        timeout=timeout,
+    )
+    try:
+        msg_id = uuid.uuid4().hex
+        ws.send(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "msg_type": "execute_request",
+                        "username": "test",
+                        "session": uuid.uuid4().hex,
+                        "version": "5.3",
+                        "date": "",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "channel": "shell",
+                    "buffers": [],
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": False,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                        "stop_on_error": True,
+                    },
+                }
+            )
+        )
+        out: list[str] = []
+        status = ""
+        idle = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = json.loads(ws.recv())
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                out.append(msg["content"]["text"])
+            elif msg["msg_type"] == "error":
+                out.append(msg["content"]["ename"])
+            elif msg["msg_type"] == "execute_reply":
+                status = msg["content"]["status"]
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                idle = True
+            if status and idle:  # shell and iopub are not ordered with each other
+                break
+        return status, "".join(out)
+    finally:
+        ws.close()
+
+
+def leftovers(container_id: str) -> list[str]:
+    """What is left on the host of one container (other engineers' containers may come and go)."""
+    from sandbox_kernel.cgroups import get_manager
+
+    found = []
+    if (run_dir() / container_id).exists():
+        found.append(f"run dir {run_dir() / container_id}")
+    if container_id in get_manager().list_leftovers("sk-"):
+        found.append(f"cgroup {container_id}")
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {line.strip()}" for line in f if container_id in line]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if container_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(f"process {pid}")
+        except OSError:
+            pass
+    return found
+
+
+def test_kernel_over_rest_and_websocket(server: Server) -> None:
+    code, model = server.request("POST", "/api/kernels", {"name": "python3-sandbox", "path": ""})
+    assert code == 201, model
+    kid = model["id"]
+    try:
+        status, out = run_cell(
+            server,
+            kid,
+            "import os, socket, sys\n"
+            "print(sys.version_info[0], os.getuid(), os.getcwd(), socket.gethostname())\n"
+            "print('SECRET_OF_THE_SERVER' in os.environ, 'JPY_PARENT_PID' in os.environ)\n"
+            "open('via-server.txt', 'w').write('x')\n",
+        )
+        assert status == "ok", out
+        lines = out.splitlines()
+        container_id = lines[0].split()[-1]  # the hostname is the container id
+        assert lines[0] == f"3 1000 {server.root} {container_id}"
+        assert (run_dir() / container_id / "meta.json").is_file()
+        meta = json.loads((run_dir() / container_id / "meta.json").read_text())
+        assert meta["kernel_id"] == kid and meta["kernelspec"] == "python3-sandbox"
+        assert lines[1] == "False False"
+        assert (server.root / "via-server.txt").stat().st_uid == 1000
+        # interrupt over REST
+        code, _ = server.request("POST", f"/api/kernels/{kid}/interrupt")
+        assert code == 204
+        # restart over REST, then the same websocket URL works again
+        code, _ = server.request("POST", f"/api/kernels/{kid}/restart")
+        assert code == 200
+        status, out = run_cell(server, kid, "print(6 * 7)")
+        assert (status, out.strip()) == ("ok", "42")
+    finally:
+        code, _ = server.request("DELETE", f"/api/kernels/{kid}")
+        assert code == 204
+    deadline = time.monotonic() + 10
+    while leftovers(container_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftovers(container_id) == []
+    assert not (run_dir() / "kernels" / kid).exists()
+
+
+def test_bad_kernelspec_error_reaches_the_rest_client(server: Server) -> None:
+    code, reply = server.request("POST", "/api/kernels", {"name": "broken-sandbox", "path": ""})
+    assert code == 400, reply
+    assert "kernelspec 'broken-sandbox'" in reply["message"]
+    assert "memory='lots' is not a size" in reply["message"]
+    assert "512M" in reply["message"]  # the accepted form
