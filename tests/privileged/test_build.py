@@ -55,7 +55,9 @@ def built(store: ImageStore) -> dict[str, tuple[Image, list[str]]]:
 def build(store: ImageStore, built: dict[str, tuple[Image, list[str]]], name: str) -> Image:
     if name not in built:
         lines: list[str] = []
+        t0 = time.monotonic()
         image = build_image(str(REPO / "images" / name), store, progress=lines.append)
+        print(f"built {name} in {time.monotonic() - t0:.1f} s:", *lines, sep="\n  ")
         built[name] = (image, lines)
     return built[name][0]
 
@@ -105,9 +107,8 @@ def kernel_roundtrip(image: Image, tmp: Path) -> dict[str, object]:
             try:
                 kc.wait_for_ready(timeout=120)
             except RuntimeError:
-                pytest.fail(
-                    f"kernel did not answer (exit {proc.poll()}): {(tmp / 'kernel.log').read_text()}"
-                )
+                log_text = (tmp / "kernel.log").read_text()
+                pytest.fail(f"kernel did not answer (exit {proc.poll()}): {log_text}")
             msg_id = kc.kernel_info()
             reply = kc.get_shell_msg(timeout=30)
             while reply["parent_header"].get("msg_id") != msg_id:  # wait_for_ready's replies

@@ -365,3 +365,64 @@ def test_whiteout_is_overlay_char_device(tmp_path: Path) -> None:
     pip_target._whiteout(p)
     st = os.lstat(p)
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+FAKE_PIP = r"""#!{python}
+# Stands in for `python -m pip install --target T ...`: writes what a real install would.
+import os, sys
+args = sys.argv[1:]
+target = args[args.index("--target") + 1]
+open(os.path.join(os.path.dirname(sys.argv[0]), "args.txt"), "w").write(" ".join(args))
+def put(rel, text):
+    p = os.path.join(target, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    open(p, "w").write(text)
+def dist(name, version, files):
+    info = "%s-%s.dist-info" % (name, version)
+    put(info + "/METADATA", "Name: %s\nVersion: %s\n" % (name, version))
+    put(info + "/RECORD", "".join(f + ",,\n" for f in files + [info + "/METADATA"]))
+    for f in files:
+        put(f, "# %s %s\n" % (name, version))
+dist("six", "1.16.0", ["six.py"])
+dist("tornado", "5.1.1", ["tornado/__init__.py", "tornado/speedups.cpython-311-x86_64-linux-gnu.so"])
+dist("Pkg", "2.0", ["pkg/__init__.py", "pkg/__pycache__/__init__.cpython-311.pyc", "bin/pkg-tool"])
+put("bin/pkg-tool", "#!/host/venv/bin/python3.11\nimport pkg\n")
+"""
+
+
+def test_pip_install_cleans_host_artefacts_and_reuses_parent(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("overlay whiteouts (mknod) need root")
+    import sys
+
+    fake = tmp_path / "fakepy"
+    fake.write_text(FAKE_PIP.replace("{python}", sys.executable))
+    fake.chmod(0o755)
+    r = load_recipe(REPO / "images" / "python2.7")
+    assert r.python is not None and r.pip is not None
+    site = r.python.site_dir.lstrip("/")
+    parent = tmp_path / "parent"
+    _dist(parent / site, "six", "1.16.0", ["six.py"])  # same version: dropped from the layer
+    _dist(parent / site, "pkg", "1.0", ["pkg/__init__.py", "pkg/old.py"])  # replaced
+    layer = tmp_path / "work" / "layer"
+    layer.mkdir(parents=True)
+    spec = pip_target.PipSpec(("six==1.16.0", "tornado==5.1.1", "Pkg==2.0"), ("tornado",), True)
+    res = pip_target.install(spec, r.python, layer, [str(parent)], r.path, python=str(fake))
+    sp = layer / site
+    args = (tmp_path / "args.txt").read_text()
+    assert args.startswith("-m pip install --target ")
+    assert "-c " in args  # the parent's versions are constraints (pkg is pinned: not in them)
+    assert {d.name for d in res.installed} == {"tornado", "pkg"}
+    assert res.dropped_same_as_parent == ["six==1.16.0"]
+    assert not (sp / "six.py").exists() and not list(sp.glob("six-*"))
+    assert res.replaced_in_parent == ["pkg 1.0 -> 2.0"]
+    for gone in ("pkg/old.py", "pkg-1.0.dist-info"):
+        st = os.lstat(sp / gone)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, gone
+    assert (sp / "pkg/__init__.py").read_text() == "# Pkg 2.0\n"
+    assert (sp / "tornado/__init__.py").is_file()
+    assert not (sp / "tornado/speedups.cpython-311-x86_64-linux-gnu.so").exists()
+    assert not (sp / "pkg/__pycache__").exists() and not (sp / "bin").exists()
+    tool = layer / "usr/local/bin/pkg-tool"
+    assert tool.read_text() == "#!/usr/bin/python2.7\nimport pkg\n"
+    assert os.access(tool, os.X_OK)
