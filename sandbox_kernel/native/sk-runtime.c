@@ -1572,6 +1572,18 @@ static char read_byte(int fd)
     return n == 1 ? c : 0;
 }
 
+/* Die with the supervisor: arm PDEATHSIG, then check the supervisor still
+ * holds its end of P2C (no POLLHUP). If it died before the prctl, the signal
+ * would never come; if it dies after, the kernel sends it. */
+static void arm_pdeathsig(int p2c_r)
+{
+    struct pollfd pf = { .fd = p2c_r, .events = POLLIN };
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+        _exit(EXIT_SETUP);
+    if (poll(&pf, 1, 0) > 0 && (pf.revents & (POLLHUP | POLLERR)))
+        _exit(EXIT_SETUP);
+}
+
 /* Drop everything but CAP_KILL (needed to kill(-1) processes of other uids). */
 static void init_lockdown(void)
 {
@@ -1593,25 +1605,35 @@ static void init_process(int p2c_r, int c2p_w)
     g_report_fd = c2p_w;
     g_status_fd = -1;
 
-    /* PDEATHSIG first, then prove the supervisor is still there: it writes 'S'
-     * after the id maps, and the pipe must not be at EOF after that (the
-     * supervisor holds the write end until it exits). */
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+    /* The supervisor writes 'S' once the id maps exist. Then PDEATHSIG is
+     * armed and the supervisor proven alive (see arm_pdeathsig). */
+    if (read_byte(p2c_r) != 'S')   /* EOF: the supervisor is already gone */
         _exit(EXIT_SETUP);
-    if (read_byte(p2c_r) != 'S')
-        _exit(EXIT_SETUP);
-    struct pollfd pf = { .fd = p2c_r, .events = POLLIN };
-    if (poll(&pf, 1, 0) > 0 && (pf.revents & (POLLHUP | POLLERR)))
-        _exit(EXIT_SETUP);
+    arm_pdeathsig(p2c_r);
+
+    /* Join the cgroups while our credentials are still the host's (in a user
+     * namespace the mapped root could not write the host's cgroup.procs). */
+    for (size_t i = 0; i < P.ncgroups; i++) {
+        char path[PATH_MAX + 32];
+        const char *stage = stagef("cgroup %s", P.cgroups[i]);
+        snprintf(path, sizeof path, "%s/cgroup.procs", P.cgroups[i]);
+        int fd = open(path, O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write_all(fd, "0", 1) < 0)
+            die(EXIT_SETUP, errno, stage, "join %s: %s", path, strerror(errno));
+        close(fd);
+    }
 
     /* In a new user namespace our credentials are still the host's (unmapped
-     * there): become the namespace's root now that the maps exist. */
+     * there): become the namespace's root now that the maps exist. A
+     * credential change clears PDEATHSIG, so it is armed (and the supervisor
+     * checked) once more. */
     if (P.ns_user) {
         if (P.gidmap_len && setgroups(0, NULL) < 0)
             die(EXIT_SETUP, errno, "user namespace", "setgroups: %s", strerror(errno));
         if ((P.gidmap_len && setresgid(0, 0, 0) < 0) || (P.uidmap_len && setresuid(0, 0, 0) < 0))
             die(EXIT_SETUP, errno, "user namespace", "become root of the namespace: %s",
                 strerror(errno));
+        arm_pdeathsig(p2c_r);
     }
 
     /* nothing of the owner's fds is needed here */
@@ -1625,15 +1647,6 @@ static void init_process(int p2c_r, int c2p_w)
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
         die(EXIT_SETUP, errno, "scratch", "make mounts private: %s", strerror(errno));
 
-    for (size_t i = 0; i < P.ncgroups; i++) {
-        char path[PATH_MAX + 32];
-        const char *stage = stagef("cgroup %s", P.cgroups[i]);
-        snprintf(path, sizeof path, "%s/cgroup.procs", P.cgroups[i]);
-        int fd = open(path, O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write_all(fd, "0", 1) < 0)
-            die(EXIT_SETUP, errno, stage, "join %s: %s", path, strerror(errno));
-        close(fd);
-    }
     if (P.ns_cgroup && unshare(CLONE_NEWCGROUP) < 0)
         die(EXIT_SETUP, errno, "unshare cgroup", "unshare(CLONE_NEWCGROUP): %s", strerror(errno));
 

@@ -184,6 +184,7 @@ class Running:
             args += ["--control-fd", str(control_r)]
         self.proc = subprocess.Popen([*args, str(plan_path)], pass_fds=fds, stdout=stdout,
                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        _STARTED.append(self.proc.pid)
         os.close(status_w)
         if control_r is not None:
             os.close(control_r)
@@ -206,6 +207,8 @@ class Running:
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         text = line.decode()
+        if text.startswith("child "):
+            _STARTED.append(int(text.split(" ")[1]))
         self.status.append(text)
         return text
 
@@ -305,13 +308,34 @@ def runtime() -> Path:
     return BINARY
 
 
+# Host processes started by this module: supervisors and their inits. Other suites may
+# run the same binary concurrently, so leftovers are checked by pid, not by name.
+_STARTED: list[int] = []
+
+# Host paths a plan here may mount on (if a mount escaped the container's namespace).
+_WATCHED = {"/usr", "/etc", "/proc", "/dev", "/tmp", "/root", "/lib", "/bin", "/sys",
+            "/dev/pts", "/dev/shm", "/proc/sys", *(f"/dev/{n}" for n in DEV_NODES)}
+
+
+def _our_mounts(lines: Sequence[str], tmp: Path) -> list[str]:
+    out = []
+    for line in lines:
+        mountpoint = line.split(" ")[1]
+        if mountpoint in _WATCHED or mountpoint.startswith(str(tmp)) or "sk-userns-" in mountpoint:
+            out.append(line)
+    return out
+
+
 @pytest.fixture(autouse=True)
-def no_host_leftovers(runtime: Path) -> Iterator[None]:
+def no_host_leftovers(runtime: Path, tmp_path: Path) -> Iterator[None]:
     """Nothing mounted on the host, no executor process left behind."""
     before = mount_lines()
+    _STARTED.clear()
     yield
-    assert wait_gone(pids_with_marker(str(runtime)), 5.0) == []
-    assert mount_lines() == before
+    assert wait_gone(list(_STARTED), 5.0) == []
+    after = mount_lines()
+    new = [line for line in after if line not in before]
+    assert _our_mounts(new, tmp_path) == [], new
 
 
 # --------------------------------------------------------------------------- tests
@@ -736,16 +760,43 @@ def test_init_killed_reports_its_signal(tmp_path: Path) -> None:
         run.kill()
 
 
-def test_user_namespace_maps() -> None:
+@pytest.fixture
+def userns_base() -> Iterator[Path]:
     import tempfile
     # pytest's tmp dirs are 0700: the mapped root (host uid 200000) could not reach them
     base = Path(tempfile.mkdtemp(prefix="sk-userns-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base)
+
+
+def userns_plan(base: Path, argv: Sequence[str]) -> Plan:
+    plan = host_like_plan(base, argv, namespaces="mount,pid,uts,ipc,net,user")
+    plan.records.insert(2, "uidmap 0 200000 65536")
+    plan.records.insert(3, "gidmap 0 200000 65536")
+    return plan
+
+
+def test_user_namespace_supervisor_sigkill_leaves_nothing(userns_base: Path) -> None:
+    # becoming root of the user namespace clears PDEATHSIG: init must re-arm it
+    marker = f"{time.monotonic_ns() % 10**9}.625"
+    run = Running(userns_plan(userns_base, ["sleep", marker]).write(userns_base / "plan"))
     try:
-        base.chmod(0o755)
-        plan = host_like_plan(base, ["sh", "-c", "id -u; cat /proc/self/uid_map; stat -c %u /"],
-                              namespaces="mount,pid,uts,ipc,net,user")
-        plan.records.insert(2, "uidmap 0 200000 65536")
-        plan.records.insert(3, "gidmap 0 200000 65536")
+        init_pid = int(run.wait_for("child")[0])
+        run.wait_for("exec")
+        pids = wait_marker(marker)
+        run.proc.kill()
+        run.proc.wait(5)
+        assert wait_gone([init_pid, *pids]) == []
+    finally:
+        run.kill()
+        run.finish()
+
+
+def test_user_namespace_maps(userns_base: Path) -> None:
+    base = userns_base
+    if True:
+        plan = userns_plan(base, ["sh", "-c", "id -u; cat /proc/self/uid_map; stat -c %u /"])
         r = run_plan(plan, base)
         assert r.rc == 0, r
         lines = r.stdout.split()
@@ -753,8 +804,6 @@ def test_user_namespace_maps() -> None:
         assert lines[1:4] == ["0", "200000", "65536"]
         assert lines[4] == "0"          # the root directory belongs to the container's root
         assert os.listdir(base / "scratch") == []
-    finally:
-        shutil.rmtree(base)
 
 
 def test_cgroup_is_joined_before_unsharing(tmp_path: Path) -> None:
@@ -826,6 +875,7 @@ def test_stdio_passes_through_even_when_status_goes_to_stderr(tmp_path: Path) ->
     plan = host_like_plan(tmp_path, ["sh", "-c", "read x; echo out-$x; echo err-$x >&2"])
     proc = subprocess.run([str(BINARY), "--status-fd", "2", str(plan.write(tmp_path / "plan"))],
                           input=b"42\n", capture_output=True, timeout=20)
+    _STARTED.append(int(proc.stderr.split(b"\n")[0].split(b" ")[1]))
     assert proc.returncode == 0, proc
     assert proc.stdout == b"out-42\n"
     err = proc.stderr.decode().splitlines()
