@@ -25,7 +25,7 @@ SHIPPED = ("python2.7", "python3", "python2.7-plot", "python3-plot")
 TEACHER = """
 from = "python3"
 [pip]
-packages = ["numpy==2.4.6", "pandas==2.3.3"]
+packages = ["numpy==2.4.6", "pandas==2.3.2"]
 """
 
 
@@ -46,7 +46,7 @@ def test_teacher_recipe_is_three_lines(tmp_path: Path) -> None:
     assert r.tag == "latest"
     assert r.from_image == "python3"
     assert r.base is None and r.python is None
-    assert r.pip is not None and r.pip.packages == ("numpy==2.4.6", "pandas==2.3.3")
+    assert r.pip is not None and r.pip.packages == ("numpy==2.4.6", "pandas==2.3.2")
     assert r.pip.no_deps is False
 
 
@@ -384,7 +384,8 @@ def dist(name, version, files):
     for f in files:
         put(f, "# %s %s\n" % (name, version))
 dist("six", "1.16.0", ["six.py"])
-dist("tornado", "5.1.1", ["tornado/__init__.py", "tornado/speedups.cpython-311-x86_64-linux-gnu.so"])
+dist("tornado", "5.1.1",
+     ["tornado/__init__.py", "tornado/speedups.cpython-311-x86_64-linux-gnu.so"])
 dist("Pkg", "2.0", ["pkg/__init__.py", "pkg/__pycache__/__init__.cpython-311.pyc", "bin/pkg-tool"])
 put("bin/pkg-tool", "#!/host/venv/bin/python3.11\nimport pkg\n")
 """
