@@ -4,6 +4,7 @@ namespaces and cgroups. Needs root and the python2.7 / python3 images (built on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -56,44 +57,44 @@ def notebook_dir(tmp_path: Path) -> Path:
     return nb
 
 
-def host_state() -> dict[str, Any]:
+def leftovers(container_id: str) -> list[str]:
+    """What is left on the host of one of our containers (other engineers' containers may come
+    and go on the same host, so only ours are checked)."""
     from sandbox_kernel.cgroups import get_manager
 
+    found = []
+    if (run_dir() / container_id).exists():
+        found.append(f"run dir {run_dir() / container_id}")
+    if container_id in get_manager().list_leftovers("sk-"):
+        found.append(f"cgroup {container_id}")
     with open("/proc/self/mountinfo") as f:
-        mounts = sorted(line.split(" - ")[0].split(None, 4)[4] for line in f)
-    root = run_dir()
-    runs = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    procs = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"sk-runtime" in cmd:
-                procs.append(pid)
-    return {
-        "mounts": mounts,
-        "cgroups": sorted(get_manager().list_leftovers("sk-")),
-        "runs": [r for r in runs if r.startswith("sk-")],
-        "procs": sorted(procs),
-    }
+        found += [f"mount {line.strip()}" for line in f if container_id in line]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if container_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(f"process {pid}")
+        except OSError:
+            pass
+    return found
 
 
 @pytest.fixture
-def clean_host() -> Iterator[dict[str, Any]]:
-    before = host_state()
-    yield before
+def clean_host() -> Iterator[list[str]]:
+    """Tests append the ids of their containers; afterwards nothing of them is left."""
+    ids: list[str] = []
+    yield ids
     deadline = time.monotonic() + 10
-    while True:
-        after = host_state()
-        if after == before or time.monotonic() > deadline:
-            break
+    while any(leftovers(c) for c in ids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert after["mounts"] == before["mounts"], "mounts left on the host"
-    assert after["cgroups"] == before["cgroups"], "cgroups left behind"
-    assert after["runs"] == before["runs"], "run dirs left behind"
-    assert after["procs"] == before["procs"], "executor processes left behind"
+    assert [x for c in ids for x in leftovers(c)] == []
+
+
+def track(ids: list[str], km: AsyncKernelManager) -> prov.SandboxProvisioner:
+    p = km.provisioner
+    assert isinstance(p, prov.SandboxProvisioner) and p.container_id
+    if p.container_id not in ids:
+        ids.append(p.container_id)
+    return p
 
 
 async def execute(
@@ -119,21 +120,24 @@ async def execute(
 
 @pytest.fixture
 async def started(
-    kernels: Path, notebook_dir: Path
+    clean_host: list[str], kernels: Path, notebook_dir: Path
 ) -> AsyncIterator[dict[str, AsyncKernelManager]]:
     kms = {name: AsyncKernelManager(kernel_name=name) for name in KERNELS}
     await asyncio.gather(*(km.start_kernel(cwd=str(notebook_dir)) for km in kms.values()))
+    for km in kms.values():
+        track(clean_host, km)
     try:
         yield kms
     finally:
         for km in kms.values():
             if km.has_kernel:
                 await km.shutdown_kernel(now=True)
+            assert not (run_dir() / "kernels" / str(km.kernel_id)).exists()
 
 
 # ---- tests -------------------------------------------------------------------------------------
 async def test_both_kernels_run_at_once_isolated(
-    clean_host: dict[str, Any], started: dict[str, AsyncKernelManager], notebook_dir: Path
+    clean_host: list[str], started: dict[str, AsyncKernelManager], notebook_dir: Path
 ) -> None:
     code = (
         "import os, sys, socket\n"
@@ -161,7 +165,7 @@ async def test_both_kernels_run_at_once_isolated(
 
 
 async def test_network_is_absent(
-    clean_host: dict[str, Any], started: dict[str, AsyncKernelManager]
+    clean_host: list[str], started: dict[str, AsyncKernelManager]
 ) -> None:
     code = (
         "import socket, time\n"
@@ -181,7 +185,7 @@ async def test_network_is_absent(
 
 
 async def test_file_written_in_notebook_dir_has_the_owner(
-    clean_host: dict[str, Any], started: dict[str, AsyncKernelManager], notebook_dir: Path
+    clean_host: list[str], started: dict[str, AsyncKernelManager], notebook_dir: Path
 ) -> None:
     for name, km in started.items():
         reply, out = await execute(km, f"open('from-{name}.txt', 'w').write(u'hi')")
@@ -197,7 +201,7 @@ async def test_file_written_in_notebook_dir_has_the_owner(
 
 
 async def test_interrupt_restart_shutdown(
-    clean_host: dict[str, Any], started: dict[str, AsyncKernelManager]
+    clean_host: list[str], started: dict[str, AsyncKernelManager]
 ) -> None:
     for km in started.values():
         kc = km.client()
@@ -229,7 +233,7 @@ async def test_interrupt_restart_shutdown(
 
 
 async def test_cpu_cap_applied_after_first_kernel_info(
-    clean_host: dict[str, Any], kernels: Path, notebook_dir: Path
+    clean_host: list[str], kernels: Path, notebook_dir: Path
 ) -> None:
     spec = json.loads((kernels / "python3-sandbox" / "kernel.json").read_text())
     spec["metadata"]["kernel_provisioner"]["config"].update(
@@ -239,6 +243,7 @@ async def test_cpu_cap_applied_after_first_kernel_info(
     (kernels / "t-caps" / "kernel.json").write_text(json.dumps(spec))
     km = AsyncKernelManager(kernel_name="t-caps")
     await km.start_kernel(cwd=str(notebook_dir))
+    track(clean_host, km)
     try:
         provisioner = km.provisioner
         assert isinstance(provisioner, prov.SandboxProvisioner)
@@ -257,7 +262,7 @@ async def test_cpu_cap_applied_after_first_kernel_info(
 
 
 async def test_oom_death_is_reported_and_kept(
-    clean_host: dict[str, Any], kernels: Path, notebook_dir: Path, caplog: pytest.LogCaptureFixture
+    clean_host: list[str], kernels: Path, notebook_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = json.loads((kernels / "python3-sandbox" / "kernel.json").read_text())
     spec["metadata"]["kernel_provisioner"]["config"]["memory"] = "200M"
@@ -265,6 +270,7 @@ async def test_oom_death_is_reported_and_kept(
     (kernels / "t-oom" / "kernel.json").write_text(json.dumps(spec))
     km = AsyncKernelManager(kernel_name="t-oom")
     await km.start_kernel(cwd=str(notebook_dir))
+    track(clean_host, km)
     try:
         kc = km.client()
         kc.start_channels()
@@ -313,7 +319,7 @@ async def test_oom_death_is_reported_and_kept(
     ],
 )
 async def test_bad_kernelspec_fails_clearly_and_leaves_nothing(
-    clean_host: dict[str, Any],
+    clean_host: list[str],
     kernels: Path,
     notebook_dir: Path,
     field: str,
@@ -329,3 +335,11 @@ async def test_bad_kernelspec_fails_clearly_and_leaves_nothing(
         await km.start_kernel(cwd=str(notebook_dir))
     assert str(info.value).startswith("kernelspec 't-bad': ")
     assert message in str(info.value)
+    p = km.provisioner
+    assert isinstance(p, prov.SandboxProvisioner)
+    assert p.container is None
+    if p.container_id:  # the image was resolved before the failure: nothing of it may stay
+        clean_host.append(p.container_id)
+    for entry in run_dir().glob("sk-*/meta.json"):
+        with contextlib.suppress(OSError, ValueError):
+            assert json.loads(entry.read_text()).get("kernelspec") != "t-bad"
