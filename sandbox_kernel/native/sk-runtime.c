@@ -1339,6 +1339,16 @@ static void do_readonly(struct rec *r)
     if (mount(b, b, NULL, MS_BIND | MS_REC, NULL) < 0)
         die(EXIT_SETUP, errno, stage, "bind %s onto itself: %s", path, strerror(errno));
     close(fd);
+    if (strcmp(path, "/") == 0) {
+        /* g_rootfd still names the covered overlay: lookups through it would
+         * not see the new mount. Re-open the root by its host path, which
+         * does end on the top-most mount. */
+        int nfd = open(g_root_path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (nfd < 0)
+            die(EXIT_SETUP, errno, stage, "reopen root: %s", strerror(errno));
+        close(g_rootfd);
+        g_rootfd = nfd;
+    }
     bind_remount(path, MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, stage);
 }
 
@@ -1363,8 +1373,13 @@ static void do_pivot(void)
      * detach then removes it, so no directory for the old root is needed. */
     /* Enter the root through its host path, not g_rootfd: a mount stacked on
      * the root itself (e.g. `readonly /`) must be the one we pivot into. */
+    struct stat want, got;
     if (chdir(g_root_path) < 0)
         die(EXIT_SETUP, errno, "pivot", "chdir to new root: %s", strerror(errno));
+    /* ...and it must still be the very directory opened by `rootfs` */
+    if (fstat(g_rootfd, &want) < 0 || stat(".", &got) < 0 || want.st_dev != got.st_dev ||
+        want.st_ino != got.st_ino)
+        die(EXIT_SETUP, EXDEV, "pivot", "%s is no longer the new root", g_root_path);
     if (syscall(SYS_pivot_root, ".", ".") < 0)
         die(EXIT_SETUP, errno, "pivot", "pivot_root: %s", strerror(errno));
     if (umount2(".", MNT_DETACH) < 0)

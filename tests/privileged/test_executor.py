@@ -881,3 +881,11 @@ def test_stdio_passes_through_even_when_status_goes_to_stderr(tmp_path: Path) ->
     err = proc.stderr.decode().splitlines()
     assert "err-42" in err
     assert err[0].startswith("child ") and err[-1] == "exit code 0"
+
+
+def test_readonly_root(tmp_path: Path) -> None:
+    plan = host_like_plan(tmp_path, ["sh", "-c", "touch /x 2>&1; touch /tmp/y && echo tmp-ok"],
+                          user=None, extra=[("readonly", "/")])
+    r = run_plan(plan, tmp_path)
+    assert r.rc == 0, r
+    assert "Read-only file system" in r.stdout and "tmp-ok" in r.stdout
