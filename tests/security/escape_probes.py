@@ -1017,6 +1017,136 @@ def plant_setuid():
     return out
 
 
+@attempt
+def oom_immunity():
+    """Lower oom_score_adj to -1000: an OOM-immune kernel would push the OOM killer elsewhere."""
+
+    def write(path):
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError as exc:
+            return ename(exc.errno)
+        try:
+            os.write(fd, b"-1000")
+            return "WROTE"
+        except OSError as exc:
+            return ename(exc.errno)
+        finally:
+            os.close(fd)
+
+    return {
+        "/proc/self/oom_score_adj": write("/proc/self/oom_score_adj"),
+        "/proc/1/oom_score_adj": write("/proc/1/oom_score_adj"),
+    }
+
+
+@attempt
+def cpu_priority():
+    """Real-time scheduling / negative nice: starve the host's other tenants."""
+    out = {
+        "SCHED_FIFO": oserr(os.sched_setscheduler, 0, os.SCHED_FIFO, os.sched_param(1)),
+        "SCHED_RR": oserr(os.sched_setscheduler, 0, os.SCHED_RR, os.sched_param(1)),
+        "nice -20": oserr(os.setpriority, os.PRIO_PROCESS, 0, -20),
+    }
+    return out
+
+
+@attempt
+def raise_rlimits():
+    import resource
+
+    out = {}
+    for name in ("RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_RTPRIO"):
+        res = getattr(resource, name)
+        _soft, hard = resource.getrlimit(res)
+        new = 1048576 if hard == resource.RLIM_INFINITY or hard < 1048576 else hard + 1
+        try:
+            resource.setrlimit(res, (new, new))
+            out[name] = "RAISED"
+        except ValueError:  # Python's message for EPERM: "not allowed to raise maximum limit"
+            out[name] = "EPERM"
+        except OSError as exc:
+            out[name] = ename(exc.errno)
+    return out
+
+
+@attempt
+def regain_privileges():
+    """Capabilities back through capset/ambient/setuid/setgroups, and clearing no_new_privs."""
+    header = buf(8)
+    struct.pack_into("=Ii", header, 0, 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
+    data = buf(24)
+    struct.pack_into("=IIIIII", data, 0, *([0xFFFFFFFF] * 6))
+    ctypes.set_errno(0)
+    ret = libc.capset(header, data)
+    out = {"capset all": "OK" if ret == 0 else ename(ctypes.get_errno())}
+    libc.prctl.restype = ctypes.c_int
+    prctl = [ctypes.c_ulong(v) for v in (47, 2, 21, 0, 0)]  # PR_CAP_AMBIENT_RAISE CAP_SYS_ADMIN
+    ctypes.set_errno(0)
+    out["ambient raise"] = "OK" if libc.prctl(*prctl) == 0 else ename(ctypes.get_errno())
+    ctypes.set_errno(0)
+    nnp = [ctypes.c_ulong(v) for v in (38, 0, 0, 0, 0)]  # PR_SET_NO_NEW_PRIVS 0
+    out["clear no_new_privs"] = "OK" if libc.prctl(*nnp) == 0 else ename(ctypes.get_errno())
+    out["setgroups [0]"] = oserr(os.setgroups, [0])
+    if os.getuid() != 0:
+        out["setuid 0"] = oserr(os.setuid, 0)
+        out["setresuid 0"] = oserr(os.setresuid, 0, 0, 0)
+    with open("/proc/self/status") as f:
+        caps = dict(line.split(":", 1) for line in f if line.startswith("Cap"))
+    out["caps after"] = "none" if all(int(v, 16) == 0 for v in caps.values()) else json.dumps(caps)
+    return out
+
+
+@attempt
+def mount_flags():
+    names = [
+        ("RO", os.ST_RDONLY),
+        ("NOSUID", os.ST_NOSUID),
+        ("NODEV", os.ST_NODEV),
+        ("NOEXEC", os.ST_NOEXEC),
+    ]
+    out = {}
+    for path in ARGS["paths"]:
+        try:
+            flags = os.statvfs(path).f_flag
+        except OSError as exc:
+            out[path] = ename(exc.errno)
+            continue
+        out[path] = ",".join(n for n, bit in names if flags & bit) or "-"
+    return out
+
+
+@attempt
+def sysv_ipc():
+    """SysV IPC objects of the host (IPC namespace): the keys in ARGS are not found."""
+    out = {}
+    libc.shmget.restype = ctypes.c_int
+    libc.msgget.restype = ctypes.c_int
+    libc.semget.restype = ctypes.c_int
+    for kind, key in sorted(ARGS["keys"].items()):
+        fn = {
+            "shm": lambda k: libc.shmget(k, 0, 0),
+            "msg": lambda k: libc.msgget(k, 0),
+            "sem": lambda k: libc.semget(k, 0, 0),
+        }[kind]
+        ctypes.set_errno(0)
+        ret = fn(ctypes.c_int(key))
+        out[kind] = "FOUND" if ret >= 0 else ename(ctypes.get_errno())
+    return out
+
+
+@attempt
+def kaslr_leak():
+    """Kernel addresses (KASLR defeat, step one of most kernel exploits) in /proc/kallsyms."""
+    try:
+        with open("/proc/kallsyms") as f:
+            addrs = [f.readline().split()[0] for _ in range(50)]
+    except OSError as exc:
+        return {"/proc/kallsyms": ename(exc.errno)}
+    leaked = any(int(a, 16) != 0 for a in addrs)
+    return {"/proc/kallsyms": "ADDRESSES" if leaked else "zeroed"}
+
+
 def main():
     name = sys.argv[1]
     result = ATTEMPTS[name]()

@@ -596,6 +596,51 @@ CASES: list[Case] = [
         "abi_bypass",
         *same({"int 0x80 getpid": {"signal 31"}, "x32 getpid": {"signal 31"}}),
     ),
+    Case(
+        "oom-immunity",
+        "oom_score_adj -1000: an OOM-immune process pushes the OOM killer onto others",
+        "oom_immunity",
+        *same({"/proc/self/oom_score_adj": EACCES, "/proc/1/oom_score_adj": EACCES}),
+    ),
+    Case(
+        "cpu-priority",
+        "SCHED_FIFO/SCHED_RR or nice -20: starving the host and other kernels",
+        "cpu_priority",
+        *same({"SCHED_FIFO": EPERM, "SCHED_RR": EPERM, "nice -20": EACCES}),
+    ),
+    Case(
+        "raise-rlimits",
+        "raising hard rlimits (nofile, core, rtprio) set by the executor",
+        "raise_rlimits",
+        *same({"RLIMIT_NOFILE": EPERM, "RLIMIT_CORE": EPERM, "RLIMIT_RTPRIO": EPERM}),
+    ),
+    Case(
+        "regain-privileges",
+        "capabilities back via capset/ambient raise, setuid(0), setgroups, clearing no_new_privs",
+        "regain_privileges",
+        {
+            "capset all": EPERM,
+            "ambient raise": EPERM,
+            "clear no_new_privs": {"EINVAL"},
+            "setgroups [0]": EPERM,
+            "setuid 0": EPERM,
+            "setresuid 0": EPERM,
+            "caps after": {"none"},
+        },
+        {
+            "capset all": EPERM,
+            "ambient raise": EPERM,
+            "clear no_new_privs": {"EINVAL"},
+            "setgroups [0]": EPERM,
+            "caps after": {"none"},
+        },
+    ),
+    Case(
+        "kaslr-leak",
+        "kernel addresses in /proc/kallsyms (KASLR bypass for kernel exploits)",
+        "kaslr_leak",
+        *same({"/proc/kallsyms": {"zeroed", "ENOENT"}}),
+    ),
 ]
 
 
@@ -619,7 +664,7 @@ def test_attempt_fails(case: Case, who: str, expected: dict[str, set[str]]) -> N
 @pytest.fixture
 def host_sentinels():
     name = "sk-esc-sentinel-" + secrets.token_hex(4)
-    paths = [Path("/root") / name, Path("/var/tmp") / name]
+    paths = [Path(d) / name for d in ("/root", "/var/tmp", "/tmp", "/dev/shm")]
     for p in paths:
         p.write_text("host secret\n")
         p.chmod(0o644)
@@ -633,14 +678,11 @@ def host_sentinels():
 def test_host_only_files_are_not_reachable(host_sentinels, who: str) -> None:
     """Host files outside /usr and /etc (sentinels in /root, /var/tmp), also via /proc/1/root."""
     name, sums = host_sentinels
-    paths = [
-        f"/root/{name}",
-        f"/var/tmp/{name}",
-        f"/proc/1/root/root/{name}",
-        f"/proc/1/root/var/tmp/{name}",
-    ]
-    data = probe_ok("read_files", {"paths": paths}, who=who)
-    check(data, {paths[0]: ENOENT, paths[1]: ENOENT, paths[2]: EACCES, paths[3]: EACCES})
+    direct = [f"/root/{name}", f"/var/tmp/{name}", f"/tmp/{name}", f"/dev/shm/{name}"]
+    direct.append("/run/sandbox-kernel")  # the run dirs of all containers
+    via_init = [f"/proc/1/root/root/{name}", f"/proc/1/root/var/tmp/{name}"]
+    data = probe_ok("read_files", {"paths": direct + via_init}, who=who)
+    check(data, {**{p: ENOENT for p in direct}, **{p: EACCES for p in via_init}})
     assert {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in sums} == sums
 
 
@@ -1177,3 +1219,56 @@ def test_probe_refuses_outside_a_sandbox() -> None:
     assert (
         result.status == REFUSED and "REFUSED: not in a sandbox" in text and "SK-RESULT" not in text
     )
+
+
+# ---- mount flags and IPC namespace -------------------------------------------------------
+
+MOUNT_FLAGS = {
+    "/usr": {"RO", "NOSUID", "NODEV"},
+    "/etc": {"RO", "NOSUID", "NODEV"},
+    "/proc": {"NOSUID", "NODEV", "NOEXEC"},
+    "/proc/sys": {"RO", "NOSUID", "NODEV", "NOEXEC"},
+    "/sys": {"RO", "NOSUID", "NODEV", "NOEXEC"},
+    "/sys/fs/cgroup": {"RO", "NOSUID", "NODEV", "NOEXEC"},
+    "/tmp": {"NOSUID", "NODEV"},
+    "/home/sandbox": {"NOSUID", "NODEV"},
+    "/dev": {"NOSUID", "NOEXEC"},
+    "/dev/shm": {"NOSUID", "NODEV", "NOEXEC"},
+    "/dev/mqueue": {"NOSUID", "NODEV", "NOEXEC"},
+    "/dev/pts": {"NOSUID", "NOEXEC"},
+}
+
+
+@pytest.mark.privileged
+def test_mount_flags_of_the_layout() -> None:
+    """Setuid/device files on writable or host mounts: every mount has its nosuid/nodev/ro flags."""
+    data = probe_ok("mount_flags", {"paths": sorted(MOUNT_FLAGS)})
+    missing = {p: sorted(want - set(data[p].split(","))) for p, want in MOUNT_FLAGS.items()}
+    assert not {p: m for p, m in missing.items() if m}, f"mount flags missing: {missing} ({data})"
+
+
+@pytest.fixture
+def host_ipc_objects():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x5E000000 | secrets.randbits(20)
+    ipc_creat, ipc_rmid = 0o1000, 0
+    ids = {
+        "shm": libc.shmget(key, 4096, ipc_creat | 0o666),
+        "msg": libc.msgget(key + 1, ipc_creat | 0o666),
+        "sem": libc.semget(key + 2, 1, ipc_creat | 0o666),
+    }
+    assert all(i >= 0 for i in ids.values()), ids
+    yield {"shm": key, "msg": key + 1, "sem": key + 2}
+    libc.shmctl(ids["shm"], ipc_rmid, None)
+    libc.msgctl(ids["msg"], ipc_rmid, None)
+    libc.semctl(ids["sem"], 0, ipc_rmid)
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("who", ["nobody", "root"])
+def test_host_sysv_ipc_is_invisible(host_ipc_objects: dict[str, int], who: str) -> None:
+    """IPC namespace: the host's SysV shared memory, message queues and semaphores are not found."""
+    data = probe_ok("sysv_ipc", {"keys": host_ipc_objects}, who=who)
+    check(data, {"shm": ENOENT, "msg": ENOENT, "sem": ENOENT})
