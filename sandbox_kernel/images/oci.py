@@ -1,0 +1,376 @@
+"""OCI image-spec facts: digests, media types, and strict parsing of index / manifest / config.
+
+Everything here treats its input as hostile: JSON documents are size-bounded before they are
+parsed, digests are checked against ``sha256:[0-9a-f]{64}`` before any path is built from them,
+and media types are checked so that an index cannot pose as a manifest (or a config as a layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ImageError, UnsafeArchiveError
+
+# --- media types -------------------------------------------------------------------------------
+
+OCI_LAYOUT_VERSION = "1.0.0"
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+MT_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+MT_OCI_LAYER_ND_TAR = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+MT_OCI_LAYER_ND_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+MT_OCI_LAYER_ND_ZSTD = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MT_DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
+MT_DOCKER_LAYER_ZSTD = "application/vnd.docker.image.rootfs.diff.tar.zstd"
+MT_DOCKER_FOREIGN_GZIP = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+INDEX_TYPES = frozenset({MT_OCI_INDEX, MT_DOCKER_LIST})
+MANIFEST_TYPES = frozenset({MT_OCI_MANIFEST, MT_DOCKER_MANIFEST})
+CONFIG_TYPES = frozenset({MT_OCI_CONFIG, MT_DOCKER_CONFIG})
+
+_LAYER_COMPRESSION: dict[str, str] = {
+    MT_OCI_LAYER_TAR: "none",
+    MT_OCI_LAYER_GZIP: "gzip",
+    MT_OCI_LAYER_ZSTD: "zstd",
+    MT_OCI_LAYER_ND_TAR: "none",
+    MT_OCI_LAYER_ND_GZIP: "gzip",
+    MT_OCI_LAYER_ND_ZSTD: "zstd",
+    MT_DOCKER_LAYER_TAR: "none",
+    MT_DOCKER_LAYER_GZIP: "gzip",
+    MT_DOCKER_LAYER_ZSTD: "zstd",
+    MT_DOCKER_FOREIGN_GZIP: "gzip",
+}
+LAYER_TYPES = frozenset(_LAYER_COMPRESSION)
+
+COMPRESSION_MEDIA_TYPE = {
+    "none": MT_OCI_LAYER_TAR,
+    "gzip": MT_OCI_LAYER_GZIP,
+    "zstd": MT_OCI_LAYER_ZSTD,
+}
+
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+ANNOTATION_CREATED = "org.opencontainers.image.created"
+LABEL_KERNEL_ARGV = "org.sandbox-kernel.kernel.argv"
+
+# Bound on any JSON document (index, manifest, config) read from an archive or the store.
+MAX_JSON_BYTES = 4 * 1024 * 1024
+
+# --- digests -----------------------------------------------------------------------------------
+
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_digest(digest: object, what: str = "digest") -> str:
+    """Return ``digest`` if it is exactly ``sha256:<64 lowercase hex>``; else raise ImageError.
+
+    Call this before building any path from a digest.
+    """
+    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        shown = digest if isinstance(digest, str) and len(digest) < 200 else type(digest).__name__
+        raise UnsafeArchiveError(
+            f"invalid {what} {shown!r}: only 'sha256:' followed by 64 lowercase hex digits is "
+            "accepted; re-create the image with a tool that writes sha256 digests"
+        )
+    return digest
+
+
+def digest_hex(digest: str) -> str:
+    """The 64-hex part of a validated digest (validates first)."""
+    return check_digest(digest)[len("sha256:") :]
+
+
+def is_hex64(s: str) -> bool:
+    return bool(_HEX_RE.match(s))
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def layer_compression(media_type: str) -> str:
+    """'none', 'gzip' or 'zstd' for a layer media type; UnsafeArchiveError for anything else."""
+    try:
+        return _LAYER_COMPRESSION[media_type]
+    except KeyError:
+        raise UnsafeArchiveError(
+            f"media type {media_type!r} is not a layer type; accepted layer types: "
+            + ", ".join(sorted(LAYER_TYPES))
+        ) from None
+
+
+# --- names -------------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name) or len(name) > 128:
+        raise ImageError(
+            f"invalid image name {name!r}: use lowercase letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (e.g. python2.7)"
+        )
+    return name
+
+
+def check_tag(tag: str) -> str:
+    if not _TAG_RE.match(tag):
+        raise ImageError(
+            f"invalid image tag {tag!r}: use letters, digits, '.', '_' and '-' (at most 128), "
+            "not starting with '.' or '-' (e.g. latest)"
+        )
+    return tag
+
+
+def split_ref(ref: str, default_tag: str = "latest") -> tuple[str, str]:
+    """'name' -> (name, default_tag); 'name:tag' -> (name, tag); both validated."""
+    name, sep, tag = ref.partition(":")
+    return check_name(name), check_tag(tag if sep else default_tag)
+
+
+# --- JSON --------------------------------------------------------------------------------------
+
+
+def load_json(data: bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """Parse a bounded JSON object; UnsafeArchiveError if oversized, ImageError if malformed."""
+    if len(data) > max_bytes:
+        raise UnsafeArchiveError(
+            f"{what} is {len(data)} bytes, over the {max_bytes}-byte limit for JSON documents; "
+            "refusing to parse it (a hostile or corrupt image)"
+        )
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ImageError(f"{what} is not valid JSON ({exc}); re-export the image") from None
+    if not isinstance(obj, dict):
+        raise ImageError(f"{what} must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def dump_json(obj: object) -> bytes:
+    """Canonical JSON bytes (sorted keys, no spaces): the same object always has the same digest."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# --- documents ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    platform: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        if self.platform:
+            out["platform"] = dict(self.platform)
+        return out
+
+
+def _str_map(obj: object, what: str) -> dict[str, str]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in obj.items()
+    ):
+        raise ImageError(f"{what} must be an object of strings")
+    return dict(obj)
+
+
+def parse_descriptor(obj: object, what: str) -> Descriptor:
+    if not isinstance(obj, dict):
+        raise ImageError(f"{what} must be a JSON object (an OCI descriptor)")
+    mt = obj.get("mediaType")
+    size = obj.get("size")
+    if not isinstance(mt, str) or not mt:
+        raise ImageError(f"{what} has no mediaType")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ImageError(f"{what} has an invalid size {size!r}; it must be a non-negative integer")
+    digest = check_digest(obj.get("digest"), f"{what} digest")
+    platform = obj.get("platform")
+    if platform is not None and not isinstance(platform, dict):
+        raise ImageError(f"{what} platform must be an object")
+    return Descriptor(
+        mt, digest, size, _str_map(obj.get("annotations"), f"{what} annotations"), platform
+    )
+
+
+@dataclass(frozen=True)
+class Index:
+    manifests: tuple[Descriptor, ...]
+    annotations: dict[str, str]
+
+
+def parse_index(data: bytes, what: str = "index.json") -> Index:
+    obj = load_json(data, what)
+    if obj.get("schemaVersion") != 2:
+        raise ImageError(f"{what}: schemaVersion must be 2, got {obj.get('schemaVersion')!r}")
+    mt = obj.get("mediaType")
+    if mt is not None and mt not in INDEX_TYPES:
+        raise UnsafeArchiveError(
+            f"{what}: mediaType {mt!r} is not an image index (media-type confusion); "
+            f"expected {MT_OCI_INDEX}"
+        )
+    manifests = obj.get("manifests")
+    if not isinstance(manifests, list):
+        raise ImageError(f"{what}: 'manifests' must be a list")
+    if len(manifests) > 100_000:
+        raise UnsafeArchiveError(f"{what}: {len(manifests)} manifests is over the limit (100000)")
+    descs = tuple(parse_descriptor(m, f"{what} manifests[{i}]") for i, m in enumerate(manifests))
+    return Index(descs, _str_map(obj.get("annotations"), f"{what} annotations"))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    media_type: str
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    annotations: dict[str, str]
+
+
+def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
+    """Parse an image manifest; an index, a config or a layer posing as a manifest is refused."""
+    obj = load_json(data, what)
+    if obj.get("schemaVersion") != 2:
+        raise ImageError(f"{what}: schemaVersion must be 2, got {obj.get('schemaVersion')!r}")
+    mt = obj.get("mediaType", MT_OCI_MANIFEST)
+    if mt in INDEX_TYPES or "manifests" in obj:
+        raise UnsafeArchiveError(
+            f"{what} is an image index where an image manifest was expected (media-type confusion)"
+        )
+    if mt not in MANIFEST_TYPES:
+        raise UnsafeArchiveError(
+            f"{what}: mediaType {mt!r} is not an image manifest (media-type confusion); "
+            f"expected {MT_OCI_MANIFEST}"
+        )
+    config = parse_descriptor(obj.get("config"), f"{what} config")
+    if config.media_type not in CONFIG_TYPES:
+        raise UnsafeArchiveError(
+            f"{what}: config mediaType {config.media_type!r} is not an image config "
+            f"(media-type confusion); expected {MT_OCI_CONFIG}"
+        )
+    layers_obj = obj.get("layers")
+    if not isinstance(layers_obj, list):
+        raise ImageError(f"{what}: 'layers' must be a list")
+    if len(layers_obj) > 500:
+        raise UnsafeArchiveError(f"{what}: {len(layers_obj)} layers is over the limit (500)")
+    layers = tuple(parse_descriptor(x, f"{what} layers[{i}]") for i, x in enumerate(layers_obj))
+    for i, layer in enumerate(layers):
+        if layer.media_type not in LAYER_TYPES:
+            raise UnsafeArchiveError(
+                f"{what}: layers[{i}] mediaType {layer.media_type!r} is not a layer type "
+                "(media-type confusion); accepted: " + ", ".join(sorted(LAYER_TYPES))
+            )
+    return Manifest(mt, config, layers, _str_map(obj.get("annotations"), f"{what} annotations"))
+
+
+@dataclass(frozen=True)
+class ConfigDoc:
+    """The parts of an image config this product uses."""
+
+    env: tuple[tuple[str, str], ...]
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...]
+    working_dir: str
+    user: str
+    labels: tuple[tuple[str, str], ...]
+    diff_ids: tuple[str, ...]
+    created: str
+    history: tuple[str, ...]
+    architecture: str
+    os: str
+
+
+def _str_list(obj: object, what: str) -> tuple[str, ...]:
+    if obj is None:
+        return ()
+    if not isinstance(obj, list) or not all(isinstance(x, str) for x in obj):
+        raise ImageError(f"{what} must be a list of strings")
+    return tuple(obj)
+
+
+def parse_config(data: bytes, what: str = "image config") -> ConfigDoc:
+    obj = load_json(data, what)
+    if "layers" in obj or "manifests" in obj:
+        raise UnsafeArchiveError(
+            f"{what} looks like a manifest or index, not an image config (media-type confusion)"
+        )
+    rootfs = obj.get("rootfs")
+    if not isinstance(rootfs, dict) or rootfs.get("type") != "layers":
+        raise ImageError(f"{what}: rootfs.type must be 'layers'")
+    diff_ids = _str_list(rootfs.get("diff_ids"), f"{what} rootfs.diff_ids")
+    for d in diff_ids:
+        check_digest(d, f"{what} diff_id")
+    cfg = obj.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise ImageError(f"{what}: 'config' must be an object")
+    env: list[tuple[str, str]] = []
+    for item in _str_list(cfg.get("Env"), f"{what} config.Env"):
+        k, _, v = item.partition("=")
+        env.append((k, v))
+    labels = _str_map(cfg.get("Labels"), f"{what} config.Labels")
+    history: list[str] = []
+    hist = obj.get("history") or []
+    if isinstance(hist, list):
+        for h in hist:
+            if isinstance(h, dict) and isinstance(h.get("created_by"), str):
+                history.append(h["created_by"])
+    created = obj.get("created")
+    wd = cfg.get("WorkingDir")
+    user = cfg.get("User")
+    arch = obj.get("architecture")
+    os_ = obj.get("os")
+    return ConfigDoc(
+        env=tuple(env),
+        entrypoint=_str_list(cfg.get("Entrypoint"), f"{what} config.Entrypoint"),
+        cmd=_str_list(cfg.get("Cmd"), f"{what} config.Cmd"),
+        working_dir=wd if isinstance(wd, str) and wd else "/",
+        user=user if isinstance(user, str) else "",
+        labels=tuple(sorted(labels.items())),
+        diff_ids=diff_ids,
+        created=created if isinstance(created, str) else "",
+        history=tuple(history),
+        architecture=arch if isinstance(arch, str) else "",
+        os=os_ if isinstance(os_, str) else "",
+    )
+
+
+def host_architecture() -> str:
+    """The host's architecture in OCI (GOARCH) spelling."""
+    import platform
+
+    m = platform.machine().lower()
+    return {
+        "x86_64": "amd64",
+        "amd64": "amd64",
+        "aarch64": "arm64",
+        "arm64": "arm64",
+        "armv7l": "arm",
+        "i686": "386",
+        "i386": "386",
+        "ppc64le": "ppc64le",
+        "s390x": "s390x",
+        "riscv64": "riscv64",
+    }.get(m, m)

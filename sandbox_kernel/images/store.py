@@ -1,0 +1,874 @@
+"""The image store: an OCI image layout plus shared unpacked layer snapshots.
+
+Layout under the state dir (``paths.state_dir()``):
+
+* ``oci/`` - an OCI image layout (``oci-layout``, ``index.json``, ``blobs/sha256/<hex>``); the
+  index holds one manifest descriptor per image with the annotation
+  ``org.opencontainers.image.ref.name`` = ``name:tag``.
+* ``snapshots/<diff_id hex>/`` - each layer unpacked once, read-only, shared by every image that
+  has it, in overlayfs lower-dir form (whiteouts are char devices 0:0, opaque directories carry
+  ``trusted.overlay.opaque=y``). Created atomically: unpacked in ``tmp/`` then renamed.
+* ``layers/<blob hex>`` - the diff_id of each stored layer blob (so a known blob is not
+  decompressed again).
+* ``cache/<sha256 of key>.json`` - the build cache: step key -> layer.
+* ``tmp/`` - work space on the same filesystem; ``index.lock`` - flock for index updates.
+
+All writes are temp + rename. Digests are validated before a path is built from them and
+verified whenever a blob is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from .. import paths
+from ..errors import DigestMismatch, ImageError, ImageInUse, ImageNotFound
+from . import oci
+from .extract import (
+    COPY_CHUNK,
+    DEFAULT_LIMITS,
+    ExtractLimits,
+    ExtractReport,
+    extract_layer_file,
+    write_layer_tar,
+)
+
+log = logging.getLogger(__name__)
+
+HISTORY_EMPTY = "empty_layer"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of an image."""
+
+    digest: str  # "sha256:<hex>" of the (compressed) blob
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar
+    size: int  # blob size in bytes
+    media_type: str
+    snapshot: Path  # unpacked read-only dir (overlay lower form)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    env: tuple[tuple[str, str], ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    working_dir: str = "/"
+    user: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    tag: str
+    digest: str  # manifest digest
+    config: ImageConfig
+    layers: tuple[Layer, ...]  # base first (OCI order)
+    created: str  # RFC 3339
+    size: int  # sum of blob sizes
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+    def lowerdirs(self) -> tuple[str, ...]:
+        """Snapshot dirs, top-most first (the order of overlayfs ``lowerdir=``)."""
+        return tuple(str(layer.snapshot) for layer in reversed(self.layers))
+
+    def kernel_argv(self) -> tuple[str, ...] | None:
+        """The kernel command from the label ``org.sandbox-kernel.kernel.argv``, or None.
+
+        The label is a JSON list of strings, one of which contains ``{connection_file}``.
+        """
+        raw = dict(self.config.labels).get(oci.LABEL_KERNEL_ARGV)
+        if raw is None:
+            return None
+        try:
+            argv = json.loads(raw)
+        except ValueError:
+            argv = None
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) for a in argv)
+            or not any("{connection_file}" in a for a in argv)
+        ):
+            raise ImageError(
+                f"image '{self.ref}': label {oci.LABEL_KERNEL_ARGV} must be a JSON list of "
+                f"strings containing '{{connection_file}}', got {raw[:200]!r}; rebuild the image "
+                "with a valid kernel command"
+            )
+        return tuple(argv)
+
+
+# --- in-use check ------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_image_digests(run_root: Path | None = None) -> set[str]:
+    """Manifest digests of images used by live containers.
+
+    A container uses an image when its run dir (``paths.run_dir()/<id>/``) has a file ``image``
+    holding the image's manifest digest and a file ``pid`` naming a live process.
+    """
+    root = run_root if run_root is not None else paths.run_dir()
+    found: set[str] = set()
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return found
+    for e in entries:
+        if not e.is_dir(follow_symlinks=False):
+            continue
+        try:
+            with open(os.path.join(e.path, "image"), "rb") as f:
+                digest = f.read(200).decode(errors="replace").strip()
+            with open(os.path.join(e.path, "pid"), "rb") as f:
+                pid = int(f.read(32).decode(errors="replace").strip() or "0")
+        except (OSError, ValueError):
+            continue
+        if _pid_alive(pid):
+            found.add(digest)
+    return found
+
+
+def image_in_use(image: Image, run_root: Path | None = None) -> bool:
+    """True when a live container (see ``running_image_digests``) uses ``image``."""
+    return image.digest in running_image_digests(run_root)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _now_rfc3339() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and epoch.isdigit():
+        t = datetime.fromtimestamp(int(epoch), timezone.utc)
+    else:
+        t = datetime.now(timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _rmtree(path: Path) -> None:
+    def onerror(func: Any, p: str, exc: Any) -> None:
+        # a read-only directory from an archive (mode 0555) when not root
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+
+    if path.is_symlink() or not path.exists():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    shutil.rmtree(path, onerror=onerror)
+
+
+class _Sink:
+    """Receives an uncompressed layer tar; hashes it and writes it compressed to a file."""
+
+    def __init__(self, out: IO[bytes], compression: str) -> None:
+        self.diff = hashlib.sha256()
+        self.out = out
+        self.compression = compression
+        self.zobj: Any = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        if compression == "gzip":
+            self.zobj = zlib.compressobj(6, zlib.DEFLATED, 31)
+        elif compression == "zstd":
+            zstd = shutil.which("zstd")
+            if zstd is None:
+                raise ImageError(
+                    "cannot write a zstd layer: the 'zstd' program is not installed; install it "
+                    "(apt-get install zstd) or use compression='gzip'"
+                )
+            self.proc = subprocess.Popen(
+                [zstd, "-q", "-c", "-3"], stdin=subprocess.PIPE, stdout=out
+            )
+        elif compression != "none":
+            raise ImageError(f"unknown layer compression {compression!r}; use gzip, zstd or none")
+
+    def write(self, data: bytes) -> int:
+        self.diff.update(data)
+        if self.zobj is not None:
+            self.out.write(self.zobj.compress(data))
+        elif self.proc is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(data)
+        else:
+            self.out.write(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self.zobj is not None:
+            self.out.write(self.zobj.flush())
+        elif self.proc is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            if self.proc.wait() != 0:
+                raise ImageError("zstd failed while compressing a layer")
+        self.out.flush()
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return "sha256:" + h.hexdigest(), n
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+class ImageStore:
+    def __init__(self, root: Path | None = None, *, limits: ExtractLimits = DEFAULT_LIMITS) -> None:
+        self.root = Path(root) if root is not None else paths.state_dir()
+        self.limits = limits
+        self.oci_dir = self.root / "oci"
+        self.blobs_dir = self.oci_dir / "blobs" / "sha256"
+        self.snapshots_dir = self.root / "snapshots"
+        self.layers_dir = self.root / "layers"
+        self.cache_dir = self.root / "cache"
+        self.tmp_dir = self.root / "tmp"
+        self._lock_path = self.root / "index.lock"
+        self._ready = False
+
+    # setup ---------------------------------------------------------------------------------
+    def _init(self) -> None:
+        if self._ready:
+            return
+        try:
+            for d in (
+                self.blobs_dir,
+                self.snapshots_dir,
+                self.layers_dir,
+                self.cache_dir,
+                self.tmp_dir,
+            ):
+                d.mkdir(parents=True, exist_ok=True)
+            layout = self.oci_dir / "oci-layout"
+            if not layout.exists():
+                self._atomic_write(
+                    layout, oci.dump_json({"imageLayoutVersion": oci.OCI_LAYOUT_VERSION})
+                )
+            if not (self.oci_dir / "index.json").exists():
+                with self._locked():
+                    if not (self.oci_dir / "index.json").exists():
+                        self._write_index([])
+        except PermissionError as exc:
+            raise ImageError(
+                f"cannot write the image store at {self.root}: {exc.strerror}; run as root or set "
+                "SANDBOX_KERNEL_STATE_DIR to a writable directory"
+            ) from None
+        self._ready = True
+
+    def _tmp_name(self, kind: str) -> Path:
+        return self.tmp_dir / f"{kind}-{os.getpid()}-{secrets.token_hex(6)}"
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # blobs ---------------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.blobs_dir / oci.digest_hex(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def read_blob(self, digest: str, max_bytes: int = oci.MAX_JSON_BYTES) -> bytes:
+        """A small blob (manifest, config), size-bounded and digest-verified."""
+        path = self.blob_path(digest)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            raise ImageError(
+                f"blob {digest} is missing from the store {self.oci_dir}; re-import or rebuild "
+                "the image"
+            ) from None
+        if len(data) > max_bytes:
+            raise ImageError(f"blob {digest} is over {max_bytes} bytes; refusing to load it")
+        if oci.sha256_digest(data) != digest:
+            raise DigestMismatch(
+                f"blob {path} does not match its digest {digest} (corrupted store); remove the "
+                "image and import or build it again"
+            )
+        return data
+
+    def put_blob_bytes(self, data: bytes) -> str:
+        self._init()
+        digest = oci.sha256_digest(data)
+        path = self.blob_path(digest)
+        if not path.exists():
+            self._atomic_write(path, data)
+        return digest
+
+    def put_blob_stream(
+        self,
+        src: IO[bytes],
+        expected_digest: str | None = None,
+        expected_size: int | None = None,
+        what: str = "blob",
+    ) -> tuple[str, int]:
+        """Copy a stream into the blob store, verifying digest and size before it is installed."""
+        self._init()
+        if expected_digest is not None:
+            oci.check_digest(expected_digest, f"{what} digest")
+        tmp = self._tmp_name("blob")
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with open(tmp, "wb") as out:
+                while chunk := src.read(COPY_CHUNK):
+                    n += len(chunk)
+                    if expected_size is not None and n > expected_size:
+                        raise DigestMismatch(
+                            f"{what}: more than the {expected_size} bytes its descriptor declares "
+                            "(size mismatch); the image is corrupt or was tampered with"
+                        )
+                    h.update(chunk)
+                    out.write(chunk)
+            digest = "sha256:" + h.hexdigest()
+            if expected_size is not None and n != expected_size:
+                raise DigestMismatch(
+                    f"{what}: {n} bytes but its descriptor declares {expected_size} (size "
+                    "mismatch); the image is corrupt or was tampered with"
+                )
+            if expected_digest is not None and digest != expected_digest:
+                raise DigestMismatch(
+                    f"{what}: content has digest {digest} but {expected_digest} was expected "
+                    "(digest mismatch); the image is corrupt or was tampered with"
+                )
+            final = self.blob_path(digest)
+            if final.exists():
+                os.utime(final)
+                tmp.unlink()
+            else:
+                os.replace(tmp, final)
+            return digest, n
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+    # layers --------------------------------------------------------------------------------
+    def snapshot_path(self, diff_id: str) -> Path:
+        return self.snapshots_dir / oci.digest_hex(diff_id)
+
+    def _known_diff_id(self, digest: str) -> str | None:
+        try:
+            raw = (self.layers_dir / oci.digest_hex(digest)).read_text().strip()
+        except OSError:
+            return None
+        return (
+            raw if oci.is_hex64(raw.removeprefix("sha256:")) and raw.startswith("sha256:") else None
+        )
+
+    def _remember_diff_id(self, digest: str, diff_id: str) -> None:
+        self._atomic_write(self.layers_dir / oci.digest_hex(digest), diff_id.encode())
+
+    def _unpack(
+        self, digest: str, media_type: str, expected_diff_id: str | None
+    ) -> tuple[str, ExtractReport | None]:
+        """Make sure the snapshot of blob ``digest`` exists; returns its diff_id."""
+        known = self._known_diff_id(digest)
+        if expected_diff_id is not None:
+            oci.check_digest(expected_diff_id, "diff_id")
+            if known is not None and known != expected_diff_id:
+                raise DigestMismatch(
+                    f"layer {digest}: its diff_id is {known}, but the image config says "
+                    f"{expected_diff_id}; the image is corrupt or was tampered with"
+                )
+        if known is not None and self.snapshot_path(known).is_dir():
+            return known, None
+        compression = oci.layer_compression(media_type)
+        tmp = self._tmp_name("snap")
+        tmp.mkdir(mode=0o755)
+        os.chmod(tmp, 0o755)
+        try:
+            report = extract_layer_file(
+                self.blob_path(digest),
+                compression,
+                tmp,
+                limits=self.limits,
+                expected_diff_id=expected_diff_id,
+                what=f"layer {digest}",
+            )
+            diff_id = report.diff_id
+            self._install_snapshot(tmp, diff_id)
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        self._remember_diff_id(digest, diff_id)
+        return diff_id, report
+
+    def _install_snapshot(self, tmp: Path, diff_id: str) -> None:
+        final = self.snapshot_path(diff_id)
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or final.is_dir():
+                _rmtree(tmp)  # somebody else installed it first: same content
+            else:
+                raise
+
+    def add_layer_blob(
+        self,
+        blob: Path,
+        media_type: str,
+        expected_digest: str | None = None,
+        *,
+        expected_size: int | None = None,
+        expected_diff_id: str | None = None,
+    ) -> Layer:
+        """Store a layer blob (verifying digest/size) and unpack it safely to its snapshot."""
+        oci.layer_compression(media_type)
+        with open(blob, "rb") as f:
+            return self.add_layer_stream(
+                f,
+                media_type,
+                expected_digest,
+                expected_size=expected_size,
+                expected_diff_id=expected_diff_id,
+                what=f"layer {blob}",
+            )
+
+    def add_layer_stream(
+        self,
+        src: IO[bytes],
+        media_type: str,
+        expected_digest: str | None = None,
+        *,
+        expected_size: int | None = None,
+        expected_diff_id: str | None = None,
+        what: str = "layer",
+    ) -> Layer:
+        oci.layer_compression(media_type)
+        digest, size = self.put_blob_stream(src, expected_digest, expected_size, what)
+        diff_id, _ = self._unpack(digest, media_type, expected_diff_id)
+        return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
+
+    def add_layer_from_dir(self, src: Path, *, compression: str = "gzip") -> Layer:
+        """Store the directory ``src`` (a layer in overlay upper form) as a layer.
+
+        Writes a deterministic tar, compresses it (gzip, zstd or none), stores the blob and
+        installs ``src`` itself as the snapshot (renamed; the caller gives ``src`` up). When
+        ``src`` is on another filesystem the blob is unpacked instead and ``src`` removed.
+        """
+        self._init()
+        src = Path(src)
+        if not src.is_dir() or src.is_symlink():
+            raise ImageError(f"layer source {src} is not a directory")
+        media_type = oci.COMPRESSION_MEDIA_TYPE.get(compression)
+        if media_type is None:
+            raise ImageError(f"unknown layer compression {compression!r}; use gzip, zstd or none")
+        tmp = self._tmp_name("blob")
+        try:
+            with open(tmp, "wb") as out:
+                sink = _Sink(out, compression)
+                write_layer_tar(src, sink, scrub=True)  # type: ignore[arg-type]
+                sink.close()
+            diff_id = "sha256:" + sink.diff.hexdigest()
+            if compression == "gzip" or compression == "zstd":
+                digest, size = _hash_file(tmp)
+            else:
+                digest, size = diff_id, tmp.stat().st_size
+            final = self.blob_path(digest)
+            if final.exists():
+                os.utime(final)
+                tmp.unlink()
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        snap = self.snapshot_path(diff_id)
+        if snap.is_dir():
+            _rmtree(src)
+        else:
+            try:
+                os.rename(src, snap)
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
+                    self._unpack(digest, media_type, diff_id)
+                    _rmtree(src)
+                elif snap.is_dir():
+                    _rmtree(src)
+                else:
+                    raise
+        self._remember_diff_id(digest, diff_id)
+        return Layer(digest, diff_id, size, media_type, snap)
+
+    def ensure_snapshot(self, layer: Layer) -> Path:
+        """Re-unpack a layer whose snapshot is missing (e.g. removed by hand)."""
+        if not layer.snapshot.is_dir():
+            if not self.has_blob(layer.digest):
+                raise ImageError(
+                    f"layer {layer.digest} has neither a snapshot nor a blob in {self.root}; "
+                    "remove the image and import or build it again"
+                )
+            self._unpack(layer.digest, layer.media_type, layer.diff_id)
+        return layer.snapshot
+
+    # images --------------------------------------------------------------------------------
+    def _read_index(self) -> oci.Index:
+        self._init()
+        data = (self.oci_dir / "index.json").read_bytes()
+        return oci.parse_index(data, f"{self.oci_dir}/index.json")
+
+    def _write_index(self, manifests: Sequence[oci.Descriptor]) -> None:
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_OCI_INDEX,
+            "manifests": [d.to_json() for d in manifests],
+        }
+        self._atomic_write(self.oci_dir / "index.json", json.dumps(doc, indent=2).encode() + b"\n")
+
+    def write_image(
+        self,
+        name: str,
+        tag: str,
+        layers: Sequence[Layer],
+        config: ImageConfig,
+        *,
+        history: Sequence[str] = (),
+        created: str | None = None,
+    ) -> Image:
+        """Write config + manifest blobs for ``layers`` and point ``name:tag`` at them."""
+        self._init()
+        oci.check_name(name)
+        oci.check_tag(tag)
+        for layer in layers:
+            if not self.has_blob(layer.digest):
+                raise ImageError(
+                    f"image '{name}:{tag}': layer blob {layer.digest} is not in the store; "
+                    "add it with add_layer_from_dir or add_layer_blob first"
+                )
+            oci.check_digest(layer.diff_id, "diff_id")
+            oci.layer_compression(layer.media_type)
+        created = created or _now_rfc3339()
+        arch = oci.host_architecture()
+        cfg: dict[str, Any] = {}
+        if config.env:
+            cfg["Env"] = [f"{k}={v}" for k, v in config.env]
+        if config.entrypoint:
+            cfg["Entrypoint"] = list(config.entrypoint)
+        if config.cmd:
+            cfg["Cmd"] = list(config.cmd)
+        if config.working_dir:
+            cfg["WorkingDir"] = config.working_dir
+        if config.user:
+            cfg["User"] = config.user
+        if config.labels:
+            cfg["Labels"] = dict(config.labels)
+        hist = []
+        for i, h in enumerate(history):
+            entry: dict[str, Any] = {"created": created, "created_by": h}
+            if i >= len(layers):
+                entry[HISTORY_EMPTY] = True
+            hist.append(entry)
+        config_doc: dict[str, Any] = {
+            "created": created,
+            "architecture": arch,
+            "os": "linux",
+            "config": cfg,
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+        }
+        if hist:
+            config_doc["history"] = hist
+        config_bytes = oci.dump_json(config_doc)
+        config_digest = self.put_blob_bytes(config_bytes)
+        manifest_doc = {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_OCI_MANIFEST,
+            "config": {
+                "mediaType": oci.MT_OCI_CONFIG,
+                "digest": config_digest,
+                "size": len(config_bytes),
+            },
+            "layers": [
+                {"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}
+                for layer in layers
+            ],
+            "annotations": {oci.ANNOTATION_CREATED: created},
+        }
+        manifest_bytes = oci.dump_json(manifest_doc)
+        manifest_digest = self.put_blob_bytes(manifest_bytes)
+        ref = f"{name}:{tag}"
+        desc = oci.Descriptor(
+            oci.MT_OCI_MANIFEST,
+            manifest_digest,
+            len(manifest_bytes),
+            {oci.ANNOTATION_REF_NAME: ref},
+            {"architecture": arch, "os": "linux"},
+        )
+        with self._locked():
+            index = self._read_index()
+            kept = [d for d in index.manifests if d.annotations.get(oci.ANNOTATION_REF_NAME) != ref]
+            self._write_index([*kept, desc])
+        return self._image_from_desc(desc)
+
+    def _image_from_desc(self, desc: oci.Descriptor) -> Image:
+        ref = desc.annotations.get(oci.ANNOTATION_REF_NAME, "")
+        name, tag = oci.split_ref(ref)
+        if desc.media_type not in oci.MANIFEST_TYPES:
+            raise ImageError(f"image '{ref}': index entry is not a manifest ({desc.media_type})")
+        manifest = oci.parse_manifest(self.read_blob(desc.digest), f"manifest of '{ref}'")
+        cfg = oci.parse_config(self.read_blob(manifest.config.digest), f"config of '{ref}'")
+        if len(cfg.diff_ids) != len(manifest.layers):
+            raise ImageError(
+                f"image '{ref}': manifest has {len(manifest.layers)} layers but the config lists "
+                f"{len(cfg.diff_ids)} diff_ids; remove and rebuild the image"
+            )
+        layers = tuple(
+            Layer(d.digest, diff, d.size, d.media_type, self.snapshot_path(diff))
+            for d, diff in zip(manifest.layers, cfg.diff_ids, strict=True)
+        )
+        config = ImageConfig(
+            env=cfg.env,
+            entrypoint=cfg.entrypoint,
+            cmd=cfg.cmd,
+            working_dir=cfg.working_dir,
+            user=cfg.user,
+            labels=cfg.labels,
+        )
+        return Image(
+            name=name,
+            tag=tag,
+            digest=desc.digest,
+            config=config,
+            layers=layers,
+            created=cfg.created or manifest.annotations.get(oci.ANNOTATION_CREATED, ""),
+            size=sum(layer.size for layer in layers),
+        )
+
+    def list(self) -> list[Image]:
+        """Every image in the store (entries that cannot be read are logged and skipped)."""
+        out: list[Image] = []
+        for desc in self._read_index().manifests:
+            if oci.ANNOTATION_REF_NAME not in desc.annotations:
+                continue
+            try:
+                out.append(self._image_from_desc(desc))
+            except ImageError as exc:
+                log.warning("skipping unreadable image: %s", exc)
+        out.sort(key=lambda im: (im.name, im.tag))
+        return out
+
+    def _not_found(self, ref: str, name: str | None) -> ImageNotFound:
+        names = sorted({im.ref for im in self.list()})
+        have = ", ".join(names) if names else "(none)"
+        hint = f"; build it with: sandbox-kernel image build {name}" if name else ""
+        return ImageNotFound(f"image '{ref}' not found; images in the store: {have}{hint}")
+
+    def resolve(self, ref: str) -> Image:
+        """'name' (tag latest), 'name:tag' or a 'sha256:' manifest digest prefix -> Image.
+
+        The snapshots of the returned image exist (missing ones are unpacked again).
+        """
+        return self._resolve(ref, unpack=True)
+
+    def _resolve(self, ref: str, *, unpack: bool) -> Image:
+        images = self.list()
+        if ref.startswith("sha256:"):
+            prefix = ref[len("sha256:") :]
+            if not prefix or not all(c in "0123456789abcdef" for c in prefix) or len(prefix) > 64:
+                raise ImageError(f"invalid digest reference {ref!r}: use sha256:<hex prefix>")
+            hits = {im.digest: im for im in images if im.digest.startswith(ref)}
+            if len(hits) > 1:
+                raise ImageError(
+                    f"digest prefix {ref!r} is ambiguous: "
+                    + ", ".join(sorted(hits))
+                    + "; give more digits"
+                )
+            if not hits:
+                raise self._not_found(ref, None)
+            image = next(iter(hits.values()))
+        else:
+            try:
+                name, tag = oci.split_ref(ref)
+            except ImageError:
+                raise self._not_found(ref, None) from None
+            found = [im for im in images if im.name == name and im.tag == tag]
+            if not found:
+                raise self._not_found(ref if ":" in ref else name, name)
+            image = found[0]
+        if unpack:
+            for layer in image.layers:
+                self.ensure_snapshot(layer)
+        return image
+
+    def remove(self, ref: str, *, in_use: Callable[[Image], bool] | None = None) -> None:
+        """Untag an image (blobs and snapshots are freed by ``gc``).
+
+        ``in_use`` defaults to ``image_in_use`` (live containers found under the run dir);
+        ImageInUse is raised when it says the image is used.
+        """
+        image = self._resolve(ref, unpack=False)
+        check = in_use if in_use is not None else image_in_use
+        if check(image):
+            raise ImageInUse(
+                f"image '{image.ref}' ({image.digest[:19]}) is used by a running container; "
+                "stop the kernel/container that uses it, then remove the image"
+            )
+        by_digest = ref.startswith("sha256:")
+        with self._locked():
+            index = self._read_index()
+            kept = [
+                d
+                for d in index.manifests
+                if not (
+                    d.digest == image.digest
+                    if by_digest
+                    else d.annotations.get(oci.ANNOTATION_REF_NAME) == image.ref
+                )
+            ]
+            self._write_index(kept)
+
+    def gc(self, *, grace_seconds: float = 300.0) -> tuple[int, int]:
+        """Remove blobs and snapshots no image references; returns (blobs, snapshots) removed.
+
+        Blobs and snapshots younger than ``grace_seconds`` are kept, so that the layers of a
+        build in progress (stored but not yet in an image) survive a concurrent gc. Build-cache
+        entries whose blob is gone are removed too.
+        """
+        self._init()
+        now = time.time()
+        blobs_removed = snaps_removed = 0
+        with self._locked():
+            index = self._read_index()
+            keep_blobs: set[str] = set()
+            keep_snaps: set[str] = set()
+            for desc in index.manifests:
+                keep_blobs.add(oci.digest_hex(desc.digest))
+                try:
+                    manifest = oci.parse_manifest(self.read_blob(desc.digest))
+                    keep_blobs.add(oci.digest_hex(manifest.config.digest))
+                    cfg = oci.parse_config(self.read_blob(manifest.config.digest))
+                except ImageError as exc:
+                    log.warning("gc: cannot read image %s: %s", desc.digest, exc)
+                    continue
+                keep_blobs.update(oci.digest_hex(d.digest) for d in manifest.layers)
+                keep_snaps.update(oci.digest_hex(d) for d in cfg.diff_ids)
+
+            def old(p: Path, use_ctime: bool = False) -> bool:
+                try:
+                    st = p.lstat()
+                except FileNotFoundError:
+                    return False
+                t = max(st.st_mtime, st.st_ctime) if use_ctime else st.st_mtime
+                return now - t >= grace_seconds
+
+            for p in self.blobs_dir.iterdir():
+                if p.name not in keep_blobs and old(p):
+                    p.unlink()
+                    blobs_removed += 1
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.layers_dir / p.name).unlink()
+            for p in self.layers_dir.iterdir():
+                if p.name not in keep_blobs and not (self.blobs_dir / p.name).exists():
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+            for p in self.snapshots_dir.iterdir():
+                if p.name not in keep_snaps and old(p, use_ctime=True):
+                    _rmtree(p)
+                    snaps_removed += 1
+            for p in self.cache_dir.glob("*.json"):
+                layer = self._cache_read(p)
+                if layer is None or not self.has_blob(layer.digest):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+            for p in self.tmp_dir.iterdir():
+                if now - p.lstat().st_mtime > max(grace_seconds, 3600.0):
+                    _rmtree(p)
+        return blobs_removed, snaps_removed
+
+    # build cache ---------------------------------------------------------------------------
+    def _cache_file(self, key: str) -> Path:
+        return self.cache_dir / (hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+    def _cache_read(self, path: Path) -> Layer | None:
+        try:
+            doc = oci.load_json(path.read_bytes(), f"cache entry {path}", 64 * 1024)
+            digest = oci.check_digest(doc["digest"])
+            diff_id = oci.check_digest(doc["diff_id"])
+            size = doc["size"]
+            media_type = doc["media_type"]
+            if not isinstance(size, int) or not isinstance(media_type, str):
+                return None
+            oci.layer_compression(media_type)
+        except (OSError, KeyError, ImageError):
+            return None
+        return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
+
+    def layer_cache_get(self, key: str) -> Layer | None:
+        """The layer stored for build step ``key``, or None (also when its blob vanished)."""
+        self._init()
+        layer = self._cache_read(self._cache_file(key))
+        if layer is None or not self.has_blob(layer.digest):
+            return None
+        try:
+            self.ensure_snapshot(layer)
+        except ImageError as exc:
+            log.warning("build cache entry %r unusable: %s", key, exc)
+            return None
+        os.utime(self.blob_path(layer.digest))
+        return layer
+
+    def layer_cache_put(self, key: str, layer: Layer) -> None:
+        self._init()
+        doc = {
+            "key": key,
+            "digest": layer.digest,
+            "diff_id": layer.diff_id,
+            "size": layer.size,
+            "media_type": layer.media_type,
+        }
+        self._atomic_write(self._cache_file(key), oci.dump_json(doc))
