@@ -26,14 +26,25 @@ ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "sandbox_kernel" / "native" / "sk-runtime.c"
 BINARY = ROOT / "sandbox_kernel" / "_bin" / "sk-runtime"
 # Same flags as the build hook in setup.py.
-CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-D_GNU_SOURCE", "-fstack-protector-strong",
-          "-D_FORTIFY_SOURCE=2", "-fPIE", "-pie", "-Wl,-z,relro,-z,now"]
+CFLAGS = [
+    "-O2",
+    "-std=gnu11",
+    "-Wall",
+    "-Wextra",
+    "-D_GNU_SOURCE",
+    "-fstack-protector-strong",
+    "-D_FORTIFY_SOURCE=2",
+    "-fPIE",
+    "-pie",
+    "-Wl,-z,relro,-z,now",
+]
 NOBODY = 65534
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 TMP_SIZE = 1 << 20
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def enc(value: str | bytes) -> str:
     """Percent-encode one plan field (protocol: %, space, control bytes, DEL; empty is %-)."""
@@ -56,7 +67,7 @@ def dec(field_: str) -> str:
     i = 0
     while i < len(field_):
         if field_[i] == "%":
-            out.append(int(field_[i + 1:i + 3], 16))
+            out.append(int(field_[i + 1 : i + 3], 16))
             i += 3
         else:
             out += field_[i].encode()
@@ -69,8 +80,9 @@ class Plan:
     records: list[str] = field(default_factory=list)
 
     def add(self, keyword: str, *fields: str | bytes | int) -> Plan:
-        self.records.append(" ".join([keyword, *(enc(str(f) if isinstance(f, int) else f)
-                                                 for f in fields)]))
+        self.records.append(
+            " ".join([keyword, *(enc(str(f) if isinstance(f, int) else f) for f in fields)])
+        )
         return self
 
     def text(self) -> str:
@@ -81,11 +93,19 @@ class Plan:
         return path
 
 
-def host_like_plan(tmp: Path, argv: Sequence[str], *, cid: str = "t",
-                   hostname: str = "sk-test", extra: Sequence[tuple[str, ...]] = (),
-                   env: Sequence[str] = (), user: tuple[int, int] | None = (NOBODY, NOBODY),
-                   cwd: str = "/tmp", namespaces: str = "mount,pid,uts,ipc,net",
-                   pre_proc: Sequence[tuple[str, ...]] = ()) -> Plan:
+def host_like_plan(
+    tmp: Path,
+    argv: Sequence[str],
+    *,
+    cid: str = "t",
+    hostname: str = "sk-test",
+    extra: Sequence[tuple[str, ...]] = (),
+    env: Sequence[str] = (),
+    user: tuple[int, int] | None = (NOBODY, NOBODY),
+    cwd: str = "/tmp",
+    namespaces: str = "mount,pid,uts,ipc,net",
+    pre_proc: Sequence[tuple[str, ...]] = (),
+) -> Plan:
     """A plan for a root made of an empty image layer plus the host's /usr and /etc.
 
     EXTRA records are inserted just before `pivot`; PRE_PROC right after `rootfs`.
@@ -104,7 +124,7 @@ def host_like_plan(tmp: Path, argv: Sequence[str], *, cid: str = "t",
         p.add(*rec)
     p.add("mkdir", "/usr", "0755")
     p.add("mkdir", "/etc", "0755")
-    for name in ("bin", "sbin", "lib", "lib64"):       # Debian 12 usr-merge
+    for name in ("bin", "sbin", "lib", "lib64"):  # Debian 12 usr-merge
         p.add("symlink", f"usr/{name}", f"/{name}")
     p.add("bind", "/usr", "/usr", "rec,ro,nosuid,nodev")
     p.add("bind", "/etc", "/etc", "ro,nosuid,nodev")
@@ -121,16 +141,28 @@ def host_like_plan(tmp: Path, argv: Sequence[str], *, cid: str = "t",
     for i, name in enumerate(("stdin", "stdout", "stderr")):
         p.add("symlink", f"/proc/self/fd/{i}", f"/dev/{name}")
     p.add("mkdir", "/dev/pts", "0755")
-    p.add("mount", "devpts", "devpts", "/dev/pts", "nosuid,noexec",
-          "newinstance,ptmxmode=0666,mode=0620")
+    p.add(
+        "mount",
+        "devpts",
+        "devpts",
+        "/dev/pts",
+        "nosuid,noexec",
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
     p.add("symlink", "pts/ptmx", "/dev/ptmx")
     p.add("mkdir", "/dev/shm", "1777")
     p.add("mount", "tmpfs", "shm", "/dev/shm", "nosuid,nodev,noexec", "mode=1777,size=1048576")
     p.add("mkdir", "/tmp", "1777")
     p.add("mount", "tmpfs", "tmpfs", "/tmp", "nosuid,nodev", f"mode=1777,size={TMP_SIZE}")
     p.add("file", "/etc-hosts-unused", "0644", "127.0.0.1 localhost\n")
-    for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug",
-                 "/proc/acpi", "/proc/scsi"):
+    for path in (
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/proc/acpi",
+        "/proc/scsi",
+    ):
         p.add("mask", path)
     for path in ("/proc/sys", "/proc/sysrq-trigger", "/proc/bus", "/proc/fs", "/proc/irq"):
         p.add("readonly", path)
@@ -171,8 +203,14 @@ class Result:
 class Running:
     """A started sk-runtime with its status pipe (and control pipe)."""
 
-    def __init__(self, plan_path: Path, *, control: bool = False,
-                 extra_fds: Sequence[int] = (), stdout: int = subprocess.PIPE) -> None:
+    def __init__(
+        self,
+        plan_path: Path,
+        *,
+        control: bool = False,
+        extra_fds: Sequence[int] = (),
+        stdout: int = subprocess.PIPE,
+    ) -> None:
         self.status_r, status_w = os.pipe()
         fds = [status_w, *extra_fds]
         args = [str(BINARY), "--status-fd", str(status_w)]
@@ -182,8 +220,13 @@ class Running:
             control_r, self.control_w = os.pipe()
             fds.append(control_r)
             args += ["--control-fd", str(control_r)]
-        self.proc = subprocess.Popen([*args, str(plan_path)], pass_fds=fds, stdout=stdout,
-                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [*args, str(plan_path)],
+            pass_fds=fds,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
         _STARTED.append(self.proc.pid)
         os.close(status_w)
         if control_r is not None:
@@ -227,8 +270,12 @@ class Running:
         os.close(self.status_r)
         if self.control_w is not None:
             os.close(self.control_w)
-        return Result(self.proc.returncode, self.status, (out or b"").decode(errors="replace"),
-                      err.decode(errors="replace"))
+        return Result(
+            self.proc.returncode,
+            self.status,
+            (out or b"").decode(errors="replace"),
+            err.decode(errors="replace"),
+        )
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -288,11 +335,12 @@ def mount_lines() -> list[str]:
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         parts = line.split(" ")
         sep = parts.index("-")
-        lines.append(" ".join([parts[3], parts[4], *parts[sep + 1:sep + 3]]))
+        lines.append(" ".join([parts[3], parts[4], *parts[sep + 1 : sep + 3]]))
     return sorted(lines)
 
 
 # --------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def runtime() -> Path:
@@ -301,8 +349,9 @@ def runtime() -> Path:
     if not BINARY.exists() or BINARY.stat().st_mtime < SOURCE.stat().st_mtime:
         BINARY.parent.mkdir(parents=True, exist_ok=True)
         cc = os.environ.get("CC") or shutil.which("cc") or "gcc"
-        proc = subprocess.run([cc, *CFLAGS, "-o", str(BINARY), str(SOURCE)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [cc, *CFLAGS, "-o", str(BINARY), str(SOURCE)], capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr
         assert "warning" not in proc.stderr, proc.stderr
     return BINARY
@@ -313,8 +362,21 @@ def runtime() -> Path:
 _STARTED: list[int] = []
 
 # Host paths a plan here may mount on (if a mount escaped the container's namespace).
-_WATCHED = {"/usr", "/etc", "/proc", "/dev", "/tmp", "/root", "/lib", "/bin", "/sys",
-            "/dev/pts", "/dev/shm", "/proc/sys", *(f"/dev/{n}" for n in DEV_NODES)}
+_WATCHED = {
+    "/usr",
+    "/etc",
+    "/proc",
+    "/dev",
+    "/tmp",
+    "/root",
+    "/lib",
+    "/bin",
+    "/sys",
+    "/dev/pts",
+    "/dev/shm",
+    "/proc/sys",
+    *(f"/dev/{n}" for n in DEV_NODES),
+}
 
 
 def _our_mounts(lines: Sequence[str], tmp: Path) -> list[str]:
@@ -340,10 +402,12 @@ def no_host_leftovers(runtime: Path, tmp_path: Path) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- tests
 
+
 def test_compiles_without_warnings(tmp_path: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or "gcc"
-    proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp_path / "sk"), str(SOURCE)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [cc, *CFLAGS, "-o", str(tmp_path / "sk"), str(SOURCE)], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
@@ -375,14 +439,17 @@ def test_setup_time_reported(tmp_path: Path) -> None:
 
 
 def test_pid1_is_init_and_only_container_processes(tmp_path: Path) -> None:
-    r = run_sh(tmp_path, "echo self $$; for p in /proc/[0-9]*; do echo pid ${p#/proc/}; done;"
-                         " tr '\\0' ' ' < /proc/1/cmdline; echo")
+    r = run_sh(
+        tmp_path,
+        "echo self $$; for p in /proc/[0-9]*; do echo pid ${p#/proc/}; done;"
+        " tr '\\0' ' ' < /proc/1/cmdline; echo",
+    )
     assert r.rc == 0, r
     pids = {int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("pid ")}
     assert 1 in pids
-    assert "self 2" in r.stdout            # main is the first child of init
-    assert max(pids) < 20, pids            # no host process is visible
-    assert "sk-runtime" in r.stdout        # PID 1 is the executor's init
+    assert "self 2" in r.stdout  # main is the first child of init
+    assert max(pids) < 20, pids  # no host process is visible
+    assert "sk-runtime" in r.stdout  # PID 1 is the executor's init
 
 
 def test_hostname_and_network(tmp_path: Path) -> None:
@@ -406,8 +473,9 @@ def test_capabilities_identity_and_nonewprivs(tmp_path: Path) -> None:
 
 
 def test_kept_capability_for_root_user(tmp_path: Path) -> None:
-    plan = host_like_plan(tmp_path, ["sh", "-c", "grep -E '^Cap(Eff|Bnd|Amb)' /proc/self/status"],
-                          user=(1000, 1000))
+    plan = host_like_plan(
+        tmp_path, ["sh", "-c", "grep -E '^Cap(Eff|Bnd|Amb)' /proc/self/status"], user=(1000, 1000)
+    )
     plan.records.insert(-3, "capabilities CAP_NET_BIND_SERVICE")
     r = run_plan(plan, tmp_path)
     assert r.rc == 0, r
@@ -416,8 +484,11 @@ def test_kept_capability_for_root_user(tmp_path: Path) -> None:
 
 
 def test_image_readonly_where_bound_ro_and_root_writable_only_by_root(tmp_path: Path) -> None:
-    r = run_sh(tmp_path, "touch /etc/sk-probe 2>&1; touch /usr/sk-probe 2>&1; touch /sk-probe 2>&1;"
-                         " echo x > /tmp/ok && echo tmp-ok")
+    r = run_sh(
+        tmp_path,
+        "touch /etc/sk-probe 2>&1; touch /usr/sk-probe 2>&1; touch /sk-probe 2>&1;"
+        " echo x > /tmp/ok && echo tmp-ok",
+    )
     assert r.rc == 0, r
     assert r.stdout.count("Read-only file system") == 2, r.stdout
     assert "Permission denied" in r.stdout
@@ -426,9 +497,12 @@ def test_image_readonly_where_bound_ro_and_root_writable_only_by_root(tmp_path: 
 
 
 def test_masks_and_readonly_paths(tmp_path: Path) -> None:
-    r = run_sh(tmp_path, "cat /proc/keys | wc -c; ls /proc/acpi 2>/dev/null | wc -l;"
-                         " echo 1 > /proc/sysrq-trigger 2>&1 || echo denied;"
-                         " grep ' /proc/sys ' /proc/self/mounts")
+    r = run_sh(
+        tmp_path,
+        "cat /proc/keys | wc -c; ls /proc/acpi 2>/dev/null | wc -l;"
+        " echo 1 > /proc/sysrq-trigger 2>&1 || echo denied;"
+        " grep ' /proc/sys ' /proc/self/mounts",
+    )
     assert r.rc == 0, r
     lines = r.stdout.splitlines()
     assert lines[0] == "0"
@@ -438,15 +512,20 @@ def test_masks_and_readonly_paths(tmp_path: Path) -> None:
 
 
 def test_tmp_is_size_capped(tmp_path: Path) -> None:
-    r = run_sh(tmp_path, f"dd if=/dev/zero of=/tmp/big bs=65536 count={2 * TMP_SIZE // 65536}"
-                         " 2>&1; echo rc=$?")
+    r = run_sh(
+        tmp_path,
+        f"dd if=/dev/zero of=/tmp/big bs=65536 count={2 * TMP_SIZE // 65536} 2>&1; echo rc=$?",
+    )
     assert "No space left on device" in r.stdout, r
     assert "rc=1" in r.stdout
 
 
 def test_dev_is_minimal_and_works(tmp_path: Path) -> None:
-    r = run_sh(tmp_path, "ls /dev | sort | tr '\\n' ' '; echo; head -c 4 /dev/urandom | wc -c;"
-                         " echo hi > /dev/null && echo null-ok; touch /dev/sk 2>/dev/null || echo ro-dev")
+    r = run_sh(
+        tmp_path,
+        "ls /dev | sort | tr '\\n' ' '; echo; head -c 4 /dev/urandom | wc -c;"
+        " echo hi > /dev/null && echo null-ok; touch /dev/sk 2>/dev/null || echo ro-dev",
+    )
     assert r.rc == 0, r
     names = r.stdout.splitlines()[0].split()
     assert set(names) == {*DEV_NODES, "fd", "stdin", "stdout", "stderr", "pts", "ptmx", "shm"}
@@ -474,8 +553,10 @@ def test_no_fd_above_2_in_main(tmp_path: Path) -> None:
 
 
 def test_sigterm_is_forwarded_to_main(tmp_path: Path) -> None:
-    plan = host_like_plan(tmp_path, ["sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready;"
-                                                 " while :; do sleep 0.05; done"])
+    plan = host_like_plan(
+        tmp_path,
+        ["sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done"],
+    )
     run = Running(plan.write(tmp_path / "plan"))
     try:
         assert run.proc.stdout is not None
@@ -490,8 +571,10 @@ def test_sigterm_is_forwarded_to_main(tmp_path: Path) -> None:
 
 
 def test_sigint_is_forwarded_to_main(tmp_path: Path) -> None:
-    plan = host_like_plan(tmp_path, ["sh", "-c", "trap 'echo got-int; exit 9' INT; echo ready;"
-                                                 " while :; do sleep 0.05; done"])
+    plan = host_like_plan(
+        tmp_path,
+        ["sh", "-c", "trap 'echo got-int; exit 9' INT; echo ready; while :; do sleep 0.05; done"],
+    )
     run = Running(plan.write(tmp_path / "plan"))
     try:
         assert run.proc.stdout is not None
@@ -540,8 +623,11 @@ def test_control_fd_eof_kills_container(tmp_path: Path) -> None:
 
 
 def test_orphans_are_reaped(tmp_path: Path) -> None:
-    r = run_sh(tmp_path, "(sleep 0.1 &) ; (sleep 0.1 &); sleep 0.6;"
-                         " cat /proc/[0-9]*/stat 2>/dev/null | awk '{print $1, $3}'")
+    r = run_sh(
+        tmp_path,
+        "(sleep 0.1 &) ; (sleep 0.1 &); sleep 0.6;"
+        " cat /proc/[0-9]*/stat 2>/dev/null | awk '{print $1, $3}'",
+    )
     assert r.rc == 0, r
     states = [line.split()[1] for line in r.stdout.splitlines()]
     assert states and "Z" not in states, r.stdout
@@ -562,22 +648,26 @@ def test_symlink_in_image_cannot_redirect_a_mount_to_the_host(tmp_path: Path) ->
     (src / "marker").write_text("inside")
     lower = tmp_path / "lower"
     lower.mkdir()
-    os.symlink(str(hostdir), lower / "link")        # absolute host path
+    os.symlink(str(hostdir), lower / "link")  # absolute host path
     os.symlink("/root", lower / "target")
     before = sorted(os.listdir("/root"))
 
     # 1) the link resolves inside the root: the bind lands on <root>/<hostdir>
-    plan = host_like_plan(tmp_path, ["sh", "-c", "cat /link/marker; cat " + str(hostdir) +
-                                     "/marker"],
-                          extra=[("mkdir", str(hostdir), "0755"), ("bind", str(src), "/link", "-")])
+    plan = host_like_plan(
+        tmp_path,
+        ["sh", "-c", "cat /link/marker; cat " + str(hostdir) + "/marker"],
+        extra=[("mkdir", str(hostdir), "0755"), ("bind", str(src), "/link", "-")],
+    )
     r = run_plan(plan, tmp_path)
     assert r.rc == 0, r
     assert r.stdout == "insideinside"
     assert os.listdir(hostdir) == []
 
     # 2) /root does not exist inside the root: the mount fails instead of hitting the host
-    for rec in (("bind", str(src), "/target", "-"),
-                ("mount", "tmpfs", "tmpfs", "/target", "-", "size=4096")):
+    for rec in (
+        ("bind", str(src), "/target", "-"),
+        ("mount", "tmpfs", "tmpfs", "/target", "-", "size=4096"),
+    ):
         plan = host_like_plan(tmp_path, ["true"], extra=[rec])
         r = run_plan(plan, tmp_path)
         assert r.rc == 125, r
@@ -586,8 +676,9 @@ def test_symlink_in_image_cannot_redirect_a_mount_to_the_host(tmp_path: Path) ->
 
 
 def test_magic_links_refused_as_mount_target(tmp_path: Path) -> None:
-    plan = host_like_plan(tmp_path, ["true"],
-                          extra=[("mount", "tmpfs", "tmpfs", "/proc/1/root", "-", "size=4096")])
+    plan = host_like_plan(
+        tmp_path, ["true"], extra=[("mount", "tmpfs", "tmpfs", "/proc/1/root", "-", "size=4096")]
+    )
     r = run_plan(plan, tmp_path)
     assert r.rc == 125, r
     err = r.line("error")
@@ -615,8 +706,11 @@ def test_file_refuses_symlink_and_writes_content(tmp_path: Path) -> None:
     victim.write_text("host")
     os.symlink(str(victim), lower / "evil")
     content = "a b\n%c\x01\n"
-    plan = host_like_plan(tmp_path, ["cat", "/etc2/f"],
-                          pre_proc=[("mkdir", "/etc2", "0755"), ("file", "/etc2/f", "0644", content)])
+    plan = host_like_plan(
+        tmp_path,
+        ["cat", "/etc2/f"],
+        pre_proc=[("mkdir", "/etc2", "0755"), ("file", "/etc2/f", "0644", content)],
+    )
     r = run_plan(plan, tmp_path)
     assert r.rc == 0, r
     assert r.stdout == content
@@ -627,17 +721,24 @@ def test_file_refuses_symlink_and_writes_content(tmp_path: Path) -> None:
 
 
 def test_cwd_and_umask_and_env(tmp_path: Path) -> None:
-    r = run_sh(tmp_path, "pwd; umask; echo $FOO; env | sort | tr '\\n' ,", env=["FOO=a b%c"],
-               cwd="/dev/shm")
+    r = run_sh(
+        tmp_path,
+        "pwd; umask; echo $FOO; env | sort | tr '\\n' ,",
+        env=["FOO=a b%c"],
+        cwd="/dev/shm",
+    )
     assert r.rc == 0, r
     lines = r.stdout.splitlines()
     assert lines[0] == "/dev/shm"
     assert lines[1] == "0022"
     assert lines[2] == "a b%c"
     # nothing inherited but what the plan says (sh adds PWD)
-    assert set(lines[3].strip(",").split(",")) <= {"FOO=a b%c", "HOME=/tmp",
-                                                   "PATH=/usr/local/bin:/usr/bin:/bin",
-                                                   "PWD=/dev/shm"}
+    assert set(lines[3].strip(",").split(",")) <= {
+        "FOO=a b%c",
+        "HOME=/tmp",
+        "PATH=/usr/local/bin:/usr/bin:/bin",
+        "PWD=/dev/shm",
+    }
 
 
 def test_command_not_found_and_not_executable(tmp_path: Path) -> None:
@@ -673,25 +774,28 @@ def test_sync_net_waits_for_go(tmp_path: Path) -> None:
         run.kill()
 
 
-@pytest.mark.parametrize(("body", "line"), [
-    ("bogus x\n", 2),
-    ("id\n", 2),
-    ("id a b\n", 2),
-    ("id a%4\n", 2),
-    ("id a%zz\n", 2),
-    ("id a%-b\n", 2),
-    ("id a\nid b\n", 3),
-    ("id a\n\nid b\n", 3),
-    ("id a  b\n", 2),
-    ("id a\tb\n", 2),
-    ("namespaces mount,uts\n", 2),
-    ("namespaces mount,pid,bogus\n", 2),
-    ("mkdir /x 0755\n", 2),
-    ("env NOEQUALS\n", 2),
-    ("rlimit bogus 1 1\n", 2),
-    ("capabilities CAP_BOGUS\n", 2),
-    ("id " + "a" * (1 << 20 + 1) + "\n", 2),
-])
+@pytest.mark.parametrize(
+    ("body", "line"),
+    [
+        ("bogus x\n", 2),
+        ("id\n", 2),
+        ("id a b\n", 2),
+        ("id a%4\n", 2),
+        ("id a%zz\n", 2),
+        ("id a%-b\n", 2),
+        ("id a\nid b\n", 3),
+        ("id a\n\nid b\n", 3),
+        ("id a  b\n", 2),
+        ("id a\tb\n", 2),
+        ("namespaces mount,uts\n", 2),
+        ("namespaces mount,pid,bogus\n", 2),
+        ("mkdir /x 0755\n", 2),
+        ("env NOEQUALS\n", 2),
+        ("rlimit bogus 1 1\n", 2),
+        ("capabilities CAP_BOGUS\n", 2),
+        ("id " + "a" * (1 << 20 + 1) + "\n", 2),
+    ],
+)
 def test_malformed_plans_are_rejected(tmp_path: Path, body: str, line: int) -> None:
     path = tmp_path / "plan"
     path.write_text("sk-runtime-plan 1\n" + body + "namespaces mount,pid\nargv true\n")
@@ -709,9 +813,13 @@ def test_malformed_plans_are_rejected(tmp_path: Path, body: str, line: int) -> N
 
 
 def test_plan_header_and_missing_records(tmp_path: Path) -> None:
-    for text in ("", "sk-runtime-plan 2\n", "namespaces mount,pid\n",
-                 "sk-runtime-plan 1\nnamespaces mount,pid\n",
-                 "sk-runtime-plan 1\nargv true\n"):
+    for text in (
+        "",
+        "sk-runtime-plan 2\n",
+        "namespaces mount,pid\n",
+        "sk-runtime-plan 1\nnamespaces mount,pid\n",
+        "sk-runtime-plan 1\nargv true\n",
+    ):
         path = tmp_path / "plan"
         path.write_text(text)
         res = Running(path).finish()
@@ -733,8 +841,9 @@ def test_supervisor_rss_is_small(tmp_path: Path) -> None:
     try:
         run.wait_for("exec")
         status = Path(f"/proc/{run.proc.pid}/status").read_text()
-        rss_kb = int(next(line for line in status.splitlines()
-                          if line.startswith("VmRSS:")).split()[1])
+        rss_kb = int(
+            next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]
+        )
         print(f"\nsupervisor VmRSS {rss_kb} kB")
         assert rss_kb < 2048
         run.proc.send_signal(signal.SIGTERM)
@@ -763,6 +872,7 @@ def test_init_killed_reports_its_signal(tmp_path: Path) -> None:
 @pytest.fixture
 def userns_base() -> Iterator[Path]:
     import tempfile
+
     # pytest's tmp dirs are 0700: the mapped root (host uid 200000) could not reach them
     base = Path(tempfile.mkdtemp(prefix="sk-userns-"))
     base.chmod(0o755)
@@ -802,7 +912,7 @@ def test_user_namespace_maps(userns_base: Path) -> None:
         lines = r.stdout.split()
         assert lines[0] == "65534"
         assert lines[1:4] == ["0", "200000", "65536"]
-        assert lines[4] == "0"          # the root directory belongs to the container's root
+        assert lines[4] == "0"  # the root directory belongs to the container's root
         assert os.listdir(base / "scratch") == []
 
 
@@ -819,8 +929,11 @@ def test_cgroup_is_joined_before_unsharing(tmp_path: Path) -> None:
         r = run_plan(plan, tmp_path)
         assert r.rc == 0, r
         assert r.stdout.strip().endswith(f":/{cg.name}"), r.stdout
-        plan = host_like_plan(tmp_path, ["sh", "-c", "grep pids /proc/self/cgroup"],
-                              namespaces="mount,pid,uts,ipc,net,cgroup")
+        plan = host_like_plan(
+            tmp_path,
+            ["sh", "-c", "grep pids /proc/self/cgroup"],
+            namespaces="mount,pid,uts,ipc,net,cgroup",
+        )
         plan.records.insert(1, f"cgroup {enc(str(cg))}")
         r = run_plan(plan, tmp_path)
         assert r.rc == 0, r
@@ -839,15 +952,16 @@ def test_cgroup_is_joined_before_unsharing(tmp_path: Path) -> None:
 
 def _seccomp_filter_denying_mkdir() -> bytes:
     import struct
+
     ld_abs, jeq, ret = 0x20, 0x15, 0x06
     prog = [
-        (ld_abs, 0, 0, 4),               # arch
-        (jeq, 0, 4, 0xC000003E),         # not x86_64: allow everything
-        (ld_abs, 0, 0, 0),               # syscall number
-        (jeq, 1, 0, 83),                 # mkdir
-        (jeq, 0, 1, 258),                # mkdirat
-        (ret, 0, 0, 0x00050000 | 1),     # SECCOMP_RET_ERRNO | EPERM
-        (ret, 0, 0, 0x7FFF0000),         # SECCOMP_RET_ALLOW
+        (ld_abs, 0, 0, 4),  # arch
+        (jeq, 0, 4, 0xC000003E),  # not x86_64: allow everything
+        (ld_abs, 0, 0, 0),  # syscall number
+        (jeq, 1, 0, 83),  # mkdir
+        (jeq, 0, 1, 258),  # mkdirat
+        (ret, 0, 0, 0x00050000 | 1),  # SECCOMP_RET_ERRNO | EPERM
+        (ret, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
     ]
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 
@@ -857,8 +971,14 @@ def test_seccomp_filter_is_loaded_last(tmp_path: Path) -> None:
         pytest.skip("filter written for x86_64")
     filt = tmp_path / "filter.bpf"
     filt.write_bytes(_seccomp_filter_denying_mkdir())
-    plan = host_like_plan(tmp_path, ["sh", "-c", "mkdir /tmp/d 2>&1; touch /tmp/f && echo touched;"
-                                                 " grep Seccomp: /proc/self/status"])
+    plan = host_like_plan(
+        tmp_path,
+        [
+            "sh",
+            "-c",
+            "mkdir /tmp/d 2>&1; touch /tmp/f && echo touched; grep Seccomp: /proc/self/status",
+        ],
+    )
     plan.records.insert(1, f"seccomp {enc(str(filt))}")
     r = run_plan(plan, tmp_path)
     assert r.rc == 0, r
@@ -873,8 +993,12 @@ def test_seccomp_filter_is_loaded_last(tmp_path: Path) -> None:
 
 def test_stdio_passes_through_even_when_status_goes_to_stderr(tmp_path: Path) -> None:
     plan = host_like_plan(tmp_path, ["sh", "-c", "read x; echo out-$x; echo err-$x >&2"])
-    proc = subprocess.run([str(BINARY), "--status-fd", "2", str(plan.write(tmp_path / "plan"))],
-                          input=b"42\n", capture_output=True, timeout=20)
+    proc = subprocess.run(
+        [str(BINARY), "--status-fd", "2", str(plan.write(tmp_path / "plan"))],
+        input=b"42\n",
+        capture_output=True,
+        timeout=20,
+    )
     _STARTED.append(int(proc.stderr.split(b"\n")[0].split(b" ")[1]))
     assert proc.returncode == 0, proc
     assert proc.stdout == b"out-42\n"
@@ -884,8 +1008,12 @@ def test_stdio_passes_through_even_when_status_goes_to_stderr(tmp_path: Path) ->
 
 
 def test_readonly_root(tmp_path: Path) -> None:
-    plan = host_like_plan(tmp_path, ["sh", "-c", "touch /x 2>&1; touch /tmp/y && echo tmp-ok"],
-                          user=None, extra=[("readonly", "/")])
+    plan = host_like_plan(
+        tmp_path,
+        ["sh", "-c", "touch /x 2>&1; touch /tmp/y && echo tmp-ok"],
+        user=None,
+        extra=[("readonly", "/")],
+    )
     r = run_plan(plan, tmp_path)
     assert r.rc == 0, r
     assert "Read-only file system" in r.stdout and "tmp-ok" in r.stdout
