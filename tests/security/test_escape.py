@@ -164,6 +164,8 @@ def _host_knobs() -> dict[str, Any]:
         knobs[path] = _read(path)
     for d in sorted(Path("/sys/fs/cgroup").glob("*/release_agent")):
         knobs[str(d)] = _read(str(d))
+    layer = hostimage.layer_dir()  # the image's lower layer: container writes go to the upper
+    knobs["host-layer"] = sorted(str(p.relative_to(layer)) for p in layer.rglob("*"))
     return knobs
 
 
@@ -1095,6 +1097,47 @@ def test_symlinked_mount_target_stays_in_root(tmp_path: Path, kind: str) -> None
         pass  # refusing the image is a fine outcome too
     assert list(host_target.iterdir()) == [], "the mount target escaped to the host"
     assert _mountinfo() == before
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("link", ["home", "etc", "tmp", "root"])
+def test_symlinked_layout_dirs_stay_in_root(tmp_path: Path, link: str) -> None:
+    """CVE-2021-30465 / CVE-2019-19921 class: an image whose /home, /etc, /tmp or / entry is a
+    symlink to a host path; the runtime's own mounts and files (home tmpfs, /etc/hosts,
+    /etc/hostname, /tmp tmpfs, volumes) must land inside the root or the start be refused."""
+    # outside /tmp: the runtime mounts a fresh /tmp before it creates home and volumes
+    host_target = Path("/var/tmp") / f"sk-esc-{secrets.token_hex(4)}" / "host-target"
+    host_target.mkdir(parents=True)
+    request_cleanup = host_target.parent
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    for d in ("proc", "dev", "sys", "tmp", "usr", "etc", "home", "root"):
+        if d != link:
+            (layer / d).mkdir()
+    for name in ("bin", "lib", "lib64"):
+        os.symlink(f"usr/{name}", layer / name)
+    os.symlink("../" * 8 + str(host_target).lstrip("/"), layer / link)
+    if link != "tmp":  # the same path inside the image: resolved in the root, it exists there
+        (layer / str(host_target).lstrip("/")).mkdir(parents=True)
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "marker").write_text("volume")
+    before = _mountinfo()
+    try:
+        data = probe_ok(
+            "read_files",
+            {"paths": [f"/{link}/vol/marker"]},
+            layers=(str(layer),),
+            mounts=(Bind(str(vol), f"/{link}/vol", readonly=True),),
+        )
+        assert data == {f"/{link}/vol/marker": "READ:6"}, data
+    except RuntimeStartError:
+        pass  # refusing the image is a fine outcome too
+    try:
+        assert list(host_target.iterdir()) == [], "a runtime mount or file escaped to the host"
+        assert _mountinfo() == before
+    finally:
+        shutil.rmtree(request_cleanup, ignore_errors=True)
 
 
 # ---- signals ---------------------------------------------------------------------------
