@@ -570,18 +570,34 @@ def test_sigterm_is_forwarded_to_main(tmp_path: Path) -> None:
         run.kill()
 
 
-def test_sigint_is_forwarded_to_main(tmp_path: Path) -> None:
-    plan = host_like_plan(
-        tmp_path,
-        ["sh", "-c", "trap 'echo got-int; exit 9' INT; echo ready; while :; do sleep 0.05; done"],
-    )
+@pytest.mark.parametrize("sig", ["INT", "HUP", "QUIT", "USR1", "USR2"])
+def test_other_signals_are_forwarded_to_main(tmp_path: Path, sig: str) -> None:
+    script = f"trap 'echo got-{sig}; exit 9' {sig}; echo ready; while :; do sleep 0.05; done"
+    plan = host_like_plan(tmp_path, ["sh", "-c", script])
     run = Running(plan.write(tmp_path / "plan"))
     try:
         assert run.proc.stdout is not None
         assert run.proc.stdout.readline() == b"ready\n"
-        run.proc.send_signal(signal.SIGINT)
+        run.proc.send_signal(getattr(signal, f"SIG{sig}"))
         res = run.finish()
-        assert res.rc == 9 and "got-int" in res.stdout, res
+        assert res.rc == 9 and f"got-{sig}" in res.stdout, res
+    finally:
+        run.kill()
+
+
+def test_control_fd_eof_while_waiting_for_go(tmp_path: Path) -> None:
+    plan = host_like_plan(tmp_path, ["true"])
+    plan.records.insert(0, "sync net")
+    run = Running(plan.write(tmp_path / "plan"), control=True)
+    try:
+        init_pid = int(run.wait_for("netns")[0])
+        assert run.control_w is not None
+        os.close(run.control_w)
+        run.control_w = None
+        assert run.proc.wait(5) == 137
+        assert wait_gone([init_pid]) == []
+        res = run.finish()
+        assert res.line("exec") is None
     finally:
         run.kill()
 
