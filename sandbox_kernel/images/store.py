@@ -708,12 +708,13 @@ class ImageStore:
         hint = f"; build it with: sandbox-kernel image build {name}" if name else ""
         return ImageNotFound(f"image '{ref}' not found; images in the store: {have}{hint}")
 
-    def resolve(self, ref: str) -> Image:
+    def resolve(self, ref: str, *, unpack: bool = True) -> Image:
         """'name' (tag latest), 'name:tag' or a 'sha256:' manifest digest prefix -> Image.
 
-        The snapshots of the returned image exist (missing ones are unpacked again).
+        The snapshots of the returned image exist (missing ones are unpacked again) unless
+        ``unpack`` is False.
         """
-        return self._resolve(ref, unpack=True)
+        return self._resolve(ref, unpack=unpack)
 
     def _resolve(self, ref: str, *, unpack: bool) -> Image:
         images = self.list()

@@ -1,0 +1,179 @@
+"""``sandbox-kernel image``: ls / inspect / rm / gc / import / export / build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImageError
+from ..images.store import Image, ImageStore, image_in_use
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("image", help="manage kernel images (ls, inspect, rm, gc, import, ...)")
+    isub = p.add_subparsers(dest="image_verb", metavar="IMAGE_VERB")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    q = isub.add_parser("ls", help="list images")
+    q.set_defaults(func=cmd_ls)
+
+    q = isub.add_parser("inspect", help="show an image as JSON")
+    q.add_argument("ref", metavar="NAME[:TAG]|sha256:PREFIX")
+    q.set_defaults(func=cmd_inspect)
+
+    q = isub.add_parser("rm", help="remove an image (refused while a container uses it)")
+    q.add_argument("refs", nargs="+", metavar="NAME[:TAG]|sha256:PREFIX")
+    q.add_argument("--no-gc", action="store_true", help="keep the now unused blobs and snapshots")
+    q.set_defaults(func=cmd_rm)
+
+    q = isub.add_parser("gc", help="delete blobs and snapshots no image uses")
+    q.add_argument(
+        "--grace",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="keep unreferenced data younger than this (builds in progress); default 300",
+    )
+    q.set_defaults(func=cmd_gc)
+
+    q = isub.add_parser(
+        "import", help="import an OCI layout (dir or tar), a docker-save archive or a rootfs tar"
+    )
+    q.add_argument("path", type=Path)
+    q.add_argument("--name", metavar="NAME[:TAG]", help="name for the imported image")
+    q.set_defaults(func=cmd_import)
+
+    q = isub.add_parser("export", help="export an image as an OCI layout (dir, or PATH.tar)")
+    q.add_argument("ref", metavar="NAME[:TAG]")
+    q.add_argument("path", type=Path)
+    q.set_defaults(func=cmd_export)
+
+    q = isub.add_parser("build", help="build an image from a recipe")
+    q.add_argument("target", metavar="RECIPE_OR_NAME")
+    q.add_argument("--tag", help="tag of the built image (default: latest)")
+    q.add_argument("--no-cache", action="store_true", help="rebuild every step")
+    q.add_argument("--quiet", "-q", action="store_true", help="print only the image digest")
+    q.set_defaults(func=cmd_build)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    images = ImageStore().list()
+    rows = [("NAME", "TAG", "DIGEST", "SIZE", "CREATED")]
+    for im in images:
+        short = im.digest.removeprefix("sha256:")[:12]
+        rows.append((im.name, im.tag, short, _human(im.size), im.created))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def image_json(im: Image) -> dict[str, Any]:
+    c = im.config
+    return {
+        "name": im.name,
+        "tag": im.tag,
+        "digest": im.digest,
+        "created": im.created,
+        "size": im.size,
+        "config": {
+            "env": [f"{k}={v}" for k, v in c.env],
+            "entrypoint": list(c.entrypoint),
+            "cmd": list(c.cmd),
+            "working_dir": c.working_dir,
+            "user": c.user,
+            "labels": dict(c.labels),
+        },
+        "layers": [
+            {
+                "digest": layer.digest,
+                "diff_id": layer.diff_id,
+                "size": layer.size,
+                "media_type": layer.media_type,
+                "snapshot": str(layer.snapshot),
+            }
+            for layer in im.layers
+        ],
+        "lowerdirs": list(im.lowerdirs()),
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    im = ImageStore().resolve(args.ref, unpack=False)
+    doc = image_json(im)
+    try:
+        argv = im.kernel_argv()
+        doc["kernel_argv"] = list(argv) if argv is not None else None
+    except ImageError as exc:
+        doc["kernel_argv_error"] = str(exc)
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = ImageStore()
+    for ref in args.refs:
+        store.remove(ref, in_use=image_in_use)
+        print(f"removed {ref}")
+    if not args.no_gc:
+        blobs, snaps = store.gc(grace_seconds=0.0)
+        print(f"freed {blobs} blob(s), {snaps} snapshot(s)")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    blobs, snaps = ImageStore().gc(grace_seconds=args.grace)
+    print(f"removed {blobs} blob(s), {snaps} snapshot(s)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from ..images.importer import import_path
+
+    for im in import_path(ImageStore(), args.path, args.name):
+        print(f"imported {im.ref} {im.digest}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..images.exporter import export_images
+
+    for im in export_images(ImageStore(), [args.ref], args.path):
+        print(f"exported {im.ref} {im.digest} to {args.path}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    try:
+        from ..images.build import build_image
+    except ImportError as exc:
+        print(
+            f"sandbox-kernel: error: image builds are not available in this installation ({exc})",
+            file=sys.stderr,
+        )
+        return 125
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(msg, flush=True)
+
+    im = build_image(
+        args.target,
+        ImageStore(),
+        tag=args.tag,
+        use_cache=not args.no_cache,
+        progress=progress,
+    )
+    print(im.digest if args.quiet else f"built {im.ref} {im.digest}")
+    return 0
