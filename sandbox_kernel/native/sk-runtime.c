@@ -15,8 +15,9 @@
  *               seccomp, execve.
  *
  * Internal channels:
- *   p2c  supervisor -> init: 'S' once the id maps are written (also proves the
- *        supervisor was alive after init armed PDEATHSIG), 'G' to relay `go`.
+ *   p2c  supervisor -> init: 'S' once the id maps are written, 'G' to relay
+ *        `go`. Its write end open (no POLLHUP) after init armed PDEATHSIG
+ *        proves the supervisor was alive then.
  *   c2p  init -> supervisor: ready-made status lines (`exec`, `error`, `exit`).
  *   rep  main -> init (O_CLOEXEC): "T<us>\n" just before execve, then on
  *        failure an `error ...` line. EOF after only the T line = exec succeeded.
