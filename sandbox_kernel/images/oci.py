@@ -78,7 +78,7 @@ def check_digest(digest: object, what: str = "digest") -> str:
 
     Call this before building any path from a digest.
     """
-    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not _DIGEST_RE.fullmatch(digest):
         shown = digest if isinstance(digest, str) and len(digest) < 200 else type(digest).__name__
         raise UnsafeArchiveError(
             f"invalid {what} {shown!r}: only 'sha256:' followed by 64 lowercase hex digits is "
@@ -93,7 +93,7 @@ def digest_hex(digest: str) -> str:
 
 
 def is_hex64(s: str) -> bool:
-    return bool(_HEX_RE.match(s))
+    return bool(_HEX_RE.fullmatch(s))
 
 
 def sha256_digest(data: bytes) -> str:
@@ -118,7 +118,7 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name) or len(name) > 128:
+    if not _NAME_RE.fullmatch(name) or len(name) > 128:
         raise ImageError(
             f"invalid image name {name!r}: use lowercase letters, digits, '.', '_' and '-', "
             "starting with a letter or digit (e.g. python2.7)"
@@ -127,7 +127,7 @@ def check_name(name: str) -> str:
 
 
 def check_tag(tag: str) -> str:
-    if not _TAG_RE.match(tag):
+    if not _TAG_RE.fullmatch(tag):
         raise ImageError(
             f"invalid image tag {tag!r}: use letters, digits, '.', '_' and '-' (at most 128), "
             "not starting with '.' or '-' (e.g. latest)"
