@@ -45,18 +45,25 @@ def _being_created(entry: Path) -> bool:
         return False
 
 
-def live_ids(root: Path) -> set[str]:
+def _entry_live(entry: Path) -> bool:
     from .container import ContainerInfo
 
-    live: set[str] = set()
+    info = ContainerInfo(entry)
+    return info.running() or info.owner_alive() or _being_created(entry)
+
+
+def _container_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
-        return live
-    for entry in root.iterdir():
-        if is_container_id(entry.name) and entry.is_dir() and not entry.is_symlink():
-            info = ContainerInfo(entry)
-            if info.running() or info.owner_alive() or _being_created(entry):
-                live.add(entry.name)
-    return live
+        return []
+    return [
+        e
+        for e in sorted(root.iterdir())
+        if is_container_id(e.name) and e.is_dir() and not e.is_symlink()
+    ]
+
+
+def live_ids(root: Path) -> set[str]:
+    return {e.name for e in _container_dirs(root) if _entry_live(e)}
 
 
 def collect(
@@ -65,19 +72,19 @@ def collect(
     """Remove leftovers of dead containers. Safe to run at any time, from any process."""
     root = root or run_dir()
     report = GcReport()
-    live = live_ids(root)
-    if root.is_dir():
-        for entry in sorted(root.iterdir()):
-            if is_container_id(entry.name) and entry.name not in live and not entry.is_symlink():
-                report.run_dirs.append(entry.name)
+    # Order matters: a container's run dir is created before its cgroups, so listing the
+    # cgroups FIRST and the live run dirs second never mistakes a container being created
+    # right now (by another process) for a leftover.
     try:
         manager = manager or get_manager()
-        leftovers = [
-            n for n in manager.list_leftovers("sk-") if is_container_id(n) and n not in live
-        ]
+        candidates = [n for n in manager.list_leftovers("sk-") if is_container_id(n)]
     except SandboxError as exc:
         report.errors.append(str(exc))
-        leftovers = []
+        candidates = []
+    live = live_ids(root)
+    # each run dir's liveness is judged as it is listed (one created meanwhile is live)
+    report.run_dirs.extend(e.name for e in _container_dirs(root) if not _entry_live(e))
+    leftovers = [n for n in candidates if n not in live]
     report.cgroups.extend(leftovers)
     if dry_run:
         return report

@@ -75,13 +75,22 @@ def _run_dirs() -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def host_untouched():
-    """Each test leaves the host as it found it: mounts, cgroups, run dirs, children."""
-    mounts, cgroups, dirs = _mountinfo(), _our_cgroups(), _run_dirs()
-    yield
+def host_untouched(monkeypatch):
+    """Each test leaves the host as it found it: no mount, and no cgroup or run dir of any
+    container the test created (recorded by id, so concurrent test runs do not interfere)."""
+    created: list[str] = []
+    real_create = Container.create.__func__
+
+    def recording_create(cls, spec, **kw):
+        created.append(spec.id)
+        return real_create(cls, spec, **kw)
+
+    monkeypatch.setattr(Container, "create", classmethod(recording_create))
+    mounts = _mountinfo()
+    yield created
     assert _mountinfo() == mounts
-    assert _our_cgroups() <= cgroups
-    assert {d for d in _run_dirs() if d.startswith("sk-")} <= dirs
+    assert not set(created) & _our_cgroups(), "cgroups left behind"
+    assert not set(created) & _run_dirs(), "run dirs left behind"
 
 
 ISOLATION = """
