@@ -1147,6 +1147,54 @@ def kaslr_leak():
     return {"/proc/kallsyms": "ADDRESSES" if leaked else "zeroed"}
 
 
+def _rtattr(kind, payload):
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
+
+
+def _netlink_ack(proto, msg_type, flags, body):
+    """Send one netlink request, return the errno name of the kernel's ack ('OK' for 0)."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
+    try:
+        s.settimeout(3)
+        s.bind((0, 0))
+        header = struct.pack("=IHHII", 16 + len(body), msg_type, flags, 1, 0)
+        s.send(header + body)
+        data = s.recv(65536)
+    except OSError as exc:
+        return "socket " + ename(exc.errno)
+    finally:
+        s.close()
+    _length, kind = struct.unpack_from("=IH", data, 0)
+    if kind != 2:  # NLMSG_ERROR
+        return f"REPLY type {kind}"
+    code = struct.unpack_from("=i", data, 16)[0]
+    return "OK" if code == 0 else ename(-code)
+
+
+@attempt
+def netlink_admin():
+    """Kernel network configuration: rtnetlink link creation and nf_tables (CVE-2024-1086,
+    CVE-2023-32233, CVE-2022-1015 need CAP_NET_ADMIN over the network namespace)."""
+    request, ack, create, excl = 0x1, 0x4, 0x400, 0x200
+    ifinfo = struct.pack("=BxHiII", 0, 0, 0, 0, 0)
+    linkinfo = _rtattr(18, _rtattr(1, b"dummy\0"))  # IFLA_LINKINFO { IFLA_INFO_KIND }
+    body = ifinfo + _rtattr(3, b"skdummy0\0") + linkinfo  # IFLA_IFNAME
+    out = {"RTM_NEWLINK dummy": _netlink_ack(0, 16, request | ack | create | excl, body)}
+    addr = struct.pack("=BBBBi", socket.AF_INET, 8, 0, 0, 1)  # ifaddrmsg on lo (index 1)
+    body = (
+        addr + _rtattr(2, socket.inet_aton("10.66.0.1")) + _rtattr(1, socket.inet_aton("10.66.0.1"))
+    )
+    out["RTM_NEWADDR lo"] = _netlink_ack(0, 20, request | ack | create | excl, body)
+    nfgen = struct.pack("=BBH", socket.AF_INET, 0, 0)
+    table = _rtattr(1, b"sk\0")  # NFTA_TABLE_NAME
+    out["nf_tables NEWTABLE"] = _netlink_ack(
+        12, (10 << 8) | 0, request | ack | create, nfgen + table
+    )
+    out["nf_tables GETTABLE"] = _netlink_ack(12, (10 << 8) | 1, request | ack, nfgen)
+    return out
+
+
 def main():
     name = sys.argv[1]
     result = ATTEMPTS[name]()

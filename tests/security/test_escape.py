@@ -22,6 +22,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -37,7 +38,7 @@ import pytest
 
 from sandbox_kernel import hostimage
 from sandbox_kernel.container import Container, ExitResult
-from sandbox_kernel.errors import RuntimeStartError
+from sandbox_kernel.errors import RuntimeStartError, SandboxError
 from sandbox_kernel.native import runtime_binary
 from sandbox_kernel.paths import new_container_id
 from sandbox_kernel.spec import (
@@ -134,15 +135,30 @@ def check(data: dict[str, str], expected: dict[str, set[str]]) -> None:
     )
 
 
-# Image builds of the product (another suite, possibly running at the same time) mount
-# inside their build directories on the host; those come and go on their own.
+# Other suites running at the same time mount on the host inside their own directories
+# (image builds in the build cache, overlay tests in their pytest temp dirs); those come and
+# go on their own. Mounts anywhere else, including this session's temp dir, count.
 CONCURRENT_MOUNTS = ("/var/lib/sandbox-kernel/build-tmp/",)
+_PYTEST_DIR = re.compile(r"^/tmp/pytest-of-[^/]+/pytest-[0-9]+/")
+_OWN_BASETEMP: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _OWN_BASETEMP.append(str(tmp_path_factory.getbasetemp()) + "/")
+
+
+def _foreign(mountpoint: str) -> bool:
+    if mountpoint.startswith(CONCURRENT_MOUNTS):
+        return True
+    m = _PYTEST_DIR.match(mountpoint)
+    return bool(m) and not any(mountpoint.startswith(own) for own in _OWN_BASETEMP)
 
 
 def _mountinfo() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         rows = [line.split()[3:5] for line in f]
-    return sorted(" ".join(r) for r in rows if not r[1].startswith(CONCURRENT_MOUNTS))
+    return sorted(" ".join(r) for r in rows if not _foreign(r[1]))
 
 
 def _read(path: str) -> str | None:
@@ -159,7 +175,6 @@ def _host_knobs() -> dict[str, Any]:
         "/proc/sys/kernel/core_pattern",
         "/proc/sys/kernel/modprobe",
         "/etc/shadow",
-        runtime_binary(),
     ):
         knobs[path] = _read(path)
     for d in sorted(Path("/sys/fs/cgroup").glob("*/release_agent")):
@@ -169,6 +184,15 @@ def _host_knobs() -> dict[str, Any]:
     return knobs
 
 
+def _executor_identity() -> tuple[int | None, str | None]:
+    try:
+        path = runtime_binary()
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_ino, hashlib.sha256(f.read()).hexdigest()
+    except (OSError, SandboxError):
+        return None, None
+
+
 @pytest.fixture(autouse=True)
 def host_untouched(request: pytest.FixtureRequest):
     """After each case the host is as it was: hostname, mounts, executor binary, global knobs."""
@@ -176,9 +200,15 @@ def host_untouched(request: pytest.FixtureRequest):
         yield
         return
     before = _host_knobs()
+    exe_before = _executor_identity()
     yield
     after = _host_knobs()
     changed = {k: (before[k], after[k]) for k in before if before[k] != after.get(k)}
+    exe_after = _executor_identity()
+    # CVE-2019-5736 overwrites the executor in place (same inode); a rebuild by `make native`
+    # (other suites run concurrently) writes a new file and is not a finding
+    if exe_before[0] == exe_after[0] and exe_before[0] is not None and exe_before != exe_after:
+        changed["executor binary"] = (exe_before, exe_after)
     assert not changed, f"the host changed: {changed}"
 
 
@@ -642,6 +672,22 @@ CASES: list[Case] = [
         "kernel addresses in /proc/kallsyms (KASLR bypass for kernel exploits)",
         "kaslr_leak",
         *same({"/proc/kallsyms": {"zeroed", "ENOENT"}}),
+    ),
+    Case(
+        "netlink-admin",
+        "rtnetlink / nf_tables configuration (CVE-2024-1086, CVE-2023-32233, CVE-2022-1015)",
+        "netlink_admin",
+        *same(
+            {
+                k: EPERM
+                for k in (
+                    "RTM_NEWLINK dummy",
+                    "RTM_NEWADDR lo",
+                    "nf_tables NEWTABLE",
+                    "nf_tables GETTABLE",
+                )
+            }
+        ),
     ),
 ]
 
