@@ -21,7 +21,9 @@ from sandbox_kernel.images.extract import (
 )
 
 ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not ROOT, reason="overlay whiteouts need CAP_MKNOD / trusted xattrs")
+needs_root = pytest.mark.skipif(
+    not ROOT, reason="overlay whiteouts need CAP_MKNOD / trusted xattrs"
+)
 
 
 def tar_bytes(entries: list[tuple], fmt: int = tarfile.PAX_FORMAT) -> bytes:
@@ -168,8 +170,15 @@ def _can_overlay(tmp_path: Path) -> bool:
     for p in (lo, up, wk, mnt):
         p.mkdir(parents=True)
     r = subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lo},upperdir={up},workdir={wk}",
-         str(mnt)],
+        [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"lowerdir={lo},upperdir={up},workdir={wk}",
+            str(mnt),
+        ],
         capture_output=True,
     )
     if r.returncode == 0:
@@ -216,13 +225,24 @@ def test_multilayer_overlay_view_matches_oci_semantics(tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     lower = ":".join(reversed(snaps))  # top-most first
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}", str(mnt)],
-                   check=True)
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower}", str(mnt)], check=True
+    )
     try:
         seen = sorted(str(p.relative_to(mnt)) for p in mnt.rglob("*"))
         assert seen == sorted(
-            ["etc", "etc/a", "etc/b", "etc/c", "opq", "opq/new", "dirgone", "dirgone/y",
-             "keep", "keep/k"]
+            [
+                "etc",
+                "etc/a",
+                "etc/b",
+                "etc/c",
+                "opq",
+                "opq/new",
+                "dirgone",
+                "dirgone/y",
+                "keep",
+                "keep/k",
+            ]
         )
         assert (mnt / "etc/a").read_text() == "a3"
         assert (mnt / "etc/b").read_text() == "b1"
@@ -234,8 +254,9 @@ def _compress(data: bytes, comp: str, path: Path) -> Path:
     if comp == "gzip":
         path.write_bytes(gzip.compress(data))
     elif comp == "zstd":
-        path.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True,
-                                        check=True).stdout)
+        path.write_bytes(
+            subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
+        )
     else:
         path.write_bytes(data)
     return path
@@ -267,7 +288,7 @@ def test_wrong_compression_is_an_error(tmp_path: Path) -> None:
 
 
 def test_garbage_is_not_a_tar(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="checksum|truncated|invalid number"):
+    with pytest.raises(ImageError, match=r"checksum|truncated|invalid number"):
         extract(b"x" * 2048, tmp_path / "o")
 
 
