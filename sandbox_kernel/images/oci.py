@@ -253,13 +253,17 @@ class Manifest:
 def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
     """Parse an image manifest; an index, a config or a layer posing as a manifest is refused."""
     obj = load_json(data, what)
-    if obj.get("schemaVersion") != 2:
-        raise ImageError(f"{what}: schemaVersion must be 2, got {obj.get('schemaVersion')!r}")
     mt = obj.get("mediaType", MT_OCI_MANIFEST)
     if mt in INDEX_TYPES or "manifests" in obj:
         raise UnsafeArchiveError(
             f"{what} is an image index where an image manifest was expected (media-type confusion)"
         )
+    if "rootfs" in obj:
+        raise UnsafeArchiveError(
+            f"{what} is an image config where an image manifest was expected (media-type confusion)"
+        )
+    if obj.get("schemaVersion") != 2:
+        raise ImageError(f"{what}: schemaVersion must be 2, got {obj.get('schemaVersion')!r}")
     if mt not in MANIFEST_TYPES:
         raise UnsafeArchiveError(
             f"{what}: mediaType {mt!r} is not an image manifest (media-type confusion); "
