@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -447,14 +448,25 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         return self.connection_info
 
     async def post_launch(self, **kwargs: Any) -> None:
+        """Wait (bounded by cpu_defer_timeout, and only while the kernel lives) for the kernel's
+        first kernel_info reply, then apply the CPU cap: start-up runs uncapped, and the
+        first cell the user runs is already capped. Clients wait for that reply anyway."""
         container = self.container
         if container is not None and container.limits.defer_cpu:
             self._cpu_task = asyncio.ensure_future(self._apply_cpu_when_ready(container))
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cpu_task
 
     async def _apply_cpu_when_ready(self, container: Container) -> None:
         timeout = self.settings.cpu_defer_timeout if self.settings else 60.0
         try:
-            await asyncio.wait_for(_wait_kernel_info(dict(self.connection_info)), timeout)
+            await asyncio.wait_for(
+                _wait_kernel_info(
+                    dict(self.connection_info),
+                    alive=lambda: container.proc is not None and container.proc.poll() is None,
+                ),
+                timeout,
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -652,8 +664,9 @@ def _resolve_image(name: str, context: str) -> _Image:
     )
 
 
-async def _wait_kernel_info(connection_info: dict[str, Any]) -> None:
-    """Connect a private client over the kernel's sockets and wait for a kernel_info reply."""
+async def _wait_kernel_info(connection_info: dict[str, Any], alive: Callable[[], bool]) -> None:
+    """Connect a private client over the kernel's sockets and wait for a kernel_info reply
+    (or for the kernel to die: ``alive`` turns False)."""
     import zmq.asyncio
     from jupyter_client.asynchronous.client import AsyncKernelClient
 
@@ -662,13 +675,13 @@ async def _wait_kernel_info(connection_info: dict[str, Any]) -> None:
     try:
         client.load_connection_info(connection_info)  # type: ignore[arg-type]
         client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
-        while True:
-            msg_id = client.kernel_info()
+        while alive():
+            client.kernel_info()  # a request sent before the kernel listens may be dropped: resend
             try:
-                reply = await client.get_shell_msg(timeout=2.0)
+                reply = await client.get_shell_msg(timeout=0.5)
             except Exception:
                 continue
-            if reply.get("parent_header", {}).get("msg_id") == msg_id:
+            if reply.get("msg_type") == "kernel_info_reply":
                 return
     finally:
         client.stop_channels()

@@ -145,6 +145,8 @@ def kernel_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def add_spec(
     kernels: Path, name: str, config: dict[str, Any], argv: list[str] | None = None
 ) -> None:
+    # the fake kernel never answers kernel_info: the CPU cap comes after this timeout
+    config = {"cpu_defer_timeout": 0.3, **config}
     d = kernels / name
     d.mkdir(parents=True)
     (d / "kernel.json").write_text(
@@ -214,6 +216,7 @@ async def test_start_writes_ipc_connection_and_container_spec(
             assert (spec.user, spec.group) == (1000, 1000)
             assert conn_dir.stat().st_uid == 1000 and Path(km.connection_file).stat().st_uid == 1000
         assert c.meta["kernel_id"] == km.kernel_id and c.meta["kernelspec"] == "t-ok"
+        assert c.cpu_applied  # after the (timed-out) wait for kernel_info in post_launch
         assert await km.is_alive()
     finally:
         await km.shutdown_kernel(now=True)
