@@ -548,7 +548,7 @@ class _Builder:
         if res.replaced_in_parent:
             notes.append("replaced " + ", ".join(res.replaced_in_parent))
         if res.removed_host_files:
-            notes.append(f"removed {len(res.removed_host_files)} host-built files")
+            notes.append(f"removed {len(res.removed_host_files)} byte-code or foreign .so files")
         return f"{len(res.installed)} installed" + ("; " + "; ".join(notes) if notes else "")
 
     def run_files(self, recipe: Recipe, out: Path) -> None:
