@@ -96,6 +96,12 @@ NR = {
     "reboot": 169,
     "sethostname": 170,
     "iopl": 172,
+    "vhangup": 153,
+    "quotactl": 179,
+    "setdomainname": 171,
+    "lookup_dcookie": 212,
+    "fanotify_init": 300,
+    "memfd_secret": 447,
     "ioperm": 173,
     "init_module": 175,
     "delete_module": 176,
@@ -1193,6 +1199,33 @@ def netlink_admin():
     )
     out["nf_tables GETTABLE"] = _netlink_ack(12, (10 << 8) | 1, request | ack, nfgen)
     return out
+
+
+@attempt
+def admin_misc():
+    """Host-wide administration calls: process accounting, quotas, vhangup, NIS domain,
+    dcookies, fanotify (filesystem-wide monitoring), memfd_secret."""
+    name = b"(none)"
+    return {
+        "acct": sysc("acct", None),
+        "quotactl": sysc("quotactl", 0x800007, b"/", 0, None),  # Q_SYNC, harmless
+        "vhangup": sysc("vhangup"),
+        "setdomainname": sysc("setdomainname", name, len(name)),
+        "lookup_dcookie": sysc("lookup_dcookie", 0, buf(64), 64),
+        "fanotify_init": sysc("fanotify_init", 0, 0),
+        "memfd_secret": sysc("memfd_secret", 0),
+    }
+
+
+@attempt
+def plant_and_hold():
+    """Write a secret into each of ARGS['paths'], then hold for ARGS['wait'] seconds."""
+    for path in ARGS["paths"]:
+        with open(path, "w") as f:
+            f.write("secret of container A\n")
+    print("SK-READY", flush=True)
+    time.sleep(ARGS["wait"])
+    return {"held": "yes"}
 
 
 def main():

@@ -689,6 +689,25 @@ CASES: list[Case] = [
             }
         ),
     ),
+    Case(
+        "admin-misc",
+        "acct, quotactl, vhangup, setdomainname, lookup_dcookie, fanotify_init, memfd_secret",
+        "admin_misc",
+        *same(
+            {
+                k: EPERM
+                for k in (
+                    "acct",
+                    "quotactl",
+                    "vhangup",
+                    "setdomainname",
+                    "lookup_dcookie",
+                    "fanotify_init",
+                    "memfd_secret",
+                )
+            }
+        ),
+    ),
 ]
 
 
@@ -935,6 +954,22 @@ def test_other_containers_abstract_socket(tmp_path: Path) -> None:
         a.wait(30)
     a_data = parse(out.read_text())
     assert a_data == {"accepted": "nobody"}
+
+
+@pytest.mark.privileged
+def test_other_containers_files(tmp_path: Path) -> None:
+    """Container B cannot read what container A wrote in its /tmp, /dev/shm, home or root layer."""
+    paths = ["/tmp/sk-a", "/dev/shm/sk-a", "/home/sandbox/sk-a", "/sk-a"]
+    spec = probe_spec("plant_and_hold", {"paths": paths, "wait": 8}, who="root")
+    out = tmp_path / "a.out"
+    with open(out, "w") as f, Container.create(spec) as a:
+        a.start(stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        _wait_for(out, "SK-READY")
+        for who in ("nobody", "root"):
+            data = probe_ok("read_files", {"paths": paths}, who=who)
+            check(data, {p: ENOENT for p in paths})
+        a.kill()
+        a.wait(30)
 
 
 # ---- cgroups (CVE-2022-0492) ----------------------------------------------------------------
