@@ -1,0 +1,212 @@
+"""The control channel: how code inside a kernel asks the host for something.
+
+One unix socket per kernel, in the kernel's own connection directory (bind-mounted into
+its container), owned by the kernel's uid. The host knows which kernel is asking by the
+socket the request arrived on: a request can only ever act on its own container.
+
+Protocol: one JSON object per line, at most ``MAX_REQUEST`` bytes, one request per
+connection, answered with one JSON line.
+
+* ``{"op": "get"}`` -> ``{"ok": true, "info": {...}}`` (limits, ceilings, image, previous exit)
+* ``{"op": "set", "memory": "2G", "cpus": 2, "pids": 512}`` -> ``{"ok": true, "limits": {...},
+  "warnings": [...]}`` or ``{"ok": false, "error": "memory=8G refused: this server allows at
+  most 4 GiB per kernel"}``
+
+Everything from the kernel is hostile: sizes are bounded, every field validated, requests
+rate-limited, connections time-limited and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import LimitRefused, SpecError
+from .spec import Limits
+from .units import format_size, parse_cpus, parse_size
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 4096
+READ_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 4
+RATE_LIMIT = (20, 60.0)  # at most 20 requests per 60 seconds per kernel
+SETTABLE = ("memory", "cpus", "pids")
+MIN_MEMORY = 32 * 1024 * 1024
+MIN_PIDS = 16
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class LimitCeilings:
+    """What the admin allows per kernel (None: no ceiling)."""
+
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+
+
+def _ceiling_text(field: str, ceiling: float) -> str:
+    if field == "memory":
+        return format_size(ceiling)
+    if field == "cpus":
+        return f"{ceiling:g} CPUs"
+    return f"{int(ceiling)} processes"
+
+
+def plan_limit_change(
+    request: dict[str, Any], current: Limits, ceilings: LimitCeilings, memory_usage: int | None
+) -> tuple[Limits, list[str]]:
+    """Validate a ``set`` request against the ceilings; return the new limits and warnings.
+
+    Raises LimitRefused with a message naming the field, the value and the allowed range.
+    """
+    unknown = sorted(set(request) - {"op", *SETTABLE})
+    if unknown:
+        raise LimitRefused(
+            f"unknown field(s) {', '.join(unknown)}; you can change: {', '.join(SETTABLE)}"
+        )
+    changes = {k: request[k] for k in SETTABLE if k in request}
+    if not changes:
+        raise LimitRefused(f"nothing to change; give one of: {', '.join(SETTABLE)}, e.g. memory=2G")
+    new = current
+    warnings: list[str] = []
+    for field, raw in changes.items():
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool) or len(str(raw)) > 32:
+            raise LimitRefused(f"{field}={str(raw)[:32]!r} is not a valid value")
+        try:
+            if field == "memory":
+                value: float = parse_size(raw, "memory")
+                minimum: float = MIN_MEMORY
+            elif field == "cpus":
+                value = parse_cpus(raw, "cpus")
+                minimum = 0.01
+            else:
+                value = int(raw) if str(raw).isdigit() else -1
+                minimum = MIN_PIDS
+                if value < 0:
+                    raise SpecError(f"pids={raw!r} is not a whole number")
+        except SpecError as exc:
+            raise LimitRefused(str(exc)) from None
+        ceiling = getattr(ceilings, field)
+        if ceiling is not None and value > ceiling:
+            raise LimitRefused(
+                f"{field}={raw} refused: this server allows at most "
+                f"{_ceiling_text(field, ceiling)} per kernel"
+            )
+        if value < minimum:
+            raise LimitRefused(
+                f"{field}={raw} refused: the minimum is {_ceiling_text(field, minimum)}"
+            )
+        if field == "memory":
+            if memory_usage is not None and value < memory_usage:
+                warnings.append(
+                    f"the kernel uses {format_size(memory_usage)} now, more than the new limit "
+                    f"{format_size(value)}: it may be stopped for lack of memory"
+                )
+            new = replace(new, memory=int(value))
+        elif field == "cpus":
+            new = replace(new, cpus=float(value))
+        else:
+            new = replace(new, pids=int(value))
+    return new, warnings
+
+
+class _RateLimiter:
+    def __init__(self, count: int, window: float) -> None:
+        self.count, self.window = count, window
+        self.stamps: list[float] = []
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.stamps = [t for t in self.stamps if now - t < self.window]
+        if len(self.stamps) >= self.count:
+            return False
+        self.stamps.append(now)
+        return True
+
+
+class ControlServer:
+    """Serve one kernel's control socket (asyncio)."""
+
+    def __init__(self, path: str, handler: Handler, *, uid: int, gid: int) -> None:
+        self.path = path
+        self.handler = handler
+        self.uid, self.gid = uid, gid
+        self.limiter = _RateLimiter(*RATE_LIMIT)
+        self.active = 0
+        self.rejected = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._server = await asyncio.start_unix_server(
+            self._serve, path=self.path, limit=MAX_REQUEST + 2
+        )
+        os.chown(self.path, self.uid, self.gid)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= MAX_CONNECTIONS:
+            self.rejected += 1
+            writer.close()
+            return
+        self.active += 1
+        try:
+            reply = await self._answer(reader)
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            self.active -= 1
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), READ_TIMEOUT_S)
+        except asyncio.LimitOverrunError:
+            self.rejected += 1
+            return {"ok": False, "error": f"request too large (at most {MAX_REQUEST} bytes)"}
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+            self.rejected += 1
+            return {"ok": False, "error": "incomplete request (one JSON object per line)"}
+        if len(line) > MAX_REQUEST + 1:
+            self.rejected += 1
+            return {"ok": False, "error": f"request too large (at most {MAX_REQUEST} bytes)"}
+        if not self.limiter.allow():
+            self.rejected += 1
+            return {"ok": False, "error": "too many requests; wait a minute and try again"}
+        try:
+            request = json.loads(line)
+        except ValueError:
+            self.rejected += 1
+            return {"ok": False, "error": "malformed request (not JSON)"}
+        if not isinstance(request, dict) or request.get("op") not in ("get", "set"):
+            self.rejected += 1
+            return {"ok": False, "error": 'malformed request: expected {"op": "get"|"set", ...}'}
+        try:
+            return await self.handler(request)
+        except LimitRefused as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # never let a request take the server down
+            log.warning("control request failed: %s", exc)
+            return {"ok": False, "error": f"the host could not apply it: {exc}"}

@@ -1,0 +1,411 @@
+# -*- coding: utf-8 -*-
+"""%sandbox magics, loaded in every sandbox kernel (Python 2.7 and Python 3).
+
+This file runs INSIDE the kernel's container and must stay Python 2.7 compatible
+(IPython 5, ipykernel 4.10): no f-strings, no annotations. It is injected read-only
+by the host; images are not modified.
+
+* ``%sandbox``: limits and live usage (HTML in notebooks, text in terminals). Usage
+  is read from the kernel's own cgroup, visible read-only at /sys/fs/cgroup.
+* ``%sandbox memory=2G cpus=2 pids=512``: ask the host to change the limits live.
+* ``%%sandbox timeout=10s memory=500M``: run one cell under a wall-clock budget and/or
+  a memory budget; past it the cell is interrupted and says which budget it exceeded.
+* On the first execution after a kernel was stopped by a cap, say why.
+"""
+
+from __future__ import division, print_function
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+try:
+    from html import escape as _escape
+except ImportError:  # Python 2
+    from cgi import escape as _escape
+
+try:
+    import _thread as _threadmod
+except ImportError:  # Python 2
+    import thread as _threadmod
+
+CGROUP = "/sys/fs/cgroup"
+CONTROL_ENV = "SANDBOX_KERNEL_CONTROL"
+UNLIMITED = 1 << 60
+
+
+# ---------------------------------------------------------------- units
+def fmt_size(n):
+    if n is None:
+        return "unlimited"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            if unit == "B":
+                return "%d B" % n
+            return ("%.1f" % n).rstrip("0").rstrip(".") + " " + unit
+        n /= 1024.0
+
+
+def parse_duration(text):
+    text = str(text).strip().lower()
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def parse_size(text):
+    text = str(text).strip().upper().replace("IB", "").rstrip("B")
+    factors = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in factors:
+        return int(float(text[:-1]) * factors[text[-1]])
+    return int(float(text))
+
+
+# ---------------------------------------------------------------- cgroup reading
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (IOError, OSError):
+        return None
+
+
+def _int(path):
+    text = _read(path)
+    if text is None or text == "max":
+        return None
+    try:
+        return int(text.split()[0])
+    except ValueError:
+        return None
+
+
+def _keyed(path, key):
+    text = _read(path) or ""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == key:
+            return int(parts[1])
+    return 0
+
+
+def _v1_dir(controller):
+    for name in os.listdir(CGROUP) if os.path.isdir(CGROUP) else ():
+        if controller in name.split(","):
+            return os.path.join(CGROUP, name)
+    return None
+
+
+def read_usage():
+    """Limits and usage of this kernel's own cgroup (v1 or v2)."""
+    u = {}
+    if os.path.exists(os.path.join(CGROUP, "cgroup.controllers")):  # v2
+        j = lambda name: os.path.join(CGROUP, name)  # noqa: E731
+        u["version"] = 2
+        u["memory_current"] = _int(j("memory.current"))
+        u["memory_peak"] = _int(j("memory.peak"))
+        u["memory_limit"] = _int(j("memory.max"))
+        u["cpu_usage_us"] = _keyed(j("cpu.stat"), "usage_usec")
+        cpu_max = (_read(j("cpu.max")) or "max 100000").split()
+        u["cpus"] = None if cpu_max[0] == "max" else int(cpu_max[0]) / int(cpu_max[1])
+        u["pids_current"] = _int(j("pids.current"))
+        u["pids_limit"] = _int(j("pids.max"))
+        u["oom_kills"] = _keyed(j("memory.events"), "oom_kill")
+        u["pids_limit_hits"] = _keyed(j("pids.events"), "max")
+    else:  # v1
+        mem, cpu, acct, pids = (_v1_dir(c) for c in ("memory", "cpu", "cpuacct", "pids"))
+        u["version"] = 1
+        if mem:
+            u["memory_current"] = _int(os.path.join(mem, "memory.usage_in_bytes"))
+            u["memory_peak"] = _int(os.path.join(mem, "memory.max_usage_in_bytes"))
+            limit = _int(os.path.join(mem, "memory.limit_in_bytes"))
+            u["memory_limit"] = None if limit is None or limit >= UNLIMITED else limit
+            u["oom_kills"] = _keyed(os.path.join(mem, "memory.oom_control"), "oom_kill")
+        if acct:
+            ns = _int(os.path.join(acct, "cpuacct.usage"))
+            u["cpu_usage_us"] = None if ns is None else ns // 1000
+        if cpu:
+            quota = _int(os.path.join(cpu, "cpu.cfs_quota_us"))
+            period = _int(os.path.join(cpu, "cpu.cfs_period_us")) or 100000
+            u["cpus"] = None if quota is None or quota < 0 else quota / period
+        if pids:
+            u["pids_current"] = _int(os.path.join(pids, "pids.current"))
+            u["pids_limit"] = _int(os.path.join(pids, "pids.max"))
+            u["pids_limit_hits"] = _keyed(os.path.join(pids, "pids.events"), "max")
+    return u
+
+
+def _uptime():
+    try:
+        with open("/proc/1/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            now = float(f.read().split()[0])
+        return now - start_ticks / float(os.sysconf("SC_CLK_TCK"))
+    except (IOError, OSError, ValueError, IndexError):
+        return None
+
+
+def _tmp_size():
+    try:
+        st = os.statvfs("/tmp")
+        return st.f_blocks * st.f_frsize
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- host channel
+def ask_host(request, timeout=5.0):
+    """One request to the host over this kernel's control socket."""
+    path = os.environ.get(CONTROL_ENV)
+    if not path:
+        return {"ok": False, "error": "no control channel (is this a sandbox kernel?)"}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return json.loads(data.decode("utf-8"))
+    except (socket.error, OSError, ValueError) as exc:
+        return {"ok": False, "error": "the host did not answer: %s" % exc}
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------- report
+class Report(object):
+    """Rendered as an HTML table in notebooks and as text in terminals."""
+
+    def __init__(self, rows, note=None):
+        self.rows = rows
+        self.note = note
+
+    def __repr__(self):
+        width = max(len(k) for k, _ in self.rows)
+        lines = ["%s  %s" % (k.ljust(width), v) for k, v in self.rows]
+        if self.note:
+            lines.append(self.note)
+        return "\n".join(lines)
+
+    def _repr_html_(self):
+        body = "".join(
+            "<tr><th style='text-align:left'>%s</th><td style='text-align:left'>%s</td></tr>"
+            % (_escape(k), _escape(v))
+            for k, v in self.rows
+        )
+        note = "<p>%s</p>" % _escape(self.note) if self.note else ""
+        return "<table>%s</table>%s" % (body, note)
+
+
+def build_report(info, usage, cpu_percent):
+    limits = info.get("limits", {}) if info else {}
+    ceilings = info.get("ceilings", {}) if info else {}
+    image = info.get("image", "?") if info else "?"
+    digest = (info.get("image_digest") or "")[:19] if info else ""
+
+    def ceiling(key, text):
+        c = ceilings.get(key)
+        return "%s (server allows up to %s)" % (text, c) if c else text
+
+    cpus = usage.get("cpus")
+    rows = [
+        ("image", "%s %s" % (image, digest)),
+        ("memory limit", ceiling("memory", fmt_size(usage.get("memory_limit")))),
+        ("cpu limit", ceiling("cpus", "unlimited" if cpus is None else "%g CPUs" % cpus)),
+        ("process limit", ceiling("pids", str(usage.get("pids_limit") or "unlimited"))),
+        ("/tmp size", fmt_size(_tmp_size())),
+        ("network", limits.get("network", "none")),
+        ("memory used", "%s (peak %s)" % (fmt_size(usage.get("memory_current")), fmt_size(usage.get("memory_peak")))),
+        ("cpu time", "%.2f s (%.0f%% of a CPU recently)" % ((usage.get("cpu_usage_us") or 0) / 1e6, cpu_percent)),
+        ("processes", str(usage.get("pids_current"))),
+        ("out-of-memory kills", str(usage.get("oom_kills", 0))),
+        ("process-limit hits", str(usage.get("pids_limit_hits", 0))),
+    ]
+    up = _uptime()
+    if up is not None:
+        rows.append(("uptime", "%d s" % up))
+    note = None
+    if ceilings:
+        note = "Change limits with e.g. %sandbox memory=2G cpus=2 pids=512"
+    return Report(rows, note)
+
+
+# ---------------------------------------------------------------- budgets
+class BudgetExceeded(KeyboardInterrupt):
+    """Raised in the cell's thread when it runs past a budget."""
+
+
+def _transform(shell, cell):
+    transform = getattr(shell, "transform_cell", None)
+    if transform is None:  # IPython 5
+        transform = shell.input_transformer_manager.transform_cell
+    return transform(cell)
+
+
+def run_with_budget(shell, cell, timeout=None, memory=None, interval=0.02):
+    """Run ``cell`` in the user namespace; interrupt it past ``timeout`` s or ``memory`` bytes.
+
+    The time budget uses SIGALRM; the memory budget samples the kernel's cgroup usage every
+    ``interval`` s from a thread. Both interrupt Python code between bytecodes (a long C
+    call finishes first); the container's memory cap still holds in any case.
+    """
+    state = {"exceeded": None}
+    done = threading.Event()
+
+    def on_alarm(signum, frame):
+        state["exceeded"] = "time budget of %g s" % timeout
+        raise BudgetExceeded()
+
+    def watch_memory():
+        while not done.wait(interval):
+            current = read_usage().get("memory_current")
+            if current is not None and current > memory:
+                state["exceeded"] = "memory budget of %s (used %s)" % (fmt_size(memory), fmt_size(current))
+                _threadmod.interrupt_main()
+                return
+
+    old = None
+    if timeout:
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    watcher = None
+    if memory:
+        watcher = threading.Thread(target=watch_memory)
+        watcher.daemon = True
+        watcher.start()
+    code = compile(_transform(shell, cell), "<sandbox cell>", "exec")
+    try:
+        exec(code, shell.user_ns)
+    except KeyboardInterrupt:
+        if state["exceeded"] is None:
+            raise
+    finally:
+        done.set()
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        if watcher is not None:
+            watcher.join(1.0)
+    if state["exceeded"]:
+        sys.stderr.write("Cell stopped: it exceeded its %s. The kernel is still running.\n" % state["exceeded"])
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- the magic
+def _parse_args(line):
+    args = {}
+    for token in line.split():
+        if "=" not in token:
+            raise ValueError("expected key=value, got %r (e.g. memory=2G cpus=2 pids=512)" % token)
+        key, value = token.split("=", 1)
+        args[key.strip().lower()] = value.strip()
+    return args
+
+
+def _cpu_percent(sample_s=0.1):
+    a = read_usage().get("cpu_usage_us") or 0
+    time.sleep(sample_s)
+    b = read_usage().get("cpu_usage_us") or 0
+    return (b - a) / (sample_s * 1e6) * 100.0
+
+
+def sandbox(line, cell=None, shell=None):
+    try:
+        args = _parse_args(line)
+    except ValueError as exc:
+        sys.stderr.write("%%sandbox: %s\n" % exc)
+        return None
+    if cell is not None:
+        unknown = set(args) - {"timeout", "memory"}
+        if unknown:
+            sys.stderr.write("%%%%sandbox: unknown budget(s) %s; use timeout=10s and/or memory=500M\n"
+                             % ", ".join(sorted(unknown)))
+            return None
+        try:
+            timeout = parse_duration(args["timeout"]) if "timeout" in args else None
+            memory = parse_size(args["memory"]) if "memory" in args else None
+        except ValueError:
+            sys.stderr.write("%%sandbox: budgets are timeout=10s (ms, s, m, h) and memory=500M (K, M, G)\n")
+            return None
+        run_with_budget(shell, cell, timeout=timeout, memory=memory)
+        return None
+    if not args:
+        info = ask_host({"op": "get"})
+        return build_report(info.get("info") if info.get("ok") else None, read_usage(), _cpu_percent())
+    request = {"op": "set"}
+    request.update(args)
+    reply = ask_host(request)
+    if not reply.get("ok"):
+        sys.stderr.write("%s\n" % reply.get("error", "refused"))
+        return None
+    for warning in reply.get("warnings", []):
+        sys.stderr.write("warning: %s\n" % warning)
+    lim = reply.get("limits", {})
+    print("Limits now: memory %s, cpus %s, pids %s" % (
+        fmt_size(lim.get("memory")), lim.get("cpus") or "unlimited", lim.get("pids") or "unlimited"))
+    return None
+
+
+# ---------------------------------------------------------------- why the last kernel died
+_pending_notice = {"text": None}
+
+
+def explain_previous_exit(info):
+    prev = (info or {}).get("previous_exit")
+    if not prev:
+        return None
+    reason = prev.get("reason") or "it stopped"
+    text = "The previous kernel was stopped: %s." % reason
+    ceilings = (info or {}).get("ceilings", {})
+    if prev.get("oom_killed"):
+        limit = prev.get("memory_limit") or 0
+        suggestion = fmt_size(limit * 2) if limit else "more"
+        allowed = ceilings.get("memory")
+        text += " Raise it with %%sandbox memory=%s" % suggestion.replace(" ", "").replace("iB", "")
+        if allowed:
+            text += " (this server allows up to %s)" % allowed
+        text += " or use less memory."
+    elif prev.get("pids_limit_hit"):
+        text += " Raise the process limit with %sandbox pids=N"
+        if ceilings.get("pids"):
+            text += " (this server allows up to %s)" % ceilings.get("pids")
+        text += " or start fewer processes or threads."
+    return text
+
+
+def _on_first_execution(*args):
+    text = _pending_notice["text"]
+    if text:
+        _pending_notice["text"] = None
+        sys.stderr.write(text + "\n")
+
+
+def load_ipython_extension(ipython):
+    from IPython.core.magic import register_line_cell_magic
+
+    def sandbox_magic(line, cell=None):
+        return sandbox(line, cell, shell=ipython)
+
+    sandbox_magic.__doc__ = __doc__
+    register_line_cell_magic(sandbox_magic)
+    # rename: register_line_cell_magic uses the function name
+    magics = ipython.magics_manager.magics
+    for kind in ("line", "cell"):
+        magics[kind]["sandbox"] = magics[kind].pop("sandbox_magic")
+    info = ask_host({"op": "get"}, timeout=2.0)
+    if info.get("ok"):
+        _pending_notice["text"] = explain_previous_exit(info.get("info"))
+    ipython.events.register("pre_run_cell", _on_first_execution)

@@ -1,0 +1,131 @@
+import asyncio
+import json
+import os
+
+import pytest
+
+from sandbox_kernel.control import (
+    MAX_REQUEST,
+    RATE_LIMIT,
+    ControlServer,
+    LimitCeilings,
+    plan_limit_change,
+)
+from sandbox_kernel.errors import LimitRefused
+from sandbox_kernel.spec import Limits
+
+G = 1 << 30
+CEIL = LimitCeilings(memory=4 * G, cpus=2.0, pids=512)
+
+
+def test_change_within_ceilings():
+    new, warnings = plan_limit_change(
+        {"op": "set", "memory": "2G", "cpus": "1.5", "pids": 300},
+        Limits(memory=G, cpus=1, pids=256),
+        CEIL,
+        100,
+    )
+    assert (new.memory, new.cpus, new.pids) == (2 * G, 1.5, 300) and warnings == []
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"memory": "8G"}, "memory=8G refused: this server allows at most 4 GiB per kernel"),
+        ({"cpus": 4}, "cpus=4 refused: this server allows at most 2 CPUs per kernel"),
+        (
+            {"pids": 100000},
+            "pids=100000 refused: this server allows at most 512 processes per kernel",
+        ),
+        ({"memory": "1K"}, "minimum"),
+        ({"pids": "-3"}, "not a whole number"),
+        ({"memory": "lots"}, "is not a size"),
+        ({"cpus": True}, "not a valid value"),
+        ({"memory": ["1G"]}, "not a valid value"),
+        ({"memory": "1" * 100}, "not a valid value"),
+        ({"kernel_id": "other"}, "unknown field"),
+        ({}, "nothing to change"),
+    ],
+)
+def test_refusals_name_field_value_and_ceiling(request_, message):
+    with pytest.raises(LimitRefused) as err:
+        plan_limit_change({"op": "set", **request_}, Limits(memory=G), CEIL, None)
+    assert message in str(err.value)
+
+
+def test_lowering_below_usage_warns():
+    new, warnings = plan_limit_change(
+        {"op": "set", "memory": "64M"}, Limits(memory=G), CEIL, 200 << 20
+    )
+    assert new.memory == 64 << 20
+    assert "uses 200 MiB now" in warnings[0]
+
+
+async def _request(path, payload: bytes) -> dict:
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(payload)
+    await writer.drain()
+    line = await reader.readline()
+    writer.close()
+    return json.loads(line)
+
+
+@pytest.fixture
+def server_path(tmp_path):
+    return str(tmp_path / "ctl")
+
+
+async def test_server_answers_and_survives_hostile_requests(server_path):
+    seen = []
+
+    async def handler(req):
+        seen.append(req)
+        if req["op"] == "set":
+            plan_limit_change(req, Limits(), CEIL, None)
+        return {"ok": True, "info": {"echo": req["op"]}}
+
+    server = ControlServer(server_path, handler, uid=os.getuid(), gid=os.getgid())
+    await server.start()
+    try:
+        assert (await _request(server_path, b'{"op": "get"}\n'))["info"] == {"echo": "get"}
+        too_big = await _request(server_path, b"x" * (MAX_REQUEST + 100) + b"\n")
+        assert too_big["ok"] is False and "too large" in too_big["error"]
+        assert "not JSON" in (await _request(server_path, b"{nope\n"))["error"]
+        assert "malformed" in (await _request(server_path, b'["op"]\n'))["error"]
+        assert "malformed" in (await _request(server_path, b'{"op": "reboot"}\n'))["error"]
+        refused = await _request(server_path, b'{"op": "set", "memory": "64G"}\n')
+        assert refused == {
+            "ok": False,
+            "error": "memory=64G refused: this server allows at most 4 GiB per kernel",
+        }
+        # a flood is cut off by the rate limit, and the server keeps working
+        replies = [
+            await _request(server_path, b'{"op": "get"}\n') for _ in range(RATE_LIMIT[0] + 5)
+        ]
+        assert any("too many requests" in r.get("error", "") for r in replies)
+        assert oct(os.stat(server_path).st_mode & 0o777) == "0o600"
+        assert all(r["op"] in ("get", "set") for r in seen)
+    finally:
+        await server.close()
+    assert not os.path.exists(server_path)
+
+
+async def test_slow_client_is_cut_off(server_path, monkeypatch):
+    import sandbox_kernel.control as control
+
+    monkeypatch.setattr(control, "READ_TIMEOUT_S", 0.2)
+
+    async def handler(req):
+        return {"ok": True}
+
+    server = ControlServer(server_path, handler, uid=os.getuid(), gid=os.getgid())
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(server_path)
+        writer.write(b'{"op": ')  # never finishes the line
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 2)
+        assert "incomplete" in json.loads(line)["error"]
+        writer.close()
+    finally:
+        await server.close()

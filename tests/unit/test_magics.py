@@ -1,0 +1,122 @@
+"""The in-kernel %sandbox extension: pure parts, and Python 2.7 compatibility."""
+
+import glob
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from sandbox_kernel.magics import sandbox_magics as m
+
+SOURCE = m.__file__
+
+
+def test_units():
+    assert (
+        m.parse_duration("500ms") == 0.5
+        and m.parse_duration("2m") == 120
+        and m.parse_duration("10") == 10
+    )
+    assert m.parse_size("512M") == 512 << 20 and m.parse_size("1.5GiB") == int(1.5 * (1 << 30))
+    assert m.fmt_size(512 << 20) == "512 MiB" and m.fmt_size(None) == "unlimited"
+
+
+def test_report_renders_html_and_text():
+    usage = {
+        "memory_current": 50 << 20,
+        "memory_peak": 60 << 20,
+        "memory_limit": 1 << 30,
+        "cpus": 1.0,
+        "pids_current": 14,
+        "pids_limit": 256,
+        "cpu_usage_us": 2_500_000,
+        "oom_kills": 0,
+        "pids_limit_hits": 1,
+    }
+    info = {
+        "image": "python3:latest",
+        "image_digest": "sha256:abcdef0123456789abcdef",
+        "limits": {"network": "none"},
+        "ceilings": {"memory": "4 GiB", "cpus": 2, "pids": 512},
+    }
+    report = m.build_report(info, usage, 12.0)
+    text = repr(report)
+    assert "memory limit" in text and "1 GiB (server allows up to 4 GiB)" in text
+    assert "50 MiB (peak 60 MiB)" in text and "2.50 s (12% of a CPU recently)" in text
+    assert "process-limit hits   1" in text.replace("  ", "  ")
+    html = report._repr_html_()
+    assert html.startswith("<table>") and "<th style='text-align:left'>processes</th>" in html
+
+
+def test_explanation_of_an_oom_kill():
+    info = {
+        "ceilings": {"memory": "2 GiB"},
+        "previous_exit": {
+            "reason": "out of memory (limit 512 MiB, peak 512 MiB)",
+            "oom_killed": True,
+            "memory_limit": 512 << 20,
+        },
+    }
+    assert m.explain_previous_exit(info) == (
+        "The previous kernel was stopped: out of memory (limit 512 MiB, peak 512 MiB). "
+        "Raise it with %sandbox memory=1G (this server allows up to 2 GiB) or use less memory."
+    )
+    assert m.explain_previous_exit({"previous_exit": None}) is None
+
+
+class FakeShell:
+    def __init__(self):
+        self.user_ns = {}
+
+    def transform_cell(self, cell):
+        return cell
+
+
+def test_time_budget_interrupts_and_kernel_stays_usable(capsys):
+    shell = FakeShell()
+    assert m.run_with_budget(shell, "n = 0\nwhile True:\n    n += 1\n", timeout=0.3) is False
+    assert "Cell stopped: it exceeded its time budget of 0.3 s" in capsys.readouterr().err
+    assert shell.user_ns["n"] > 0
+    assert m.run_with_budget(shell, "x = 1 + 1", timeout=5) is True and shell.user_ns["x"] == 2
+
+
+def test_a_real_interrupt_is_not_swallowed():
+    shell = FakeShell()
+    with pytest.raises(KeyboardInterrupt):
+        m.run_with_budget(shell, "raise KeyboardInterrupt", timeout=5)
+
+
+def test_memory_budget_uses_the_cgroup_reading(monkeypatch, capsys):
+    readings = iter([10 << 20] * 3 + [900 << 20] * 100)
+    monkeypatch.setattr(m, "read_usage", lambda: {"memory_current": next(readings)})
+    shell = FakeShell()
+    code = "import time\nwhile True:\n    time.sleep(0.001)\n"
+    assert m.run_with_budget(shell, code, memory=500 << 20, interval=0.01) is False
+    assert "memory budget of 500 MiB (used 900 MiB)" in capsys.readouterr().err
+
+
+def test_ask_host_without_channel(monkeypatch):
+    monkeypatch.delenv(m.CONTROL_ENV, raising=False)
+    assert m.ask_host({"op": "get"})["ok"] is False
+
+
+def _python27():
+    found = glob.glob(os.path.expanduser("~/.pyenv/versions/2.7*/bin/python2.7")) + [
+        "/usr/bin/python2.7"
+    ]
+    return next((p for p in found if os.path.exists(p)), None)
+
+
+def test_compiles_and_works_on_python27(tmp_path):
+    py27 = _python27()
+    if py27 is None:
+        pytest.skip("no Python 2.7 interpreter on this host (the privileged image tests cover it)")
+    code = (
+        "import sys; sys.path.insert(0, %r); import sandbox_magics as m; "
+        "assert m.parse_size('1G') == 1 << 30; assert m.fmt_size(3 << 20) == '3 MiB'; "
+        "r = m.build_report({}, {'memory_limit': None}, 0.0); repr(r); r._repr_html_(); print('ok')"
+    ) % os.path.dirname(SOURCE)
+    out = subprocess.run([py27, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
