@@ -227,8 +227,16 @@ def build_report(info, usage, cpu_percent):
         ("process limit", ceiling("pids", str(usage.get("pids_limit") or "unlimited"))),
         ("/tmp size", fmt_size(_tmp_size())),
         ("network", limits.get("network", "none")),
-        ("memory used", "%s (peak %s)" % (fmt_size(usage.get("memory_current")), fmt_size(usage.get("memory_peak")))),
-        ("cpu time", "%.2f s (%.0f%% of a CPU recently)" % ((usage.get("cpu_usage_us") or 0) / 1e6, cpu_percent)),
+        (
+            "memory used",
+            "%s (peak %s)"
+            % (fmt_size(usage.get("memory_current")), fmt_size(usage.get("memory_peak"))),
+        ),
+        (
+            "cpu time",
+            "%.2f s (%.0f%% of a CPU recently)"
+            % ((usage.get("cpu_usage_us") or 0) / 1e6, cpu_percent),
+        ),
         ("processes", str(usage.get("pids_current"))),
         ("out-of-memory kills", str(usage.get("oom_kills", 0))),
         ("process-limit hits", str(usage.get("pids_limit_hits", 0))),
@@ -272,7 +280,10 @@ def run_with_budget(shell, cell, timeout=None, memory=None, interval=0.02):
         while not done.wait(interval):
             current = read_usage().get("memory_current")
             if current is not None and current > memory:
-                state["exceeded"] = "memory budget of %s (used %s)" % (fmt_size(memory), fmt_size(current))
+                state["exceeded"] = "memory budget of %s (used %s)" % (
+                    fmt_size(memory),
+                    fmt_size(current),
+                )
                 _threadmod.interrupt_main()
                 return
 
@@ -299,7 +310,9 @@ def run_with_budget(shell, cell, timeout=None, memory=None, interval=0.02):
         if watcher is not None:
             watcher.join(1.0)
     if state["exceeded"]:
-        sys.stderr.write("Cell stopped: it exceeded its %s. The kernel is still running.\n" % state["exceeded"])
+        sys.stderr.write(
+            "Cell stopped: it exceeded its %s. The kernel is still running.\n" % state["exceeded"]
+        )
         return False
     return True
 
@@ -331,20 +344,26 @@ def sandbox(line, cell=None, shell=None):
     if cell is not None:
         unknown = set(args) - {"timeout", "memory"}
         if unknown:
-            sys.stderr.write("%%%%sandbox: unknown budget(s) %s; use timeout=10s and/or memory=500M\n"
-                             % ", ".join(sorted(unknown)))
+            sys.stderr.write(
+                "%%%%sandbox: unknown budget(s) %s; use timeout=10s and/or memory=500M\n"
+                % ", ".join(sorted(unknown))
+            )
             return None
         try:
             timeout = parse_duration(args["timeout"]) if "timeout" in args else None
             memory = parse_size(args["memory"]) if "memory" in args else None
         except ValueError:
-            sys.stderr.write("%%sandbox: budgets are timeout=10s (ms, s, m, h) and memory=500M (K, M, G)\n")
+            sys.stderr.write(
+                "%%sandbox: budgets are timeout=10s (ms, s, m, h) and memory=500M (K, M, G)\n"
+            )
             return None
         run_with_budget(shell, cell, timeout=timeout, memory=memory)
         return None
     if not args:
         info = ask_host({"op": "get"})
-        return build_report(info.get("info") if info.get("ok") else None, read_usage(), _cpu_percent())
+        return build_report(
+            info.get("info") if info.get("ok") else None, read_usage(), _cpu_percent()
+        )
     request = {"op": "set"}
     request.update(args)
     reply = ask_host(request)
@@ -354,8 +373,14 @@ def sandbox(line, cell=None, shell=None):
     for warning in reply.get("warnings", []):
         sys.stderr.write("warning: %s\n" % warning)
     lim = reply.get("limits", {})
-    print("Limits now: memory %s, cpus %s, pids %s" % (
-        fmt_size(lim.get("memory")), lim.get("cpus") or "unlimited", lim.get("pids") or "unlimited"))
+    print(
+        "Limits now: memory %s, cpus %s, pids %s"
+        % (
+            fmt_size(lim.get("memory")),
+            lim.get("cpus") or "unlimited",
+            lim.get("pids") or "unlimited",
+        )
+    )
     return None
 
 
