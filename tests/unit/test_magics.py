@@ -101,7 +101,8 @@ def test_ask_host_without_channel(monkeypatch):
 
 
 def _python27():
-    found = [*glob.glob(os.path.expanduser("~/.pyenv/versions/2.7*/bin/python2.7")), "/usr/bin/python2.7"]
+    pyenv = glob.glob(os.path.expanduser("~/.pyenv/versions/2.7*/bin/python2.7"))
+    found = [*pyenv, "/usr/bin/python2.7"]
     return next((p for p in found if os.path.exists(p)), None)
 
 
@@ -109,7 +110,7 @@ def test_compiles_and_works_on_python27(tmp_path):
     py27 = _python27()
     if py27 is None:
         pytest.skip("no Python 2.7 interpreter on this host (the privileged image tests cover it)")
-    code = (  # noqa: UP031 (the code runs on Python 2.7)
+    code = (
         f"import sys; sys.path.insert(0, {os.path.dirname(SOURCE)!r}); import sandbox_magics as m; "
         "assert m.parse_size('1G') == 1 << 30; assert m.fmt_size(3 << 20) == '3 MiB'; "
         "r = m.build_report({}, {'memory_limit': None}, 0.0); repr(r); r._repr_html_(); print('ok')"
