@@ -309,6 +309,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         env.update({str(k): str(v) for k, v in spec_env.items()})
         env.update(dict(settings.env))
         env["JPY_SANDBOX_KERNEL"] = "1"
+        # The kernel's parent inside the container is its init (pid 1): ipykernel then neither
+        # polls a parent (the host's pid means nothing here) nor prints its `ipython kernel` note.
+        env["JPY_PARENT_PID"] = "1"
         bad_env = [k for k in env if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)]
         if bad_env:
             raise SpecError(

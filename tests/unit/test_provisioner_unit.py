@@ -181,7 +181,7 @@ async def test_start_writes_ipc_connection_and_container_spec(
     monkeypatch.setenv("HOST_SECRET", "do-not-leak")
     km = AsyncKernelManager(kernel_name="t-ok")
     await km.start_kernel(
-        cwd=str(nb), env={**os.environ, "JPY_PARENT_PID": "1", "JPY_SESSION_NAME": "x"}
+        cwd=str(nb), env={**os.environ, "JPY_PARENT_PID": "4242", "JPY_SESSION_NAME": "x"}
     )
     try:
         c = FakeContainer.created[-1]
@@ -204,8 +204,9 @@ async def test_start_writes_ipc_connection_and_container_spec(
         env = dict(spec.env)
         assert env["SPEC_VAR"] == "from-spec" and env["IMAGE_VAR"] == "1"
         assert env["PYTHONDONTWRITEBYTECODE"] == "1"
-        for leaked in ("HOST_SECRET", "JPY_PARENT_PID", "JPY_SESSION_NAME", "HOME"):
+        for leaked in ("HOST_SECRET", "JPY_SESSION_NAME", "HOME"):
             assert leaked not in env
+        assert env["JPY_PARENT_PID"] == "1"  # the container's init, not the host's 4242
         assert spec.workdir == str(nb)
         assert Bind(str(nb), str(nb), readonly=False) in spec.mounts
         assert Bind(str(conn_dir), str(conn_dir), readonly=False) in spec.mounts
