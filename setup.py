@@ -14,6 +14,7 @@ from pathlib import Path
 
 from setuptools import Distribution, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 SOURCE = Path("sandbox_kernel/native/sk-runtime.c")
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-D_GNU_SOURCE", "-fstack-protector-strong",
@@ -34,9 +35,23 @@ class BuildRuntime(build_ext):
         subprocess.check_call([cc, *CFLAGS, "-o", str(out), str(SOURCE)])
 
 
+class BuildPyWithData(build_py):
+    """Ship the top-level recipe and kernelspec folders inside the package."""
+
+    DATA = {"images": "recipes", "kernelspecs": "kernelspecs_data"}
+
+    def run(self) -> None:
+        super().run()
+        for src, dst in self.DATA.items():
+            if Path(src).is_dir():
+                target = Path(self.build_lib) / "sandbox_kernel" / dst
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 class BinaryDistribution(Distribution):
     def has_ext_modules(self) -> bool:  # the wheel carries a native program
         return True
 
 
-setup(distclass=BinaryDistribution, cmdclass={"build_ext": BuildRuntime})
+setup(distclass=BinaryDistribution, cmdclass={"build_ext": BuildRuntime, "build_py": BuildPyWithData})
