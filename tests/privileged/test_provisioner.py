@@ -343,3 +343,24 @@ async def test_bad_kernelspec_fails_clearly_and_leaves_nothing(
     for entry in run_dir().glob("sk-*/meta.json"):
         with contextlib.suppress(OSError, ValueError):
             assert json.loads(entry.read_text()).get("kernelspec") != "t-bad"
+
+
+async def test_ps_lists_the_running_kernels(
+    clean_host: list[str], started: dict[str, AsyncKernelManager]
+) -> None:
+    from sandbox_kernel.cli import main
+    from sandbox_kernel.cli.ps import collect, format_table
+
+    await asyncio.gather(*(execute(km, "x = 1") for km in started.values()))
+    rows = {r["kernel_id"]: r for r in collect()}
+    for name, km in started.items():
+        row = rows[km.kernel_id]
+        assert row["kernelspec"] == name and row["running"]
+        assert row["container_id"] == track(clean_host, km).container_id
+        assert row["image"] == name.replace("-sandbox", "") + ":latest"
+        assert row["user"] == 1000
+        assert row["limits"] == {"memory": 1024**3, "cpus": 1.0, "cpu_deferred": False, "pids": 256}
+        usage = row["usage"]
+        assert usage is not None and 0 < usage["memory"] < 1024**3 and 2 <= usage["pids"] < 50
+        assert row["container_id"] in format_table([row])
+    assert main(["ps", "--json"]) == 0

@@ -83,6 +83,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[S
     bad["metadata"]["kernel_provisioner"]["config"]["memory"] = "lots"
     (kernels / "broken-sandbox").mkdir()
     (kernels / "broken-sandbox" / "kernel.json").write_text(json.dumps(bad))
+    big = json.loads((kernels / "python3-sandbox" / "kernel.json").read_text())
+    big["metadata"]["kernel_provisioner"]["config"]["memory"] = "2G"
+    (kernels / "big-sandbox").mkdir()
+    (kernels / "big-sandbox" / "kernel.json").write_text(json.dumps(big))
     root = base / "root"
     root.mkdir()
     os.chown(root, 1000, 1000)
@@ -113,6 +117,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[S
         "--allow-root",
         f"--ServerApp.root_dir={root}",
         "--ServerApp.port_retries=0",
+        "--SandboxPolicy.max_memory=1G",  # the admin's ceiling, as in jupyter_server_config.py
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(base))
@@ -264,3 +269,11 @@ def test_bad_kernelspec_error_reaches_the_rest_client(server: Server) -> None:
     assert "kernelspec 'broken-sandbox'" in reply["message"]
     assert "memory='lots' is not a size" in reply["message"]
     assert "512M" in reply["message"]  # the accepted form
+
+
+def test_admin_ceiling_in_server_config_is_enforced(server: Server) -> None:
+    code, reply = server.request("POST", "/api/kernels", {"name": "big-sandbox", "path": ""})
+    assert code == 400, reply
+    assert "kernelspec 'big-sandbox'" in reply["message"]
+    assert "memory='2G' is above the administrator's ceiling" in reply["message"]
+    assert "SandboxPolicy.max_memory = 1 GiB" in reply["message"]
