@@ -391,3 +391,104 @@ def test_timings() -> None:
     assert p.get_shutdown_wait_time(5.0) == 5.0
     assert p.get_stable_start_time(10.0) >= 10.0
     assert not p.has_process
+
+
+# ---- the CLI of the Jupyter layer: kernelspec install/ls, ps, doctor ----------------------------
+def test_kernelspec_install_and_ls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from sandbox_kernel.cli import main
+
+    prefix = tmp_path / "p"
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    assert (
+        main(["kernelspec", "install", "--prefix", str(prefix), "--memory", "2G", "--pids", "300"])
+        == 0
+    )
+    specs = KernelSpecManager().find_kernel_specs()
+    for name, image, exe in (
+        ("python2.7-sandbox", "python2.7", "/usr/bin/python2.7"),
+        ("python3-sandbox", "python3", "/usr/bin/python3"),
+    ):
+        data = json.loads((Path(specs[name]) / "kernel.json").read_text())
+        assert data["argv"] == [exe, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        assert data["interrupt_mode"] == "signal"
+        prov_cfg = data["metadata"]["kernel_provisioner"]
+        assert prov_cfg["provisioner_name"] == "sandbox-provisioner"
+        assert prov_cfg["config"] == {"image": image, "memory": "2G", "cpus": 1, "pids": 300}
+    assert (
+        KernelSpecManager().get_kernel_spec("python3-sandbox").display_name == "Python 3 (sandbox)"
+    )
+    capsys.readouterr()
+    assert main(["kernelspec", "ls"]) == 0
+    out = capsys.readouterr().out
+    assert "python2.7-sandbox" in out and "Python 2.7 (sandbox)" in out and "memory=2G" in out
+
+
+def test_kernelspec_install_refuses_bad_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sandbox_kernel.cli import main
+
+    code = main(
+        ["kernelspec", "install", "--prefix", str(tmp_path), "--memory", "lots", "--cpus", "0"]
+    )
+    assert code == 125
+    err = capsys.readouterr().err
+    assert "memory='lots' is not a size" in err and "cpus='0' must be more than 0" in err
+    assert not (tmp_path / "share").exists()
+    assert main(["kernelspec", "install", "--prefix", str(tmp_path), "--image", "x"]) == 2
+
+
+def test_ps_reads_the_run_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox_kernel.cli import ps
+    from sandbox_kernel.container import _proc_starttime
+
+    monkeypatch.setenv("SANDBOX_KERNEL_RUN_DIR", str(tmp_path))
+    for cid, pid in (("sk-00000000000a", os.getpid()), ("sk-00000000000b", 2**22 + 7)):
+        d = tmp_path / cid
+        d.mkdir()
+        (d / "meta.json").write_text(
+            json.dumps(
+                {
+                    "id": cid,
+                    "image": "python3:latest",
+                    "user": 1000,
+                    "group": 1000,
+                    "limits": {"memory": 1024**3, "cpus": 1.0, "pids": 256, "defer_cpu": False},
+                    "created": 1000.0,
+                    "kernel_id": "kid-" + cid[-1],
+                    "kernelspec": "python3-sandbox",
+                }
+            )
+        )
+        (d / "pid").write_text(json.dumps({"pid": pid, "start": _proc_starttime(pid)}))
+    (tmp_path / "kernels").mkdir()  # not a container
+    rows = ps.collect(tmp_path)
+    assert [r["container_id"] for r in rows] == ["sk-00000000000a"]  # b's executor is gone
+    row = rows[0]
+    assert row["kernel_id"] == "kid-a" and row["user"] == 1000 and row["limits"]["pids"] == 256
+    assert len(ps.collect(tmp_path, include_stopped=True)) == 2
+    table = ps.format_table(rows)
+    assert "sk-00000000000a" in table and "python3-sandbox" in table and "1 GiB" in table
+
+
+def test_doctor_lines_and_exit_status(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sandbox_kernel.cli import doctor
+
+    results = doctor.run_checks()
+    whats = " ".join(r.what for r in results)
+    for probe in ("cgroup", "overlayfs", "namespaces", "executor", "image python3", "kernelspec"):
+        assert probe in whats
+    for r in results:
+        assert r.status in (doctor.OK, doctor.WARN, doctor.FAIL)
+        assert r.status == doctor.OK or r.fix, r  # every problem says how to fix it
+    monkeypatch.setattr(doctor, "CHECKS", (lambda: [doctor.Check(doctor.FAIL, "x", "do y")],))
+    assert doctor.doctor_command(None) == 1  # type: ignore[arg-type]
+    assert "FAIL  x  — do y" in capsys.readouterr().out
+    monkeypatch.setattr(doctor, "CHECKS", (lambda: [doctor.Check(doctor.WARN, "w", "z")],))
+    assert doctor.doctor_command(None) == 0  # type: ignore[arg-type]
