@@ -364,3 +364,23 @@ async def test_ps_lists_the_running_kernels(
         assert usage is not None and 0 < usage["memory"] < 1024**3 and 2 <= usage["pids"] < 50
         assert row["container_id"] in format_table([row])
     assert main(["ps", "--json"]) == 0
+
+
+async def test_kernel_command_missing_in_image_fails_clearly(
+    clean_host: list[str], kernels: Path, notebook_dir: Path
+) -> None:
+    from sandbox_kernel.provisioner import KernelSandboxError
+
+    spec = json.loads((kernels / "python3-sandbox" / "kernel.json").read_text())
+    spec["argv"] = ["/usr/bin/nope", "-f", "{connection_file}"]
+    (kernels / "t-argv").mkdir()
+    (kernels / "t-argv" / "kernel.json").write_text(json.dumps(spec))
+    km = AsyncKernelManager(kernel_name="t-argv")
+    with pytest.raises(KernelSandboxError) as info:
+        await km.start_kernel(cwd=str(notebook_dir))
+    assert str(info.value).startswith("kernelspec 't-argv': ")
+    assert "/usr/bin/nope: command not found" in str(info.value)
+    assert info.value.status_code == 500
+    p = km.provisioner
+    assert isinstance(p, prov.SandboxProvisioner) and p.container is None and p.container_id
+    clean_host.append(p.container_id)  # its run dir and cgroups are gone already
