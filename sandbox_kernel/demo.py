@@ -218,6 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  (the source notebooks are in {notebooks_dir()}; "
         "`sandbox-kernel ps` lists the running sandboxes)"
     )
+    if not kernelspecs.provisioner_registered():
+        print(
+            "  note: Jupyter finds the sandbox provisioner only once this package is installed "
+            f"in that Python: {Path(sys.prefix) / 'bin' / 'pip'} install -e ."
+        )
     return 1 if failed else 0
 
 
