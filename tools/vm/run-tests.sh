@@ -141,7 +141,7 @@ else
     CONSOLE=(-serial "file:$RESULTS/console.log")
 fi
 QEMU=(qemu-system-x86_64 -name sk-vm -nodefaults -no-user-config -no-reboot
-      -accel "$ACCEL" -cpu max -smp "$CPUS" -m "$MEMORY"
+      -accel "$ACCEL" -cpu "${SANDBOX_KERNEL_VM_QEMU_CPU:-max}" -smp "$CPUS" -m "$MEMORY"
       -display none -monitor none "${CONSOLE[@]}"
       -kernel "$KDIR/vmlinuz" -initrd "$KDIR/initramfs.cpio.gz" -append "$APPEND"
       -fsdev "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap"
