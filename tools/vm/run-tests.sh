@@ -18,6 +18,7 @@
 #   SANDBOX_KERNEL_VM_MEMORY   guest memory in MiB (default 2048)
 #   SANDBOX_KERNEL_VM_CPUS     guest vCPUs (default 2)
 #   SANDBOX_KERNEL_VM_ACCEL    QEMU accelerator (default tcg,thread=multi; KVM does not work here)
+#   SANDBOX_KERNEL_VM_QEMU_CPU QEMU CPU model (default max: RDRAND seeds the guest's RNG at once)
 #   SANDBOX_KERNEL_VM_CGROUP   cgroup the tests run in (default /; e.g. /system.slice/ci.service
 #                              puts them in a leaf with controllers enabled above it, as systemd does)
 #   SANDBOX_KERNEL_VM_RESULTS  host dir for status, output.log, junit.xml, console.log, dmesg.log
