@@ -57,6 +57,12 @@ file_is_static() {
 pick_kernel() {
     if [ -n "${SANDBOX_KERNEL_VM_KERNEL:-}" ]; then echo "$SANDBOX_KERNEL_VM_KERNEL"; return; fi
     local dep
+    # A fresh container may have no apt lists yet: fetch them once (root only).
+    if ! apt-cache show linux-image-amd64 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+            && [ "${SANDBOX_KERNEL_VM_NO_APT:-0}" != 1 ] && [ ! -e "$VM_DIR/current" ]; then
+        log "no apt lists: apt-get update"
+        apt-get update -q >&2 || true
+    fi
     dep="$(apt-cache depends linux-image-amd64 2>/dev/null \
         | sed -n 's/^ *Depends: linux-image-\([0-9][^ ]*-amd64\)$/\1/p' | head -n1 || true)"
     if [ -z "$dep" ]; then
