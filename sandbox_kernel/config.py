@@ -130,6 +130,13 @@ class SandboxSettings(LoggingConfigurable):
         SandboxPolicy.allow_root); otherwise the server's own uid. Or a uid, 'uid:gid' or a
         user name of the host. Never root unless SandboxPolicy.allow_root. Default: 'auto'.""",
     )
+    magics = Bool(
+        True,
+        config=True,
+        help="""Load the %sandbox magics into ipykernel-based kernels (limits and usage,
+        live limit changes within SandboxPolicy, why the previous kernel died). The
+        extension is mounted read-only; images are not modified. Default: True.""",
+    )
     cpu_defer_timeout = Float(
         60.0,
         config=True,
@@ -150,6 +157,7 @@ SETTING_NAMES: tuple[str, ...] = (
     "env",
     "network",
     "user",
+    "magics",
     "cpu_defer_timeout",
 )
 
@@ -551,6 +559,7 @@ def _forms(name: str) -> str:
         "network": "use 'none'",
         "user": f"use {USER_FORMS}",
         "cpu_defer_timeout": "use a number of seconds, e.g. 60",
+        "magics": "use true or false",
     }.get(name, "see docs/configuration.md")
 
 

@@ -48,6 +48,7 @@ from .config import (
     resolve_settings,
 )
 from .container import Container, ContainerInfo, ExitResult, process_alive
+from .control import ControlServer, LimitCeilings, plan_limit_change
 from .errors import SandboxError, SpecError
 from .paths import is_container_id, new_container_id, run_dir
 from .spec import Bind, ContainerSpec, Limits
@@ -56,6 +57,13 @@ from .units import format_cpus, format_size
 LABEL_ARGV = "org.sandbox-kernel.kernel.argv"
 LABEL_DISPLAY_NAME = "org.sandbox-kernel.kernel.display_name"
 CONN_SUBDIR = "conn"
+#: The control socket of the %sandbox magics, in the connection directory (see control.py).
+CONTROL_SOCKET = "control"
+CONTROL_ENV = "SANDBOX_KERNEL_CONTROL"
+#: The in-kernel extension, mounted read-only into every ipykernel-based sandbox kernel.
+MAGICS_SOURCE = Path(__file__).resolve().parent / "magics"
+MAGICS_TARGET = "/opt/sandbox-kernel/magics"
+MAGICS_MODULE = "sandbox_magics"
 #: Unix socket paths must fit sockaddr_un.sun_path (108 bytes with the NUL).
 MAX_SOCKET_PATH = 107
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
@@ -143,6 +151,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._stop_requested = False
         self._cpu_task: asyncio.Task[None] | None = None
         self._reattached_pid: int | None = None
+        self._control: ControlServer | None = None
+        self._abnormal_exit: dict[str, Any] | None = None  # the last death not asked for
+        self._previous_exit: dict[str, Any] | None = None  # ... as seen by the running kernel
+        self._image_digest = ""
         self._reattached_start: str | None = None
 
     # ---- naming ----------------------------------------------------------------------------
@@ -302,6 +314,12 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         km.connection_file = f"{conn_dir}/kernel.json"
         km._connection_file_written = False  # the old one left with the old container
         argv = self._kernel_argv(image, km.connection_file, kwargs.pop("extra_arguments", []) or [])
+        with_magics = self.magics and any(
+            a in ("ipykernel_launcher", "ipykernel") or a.endswith("/ipykernel_launcher.py")
+            for a in argv
+        )
+        if with_magics:
+            argv.append(f"--ext={MAGICS_MODULE}")
 
         env: dict[str, str] = {"PYTHONDONTWRITEBYTECODE": "1"}
         env.update(image.env)
@@ -312,6 +330,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         # The kernel's parent inside the container is its init (pid 1): ipykernel then neither
         # polls a parent (the host's pid means nothing here) nor prints its `ipython kernel` note.
         env["JPY_PARENT_PID"] = "1"
+        control_path = str(conn_dir / CONTROL_SOCKET)
+        env[CONTROL_ENV] = control_path
+        if with_magics:
+            env["PYTHONPATH"] = ":".join(p for p in (MAGICS_TARGET, env.get("PYTHONPATH")) if p)
         bad_env = [k for k in env if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)]
         if bad_env:
             raise SpecError(
@@ -327,6 +349,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             Bind(source=str(conn_dir), target=str(conn_dir), readonly=False),
             *settings.mounts,
         ]
+        if with_magics:
+            mounts.append(Bind(source=str(MAGICS_SOURCE), target=MAGICS_TARGET, readonly=True))
         spec = ContainerSpec(
             id=cid,
             layers=tuple(image.layers),
@@ -363,13 +387,21 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._waited = False
         self._exit_recorded = False
         self._stop_requested = False
+        self._previous_exit = self._abnormal_exit
+        self._abnormal_exit = None
+        self._image_digest = image.digest
         try:
             jupyter_session = (kwargs.get("env") or {}).get("JPY_SESSION_NAME", "")
             km.write_connection_file(jupyter_session=jupyter_session)
             os.chown(km.connection_file, settings.uid, settings.gid)
             os.chmod(km.connection_file, 0o600)
             self.connection_info = km.get_connection_info()
+            self._control = ControlServer(
+                control_path, self._control_request, uid=settings.uid, gid=settings.gid
+            )
+            await self._control.start()
         except BaseException:
+            await self._close_control()
             await asyncio.to_thread(container.destroy)
             self.container = None
             raise
@@ -509,6 +541,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 "kernel %s (%s) stopped: %s", self.kernel_id, self.display_name, result.reason()
             )
         if abnormal or not self._stop_requested:
+            self._abnormal_exit = data
             path = last_exit_path(str(self.kernel_id))
             try:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -520,7 +553,64 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                     "kernel %s: cannot keep the exit reason in %s: %s", self.kernel_id, path, exc
                 )
 
+    async def _close_control(self) -> None:
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+
+    async def _control_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Requests of the in-kernel %sandbox magics (control.py validates and rate-limits)."""
+        container, settings = self.container, self.settings
+        if container is None or settings is None:
+            return {"ok": False, "error": "the kernel is restarting; try again in a moment"}
+        ceilings = read_policy(SandboxPolicy(parent=self))
+        if request.get("op") == "get":
+            lim = container.limits
+            return {
+                "ok": True,
+                "info": {
+                    "kernel_id": self.kernel_id,
+                    "kernelspec": self.kernelspec_name,
+                    "container_id": container.id,
+                    "image": container.spec.image,
+                    "image_digest": self._image_digest,
+                    "limits": {
+                        "memory": lim.memory,
+                        "cpus": lim.cpus,
+                        "cpu_deferred": lim.defer_cpu,
+                        "pids": lim.pids,
+                        "network": settings.network.value,
+                    },
+                    "ceilings": {
+                        "memory": format_size(ceilings.memory) if ceilings.memory else None,
+                        "cpus": format_cpus(ceilings.cpus) if ceilings.cpus else None,
+                        "pids": ceilings.pids,
+                    },
+                    "previous_exit": self._previous_exit,
+                },
+            }
+        usage: int | None
+        try:
+            usage = (await asyncio.to_thread(container.stats)).memory_current
+        except SandboxError:
+            usage = None
+        new, warnings = plan_limit_change(
+            request,
+            container.limits,
+            LimitCeilings(memory=ceilings.memory, cpus=ceilings.cpus, pids=ceilings.pids),
+            usage,
+        )
+        await asyncio.to_thread(container.update, new)
+        self.log.info("kernel %s: limits changed from the kernel: %s", self.kernel_id, new)
+        lim = container.limits
+        return {
+            "ok": True,
+            "limits": {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids},
+            "warnings": warnings,
+        }
+
     async def cleanup(self, restart: bool = False) -> None:
+        await self._close_control()
         if self._cpu_task is not None:
             self._cpu_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

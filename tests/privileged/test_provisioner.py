@@ -292,7 +292,9 @@ async def test_oom_death_is_reported_and_kept(
         assert saved is not None and saved["reason"].startswith("out of memory")
         await km.restart_kernel(now=True)
         _, out = await execute(km, "print('back')")
-        assert out.strip() == "back"
+        assert "back" in out
+        # the %sandbox extension tells the user why the previous kernel stopped
+        assert "The previous kernel was stopped: out of memory (limit 200 MiB" in out
         assert prov.read_last_exit(str(km.kernel_id)) is not None
     finally:
         await km.shutdown_kernel(now=True)
@@ -384,3 +386,19 @@ async def test_kernel_command_missing_in_image_fails_clearly(
     p = km.provisioner
     assert isinstance(p, prov.SandboxProvisioner) and p.container is None and p.container_id
     clean_host.append(p.container_id)  # its run dir and cgroups are gone already
+
+
+async def test_sandbox_magics_in_both_kernels(
+    clean_host: list[str], started: dict[str, AsyncKernelManager]
+) -> None:
+    for km in started.values():
+        reply, out = await execute(km, "r = %sandbox\nprint(r)")
+        assert reply["status"] == "ok", out
+        assert "memory limit         1 GiB" in out and "process limit        256" in out
+        reply, out = await execute(km, "%sandbox memory=512M pids=300")
+        assert reply["status"] == "ok", out
+        assert "memory 512 MiB" in out
+        provisioner = track(clean_host, km)
+        assert provisioner.container is not None
+        st = provisioner.container.stats()
+        assert st.memory_limit == 512 * 1024**2 and st.pids_limit == 300

@@ -8,6 +8,7 @@ the image store.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -95,6 +96,25 @@ class FakeContainer:
 
     def apply_deferred_cpu(self) -> None:
         self.cpu_applied = True
+
+    def update(self, limits: Any) -> None:
+        self.limits = limits
+
+    def stats(self) -> Any:
+        from sandbox_kernel.cgroups.base import CgroupStats
+
+        return CgroupStats(
+            100 * 1024**2,
+            100 * 1024**2,
+            self.limits.memory,
+            0,
+            None,
+            100_000,
+            3,
+            self.limits.pids,
+            0,
+            0,
+        )
 
     def destroy(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -200,6 +220,7 @@ async def test_start_writes_ipc_connection_and_container_spec(
             "ipykernel_launcher",
             "-f",
             km.connection_file,
+            "--ext=sandbox_magics",  # the %sandbox magics, mounted read-only
         ]
         env = dict(spec.env)
         assert env["SPEC_VAR"] == "from-spec" and env["IMAGE_VAR"] == "1"
@@ -210,7 +231,11 @@ async def test_start_writes_ipc_connection_and_container_spec(
         assert spec.workdir == str(nb)
         assert Bind(str(nb), str(nb), readonly=False) in spec.mounts
         assert Bind(str(conn_dir), str(conn_dir), readonly=False) in spec.mounts
-        assert len(spec.mounts) == 2
+        assert Bind(str(prov.MAGICS_SOURCE), prov.MAGICS_TARGET, readonly=True) in spec.mounts
+        assert len(spec.mounts) == 3
+        assert env["PYTHONPATH"] == prov.MAGICS_TARGET
+        assert env["SANDBOX_KERNEL_CONTROL"] == f"{conn_dir}/control"
+        assert (conn_dir / "control").is_socket()
         assert spec.limits.memory == 512 * 1024**2 and spec.limits.cpus == 0.5
         assert spec.limits.pids == 64 and spec.limits.defer_cpu
         if os.geteuid() == 0:
@@ -316,7 +341,14 @@ async def test_empty_kernelspec_argv_falls_back_to_the_image_label(
     await km.start_kernel(cwd=str(tmp_path))
     try:
         cmd = list(FakeContainer.created[-1].spec.command)
-        assert cmd == ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", km.connection_file]
+        assert cmd == [
+            "/usr/bin/python3",
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            km.connection_file,
+            "--ext=sandbox_magics",
+        ]
     finally:
         await km.shutdown_kernel(now=True)
 
@@ -492,3 +524,82 @@ def test_doctor_lines_and_exit_status(
     assert "FAIL  x  — do y" in capsys.readouterr().out
     monkeypatch.setattr(doctor, "CHECKS", (lambda: [doctor.Check(doctor.WARN, "w", "z")],))
     assert doctor.doctor_command(None) == 0  # type: ignore[arg-type]
+
+
+def ask(path: str, request: dict[str, Any]) -> dict[str, Any]:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return dict(json.loads(data))
+
+
+async def test_control_channel_reports_and_changes_limits_within_the_policy(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    add_spec(kernel_dir, "t-ctl", {"image": "python3", "memory": "1G", "pids": 100})
+    cfg = Config()
+    cfg.SandboxPolicy.max_memory = "2G"
+    km = AsyncKernelManager(kernel_name="t-ctl", config=cfg)
+    await km.start_kernel(cwd=str(tmp_path))
+    try:
+        c = FakeContainer.created[-1]
+        path = dict(c.spec.env)["SANDBOX_KERNEL_CONTROL"]
+        info = (await asyncio.to_thread(ask, path, {"op": "get"}))["info"]
+        assert info["limits"]["memory"] == 1024**3 and info["limits"]["pids"] == 100
+        assert info["ceilings"]["memory"] == "2 GiB" and info["previous_exit"] is None
+        assert info["kernelspec"] == "t-ctl" and info["image"] == "python3:latest"
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "1.5G", "pids": 200})
+        assert reply["ok"], reply
+        assert c.limits.memory == int(1.5 * 1024**3) and c.limits.pids == 200
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "4G"})
+        assert not reply["ok"] and "at most 2 GiB" in reply["error"]
+        assert c.limits.memory == int(1.5 * 1024**3)
+        # after a death the next kernel is told why
+        c.oom = True
+        assert c.proc is not None
+        c.proc.kill()
+        c.proc.wait()
+        assert await km.is_alive() is False
+        await km.restart_kernel(now=True)
+        path = dict(FakeContainer.created[-1].spec.env)["SANDBOX_KERNEL_CONTROL"]
+        info = (await asyncio.to_thread(ask, path, {"op": "get"}))["info"]
+        assert info["previous_exit"]["oom_killed"] is True
+        # a restart the user asked for is not a death to explain
+        await km.restart_kernel(now=True)
+        path = dict(FakeContainer.created[-1].spec.env)["SANDBOX_KERNEL_CONTROL"]
+        info = (await asyncio.to_thread(ask, path, {"op": "get"}))["info"]
+        assert info["previous_exit"] is None
+    finally:
+        await km.shutdown_kernel(now=True)
+    assert not Path(path).exists()
+
+
+async def test_magics_only_for_ipykernel_and_can_be_turned_off(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    add_spec(kernel_dir, "t-nomagic", {"image": "python3", "magics": False})
+    add_spec(
+        kernel_dir,
+        "t-other",
+        {"image": "python3"},
+        argv=["/usr/bin/other-kernel", "{connection_file}"],
+    )
+    for name in ("t-nomagic", "t-other"):
+        km = AsyncKernelManager(kernel_name=name)
+        await km.start_kernel(cwd=str(tmp_path))
+        try:
+            spec = FakeContainer.created[-1].spec
+            assert not any(a.startswith("--ext") for a in spec.command)
+            assert all(m.target != prov.MAGICS_TARGET for m in spec.mounts)
+            assert "PYTHONPATH" not in dict(spec.env)
+        finally:
+            await km.shutdown_kernel(now=True)
