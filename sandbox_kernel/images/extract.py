@@ -108,6 +108,12 @@ class _HashingReader:
         while self.read(COPY_CHUNK):
             pass
 
+    def finish(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+    def abort(self) -> None:
+        pass
+
 
 def sniff_compression(path: Path) -> str:
     """'gzip', 'zstd' or 'none' from the first bytes of a file."""
@@ -169,6 +175,7 @@ def open_decompressed(path: Path, compression: str) -> Iterator[IO[bytes]]:
 # verified, and file data is written to the destination straight from the read buffer.
 
 REGTYPES = (b"0", b"\x00", b"7")
+_ZERO_BLOCK = bytes(512)
 T_LINK, T_SYM, T_CHR, T_BLK, T_DIR, T_FIFO = b"1", b"2", b"3", b"4", b"5", b"6"
 T_PAX, T_GPAX, T_GNU_LONGNAME, T_GNU_LONGLINK = b"x", b"g", b"L", b"K"
 T_GNU_SPARSE = b"S"
@@ -233,6 +240,14 @@ class TarReader:
         have = len(self.buf) - self.pos
         if have >= n:
             return True
+        if have == 0:  # the common case: no copy of the new chunk
+            chunk = self.stream.read(max(COPY_CHUNK, n))
+            self.buf, self.pos = chunk, 0
+            if len(chunk) >= n:
+                return True
+            if not chunk:
+                return False
+            have = len(chunk)
         parts = [self.buf[self.pos :]]
         while have < n:
             chunk = self.stream.read(max(COPY_CHUNK, n - have))
@@ -324,15 +339,21 @@ class TarReader:
                 raise ImageError(f"{self.what}: tar stream truncated inside a header")
             hdr = self.buf[self.pos : self.pos + 512]
             self.pos += 512
-            if hdr == b"\x00" * 512:
+            if hdr == _ZERO_BLOCK:
                 return None
-            chk = _num(hdr[148:156], "chksum")
+            try:  # fast path for the usual octal fields; _num handles the rest
+                chk = int(hdr[148:156].split(b"\x00", 1)[0] or b"0", 8)
+            except ValueError:
+                chk = _num(hdr[148:156], "chksum")
             if chk != sum(hdr) - sum(hdr[148:156]) + 256:
                 raise ImageError(
                     f"{self.what}: tar header checksum mismatch; not a tar stream or corrupt"
                 )
             typ = hdr[156:157]
-            size = _num(hdr[124:136], "size")
+            try:
+                size = int(hdr[124:136].split(b"\x00", 1)[0] or b"0", 8)
+            except ValueError:
+                size = _num(hdr[124:136], "size")
             if size < 0:
                 raise UnsafeArchiveError(f"{self.what}: negative size in tar header")
             if typ == T_PAX:
@@ -414,14 +435,14 @@ def split_member_name(name: str) -> tuple[str, ...]:
     """
     if "\x00" in name:
         raise UnsafeArchiveError(f"tar member name {name!r} contains a NUL byte")
-    comps = tuple(c for c in name.split("/") if c not in ("", "."))
-    for c in comps:
-        if c == "..":
-            raise UnsafeArchiveError(
-                f"tar member {name!r} contains a '..' component (path traversal); "
-                "the layer is refused"
-            )
-    return comps
+    parts = name.split("/")
+    if ".." in parts:
+        raise UnsafeArchiveError(
+            f"tar member {name!r} contains a '..' component (path traversal); the layer is refused"
+        )
+    if "" in parts or "." in parts:
+        return tuple(c for c in parts if c not in ("", "."))
+    return tuple(parts)
 
 
 def _rm_tree_at(dir_fd: int, name: str) -> None:
@@ -461,6 +482,10 @@ class _Extractor:
         self.report = report
         self.what = what
         self.is_root = os.geteuid() == 0
+        um = os.umask(0o022)
+        os.umask(um)
+        self.umask = um
+        self.setgid_seen = bool(os.fstat(root_fd).st_mode & stat.S_ISGID)
         self.whiteouts: set[tuple[str, ...]] = set()  # whiteouts made by this layer
         self.dirs: list[tuple[tuple[str, ...], int, int]] = []  # (path, mtime, mode) fixed at end
         self._fds: dict[tuple[str, ...], int] = {}  # open directory fds by path
@@ -594,6 +619,8 @@ class _Extractor:
                 os.fchmod(fd, m.mode & 0o7777)
             finally:
                 os.close(fd)
+            if m.mode & stat.S_ISGID:
+                self.setgid_seen = True
             self.dirs.append((comps, int(m.mtime), m.mode & 0o7777))
         elif m.isreg():
             size = m.size
@@ -608,16 +635,21 @@ class _Extractor:
                     f"{self.what}: layer expands to more than {self.limits.max_total_bytes} bytes "
                     "(decompression bomb?); raise the extraction limits if this is a real layer"
                 )
+            perm = m.mode & 0o777
             try:
-                fd = os.open(base, _NEW_FILE_FLAGS, 0o600, dir_fd=pfd)
+                fd = os.open(base, _NEW_FILE_FLAGS, perm, dir_fd=pfd)
             except FileExistsError:
                 # never written through: whatever is there (symlink included) is removed first
                 self._clear_target(pfd, base, comps, keep_dir=False)
-                fd = os.open(base, _NEW_FILE_FLAGS, 0o600, dir_fd=pfd)
+                fd = os.open(base, _NEW_FILE_FLAGS, perm, dir_fd=pfd)
             try:
                 tr.read_data(fd, m)
-                self._chown(fd, None, m)
-                os.fchmod(fd, m.mode & 0o7777)
+                # Syscalls saved on the common case: a new file is already root-owned (unless
+                # a setgid directory gave it another group) and has perm & ~umask.
+                if self.is_root and (m.uid or m.gid or self.setgid_seen):
+                    os.fchown(fd, m.uid, m.gid)
+                if m.mode & 0o7000 or perm & self.umask:
+                    os.fchmod(fd, m.mode & 0o7777)
                 os.utime(fd, (m.mtime, m.mtime))
             finally:
                 os.close(fd)
@@ -756,20 +788,25 @@ def extract_tar_stream(
     report = ExtractReport()
     # Raw tar bytes are bounded by the file bytes plus headers and padding.
     budget = limits.max_total_bytes + limits.max_entries * 1536 + 64 * (1 << 20)
-    reader = _HashingReader(stream, budget, what)
     root_fd = os.open(dest, _DIR_FLAGS)
-    ex = _Extractor(root_fd, limits, report, what)
     try:
-        tr = TarReader(cast(IO[bytes], reader), limits, what)
-        while (m := tr.next()) is not None:
-            ex.entry(tr, m)
-        ex.finish()
-        reader.drain()
+        ex = _Extractor(root_fd, limits, report, what)
+        reader = _HashingReader(stream, budget, what)
+        try:
+            tr = TarReader(cast(IO[bytes], reader), limits, what)
+            while (m := tr.next()) is not None:
+                ex.entry(tr, m)
+            ex.finish()
+            reader.drain()
+        except BaseException:
+            reader.abort()
+            raise
+        finally:
+            ex.close()
     finally:
-        ex.close()
         os.close(root_fd)
     report.tar_bytes = reader.count
-    report.diff_id = "sha256:" + reader.sha.hexdigest()
+    report.diff_id = reader.finish()
     return report
 
 
