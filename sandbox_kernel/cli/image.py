@@ -127,7 +127,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
         store.remove(ref, in_use=image_in_use)
         print(f"removed {ref}")
     if not args.no_gc:
-        blobs, snaps = store.gc(grace_seconds=0.0)
+        # Data younger than the grace period survives (it may belong to a build in progress);
+        # `sandbox-kernel image gc --grace 0` frees it too.
+        blobs, snaps = store.gc()
         print(f"freed {blobs} blob(s), {snaps} snapshot(s)")
     return 0
 

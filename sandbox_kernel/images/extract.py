@@ -49,6 +49,7 @@ WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 COPY_CHUNK = 1 << 20
+MAX_REPORTED = 1000  # report lists are capped; counts are not
 
 GiB = 1024**3
 
@@ -75,7 +76,8 @@ class ExtractReport:
     whiteouts: int = 0
     opaque_dirs: int = 0
     skipped: list[str] = field(default_factory=list)  # device nodes, fifos, sockets, bad whiteouts
-    dropped_xattrs: list[str] = field(default_factory=list)  # "path: xattr name"
+    dropped_xattrs: list[str] = field(default_factory=list)  # "path: xattr name" (first ones)
+    dropped_xattr_count: int = 0
     flagged: list[str] = field(default_factory=list)  # e.g. top-level /proc as a symlink
 
 
@@ -587,7 +589,9 @@ class _Extractor:
             )
         comps = split_member_name(m.name)
         for x in m.xattrs:
-            rep.dropped_xattrs.append(f"{m.name}: {x}")
+            rep.dropped_xattr_count += 1
+            if len(rep.dropped_xattrs) < MAX_REPORTED:
+                rep.dropped_xattrs.append(f"{m.name}: {x}")
         if not comps:
             if m.isdir():
                 self._attrs_fd(self.root_fd, m)
@@ -599,7 +603,8 @@ class _Extractor:
             return
         if m.type not in _HANDLED:
             kind = _KINDS.get(m.type, f"unsupported entry type {m.type!r}")
-            rep.skipped.append(f"{m.name} ({kind})")
+            if len(rep.skipped) < MAX_REPORTED:
+                rep.skipped.append(f"{m.name} ({kind})")
             log.warning("%s: skipped %s %s (not created)", self.what, kind, m.name)
             return
         pfd = self._parent_fd(parent)

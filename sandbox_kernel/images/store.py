@@ -442,6 +442,17 @@ class ImageStore:
             )
             diff_id = report.diff_id
             self._install_snapshot(tmp, diff_id)
+            if report.skipped:
+                log.warning(
+                    "layer %s: %d special entries not created (e.g. %s)",
+                    digest,
+                    len(report.skipped),
+                    report.skipped[0],
+                )
+            if report.dropped_xattr_count:
+                log.info("layer %s: %d xattrs not applied", digest, report.dropped_xattr_count)
+            for flag in report.flagged:
+                log.warning("layer %s: %s; containers will refuse this image", digest, flag)
         except BaseException:
             _rmtree(tmp)
             raise

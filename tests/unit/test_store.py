@@ -391,5 +391,8 @@ def test_cli_ls_inspect_rm(store: ImageStore, tmp_path: Path, monkeypatch, capsy
     assert main(["image", "inspect", "nope"]) == 125
     assert "not found" in capsys.readouterr().err
     assert main(["image", "rm", "python2.7"]) == 0
+    assert layer.snapshot.exists()  # fresh data is kept for the grace period
+    assert main(["image", "gc", "--grace", "0"]) == 0
+    assert "1 snapshot" in capsys.readouterr().out
     assert not layer.snapshot.exists()
     assert main(["image", "export", "nope", str(tmp_path / "x")]) == 125
