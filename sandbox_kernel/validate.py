@@ -91,6 +91,26 @@ def check_identity(spec: ContainerSpec) -> list[str]:
     return out
 
 
+def check_root_mode(spec: ContainerSpec) -> list[str]:
+    """Root inside the container is host uid 0 (no user namespace yet), without capabilities.
+
+    uid 0 alone would leave root-owned files, setuid-root programs included, in a writable
+    volume, where any host user who can reach them could run them. So a root container
+    gets no writable host volume. (Read-only volumes stay readable as root: mount only what
+    root may read.)
+    """
+    if spec.user != 0:
+        return []
+    writable = [m.target for m in spec.mounts if isinstance(m, Bind) and not m.readonly]
+    if writable:
+        return [
+            f"user=0 (root inside) cannot have writable host volumes ({', '.join(writable)}): "
+            "root inside is root on the host and could leave setuid-root files there; "
+            "run as an unprivileged uid, or mount the volumes read-only"
+        ]
+    return []
+
+
 def check_hostname(spec: ContainerSpec) -> list[str]:
     name = spec.hostname
     labels = name.split(".")
@@ -188,6 +208,7 @@ VALIDATORS: tuple[Validator, ...] = (
     check_env,
     check_workdir,
     check_identity,
+    check_root_mode,
     check_hostname,
     check_sizes,
     check_mounts,

@@ -33,6 +33,10 @@ def test_valid_spec_passes(spec):
         ({"workdir": "/a/../b"}, "workdir='/a/../b'"),
         ({"user": 0}, "needs allow_root"),
         ({"user": 2**32}, "out of range"),
+        (
+            {"user": 0, "allow_root": True, "mounts": (Bind("/etc", "/x", readonly=False),)},
+            "cannot have writable host volumes",
+        ),
         ({"hostname": "bad_name"}, "hostname='bad_name'"),
         ({"hostname": "trailing-"}, "hostname='trailing-'"),
         ({"tmp_size": 10}, "tmp_size=10"),
@@ -61,3 +65,11 @@ def test_all_problems_reported_at_once(spec):
 
     found = problems(replace(spec, hostname="x_y", workdir="rel", limits=Limits(pids=0)))
     assert len(found) == 3
+
+
+def test_root_without_host_mounts_is_allowed(spec):
+    from dataclasses import replace
+
+    validate_spec(
+        replace(spec, user=0, group=0, allow_root=True, mounts=(Tmpfs("/data", 1 << 20),))
+    )
