@@ -45,12 +45,12 @@ KEYS: tuple[tuple[str, str], ...] = (
 
 def notebooks_dir() -> Path:
     here = Path(__file__).resolve().parent
-    for candidate in (here / "_notebooks", here.parent / "notebooks"):
+    for candidate in (here / "notebooks_data", here.parent / "notebooks"):
         if (candidate / DEMOS[0][0]).is_file():
             return candidate
     raise SandboxError(
         "the demo notebooks are missing "
-        f"(looked in {here / '_notebooks'} and {here.parent / 'notebooks'})"
+        f"(looked in {here / 'notebooks_data'} and {here.parent / 'notebooks'})"
     )
 
 

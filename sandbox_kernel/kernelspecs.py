@@ -1,7 +1,7 @@
 """The sandbox kernelspecs: templates shipped with the package, install and list.
 
 The templates are the directories ``kernelspecs/<name>/`` of the source tree (installed
-as ``sandbox_kernel/_kernelspecs/<name>/``). ``install`` writes them, with optional
+as ``sandbox_kernel/kernelspecs_data/<name>/`` by setup.py). ``install`` writes them, with optional
 overrides of the sandbox settings, through jupyter_client's ``KernelSpecManager``, so that
 ``jupyter kernelspec list`` shows them.
 """
@@ -28,13 +28,13 @@ _PKG = Path(__file__).resolve().parent
 
 def templates_dir() -> Path:
     """Where the kernelspec templates are: installed package data, else the source tree."""
-    for candidate in (_PKG / "_kernelspecs", _PKG.parent / "kernelspecs"):
+    for candidate in (_PKG / "kernelspecs_data", _PKG.parent / "kernelspecs"):
         if candidate.is_dir() and any(
             (candidate / n / "kernel.json").is_file() for n in KERNELSPEC_NAMES
         ):
             return candidate
     raise SandboxError(
-        f"the kernelspec templates are missing (looked in {_PKG / '_kernelspecs'} and "
+        f"the kernelspec templates are missing (looked in {_PKG / 'kernelspecs_data'} and "
         f"{_PKG.parent / 'kernelspecs'}); reinstall sandbox-kernel"
     )
 
