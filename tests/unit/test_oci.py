@@ -28,9 +28,7 @@ def manifest(**over: object) -> bytes:
     return json.dumps(doc).encode()
 
 
-@pytest.mark.parametrize(
-    "good", [D, "sha256:" + "0123456789abcdef" * 4]
-)
+@pytest.mark.parametrize("good", [D, "sha256:" + "0123456789abcdef" * 4])
 def test_digest_accepts_sha256(good: str) -> None:
     assert oci.check_digest(good) == good
     assert oci.digest_hex(good) == good[7:]
@@ -97,8 +95,14 @@ def test_docker_manifest_accepted() -> None:
         {"layers": [desc(oci.MT_OCI_CONFIG)]},
         {"layers": [desc(oci.MT_OCI_MANIFEST)]},
     ],
-    ids=["index-as-manifest", "manifests-key", "config-as-manifest", "layer-as-config",
-         "config-as-layer", "manifest-as-layer"],
+    ids=[
+        "index-as-manifest",
+        "manifests-key",
+        "config-as-manifest",
+        "layer-as-config",
+        "config-as-layer",
+        "manifest-as-layer",
+    ],
 )
 def test_manifest_media_type_confusion(over: dict[str, object]) -> None:
     with pytest.raises(UnsafeArchiveError, match="media-type confusion"):

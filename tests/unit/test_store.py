@@ -396,3 +396,21 @@ def test_cli_ls_inspect_rm(store: ImageStore, tmp_path: Path, monkeypatch, capsy
     assert "1 snapshot" in capsys.readouterr().out
     assert not layer.snapshot.exists()
     assert main(["image", "export", "nope", str(tmp_path / "x")]) == 125
+
+
+def test_concurrent_unpack_of_the_same_layer(tmp_path: Path) -> None:
+    """Two stores (as two processes would) unpack the same layer at once: one snapshot wins,
+    both get a complete one, no temp dir is left behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw = tar_bytes({f"d{i}/f{j}": "x" * 100 for i in range(20) for j in range(20)})
+    blob = tmp_path / "l.tar.gz"
+    blob.write_bytes(gzip.compress(raw))
+    stores = [ImageStore(tmp_path / "state") for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        layers = list(pool.map(lambda s: s.add_layer_blob(blob, oci.MT_OCI_LAYER_GZIP), stores))
+    assert len(set(layers)) == 1
+    snap = layers[0].snapshot
+    assert len(list(snap.rglob("f*"))) == 400
+    assert list(stores[0].tmp_dir.iterdir()) == []
+    assert [p.name for p in stores[0].snapshots_dir.iterdir()] == [snap.name]
