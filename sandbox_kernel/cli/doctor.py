@@ -141,15 +141,20 @@ def check_images() -> list[Check]:
             Check(FAIL, f"image store: {exc}", "check SANDBOX_KERNEL_STATE_DIR and its permissions")
         ]
     out = []
+    try:
+        images = {im.name: im for im in store.list()}  # list(): no snapshot is unpacked here
+    except Exception as exc:
+        return [
+            Check(FAIL, f"image store: {exc}", "check SANDBOX_KERNEL_STATE_DIR and its permissions")
+        ]
     for name in IMAGES:
-        try:
-            image = store.resolve(name)
-        except Exception:
+        image = images.get(name)
+        if image is None:
             out.append(
                 Check(
                     WARN,
                     f"image {name} not built",
-                    f"sandbox-kernel image build {name} (about a minute)",
+                    f"sandbox-kernel image build {name} (a few minutes)",
                 )
             )
         else:
