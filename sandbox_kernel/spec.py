@@ -78,6 +78,7 @@ class Limits:
 
 DEFAULT_MASKED_PATHS = (
     "/proc/acpi",
+    "/proc/asound",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
@@ -86,6 +87,7 @@ DEFAULT_MASKED_PATHS = (
     "/proc/sched_debug",
     "/proc/scsi",
     "/sys/firmware",
+    "/sys/devices/virtual/powercap",  # RAPL energy counters (CVE-2020-8694)
 )
 DEFAULT_READONLY_PATHS = (
     "/proc/bus",

@@ -135,6 +135,7 @@ print(json.dumps(dict(
 """
 
 
+@pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
 def test_isolation_facts_from_inside():
     result, out = py(ISOLATION, tmp_size=4 * MIB)
     assert result.status == 0, out
@@ -162,6 +163,7 @@ def test_isolation_facts_from_inside():
     )
 
 
+@pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
 def test_memory_cap_kills_and_reason_is_reported():
     result, out = py(
         "x = bytearray(400 * 1024 * 1024)\nprint('survived')", limits=Limits(memory=64 * MIB)
@@ -174,6 +176,7 @@ def test_memory_cap_kills_and_reason_is_reported():
     assert result.reason().startswith("out of memory (limit 64 MiB, peak ")
 
 
+@pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
 def test_pids_cap_bounds_fork_bomb_and_container_stays_usable():
     code = """
     import os, time, errno
@@ -219,6 +222,7 @@ def test_cpu_cap_measured_by_cgroup_accounting():
     assert 0.05 < ratio < 0.62, f"used {used:.2f} s CPU in {wall:.2f} s wall (cap 0.5)"
 
 
+@pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
 def test_cpu_cap_can_be_deferred_then_applied():
     spec = make_spec(["/bin/sleep", "30"], limits=Limits(cpus=0.25, defer_cpu=True))
     with Container.create(spec) as c:
@@ -228,6 +232,7 @@ def test_cpu_cap_can_be_deferred_then_applied():
         assert c.stats().cpu_quota_us == 25_000
 
 
+@pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
 def test_live_update_of_limits():
     spec = make_spec(["/bin/sleep", "30"], limits=Limits(memory=128 * MIB, pids=50))
     with Container.create(spec) as c:
@@ -312,6 +317,7 @@ def _wait_empty(cg, timeout=5.0):
     return False
 
 
+@pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
 def test_sigkill_of_the_supervisor_leaves_nothing_running():
     spec = make_spec(["/bin/sh", "-c", "sleep 1000 & sleep 1000 & sleep 1000"])
     with Container.create(spec) as c:

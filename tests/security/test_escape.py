@@ -454,8 +454,13 @@ CASES: list[Case] = [
         "mknod",
         "mknod of block/char devices (raw disk or /dev/mem access)",
         "mknod",
-        {"/tmp/sk-sda": EPERM, "/tmp/sk-mem": EPERM, "/dev/sk-vda": EACCES, "/sk-kmem": EACCES},
-        {"/tmp/sk-sda": EPERM, "/tmp/sk-mem": EPERM, "/dev/sk-vda": EPERM, "/sk-kmem": EPERM},
+        {"/tmp/sk-sda": EPERM, "/tmp/sk-mem": EPERM, "/dev/sk-vda": EROFS, "/sk-kmem": EACCES},
+        {
+            "/tmp/sk-sda": EPERM,
+            "/tmp/sk-mem": EPERM,
+            "/dev/sk-vda": EPERM | EROFS,
+            "/sk-kmem": EPERM,
+        },
     ),
     Case(
         "leaked-fds",

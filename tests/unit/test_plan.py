@@ -56,6 +56,7 @@ def test_identity_limits_and_security_records(tmp_path):
     assert ("seccomp", "/run/sk/filter.bpf") in recs
     assert ("sync", "net") in recs
     assert ("mask", "/proc/kcore") in recs and ("readonly", "/proc/sys") in recs
+    assert ("remount", "/dev", "ro,nosuid,noexec") in recs
     assert ("mount", "cgroup2", "cgroup2", "/sys/fs/cgroup", "ro,nosuid,nodev,noexec", "-") in recs
     assert [r[1] for r in recs if r[0] == "argv"] == ["python3", "-c", "print(1)"]
 
