@@ -50,6 +50,7 @@ WH_OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 COPY_CHUNK = 1 << 20
 MAX_REPORTED = 1000  # report lists are capped; counts are not
+MAX_DEPTH = 256  # path components of one member name
 
 GiB = 1024**3
 
@@ -438,6 +439,10 @@ def split_member_name(name: str) -> tuple[str, ...]:
     if "\x00" in name:
         raise UnsafeArchiveError(f"tar member name {name!r} contains a NUL byte")
     parts = name.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeArchiveError(
+            f"tar member name {name[:100]!r}... has more than {MAX_DEPTH} components; refused"
+        )
     if ".." in parts:
         raise UnsafeArchiveError(
             f"tar member {name!r} contains a '..' component (path traversal); the layer is refused"
@@ -800,7 +805,13 @@ def extract_tar_stream(
         try:
             tr = TarReader(cast(IO[bytes], reader), limits, what)
             while (m := tr.next()) is not None:
-                ex.entry(tr, m)
+                try:
+                    ex.entry(tr, m)
+                except OSError as exc:
+                    raise ImageError(
+                        f"{what}: cannot extract {m.name[:300]!r}: {exc.strerror or exc}; "
+                        "the layer is refused"
+                    ) from exc
             ex.finish()
             reader.drain()
         except BaseException:

@@ -395,3 +395,13 @@ def test_sanity_untampered_layout_imports(tmp_path: Path) -> None:
     store = ImageStore(tmp_path / "state")
     (im,) = import_path(store, layout(tmp_path))
     assert (im.layers[0].snapshot / "etc/a").read_text() == "a"
+
+
+@pytest.mark.parametrize("kind", ["deep", "long-component"])
+def test_path_depth_and_length_bombs(host: Host, kind: str) -> None:
+    """Path bombs: thousands of components (recursion/stack exhaustion) or a component longer
+    than NAME_MAX: refused with a clear error, not a crash."""
+    name = "a/" * 5000 + "f" if kind == "deep" else "d/" + "x" * 300
+    with pytest.raises(ImageError):
+        run(host, [(name, "f", "x")])
+    host.assert_untouched()
