@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -223,6 +224,12 @@ def _num(field_: bytes, what: str) -> int:
         raise UnsafeArchiveError(f"invalid number {field_!r} in tar header field {what}") from None
 
 
+def _signed_chksum(hdr: bytes) -> int:
+    """The checksum some old tar writers computed over signed chars."""
+    values: tuple[int, ...] = struct.unpack("148b8x356b", hdr)
+    return sum(values) + 256
+
+
 def _str(field_: bytes) -> str:
     return field_.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
 
@@ -348,7 +355,7 @@ class TarReader:
                 chk = int(hdr[148:156].split(b"\x00", 1)[0] or b"0", 8)
             except ValueError:
                 chk = _num(hdr[148:156], "chksum")
-            if chk != sum(hdr) - sum(hdr[148:156]) + 256:
+            if chk != sum(hdr) - sum(hdr[148:156]) + 256 and chk != _signed_chksum(hdr):
                 raise ImageError(
                     f"{self.what}: tar header checksum mismatch; not a tar stream or corrupt"
                 )
