@@ -122,7 +122,18 @@ class Image:
 # --- in-use check ------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
+def _proc_starttime(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data.rsplit(b")", 1)[-1].split()  # field 22 (starttime) after the command name
+    return rest[19].decode() if len(rest) > 19 else None
+
+
+def _pid_alive(pid: int, start: str | None = None) -> bool:
+    """Is ``pid`` alive (and, when ``start`` is known, the same process, not a reused pid)?"""
     if pid <= 0:
         return False
     try:
@@ -130,15 +141,34 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if start is not None:
+        now = _proc_starttime(pid)
+        return now is None or now == start
     return True
+
+
+def _pid_from_file(data: bytes) -> tuple[int, str | None]:
+    """(pid, start time) from a run dir's ``pid`` file: JSON ``{"pid": N, "start": "..."}``
+    as the container runtime writes it, or a bare number."""
+    text = data.decode(errors="replace").strip()
+    if text.startswith("{"):
+        doc = json.loads(text)
+        pid = doc.get("pid") if isinstance(doc, dict) else None
+        start = doc.get("start") if isinstance(doc, dict) else None
+        return (
+            pid if isinstance(pid, int) and not isinstance(pid, bool) else 0,
+            start if isinstance(start, str) else None,
+        )
+    return int(text or "0"), None
 
 
 def running_image_digests(run_root: Path | None = None) -> set[str]:
     """Manifest digests of images used by live containers.
 
     A container uses an image when its run dir (``paths.run_dir()/<id>/``) has a file ``image``
-    holding the image's manifest digest and a file ``pid`` naming a live process.
+    holding the image's manifest digest and a file ``pid`` naming a live process (JSON
+    ``{"pid": N, "start": T}``, T the /proc starttime guarding against pid reuse, or a bare pid).
     """
     root = run_root if run_root is not None else paths.run_dir()
     found: set[str] = set()
@@ -153,10 +183,10 @@ def running_image_digests(run_root: Path | None = None) -> set[str]:
             with open(os.path.join(e.path, "image"), "rb") as f:
                 digest = f.read(200).decode(errors="replace").strip()
             with open(os.path.join(e.path, "pid"), "rb") as f:
-                pid = int(f.read(32).decode(errors="replace").strip() or "0")
+                pid, start = _pid_from_file(f.read(4096))
         except (OSError, ValueError):
             continue
-        if _pid_alive(pid):
+        if _pid_alive(pid, start):
             found.add(digest)
     return found
 

@@ -216,6 +216,15 @@ def test_in_use_from_run_dir(store: ImageStore, tmp_path: Path, monkeypatch) -> 
     assert running_image_digests(run) == set()
     (run / "sk-000000000001/pid").write_text(str(os.getpid()))  # alive
     assert running_image_digests(run) == {im.digest}
+    # the runtime's JSON form; a different start time means the pid was reused
+    with open(f"/proc/{os.getpid()}/stat", "rb") as f:
+        start = f.read().rsplit(b")", 1)[-1].split()[19].decode()
+    pidfile = run / "sk-000000000001/pid"
+    pidfile.write_text(json.dumps({"pid": os.getpid(), "start": start}))
+    assert running_image_digests(run) == {im.digest}
+    pidfile.write_text(json.dumps({"pid": os.getpid(), "start": "1"}))
+    assert running_image_digests(run) == set()
+    pidfile.write_text(json.dumps({"pid": os.getpid(), "start": start}))
     monkeypatch.setenv("SANDBOX_KERNEL_RUN_DIR", str(run))
     assert image_in_use(im)
     with pytest.raises(ImageInUse):
