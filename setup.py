@@ -38,7 +38,7 @@ class BuildRuntime(build_ext):
 class BuildPyWithData(build_py):
     """Ship the top-level recipe and kernelspec folders inside the package."""
 
-    DATA = {"images": "recipes", "kernelspecs": "kernelspecs_data"}
+    DATA = {"images": "recipes", "kernelspecs": "kernelspecs_data", "notebooks": "notebooks_data"}
 
     def run(self) -> None:
         super().run()

@@ -217,11 +217,17 @@ class Container:
         manager: CgroupManager | None = None,
         root: Path | None = None,
         meta: dict[str, Any] | None = None,
+        subdirs: dict[str, tuple[int, int, int]] | None = None,
     ) -> Container:
-        """Validate the spec, then create the run dir and the cgroups. Nothing runs yet."""
-        validate_spec(spec)
-        require_privileges()
+        """Validate the spec, then create the run dir and the cgroups. Nothing runs yet.
+
+        ``subdirs``: folders to make inside the run dir, name -> (uid, gid, mode); they may be
+        bind sources of the spec (e.g. a kernel's connection dir, same path inside and out).
+        """
         root = root or run_dir()
+        subdirs = subdirs or {}
+        validate_spec(spec, created=frozenset(str(root / spec.id / name) for name in subdirs))
+        require_privileges()
         from . import gc
 
         gc.collect(root=root, manager=manager)
@@ -235,6 +241,13 @@ class Container:
                 f"container {spec.id} already exists at {rdir}; pick a new id"
             ) from None
         (rdir / "scratch").mkdir(mode=0o700)
+        for name, (uid, gid, mode) in subdirs.items():
+            sub = rdir / name
+            sub.mkdir(mode=mode)
+            os.chown(sub, uid, gid)
+            os.chmod(sub, mode)
+        if spec.image_digest:  # read by `sandbox-kernel image rm` to refuse removing a used image
+            (rdir / "image").write_text(spec.image_digest + "\n")
         info = {
             "id": spec.id,
             "image": spec.image,

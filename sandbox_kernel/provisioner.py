@@ -369,6 +369,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             ),
             network=settings.network,
             image=image.ref,
+            image_digest=image.digest,
             labels=(("org.sandbox-kernel.kernelspec", self.kernelspec_name),),
         )
         meta = {
@@ -415,27 +416,14 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     def _create_container(
         self, spec: ContainerSpec, meta: dict[str, Any], conn_dir: Path, settings: KernelSettings
     ) -> Container:
-        from dataclasses import replace
-
-        # Bind sources are checked to exist at validation: create() validates the spec, so
-        # create it without the conn bind, then the conn dir, then the real spec.
-        placeholder = replace(
-            spec, mounts=tuple(m for m in spec.mounts if m.target != str(conn_dir))
-        )
         try:
-            container = Container.create(placeholder, meta=meta)
+            return Container.create(
+                spec,
+                meta=meta,
+                subdirs={conn_dir.name: (settings.uid, settings.gid, 0o700)},
+            )
         except SpecError as exc:
             raise SpecError(exc.problems, context=self._context) from None
-        try:
-            # The image store's in-use check reads the manifest digest from here.
-            (conn_dir.parent / "image").write_text(str(meta.get("image_digest", "")) + "\n")
-            conn_dir.mkdir(mode=0o700)
-            os.chown(conn_dir, settings.uid, settings.gid)
-            container.spec = spec
-        except BaseException:
-            container.destroy()
-            raise
-        return container
 
     def _kernel_argv(self, image: _Image, connection_file: str, extra: list[str]) -> list[str]:
         spec_argv = list(getattr(self.kernel_spec, "argv", None) or [])

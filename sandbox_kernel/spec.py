@@ -130,6 +130,7 @@ class ContainerSpec:
     seccomp: bool = True
     nofile: int = 4096
     image: str = ""
+    image_digest: str = ""  # manifest digest of the image (written to the run dir for `image rm`)
     labels: tuple[tuple[str, str], ...] = ()
 
     def env_dict(self) -> dict[str, str]:

@@ -136,7 +136,7 @@ def check_sizes(spec: ContainerSpec) -> list[str]:
     return out
 
 
-def check_mounts(spec: ContainerSpec) -> list[str]:
+def check_mounts(spec: ContainerSpec, created: frozenset[str] = frozenset()) -> list[str]:
     out = []
     seen: set[str] = set()
     for m in spec.mounts:
@@ -154,7 +154,7 @@ def check_mounts(spec: ContainerSpec) -> list[str]:
         if isinstance(m, Bind):
             if not _clean_abs(m.source):
                 out.append(f"volume source {m.source!r} must be an absolute normalised host path")
-            elif not os.path.exists(m.source):
+            elif m.source not in created and not os.path.exists(m.source):
                 out.append(f"volume source {m.source!r} does not exist on the host")
         elif isinstance(m, Tmpfs) and m.size < 4096:
             out.append(f"tmpfs {target} size={m.size} is too small; use at least 4K")
@@ -219,9 +219,16 @@ VALIDATORS: tuple[Validator, ...] = (
 )
 
 
-def validate_spec(spec: ContainerSpec, context: str = "") -> None:
+def validate_spec(
+    spec: ContainerSpec, context: str = "", created: frozenset[str] = frozenset()
+) -> None:
+    """Run every validator. ``created``: host paths the runtime itself will create before
+    start (e.g. the container's connection dir), accepted as bind sources."""
     problems: list[str] = []
     for validator in VALIDATORS:
-        problems.extend(validator(spec))
+        if validator is check_mounts:
+            problems.extend(check_mounts(spec, created))
+        else:
+            problems.extend(validator(spec))
     if problems:
         raise SpecError(problems, context=context or f"container {spec.id}")

@@ -52,9 +52,17 @@ class FakeContainer:
 
     @classmethod
     def create(
-        cls, spec: ContainerSpec, *, meta: dict[str, Any] | None = None, **_: Any
+        cls,
+        spec: ContainerSpec,
+        *,
+        meta: dict[str, Any] | None = None,
+        subdirs: dict[str, tuple[int, int, int]] | None = None,
+        **_: Any,
     ) -> FakeContainer:
         c = cls(spec, prov.run_dir(), meta or {})
+        for name, (uid, gid, mode) in (subdirs or {}).items():
+            (c.run_dir / name).mkdir(parents=True, mode=mode)
+            os.chown(c.run_dir / name, uid, gid)
         cls.created.append(c)
         return c
 
