@@ -27,9 +27,11 @@ from .errors import ImageError, SandboxError
 
 DEMOS: tuple[tuple[str, str, str], ...] = (
     # (notebook file, kernelspec, image)
-    ("python2-demo.ipynb", "python2.7-sandbox", "python2.7"),
-    ("python3-demo.ipynb", "python3-sandbox", "python3"),
+    ("python2-demo.ipynb", "python2.7-sandbox", "python2.7-plot"),
+    ("python3-demo.ipynb", "python3-sandbox", "python3-plot"),
 )
+# Every image the shipped kernelspecs use, parents before the images built on them.
+IMAGES: tuple[str, ...] = ("python2.7", "python2.7-plot", "python3", "python3-plot")
 KEYS: tuple[tuple[str, str], ...] = (
     ("Python ", "python"),
     ("hostname: ", "hostname"),
@@ -40,6 +42,7 @@ KEYS: tuple[tuple[str, str], ...] = (
     ("1.1.1.1:443", "internet"),
     ("wrote ", "file"),
     ("hello from Python 2", "py2 syntax"),
+    ("plot: ", "plot"),
 )
 
 
@@ -100,6 +103,9 @@ def key_outputs(nb: Any) -> dict[str, str]:
         if cell.cell_type != "code":
             continue
         for out in cell.get("outputs", []):
+            png = out.get("data", {}).get("image/png") if "data" in out else None
+            if png and "plot" not in found:
+                found["plot"] = f"PNG plot drawn in the sandbox ({len(png) * 3 // 4 // 1024} KiB)"
             text = out.get("text", "") if out.get("output_type") == "stream" else ""
             for line in str(text).splitlines():
                 for prefix, key in KEYS:
@@ -183,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _, _, image in DEMOS:
                 ImageStore().resolve(image)
         else:
-            ensure_images([image for _, _, image in DEMOS])
+            ensure_images(IMAGES)
         for k in kernelspecs.install([kernel for _, kernel, _ in DEMOS], prefix=sys.prefix):
             print(f"kernelspec {k.name} installed in {k.resource_dir}")
     except SandboxError as exc:

@@ -20,19 +20,6 @@ pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
-@pytest.fixture(scope="module")
-def images() -> None:
-    from sandbox_kernel.errors import ImageError
-    from sandbox_kernel.images.build import build_image
-    from sandbox_kernel.images.store import ImageStore
-
-    for name in ("python2.7", "python3"):
-        try:
-            ImageStore().resolve(name)
-        except ImageError:
-            build_image(name, ImageStore())
-
-
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> Path:
     prefix = tmp_path / "prefix"

@@ -25,20 +25,6 @@ pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 KERNELS = ("python2.7-sandbox", "python3-sandbox")
 
 
-# ---- fixtures shared in spirit with test_server.py / test_notebooks.py -----------------------
-@pytest.fixture(scope="session")
-def images() -> None:
-    from sandbox_kernel.errors import ImageError
-    from sandbox_kernel.images.build import build_image
-    from sandbox_kernel.images.store import ImageStore
-
-    for name in ("python2.7", "python3"):
-        try:
-            ImageStore().resolve(name)
-        except ImageError:
-            build_image(name, ImageStore())
-
-
 @pytest.fixture
 def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> Path:
     prefix = tmp_path / "prefix"
@@ -359,7 +345,9 @@ async def test_ps_lists_the_running_kernels(
         row = rows[km.kernel_id]
         assert row["kernelspec"] == name and row["running"]
         assert row["container_id"] == track(clean_host, km).container_id
-        assert row["image"] == name.replace("-sandbox", "") + ":latest"
+        assert (
+            row["image"] == name.replace("-sandbox", "-plot") + ":latest"
+        )  # the kernelspecs' image
         assert row["user"] == 1000
         assert row["limits"] == {"memory": 1024**3, "cpus": 1.0, "cpu_deferred": False, "pids": 256}
         usage = row["usage"]

@@ -30,19 +30,6 @@ pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def images() -> None:
-    from sandbox_kernel.errors import ImageError
-    from sandbox_kernel.images.build import build_image
-    from sandbox_kernel.images.store import ImageStore
-
-    for name in ("python3",):  # the server tests use the Python 3 kernel only
-        try:
-            ImageStore().resolve(name)
-        except ImageError:
-            build_image(name, ImageStore())
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
