@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 4096
 READ_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 4
-RATE_LIMIT = (20, 60.0)  # at most 20 requests per 60 seconds per kernel
+RATE_LIMIT = (20, 60.0)  # bursts of 20 requests per kernel, then one every 3 seconds
 SETTABLE = ("memory", "cpus", "pids")
 MIN_MEMORY = 32 * 1024 * 1024
 MIN_PIDS = 16
@@ -121,16 +121,24 @@ def plan_limit_change(
 
 
 class _RateLimiter:
+    """Token bucket: bursts of ``count`` requests, refilled at ``count`` per ``window`` s.
+
+    A refused request costs nothing, so a flood locks a kernel out for seconds, not for
+    the whole window.
+    """
+
     def __init__(self, count: int, window: float) -> None:
         self.count, self.window = count, window
-        self.stamps: list[float] = []
+        self.tokens = float(count)
+        self.stamp = time.monotonic()
 
     def allow(self) -> bool:
         now = time.monotonic()
-        self.stamps = [t for t in self.stamps if now - t < self.window]
-        if len(self.stamps) >= self.count:
+        self.tokens = min(self.count, self.tokens + (now - self.stamp) * self.count / self.window)
+        self.stamp = now
+        if self.tokens < 1.0:
             return False
-        self.stamps.append(now)
+        self.tokens -= 1.0
         return True
 
 
@@ -167,6 +175,9 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.active >= MAX_CONNECTIONS:
             self.rejected += 1
+            busy = {"ok": False, "error": "too many requests at once; try again"}
+            with contextlib.suppress(OSError):
+                writer.write(json.dumps(busy).encode() + b"\n")
             writer.close()
             return
         self.active += 1
@@ -176,6 +187,8 @@ class ControlServer:
             await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError):
             pass
+        except Exception as exc:  # a bug must not leave the connection (or the log) hanging
+            log.warning("control connection failed: %s", exc)
         finally:
             self.active -= 1
             writer.close()
@@ -194,15 +207,19 @@ class ControlServer:
             return {"ok": False, "error": f"request too large (at most {MAX_REQUEST} bytes)"}
         if not self.limiter.allow():
             self.rejected += 1
-            return {"ok": False, "error": "too many requests; wait a minute and try again"}
+            return {"ok": False, "error": "too many requests; try again in a few seconds"}
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: '[[[[...' nested too deep
             self.rejected += 1
             return {"ok": False, "error": "malformed request (not JSON)"}
         if not isinstance(request, dict) or request.get("op") not in ("get", "set"):
             self.rejected += 1
             return {"ok": False, "error": 'malformed request: expected {"op": "get"|"set", ...}'}
+        if request["op"] == "get" and len(request) > 1:
+            self.rejected += 1
+            extra = ", ".join(sorted(str(k)[:32] for k in request if k != "op"))
+            return {"ok": False, "error": f"unknown field(s) {extra}; get takes no arguments"}
         try:
             return await self.handler(request)
         except LimitRefused as exc:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ..errors import SandboxError
 
 # Verb modules, in the order they appear in --help.
-VERB_MODULES = ("run", "gc", "image", "kernelspec", "doctor", "ps")
+VERB_MODULES = ("run", "gc", "image", "kernelspec", "doctor", "ps", "stats")
 
 
 def build_parser() -> argparse.ArgumentParser:

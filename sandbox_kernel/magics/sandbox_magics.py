@@ -152,12 +152,72 @@ def _uptime():
         return None
 
 
-def _tmp_size():
+def _unescape_mount(text):
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_at(path, mountinfo="/proc/self/mountinfo"):
+    """The mount on top at ``path`` (what ``path`` really is), as a dict, or None.
+
+    Several mounts can be stacked on one mount point (the sandbox's /tmp tmpfs, then the
+    notebook directory when Jupyter runs in /tmp): the top one is the one that no other
+    mount at the same point has as its parent.
+    """
+    entries = []
+    for line in (_read(mountinfo) or "").splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 2:
+            continue
+        if _unescape_mount(fields[4]) != path:
+            continue
+        entries.append(
+            {
+                "id": fields[0],
+                "parent": fields[1],
+                "root": _unescape_mount(fields[3]),
+                "fstype": tail[0],
+                "source": _unescape_mount(tail[1]),
+            }
+        )
+    parents = set(e["parent"] for e in entries)
+    tops = [e for e in entries if e["id"] not in parents]
+    return tops[-1] if tops else (entries[-1] if entries else None)
+
+
+def tmp_info(path="/tmp", mountinfo="/proc/self/mountinfo"):
+    """What /tmp is in this kernel's view, in one line for the report.
+
+    The sandbox gives every kernel a private, size-capped tmpfs at /tmp. A bind mount at
+    /tmp (the notebook directory when Jupyter was started in /tmp, or an extra mount) hides
+    it: statvfs then measures the host's disk, which is not the sandbox's /tmp at all.
+    """
     try:
-        st = os.statvfs("/tmp")
-        return st.f_blocks * st.f_frsize
+        st = os.statvfs(path)
     except OSError:
-        return None
+        return "unknown"
+    size = st.f_blocks * st.f_frsize
+    free = st.f_bavail * st.f_frsize
+    top = mount_at(path, mountinfo)
+    if top is None or top["fstype"] == "tmpfs":
+        return "%s (private tmpfs, %s used)" % (
+            fmt_size(size),
+            fmt_size(size - st.f_bfree * st.f_frsize),
+        )
+    return (
+        "not the sandbox's private tmpfs: the host directory %s (%s) is mounted over it "
+        "(the notebook directory or an extra mount); %s free of %s"
+        % (top["root"], top["fstype"], fmt_size(free), fmt_size(size))
+    )
 
 
 # ---------------------------------------------------------------- host channel
@@ -209,7 +269,7 @@ class Report(object):
         return "<table>%s</table>%s" % (body, note)
 
 
-def build_report(info, usage, cpu_percent):
+def build_report(info, usage, cpu_percent, host_error=None):
     limits = info.get("limits", {}) if info else {}
     ceilings = info.get("ceilings", {}) if info else {}
     image = info.get("image", "?") if info else "?"
@@ -225,7 +285,7 @@ def build_report(info, usage, cpu_percent):
         ("memory limit", ceiling("memory", fmt_size(usage.get("memory_limit")))),
         ("cpu limit", ceiling("cpus", "unlimited" if cpus is None else "%g CPUs" % cpus)),
         ("process limit", ceiling("pids", str(usage.get("pids_limit") or "unlimited"))),
-        ("/tmp size", fmt_size(_tmp_size())),
+        ("/tmp size", tmp_info()),
         ("network", limits.get("network", "none")),
         (
             "memory used",
@@ -247,6 +307,8 @@ def build_report(info, usage, cpu_percent):
     note = None
     if ceilings:
         note = "Change limits with e.g. %sandbox memory=2G cpus=2 pids=512"
+    if host_error:
+        note = "Figures from the kernel's cgroup only; the host said: %s" % host_error
     return Report(rows, note)
 
 
@@ -362,7 +424,10 @@ def sandbox(line, cell=None, shell=None):
     if not args:
         info = ask_host({"op": "get"})
         return build_report(
-            info.get("info") if info.get("ok") else None, read_usage(), _cpu_percent()
+            info.get("info") if info.get("ok") else None,
+            read_usage(),
+            _cpu_percent(),
+            host_error=None if info.get("ok") else info.get("error", "no answer"),
         )
     request = {"op": "set"}
     request.update(args)

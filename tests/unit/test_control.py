@@ -92,6 +92,8 @@ async def test_server_answers_and_survives_hostile_requests(server_path):
         assert too_big["ok"] is False and "too large" in too_big["error"]
         assert "not JSON" in (await _request(server_path, b"{nope\n"))["error"]
         assert "malformed" in (await _request(server_path, b'["op"]\n'))["error"]
+        deep = await _request(server_path, b"[" * 2000 + b"]" * 2000 + b"\n")
+        assert "not JSON" in deep["error"]
         assert "malformed" in (await _request(server_path, b'{"op": "reboot"}\n'))["error"]
         refused = await _request(server_path, b'{"op": "set", "memory": "64G"}\n')
         assert refused == {
@@ -127,5 +129,58 @@ async def test_slow_client_is_cut_off(server_path, monkeypatch):
         line = await asyncio.wait_for(reader.readline(), 2)
         assert "incomplete" in json.loads(line)["error"]
         writer.close()
+    finally:
+        await server.close()
+
+
+async def test_get_takes_no_arguments_and_cannot_name_another_kernel(server_path):
+    async def handler(req):
+        return {"ok": True, "info": {"container_id": "sk-mine"}}
+
+    server = ControlServer(server_path, handler, uid=os.getuid(), gid=os.getgid())
+    await server.start()
+    try:
+        for field in ("kernel_id", "container_id"):
+            reply = await _request(
+                server_path, json.dumps({"op": "get", field: "x"}).encode() + b"\n"
+            )
+            assert reply["ok"] is False and f"unknown field(s) {field}" in reply["error"]
+        assert server.rejected == 2
+    finally:
+        await server.close()
+
+
+def test_rate_limit_refills_after_a_flood(monkeypatch):
+    import sandbox_kernel.control as control
+
+    now = [1000.0]
+    monkeypatch.setattr(control.time, "monotonic", lambda: now[0])
+    limiter = control._RateLimiter(*RATE_LIMIT)
+    assert sum(limiter.allow() for _ in range(100)) == RATE_LIMIT[0]
+    now[0] += RATE_LIMIT[1] / RATE_LIMIT[0] + 0.01  # one token back
+    assert limiter.allow() and not limiter.allow()
+    now[0] += 3600
+    assert sum(limiter.allow() for _ in range(100)) == RATE_LIMIT[0]  # the burst, not more
+
+
+async def test_too_many_connections_get_an_answer(server_path, monkeypatch):
+    import sandbox_kernel.control as control
+
+    monkeypatch.setattr(control, "MAX_CONNECTIONS", 1)
+    gate = asyncio.Event()
+
+    async def handler(req):
+        await gate.wait()
+        return {"ok": True}
+
+    server = ControlServer(server_path, handler, uid=os.getuid(), gid=os.getgid())
+    await server.start()
+    try:
+        first = asyncio.ensure_future(_request(server_path, b'{"op": "get"}\n'))
+        await asyncio.sleep(0.2)
+        busy = await _request(server_path, b'{"op": "get"}\n')
+        assert busy["ok"] is False and "at once" in busy["error"]
+        gate.set()
+        assert (await first)["ok"] is True
     finally:
         await server.close()

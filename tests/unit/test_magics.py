@@ -117,3 +117,40 @@ def test_compiles_and_works_on_python27(tmp_path):
     )
     out = subprocess.run([py27, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+MOUNTINFO_TMP_SHADOWED = (
+    "22 1 0:20 / / rw,relatime - overlay overlay rw\n"
+    "40 22 0:41 / /tmp rw,nosuid,nodev,relatime - tmpfs tmpfs rw,size=262144k\n"
+    "41 22 0:42 / /home/sandbox rw - tmpfs home rw,size=262144k\n"
+    "45 40 254:0 /tmp /tmp rw,nosuid,nodev,relatime - ext4 /dev/vda rw\n"
+    "46 22 254:0 /srv/my\\040notebooks /srv/my\\040notebooks rw - ext4 /dev/vda rw\n"
+)
+
+
+def test_mount_at_finds_the_top_of_stacked_mounts(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO_TMP_SHADOWED)
+    top = m.mount_at("/tmp", str(info))
+    assert top["fstype"] == "ext4" and top["root"] == "/tmp" and top["source"] == "/dev/vda"
+    assert m.mount_at("/srv/my notebooks", str(info))["root"] == "/srv/my notebooks"
+    assert m.mount_at("/nope", str(info)) is None
+    info.write_text(MOUNTINFO_TMP_SHADOWED.replace("45 40", "45 99"))  # unrelated parents
+    assert m.mount_at("/tmp", str(info))["fstype"] == "ext4"  # the later one is on top
+
+
+def test_tmp_shadowed_by_a_host_directory_is_said_so(tmp_path):
+    """Jupyter started in /tmp: the notebook directory is bound over the sandbox's /tmp
+    tmpfs; statvfs then measures the host's disk (the '/tmp size 252 GiB' report)."""
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO_TMP_SHADOWED)
+    text = m.tmp_info(str(tmp_path), str(info).replace("mountinfo", "none"))
+    assert "private tmpfs" in text  # no mount entry: plain figures
+    info.write_text(MOUNTINFO_TMP_SHADOWED.replace(" /tmp rw", f" {tmp_path} rw"))
+    text = m.tmp_info(str(tmp_path), str(info))
+    assert text.startswith("not the sandbox's private tmpfs: the host directory /tmp (ext4)")
+
+
+def test_report_says_when_the_host_did_not_answer():
+    report = m.build_report(None, {"memory_limit": None}, 0.0, host_error="too many requests")
+    assert "the host said: too many requests" in repr(report)
