@@ -116,6 +116,9 @@ def build_rows(
                     "cpus": cur["cpus"],
                     "pids": cur["pids_limit"],
                 },
+                # the CPU cap a kernel gets once it answered its first request (start-up
+                # runs uncapped; see provisioner.post_launch)
+                "cpus_deferred": _deferred_cpus(box) if cur["cpus"] is None else None,
                 "usage": {
                     "memory": cur["memory"],
                     "memory_peak": cur["memory_peak"],
@@ -129,6 +132,12 @@ def build_rows(
             }
         )
     return rows
+
+
+def _deferred_cpus(box: dict[str, Any]) -> float | None:
+    limits = box.get("limits") or {}
+    cpus = limits.get("cpus")
+    return float(cpus) if limits.get("cpu_deferred") and cpus else None
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -145,7 +154,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 str(r["image"] or "-"),
                 "-" if r["user"] is None else str(r["user"]),
                 cpu,
-                format_cpus(lim["cpus"]),
+                (
+                    f"{format_cpus(r['cpus_deferred'])} (deferred)"
+                    if r.get("cpus_deferred")
+                    else format_cpus(lim["cpus"])
+                ),
                 f"{format_size(use['memory'])} / {format_size(lim['memory'])}",
                 mem_pct,
                 format_size(use["memory_peak"]),

@@ -208,11 +208,11 @@ def tmp_info(path="/tmp", mountinfo="/proc/self/mountinfo"):
     size = st.f_blocks * st.f_frsize
     free = st.f_bavail * st.f_frsize
     top = mount_at(path, mountinfo)
-    if top is None or top["fstype"] == "tmpfs":
-        return "%s (private tmpfs, %s used)" % (
-            fmt_size(size),
-            fmt_size(size - st.f_bfree * st.f_frsize),
-        )
+    used = fmt_size(size - st.f_bfree * st.f_frsize)
+    if top is None:  # no mount table to tell what it is
+        return "%s (%s used)" % (fmt_size(size), used)
+    if top["fstype"] == "tmpfs":
+        return "%s (private tmpfs, %s used)" % (fmt_size(size), used)
     return (
         "not the sandbox's private tmpfs: the host directory %s (%s) is mounted over it "
         "(the notebook directory or an extra mount); %s free of %s"

@@ -119,6 +119,11 @@ def test_table_has_every_column() -> None:
     line = st.format_table(first).splitlines()[1]
     assert "  -  " in line and "100 MiB / unlimited" in line and "12 / unlimited" in line
     assert st.render([]) == "no running sandbox"
+    # start-up runs without the CPU cap: the table says which cap comes
+    boxes = [dict(BOXES[0], limits={"cpus": 2.0, "cpu_deferred": True})]
+    rows = st.build_rows(boxes, None, (1.0, {"sk-0123456789ab": figures(0, cpus=None)}))
+    assert rows[0]["limits"]["cpus"] is None and rows[0]["cpus_deferred"] == 2.0
+    assert "2 (deferred)" in st.format_table(rows)
 
 
 def test_stream_redraws_with_cpu_from_the_previous_refresh(
