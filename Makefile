@@ -10,7 +10,7 @@ CFLAGS_RT := -O2 -std=gnu11 -Wall -Wextra -D_GNU_SOURCE -fstack-protector-strong
 DEB_PACKAGES := gcc libc6-dev make mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv
 RUNTIME := sandbox_kernel/_bin/sk-runtime
 
-.PHONY: help deps venv native demo test test-unit test-unit-matrix test-privileged test-cgroup-v2 lint bench clean
+.PHONY: help deps venv native vm-setup demo test test-unit test-unit-matrix test-privileged test-cgroup-v2 test-cgroup-v2-native lint bench clean
 
 help:
 	@echo "make demo            build what is missing, run the Python 2.7 and Python 3 notebooks side by side"
@@ -49,12 +49,19 @@ test-unit: venv native
 test-unit-matrix: venv
 	bash tools/unit-matrix.sh
 
-test-privileged: venv native
+# the guest kernel and initramfs for the cgroup v2 venue (cached under .vm/)
+vm-setup:
+	bash tools/vm/setup.sh
+
+test-privileged: venv native vm-setup
 	bash tools/pytest-run.sh $(PY) tests/privileged tests/security
 
-test-cgroup-v2: venv native
-	bash tools/vm/setup.sh
-	bash tools/vm/run-tests.sh
+test-cgroup-v2: venv native vm-setup
+	bash tools/vm/run-tests.sh $(CGROUP_V2_ARGS)
+
+# the same selection directly on a pure cgroup v2 host (no VM)
+test-cgroup-v2-native: venv native
+	bash tools/vm/run-tests.sh --native $(CGROUP_V2_ARGS)
 
 test: venv native lint test-unit test-unit-matrix test-privileged test-cgroup-v2
 	@echo "make test: all suites passed"
