@@ -449,8 +449,8 @@ def test_kernelspec_install_and_ls(
     )
     specs = KernelSpecManager().find_kernel_specs()
     for name, image, exe in (
-        ("python2.7-sandbox", "python2.7", "/usr/bin/python2.7"),
-        ("python3-sandbox", "python3", "/usr/bin/python3"),
+        ("python2.7-sandbox", "python2.7-plot", "/usr/bin/python2.7"),
+        ("python3-sandbox", "python3-plot", "/usr/bin/python3"),
     ):
         data = json.loads((Path(specs[name]) / "kernel.json").read_text())
         assert data["argv"] == [exe, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
