@@ -105,9 +105,8 @@ def compile_plan(spec: ContainerSpec, host: HostContext) -> list[Record]:
     )
     recs.append(("mkdir", "/dev/mqueue", "755"))
     recs.append(("mount", "mqueue", "mqueue", "/dev/mqueue", "nosuid,nodev,noexec", "-"))
-    recs.append(
-        ("remount", "/dev", "ro,nosuid,noexec")
-    )  # populated: nothing more is created in /dev
+    # populated: nothing more is ever created in /dev
+    recs.append(("remount", "/dev", "ro,nosuid,noexec"))
 
     # /sys read-only, with the container's own cgroup visible read-only (cgroup namespace)
     recs += [("mkdir", "/sys", "555"), ("realdir", "/sys")]
