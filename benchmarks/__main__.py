@@ -1,0 +1,141 @@
+"""``python -m benchmarks [--quick] [--only P1,P5] [--out DIR]``: run, print the table, write JSON.
+
+Figures (see benchmarks/RESULTS.md): P1 start latency (with the bwrap and podman peers),
+P2 setup time, P3 host-side memory, P5 execute round trip, P6 kernels started at once,
+P7 many idle kernels, P8 image size vs setup time, T tenant isolation.
+Needs root, the built ``python3`` and ``python2.7`` images, and the native executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .stats import Figure, markdown, table
+
+ALL = ("P1", "P2", "P5", "P6", "P7", "P8", "T")
+KERNEL_FIGURES = {"P1", "P5", "P6", "P7", "T"}
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="1-2 iterations each (smoke run)")
+    p.add_argument("--only", default="", help=f"comma list of {','.join(ALL)} (P2 includes P3)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--no-peers", action="store_true", help="P1 without bwrap/podman")
+    p.add_argument("--p6", type=int, default=40, help="kernels started at once (P6)")
+    p.add_argument("--p7", type=int, default=100, help="idle sandboxed kernels (P7)")
+    return p.parse_args(argv)
+
+
+def _machine() -> dict[str, object]:
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    cg = "v2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "v1"
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "cgroup": cg,
+        "python": platform.python_version(),
+    }
+
+
+async def _kernel_figures(
+    selected: set[str], args: argparse.Namespace, notes: list[str]
+) -> list[Figure]:
+    from . import execute, isolation, start
+    from .kernels import Harness
+
+    q = args.quick
+    h = Harness()
+    figs: list[Figure] = []
+    try:
+        if "P1" in selected:
+            print("P1 start latency ...", file=sys.stderr)
+            figs += await start.measure(
+                h, rounds=1 if q else 8, peers=not args.no_peers, notes=notes
+            )
+        if "P5" in selected:
+            print("P5 execute round trip ...", file=sys.stderr)
+            figs += await execute.p5(h, n=20 if q else 200)
+        if "P6" in selected:
+            print("P6 kernels at once ...", file=sys.stderr)
+            figs += await execute.p6(h, n=3 if q else args.p6, rounds=1 if q else 2, notes=notes)
+        if "P7" in selected:
+            print("P7 idle kernels ...", file=sys.stderr)
+            figs += await execute.p7(h, n=3 if q else args.p7, rounds=2 if q else 3, notes=notes)
+        if "T" in selected:
+            print("T tenant isolation ...", file=sys.stderr)
+            figs += await isolation.measure(h, n=20 if q else 200, rounds=1 if q else 2)
+    finally:
+        h.close()
+    return figs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    selected = {s.strip().upper() for s in args.only.split(",") if s.strip()} or set(ALL)
+    unknown = selected - set(ALL) - {"P3"}
+    if unknown:
+        print(f"unknown figures {sorted(unknown)}; choose from {','.join(ALL)}", file=sys.stderr)
+        return 2
+    if "P3" in selected:
+        selected.add("P2")
+    if os.geteuid() != 0:
+        print("the benchmarks need root (namespaces, cgroups)", file=sys.stderr)
+        return 2
+    if selected & KERNEL_FIGURES:
+        from .kernels import private_mount_namespace
+
+        private_mount_namespace()  # before any thread: the chroot/bwrap views are mounted here
+    t0 = time.monotonic()
+    notes: list[str] = []
+    figs: list[Figure] = []
+    if selected & KERNEL_FIGURES:
+        figs += asyncio.run(_kernel_figures(selected, args, notes))
+    if "P2" in selected:
+        from . import runtime
+
+        print("P2/P3 runtime ...", file=sys.stderr)
+        figs += runtime.measure(runs=3 if args.quick else 50, idle=2 if args.quick else 10)
+    if "P8" in selected:
+        from . import images
+
+        print("P8 image size ...", file=sys.stderr)
+        figs += images.measure(runs=2 if args.quick else 30, large=not args.quick)
+    elapsed = time.monotonic() - t0
+    print(table(figs))
+    for n in notes:
+        print(f"note: {n}")
+    print(f"({elapsed:.0f} s)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = {
+        "date": stamp,
+        "machine": _machine(),
+        "quick": args.quick,
+        "seconds": round(elapsed, 1),
+        "figures": [f.as_dict() for f in figs],
+        "notes": notes,
+        "markdown": markdown(figs),
+    }
+    for name in (f"bench-{stamp}.json", "latest.json"):
+        (out / name).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out / ('bench-' + stamp + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

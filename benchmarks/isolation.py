@@ -1,0 +1,140 @@
+"""Tenant isolation: a probe kernel's execute latency alone vs with 10 hostile neighbours.
+
+The probe is a sandboxed Python 3 kernel (the shipped kernelspec: 1 CPU, 1 GiB, 256 pids).
+The neighbours are containers of the python3 image, each capped (1 CPU, 128 MiB, 64 pids,
+/tmp 32 MiB), two of each: a CPU loop, memory at its cap (allocate past it, OOM-killed,
+again), a fork bomb at its pids cap, a /tmp filler (ENOSPC, again), an output flood (stdout
+drained by a ``cat`` on the host). Phases alternate: alone, hostile, alone, hostile...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+
+from sandbox_kernel.container import Container
+from sandbox_kernel.paths import new_container_id
+from sandbox_kernel.spec import ContainerSpec, Limits
+
+from .kernels import Harness
+from .stats import Figure, percentile
+
+HOSTILE = {
+    "cpu": ["/usr/bin/python3", "-c", "while True: pass"],
+    "memory": [
+        "/bin/sh",
+        "-c",
+        "while true; do /usr/bin/python3 -c 'b = bytearray(400 << 20)' 2>/dev/null; done",
+    ],
+    "forkbomb": [
+        "/usr/bin/python3",
+        "-c",
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+    ],
+    "tmpfill": [
+        "/bin/sh",
+        "-c",
+        "while true; do dd if=/dev/zero of=/tmp/f bs=1M count=100 2>/dev/null; rm -f /tmp/f; done",
+    ],
+    "flood": ["/usr/bin/yes", "output flood output flood output flood"],
+}
+
+
+class Neighbours:
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.containers: list[Container] = []
+        self.kinds: list[str] = []
+        self.drains: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        image = self.h.image("python3")
+        layers = image.lowerdirs()
+        env = tuple(image.config.env)
+        for kind, argv in HOSTILE.items():
+            for _ in range(2):
+                spec = ContainerSpec(
+                    id=new_container_id(),
+                    layers=layers,
+                    command=tuple(argv),
+                    env=env,
+                    user=1000,
+                    group=1000,
+                    tmp_size=32 << 20,
+                    writable_size=32 << 20,
+                    limits=Limits(memory=128 << 20, pids=64, cpus=1.0),
+                )
+                c = Container.create(spec)
+                self.containers.append(c)
+                self.kinds.append(kind)
+                if kind == "flood":
+                    drain = subprocess.Popen(
+                        ["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+                    )
+                    self.drains.append(drain)
+                    c.start(stdin=subprocess.DEVNULL, stdout=drain.stdin, stderr=subprocess.DEVNULL)
+                    assert drain.stdin is not None
+                    drain.stdin.close()
+                else:
+                    c.start(
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+
+    def stop(self) -> None:
+        for c in self.containers:
+            with contextlib.suppress(Exception):
+                c.destroy()
+        for d in self.drains:
+            with contextlib.suppress(Exception):
+                d.wait(10)
+        self.containers.clear()
+        self.kinds.clear()
+        self.drains.clear()
+
+
+async def measure(h: Harness, n: int = 200, rounds: int = 2) -> list[Figure]:
+    probe = await h.start("python3-sandbox")
+    alone: list[float] = []
+    hostile: list[float] = []
+    p99_ratio: list[float] = []
+    try:
+        await probe.ready()
+        for _ in range(10):
+            await probe.execute()
+        for _ in range(rounds):
+            a = [await probe.execute() * 1000 for _ in range(n)]
+            nb = Neighbours(h)
+            try:
+                await asyncio.to_thread(nb.start)
+                await asyncio.sleep(2)  # let them reach their caps
+                t = time.monotonic()
+                b = [await probe.execute() * 1000 for _ in range(n)]
+                dead = [k for k, c in zip(nb.kinds, nb.containers, strict=True) if c.poll()]
+                print(
+                    f"  hostile phase {time.monotonic() - t:.1f} s, neighbours ended: {dead}",
+                    file=sys.stderr,
+                )
+            finally:
+                await asyncio.to_thread(nb.stop)
+            alone += a
+            hostile += b
+            p99_ratio.append(percentile(b, 99) / percentile(a, 99))
+            await asyncio.sleep(1)
+    finally:
+        await probe.stop()
+    return [
+        Figure("T probe execute 1+1, alone", "ms", alone, stat="p99"),
+        Figure("T probe execute 1+1, 10 hostile neighbours", "ms", hostile, stat="p99"),
+        Figure(
+            "T ratio p99 hostile/alone (per phase pair)",
+            "x",
+            p99_ratio,
+            target="<= 2",
+            limit=2.0,
+        ),
+    ]
