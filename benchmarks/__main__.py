@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .stats import Figure, markdown, table
@@ -60,24 +61,41 @@ async def _kernel_figures(
     q = args.quick
     h = Harness()
     figs: list[Figure] = []
+
+    async def group(key: str, title: str, coro_fn) -> None:  # type: ignore[no-untyped-def]
+        if key not in selected:
+            return
+        print(f"{key} {title} ...", file=sys.stderr)
+        try:
+            figs.extend(await coro_fn())
+        except Exception as exc:  # one figure failing must not lose the others
+            traceback.print_exc()
+            notes.append(f"{key} failed: {exc!r}")
+
     try:
-        if "P1" in selected:
-            print("P1 start latency ...", file=sys.stderr)
-            figs += await start.measure(
-                h, rounds=1 if q else 8, peers=not args.no_peers, notes=notes
-            )
-        if "P5" in selected:
-            print("P5 execute round trip ...", file=sys.stderr)
-            figs += await execute.p5(h, n=20 if q else 200)
-        if "P6" in selected:
-            print("P6 kernels at once ...", file=sys.stderr)
-            figs += await execute.p6(h, n=3 if q else args.p6, rounds=1 if q else 2, notes=notes)
-        if "P7" in selected:
-            print("P7 idle kernels ...", file=sys.stderr)
-            figs += await execute.p7(h, n=3 if q else args.p7, rounds=2 if q else 3, notes=notes)
-        if "T" in selected:
-            print("T tenant isolation ...", file=sys.stderr)
-            figs += await isolation.measure(h, n=20 if q else 200, rounds=1 if q else 2)
+        await group(
+            "P1",
+            "start latency",
+            lambda: start.measure(
+                h, rounds=1 if q else 8, peers=not args.no_peers, warmup=not q, notes=notes
+            ),
+        )
+        await group("P5", "execute round trip", lambda: execute.p5(h, n=20 if q else 200))
+        await group(
+            "P6",
+            "kernels at once",
+            lambda: execute.p6(h, n=3 if q else args.p6, rounds=1 if q else 2, notes=notes),
+        )
+        await group(
+            "P7",
+            "idle kernels",
+            lambda: execute.p7(h, n=3 if q else args.p7, rounds=2 if q else 3, notes=notes),
+        )
+        await group(
+            "T",
+            "tenant isolation",
+            lambda: isolation.measure(h, n=20 if q else 200, rounds=1 if q else 2),
+        )
     finally:
         h.close()
     return figs
