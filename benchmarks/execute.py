@@ -12,6 +12,7 @@ own processes (supervisor + init), and the ratio of the totals, sandboxed over b
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 
@@ -118,6 +119,8 @@ async def _start_many(
     try:
         for i in range(0, n, batch):
             _, ks, errors = await _at_once(h, spec, min(batch, n - i))
+            for k in ks:
+                k.drop_iopub()
             kernels += ks
             failed += len(errors)
     except BaseException:
@@ -153,7 +156,9 @@ async def p7(
     figs: list[Figure] = []
     totals: dict[str, float] = {}
     for spec, label in ((SANDBOX, "sandbox"), (BARE, "bare host")):
+        fd0 = len(os.listdir("/proc/self/fd"))
         elapsed, kernels, start_failed = await _start_many(h, spec, n)
+        fds = (len(os.listdir("/proc/self/fd")) - fd0) / max(1, len(kernels))
         print(
             f"  {len(kernels)} of {n} {label} kernels started in {elapsed:.1f} s",
             file=sys.stderr,
@@ -187,6 +192,7 @@ async def p7(
             )
         )
         figs.append(Figure(f"P7 {n} idle {label}: memory (PSS, all)", "MiB", [own + extra]))
+        figs.append(Figure(f"P7 {n} idle {label}: fds per kernel in the server process", "", [fds]))
         if spec == SANDBOX:
             figs.append(
                 Figure(

@@ -50,12 +50,13 @@ class Neighbours:
         self.kinds: list[str] = []
         self.drains: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> None:
+    def start(self, kinds: tuple[str, ...] = tuple(HOSTILE), per: int = 2) -> None:
         image = self.h.image("python3")
         layers = image.lowerdirs()
         env = tuple(image.config.env)
-        for kind, argv in HOSTILE.items():
-            for _ in range(2):
+        for kind in kinds:
+            argv = HOSTILE[kind]
+            for _ in range(per):
                 spec = ContainerSpec(
                     id=new_container_id(),
                     layers=layers,
@@ -102,6 +103,7 @@ async def measure(h: Harness, n: int = 200, rounds: int = 2) -> list[Figure]:
     alone: list[float] = []
     hostile: list[float] = []
     p99_ratio: list[float] = []
+    by_kind: dict[str, float] = {}
     try:
         await probe.ready()
         for _ in range(10):
@@ -125,8 +127,23 @@ async def measure(h: Harness, n: int = 200, rounds: int = 2) -> list[Figure]:
             hostile += b
             p99_ratio.append(percentile(b, 99) / percentile(a, 99))
             await asyncio.sleep(1)
+        # which kind hurts: two neighbours of one kind at a time, each against a fresh "alone"
+        for kind in HOSTILE:
+            a = [await probe.execute() * 1000 for _ in range(n // 2)]
+            nb = Neighbours(h)
+            try:
+                await asyncio.to_thread(nb.start, (kind,), 2)
+                await asyncio.sleep(1)
+                b = [await probe.execute() * 1000 for _ in range(n // 2)]
+            finally:
+                await asyncio.to_thread(nb.stop)
+            by_kind[kind] = percentile(b, 99) / percentile(a, 99)
+            await asyncio.sleep(0.5)
     finally:
         await probe.stop()
+    kinds = [
+        Figure(f"T ratio p99 with 2 {k} neighbours/alone", "x", [v]) for k, v in by_kind.items()
+    ]
     return [
         Figure("T probe execute 1+1, alone", "ms", alone, stat="p99"),
         Figure("T probe execute 1+1, 10 hostile neighbours", "ms", hostile, stat="p99"),
@@ -137,4 +154,5 @@ async def measure(h: Harness, n: int = 200, rounds: int = 2) -> list[Figure]:
             target="<= 2",
             limit=2.0,
         ),
+        *kinds,
     ]

@@ -116,6 +116,7 @@ class Harness:
         self.ipc_names: set[str] = set()
         self.podman_images: set[str] = set()
         self.failures: dict[str, str] = {}
+        self._ctx: zmq.asyncio.Context | None = None
         self.notes: list[str] = []
         self.podman_runtime = ""
         self._seq = 0
@@ -137,6 +138,8 @@ class Harness:
                 check=False,
             )
         self.log.close()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
         for view in self.views.values():
             subprocess.run(
                 ["umount", "-R", "-l", str(view)], check=False, stderr=subprocess.DEVNULL
@@ -271,8 +274,16 @@ class Harness:
         return spec
 
     # ---- kernels ---------------------------------------------------------------------------
+    @property
+    def context(self) -> zmq.asyncio.Context:
+        """One zmq context for every manager and client (as jupyter_server's kernel manager
+        shares one): a context per kernel would cost file descriptors of its own."""
+        if self._ctx is None:
+            self._ctx = client_context()
+        return self._ctx
+
     def manager(self, spec: str) -> AsyncKernelManager:
-        km = AsyncKernelManager(kernel_name=spec)
+        km = AsyncKernelManager(kernel_name=spec, context=self.context)
         if spec in self.ipc_names:
             self._seq += 1
             km.transport = "ipc"
@@ -282,7 +293,7 @@ class Harness:
 
     async def start(self, spec: str) -> Kernel:
         km = self.manager(spec)
-        k = Kernel(km)
+        k = Kernel(km, self.context)
         k.t0 = time.perf_counter()
         await km.start_kernel(cwd=str(self.workdir), stdout=self.log, stderr=self.log)
         k.started = time.perf_counter() - k.t0
@@ -302,11 +313,11 @@ def client_context() -> zmq.asyncio.Context:
 class Kernel:
     """A started kernel with one measuring client."""
 
-    def __init__(self, km: AsyncKernelManager) -> None:
+    def __init__(self, km: AsyncKernelManager, ctx: zmq.asyncio.Context) -> None:
         self.km = km
         self.t0 = 0.0
         self.started = 0.0  # seconds from launch until start_kernel returned
-        self.ctx = client_context()
+        self.ctx = ctx
         self.kc: AsyncKernelClient | None = None
 
     async def ready(self, timeout: float = 120) -> tuple[float, float]:
@@ -342,6 +353,12 @@ class Kernel:
                 break
         return t_reply - self.t0, t_io - self.t0
 
+    def drop_iopub(self) -> None:
+        """Close the client's iopub socket (P7 holds ~100 kernels in one process: fewer fds)."""
+        if self.kc is not None and self.kc._iopub_channel is not None:
+            self.kc._iopub_channel.stop()
+            self.kc._iopub_channel = None
+
     async def execute(self, code: str = "1+1", timeout: float = 60) -> float:
         """Seconds from execute_request to its execute_reply."""
         kc = self.kc
@@ -370,12 +387,9 @@ class Kernel:
     async def stop(self) -> None:
         if self.kc is not None:
             self.kc.stop_channels()
-        try:
-            if self.km.has_kernel:
-                now = not str(self.km.kernel_name).startswith("podman-")
-                await asyncio.wait_for(self.km.shutdown_kernel(now=now), 60)
-        finally:
-            self.ctx.destroy(linger=0)
+        if self.km.has_kernel:
+            now = not str(self.km.kernel_name).startswith("podman-")
+            await asyncio.wait_for(self.km.shutdown_kernel(now=now), 60)
 
 
 async def stop_all(kernels: list[Kernel]) -> None:
