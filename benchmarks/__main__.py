@@ -94,7 +94,7 @@ async def _kernel_figures(
         await group(
             "T",
             "tenant isolation",
-            lambda: isolation.measure(h, n=20 if q else 200, rounds=1 if q else 2),
+            lambda: isolation.measure(h, n=20 if q else 200, rounds=1 if q else 2, by_kinds=not q),
         )
     finally:
         h.close()

@@ -40,7 +40,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def measure(runs: int = 50, idle: int = 10) -> list[Figure]:
-    setup = Figure("P2 setup: executor start -> execve", "ms", target="<= 10 ms")
+    setup = Figure("P2 setup: executor start -> execve", "ms", target="<= 10 ms", limit=10.0)
     cycle = Figure("runtime cycle: create+start+wait+destroy (/bin/true)", "ms")
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -50,7 +50,9 @@ def measure(runs: int = 50, idle: int = 10) -> list[Figure]:
             assert c.setup_us is not None
             setup.values.append(c.setup_us / 1000)
         cycle.values.append((time.perf_counter() - t0) * 1000)
-    rss = Figure("P3 host-side memory per container (supervisor RSS)", "MiB", target="<= 2 MiB")
+    rss = Figure(
+        "P3 host-side memory per container (supervisor RSS)", "MiB", target="<= 2 MiB", limit=2.0
+    )
     containers = []
     try:
         for _ in range(idle):
