@@ -113,12 +113,14 @@ class _StatusPipe:
         self.eof = False
 
     def read_line(self, deadline: float | None) -> list[str] | None:
+        # poll(), not select(): a server holding many kernels has descriptors above 1024
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
         while b"\n" not in self.buf:
             if self.eof:
                 return None
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.fd], [], [], timeout)
-            if not ready:
+            if not poller.poll(None if timeout is None else int(timeout * 1000) + 1):
                 raise TimeoutError
             chunk = os.read(self.fd, 4096)
             if not chunk:

@@ -752,6 +752,9 @@ async def _wait_kernel_info(connection_info: dict[str, Any], alive: Callable[[],
     from jupyter_client.asynchronous.client import AsyncKernelClient
 
     context = zmq.asyncio.Context()
+    # The kernel's ipc sockets appear a few hundred ms after the container starts; retry the
+    # connection every 5 ms (zmq's default of 100 ms made readiness visible ~50 ms late).
+    context.setsockopt(zmq.RECONNECT_IVL, 5)
     client = AsyncKernelClient(context=context)
     try:
         client.load_connection_info(connection_info)  # type: ignore[arg-type]

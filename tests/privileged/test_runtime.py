@@ -508,3 +508,25 @@ def test_spec_replace_keeps_validation(tmp_path):
     spec = replace(make_spec(["/bin/true"]), hostname="Bad_Host")
     with pytest.raises(Exception, match="hostname"):
         Container.create(spec)
+
+
+def test_status_pipe_works_above_fd_1024():
+    """A server holding many kernels has descriptors above 1024 (select() would fail there)."""
+    code = textwrap.dedent(
+        """
+        import os, resource, subprocess
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+        held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+        from sandbox_kernel import hostimage
+        from sandbox_kernel.container import Container
+        from sandbox_kernel.paths import new_container_id
+        from sandbox_kernel.spec import ContainerSpec
+        spec = ContainerSpec(id=new_container_id(), layers=(str(hostimage.layer_dir()),),
+                             command=("/bin/true",), mounts=hostimage.binds())
+        with Container.create(spec) as c:
+            c.start(stdout=subprocess.DEVNULL)
+            print(c._status.fd > 1024, c.wait(10).status)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "0"], out.stderr
