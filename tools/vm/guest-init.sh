@@ -78,6 +78,7 @@ mount -t 9p -o "$P9OPTS" sk-results /results || fail "cannot mount the results s
 RESULTS_UP=1
 [ -r /results/params.sh ] || fail "no /results/params.sh"
 SK_CGROUP=/
+SK_REPO=
 . /results/params.sh
 
 # The host's root, read-only; its files do not change during a run, so let the guest cache them.
@@ -102,8 +103,18 @@ ln -sf /proc/self/fd/1 $R/dev/stdout
 ln -sf /proc/self/fd/2 $R/dev/stderr
 ln -sf /proc/kcore $R/dev/core
 rm -f $R/dev/ptmx && ln -s pts/ptmx $R/dev/ptmx
+# A checkout under /tmp or /run (a CI clone, say) would vanish under the guest's own tmpfs
+# there: hold it aside and mount it back at the same path.
+case "$SK_REPO" in
+    /tmp/*|/run/*)
+        mkdir -p /mnt/repo && mount --bind "$R$SK_REPO" /mnt/repo || fail "cannot hold $SK_REPO" ;;
+esac
 mount -t tmpfs -o mode=1777,nosuid,nodev tmp $R/tmp || fail "mount /tmp"
 mount -t tmpfs -o mode=755,nosuid,nodev run $R/run || fail "mount /run"
+case "$SK_REPO" in
+    /tmp/*|/run/*)
+        mkdir -p "$R$SK_REPO" && mount --bind /mnt/repo "$R$SK_REPO" || fail "cannot mount $SK_REPO back" ;;
+esac
 # Same options systemd uses on a unified host.
 mount -t cgroup2 -o nsdelegate,memory_recursiveprot cgroup2 $R/sys/fs/cgroup \
     || mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || fail "mount cgroup2"

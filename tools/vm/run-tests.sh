@@ -96,6 +96,7 @@ write_params() {
     if [ "$EXEC" = 1 ]; then cmd=("$@"); else cmd=("$PY" "${PYTEST[@]}" "--junitxml=$GUEST_JUNIT" "$@"); fi
     echo "# written by tools/vm/run-tests.sh"
     echo "SK_CGROUP=$(q "$CGROUP")"
+    echo "SK_REPO=$(q "$REPO")"
     echo "SK_COLLECT=$(q "$GUEST_JUNIT")"
     printf 'set --'
     # The guest's PID 1 runs: env -i -C <repo> VARS... python -m pytest ...
