@@ -317,6 +317,14 @@ class BudgetExceeded(KeyboardInterrupt):
     """Raised in the cell's thread when it runs past a budget."""
 
 
+class CellStopped(Exception):
+    """Ends a budget-stopped cell with an error status, so "Run All" stops there as it does
+    after an interrupt. IPython shows only the line below, not a traceback."""
+
+    def _render_traceback_(self):
+        return ["Execution stopped here by a %%sandbox budget (later cells were not run)."]
+
+
 def _transform(shell, cell):
     transform = getattr(shell, "transform_cell", None)
     if transform is None:  # IPython 5
@@ -419,7 +427,8 @@ def sandbox(line, cell=None, shell=None):
                 "%%sandbox: budgets are timeout=10s (ms, s, m, h) and memory=500M (K, M, G)\n"
             )
             return None
-        run_with_budget(shell, cell, timeout=timeout, memory=memory)
+        if not run_with_budget(shell, cell, timeout=timeout, memory=memory):
+            raise CellStopped()
         return None
     if not args:
         info = ask_host({"op": "get"})

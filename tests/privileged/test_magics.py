@@ -390,6 +390,7 @@ async def test_cell_time_budget_interrupts_and_the_kernel_answers(
     elapsed = time.monotonic() - t0
     assert "Cell stopped: it exceeded its time budget of 2 s." in res.stderr, res
     assert "The kernel is still running" in res.stderr
+    assert not res.ok, "a budget-stopped cell ends as an error, so Run All stops there"
     assert elapsed < 2 + 30, elapsed  # generous: a loaded host
     res = await execute(km, "print('%s %d' % (n > 0, 6 * 7))")
     assert res.ok and res.stdout.strip() == "True 42", res
