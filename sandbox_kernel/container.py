@@ -32,6 +32,7 @@ from .native import runtime_binary
 from .paths import is_container_id, run_dir
 from .plan import HostContext, compile_plan
 from .protocol import decode_status, encode_plan
+from .rundir import ContainerInfo, proc_starttime, write_json
 from .spec import ContainerSpec, Limits
 from .units import format_size
 from .validate import validate_spec
@@ -138,22 +139,6 @@ class _StatusPipe:
             self.fd = -1
 
 
-def _proc_starttime(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # field 22 (starttime), after the ")" that ends the command name
-    rest = data.rsplit(b")", 1)[-1].split()
-    return rest[19].decode() if len(rest) > 19 else None
-
-
-def process_alive(pid: int, starttime: str | None) -> bool:
-    now = _proc_starttime(pid)
-    return now is not None and (starttime is None or now == starttime)
-
-
 def _v1_mount_opts(join_paths: list[str]) -> tuple[tuple[str, str], ...]:
     """For v1: (name under /sys/fs/cgroup, mount options) of each hierarchy we joined."""
     mounts: list[tuple[str, str]] = []
@@ -258,11 +243,11 @@ class Container:
             "limits": asdict(spec.limits),
             "created": time.time(),
             "owner_pid": os.getpid(),
-            "owner_start": _proc_starttime(os.getpid()),
+            "owner_start": proc_starttime(os.getpid()),
             "labels": dict(spec.labels),
             **(meta or {}),
         }
-        _write_json(rdir / "meta.json", info)
+        write_json(rdir / "meta.json", info)
         try:
             cg = manager.create(
                 spec.id, cgroup_limits(spec.limits, include_cpu=not spec.limits.defer_cpu)
@@ -343,8 +328,8 @@ class Container:
             os.close(control_r)
         self._status = _StatusPipe(status_r)
         self._control_fd = control_w
-        _write_json(
-            self.run_dir / "pid", {"pid": self.proc.pid, "start": _proc_starttime(self.proc.pid)}
+        write_json(
+            self.run_dir / "pid", {"pid": self.proc.pid, "start": proc_starttime(self.proc.pid)}
         )
         deadline = time.monotonic() + timeout
         try:
@@ -482,7 +467,7 @@ class Container:
             pids_limit=st.pids_limit if st else self.limits.pids,
             setup_error=self._setup_error,
         )
-        _write_json(self.run_dir / "exit.json", self._result.to_json())
+        write_json(self.run_dir / "exit.json", self._result.to_json())
 
     def _close_control(self) -> None:
         if self._control_fd >= 0:
@@ -512,7 +497,7 @@ class Container:
         except (OSError, ValueError):
             return
         info["limits"] = asdict(self.limits)
-        _write_json(path, info)
+        write_json(path, info)
 
     def stats(self) -> CgroupStats:
         return self.cgroup.stats()
@@ -539,44 +524,3 @@ class Container:
 
     def __exit__(self, *exc: object) -> None:
         self.destroy()
-
-
-class ContainerInfo:
-    """What another process can know about a container from its run dir."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.id = path.name
-        self.meta: dict[str, Any] = _read_json(path / "meta.json") or {}
-        self.pidinfo: dict[str, Any] = _read_json(path / "pid") or {}
-
-    @property
-    def supervisor_pid(self) -> int | None:
-        pid = self.pidinfo.get("pid")
-        return int(pid) if pid else None
-
-    def running(self) -> bool:
-        pid = self.supervisor_pid
-        return pid is not None and process_alive(pid, self.pidinfo.get("start"))
-
-    def owner_alive(self) -> bool:
-        pid = self.meta.get("owner_pid")
-        return isinstance(pid, int) and process_alive(pid, self.meta.get("owner_start"))
-
-    def exit_result(self) -> dict[str, Any] | None:
-        return _read_json(self.path / "exit.json")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

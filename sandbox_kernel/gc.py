@@ -20,6 +20,7 @@ from .cgroups import get_manager
 from .cgroups.base import CgroupManager
 from .errors import SandboxError
 from .paths import is_container_id, run_dir
+from .rundir import ContainerInfo
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ def _being_created(entry: Path) -> bool:
 
 
 def _entry_live(entry: Path) -> bool:
-    from .container import ContainerInfo
-
     info = ContainerInfo(entry)
     return info.running() or info.owner_alive() or _being_created(entry)
 

@@ -47,10 +47,11 @@ from .config import (
     read_policy,
     resolve_settings,
 )
-from .container import Container, ContainerInfo, ExitResult, process_alive
+from .container import Container, ExitResult
 from .control import ControlServer, LimitCeilings, plan_limit_change
 from .errors import SandboxError, SpecError
 from .paths import is_container_id, new_container_id, run_dir
+from .rundir import ContainerInfo, process_alive
 from .spec import Bind, ContainerSpec, Limits
 from .units import format_cpus, format_size
 

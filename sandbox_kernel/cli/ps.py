@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..container import Container, ContainerInfo
+from ..container import Container
 from ..errors import SandboxError
 from ..paths import is_container_id, run_dir
+from ..rundir import ContainerInfo
 from ..units import format_cpus, format_size
 
 

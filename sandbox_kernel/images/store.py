@@ -39,6 +39,7 @@ from typing import IO, Any
 
 from .. import paths
 from ..errors import DigestMismatch, ImageError, ImageInUse, ImageNotFound
+from ..rundir import ContainerInfo
 from . import oci
 from .extract import (
     COPY_CHUNK,
@@ -122,47 +123,6 @@ class Image:
 # --- in-use check ------------------------------------------------------------------------------
 
 
-def _proc_starttime(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    rest = data.rsplit(b")", 1)[-1].split()  # field 22 (starttime) after the command name
-    return rest[19].decode() if len(rest) > 19 else None
-
-
-def _pid_alive(pid: int, start: str | None = None) -> bool:
-    """Is ``pid`` alive (and, when ``start`` is known, the same process, not a reused pid)?"""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if start is not None:
-        now = _proc_starttime(pid)
-        return now is None or now == start
-    return True
-
-
-def _pid_from_file(data: bytes) -> tuple[int, str | None]:
-    """(pid, start time) from a run dir's ``pid`` file: JSON ``{"pid": N, "start": "..."}``
-    as the container runtime writes it, or a bare number."""
-    text = data.decode(errors="replace").strip()
-    if text.startswith("{"):
-        doc = json.loads(text)
-        pid = doc.get("pid") if isinstance(doc, dict) else None
-        start = doc.get("start") if isinstance(doc, dict) else None
-        return (
-            pid if isinstance(pid, int) and not isinstance(pid, bool) else 0,
-            start if isinstance(start, str) else None,
-        )
-    return int(text or "0"), None
-
-
 def running_image_digests(run_root: Path | None = None) -> set[str]:
     """Manifest digests of images used by live containers.
 
@@ -179,14 +139,9 @@ def running_image_digests(run_root: Path | None = None) -> set[str]:
     for e in entries:
         if not e.is_dir(follow_symlinks=False):
             continue
-        try:
-            with open(os.path.join(e.path, "image"), "rb") as f:
-                digest = f.read(200).decode(errors="replace").strip()
-            with open(os.path.join(e.path, "pid"), "rb") as f:
-                pid, start = _pid_from_file(f.read(4096))
-        except (OSError, ValueError):
-            continue
-        if _pid_alive(pid, start):
+        info = ContainerInfo(Path(e.path))
+        digest = info.image_digest()
+        if digest and info.running():
             found.add(digest)
     return found
 

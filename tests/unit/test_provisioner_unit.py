@@ -484,7 +484,7 @@ def test_kernelspec_install_refuses_bad_values(
 
 def test_ps_reads_the_run_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sandbox_kernel.cli import ps
-    from sandbox_kernel.container import _proc_starttime
+    from sandbox_kernel.rundir import proc_starttime as _proc_starttime
 
     monkeypatch.setenv("SANDBOX_KERNEL_RUN_DIR", str(tmp_path))
     for cid, pid in (("sk-00000000000a", os.getpid()), ("sk-00000000000b", 2**22 + 7)):

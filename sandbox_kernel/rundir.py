@@ -1,0 +1,95 @@
+"""A container's run dir as other processes see it: ``<run_root>/<id>/``.
+
+The container runtime writes it (``meta.json``, ``pid``, ``image``, ``exit.json``); gc, ``ps``,
+``stats``, the provisioner and the image store's in-use check read it. Liveness checks use the
+process start time from /proc, so a reused pid is never taken for the original process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def proc_starttime(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # after the ")" that ends the command name (which may itself contain ")" or spaces)
+    rest = data.rsplit(b")", 1)[-1].split()
+    return rest[19].decode() if len(rest) > 19 else None
+
+
+def process_alive(pid: int, starttime: str | None) -> bool:
+    """Is ``pid`` alive and, when ``starttime`` is known, still the same process?"""
+    if pid <= 0:
+        return False
+    now = proc_starttime(pid)
+    return now is not None and (starttime is None or now == starttime)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` atomically (readers never see a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_pidfile(path: Path) -> dict[str, Any]:
+    """``{"pid": N, "start": T}`` as the runtime writes it; a bare number is read as the pid."""
+    data = read_json(path)
+    if data is not None:
+        return data
+    try:
+        return {"pid": int(path.read_text().strip())}
+    except (OSError, ValueError):
+        return {}
+
+
+class ContainerInfo:
+    """What another process can know about a container from its run dir."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.id = path.name
+        self.meta: dict[str, Any] = read_json(path / "meta.json") or {}
+        self.pidinfo: dict[str, Any] = _read_pidfile(path / "pid")
+
+    @property
+    def supervisor_pid(self) -> int | None:
+        pid = self.pidinfo.get("pid")
+        return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+
+    def running(self) -> bool:
+        pid = self.supervisor_pid
+        start = self.pidinfo.get("start")
+        return pid is not None and process_alive(pid, start if isinstance(start, str) else None)
+
+    def owner_alive(self) -> bool:
+        pid = self.meta.get("owner_pid")
+        return isinstance(pid, int) and process_alive(pid, self.meta.get("owner_start"))
+
+    def image_digest(self) -> str | None:
+        """Manifest digest of the image the container runs (the ``image`` file), if recorded."""
+        try:
+            with open(self.path / "image", "rb") as f:
+                return f.read(200).decode(errors="replace").strip() or None
+        except OSError:
+            return None
+
+    def exit_result(self) -> dict[str, Any] | None:
+        return read_json(self.path / "exit.json")
