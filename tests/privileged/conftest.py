@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
 import pytest
 
 
@@ -19,3 +25,59 @@ def images() -> None:
             ImageStore().resolve(name)
         except ImageError:
             build_image(name, ImageStore())
+
+
+@pytest.fixture
+def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> Path:
+    """The shipped kernelspecs installed under a private JUPYTER_PATH; their folder."""
+    from sandbox_kernel import kernelspecs
+
+    prefix = tmp_path / "prefix"
+    kernelspecs.install(None, prefix=str(prefix))
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    if not kernelspecs.provisioner_registered():
+        kernelspecs.register_provisioner_in_process()
+    return prefix / "share" / "jupyter" / "kernels"
+
+
+@pytest.fixture
+def notebook_dir(tmp_path: Path) -> Path:
+    """A notebook folder owned by uid 1000 (kernels run as its owner)."""
+    nb = tmp_path / "notebooks"
+    nb.mkdir()
+    os.chown(nb, 1000, 1000)
+    return nb
+
+
+def leftovers(container_id: str) -> list[str]:
+    """What is left on the host of one container: run dir, cgroup, mounts, processes. Only the
+    given container is checked, so containers of concurrent test runs do not interfere."""
+    from sandbox_kernel.cgroups import get_manager
+    from sandbox_kernel.paths import run_dir
+
+    found = []
+    if (run_dir() / container_id).exists():
+        found.append(f"run dir {run_dir() / container_id}")
+    if container_id in get_manager().list_leftovers("sk-"):
+        found.append(f"cgroup {container_id}")
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {line.strip()}" for line in f if container_id in line]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if container_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(f"process {pid}")
+    return found
+
+
+@pytest.fixture
+def assert_no_leftovers() -> Callable[[Iterable[str]], None]:
+    """A check: nothing of these containers is left on the host (waiting up to 10 s)."""
+
+    def check(container_ids: Iterable[str]) -> None:
+        ids = list(container_ids)
+        deadline = time.monotonic() + 10
+        while any(leftovers(c) for c in ids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [x for c in ids for x in leftovers(c)] == []
+
+    return check

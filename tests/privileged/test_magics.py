@@ -11,7 +11,7 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from traitlets.config import Config
 
-from sandbox_kernel import kernelspecs
 from sandbox_kernel import provisioner as prov
 from sandbox_kernel.cgroups import CgroupStats, get_manager
 from sandbox_kernel.paths import run_dir
@@ -30,36 +29,6 @@ pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 KERNELS = ("python2.7-sandbox", "python3-sandbox")
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-# ---- fixtures (as in test_provisioner.py; `images` is in conftest.py) ---------------------
-@pytest.fixture
-def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> Path:
-    prefix = tmp_path / "prefix"
-    kernelspecs.install(None, prefix=str(prefix))
-    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
-    if not kernelspecs.provisioner_registered():
-        kernelspecs.register_provisioner_in_process()
-    return prefix / "share" / "jupyter" / "kernels"
-
-
-@pytest.fixture
-def notebook_dir(tmp_path: Path) -> Path:
-    nb = tmp_path / "notebooks"
-    nb.mkdir()
-    os.chown(nb, 1000, 1000)
-    return nb
-
-
-def leftovers(container_id: str) -> list[str]:
-    found = []
-    if (run_dir() / container_id).exists():
-        found.append(f"run dir {run_dir() / container_id}")
-    if container_id in get_manager().list_leftovers("sk-"):
-        found.append(f"cgroup {container_id}")
-    with open("/proc/self/mountinfo") as f:
-        found += [f"mount {line.strip()}" for line in f if container_id in line]
-    return found
 
 
 @dataclass
@@ -109,7 +78,9 @@ class Kernels:
 
 
 @pytest.fixture
-async def sandboxes(kernels: Path, notebook_dir: Path) -> AsyncIterator[Kernels]:
+async def sandboxes(
+    kernels: Path, notebook_dir: Path, assert_no_leftovers: Callable[[Iterable[str]], None]
+) -> AsyncIterator[Kernels]:
     ks = Kernels(kernels, notebook_dir)
     try:
         yield ks
@@ -117,10 +88,7 @@ async def sandboxes(kernels: Path, notebook_dir: Path) -> AsyncIterator[Kernels]
         for km in ks.started:
             if km.has_kernel:
                 await km.shutdown_kernel(now=True)
-        deadline = time.monotonic() + 10
-        while any(leftovers(c) for c in ks.ids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        assert [x for c in ks.ids for x in leftovers(c)] == []
+        assert_no_leftovers(ks.ids)
 
 
 @dataclass

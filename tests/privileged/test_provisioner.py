@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from sandbox_kernel import kernelspecs
 from sandbox_kernel import provisioner as prov
 from sandbox_kernel.errors import SpecError
 from sandbox_kernel.paths import run_dir
@@ -26,53 +24,11 @@ KERNELS = ("python2.7-sandbox", "python3-sandbox")
 
 
 @pytest.fixture
-def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> Path:
-    prefix = tmp_path / "prefix"
-    kernelspecs.install(None, prefix=str(prefix))
-    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
-    if not kernelspecs.provisioner_registered():
-        kernelspecs.register_provisioner_in_process()
-    return prefix / "share" / "jupyter" / "kernels"
-
-
-@pytest.fixture
-def notebook_dir(tmp_path: Path) -> Path:
-    nb = tmp_path / "notebooks"
-    nb.mkdir()
-    os.chown(nb, 1000, 1000)
-    return nb
-
-
-def leftovers(container_id: str) -> list[str]:
-    """What is left on the host of one of our containers (other engineers' containers may come
-    and go on the same host, so only ours are checked)."""
-    from sandbox_kernel.cgroups import get_manager
-
-    found = []
-    if (run_dir() / container_id).exists():
-        found.append(f"run dir {run_dir() / container_id}")
-    if container_id in get_manager().list_leftovers("sk-"):
-        found.append(f"cgroup {container_id}")
-    with open("/proc/self/mountinfo") as f:
-        found += [f"mount {line.strip()}" for line in f if container_id in line]
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if container_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(f"process {pid}")
-        except OSError:
-            pass
-    return found
-
-
-@pytest.fixture
-def clean_host() -> Iterator[list[str]]:
+def clean_host(assert_no_leftovers: Callable[[Iterable[str]], None]) -> Iterator[list[str]]:
     """Tests append the ids of their containers; afterwards nothing of them is left."""
     ids: list[str] = []
     yield ids
-    deadline = time.monotonic() + 10
-    while any(leftovers(c) for c in ids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert [x for c in ids for x in leftovers(c)] == []
+    assert_no_leftovers(ids)
 
 
 def track(ids: list[str], km: AsyncKernelManager) -> prov.SandboxProvisioner:

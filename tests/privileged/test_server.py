@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,27 +190,9 @@ def run_cell(srv: Server, kernel_id: str, code: str, timeout: float = 90) -> tup
         ws.close()
 
 
-def leftovers(container_id: str) -> list[str]:
-    """What is left on the host of one container (other engineers' containers may come and go)."""
-    from sandbox_kernel.cgroups import get_manager
-
-    found = []
-    if (run_dir() / container_id).exists():
-        found.append(f"run dir {run_dir() / container_id}")
-    if container_id in get_manager().list_leftovers("sk-"):
-        found.append(f"cgroup {container_id}")
-    with open("/proc/self/mountinfo") as f:
-        found += [f"mount {line.strip()}" for line in f if container_id in line]
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if container_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(f"process {pid}")
-        except OSError:
-            pass
-    return found
-
-
-def test_kernel_over_rest_and_websocket(server: Server) -> None:
+def test_kernel_over_rest_and_websocket(
+    server: Server, assert_no_leftovers: Callable[[Iterable[str]], None]
+) -> None:
     code, model = server.request("POST", "/api/kernels", {"name": "python3-sandbox", "path": ""})
     assert code == 201, model
     kid = model["id"]
@@ -243,10 +225,7 @@ def test_kernel_over_rest_and_websocket(server: Server) -> None:
     finally:
         code, _ = server.request("DELETE", f"/api/kernels/{kid}")
         assert code == 204
-    deadline = time.monotonic() + 10
-    while leftovers(container_id) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert leftovers(container_id) == []
+    assert_no_leftovers([container_id])
     assert not (run_dir() / "kernels" / kid).exists()
 
 
