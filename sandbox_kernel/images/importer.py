@@ -229,16 +229,13 @@ def _import_manifest(
 def _write(
     store: ImageStore, name: str, tag: str, layers: list[Layer], cfg: oci.ConfigDoc
 ) -> Image:
-    config = ImageConfig(
-        env=cfg.env,
-        entrypoint=cfg.entrypoint,
-        cmd=cfg.cmd,
-        working_dir=cfg.working_dir,
-        user=cfg.user,
-        labels=cfg.labels,
-    )
     return store.write_image(
-        name, tag, layers, config, history=cfg.history, created=cfg.created or None
+        name,
+        tag,
+        layers,
+        ImageConfig.from_doc(cfg),
+        history=cfg.history,
+        created=cfg.created or None,
     )
 
 

@@ -75,6 +75,18 @@ class ImageConfig:
     user: str = ""
     labels: tuple[tuple[str, str], ...] = ()
 
+    @classmethod
+    def from_doc(cls, cfg: oci.ConfigDoc) -> ImageConfig:
+        """The runtime part of a parsed OCI image config."""
+        return cls(
+            env=cfg.env,
+            entrypoint=cfg.entrypoint,
+            cmd=cfg.cmd,
+            working_dir=cfg.working_dir,
+            user=cfg.user,
+            labels=cfg.labels,
+        )
+
 
 @dataclass(frozen=True)
 class Image:
@@ -667,19 +679,11 @@ class ImageStore:
             Layer(d.digest, diff, d.size, d.media_type, self.snapshot_path(diff))
             for d, diff in zip(manifest.layers, cfg.diff_ids, strict=True)
         )
-        config = ImageConfig(
-            env=cfg.env,
-            entrypoint=cfg.entrypoint,
-            cmd=cfg.cmd,
-            working_dir=cfg.working_dir,
-            user=cfg.user,
-            labels=cfg.labels,
-        )
         return Image(
             name=name,
             tag=tag,
             digest=desc.digest,
-            config=config,
+            config=ImageConfig.from_doc(cfg),
             layers=layers,
             created=cfg.created or manifest.annotations.get(oci.ANNOTATION_CREATED, ""),
             size=sum(layer.size for layer in layers),
