@@ -12,7 +12,6 @@ crash left behind; ``Container.create`` runs it first.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import select
@@ -32,7 +31,7 @@ from .native import runtime_binary
 from .paths import is_container_id, run_dir
 from .plan import HostContext, compile_plan
 from .protocol import decode_status, encode_plan
-from .rundir import ContainerInfo, proc_starttime, write_json
+from .rundir import ContainerInfo, proc_starttime, read_json, write_json
 from .spec import ContainerSpec, Limits
 from .units import format_size
 from .validate import validate_spec
@@ -492,9 +491,8 @@ class Container:
 
     def _update_meta(self) -> None:
         path = self.run_dir / "meta.json"
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, ValueError):
+        info = read_json(path)
+        if info is None:
             return
         info["limits"] = asdict(self.limits)
         write_json(path, info)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .spec import Bind, ContainerSpec, Tmpfs
@@ -203,8 +202,3 @@ def compile_plan(spec: ContainerSpec, host: HostContext) -> list[Record]:
     recs.append(("nonewprivs", "1"))
     recs += [("argv", a) for a in spec.command]
     return recs
-
-
-def v1_cgroup_mounts(hierarchies: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    """(dir name, mount options) for v1 hierarchies like 'memory', 'cpu,cpuacct', 'pids'."""
-    return tuple((h, h) for h in hierarchies)
