@@ -6,9 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CC ?= cc
-CFLAGS_RT := -O2 -std=gnu11 -Wall -Wextra -D_GNU_SOURCE -fstack-protector-strong -D_FORTIFY_SOURCE=2 -fPIE -pie -Wl,-z,relro,-z,now
+# the executor's compiler flags, shared with setup.py and the tests
+CFLAGS_RT := $(shell cat sandbox_kernel/runtime/native/cflags)
 DEB_PACKAGES := gcc libc6-dev make mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv
-RUNTIME := sandbox_kernel/_bin/sk-runtime
+RUNTIME := sandbox_kernel/runtime/_bin/sk-runtime
 
 .PHONY: help deps venv native vm-setup demo test test-unit test-unit-matrix test-privileged test-cgroup-v2 test-cgroup-v2-native lint bench clean
 
@@ -29,14 +30,14 @@ $(PY): pyproject.toml setup.py
 
 venv: deps $(PY)
 
-$(RUNTIME): sandbox_kernel/native/sk-runtime.c
+$(RUNTIME): sandbox_kernel/runtime/native/sk-runtime.c sandbox_kernel/runtime/native/cflags
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_RT) -o $@ $<
 
 native: $(RUNTIME)
 
 demo: venv native
-	$(PY) -m sandbox_kernel.demo
+	$(PY) -m sandbox_kernel.jupyter.demo
 
 lint: venv
 	$(VENV)/bin/ruff check sandbox_kernel tests tools benchmarks
@@ -70,4 +71,4 @@ bench: venv native
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf build dist *.egg-info sandbox_kernel/_bin
+	rm -rf build dist *.egg-info sandbox_kernel/runtime/_bin

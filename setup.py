@@ -16,9 +16,10 @@ from setuptools import Distribution, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
-SOURCE = Path("sandbox_kernel/native/sk-runtime.c")
-CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-D_GNU_SOURCE", "-fstack-protector-strong",
-          "-D_FORTIFY_SOURCE=2", "-fPIE", "-pie", "-Wl,-z,relro,-z,now"]
+NATIVE = Path("sandbox_kernel/runtime/native")
+SOURCE = NATIVE / "sk-runtime.c"
+# The compiler flags, shared with the Makefile and the executor tests.
+CFLAGS = (NATIVE / "cflags").read_text().split()
 
 
 class BuildRuntime(build_ext):
@@ -27,16 +28,17 @@ class BuildRuntime(build_ext):
         if not cc:
             raise SystemExit("sandbox-kernel needs a C compiler to build sk-runtime: apt-get install gcc")
         if self.inplace:
-            out_dir = Path("sandbox_kernel/_bin")
+            out_dir = Path("sandbox_kernel/runtime/_bin")
         else:
-            out_dir = Path(self.build_lib) / "sandbox_kernel" / "_bin"
+            out_dir = Path(self.build_lib) / "sandbox_kernel" / "runtime" / "_bin"
         out_dir.mkdir(parents=True, exist_ok=True)
         out = out_dir / "sk-runtime"
         subprocess.check_call([cc, *CFLAGS, "-o", str(out), str(SOURCE)])
 
 
 class BuildPyWithData(build_py):
-    """Ship the top-level recipe and kernelspec folders inside the package."""
+    """Ship the top-level recipe, kernelspec and notebook folders inside the package (the
+    mapping is ``sandbox_kernel.paths.SHIPPED``, reversed; a unit test keeps them equal)."""
 
     DATA = {"images": "recipes", "kernelspecs": "kernelspecs_data", "notebooks": "notebooks_data"}
 

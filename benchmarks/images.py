@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from sandbox_kernel.container import Container
 from sandbox_kernel.images.store import ImageStore
 from sandbox_kernel.paths import new_container_id, state_dir
-from sandbox_kernel.spec import ContainerSpec, Limits
+from sandbox_kernel.runtime.container import Container
+from sandbox_kernel.runtime.spec import ContainerSpec, Limits
 
 from .stats import Figure, ratio
 

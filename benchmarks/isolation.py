@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 
-from sandbox_kernel.container import Container
 from sandbox_kernel.paths import new_container_id
-from sandbox_kernel.spec import ContainerSpec, Limits
+from sandbox_kernel.runtime.container import Container
+from sandbox_kernel.runtime.spec import ContainerSpec, Limits
 
 from .kernels import Harness
 from .stats import Figure, percentile

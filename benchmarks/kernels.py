@@ -37,8 +37,8 @@ import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
-from sandbox_kernel import kernelspecs
 from sandbox_kernel.images.store import Image, ImageStore
+from sandbox_kernel.jupyter import kernelspecs
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000

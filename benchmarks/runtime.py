@@ -12,10 +12,10 @@ from __future__ import annotations
 import subprocess
 import time
 
-from sandbox_kernel import hostimage
-from sandbox_kernel.container import Container
 from sandbox_kernel.paths import new_container_id
-from sandbox_kernel.spec import ContainerSpec, Limits
+from sandbox_kernel.runtime import hostimage
+from sandbox_kernel.runtime.container import Container
+from sandbox_kernel.runtime.spec import ContainerSpec, Limits
 
 from .stats import Figure
 

@@ -16,6 +16,17 @@ import re
 import secrets
 from pathlib import Path
 
+#: The package's own directory (shipped data and the compiled executor live below it).
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+#: Data shipped with the package: kind -> (folder inside the installed package, folder of a
+#: source checkout). setup.py copies each checkout folder to its package folder.
+SHIPPED: dict[str, tuple[str, str]] = {
+    "recipes": ("recipes", "images"),
+    "kernelspecs": ("kernelspecs_data", "kernelspecs"),
+    "notebooks": ("notebooks_data", "notebooks"),
+}
+
 ID_PREFIX = "sk-"
 ID_RE = re.compile(r"^sk-[0-9a-f]{12}$")
 
@@ -27,6 +38,14 @@ def new_container_id() -> str:
 
 def is_container_id(name: str) -> bool:
     return bool(ID_RE.match(name))
+
+
+def shipped_dirs(kind: str) -> tuple[Path, Path]:
+    """Where shipped data of ``kind`` (a key of ``SHIPPED``) may be, in search order: inside
+    the installed package, then in the source checkout. Callers (kernelspecs, the demo, the
+    recipe search) take the first that holds what they look for."""
+    installed, checkout = SHIPPED[kind]
+    return PACKAGE_DIR / installed, PACKAGE_DIR.parent / checkout
 
 
 def state_dir() -> Path:

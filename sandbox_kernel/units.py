@@ -15,6 +15,7 @@ from .errors import SpecError
 
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*$")
 _FACTORS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_NUMBER_RE = re.compile(r"^\s*(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\s*$")
 _DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -39,7 +40,9 @@ def parse_size(value: str | int | float, field: str = "size") -> int:
 
 
 def parse_cpus(value: str | int | float, field: str = "cpus") -> float:
-    """Return a CPU count as float (> 0)."""
+    """Return a CPU count as float (> 0); only ASCII digits (``float`` alone takes others)."""
+    if isinstance(value, bool) or (isinstance(value, str) and not _NUMBER_RE.match(value)):
+        raise SpecError(f"{field}={value!r} is not a CPU count; use {CPUS_FORMS}")
     try:
         cpus = float(value)
     except (TypeError, ValueError):

@@ -11,18 +11,12 @@ import os
 import threading
 from collections.abc import Callable
 
-from sandbox_kernel.cgroups.base import (
-    CgroupHandle,
-    CgroupLimits,
-    CgroupManager,
-    CgroupMode,
-    CgroupStats,
-)
-from sandbox_kernel.cgroups.common import CgroupIO, cpus_to_quota, weight_to_shares
-from sandbox_kernel.cgroups.detect import CgroupLayout, detect
-from sandbox_kernel.cgroups.v1 import V1Handle, V1Manager
-from sandbox_kernel.cgroups.v2 import V2Handle, V2Manager
-from sandbox_kernel.errors import CgroupError
+from ..errors import CgroupError
+from .base import CgroupHandle, CgroupLimits, CgroupManager, CgroupMode, CgroupStats
+from .common import CgroupIO, cpus_to_quota, weight_to_shares
+from .detect import CgroupLayout, detect
+from .v1 import V1Handle, V1Manager
+from .v2 import V2Handle, V2Manager
 
 __all__ = [
     "MODE_ENV",

@@ -64,6 +64,13 @@ class CgroupHandle(abc.ABC):
         v1: one per hierarchy.
         """
 
+    def view_mounts(self) -> tuple[tuple[str, str], ...]:
+        """What a container's read-only cgroup view mounts (the plan's /sys/fs/cgroup): v1,
+        one (directory name under /sys/fs/cgroup, controller list) per joined hierarchy;
+        v2, nothing (the cgroup2 filesystem is mounted whole, seen through the cgroup
+        namespace)."""
+        return ()
+
     @abc.abstractmethod
     def set_limits(self, limits: CgroupLimits) -> None:
         """Apply (or change, on a running container) all limits.

@@ -7,8 +7,8 @@ import os
 import signal
 import time
 
-from sandbox_kernel.cgroups.base import CgroupLimits
-from sandbox_kernel.errors import CgroupError, PrivilegeError, SandboxError, SpecError
+from ..errors import CgroupError, PrivilegeError, SandboxError, SpecError
+from .base import CgroupLimits
 
 #: Default bound for kill() to see the cgroup empty, and for remove() to retry EBUSY.
 KILL_TIMEOUT_S = 5.0

@@ -17,8 +17,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from sandbox_kernel.cgroups.base import CgroupMode
-from sandbox_kernel.errors import CgroupError
+from ..errors import CgroupError
+from .base import CgroupMode
 
 #: The v1 controllers a container cgroup is created in (cpuacct gives CPU usage on v1).
 V1_CONTROLLERS: tuple[str, ...] = ("memory", "cpu", "cpuacct", "pids")

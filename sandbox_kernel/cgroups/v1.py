@@ -16,8 +16,9 @@ import contextlib
 import errno
 import os
 
-from sandbox_kernel.cgroups.base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
-from sandbox_kernel.cgroups.common import (
+from ..errors import CgroupError, ContainerNotFound
+from .base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
+from .common import (
     KILL_TIMEOUT_S,
     REMOVE_TIMEOUT_S,
     CgroupIO,
@@ -28,9 +29,21 @@ from sandbox_kernel.cgroups.common import (
     parse_keyed,
     weight_to_shares,
 )
-from sandbox_kernel.cgroups.detect import V1_CONTROLLERS, CgroupLayout, cgroup_dir
-from sandbox_kernel.errors import CgroupError, ContainerNotFound
+from .detect import V1_CONTROLLERS, CgroupLayout, cgroup_dir
 
+#: v1 controllers that a container's read-only cgroup view may mount (the mount options of a
+#: hierarchy name its controllers among other options).
+V1_MOUNTABLE = (
+    "memory",
+    "cpu",
+    "cpuacct",
+    "pids",
+    "cpuset",
+    "blkio",
+    "devices",
+    "freezer",
+    "hugetlb",
+)
 #: Limits at or above this are "unlimited" (the kernel shows PAGE_COUNTER_MAX * page size).
 _UNLIMITED = 1 << 62
 _DEFAULT_SHARES = 1024
@@ -56,6 +69,17 @@ class V1Handle(CgroupHandle):
             if d not in out:
                 out.append(d)
         return out
+
+    def view_mounts(self) -> tuple[tuple[str, str], ...]:
+        seen: dict[str, str] = {}
+        for ctrl in self.dirs:
+            mount = self._m.layout.v1_mounts.get(ctrl)
+            if mount is None or mount.mountpoint in seen:
+                continue
+            ctrls = [c for c in V1_MOUNTABLE if c in mount.options]
+            if ctrls:
+                seen[mount.mountpoint] = ",".join(ctrls)
+        return tuple((os.path.basename(m), opts) for m, opts in seen.items())
 
     def _file(self, controller: str, name: str) -> str | None:
         d = self.dirs.get(controller)

@@ -13,13 +13,9 @@ import contextlib
 import errno
 import os
 
-from sandbox_kernel.cgroups.base import (
-    CgroupHandle,
-    CgroupLimits,
-    CgroupManager,
-    CgroupStats,
-)
-from sandbox_kernel.cgroups.common import (
+from ..errors import CgroupError, ContainerNotFound
+from .base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
+from .common import (
     KILL_TIMEOUT_S,
     REMOVE_TIMEOUT_S,
     CgroupIO,
@@ -29,8 +25,7 @@ from sandbox_kernel.cgroups.common import (
     check_name,
     parse_keyed,
 )
-from sandbox_kernel.cgroups.detect import V2_CONTROLLERS, CgroupLayout
-from sandbox_kernel.errors import CgroupError, ContainerNotFound
+from .detect import V2_CONTROLLERS, CgroupLayout
 
 _DEFAULT_WEIGHT = 100
 

@@ -122,7 +122,7 @@ def check_namespaces() -> list[Check]:
 
 
 def check_executor() -> list[Check]:
-    from ..native import runtime_binary
+    from ..runtime.executor import runtime_binary
 
     try:
         path = runtime_binary()
@@ -163,7 +163,7 @@ def check_images() -> list[Check]:
 
 
 def check_kernelspecs() -> list[Check]:
-    from .. import kernelspecs
+    from ..jupyter import kernelspecs
 
     out = []
     found = {k.name: k for k in kernelspecs.installed()}

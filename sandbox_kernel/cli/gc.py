@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..gc import collect
+from ..runtime.leftovers import collect_leftovers
 
 
 def register(sub: Any) -> None:
@@ -15,7 +15,7 @@ def register(sub: Any) -> None:
 
 
 def gc_command(args: argparse.Namespace) -> int:
-    report = collect(dry_run=args.dry_run)
+    report = collect_leftovers(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(report.run_dirs)} run dir(s), {len(report.cgroups)} cgroup(s)")
     for name in report.run_dirs:

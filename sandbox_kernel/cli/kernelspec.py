@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .. import kernelspecs
+from ..jupyter import kernelspecs
 
 
 def register(sub: Any) -> None:

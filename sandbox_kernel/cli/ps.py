@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..container import Container
 from ..errors import SandboxError
 from ..paths import is_container_id, run_dir
-from ..rundir import ContainerInfo
+from ..runtime.rundir import ContainerInfo, find_container
 from ..units import format_cpus, format_size
 
 
@@ -41,7 +40,7 @@ def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[
         if not is_container_id(entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
         try:
-            info: ContainerInfo = Container.open(entry.name, root=root)
+            info: ContainerInfo = find_container(entry.name, root=root)
         except SandboxError:
             continue
         running = info.running()

@@ -7,11 +7,11 @@ import signal
 import sys
 from typing import Any
 
-from ..container import Container, require_privileges
 from ..errors import SpecError
+from ..limits import CPUS, MEMORY, PIDS, TMP_SIZE, WRITABLE_SIZE
 from ..paths import new_container_id
-from ..spec import Bind, ContainerSpec, Limits
-from ..units import parse_cpus, parse_size
+from ..runtime.container import Container, require_privileges
+from ..runtime.spec import Bind, ContainerSpec, Limits
 
 FORWARDED = (
     signal.SIGINT,
@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--memory", "-m", help="memory cap, e.g. 512M, 1G (swap off)")
     p.add_argument("--cpus", help="CPU cap in CPUs, e.g. 0.5, 2")
-    p.add_argument("--pids", type=int, help="maximum number of processes/threads")
+    p.add_argument("--pids", help="maximum number of processes and threads, e.g. 256")
     p.add_argument(
         "--tmp-size", default="256M", help="size of /tmp (tmpfs, counts as memory); default 256M"
     )
@@ -49,7 +49,7 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="SRC:DST[:ro|rw]",
-        help="bind-mount a host path (read-write unless :ro)",
+        help="bind-mount a host path (read-only unless :rw)",
     )
     p.add_argument(
         "--workdir",
@@ -76,15 +76,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run_command)
 
 
-def _parse_volume(text: str) -> Bind:
-    parts = text.split(":")
-    if len(parts) == 2:
-        return Bind(parts[0], parts[1], readonly=False)
-    if len(parts) == 3 and parts[2] in ("ro", "rw"):
-        return Bind(parts[0], parts[1], readonly=parts[2] == "ro")
-    raise SpecError(f"--volume {text!r} is invalid; use SRC:DST, SRC:DST:ro or SRC:DST:rw")
-
-
 def _parse_user(text: str) -> tuple[int, int]:
     try:
         uid_s, _, gid_s = text.partition(":")
@@ -97,13 +88,13 @@ def _parse_user(text: str) -> tuple[int, int]:
 
 
 def build_spec(args: argparse.Namespace) -> ContainerSpec:
-    from .. import hostimage
+    from ..runtime import hostimage
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     env: dict[str, str] = {}
-    mounts: list[Bind] = [_parse_volume(v) for v in args.volume]
+    mounts: list[Bind] = [Bind.parse(v, "--volume") for v in args.volume]
     workdir = "/"
     user, group = 65534, 65534
     image_name = args.image
@@ -135,9 +126,9 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
     if args.workdir:
         workdir = args.workdir
     limits = Limits(
-        memory=parse_size(args.memory, "--memory") if args.memory else None,
-        cpus=parse_cpus(args.cpus, "--cpus") if args.cpus else None,
-        pids=args.pids,
+        memory=MEMORY.parse(args.memory, "--memory") if args.memory else None,
+        cpus=CPUS.parse(args.cpus, "--cpus") if args.cpus else None,
+        pids=PIDS.parse(args.pids, "--pids") if args.pids else None,
     )
     return ContainerSpec(
         id=new_container_id(),
@@ -149,8 +140,8 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
         group=group,
         allow_root=args.allow_root,
         hostname=args.hostname,
-        writable_size=parse_size(args.writable_size, "--writable-size"),
-        tmp_size=parse_size(args.tmp_size, "--tmp-size"),
+        writable_size=WRITABLE_SIZE.parse(args.writable_size, "--writable-size"),
+        tmp_size=TMP_SIZE.parse(args.tmp_size, "--tmp-size"),
         mounts=tuple(mounts),
         limits=limits,
         image=image_name,

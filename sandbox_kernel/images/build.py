@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError, ImageNotFound
-from ..paths import state_dir
+from ..paths import shipped_dirs, state_dir
 from . import pip_target
-from .recipe import (
-    DEFAULT_PATH,
+from .labels import (
     LABEL_ARGV,
     LABEL_DISPLAY_NAME,
     LABEL_PY_ABI,
@@ -46,6 +45,9 @@ from .recipe import (
     LABEL_PY_PLATFORMS,
     LABEL_PY_SITE_DIR,
     LABEL_PY_VERSION,
+)
+from .recipe import (
+    DEFAULT_PATH,
     RECIPE_FILE,
     PythonSpec,
     Recipe,
@@ -73,8 +75,7 @@ def recipe_dirs() -> list[Path]:
     dirs = [Path.cwd() / "images"]
     env = os.environ.get(IMAGES_DIR_ENV, "")
     dirs += [Path(p) for p in env.split(os.pathsep) if p]
-    pkg = Path(__file__).resolve().parent.parent
-    dirs += [pkg / "recipes", pkg.parent / "images"]
+    dirs += list(shipped_dirs("recipes"))
     out: list[Path] = []
     for d in dirs:
         if d not in out:

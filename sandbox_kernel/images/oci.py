@@ -62,7 +62,6 @@ COMPRESSION_MEDIA_TYPE = {
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_CREATED = "org.opencontainers.image.created"
-LABEL_KERNEL_ARGV = "org.sandbox-kernel.kernel.argv"
 
 # Bound on any JSON document (index, manifest, config) read from an archive or the store.
 MAX_JSON_BYTES = 4 * 1024 * 1024

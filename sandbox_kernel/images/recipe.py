@@ -32,6 +32,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import BuildError
+from .labels import (
+    LABEL_ARGV,
+    LABEL_DISPLAY_NAME,
+    LABEL_INTERRUPT_MODE,
+    LABEL_LANGUAGE,
+    LABEL_PY_ABI,
+    LABEL_PY_EXECUTABLE,
+    LABEL_PY_PLATFORMS,
+    LABEL_PY_SITE_DIR,
+    LABEL_PY_VERSION,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,18 +50,6 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
 
 RECIPE_FILE = "recipe.toml"
-
-#: Labels the provisioner reads to start a kernel.
-LABEL_ARGV = "org.sandbox-kernel.kernel.argv"
-LABEL_LANGUAGE = "org.sandbox-kernel.kernel.language"
-LABEL_DISPLAY_NAME = "org.sandbox-kernel.kernel.display_name"
-LABEL_INTERRUPT_MODE = "org.sandbox-kernel.kernel.interrupt_mode"
-#: Labels describing the image's interpreter, so images built ``from`` it inherit it.
-LABEL_PY_EXECUTABLE = "org.sandbox-kernel.python.executable"
-LABEL_PY_VERSION = "org.sandbox-kernel.python.version"
-LABEL_PY_ABI = "org.sandbox-kernel.python.abi"
-LABEL_PY_PLATFORMS = "org.sandbox-kernel.python.platforms"
-LABEL_PY_SITE_DIR = "org.sandbox-kernel.python.site_dir"
 
 VARIANTS = (
     "extract",

@@ -39,7 +39,7 @@ from typing import IO, Any
 
 from .. import paths
 from ..errors import DigestMismatch, ImageError, ImageInUse, ImageNotFound
-from ..rundir import ContainerInfo
+from ..runtime.rundir import ContainerInfo
 from . import oci
 from .extract import (
     COPY_CHUNK,
@@ -49,6 +49,7 @@ from .extract import (
     extract_layer_file,
     write_layer_tar,
 )
+from .labels import LABEL_ARGV
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Image:
 
         The label is a JSON list of strings, one of which contains ``{connection_file}``.
         """
-        raw = dict(self.config.labels).get(oci.LABEL_KERNEL_ARGV)
+        raw = dict(self.config.labels).get(LABEL_ARGV)
         if raw is None:
             return None
         try:
@@ -125,7 +126,7 @@ class Image:
             or not any("{connection_file}" in a for a in argv)
         ):
             raise ImageError(
-                f"image '{self.ref}': label {oci.LABEL_KERNEL_ARGV} must be a JSON list of "
+                f"image '{self.ref}': label {LABEL_ARGV} must be a JSON list of "
                 f"strings containing '{{connection_file}}', got {raw[:200]!r}; rebuild the image "
                 "with a valid kernel command"
             )

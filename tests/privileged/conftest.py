@@ -15,10 +15,10 @@ import pytest
 def images() -> None:
     """The images the shipped kernelspecs use, built into the default store when missing
     (a fresh machine builds them once: a few minutes)."""
-    from sandbox_kernel.demo import IMAGES
     from sandbox_kernel.errors import ImageError
     from sandbox_kernel.images.build import build_image
     from sandbox_kernel.images.store import ImageStore
+    from sandbox_kernel.jupyter.demo import IMAGES
 
     for name in IMAGES:
         try:
@@ -30,7 +30,7 @@ def images() -> None:
 @pytest.fixture
 def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> Path:
     """The shipped kernelspecs installed under a private JUPYTER_PATH; their folder."""
-    from sandbox_kernel import kernelspecs
+    from sandbox_kernel.jupyter import kernelspecs
 
     prefix = tmp_path / "prefix"
     kernelspecs.install(None, prefix=str(prefix))

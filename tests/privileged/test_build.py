@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_kernel.images.build import build_image, image_command, image_session, run_in_image
-from sandbox_kernel.images.recipe import LABEL_ARGV, LABEL_DISPLAY_NAME, LABEL_INTERRUPT_MODE
+from sandbox_kernel.images.labels import LABEL_ARGV, LABEL_DISPLAY_NAME, LABEL_INTERRUPT_MODE
 from sandbox_kernel.images.store import Image, ImageStore
 
 pytestmark = [

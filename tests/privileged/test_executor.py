@@ -23,21 +23,11 @@ import pytest
 pytestmark = pytest.mark.privileged
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "sandbox_kernel" / "native" / "sk-runtime.c"
-BINARY = ROOT / "sandbox_kernel" / "_bin" / "sk-runtime"
-# Same flags as the build hook in setup.py.
-CFLAGS = [
-    "-O2",
-    "-std=gnu11",
-    "-Wall",
-    "-Wextra",
-    "-D_GNU_SOURCE",
-    "-fstack-protector-strong",
-    "-D_FORTIFY_SOURCE=2",
-    "-fPIE",
-    "-pie",
-    "-Wl,-z,relro,-z,now",
-]
+NATIVE = ROOT / "sandbox_kernel" / "runtime" / "native"
+SOURCE = NATIVE / "sk-runtime.c"
+BINARY = ROOT / "sandbox_kernel" / "runtime" / "_bin" / "sk-runtime"
+# Same flags as the build hook in setup.py and the Makefile.
+CFLAGS = (NATIVE / "cflags").read_text().split()
 NOBODY = 65534
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 TMP_SIZE = 1 << 20

@@ -20,8 +20,8 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from traitlets.config import Config
 
-from sandbox_kernel import provisioner as prov
 from sandbox_kernel.cgroups import CgroupStats, get_manager
+from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]

@@ -12,8 +12,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from sandbox_kernel import kernelspecs
-from sandbox_kernel.demo import key_outputs
+from sandbox_kernel.jupyter import kernelspecs
+from sandbox_kernel.jupyter.demo import key_outputs
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 

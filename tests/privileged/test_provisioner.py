@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from sandbox_kernel import provisioner as prov
 from sandbox_kernel.errors import SpecError
+from sandbox_kernel.jupyter import exits
+from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
@@ -230,17 +231,17 @@ async def test_oom_death_is_reported_and_kept(
                 await asyncio.sleep(0.1)
         assert provisioner.last_exit is not None and provisioner.last_exit["oom_killed"]
         assert "stopped: out of memory (limit 200 MiB" in caplog.text
-        saved = prov.read_last_exit(str(km.kernel_id))
+        saved = exits.read_last_exit(str(km.kernel_id))
         assert saved is not None and saved["reason"].startswith("out of memory")
         await km.restart_kernel(now=True)
         _, out = await execute(km, "print('back')")
         assert "back" in out
         # the %sandbox extension tells the user why the previous kernel stopped
         assert "The previous kernel was stopped: out of memory (limit 200 MiB" in out
-        assert prov.read_last_exit(str(km.kernel_id)) is not None
+        assert exits.read_last_exit(str(km.kernel_id)) is not None
     finally:
         await km.shutdown_kernel(now=True)
-    assert prov.read_last_exit(str(km.kernel_id)) is None
+    assert exits.read_last_exit(str(km.kernel_id)) is None
 
 
 @pytest.mark.parametrize(
@@ -249,7 +250,7 @@ async def test_oom_death_is_reported_and_kept(
         ("memory", "lots", "memory='lots' is not a size"),
         ("cpus", "-1", "cpus='-1'"),
         ("pids", 1, "pids=1 is too small"),
-        ("image", "no-such-image", "image='no-such-image' is not in the image store"),
+        ("image", "no-such-image", "image 'no-such-image' not found"),
         ("network", "host", "network='host' is not available"),
         ("user", "root", "user='root' is root"),
         (
@@ -315,7 +316,7 @@ async def test_ps_lists_the_running_kernels(
 async def test_kernel_command_missing_in_image_fails_clearly(
     clean_host: list[str], kernels: Path, notebook_dir: Path
 ) -> None:
-    from sandbox_kernel.provisioner import KernelSandboxError
+    from sandbox_kernel.jupyter.errors import KernelSandboxError
 
     spec = json.loads((kernels / "python3-sandbox" / "kernel.json").read_text())
     spec["argv"] = ["/usr/bin/nope", "-f", "{connection_file}"]

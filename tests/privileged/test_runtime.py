@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_kernel import gc, hostimage
 from sandbox_kernel.cgroups import get_manager
-from sandbox_kernel.container import Container, ExitResult
 from sandbox_kernel.errors import RuntimeStartError
 from sandbox_kernel.paths import new_container_id, run_dir
-from sandbox_kernel.spec import Bind, ContainerSpec, Limits
+from sandbox_kernel.runtime import hostimage
+from sandbox_kernel.runtime.container import Container, ExitResult
+from sandbox_kernel.runtime.leftovers import collect_leftovers
+from sandbox_kernel.runtime.spec import Bind, ContainerSpec, Limits
 
 pytestmark = pytest.mark.privileged
 MIB = 1024 * 1024
@@ -436,8 +437,8 @@ def test_gc_removes_crash_leftovers():
     meta["owner_pid"] = dead.pid
     (c.run_dir / "meta.json").write_text(json.dumps(meta))
     (c.run_dir / "pid").write_text(json.dumps({"pid": dead.pid, "start": None}))
-    assert spec.id in gc.collect(dry_run=True).run_dirs
-    report = gc.collect()
+    assert spec.id in collect_leftovers(dry_run=True).run_dirs
+    report = collect_leftovers()
     assert spec.id in report.run_dirs and spec.id in report.cgroups
     assert not c.run_dir.exists() and spec.id not in _our_cgroups()
     c._status.close()
@@ -517,10 +518,10 @@ def test_status_pipe_works_above_fd_1024():
         import os, resource, subprocess
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
         held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
-        from sandbox_kernel import hostimage
-        from sandbox_kernel.container import Container
+        from sandbox_kernel.runtime import hostimage
+        from sandbox_kernel.runtime.container import Container
         from sandbox_kernel.paths import new_container_id
-        from sandbox_kernel.spec import ContainerSpec
+        from sandbox_kernel.runtime.spec import ContainerSpec
         spec = ContainerSpec(id=new_container_id(), layers=(str(hostimage.layer_dir()),),
                              command=("/bin/true",), mounts=hostimage.binds())
         with Container.create(spec) as c:

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel import seccomp
-from sandbox_kernel.seccomp_tables import X86_64_SYSCALLS
+from sandbox_kernel.runtime import seccomp
+from sandbox_kernel.runtime.seccomp_tables import X86_64_SYSCALLS
 
 pytestmark = [
     pytest.mark.privileged,

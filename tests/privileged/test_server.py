@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel import kernelspecs
+from sandbox_kernel.jupyter import kernelspecs
 from sandbox_kernel.paths import run_dir
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]

@@ -36,12 +36,12 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel import hostimage
-from sandbox_kernel.container import Container, ExitResult
 from sandbox_kernel.errors import RuntimeStartError, SandboxError, SpecError
-from sandbox_kernel.native import runtime_binary
 from sandbox_kernel.paths import new_container_id
-from sandbox_kernel.spec import (
+from sandbox_kernel.runtime import hostimage
+from sandbox_kernel.runtime.container import Container, ExitResult
+from sandbox_kernel.runtime.executor import runtime_binary
+from sandbox_kernel.runtime.spec import (
     DEFAULT_MASKED_PATHS,
     DEFAULT_READONLY_PATHS,
     Bind,
@@ -1302,7 +1302,7 @@ def test_signal_to_host_supervisor(tmp_path: Path, who: str) -> None:
 
 def test_probe_syscall_numbers_match_the_seccomp_table() -> None:
     """The probes' raw system call numbers are the filter's (the source is read, not imported)."""
-    from sandbox_kernel.seccomp_tables import X86_64_SYSCALLS
+    from sandbox_kernel.runtime.seccomp_tables import X86_64_SYSCALLS
 
     tree = ast.parse(PROBE_SOURCE)
     table = next(

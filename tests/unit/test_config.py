@@ -8,24 +8,22 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel.config import (
+from sandbox_kernel.errors import SpecError
+from sandbox_kernel.jupyter.docs import configuration_markdown
+from sandbox_kernel.jupyter.resolve import (
     NOBODY,
-    SETTING_NAMES,
-    Ceilings,
-    SandboxPolicy,
-    SandboxSettings,
-    configuration_markdown,
-    parse_mount,
+    Policy,
     parse_user,
     read_policy,
     resolve_settings,
 )
-from sandbox_kernel.errors import SpecError
-from sandbox_kernel.spec import Bind, NetworkMode
+from sandbox_kernel.jupyter.settings import SETTING_NAMES, SandboxPolicy, SandboxSettings
+from sandbox_kernel.limits import Ceilings
+from sandbox_kernel.runtime.spec import Bind, NetworkMode
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
 
-NO_CEILINGS = Ceilings(None, None, None, None, None, (), (), False)
+NO_CEILINGS = Policy()
 
 
 def defaults(**over: Any) -> dict[str, Any]:
@@ -38,7 +36,7 @@ def defaults(**over: Any) -> dict[str, Any]:
 
 def resolve(
     values: dict[str, Any],
-    ceilings: Ceilings = NO_CEILINGS,
+    ceilings: Policy = NO_CEILINGS,
     explicit: tuple[str, ...] = (),
     workdir: str | None = "/tmp",
     server_uid: int = 0,
@@ -57,9 +55,9 @@ def resolve(
 def test_defaults_resolve_to_documented_values(tmp_path: Path) -> None:
     os.chown(tmp_path, 1000, 1000)
     s = resolve(defaults(), workdir=str(tmp_path))
-    assert s.memory == 1024**3
-    assert s.cpus == 1.0
-    assert s.pids == 256
+    assert s.limits.memory == 1024**3
+    assert s.limits.cpus == 1.0
+    assert s.limits.pids == 256
     assert s.tmp_size == s.writable_size == 256 * 1024**2
     assert s.network is NetworkMode.NONE
     assert (s.uid, s.gid) == (1000, 1000)
@@ -78,8 +76,8 @@ def test_defaults_resolve_to_documented_values(tmp_path: Path) -> None:
         ("pids", 2.5, "pids=2.5 is not a whole number"),
         ("tmp_size", "-1", "tmp_size='-1' is not a size"),
         ("writable_size", "10", "writable_size='10' is too small"),
-        ("extra_mounts", ["/srv"], "extra_mounts entry '/srv' is malformed; use 'SRC:DST'"),
-        ("extra_mounts", ["/srv:/srv:rx"], "has mode 'rx'"),
+        ("extra_mounts", ["/srv"], "extra_mounts entry '/srv' is malformed; use SRC:DST, "),
+        ("extra_mounts", ["/srv:/srv:rx"], "entry '/srv:/srv:rx' is malformed"),
         ("extra_mounts", ["srv:/srv"], "'srv' is not an absolute normalised path"),
         ("extra_mounts", "/srv:/srv", "is not a list"),
         ("env", {"1BAD": "x"}, "env key '1BAD' is invalid"),
@@ -106,7 +104,7 @@ def test_all_problems_reported_at_once() -> None:
 
 
 def test_ceilings_refuse_explicit_values_above_them() -> None:
-    ceil = Ceilings(512 * 1024**2, 2.0, 100, 64 * 1024**2, 64 * 1024**2, (), (), False)
+    ceil = Policy(Ceilings(512 * 1024**2, 2.0, 100, 64 * 1024**2, 64 * 1024**2))
     for field, value, top in (
         ("memory", "1G", "512 MiB"),
         ("cpus", 4, "2"),
@@ -122,19 +120,19 @@ def test_ceilings_refuse_explicit_values_above_them() -> None:
 
 
 def test_defaults_above_a_ceiling_are_lowered_to_it() -> None:
-    ceil = Ceilings(512 * 1024**2, 0.5, 100, None, None, (), (), False)
+    ceil = Policy(Ceilings(512 * 1024**2, 0.5, 100))
     s = resolve(defaults(), ceil)
-    assert (s.memory, s.cpus, s.pids) == (512 * 1024**2, 0.5, 100)
+    assert (s.limits.memory, s.limits.cpus, s.limits.pids) == (512 * 1024**2, 0.5, 100)
 
 
 def test_values_at_or_below_ceiling_pass() -> None:
-    ceil = Ceilings(2 * 1024**3, 2.0, 512, None, None, (), (), False)
+    ceil = Policy(Ceilings(2 * 1024**3, 2.0, 512))
     s = resolve(defaults(memory="2G", cpus=2, pids=512), ceil, explicit=("memory", "cpus", "pids"))
-    assert (s.memory, s.cpus, s.pids) == (2 * 1024**3, 2.0, 512)
+    assert (s.limits.memory, s.limits.cpus, s.limits.pids) == (2 * 1024**3, 2.0, 512)
 
 
 def test_allowed_images() -> None:
-    ceil = Ceilings(None, None, None, None, None, ("python3",), (), False)
+    ceil = Policy(images=("python3",))
     assert resolve(defaults(image="python3:latest"), ceil).image == "python3:latest"
     with pytest.raises(SpecError, match=r"image='python2.7' is not allowed by the administrator"):
         resolve(defaults(image="python2.7"), ceil)
@@ -146,7 +144,7 @@ def test_extra_mounts_need_an_allowed_source(tmp_path: Path) -> None:
     entry = f"{data}:/data"
     with pytest.raises(SpecError, match="not under an allowed directory"):
         resolve(defaults(extra_mounts=[entry]))
-    ceil = Ceilings(None, None, None, None, None, (), (str(tmp_path),), False)
+    ceil = Policy(mount_sources=(str(tmp_path),))
     s = resolve(defaults(extra_mounts=[entry, f"{data}:/data2:rw"]), ceil)
     assert s.mounts == (Bind(str(data), "/data", True), Bind(str(data), "/data2", False))
     with pytest.raises(SpecError, match="does not exist on the host"):
@@ -156,11 +154,11 @@ def test_extra_mounts_need_an_allowed_source(tmp_path: Path) -> None:
         resolve(defaults(extra_mounts=[f"{tmp_path}x:/x"]), ceil)
 
 
-def test_parse_mount_forms() -> None:
-    assert parse_mount("/a:/b") == Bind("/a", "/b", True)
-    assert parse_mount("/a:/b:rw") == Bind("/a", "/b", False)
+def test_volume_forms() -> None:
+    assert Bind.parse("/a:/b") == Bind("/a", "/b", True)
+    assert Bind.parse("/a:/b:rw") == Bind("/a", "/b", False)
     with pytest.raises(SpecError, match=r"'/a/../b'"):
-        parse_mount("/a/../b:/b")
+        Bind.parse("/a/../b:/b")
 
 
 @needs_root
@@ -174,7 +172,7 @@ def test_user_auto_root_owned_dir_runs_as_nobody_unless_allowed(tmp_path: Path) 
     os.chown(tmp_path, 0, 0)
     s = resolve(defaults(), workdir=str(tmp_path))
     assert (s.uid, s.gid) == (NOBODY, NOBODY)
-    ceil = Ceilings(None, None, None, None, None, (), (), True)
+    ceil = Policy(allow_root=True)
     s = resolve(defaults(), ceil, workdir=str(tmp_path))
     assert (s.uid, s.gid) == (0, 0)
 
@@ -193,9 +191,10 @@ def test_user_explicit_forms() -> None:
 
 def test_policy_parsing_and_bad_policy() -> None:
     pol = SandboxPolicy(max_memory="4G", max_cpus=2.0, max_pids=512, allowed_images=["python3"])
-    ceil = read_policy(pol)
+    policy = read_policy(pol)
+    ceil = policy.ceilings
     assert ceil.memory == 4 * 1024**3 and ceil.cpus == 2.0 and ceil.pids == 512
-    assert ceil.images == ("python3",)
+    assert policy.images == ("python3",)
     with pytest.raises(SpecError, match=r"SandboxPolicy.max_memory='huge' is not a size"):
         read_policy(SandboxPolicy(max_memory="huge"))
     with pytest.raises(
@@ -211,7 +210,7 @@ def test_policy_comes_from_traitlets_config() -> None:
     cfg.SandboxPolicy.max_memory = "3G"
     cfg.SandboxPolicy.allow_root = True
     pol = SandboxPolicy(config=cfg)
-    assert read_policy(pol).memory == 3 * 1024**3
+    assert read_policy(pol).ceilings.memory == 3 * 1024**3
     assert read_policy(pol).allow_root
 
 
@@ -235,5 +234,5 @@ def test_configuration_doc_is_up_to_date() -> None:
     path = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     assert path.read_text() == configuration_markdown(), (
         "docs/configuration.md is stale; run: "
-        "python -m sandbox_kernel.config > docs/configuration.md"
+        "python -m sandbox_kernel.jupyter.docs > docs/configuration.md"
     )

@@ -4,18 +4,13 @@ import os
 
 import pytest
 
-from sandbox_kernel.control import (
-    MAX_REQUEST,
-    RATE_LIMIT,
-    ControlServer,
-    LimitCeilings,
-    plan_limit_change,
-)
 from sandbox_kernel.errors import LimitRefused
-from sandbox_kernel.spec import Limits
+from sandbox_kernel.jupyter.control import MAX_REQUEST, RATE_LIMIT, ControlServer
+from sandbox_kernel.limits import Ceilings, Limits
+from sandbox_kernel.limits import plan_change as plan_limit_change
 
 G = 1 << 30
-CEIL = LimitCeilings(memory=4 * G, cpus=2.0, pids=512)
+CEIL = Ceilings(memory=4 * G, cpus=2.0, pids=512)
 
 
 def test_change_within_ceilings():
@@ -115,7 +110,7 @@ async def test_server_answers_and_survives_hostile_requests(server_path):
 
 
 async def test_slow_client_is_cut_off(server_path, monkeypatch):
-    import sandbox_kernel.control as control
+    import sandbox_kernel.jupyter.control as control
 
     monkeypatch.setattr(control, "READ_TIMEOUT_S", 0.2)
 
@@ -153,7 +148,7 @@ async def test_get_takes_no_arguments_and_cannot_name_another_kernel(server_path
 
 
 def test_rate_limit_refills_after_a_flood(monkeypatch):
-    import sandbox_kernel.control as control
+    import sandbox_kernel.jupyter.control as control
 
     now = [1000.0]
     monkeypatch.setattr(control.time, "monotonic", lambda: now[0])
@@ -166,7 +161,7 @@ def test_rate_limit_refills_after_a_flood(monkeypatch):
 
 
 async def test_too_many_connections_get_an_answer(server_path, monkeypatch):
-    import sandbox_kernel.control as control
+    import sandbox_kernel.jupyter.control as control
 
     monkeypatch.setattr(control, "MAX_CONNECTIONS", 1)
     gate = asyncio.Event()

@@ -1,5 +1,5 @@
-from sandbox_kernel.plan import HostContext, compile_plan
-from sandbox_kernel.spec import Bind, ContainerSpec, Limits, Tmpfs
+from sandbox_kernel.runtime.plan import HostContext, compile_plan
+from sandbox_kernel.runtime.spec import Bind, ContainerSpec, Limits, Tmpfs
 
 
 def _spec(tmp_path, **kw):

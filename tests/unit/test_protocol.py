@@ -1,6 +1,6 @@
 import pytest
 
-from sandbox_kernel.protocol import decode_field, decode_status, encode_field, encode_plan
+from sandbox_kernel.runtime.protocol import decode_field, decode_status, encode_field, encode_plan
 
 
 @pytest.mark.parametrize(

@@ -24,11 +24,11 @@ from jupyter_client.manager import AsyncKernelManager
 from tornado.web import HTTPError
 from traitlets.config import Config
 
-from sandbox_kernel import kernelspecs
-from sandbox_kernel import provisioner as prov
-from sandbox_kernel.container import ExitResult
 from sandbox_kernel.errors import ContainerNotFound, SpecError
-from sandbox_kernel.spec import Bind, ContainerSpec
+from sandbox_kernel.jupyter import exits, kernelspecs, launch
+from sandbox_kernel.jupyter import provisioner as prov
+from sandbox_kernel.runtime.container import ExitResult
+from sandbox_kernel.runtime.spec import Bind, ContainerSpec
 
 
 class FakeContainer:
@@ -142,21 +142,18 @@ def fake_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(prov, "Container", FakeContainer)
     FakeContainer.created = []
 
-    def fake_image(name: str, context: str) -> prov._Image:
+    def fake_image(name: str, context: str) -> launch.KernelImage:
         if name.split(":")[0] not in ("python3", "python2.7"):
             raise SpecError(f"image={name!r} is not in the image store", context=context)
-        return prov._Image(
-            f"{name}:latest",
-            [str(tmp_path)],
-            {"IMAGE_VAR": "1", "PATH": "/usr/bin:/bin"},
-            {
-                prov.LABEL_ARGV: '["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", '
-                '"{connection_file}"]'
-            },
-            "sha256:abc",
+        return launch.KernelImage(
+            ref=f"{name}:latest",
+            layers=(str(tmp_path),),
+            env=(("IMAGE_VAR", "1"), ("PATH", "/usr/bin:/bin")),
+            argv=("/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"),
+            digest="sha256:abc",
         )
 
-    monkeypatch.setattr(prov, "_resolve_image", fake_image)
+    monkeypatch.setattr(launch, "find_image", fake_image)
     kernelspecs.register_provisioner_in_process()
     return run
 
@@ -239,9 +236,9 @@ async def test_start_writes_ipc_connection_and_container_spec(
         assert spec.workdir == str(nb)
         assert Bind(str(nb), str(nb), readonly=False) in spec.mounts
         assert Bind(str(conn_dir), str(conn_dir), readonly=False) in spec.mounts
-        assert Bind(str(prov.MAGICS_SOURCE), prov.MAGICS_TARGET, readonly=True) in spec.mounts
+        assert Bind(str(launch.MAGICS_SOURCE), launch.MAGICS_TARGET, readonly=True) in spec.mounts
         assert len(spec.mounts) == 3
-        assert env["PYTHONPATH"] == prov.MAGICS_TARGET
+        assert env["PYTHONPATH"] == launch.MAGICS_TARGET
         assert env["SANDBOX_KERNEL_CONTROL"] == f"{conn_dir}/control"
         assert (conn_dir / "control").is_socket()
         assert spec.limits.memory == 512 * 1024**2 and spec.limits.cpus == 0.5
@@ -383,13 +380,13 @@ async def test_signals_reach_the_container_and_death_reason_is_kept(
         in caplog.text
     )
     assert p.last_exit is not None and p.last_exit["oom_killed"]
-    saved = prov.read_last_exit(str(km.kernel_id))
+    saved = exits.read_last_exit(str(km.kernel_id))
     assert saved is not None and saved["reason"].startswith("out of memory")
     # the reason survives a restart, and goes with the final shutdown
     await km.restart_kernel(now=True)
-    assert prov.read_last_exit(str(km.kernel_id)) is not None
+    assert exits.read_last_exit(str(km.kernel_id)) is not None
     await km.shutdown_kernel(now=True)
-    assert prov.read_last_exit(str(km.kernel_id)) is None
+    assert exits.read_last_exit(str(km.kernel_id)) is None
 
 
 async def test_interrupt_sends_sigint(fake_runtime: Path, kernel_dir: Path, tmp_path: Path) -> None:
@@ -484,7 +481,7 @@ def test_kernelspec_install_refuses_bad_values(
 
 def test_ps_reads_the_run_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sandbox_kernel.cli import ps
-    from sandbox_kernel.rundir import proc_starttime as _proc_starttime
+    from sandbox_kernel.runtime.rundir import proc_starttime as _proc_starttime
 
     monkeypatch.setenv("SANDBOX_KERNEL_RUN_DIR", str(tmp_path))
     for cid, pid in (("sk-00000000000a", os.getpid()), ("sk-00000000000b", 2**22 + 7)):
@@ -607,7 +604,7 @@ async def test_magics_only_for_ipykernel_and_can_be_turned_off(
         try:
             spec = FakeContainer.created[-1].spec
             assert not any(a.startswith("--ext") for a in spec.command)
-            assert all(m.target != prov.MAGICS_TARGET for m in spec.mounts)
+            assert all(m.target != launch.MAGICS_TARGET for m in spec.mounts)
             assert "PYTHONPATH" not in dict(spec.env)
         finally:
             await km.shutdown_kernel(now=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_kernel import seccomp
 from sandbox_kernel.errors import SandboxError, SpecError
-from sandbox_kernel.seccomp_tables import X86_64_SYSCALLS
+from sandbox_kernel.runtime import seccomp
+from sandbox_kernel.runtime.seccomp_tables import X86_64_SYSCALLS
 
 # --- constants written out independently of the module under test
 

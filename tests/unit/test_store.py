@@ -18,6 +18,7 @@ from sandbox_kernel.errors import DigestMismatch, ImageError, ImageInUse, ImageN
 from sandbox_kernel.images import oci
 from sandbox_kernel.images.exporter import export_images
 from sandbox_kernel.images.importer import import_path
+from sandbox_kernel.images.labels import LABEL_ARGV
 from sandbox_kernel.images.store import (
     Image,
     ImageConfig,
@@ -134,7 +135,7 @@ def test_add_layer_from_dir_write_image_resolve(store: ImageStore, tmp_path: Pat
     cfg = ImageConfig(
         env=(("PATH", "/usr/bin"),),
         cmd=("python3",),
-        labels=((oci.LABEL_KERNEL_ARGV, '["python3","-m","ipykernel","-f","{connection_file}"]'),),
+        labels=((LABEL_ARGV, '["python3","-m","ipykernel","-f","{connection_file}"]'),),
     )
     im = store.write_image("python2.7", "latest", [base, top], cfg, history=["a", "b", "env"])
     assert im.lowerdirs() == (str(top.snapshot), str(base.snapshot))
@@ -248,7 +249,7 @@ def test_layer_cache(store: ImageStore, tmp_path: Path) -> None:
 
 def test_kernel_argv_label_validation() -> None:
     def img(label: str | None) -> Image:
-        labels = () if label is None else ((oci.LABEL_KERNEL_ARGV, label),)
+        labels = () if label is None else ((LABEL_ARGV, label),)
         return Image("a", "b", "sha256:" + "0" * 64, ImageConfig(labels=labels), (), "", 0)
 
     assert img(None).kernel_argv() is None

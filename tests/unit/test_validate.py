@@ -1,8 +1,8 @@
 import pytest
 
 from sandbox_kernel.errors import SpecError
-from sandbox_kernel.spec import Bind, ContainerSpec, IdMap, Limits, Tmpfs
-from sandbox_kernel.validate import validate_spec
+from sandbox_kernel.runtime.spec import Bind, ContainerSpec, IdMap, Limits, Tmpfs
+from sandbox_kernel.runtime.validate import validate_spec
 
 
 @pytest.fixture

@@ -66,8 +66,8 @@ fi
 
 PY="$VENV/bin/python"
 [ -x "$PY" ] || die "no python in the virtualenv $VENV (set SANDBOX_KERNEL_VM_VENV)" 2
-[ -x "$REPO/sandbox_kernel/_bin/sk-runtime" ] \
-    || log "warning: $REPO/sandbox_kernel/_bin/sk-runtime is not built; tests that start containers will fail"
+[ -x "$REPO/sandbox_kernel/runtime/_bin/sk-runtime" ] \
+    || log "warning: $REPO/sandbox_kernel/runtime/_bin/sk-runtime is not built; tests that start containers will fail"
 PYTEST=(-m pytest -m cgroupv2 -p no:cacheprovider)
 
 # Environment the tests get (in both modes).

@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import ContainerNotFound
+from ..paths import is_container_id, run_dir
+
 
 def proc_starttime(pid: int) -> str | None:
     """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None if gone."""
@@ -93,3 +96,16 @@ class ContainerInfo:
 
     def exit_result(self) -> dict[str, Any] | None:
         return read_json(self.path / "exit.json")
+
+
+def find_container(container_id: str, *, root: Path | None = None) -> ContainerInfo:
+    """The run dir of container ``container_id`` under the run root (default
+    ``paths.run_dir()``), for a process other than the container's owner: ``ps``, ``stats``,
+    a provisioner re-attaching after a server restart. ContainerNotFound when there is none.
+    """
+    root = root or run_dir()
+    if not is_container_id(container_id) or not (root / container_id / "meta.json").is_file():
+        raise ContainerNotFound(
+            f"no container {container_id!r} under {root}; list them with: sandbox-kernel ps"
+        )
+    return ContainerInfo(root / container_id)

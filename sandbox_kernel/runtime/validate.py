@@ -8,31 +8,19 @@ SpecError listing every problem.
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 from collections.abc import Callable
 
-from .errors import SpecError
-from .paths import ID_RE
-from .spec import Bind, ContainerSpec, NetworkMode, Tmpfs
+from ..errors import SpecError
+from ..limits import BOUNDS, limit_problems
+from ..paths import ID_RE
+from .spec import Bind, ContainerSpec, NetworkMode, Tmpfs, env_key_problem, is_clean_abs
 
 Validator = Callable[[ContainerSpec], list[str]]
 
-MIB = 1024 * 1024
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOST_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 RESERVED_TARGETS = ("/", "/proc", "/sys", "/dev")
 MAX_ID = 2**32 - 2
-
-
-def _clean_abs(path: str) -> bool:
-    """An absolute, normalised path without '..' or empty components."""
-    return (
-        path.startswith("/")
-        and "\0" not in path
-        and posixpath.normpath(path) == path
-        and ".." not in path.split("/")
-    )
 
 
 def check_id(spec: ContainerSpec) -> list[str]:
@@ -46,7 +34,7 @@ def check_layers(spec: ContainerSpec) -> list[str]:
         return ["layers=() is empty; an image needs at least one layer directory"]
     out = []
     for layer in spec.layers:
-        if not _clean_abs(layer) or ":" in layer or "," in layer:
+        if not is_clean_abs(layer) or ":" in layer or "," in layer:
             out.append(f"layer {layer!r} must be an absolute normalised path without ':' or ','")
         elif not os.path.isdir(layer):
             out.append(f"layer {layer!r} is not a directory; is the image store intact?")
@@ -64,17 +52,16 @@ def check_command(spec: ContainerSpec) -> list[str]:
 def check_env(spec: ContainerSpec) -> list[str]:
     out = []
     for key, value in spec.env:
-        if not _ENV_KEY_RE.match(key):
-            out.append(
-                f"env key {key!r} is invalid; use letters, digits and '_' (not first a digit)"
-            )
+        problem = env_key_problem(key)
+        if problem:
+            out.append(problem)
         if "\0" in value:
             out.append(f"env {key} has a NUL byte in its value")
     return out
 
 
 def check_workdir(spec: ContainerSpec) -> list[str]:
-    if not _clean_abs(spec.workdir):
+    if not is_clean_abs(spec.workdir):
         return [f"workdir={spec.workdir!r} must be an absolute normalised path, e.g. /home/jovyan"]
     return []
 
@@ -124,13 +111,10 @@ def check_hostname(spec: ContainerSpec) -> list[str]:
 
 def check_sizes(spec: ContainerSpec) -> list[str]:
     out = []
-    for name, value, minimum in (
-        ("writable_size", spec.writable_size, MIB),
-        ("tmp_size", spec.tmp_size, MIB),
-        ("shm_size", spec.shm_size, MIB),
-    ):
-        if value < minimum:
-            out.append(f"{name}={value} bytes is too small; use at least 1M")
+    for name in ("writable_size", "tmp_size", "shm_size"):
+        problem = BOUNDS[name].problem(getattr(spec, name))
+        if problem:
+            out.append(problem)
     if not 16 <= spec.nofile <= 1048576:
         out.append(f"nofile={spec.nofile} is out of range; use 16..1048576")
     return out
@@ -141,7 +125,7 @@ def check_mounts(spec: ContainerSpec, created: frozenset[str] = frozenset()) -> 
     seen: set[str] = set()
     for m in spec.mounts:
         target = m.target
-        if not _clean_abs(target):
+        if not is_clean_abs(target):
             out.append(f"mount target {target!r} must be an absolute normalised path")
             continue
         if target in RESERVED_TARGETS or any(
@@ -152,7 +136,7 @@ def check_mounts(spec: ContainerSpec, created: frozenset[str] = frozenset()) -> 
             out.append(f"mount target {target!r} is used twice")
         seen.add(target)
         if isinstance(m, Bind):
-            if not _clean_abs(m.source):
+            if not is_clean_abs(m.source):
                 out.append(f"volume source {m.source!r} must be an absolute normalised host path")
             elif m.source not in created and not os.path.exists(m.source):
                 out.append(f"volume source {m.source!r} does not exist on the host")
@@ -162,19 +146,8 @@ def check_mounts(spec: ContainerSpec, created: frozenset[str] = frozenset()) -> 
 
 
 def check_limits(spec: ContainerSpec) -> list[str]:
-    lim = spec.limits
-    out = []
-    if lim.memory is not None and lim.memory < 8 * MIB:
-        out.append(f"memory={lim.memory} bytes is too small to start anything; use at least 8M")
-    if lim.memory_swap is not None and lim.memory_swap < 0:
-        out.append(f"memory_swap={lim.memory_swap} must be >= 0 bytes")
-    if lim.cpus is not None and not 0.01 <= lim.cpus <= 1024:
-        out.append(f"cpus={lim.cpus} is out of range; use 0.01..1024 CPUs, e.g. 0.5 or 2")
-    if lim.cpu_weight is not None and not 1 <= lim.cpu_weight <= 10000:
-        out.append(f"cpu_weight={lim.cpu_weight} is out of range; use 1..10000 (100 = default)")
-    if lim.pids is not None and lim.pids < 4:
-        out.append(f"pids={lim.pids} is too small; use at least 4 (a kernel needs about 15)")
-    return out
+    """The caps, against the bounds of ``limits`` (the same as for kernels and live changes)."""
+    return limit_problems(spec.limits)
 
 
 def check_network(spec: ContainerSpec) -> list[str]:
@@ -197,7 +170,7 @@ def check_proc_paths(spec: ContainerSpec) -> list[str]:
     return [
         f"masked/readonly path {p!r} must be an absolute normalised path"
         for p in (*spec.masked_paths, *spec.readonly_paths)
-        if not _clean_abs(p)
+        if not is_clean_abs(p)
     ]
 
 

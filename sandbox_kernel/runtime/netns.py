@@ -19,7 +19,7 @@ import threading
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nlmsgerr
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from .errors import RuntimeStartError
+from ..errors import RuntimeStartError
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -15,27 +15,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SandboxError, SpecError
-from .units import parse_cpus, parse_size
+from ..errors import SandboxError, SpecError
+from ..limits import BOUNDS
+from ..paths import shipped_dirs
 
 PROVISIONER_NAME = "sandbox-provisioner"
-PROVISIONER_OBJECT = "sandbox_kernel.provisioner:SandboxProvisioner"
+PROVISIONER_OBJECT = "sandbox_kernel.jupyter.provisioner:SandboxProvisioner"
 ENTRY_POINT_GROUP = "jupyter_client.kernel_provisioners"
 KERNELSPEC_NAMES: tuple[str, ...] = ("python2.7-sandbox", "python3-sandbox")
-
-_PKG = Path(__file__).resolve().parent
 
 
 def templates_dir() -> Path:
     """Where the kernelspec templates are: installed package data, else the source tree."""
-    for candidate in (_PKG / "kernelspecs_data", _PKG.parent / "kernelspecs"):
+    candidates = shipped_dirs("kernelspecs")
+    for candidate in candidates:
         if candidate.is_dir() and any(
             (candidate / n / "kernel.json").is_file() for n in KERNELSPEC_NAMES
         ):
             return candidate
     raise SandboxError(
-        f"the kernelspec templates are missing (looked in {_PKG / 'kernelspecs_data'} and "
-        f"{_PKG.parent / 'kernelspecs'}); reinstall sandbox-kernel"
+        f"the kernelspec templates are missing (looked in {candidates[0]} and "
+        f"{candidates[1]}); reinstall sandbox-kernel"
     )
 
 
@@ -68,29 +68,27 @@ def render(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]
         if value is None:
             continue
         try:
-            if key in ("memory", "tmp_size", "writable_size"):
-                parse_size(value, key)
-            elif key == "cpus":
-                value = parse_cpus(value, key)
-            elif key == "pids":
-                if int(value) < 16:
-                    raise ValueError
-                value = int(value)
-            elif key == "image":
-                if not isinstance(value, str) or not value:
-                    raise SpecError(f"image={value!r} must be an image name, e.g. python3")
-            else:
-                raise SpecError(f"{key!r} cannot be set at install time")
+            config[key] = _install_value(key, value)
         except SpecError as exc:
             problems.extend(exc.problems)
-            continue
-        except (TypeError, ValueError):
-            problems.append(f"pids={value!r} is not a whole number of at least 16, e.g. 256")
-            continue
-        config[key] = value
     if problems:
         raise SpecError(problems, context=f"kernelspec {name!r}")
     return data
+
+
+def _install_value(key: str, value: object) -> object:
+    """An override of ``kernelspec install`` as it goes into kernel.json: caps checked with
+    the bounds of the one limits policy (``limits.BOUNDS``) and kept in the form given."""
+    if key in ("memory", "tmp_size", "writable_size"):
+        BOUNDS[key].parse(value, key)
+        return value
+    if key in ("cpus", "pids"):
+        return BOUNDS[key].parse(value, key)
+    if key == "image":
+        if not isinstance(value, str) or not value:
+            raise SpecError(f"image={value!r} must be an image name, e.g. python3")
+        return value
+    raise SpecError(f"{key!r} cannot be set at install time")
 
 
 @dataclass(frozen=True)

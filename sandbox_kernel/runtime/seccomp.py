@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sandbox_kernel.errors import SpecError, wrap_oserror
-from sandbox_kernel.seccomp_tables import HIGHEST_KNOWN, I386_ONLY, X86_64_SYSCALLS
+from ..errors import SpecError, wrap_oserror
+from .seccomp_tables import HIGHEST_KNOWN, I386_ONLY, X86_64_SYSCALLS
 
 __all__ = [
     "AUDIT_ARCH_I386",

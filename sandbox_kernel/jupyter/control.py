@@ -25,12 +25,9 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import LimitRefused, SpecError
-from .spec import Limits
-from .units import format_size, parse_cpus, parse_size
+from ..errors import LimitRefused
 
 log = logging.getLogger(__name__)
 
@@ -38,86 +35,7 @@ MAX_REQUEST = 4096
 READ_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 4
 RATE_LIMIT = (20, 60.0)  # bursts of 20 requests per kernel, then one every 3 seconds
-SETTABLE = ("memory", "cpus", "pids")
-MIN_MEMORY = 32 * 1024 * 1024
-MIN_PIDS = 16
-
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class LimitCeilings:
-    """What the admin allows per kernel (None: no ceiling)."""
-
-    memory: int | None = None
-    cpus: float | None = None
-    pids: int | None = None
-
-
-def _ceiling_text(field: str, ceiling: float) -> str:
-    if field == "memory":
-        return format_size(ceiling)
-    if field == "cpus":
-        return f"{ceiling:g} CPUs"
-    return f"{int(ceiling)} processes"
-
-
-def plan_limit_change(
-    request: dict[str, Any], current: Limits, ceilings: LimitCeilings, memory_usage: int | None
-) -> tuple[Limits, list[str]]:
-    """Validate a ``set`` request against the ceilings; return the new limits and warnings.
-
-    Raises LimitRefused with a message naming the field, the value and the allowed range.
-    """
-    unknown = sorted(set(request) - {"op", *SETTABLE})
-    if unknown:
-        raise LimitRefused(
-            f"unknown field(s) {', '.join(unknown)}; you can change: {', '.join(SETTABLE)}"
-        )
-    changes = {k: request[k] for k in SETTABLE if k in request}
-    if not changes:
-        raise LimitRefused(f"nothing to change; give one of: {', '.join(SETTABLE)}, e.g. memory=2G")
-    new = current
-    warnings: list[str] = []
-    for field, raw in changes.items():
-        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool) or len(str(raw)) > 32:
-            raise LimitRefused(f"{field}={str(raw)[:32]!r} is not a valid value")
-        try:
-            if field == "memory":
-                value: float = parse_size(raw, "memory")
-                minimum: float = MIN_MEMORY
-            elif field == "cpus":
-                value = parse_cpus(raw, "cpus")
-                minimum = 0.01
-            else:
-                value = int(raw) if str(raw).isdigit() else -1
-                minimum = MIN_PIDS
-                if value < 0:
-                    raise SpecError(f"pids={raw!r} is not a whole number")
-        except SpecError as exc:
-            raise LimitRefused(str(exc)) from None
-        ceiling = getattr(ceilings, field)
-        if ceiling is not None and value > ceiling:
-            raise LimitRefused(
-                f"{field}={raw} refused: this server allows at most "
-                f"{_ceiling_text(field, ceiling)} per kernel"
-            )
-        if value < minimum:
-            raise LimitRefused(
-                f"{field}={raw} refused: the minimum is {_ceiling_text(field, minimum)}"
-            )
-        if field == "memory":
-            if memory_usage is not None and value < memory_usage:
-                warnings.append(
-                    f"the kernel uses {format_size(memory_usage)} now, more than the new limit "
-                    f"{format_size(value)}: it may be stopped for lack of memory"
-                )
-            new = replace(new, memory=int(value))
-        elif field == "cpus":
-            new = replace(new, cpus=float(value))
-        else:
-            new = replace(new, pids=int(value))
-    return new, warnings
 
 
 class _RateLimiter:

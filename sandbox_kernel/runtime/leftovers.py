@@ -1,4 +1,4 @@
-"""Find and remove what crashed containers left behind.
+"""Find and remove what crashed containers left behind (``sandbox-kernel gc``).
 
 A container's host resources are all named from its id: the run dir ``<run_root>/<id>``
 and the cgroup(s) ``<parent>/<id>``. A run dir is *live* while its executor runs, or,
@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cgroups import get_manager
-from .cgroups.base import CgroupManager
-from .errors import SandboxError
-from .paths import is_container_id, run_dir
+from ..cgroups import get_manager
+from ..cgroups.base import CgroupManager
+from ..errors import SandboxError
+from ..paths import is_container_id, run_dir
 from .rundir import ContainerInfo
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def live_ids(root: Path) -> set[str]:
     return {e.name for e in _container_dirs(root) if _entry_live(e)}
 
 
-def collect(
+def collect_leftovers(
     *, root: Path | None = None, manager: CgroupManager | None = None, dry_run: bool = False
 ) -> GcReport:
     """Remove leftovers of dead containers. Safe to run at any time, from any process."""

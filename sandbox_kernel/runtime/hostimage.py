@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .paths import state_dir
+from ..paths import state_dir
 from .spec import Bind
 
 NAME = "host"

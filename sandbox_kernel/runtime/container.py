@@ -4,9 +4,9 @@ Python plans (spec -> validators -> plan); the executor ``sk-runtime`` executes 
 supervises. No Python process stays per container: the owner (CLI or Jupyter server)
 holds two pipe ends, and if it dies the executor kills the container.
 
-Every host resource is named from the container id: the run dir
-``<run_root>/<id>/`` and the cgroup(s) ``.../<id>``. ``gc.collect()`` removes what a
-crash left behind; ``Container.create`` runs it first.
+Every host resource is named from the container id: the run dir ``<run_root>/<id>/`` and
+the cgroup(s) ``.../<id>``. ``leftovers.collect_leftovers()`` removes what a crash left
+behind; ``Container.create`` runs it first.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -23,17 +22,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from ..cgroups import cpus_to_quota, get_manager
+from ..cgroups.base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
+from ..errors import PrivilegeError, RuntimeStartError, SandboxError
+from ..paths import run_dir
+from ..units import format_size
 from . import netns
-from .cgroups import get_manager
-from .cgroups.base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
-from .errors import ContainerNotFound, PrivilegeError, RuntimeStartError, SandboxError
-from .native import runtime_binary
-from .paths import is_container_id, run_dir
+from .executor import StatusPipe, runtime_binary
+from .leftovers import collect_leftovers
 from .plan import HostContext, compile_plan
-from .protocol import decode_status, encode_plan
-from .rundir import ContainerInfo, proc_starttime, read_json, write_json
+from .protocol import encode_plan
+from .rundir import proc_starttime, read_json, write_json
 from .spec import ContainerSpec, Limits
-from .units import format_size
 from .validate import validate_spec
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ def require_privileges() -> None:
 
 
 def cgroup_limits(limits: Limits, *, include_cpu: bool = True) -> CgroupLimits:
+    """The cgroup form of a container's caps (the one conversion; called at create and on
+    every change). ``include_cpu=False`` leaves the CPU quota off (deferred)."""
     quota = None
     if include_cpu and limits.cpus is not None:
-        quota = max(1000, int(limits.cpus * CPU_PERIOD_US))
+        quota = cpus_to_quota(limits.cpus, CPU_PERIOD_US)
     return CgroupLimits(
         memory=limits.memory,
         memory_swap=limits.memory_swap if limits.memory_swap is not None else 0,
@@ -104,76 +106,10 @@ class ExitResult:
         return data
 
 
-class _StatusPipe:
-    """Line reader for the executor's status fd."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = b""
-        self.eof = False
-
-    def read_line(self, deadline: float | None) -> list[str] | None:
-        # poll(), not select(): a server holding many kernels has descriptors above 1024
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        while b"\n" not in self.buf:
-            if self.eof:
-                return None
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not poller.poll(None if timeout is None else int(timeout * 1000) + 1):
-                raise TimeoutError
-            chunk = os.read(self.fd, 4096)
-            if not chunk:
-                self.eof = True
-                if not self.buf:
-                    return None
-                self.buf += b"\n"
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return decode_status(line.decode("utf-8", "surrogateescape"))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _v1_mount_opts(join_paths: list[str]) -> tuple[tuple[str, str], ...]:
-    """For v1: (name under /sys/fs/cgroup, mount options) of each hierarchy we joined."""
-    mounts: list[tuple[str, str]] = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 4 and parts[2] == "cgroup":
-                mounts.append((parts[1], parts[3]))
-    out = []
-    for path in join_paths:
-        best = max(
-            (m for m in mounts if path.startswith(m[0] + "/")),
-            key=lambda m: len(m[0]),
-            default=None,
-        )
-        if best is None:
-            continue
-        known = {
-            "memory",
-            "cpu",
-            "cpuacct",
-            "pids",
-            "cpuset",
-            "blkio",
-            "devices",
-            "freezer",
-            "hugetlb",
-        }
-        ctrls = [o for o in best[1].split(",") if o in known]
-        if ctrls:
-            out.append((os.path.basename(best[0]), ",".join(ctrls)))
-    return tuple(out)
-
-
 class Container:
-    """One container. Create with ``Container.create(spec)``; reopen with ``Container.open(id)``."""
+    """One container, owned by the process that created it (the provisioner, ``run``, the
+    image builder). Create with ``Container.create(spec)``; other processes see it through
+    ``rundir.find_container(id)``."""
 
     def __init__(
         self, spec: ContainerSpec, manager: CgroupManager, cgroup: CgroupHandle, root: Path
@@ -187,7 +123,7 @@ class Container:
         self.proc: subprocess.Popen[bytes] | None = None
         self.init_pid: int | None = None
         self.setup_us: int | None = None
-        self._status: _StatusPipe | None = None
+        self._status: StatusPipe | None = None
         self._control_fd: int = -1
         self._exit_line: list[str] | None = None
         self._result: ExitResult | None = None
@@ -214,9 +150,7 @@ class Container:
         subdirs = subdirs or {}
         validate_spec(spec, created=frozenset(str(root / spec.id / name) for name in subdirs))
         require_privileges()
-        from . import gc
-
-        gc.collect(root=root, manager=manager)
+        collect_leftovers(root=root, manager=manager)
         manager = manager or get_manager()
         root.mkdir(parents=True, exist_ok=True, mode=0o711)
         rdir = root / spec.id
@@ -256,16 +190,6 @@ class Container:
             raise
         return cls(spec, manager, cg, root)
 
-    @classmethod
-    def open(cls, container_id: str, *, root: Path | None = None) -> ContainerInfo:
-        """Read-only view of a container (from any process): metadata, liveness, stats."""
-        root = root or run_dir()
-        if not is_container_id(container_id) or not (root / container_id / "meta.json").is_file():
-            raise ContainerNotFound(
-                f"no container {container_id!r} under {root}; list them with: sandbox-kernel ps"
-            )
-        return ContainerInfo(root / container_id)
-
     # ---- start ---------------------------------------------------------------------
     def start(
         self,
@@ -294,7 +218,7 @@ class Container:
             scratch_dir=str(self.run_dir / "scratch"),
             cgroup_dirs=tuple(join),
             cgroup_version=version,
-            cgroup_v1_mounts=_v1_mount_opts(join) if version == 1 else (),
+            cgroup_v1_mounts=self.cgroup.view_mounts(),
             seccomp_file=seccomp_file,
         )
         plan_path = self.run_dir / "plan"
@@ -325,7 +249,7 @@ class Container:
         finally:
             os.close(status_w)
             os.close(control_r)
-        self._status = _StatusPipe(status_r)
+        self._status = StatusPipe(status_r)
         self._control_fd = control_w
         write_json(
             self.run_dir / "pid", {"pid": self.proc.pid, "start": proc_starttime(self.proc.pid)}

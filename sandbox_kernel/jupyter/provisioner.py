@@ -1,22 +1,24 @@
 """The Jupyter kernel provisioner: every kernel in its own container.
 
-``SandboxProvisioner`` implements jupyter_client's provisioner contract
-(``KernelProvisionerBase``). One instance serves a kernel for its whole life, across
-restarts (``cleanup(restart=True)`` then ``pre_launch``/``launch_kernel`` again).
+Layer: Jupyter. ``SandboxProvisioner`` implements jupyter_client's provisioner contract
+(``KernelProvisionerBase``); jupyter_client's ``KernelManager`` creates one per kernel and
+calls it for the kernel's whole life, across restarts (``cleanup(restart=True)`` then
+``pre_launch``/``launch_kernel`` again).
 
 * pre_launch: validate the settings (kernelspec config + Jupyter config + the
   administrator's ``SandboxPolicy``; an invalid value raises here so that the message
-  reaches the user), resolve the image, create the container (run dir, cgroups), write the
-  connection file into ``<run dir>/conn`` (ipc transport; the directory is bind-mounted at
-  the same path inside the container), and format the in-container kernel command.
+  reaches the user), find the image, create the container (run dir, cgroups), write the
+  connection file into the container's connection folder (ipc transport; the folder is
+  bind-mounted at the same path inside), and serve the kernel's control socket. The steps
+  themselves are in ``launch``.
 * launch_kernel: start the container (in a thread; the executor reports when the kernel
   exec'd).
 * post_launch: apply the deferred CPU cap once the kernel answered its first kernel_info.
 * poll/wait: report the exit status; a death by OOM, by the pids cap or by a signal is
-  logged in one plain line and kept (``last_exit`` and ``<run root>/kernels/<id>/last-exit.json``).
+  logged in one plain line and kept (``last_exit``, and ``exits`` for the next kernel).
 * cleanup: destroy the container (processes, cgroups, run dir).
 
-The container id (and so the connection directory) stays the same across restarts, so
+The container id (and so the connection folder) stays the same across restarts, so
 clients connected to the ipc sockets reconnect by themselves.
 """
 
@@ -24,10 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 from collections.abc import Callable
@@ -36,98 +35,20 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from tornado.web import HTTPError
 
-from .config import (
-    SETTING_NAMES,
-    KernelSettings,
-    SandboxPolicy,
-    SandboxSettings,
-    _forms,
-    read_policy,
-    resolve_settings,
-)
-from .container import Container, ExitResult
-from .control import ControlServer, LimitCeilings, plan_limit_change
-from .errors import SandboxError, SpecError
-from .paths import is_container_id, new_container_id, run_dir
-from .rundir import ContainerInfo, process_alive
-from .spec import Bind, ContainerSpec, Limits
-from .units import format_cpus, format_size
-
-LABEL_ARGV = "org.sandbox-kernel.kernel.argv"
-LABEL_DISPLAY_NAME = "org.sandbox-kernel.kernel.display_name"
-CONN_SUBDIR = "conn"
-#: The control socket of the %sandbox magics, in the connection directory (see control.py).
-CONTROL_SOCKET = "control"
-CONTROL_ENV = "SANDBOX_KERNEL_CONTROL"
-#: The in-kernel extension, mounted read-only into every ipykernel-based sandbox kernel.
-MAGICS_SOURCE = Path(__file__).resolve().parent / "magics"
-MAGICS_TARGET = "/opt/sandbox-kernel/magics"
-MAGICS_MODULE = "sandbox_magics"
-#: Unix socket paths must fit sockaddr_un.sun_path (108 bytes with the NUL).
-MAX_SOCKET_PATH = 107
-_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
-
-
-def kernels_dir(root: Path | None = None) -> Path:
-    """``<run root>/kernels``: per-kernel state that outlives a container (last exit reason)."""
-    return (root or run_dir()) / "kernels"
-
-
-def last_exit_path(kernel_id: str, root: Path | None = None) -> Path:
-    return kernels_dir(root) / kernel_id / "last-exit.json"
-
-
-def read_last_exit(kernel_id: str, root: Path | None = None) -> dict[str, Any] | None:
-    """The last recorded death reason of a kernel (for the %sandbox magics), or None."""
-    try:
-        data = json.loads(last_exit_path(kernel_id, root).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-class _HTTPMixin(HTTPError):
-    """Lets jupyter_server put our message in the REST error (it hides other exceptions as
-    "Unhandled error"), while the exception stays a SandboxError for Python callers."""
-
-    _message = ""
-
-    def _as_http(self, status: int, message: str) -> None:
-        self.status_code = status
-        self._log_message = message  # tornado's log_message (what the REST error carries)
-        self.reason = None
-        self._message = message
-        self.args = ()  # tornado %-formats log_message with args when logging
-
-    def __str__(self) -> str:
-        return self._message
-
-
-class KernelSpecSettingsError(SpecError, _HTTPMixin):
-    """A kernelspec's sandbox settings are invalid (REST status 400)."""
-
-    def __init__(self, problems: list[str] | str, context: str = "") -> None:
-        SpecError.__init__(self, problems, context)
-        self._as_http(400, Exception.__str__(self))
-
-
-class KernelSandboxError(SandboxError, _HTTPMixin):
-    """The sandbox of a kernel could not be created or started (REST status 500)."""
-
-    def __init__(self, message: str) -> None:
-        Exception.__init__(self, message)
-        self._as_http(500, message)
-
-
-def _for_user(exc: SandboxError, context: str) -> SandboxError:
-    if isinstance(exc, (KernelSpecSettingsError, KernelSandboxError)):
-        return exc
-    if isinstance(exc, SpecError):
-        return KernelSpecSettingsError(exc.problems, exc.context or context)
-    text = str(exc)
-    return KernelSandboxError(text if text.startswith(context) else f"{context}: {text}")
+from ..errors import SandboxError, SpecError
+from ..limits import plan_change
+from ..paths import is_container_id, new_container_id, run_dir
+from ..runtime.container import Container, ExitResult
+from ..runtime.leftovers import collect_leftovers
+from ..runtime.rundir import ContainerInfo, find_container, process_alive
+from ..runtime.spec import ContainerSpec
+from ..units import format_cpus, format_size
+from . import exits, launch
+from .control import ControlServer
+from .errors import for_user
+from .resolve import KernelSettings, read_policy, resolve_settings
+from .settings import SETTING_NAMES, SandboxPolicy, SandboxSettings, setting_forms
 
 
 class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -199,15 +120,14 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             try:
                 setattr(self, key, value)
             except Exception:  # traitlets' TraitError (or a subclass)
-                problems.append(f"{key}={value!r} has the wrong type; {_forms(key)}")
-        policy = SandboxPolicy(parent=self)
-        ceilings = read_policy(policy)
+                problems.append(f"{key}={value!r} has the wrong type; {setting_forms(key)}")
+        policy = read_policy(SandboxPolicy(parent=self))
         values = {name: getattr(self, name) for name in SETTING_NAMES}
         settings: KernelSettings | None = None
         try:
             settings = resolve_settings(
                 values,
-                ceilings,
+                policy,
                 explicit=self._explicit_settings(),
                 workdir=workdir,
                 context=self._context,
@@ -278,7 +198,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         try:
             return await self._pre_launch(**kwargs)
         except SandboxError as exc:
-            raise _for_user(exc, self._context) from exc
+            raise for_user(exc, self._context) from exc
 
     async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
@@ -286,7 +206,61 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             raise SandboxError(
                 f"{self._context}: the sandbox provisioner needs a kernel manager as parent"
             )
-        cwd = kwargs.get("cwd")
+        workdir = self._notebook_dir(kwargs.get("cwd"))
+        settings = self.resolve(workdir)
+        image = await asyncio.to_thread(launch.find_image, settings.image, self._context)
+        # Same container id (so the same connection folder) across restarts.
+        if self.container_id is None:
+            self.container_id = new_container_id()
+        paths = launch.connection_paths(run_dir(), self.container_id, self._context)
+        km.transport = "ipc"
+        km.ip = paths.ip
+        km.connection_file = paths.connection_file
+        km._connection_file_written = False  # the old one left with the old container
+        argv, magics = launch.kernel_command(
+            getattr(self.kernel_spec, "argv", None) or [],
+            image,
+            paths.connection_file,
+            kwargs.pop("extra_arguments", []) or [],
+            magics=self.magics,
+            context=self._context,
+        )
+        env = launch.kernel_env(
+            image,
+            getattr(self.kernel_spec, "env", None) or {},
+            settings,
+            paths,
+            magics=magics,
+            context=self._context,
+        )
+        spec = launch.kernel_spec(
+            self.container_id,
+            settings,
+            image,
+            argv,
+            env,
+            workdir=workdir,
+            paths=paths,
+            magics=magics,
+            kernelspec=self.kernelspec_name,
+        )
+        container = await asyncio.to_thread(self._create_container, spec, workdir, paths)
+        self._started(container, settings, workdir, image.digest)
+        try:
+            await self._connect(km, container, settings, paths, kwargs)
+        except BaseException:
+            await self._close_control()
+            await asyncio.to_thread(container.destroy)
+            self.container = None
+            raise
+        # What launch_kernel needs; the server's environment is deliberately dropped.
+        kwargs.pop("env", None)
+        kwargs["cwd"] = workdir
+        kwargs["cmd"] = argv
+        return kwargs
+
+    def _notebook_dir(self, cwd: object) -> str:
+        """The notebook's folder (the server passes it as ``cwd``), resolved; it must exist."""
         workdir = os.path.realpath(str(cwd)) if cwd else os.path.realpath(os.getcwd())
         if not os.path.isdir(workdir):
             raise SpecError(
@@ -294,95 +268,12 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 "start the kernel from an existing directory",
                 context=self._context,
             )
-        settings = self.resolve(workdir)
-        image = await asyncio.to_thread(_resolve_image, settings.image, self._context)
+        return workdir
 
-        # Same container id (so the same connection directory) across restarts.
-        if self.container_id is None:
-            self.container_id = new_container_id()
-        cid = self.container_id
-        root = run_dir()
-        conn_dir = root / cid / CONN_SUBDIR
-        longest = f"{conn_dir}/k-99999"
-        if len(longest.encode()) >= MAX_SOCKET_PATH:
-            raise SandboxError(
-                f"{self._context}: the run directory {root} is too long for unix socket paths "
-                f"({longest!r} must stay under {MAX_SOCKET_PATH} bytes); "
-                "set SANDBOX_KERNEL_RUN_DIR to a short path such as /run/sk"
-            )
-        km.transport = "ipc"
-        km.ip = f"{conn_dir}/k"
-        km.connection_file = f"{conn_dir}/kernel.json"
-        km._connection_file_written = False  # the old one left with the old container
-        argv = self._kernel_argv(image, km.connection_file, kwargs.pop("extra_arguments", []) or [])
-        with_magics = self.magics and any(
-            a in ("ipykernel_launcher", "ipykernel") or a.endswith("/ipykernel_launcher.py")
-            for a in argv
-        )
-        if with_magics:
-            argv.append(f"--ext={MAGICS_MODULE}")
-
-        env: dict[str, str] = {"PYTHONDONTWRITEBYTECODE": "1"}
-        env.update(image.env)
-        spec_env = getattr(self.kernel_spec, "env", None) or {}
-        env.update({str(k): str(v) for k, v in spec_env.items()})
-        env.update(dict(settings.env))
-        env["JPY_SANDBOX_KERNEL"] = "1"
-        # The kernel's parent inside the container is its init (pid 1): ipykernel then neither
-        # polls a parent (the host's pid means nothing here) nor prints its `ipython kernel` note.
-        env["JPY_PARENT_PID"] = "1"
-        control_path = str(conn_dir / CONTROL_SOCKET)
-        env[CONTROL_ENV] = control_path
-        if with_magics:
-            env["PYTHONPATH"] = ":".join(p for p in (MAGICS_TARGET, env.get("PYTHONPATH")) if p)
-        bad_env = [k for k in env if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)]
-        if bad_env:
-            raise SpecError(
-                [
-                    f"env key {k!r} (kernelspec env) is invalid; use letters, digits and '_'"
-                    for k in bad_env
-                ],
-                context=self._context,
-            )
-
-        mounts: list[Bind] = [
-            Bind(source=workdir, target=workdir, readonly=False),
-            Bind(source=str(conn_dir), target=str(conn_dir), readonly=False),
-            *settings.mounts,
-        ]
-        if with_magics:
-            mounts.append(Bind(source=str(MAGICS_SOURCE), target=MAGICS_TARGET, readonly=True))
-        spec = ContainerSpec(
-            id=cid,
-            layers=tuple(image.layers),
-            command=tuple(argv),
-            env=tuple(env.items()),
-            workdir=workdir,
-            user=settings.uid,
-            group=settings.gid,
-            allow_root=settings.uid == 0,
-            hostname=cid,
-            writable_size=settings.writable_size,
-            tmp_size=settings.tmp_size,
-            mounts=tuple(mounts),
-            limits=Limits(
-                memory=settings.memory, cpus=settings.cpus, pids=settings.pids, defer_cpu=True
-            ),
-            network=settings.network,
-            image=image.ref,
-            image_digest=image.digest,
-            labels=(("org.sandbox-kernel.kernelspec", self.kernelspec_name),),
-        )
-        meta = {
-            "kernel_id": self.kernel_id,
-            "kernelspec": self.kernelspec_name,
-            "display_name": self.display_name,
-            "image_digest": image.digest,
-            "notebook_dir": workdir,
-        }
-        # The conn dir must exist before the spec is validated (bind source), but it lives in
-        # the run dir that Container.create makes: validate with a placeholder first.
-        container = await asyncio.to_thread(self._create_container, spec, meta, conn_dir, settings)
+    def _started(
+        self, container: Container, settings: KernelSettings, workdir: str, digest: str
+    ) -> None:
+        """A new container serves this kernel: reset the per-start state."""
         self.container = container
         self.settings = settings
         self.cwd = workdir
@@ -391,58 +282,48 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._stop_requested = False
         self._previous_exit = self._abnormal_exit
         self._abnormal_exit = None
-        self._image_digest = image.digest
-        try:
-            jupyter_session = (kwargs.get("env") or {}).get("JPY_SESSION_NAME", "")
-            km.write_connection_file(jupyter_session=jupyter_session)
-            os.chown(km.connection_file, settings.uid, settings.gid)
-            os.chmod(km.connection_file, 0o600)
-            self.connection_info = km.get_connection_info()
-            self._control = ControlServer(
-                control_path, self._control_request, uid=settings.uid, gid=settings.gid
-            )
-            await self._control.start()
-        except BaseException:
-            await self._close_control()
-            await asyncio.to_thread(container.destroy)
-            self.container = None
-            raise
+        self._image_digest = digest
 
-        # What launch_kernel needs; the server's environment is deliberately dropped.
-        kwargs.pop("env", None)
-        kwargs["cwd"] = workdir
-        kwargs["cmd"] = argv
-        return kwargs
+    async def _connect(
+        self,
+        km: Any,
+        container: Container,
+        settings: KernelSettings,
+        paths: launch.ConnectionPaths,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Write the connection file (owned by the kernel's uid) and serve the control
+        socket, both in the container's connection folder."""
+        jupyter_session = (kwargs.get("env") or {}).get("JPY_SESSION_NAME", "")
+        km.write_connection_file(jupyter_session=jupyter_session)
+        os.chown(km.connection_file, settings.uid, settings.gid)
+        os.chmod(km.connection_file, 0o600)
+        self.connection_info = km.get_connection_info()
+        self._control = ControlServer(
+            paths.control, self._control_request, uid=settings.uid, gid=settings.gid
+        )
+        await self._control.start()
 
     def _create_container(
-        self, spec: ContainerSpec, meta: dict[str, Any], conn_dir: Path, settings: KernelSettings
+        self, spec: ContainerSpec, workdir: str, paths: launch.ConnectionPaths
     ) -> Container:
+        """Create the container (blocking: run in a thread). Its connection folder is made
+        by ``Container.create`` in the run dir, owned by the kernel's uid."""
+        meta = {
+            "kernel_id": self.kernel_id,
+            "kernelspec": self.kernelspec_name,
+            "display_name": self.display_name,
+            "image_digest": spec.image_digest,
+            "notebook_dir": workdir,
+        }
         try:
             return Container.create(
                 spec,
                 meta=meta,
-                subdirs={conn_dir.name: (settings.uid, settings.gid, 0o700)},
+                subdirs={paths.conn_dir.name: (spec.user, spec.group, 0o700)},
             )
         except SpecError as exc:
             raise SpecError(exc.problems, context=self._context) from None
-
-    def _kernel_argv(self, image: _Image, connection_file: str, extra: list[str]) -> list[str]:
-        spec_argv = list(getattr(self.kernel_spec, "argv", None) or [])
-        argv = spec_argv or list(image.argv)
-        if not argv:
-            raise SpecError(
-                "argv is empty in the kernelspec and the image has no "
-                f"{LABEL_ARGV} label; give the in-container command, e.g. "
-                '["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]',
-                context=self._context,
-            )
-        ns = {"connection_file": connection_file}
-
-        def sub(match: re.Match[str]) -> str:
-            return ns.get(match.group(1), match.group(0))
-
-        # Not km.format_kernel_cmd: it rewrites "python3" into the *host's* interpreter path.
-        return [_PLACEHOLDER.sub(sub, str(a)) for a in argv] + [str(a) for a in extra]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         container = self.container
@@ -458,7 +339,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             await asyncio.to_thread(container.destroy)
             self.container = None
             if isinstance(exc, SandboxError):
-                raise _for_user(exc, self._context) from exc
+                raise for_user(exc, self._context) from exc
             raise
         self.log.info(
             "kernel %s (%s) started in sandbox %s (%s, as uid %s, setup %.0f ms)",
@@ -511,6 +392,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     # ---- contract: end ---------------------------------------------------------------------
     def _record_exit(self, result: ExitResult) -> None:
+        """Keep how the container ended (once per start); log and persist a death that was
+        not asked for, or that a cap caused, for the restarted kernel to report."""
         if self._exit_recorded:
             return
         self._exit_recorded = True
@@ -531,16 +414,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             )
         if abnormal or not self._stop_requested:
             self._abnormal_exit = data
-            path = last_exit_path(str(self.kernel_id))
             try:
-                path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(json.dumps(data))
-                tmp.replace(path)
+                exits.record(str(self.kernel_id), data)
             except OSError as exc:
-                self.log.warning(
-                    "kernel %s: cannot keep the exit reason in %s: %s", self.kernel_id, path, exc
-                )
+                self.log.warning("kernel %s: cannot keep the exit reason: %s", self.kernel_id, exc)
 
     async def _close_control(self) -> None:
         if self._control is not None:
@@ -548,47 +425,20 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             self._control = None
 
     async def _control_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Requests of the in-kernel %sandbox magics (control.py validates and rate-limits)."""
+        """Requests of the in-kernel %sandbox magics (control.py bounds and rate-limits them;
+        ``limits.plan_change`` validates a change against the bounds and the ceilings)."""
         container, settings = self.container, self.settings
         if container is None or settings is None:
             return {"ok": False, "error": "the kernel is restarting; try again in a moment"}
-        ceilings = read_policy(SandboxPolicy(parent=self))
+        ceilings = read_policy(SandboxPolicy(parent=self)).ceilings
         if request.get("op") == "get":
-            lim = container.limits
-            return {
-                "ok": True,
-                "info": {
-                    "kernel_id": self.kernel_id,
-                    "kernelspec": self.kernelspec_name,
-                    "container_id": container.id,
-                    "image": container.spec.image,
-                    "image_digest": self._image_digest,
-                    "limits": {
-                        "memory": lim.memory,
-                        "cpus": lim.cpus,
-                        "cpu_deferred": lim.defer_cpu,
-                        "pids": lim.pids,
-                        "network": settings.network.value,
-                    },
-                    "ceilings": {
-                        "memory": format_size(ceilings.memory) if ceilings.memory else None,
-                        "cpus": format_cpus(ceilings.cpus) if ceilings.cpus else None,
-                        "pids": ceilings.pids,
-                    },
-                    "previous_exit": self._previous_exit,
-                },
-            }
+            return {"ok": True, "info": self._info(container, settings, ceilings)}
         usage: int | None
         try:
             usage = (await asyncio.to_thread(container.stats)).memory_current
         except SandboxError:
             usage = None
-        new, warnings = plan_limit_change(
-            request,
-            container.limits,
-            LimitCeilings(memory=ceilings.memory, cpus=ceilings.cpus, pids=ceilings.pids),
-            usage,
-        )
+        new, warnings = plan_change(request, container.limits, ceilings, usage)
         await asyncio.to_thread(container.update, new)
         self.log.info("kernel %s: limits changed from the kernel: %s", self.kernel_id, new)
         lim = container.limits
@@ -596,6 +446,29 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             "ok": True,
             "limits": {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids},
             "warnings": warnings,
+        }
+
+    def _info(
+        self, container: Container, settings: KernelSettings, ceilings: Any
+    ) -> dict[str, Any]:
+        """What ``%sandbox`` shows: names, image, limits, the admin's ceilings, last death."""
+        lim = container.limits
+        return {
+            "kernel_id": self.kernel_id,
+            "kernelspec": self.kernelspec_name,
+            "container_id": container.id,
+            "image": container.spec.image,
+            "image_digest": self._image_digest,
+            "limits": {
+                "memory": lim.memory,
+                "cpus": lim.cpus,
+                "cpu_deferred": lim.defer_cpu,
+                "pids": lim.pids,
+                "network": settings.network.value,
+            },
+            "ceilings": {name: ceilings.describe(name) for name in ("memory", "cpus")}
+            | {"pids": ceilings.pids},
+            "previous_exit": self._previous_exit,
         }
 
     async def cleanup(self, restart: bool = False) -> None:
@@ -616,13 +489,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             if process_alive(self._reattached_pid, self._reattached_start):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self._reattached_pid, signal.SIGKILL)
-            from . import gc
-
-            await asyncio.to_thread(gc.collect)
+            await asyncio.to_thread(collect_leftovers)
             self._reattached_pid = None
         if not restart:
             if self.kernel_id:
-                shutil.rmtree(kernels_dir() / str(self.kernel_id), ignore_errors=True)
+                exits.forget(str(self.kernel_id))
             self.container_id = None
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
@@ -668,7 +539,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._reattached_pid = None
         if self.container_id is not None:
             try:
-                info: ContainerInfo = Container.open(self.container_id)
+                info: ContainerInfo = find_container(self.container_id)
             except SandboxError:
                 return
             if info.running():
@@ -680,70 +551,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         s = self.settings
         if s is None:
             return "not started"
+        lim = s.limits
         return (
-            f"image {s.image}, memory {format_size(s.memory)}, cpus {format_cpus(s.cpus)}, "
-            f"pids {s.pids}, uid {s.uid}"
+            f"image {s.image}, memory {format_size(lim.memory)}, cpus {format_cpus(lim.cpus)}, "
+            f"pids {lim.pids}, uid {s.uid}"
         )
-
-
-class _Image:
-    """What the provisioner needs of an image of the store."""
-
-    def __init__(
-        self, ref: str, layers: list[str], env: dict[str, str], labels: dict[str, str], digest: str
-    ):
-        self.ref = ref
-        self.layers = layers
-        self.env = env
-        self.labels = labels
-        self.digest = digest
-
-    @property
-    def argv(self) -> list[str]:
-        raw = self.labels.get(LABEL_ARGV)
-        if not raw:
-            return []
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return []
-        return [str(a) for a in value] if isinstance(value, list) else []
-
-
-def _pairs(obj: Any) -> dict[str, str]:
-    if isinstance(obj, dict):
-        return {str(k): str(v) for k, v in obj.items()}
-    out: dict[str, str] = {}
-    for item in obj or ():
-        if isinstance(item, str):
-            k, _, v = item.partition("=")
-            out[k] = v
-        else:
-            k, v = item
-            out[str(k)] = str(v)
-    return out
-
-
-def _resolve_image(name: str, context: str) -> _Image:
-    from .errors import ImageError
-    from .images.store import ImageStore
-
-    try:
-        image = ImageStore().resolve(name)
-    except ImageError as exc:
-        raise SpecError(
-            f"image={name!r} is not in the image store ({exc}); build it with: "
-            f"sandbox-kernel image build {name.split(':', 1)[0]}",
-            context=context,
-        ) from None
-    ref = f"{image.name}:{image.tag}" if getattr(image, "tag", "") else str(image.name)
-    return _Image(
-        ref=ref,
-        layers=[str(p) for p in image.lowerdirs()],
-        env=_pairs(image.config.env),
-        labels=_pairs(image.config.labels),
-        digest=str(getattr(image, "digest", "")),
-    )
 
 
 async def _wait_kernel_info(connection_info: dict[str, Any], alive: Callable[[], bool]) -> None:

@@ -1,6 +1,6 @@
 """The demo: Python 2.7 and Python 3 notebooks executed side by side, each in its sandbox.
 
-``python -m sandbox_kernel.demo [--output DIR]``:
+``python -m sandbox_kernel.jupyter.demo [--output DIR]``:
 
 1. builds the python2.7 and python3 images if they are missing (first run: a few minutes);
 2. installs the two kernelspecs into this Python's prefix (``--sys-prefix``);
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ImageError, SandboxError
+from ..paths import shipped_dirs
 from . import kernelspecs
-from .errors import ImageError, SandboxError
 
 DEMOS: tuple[tuple[str, str, str], ...] = (
     # (notebook file, kernelspec, image)
@@ -47,19 +48,20 @@ KEYS: tuple[tuple[str, str], ...] = (
 
 
 def notebooks_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "notebooks_data", here.parent / "notebooks"):
+    """The folder of the shipped demo notebooks (called by the demo before it copies them)."""
+    candidates = shipped_dirs("notebooks")
+    for candidate in candidates:
         if (candidate / DEMOS[0][0]).is_file():
             return candidate
     raise SandboxError(
-        "the demo notebooks are missing "
-        f"(looked in {here / 'notebooks_data'} and {here.parent / 'notebooks'})"
+        f"the demo notebooks are missing (looked in {candidates[0]} and {candidates[1]}); "
+        "reinstall sandbox-kernel"
     )
 
 
 def ensure_images(names: Sequence[str], say: Any = print) -> None:
-    from .images.build import build_image
-    from .images.store import ImageStore
+    from ..images.build import build_image
+    from ..images.store import ImageStore
 
     for name in names:
         store = ImageStore()
@@ -166,7 +168,7 @@ async def run_demo(outdir: Path, timeout: int) -> list[Result]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sandbox_kernel.demo", description=__doc__.split("\n\n")[0]
+        prog="python -m sandbox_kernel.jupyter.demo", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--output", "-o", default="demo-output", help="folder for the executed notebooks"
@@ -184,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         if args.no_build:
-            from .images.store import ImageStore
+            from ..images.store import ImageStore
 
             for _, _, image in DEMOS:
                 ImageStore().resolve(image)

@@ -1,0 +1,207 @@
+"""What a kernel start needs from the image store and the runtime, as plain steps.
+
+Layer: Jupyter (no traitlets or jupyter_client here: the provisioner calls these functions
+from ``pre_launch``, in this order, and owns the contract's state):
+
+1. ``find_image``: the image a kernelspec names, with its kernel command, or an error
+   that says how to get it;
+2. ``connection_paths``: where the kernel's sockets, connection file and control socket go
+   (a folder of the container's run dir, bind-mounted at the same path inside);
+3. ``kernel_command`` and ``kernel_env``: the in-container command and environment;
+4. ``kernel_spec``: the ``ContainerSpec`` of the kernel's container.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ImageError, SandboxError, SpecError
+from ..images.labels import LABEL_ARGV, LABEL_KERNELSPEC
+from ..paths import PACKAGE_DIR
+from ..runtime.spec import Bind, ContainerSpec, env_key_problem
+from .resolve import KernelSettings
+
+CONN_SUBDIR = "conn"
+#: The control socket of the %sandbox magics, in the connection directory (see control.py).
+CONTROL_SOCKET = "control"
+CONTROL_ENV = "SANDBOX_KERNEL_CONTROL"
+#: The in-kernel extension, mounted read-only into every ipykernel-based sandbox kernel.
+MAGICS_SOURCE = PACKAGE_DIR / "magics"
+MAGICS_TARGET = "/opt/sandbox-kernel/magics"
+MAGICS_MODULE = "sandbox_magics"
+#: Unix socket paths must fit sockaddr_un.sun_path (108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
+_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
+_IPYKERNEL_MODULES = ("ipykernel_launcher", "ipykernel")
+EXAMPLE_ARGV = '["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]'
+
+
+@dataclass(frozen=True)
+class KernelImage:
+    """What a kernel start needs of an image of the store."""
+
+    ref: str  # name:tag
+    layers: tuple[str, ...]  # snapshot dirs, top-most first
+    env: tuple[tuple[str, str], ...]
+    argv: tuple[str, ...]  # the image's kernel command (label), empty if it has none
+    digest: str  # manifest digest
+
+
+def find_image(name: str, context: str) -> KernelImage:
+    """The image ``name`` of the store (blocking: called in a thread). SpecError carrying
+    the store's advice when it is missing or its kernel command label is malformed."""
+    from ..images.store import ImageStore
+
+    try:
+        image = ImageStore().resolve(name)
+        argv = image.kernel_argv() or ()
+    except ImageError as exc:  # the store's message says how to build or fix it
+        raise SpecError(str(exc), context=context) from None
+    return KernelImage(
+        ref=image.ref,
+        layers=image.lowerdirs(),
+        env=image.config.env,
+        argv=argv,
+        digest=image.digest,
+    )
+
+
+@dataclass(frozen=True)
+class ConnectionPaths:
+    """Where one kernel's connection lives on the host (and, at the same path, inside)."""
+
+    conn_dir: Path
+    ip: str  # the ipc transport's socket prefix (``<conn>/k``: k-1, k-2, ...)
+    connection_file: str
+    control: str  # the control socket of the %sandbox magics
+
+
+def connection_paths(root: Path, container_id: str, context: str) -> ConnectionPaths:
+    """The connection folder of container ``container_id`` under run root ``root``; a
+    SandboxError naming the fix when its socket paths would not fit a unix socket address."""
+    conn_dir = root / container_id / CONN_SUBDIR
+    longest = f"{conn_dir}/k-99999"
+    if len(longest.encode()) >= MAX_SOCKET_PATH:
+        raise SandboxError(
+            f"{context}: the run directory {root} is too long for unix socket paths "
+            f"({longest!r} must stay under {MAX_SOCKET_PATH} bytes); "
+            "set SANDBOX_KERNEL_RUN_DIR to a short path such as /run/sk"
+        )
+    return ConnectionPaths(
+        conn_dir=conn_dir,
+        ip=f"{conn_dir}/k",
+        connection_file=f"{conn_dir}/kernel.json",
+        control=str(conn_dir / CONTROL_SOCKET),
+    )
+
+
+def kernel_command(
+    spec_argv: Sequence[str],
+    image: KernelImage,
+    connection_file: str,
+    extra: Sequence[str],
+    *,
+    magics: bool,
+    context: str,
+) -> tuple[list[str], bool]:
+    """The in-container kernel command and whether the %sandbox magics are loaded into it
+    (only into ipykernel-based kernels, and only when ``magics`` is on).
+
+    The kernelspec's argv wins over the image's label. ``{connection_file}`` is substituted
+    here, not by ``km.format_kernel_cmd``: that one rewrites "python3" into the *host's*
+    interpreter path, which means nothing inside the container.
+    """
+    argv = list(spec_argv) or list(image.argv)
+    if not argv:
+        raise SpecError(
+            f"argv is empty in the kernelspec and the image has no {LABEL_ARGV} label; "
+            f"give the in-container command, e.g. {EXAMPLE_ARGV}",
+            context=context,
+        )
+    values = {"connection_file": connection_file}
+
+    def sub(match: re.Match[str]) -> str:
+        return values.get(match.group(1), match.group(0))
+
+    argv = [_PLACEHOLDER.sub(sub, str(a)) for a in argv] + [str(a) for a in extra]
+    with_magics = magics and any(
+        a in _IPYKERNEL_MODULES or a.endswith("/ipykernel_launcher.py") for a in argv
+    )
+    if with_magics:
+        argv.append(f"--ext={MAGICS_MODULE}")
+    return argv, with_magics
+
+
+def kernel_env(
+    image: KernelImage,
+    spec_env: Mapping[str, object],
+    settings: KernelSettings,
+    paths: ConnectionPaths,
+    *,
+    magics: bool,
+    context: str,
+) -> dict[str, str]:
+    """The kernel's environment, lowest priority first: the image's, the kernelspec's, the
+    settings' ``env``, then what the product sets. The server's own environment never enters.
+    """
+    env: dict[str, str] = {"PYTHONDONTWRITEBYTECODE": "1"}
+    env.update(image.env)
+    env.update({str(k): str(v) for k, v in spec_env.items()})
+    env.update(dict(settings.env))
+    env["JPY_SANDBOX_KERNEL"] = "1"
+    # The kernel's parent inside the container is its init (pid 1): ipykernel then neither
+    # polls a parent (the host's pid means nothing here) nor prints its `ipython kernel` note.
+    env["JPY_PARENT_PID"] = "1"
+    env[CONTROL_ENV] = paths.control
+    if magics:
+        env["PYTHONPATH"] = ":".join(p for p in (MAGICS_TARGET, env.get("PYTHONPATH")) if p)
+    problems = [p for p in (env_key_problem(k, "kernelspec env") for k in env) if p]
+    if problems:
+        raise SpecError(problems, context=context)
+    return env
+
+
+def kernel_spec(
+    container_id: str,
+    settings: KernelSettings,
+    image: KernelImage,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    workdir: str,
+    paths: ConnectionPaths,
+    magics: bool,
+    kernelspec: str,
+) -> ContainerSpec:
+    """The kernel's container: the notebook folder read-write at the same path (and the
+    working directory), the connection folder, the admin-approved extra mounts, and the
+    magics read-only."""
+    mounts: list[Bind] = [
+        Bind(source=workdir, target=workdir, readonly=False),
+        Bind(source=str(paths.conn_dir), target=str(paths.conn_dir), readonly=False),
+        *settings.mounts,
+    ]
+    if magics:
+        mounts.append(Bind(source=str(MAGICS_SOURCE), target=MAGICS_TARGET, readonly=True))
+    return ContainerSpec(
+        id=container_id,
+        layers=image.layers,
+        command=tuple(argv),
+        env=tuple(env.items()),
+        workdir=workdir,
+        user=settings.uid,
+        group=settings.gid,
+        allow_root=settings.uid == 0,
+        hostname=container_id,
+        writable_size=settings.writable_size,
+        tmp_size=settings.tmp_size,
+        mounts=tuple(mounts),
+        limits=settings.limits,
+        network=settings.network,
+        image=image.ref,
+        image_digest=image.digest,
+        labels=((LABEL_KERNELSPEC, kernelspec),),
+    )

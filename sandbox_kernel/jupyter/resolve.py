@@ -1,0 +1,326 @@
+"""From raw setting values to one validated ``KernelSettings``, against the admin's policy.
+
+Layer: Jupyter (plain data; the traits live in ``settings``). The provisioner calls
+``read_policy`` and ``resolve_settings`` in ``pre_launch``, so that every problem reaches the
+user at kernel start, all at once, one line each naming the field, the value and the
+accepted form. The caps use the one limits policy (``sandbox_kernel.limits``): the same
+bounds and ceilings as live changes from the ``%sandbox`` magics.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import pwd
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SpecError
+from ..limits import BOUNDS, Ceilings, Limits
+from ..runtime.spec import VOLUME_FORMS, Bind, NetworkMode, env_key_problem
+from ..units import parse_size
+from .settings import IMAGE_FORMS, USER_FORMS, SandboxPolicy
+
+NOBODY = 65534
+MAX_ID = 2**32 - 2
+_USER_RE = re.compile(r"^([0-9]+)(?::([0-9]+))?$")
+#: The caps of a kernel start, in the order they are reported.
+CAP_SETTINGS = ("memory", "cpus", "pids", "tmp_size", "writable_size")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The server's ``SandboxPolicy``, parsed: the caps' ceilings and what may be used."""
+
+    ceilings: Ceilings = field(default_factory=Ceilings)
+    #: Image names (or name:tag) kernels may use; empty: every image of the store.
+    images: tuple[str, ...] = ()
+    #: Host directories extra_mounts may take their source under.
+    mount_sources: tuple[str, ...] = ()
+    allow_root: bool = False
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """Validated settings of one kernel start (plain data, built by ``resolve_settings``)."""
+
+    image: str
+    limits: Limits  # memory, cpus, pids (cpus deferred until the kernel answered)
+    tmp_size: int
+    writable_size: int
+    mounts: tuple[Bind, ...]
+    env: tuple[tuple[str, str], ...]
+    network: NetworkMode
+    uid: int
+    gid: int
+    cpu_defer_timeout: float
+
+
+def read_policy(policy: SandboxPolicy) -> Policy:
+    """Parse the policy (the provisioner calls it at each start and each live request); a
+    malformed ceiling is the administrator's error, named as such."""
+    problems: list[str] = []
+
+    def size(name: str, value: str) -> int | None:
+        if not value:
+            return None
+        try:
+            return parse_size(value, f"SandboxPolicy.{name}")
+        except SpecError as exc:
+            problems.append(str(exc))
+            return None
+
+    sources = []
+    for src in policy.allowed_mount_sources:
+        if not src.startswith("/"):
+            problems.append(
+                f"SandboxPolicy.allowed_mount_sources entry {src!r} must be an absolute path"
+            )
+        else:
+            sources.append(posixpath.normpath(src))
+    ceilings = Ceilings(
+        memory=size("max_memory", policy.max_memory),
+        cpus=policy.max_cpus if policy.max_cpus > 0 else None,
+        pids=policy.max_pids if policy.max_pids > 0 else None,
+        tmp_size=size("max_tmp_size", policy.max_tmp_size),
+        writable_size=size("max_writable_size", policy.max_writable_size),
+    )
+    if problems:
+        raise SpecError(problems, context="the server's SandboxPolicy (jupyter_server_config.py)")
+    return Policy(
+        ceilings=ceilings,
+        images=tuple(policy.allowed_images),
+        mount_sources=tuple(sources),
+        allow_root=bool(policy.allow_root),
+    )
+
+
+def parse_user(value: object, *, workdir: str | None, server_uid: int) -> tuple[int, int]:
+    """Resolve the ``user`` setting to (uid, gid). Root is checked by the caller."""
+    if isinstance(value, bool):
+        raise SpecError(f"user={value!r} is not a user; use {USER_FORMS}")
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"user={value!r} is not a user; use {USER_FORMS}")
+    if value == "auto":
+        return _auto_user(workdir, server_uid)
+    m = _USER_RE.match(value)
+    if m:
+        uid = int(m.group(1))
+        if m.group(2) is not None:
+            gid = int(m.group(2))
+        else:
+            try:
+                gid = pwd.getpwuid(uid).pw_gid
+            except KeyError:
+                gid = uid
+        if uid > MAX_ID or gid > MAX_ID:
+            raise SpecError(f"user={value!r} is out of range; ids go from 0 to {MAX_ID}")
+        return uid, gid
+    try:
+        entry = pwd.getpwnam(value)
+    except KeyError:
+        raise SpecError(f"user={value!r} is no user of this host; use {USER_FORMS}") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _auto_user(workdir: str | None, server_uid: int) -> tuple[int, int]:
+    """``user='auto'``: a non-root server's own ids; as root, the notebook folder's owner
+    (0, 0 for a root-owned folder: the caller decides, nobody unless allow_root)."""
+    if server_uid != 0:
+        return server_uid, os.getegid()
+    if workdir is None:
+        return NOBODY, NOBODY
+    try:
+        st = os.stat(workdir)
+    except OSError as exc:
+        raise SpecError(
+            f"user='auto': the notebook directory {workdir!r} cannot be read "
+            f"({exc.strerror}); give an existing directory"
+        ) from None
+    if st.st_uid == 0:
+        return 0, 0
+    return st.st_uid, st.st_gid
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+class _Resolver:
+    """One resolution: collects problems while each field is resolved on its own."""
+
+    def __init__(
+        self,
+        values: Mapping[str, Any],
+        policy: Policy,
+        explicit: frozenset[str],
+        workdir: str | None,
+        server_uid: int,
+    ) -> None:
+        self.values = values
+        self.policy = policy
+        self.explicit = explicit
+        self.workdir = workdir
+        self.server_uid = server_uid
+        self.problems: list[str] = []
+
+    def guard(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as exc:
+            self.problems.extend(exc.problems)
+            return None
+
+    def image(self) -> str:
+        image = self.values["image"]
+        if not isinstance(image, str) or not image.strip():
+            self.problems.append(f"image={image!r} is missing or empty; use {IMAGE_FORMS}")
+            return ""
+        image = image.strip()
+        allowed = self.policy.images
+        if allowed and image.split(":", 1)[0] not in allowed and image not in allowed:
+            self.problems.append(
+                f"image={image!r} is not allowed by the administrator "
+                f"(SandboxPolicy.allowed_images: {', '.join(allowed)}); use one of those"
+            )
+        return image
+
+    def cap(self, name: str) -> Any:
+        """A cap within its bound and the ceiling: an explicit value above the ceiling is an
+        error; a default above it is lowered to the ceiling."""
+        raw = self.values[name]
+        value = self.guard(BOUNDS[name].parse, raw, name)
+        if value is None:
+            return None
+        ceilings = self.policy.ceilings
+        problem = ceilings.start_problem(name, raw, value)
+        if problem is None:
+            return value
+        if name in self.explicit:
+            self.problems.append(problem)
+            return None
+        return ceilings.of(name)
+
+    def mounts(self) -> tuple[Bind, ...]:
+        raw = self.values["extra_mounts"]
+        if not isinstance(raw, (list, tuple)):
+            self.problems.append(
+                f"extra_mounts={raw!r} is not a list; use a list of {VOLUME_FORMS}"
+            )
+            return ()
+        out = []
+        for entry in raw:
+            bind = self.guard(Bind.parse, entry, "extra_mounts entry")
+            if bind is None:
+                continue
+            problem = self._mount_problem(entry, bind)
+            if problem:
+                self.problems.append(f"extra_mounts entry {entry!r}: {problem}")
+            else:
+                out.append(bind)
+        return tuple(out)
+
+    def _mount_problem(self, entry: str, bind: Bind) -> str | None:
+        if not _under(bind.source, self.policy.mount_sources):
+            where = ", ".join(self.policy.mount_sources) or "none are allowed"
+            return (
+                f"source {bind.source} is not under an allowed directory "
+                f"(SandboxPolicy.allowed_mount_sources: {where})"
+            )
+        if not os.path.exists(bind.source):
+            return f"{bind.source} does not exist on the host"
+        if self.workdir is not None and bind.target == self.workdir:
+            return f"{bind.target} is the notebook's directory; pick another target"
+        return None
+
+    def env(self) -> tuple[tuple[str, str], ...]:
+        raw = self.values["env"]
+        if not isinstance(raw, Mapping):
+            self.problems.append(f'env={raw!r} is not a mapping; use {{"NAME": "value"}}')
+            return ()
+        out = []
+        for key, val in raw.items():
+            problem = env_key_problem(key)
+            if problem:
+                self.problems.append(problem)
+            elif not isinstance(val, str) or "\0" in val:
+                self.problems.append(f"env {key}={val!r} must be a string without NUL bytes")
+            else:
+                out.append((key, val))
+        return tuple(out)
+
+    def network(self) -> NetworkMode:
+        raw = self.values["network"]
+        try:
+            return NetworkMode(raw)
+        except ValueError:
+            modes = ", ".join(repr(m.value) for m in NetworkMode)
+            self.problems.append(f"network={raw!r} is not available; use {modes}")
+            return NetworkMode.NONE
+
+    def identity(self) -> tuple[int, int]:
+        raw = self.values["user"]
+        ids = self.guard(parse_user, raw, workdir=self.workdir, server_uid=self.server_uid)
+        if ids is None:
+            return NOBODY, NOBODY
+        if ids[0] == 0 and not self.policy.allow_root:
+            if raw == "auto":
+                return NOBODY, NOBODY
+            self.problems.append(
+                f"user={raw!r} is root, which the administrator does not allow "
+                "(SandboxPolicy.allow_root = False); use an unprivileged uid, e.g. 1000"
+            )
+        return ids  # type: ignore[no-any-return]
+
+    def cpu_defer_timeout(self) -> float:
+        timeout = self.values["cpu_defer_timeout"]
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            self.problems.append(
+                f"cpu_defer_timeout={timeout!r} must be a positive number of seconds, e.g. 60"
+            )
+            return 60.0
+        return float(timeout)
+
+
+def resolve_settings(
+    values: Mapping[str, Any],
+    policy: Policy,
+    *,
+    explicit: frozenset[str],
+    workdir: str | None,
+    context: str,
+    server_uid: int | None = None,
+) -> KernelSettings:
+    """Validate raw setting values against their forms and the administrator's policy.
+
+    ``values`` maps every name of ``settings.SETTING_NAMES`` to its raw value; ``explicit``
+    names those set by a kernelspec or a config file (a default above a ceiling is lowered to
+    the ceiling, an explicit value above it is an error). Raises one SpecError listing every
+    problem, with ``context`` (e.g. "kernelspec 'python3-sandbox'") in front.
+    """
+    r = _Resolver(
+        values, policy, explicit, workdir, os.geteuid() if server_uid is None else server_uid
+    )
+    image = r.image()
+    caps = {name: r.cap(name) for name in CAP_SETTINGS}
+    mounts, env, network = r.mounts(), r.env(), r.network()
+    uid, gid = r.identity()
+    timeout = r.cpu_defer_timeout()
+    if r.problems:
+        raise SpecError(r.problems, context=context)
+    return KernelSettings(
+        image=image,
+        limits=Limits(memory=caps["memory"], cpus=caps["cpus"], pids=caps["pids"], defer_cpu=True),
+        tmp_size=caps["tmp_size"],
+        writable_size=caps["writable_size"],
+        mounts=mounts,
+        env=env,
+        network=network,
+        uid=uid,
+        gid=gid,
+        cpu_defer_timeout=timeout,
+    )

@@ -1,0 +1,221 @@
+"""The traits: per-kernel sandbox settings and the administrator's policy.
+
+Layer: Jupyter (traitlets). Two configurables:
+
+* ``SandboxProvisioner`` (provisioner.py) carries the per-kernel settings declared here in
+  ``SandboxSettings``. They come, lowest priority first, from the trait defaults, from the
+  Jupyter config files (``c.SandboxProvisioner.memory = "2G"``), and from the kernelspec's
+  ``metadata.kernel_provisioner.config`` (the provisioner factory passes them as keyword
+  arguments).
+* ``SandboxPolicy`` holds the administrator's ceilings, set only in the server's config
+  (``c.SandboxPolicy.max_memory = "4G"`` in ``jupyter_server_config.py``). No kernelspec can
+  go above them: a value above a ceiling fails the kernel start with a message naming the
+  kernelspec, the field, the value and the ceiling.
+
+``resolve.resolve_settings`` validates the values at once and returns a ``KernelSettings``
+(plain data); ``docs`` generates docs/configuration.md from the traits' help.
+"""
+
+from __future__ import annotations
+
+from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
+from traitlets.config import Configurable, LoggingConfigurable
+
+from ..limits import PIDS_FORMS
+from ..runtime.spec import VOLUME_FORMS
+from ..units import CPUS_FORMS, SIZE_FORMS
+
+USER_FORMS = (
+    "'auto' (the owner of the notebook's directory), a uid, 'uid:gid' or a user name, "
+    "e.g. 1000 or '1000:100'"
+)
+IMAGE_FORMS = "an image name of the store (see: sandbox-kernel image ls), e.g. 'python3'"
+
+
+class SandboxSettings(LoggingConfigurable):
+    """Per-kernel sandbox settings (config=True traits shared by the provisioner)."""
+
+    image = Unicode(
+        "",
+        config=True,
+        help="""Image the kernel runs in: a name of the image store, optionally with a tag
+        ('python3', 'python2.7:latest'). List them with `sandbox-kernel image ls`.
+        Default: '' (the kernelspec must name one).""",
+    )
+    memory = Union(
+        [Unicode(), Int()],
+        default_value="1G",
+        config=True,
+        help="""Memory cap of the whole sandbox (kernel and its children), swap off.
+        Unit: bytes, or a number with K, M, G or T (binary units), e.g. 512M, 1.5G.
+        Default: 1G. The kernel is killed by the OOM killer above it.""",
+    )
+    cpus = Union(
+        [Float(), Int(), Unicode()],
+        default_value=1.0,
+        config=True,
+        help="""CPU cap, in CPUs (fractions allowed: 0.5 = half a CPU over each 100 ms).
+        Applied once the kernel answered its first kernel_info (start is not slowed down).
+        Default: 1.""",
+    )
+    pids = Union(
+        [Int(), Unicode()],
+        default_value=256,
+        config=True,
+        help="""Maximum number of processes and threads in the sandbox (a fork beyond it
+        fails with EAGAIN; the kernel stays usable). Unit: tasks. Default: 256.""",
+    )
+    tmp_size = Union(
+        [Unicode(), Int()],
+        default_value="256M",
+        config=True,
+        help="""Size of the sandbox's /tmp and of its home directory (tmpfs, counted in the
+        memory cap). Unit: bytes or K/M/G/T. Default: 256M.""",
+    )
+    writable_size = Union(
+        [Unicode(), Int()],
+        default_value="256M",
+        config=True,
+        help="""Size of the writable layer on top of the image (pip install --user, files
+        written outside /tmp and the notebook folder; tmpfs, counted in the memory cap).
+        Unit: bytes or K/M/G/T. Default: 256M.""",
+    )
+    extra_mounts = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="""Host paths made visible in the sandbox besides the notebook's directory,
+        each 'SRC:DST[:ro|rw]' (absolute paths; read-only unless ':rw'). Every SRC must be
+        under one of SandboxPolicy.allowed_mount_sources. Default: [] (none).""",
+    )
+    env = Dict(
+        value_trait=Unicode(),
+        default_value={},
+        config=True,
+        help="""Extra environment variables of the kernel ({"NAME": "value"}), on top of the
+        image's and the kernelspec's env. The server's own environment never enters the
+        sandbox. Default: {}.""",
+    )
+    network = Unicode(
+        "none",
+        config=True,
+        help="""Network of the sandbox. 'none': a private network namespace with only
+        loopback (the only mode today; Jupyter talks to the kernel over unix sockets).
+        Default: 'none'.""",
+    )
+    user = Union(
+        [Unicode(), Int()],
+        default_value="auto",
+        config=True,
+        help="""Who the kernel runs as. 'auto': when the server runs as root, the owner of
+        the notebook's directory (65534 'nobody' if that owner is root, unless
+        SandboxPolicy.allow_root); otherwise the server's own uid. Or a uid, 'uid:gid' or a
+        user name of the host. Never root unless SandboxPolicy.allow_root. Default: 'auto'.""",
+    )
+    magics = Bool(
+        True,
+        config=True,
+        help="""Load the %sandbox magics into ipykernel-based kernels (limits and usage,
+        live limit changes within SandboxPolicy, why the previous kernel died). The
+        extension is mounted read-only; images are not modified. Default: True.""",
+    )
+    cpu_defer_timeout = Float(
+        60.0,
+        config=True,
+        help="""Seconds to wait for the kernel's first kernel_info reply before the CPU cap
+        is applied anyway. Unit: seconds. Default: 60.""",
+    )
+
+
+#: The settings a kernelspec may set in metadata.kernel_provisioner.config.
+SETTING_NAMES: tuple[str, ...] = (
+    "image",
+    "memory",
+    "cpus",
+    "pids",
+    "tmp_size",
+    "writable_size",
+    "extra_mounts",
+    "env",
+    "network",
+    "user",
+    "magics",
+    "cpu_defer_timeout",
+)
+
+
+class SandboxPolicy(Configurable):
+    """Administrator's ceilings for every sandbox kernel of this server.
+
+    Set in jupyter_server_config.py, e.g. ``c.SandboxPolicy.max_memory = "4G"``.
+    A kernelspec (or the provisioner's config) asking for more fails to start, naming the
+    kernelspec, the field, the value and the ceiling.
+    """
+
+    max_memory = Unicode(
+        "",
+        config=True,
+        help="""Largest memory cap a kernel may ask for. Unit: bytes or K/M/G/T, e.g. 4G.
+        Default: '' (no ceiling).""",
+    )
+    max_cpus = Float(
+        0.0,
+        config=True,
+        help="""Largest CPU cap a kernel may ask for, in CPUs. Default: 0 (no ceiling).""",
+    )
+    max_pids = Int(
+        0,
+        config=True,
+        help="""Largest process cap a kernel may ask for. Default: 0 (no ceiling).""",
+    )
+    max_tmp_size = Unicode(
+        "",
+        config=True,
+        help="""Largest /tmp (and home) size. Unit: bytes or K/M/G/T. Default: '' (no ceiling).""",
+    )
+    max_writable_size = Unicode(
+        "",
+        config=True,
+        help="""Largest writable layer. Unit: bytes or K/M/G/T. Default: '' (no ceiling).""",
+    )
+    allowed_images = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="""Image names kernels may use (without tag: 'python3' allows every tag of it).
+        Default: [] (every image of the store).""",
+    )
+    allowed_mount_sources = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help="""Host directories under which a kernelspec's extra_mounts may take their
+        source, e.g. ['/srv/datasets']. Default: [] (no extra mounts; the notebook's
+        directory is always mounted).""",
+    )
+    allow_root = Bool(
+        False,
+        config=True,
+        help="""Allow kernels to run as root (uid 0) inside the sandbox, when asked with
+        user=0 or when 'auto' finds a root-owned notebook directory. Default: False
+        (such kernels run as 65534).""",
+    )
+
+
+def setting_forms(name: str) -> str:
+    """The accepted forms of setting ``name``, for a message about a value of the wrong type
+    (the provisioner calls it when traitlets refuses a kernelspec value)."""
+    return {
+        "image": f"use {IMAGE_FORMS}",
+        "memory": f"use {SIZE_FORMS}",
+        "tmp_size": f"use {SIZE_FORMS}",
+        "writable_size": f"use {SIZE_FORMS}",
+        "cpus": f"use {CPUS_FORMS}",
+        "pids": f"use {PIDS_FORMS}",
+        "extra_mounts": f"use a list of {VOLUME_FORMS}",
+        "env": 'use {"NAME": "value"} with string values',
+        "network": "use 'none'",
+        "user": f"use {USER_FORMS}",
+        "cpu_defer_timeout": "use a number of seconds, e.g. 60",
+        "magics": "use true or false",
+    }.get(name, "see docs/configuration.md")

@@ -1,0 +1,248 @@
+"""The one limits policy: what a cap is, its bounds, how it is parsed, and the ceilings.
+
+Layer: leaf (imports only ``errors`` and ``units``). Every path that sets a cap uses it:
+
+* the start path: ``jupyter.resolve.resolve_settings`` parses a kernelspec's values with
+  ``BOUNDS[name].parse`` and holds them against the admin's ``Ceilings``;
+* live changes: ``plan_change`` validates a ``%sandbox memory=2G`` request (the kernel's
+  control socket, ``jupyter.control``) with the same bounds and ceilings;
+* the runtime: ``runtime.validate.check_limits`` checks a ``ContainerSpec``'s ``Limits``
+  with ``limit_problems``, so ``sandbox-kernel run`` obeys the same bounds;
+* the CLI and ``kernelspec install`` parse ``--memory``/``--cpus``/``--pids`` with them.
+
+A bound is a property of the product (what a container can be given); a ceiling is the
+administrator's choice (``SandboxPolicy.max_*``), never above the bound.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .errors import LimitRefused, SpecError
+from .units import CPUS_FORMS, SIZE_FORMS, format_cpus, format_size, parse_cpus, parse_size
+
+MIB = 1024 * 1024
+
+PIDS_FORMS = "a whole number of processes, e.g. 256"
+#: What the kernel accepts as pids.max (PID_MAX_LIMIT on 64-bit).
+PIDS_KERNEL_MAX = 4 * 1024 * 1024
+_WHOLE = re.compile(r"^\s*[0-9]+\s*$")
+
+
+def parse_count(value: object, field: str = "pids") -> int:
+    """A whole number written with ASCII digits (``256``, ``"256"``); SpecError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise SpecError(f"{field}={value!r} is not a whole number; use {PIDS_FORMS}")
+    if isinstance(value, str) and not _WHOLE.match(value):
+        raise SpecError(f"{field}={value!r} is not a whole number; use {PIDS_FORMS}")
+    number = int(value)
+    if number < 0:
+        raise SpecError(f"{field}={value!r} is not a whole number; use {PIDS_FORMS}")
+    return number
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The accepted range and form of one cap.
+
+    name: the setting's name (``memory``). parser: raw value -> number (raises SpecError).
+    minimum/maximum: inclusive range (maximum None: no upper bound). forms: accepted forms,
+    for messages. fmt: number -> human form (``1 GiB``). short: number -> input form that the
+    parser accepts back (``1024M``), used in "use at least ..." advice.
+    """
+
+    name: str
+    parser: Callable[[Any, str], float]
+    minimum: float
+    maximum: float | None
+    forms: str
+    fmt: Callable[[float], str]
+    short: Callable[[float], str]
+
+    def parse(self, raw: object, field: str | None = None) -> Any:
+        """The value of ``raw`` (``"2G"``, ``1.5``, ``"256"``) if it is in range; else a
+        SpecError naming the field, the value and the accepted form or range."""
+        field = field or self.name
+        if isinstance(raw, str) and len(raw) > 64:
+            raise SpecError(f"{field}={raw[:32]!r}... is too long; use {self.forms}")
+        value = self.parser(raw, field)
+        problem = self.problem(value, raw, field)
+        if problem:
+            raise SpecError(problem)
+        return value
+
+    def problem(self, value: float, raw: object = None, field: str | None = None) -> str | None:
+        """The one-line reason ``value`` is out of range, or None."""
+        field = field or self.name
+        shown = repr(raw) if raw is not None else str(value)
+        if value < self.minimum:
+            return f"{field}={shown} is too small; use at least {self.short(self.minimum)}"
+        if self.maximum is not None and value > self.maximum:
+            return f"{field}={shown} is too large; use at most {self.short(self.maximum)}"
+        return None
+
+
+def _size_short(n: float) -> str:
+    for unit, factor in (("T", 1024**4), ("G", 1024**3), ("M", MIB), ("K", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{int(n // factor)}{unit}"
+    return str(int(n))
+
+
+def _size_bound(name: str, minimum: int) -> Bound:
+    return Bound(name, parse_size, minimum, None, SIZE_FORMS, format_size, _size_short)
+
+
+MEMORY = _size_bound("memory", 16 * MIB)
+CPUS = Bound("cpus", parse_cpus, 0.01, 1024.0, CPUS_FORMS, format_cpus, format_cpus)
+PIDS = Bound("pids", parse_count, 16, PIDS_KERNEL_MAX, PIDS_FORMS, lambda n: str(int(n)), str)
+TMP_SIZE = _size_bound("tmp_size", MIB)
+WRITABLE_SIZE = _size_bound("writable_size", MIB)
+SHM_SIZE = _size_bound("shm_size", MIB)
+
+#: Every bound by setting name.
+BOUNDS: dict[str, Bound] = {
+    b.name: b for b in (MEMORY, CPUS, PIDS, TMP_SIZE, WRITABLE_SIZE, SHM_SIZE)
+}
+#: The caps a running kernel may change (``%sandbox memory=2G cpus=2 pids=512``).
+LIVE: tuple[str, ...] = ("memory", "cpus", "pids")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource caps of one container. ``None`` means no cap.
+
+    memory: bytes; swap is off (memory+swap = memory) unless ``memory_swap`` is set.
+    memory_swap: bytes of swap allowed on top of memory (None: swap off).
+    cpus: fractional CPUs, applied as a CFS quota over a 100 ms period.
+    cpu_weight: relative share 1..10000 (v2 cpu.weight; v1 cpu.shares is derived).
+    pids: maximum number of tasks.
+    defer_cpu: create the container without the CPU quota; ``Container.apply_deferred_cpu``
+    applies it later (kernel start is CPU-bound; the provisioner applies it once the kernel
+    answered its first request).
+    """
+
+    memory: int | None = None
+    memory_swap: int | None = None
+    cpus: float | None = None
+    cpu_weight: int | None = None
+    pids: int | None = None
+    defer_cpu: bool = False
+
+
+def limit_problems(limits: Limits) -> list[str]:
+    """Every cap of ``limits`` outside its bound, one line each (``runtime.validate`` calls
+    this for each container spec)."""
+    out = []
+    for name in LIVE:
+        value = getattr(limits, name)
+        if value is not None:
+            problem = BOUNDS[name].problem(value)
+            if problem:
+                out.append(problem)
+    if limits.memory_swap is not None and limits.memory_swap < 0:
+        out.append(f"memory_swap={limits.memory_swap} must be >= 0 bytes")
+    if limits.cpu_weight is not None and not 1 <= limits.cpu_weight <= 10000:
+        out.append(f"cpu_weight={limits.cpu_weight} is out of range; use 1..10000 (100 = default)")
+    return out
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The administrator's per-kernel ceilings (``SandboxPolicy.max_*``), parsed. None: no
+    ceiling of the admin's (the bound still applies). Read by ``jupyter.resolve.read_policy``.
+    """
+
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    tmp_size: int | None = None
+    writable_size: int | None = None
+
+    def of(self, name: str) -> float | None:
+        """The ceiling of setting ``name`` (None when there is none or it has no ceiling)."""
+        return getattr(self, name, None) if name in _CEILING_NAMES else None
+
+    def describe(self, name: str) -> str | None:
+        """The ceiling in human form (``4 GiB``), or None."""
+        top = self.of(name)
+        return None if top is None else BOUNDS[name].fmt(top)
+
+    def start_problem(self, name: str, raw: object, value: float) -> str | None:
+        """Why a kernelspec value is above the ceiling (start path), or None."""
+        top = self.of(name)
+        if top is None or value <= top:
+            return None
+        text = BOUNDS[name].fmt(top)
+        return (
+            f"{name}={raw!r} is above the administrator's ceiling "
+            f"(SandboxPolicy.max_{name} = {text}); ask for at most {text}"
+        )
+
+
+_CEILING_NAMES = frozenset(f.name for f in fields(Ceilings))
+
+
+def _live_text(name: str, value: float) -> str:
+    if name == "memory":
+        return format_size(value)
+    if name == "cpus":
+        return f"{value:g} CPUs"
+    return f"{int(value)} processes"
+
+
+def plan_change(
+    request: Mapping[str, Any],
+    current: Limits,
+    ceilings: Ceilings,
+    memory_usage: int | None,
+) -> tuple[Limits, list[str]]:
+    """Validate a live ``set`` request (``{"op": "set", "memory": "2G"}``) against the bounds
+    and the ceilings; return the new limits and warnings. Called by the provisioner for each
+    request on a kernel's control socket. Raises LimitRefused naming the field, the value and
+    the allowed range.
+    """
+    unknown = sorted(str(k)[:32] for k in set(request) - {"op", *LIVE})
+    if unknown:
+        raise LimitRefused(
+            f"unknown field(s) {', '.join(unknown)}; you can change: {', '.join(LIVE)}"
+        )
+    changes = {k: request[k] for k in LIVE if k in request}
+    if not changes:
+        raise LimitRefused(f"nothing to change; give one of: {', '.join(LIVE)}, e.g. memory=2G")
+    new = current
+    warnings: list[str] = []
+    for name, raw in changes.items():
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool) or len(str(raw)) > 32:
+            raise LimitRefused(f"{name}={str(raw)[:32]!r} is not a valid value")
+        bound = BOUNDS[name]
+        try:
+            value = bound.parser(raw, name)
+        except SpecError as exc:
+            raise LimitRefused(str(exc)) from None
+        top = ceilings.of(name)
+        if top is not None and value > top:
+            raise LimitRefused(
+                f"{name}={raw} refused: this server allows at most "
+                f"{_live_text(name, top)} per kernel"
+            )
+        if value < bound.minimum or (bound.maximum is not None and value > bound.maximum):
+            edge = bound.minimum if value < bound.minimum else bound.maximum
+            word = "minimum" if value < bound.minimum else "maximum"
+            assert edge is not None
+            raise LimitRefused(f"{name}={raw} refused: the {word} is {_live_text(name, edge)}")
+        if name == "memory" and memory_usage is not None and value < memory_usage:
+            warnings.append(
+                f"the kernel uses {format_size(memory_usage)} now, more than the new limit "
+                f"{format_size(value)}: it may be stopped for lack of memory"
+            )
+        if name == "cpus":
+            new = replace(new, cpus=float(value))
+        elif name == "memory":
+            new = replace(new, memory=int(value))
+        else:
+            new = replace(new, pids=int(value))
+    return new, warnings

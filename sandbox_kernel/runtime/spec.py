@@ -1,0 +1,211 @@
+"""The container spec: pure data, no system calls.
+
+A ``ContainerSpec`` says everything about one container. Its callers build one (the
+provisioner for a kernel, ``sandbox-kernel run`` for a command, the image builder for a
+recipe step); ``validate.validate_spec`` checks it, ``plan.compile_plan`` turns it into the
+ordered operations that the executor (``native/sk-runtime.c``) performs, and
+``container.Container`` drives the lifecycle.
+
+The rules that every caller shares live here, once: what a container path looks like
+(``is_clean_abs``), what an environment variable name is (``env_key_problem``), and the
+``SRC:DST[:ro|rw]`` volume form (``Bind.parse``).
+"""
+
+from __future__ import annotations
+
+import enum
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+from ..errors import SpecError
+from ..limits import Limits
+
+__all__ = [
+    "DEFAULT_MASKED_PATHS",
+    "DEFAULT_READONLY_PATHS",
+    "VOLUME_FORMS",
+    "Bind",
+    "ContainerSpec",
+    "IdMap",
+    "Limits",
+    "MountOp",
+    "NetworkMode",
+    "Tmpfs",
+    "env_key_problem",
+    "is_clean_abs",
+]
+
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+VOLUME_FORMS = "SRC:DST, SRC:DST:ro or SRC:DST:rw with absolute paths (read-only unless :rw)"
+
+
+def is_clean_abs(path: str) -> bool:
+    """An absolute, normalised path without ``..``, empty components or NUL bytes: the only
+    form a container path (mount target, working directory, layer, masked path) may take."""
+    return (
+        path.startswith("/")
+        and "\0" not in path
+        and posixpath.normpath(path) == path
+        and ".." not in path.split("/")
+    )
+
+
+def env_key_problem(key: object, where: str = "env") -> str | None:
+    """Why ``key`` is not a valid environment variable name, or None. Used by the validators,
+    the kernel settings, the provisioner (kernelspec env) and image recipes."""
+    if isinstance(key, str) and _ENV_KEY_RE.match(key):
+        return None
+    return f"{where} key {key!r} is invalid; use letters, digits and '_' (not first a digit)"
+
+
+class NetworkMode(str, enum.Enum):
+    """How the container reaches the network.
+
+    ``none``: a fresh network namespace with only loopback up (the only mode today;
+    Jupyter talks to the kernel over unix sockets bind-mounted into the container).
+    """
+
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Bind:
+    """Bind-mount a host path into the container.
+
+    source: absolute host path (a directory or a file), opened by the executor on the host.
+    target: absolute path inside the container, resolved inside the new root (a symlink in
+    the image can never point it at the host).
+    readonly: mount read-only (the default).
+    """
+
+    source: str
+    target: str
+    readonly: bool = True
+
+    @classmethod
+    def parse(cls, text: object, what: str = "volume") -> Bind:
+        """``SRC:DST[:ro|rw]`` (read-only unless ``:rw``) -> Bind; SpecError naming ``what``
+        and the accepted form. Used by ``run --volume`` and ``extra_mounts``."""
+        if not isinstance(text, str):
+            raise SpecError(f"{what} {text!r} is not a string; use {VOLUME_FORMS}")
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            raise SpecError(f"{what} {text!r} is malformed; use {VOLUME_FORMS}")
+        src, dst = parts[0], parts[1]
+        for path in (src, dst):
+            if not is_clean_abs(path):
+                raise SpecError(
+                    f"{what} {text!r}: {path!r} is not an absolute normalised path; "
+                    f"use {VOLUME_FORMS}"
+                )
+        return cls(source=src, target=dst, readonly=len(parts) == 2 or parts[2] == "ro")
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    """Mount a size-capped tmpfs (``size`` bytes, counted in the memory cap) at ``target``
+    inside the container, with directory ``mode``."""
+
+    target: str
+    size: int
+    mode: int = 0o1777
+
+
+MountOp = Bind | Tmpfs
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """One uid or gid map line of a user namespace: ids ``inside .. inside+count-1`` of the
+    container are ids ``outside ..`` of the host."""
+
+    inside: int
+    outside: int
+    count: int
+
+
+DEFAULT_MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",  # RAPL energy counters (CVE-2020-8694)
+)
+DEFAULT_READONLY_PATHS = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything about one container, as data (checked by ``validate.validate_spec``)."""
+
+    #: Container id, ``sk-`` and 12 hex digits (``paths.new_container_id``); every host
+    #: resource of the container (run dir, cgroups) is named from it.
+    id: str
+    #: Read-only layer directories of the image, top-most first (overlay lowerdir order).
+    layers: tuple[str, ...]
+    #: argv of the main process; argv[0] is looked up in the container's PATH.
+    command: tuple[str, ...]
+    #: Environment of the main process, (name, value) pairs; nothing of the caller's
+    #: environment is inherited. PATH, HOME, HOSTNAME and LANG get defaults (``plan``).
+    env: tuple[tuple[str, str], ...] = ()
+    #: Working directory of the main process, an absolute path inside the container.
+    workdir: str = "/"
+    #: uid the main process runs as inside the container (0 only with ``allow_root``).
+    user: int = 65534
+    #: gid the main process runs as inside the container.
+    group: int = 65534
+    #: Allow ``user == 0`` (root inside the container, still without capabilities).
+    allow_root: bool = False
+    #: Hostname in the container's own uts namespace (also written to /etc/hostname).
+    hostname: str = "sandbox"
+    #: Bytes of the tmpfs holding the overlay's writable layer (counted in the memory cap).
+    writable_size: int = 256 * 1024**2
+    #: Bytes of the container's /tmp and of its home directory (each a tmpfs).
+    tmp_size: int = 256 * 1024**2
+    #: Bytes of /dev/shm.
+    shm_size: int = 64 * 1024**2
+    #: Volumes and extra tmpfs mounts, mounted in this order after the standard layout.
+    mounts: tuple[MountOp, ...] = ()
+    #: cgroup caps (memory, CPU, processes).
+    limits: Limits = field(default_factory=Limits)
+    #: How the container reaches the network.
+    network: NetworkMode = NetworkMode.NONE
+    #: User-namespace uid map (empty: no user namespace).
+    uid_map: tuple[IdMap, ...] = ()
+    #: User-namespace gid map (empty: no user namespace).
+    gid_map: tuple[IdMap, ...] = ()
+    #: Paths hidden inside the container (an empty tmpfs or /dev/null over them).
+    masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
+    #: Paths made read-only inside the container.
+    readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
+    #: Load the allow-list seccomp filter before exec.
+    seccomp: bool = True
+    #: RLIMIT_NOFILE of the main process (soft and hard).
+    nofile: int = 4096
+    #: Image reference shown by ``ps`` (``python3:latest``, ``host``).
+    image: str = ""
+    #: Manifest digest of the image; written to the run dir so that ``image rm`` can refuse
+    #: to remove an image a running container uses.
+    image_digest: str = ""
+    #: Free-form (key, value) labels kept in the run dir's metadata (e.g. the kernelspec).
+    labels: tuple[tuple[str, str], ...] = ()
+    #: Keep the writable layer in ``HostContext.scratch_dir`` on disk instead of a tmpfs
+    #: (image builds: what the step writes becomes the new layer).
+    persistent_upper: bool = False
+
+    def env_dict(self) -> dict[str, str]:
+        """The environment as a mapping (later duplicates win)."""
+        return dict(self.env)
