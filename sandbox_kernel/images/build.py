@@ -23,19 +23,20 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError, ImageNotFound
-from ..paths import shipped_dirs, state_dir
+from ..errors import BuildError, ImageNotFound, SandboxError
+from ..paths import new_container_id, shipped_dirs, state_dir
+from ..runtime.container import Container
+from ..runtime.spec import Bind, ContainerSpec
 from . import pip_target
 from .labels import (
     LABEL_ARGV,
@@ -62,7 +63,8 @@ Progress = Callable[[str], None]
 MIRROR_ENV = "SANDBOX_KERNEL_DEBIAN_MIRROR"
 IMAGES_DIR_ENV = "SANDBOX_KERNEL_IMAGES_DIR"
 BASE_ENV = (("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8"), ("PYTHONDONTWRITEBYTECODE", "1"))
-_DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+#: The run dir label of a build step's container: the layer it writes.
+LABEL_BUILD = "org.sandbox-kernel.build"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,83 +201,7 @@ def _ensure_mmdebstrap(recipe: Recipe) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Running the image's own programs (to be swapped for the sandboxed runtime later)
-
-
-def image_command(
-    lowerdirs: Sequence[str],
-    upper: Path,
-    work: Path,
-    merged: Path,
-    argv: Sequence[str],
-    *,
-    binds: Sequence[tuple[str, str]] = (),
-    cwd: str = "/",
-) -> list[str]:
-    """The host command that runs ``argv`` chrooted in an overlay of ``lowerdirs`` (top-most
-    first) with ``upper`` as the writable layer, in private mount and pid namespaces. ``/dev``
-    (a few device nodes bound from the host), ``/proc`` and ``/tmp`` are mounted over the
-    overlay and write nothing into ``upper``; ``binds`` are (host path, path inside) pairs."""
-    q = shlex.quote
-    m = str(merged)
-    opts = (
-        f"lowerdir={':'.join(lowerdirs)},upperdir={upper},workdir={work},"
-        "index=off,metacopy=off,redirect_dir=off"
-    )
-    lines = [
-        "set -e",
-        f"mount -t overlay overlay -o {q(opts)} {q(m)}",
-        f"mount -t tmpfs -o mode=0755,nosuid tmpfs {q(m + '/dev')}",
-        f"mkdir -m 1777 {q(m + '/dev/shm')}",
-        f"ln -s /proc/self/fd {q(m + '/dev/fd')}",
-    ]
-    for node in _DEV_NODES:
-        lines += [
-            f"touch {q(m + '/dev/' + node)}",
-            f"mount --bind /dev/{node} {q(m + '/dev/' + node)}",
-        ]
-    lines += [
-        f"mount -t proc -o nosuid,nodev,noexec proc {q(m + '/proc')}",
-        f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {q(m + '/tmp')}",
-    ]
-    for host, inside in binds:
-        tgt = m + "/" + inside.lstrip("/")
-        if Path(host).is_dir():
-            lines.append(f"mkdir -p {q(tgt)}")
-        else:
-            lines.append(f"mkdir -p {q(os.path.dirname(tgt))}; touch {q(tgt)}")
-        lines.append(f"mount --bind {q(host)} {q(tgt)}")
-    lines.append(f"cd {q(m)}")
-    lines.append(
-        f'exec chroot {q(m)} /bin/sh -c \'cd "$0" && exec "$@"\' {q(cwd)} '
-        + " ".join(q(a) for a in argv)
-    )
-    return [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "--pid",
-        "--fork",
-        "--kill-child",
-        "--",
-        "/bin/sh",
-        "-c",
-        "\n".join(lines),
-    ]
-
-
-@contextlib.contextmanager
-def image_session(lowerdirs: Sequence[str], upper: Path) -> Iterator[tuple[Path, Path]]:
-    """Scratch ``work`` and ``merged`` directories next to ``upper`` (same file system)."""
-    scratch = Path(tempfile.mkdtemp(prefix=".run-", dir=upper.parent))
-    work, merged = scratch / "w", scratch / "m"
-    work.mkdir()
-    merged.mkdir()
-    try:
-        yield work, merged
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+# Running the image's own programs: in a container of the product's own runtime
 
 
 def run_in_image(
@@ -288,22 +214,43 @@ def run_in_image(
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` with the image's own programs over ``lowerdirs`` (snapshot dirs, top-most
-    first); everything it writes lands in ``upper``. Returns the finished process (stdout and
-    stderr merged into ``stdout``)."""
-    upper.mkdir(parents=True, exist_ok=True)
-    with image_session(lowerdirs, upper) as (work, merged):
-        cmd = image_command(lowerdirs, upper, work, merged, argv, binds=binds)
-        proc = subprocess.run(
-            cmd,
-            env=dict(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
+    first) in a sandbox of the product's runtime, as root of the container (no capabilities,
+    no network, the seccomp filter); everything it writes lands in ``upper`` (created; it
+    must not exist yet, or be empty). ``binds``: read-only (host path, path inside) pairs.
+    Returns the finished process (stdout and stderr merged into ``stdout``). Called by the
+    compile step (and by tests that run an image's programs)."""
+    with contextlib.suppress(FileNotFoundError, OSError):
+        upper.rmdir()  # an empty placeholder; a non-empty one makes the rename below fail
+    upper.parent.mkdir(parents=True, exist_ok=True)
+    session = Path(tempfile.mkdtemp(prefix=".run-", dir=upper.parent))
+    try:
+        spec = ContainerSpec(
+            id=new_container_id(),
+            layers=tuple(lowerdirs),
+            command=tuple(argv),
+            env=tuple(env.items()),
+            user=0,
+            group=0,
+            allow_root=True,
+            hostname="build",
+            mounts=tuple(Bind(host, inside) for host, inside in binds),
+            upper_dir=str(session),
+            labels=((LABEL_BUILD, str(upper)),),
         )
+        with tempfile.TemporaryFile("w+") as out, Container.create(spec) as container:
+            container.start(stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            try:
+                result = container.wait(timeout)
+            except subprocess.TimeoutExpired:
+                container.kill()
+                raise
+            out.seek(0)
+            text = out.read()
+        os.rename(session / "upper", upper)
+    finally:
+        shutil.rmtree(session, ignore_errors=True)
     _clean_overlay_upper(upper)
-    return proc
+    return subprocess.CompletedProcess(list(argv), result.status, text, None)
 
 
 def _clean_overlay_upper(upper: Path) -> None:
@@ -603,11 +550,10 @@ class _Builder:
         env = {"PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
         try:
             proc = run_in_image(lowers, out, argv, env, timeout=1800)
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, subprocess.SubprocessError, SandboxError) as exc:
             raise BuildError(
                 f"recipe {recipe.path}: step compile: could not run "
-                f"{py.executable} in the image: {exc}; the build needs root and "
-                "util-linux unshare"
+                f"{py.executable} in the image: {exc}"
             ) from exc
         # py3 reports "*** Error compiling", py2 only the exception; one SyntaxError per file
         errors = max(proc.stdout.count("*** Error compiling"), proc.stdout.count("SyntaxError"))

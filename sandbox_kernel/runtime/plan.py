@@ -1,7 +1,10 @@
 """Compile a ContainerSpec into the executor's ordered operations (pure; no system calls
 except reading the type of bind-mount sources).
 
-The order of the mount phase matters and is the container's filesystem layout:
+``Container.start`` calls ``compile_plan`` with the facts of the host it gathered
+(``HostContext``) and hands the result to ``protocol.encode_plan``. The order of the mount
+phase is the container's filesystem layout:
+
 writable scratch -> overlay root -> /proc -> /dev -> /sys and the read-only cgroup view
 -> /tmp, home -> /etc files -> user volumes -> masked and read-only paths -> pivot.
 """
@@ -12,193 +15,209 @@ import os
 import stat
 from dataclasses import dataclass
 
+from . import ops
 from .spec import Bind, ContainerSpec, Tmpfs
-
-Record = tuple[str, ...]
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOME = "/home/sandbox"
+NAMESPACES = ("mount", "pid", "uts", "ipc", "net", "cgroup")
+#: Flags of the read-only kernel filesystems and of the cgroup view.
+_RO_KERNEL_FS = ("ro", "nosuid", "nodev", "noexec")
 
 
 @dataclass(frozen=True)
 class HostContext:
-    """Facts about the host the plan depends on (gathered by container.py)."""
+    """Facts about the host the plan depends on (gathered by ``Container.start``)."""
 
-    scratch_dir: (
-        str  # empty host directory; the writable layer's tmpfs is mounted on it (in the ns only)
-    )
-    cgroup_dirs: tuple[str, ...]  # container cgroup dirs to join (v1: one per hierarchy)
-    cgroup_version: int  # 1 or 2
-    cgroup_v1_mounts: tuple[
-        tuple[str, str], ...
-    ] = ()  # (dir name under /sys/fs/cgroup, mount options)
+    #: Empty host directory; the writable layer's tmpfs is mounted on it (in the ns only).
+    scratch_dir: str
+    #: The container's cgroup directories to join (v1: one per hierarchy).
+    cgroup_dirs: tuple[str, ...]
+    #: 1 or 2.
+    cgroup_version: int
+    #: v1: (directory name under /sys/fs/cgroup, controllers) of each joined hierarchy.
+    cgroup_v1_mounts: tuple[tuple[str, str], ...] = ()
+    #: The compiled seccomp filter file, or None for no filter.
     seccomp_file: str | None = None
+    #: Let the owner configure the network namespace before the command starts.
     sync_net: bool = True
-    keep_writable_dir: bool = False  # scratch is a persistent host dir (image builds), no tmpfs
 
 
-def _size(n: int) -> str:
-    return str(int(n))
-
-
-def _mkdirs_for_bind(m: Bind) -> Record:
-    is_dir = stat.S_ISDIR(os.stat(m.source).st_mode)
-    return ("mkdir", m.target, "755") if is_dir else ("touch", m.target, "644")
-
-
-def compile_plan(spec: ContainerSpec, host: HostContext) -> list[Record]:
-    uid, gid = spec.user, spec.group
-    recs: list[Record] = [
-        ("id", spec.id),
-        ("namespaces", "mount,pid,uts,ipc,net,cgroup"),
-    ]
-    recs += [("cgroup", d) for d in host.cgroup_dirs]
+def _setup(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
+    out: list[ops.Op] = [ops.ContainerId(spec.id), ops.Namespaces(NAMESPACES)]
+    out += [ops.JoinCgroup(d) for d in host.cgroup_dirs]
     if host.seccomp_file:
-        recs.append(("seccomp", host.seccomp_file))
+        out.append(ops.Seccomp(host.seccomp_file))
     if host.sync_net:
-        recs.append(("sync", "net"))
+        out.append(ops.SyncNet())
+    return out
 
-    # --- mount phase, in order -------------------------------------------------------
-    recs.append(("hostname", spec.hostname))
-    recs.append(
-        ("scratch", host.scratch_dir, "-" if host.keep_writable_dir else _size(spec.writable_size))
+
+def _root(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
+    scratch = (
+        ops.Scratch(spec.upper_dir, None)
+        if spec.upper_dir
+        else ops.Scratch(host.scratch_dir, spec.writable_size)
     )
-    recs.append(("rootfs", ":".join(spec.layers)))
+    return [
+        ops.Hostname(spec.hostname),
+        scratch,
+        ops.RootFs(spec.layers),
+        ops.Mkdir("/proc", 0o555),
+        ops.RealDir("/proc"),
+        ops.Mount("proc", "proc", "/proc", ("nosuid", "nodev", "noexec"), None),
+    ]
 
-    recs += [("mkdir", "/proc", "555"), ("realdir", "/proc")]
-    recs.append(("mount", "proc", "proc", "/proc", "nosuid,nodev,noexec", "-"))
 
-    recs += [("mkdir", "/dev", "755"), ("realdir", "/dev")]
-    recs.append(
-        ("mount", "tmpfs", "tmpfs", "/dev", "nosuid,noexec,strictatime", "mode=755,size=65536")
-    )
+def _dev(spec: ContainerSpec) -> list[ops.Op]:
+    out: list[ops.Op] = [
+        ops.Mkdir("/dev", 0o755),
+        ops.RealDir("/dev"),
+        ops.Mount(
+            "tmpfs", "tmpfs", "/dev", ("nosuid", "noexec", "strictatime"), "mode=755,size=65536"
+        ),
+    ]
     for node in DEV_NODES:
-        recs.append(("touch", f"/dev/{node}", "666"))
-        recs.append(("bind", f"/dev/{node}", f"/dev/{node}", "nosuid,noexec"))
-    recs.append(("mkdir", "/dev/pts", "755"))
-    recs.append(
-        (
-            "mount",
+        out += [
+            ops.Touch(f"/dev/{node}", 0o666),
+            ops.BindMount(f"/dev/{node}", f"/dev/{node}", ("nosuid", "noexec")),
+        ]
+    out += [
+        ops.Mkdir("/dev/pts", 0o755),
+        ops.Mount(
             "devpts",
             "devpts",
             "/dev/pts",
-            "nosuid,noexec",
+            ("nosuid", "noexec"),
             "newinstance,ptmxmode=0666,mode=0620",
-        )
-    )
-    recs.append(("symlink", "pts/ptmx", "/dev/ptmx"))
-    recs.append(("symlink", "/proc/self/fd", "/dev/fd"))
-    for i, name in enumerate(("stdin", "stdout", "stderr")):
-        recs.append(("symlink", f"/proc/self/fd/{i}", f"/dev/{name}"))
-    recs.append(("mkdir", "/dev/shm", "1777"))
-    recs.append(
-        (
-            "mount",
+        ),
+        ops.Symlink("pts/ptmx", "/dev/ptmx"),
+        ops.Symlink("/proc/self/fd", "/dev/fd"),
+    ]
+    out += [
+        ops.Symlink(f"/proc/self/fd/{i}", f"/dev/{name}")
+        for i, name in enumerate(("stdin", "stdout", "stderr"))
+    ]
+    out += [
+        ops.Mkdir("/dev/shm", 0o1777),
+        ops.Mount(
             "tmpfs",
             "shm",
             "/dev/shm",
-            "nosuid,nodev,noexec",
+            ("nosuid", "nodev", "noexec"),
             f"mode=1777,size={spec.shm_size}",
-        )
-    )
-    recs.append(("mkdir", "/dev/mqueue", "755"))
-    recs.append(("mount", "mqueue", "mqueue", "/dev/mqueue", "nosuid,nodev,noexec", "-"))
-    # populated: nothing more is ever created in /dev
-    recs.append(("remount", "/dev", "ro,nosuid,noexec"))
+        ),
+        ops.Mkdir("/dev/mqueue", 0o755),
+        ops.Mount("mqueue", "mqueue", "/dev/mqueue", ("nosuid", "nodev", "noexec"), None),
+        # populated: nothing more is ever created in /dev
+        ops.Remount("/dev", ("ro", "nosuid", "noexec")),
+    ]
+    return out
 
-    # /sys read-only, with the container's own cgroup visible read-only (cgroup namespace)
-    recs += [("mkdir", "/sys", "555"), ("realdir", "/sys")]
-    recs.append(("mount", "sysfs", "sysfs", "/sys", "ro,nosuid,nodev,noexec", "-"))
+
+def _sys(host: HostContext) -> list[ops.Op]:
+    """/sys read-only, with the container's own cgroup visible read-only (cgroup namespace)."""
+    out: list[ops.Op] = [
+        ops.Mkdir("/sys", 0o555),
+        ops.RealDir("/sys"),
+        ops.Mount("sysfs", "sysfs", "/sys", _RO_KERNEL_FS, None),
+    ]
     if host.cgroup_version == 2:
-        recs.append(
-            ("mount", "cgroup2", "cgroup2", "/sys/fs/cgroup", "ro,nosuid,nodev,noexec", "-")
+        out.append(ops.Mount("cgroup2", "cgroup2", "/sys/fs/cgroup", _RO_KERNEL_FS, None))
+        return out
+    out.append(
+        ops.Mount(
+            "tmpfs", "cgroup", "/sys/fs/cgroup", ("nosuid", "nodev", "noexec"), "mode=755,size=4096"
         )
-    else:
-        recs.append(
-            (
-                "mount",
-                "tmpfs",
-                "cgroup",
-                "/sys/fs/cgroup",
-                "nosuid,nodev,noexec",
-                "mode=755,size=4096",
-            )
-        )
-        for name, opts in host.cgroup_v1_mounts:
-            recs.append(("mkdir", f"/sys/fs/cgroup/{name}", "555"))
-            recs.append(
-                (
-                    "mount",
-                    "cgroup",
-                    "cgroup",
-                    f"/sys/fs/cgroup/{name}",
-                    "ro,nosuid,nodev,noexec",
-                    opts,
-                )
-            )
-        recs.append(("remount", "/sys/fs/cgroup", "ro,nosuid,nodev,noexec"))
-
-    recs += [("mkdir", "/tmp", "1777"), ("realdir", "/tmp")]
-    recs.append(
-        ("mount", "tmpfs", "tmpfs", "/tmp", "nosuid,nodev", f"mode=1777,size={spec.tmp_size}")
     )
-    recs.append(("mkdir", HOME, "755"))
-    recs.append(
-        (
-            "mount",
+    for name, controllers in host.cgroup_v1_mounts:
+        out += [
+            ops.Mkdir(f"/sys/fs/cgroup/{name}", 0o555),
+            ops.Mount("cgroup", "cgroup", f"/sys/fs/cgroup/{name}", _RO_KERNEL_FS, controllers),
+        ]
+    out.append(ops.Remount("/sys/fs/cgroup", _RO_KERNEL_FS))
+    return out
+
+
+def _scratch_dirs(spec: ContainerSpec) -> list[ops.Op]:
+    """/tmp and the home directory: size-capped tmpfs, home private to the user (none in a
+    container whose writable layer is kept: it would leave the home directory in it)."""
+    tmp: list[ops.Op] = [
+        ops.Mkdir("/tmp", 0o1777),
+        ops.RealDir("/tmp"),
+        ops.Mount("tmpfs", "tmpfs", "/tmp", ("nosuid", "nodev"), f"mode=1777,size={spec.tmp_size}"),
+    ]
+    if spec.upper_dir:
+        return tmp
+    return [
+        *tmp,
+        ops.Mkdir(HOME, 0o755),
+        ops.Mount(
             "tmpfs",
             "home",
             HOME,
-            "nosuid,nodev",
-            f"mode=700,uid={uid},gid={gid},size={spec.tmp_size}",
-        )
+            ("nosuid", "nodev"),
+            f"mode=700,uid={spec.user},gid={spec.group},size={spec.tmp_size}",
+        ),
+    ]
+
+
+def _etc(spec: ContainerSpec) -> list[ops.Op]:
+    """/etc/hostname, /etc/hosts and /etc/resolv.conf of the container (written into its
+    writable layer; none when that layer is kept, as for image builds)."""
+    if spec.upper_dir:
+        return []
+    hosts = (
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        f"127.0.1.1\t{spec.hostname}\n"
     )
+    return [
+        ops.Mkdir("/etc", 0o755),
+        ops.WriteFile("/etc/hostname", 0o644, spec.hostname + "\n"),
+        ops.WriteFile("/etc/hosts", 0o644, hosts),
+        ops.WriteFile("/etc/resolv.conf", 0o644, "# no network in this sandbox\n"),
+    ]
 
-    recs.append(("mkdir", "/etc", "755"))
-    recs.append(("file", "/etc/hostname", "644", spec.hostname + "\n"))
-    recs.append(
-        (
-            "file",
-            "/etc/hosts",
-            "644",
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-            f"127.0.1.1\t{spec.hostname}\n",
-        )
-    )
-    recs.append(("file", "/etc/resolv.conf", "644", "# no network in this sandbox\n"))
 
-    for m in spec.mounts:
-        if isinstance(m, Bind):
-            recs.append(_mkdirs_for_bind(m))
-            flags = "rec,nosuid,nodev" + (",ro" if m.readonly else "")
-            recs.append(("bind", m.source, m.target, flags))
-        elif isinstance(m, Tmpfs):
-            recs.append(("mkdir", m.target, "755"))
-            recs.append(
-                (
-                    "mount",
-                    "tmpfs",
-                    "tmpfs",
-                    m.target,
-                    "nosuid,nodev",
-                    f"mode={m.mode:o},size={m.size}",
-                )
-            )
+def _volume(m: Bind | Tmpfs) -> list[ops.Op]:
+    if isinstance(m, Bind):
+        is_dir = stat.S_ISDIR(os.stat(m.source).st_mode)
+        made: ops.Op = ops.Mkdir(m.target, 0o755) if is_dir else ops.Touch(m.target, 0o644)
+        flags = ("rec", "nosuid", "nodev", *(("ro",) if m.readonly else ()))
+        return [made, ops.BindMount(m.source, m.target, flags)]
+    return [
+        ops.Mkdir(m.target, 0o755),
+        ops.Mount(
+            "tmpfs", "tmpfs", m.target, ("nosuid", "nodev"), f"mode={m.mode:o},size={m.size}"
+        ),
+    ]
 
-    recs += [("mask", p) for p in spec.masked_paths]
-    recs += [("readonly", p) for p in spec.readonly_paths]
-    recs.append(("pivot",))
 
-    # --- main process ----------------------------------------------------------------
-    env = {"PATH": DEFAULT_PATH, "HOME": HOME, "HOSTNAME": spec.hostname, "LANG": "C.UTF-8"}
+def _process(spec: ContainerSpec) -> list[ops.Op]:
+    home = "/tmp" if spec.upper_dir else HOME
+    env = {"PATH": DEFAULT_PATH, "HOME": home, "HOSTNAME": spec.hostname, "LANG": "C.UTF-8"}
     env.update(spec.env_dict())
-    recs += [("env", f"{k}={v}") for k, v in env.items()]
-    recs.append(("cwd", spec.workdir))
-    recs.append(("user", str(uid), str(gid)))
-    recs.append(("umask", "022"))
-    recs.append(("rlimit", "core", "0", "0"))
-    recs.append(("rlimit", "nofile", str(spec.nofile), str(spec.nofile)))
-    recs.append(("nonewprivs", "1"))
-    recs += [("argv", a) for a in spec.command]
-    return recs
+    out: list[ops.Op] = [ops.Env(k, v) for k, v in env.items()]
+    out += [
+        ops.Cwd(spec.workdir),
+        ops.User(spec.user, spec.group),
+        ops.Umask(0o022),
+        ops.Rlimit("core", 0, 0),
+        ops.Rlimit("nofile", spec.nofile, spec.nofile),
+        ops.NoNewPrivs(),
+    ]
+    out += [ops.Argv(a) for a in spec.command]
+    return out
+
+
+def compile_plan(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
+    """The ordered operations of ``spec`` on this host (the spec is already validated)."""
+    plan = _setup(spec, host) + _root(spec, host) + _dev(spec) + _sys(host)
+    plan += _scratch_dirs(spec) + _etc(spec)
+    for m in spec.mounts:
+        plan += _volume(m)
+    plan += [ops.Mask(p) for p in spec.masked_paths]
+    plan += [ops.ReadOnly(p) for p in spec.readonly_paths]
+    plan.append(ops.Pivot())
+    return plan + _process(spec)

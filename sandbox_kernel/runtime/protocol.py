@@ -1,14 +1,21 @@
-"""Encoding of executor plans and decoding of its status lines (docs/runtime-protocol.md)."""
+"""Encoding of executor plans and decoding of its status lines (docs/runtime-protocol.md).
+
+``Container.start`` writes ``encode_plan(compile_plan(...))`` to the plan file the executor
+reads; ``executor.StatusPipe`` decodes each status line with ``decode_status``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+
+from .ops import Op
 
 PLAN_MAGIC = ("sk-runtime-plan", "1")
 _SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
 
 
 def encode_field(value: str | bytes) -> str:
+    """One field: bytes outside 0x21..0x7e and ``%`` as ``%XX``; the empty field as ``%-``."""
     raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
     if not raw:
         return "%-"
@@ -16,6 +23,7 @@ def encode_field(value: str | bytes) -> str:
 
 
 def decode_field(field: str) -> str:
+    """The inverse of ``encode_field``; ValueError on a malformed escape."""
     if field == "%-":
         return ""
     out = bytearray()
@@ -35,12 +43,14 @@ def decode_field(field: str) -> str:
     return out.decode("utf-8", "surrogateescape")
 
 
-def encode_plan(records: Iterable[Sequence[str]]) -> bytes:
+def encode_plan(plan: Iterable[Op]) -> bytes:
+    """The plan file: the magic line, then one line per operation."""
     lines = [" ".join(PLAN_MAGIC)]
-    for rec in records:
-        lines.append(" ".join(encode_field(f) for f in rec))
+    for op in plan:
+        lines.append(" ".join(encode_field(f) for f in op.record()))
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
 def decode_status(line: str) -> list[str]:
+    """The fields of one status line (``exec 1234``, ``error STAGE ERRNO MESSAGE``...)."""
     return [decode_field(f) for f in line.rstrip("\n").split(" ") if f != ""]

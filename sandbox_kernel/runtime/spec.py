@@ -202,9 +202,11 @@ class ContainerSpec:
     image_digest: str = ""
     #: Free-form (key, value) labels kept in the run dir's metadata (e.g. the kernelspec).
     labels: tuple[tuple[str, str], ...] = ()
-    #: Keep the writable layer in ``HostContext.scratch_dir`` on disk instead of a tmpfs
-    #: (image builds: what the step writes becomes the new layer).
-    persistent_upper: bool = False
+    #: A host directory that keeps the writable layer on disk (its ``upper/``) instead of a
+    #: tmpfs: image builds, where what a step writes becomes the new layer. Such a container
+    #: gets no /etc files written by the runtime and no home tmpfs (HOME is /tmp), so the
+    #: layer holds exactly what the command wrote. Empty: the usual tmpfs.
+    upper_dir: str = ""
 
     def env_dict(self) -> dict[str, str]:
         """The environment as a mapping (later duplicates win)."""

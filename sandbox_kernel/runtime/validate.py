@@ -98,6 +98,19 @@ def check_root_mode(spec: ContainerSpec) -> list[str]:
     return []
 
 
+def check_upper_dir(spec: ContainerSpec) -> list[str]:
+    """A kept writable layer's directory: an existing host directory whose path can go into
+    overlay options (no ':' or ',')."""
+    d = spec.upper_dir
+    if not d:
+        return []
+    if not is_clean_abs(d) or ":" in d or "," in d:
+        return [f"upper_dir {d!r} must be an absolute normalised path without ':' or ','"]
+    if not os.path.isdir(d):
+        return [f"upper_dir {d!r} is not a directory"]
+    return []
+
+
 def check_hostname(spec: ContainerSpec) -> list[str]:
     name = spec.hostname
     labels = name.split(".")
@@ -182,6 +195,7 @@ VALIDATORS: tuple[Validator, ...] = (
     check_workdir,
     check_identity,
     check_root_mode,
+    check_upper_dir,
     check_hostname,
     check_sizes,
     check_mounts,

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import tempfile
@@ -24,9 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_kernel.images.build import build_image, image_command, image_session, run_in_image
+from sandbox_kernel.images.build import build_image, run_in_image
 from sandbox_kernel.images.labels import LABEL_ARGV, LABEL_DISPLAY_NAME, LABEL_INTERRUPT_MODE
 from sandbox_kernel.images.store import Image, ImageStore
+from sandbox_kernel.paths import new_container_id
+from sandbox_kernel.runtime.container import Container
+from sandbox_kernel.runtime.spec import Bind, ContainerSpec
 
 pytestmark = [
     pytest.mark.privileged,
@@ -35,6 +37,7 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
+NOBODY = 65534
 STEP_RE = re.compile(r"^\[(\d+)/(\d+)\] (base|pip|files|compile|config): .*, [0-9.]+ s")
 
 
@@ -87,17 +90,19 @@ def kernel_roundtrip(image: Image, tmp: Path) -> dict[str, object]:
     write_connection_file(str(cf), transport="ipc", ip=str(conn_dir / "s"), key=b"test-key")
     os.chmod(conn_dir, 0o755)
     argv = [a.replace("{connection_file}", str(cf)) for a in argv_tmpl]
-    upper = tmp / "kernel-upper"
-    upper.mkdir()
+    os.chown(conn_dir, NOBODY, NOBODY)
+    os.chown(cf, NOBODY, NOBODY)
+    spec = ContainerSpec(
+        id=new_container_id(),
+        layers=image.lowerdirs(),
+        command=tuple(argv),
+        env=tuple(image_env(image).items()),
+        mounts=(Bind(str(conn_dir), str(conn_dir), readonly=False),),
+    )
     kc = None
-    with image_session(image.lowerdirs(), upper) as (work, merged):
-        cmd = image_command(
-            image.lowerdirs(), upper, work, merged, argv, binds=((str(conn_dir), str(conn_dir)),)
-        )
+    with Container.create(spec) as container:
         log = open(tmp / "kernel.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen(
-            cmd, env=image_env(image), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        container.start(stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
             kc = BlockingKernelClient(connection_file=str(cf))
             kc.load_connection_file()
@@ -108,7 +113,7 @@ def kernel_roundtrip(image: Image, tmp: Path) -> dict[str, object]:
                 kc.wait_for_ready(timeout=120)
             except RuntimeError:
                 log_text = (tmp / "kernel.log").read_text()
-                pytest.fail(f"kernel did not answer (exit {proc.poll()}): {log_text}")
+                pytest.fail(f"kernel did not answer (exit {container.poll()}): {log_text}")
             msg_id = kc.kernel_info()
             reply = kc.get_shell_msg(timeout=30)
             while reply["parent_header"].get("msg_id") != msg_id:  # wait_for_ready's replies
@@ -131,14 +136,11 @@ def kernel_roundtrip(image: Image, tmp: Path) -> dict[str, object]:
             content["_out"] = "".join(out)
             kc.shutdown()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=20)
+                container.wait(timeout=20)
             return content
         finally:
             if kc is not None:
                 kc.stop_channels()
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
             log.close()
             shutil.rmtree(conn_dir, ignore_errors=True)
 
@@ -240,7 +242,7 @@ PLOT = (
     "import matplotlib.pyplot as plt\n"
     "x = numpy.linspace(0, 6.28, 100)\n"
     "plt.plot(x, numpy.sin(x))\n"
-    "plt.savefig('/out/plot.png')\n"
+    "plt.savefig('/plot.png')\n"
     "print(numpy.__version__ + ' ' + matplotlib.__version__)\n"
 )
 
@@ -269,12 +271,10 @@ def test_plot_variant_renders_png(
     pip_layer = image.layers[len(parent.layers)].snapshot
     assert not list(pip_layer.rglob("six-*.dist-info"))
     assert not list(pip_layer.rglob("python_dateutil-*.dist-info"))
-    out = tmp_path / "out"
-    out.mkdir()
     py = dict(image.config.labels)["org.sandbox-kernel.python.executable"]
-    text = run(image, [py, "-c", PLOT], tmp_path, binds=((str(out), "/out"),))
+    text = run(image, [py, "-c", PLOT], tmp_path)
     assert text.split()[0] == numpy_version
-    png = (out / "plot.png").read_bytes()
+    png = (tmp_path / "upper" / "plot.png").read_bytes()  # what the command wrote
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 

@@ -1,3 +1,4 @@
+from sandbox_kernel.runtime import ops
 from sandbox_kernel.runtime.plan import HostContext, compile_plan
 from sandbox_kernel.runtime.spec import Bind, ContainerSpec, Limits, Tmpfs
 
@@ -25,12 +26,17 @@ def _host(version=2, **kw):
     return HostContext(**base)
 
 
+def records(spec, host):
+    """The plan as the protocol writes it: one tuple of text fields per operation."""
+    return [op.record() for op in compile_plan(spec, host)]
+
+
 def kinds(recs):
     return [r[0] for r in recs]
 
 
 def test_order_of_mount_phase(tmp_path):
-    recs = compile_plan(_spec(tmp_path), _host())
+    recs = records(_spec(tmp_path), _host())
     k = kinds(recs)
     assert k.index("scratch") < k.index("rootfs") < k.index("pivot")
     assert k[-1] == "argv" and k.count("pivot") == 1
@@ -49,7 +55,7 @@ def test_order_of_mount_phase(tmp_path):
 
 
 def test_identity_limits_and_security_records(tmp_path):
-    recs = compile_plan(_spec(tmp_path), _host())
+    recs = records(_spec(tmp_path), _host())
     assert ("user", "1000", "1000") in recs
     assert ("rlimit", "core", "0", "0") in recs
     assert ("nonewprivs", "1") in recs
@@ -62,7 +68,7 @@ def test_identity_limits_and_security_records(tmp_path):
 
 
 def test_v1_cgroup_view_is_read_only(tmp_path):
-    recs = compile_plan(
+    recs = records(
         _spec(tmp_path), _host(1, cgroup_v1_mounts=(("memory", "memory"), ("pids", "pids")))
     )
     assert (
@@ -89,7 +95,7 @@ def test_user_mounts(tmp_path):
             Tmpfs("/scratch", 1 << 20),
         ),
     )
-    recs = compile_plan(spec, _host())
+    recs = records(spec, _host())
     assert ("mkdir", "/home/nb", "755") in recs
     assert ("bind", str(src), "/home/nb", "rec,nosuid,nodev") in recs
     assert ("touch", "/data.csv", "644") in recs
@@ -104,8 +110,44 @@ def test_env_overrides_defaults_and_sizes(tmp_path):
         tmp_size=5 << 20,
         limits=Limits(memory=1 << 30),
     )
-    recs = compile_plan(spec, _host())
+    recs = records(spec, _host())
     envs = [r[1] for r in recs if r[0] == "env"]
     assert "PATH=/opt/bin" in envs and "X=1" in envs and "HOME=/home/sandbox" in envs
     assert not any(e.startswith("PATH=/usr") for e in envs)
     assert ("mount", "tmpfs", "tmpfs", "/tmp", "nosuid,nodev", f"mode=1777,size={5 << 20}") in recs
+
+
+def _executor_keywords() -> dict[str, int]:
+    """keyword -> number of fields, from the executor's own keyword table."""
+    import re
+    from pathlib import Path
+
+    src = Path(ops.__file__).parent / "native" / "sk-runtime.c"
+    table = re.findall(r'\[K_[A-Z]+\]\s*=\s*\{\s*"([a-z]+)",\s*(\d+),', src.read_text())
+    assert len(table) > 20, "the executor's keyword table was not found"
+    return {name: int(n) for name, n in table}
+
+
+def _all_ops() -> list[type[ops.Op]]:
+    return [
+        cls
+        for cls in vars(ops).values()
+        if isinstance(cls, type) and issubclass(cls, ops.Op) and cls is not ops.Op
+    ]
+
+
+def test_every_operation_is_a_record_the_executor_knows(tmp_path):
+    """One vocabulary: each typed operation's keyword and field count match the executor's
+    table, and every record a plan holds is one of them."""
+    known = _executor_keywords()
+    samples = {
+        op.keyword: op
+        for op in compile_plan(_spec(tmp_path, mounts=(Tmpfs("/x", 4096),)), _host(1))
+    }
+    for cls in _all_ops():
+        assert cls.keyword in known, cls.__name__
+    for keyword, op in samples.items():
+        assert len(op.record()) - 1 == known[keyword], (keyword, op.record())
+    assert ops.UidMap(0, 1000, 1).record() == ("uidmap", "0", "1000", "1")
+    assert ops.Scratch("/s", None).record() == ("scratch", "/s", "-")
+    assert ops.Umask(0o022).record() == ("umask", "22")

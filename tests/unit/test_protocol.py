@@ -1,5 +1,6 @@
 import pytest
 
+from sandbox_kernel.runtime import ops
 from sandbox_kernel.runtime.protocol import decode_field, decode_status, encode_field, encode_plan
 
 
@@ -13,7 +14,7 @@ def test_field_roundtrip(value):
 
 
 def test_plan_has_magic_and_one_line_per_record():
-    data = encode_plan([("argv", "echo"), ("argv", "hello world"), ("env", "X=")])
+    data = encode_plan([ops.Argv("echo"), ops.Argv("hello world"), ops.Env("X", "")])
     lines = data.decode().splitlines()
     assert lines == ["sk-runtime-plan 1", "argv echo", "argv hello%20world", "env X="]
 

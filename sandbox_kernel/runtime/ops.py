@@ -1,0 +1,300 @@
+"""The executor's operations as typed records (one class per record of
+docs/runtime-protocol.md).
+
+``plan.compile_plan`` builds a list of them from a spec; ``protocol.encode_plan`` writes
+each as one line (``op.record()``: its keyword and its fields as text); the executor
+(``native/sk-runtime.c``) performs them. Field types are Python's (ints, octal modes,
+tuples of flags); the text form is made here only, in ``record``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "-"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base of every operation: ``keyword`` names the record; the dataclass fields, in order,
+    are its fields. Subclasses with a ``mode`` field write it in octal."""
+
+    keyword: ClassVar[str] = ""
+
+    def record(self) -> tuple[str, ...]:
+        """The record as the protocol writes it: keyword, then each field as text."""
+        out = [self.keyword]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out.append(f"{value:o}" if f.name == "mode" else _text(value))
+        return tuple(out)
+
+
+# ---- supervisor records (host side) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContainerId(Op):
+    """The container id, used in the executor's messages."""
+
+    keyword = "id"
+    id: str
+
+
+@dataclass(frozen=True)
+class Namespaces(Op):
+    """The namespaces to create (``mount``, ``pid``, ``uts``, ``ipc``, ``net``, ``cgroup``,
+    ``user``)."""
+
+    keyword = "namespaces"
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JoinCgroup(Op):
+    """A cgroup directory init joins before unsharing the cgroup namespace."""
+
+    keyword = "cgroup"
+    dir: str
+
+
+@dataclass(frozen=True)
+class Seccomp(Op):
+    """A file of raw ``struct sock_filter``, loaded as the last step before exec."""
+
+    keyword = "seccomp"
+    file: str
+
+
+@dataclass(frozen=True)
+class SyncNet(Op):
+    """Init waits for ``go`` on the control fd while the owner configures the network."""
+
+    keyword = "sync"
+    what: str = "net"
+
+
+@dataclass(frozen=True)
+class UidMap(Op):
+    """One uid map line of the user namespace (written by the supervisor)."""
+
+    keyword = "uidmap"
+    inside: int
+    outside: int
+    count: int
+
+
+@dataclass(frozen=True)
+class GidMap(Op):
+    """One gid map line of the user namespace (written by the supervisor)."""
+
+    keyword = "gidmap"
+    inside: int
+    outside: int
+    count: int
+
+
+# ---- mount phase (init, in order) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hostname(Op):
+    """sethostname in the new uts namespace."""
+
+    keyword = "hostname"
+    name: str
+
+
+@dataclass(frozen=True)
+class Scratch(Op):
+    """The writable layer's home: a tmpfs of ``size`` bytes on host directory ``dir``, or
+    ``dir`` itself when ``size`` is None (a persistent upper layer, for image builds)."""
+
+    keyword = "scratch"
+    dir: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class RootFs(Op):
+    """The overlay root over ``layers`` (top-most first)."""
+
+    keyword = "rootfs"
+    layers: tuple[str, ...]
+
+    def record(self) -> tuple[str, ...]:
+        return (self.keyword, ":".join(self.layers))
+
+
+@dataclass(frozen=True)
+class RealDir(Op):
+    """``path`` must be a real directory of the image (no symlink on the way)."""
+
+    keyword = "realdir"
+    path: str
+
+
+@dataclass(frozen=True)
+class Mkdir(Op):
+    """mkdir -p inside the root."""
+
+    keyword = "mkdir"
+    path: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class Touch(Op):
+    """Create an empty file inside the root if missing."""
+
+    keyword = "touch"
+    path: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class WriteFile(Op):
+    """Write ``content`` to ``path`` inside the root (never through a final symlink)."""
+
+    keyword = "file"
+    path: str
+    mode: int
+    content: str
+
+
+@dataclass(frozen=True)
+class Symlink(Op):
+    """Create symlink ``path`` -> ``target`` inside the root."""
+
+    keyword = "symlink"
+    target: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Mount(Op):
+    """Mount a filesystem on ``target`` inside the root; ``data``: fs options (None: none)."""
+
+    keyword = "mount"
+    fstype: str
+    source: str
+    target: str
+    flags: tuple[str, ...]
+    data: str | None
+
+
+@dataclass(frozen=True)
+class BindMount(Op):
+    """Bind host path ``source`` onto ``target`` inside the root."""
+
+    keyword = "bind"
+    source: str
+    target: str
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Mask(Op):
+    """Hide ``path`` (an empty read-only tmpfs, or /dev/null over a file)."""
+
+    keyword = "mask"
+    path: str
+
+
+@dataclass(frozen=True)
+class ReadOnly(Op):
+    """Make ``path`` read-only."""
+
+    keyword = "readonly"
+    path: str
+
+
+@dataclass(frozen=True)
+class Remount(Op):
+    """Remount the mount at ``path`` with ``flags``."""
+
+    keyword = "remount"
+    path: str
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pivot(Op):
+    """pivot_root into the root; the last mount-phase record."""
+
+    keyword = "pivot"
+
+
+# ---- main process ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Env(Op):
+    """One environment variable of the main process."""
+
+    keyword = "env"
+    name: str
+    value: str
+
+    def record(self) -> tuple[str, ...]:
+        return (self.keyword, f"{self.name}={self.value}")
+
+
+@dataclass(frozen=True)
+class Cwd(Op):
+    """The main process's working directory."""
+
+    keyword = "cwd"
+    path: str
+
+
+@dataclass(frozen=True)
+class User(Op):
+    """uid and gid of the main process (no supplementary groups)."""
+
+    keyword = "user"
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class Umask(Op):
+    """The main process's umask."""
+
+    keyword = "umask"
+    mode: int
+
+
+@dataclass(frozen=True)
+class Rlimit(Op):
+    """One resource limit (``core``, ``nofile``, ...), soft and hard."""
+
+    keyword = "rlimit"
+    name: str
+    soft: int
+    hard: int
+
+
+@dataclass(frozen=True)
+class NoNewPrivs(Op):
+    """PR_SET_NO_NEW_PRIVS (the executor sets it anyway)."""
+
+    keyword = "nonewprivs"
+    on: bool = True
+
+
+@dataclass(frozen=True)
+class Argv(Op):
+    """One argv element of the main process, in order."""
+
+    keyword = "argv"
+    arg: str
