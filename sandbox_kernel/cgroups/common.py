@@ -6,9 +6,11 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from ..errors import CgroupError, PrivilegeError, SandboxError, SpecError
-from .base import CgroupLimits
+from .base import CgroupHandle, CgroupLimits, CgroupManager
+from .detect import CgroupLayout
 
 #: Default bound for kill() to see the cgroup empty, and for remove() to retry EBUSY.
 KILL_TIMEOUT_S = 5.0
@@ -193,6 +195,20 @@ class Files:
     def exists(self, path: str) -> bool:
         return self.io.exists(path)
 
+    def mkdir(self, path: str) -> None:
+        """Create one container cgroup directory (both drivers' ``create``)."""
+        try:
+            self.io.mkdir(path)
+        except FileExistsError as exc:
+            raise cgroup_error(
+                exc,
+                "creating cgroup",
+                path,
+                "a leftover of an earlier run? remove it (garbage collection) or use a new name",
+            ) from exc
+        except OSError as exc:
+            raise cgroup_error(exc, "creating cgroup", path) from exc
+
     def subdirs(self, path: str) -> list[str]:
         """Child cgroup directories (empty if ``path`` is gone)."""
         try:
@@ -251,3 +267,60 @@ class Files:
                     raise cgroup_error(exc, "removing cgroup", path, fix) from exc
             self.io.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+
+class HandleBase(CgroupHandle):
+    """What the v1 and v2 handles share: liveness, members, the kill loop and removal, over
+    ``join_paths`` (v1: one directory per hierarchy; v2: one)."""
+
+    def __init__(self, files: Files, name: str) -> None:
+        self.name = name
+        self._f = files
+
+    def exists(self) -> bool:
+        """Does any of the container's cgroup directories still exist?"""
+        return any(self._f.io.isdir(d) for d in self.join_paths)
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for d in self.join_paths:
+            found.update(self._f.procs(d))
+        return sorted(found)
+
+    def _kill_loop(self, step: Callable[[list[int]], None], timeout: float) -> None:
+        """Call ``step(members)`` until the cgroups are empty (``kill`` of both drivers);
+        CgroupError when members are left after ``timeout`` s (stuck in the kernel)."""
+        io = self._f.io
+        deadline = io.monotonic() + timeout
+        delay = 0.002
+        while True:
+            left = self.pids()
+            if not left:
+                return
+            if io.monotonic() >= deadline:
+                raise CgroupError(
+                    f"cgroup(s) {', '.join(self.join_paths)}: processes {left[:10]} still alive "
+                    f"{timeout:.1f} s after SIGKILL; they may be stuck in the kernel (D state): "
+                    "check /proc/<pid>/stack and retry removal later"
+                )
+            step(left)
+            io.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def remove(self, timeout: float = REMOVE_TIMEOUT_S) -> None:
+        if not self.exists():
+            return
+        if self.pids():
+            self.kill()
+        for top in self.join_paths:
+            for d in self._f.tree_bottom_up(top):
+                self._f.rmdir_retry(d, timeout)
+
+
+class ManagerBase(CgroupManager):
+    """What the v1 and v2 managers share: the detected layout and the file access."""
+
+    def __init__(self, layout: CgroupLayout, io: CgroupIO | None) -> None:
+        self.mode = layout.mode
+        self.layout = layout
+        self.files = Files(io or CgroupIO())

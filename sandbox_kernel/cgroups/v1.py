@@ -17,12 +17,12 @@ import errno
 import os
 
 from ..errors import CgroupError, ContainerNotFound
-from .base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
+from .base import CgroupLimits, CgroupStats
 from .common import (
     KILL_TIMEOUT_S,
-    REMOVE_TIMEOUT_S,
     CgroupIO,
-    Files,
+    HandleBase,
+    ManagerBase,
     cgroup_error,
     check_limits,
     check_name,
@@ -49,13 +49,15 @@ _UNLIMITED = 1 << 62
 _DEFAULT_SHARES = 1024
 
 
-class V1Handle(CgroupHandle):
+class V1Handle(HandleBase):
+    """A container's cgroups on v1: one directory per hierarchy (memory, cpu, cpuacct,
+    pids), made by ``V1Manager.create`` or found by ``V1Manager.open``."""
+
     def __init__(self, manager: V1Manager, name: str, dirs: dict[str, str]) -> None:
-        self.name = name
+        super().__init__(manager.files, name)
         #: controller -> this container's directory in that controller's hierarchy
         self.dirs = dirs
         self._m = manager
-        self._f = manager.files
         self._under_oom = False
         self._oom_seen = 0
 
@@ -84,9 +86,6 @@ class V1Handle(CgroupHandle):
     def _file(self, controller: str, name: str) -> str | None:
         d = self.dirs.get(controller)
         return None if d is None else os.path.join(d, name)
-
-    def exists(self) -> bool:
-        return any(self._f.io.isdir(d) for d in self.join_paths)
 
     # -- limits -------------------------------------------------------------------------------
 
@@ -222,43 +221,13 @@ class V1Handle(CgroupHandle):
 
     # -- processes ----------------------------------------------------------------------------
 
-    def pids(self) -> list[int]:
-        found: set[int] = set()
-        for d in self.join_paths:
-            found.update(self._f.procs(d))
-        return sorted(found)
-
     def kill(self, timeout: float = KILL_TIMEOUT_S) -> None:
         # No freezer (not one of our hierarchies): SIGKILL every member until all hierarchies
         # are empty; pids.max bounds how fast a fork loop can refill them.
-        io = self._f.io
-        deadline = io.monotonic() + timeout
-        delay = 0.002
-        while True:
-            left = self.pids()
-            if not left:
-                return
-            if io.monotonic() >= deadline:
-                raise CgroupError(
-                    f"cgroups {', '.join(self.join_paths)}: processes {left[:10]} still alive "
-                    f"{timeout:.1f} s after SIGKILL; they may be stuck in the kernel (D state): "
-                    "check /proc/<pid>/stack and retry removal later"
-                )
-            self._f.sigkill(left)
-            io.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-    def remove(self, timeout: float = REMOVE_TIMEOUT_S) -> None:
-        if not self.exists():
-            return
-        if self.pids():
-            self.kill()
-        for top in self.join_paths:
-            for d in self._f.tree_bottom_up(top):
-                self._f.rmdir_retry(d, timeout)
+        self._kill_loop(self._f.sigkill, timeout)
 
 
-class V1Manager(CgroupManager):
+class V1Manager(ManagerBase):
     version = 1
 
     def __init__(
@@ -267,9 +236,7 @@ class V1Manager(CgroupManager):
         parent: str | None = None,
         io: CgroupIO | None = None,
     ) -> None:
-        self.mode = layout.mode
-        self.layout = layout
-        self.files = Files(io or CgroupIO())
+        super().__init__(layout, io)
         #: controller -> parent directory in that hierarchy
         self.parents: dict[str, str] = {}
         for ctrl in V1_CONTROLLERS:
@@ -312,18 +279,7 @@ class V1Manager(CgroupManager):
         made: list[str] = []
         try:
             for d in handle.join_paths:
-                try:
-                    self.files.io.mkdir(d)
-                except FileExistsError as exc:
-                    raise cgroup_error(
-                        exc,
-                        "creating cgroup",
-                        d,
-                        "a leftover of an earlier run? remove it (garbage collection) or use a "
-                        "new name",
-                    ) from exc
-                except OSError as exc:
-                    raise cgroup_error(exc, "creating cgroup", d) from exc
+                self.files.mkdir(d)
                 made.append(d)
             handle.set_limits(limits)
         except BaseException:

@@ -14,12 +14,12 @@ import errno
 import os
 
 from ..errors import CgroupError, ContainerNotFound
-from .base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
+from .base import CgroupLimits, CgroupStats
 from .common import (
     KILL_TIMEOUT_S,
-    REMOVE_TIMEOUT_S,
     CgroupIO,
-    Files,
+    HandleBase,
+    ManagerBase,
     cgroup_error,
     check_limits,
     check_name,
@@ -38,12 +38,14 @@ PARENT_FIX = (
 )
 
 
-class V2Handle(CgroupHandle):
+class V2Handle(HandleBase):
+    """A container's cgroup on v2: one directory, made by ``V2Manager.create`` or found by
+    ``V2Manager.open``."""
+
     def __init__(self, manager: V2Manager, name: str, path: str) -> None:
-        self.name = name
+        super().__init__(manager.files, name)
         self.path = path
         self._m = manager
-        self._f = manager.files
         self._peak_seen = 0
 
     def __repr__(self) -> str:
@@ -55,9 +57,6 @@ class V2Handle(CgroupHandle):
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
-
-    def exists(self) -> bool:
-        return self._f.io.isdir(self.path)
 
     def set_limits(self, limits: CgroupLimits) -> None:
         check_limits(limits)
@@ -134,72 +133,48 @@ class V2Handle(CgroupHandle):
             pids_limit_hits=hits or 0,
         )
 
-    def pids(self) -> list[int]:
-        return self._f.procs(self.path)
-
     def kill(self, timeout: float = KILL_TIMEOUT_S) -> None:
-        f = self._f
-        io = f.io
         if not self.exists():
             return
         kill_file = self._file("cgroup.kill")
+        if self._f.exists(kill_file):
+            self._kill_loop(lambda _left: self._write_kill(kill_file), timeout)
+        else:
+            self._kill_loop(self._freeze_and_kill, timeout)
+
+    def _write_kill(self, kill_file: str) -> None:
+        try:
+            self._f.io.write(kill_file, "1")
+        except FileNotFoundError:
+            pass  # removed meanwhile: the loop sees it empty
+        except OSError as exc:
+            raise cgroup_error(exc, "writing '1' to", kill_file) from exc
+
+    def _freeze_and_kill(self, left: list[int]) -> None:
+        """No cgroup.kill (kernel < 5.14): freeze so nothing forks while we kill, kill every
+        member, thaw so that the signals are delivered."""
+        io = self._f.io
         freeze_file = self._file("cgroup.freeze")
-        has_kill = f.exists(kill_file)
-        has_freeze = f.exists(freeze_file)
-        deadline = io.monotonic() + timeout
-        delay = 0.002
-        while True:
-            left = self.pids()
-            if not left:
-                return
-            if io.monotonic() >= deadline:
-                raise CgroupError(
-                    f"cgroup {self.path}: processes {left[:10]} still alive {timeout:.1f} s after "
-                    "SIGKILL; they may be stuck in the kernel (D state): check "
-                    "/proc/<pid>/stack and retry removal later"
-                )
-            if has_kill:
-                try:
-                    io.write(kill_file, "1")
-                except FileNotFoundError:
-                    return  # removed meanwhile
-                except OSError as exc:
-                    raise cgroup_error(exc, "writing '1' to", kill_file) from exc
-            else:
-                # No cgroup.kill (kernel < 5.14): freeze so nothing forks while we kill, kill
-                # every member, thaw so that the signals are delivered.
+        frozen = False
+        if self._f.exists(freeze_file):
+            try:
+                io.write(freeze_file, "1")
+                frozen = True
+            except OSError:
                 frozen = False
-                if has_freeze:
-                    try:
-                        io.write(freeze_file, "1")
-                        frozen = True
-                    except OSError:
-                        frozen = False
+        try:
+            self._f.sigkill(left)
+        finally:
+            if frozen:
                 try:
-                    f.sigkill(left)
-                finally:
-                    if frozen:
-                        try:
-                            io.write(freeze_file, "0")
-                        except FileNotFoundError:
-                            pass
-                        except OSError as exc:
-                            raise cgroup_error(
-                                exc, "thawing (writing '0' to)", freeze_file
-                            ) from exc
-            io.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-    def remove(self, timeout: float = REMOVE_TIMEOUT_S) -> None:
-        if not self.exists():
-            return
-        if self.pids():
-            self.kill()
-        for d in self._f.tree_bottom_up(self.path):
-            self._f.rmdir_retry(d, timeout)
+                    io.write(freeze_file, "0")
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise cgroup_error(exc, "thawing (writing '0' to)", freeze_file) from exc
 
 
-class V2Manager(CgroupManager):
+class V2Manager(ManagerBase):
     version = 2
 
     def __init__(
@@ -208,9 +183,7 @@ class V2Manager(CgroupManager):
         parent: str | None = None,
         io: CgroupIO | None = None,
     ) -> None:
-        self.mode = layout.mode
-        self.layout = layout
-        self.files = Files(io or CgroupIO())
+        super().__init__(layout, io)
         mountpoint = layout.v2_mountpoint()
         if mountpoint is None:
             raise CgroupError(
@@ -306,17 +279,7 @@ class V2Manager(CgroupManager):
         path = self._path(name)
         check_limits(limits)
         self.enable_controllers()
-        try:
-            self.files.io.mkdir(path)
-        except FileExistsError as exc:
-            raise cgroup_error(
-                exc,
-                "creating cgroup",
-                path,
-                "a leftover of an earlier run? remove it (garbage collection) or use a new name",
-            ) from exc
-        except OSError as exc:
-            raise cgroup_error(exc, "creating cgroup", path) from exc
+        self.files.mkdir(path)
         handle = V2Handle(self, name, path)
         try:
             handle.set_limits(limits)

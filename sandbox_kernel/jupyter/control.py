@@ -38,6 +38,10 @@ RATE_LIMIT = (20, 60.0)  # bursts of 20 requests per kernel, then one every 3 se
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+class _Refused(Exception):
+    """A request refused before it reaches the handler (its text is the reply's error)."""
+
+
 class _RateLimiter:
     """Token bucket: bursts of ``count`` requests, refilled at ``count`` per ``window`` s.
 
@@ -112,32 +116,12 @@ class ControlServer:
             writer.close()
 
     async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        """Read, check and answer one request; refusals are counted in ``rejected``."""
         try:
-            line = await asyncio.wait_for(reader.readuntil(b"\n"), READ_TIMEOUT_S)
-        except asyncio.LimitOverrunError:
+            request = await self._read_request(reader)
+        except _Refused as exc:
             self.rejected += 1
-            return {"ok": False, "error": f"request too large (at most {MAX_REQUEST} bytes)"}
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
-            self.rejected += 1
-            return {"ok": False, "error": "incomplete request (one JSON object per line)"}
-        if len(line) > MAX_REQUEST + 1:
-            self.rejected += 1
-            return {"ok": False, "error": f"request too large (at most {MAX_REQUEST} bytes)"}
-        if not self.limiter.allow():
-            self.rejected += 1
-            return {"ok": False, "error": "too many requests; try again in a few seconds"}
-        try:
-            request = json.loads(line)
-        except (ValueError, RecursionError):  # RecursionError: '[[[[...' nested too deep
-            self.rejected += 1
-            return {"ok": False, "error": "malformed request (not JSON)"}
-        if not isinstance(request, dict) or request.get("op") not in ("get", "set"):
-            self.rejected += 1
-            return {"ok": False, "error": 'malformed request: expected {"op": "get"|"set", ...}'}
-        if request["op"] == "get" and len(request) > 1:
-            self.rejected += 1
-            extra = ", ".join(sorted(str(k)[:32] for k in request if k != "op"))
-            return {"ok": False, "error": f"unknown field(s) {extra}; get takes no arguments"}
+            return {"ok": False, "error": str(exc)}
         try:
             return await self.handler(request)
         except LimitRefused as exc:
@@ -145,3 +129,27 @@ class ControlServer:
         except Exception as exc:  # never let a request take the server down
             log.warning("control request failed: %s", exc)
             return {"ok": False, "error": f"the host could not apply it: {exc}"}
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+        """One bounded, rate-limited, well-formed request; ``_Refused`` otherwise."""
+        too_large = f"request too large (at most {MAX_REQUEST} bytes)"
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), READ_TIMEOUT_S)
+        except asyncio.LimitOverrunError:
+            raise _Refused(too_large) from None
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+            raise _Refused("incomplete request (one JSON object per line)") from None
+        if len(line) > MAX_REQUEST + 1:
+            raise _Refused(too_large)
+        if not self.limiter.allow():
+            raise _Refused("too many requests; try again in a few seconds")
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError):  # RecursionError: '[[[[...' nested too deep
+            raise _Refused("malformed request (not JSON)") from None
+        if not isinstance(request, dict) or request.get("op") not in ("get", "set"):
+            raise _Refused('malformed request: expected {"op": "get"|"set", ...}')
+        if request["op"] == "get" and len(request) > 1:
+            extra = ", ".join(sorted(str(k)[:32] for k in request if k != "op"))
+            raise _Refused(f"unknown field(s) {extra}; get takes no arguments")
+        return request

@@ -39,6 +39,30 @@ class Op:
         return tuple(out)
 
 
+@dataclass(frozen=True)
+class _PathOp(Op):
+    """An operation on one path inside the container."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class _PathModeOp(Op):
+    """An operation creating ``path`` inside the root with ``mode`` (octal on the wire)."""
+
+    path: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class _MapOp(Op):
+    """One user-namespace map line: ids ``inside..`` of the container are ``outside..``."""
+
+    inside: int
+    outside: int
+    count: int
+
+
 # ---- supervisor records (host side) -------------------------------------------------------
 
 
@@ -83,24 +107,16 @@ class SyncNet(Op):
     what: str = "net"
 
 
-@dataclass(frozen=True)
-class UidMap(Op):
+class UidMap(_MapOp):
     """One uid map line of the user namespace (written by the supervisor)."""
 
     keyword = "uidmap"
-    inside: int
-    outside: int
-    count: int
 
 
-@dataclass(frozen=True)
-class GidMap(Op):
+class GidMap(_MapOp):
     """One gid map line of the user namespace (written by the supervisor)."""
 
     keyword = "gidmap"
-    inside: int
-    outside: int
-    count: int
 
 
 # ---- mount phase (init, in order) ---------------------------------------------------------
@@ -135,30 +151,22 @@ class RootFs(Op):
         return (self.keyword, ":".join(self.layers))
 
 
-@dataclass(frozen=True)
-class RealDir(Op):
+class RealDir(_PathOp):
     """``path`` must be a real directory of the image (no symlink on the way)."""
 
     keyword = "realdir"
-    path: str
 
 
-@dataclass(frozen=True)
-class Mkdir(Op):
+class Mkdir(_PathModeOp):
     """mkdir -p inside the root."""
 
     keyword = "mkdir"
-    path: str
-    mode: int
 
 
-@dataclass(frozen=True)
-class Touch(Op):
+class Touch(_PathModeOp):
     """Create an empty file inside the root if missing."""
 
     keyword = "touch"
-    path: str
-    mode: int
 
 
 @dataclass(frozen=True)
@@ -202,20 +210,16 @@ class BindMount(Op):
     flags: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Mask(Op):
+class Mask(_PathOp):
     """Hide ``path`` (an empty read-only tmpfs, or /dev/null over a file)."""
 
     keyword = "mask"
-    path: str
 
 
-@dataclass(frozen=True)
-class ReadOnly(Op):
+class ReadOnly(_PathOp):
     """Make ``path`` read-only."""
 
     keyword = "readonly"
-    path: str
 
 
 @dataclass(frozen=True)
@@ -249,12 +253,10 @@ class Env(Op):
         return (self.keyword, f"{self.name}={self.value}")
 
 
-@dataclass(frozen=True)
-class Cwd(Op):
+class Cwd(_PathOp):
     """The main process's working directory."""
 
     keyword = "cwd"
-    path: str
 
 
 @dataclass(frozen=True)

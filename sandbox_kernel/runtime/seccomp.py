@@ -380,23 +380,33 @@ def _is_cond(insn: _Insn) -> bool:
     return insn.code in (OP_JEQ_K, OP_JGE_K, OP_JSET_K)
 
 
-def _assemble(items: Sequence[_Item]) -> list[tuple[int, int, int, int]]:
-    """Resolve labels. A conditional jump whose target is more than 255 instructions away
-    gets a ``JA`` trampoline right after it (iterated until every offset fits)."""
-    long_t: set[int] = set()
-    long_f: set[int] = set()
+def _layout(
+    items: Sequence[_Item], long_t: set[int], long_f: set[int]
+) -> tuple[dict[int, int], dict[str, int]]:
+    """Addresses of the instructions and labels, with room for the trampolines already
+    known to be needed (``long_t``/``long_f``: conditional jumps whose true/false target is
+    out of reach)."""
+    addr: dict[int, int] = {}
+    labels: dict[str, int] = {}
+    pos = 0
+    for i, item in enumerate(items):
+        if isinstance(item, _Label):
+            if item.name in labels:
+                raise AssertionError(f"duplicate label {item.name}")
+            labels[item.name] = pos
+            continue
+        addr[i] = pos
+        pos += 1 + (i in long_t) + (i in long_f)
+    return addr, labels
+
+
+def _find_long_jumps(
+    items: Sequence[_Item], long_t: set[int], long_f: set[int]
+) -> tuple[dict[int, int], dict[str, int]]:
+    """Grow ``long_t``/``long_f`` until every conditional offset fits in 8 bits; return the
+    final layout."""
     while True:
-        addr: dict[int, int] = {}
-        labels: dict[str, int] = {}
-        pos = 0
-        for i, item in enumerate(items):
-            if isinstance(item, _Label):
-                if item.name in labels:
-                    raise AssertionError(f"duplicate label {item.name}")
-                labels[item.name] = pos
-                continue
-            addr[i] = pos
-            pos += 1 + (i in long_t) + (i in long_f)
+        addr, labels = _layout(items, long_t, long_f)
         changed = False
         for i, item in enumerate(items):
             if isinstance(item, _Label) or not _is_cond(item):
@@ -411,8 +421,15 @@ def _assemble(items: Sequence[_Item]) -> list[tuple[int, int, int, int]]:
                     longs.add(i)
                     changed = True
         if not changed:
-            break
+            return addr, labels
 
+
+def _assemble(items: Sequence[_Item]) -> list[tuple[int, int, int, int]]:
+    """Resolve labels. A conditional jump whose target is more than 255 instructions away
+    gets a ``JA`` trampoline right after it (iterated until every offset fits)."""
+    long_t: set[int] = set()
+    long_f: set[int] = set()
+    addr, labels = _find_long_jumps(items, long_t, long_f)
     prog: list[tuple[int, int, int, int]] = []
     for i, item in enumerate(items):
         if isinstance(item, _Label):

@@ -132,7 +132,7 @@ def _all_ops() -> list[type[ops.Op]]:
     return [
         cls
         for cls in vars(ops).values()
-        if isinstance(cls, type) and issubclass(cls, ops.Op) and cls is not ops.Op
+        if isinstance(cls, type) and issubclass(cls, ops.Op) and cls.keyword
     ]
 
 
