@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import DigestMismatch, ImageError
 from . import oci
-from .extract import COPY_CHUNK
+from .compression import COPY_CHUNK
 from .store import Image, ImageStore
 
 

@@ -29,7 +29,7 @@ from typing import IO
 
 from ..errors import DigestMismatch, ImageError, UnsafeArchiveError
 from . import oci
-from .extract import sniff_compression
+from .compression import sniff_compression
 from .store import Image, ImageConfig, ImageStore, Layer
 
 log = logging.getLogger(__name__)

@@ -41,15 +41,10 @@ from .. import paths
 from ..errors import DigestMismatch, ImageError, ImageInUse, ImageNotFound
 from ..runtime.rundir import ContainerInfo
 from . import oci
-from .extract import (
-    COPY_CHUNK,
-    DEFAULT_LIMITS,
-    ExtractLimits,
-    ExtractReport,
-    extract_layer_file,
-    write_layer_tar,
-)
+from .compression import COPY_CHUNK
+from .extract import DEFAULT_LIMITS, ExtractLimits, ExtractReport, extract_layer_file
 from .labels import LABEL_ARGV
+from .layer_writer import write_layer_tar
 
 log = logging.getLogger(__name__)
 
