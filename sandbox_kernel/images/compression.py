@@ -1,10 +1,11 @@
 """Reading layer blobs: compression sniffing, streaming decompression and the hashing reader.
 
-A layer blob is a tar stream that may be gzip- or zstd-compressed. ``sniff_compression`` tells
-which from the first bytes; the image importer calls it for rootfs tarballs, whose compression
-no media type states. ``open_decompressed`` streams the uncompressed bytes of a blob (gzip
-in-process, zstd through the ``zstd`` program); ``extract.extract_layer_file`` calls it for
-every layer it unpacks. ``HashingReader`` sits between the decompressor and ``tar_reader.TarReader``: it computes the
+A layer blob is a tar stream that may be gzip- or zstd-compressed. ``sniff_compression`` (and
+``compression_of`` for bytes already read) tells which from the first bytes; the image importer
+calls them for docker-save layers and rootfs tarballs, whose compression no media type states.
+``open_decompressed`` streams the uncompressed bytes of a blob (gzip in-process, zstd through
+the ``zstd`` program); ``extract.extract_layer_file`` calls it for every layer it unpacks.
+``HashingReader`` sits between the decompressor and ``tar_reader.TarReader``: it computes the
 layer's diff_id and stops a decompression bomb at a byte budget.
 """
 
@@ -69,16 +70,22 @@ class HashingReader:
         pass
 
 
-def sniff_compression(path: Path) -> str:
-    """'gzip', 'zstd' or 'none' from the first bytes of a file. Called by the importer to tell
-    a compressed rootfs tarball from an image archive, and to pick its layer media type."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+def compression_of(head: bytes) -> str:
+    """'gzip', 'zstd' or 'none' from the first (up to four) bytes of a blob. Called by
+    ``sniff_compression`` and by the importer for docker-save layers read from a tar."""
     if head[:2] == b"\x1f\x8b":
         return "gzip"
     if head == b"\x28\xb5\x2f\xfd":
         return "zstd"
     return "none"
+
+
+def sniff_compression(path: Path) -> str:
+    """'gzip', 'zstd' or 'none' from the first bytes of a file. Called by the importer to tell
+    a compressed rootfs tarball from an image archive, and to pick its layer media type."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return compression_of(head)
 
 
 @contextlib.contextmanager

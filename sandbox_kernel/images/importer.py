@@ -29,7 +29,7 @@ from typing import IO
 
 from ..errors import DigestMismatch, ImageError, UnsafeArchiveError
 from . import oci
-from .compression import sniff_compression
+from .compression import compression_of, sniff_compression
 from .store import Image, ImageConfig, ImageStore, Layer
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ def _import_docker(
                 raise ImageError(f"{where}: layer names must be strings")
             with src.open(lname) as f:
                 head = f.read(4)
-            comp = _sniff_bytes(head)
+            comp = compression_of(head)
             mt = oci.COMPRESSION_MEDIA_TYPE[comp]
             with src.open(lname) as f:
                 layers.append(
@@ -327,14 +327,6 @@ def _import_docker(
                 )
         images.append(_write(store, n, t, layers, cfg))
     return images
-
-
-def _sniff_bytes(head: bytes) -> str:
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    return "none"
 
 
 # --- rootfs tarball ----------------------------------------------------------------------------

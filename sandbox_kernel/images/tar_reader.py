@@ -19,6 +19,7 @@ from .compression import COPY_CHUNK
 
 REGTYPES = (b"0", b"\x00", b"7")
 _ZERO_BLOCK = bytes(512)
+_TRUNCATED = "tar stream truncated; the layer is corrupt"
 T_LINK, T_SYM, T_CHR, T_BLK, T_DIR, T_FIFO = b"1", b"2", b"3", b"4", b"5", b"6"
 T_PAX, T_GPAX, T_GNU_LONGNAME, T_GNU_LONGLINK = b"x", b"g", b"L", b"K"
 T_GNU_SPARSE = b"S"
@@ -122,38 +123,36 @@ class TarReader:
 
     def _read(self, n: int) -> bytes:
         if not self._fill(n):
-            raise ImageError(f"{self.what}: tar stream truncated; the layer is corrupt")
+            raise ImageError(f"{self.what}: {_TRUNCATED}")
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
-    def skip(self, n: int) -> None:
-        """Skip the next n bytes (padding, extended headers, unread member data)."""
+    def _consume(self, n: int, fd: int | None, truncated: str) -> None:
+        """Consume the next n bytes, writing them to ``fd`` unless it is None; ImageError
+        ``truncated`` when the stream ends first."""
         while n > 0:
             have = len(self.buf) - self.pos
             if have == 0:
                 if not self._fill(1):
-                    raise ImageError(f"{self.what}: tar stream truncated; the layer is corrupt")
+                    raise ImageError(f"{self.what}: {truncated}")
                 continue
             k = min(have, n)
+            if fd is not None:
+                view = memoryview(self.buf)[self.pos : self.pos + k]
+                while view:
+                    w = os.write(fd, view)
+                    view = view[w:]
             self.pos += k
             n -= k
 
+    def skip(self, n: int) -> None:
+        """Skip the next n bytes (padding, extended headers, unread member data)."""
+        self._consume(n, None, _TRUNCATED)
+
     def copy_to(self, fd: int, n: int) -> None:
         """Write the next n bytes of member data to fd."""
-        while n > 0:
-            have = len(self.buf) - self.pos
-            if have == 0:
-                if not self._fill(1):
-                    raise ImageError(f"{self.what}: tar stream ends inside a file; corrupt layer")
-                continue
-            k = min(have, n)
-            view = memoryview(self.buf)[self.pos : self.pos + k]
-            while view:
-                w = os.write(fd, view)
-                view = view[w:]
-            self.pos += k
-            n -= k
+        self._consume(n, fd, "tar stream ends inside a file; corrupt layer")
 
     def _ext_data(self, size: int, kind: str) -> bytes:
         if size > self.max_header_bytes:
