@@ -26,7 +26,7 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -206,6 +206,10 @@ class Recipe:
 _MUST_BE_STRING = "must be a string (in double quotes)"
 
 
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
 def _is_str_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -247,6 +251,27 @@ class _Checker:
                     f"unknown key {key!r}; valid keys{section} are: {', '.join(valid)}",
                 )
 
+    def _get(
+        self,
+        table: Mapping[str, Any],
+        key: str,
+        where: str,
+        ok: Callable[[object], bool],
+        must: str,
+        required: str,
+    ) -> Any:
+        """``table[key]`` when ``ok`` accepts it; None (after recording the problem ``must``,
+        or ``required`` when the key is missing and that is not empty) otherwise."""
+        if key not in table:
+            if required:
+                self.add(f"{where}{key}", required)
+            return None
+        value = table[key]
+        if not ok(value):
+            self.add(f"{where}{key}", f"{value!r} {must}")
+            return None
+        return value
+
     def string(
         self,
         table: Mapping[str, Any],
@@ -257,39 +282,31 @@ class _Checker:
         default: str = "",
     ) -> str:
         """The string ``table[key]``, or ``default`` when it is missing or not a string."""
-        if key not in table:
-            if required:
-                self.add(f"{where}{key}", "is required")
-            return default
-        value = table[key]
-        if not isinstance(value, str):
-            self.add(f"{where}{key}", f"{value!r} {_MUST_BE_STRING}")
-            return default
-        return value
+        value = self._get(
+            table, key, where, _is_str, _MUST_BE_STRING, "is required" if required else ""
+        )
+        return default if value is None else str(value)
 
     def boolean(self, table: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
         """The boolean ``table[key]``, or ``default`` when it is missing or not a boolean."""
-        if key not in table:
-            return default
-        value = table[key]
-        if not isinstance(value, bool):
-            self.add(f"{where}{key}", f"{value!r} must be true or false")
-            return default
-        return value
+        value = self._get(
+            table, key, where, lambda v: isinstance(v, bool), "must be true or false", ""
+        )
+        return default if value is None else bool(value)
 
     def strings(
         self, table: Mapping[str, Any], key: str, where: str, *, required: bool = False
     ) -> tuple[str, ...]:
         """The list of strings ``table[key]`` as a tuple; () when missing or not one."""
-        if key not in table:
-            if required:
-                self.add(f"{where}{key}", "is required (a list of strings)")
-            return ()
-        value = table[key]
-        if not _is_str_list(value):
-            self.add(f"{where}{key}", f'{value!r} must be a list of strings, e.g. ["a", "b"]')
-            return ()
-        return tuple(value)
+        value = self._get(
+            table,
+            key,
+            where,
+            _is_str_list,
+            'must be a list of strings, e.g. ["a", "b"]',
+            "is required (a list of strings)" if required else "",
+        )
+        return () if value is None else tuple(value)
 
     def table(self, raw: Mapping[str, Any], key: str) -> dict[str, Any] | None:
         """The ``[key]`` section of the recipe, or None when absent or not a table."""
