@@ -222,22 +222,41 @@ class Index:
     annotations: dict[str, str]
 
 
-def parse_index(data: bytes, what: str = "index.json") -> Index:
-    obj = load_json(data, what)
+def _check_schema_version(obj: dict[str, Any], what: str) -> None:
     if obj.get("schemaVersion") != 2:
         raise ImageError(f"{what}: schemaVersion must be 2, got {obj.get('schemaVersion')!r}")
-    mt = obj.get("mediaType")
-    if mt is not None and mt not in INDEX_TYPES:
+
+
+def _check_media_type(
+    mt: object, accepted: frozenset[str], kind: str, expected: str, what: str
+) -> None:
+    if mt not in accepted:
         raise UnsafeArchiveError(
-            f"{what}: mediaType {mt!r} is not an image index (media-type confusion); "
-            f"expected {MT_OCI_INDEX}"
+            f"{what}: mediaType {mt!r} is not an image {kind} (media-type confusion); "
+            f"expected {expected}"
         )
-    manifests = obj.get("manifests")
-    if not isinstance(manifests, list):
-        raise ImageError(f"{what}: 'manifests' must be a list")
-    if len(manifests) > 100_000:
-        raise UnsafeArchiveError(f"{what}: {len(manifests)} manifests is over the limit (100000)")
-    descs = tuple(parse_descriptor(m, f"{what} manifests[{i}]") for i, m in enumerate(manifests))
+
+
+def _descriptors(obj: dict[str, Any], key: str, limit: int, what: str) -> tuple[Descriptor, ...]:
+    """The descriptors of the list ``obj[key]`` (at most ``limit`` of them)."""
+    items = obj.get(key)
+    if not isinstance(items, list):
+        raise ImageError(f"{what}: '{key}' must be a list")
+    if len(items) > limit:
+        raise UnsafeArchiveError(f"{what}: {len(items)} {key} is over the limit ({limit})")
+    return tuple(parse_descriptor(x, f"{what} {key}[{i}]") for i, x in enumerate(items))
+
+
+def parse_index(data: bytes, what: str = "index.json") -> Index:
+    """Parse an image index (``index.json`` of a layout, or a nested index); a document of
+    another media type is refused. Called by the store for its own index on every read, and
+    by the importer for an OCI layout's index and the nested indexes it names."""
+    obj = load_json(data, what)
+    _check_schema_version(obj, what)
+    mt = obj.get("mediaType")
+    if mt is not None:
+        _check_media_type(mt, INDEX_TYPES, "index", MT_OCI_INDEX, what)
+    descs = _descriptors(obj, "manifests", 100_000, what)
     return Index(descs, _str_map(obj.get("annotations"), f"{what} annotations"))
 
 
@@ -261,25 +280,15 @@ def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
         raise UnsafeArchiveError(
             f"{what} is an image config where an image manifest was expected (media-type confusion)"
         )
-    if obj.get("schemaVersion") != 2:
-        raise ImageError(f"{what}: schemaVersion must be 2, got {obj.get('schemaVersion')!r}")
-    if mt not in MANIFEST_TYPES:
-        raise UnsafeArchiveError(
-            f"{what}: mediaType {mt!r} is not an image manifest (media-type confusion); "
-            f"expected {MT_OCI_MANIFEST}"
-        )
+    _check_schema_version(obj, what)
+    _check_media_type(mt, MANIFEST_TYPES, "manifest", MT_OCI_MANIFEST, what)
     config = parse_descriptor(obj.get("config"), f"{what} config")
     if config.media_type not in CONFIG_TYPES:
         raise UnsafeArchiveError(
             f"{what}: config mediaType {config.media_type!r} is not an image config "
             f"(media-type confusion); expected {MT_OCI_CONFIG}"
         )
-    layers_obj = obj.get("layers")
-    if not isinstance(layers_obj, list):
-        raise ImageError(f"{what}: 'layers' must be a list")
-    if len(layers_obj) > 500:
-        raise UnsafeArchiveError(f"{what}: {len(layers_obj)} layers is over the limit (500)")
-    layers = tuple(parse_descriptor(x, f"{what} layers[{i}]") for i, x in enumerate(layers_obj))
+    layers = _descriptors(obj, "layers", 500, what)
     for i, layer in enumerate(layers):
         if layer.media_type not in LAYER_TYPES:
             raise UnsafeArchiveError(
