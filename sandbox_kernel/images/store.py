@@ -353,10 +353,9 @@ class ImageStore:
         self._init()
         if expected_digest is not None:
             oci.check_digest(expected_digest, f"{what} digest")
-        tmp = self._tmp_name("blob")
         h = hashlib.sha256()
         n = 0
-        try:
+        with self._new_blob() as tmp:
             with open(tmp, "wb") as out:
                 while chunk := src.read(COPY_CHUNK):
                     n += len(chunk)
@@ -378,17 +377,30 @@ class ImageStore:
                     f"{what}: content has digest {digest} but {expected_digest} was expected "
                     "(digest mismatch); the image is corrupt or was tampered with"
                 )
-            final = self.blob_path(digest)
-            if final.exists():
-                os.utime(final)
-                tmp.unlink()
-            else:
-                os.replace(tmp, final)
-            return digest, n
+            self._install_blob(tmp, digest)
+        return digest, n
+
+    @contextlib.contextmanager
+    def _new_blob(self) -> Iterator[Path]:
+        """A temp path in the store's tmp dir for a blob being written; removed when the block
+        fails. Used by ``put_blob_stream`` and ``add_layer_from_dir``."""
+        tmp = self._tmp_name("blob")
+        try:
+            yield tmp
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
+
+    def _install_blob(self, tmp: Path, digest: str) -> None:
+        """Move the verified blob ``tmp`` to its place; when the blob is there already (same
+        content) ``tmp`` is dropped and the blob touched, so gc's grace period starts again."""
+        final = self.blob_path(digest)
+        if final.exists():
+            os.utime(final)
+            tmp.unlink()
+        else:
+            os.replace(tmp, final)
 
     # layers --------------------------------------------------------------------------------
     def snapshot_path(self, diff_id: str) -> Path:
@@ -512,8 +524,7 @@ class ImageStore:
         media_type = oci.COMPRESSION_MEDIA_TYPE.get(compression)
         if media_type is None:
             raise ImageError(f"unknown layer compression {compression!r}; use gzip, zstd or none")
-        tmp = self._tmp_name("blob")
-        try:
+        with self._new_blob() as tmp:
             with open(tmp, "wb") as out:
                 sink = _Sink(out, compression)
                 write_layer_tar(src, sink, scrub=True)  # type: ignore[arg-type]
@@ -523,16 +534,7 @@ class ImageStore:
                 digest, size = _hash_file(tmp)
             else:
                 digest, size = diff_id, tmp.stat().st_size
-            final = self.blob_path(digest)
-            if final.exists():
-                os.utime(final)
-                tmp.unlink()
-            else:
-                os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+            self._install_blob(tmp, digest)
         snap = self.snapshot_path(diff_id)
         if snap.is_dir():
             _rmtree(src)
