@@ -143,6 +143,20 @@ def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
+def _open_dir_at(fd: int, comps: tuple[str, ...]) -> int:
+    """The fd of directory ``comps`` below ``fd`` (which this takes over), walked without
+    following symlinks; OSError (``fd`` closed) when a component is missing or no directory."""
+    try:
+        for c in comps:
+            fd2 = os.open(c, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = fd2
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def is_whiteout(st: os.stat_result) -> bool:
     """True when ``st`` is an overlay whiteout (a char device 0:0). Used by the extractor and
     by ``layer_writer.write_layer_tar``, which turns whiteouts back into ``.wh.`` entries."""
@@ -373,20 +387,12 @@ class _Extractor:
     def _parent_fd_nocreate(self, comps: tuple[str, ...], m: TarMember) -> int:
         fd = os.dup(self.root_fd)
         try:
-            for c in comps:
-                try:
-                    fd2 = os.open(c, _DIR_FLAGS, dir_fd=fd)
-                except OSError:
-                    raise UnsafeArchiveError(
-                        f"{self.what}: hard link {m.name!r} -> {m.linkname!r}: the target is not "
-                        "inside this layer (or its path goes through a symlink); refused"
-                    ) from None
-                os.close(fd)
-                fd = fd2
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            return _open_dir_at(fd, comps)
+        except OSError:
+            raise UnsafeArchiveError(
+                f"{self.what}: hard link {m.name!r} -> {m.linkname!r}: the target is not "
+                "inside this layer (or its path goes through a symlink); refused"
+            ) from None
 
     def _attrs_fd(self, fd: int, m: TarMember) -> None:
         self._chown(fd, None, m)
@@ -449,16 +455,7 @@ class _Extractor:
                 os.close(fd)
 
     def _open_dir(self, comps: tuple[str, ...]) -> int:
-        fd = os.dup(self.root_fd)
-        try:
-            for c in comps:
-                fd2 = os.open(c, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = fd2
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return _open_dir_at(os.dup(self.root_fd), comps)
 
 
 def extract_tar_stream(
