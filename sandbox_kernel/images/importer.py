@@ -41,7 +41,10 @@ Opener = Callable[[str], IO[bytes]]
 
 
 def ref_to_name_tag(ref: str, what: str) -> tuple[str, str]:
-    """'docker.io/library/python:3.11' -> ('python', '3.11'); 'foo' -> ('foo', 'latest')."""
+    """'docker.io/library/python:3.11' -> ('python', '3.11'); 'foo' -> ('foo', 'latest').
+
+    The importer names images with it from the ref annotations, RepoTags or file names it finds.
+    """
     ref = ref.split("@", 1)[0]
     last = ref.rsplit("/", 1)[-1]
     name, sep, tag = last.partition(":")
@@ -364,7 +367,11 @@ def _tar_source(path: Path) -> Iterator[_TarSource]:
 
 
 def import_path(store: ImageStore, path: Path, name_ref: str | None = None) -> list[Image]:
-    """Import the image(s) at ``path``; ``name_ref`` ('NAME' or 'NAME:TAG') renames it."""
+    """Import the image(s) at ``path``; ``name_ref`` ('NAME' or 'NAME:TAG') renames it.
+
+    Called by ``sandbox-kernel image import``: an OCI layout (directory or tar), a docker-save
+    tar or a rootfs tarball; every layer goes through the safe extractor.
+    """
     path = Path(path)
     name: str | None = None
     tag: str | None = None

@@ -106,12 +106,17 @@ _REF_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]*)?$")
 
 
 def canonical_project(name: str) -> str:
-    """PEP 503 normalised project name."""
+    """PEP 503 normalised project name. Used when pins are checked here and by
+    ``pip_target`` to match installed distributions to the pins."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @dataclass(frozen=True)
 class BaseSpec:
+    """The ``[base]`` section: the Debian suite the builder bootstraps with mmdebstrap (its
+    variant, the packages to include, dpkg path globs to exclude or keep, components and
+    mirror). The builder's base step is made from it."""
+
     suite: str
     variant: str = "essential"
     include: tuple[str, ...] = ()
@@ -123,6 +128,10 @@ class BaseSpec:
 
 @dataclass(frozen=True)
 class PythonSpec:
+    """The image's interpreter (``[python]``, or the parent image's python labels): where it
+    is, its version, ABI and wheel platforms, and its site directory. The builder's pip and
+    compile steps and ``pip_target`` use it to install wheels for that interpreter."""
+
     executable: str
     version: str
     abi: str
@@ -135,9 +144,12 @@ class PythonSpec:
 
     @property
     def major(self) -> int:
+        """The major version (2 or 3); the compile step and ``pip_target`` branch on it."""
         return int(self.version.split(".")[0])
 
     def labels(self) -> dict[str, str]:
+        """The python labels written into the image config by the builder, so that images
+        built ``from`` this one inherit the interpreter description."""
         return {
             LABEL_PY_EXECUTABLE: self.executable,
             LABEL_PY_VERSION: self.version,
@@ -149,6 +161,9 @@ class PythonSpec:
 
 @dataclass(frozen=True)
 class PipSpec:
+    """The ``[pip]`` section: pinned packages, those to build from source, and the indexes.
+    The builder's pip step hands it to ``pip_target.install``."""
+
     packages: tuple[str, ...]
     from_source: tuple[str, ...] = ()
     no_deps: bool = False
@@ -159,6 +174,9 @@ class PipSpec:
 
 @dataclass(frozen=True)
 class FileSpec:
+    """One ``[[files]]`` entry: ``src`` (relative to the recipe directory) copied to ``dst``
+    inside the image, with ``mode`` if given. The builder's files step copies it."""
+
     src: str
     dst: str
     mode: int | None = None
@@ -166,13 +184,17 @@ class FileSpec:
 
 @dataclass(frozen=True)
 class KernelSpec:
+    """The ``[kernel]`` section: how the provisioner starts the kernel in this image. The
+    builder stores it as labels (``labels``)."""
+
     argv: tuple[str, ...]
     language: str = "python"
     display_name: str = ""
     interrupt_mode: str = "signal"
 
     def labels(self) -> dict[str, str]:
-        """The kernel labels; fields left empty are inherited from the parent image."""
+        """The kernel labels the builder writes into the image config; fields left empty are
+        inherited from the parent image."""
         out = {
             LABEL_ARGV: json.dumps(list(self.argv)) if self.argv else "",
             LABEL_LANGUAGE: self.language,
@@ -184,6 +206,9 @@ class KernelSpec:
 
 @dataclass(frozen=True)
 class Recipe:
+    """A validated recipe, as ``load_recipe`` returns it; ``build.build_image`` plans and
+    builds the image from it. ``raw`` is the parsed TOML as read (not compared)."""
+
     path: Path  # the recipe file
     name: str
     tag: str = "latest"
@@ -200,6 +225,7 @@ class Recipe:
 
     @property
     def directory(self) -> Path:
+        """The recipe directory: ``[[files]]`` sources are found (and hashed) relative to it."""
         return self.path.parent
 
 
@@ -334,7 +360,7 @@ def _abs_path(ck: _Checker, value: str, where: str) -> str:
 
 def parse_recipe_text(text: str, path: Path) -> Recipe:
     """Parse and fully validate recipe text; ``path`` is the recipe file (used in messages and
-    to resolve ``[[files]]`` sources). Called by ``load_recipe``, and by the tests."""
+    to resolve ``[[files]]`` sources). Called by ``load_recipe``."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -348,8 +374,9 @@ def parse_recipe_text(text: str, path: Path) -> Recipe:
 def load_recipe(path: Path) -> Recipe:
     """Load a recipe from a recipe file or a recipe directory (holding ``recipe.toml``).
 
-    Called by the image builder (``build.find_recipe`` and ``sandbox-kernel image build``)
-    before anything is built; every problem is raised at once as one BuildError.
+    Called by ``build.build_image`` (``sandbox-kernel image build``) before anything is built,
+    and by the builder for a parent image it has to build first; every problem is raised at
+    once as one BuildError.
     """
     p = Path(path)
     if p.is_dir():
@@ -692,7 +719,8 @@ def _kernel(
 
 def hash_tree(root: Path) -> str:
     """Content hash of a file or directory tree: relative paths, types, modes, link targets and
-    file contents (not times or owners)."""
+    file contents (not times or owners). The builder hashes each ``[[files]]`` source with it,
+    so that the files step's cache key changes when a source file does."""
     h = hashlib.sha256()
     root = Path(root)
     items = (
@@ -719,7 +747,8 @@ def step_cache_key(
     parent_chain: tuple[str, ...], step: Mapping[str, Any], content_hash: str = ""
 ) -> str:
     """Cache key of one build step: the parent layers (digests, base first), the step's
-    normalised definition and the content hash of the files it adds."""
+    normalised definition and the content hash of the files it adds. The builder computes it
+    for each step and looks it up with ``ImageStore.layer_cache_get`` before running it."""
     doc = {"v": 1, "parents": list(parent_chain), "step": step, "content": content_hash}
     data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(data).hexdigest()
