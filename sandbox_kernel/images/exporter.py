@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import DigestMismatch, ImageError
 from . import oci
-from .extract import COPY_CHUNK
+from .compression import COPY_CHUNK
 from .store import Image, ImageStore
 
 
@@ -101,7 +101,8 @@ def _tar_dir(src: Path, out: Path) -> None:
 
 def export_images(store: ImageStore, refs: Sequence[str], dest: Path) -> list[Image]:
     """Export the images ``refs`` to ``dest``: an OCI layout directory, or a tar if it ends
-    in ``.tar``. An existing layout directory is added to (same name:tag replaced)."""
+    in ``.tar``. An existing layout directory is added to (same name:tag replaced). Called by
+    ``sandbox-kernel image export``."""
     dest = Path(dest)
     images = [store.resolve(r, unpack=False) for r in refs]
     if dest.name.endswith(".tar"):

@@ -1,4 +1,11 @@
-"""Hostile-input-safe layer extraction, and deterministic layer tar writing.
+"""Hostile-input-safe layer extraction into a snapshot directory.
+
+``ImageStore._unpack`` calls ``extract_layer_file`` for every layer blob it has no snapshot
+of (when an image is imported, and again when a snapshot has gone missing); the tests and the
+security suite call ``extract_tar_stream`` on tar bytes directly. Decompression and the diff_id
+hash live in ``compression``, header parsing in ``tar_reader``; this module decides what each
+member may do to the file system. The inverse, writing a layer tar from an overlay upper dir,
+is ``layer_writer``.
 
 Extraction turns one OCI layer (a tar stream, maybe gzip or zstd compressed) into a directory in
 *overlayfs lower-dir form*:
@@ -28,28 +35,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
-import hashlib
 import logging
 import os
-import shutil
 import stat
-import struct
-import subprocess
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, cast
+from typing import IO, cast
 
 from ..errors import DigestMismatch, ImageError, UnsafeArchiveError
+from .compression import HashingReader, open_decompressed
+from .tar_reader import REGTYPES, T_BLK, T_CHR, T_DIR, T_FIFO, T_LINK, T_SYM, TarMember, TarReader
 
 log = logging.getLogger(__name__)
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
-COPY_CHUNK = 1 << 20
+OPAQUE_XATTR = "trusted.overlay.opaque"
 MAX_REPORTED = 1000  # report lists are capped; counts are not
 MAX_DEPTH = 256  # path components of one member name
 
@@ -58,7 +59,11 @@ GiB = 1024**3
 
 @dataclass(frozen=True)
 class ExtractLimits:
-    """Bounds on what one layer may expand to (decompression bombs, entry floods)."""
+    """Bounds on what one layer may expand to (decompression bombs, entry floods).
+
+    Given to ``ImageStore(limits=...)`` (``DEFAULT_LIMITS`` otherwise), which passes them to
+    ``extract_layer_file`` for every layer it unpacks.
+    """
 
     max_total_bytes: int = 20 * GiB  # sum of regular file sizes
     max_entries: int = 2_000_000
@@ -71,6 +76,9 @@ DEFAULT_LIMITS = ExtractLimits()
 
 @dataclass
 class ExtractReport:
+    """What extracting one layer did: counts, the diff_id, and what was skipped, dropped or
+    flagged. Returned by ``extract_tar_stream``; ``ImageStore._unpack`` logs its findings."""
+
     entries: int = 0
     file_bytes: int = 0
     tar_bytes: int = 0
@@ -81,353 +89,6 @@ class ExtractReport:
     dropped_xattrs: list[str] = field(default_factory=list)  # "path: xattr name" (first ones)
     dropped_xattr_count: int = 0
     flagged: list[str] = field(default_factory=list)  # e.g. top-level /proc as a symlink
-
-
-# --- decompression -----------------------------------------------------------------------------
-
-
-class _HashingReader:
-    """Reads from ``inner``, hashes every byte and enforces a byte budget."""
-
-    def __init__(self, inner: IO[bytes], limit: int, what: str) -> None:
-        self.inner = inner
-        self.sha = hashlib.sha256()
-        self.count = 0
-        self.limit = limit
-        self.what = what
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.inner.read(n if n is not None and n >= 0 else COPY_CHUNK)
-        if data:
-            self.count += len(data)
-            if self.count > self.limit:
-                raise UnsafeArchiveError(
-                    f"{self.what}: uncompressed tar stream exceeds {self.limit} bytes "
-                    "(decompression bomb?); raise the extraction limits if this is a real layer"
-                )
-            self.sha.update(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(COPY_CHUNK):
-            pass
-
-    def finish(self) -> str:
-        return "sha256:" + self.sha.hexdigest()
-
-    def abort(self) -> None:
-        pass
-
-
-def sniff_compression(path: Path) -> str:
-    """'gzip', 'zstd' or 'none' from the first bytes of a file."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    return "none"
-
-
-@contextlib.contextmanager
-def open_decompressed(path: Path, compression: str) -> Iterator[IO[bytes]]:
-    """A streaming reader of the decompressed bytes of ``path``."""
-    if compression == "none":
-        with open(path, "rb", buffering=COPY_CHUNK) as f:
-            yield f
-    elif compression == "gzip":
-        with open(path, "rb", buffering=COPY_CHUNK) as raw, gzip.GzipFile(fileobj=raw) as g:
-            yield g  # type: ignore[misc]
-    elif compression == "zstd":
-        zstd = shutil.which("zstd")
-        if zstd is None:
-            raise ImageError(
-                f"cannot read zstd-compressed layer {path}: the 'zstd' program is not installed; "
-                "install it (apt-get install zstd)"
-            )
-        with open(path, "rb") as raw:
-            proc = subprocess.Popen(
-                [zstd, "-d", "-c", "-q", "--no-progress"],
-                stdin=raw,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                bufsize=COPY_CHUNK,
-            )
-            assert proc.stdout is not None and proc.stderr is not None
-            ok = False
-            try:
-                yield proc.stdout
-                ok = True
-            finally:
-                if not ok:
-                    proc.kill()
-                proc.stdout.close()
-                err = proc.stderr.read().decode(errors="replace").strip()
-                proc.stderr.close()
-                rc = proc.wait()
-                if ok and rc != 0:
-                    raise ImageError(f"zstd could not decompress layer {path}: {err or rc}")
-    else:
-        raise ImageError(f"unknown layer compression {compression!r} (use none, gzip or zstd)")
-
-
-# --- a lean streaming tar reader -------------------------------------------------------------
-#
-# Written for this module (rather than tarfile's stream mode) for speed and control: extended
-# headers are size-bounded before they are read, sparse files are refused, header checksums are
-# verified, and file data is written to the destination straight from the read buffer.
-
-REGTYPES = (b"0", b"\x00", b"7")
-_ZERO_BLOCK = bytes(512)
-T_LINK, T_SYM, T_CHR, T_BLK, T_DIR, T_FIFO = b"1", b"2", b"3", b"4", b"5", b"6"
-T_PAX, T_GPAX, T_GNU_LONGNAME, T_GNU_LONGLINK = b"x", b"g", b"L", b"K"
-T_GNU_SPARSE = b"S"
-
-
-@dataclass
-class TarMember:
-    name: str
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime: int
-    type: bytes
-    linkname: str
-    xattrs: list[str] = field(default_factory=list)
-
-    def isreg(self) -> bool:
-        return self.type in REGTYPES
-
-    def isdir(self) -> bool:
-        return self.type == T_DIR
-
-
-def _num(field_: bytes, what: str) -> int:
-    if field_[:1] not in (b"\x80", b"\xff"):
-        try:
-            return int(field_.split(b"\x00", 1)[0] or b"0", 8)
-        except ValueError:
-            pass
-    if field_[:1] in (b"\x80", b"\xff"):  # GNU base-256
-        n = int.from_bytes(field_[1:], "big")
-        if field_[0] == 0xFF:
-            n -= 1 << (8 * (len(field_) - 1))
-        return n
-    s = field_.split(b"\x00", 1)[0].strip(b" ")
-    if not s:
-        return 0
-    try:
-        return int(s, 8)
-    except ValueError:
-        raise UnsafeArchiveError(f"invalid number {field_!r} in tar header field {what}") from None
-
-
-def _signed_chksum(hdr: bytes) -> int:
-    """The checksum some old tar writers computed over signed chars."""
-    values: tuple[int, ...] = struct.unpack("148b8x356b", hdr)
-    return sum(values) + 256
-
-
-def _str(field_: bytes) -> str:
-    return field_.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
-
-
-class TarReader:
-    """Iterates over the members of an uncompressed tar stream."""
-
-    def __init__(self, stream: IO[bytes], limits: ExtractLimits, what: str) -> None:
-        self.stream = stream
-        self.limits = limits
-        self.what = what
-        self.buf = b""
-        self.pos = 0
-        self.pending = 0  # data + padding of the current member not consumed yet
-
-    def _fill(self, n: int) -> bool:
-        """Make at least n bytes available at self.pos; False at end of stream."""
-        have = len(self.buf) - self.pos
-        if have >= n:
-            return True
-        if have == 0:  # the common case: no copy of the new chunk
-            chunk = self.stream.read(max(COPY_CHUNK, n))
-            self.buf, self.pos = chunk, 0
-            if len(chunk) >= n:
-                return True
-            if not chunk:
-                return False
-            have = len(chunk)
-        parts = [self.buf[self.pos :]]
-        while have < n:
-            chunk = self.stream.read(max(COPY_CHUNK, n - have))
-            if not chunk:
-                self.buf, self.pos = b"".join(parts), 0
-                return False
-            parts.append(chunk)
-            have += len(chunk)
-        self.buf, self.pos = b"".join(parts), 0
-        return True
-
-    def _read(self, n: int) -> bytes:
-        if not self._fill(n):
-            raise ImageError(f"{self.what}: tar stream truncated; the layer is corrupt")
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            have = len(self.buf) - self.pos
-            if have == 0:
-                if not self._fill(1):
-                    raise ImageError(f"{self.what}: tar stream truncated; the layer is corrupt")
-                continue
-            k = min(have, n)
-            self.pos += k
-            n -= k
-
-    def copy_to(self, fd: int, n: int) -> None:
-        """Write the next n bytes of member data to fd."""
-        while n > 0:
-            have = len(self.buf) - self.pos
-            if have == 0:
-                if not self._fill(1):
-                    raise ImageError(f"{self.what}: tar stream ends inside a file; corrupt layer")
-                continue
-            k = min(have, n)
-            view = memoryview(self.buf)[self.pos : self.pos + k]
-            while view:
-                w = os.write(fd, view)
-                view = view[w:]
-            self.pos += k
-            n -= k
-
-    def _ext_data(self, size: int, kind: str) -> bytes:
-        if size > self.limits.max_header_bytes:
-            raise UnsafeArchiveError(
-                f"{self.what}: {kind} of {size} bytes exceeds the {self.limits.max_header_bytes}"
-                "-byte limit (header bomb); the layer is refused"
-            )
-        data = self._read(size)
-        self.skip(-size % 512)
-        return data
-
-    def _parse_pax(self, data: bytes) -> dict[str, str]:
-        out: dict[str, str] = {}
-        pos = 0
-        while pos < len(data):
-            sp = data.find(b" ", pos)
-            if sp < 0:
-                break
-            try:
-                length = int(data[pos:sp])
-            except ValueError:
-                raise UnsafeArchiveError(f"{self.what}: malformed PAX header") from None
-            if length <= 0 or pos + length > len(data):
-                raise UnsafeArchiveError(f"{self.what}: malformed PAX header record length")
-            rec = data[sp + 1 : pos + length - 1]
-            key, eq, val = rec.partition(b"=")
-            if not eq:
-                raise UnsafeArchiveError(f"{self.what}: malformed PAX header record")
-            out[key.decode("utf-8", "surrogateescape")] = val.decode("utf-8", "surrogateescape")
-            pos += length
-        return out
-
-    def next(self) -> TarMember | None:
-        """The next member (its data must then be consumed with copy_to/skip_data)."""
-        if self.pending:
-            self.skip(self.pending)
-            self.pending = 0
-        pax: dict[str, str] = {}
-        longname: str | None = None
-        longlink: str | None = None
-        while True:
-            if not self._fill(512):
-                if len(self.buf) - self.pos == 0:
-                    return None  # end of stream without end-of-archive blocks: accepted
-                raise ImageError(f"{self.what}: tar stream truncated inside a header")
-            hdr = self.buf[self.pos : self.pos + 512]
-            self.pos += 512
-            if hdr == _ZERO_BLOCK:
-                return None
-            try:  # fast path for the usual octal fields; _num handles the rest
-                chk = int(hdr[148:156].split(b"\x00", 1)[0] or b"0", 8)
-            except ValueError:
-                chk = _num(hdr[148:156], "chksum")
-            if chk != sum(hdr) - sum(hdr[148:156]) + 256 and chk != _signed_chksum(hdr):
-                raise ImageError(
-                    f"{self.what}: tar header checksum mismatch; not a tar stream or corrupt"
-                )
-            typ = hdr[156:157]
-            try:
-                size = int(hdr[124:136].split(b"\x00", 1)[0] or b"0", 8)
-            except ValueError:
-                size = _num(hdr[124:136], "size")
-            if size < 0:
-                raise UnsafeArchiveError(f"{self.what}: negative size in tar header")
-            if typ == T_PAX:
-                pax.update(self._parse_pax(self._ext_data(size, "PAX header")))
-                continue
-            if typ == T_GPAX:
-                self._ext_data(size, "global PAX header")
-                continue
-            if typ == T_GNU_LONGNAME:
-                longname = _str(self._ext_data(size, "GNU long name"))
-                continue
-            if typ == T_GNU_LONGLINK:
-                longlink = _str(self._ext_data(size, "GNU long link name"))
-                continue
-            if typ == T_GNU_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):
-                raise UnsafeArchiveError(
-                    f"{self.what}: GNU sparse files are not supported in layers"
-                )
-            name = _str(hdr[0:100])
-            if hdr[257:262] == b"ustar":
-                prefix = _str(hdr[345:500]) if hdr[257:263] == b"ustar\x00" else ""
-                if prefix:
-                    name = prefix + "/" + name
-            if longname is not None:
-                name = longname
-            linkname = longlink if longlink is not None else _str(hdr[157:257])
-            mtime = _num(hdr[136:148], "mtime")
-            uid = _num(hdr[108:116], "uid")
-            gid = _num(hdr[116:124], "gid")
-            xattrs: list[str] = []
-            if pax:
-                name = pax.get("path", name)
-                linkname = pax.get("linkpath", linkname)
-                try:
-                    size = int(pax.get("size", size))
-                    uid = int(pax.get("uid", uid))
-                    gid = int(pax.get("gid", gid))
-                    mtime = int(float(pax.get("mtime", mtime)))
-                except ValueError:
-                    raise UnsafeArchiveError(f"{self.what}: bad number in PAX header") from None
-                if size < 0:
-                    raise UnsafeArchiveError(f"{self.what}: negative size in PAX header")
-                for k in pax:
-                    if k.startswith("SCHILY.xattr.") or k.startswith("LIBARCHIVE.xattr."):
-                        xattrs.append(k.split(".", 2)[2])
-            # Like tarfile: only regular files and unknown types carry data in the archive.
-            data_size = 0 if typ in (T_DIR, T_SYM, T_LINK, T_CHR, T_BLK, T_FIFO) else size
-            self.pending = data_size + (-data_size % 512)
-            return TarMember(
-                name=name,
-                mode=_num(hdr[100:108], "mode") & 0o7777,
-                uid=uid,
-                gid=gid,
-                size=data_size,
-                mtime=mtime,
-                type=typ,
-                linkname=linkname,
-                xattrs=xattrs,
-            )
-
-    def read_data(self, fd: int, m: TarMember) -> None:
-        """Copy the current member's data to fd (then only padding is left to skip)."""
-        self.copy_to(fd, m.size)
-        self.pending -= m.size
 
 
 # --- safe fs helpers ---------------------------------------------------------------------------
@@ -441,7 +102,8 @@ _KINDS = {T_CHR: "char device", T_BLK: "block device", T_FIFO: "fifo"}
 def split_member_name(name: str) -> tuple[str, ...]:
     """Normalised path components of a tar member name; UnsafeArchiveError on '..'.
 
-    Leading '/' (absolute names) and '.' / empty components are dropped.
+    Leading '/' (absolute names) and '.' / empty components are dropped. Called by the
+    extractor for every member name and hard-link target.
     """
     if "\x00" in name:
         raise UnsafeArchiveError(f"tar member name {name!r} contains a NUL byte")
@@ -481,15 +143,34 @@ def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def _is_whiteout(st: os.stat_result) -> bool:
+def _open_dir_at(fd: int, comps: tuple[str, ...]) -> int:
+    """The fd of directory ``comps`` below ``fd`` (which this takes over), walked without
+    following symlinks; OSError (``fd`` closed) when a component is missing or no directory."""
+    try:
+        for c in comps:
+            fd2 = os.open(c, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = fd2
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    """True when ``st`` is an overlay whiteout (a char device 0:0). Used by the extractor and
+    by ``layer_writer.write_layer_tar``, which turns whiteouts back into ``.wh.`` entries."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _set_opaque_fd(fd: int) -> None:
-    os.setxattr(fd, "trusted.overlay.opaque", b"y")
+    os.setxattr(fd, OPAQUE_XATTR, b"y")
 
 
 class _Extractor:
+    """Applies tar members to the snapshot rooted at ``root_fd``; one per layer, created by
+    ``extract_tar_stream``."""
+
     def __init__(self, root_fd: int, limits: ExtractLimits, report: ExtractReport, what: str):
         self.root_fd = root_fd
         self.limits = limits
@@ -506,6 +187,7 @@ class _Extractor:
 
     # parent directory fds -------------------------------------------------------------------
     def close(self) -> None:
+        """Close the cached directory fds (the root fd belongs to the caller)."""
         self._drop_cache()
 
     def _drop_cache(self) -> None:
@@ -544,7 +226,7 @@ class _Extractor:
                     f"{self.what}: tar member path {'/'.join(path)!r} goes through a symlink "
                     "(symlink write-through); the layer is refused"
                 ) from None
-            if _is_whiteout(st) and path in self.whiteouts:
+            if is_whiteout(st) and path in self.whiteouts:
                 os.unlink(c, dir_fd=fd)  # a directory of this layer replaces its whiteout
                 self.whiteouts.discard(path)
                 os.mkdir(c, 0o755, dir_fd=fd)
@@ -572,7 +254,7 @@ class _Extractor:
             self._drop_cache_under(path)
             _rm_tree_at(pfd, name)
             return False
-        was_wh = _is_whiteout(st) and path in self.whiteouts
+        was_wh = is_whiteout(st) and path in self.whiteouts
         self.whiteouts.discard(path)
         os.unlink(name, dir_fd=pfd)
         return was_wh
@@ -592,6 +274,7 @@ class _Extractor:
             os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
 
     def entry(self, tr: TarReader, m: TarMember) -> None:
+        """Apply member ``m`` (its data read from ``tr``); called for each member in order."""
         rep = self.report
         rep.entries += 1
         if rep.entries > self.limits.max_entries:
@@ -704,20 +387,12 @@ class _Extractor:
     def _parent_fd_nocreate(self, comps: tuple[str, ...], m: TarMember) -> int:
         fd = os.dup(self.root_fd)
         try:
-            for c in comps:
-                try:
-                    fd2 = os.open(c, _DIR_FLAGS, dir_fd=fd)
-                except OSError:
-                    raise UnsafeArchiveError(
-                        f"{self.what}: hard link {m.name!r} -> {m.linkname!r}: the target is not "
-                        "inside this layer (or its path goes through a symlink); refused"
-                    ) from None
-                os.close(fd)
-                fd = fd2
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            return _open_dir_at(fd, comps)
+        except OSError:
+            raise UnsafeArchiveError(
+                f"{self.what}: hard link {m.name!r} -> {m.linkname!r}: the target is not "
+                "inside this layer (or its path goes through a symlink); refused"
+            ) from None
 
     def _attrs_fd(self, fd: int, m: TarMember) -> None:
         self._chown(fd, None, m)
@@ -766,6 +441,7 @@ class _Extractor:
         rep.whiteouts += 1
 
     def finish(self) -> None:
+        """Set directory mtimes; called once after the last member."""
         # Directory modes and mtimes last, deepest first, so writes inside don't disturb them.
         self._drop_cache()
         for comps, mtime, _mode in sorted(self.dirs, key=lambda d: len(d[0]), reverse=True):
@@ -779,16 +455,7 @@ class _Extractor:
                 os.close(fd)
 
     def _open_dir(self, comps: tuple[str, ...]) -> int:
-        fd = os.dup(self.root_fd)
-        try:
-            for c in comps:
-                fd2 = os.open(c, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = fd2
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return _open_dir_at(os.dup(self.root_fd), comps)
 
 
 def extract_tar_stream(
@@ -800,7 +467,9 @@ def extract_tar_stream(
 ) -> ExtractReport:
     """Extract an uncompressed tar stream into the existing empty directory ``dest``.
 
-    The report's ``diff_id`` is the sha256 of the whole uncompressed stream.
+    The report's ``diff_id`` is the sha256 of the whole uncompressed stream. Called by
+    ``extract_layer_file`` (and by the tests on in-memory tars); ``what`` names the layer in
+    errors.
     """
     report = ExtractReport()
     # Raw tar bytes are bounded by the file bytes plus headers and padding.
@@ -808,9 +477,9 @@ def extract_tar_stream(
     root_fd = os.open(dest, _DIR_FLAGS)
     try:
         ex = _Extractor(root_fd, limits, report, what)
-        reader = _HashingReader(stream, budget, what)
+        reader = HashingReader(stream, budget, what)
         try:
-            tr = TarReader(cast(IO[bytes], reader), limits, what)
+            tr = TarReader(cast(IO[bytes], reader), limits.max_header_bytes, what)
             while (m := tr.next()) is not None:
                 try:
                     ex.entry(tr, m)
@@ -842,7 +511,11 @@ def extract_layer_file(
     expected_diff_id: str | None = None,
     what: str | None = None,
 ) -> ExtractReport:
-    """Decompress and extract the layer blob ``blob`` into the empty directory ``dest``."""
+    """Decompress and extract the layer blob ``blob`` into the empty directory ``dest``.
+
+    Called by ``ImageStore._unpack`` for each layer blob without a snapshot; DigestMismatch
+    when the uncompressed content is not ``expected_diff_id`` (from the image config).
+    """
     label = what or f"layer {blob.name}"
     with open_decompressed(blob, compression) as stream:
         report = extract_tar_stream(stream, dest, limits=limits, what=label)
@@ -852,122 +525,3 @@ def extract_layer_file(
             f"says {expected_diff_id}; the image is corrupt or was tampered with"
         )
     return report
-
-
-# --- writing a layer tar from an overlay upper dir --------------------------------------------
-
-
-def _is_opaque_dir(path: str) -> bool:
-    for name in OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def _scrub_xattrs(path: str, keep_opaque: bool) -> None:
-    """Remove xattrs from a snapshot entry so it matches what extraction would produce."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return
-    for name in names:
-        if keep_opaque and name == "trusted.overlay.opaque":
-            continue
-        with contextlib.suppress(OSError):
-            os.removexattr(path, name, follow_symlinks=False)
-
-
-def write_layer_tar(
-    src: Path,
-    out: BinaryIO,
-    *,
-    scrub: bool = False,
-) -> None:
-    """Write ``src`` (a layer in overlay upper form) as a deterministic OCI layer tar to ``out``.
-
-    Names are sorted (whiteouts first within each directory), owners numeric, mtimes kept,
-    overlay whiteouts become ``.wh.NAME`` and opaque directories get ``.wh..wh..opq``. With
-    ``scrub`` the tree is also normalised in place into snapshot form (xattrs other than the
-    opaque marker removed, user.overlay.opaque turned into trusted.overlay.opaque).
-    """
-    tf = tarfile.open(  # noqa: SIM115 - closed at the end
-        fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_CHUNK
-    )
-    seen_inodes: dict[tuple[int, int], str] = {}
-
-    def info(name: str, st: os.stat_result) -> tarfile.TarInfo:
-        ti = tarfile.TarInfo(name)
-        ti.mode = stat.S_IMODE(st.st_mode)
-        ti.uid, ti.gid = st.st_uid, st.st_gid
-        ti.uname = ti.gname = ""
-        ti.mtime = int(st.st_mtime)
-        return ti
-
-    def empty_file(name: str) -> tarfile.TarInfo:
-        ti = tarfile.TarInfo(name)
-        ti.mode = 0o644
-        ti.uname = ti.gname = ""
-        ti.mtime = 0
-        return ti
-
-    def walk(dirpath: str, rel: str) -> None:
-        with os.scandir(dirpath) as it:
-            entries = list(it)
-        wh = sorted(e.name for e in entries if _is_whiteout(e.stat(follow_symlinks=False)))
-        wh_set = set(wh)
-        others = [e for e in entries if e.name not in wh_set]
-        others.sort(key=lambda e: e.name.encode("utf-8", "surrogateescape"))
-        for name in wh:
-            tf.addfile(empty_file(f"{rel}{WH_PREFIX}{name}"))
-        for e in others:
-            p = e.path
-            st = e.stat(follow_symlinks=False)
-            name = rel + e.name
-            if stat.S_ISDIR(st.st_mode):
-                ti = info(name, st)
-                ti.type = tarfile.DIRTYPE
-                tf.addfile(ti)
-                opaque = _is_opaque_dir(p)
-                if scrub:
-                    _scrub_xattrs(p, keep_opaque=True)
-                    if opaque:
-                        os.setxattr(p, "trusted.overlay.opaque", b"y", follow_symlinks=False)
-                if opaque:
-                    tf.addfile(empty_file(f"{name}/{WH_OPAQUE}"))
-                walk(p, name + "/")
-            elif stat.S_ISREG(st.st_mode):
-                if scrub:
-                    _scrub_xattrs(p, keep_opaque=False)
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in seen_inodes:
-                    ti = info(name, st)
-                    ti.type = tarfile.LNKTYPE
-                    ti.linkname = seen_inodes[key]
-                    tf.addfile(ti)
-                    continue
-                seen_inodes[key] = name
-                ti = info(name, st)
-                ti.size = st.st_size
-                with open(p, "rb") as f:
-                    tf.addfile(ti, f)
-            elif stat.S_ISLNK(st.st_mode):
-                if scrub:
-                    _scrub_xattrs(p, keep_opaque=False)
-                ti = info(name, st)
-                ti.type = tarfile.SYMTYPE
-                ti.linkname = os.readlink(p)
-                tf.addfile(ti)
-            else:
-                # devices other than whiteouts, fifos, sockets: extraction would skip them
-                log.warning("layer %s: not storing special file %s", src, p)
-                if scrub:
-                    os.unlink(p)
-
-    if scrub:
-        _scrub_xattrs(str(src), keep_opaque=False)
-    # The root directory itself gets no entry, as with most layer writers.
-    walk(str(src), "")
-    tf.close()

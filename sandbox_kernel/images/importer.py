@@ -29,7 +29,7 @@ from typing import IO
 
 from ..errors import DigestMismatch, ImageError, UnsafeArchiveError
 from . import oci
-from .extract import sniff_compression
+from .compression import compression_of, sniff_compression
 from .store import Image, ImageConfig, ImageStore, Layer
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,10 @@ Opener = Callable[[str], IO[bytes]]
 
 
 def ref_to_name_tag(ref: str, what: str) -> tuple[str, str]:
-    """'docker.io/library/python:3.11' -> ('python', '3.11'); 'foo' -> ('foo', 'latest')."""
+    """'docker.io/library/python:3.11' -> ('python', '3.11'); 'foo' -> ('foo', 'latest').
+
+    The importer names images with it from the ref annotations, RepoTags or file names it finds.
+    """
     ref = ref.split("@", 1)[0]
     last = ref.rsplit("/", 1)[-1]
     name, sep, tag = last.partition(":")
@@ -317,7 +320,7 @@ def _import_docker(
                 raise ImageError(f"{where}: layer names must be strings")
             with src.open(lname) as f:
                 head = f.read(4)
-            comp = _sniff_bytes(head)
+            comp = compression_of(head)
             mt = oci.COMPRESSION_MEDIA_TYPE[comp]
             with src.open(lname) as f:
                 layers.append(
@@ -327,14 +330,6 @@ def _import_docker(
                 )
         images.append(_write(store, n, t, layers, cfg))
     return images
-
-
-def _sniff_bytes(head: bytes) -> str:
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    return "none"
 
 
 # --- rootfs tarball ----------------------------------------------------------------------------
@@ -372,7 +367,11 @@ def _tar_source(path: Path) -> Iterator[_TarSource]:
 
 
 def import_path(store: ImageStore, path: Path, name_ref: str | None = None) -> list[Image]:
-    """Import the image(s) at ``path``; ``name_ref`` ('NAME' or 'NAME:TAG') renames it."""
+    """Import the image(s) at ``path``; ``name_ref`` ('NAME' or 'NAME:TAG') renames it.
+
+    Called by ``sandbox-kernel image import``: an OCI layout (directory or tar), a docker-save
+    tar or a rootfs tarball; every layer goes through the safe extractor.
+    """
     path = Path(path)
     name: str | None = None
     tag: str | None = None

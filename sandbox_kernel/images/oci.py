@@ -92,15 +92,22 @@ def digest_hex(digest: str) -> str:
 
 
 def is_hex64(s: str) -> bool:
+    """True for exactly 64 lowercase hex digits. The store checks the diff_ids it remembers
+    with it, the importer the digest-like names of docker-save config files."""
     return bool(_HEX_RE.fullmatch(s))
 
 
 def sha256_digest(data: bytes) -> str:
+    """``sha256:<hex>`` of ``data``. The store names and verifies small blobs (manifests,
+    configs) with it; the importer verifies the blobs it reads from an archive."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def layer_compression(media_type: str) -> str:
-    """'none', 'gzip' or 'zstd' for a layer media type; UnsafeArchiveError for anything else."""
+    """'none', 'gzip' or 'zstd' for a layer media type; UnsafeArchiveError for anything else.
+
+    The store calls it to refuse a non-layer media type before it stores or unpacks a blob.
+    """
     try:
         return _LAYER_COMPRESSION[media_type]
     except KeyError:
@@ -117,6 +124,8 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
 def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid image name; else raise ImageError. Called by the store
+    before it writes an image and by the importer for names given or found in an archive."""
     if not _NAME_RE.fullmatch(name) or len(name) > 128:
         raise ImageError(
             f"invalid image name {name!r}: use lowercase letters, digits, '.', '_' and '-', "
@@ -126,6 +135,8 @@ def check_name(name: str) -> str:
 
 
 def check_tag(tag: str) -> str:
+    """Return ``tag`` if it is a valid image tag; else raise ImageError. Called where
+    ``check_name`` is."""
     if not _TAG_RE.fullmatch(tag):
         raise ImageError(
             f"invalid image tag {tag!r}: use letters, digits, '.', '_' and '-' (at most 128), "
@@ -135,7 +146,8 @@ def check_tag(tag: str) -> str:
 
 
 def split_ref(ref: str, default_tag: str = "latest") -> tuple[str, str]:
-    """'name' -> (name, default_tag); 'name:tag' -> (name, tag); both validated."""
+    """'name' -> (name, default_tag); 'name:tag' -> (name, tag); both validated. The store
+    uses it to resolve a reference and to read the name of each index entry."""
     name, sep, tag = ref.partition(":")
     return check_name(name), check_tag(tag if sep else default_tag)
 
@@ -144,7 +156,10 @@ def split_ref(ref: str, default_tag: str = "latest") -> tuple[str, str]:
 
 
 def load_json(data: bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
-    """Parse a bounded JSON object; UnsafeArchiveError if oversized, ImageError if malformed."""
+    """Parse a bounded JSON object; UnsafeArchiveError if oversized, ImageError if malformed.
+
+    The parsers below call it for every document; the store for its build-cache entries.
+    """
     if len(data) > max_bytes:
         raise UnsafeArchiveError(
             f"{what} is {len(data)} bytes, over the {max_bytes}-byte limit for JSON documents; "
@@ -160,7 +175,10 @@ def load_json(data: bytes, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[s
 
 
 def dump_json(obj: object) -> bytes:
-    """Canonical JSON bytes (sorted keys, no spaces): the same object always has the same digest."""
+    """Canonical JSON bytes (sorted keys, no spaces): the same object always has the same digest.
+
+    The store writes configs, manifests and cache entries with it; the exporter its layout.
+    """
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -169,6 +187,10 @@ def dump_json(obj: object) -> bytes:
 
 @dataclass(frozen=True)
 class Descriptor:
+    """An OCI content descriptor: a blob's media type, digest and size, with annotations and
+    platform. Parsed from indexes and manifests by ``parse_descriptor``; the store writes one
+    per image (annotated with its ``name:tag``) into its ``index.json``."""
+
     media_type: str
     digest: str
     size: int
@@ -176,6 +198,8 @@ class Descriptor:
     platform: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def to_json(self) -> dict[str, Any]:
+        """The descriptor as a JSON object, as the store and the exporter write it into an
+        ``index.json``."""
         out: dict[str, Any] = {
             "mediaType": self.media_type,
             "digest": self.digest,
@@ -199,6 +223,8 @@ def _str_map(obj: object, what: str) -> dict[str, str]:
 
 
 def parse_descriptor(obj: object, what: str) -> Descriptor:
+    """Parse one descriptor of an index or a manifest (``what`` names it in errors); the digest
+    is validated. Called by ``parse_index`` and ``parse_manifest`` for each entry."""
     if not isinstance(obj, dict):
         raise ImageError(f"{what} must be a JSON object (an OCI descriptor)")
     mt = obj.get("mediaType")
@@ -218,31 +244,55 @@ def parse_descriptor(obj: object, what: str) -> Descriptor:
 
 @dataclass(frozen=True)
 class Index:
+    """A parsed image index (``parse_index``): its manifest descriptors and annotations."""
+
     manifests: tuple[Descriptor, ...]
     annotations: dict[str, str]
 
 
-def parse_index(data: bytes, what: str = "index.json") -> Index:
-    obj = load_json(data, what)
+def _check_schema_version(obj: dict[str, Any], what: str) -> None:
     if obj.get("schemaVersion") != 2:
         raise ImageError(f"{what}: schemaVersion must be 2, got {obj.get('schemaVersion')!r}")
-    mt = obj.get("mediaType")
-    if mt is not None and mt not in INDEX_TYPES:
+
+
+def _check_media_type(
+    mt: object, accepted: frozenset[str], kind: str, expected: str, what: str
+) -> None:
+    if mt not in accepted:
         raise UnsafeArchiveError(
-            f"{what}: mediaType {mt!r} is not an image index (media-type confusion); "
-            f"expected {MT_OCI_INDEX}"
+            f"{what}: mediaType {mt!r} is not an image {kind} (media-type confusion); "
+            f"expected {expected}"
         )
-    manifests = obj.get("manifests")
-    if not isinstance(manifests, list):
-        raise ImageError(f"{what}: 'manifests' must be a list")
-    if len(manifests) > 100_000:
-        raise UnsafeArchiveError(f"{what}: {len(manifests)} manifests is over the limit (100000)")
-    descs = tuple(parse_descriptor(m, f"{what} manifests[{i}]") for i, m in enumerate(manifests))
+
+
+def _descriptors(obj: dict[str, Any], key: str, limit: int, what: str) -> tuple[Descriptor, ...]:
+    """The descriptors of the list ``obj[key]`` (at most ``limit`` of them)."""
+    items = obj.get(key)
+    if not isinstance(items, list):
+        raise ImageError(f"{what}: '{key}' must be a list")
+    if len(items) > limit:
+        raise UnsafeArchiveError(f"{what}: {len(items)} {key} is over the limit ({limit})")
+    return tuple(parse_descriptor(x, f"{what} {key}[{i}]") for i, x in enumerate(items))
+
+
+def parse_index(data: bytes, what: str = "index.json") -> Index:
+    """Parse an image index (``index.json`` of a layout, or a nested index); a document of
+    another media type is refused. Called by the store for its own index on every read, by
+    the importer for an OCI layout's index and the nested indexes it names, and by the
+    exporter for the index of a layout it adds to."""
+    obj = load_json(data, what)
+    _check_schema_version(obj, what)
+    mt = obj.get("mediaType")
+    if mt is not None:
+        _check_media_type(mt, INDEX_TYPES, "index", MT_OCI_INDEX, what)
+    descs = _descriptors(obj, "manifests", 100_000, what)
     return Index(descs, _str_map(obj.get("annotations"), f"{what} annotations"))
 
 
 @dataclass(frozen=True)
 class Manifest:
+    """A parsed image manifest (``parse_manifest``): its config and layer descriptors."""
+
     media_type: str
     config: Descriptor
     layers: tuple[Descriptor, ...]
@@ -250,7 +300,11 @@ class Manifest:
 
 
 def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
-    """Parse an image manifest; an index, a config or a layer posing as a manifest is refused."""
+    """Parse an image manifest; an index, a config or a layer posing as a manifest is refused.
+
+    Called by the store for each image it reads (and by gc), by the importer for each image
+    it imports and by the exporter for each image it exports.
+    """
     obj = load_json(data, what)
     mt = obj.get("mediaType", MT_OCI_MANIFEST)
     if mt in INDEX_TYPES or "manifests" in obj:
@@ -261,25 +315,15 @@ def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
         raise UnsafeArchiveError(
             f"{what} is an image config where an image manifest was expected (media-type confusion)"
         )
-    if obj.get("schemaVersion") != 2:
-        raise ImageError(f"{what}: schemaVersion must be 2, got {obj.get('schemaVersion')!r}")
-    if mt not in MANIFEST_TYPES:
-        raise UnsafeArchiveError(
-            f"{what}: mediaType {mt!r} is not an image manifest (media-type confusion); "
-            f"expected {MT_OCI_MANIFEST}"
-        )
+    _check_schema_version(obj, what)
+    _check_media_type(mt, MANIFEST_TYPES, "manifest", MT_OCI_MANIFEST, what)
     config = parse_descriptor(obj.get("config"), f"{what} config")
     if config.media_type not in CONFIG_TYPES:
         raise UnsafeArchiveError(
             f"{what}: config mediaType {config.media_type!r} is not an image config "
             f"(media-type confusion); expected {MT_OCI_CONFIG}"
         )
-    layers_obj = obj.get("layers")
-    if not isinstance(layers_obj, list):
-        raise ImageError(f"{what}: 'layers' must be a list")
-    if len(layers_obj) > 500:
-        raise UnsafeArchiveError(f"{what}: {len(layers_obj)} layers is over the limit (500)")
-    layers = tuple(parse_descriptor(x, f"{what} layers[{i}]") for i, x in enumerate(layers_obj))
+    layers = _descriptors(obj, "layers", 500, what)
     for i, layer in enumerate(layers):
         if layer.media_type not in LAYER_TYPES:
             raise UnsafeArchiveError(
@@ -291,7 +335,8 @@ def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
 
 @dataclass(frozen=True)
 class ConfigDoc:
-    """The parts of an image config this product uses."""
+    """The parts of an image config this product uses, as ``parse_config`` returns them; the
+    store's ``ImageConfig.from_doc`` keeps the runtime part."""
 
     env: tuple[tuple[str, str], ...]
     entrypoint: tuple[str, ...]
@@ -315,6 +360,9 @@ def _str_list(obj: object, what: str) -> tuple[str, ...]:
 
 
 def parse_config(data: bytes, what: str = "image config") -> ConfigDoc:
+    """Parse an image config; a manifest or index posing as one is refused and diff_ids are
+    validated. Called by the store for each image it reads (and by gc) and by the importer
+    for each image it imports."""
     obj = load_json(data, what)
     if "layers" in obj or "manifests" in obj:
         raise UnsafeArchiveError(
@@ -361,7 +409,8 @@ def parse_config(data: bytes, what: str = "image config") -> ConfigDoc:
 
 
 def host_architecture() -> str:
-    """The host's architecture in OCI (GOARCH) spelling."""
+    """The host's architecture in OCI (GOARCH) spelling. The store writes it into the configs
+    it makes; the importer imports only the manifests for it."""
     import platform
 
     m = platform.machine().lower()

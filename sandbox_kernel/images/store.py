@@ -41,15 +41,10 @@ from .. import paths
 from ..errors import DigestMismatch, ImageError, ImageInUse, ImageNotFound
 from ..runtime.rundir import ContainerInfo
 from . import oci
-from .extract import (
-    COPY_CHUNK,
-    DEFAULT_LIMITS,
-    ExtractLimits,
-    ExtractReport,
-    extract_layer_file,
-    write_layer_tar,
-)
+from .compression import COPY_CHUNK
+from .extract import DEFAULT_LIMITS, ExtractLimits, ExtractReport, extract_layer_file
 from .labels import LABEL_ARGV
+from .layer_writer import write_layer_tar
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +53,9 @@ HISTORY_EMPTY = "empty_layer"
 
 @dataclass(frozen=True)
 class Layer:
-    """One layer of an image."""
+    """One layer of an image: its blob, its diff_id and its snapshot. Returned by the
+    ``add_layer_*`` methods (the importer and the builder collect them for ``write_image``)
+    and read from the manifest for every image the store lists."""
 
     digest: str  # "sha256:<hex>" of the (compressed) blob
     diff_id: str  # "sha256:<hex>" of the uncompressed tar
@@ -69,6 +66,10 @@ class Layer:
 
 @dataclass(frozen=True)
 class ImageConfig:
+    """The runtime part of an image config: environment, command, working directory, user,
+    labels. The builder and the importer give one to ``write_image``; ``sandbox-kernel run``
+    and the provisioner start containers from the one ``resolve`` returns."""
+
     env: tuple[tuple[str, str], ...] = ()
     entrypoint: tuple[str, ...] = ()
     cmd: tuple[str, ...] = ()
@@ -78,7 +79,8 @@ class ImageConfig:
 
     @classmethod
     def from_doc(cls, cfg: oci.ConfigDoc) -> ImageConfig:
-        """The runtime part of a parsed OCI image config."""
+        """The runtime part of a parsed OCI image config. Called by the store for each image
+        it reads and by the importer for each image it imports."""
         return cls(
             env=cfg.env,
             entrypoint=cfg.entrypoint,
@@ -91,6 +93,9 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class Image:
+    """An image of the store: its name, tag, manifest digest, config and layers. Returned by
+    ``list``, ``resolve`` and ``write_image``; ``lowerdirs`` gives the runtime its root."""
+
     name: str
     tag: str
     digest: str  # manifest digest
@@ -101,16 +106,20 @@ class Image:
 
     @property
     def ref(self) -> str:
+        """``name:tag``, as written in the index annotation and shown by the CLI."""
         return f"{self.name}:{self.tag}"
 
     def lowerdirs(self) -> tuple[str, ...]:
-        """Snapshot dirs, top-most first (the order of overlayfs ``lowerdir=``)."""
+        """Snapshot dirs, top-most first (the order of overlayfs ``lowerdir=``). The
+        provisioner and ``sandbox-kernel run`` put them in the container spec's layers."""
         return tuple(str(layer.snapshot) for layer in reversed(self.layers))
 
     def kernel_argv(self) -> tuple[str, ...] | None:
         """The kernel command from the label ``org.sandbox-kernel.kernel.argv``, or None.
 
         The label is a JSON list of strings, one of which contains ``{connection_file}``.
+        Called by ``jupyter.launch.find_image`` when a kernel is launched and by
+        ``sandbox-kernel image inspect``.
         """
         raw = dict(self.config.labels).get(LABEL_ARGV)
         if raw is None:
@@ -160,7 +169,8 @@ def running_image_digests(run_root: Path | None = None) -> set[str]:
 
 
 def image_in_use(image: Image, run_root: Path | None = None) -> bool:
-    """True when a live container (see ``running_image_digests``) uses ``image``."""
+    """True when a live container (see ``running_image_digests``) uses ``image``. The default
+    check of ``ImageStore.remove``; ``sandbox-kernel image rm`` passes it explicitly."""
     return image.digest in running_image_digests(run_root)
 
 
@@ -250,6 +260,11 @@ def _hash_file(path: Path) -> tuple[str, int]:
 
 
 class ImageStore:
+    """The image store under ``root`` (by default ``paths.state_dir()``); see the module
+    docstring for the layout. Made by the CLI commands, the kernel launcher (``jupyter.launch``)
+    and the demo; the builder, importer and exporter work on the one they are given.
+    ``limits`` bound every layer it unpacks."""
+
     def __init__(self, root: Path | None = None, *, limits: ExtractLimits = DEFAULT_LIMITS) -> None:
         self.root = Path(root) if root is not None else paths.state_dir()
         self.limits = limits
@@ -314,13 +329,16 @@ class ImageStore:
 
     # blobs ---------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
+        """The path of blob ``digest`` (validated first); the exporter copies blobs from it."""
         return self.blobs_dir / oci.digest_hex(digest)
 
     def has_blob(self, digest: str) -> bool:
+        """True when blob ``digest`` is stored; checked before a layer is used or cached."""
         return self.blob_path(digest).is_file()
 
     def read_blob(self, digest: str, max_bytes: int = oci.MAX_JSON_BYTES) -> bytes:
-        """A small blob (manifest, config), size-bounded and digest-verified."""
+        """A small blob (manifest, config), size-bounded and digest-verified. The store reads
+        images with it; the exporter reads the manifests it exports."""
         path = self.blob_path(digest)
         try:
             with open(path, "rb") as f:
@@ -340,6 +358,7 @@ class ImageStore:
         return data
 
     def put_blob_bytes(self, data: bytes) -> str:
+        """Store a small blob (``write_image``'s config and manifest); returns its digest."""
         self._init()
         digest = oci.sha256_digest(data)
         path = self.blob_path(digest)
@@ -354,14 +373,16 @@ class ImageStore:
         expected_size: int | None = None,
         what: str = "blob",
     ) -> tuple[str, int]:
-        """Copy a stream into the blob store, verifying digest and size before it is installed."""
+        """Copy a stream into the blob store, verifying digest and size before it is installed.
+
+        Called by ``add_layer_stream`` for each layer blob the importer brings in.
+        """
         self._init()
         if expected_digest is not None:
             oci.check_digest(expected_digest, f"{what} digest")
-        tmp = self._tmp_name("blob")
         h = hashlib.sha256()
         n = 0
-        try:
+        with self._new_blob() as tmp:
             with open(tmp, "wb") as out:
                 while chunk := src.read(COPY_CHUNK):
                     n += len(chunk)
@@ -383,20 +404,34 @@ class ImageStore:
                     f"{what}: content has digest {digest} but {expected_digest} was expected "
                     "(digest mismatch); the image is corrupt or was tampered with"
                 )
-            final = self.blob_path(digest)
-            if final.exists():
-                os.utime(final)
-                tmp.unlink()
-            else:
-                os.replace(tmp, final)
-            return digest, n
+            self._install_blob(tmp, digest)
+        return digest, n
+
+    @contextlib.contextmanager
+    def _new_blob(self) -> Iterator[Path]:
+        """A temp path in the store's tmp dir for a blob being written; removed when the block
+        fails. Used by ``put_blob_stream`` and ``add_layer_from_dir``."""
+        tmp = self._tmp_name("blob")
+        try:
+            yield tmp
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
 
+    def _install_blob(self, tmp: Path, digest: str) -> None:
+        """Move the verified blob ``tmp`` to its place; when the blob is there already (same
+        content) ``tmp`` is dropped and the blob touched, so gc's grace period starts again."""
+        final = self.blob_path(digest)
+        if final.exists():
+            os.utime(final)
+            tmp.unlink()
+        else:
+            os.replace(tmp, final)
+
     # layers --------------------------------------------------------------------------------
     def snapshot_path(self, diff_id: str) -> Path:
+        """The snapshot directory of the layer with ``diff_id`` (validated first)."""
         return self.snapshots_dir / oci.digest_hex(diff_id)
 
     def _known_diff_id(self, digest: str) -> str | None:
@@ -476,7 +511,10 @@ class ImageStore:
         expected_size: int | None = None,
         expected_diff_id: str | None = None,
     ) -> Layer:
-        """Store a layer blob (verifying digest/size) and unpack it safely to its snapshot."""
+        """Store a layer blob (verifying digest/size) and unpack it safely to its snapshot.
+
+        Called by the importer for a rootfs tarball.
+        """
         oci.layer_compression(media_type)
         with open(blob, "rb") as f:
             return self.add_layer_stream(
@@ -498,6 +536,9 @@ class ImageStore:
         expected_diff_id: str | None = None,
         what: str = "layer",
     ) -> Layer:
+        """Store a layer blob read from ``src`` and unpack it safely to its snapshot. Called by
+        the importer for each layer of an OCI layout or docker-save archive (and by
+        ``add_layer_blob``); the blob is verified before it is installed or unpacked."""
         oci.layer_compression(media_type)
         digest, size = self.put_blob_stream(src, expected_digest, expected_size, what)
         diff_id, _ = self._unpack(digest, media_type, expected_diff_id)
@@ -509,6 +550,7 @@ class ImageStore:
         Writes a deterministic tar, compresses it (gzip, zstd or none), stores the blob and
         installs ``src`` itself as the snapshot (renamed; the caller gives ``src`` up). When
         ``src`` is on another filesystem the blob is unpacked instead and ``src`` removed.
+        Called by the builder for the output of each build step.
         """
         self._init()
         src = Path(src)
@@ -517,8 +559,7 @@ class ImageStore:
         media_type = oci.COMPRESSION_MEDIA_TYPE.get(compression)
         if media_type is None:
             raise ImageError(f"unknown layer compression {compression!r}; use gzip, zstd or none")
-        tmp = self._tmp_name("blob")
-        try:
+        with self._new_blob() as tmp:
             with open(tmp, "wb") as out:
                 sink = _Sink(out, compression)
                 write_layer_tar(src, sink, scrub=True)  # type: ignore[arg-type]
@@ -528,16 +569,7 @@ class ImageStore:
                 digest, size = _hash_file(tmp)
             else:
                 digest, size = diff_id, tmp.stat().st_size
-            final = self.blob_path(digest)
-            if final.exists():
-                os.utime(final)
-                tmp.unlink()
-            else:
-                os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+            self._install_blob(tmp, digest)
         snap = self.snapshot_path(diff_id)
         if snap.is_dir():
             _rmtree(src)
@@ -556,7 +588,8 @@ class ImageStore:
         return Layer(digest, diff_id, size, media_type, snap)
 
     def ensure_snapshot(self, layer: Layer) -> Path:
-        """Re-unpack a layer whose snapshot is missing (e.g. removed by hand)."""
+        """Re-unpack a layer whose snapshot is missing (e.g. removed by hand). Called by
+        ``resolve`` for each layer, by ``layer_cache_get`` and by the builder."""
         if not layer.snapshot.is_dir():
             if not self.has_blob(layer.digest):
                 raise ImageError(
@@ -590,7 +623,10 @@ class ImageStore:
         history: Sequence[str] = (),
         created: str | None = None,
     ) -> Image:
-        """Write config + manifest blobs for ``layers`` and point ``name:tag`` at them."""
+        """Write config + manifest blobs for ``layers`` and point ``name:tag`` at them.
+
+        Called by the builder at the end of a build and by the importer for each image.
+        """
         self._init()
         oci.check_name(name)
         oci.check_tag(tag)
@@ -691,7 +727,8 @@ class ImageStore:
         )
 
     def list(self) -> list[Image]:
-        """Every image in the store (entries that cannot be read are logged and skipped)."""
+        """Every image in the store (entries that cannot be read are logged and skipped).
+        Called by ``resolve``, ``sandbox-kernel image ls`` and ``sandbox-kernel doctor``."""
         out: list[Image] = []
         for desc in self._read_index().manifests:
             if oci.ANNOTATION_REF_NAME not in desc.annotations:
@@ -713,7 +750,9 @@ class ImageStore:
         """'name' (tag latest), 'name:tag' or a 'sha256:' manifest digest prefix -> Image.
 
         The snapshots of the returned image exist (missing ones are unpacked again) unless
-        ``unpack`` is False.
+        ``unpack`` is False. Called by ``jupyter.launch.find_image`` when a kernel is launched,
+        by ``sandbox-kernel run`` and ``image inspect``, by the exporter, and by the builder
+        for a parent image.
         """
         return self._resolve(ref, unpack=unpack)
 
@@ -751,7 +790,8 @@ class ImageStore:
         """Untag an image (blobs and snapshots are freed by ``gc``).
 
         ``in_use`` defaults to ``image_in_use`` (live containers found under the run dir);
-        ImageInUse is raised when it says the image is used.
+        ImageInUse is raised when it says the image is used. Called by
+        ``sandbox-kernel image rm``.
         """
         image = self._resolve(ref, unpack=False)
         check = in_use if in_use is not None else image_in_use
@@ -779,7 +819,8 @@ class ImageStore:
 
         Blobs and snapshots younger than ``grace_seconds`` are kept, so that the layers of a
         build in progress (stored but not yet in an image) survive a concurrent gc. Build-cache
-        entries whose blob is gone are removed too.
+        entries whose blob is gone are removed too. Called by ``sandbox-kernel image gc`` (and
+        after ``image rm``).
         """
         self._init()
         now = time.time()
@@ -851,7 +892,8 @@ class ImageStore:
         return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
 
     def layer_cache_get(self, key: str) -> Layer | None:
-        """The layer stored for build step ``key``, or None (also when its blob vanished)."""
+        """The layer stored for build step ``key``, or None (also when its blob vanished).
+        Called by the builder before it runs a step."""
         self._init()
         layer = self._cache_read(self._cache_file(key))
         if layer is None or not self.has_blob(layer.digest):
@@ -865,6 +907,8 @@ class ImageStore:
         return layer
 
     def layer_cache_put(self, key: str, layer: Layer) -> None:
+        """Remember ``layer`` as the output of build step ``key``; called by the builder after
+        it ran the step."""
         self._init()
         doc = {
             "key": key,

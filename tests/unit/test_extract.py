@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from sandbox_kernel.errors import ImageError
-from sandbox_kernel.images.extract import extract_layer_file, extract_tar_stream, write_layer_tar
+from sandbox_kernel.images.extract import extract_layer_file, extract_tar_stream
+from sandbox_kernel.images.layer_writer import write_layer_tar
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(

@@ -126,7 +126,7 @@ mode = "rwx"
         "files[0].src: '../etc/passwd'",
         "files[0].dst: 'relative/path'",
         "files[0].mode: 'rwx'",
-        "env.1BAD",
+        "env key '1BAD' is invalid",
     ):
         assert expected in msg, expected
     assert msg.count("\n  - ") == 16

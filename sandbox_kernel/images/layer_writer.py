@@ -1,0 +1,144 @@
+"""Writing a layer: an overlay upper dir -> a deterministic OCI layer tar.
+
+``ImageStore.add_layer_from_dir`` calls ``write_layer_tar`` (with ``scrub``) on the upper dir
+of each build step, streaming the tar through the compressor into a new blob; the tests call it
+to check the round trip. It is the inverse of ``extract``: overlay whiteouts (char devices 0:0)
+become ``.wh.NAME`` entries and opaque directories get a ``.wh..wh..opq`` entry, so that
+extracting the tar gives back the same tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import tarfile
+from pathlib import Path
+from typing import BinaryIO
+
+from .compression import COPY_CHUNK
+from .extract import OPAQUE_XATTR, WH_OPAQUE, WH_PREFIX, is_whiteout
+
+log = logging.getLogger(__name__)
+
+#: The xattrs that mark an opaque directory: overlayfs' own, and the one it sets instead when
+#: mounted with ``userxattr``.
+OPAQUE_XATTRS = (OPAQUE_XATTR, "user.overlay.opaque")
+
+
+def _is_opaque_dir(path: str) -> bool:
+    for name in OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _scrub_xattrs(path: str, keep_opaque: bool) -> None:
+    """Remove xattrs from a snapshot entry so it matches what extraction would produce."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        if keep_opaque and name == OPAQUE_XATTR:
+            continue
+        with contextlib.suppress(OSError):
+            os.removexattr(path, name, follow_symlinks=False)
+
+
+def write_layer_tar(
+    src: Path,
+    out: BinaryIO,
+    *,
+    scrub: bool = False,
+) -> None:
+    """Write ``src`` (a layer in overlay upper form) as a deterministic OCI layer tar to ``out``.
+
+    Names are sorted (whiteouts first within each directory), owners numeric, mtimes kept,
+    overlay whiteouts become ``.wh.NAME`` and opaque directories get ``.wh..wh..opq``. With
+    ``scrub`` the tree is also normalised in place into snapshot form (xattrs other than the
+    opaque marker removed, user.overlay.opaque turned into trusted.overlay.opaque), so that
+    ``ImageStore.add_layer_from_dir`` can rename ``src`` into the snapshot store as is.
+    """
+    tf = tarfile.open(  # noqa: SIM115 - closed at the end
+        fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_CHUNK
+    )
+    seen_inodes: dict[tuple[int, int], str] = {}
+
+    def info(name: str, st: os.stat_result) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.mode = stat.S_IMODE(st.st_mode)
+        ti.uid, ti.gid = st.st_uid, st.st_gid
+        ti.uname = ti.gname = ""
+        ti.mtime = int(st.st_mtime)
+        return ti
+
+    def empty_file(name: str) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.mode = 0o644
+        ti.uname = ti.gname = ""
+        ti.mtime = 0
+        return ti
+
+    def walk(dirpath: str, rel: str) -> None:
+        with os.scandir(dirpath) as it:
+            entries = list(it)
+        wh = sorted(e.name for e in entries if is_whiteout(e.stat(follow_symlinks=False)))
+        wh_set = set(wh)
+        others = [e for e in entries if e.name not in wh_set]
+        others.sort(key=lambda e: e.name.encode("utf-8", "surrogateescape"))
+        for name in wh:
+            tf.addfile(empty_file(f"{rel}{WH_PREFIX}{name}"))
+        for e in others:
+            p = e.path
+            st = e.stat(follow_symlinks=False)
+            name = rel + e.name
+            if stat.S_ISDIR(st.st_mode):
+                ti = info(name, st)
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+                opaque = _is_opaque_dir(p)
+                if scrub:
+                    _scrub_xattrs(p, keep_opaque=True)
+                    if opaque:
+                        os.setxattr(p, OPAQUE_XATTR, b"y", follow_symlinks=False)
+                if opaque:
+                    tf.addfile(empty_file(f"{name}/{WH_OPAQUE}"))
+                walk(p, name + "/")
+            elif stat.S_ISREG(st.st_mode):
+                if scrub:
+                    _scrub_xattrs(p, keep_opaque=False)
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in seen_inodes:
+                    ti = info(name, st)
+                    ti.type = tarfile.LNKTYPE
+                    ti.linkname = seen_inodes[key]
+                    tf.addfile(ti)
+                    continue
+                seen_inodes[key] = name
+                ti = info(name, st)
+                ti.size = st.st_size
+                with open(p, "rb") as f:
+                    tf.addfile(ti, f)
+            elif stat.S_ISLNK(st.st_mode):
+                if scrub:
+                    _scrub_xattrs(p, keep_opaque=False)
+                ti = info(name, st)
+                ti.type = tarfile.SYMTYPE
+                ti.linkname = os.readlink(p)
+                tf.addfile(ti)
+            else:
+                # devices other than whiteouts, fifos, sockets: extraction would skip them
+                log.warning("layer %s: not storing special file %s", src, p)
+                if scrub:
+                    os.unlink(p)
+
+    if scrub:
+        _scrub_xattrs(str(src), keep_opaque=False)
+    # The root directory itself gets no entry, as with most layer writers.
+    walk(str(src), "")
+    tf.close()
