@@ -221,7 +221,7 @@ __attribute__((format(printf, 1, 2))) static const char *stagef(const char *fmt,
 {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(g_stage_buf, sizeof g_stage_buf, fmt, ap);
+    (void)vsnprintf(g_stage_buf, sizeof g_stage_buf, fmt, ap); /* truncation is fine */
     va_end(ap);
     return g_stage_buf;
 }
@@ -263,11 +263,11 @@ die(int code, int err, const char *stage, const char *fmt, ...)
     char msg[MSG_MAX], estage[2048], emsg[MSG_MAX * 3], line[LINE_MAX_OUT];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    (void)vsnprintf(msg, sizeof msg, fmt, ap); /* truncation is fine */
     va_end(ap);
     pct_encode(estage, sizeof estage, stage, strlen(stage));
     pct_encode(emsg, sizeof emsg, msg, strlen(msg));
-    snprintf(line, sizeof line, "error %s %d %s\n", estage, err, emsg);
+    (void)snprintf(line, sizeof line, "error %s %d %s\n", estage, err, emsg);
 
     if (g_role == ROLE_SUPERVISOR) {
         if (g_init_pid > 0) {
@@ -419,7 +419,7 @@ __attribute__((noreturn, format(printf, 1, 2))) static void plan_error(const cha
     char msg[MSG_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    (void)vsnprintf(msg, sizeof msg, fmt, ap); /* truncation is fine */
     va_end(ap);
     die(EXIT_SETUP, 0, stagef("plan %u", g_lineno), "%s", msg);
 }
@@ -494,6 +494,15 @@ static void check_host_path(const char *p)
         plan_error("path too long");
 }
 
+/* Copy the comma list S into BUF (capacity CAP) for strtok_r; WHAT names the list in the error. */
+static void copy_list(char *buf, size_t cap, const char *s, const char *what)
+{
+    size_t n = strlen(s);
+    if (n >= cap)
+        plan_error("%s list too long", what);
+    memcpy(buf, s, n + 1);
+}
+
 /* Parse a comma list of mount flags. ALLOW_REC: accept `rec` (bind). */
 static unsigned long parse_mount_flags(const char *s, int allow_rec, int allow_atime, int *rec)
 {
@@ -501,9 +510,7 @@ static unsigned long parse_mount_flags(const char *s, int allow_rec, int allow_a
     char buf[256];
     if (strcmp(s, "-") == 0)
         return 0;
-    if (strlen(s) >= sizeof buf)
-        plan_error("flag list too long");
-    strcpy(buf, s);
+    copy_list(buf, sizeof buf, s, "flag");
     for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         /* kept by hand: one flag a line */
         /* clang-format off */
@@ -524,9 +531,7 @@ static unsigned long parse_mount_flags(const char *s, int allow_rec, int allow_a
 static void parse_namespaces(const char *s)
 {
     char buf[256];
-    if (strlen(s) >= sizeof buf)
-        plan_error("namespace list too long");
-    strcpy(buf, s);
+    copy_list(buf, sizeof buf, s, "namespace");
     int have_mount = 0, have_pid = 0;
     for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
         /* kept by hand: one namespace a line */
@@ -548,9 +553,7 @@ static void parse_namespaces(const char *s)
 static void parse_caps(const char *s)
 {
     char buf[2048];
-    if (strlen(s) >= sizeof buf)
-        plan_error("capability list too long");
-    strcpy(buf, s);
+    copy_list(buf, sizeof buf, s, "capability");
     if (strcmp(buf, "-") == 0 || buf[0] == '\0')
         return;
     for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
@@ -574,16 +577,16 @@ static void parse_groups(const char *s)
     P.groups = calloc(n, sizeof *P.groups);
     if (!P.groups)
         plan_error("out of memory");
-    char *dup = strdup(s);
-    if (!dup)
+    char *list = strdup(s);
+    if (!list)
         plan_error("out of memory");
     P.ngroups = 0;
     if (strcmp(s, "-") != 0 && *s) {
         char *save = NULL;
-        for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save))
+        for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save))
             P.groups[P.ngroups++] = parse_id(t);
     }
-    free(dup);
+    free(list);
     P.has_groups = 1;
 }
 
@@ -764,8 +767,13 @@ static void parse_plan(const char *path)
             plan_error("%s: may appear only once", d->name);
         seen[kw]++;
 
+        /* Slots past the record's fields are never read (nf - 1 == d->nfields),
+         * but hold an empty string rather than garbage. */
+        static char no_field[1];
         char *f[MAX_FIELDS];
-        size_t fl[MAX_FIELDS];
+        size_t fl[MAX_FIELDS] = { 0 };
+        for (int i = 0; i < MAX_FIELDS; i++)
+            f[i] = no_field;
         for (int i = 1; i < nf; i++) {
             long n = pct_decode(fields[i], flen[i]);
             if (n < 0)
@@ -832,9 +840,6 @@ static void parse_plan(const char *path)
             case K_READONLY: check_root_path(f[0]); break;
             case K_MKDIR:
             case K_TOUCH:
-                check_root_path(f[0]);
-                r->mode = parse_mode(f[1]);
-                break;
             case K_FILE:
                 check_root_path(f[0]);
                 r->mode = parse_mode(f[1]);
@@ -1010,9 +1015,9 @@ static void read_last_cap(void)
     close(fd);
     if (n > 0) {
         buf[n] = '\0';
-        int v = atoi(buf);
+        long v = strtol(buf, NULL, 10);
         if (v > 0 && v < 64)
-            g_last_cap = v;
+            g_last_cap = (int)v;
     }
 }
 
@@ -1031,7 +1036,7 @@ static int root_open(const char *path, int flags, uint64_t resolve)
 {
     struct open_how how;
     memset(&how, 0, sizeof how);
-    how.flags = (uint64_t)(flags | O_CLOEXEC);
+    how.flags = (uint64_t)(unsigned)(flags | O_CLOEXEC);
     how.resolve = resolve;
     int fd;
     do
@@ -1047,7 +1052,7 @@ static int root_target(const char *path)
 
 static const char *fdpath(char *buf, size_t cap, int fd)
 {
-    snprintf(buf, cap, "/proc/self/fd/%d", fd);
+    (void)snprintf(buf, cap, "/proc/self/fd/%d", fd);
     return buf;
 }
 
@@ -1116,16 +1121,16 @@ static void do_scratch(struct rec *r)
     const char *stage = stagef("scratch %s", dir);
     if (strcmp(r->f[1], "-") != 0) {
         char data[64];
-        snprintf(data, sizeof data, "size=%s,mode=0700", r->f[1]);
+        (void)snprintf(data, sizeof data, "size=%s,mode=0700", r->f[1]);
         if (mount("tmpfs", dir, "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
             die(EXIT_SETUP, errno, stage, "tmpfs on %s: %s", dir, strerror(errno));
     }
-    snprintf(path, sizeof path, "%s/upper", dir);
+    (void)snprintf(path, sizeof path, "%s/upper", dir);
     if (mkdir(path, 0755) == 0)
         g_upper_created = 1;
     else if (errno != EEXIST)
         die(EXIT_SETUP, errno, stage, "mkdir %s: %s", path, strerror(errno));
-    snprintf(path, sizeof path, "%s/work", dir);
+    (void)snprintf(path, sizeof path, "%s/work", dir);
     if (mkdir(path, 0700) < 0 && errno != EEXIST)
         die(EXIT_SETUP, errno, stage, "mkdir %s: %s", path, strerror(errno));
     g_scratch = dir;
@@ -1139,10 +1144,10 @@ static void do_rootfs(struct rec *r)
     /* a comma would inject overlay options */
     if (strchr(lowers, ',') || strchr(g_scratch, ','))
         die(EXIT_SETUP, EINVAL, stage, "overlay paths must not contain ','");
-    snprintf(upper, sizeof upper, "%s/upper", g_scratch);
-    snprintf(work, sizeof work, "%s/work", g_scratch);
-    snprintf(root, sizeof root, "%s/root", g_scratch);
-    snprintf(g_root_path, sizeof g_root_path, "%s", root);
+    (void)snprintf(upper, sizeof upper, "%s/upper", g_scratch);
+    (void)snprintf(work, sizeof work, "%s/work", g_scratch);
+    (void)snprintf(root, sizeof root, "%s/root", g_scratch);
+    (void)snprintf(g_root_path, sizeof g_root_path, "%s", root);
 
     /* The merged root directory takes its attributes from the upper dir: give a
      * fresh upper dir the mode of the top-most image layer. Its owner stays
@@ -1312,7 +1317,7 @@ static void do_mask(struct rec *r)
 {
     const char *path = r->f[0];
     const char *stage = stagef("mask %s", path);
-    char b[64], bn[64];
+    char b[64];
     struct stat st;
     int fd = root_target(path);
     if (fd < 0) {
@@ -1327,6 +1332,7 @@ static void do_mask(struct rec *r)
                   MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555") < 0)
             die(EXIT_SETUP, errno, stage, "mask %s: %s", path, strerror(errno));
     } else {
+        char bn[64];
         if (g_devnull < 0) {
             g_devnull = open("/dev/null", O_PATH | O_CLOEXEC);
             if (g_devnull < 0)
@@ -1379,7 +1385,7 @@ static void do_remount(struct rec *r)
     if (fd < 0)
         die(EXIT_SETUP, errno, stage, "target %s: %s", path, strerror(errno));
     /* keep nosuid/nodev/noexec/atime flags the mount already has */
-    unsigned long keep = current_mount_flags(fd) & ~MS_RDONLY;
+    unsigned long keep = current_mount_flags(fd) & ~(unsigned long)MS_RDONLY;
     if (mount(NULL, fdpath(b, sizeof b, fd), NULL, MS_REMOUNT | keep | r->mflags, NULL) < 0)
         die(EXIT_SETUP, errno, stage, "remount %s: %s", path, strerror(errno));
     close(fd);
@@ -1476,6 +1482,7 @@ __attribute__((noreturn)) static void exec_main(int report_fd)
         err = errno;
     } else {
         const char *path = env_path();
+        size_t alen = strlen(a0);
         int seen_eacces = 0;
         char buf[PATH_MAX];
         err = ENOENT;
@@ -1483,10 +1490,11 @@ __attribute__((noreturn)) static void exec_main(int report_fd)
             const char *e = strchr(p, ':');
             size_t dl = e ? (size_t)(e - p) : strlen(p);
             /* empty PATH elements (the current directory) are skipped */
-            if (dl > 0 && dl + 1 + strlen(a0) < sizeof buf) {
+            if (dl > 0 && dl + 1 + alen < sizeof buf) {
+                /* NOLINTNEXTLINE(bugprone-not-null-terminated-result): "/" and A0's NUL follow */
                 memcpy(buf, p, dl);
                 buf[dl] = '/';
-                strcpy(buf + dl + 1, a0);
+                memcpy(buf + dl + 1, a0, alen + 1);
                 execve(buf, argv, P.env);
                 if (errno == EACCES)
                     seen_eacces = 1;
@@ -1519,7 +1527,7 @@ __attribute__((noreturn)) static void main_process(int report_fd)
      * forwarded was blocked; both would be inherited across execve */
     for (int s = 1; s < NSIG; s++)
         if (s != SIGKILL && s != SIGSTOP)
-            signal(s, SIG_DFL);
+            (void)signal(s, SIG_DFL); /* fails only for the signals glibc reserves */
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
 
@@ -1604,7 +1612,9 @@ static char read_byte(int fd)
     do
         n = read(fd, &c, 1);
     while (n < 0 && errno == EINTR);
-    return n == 1 ? c : 0;
+    if (n != 1)
+        return 0;
+    return c;
 }
 
 /* Die with the supervisor: arm PDEATHSIG, then check the supervisor still
@@ -1650,7 +1660,7 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
     for (size_t i = 0; i < P.ncgroups; i++) {
         char path[PATH_MAX + 32];
         const char *stage = stagef("cgroup %s", P.cgroups[i]);
-        snprintf(path, sizeof path, "%s/cgroup.procs", P.cgroups[i]);
+        (void)snprintf(path, sizeof path, "%s/cgroup.procs", P.cgroups[i]);
         int fd = open(path, O_WRONLY | O_CLOEXEC);
         if (fd < 0 || write_all(fd, "0", 1) < 0)
             die(EXIT_SETUP, errno, stage, "join %s: %s", path, strerror(errno));
@@ -1730,7 +1740,7 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
         setup_failed = 1;
     } else if (rbuf[0] == 'T') {
         char line[64];
-        snprintf(line, sizeof line, "exec %lld\n", atoll(rbuf + 1));
+        (void)snprintf(line, sizeof line, "exec %lld\n", strtoll(rbuf + 1, NULL, 10));
         init_report(line);
     }
     /* init keeps no terminal or pipe of the owner open */
@@ -1786,10 +1796,10 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
     char line[64];
     int code;
     if (WIFSIGNALED(main_status)) {
-        snprintf(line, sizeof line, "exit signal %d\n", WTERMSIG(main_status));
+        (void)snprintf(line, sizeof line, "exit signal %d\n", WTERMSIG(main_status));
         code = 128 + WTERMSIG(main_status);
     } else {
-        snprintf(line, sizeof line, "exit code %d\n", WEXITSTATUS(main_status));
+        (void)snprintf(line, sizeof line, "exit code %d\n", WEXITSTATUS(main_status));
         code = WEXITSTATUS(main_status);
     }
     init_report(line);
@@ -1803,7 +1813,7 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
 static void write_map(pid_t pid, const char *file, const char *data, size_t len)
 {
     char path[64];
-    snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, file);
+    (void)snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, file);
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     /* the kernel wants the whole map in a single write */
     if (fd < 0 || write(fd, data, len) != (ssize_t)len)
@@ -1867,7 +1877,7 @@ int main(int argc, char **argv)
 
     clock_gettime(CLOCK_MONOTONIC, &g_t0);
     /* a vanished status reader must not kill us: writes just fail */
-    signal(SIGPIPE, SIG_IGN);
+    (void)signal(SIGPIPE, SIG_IGN);
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--status-fd") == 0 && i + 1 < argc) {
@@ -1924,7 +1934,7 @@ int main(int argc, char **argv)
     close(c2p[1]);
 
     char line[LINE_MAX_OUT];
-    snprintf(line, sizeof line, "child %d\n", (int)pid);
+    (void)snprintf(line, sizeof line, "child %d\n", (int)pid);
     status_line(line);
 
     if (P.uidmap_len)
@@ -1936,7 +1946,7 @@ int main(int argc, char **argv)
     if (P.sync_net) {
         /* the namespaces exist now; init does the mounts while the owner
          * configures the network, and waits for `go` only before the fork */
-        snprintf(line, sizeof line, "netns %d\n", (int)pid);
+        (void)snprintf(line, sizeof line, "netns %d\n", (int)pid);
         status_line(line);
     }
 
@@ -2037,7 +2047,7 @@ int main(int argc, char **argv)
 
     if (exit_line[0]) {
         status_line(exit_line);
-        int v = atoi(exit_line + (exit_line[5] == 'c' ? 10 : 12));
+        int v = (int)strtol(exit_line + (exit_line[5] == 'c' ? 10 : 12), NULL, 10);
         exit(exit_line[5] == 'c' ? v : 128 + v);
     }
     if (got_error)
@@ -2045,11 +2055,11 @@ int main(int argc, char **argv)
                                                                 : EXIT_SETUP);
     /* init died without reporting */
     if (WIFSIGNALED(init_status)) {
-        snprintf(line, sizeof line, "exit signal %d\n", WTERMSIG(init_status));
+        (void)snprintf(line, sizeof line, "exit signal %d\n", WTERMSIG(init_status));
         status_line(line);
         exit(128 + WTERMSIG(init_status));
     }
-    snprintf(line, sizeof line, "exit code %d\n", WEXITSTATUS(init_status));
+    (void)snprintf(line, sizeof line, "exit code %d\n", WEXITSTATUS(init_status));
     status_line(line);
     exit(WEXITSTATUS(init_status));
 }
