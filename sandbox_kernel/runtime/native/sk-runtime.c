@@ -940,8 +940,18 @@ static void parse_plan(const char *path)
 }
 
 /* ------------------------------------------------------------------------- */
-/* Process helpers: fds, capabilities                                         */
+/* Process helpers: fds, signals, capabilities                                */
 /* ------------------------------------------------------------------------- */
+
+/* Block SIGCHLD and the forwarded signals; SET gets that set (for a signalfd). */
+static void block_forwarded_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGCHLD);
+    for (size_t i = 0; i < sizeof forwarded_signals / sizeof forwarded_signals[0]; i++)
+        sigaddset(set, forwarded_signals[i]);
+    sigprocmask(SIG_BLOCK, set, NULL);
+}
 
 static int sys_close_range(unsigned lo, unsigned hi)
 {
@@ -1079,24 +1089,21 @@ static int root_parent(const char *path, const char *stage, const char **base)
  * to weaken nosuid/nodev/noexec by omission). */
 static unsigned long current_mount_flags(int fd)
 {
+    /* statvfs ST_* flag -> the mount flag it reports */
+    static const struct {
+        unsigned long st, ms;
+    } map[] = {
+        { ST_RDONLY, MS_RDONLY },     { ST_NOSUID, MS_NOSUID },   { ST_NODEV, MS_NODEV },
+        { ST_NOEXEC, MS_NOEXEC },     { ST_NOATIME, MS_NOATIME }, { ST_NODIRATIME, MS_NODIRATIME },
+        { ST_RELATIME, MS_RELATIME },
+    };
     struct statvfs sv;
     unsigned long fl = 0;
     if (fstatvfs(fd, &sv) < 0)
         return 0;
-    if (sv.f_flag & ST_RDONLY)
-        fl |= MS_RDONLY;
-    if (sv.f_flag & ST_NOSUID)
-        fl |= MS_NOSUID;
-    if (sv.f_flag & ST_NODEV)
-        fl |= MS_NODEV;
-    if (sv.f_flag & ST_NOEXEC)
-        fl |= MS_NOEXEC;
-    if (sv.f_flag & ST_NOATIME)
-        fl |= MS_NOATIME;
-    if (sv.f_flag & ST_NODIRATIME)
-        fl |= MS_NODIRATIME;
-    if (sv.f_flag & ST_RELATIME)
-        fl |= MS_RELATIME;
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
+        if (sv.f_flag & map[i].st)
+            fl |= map[i].ms;
     return fl;
 }
 
@@ -1751,11 +1758,7 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
     /* Reap and forward until the main process ends. Everything is still
      * blocked (inherited from the supervisor), so signalfd sees it all. */
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    for (size_t i = 0; i < sizeof forwarded_signals / sizeof forwarded_signals[0]; i++)
-        sigaddset(&set, forwarded_signals[i]);
-    sigprocmask(SIG_BLOCK, &set, NULL);
+    block_forwarded_signals(&set);
     int sfd = signalfd(-1, &set, SFD_CLOEXEC);
     int main_status = 0, main_done = 0;
     while (!main_done) {
@@ -1908,11 +1911,7 @@ int main(int argc, char **argv)
     /* Block the forwarded signals (and SIGCHLD) before cloning: init inherits
      * the mask, so nothing is lost between clone and its signalfd. */
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    for (size_t i = 0; i < sizeof forwarded_signals / sizeof forwarded_signals[0]; i++)
-        sigaddset(&set, forwarded_signals[i]);
-    sigprocmask(SIG_BLOCK, &set, NULL);
+    block_forwarded_signals(&set);
 
     int p2c[2], c2p[2];
     if (pipe2(p2c, O_CLOEXEC) < 0 || pipe2(c2p, O_CLOEXEC) < 0)
