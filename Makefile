@@ -8,10 +8,10 @@ PY := $(VENV)/bin/python
 CC ?= cc
 # the executor's compiler flags, shared with setup.py and the tests
 CFLAGS_RT := $(shell cat sandbox_kernel/runtime/native/cflags)
-DEB_PACKAGES := gcc libc6-dev make mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv
+DEB_PACKAGES := gcc libc6-dev make mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv clang-format clang-tidy cppcheck
 RUNTIME := sandbox_kernel/runtime/_bin/sk-runtime
 
-.PHONY: help deps venv native vm-setup demo test test-unit test-unit-matrix test-privileged test-cgroup-v2 test-cgroup-v2-native lint bench clean
+.PHONY: help deps venv native vm-setup demo test test-unit test-unit-matrix test-privileged test-cgroup-v2 test-cgroup-v2-native lint lint-c bench clean
 
 help:
 	@echo "make demo            build what is missing, run the Python 2.7 and Python 3 notebooks side by side"
@@ -39,10 +39,14 @@ native: $(RUNTIME)
 demo: venv native
 	$(PY) -m sandbox_kernel.jupyter.demo
 
-lint: venv
+lint: venv lint-c
 	$(VENV)/bin/ruff check sandbox_kernel tests tools benchmarks
 	$(VENV)/bin/ruff format --check sandbox_kernel tests tools benchmarks
 	$(VENV)/bin/mypy
+
+# the native executor: clang-format --dry-run -Werror, extra gcc warnings, clang-tidy, cppcheck
+lint-c: deps
+	bash tools/lint-c.sh
 
 test-unit: venv native
 	bash tools/pytest-run.sh $(PY) tests/unit

@@ -61,8 +61,8 @@
 #define SYS_close_range 436
 #endif
 #ifndef PR_CAP_AMBIENT
-#define PR_CAP_AMBIENT 47
-#define PR_CAP_AMBIENT_RAISE 2
+#define PR_CAP_AMBIENT           47
+#define PR_CAP_AMBIENT_RAISE     2
 #define PR_CAP_AMBIENT_CLEAR_ALL 4
 #endif
 
@@ -70,16 +70,16 @@
 /* Limits and constants                                                       */
 /* ------------------------------------------------------------------------- */
 
-#define MAX_PLAN_BYTES   (16u << 20)   /* whole plan file */
-#define MAX_LINE_BYTES   (1u << 20)    /* one record */
+#define MAX_PLAN_BYTES   (16u << 20) /* whole plan file */
+#define MAX_LINE_BYTES   (1u << 20)  /* one record */
 #define MAX_RECORDS      65536u
-#define MAX_FIELDS       5             /* fields after the keyword (mount has 5) */
-#define MAX_SECCOMP_INSN 4096u         /* BPF_MAXINSNS */
+#define MAX_FIELDS       5     /* fields after the keyword (mount has 5) */
+#define MAX_SECCOMP_INSN 4096u /* BPF_MAXINSNS */
 #define MSG_MAX          1024
 #define LINE_MAX_OUT     8192
 
-#define EXIT_SETUP   125
-#define EXIT_NOEXEC  126
+#define EXIT_SETUP    125
+#define EXIT_NOEXEC   126
 #define EXIT_NOTFOUND 127
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -94,12 +94,12 @@ static const int forwarded_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUS
 enum role { ROLE_SUPERVISOR, ROLE_INIT, ROLE_MAIN };
 
 static enum role g_role = ROLE_SUPERVISOR;
-static int g_status_fd = -1;      /* supervisor: --status-fd */
-static int g_report_fd = -1;      /* init: c2p write end; main: exec-report pipe */
-static pid_t g_init_pid = -1;     /* supervisor: host pid of init, for cleanup */
+static int g_status_fd = -1;  /* supervisor: --status-fd */
+static int g_report_fd = -1;  /* init: c2p write end; main: exec-report pipe */
+static pid_t g_init_pid = -1; /* supervisor: host pid of init, for cleanup */
 static const char *g_id = "?";
-static struct timespec g_t0;      /* supervisor start, inherited by init and main */
-static int g_last_cap = 63;       /* read from /proc before pivot */
+static struct timespec g_t0; /* supervisor start, inherited by init and main */
+static int g_last_cap = 63;  /* read from /proc before pivot */
 
 /* ------------------------------------------------------------------------- */
 /* Small helpers: time, I/O, percent-encoding                                 */
@@ -166,9 +166,12 @@ static void pct_encode(char *dst, size_t cap, const char *src, size_t len)
 
 static int hexval(char c)
 {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
     return -1;
 }
 
@@ -214,12 +217,11 @@ static long pct_decode(char *s, size_t len)
 static char g_stage_buf[PATH_MAX + 64];
 
 /* Format a stage name such as "mount /proc" into a static buffer. */
-__attribute__((format(printf, 1, 2)))
-static const char *stagef(const char *fmt, ...)
+__attribute__((format(printf, 1, 2))) static const char *stagef(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(g_stage_buf, sizeof g_stage_buf, fmt, ap);
+    (void)vsnprintf(g_stage_buf, sizeof g_stage_buf, fmt, ap); /* truncation is fine */
     va_end(ap);
     return g_stage_buf;
 }
@@ -254,18 +256,18 @@ static void status_line(const char *line)
  * and prints the stderr line (one place that prints).
  * Messages must never contain environment values.
  */
-__attribute__((noreturn, format(printf, 4, 5)))
-static void die(int code, int err, const char *stage, const char *fmt, ...)
+__attribute__((noreturn, format(printf, 4, 5))) static void
+die(int code, int err, const char *stage, const char *fmt, ...)
 {
     /* sized so that the encoded line always fits: 2048 + 3072 + 32 < 8192 */
     char msg[MSG_MAX], estage[2048], emsg[MSG_MAX * 3], line[LINE_MAX_OUT];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    (void)vsnprintf(msg, sizeof msg, fmt, ap); /* truncation is fine */
     va_end(ap);
     pct_encode(estage, sizeof estage, stage, strlen(stage));
     pct_encode(emsg, sizeof emsg, msg, strlen(msg));
-    snprintf(line, sizeof line, "error %s %d %s\n", estage, err, emsg);
+    (void)snprintf(line, sizeof line, "error %s %d %s\n", estage, err, emsg);
 
     if (g_role == ROLE_SUPERVISOR) {
         if (g_init_pid > 0) {
@@ -285,6 +287,8 @@ static void die(int code, int err, const char *stage, const char *fmt, ...)
 /* The plan                                                                   */
 /* ------------------------------------------------------------------------- */
 
+/* kept by hand: the keywords grouped by phase, in kwtab order */
+/* clang-format off */
 enum kw {
     /* supervisor */
     K_ID, K_NAMESPACES, K_CGROUP, K_SECCOMP, K_SYNC, K_UIDMAP, K_GIDMAP,
@@ -295,6 +299,7 @@ enum kw {
     K_ENV, K_CWD, K_USER, K_GROUPS, K_UMASK, K_RLIMIT, K_CAPABILITIES, K_NONEWPRIVS, K_ARGV,
     K_COUNT
 };
+/* clang-format on */
 
 enum phase { PH_SUPERVISOR, PH_MOUNT, PH_PROCESS };
 
@@ -302,7 +307,7 @@ static const struct kwdef {
     const char *name;
     int nfields;
     enum phase phase;
-    int once;      /* may appear at most once */
+    int once; /* may appear at most once */
 } kwtab[K_COUNT] = {
     [K_ID] = { "id", 1, PH_SUPERVISOR, 1 },
     [K_NAMESPACES] = { "namespaces", 1, PH_SUPERVISOR, 1 },
@@ -342,9 +347,9 @@ struct rec {
     unsigned line;
     char *f[MAX_FIELDS];
     size_t len[MAX_FIELDS];
-    unsigned long mflags;   /* parsed FLAGS for mount/bind/remount */
-    int recursive;          /* bind: `rec` */
-    mode_t mode;            /* mkdir/touch/file */
+    unsigned long mflags; /* parsed FLAGS for mount/bind/remount */
+    int recursive;        /* bind: `rec` */
+    mode_t mode;          /* mkdir/touch/file */
 };
 
 struct rlim_entry {
@@ -380,9 +385,11 @@ static struct plan {
     mode_t umask;
     struct rlim_entry rlimits[16];
     size_t nrlimits;
-    uint64_t caps;          /* kept capabilities (default: none) */
+    uint64_t caps; /* kept capabilities (default: none) */
 } P;
 
+/* kept by hand: several a line, in capability-number order */
+/* clang-format off */
 static const char *const cap_names[] = {
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
     "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
@@ -394,22 +401,25 @@ static const char *const cap_names[] = {
     "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
     "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
 };
+/* clang-format on */
 
-static const struct { const char *name; int res; } rlimit_names[] = {
-    { "core", RLIMIT_CORE }, { "nofile", RLIMIT_NOFILE }, { "nproc", RLIMIT_NPROC },
-    { "fsize", RLIMIT_FSIZE }, { "stack", RLIMIT_STACK }, { "as", RLIMIT_AS },
-    { "cpu", RLIMIT_CPU }, { "memlock", RLIMIT_MEMLOCK },
+static const struct {
+    const char *name;
+    int res;
+} rlimit_names[] = {
+    { "core", RLIMIT_CORE },   { "nofile", RLIMIT_NOFILE },   { "nproc", RLIMIT_NPROC },
+    { "fsize", RLIMIT_FSIZE }, { "stack", RLIMIT_STACK },     { "as", RLIMIT_AS },
+    { "cpu", RLIMIT_CPU },     { "memlock", RLIMIT_MEMLOCK },
 };
 
 static unsigned g_lineno;
 
-__attribute__((noreturn, format(printf, 1, 2)))
-static void plan_error(const char *fmt, ...)
+__attribute__((noreturn, format(printf, 1, 2))) static void plan_error(const char *fmt, ...)
 {
     char msg[MSG_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    (void)vsnprintf(msg, sizeof msg, fmt, ap); /* truncation is fine */
     va_end(ap);
     die(EXIT_SETUP, 0, stagef("plan %u", g_lineno), "%s", msg);
 }
@@ -484,6 +494,15 @@ static void check_host_path(const char *p)
         plan_error("path too long");
 }
 
+/* Copy the comma list S into BUF (capacity CAP) for strtok_r; WHAT names the list in the error. */
+static void copy_list(char *buf, size_t cap, const char *s, const char *what)
+{
+    size_t n = strlen(s);
+    if (n >= cap)
+        plan_error("%s list too long", what);
+    memcpy(buf, s, n + 1);
+}
+
 /* Parse a comma list of mount flags. ALLOW_REC: accept `rec` (bind). */
 static unsigned long parse_mount_flags(const char *s, int allow_rec, int allow_atime, int *rec)
 {
@@ -491,10 +510,10 @@ static unsigned long parse_mount_flags(const char *s, int allow_rec, int allow_a
     char buf[256];
     if (strcmp(s, "-") == 0)
         return 0;
-    if (strlen(s) >= sizeof buf)
-        plan_error("flag list too long");
-    strcpy(buf, s);
+    copy_list(buf, sizeof buf, s, "flag");
     for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        /* kept by hand: one flag a line */
+        /* clang-format off */
         if (strcmp(t, "ro") == 0) fl |= MS_RDONLY;
         else if (strcmp(t, "nosuid") == 0) fl |= MS_NOSUID;
         else if (strcmp(t, "nodev") == 0) fl |= MS_NODEV;
@@ -504,6 +523,7 @@ static unsigned long parse_mount_flags(const char *s, int allow_rec, int allow_a
         else if (allow_atime && strcmp(t, "noatime") == 0) fl |= MS_NOATIME;
         else if (allow_rec && strcmp(t, "rec") == 0) *rec = 1;
         else plan_error("unknown mount flag \"%s\"", t);
+        /* clang-format on */
     }
     return fl;
 }
@@ -511,11 +531,11 @@ static unsigned long parse_mount_flags(const char *s, int allow_rec, int allow_a
 static void parse_namespaces(const char *s)
 {
     char buf[256];
-    if (strlen(s) >= sizeof buf)
-        plan_error("namespace list too long");
-    strcpy(buf, s);
+    copy_list(buf, sizeof buf, s, "namespace");
     int have_mount = 0, have_pid = 0;
     for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+        /* kept by hand: one namespace a line */
+        /* clang-format off */
         if (strcmp(t, "mount") == 0) { P.clone_flags |= CLONE_NEWNS; have_mount = 1; }
         else if (strcmp(t, "pid") == 0) { P.clone_flags |= CLONE_NEWPID; have_pid = 1; }
         else if (strcmp(t, "uts") == 0) { P.clone_flags |= CLONE_NEWUTS; P.ns_uts = 1; }
@@ -524,6 +544,7 @@ static void parse_namespaces(const char *s)
         else if (strcmp(t, "user") == 0) { P.clone_flags |= CLONE_NEWUSER; P.ns_user = 1; }
         else if (strcmp(t, "cgroup") == 0) P.ns_cgroup = 1;  /* unshared by init, later */
         else plan_error("unknown namespace \"%s\"", t);
+        /* clang-format on */
     }
     if (!have_mount || !have_pid)
         plan_error("namespaces must include mount and pid");
@@ -532,9 +553,7 @@ static void parse_namespaces(const char *s)
 static void parse_caps(const char *s)
 {
     char buf[2048];
-    if (strlen(s) >= sizeof buf)
-        plan_error("capability list too long");
-    strcpy(buf, s);
+    copy_list(buf, sizeof buf, s, "capability");
     if (strcmp(buf, "-") == 0 || buf[0] == '\0')
         return;
     for (char *save = NULL, *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
@@ -558,16 +577,16 @@ static void parse_groups(const char *s)
     P.groups = calloc(n, sizeof *P.groups);
     if (!P.groups)
         plan_error("out of memory");
-    char *dup = strdup(s);
-    if (!dup)
+    char *list = strdup(s);
+    if (!list)
         plan_error("out of memory");
     P.ngroups = 0;
     if (strcmp(s, "-") != 0 && *s) {
         char *save = NULL;
-        for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save))
+        for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save))
             P.groups[P.ngroups++] = parse_id(t);
     }
-    free(dup);
+    free(list);
     P.has_groups = 1;
 }
 
@@ -588,7 +607,10 @@ static void parse_rlimit(char **f)
             v = RLIM_INFINITY;
         else if (parse_u64(f[k + 1], UINT64_MAX - 1, &v) < 0)
             plan_error("bad rlimit value");
-        if (k == 0) e.rl.rlim_cur = v; else e.rl.rlim_max = v;
+        if (k == 0)
+            e.rl.rlim_cur = v;
+        else
+            e.rl.rlim_max = v;
     }
     if (e.rl.rlim_cur > e.rl.rlim_max)
         plan_error("rlimit soft above hard");
@@ -660,10 +682,11 @@ static void load_seccomp(const char *path)
     size_t len;
     char *buf = read_file(path, MAX_SECCOMP_INSN * sizeof(struct sock_filter), &len);
     if (!buf)
-        die(EXIT_SETUP, errno, "seccomp", "cannot read seccomp filter %s: %s", path, strerror(errno));
+        die(EXIT_SETUP, errno, "seccomp", "cannot read seccomp filter %s: %s", path,
+            strerror(errno));
     if (len == 0 || len % sizeof(struct sock_filter) != 0)
-        die(EXIT_SETUP, EINVAL, "seccomp", "seccomp filter %s: size %zu is not a positive multiple of 8",
-            path, len);
+        die(EXIT_SETUP, EINVAL, "seccomp",
+            "seccomp filter %s: size %zu is not a positive multiple of 8", path, len);
     P.filter = (struct sock_filter *)(void *)buf;
     P.nfilter = (unsigned short)(len / sizeof(struct sock_filter));
 }
@@ -690,7 +713,7 @@ static void parse_plan(const char *path)
         die(EXIT_SETUP, ENOMEM, "plan", "out of memory");
 
     int seen[K_COUNT] = { 0 };
-    int mount_stage = 0;   /* 0: nothing yet, 1: scratch seen, 2: rootfs seen, 3: pivot seen */
+    int mount_stage = 0; /* 0: nothing yet, 1: scratch seen, 2: rootfs seen, 3: pivot seen */
     char *p = buf, *end = buf + len;
     g_lineno = 0;
     while (p < end) {
@@ -744,8 +767,13 @@ static void parse_plan(const char *path)
             plan_error("%s: may appear only once", d->name);
         seen[kw]++;
 
+        /* Slots past the record's fields are never read (nf - 1 == d->nfields),
+         * but hold an empty string rather than garbage. */
+        static char no_field[1];
         char *f[MAX_FIELDS];
-        size_t fl[MAX_FIELDS];
+        size_t fl[MAX_FIELDS] = { 0 };
+        for (int i = 0; i < MAX_FIELDS; i++)
+            f[i] = no_field;
         for (int i = 1; i < nf; i++) {
             long n = pct_decode(fields[i], flen[i]);
             if (n < 0)
@@ -784,11 +812,15 @@ static void parse_plan(const char *path)
             case K_ROOTFS:
                 if (mount_stage != 1)
                     plan_error("rootfs requires an earlier scratch record");
-                for (char *c = f[0], *e; ; c = e + 1) {
+                for (char *c = f[0], *e;; c = e + 1) {
                     e = strchr(c, ':');
-                    if (e) *e = '\0';
+                    if (e)
+                        *e = '\0';
                     check_host_path(c);
-                    if (e) *e = ':'; else break;
+                    if (e)
+                        *e = ':';
+                    else
+                        break;
                 }
                 mount_stage = 2;
                 break;
@@ -803,13 +835,11 @@ static void parse_plan(const char *path)
                 break;
             }
             switch (kw) {
-            case K_REALDIR: case K_MASK: case K_READONLY:
-                check_root_path(f[0]);
-                break;
-            case K_MKDIR: case K_TOUCH:
-                check_root_path(f[0]);
-                r->mode = parse_mode(f[1]);
-                break;
+            case K_REALDIR:
+            case K_MASK:
+            case K_READONLY: check_root_path(f[0]); break;
+            case K_MKDIR:
+            case K_TOUCH:
             case K_FILE:
                 check_root_path(f[0]);
                 r->mode = parse_mode(f[1]);
@@ -832,8 +862,7 @@ static void parse_plan(const char *path)
                 check_root_path(f[0]);
                 r->mflags = parse_mount_flags(f[1], 0, 1, NULL);
                 break;
-            default:
-                break;
+            default: break;
             }
             /* creating or mounting over the root itself makes no sense */
             if ((kw == K_TOUCH || kw == K_FILE || kw == K_MASK) && strcmp(f[0], "/") == 0)
@@ -846,12 +875,8 @@ static void parse_plan(const char *path)
         }
 
         switch (kw) {
-        case K_ID:
-            g_id = f[0];
-            break;
-        case K_NAMESPACES:
-            parse_namespaces(f[0]);
-            break;
+        case K_ID: g_id = f[0]; break;
+        case K_NAMESPACES: parse_namespaces(f[0]); break;
         case K_CGROUP:
             check_host_path(f[0]);
             P.cgroups[P.ncgroups++] = f[0];
@@ -865,12 +890,8 @@ static void parse_plan(const char *path)
                 plan_error("sync: only \"net\" is known");
             P.sync_net = 1;
             break;
-        case K_UIDMAP:
-            append_map(P.uidmap, &P.uidmap_len, f);
-            break;
-        case K_GIDMAP:
-            append_map(P.gidmap, &P.gidmap_len, f);
-            break;
+        case K_UIDMAP: append_map(P.uidmap, &P.uidmap_len, f); break;
+        case K_GIDMAP: append_map(P.gidmap, &P.gidmap_len, f); break;
         case K_ENV:
             if (fl[0] == 0 || f[0][0] == '=' || !strchr(f[0], '='))
                 plan_error("env: expected KEY=VALUE");
@@ -886,28 +907,19 @@ static void parse_plan(const char *path)
             P.uid = parse_id(f[0]);
             P.gid = parse_id(f[1]);
             break;
-        case K_GROUPS:
-            parse_groups(f[0]);
-            break;
+        case K_GROUPS: parse_groups(f[0]); break;
         case K_UMASK:
             P.has_umask = 1;
             P.umask = parse_mode(f[0]) & 0777;
             break;
-        case K_RLIMIT:
-            parse_rlimit(f);
-            break;
-        case K_CAPABILITIES:
-            parse_caps(f[0]);
-            break;
+        case K_RLIMIT: parse_rlimit(f); break;
+        case K_CAPABILITIES: parse_caps(f[0]); break;
         case K_NONEWPRIVS:
             if (strcmp(f[0], "1") != 0)
                 plan_error("nonewprivs: only 1 is accepted (it is always set)");
             break;
-        case K_ARGV:
-            P.argv[P.nargv++] = f[0];
-            break;
-        default:
-            break;
+        case K_ARGV: P.argv[P.nargv++] = f[0]; break;
+        default: break;
         }
     }
     g_lineno++;
@@ -928,8 +940,18 @@ static void parse_plan(const char *path)
 }
 
 /* ------------------------------------------------------------------------- */
-/* Process helpers: fds, capabilities                                         */
+/* Process helpers: fds, signals, capabilities                                */
 /* ------------------------------------------------------------------------- */
+
+/* Block SIGCHLD and the forwarded signals; SET gets that set (for a signalfd). */
+static void block_forwarded_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGCHLD);
+    for (size_t i = 0; i < sizeof forwarded_signals / sizeof forwarded_signals[0]; i++)
+        sigaddset(set, forwarded_signals[i]);
+    sigprocmask(SIG_BLOCK, set, NULL);
+}
 
 static int sys_close_range(unsigned lo, unsigned hi)
 {
@@ -998,14 +1020,14 @@ static void read_last_cap(void)
     char buf[16];
     int fd = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return;   /* keep 63: drop_bounding stops at EINVAL */
+        return; /* keep 63: drop_bounding stops at EINVAL */
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
     if (n > 0) {
         buf[n] = '\0';
-        int v = atoi(buf);
+        long v = strtol(buf, NULL, 10);
         if (v > 0 && v < 64)
-            g_last_cap = v;
+            g_last_cap = (int)v;
     }
 }
 
@@ -1013,10 +1035,10 @@ static void read_last_cap(void)
 /* Init: the mount phase                                                      */
 /* ------------------------------------------------------------------------- */
 
-static int g_rootfd = -1;          /* the new root (overlay), O_PATH */
-static const char *g_scratch;      /* HOSTDIR of `scratch` */
+static int g_rootfd = -1;     /* the new root (overlay), O_PATH */
+static const char *g_scratch; /* HOSTDIR of `scratch` */
 static int g_upper_created;
-static char g_root_path[PATH_MAX + 16];   /* HOSTDIR/root, the overlay mount point */
+static char g_root_path[PATH_MAX + 16]; /* HOSTDIR/root, the overlay mount point */
 
 /* Resolve PATH inside the new root. Symlinks are followed but can never leave
  * the root; magic links (/proc/PID/fd/...) are refused. */
@@ -1024,7 +1046,7 @@ static int root_open(const char *path, int flags, uint64_t resolve)
 {
     struct open_how how;
     memset(&how, 0, sizeof how);
-    how.flags = (uint64_t)(flags | O_CLOEXEC);
+    how.flags = (uint64_t)(unsigned)(flags | O_CLOEXEC);
     how.resolve = resolve;
     int fd;
     do
@@ -1040,7 +1062,7 @@ static int root_target(const char *path)
 
 static const char *fdpath(char *buf, size_t cap, int fd)
 {
-    snprintf(buf, cap, "/proc/self/fd/%d", fd);
+    (void)snprintf(buf, cap, "/proc/self/fd/%d", fd);
     return buf;
 }
 
@@ -1052,7 +1074,7 @@ static int root_parent(const char *path, const char *stage, const char **base)
     const char *slash = strrchr(path, '/');
     size_t n = (size_t)(slash - path);
     if (n == 0)
-        n = 1;   /* parent of "/x" is "/" */
+        n = 1; /* parent of "/x" is "/" */
     memcpy(parent, path, n);
     parent[n] = '\0';
     *base = slash + 1;
@@ -1067,17 +1089,21 @@ static int root_parent(const char *path, const char *stage, const char **base)
  * to weaken nosuid/nodev/noexec by omission). */
 static unsigned long current_mount_flags(int fd)
 {
+    /* statvfs ST_* flag -> the mount flag it reports */
+    static const struct {
+        unsigned long st, ms;
+    } map[] = {
+        { ST_RDONLY, MS_RDONLY },     { ST_NOSUID, MS_NOSUID },   { ST_NODEV, MS_NODEV },
+        { ST_NOEXEC, MS_NOEXEC },     { ST_NOATIME, MS_NOATIME }, { ST_NODIRATIME, MS_NODIRATIME },
+        { ST_RELATIME, MS_RELATIME },
+    };
     struct statvfs sv;
     unsigned long fl = 0;
     if (fstatvfs(fd, &sv) < 0)
         return 0;
-    if (sv.f_flag & ST_RDONLY) fl |= MS_RDONLY;
-    if (sv.f_flag & ST_NOSUID) fl |= MS_NOSUID;
-    if (sv.f_flag & ST_NODEV) fl |= MS_NODEV;
-    if (sv.f_flag & ST_NOEXEC) fl |= MS_NOEXEC;
-    if (sv.f_flag & ST_NOATIME) fl |= MS_NOATIME;
-    if (sv.f_flag & ST_NODIRATIME) fl |= MS_NODIRATIME;
-    if (sv.f_flag & ST_RELATIME) fl |= MS_RELATIME;
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
+        if (sv.f_flag & map[i].st)
+            fl |= map[i].ms;
     return fl;
 }
 
@@ -1102,16 +1128,16 @@ static void do_scratch(struct rec *r)
     const char *stage = stagef("scratch %s", dir);
     if (strcmp(r->f[1], "-") != 0) {
         char data[64];
-        snprintf(data, sizeof data, "size=%s,mode=0700", r->f[1]);
+        (void)snprintf(data, sizeof data, "size=%s,mode=0700", r->f[1]);
         if (mount("tmpfs", dir, "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
             die(EXIT_SETUP, errno, stage, "tmpfs on %s: %s", dir, strerror(errno));
     }
-    snprintf(path, sizeof path, "%s/upper", dir);
+    (void)snprintf(path, sizeof path, "%s/upper", dir);
     if (mkdir(path, 0755) == 0)
         g_upper_created = 1;
     else if (errno != EEXIST)
         die(EXIT_SETUP, errno, stage, "mkdir %s: %s", path, strerror(errno));
-    snprintf(path, sizeof path, "%s/work", dir);
+    (void)snprintf(path, sizeof path, "%s/work", dir);
     if (mkdir(path, 0700) < 0 && errno != EEXIST)
         die(EXIT_SETUP, errno, stage, "mkdir %s: %s", path, strerror(errno));
     g_scratch = dir;
@@ -1125,10 +1151,10 @@ static void do_rootfs(struct rec *r)
     /* a comma would inject overlay options */
     if (strchr(lowers, ',') || strchr(g_scratch, ','))
         die(EXIT_SETUP, EINVAL, stage, "overlay paths must not contain ','");
-    snprintf(upper, sizeof upper, "%s/upper", g_scratch);
-    snprintf(work, sizeof work, "%s/work", g_scratch);
-    snprintf(root, sizeof root, "%s/root", g_scratch);
-    snprintf(g_root_path, sizeof g_root_path, "%s", root);
+    (void)snprintf(upper, sizeof upper, "%s/upper", g_scratch);
+    (void)snprintf(work, sizeof work, "%s/work", g_scratch);
+    (void)snprintf(root, sizeof root, "%s/root", g_scratch);
+    (void)snprintf(g_root_path, sizeof g_root_path, "%s", root);
 
     /* The merged root directory takes its attributes from the upper dir: give a
      * fresh upper dir the mode of the top-most image layer. Its owner stays
@@ -1144,7 +1170,8 @@ static void do_rootfs(struct rec *r)
             top[n] = '\0';
             if (stat(top, &st) == 0) {
                 if (chmod(upper, st.st_mode & 07777) < 0)
-                    die(EXIT_SETUP, errno, stage, "set attributes of %s: %s", upper, strerror(errno));
+                    die(EXIT_SETUP, errno, stage, "set attributes of %s: %s", upper,
+                        strerror(errno));
             }
         }
     }
@@ -1182,7 +1209,7 @@ static void do_mkdir(struct rec *r)
     char prefix[PATH_MAX];
     size_t len = strlen(path);
     if (len == 1)
-        return;   /* "/" exists */
+        return; /* "/" exists */
     /* mkdir -p: walk prefixes "/a", "/a/b", ...; each is resolved from the root
      * (RESOLVE_IN_ROOT), created in its resolved parent when missing. */
     for (size_t i = 1; i <= len; i++) {
@@ -1297,7 +1324,7 @@ static void do_mask(struct rec *r)
 {
     const char *path = r->f[0];
     const char *stage = stagef("mask %s", path);
-    char b[64], bn[64];
+    char b[64];
     struct stat st;
     int fd = root_target(path);
     if (fd < 0) {
@@ -1312,12 +1339,15 @@ static void do_mask(struct rec *r)
                   MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555") < 0)
             die(EXIT_SETUP, errno, stage, "mask %s: %s", path, strerror(errno));
     } else {
+        char bn[64];
         if (g_devnull < 0) {
             g_devnull = open("/dev/null", O_PATH | O_CLOEXEC);
             if (g_devnull < 0)
                 die(EXIT_SETUP, errno, stage, "open host /dev/null: %s", strerror(errno));
         }
-        if (mount(fdpath(bn, sizeof bn, g_devnull), fdpath(b, sizeof b, fd), NULL, MS_BIND, NULL) < 0)
+        fdpath(bn, sizeof bn, g_devnull);
+        fdpath(b, sizeof b, fd);
+        if (mount(bn, b, NULL, MS_BIND, NULL) < 0)
             die(EXIT_SETUP, errno, stage, "mask %s: %s", path, strerror(errno));
         /* not nodev: reads of a masked file must give EOF, not EACCES */
         bind_remount(path, MS_RDONLY | MS_NOSUID | MS_NOEXEC, stage);
@@ -1362,7 +1392,7 @@ static void do_remount(struct rec *r)
     if (fd < 0)
         die(EXIT_SETUP, errno, stage, "target %s: %s", path, strerror(errno));
     /* keep nosuid/nodev/noexec/atime flags the mount already has */
-    unsigned long keep = current_mount_flags(fd) & ~MS_RDONLY;
+    unsigned long keep = current_mount_flags(fd) & ~(unsigned long)MS_RDONLY;
     if (mount(NULL, fdpath(b, sizeof b, fd), NULL, MS_REMOUNT | keep | r->mflags, NULL) < 0)
         die(EXIT_SETUP, errno, stage, "remount %s: %s", path, strerror(errno));
     close(fd);
@@ -1428,14 +1458,13 @@ static void mount_phase(void)
 static const char *env_path(void)
 {
     const char *path = NULL;
-    for (size_t i = 0; i < P.nenv; i++)   /* the last PATH= wins, like a shell */
+    for (size_t i = 0; i < P.nenv; i++) /* the last PATH= wins, like a shell */
         if (strncmp(P.env[i], "PATH=", 5) == 0)
             path = P.env[i] + 5;
     return path ? path : DEFAULT_PATH;
 }
 
-__attribute__((noreturn))
-static void exec_main(int report_fd)
+__attribute__((noreturn)) static void exec_main(int report_fd)
 {
     char *const *argv = P.argv;
     const char *a0 = argv[0];
@@ -1460,6 +1489,7 @@ static void exec_main(int report_fd)
         err = errno;
     } else {
         const char *path = env_path();
+        size_t alen = strlen(a0);
         int seen_eacces = 0;
         char buf[PATH_MAX];
         err = ENOENT;
@@ -1467,10 +1497,11 @@ static void exec_main(int report_fd)
             const char *e = strchr(p, ':');
             size_t dl = e ? (size_t)(e - p) : strlen(p);
             /* empty PATH elements (the current directory) are skipped */
-            if (dl > 0 && dl + 1 + strlen(a0) < sizeof buf) {
+            if (dl > 0 && dl + 1 + alen < sizeof buf) {
+                /* NOLINTNEXTLINE(bugprone-not-null-terminated-result): "/" and A0's NUL follow */
                 memcpy(buf, p, dl);
                 buf[dl] = '/';
-                strcpy(buf + dl + 1, a0);
+                memcpy(buf + dl + 1, a0, alen + 1);
                 execve(buf, argv, P.env);
                 if (errno == EACCES)
                     seen_eacces = 1;
@@ -1491,8 +1522,7 @@ static void exec_main(int report_fd)
     die(EXIT_NOEXEC, err, stage, "command not executable: %s: %s", a0, strerror(err));
 }
 
-__attribute__((noreturn))
-static void main_process(int report_fd)
+__attribute__((noreturn)) static void main_process(int report_fd)
 {
     char cwd[PATH_MAX];
     sigset_t none;
@@ -1504,7 +1534,7 @@ static void main_process(int report_fd)
      * forwarded was blocked; both would be inherited across execve */
     for (int s = 1; s < NSIG; s++)
         if (s != SIGKILL && s != SIGSTOP)
-            signal(s, SIG_DFL);
+            (void)signal(s, SIG_DFL); /* fails only for the signals glibc reserves */
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
 
@@ -1516,7 +1546,8 @@ static void main_process(int report_fd)
         die(EXIT_SETUP, errno, "cwd", "chdir %s: %s", dir, strerror(errno));
     errno = 0;
     if (!getcwd(cwd, sizeof cwd) || cwd[0] != '/')
-        die(EXIT_SETUP, errno ? errno : EXDEV, "cwd", "working directory %s is outside the root", dir);
+        die(EXIT_SETUP, errno ? errno : EXDEV, "cwd", "working directory %s is outside the root",
+            dir);
 
     umask(P.has_umask ? P.umask : 022);
 
@@ -1544,7 +1575,8 @@ static void main_process(int report_fd)
     uint64_t prm = caps_permitted();
     uint64_t keep = P.caps;
     if (keep & ~prm)
-        die(EXIT_SETUP, EPERM, "capabilities", "a kept capability is not available to the executor");
+        die(EXIT_SETUP, EPERM, "capabilities",
+            "a kept capability is not available to the executor");
     if (caps_set(prm, prm, 0) < 0)
         die(EXIT_SETUP, errno, "capabilities", "capset: %s", strerror(errno));
     if (drop_bounding(keep) < 0)
@@ -1554,8 +1586,10 @@ static void main_process(int report_fd)
     if (caps_set(keep, keep, keep) < 0)
         die(EXIT_SETUP, errno, "capabilities", "capset: %s", strerror(errno));
     for (int c = 0; c < 64; c++)
-        if ((keep & (1ULL << c)) && prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, (unsigned long)c, 0, 0) < 0)
-            die(EXIT_SETUP, errno, "capabilities", "raise ambient %s: %s", cap_names[c], strerror(errno));
+        if ((keep & (1ULL << c)) &&
+            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, (unsigned long)c, 0, 0) < 0)
+            die(EXIT_SETUP, errno, "capabilities", "raise ambient %s: %s", cap_names[c],
+                strerror(errno));
     if (prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) < 0)
         die(EXIT_SETUP, errno, "capabilities", "keepcaps: %s", strerror(errno));
 
@@ -1585,7 +1619,9 @@ static char read_byte(int fd)
     do
         n = read(fd, &c, 1);
     while (n < 0 && errno == EINTR);
-    return n == 1 ? c : 0;
+    if (n != 1)
+        return 0;
+    return c;
 }
 
 /* Die with the supervisor: arm PDEATHSIG, then check the supervisor still
@@ -1614,8 +1650,7 @@ static void init_lockdown(void)
     }
 }
 
-__attribute__((noreturn))
-static void init_process(int p2c_r, int c2p_w)
+__attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
 {
     g_role = ROLE_INIT;
     g_report_fd = c2p_w;
@@ -1623,7 +1658,7 @@ static void init_process(int p2c_r, int c2p_w)
 
     /* The supervisor writes 'S' once the id maps exist. Then PDEATHSIG is
      * armed and the supervisor proven alive (see arm_pdeathsig). */
-    if (read_byte(p2c_r) != 'S')   /* EOF: the supervisor is already gone */
+    if (read_byte(p2c_r) != 'S') /* EOF: the supervisor is already gone */
         _exit(EXIT_SETUP);
     arm_pdeathsig(p2c_r);
 
@@ -1632,7 +1667,7 @@ static void init_process(int p2c_r, int c2p_w)
     for (size_t i = 0; i < P.ncgroups; i++) {
         char path[PATH_MAX + 32];
         const char *stage = stagef("cgroup %s", P.cgroups[i]);
-        snprintf(path, sizeof path, "%s/cgroup.procs", P.cgroups[i]);
+        (void)snprintf(path, sizeof path, "%s/cgroup.procs", P.cgroups[i]);
         int fd = open(path, O_WRONLY | O_CLOEXEC);
         if (fd < 0 || write_all(fd, "0", 1) < 0)
             die(EXIT_SETUP, errno, stage, "join %s: %s", path, strerror(errno));
@@ -1655,8 +1690,8 @@ static void init_process(int p2c_r, int c2p_w)
     /* nothing of the owner's fds is needed here */
     int keep[2] = { p2c_r, c2p_w };
     close_fds_except(keep, 2);
-    umask(0);            /* modes in the plan are exact */
-    read_last_cap();     /* needs the host /proc: before pivot */
+    umask(0);        /* modes in the plan are exact */
+    read_last_cap(); /* needs the host /proc: before pivot */
 
     /* Make every mount private before touching anything, so that nothing we
      * mount can ever propagate back to the host. */
@@ -1669,7 +1704,7 @@ static void init_process(int p2c_r, int c2p_w)
     mount_phase();
 
     if (P.sync_net && read_byte(p2c_r) != 'G')
-        _exit(EXIT_SETUP);   /* supervisor gone; PDEATHSIG is on its way */
+        _exit(EXIT_SETUP); /* supervisor gone; PDEATHSIG is on its way */
 
     int rep[2];
     if (pipe2(rep, O_CLOEXEC) < 0)
@@ -1712,7 +1747,7 @@ static void init_process(int p2c_r, int c2p_w)
         setup_failed = 1;
     } else if (rbuf[0] == 'T') {
         char line[64];
-        snprintf(line, sizeof line, "exec %lld\n", atoll(rbuf + 1));
+        (void)snprintf(line, sizeof line, "exec %lld\n", strtoll(rbuf + 1, NULL, 10));
         init_report(line);
     }
     /* init keeps no terminal or pipe of the owner open */
@@ -1723,11 +1758,7 @@ static void init_process(int p2c_r, int c2p_w)
     /* Reap and forward until the main process ends. Everything is still
      * blocked (inherited from the supervisor), so signalfd sees it all. */
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    for (size_t i = 0; i < sizeof forwarded_signals / sizeof forwarded_signals[0]; i++)
-        sigaddset(&set, forwarded_signals[i]);
-    sigprocmask(SIG_BLOCK, &set, NULL);
+    block_forwarded_signals(&set);
     int sfd = signalfd(-1, &set, SFD_CLOEXEC);
     int main_status = 0, main_done = 0;
     while (!main_done) {
@@ -1768,10 +1799,10 @@ static void init_process(int p2c_r, int c2p_w)
     char line[64];
     int code;
     if (WIFSIGNALED(main_status)) {
-        snprintf(line, sizeof line, "exit signal %d\n", WTERMSIG(main_status));
+        (void)snprintf(line, sizeof line, "exit signal %d\n", WTERMSIG(main_status));
         code = 128 + WTERMSIG(main_status);
     } else {
-        snprintf(line, sizeof line, "exit code %d\n", WEXITSTATUS(main_status));
+        (void)snprintf(line, sizeof line, "exit code %d\n", WEXITSTATUS(main_status));
         code = WEXITSTATUS(main_status);
     }
     init_report(line);
@@ -1785,7 +1816,7 @@ static void init_process(int p2c_r, int c2p_w)
 static void write_map(pid_t pid, const char *file, const char *data, size_t len)
 {
     char path[64];
-    snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, file);
+    (void)snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, file);
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     /* the kernel wants the whole map in a single write */
     if (fd < 0 || write(fd, data, len) != (ssize_t)len)
@@ -1829,8 +1860,7 @@ static int relay_init_line(char *line, char *exit_line, size_t exit_cap)
 
 static void usage(void)
 {
-    die(EXIT_SETUP, EINVAL, "usage",
-        "usage: sk-runtime [--status-fd N] [--control-fd N] PLANFILE");
+    die(EXIT_SETUP, EINVAL, "usage", "usage: sk-runtime [--status-fd N] [--control-fd N] PLANFILE");
 }
 
 static int parse_fd_arg(const char *s)
@@ -1850,7 +1880,7 @@ int main(int argc, char **argv)
 
     clock_gettime(CLOCK_MONOTONIC, &g_t0);
     /* a vanished status reader must not kill us: writes just fail */
-    signal(SIGPIPE, SIG_IGN);
+    (void)signal(SIGPIPE, SIG_IGN);
 
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--status-fd") == 0 && i + 1 < argc) {
@@ -1881,11 +1911,7 @@ int main(int argc, char **argv)
     /* Block the forwarded signals (and SIGCHLD) before cloning: init inherits
      * the mask, so nothing is lost between clone and its signalfd. */
     sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    for (size_t i = 0; i < sizeof forwarded_signals / sizeof forwarded_signals[0]; i++)
-        sigaddset(&set, forwarded_signals[i]);
-    sigprocmask(SIG_BLOCK, &set, NULL);
+    block_forwarded_signals(&set);
 
     int p2c[2], c2p[2];
     if (pipe2(p2c, O_CLOEXEC) < 0 || pipe2(c2p, O_CLOEXEC) < 0)
@@ -1893,7 +1919,8 @@ int main(int argc, char **argv)
 
     /* A raw clone behaves like fork() here (no new stack): the child gets a
      * copy of our memory, including the parsed plan. */
-    pid_t pid = (pid_t)syscall(SYS_clone, (unsigned long)P.clone_flags | SIGCHLD, NULL, NULL, NULL, 0);
+    pid_t pid =
+        (pid_t)syscall(SYS_clone, (unsigned long)P.clone_flags | SIGCHLD, NULL, NULL, NULL, 0);
     if (pid < 0)
         die(EXIT_SETUP, errno, "clone", "clone: %s", strerror(errno));
     if (pid == 0) {
@@ -1906,7 +1933,7 @@ int main(int argc, char **argv)
     close(c2p[1]);
 
     char line[LINE_MAX_OUT];
-    snprintf(line, sizeof line, "child %d\n", (int)pid);
+    (void)snprintf(line, sizeof line, "child %d\n", (int)pid);
     status_line(line);
 
     if (P.uidmap_len)
@@ -1918,7 +1945,7 @@ int main(int argc, char **argv)
     if (P.sync_net) {
         /* the namespaces exist now; init does the mounts while the owner
          * configures the network, and waits for `go` only before the fork */
-        snprintf(line, sizeof line, "netns %d\n", (int)pid);
+        (void)snprintf(line, sizeof line, "netns %d\n", (int)pid);
         status_line(line);
     }
 
@@ -1981,7 +2008,7 @@ int main(int argc, char **argv)
                     ilen -= used;
                 }
                 if (ilen == sizeof ibuf - 1)
-                    ilen = 0;   /* oversized line from init: drop it */
+                    ilen = 0; /* oversized line from init: drop it */
             }
         }
 
@@ -2011,7 +2038,7 @@ int main(int argc, char **argv)
                 clen -= used;
             }
             if (clen == sizeof cbuf) {
-                clen = 0;       /* overlong line: ignore it up to its newline */
+                clen = 0; /* overlong line: ignore it up to its newline */
                 cdiscard = 1;
             }
         }
@@ -2019,18 +2046,19 @@ int main(int argc, char **argv)
 
     if (exit_line[0]) {
         status_line(exit_line);
-        int v = atoi(exit_line + (exit_line[5] == 'c' ? 10 : 12));
+        int v = (int)strtol(exit_line + (exit_line[5] == 'c' ? 10 : 12), NULL, 10);
         exit(exit_line[5] == 'c' ? v : 128 + v);
     }
     if (got_error)
-        exit(WIFEXITED(init_status) && WEXITSTATUS(init_status) ? WEXITSTATUS(init_status) : EXIT_SETUP);
+        exit(WIFEXITED(init_status) && WEXITSTATUS(init_status) ? WEXITSTATUS(init_status)
+                                                                : EXIT_SETUP);
     /* init died without reporting */
     if (WIFSIGNALED(init_status)) {
-        snprintf(line, sizeof line, "exit signal %d\n", WTERMSIG(init_status));
+        (void)snprintf(line, sizeof line, "exit signal %d\n", WTERMSIG(init_status));
         status_line(line);
         exit(128 + WTERMSIG(init_status));
     }
-    snprintf(line, sizeof line, "exit code %d\n", WEXITSTATUS(init_status));
+    (void)snprintf(line, sizeof line, "exit code %d\n", WEXITSTATUS(init_status));
     status_line(line);
     exit(WEXITSTATUS(init_status));
 }
