@@ -50,6 +50,7 @@ from .labels import (
 from .recipe import (
     DEFAULT_PATH,
     RECIPE_FILE,
+    BaseSpec,
     PythonSpec,
     Recipe,
     hash_tree,
@@ -130,42 +131,55 @@ def resolve_target(target: str) -> Path:
 # Host facts
 
 
+def _list_uris(text: str) -> list[str]:
+    """The URIs of the ``deb`` lines of a one-line-style sources file (``*.list``)."""
+    uris = []
+    for line in text.splitlines():
+        parts = line.split("#", 1)[0].split()
+        if parts and parts[0] == "deb":
+            rest = [p for p in parts[1:] if not p.startswith("[")]
+            if rest:
+                uris.append(rest[0])
+    return uris
+
+
+def _sources_uris(text: str) -> list[str]:
+    """The URIs of the enabled ``deb`` stanzas of a deb822-style file (``*.sources``)."""
+    uris: list[str] = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line.startswith("#") or ":" not in line:
+                continue
+            k, _, v = line.partition(":")
+            fields[k.strip().lower()] = v.strip()
+        enabled = fields.get("enabled", "yes").lower() != "no"
+        if "deb" in fields.get("types", "").split() and enabled:
+            uris += fields.get("uris", "").split()
+    return uris
+
+
 def host_debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     """The Debian mirror of the host's apt configuration (first non-security ``deb`` source);
-    ``$SANDBOX_KERNEL_DEBIAN_MIRROR`` overrides. Empty when none is found."""
+    ``$SANDBOX_KERNEL_DEBIAN_MIRROR`` overrides. Empty when none is found. Called by the base
+    step when the recipe names no mirror."""
     env = os.environ.get(MIRROR_ENV, "").strip()
     if env:
         return env
-    uris: list[str] = []
     files = [apt_dir / "sources.list"]
     d = apt_dir / "sources.list.d"
     if d.is_dir():
         files += sorted(d.iterdir())
+    uris: list[str] = []
     for f in files:
         try:
             text = f.read_text(encoding="utf-8", errors="replace")
         except OSError:
             continue
         if f.name.endswith(".list"):
-            for line in text.splitlines():
-                parts = line.split("#", 1)[0].split()
-                if parts and parts[0] == "deb":
-                    rest = [p for p in parts[1:] if not p.startswith("[")]
-                    if rest:
-                        uris.append(rest[0])
+            uris += _list_uris(text)
         elif f.name.endswith(".sources"):
-            for stanza in re.split(r"\n\s*\n", text):
-                fields: dict[str, str] = {}
-                for line in stanza.splitlines():
-                    if line.startswith("#") or ":" not in line:
-                        continue
-                    k, _, v = line.partition(":")
-                    fields[k.strip().lower()] = v.strip()
-                if (
-                    "deb" in fields.get("types", "").split()
-                    and fields.get("enabled", "yes").lower() != "no"
-                ):
-                    uris += fields.get("uris", "").split()
+            uris += _sources_uris(text)
     for uri in uris:
         if "security" not in uri and re.search(r"/debian/?$", uri):
             return uri
@@ -198,6 +212,53 @@ def _ensure_mmdebstrap(recipe: Recipe) -> str:
         f"recipe {recipe.path}: step base: mmdebstrap is not installed; install it "
         "as root with `apt-get install mmdebstrap`"
     )
+
+
+def _mmdebstrap_command(exe: str, b: BaseSpec, out: Path, mirror: str) -> list[str]:
+    """The mmdebstrap command line of a recipe's ``[base]``."""
+    cmd = [
+        exe,
+        f"--variant={b.variant}",
+        "--mode=root",
+        "--quiet",
+        f"--components={','.join(b.components)}",
+    ]
+    if b.include:
+        cmd.append("--include=" + ",".join(b.include))
+    cmd += [f"--dpkgopt=path-exclude={glob}" for glob in b.exclude]
+    cmd += [f"--dpkgopt=path-include={glob}" for glob in b.keep]
+    return [*cmd, b.suite, str(out), mirror]
+
+
+def _empty_dir(p: Path, mode: int) -> None:
+    """``p`` as an empty real directory with ``mode`` (a symlink or file there is replaced)."""
+    if p.is_dir() and not p.is_symlink():
+        for child in p.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+        p.mkdir()
+    os.chmod(p, mode)
+
+
+def _tidy_base(out: Path) -> None:
+    """After mmdebstrap: what the runtime provides (/dev, /proc, /sys, /tmp, the hostname
+    and resolver files) is left empty, and apt's downloaded lists and packages go."""
+    for d in ("dev", "proc", "sys", "tmp"):
+        _empty_dir(out / d, 0o1777 if d == "tmp" else 0o755)
+    for f in ("etc/hostname", "etc/resolv.conf"):
+        p = out / f
+        if p.is_symlink():
+            p.unlink()
+        p.write_text("")
+    for d in ("var/lib/apt/lists", "var/cache/apt/archives"):
+        for child in (out / d).glob("*"):
+            if child.is_file() and child.name != "lock":
+                child.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,6 +487,7 @@ class _Builder:
 
     # -- steps --------------------------------------------------------------------------------
     def run_base(self, recipe: Recipe, out: Path) -> None:
+        """The base step: mmdebstrap the recipe's Debian suite into ``out``, then tidy it."""
         assert recipe.base is not None
         _require_root(recipe, "base")
         b = recipe.base
@@ -436,21 +498,7 @@ class _Builder:
                 f"host's apt sources; set base.mirror in the recipe or "
                 f"{MIRROR_ENV}=http://deb.debian.org/debian"
             )
-        exe = _ensure_mmdebstrap(recipe)
-        cmd = [
-            exe,
-            f"--variant={b.variant}",
-            "--mode=root",
-            "--quiet",
-            f"--components={','.join(b.components)}",
-        ]
-        if b.include:
-            cmd.append("--include=" + ",".join(b.include))
-        for glob in b.exclude:
-            cmd.append(f"--dpkgopt=path-exclude={glob}")
-        for glob in b.keep:
-            cmd.append(f"--dpkgopt=path-include={glob}")
-        cmd += [b.suite, str(out), mirror]
+        cmd = _mmdebstrap_command(_ensure_mmdebstrap(recipe), b, out, mirror)
         proc = subprocess.run(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
         )
@@ -462,29 +510,7 @@ class _Builder:
                 f"is served by the mirror and base.include ({', '.join(b.include)}) names "
                 f"packages of that suite; set base.mirror or {MIRROR_ENV} for another mirror"
             )
-        # The runtime provides /dev, /proc, /sys, /tmp, /etc/hosts and /etc/resolv.conf.
-        for d in ("dev", "proc", "sys", "tmp"):
-            p = out / d
-            if p.is_dir() and not p.is_symlink():
-                for child in p.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-                p.mkdir()
-            os.chmod(p, 0o1777 if d == "tmp" else 0o755)
-        for f in ("etc/hostname", "etc/resolv.conf"):
-            p = out / f
-            if p.is_symlink():
-                p.unlink()
-            p.write_text("")
-        for d in ("var/lib/apt/lists", "var/cache/apt/archives"):
-            for child in (out / d).glob("*"):
-                if child.is_file() and child.name != "lock":
-                    child.unlink()
+        _tidy_base(out)
 
     def run_pip(self, recipe: Recipe, py: PythonSpec, lowers: Sequence[str], out: Path) -> str:
         assert recipe.pip is not None
@@ -573,112 +599,108 @@ class _Builder:
 
     # -- whole build --------------------------------------------------------------------------
     def build(self, recipe: Recipe, tag: str | None) -> Image:
-        parent: Image | None = None
-        parent_cfg = ImageConfig()
-        if recipe.from_image:
-            parent = self.parent_image(recipe)
-            parent_cfg = parent.config
-        parent_labels = dict(parent_cfg.labels)
-        py = recipe.python or _python_from_labels(parent_labels)
-        if recipe.python is None and py is not None and recipe.from_image:
-            py = replace(py, compile=None, compile_enabled=True)
-        if recipe.pip is not None and py is None:
-            raise BuildError(
-                f"recipe {recipe.path}: pip: the image {recipe.from_image!r} does not "
-                "say which Python it has; add a [python] section (executable, "
-                "version, site_dir)"
-            )
-        if recipe.pip is not None and py is not None and (not py.site_dir or not py.abi):
-            raise BuildError(
-                f"recipe {recipe.path}: python: site_dir and abi are needed to "
-                "install pip packages; add them to the [python] section"
-            )
-
+        """Build ``recipe`` (its parent first when missing) and write the image as ``tag``
+        (default: the recipe's). Called by ``build_image`` and for a missing parent."""
+        parent = self.parent_image(recipe) if recipe.from_image else None
+        parent_cfg = parent.config if parent is not None else ImageConfig()
+        py = _image_python(recipe, dict(parent_cfg.labels))
         steps = plan_steps(recipe, py)
         total = len(steps) + 1
         layers: list[Layer] = list(parent.layers) if parent is not None else []
-        history: list[str] = (
-            [f"from {parent.name}:{parent.tag}" for _ in layers] if parent is not None else []
-        )
+        history = [f"from {parent.name}:{parent.tag}" for _ in layers] if parent else []
         self.tmp_root.mkdir(parents=True, exist_ok=True)
         for n, step in enumerate(steps, 1):
-            t0 = time.monotonic()
-            chain = tuple(layer.digest for layer in layers)
-            key = step_cache_key(chain, step.definition, step.content_hash)
-            cached = self.store.layer_cache_get(key) if self.use_cache else None
-            if cached is not None:
-                ensure = getattr(self.store, "ensure_snapshot", None)
-                if ensure is not None:
-                    ensure(cached)
-                layers.append(cached)
-                history.append(f"{step.kind}: {step.what}")
-                self.say(
-                    f"[{n}/{total}] {step.kind}: {step.what}, {_mb(cached.size)} packed, "
-                    f"{time.monotonic() - t0:.1f} s, cached"
-                )
-                continue
-            scratch = Path(
-                tempfile.mkdtemp(prefix=f"{recipe.name}-{step.kind}-", dir=self.tmp_root)
-            )
-            out = scratch / "layer"
-            try:
-                lowers = [layer.snapshot.as_posix() for layer in reversed(layers)]
-                note = ""
-                if step.kind == "base":
-                    self.run_base(recipe, out)
-                elif step.kind == "pip":
-                    assert py is not None
-                    note = self.run_pip(recipe, py, lowers, out)
-                elif step.kind == "files":
-                    self.run_files(recipe, out)
-                elif step.kind == "compile":
-                    assert py is not None
-                    note = self.run_compile(recipe, py, lowers, out)
-                size, count = _tree_size(out)
-                layer = self.store.add_layer_from_dir(out)
-                self.store.layer_cache_put(key, layer)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+            layer, line = self.layer_step(recipe, py, step, layers, f"[{n}/{total}]")
             layers.append(layer)
-            history.append(f"{step.kind}: {step.what}" + (f" ({note})" if note else ""))
-            self.say(
-                f"[{n}/{total}] {step.kind}: {step.what}"
-                + (f" ({note})" if note else "")
-                + f", {count} files, {_mb(size)} ({_mb(layer.size)} packed), "
-                f"{time.monotonic() - t0:.1f} s"
-            )
-
+            history.append(line)
         if not layers:
             raise BuildError(
                 f"recipe {recipe.path}: the image has no layers; add a [base] "
                 'section or from = "<image>"'
             )
-        # config
+        return self.write_config(recipe, tag, py, parent, layers, history, total)
+
+    def layer_step(
+        self,
+        recipe: Recipe,
+        py: PythonSpec | None,
+        step: _Step,
+        layers: list[Layer],
+        counter: str,
+    ) -> tuple[Layer, str]:
+        """One layer step over ``layers``: the cached layer for its key, or the step run into
+        a scratch dir and stored. Returns the layer and its history line; says the progress
+        line (``counter``: ``[n/total]``)."""
         t0 = time.monotonic()
+        chain = tuple(layer.digest for layer in layers)
+        key = step_cache_key(chain, step.definition, step.content_hash)
+        cached = self.store.layer_cache_get(key) if self.use_cache else None
+        if cached is not None:
+            ensure = getattr(self.store, "ensure_snapshot", None)
+            if ensure is not None:
+                ensure(cached)
+            self.say(
+                f"{counter} {step.kind}: {step.what}, {_mb(cached.size)} packed, "
+                f"{time.monotonic() - t0:.1f} s, cached"
+            )
+            return cached, f"{step.kind}: {step.what}"
+        scratch = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-{step.kind}-", dir=self.tmp_root))
+        out = scratch / "layer"
+        try:
+            lowers = [layer.snapshot.as_posix() for layer in reversed(layers)]
+            note = self.run_step(recipe, py, step, lowers, out)
+            size, count = _tree_size(out)
+            layer = self.store.add_layer_from_dir(out)
+            self.store.layer_cache_put(key, layer)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        line = f"{step.kind}: {step.what}" + (f" ({note})" if note else "")
+        self.say(
+            f"{counter} {line}, {count} files, {_mb(size)} ({_mb(layer.size)} packed), "
+            f"{time.monotonic() - t0:.1f} s"
+        )
+        return layer, line
+
+    def run_step(
+        self, recipe: Recipe, py: PythonSpec | None, step: _Step, lowers: list[str], out: Path
+    ) -> str:
+        """Run one step's work into ``out``; return a note for the progress line."""
+        if step.kind == "base":
+            self.run_base(recipe, out)
+            return ""
+        if step.kind == "files":
+            self.run_files(recipe, out)
+            return ""
+        assert py is not None
+        if step.kind == "pip":
+            return self.run_pip(recipe, py, lowers, out)
+        return self.run_compile(recipe, py, lowers, out)
+
+    def write_config(
+        self,
+        recipe: Recipe,
+        tag: str | None,
+        py: PythonSpec | None,
+        parent: Image | None,
+        layers: list[Layer],
+        history: list[str],
+        total: int,
+    ) -> Image:
+        """The config step: environment, labels and command over the parent's; writes the
+        image to the store."""
+        t0 = time.monotonic()
+        parent_cfg = parent.config if parent is not None else ImageConfig()
         env = dict(parent_cfg.env) if parent is not None else dict(BASE_ENV)
         env.update(recipe.env)
-        labels = dict(parent_labels)
-        if recipe.python is not None:
-            labels.update(recipe.python.labels())
-        if recipe.kernel is not None:
-            labels.update(recipe.kernel.labels())
-        labels.update(recipe.labels)
-        if recipe.description:
-            labels["org.opencontainers.image.description"] = recipe.description
-        labels["org.opencontainers.image.title"] = recipe.name
-        history.append(
-            f"config: {len(env)} env, {len(labels)} labels"
-            + (
-                f", kernel {' '.join(json.loads(labels[LABEL_ARGV]))}"
-                if LABEL_ARGV in labels
-                else ""
-            )
+        labels = _image_labels(recipe, dict(parent_cfg.labels))
+        kernel = (
+            f", kernel {' '.join(json.loads(labels[LABEL_ARGV]))}" if LABEL_ARGV in labels else ""
         )
-        cmd = parent_cfg.cmd or ((py.executable,) if py is not None else ())
+        history.append(f"config: {len(env)} env, {len(labels)} labels{kernel}")
         config = ImageConfig(
             env=tuple(sorted(env.items())),
             entrypoint=parent_cfg.entrypoint,
-            cmd=cmd,
+            cmd=parent_cfg.cmd or ((py.executable,) if py is not None else ()),
             working_dir=parent_cfg.working_dir or "/",
             user=parent_cfg.user,
             labels=tuple(sorted(labels.items())),
@@ -693,6 +715,40 @@ class _Builder:
             f"{image.digest[:19]} {_mb(image.size)}"
         )
         return image
+
+
+def _image_python(recipe: Recipe, parent_labels: Mapping[str, str]) -> PythonSpec | None:
+    """The image's interpreter: the recipe's ``[python]``, else the parent's labels (whose
+    compile list is the parent's own, so it is dropped)."""
+    py = recipe.python or _python_from_labels(parent_labels)
+    if recipe.python is None and py is not None and recipe.from_image:
+        py = replace(py, compile=None, compile_enabled=True)
+    if recipe.pip is not None and py is None:
+        raise BuildError(
+            f"recipe {recipe.path}: pip: the image {recipe.from_image!r} does not "
+            "say which Python it has; add a [python] section (executable, "
+            "version, site_dir)"
+        )
+    if recipe.pip is not None and py is not None and (not py.site_dir or not py.abi):
+        raise BuildError(
+            f"recipe {recipe.path}: python: site_dir and abi are needed to "
+            "install pip packages; add them to the [python] section"
+        )
+    return py
+
+
+def _image_labels(recipe: Recipe, parent_labels: dict[str, str]) -> dict[str, str]:
+    """The image's labels: the parent's, then the recipe's python, kernel and own labels."""
+    labels = dict(parent_labels)
+    if recipe.python is not None:
+        labels.update(recipe.python.labels())
+    if recipe.kernel is not None:
+        labels.update(recipe.kernel.labels())
+    labels.update(recipe.labels)
+    if recipe.description:
+        labels["org.opencontainers.image.description"] = recipe.description
+    labels["org.opencontainers.image.title"] = recipe.name
+    return labels
 
 
 def build_image(

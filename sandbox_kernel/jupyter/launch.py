@@ -164,21 +164,26 @@ def kernel_env(
     return env
 
 
+@dataclass(frozen=True)
+class KernelStart:
+    """What one kernel start is made of, once the settings are valid and the image found."""
+
+    container_id: str
+    kernelspec: str  # its name, kept in the container's labels
+    settings: KernelSettings
+    image: KernelImage
+    workdir: str  # the notebook's folder, mounted at the same path
+    paths: ConnectionPaths
+
+
 def kernel_spec(
-    container_id: str,
-    settings: KernelSettings,
-    image: KernelImage,
-    argv: Sequence[str],
-    env: Mapping[str, str],
-    *,
-    workdir: str,
-    paths: ConnectionPaths,
-    magics: bool,
-    kernelspec: str,
+    start: KernelStart, argv: Sequence[str], env: Mapping[str, str], *, magics: bool
 ) -> ContainerSpec:
     """The kernel's container: the notebook folder read-write at the same path (and the
     working directory), the connection folder, the admin-approved extra mounts, and the
     magics read-only."""
+    settings, image, workdir, paths = start.settings, start.image, start.workdir, start.paths
+    container_id = start.container_id
     mounts: list[Bind] = [
         Bind(source=workdir, target=workdir, readonly=False),
         Bind(source=str(paths.conn_dir), target=str(paths.conn_dir), readonly=False),
@@ -203,5 +208,5 @@ def kernel_spec(
         network=settings.network,
         image=image.ref,
         image_digest=image.digest,
-        labels=((LABEL_KERNELSPEC, kernelspec),),
+        labels=((LABEL_KERNELSPEC, start.kernelspec),),
     )

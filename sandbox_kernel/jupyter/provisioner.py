@@ -233,17 +233,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             magics=magics,
             context=self._context,
         )
-        spec = launch.kernel_spec(
-            self.container_id,
-            settings,
-            image,
-            argv,
-            env,
-            workdir=workdir,
-            paths=paths,
-            magics=magics,
-            kernelspec=self.kernelspec_name,
+        start = launch.KernelStart(
+            self.container_id, self.kernelspec_name, settings, image, workdir, paths
         )
+        spec = launch.kernel_spec(start, argv, env, magics=magics)
         container = await asyncio.to_thread(self._create_container, spec, workdir, paths)
         self._started(container, settings, workdir, image.digest)
         try:

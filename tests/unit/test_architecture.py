@@ -172,6 +172,34 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def _third_party_problem(layer: str, top: str, where: str) -> str | None:
+    if layer in OS_LAYERS and top in JUPYTER_PACKAGES:
+        return f"{where}: the {layer} layer never imports Jupyter"
+    return None
+
+
+def _magics_problem(top: str, where: str) -> str | None:
+    if top == PKG:
+        return f"{where}: magics/ runs alone in kernels; no package imports"
+    if top not in MAGICS_ALLOWED and top not in sys.stdlib_module_names:
+        return f"{where}: magics/ may import the standard library only"
+    return None
+
+
+def _package_problem(layer: str, target: str | None, where: str) -> str | None:
+    if layer == FACE:
+        return f"{where}: the package's __init__ imports nothing"
+    if target == FACE:
+        return f"{where}: import the module itself, not the package face"
+    if target in APART:
+        return f"{where}: magics/ is not importable from the package"
+    if target == "?" or target is None:
+        return None  # reported for the module itself
+    if _rank(target) > _rank(layer):
+        return f"{where}: {layer} may not import the {target} layer above it"
+    return None
+
+
 def check_layers(root: Path) -> list[str]:
     """Every violation of the layer rules in the package at ``root``, one line each."""
     files = sorted(root.rglob("*.py"))
@@ -182,36 +210,22 @@ def check_layers(root: Path) -> list[str]:
         module = module_name(path, root)
         layer = layer_of(module)
         rel = path.relative_to(root)
-        if layer == "?":
+        if layer == "?" or layer is None:
             problems.append(f"{rel}: not in any layer; move it into a layer's folder")
             continue
         for edge in imports_of(path, root, known):
             top = edge.dst.split(".")[0]
             where = f"{rel}:{edge.line} imports {edge.dst}"
             if layer == "magics":
-                if top == PKG:
-                    problems.append(f"{where}: magics/ runs alone in kernels; no package imports")
-                elif top not in MAGICS_ALLOWED and top not in sys.stdlib_module_names:
-                    problems.append(f"{where}: magics/ may import the standard library only")
-                continue
-            if top != PKG:
-                if layer in OS_LAYERS and top in JUPYTER_PACKAGES:
-                    problems.append(f"{where}: the {layer} layer never imports Jupyter")
-                continue
-            target = layer_of(edge.dst)
-            graph.setdefault(module, set()).add(edge.dst)
-            if layer == FACE:
-                problems.append(f"{where}: the package's __init__ imports nothing")
-            elif target == FACE:
-                problems.append(f"{where}: import the module itself, not the package face")
-            elif target in APART:
-                problems.append(f"{where}: magics/ is not importable from the package")
-            elif target == "?" or target is None:
-                continue  # reported for the module itself
-            elif _rank(target) > _rank(layer):
-                problems.append(f"{where}: {layer} may not import the {target} layer above it")
-    for comp in _cycles(graph):
-        problems.append("import cycle: " + " -> ".join(comp))
+                problem = _magics_problem(top, where)
+            elif top != PKG:
+                problem = _third_party_problem(layer, top, where)
+            else:
+                graph.setdefault(module, set()).add(edge.dst)
+                problem = _package_problem(layer, layer_of(edge.dst), where)
+            if problem:
+                problems.append(problem)
+    problems += ["import cycle: " + " -> ".join(comp) for comp in _cycles(graph)]
     return problems
 
 

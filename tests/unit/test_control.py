@@ -110,7 +110,7 @@ async def test_server_answers_and_survives_hostile_requests(server_path):
 
 
 async def test_slow_client_is_cut_off(server_path, monkeypatch):
-    import sandbox_kernel.jupyter.control as control
+    from sandbox_kernel.jupyter import control
 
     monkeypatch.setattr(control, "READ_TIMEOUT_S", 0.2)
 
@@ -148,7 +148,7 @@ async def test_get_takes_no_arguments_and_cannot_name_another_kernel(server_path
 
 
 def test_rate_limit_refills_after_a_flood(monkeypatch):
-    import sandbox_kernel.jupyter.control as control
+    from sandbox_kernel.jupyter import control
 
     now = [1000.0]
     monkeypatch.setattr(control.time, "monotonic", lambda: now[0])
@@ -161,7 +161,7 @@ def test_rate_limit_refills_after_a_flood(monkeypatch):
 
 
 async def test_too_many_connections_get_an_answer(server_path, monkeypatch):
-    import sandbox_kernel.jupyter.control as control
+    from sandbox_kernel.jupyter import control
 
     monkeypatch.setattr(control, "MAX_CONNECTIONS", 1)
     gate = asyncio.Event()

@@ -1037,6 +1037,7 @@ static void read_last_cap(void)
 
 static int g_rootfd = -1;     /* the new root (overlay), O_PATH */
 static const char *g_scratch; /* HOSTDIR of `scratch` */
+static int g_scratch_kept;    /* `scratch HOSTDIR -`: the upper dir is kept as a layer */
 static int g_upper_created;
 static char g_root_path[PATH_MAX + 16]; /* HOSTDIR/root, the overlay mount point */
 
@@ -1141,6 +1142,7 @@ static void do_scratch(struct rec *r)
     if (mkdir(path, 0700) < 0 && errno != EEXIST)
         die(EXIT_SETUP, errno, stage, "mkdir %s: %s", path, strerror(errno));
     g_scratch = dir;
+    g_scratch_kept = strcmp(r->f[1], "-") == 0;
 }
 
 static void do_rootfs(struct rec *r)
@@ -1177,7 +1179,12 @@ static void do_rootfs(struct rec *r)
     }
     if (mkdir(root, 0755) < 0 && errno != EEXIST)
         die(EXIT_SETUP, errno, stage, "mkdir %s: %s", root, strerror(errno));
-    int n = snprintf(data, sizeof data, "lowerdir=%s,upperdir=%s,workdir=%s", lowers, upper, work);
+    /* A kept upper dir becomes an image layer: it must hold plain files and whiteouts only,
+     * none of the overlay features that store state in xattrs (whatever the host's module
+     * defaults are). */
+    const char *plain = g_scratch_kept ? ",index=off,metacopy=off,redirect_dir=off" : "";
+    int n = snprintf(data, sizeof data, "lowerdir=%s,upperdir=%s,workdir=%s%s", lowers, upper, work,
+                     plain);
     if (n < 0 || (size_t)n >= sizeof data)
         die(EXIT_SETUP, E2BIG, stage, "overlay options longer than %zu bytes", sizeof data - 1);
     /* nodev: device nodes shipped inside an image never work; /dev is built
