@@ -274,7 +274,37 @@ class _Extractor:
             os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
 
     def entry(self, tr: TarReader, m: TarMember) -> None:
-        """Apply member ``m`` (its data read from ``tr``); called for each member in order."""
+        """Apply member ``m`` (its data read from ``tr``); called by ``extract_tar_stream`` for
+        each member in order. The entry count and the name are checked before anything is
+        created; a skipped type creates nothing, not even its parent directories."""
+        self._count_entry()
+        comps = split_member_name(m.name)
+        self._drop_xattrs(m)
+        if not comps:
+            if m.isdir():
+                self._attrs_fd(self.root_fd, m)
+            return
+        if comps[-1].startswith(WH_PREFIX):
+            self._whiteout(comps, m)
+            return
+        if m.type not in _HANDLED:
+            self._skip(m)
+            return
+        pfd = self._parent_fd(comps[:-1])
+        if m.isdir():
+            self._directory(pfd, comps, m)
+        elif m.isreg():
+            self._regular(tr, pfd, comps, m)
+        elif m.type == T_SYM:
+            self._symlink(pfd, comps, m)
+        elif m.type == T_LINK:
+            self._hard_link(pfd, comps, m)
+        else:  # pragma: no cover - _HANDLED covers the rest
+            raise AssertionError(m.type)
+
+    def _count_entry(self) -> None:
+        """Count one more member; UnsafeArchiveError past ``max_entries`` (entry flood).
+        Called by ``entry`` first, for every member."""
         rep = self.report
         rep.entries += 1
         if rep.entries > self.limits.max_entries:
@@ -282,107 +312,130 @@ class _Extractor:
                 f"{self.what}: more than {self.limits.max_entries} tar entries (entry flood); "
                 "raise the extraction limits if this is a real layer"
             )
-        comps = split_member_name(m.name)
+
+    def _drop_xattrs(self, m: TarMember) -> None:
+        """Record the xattrs of ``m`` as dropped (none is ever applied). Called by ``entry``
+        for every member once its name is checked."""
+        rep = self.report
         for x in m.xattrs:
             rep.dropped_xattr_count += 1
             if len(rep.dropped_xattrs) < MAX_REPORTED:
                 rep.dropped_xattrs.append(f"{m.name}: {x}")
-        if not comps:
-            if m.isdir():
-                self._attrs_fd(self.root_fd, m)
-            return
+
+    def _skip(self, m: TarMember) -> None:
+        """Record and log member ``m`` of a type never created (device nodes, fifos, unknown
+        types). Called by ``entry`` before any parent directory of ``m`` is created."""
+        rep = self.report
+        kind = _KINDS.get(m.type, f"unsupported entry type {m.type!r}")
+        if len(rep.skipped) < MAX_REPORTED:
+            rep.skipped.append(f"{m.name} ({kind})")
+        log.warning("%s: skipped %s %s (not created)", self.what, kind, m.name)
+
+    def _directory(self, pfd: int, comps: tuple[str, ...], m: TarMember) -> None:
+        """Create (or keep) directory ``comps`` in ``pfd`` with the owner and mode of ``m``;
+        a non-directory there is removed first, and a directory replacing a whiteout of this
+        layer is made opaque. Its mtime is set by ``finish``. Called by ``entry``."""
         base = comps[-1]
-        parent = comps[:-1]
-        if base.startswith(WH_PREFIX):
-            self._whiteout(comps, m)
-            return
-        if m.type not in _HANDLED:
-            kind = _KINDS.get(m.type, f"unsupported entry type {m.type!r}")
-            if len(rep.skipped) < MAX_REPORTED:
-                rep.skipped.append(f"{m.name} ({kind})")
-            log.warning("%s: skipped %s %s (not created)", self.what, kind, m.name)
-            return
-        pfd = self._parent_fd(parent)
-        if m.isdir():
-            was_wh = False
-            try:
+        was_wh = False
+        try:
+            os.mkdir(base, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            was_wh = self._clear_target(pfd, base, comps, keep_dir=True)
+            if _lstat_at(pfd, base) is None:
                 os.mkdir(base, 0o700, dir_fd=pfd)
-            except FileExistsError:
-                was_wh = self._clear_target(pfd, base, comps, keep_dir=True)
-                if _lstat_at(pfd, base) is None:
-                    os.mkdir(base, 0o700, dir_fd=pfd)
-            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
-            try:
-                if was_wh:
-                    _set_opaque_fd(fd)
-                self._chown(fd, None, m)
-                os.fchmod(fd, m.mode & 0o7777)
-            finally:
-                os.close(fd)
-            if m.mode & stat.S_ISGID:
-                self.setgid_seen = True
-            self.dirs.append((comps, int(m.mtime), m.mode & 0o7777))
-        elif m.isreg():
-            size = m.size
-            if size > self.limits.max_file_size:
-                raise UnsafeArchiveError(
-                    f"{self.what}: file {m.name!r} is {size} bytes, over the per-file limit "
-                    f"{self.limits.max_file_size}"
-                )
-            rep.file_bytes += size
-            if rep.file_bytes > self.limits.max_total_bytes:
-                raise UnsafeArchiveError(
-                    f"{self.what}: layer expands to more than {self.limits.max_total_bytes} bytes "
-                    "(decompression bomb?); raise the extraction limits if this is a real layer"
-                )
-            perm = m.mode & 0o777
-            try:
-                fd = os.open(base, _NEW_FILE_FLAGS, perm, dir_fd=pfd)
-            except FileExistsError:
-                # never written through: whatever is there (symlink included) is removed first
-                self._clear_target(pfd, base, comps, keep_dir=False)
-                fd = os.open(base, _NEW_FILE_FLAGS, perm, dir_fd=pfd)
-            try:
-                tr.read_data(fd, m)
-                # Syscalls saved on the common case: a new file is already root-owned (unless
-                # a setgid directory gave it another group) and has perm & ~umask.
-                if self.is_root and (m.uid or m.gid or self.setgid_seen):
-                    os.fchown(fd, m.uid, m.gid)
-                if m.mode & 0o7000 or perm & self.umask:
-                    os.fchmod(fd, m.mode & 0o7777)
-                os.utime(fd, (m.mtime, m.mtime))
-            finally:
-                os.close(fd)
-        elif m.type == T_SYM:
+        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            if was_wh:
+                _set_opaque_fd(fd)
+            self._chown(fd, None, m)
+            os.fchmod(fd, m.mode & 0o7777)
+        finally:
+            os.close(fd)
+        if m.mode & stat.S_ISGID:
+            self.setgid_seen = True
+        self.dirs.append((comps, int(m.mtime), m.mode & 0o7777))
+
+    def _charge_file(self, m: TarMember) -> None:
+        """Check regular file ``m`` against the per-file and total size limits and add its
+        size to the report (decompression bombs). Called by ``_regular`` before the file is
+        created."""
+        rep = self.report
+        size = m.size
+        if size > self.limits.max_file_size:
+            raise UnsafeArchiveError(
+                f"{self.what}: file {m.name!r} is {size} bytes, over the per-file limit "
+                f"{self.limits.max_file_size}"
+            )
+        rep.file_bytes += size
+        if rep.file_bytes > self.limits.max_total_bytes:
+            raise UnsafeArchiveError(
+                f"{self.what}: layer expands to more than {self.limits.max_total_bytes} bytes "
+                "(decompression bomb?); raise the extraction limits if this is a real layer"
+            )
+
+    def _regular(self, tr: TarReader, pfd: int, comps: tuple[str, ...], m: TarMember) -> None:
+        """Create regular file ``comps`` in ``pfd`` as a new file (whatever is there, symlink
+        included, is removed first, never written through) with the data of ``m`` from
+        ``tr``, its owner, mode and mtime. Called by ``entry``."""
+        self._charge_file(m)
+        base = comps[-1]
+        perm = m.mode & 0o777
+        try:
+            fd = os.open(base, _NEW_FILE_FLAGS, perm, dir_fd=pfd)
+        except FileExistsError:
+            # never written through: whatever is there (symlink included) is removed first
             self._clear_target(pfd, base, comps, keep_dir=False)
-            os.symlink(m.linkname, base, dir_fd=pfd)
-            self._chown(base, pfd, m)
-            with contextlib.suppress(OSError):
-                os.utime(base, (m.mtime, m.mtime), dir_fd=pfd, follow_symlinks=False)
-            if len(comps) == 1 and base in ("proc", "dev", "sys"):
-                rep.flagged.append(f"/{base} is a symlink to {m.linkname!r}")
-                log.warning("%s: /%s is a symlink (the runtime will refuse it)", self.what, base)
-        elif m.type == T_LINK:
-            tcomps = split_member_name(m.linkname)
-            if not tcomps:
-                raise UnsafeArchiveError(f"{self.what}: hard link {m.name!r} has an empty target")
-            tpfd = self._parent_fd_nocreate(tcomps[:-1], m)
-            try:
-                st = _lstat_at(tpfd, tcomps[-1])
-                if st is None or not stat.S_ISREG(st.st_mode):
-                    raise UnsafeArchiveError(
-                        f"{self.what}: hard link {m.name!r} -> {m.linkname!r}: the target is not "
-                        "a regular file already extracted in this layer; the layer is refused"
-                    )
-                pfd = self._parent_fd(parent)
-                if tcomps == comps:
-                    return
-                self._clear_target(pfd, base, comps, keep_dir=False)
-                os.link(tcomps[-1], base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
-            finally:
-                os.close(tpfd)
-        else:  # pragma: no cover - _HANDLED covers the rest
-            raise AssertionError(m.type)
+            fd = os.open(base, _NEW_FILE_FLAGS, perm, dir_fd=pfd)
+        try:
+            tr.read_data(fd, m)
+            # Syscalls saved on the common case: a new file is already root-owned (unless
+            # a setgid directory gave it another group) and has perm & ~umask.
+            if self.is_root and (m.uid or m.gid or self.setgid_seen):
+                os.fchown(fd, m.uid, m.gid)
+            if m.mode & 0o7000 or perm & self.umask:
+                os.fchmod(fd, m.mode & 0o7777)
+            os.utime(fd, (m.mtime, m.mtime))
+        finally:
+            os.close(fd)
+
+    def _symlink(self, pfd: int, comps: tuple[str, ...], m: TarMember) -> None:
+        """Create symlink ``comps`` in ``pfd`` (replacing whatever is there) to the link name
+        of ``m``, never following it; a top-level ``proc``, ``dev`` or ``sys`` symlink is
+        flagged in the report. Called by ``entry``."""
+        rep = self.report
+        base = comps[-1]
+        self._clear_target(pfd, base, comps, keep_dir=False)
+        os.symlink(m.linkname, base, dir_fd=pfd)
+        self._chown(base, pfd, m)
+        with contextlib.suppress(OSError):
+            os.utime(base, (m.mtime, m.mtime), dir_fd=pfd, follow_symlinks=False)
+        if len(comps) == 1 and base in ("proc", "dev", "sys"):
+            rep.flagged.append(f"/{base} is a symlink to {m.linkname!r}")
+            log.warning("%s: /%s is a symlink (the runtime will refuse it)", self.what, base)
+
+    def _hard_link(self, pfd: int, comps: tuple[str, ...], m: TarMember) -> None:
+        """Create ``comps`` in ``pfd`` as a hard link to the link name of ``m``, which must be
+        a regular file already extracted inside the destination (reached without symlinks);
+        whatever is at ``comps`` is replaced, a link to itself is a no-op. Called by
+        ``entry``."""
+        base = comps[-1]
+        tcomps = split_member_name(m.linkname)
+        if not tcomps:
+            raise UnsafeArchiveError(f"{self.what}: hard link {m.name!r} has an empty target")
+        tpfd = self._parent_fd_nocreate(tcomps[:-1], m)
+        try:
+            st = _lstat_at(tpfd, tcomps[-1])
+            if st is None or not stat.S_ISREG(st.st_mode):
+                raise UnsafeArchiveError(
+                    f"{self.what}: hard link {m.name!r} -> {m.linkname!r}: the target is not "
+                    "a regular file already extracted in this layer; the layer is refused"
+                )
+            if tcomps == comps:
+                return
+            self._clear_target(pfd, base, comps, keep_dir=False)
+            os.link(tcomps[-1], base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
+        finally:
+            os.close(tpfd)
 
     def _parent_fd_nocreate(self, comps: tuple[str, ...], m: TarMember) -> int:
         fd = os.dup(self.root_fd)

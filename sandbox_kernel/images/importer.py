@@ -280,6 +280,17 @@ def _import_oci(
 def _import_docker(
     store: ImageStore, src: _TarSource, where: str, name: str | None, tag: str | None
 ) -> list[Image]:
+    """Import every image of the docker-save archive ``src`` (``name``/``tag`` rename a single
+    one). Called by ``import_path`` for a tar with a ``manifest.json``."""
+    entries = _docker_manifest(src, where)
+    if name is not None and len(entries) > 1:
+        raise ImageError(f"{where} holds {len(entries)} images; --name needs a single image")
+    return [_import_docker_entry(store, src, where, e, name, tag) for e in entries]
+
+
+def _docker_manifest(src: _TarSource, where: str) -> list[object]:
+    """The entries of the archive's ``manifest.json`` (a non-empty JSON list, not yet checked
+    further). Called by ``_import_docker``."""
     with src.open("manifest.json") as f:
         raw = _read_bounded(f, f"{where}: manifest.json")
     try:
@@ -288,48 +299,71 @@ def _import_docker(
         raise ImageError(f"{where}: manifest.json is not valid JSON ({exc})") from None
     if not isinstance(entries, list) or not entries:
         raise ImageError(f"{where}: manifest.json must be a non-empty list (docker save format)")
-    if name is not None and len(entries) > 1:
-        raise ImageError(f"{where} holds {len(entries)} images; --name needs a single image")
-    images = []
-    for e in entries:
-        if not isinstance(e, dict):
-            raise ImageError(f"{where}: manifest.json entries must be objects")
-        cfg_name, layer_names, tags = e.get("Config"), e.get("Layers"), e.get("RepoTags") or []
-        if not isinstance(cfg_name, str) or not isinstance(layer_names, list):
-            raise ImageError(f"{where}: manifest.json entry lacks Config or Layers")
-        with src.open(cfg_name) as f:
-            cfg_bytes = _read_bounded(f, f"{where}: {cfg_name}")
-        stem = Path(cfg_name).name.removesuffix(".json")
-        if oci.is_hex64(stem) and oci.sha256_digest(cfg_bytes) != f"sha256:{stem}":
-            raise DigestMismatch(f"{where}: {cfg_name} does not match the digest in its name")
-        cfg = oci.parse_config(cfg_bytes, f"{where}: {cfg_name}")
-        if len(cfg.diff_ids) != len(layer_names):
-            raise ImageError(
-                f"{where}: {len(layer_names)} layers but the config lists "
-                f"{len(cfg.diff_ids)} diff_ids; the archive is corrupt"
-            )
-        if name is not None:
-            n, t = name, tag or "latest"
-        elif tags and isinstance(tags[0], str):
-            n, t = ref_to_name_tag(tags[0], where)
-        else:
-            raise ImageError(f"{where}: image {cfg_name} has no RepoTags; pass --name NAME[:TAG]")
-        layers: list[Layer] = []
-        for i, (lname, diff_id) in enumerate(zip(layer_names, cfg.diff_ids, strict=True)):
-            if not isinstance(lname, str):
-                raise ImageError(f"{where}: layer names must be strings")
-            with src.open(lname) as f:
-                head = f.read(4)
-            comp = compression_of(head)
-            mt = oci.COMPRESSION_MEDIA_TYPE[comp]
-            with src.open(lname) as f:
-                layers.append(
-                    store.add_layer_stream(
-                        f, mt, expected_diff_id=diff_id, what=f"{where}: layer {i} ({lname})"
-                    )
-                )
-        images.append(_write(store, n, t, layers, cfg))
-    return images
+    return entries
+
+
+def _import_docker_entry(
+    store: ImageStore,
+    src: _TarSource,
+    where: str,
+    e: object,
+    name: str | None,
+    tag: str | None,
+) -> Image:
+    """Import the image that one ``manifest.json`` entry ``e`` describes: its config
+    (verified against the digest in its file name), its name and tag, then its layers.
+    Called by ``_import_docker`` for each entry, in order."""
+    if not isinstance(e, dict):
+        raise ImageError(f"{where}: manifest.json entries must be objects")
+    cfg_name, layer_names, tags = e.get("Config"), e.get("Layers"), e.get("RepoTags") or []
+    if not isinstance(cfg_name, str) or not isinstance(layer_names, list):
+        raise ImageError(f"{where}: manifest.json entry lacks Config or Layers")
+    cfg = _docker_config(src, where, cfg_name)
+    if len(cfg.diff_ids) != len(layer_names):
+        raise ImageError(
+            f"{where}: {len(layer_names)} layers but the config lists "
+            f"{len(cfg.diff_ids)} diff_ids; the archive is corrupt"
+        )
+    if name is not None:
+        n, t = name, tag or "latest"
+    elif tags and isinstance(tags[0], str):
+        n, t = ref_to_name_tag(tags[0], where)
+    else:
+        raise ImageError(f"{where}: image {cfg_name} has no RepoTags; pass --name NAME[:TAG]")
+    layers = [
+        _docker_layer(store, src, where, i, lname, diff_id)
+        for i, (lname, diff_id) in enumerate(zip(layer_names, cfg.diff_ids, strict=True))
+    ]
+    return _write(store, n, t, layers, cfg)
+
+
+def _docker_config(src: _TarSource, where: str, cfg_name: str) -> oci.ConfigDoc:
+    """The image config ``cfg_name`` of the archive, parsed; DigestMismatch when its file
+    name is a sha256 hex that its content does not match. Called by ``_import_docker_entry``."""
+    with src.open(cfg_name) as f:
+        cfg_bytes = _read_bounded(f, f"{where}: {cfg_name}")
+    stem = Path(cfg_name).name.removesuffix(".json")
+    if oci.is_hex64(stem) and oci.sha256_digest(cfg_bytes) != f"sha256:{stem}":
+        raise DigestMismatch(f"{where}: {cfg_name} does not match the digest in its name")
+    return oci.parse_config(cfg_bytes, f"{where}: {cfg_name}")
+
+
+def _docker_layer(
+    store: ImageStore, src: _TarSource, where: str, i: int, lname: object, diff_id: str
+) -> Layer:
+    """Store layer ``i`` (archive member ``lname``), its compression sniffed from its first
+    bytes and its content checked against ``diff_id``. Called by ``_import_docker_entry`` for
+    each layer, in order."""
+    if not isinstance(lname, str):
+        raise ImageError(f"{where}: layer names must be strings")
+    with src.open(lname) as f:
+        head = f.read(4)
+    comp = compression_of(head)
+    mt = oci.COMPRESSION_MEDIA_TYPE[comp]
+    with src.open(lname) as f:
+        return store.add_layer_stream(
+            f, mt, expected_diff_id=diff_id, what=f"{where}: layer {i} ({lname})"
+        )
 
 
 # --- rootfs tarball ----------------------------------------------------------------------------

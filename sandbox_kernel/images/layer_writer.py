@@ -50,6 +50,116 @@ def _scrub_xattrs(path: str, keep_opaque: bool) -> None:
             os.removexattr(path, name, follow_symlinks=False)
 
 
+def _info(name: str, st: os.stat_result) -> tarfile.TarInfo:
+    """A tar header for ``name`` with the mode, numeric owner and mtime of ``st`` (no owner
+    names). Called by ``_LayerTarWriter`` for every entry but whiteouts and opaque markers."""
+    ti = tarfile.TarInfo(name)
+    ti.mode = stat.S_IMODE(st.st_mode)
+    ti.uid, ti.gid = st.st_uid, st.st_gid
+    ti.uname = ti.gname = ""
+    ti.mtime = int(st.st_mtime)
+    return ti
+
+
+def _empty_file(name: str) -> tarfile.TarInfo:
+    """The header of an empty root-owned 0644 file with mtime 0: what ``.wh.NAME`` whiteouts
+    and ``.wh..wh..opq`` markers are written as by ``_LayerTarWriter``."""
+    ti = tarfile.TarInfo(name)
+    ti.mode = 0o644
+    ti.uname = ti.gname = ""
+    ti.mtime = 0
+    return ti
+
+
+def _sorted_entries(dirpath: str) -> tuple[list[str], list[os.DirEntry[str]]]:
+    """The entries of ``dirpath``: the names of its overlay whiteouts, sorted, and the other
+    entries sorted by their name's bytes. Called by ``_LayerTarWriter.walk`` per directory."""
+    with os.scandir(dirpath) as it:
+        entries = list(it)
+    wh = sorted(e.name for e in entries if is_whiteout(e.stat(follow_symlinks=False)))
+    wh_set = set(wh)
+    others = [e for e in entries if e.name not in wh_set]
+    others.sort(key=lambda e: e.name.encode("utf-8", "surrogateescape"))
+    return wh, others
+
+
+class _LayerTarWriter:
+    """Writes the tree below ``src`` to the tar stream ``tf``, scrubbing it in place when
+    ``scrub``; one per layer, created by ``write_layer_tar``. Hard-linked files are stored
+    once, later names as links to the first one."""
+
+    def __init__(self, src: Path, tf: tarfile.TarFile, scrub: bool) -> None:
+        self.src = src
+        self.tf = tf
+        self.scrub = scrub
+        self.seen_inodes: dict[tuple[int, int], str] = {}
+
+    def walk(self, dirpath: str, rel: str) -> None:
+        """Write the entries of directory ``dirpath`` (``rel`` is its name in the tar, empty
+        or ending in '/'), whiteouts first, recursing into subdirectories. Called by
+        ``write_layer_tar`` for the root and by ``_directory`` for each subdirectory."""
+        wh, others = _sorted_entries(dirpath)
+        for name in wh:
+            self.tf.addfile(_empty_file(f"{rel}{WH_PREFIX}{name}"))
+        for e in others:
+            p = e.path
+            st = e.stat(follow_symlinks=False)
+            name = rel + e.name
+            if stat.S_ISDIR(st.st_mode):
+                self._directory(p, name, st)
+            elif stat.S_ISREG(st.st_mode):
+                self._regular(p, name, st)
+            elif stat.S_ISLNK(st.st_mode):
+                self._symlink(p, name, st)
+            else:
+                # devices other than whiteouts, fifos, sockets: extraction would skip them
+                log.warning("layer %s: not storing special file %s", self.src, p)
+                if self.scrub:
+                    os.unlink(p)
+
+    def _directory(self, p: str, name: str, st: os.stat_result) -> None:
+        """Write directory ``p``, its opaque marker when it is opaque, then its content.
+        Called by ``walk``."""
+        ti = _info(name, st)
+        ti.type = tarfile.DIRTYPE
+        self.tf.addfile(ti)
+        opaque = _is_opaque_dir(p)
+        if self.scrub:
+            _scrub_xattrs(p, keep_opaque=True)
+            if opaque:
+                os.setxattr(p, OPAQUE_XATTR, b"y", follow_symlinks=False)
+        if opaque:
+            self.tf.addfile(_empty_file(f"{name}/{WH_OPAQUE}"))
+        self.walk(p, name + "/")
+
+    def _regular(self, p: str, name: str, st: os.stat_result) -> None:
+        """Write regular file ``p`` with its data, or as a hard link to the name an earlier
+        link of the same inode was written under. Called by ``walk``."""
+        if self.scrub:
+            _scrub_xattrs(p, keep_opaque=False)
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self.seen_inodes:
+            ti = _info(name, st)
+            ti.type = tarfile.LNKTYPE
+            ti.linkname = self.seen_inodes[key]
+            self.tf.addfile(ti)
+            return
+        self.seen_inodes[key] = name
+        ti = _info(name, st)
+        ti.size = st.st_size
+        with open(p, "rb") as f:
+            self.tf.addfile(ti, f)
+
+    def _symlink(self, p: str, name: str, st: os.stat_result) -> None:
+        """Write symlink ``p`` with its target. Called by ``walk``."""
+        if self.scrub:
+            _scrub_xattrs(p, keep_opaque=False)
+        ti = _info(name, st)
+        ti.type = tarfile.SYMTYPE
+        ti.linkname = os.readlink(p)
+        self.tf.addfile(ti)
+
+
 def write_layer_tar(
     src: Path,
     out: BinaryIO,
@@ -67,78 +177,8 @@ def write_layer_tar(
     tf = tarfile.open(  # noqa: SIM115 - closed at the end
         fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_CHUNK
     )
-    seen_inodes: dict[tuple[int, int], str] = {}
-
-    def info(name: str, st: os.stat_result) -> tarfile.TarInfo:
-        ti = tarfile.TarInfo(name)
-        ti.mode = stat.S_IMODE(st.st_mode)
-        ti.uid, ti.gid = st.st_uid, st.st_gid
-        ti.uname = ti.gname = ""
-        ti.mtime = int(st.st_mtime)
-        return ti
-
-    def empty_file(name: str) -> tarfile.TarInfo:
-        ti = tarfile.TarInfo(name)
-        ti.mode = 0o644
-        ti.uname = ti.gname = ""
-        ti.mtime = 0
-        return ti
-
-    def walk(dirpath: str, rel: str) -> None:
-        with os.scandir(dirpath) as it:
-            entries = list(it)
-        wh = sorted(e.name for e in entries if is_whiteout(e.stat(follow_symlinks=False)))
-        wh_set = set(wh)
-        others = [e for e in entries if e.name not in wh_set]
-        others.sort(key=lambda e: e.name.encode("utf-8", "surrogateescape"))
-        for name in wh:
-            tf.addfile(empty_file(f"{rel}{WH_PREFIX}{name}"))
-        for e in others:
-            p = e.path
-            st = e.stat(follow_symlinks=False)
-            name = rel + e.name
-            if stat.S_ISDIR(st.st_mode):
-                ti = info(name, st)
-                ti.type = tarfile.DIRTYPE
-                tf.addfile(ti)
-                opaque = _is_opaque_dir(p)
-                if scrub:
-                    _scrub_xattrs(p, keep_opaque=True)
-                    if opaque:
-                        os.setxattr(p, OPAQUE_XATTR, b"y", follow_symlinks=False)
-                if opaque:
-                    tf.addfile(empty_file(f"{name}/{WH_OPAQUE}"))
-                walk(p, name + "/")
-            elif stat.S_ISREG(st.st_mode):
-                if scrub:
-                    _scrub_xattrs(p, keep_opaque=False)
-                key = (st.st_dev, st.st_ino)
-                if st.st_nlink > 1 and key in seen_inodes:
-                    ti = info(name, st)
-                    ti.type = tarfile.LNKTYPE
-                    ti.linkname = seen_inodes[key]
-                    tf.addfile(ti)
-                    continue
-                seen_inodes[key] = name
-                ti = info(name, st)
-                ti.size = st.st_size
-                with open(p, "rb") as f:
-                    tf.addfile(ti, f)
-            elif stat.S_ISLNK(st.st_mode):
-                if scrub:
-                    _scrub_xattrs(p, keep_opaque=False)
-                ti = info(name, st)
-                ti.type = tarfile.SYMTYPE
-                ti.linkname = os.readlink(p)
-                tf.addfile(ti)
-            else:
-                # devices other than whiteouts, fifos, sockets: extraction would skip them
-                log.warning("layer %s: not storing special file %s", src, p)
-                if scrub:
-                    os.unlink(p)
-
     if scrub:
         _scrub_xattrs(str(src), keep_opaque=False)
     # The root directory itself gets no entry, as with most layer writers.
-    walk(str(src), "")
+    _LayerTarWriter(src, tf, scrub).walk(str(src), "")
     tf.close()

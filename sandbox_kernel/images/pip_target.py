@@ -188,30 +188,60 @@ def install(
     log: Callable[[str], None] | None = None,
     python: str | None = None,
 ) -> PipResult:
-    """Install ``spec`` for the image interpreter ``py`` into the empty layer dir ``layer``."""
+    """Install ``spec`` for the image interpreter ``py`` into the empty layer dir ``layer``.
+
+    Called by the builder's pip step; ``lowerdirs`` are the parent image's layers (top first),
+    ``log`` receives pip's output lines, ``python`` is the host interpreter that runs pip.
+    """
     site_rel = py.site_dir.lstrip("/")
     site = layer / site_rel
     site.mkdir(parents=True, exist_ok=True)
     result = PipResult()
 
     parents = parent_dists(lowerdirs, py.site_dir) if lowerdirs else {}
-    pinned = {canonical_project(p.split("==")[0].split("[")[0]) for p in spec.packages}
-    constraints: Path | None = None
-    if parents:
-        constraints = layer.parent / (layer.name + ".constraints.txt")
-        constraints.write_text(
-            "".join(
-                f"{d.name}=={d.version}\n"
-                for d in parents.values()
-                if d.name not in pinned and d.version
-            )
-        )
+    constraints = _write_constraints(spec, layer, parents)
     cmd = pip_command(spec, py, site, constraints, python)
+    proc = _run_pip(cmd, constraints, recipe_file)
+    if log is not None:
+        for line in proc.stdout.splitlines():
+            log(line)
+    _check_pip_exit(proc, cmd, spec, py, recipe_file)
+    _move_console_scripts(site, layer, py, result)
+    _remove_host_files(layer, py, result)
+    _reconcile_with_parent(site, parents, result)
+    _prune_empty_dirs(site)
+    return result
+
+
+def _write_constraints(spec: PipSpec, layer: Path, parents: dict[str, Dist]) -> Path | None:
+    """Write the versions of the parent's distributions that ``spec`` does not pin as a pip
+    constraints file next to ``layer``; its path, or None without parent distributions.
+    Called by ``install``, which removes the file once pip has run."""
+    if not parents:
+        return None
+    pinned = {canonical_project(p.split("==")[0].split("[")[0]) for p in spec.packages}
+    constraints = layer.parent / (layer.name + ".constraints.txt")
+    constraints.write_text(
+        "".join(
+            f"{d.name}=={d.version}\n"
+            for d in parents.values()
+            if d.name not in pinned and d.version
+        )
+    )
+    return constraints
+
+
+def _run_pip(
+    cmd: list[str], constraints: Path | None, recipe_file: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run the pip command ``cmd`` (output captured, stderr in stdout) without the caller's
+    PYTHONPATH, then remove the ``constraints`` file; BuildError when it cannot be started.
+    Called by ``install``."""
     env = dict(os.environ)
     env["PIP_NO_INPUT"] = "1"
     env.pop("PYTHONPATH", None)
     try:
-        proc = subprocess.run(
+        return subprocess.run(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
         )
     except OSError as exc:
@@ -222,44 +252,62 @@ def install(
     finally:
         if constraints is not None:
             constraints.unlink(missing_ok=True)
-    if log is not None:
-        for line in proc.stdout.splitlines():
-            log(line)
-    if proc.returncode != 0:
-        tail = "\n    ".join(proc.stdout.strip().splitlines()[-15:])
-        hint = (
-            "check the pins exist for Python " + py.version + " (" + py.abi + ") as wheels; "
-            "a package without a wheel for the image's Python must be listed in "
-            "pip.from_source (which needs no_deps = true and the full pinned closure)"
-        )
-        if "No module named pip" in proc.stdout:
-            hint = f"install pip for the host Python {cmd[0]}"
-        raise BuildError(
-            f"recipe {recipe_file}: step pip: `pip install` for Python "
-            f"{py.version} failed (exit {proc.returncode}) installing "
-            f"{', '.join(spec.packages)}:\n    {tail}\n  fix: {hint}"
-        )
 
-    # Console scripts: pip --target puts them in <site>/bin with the host's shebang.
+
+def _check_pip_exit(
+    proc: subprocess.CompletedProcess[str],
+    cmd: list[str],
+    spec: PipSpec,
+    py: PythonSpec,
+    recipe_file: Path,
+) -> None:
+    """BuildError with the tail of pip's output and a hint when pip failed. Called by
+    ``install`` after pip has run."""
+    if proc.returncode == 0:
+        return
+    tail = "\n    ".join(proc.stdout.strip().splitlines()[-15:])
+    hint = (
+        "check the pins exist for Python " + py.version + " (" + py.abi + ") as wheels; "
+        "a package without a wheel for the image's Python must be listed in "
+        "pip.from_source (which needs no_deps = true and the full pinned closure)"
+    )
+    if "No module named pip" in proc.stdout:
+        hint = f"install pip for the host Python {cmd[0]}"
+    raise BuildError(
+        f"recipe {recipe_file}: step pip: `pip install` for Python "
+        f"{py.version} failed (exit {proc.returncode}) installing "
+        f"{', '.join(spec.packages)}:\n    {tail}\n  fix: {hint}"
+    )
+
+
+def _move_console_scripts(site: Path, layer: Path, py: PythonSpec, result: PipResult) -> None:
+    """Move the console scripts pip --target put in ``<site>/bin`` (with the host's shebang)
+    to ``/usr/local/bin`` of the layer, their shebang naming the image's interpreter.
+    Called by ``install``; the names go to ``result.scripts``."""
     bindir = site / "bin"
-    if bindir.is_dir():
-        dest = layer / "usr/local/bin"
-        dest.mkdir(parents=True, exist_ok=True)
-        for script in sorted(bindir.iterdir()):
-            target = dest / script.name
-            if script.is_file() and not script.is_symlink():
-                data = script.read_bytes()
-                m = _HOST_SHEBANG_RE.match(data)
-                if m:
-                    data = b"#!" + py.executable.encode() + b"\n" + data[m.end() :]
-                target.write_bytes(data)
-                os.chmod(target, 0o755)
-            else:
-                shutil.move(str(script), str(target))
-            result.scripts.append(script.name)
-        shutil.rmtree(bindir)
+    if not bindir.is_dir():
+        return
+    dest = layer / "usr/local/bin"
+    dest.mkdir(parents=True, exist_ok=True)
+    for script in sorted(bindir.iterdir()):
+        target = dest / script.name
+        if script.is_file() and not script.is_symlink():
+            data = script.read_bytes()
+            m = _HOST_SHEBANG_RE.match(data)
+            if m:
+                data = b"#!" + py.executable.encode() + b"\n" + data[m.end() :]
+            target.write_bytes(data)
+            os.chmod(target, 0o755)
+        else:
+            shutil.move(str(script), str(target))
+        result.scripts.append(script.name)
+    shutil.rmtree(bindir)
 
-    # Host byte code and extension modules built for the host interpreter.
+
+def _remove_host_files(layer: Path, py: PythonSpec, result: PipResult) -> None:
+    """Remove the host's byte code (``__pycache__``, ``.pyc``, ``.pyo``) and extension modules
+    built for another interpreter than ``py`` from the layer. Called by ``install``; the
+    removed paths go to ``result.removed_host_files``."""
     for dirpath, dirnames, filenames in os.walk(layer):
         if "__pycache__" in dirnames:
             p = Path(dirpath) / "__pycache__"
@@ -272,34 +320,47 @@ def install(
                 p.unlink()
                 result.removed_host_files.append(str(p.relative_to(layer)))
 
-    # Distributions the parent already has.
-    new = read_dists(site)
-    for name, dist in new.items():
+
+def _reconcile_with_parent(site: Path, parents: dict[str, Dist], result: PipResult) -> None:
+    """Compare the distributions pip installed in ``site`` with the parent's: new ones are
+    kept, ones identical to the parent's are dropped, and a parent version replaced by
+    another has its files hidden. Called by ``install``; the outcome goes to ``result``."""
+    for name, dist in read_dists(site).items():
         old = parents.get(name)
         if old is None:
             result.installed.append(dist)
-            continue
-        if old.version == dist.version:
-            for rel in dist.files:
-                if rel.startswith(".."):
-                    continue
-                f = site / os.path.normpath(rel)
-                if f.is_file() or f.is_symlink():
-                    f.unlink()
-            shutil.rmtree(dist.info_dir, ignore_errors=True)
+        elif old.version == dist.version:
+            _drop_dist(site, dist)
             result.dropped_same_as_parent.append(f"{name}=={dist.version}")
         else:
-            new_files = {os.path.normpath(r) for r in dist.files}
-            for rel in old.files:
-                norm = os.path.normpath(rel)
-                if norm.startswith("..") or norm in new_files:
-                    continue
-                _whiteout(site / norm)
-            _whiteout(site / old.info_dir.name)
+            _hide_parent_dist(site, old, dist)
             result.installed.append(dist)
             result.replaced_in_parent.append(f"{name} {old.version} -> {dist.version}")
-    _prune_empty_dirs(site)
-    return result
+
+
+def _drop_dist(site: Path, dist: Dist) -> None:
+    """Remove the files of ``dist`` (per its RECORD, paths leaving ``site`` ignored) and its
+    metadata directory from ``site``. Called by ``_reconcile_with_parent`` for a distribution
+    the parent already has in the same version."""
+    for rel in dist.files:
+        if rel.startswith(".."):
+            continue
+        f = site / os.path.normpath(rel)
+        if f.is_file() or f.is_symlink():
+            f.unlink()
+    shutil.rmtree(dist.info_dir, ignore_errors=True)
+
+
+def _hide_parent_dist(site: Path, old: Dist, new: Dist) -> None:
+    """Whiteout the files of the parent's distribution ``old`` that its replacement ``new``
+    does not have, and ``old``'s metadata directory. Called by ``_reconcile_with_parent``."""
+    new_files = {os.path.normpath(r) for r in new.files}
+    for rel in old.files:
+        norm = os.path.normpath(rel)
+        if norm.startswith("..") or norm in new_files:
+            continue
+        _whiteout(site / norm)
+    _whiteout(site / old.info_dir.name)
 
 
 def _prune_empty_dirs(root: Path) -> None:

@@ -256,6 +256,18 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return "sha256:" + h.hexdigest(), n
 
 
+def _older_than(p: Path, now: float, grace_seconds: float, use_ctime: bool = False) -> bool:
+    """True when ``p`` was last modified (or, with ``use_ctime``, last changed) at least
+    ``grace_seconds`` before ``now``; False when it is gone. ``ImageStore.gc`` keeps blobs and
+    snapshots younger than that."""
+    try:
+        st = p.lstat()
+    except FileNotFoundError:
+        return False
+    t = max(st.st_mtime, st.st_ctime) if use_ctime else st.st_mtime
+    return now - t >= grace_seconds
+
+
 # --- the store ---------------------------------------------------------------------------------
 
 
@@ -565,7 +577,7 @@ class ImageStore:
                 write_layer_tar(src, sink, scrub=True)  # type: ignore[arg-type]
                 sink.close()
             diff_id = "sha256:" + sink.diff.hexdigest()
-            if compression == "gzip" or compression == "zstd":
+            if compression in ("gzip", "zstd"):
                 digest, size = _hash_file(tmp)
             else:
                 digest, size = diff_id, tmp.stat().st_size
@@ -824,54 +836,80 @@ class ImageStore:
         """
         self._init()
         now = time.time()
-        blobs_removed = snaps_removed = 0
         with self._locked():
-            index = self._read_index()
-            keep_blobs: set[str] = set()
-            keep_snaps: set[str] = set()
-            for desc in index.manifests:
-                keep_blobs.add(oci.digest_hex(desc.digest))
-                try:
-                    manifest = oci.parse_manifest(self.read_blob(desc.digest))
-                    keep_blobs.add(oci.digest_hex(manifest.config.digest))
-                    cfg = oci.parse_config(self.read_blob(manifest.config.digest))
-                except ImageError as exc:
-                    log.warning("gc: cannot read image %s: %s", desc.digest, exc)
-                    continue
-                keep_blobs.update(oci.digest_hex(d.digest) for d in manifest.layers)
-                keep_snaps.update(oci.digest_hex(d) for d in cfg.diff_ids)
-
-            def old(p: Path, use_ctime: bool = False) -> bool:
-                try:
-                    st = p.lstat()
-                except FileNotFoundError:
-                    return False
-                t = max(st.st_mtime, st.st_ctime) if use_ctime else st.st_mtime
-                return now - t >= grace_seconds
-
-            for p in self.blobs_dir.iterdir():
-                if p.name not in keep_blobs and old(p):
-                    p.unlink()
-                    blobs_removed += 1
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.layers_dir / p.name).unlink()
-            for p in self.layers_dir.iterdir():
-                if p.name not in keep_blobs and not (self.blobs_dir / p.name).exists():
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
-            for p in self.snapshots_dir.iterdir():
-                if p.name not in keep_snaps and old(p, use_ctime=True):
-                    _rmtree(p)
-                    snaps_removed += 1
-            for p in self.cache_dir.glob("*.json"):
-                layer = self._cache_read(p)
-                if layer is None or not self.has_blob(layer.digest):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
-            for p in self.tmp_dir.iterdir():
-                if now - p.lstat().st_mtime > max(grace_seconds, 3600.0):
-                    _rmtree(p)
+            keep_blobs, keep_snaps = self._referenced()
+            blobs_removed = self._gc_blobs(keep_blobs, now, grace_seconds)
+            self._gc_layer_links(keep_blobs)
+            snaps_removed = self._gc_snapshots(keep_snaps, now, grace_seconds)
+            self._gc_cache()
+            self._gc_tmp(now, grace_seconds)
         return blobs_removed, snaps_removed
+
+    def _referenced(self) -> tuple[set[str], set[str]]:
+        """The blob hexes (manifests, configs, layers) and snapshot hexes (diff_ids) that the
+        images in the index reference. Called by ``gc`` under the store lock; an image whose
+        manifest or config cannot be read keeps only what was read of it (with a warning)."""
+        index = self._read_index()
+        keep_blobs: set[str] = set()
+        keep_snaps: set[str] = set()
+        for desc in index.manifests:
+            keep_blobs.add(oci.digest_hex(desc.digest))
+            try:
+                manifest = oci.parse_manifest(self.read_blob(desc.digest))
+                keep_blobs.add(oci.digest_hex(manifest.config.digest))
+                cfg = oci.parse_config(self.read_blob(manifest.config.digest))
+            except ImageError as exc:
+                log.warning("gc: cannot read image %s: %s", desc.digest, exc)
+                continue
+            keep_blobs.update(oci.digest_hex(d.digest) for d in manifest.layers)
+            keep_snaps.update(oci.digest_hex(d) for d in cfg.diff_ids)
+        return keep_blobs, keep_snaps
+
+    def _gc_blobs(self, keep_blobs: set[str], now: float, grace_seconds: float) -> int:
+        """Remove the unreferenced blobs older than the grace period (and their diff_id link
+        in ``layers/``); returns how many. Called by ``gc`` under the store lock."""
+        removed = 0
+        for p in self.blobs_dir.iterdir():
+            if p.name not in keep_blobs and _older_than(p, now, grace_seconds):
+                p.unlink()
+                removed += 1
+                with contextlib.suppress(FileNotFoundError):
+                    (self.layers_dir / p.name).unlink()
+        return removed
+
+    def _gc_layer_links(self, keep_blobs: set[str]) -> None:
+        """Remove the diff_id records in ``layers/`` whose blob is gone. Called by ``gc``
+        under the store lock, after ``_gc_blobs``."""
+        for p in self.layers_dir.iterdir():
+            if p.name not in keep_blobs and not (self.blobs_dir / p.name).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    def _gc_snapshots(self, keep_snaps: set[str], now: float, grace_seconds: float) -> int:
+        """Remove the unreferenced snapshots older than the grace period (by mtime or ctime,
+        whichever is later); returns how many. Called by ``gc`` under the store lock."""
+        removed = 0
+        for p in self.snapshots_dir.iterdir():
+            if p.name not in keep_snaps and _older_than(p, now, grace_seconds, use_ctime=True):
+                _rmtree(p)
+                removed += 1
+        return removed
+
+    def _gc_cache(self) -> None:
+        """Remove the build-cache entries that are unreadable or whose blob is gone. Called
+        by ``gc`` under the store lock, after the blobs are collected."""
+        for p in self.cache_dir.glob("*.json"):
+            layer = self._cache_read(p)
+            if layer is None or not self.has_blob(layer.digest):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    def _gc_tmp(self, now: float, grace_seconds: float) -> None:
+        """Remove leftovers in ``tmp/`` older than the grace period and at least an hour.
+        Called by ``gc`` under the store lock."""
+        for p in self.tmp_dir.iterdir():
+            if now - p.lstat().st_mtime > max(grace_seconds, 3600.0):
+                _rmtree(p)
 
     # build cache ---------------------------------------------------------------------------
     def _cache_file(self, key: str) -> Path:

@@ -80,6 +80,16 @@ def _str(field_: bytes) -> str:
     return field_.split(b"\x00", 1)[0].decode("utf-8", "surrogateescape")
 
 
+@dataclass
+class _Extended:
+    """The extended headers read so far for the next member: PAX records, GNU long name and
+    long link name. ``TarReader.next`` starts one per member and ``_member`` applies it."""
+
+    pax: dict[str, str] = field(default_factory=dict)
+    longname: str | None = None
+    longlink: str | None = None
+
+
 class TarReader:
     """Iterates over the members of an uncompressed tar stream.
 
@@ -195,90 +205,114 @@ class TarReader:
         if self.pending:
             self.skip(self.pending)
             self.pending = 0
-        pax: dict[str, str] = {}
-        longname: str | None = None
-        longlink: str | None = None
+        ext = _Extended()
         while True:
-            if not self._fill(512):
-                if len(self.buf) - self.pos == 0:
-                    return None  # end of stream without end-of-archive blocks: accepted
-                raise ImageError(f"{self.what}: tar stream truncated inside a header")
-            hdr = self.buf[self.pos : self.pos + 512]
-            self.pos += 512
-            if hdr == _ZERO_BLOCK:
+            hdr = self._header()
+            if hdr is None:
                 return None
-            try:  # fast path for the usual octal fields; _num handles the rest
-                chk = int(hdr[148:156].split(b"\x00", 1)[0] or b"0", 8)
-            except ValueError:
-                chk = _num(hdr[148:156], "chksum")
-            if chk != sum(hdr) - sum(hdr[148:156]) + 256 and chk != _signed_chksum(hdr):
-                raise ImageError(
-                    f"{self.what}: tar header checksum mismatch; not a tar stream or corrupt"
-                )
             typ = hdr[156:157]
-            try:
-                size = int(hdr[124:136].split(b"\x00", 1)[0] or b"0", 8)
-            except ValueError:
-                size = _num(hdr[124:136], "size")
-            if size < 0:
-                raise UnsafeArchiveError(f"{self.what}: negative size in tar header")
-            if typ == T_PAX:
-                pax.update(self._parse_pax(self._ext_data(size, "PAX header")))
-                continue
-            if typ == T_GPAX:
-                self._ext_data(size, "global PAX header")
-                continue
-            if typ == T_GNU_LONGNAME:
-                longname = _str(self._ext_data(size, "GNU long name"))
-                continue
-            if typ == T_GNU_LONGLINK:
-                longlink = _str(self._ext_data(size, "GNU long link name"))
-                continue
-            if typ == T_GNU_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):
-                raise UnsafeArchiveError(
-                    f"{self.what}: GNU sparse files are not supported in layers"
-                )
-            name = _str(hdr[0:100])
-            if hdr[257:262] == b"ustar":
-                prefix = _str(hdr[345:500]) if hdr[257:263] == b"ustar\x00" else ""
-                if prefix:
-                    name = prefix + "/" + name
-            if longname is not None:
-                name = longname
-            linkname = longlink if longlink is not None else _str(hdr[157:257])
-            mtime = _num(hdr[136:148], "mtime")
-            uid = _num(hdr[108:116], "uid")
-            gid = _num(hdr[116:124], "gid")
-            xattrs: list[str] = []
-            if pax:
-                name = pax.get("path", name)
-                linkname = pax.get("linkpath", linkname)
-                try:
-                    size = int(pax.get("size", size))
-                    uid = int(pax.get("uid", uid))
-                    gid = int(pax.get("gid", gid))
-                    mtime = int(float(pax.get("mtime", mtime)))
-                except ValueError:
-                    raise UnsafeArchiveError(f"{self.what}: bad number in PAX header") from None
-                if size < 0:
-                    raise UnsafeArchiveError(f"{self.what}: negative size in PAX header")
-                for k in pax:
-                    if k.startswith("SCHILY.xattr.") or k.startswith("LIBARCHIVE.xattr."):
-                        xattrs.append(k.split(".", 2)[2])
-            # Like tarfile: only regular files and unknown types carry data in the archive.
-            data_size = 0 if typ in (T_DIR, T_SYM, T_LINK, T_CHR, T_BLK, T_FIFO) else size
-            self.pending = data_size + (-data_size % 512)
-            return TarMember(
-                name=name,
-                mode=_num(hdr[100:108], "mode") & 0o7777,
-                uid=uid,
-                gid=gid,
-                size=data_size,
-                mtime=mtime,
-                type=typ,
-                linkname=linkname,
-                xattrs=xattrs,
+            size = self._size(hdr)
+            if not self._extended(typ, size, ext):
+                return self._member(hdr, typ, size, ext)
+
+    def _header(self) -> bytes | None:
+        """The next 512-byte header block, its checksum verified; None at the end of the
+        archive (a zero block, or the end of the stream between members). Called by ``next``
+        for each header block, extended headers included."""
+        if not self._fill(512):
+            if len(self.buf) - self.pos == 0:
+                return None  # end of stream without end-of-archive blocks: accepted
+            raise ImageError(f"{self.what}: tar stream truncated inside a header")
+        hdr = self.buf[self.pos : self.pos + 512]
+        self.pos += 512
+        if hdr == _ZERO_BLOCK:
+            return None
+        try:  # fast path for the usual octal fields; _num handles the rest
+            chk = int(hdr[148:156].split(b"\x00", 1)[0] or b"0", 8)
+        except ValueError:
+            chk = _num(hdr[148:156], "chksum")
+        if chk != sum(hdr) - sum(hdr[148:156]) + 256 and chk != _signed_chksum(hdr):
+            raise ImageError(
+                f"{self.what}: tar header checksum mismatch; not a tar stream or corrupt"
             )
+        return hdr
+
+    def _size(self, hdr: bytes) -> int:
+        """The size field of header ``hdr``; UnsafeArchiveError when negative. Called by
+        ``next`` for each header block once its checksum is verified."""
+        try:
+            size = int(hdr[124:136].split(b"\x00", 1)[0] or b"0", 8)
+        except ValueError:
+            size = _num(hdr[124:136], "size")
+        if size < 0:
+            raise UnsafeArchiveError(f"{self.what}: negative size in tar header")
+        return size
+
+    def _extended(self, typ: bytes, size: int, ext: _Extended) -> bool:
+        """When ``typ`` is an extended header (PAX, global PAX, GNU long name or link), read
+        its ``size`` bytes (bounded) into ``ext`` and return True; False for any other type.
+        Called by ``next`` for each header block; a global PAX header is read and ignored."""
+        if typ == T_PAX:
+            ext.pax.update(self._parse_pax(self._ext_data(size, "PAX header")))
+        elif typ == T_GPAX:
+            self._ext_data(size, "global PAX header")
+        elif typ == T_GNU_LONGNAME:
+            ext.longname = _str(self._ext_data(size, "GNU long name"))
+        elif typ == T_GNU_LONGLINK:
+            ext.longlink = _str(self._ext_data(size, "GNU long link name"))
+        else:
+            return False
+        return True
+
+    def _member(self, hdr: bytes, typ: bytes, size: int, ext: _Extended) -> TarMember:
+        """The member that header ``hdr`` (of type ``typ`` and ``size``) describes, with the
+        extended headers ``ext`` that preceded it applied; sets ``pending`` to its data and
+        padding. Called by ``next`` for the first header that is not an extended one."""
+        pax = ext.pax
+        if typ == T_GNU_SPARSE or any(k.startswith("GNU.sparse.") for k in pax):
+            raise UnsafeArchiveError(f"{self.what}: GNU sparse files are not supported in layers")
+        name = _str(hdr[0:100])
+        if hdr[257:262] == b"ustar":
+            prefix = _str(hdr[345:500]) if hdr[257:263] == b"ustar\x00" else ""
+            if prefix:
+                name = prefix + "/" + name
+        if ext.longname is not None:
+            name = ext.longname
+        linkname = ext.longlink if ext.longlink is not None else _str(hdr[157:257])
+        mtime = _num(hdr[136:148], "mtime")
+        uid = _num(hdr[108:116], "uid")
+        gid = _num(hdr[116:124], "gid")
+        # mode is parsed after the PAX numbers, so a bad PAX number is what gets reported
+        m = TarMember(
+            name=name, mode=0, uid=uid, gid=gid, size=size, mtime=mtime, type=typ, linkname=linkname
+        )
+        if pax:
+            self._apply_pax(m, pax)
+        # Like tarfile: only regular files and unknown types carry data in the archive.
+        data_size = 0 if typ in (T_DIR, T_SYM, T_LINK, T_CHR, T_BLK, T_FIFO) else m.size
+        self.pending = data_size + (-data_size % 512)
+        m.mode = _num(hdr[100:108], "mode") & 0o7777
+        m.size = data_size
+        return m
+
+    def _apply_pax(self, m: TarMember, pax: dict[str, str]) -> None:
+        """Override the name, link name, size, owner and mtime of ``m`` with the PAX records
+        ``pax`` and list the xattrs they carry (never applied: the extractor only counts them).
+        Called by ``_member``; UnsafeArchiveError on a bad or negative number."""
+        m.name = pax.get("path", m.name)
+        m.linkname = pax.get("linkpath", m.linkname)
+        try:
+            m.size = int(pax.get("size", m.size))
+            m.uid = int(pax.get("uid", m.uid))
+            m.gid = int(pax.get("gid", m.gid))
+            m.mtime = int(float(pax.get("mtime", m.mtime)))
+        except ValueError:
+            raise UnsafeArchiveError(f"{self.what}: bad number in PAX header") from None
+        if m.size < 0:
+            raise UnsafeArchiveError(f"{self.what}: negative size in PAX header")
+        for k in pax:
+            if k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")):
+                m.xattrs.append(k.split(".", 2)[2])
 
     def read_data(self, fd: int, m: TarMember) -> None:
         """Copy the current member's data to fd (then only padding is left to skip)."""
