@@ -13,7 +13,7 @@ import pytest
 
 from sandbox_kernel.images.exporter import export_images
 from sandbox_kernel.images.importer import import_path
-from sandbox_kernel.images.store import ImageConfig, ImageStore
+from sandbox_kernel.images.store import Image, ImageConfig, ImageStore
 
 pytestmark = [
     pytest.mark.privileged,
@@ -39,7 +39,7 @@ def store(tmp_path: Path) -> ImageStore:
     return ImageStore(tmp_path / "state")
 
 
-def two_layer_image(store: ImageStore, tmp_path: Path, compression: str = "gzip"):
+def two_layer_image(store: ImageStore, tmp_path: Path, compression: str = "gzip") -> Image:
     l1 = tmp_path / "l1"
     (l1 / "etc").mkdir(parents=True)
     (l1 / "etc/keep").write_text("keep")

@@ -181,6 +181,7 @@ async def test_report_figures_match_the_cgroup(sandboxes: Kernels, name: str) ->
     host = sandboxes.cgroup(km)
     assert usage["memory_limit"] == host.memory_limit
     assert usage["pids_limit"] == host.pids_limit
+    assert host.cpu_quota_us is not None
     assert usage["cpus"] == host.cpu_quota_us / host.cpu_period_us
     assert abs(usage["memory_current"] - host.memory_current) < 64 * MiB
     assert 0 < usage["cpu_usage_us"] <= host.cpu_usage_us
@@ -436,6 +437,7 @@ async def test_stats_json_shows_the_running_kernel(
     km = await sandboxes.start(name)
     await execute(km, "%sandbox memory=700M pids=200")
     cid = sandboxes.provisioner(km).container_id
+    assert cid is not None
     kc = km.client()
     kc.start_channels()
     try:

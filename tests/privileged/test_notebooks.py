@@ -34,7 +34,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> Pa
 
 
 async def execute(name: str, workdir: Path) -> Any:
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)  # type: ignore[no-untyped-call]
     client = NotebookClient(
         nb,
         timeout=120,
@@ -82,7 +82,7 @@ async def test_limits_notebook_fork_bomb_is_contained(workdir: Path) -> None:
 def test_notebooks_are_clean_sources() -> None:
     """The committed notebooks carry no outputs (the demo writes executed copies elsewhere)."""
     for path in NOTEBOOKS.glob("*.ipynb"):
-        nb = nbformat.read(path, as_version=4)
+        nb = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
         nbformat.validate(nb)
         assert nb.metadata.kernelspec.name in kernelspecs.KERNELSPEC_NAMES
         for cell in nb.cells:

@@ -14,12 +14,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sandbox_kernel.cgroups import get_manager
+from sandbox_kernel.cgroups.base import CgroupHandle
 from sandbox_kernel.errors import RuntimeStartError
 from sandbox_kernel.paths import new_container_id, run_dir
 from sandbox_kernel.runtime import hostimage
@@ -32,8 +35,8 @@ MIB = 1024 * 1024
 PY = "/usr/bin/python3"
 
 
-def make_spec(command, **kw) -> ContainerSpec:
-    base = dict(
+def make_spec(command: Sequence[str], **kw: Any) -> ContainerSpec:
+    base: dict[str, Any] = dict(
         id=new_container_id(),
         layers=(str(hostimage.layer_dir()),),
         command=tuple(command),
@@ -46,7 +49,7 @@ def make_spec(command, **kw) -> ContainerSpec:
     return ContainerSpec(**base)
 
 
-def run(command, timeout=60, **kw) -> tuple[ExitResult, str]:
+def run(command: Sequence[str], timeout: float = 60, **kw: Any) -> tuple[ExitResult, str]:
     spec = make_spec(command, **kw)
     out_path = Path(f"/tmp/{spec.id}.out")
     with open(out_path, "w+") as out, Container.create(spec) as c:
@@ -58,7 +61,7 @@ def run(command, timeout=60, **kw) -> tuple[ExitResult, str]:
     return result, text
 
 
-def py(code: str, **kw) -> tuple[ExitResult, str]:
+def py(code: str, **kw: Any) -> tuple[ExitResult, str]:
     return run([PY, "-c", textwrap.dedent(code)], **kw)
 
 
@@ -77,15 +80,15 @@ def _run_dirs() -> set[str]:
 
 
 @pytest.fixture(autouse=True)
-def host_untouched(monkeypatch):
+def host_untouched(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Each test leaves the host as it found it: no mount, and no cgroup or run dir of any
     container the test created (recorded by id, so concurrent test runs do not interfere)."""
     created: list[str] = []
-    real_create = Container.create.__func__
+    real_create = Container.create  # bound to Container, which has no subclasses
 
-    def recording_create(cls, spec, **kw):
+    def recording_create(cls: type[Container], spec: ContainerSpec, /, **kw: Any) -> Container:
         created.append(spec.id)
-        return real_create(cls, spec, **kw)
+        return real_create(spec, **kw)
 
     monkeypatch.setattr(Container, "create", classmethod(recording_create))
     mounts = _mountinfo()
@@ -138,7 +141,7 @@ print(json.dumps(dict(
 
 
 @pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
-def test_isolation_facts_from_inside():
+def test_isolation_facts_from_inside() -> None:
     result, out = py(ISOLATION, tmp_size=4 * MIB)
     assert result.status == 0, out
     facts = json.loads(out.strip().splitlines()[-1])
@@ -166,7 +169,7 @@ def test_isolation_facts_from_inside():
 
 
 @pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
-def test_memory_cap_kills_and_reason_is_reported():
+def test_memory_cap_kills_and_reason_is_reported() -> None:
     result, out = py(
         "x = bytearray(400 * 1024 * 1024)\nprint('survived')", limits=Limits(memory=64 * MIB)
     )
@@ -179,7 +182,7 @@ def test_memory_cap_kills_and_reason_is_reported():
 
 
 @pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
-def test_pids_cap_bounds_fork_bomb_and_container_stays_usable():
+def test_pids_cap_bounds_fork_bomb_and_container_stays_usable() -> None:
     code = """
     import os, time, errno
     kids = []
@@ -208,7 +211,7 @@ def test_pids_cap_bounds_fork_bomb_and_container_stays_usable():
     assert result.pids_limit_hit and result.pids_limit == 20
 
 
-def test_cpu_cap_measured_by_cgroup_accounting():
+def test_cpu_cap_measured_by_cgroup_accounting() -> None:
     spec = make_spec(
         [PY, "-c", "import time\nt=time.time()+1.5\nwhile time.time()<t: pass"],
         limits=Limits(cpus=0.5),
@@ -225,7 +228,7 @@ def test_cpu_cap_measured_by_cgroup_accounting():
 
 
 @pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
-def test_cpu_cap_can_be_deferred_then_applied():
+def test_cpu_cap_can_be_deferred_then_applied() -> None:
     spec = make_spec(["/bin/sleep", "30"], limits=Limits(cpus=0.25, defer_cpu=True))
     with Container.create(spec) as c:
         c.start()
@@ -235,7 +238,7 @@ def test_cpu_cap_can_be_deferred_then_applied():
 
 
 @pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
-def test_live_update_of_limits():
+def test_live_update_of_limits() -> None:
     spec = make_spec(["/bin/sleep", "30"], limits=Limits(memory=128 * MIB, pids=50))
     with Container.create(spec) as c:
         c.start()
@@ -252,19 +255,21 @@ def test_live_update_of_limits():
         (["/bin/sh", "-c", "kill -TERM $$"], 143, None, 15),
     ],
 )
-def test_exit_codes_and_signals(command, status, code, sig):
+def test_exit_codes_and_signals(
+    command: list[str], status: int, code: int | None, sig: int | None
+) -> None:
     result, _ = run(command)
     assert (result.status, result.code, result.signal) == (status, code, sig)
 
 
-def test_missing_command_fails_with_stage():
+def test_missing_command_fails_with_stage() -> None:
     spec = make_spec(["/no/such/program"])
     with Container.create(spec) as c, pytest.raises(RuntimeStartError) as err:
         c.start(stderr=subprocess.DEVNULL)
     assert "exec" in err.value.stage
 
 
-def test_signals_are_forwarded_to_the_main_process(tmp_path):
+def test_signals_are_forwarded_to_the_main_process(tmp_path: Path) -> None:
     code = """
     import signal, sys, time
     def handler(signum, frame):
@@ -287,7 +292,7 @@ def test_signals_are_forwarded_to_the_main_process(tmp_path):
     assert result.code == 3 and "got 2" in out.read_text()
 
 
-def test_orphans_are_reaped():
+def test_orphans_are_reaped() -> None:
     code = """
     import os, time
     kids = []
@@ -310,7 +315,7 @@ def test_orphans_are_reaped():
     assert result.status == 0 and "zombies 0" in out, out
 
 
-def _wait_empty(cg, timeout=5.0):
+def _wait_empty(cg: CgroupHandle, timeout: float = 5.0) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if not cg.pids():
@@ -320,18 +325,19 @@ def _wait_empty(cg, timeout=5.0):
 
 
 @pytest.mark.cgroupv2  # also runs in the cgroup v2 guest (make test-cgroup-v2)
-def test_sigkill_of_the_supervisor_leaves_nothing_running():
+def test_sigkill_of_the_supervisor_leaves_nothing_running() -> None:
     spec = make_spec(["/bin/sh", "-c", "sleep 1000 & sleep 1000 & sleep 1000"])
     with Container.create(spec) as c:
         c.start()
         time.sleep(0.2)
         assert len(c.cgroup.pids()) >= 3
+        assert c.pid is not None and c.proc is not None
         os.kill(c.pid, signal.SIGKILL)
         c.proc.wait(5)
         assert _wait_empty(c.cgroup), f"processes survived: {c.cgroup.pids()}"
 
 
-def test_owner_gone_means_container_gone():
+def test_owner_gone_means_container_gone() -> None:
     spec = make_spec(["/bin/sleep", "1000"])
     with Container.create(spec) as c:
         c.start()
@@ -340,7 +346,7 @@ def test_owner_gone_means_container_gone():
         assert _wait_empty(c.cgroup)
 
 
-def _evil_layer(tmp_path, link_target):
+def _evil_layer(tmp_path: Path, link_target: str) -> tuple[Path, Path]:
     layer = tmp_path / "layer"
     layer.mkdir()
     for d in ("proc", "dev", "sys", "tmp", "usr", "etc"):
@@ -355,7 +361,7 @@ def _evil_layer(tmp_path, link_target):
     return layer, vol
 
 
-def test_symlink_to_a_host_path_is_refused_not_followed(tmp_path):
+def test_symlink_to_a_host_path_is_refused_not_followed(tmp_path: Path) -> None:
     """CVE-2021-30465 class: a symlink in the image must never redirect a mount to the host."""
     sentinel = tmp_path / "host-sentinel"
     sentinel.mkdir()
@@ -367,7 +373,7 @@ def test_symlink_to_a_host_path_is_refused_not_followed(tmp_path):
     assert list(sentinel.iterdir()) == [], "the mount target escaped to the host"
 
 
-def test_symlink_target_is_resolved_inside_the_root(tmp_path):
+def test_symlink_target_is_resolved_inside_the_root(tmp_path: Path) -> None:
     name = f"sk-test-{os.getpid()}-{time.monotonic_ns()}"
     layer, vol = _evil_layer(tmp_path, "/tmp")  # /tmp inside the root is the container's tmpfs
     result, out = run(
@@ -379,7 +385,7 @@ def test_symlink_target_is_resolved_inside_the_root(tmp_path):
     assert not os.path.exists(f"/tmp/{name}"), "the mount target escaped to the host's /tmp"
 
 
-def test_image_with_symlinked_proc_is_refused(tmp_path):
+def test_image_with_symlinked_proc_is_refused(tmp_path: Path) -> None:
     layer = tmp_path / "layer"
     layer.mkdir()
     (layer / "etc").mkdir()
@@ -390,7 +396,7 @@ def test_image_with_symlinked_proc_is_refused(tmp_path):
     assert "/proc" in str(err.value)
 
 
-def test_workdir_and_environment():
+def test_workdir_and_environment() -> None:
     result, out = run(
         ["/bin/sh", "-c", "pwd; echo $FOO; env | wc -l"],
         workdir="/usr/share",
@@ -402,14 +408,14 @@ def test_workdir_and_environment():
 
 
 def _fds() -> dict[int, str]:
-    out = {}
+    out: dict[int, str] = {}
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # the listing's own fd, already closed
             out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
     return out
 
 
-def test_200_create_destroy_cycles_leave_nothing():
+def test_200_create_destroy_cycles_leave_nothing() -> None:
     before = _fds()
     for _ in range(200):
         spec = make_spec(["/bin/true"])
@@ -424,12 +430,13 @@ def test_200_create_destroy_cycles_leave_nothing():
     # host_untouched checks mounts, cgroups and run dirs
 
 
-def test_gc_removes_crash_leftovers():
+def test_gc_removes_crash_leftovers() -> None:
     dead = subprocess.Popen(["/bin/true"])
     dead.wait()
     spec = make_spec(["/bin/sleep", "1000"])
     c = Container.create(spec)
     c.start()
+    assert c.pid is not None and c.proc is not None and c._status is not None
     # simulate a crashed owner and supervisor: kill the executor, then forge dead pids
     os.kill(c.pid, signal.SIGKILL)
     c.proc.wait(5)
@@ -445,7 +452,7 @@ def test_gc_removes_crash_leftovers():
     c._close_control()
 
 
-def test_cli_run_reports_oom_and_exits_137():
+def test_cli_run_reports_oom_and_exits_137() -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -468,7 +475,7 @@ def test_cli_run_reports_oom_and_exits_137():
     assert "out of memory (limit 64 MiB, peak" in proc.stderr
 
 
-def test_cli_run_passes_streams_volume_and_status(tmp_path):
+def test_cli_run_passes_streams_volume_and_status(tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("data from host\n")
     os.chmod(tmp_path, 0o755)  # readable by the container's unprivileged user
     proc = subprocess.run(
@@ -496,7 +503,9 @@ def test_cli_run_passes_streams_volume_and_status(tmp_path):
     assert proc.stdout == "data from host\ngot stdin line\n"
 
 
-def test_unprivileged_caller_gets_a_clear_message(monkeypatch, capsys):
+def test_unprivileged_caller_gets_a_clear_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sandbox_kernel.cli import main
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
@@ -505,13 +514,13 @@ def test_unprivileged_caller_gets_a_clear_message(monkeypatch, capsys):
     assert "needs root" in err and "rootless" in err
 
 
-def test_spec_replace_keeps_validation(tmp_path):
+def test_spec_replace_keeps_validation(tmp_path: Path) -> None:
     spec = replace(make_spec(["/bin/true"]), hostname="Bad_Host")
     with pytest.raises(Exception, match="hostname"):
         Container.create(spec)
 
 
-def test_status_pipe_works_above_fd_1024():
+def test_status_pipe_works_above_fd_1024() -> None:
     """A server holding many kernels has descriptors above 1024 (select() would fail there)."""
     code = textwrap.dedent(
         """

@@ -16,14 +16,16 @@ written back, a module name that does not exist).
 Python 3 standard library only (it runs with the image's interpreter).
 """
 
+from __future__ import annotations
+
 import os
 import sys
 
 REFUSED = 99
 
 
-def _guard():
-    problems = []
+def _guard() -> None:
+    problems: list[str] = []
     try:
         with open("/proc/1/comm") as f:
             comm = f.read().strip()
@@ -31,7 +33,7 @@ def _guard():
         comm = f"unreadable ({exc})"
     if comm != "sk-runtime":
         problems.append(f"PID 1 is {comm!r}, not sk-runtime")
-    fields = {}
+    fields: dict[str, str] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -68,8 +70,10 @@ import stat  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
-ARGS = json.loads(os.environ.get("SK_PROBE_ARGS") or "{}")
+ARGS: dict[str, Any] = json.loads(os.environ.get("SK_PROBE_ARGS") or "{}")
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 
@@ -142,13 +146,15 @@ AT_FDCWD = -100
 SIGSYS = 31
 
 
-def ename(code):
+def ename(code: int | None) -> str:
+    if code is None:  # an OSError raised without an errno
+        return "ENone"
     return errno.errorcode.get(code, f"E{code}")
 
 
-def sysc(name, *args):
+def sysc(name: str, *args: object) -> str:
     """Raw system call; returns 'OK' (or 'OK:<value>' with keep=True) or the errno name."""
-    conv = []
+    conv: list[object] = []
     for a in args:
         if isinstance(a, int):
             conv.append(ctypes.c_long(a))
@@ -163,7 +169,7 @@ def sysc(name, *args):
     return "OK"
 
 
-def oserr(fn, *args, **kw):
+def oserr(fn: Callable[..., object], *args: object, **kw: object) -> str:
     try:
         fn(*args, **kw)
     except OSError as exc:
@@ -171,7 +177,7 @@ def oserr(fn, *args, **kw):
     return "OK"
 
 
-def open_result(path, flags):
+def open_result(path: str, flags: int) -> str:
     """Open and close at once (never writes): 'OPENED' or the errno name."""
     try:
         fd = os.open(path, flags)
@@ -181,7 +187,7 @@ def open_result(path, flags):
     return "OPENED"
 
 
-def read_result(path, limit=65536):
+def read_result(path: str, limit: int = 65536) -> str:
     try:
         with open(path, "rb") as f:
             data = f.read(limit)
@@ -190,41 +196,41 @@ def read_result(path, limit=65536):
     return f"READ:{len(data)}"
 
 
-def ro_flag(path):
+def ro_flag(path: str) -> str:
     try:
         return "RO" if os.statvfs(path).f_flag & os.ST_RDONLY else "RW"
     except OSError as exc:
         return ename(exc.errno)
 
 
-def buf(size):
+def buf(size: int) -> ctypes.Array[ctypes.c_char]:
     return ctypes.create_string_buffer(size)
 
 
 # ---- attempts: each returns {operation: outcome} ----------------------------------------
 
-ATTEMPTS = {}
+ATTEMPTS: dict[str, Callable[[], dict[str, str]]] = {}
 
 
-def attempt(fn):
+def attempt(fn: Callable[[], dict[str, str]]) -> Callable[[], dict[str, str]]:
     ATTEMPTS[fn.__name__] = fn
     return fn
 
 
 @attempt
-def read_files():
+def read_files() -> dict[str, str]:
     """Read each path of ARGS['paths']."""
     return {p: read_result(p) for p in ARGS["paths"]}
 
 
 @attempt
-def open_for_write():
+def open_for_write() -> dict[str, str]:
     """Open each path of ARGS['paths'] for writing (never writes)."""
     return {p: open_result(p, os.O_WRONLY) for p in ARGS["paths"]}
 
 
 @attempt
-def readonly_paths():
+def readonly_paths() -> dict[str, str]:
     """The read-only /proc paths: mount flag and a write attempt on a file inside."""
     out = {}
     for path, inner in ARGS["paths"].items():
@@ -235,7 +241,7 @@ def readonly_paths():
 
 
 @attempt
-def masked_paths():
+def masked_paths() -> dict[str, str]:
     """Masked paths must be absent, /dev/null, or an empty directory; never host data."""
     out = {}
     for path in ARGS["paths"]:
@@ -260,7 +266,7 @@ def masked_paths():
 
 
 @attempt
-def sysrq_trigger():
+def sysrq_trigger() -> dict[str, str]:
     """Write 'h' (help: harmless) to /proc/sysrq-trigger; never any other letter."""
     try:
         fd = os.open("/proc/sysrq-trigger", os.O_WRONLY)
@@ -276,7 +282,7 @@ def sysrq_trigger():
 
 
 @attempt
-def proc_sys_writes():
+def proc_sys_writes() -> dict[str, str]:
     """Host-global knobs behind /proc/sys (core_pattern, modprobe: classic escapes)."""
     out = {}
     for path in (
@@ -291,7 +297,7 @@ def proc_sys_writes():
 
 
 @attempt
-def sys_writes():
+def sys_writes() -> dict[str, str]:
     out = {"/sys mount": ro_flag("/sys")}
     for path in (
         "/sys/class/net/lo/mtu",
@@ -306,7 +312,7 @@ def sys_writes():
 
 
 @attempt
-def proc_kmsg():
+def proc_kmsg() -> dict[str, str]:
     return {
         "/proc/kmsg": read_result("/proc/kmsg", 1) if os.path.exists("/proc/kmsg") else "absent",
         "syslog READ_ALL": sysc("syslog", 3, buf(4096), 4096),
@@ -314,28 +320,28 @@ def proc_kmsg():
 
 
 @attempt
-def mount_tmpfs():
+def mount_tmpfs() -> dict[str, str]:
     return {"mount": sysc("mount", b"none", b"/tmp", b"tmpfs", 0, b"size=1m")}
 
 
 @attempt
-def remount_usr_rw():
+def remount_usr_rw() -> dict[str, str]:
     ms_remount, ms_bind = 32, 4096
     return {"mount": sysc("mount", None, b"/usr", None, ms_remount | ms_bind, None)}
 
 
 @attempt
-def umount_proc():
+def umount_proc() -> dict[str, str]:
     return {"umount2": sysc("umount2", b"/proc", 2)}  # MNT_DETACH
 
 
 @attempt
-def pivot_root():
+def pivot_root() -> dict[str, str]:
     return {"pivot_root": sysc("pivot_root", b"/tmp", b"/tmp")}
 
 
 @attempt
-def new_mount_api():
+def new_mount_api() -> dict[str, str]:
     out = {
         "fsopen": sysc("fsopen", b"tmpfs", 0),
         "open_tree": sysc("open_tree", AT_FDCWD, b"/proc", 1),
@@ -349,7 +355,7 @@ def new_mount_api():
 
 
 @attempt
-def mount_cgroupfs():
+def mount_cgroupfs() -> dict[str, str]:
     for d in ("/tmp/cg1", "/tmp/cg2"):
         os.makedirs(d, exist_ok=True)
     return {
@@ -359,18 +365,18 @@ def mount_cgroupfs():
 
 
 @attempt
-def chroot():
+def chroot() -> dict[str, str]:
     return {"chroot": sysc("chroot", b"/tmp")}
 
 
 @attempt
-def unshare():
+def unshare() -> dict[str, str]:
     """unshare(ARGS['flag'])."""
     return {"unshare": sysc("unshare", ARGS["flag"])}
 
 
 @attempt
-def clone_newuser():
+def clone_newuser() -> dict[str, str]:
     clone_newuser, sigchld = 0x10000000, 17
     ctypes.set_errno(0)
     ret = libc.syscall(
@@ -390,7 +396,7 @@ def clone_newuser():
 
 
 @attempt
-def clone3_newuser():
+def clone3_newuser() -> dict[str, str]:
     args = buf(88)  # struct clone_args (v2), flags = CLONE_NEWUSER, exit_signal = SIGCHLD
     struct.pack_into("=QQQQQ", args, 0, 0x10000000, 0, 0, 0, 17)
     ctypes.set_errno(0)
@@ -404,7 +410,7 @@ def clone3_newuser():
 
 
 @attempt
-def setns():
+def setns() -> dict[str, str]:
     out = {}
     for ns in ("mnt", "net", "pid", "user", "cgroup"):
         out["open /proc/1/ns/" + ns] = open_result("/proc/1/ns/" + ns, os.O_RDONLY)
@@ -415,7 +421,7 @@ def setns():
 
 
 @attempt
-def ptrace_init():
+def ptrace_init() -> dict[str, str]:
     res = sysc("ptrace", 16, 1, 0, 0)  # PTRACE_ATTACH to PID 1
     if res == "OK":
         sysc("ptrace", 17, 1, 0, 0)  # PTRACE_DETACH
@@ -423,7 +429,7 @@ def ptrace_init():
 
 
 @attempt
-def process_vm_init():
+def process_vm_init() -> dict[str, str]:
     local = buf(16)
     data = buf(8)
     struct.pack_into("=QQ", local, 0, ctypes.addressof(data), 8)
@@ -441,7 +447,7 @@ def process_vm_init():
 
 
 @attempt
-def pidfd_getfd_init():
+def pidfd_getfd_init() -> dict[str, str]:
     ctypes.set_errno(0)
     pidfd = libc.syscall(ctypes.c_long(NR["pidfd_open"]), ctypes.c_long(1), ctypes.c_long(0))
     if pidfd < 0:
@@ -451,7 +457,7 @@ def pidfd_getfd_init():
 
 
 @attempt
-def proc1_files():
+def proc1_files() -> dict[str, str]:
     out = {
         "/proc/1/environ": read_result("/proc/1/environ"),
         "/proc/1/mem": open_result("/proc/1/mem", os.O_RDONLY),
@@ -477,14 +483,14 @@ def proc1_files():
     return out
 
 
-def _ioctl(fd, request, arg):
+def _ioctl(fd: int, request: int, arg: object) -> str:
     ctypes.set_errno(0)
     ret = libc.syscall(ctypes.c_long(NR["ioctl"]), ctypes.c_long(fd), ctypes.c_ulong(request), arg)
     return ename(ctypes.get_errno()) if ret == -1 else "OK"
 
 
 @attempt
-def tiocsti():
+def tiocsti() -> dict[str, str]:
     master, slave = os.openpty()
     ch = ctypes.c_char(b"x")
     out = {
@@ -505,7 +511,7 @@ def tiocsti():
 
 
 @attempt
-def tty_line_discipline():
+def tty_line_discipline() -> dict[str, str]:
     _master, slave = os.openpty()
     ldisc = ctypes.c_int(21)  # N_GSM (CVE-2023-6546); N_HDLC is 13 (CVE-2017-2636)
     sel = ctypes.c_char(b"\x02")
@@ -516,7 +522,7 @@ def tty_line_discipline():
 
 
 @attempt
-def keyrings():
+def keyrings() -> dict[str, str]:
     return {
         "add_key": sysc("add_key", b"user", b"sk-probe", b"x", 1, -2),
         "keyctl": sysc("keyctl", 0, -4, 0),  # KEYCTL_GET_KEYRING_ID of the user keyring
@@ -525,20 +531,20 @@ def keyrings():
 
 
 @attempt
-def bpf():
+def bpf() -> dict[str, str]:
     attr = buf(128)
     return {"BPF_MAP_CREATE": sysc("bpf", 0, attr, 128), "BPF_PROG_LOAD": sysc("bpf", 5, attr, 128)}
 
 
 @attempt
-def perf_event_open():
+def perf_event_open() -> dict[str, str]:
     attr = buf(128)
     struct.pack_into("=II", attr, 0, 1, 128)  # PERF_TYPE_SOFTWARE, size; config 0 = cpu clock
     return {"perf_event_open": sysc("perf_event_open", attr, 0, -1, -1, 0)}
 
 
 @attempt
-def kernel_modules():
+def kernel_modules() -> dict[str, str]:
     fd = os.open("/dev/null", os.O_RDONLY)
     out = {
         "init_module": sysc("init_module", buf(1), 0, b""),
@@ -550,7 +556,7 @@ def kernel_modules():
 
 
 @attempt
-def kexec():
+def kexec() -> dict[str, str]:
     return {
         "kexec_load": sysc("kexec_load", 0, 0, None, 0),
         "kexec_file_load": sysc("kexec_file_load", -1, -1, 0, b"", 0),
@@ -558,8 +564,8 @@ def kexec():
 
 
 @attempt
-def raw_sockets():
-    def sock(family, kind, proto=0):
+def raw_sockets() -> dict[str, str]:
+    def sock(family: int, kind: int, proto: int = 0) -> str:
         try:
             s = socket.socket(family, kind, proto)
         except OSError as exc:
@@ -578,7 +584,7 @@ def raw_sockets():
 
 
 @attempt
-def tcp_connect():
+def tcp_connect() -> dict[str, str]:
     out = {}
     for host, port in ARGS["targets"]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -602,7 +608,7 @@ def tcp_connect():
 
 
 @attempt
-def unix_connect():
+def unix_connect() -> dict[str, str]:
     out = {}
     for name in ARGS["abstract"]:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -616,7 +622,7 @@ def unix_connect():
 
 
 @attempt
-def abstract_listen():
+def abstract_listen() -> dict[str, str]:
     """Listen on an abstract name; report whether anyone connected within ARGS['wait'] s."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind("\0" + ARGS["name"])
@@ -627,7 +633,7 @@ def abstract_listen():
 
 
 @attempt
-def mknod():
+def mknod() -> dict[str, str]:
     out = {}
     for path, kind, major, minor in (
         ("/tmp/sk-sda", stat.S_IFBLK, 8, 0),
@@ -640,7 +646,7 @@ def mknod():
 
 
 @attempt
-def dev_nodes():
+def dev_nodes() -> dict[str, str]:
     out = {"listing": ",".join(sorted(os.listdir("/dev")))}
     for name in (
         "sda",
@@ -667,7 +673,7 @@ def dev_nodes():
 
 
 @attempt
-def leaked_fds():
+def leaked_fds() -> dict[str, str]:
     soft = min(os.sysconf("SC_OPEN_MAX"), 65536)
     open_fds = []
     for fd in range(soft):
@@ -686,7 +692,7 @@ def leaked_fds():
 
 
 @attempt
-def cwd_escape():
+def cwd_escape() -> dict[str, str]:
     """CVE-2024-21626: the working directory must be inside the root and '..' stays there."""
     out = {
         "getcwd": os.getcwd(),
@@ -706,7 +712,7 @@ def cwd_escape():
 
 
 @attempt
-def exe_overwrite():
+def exe_overwrite() -> dict[str, str]:
     """CVE-2019-5736 class: the host executor binary and host binaries stay unwritable."""
     out = {
         "/proc/1/exe O_WRONLY": open_result("/proc/1/exe", os.O_WRONLY),
@@ -721,7 +727,7 @@ def exe_overwrite():
 
 
 @attempt
-def cgroup_escape():
+def cgroup_escape() -> dict[str, str]:
     """CVE-2022-0492: release_agent, cgroup.procs and limits behind the read-only view."""
     out = {"/sys/fs/cgroup mount": ro_flag("/sys/fs/cgroup")}
     base = "/sys/fs/cgroup"
@@ -752,7 +758,7 @@ def cgroup_escape():
 
 
 @attempt
-def fill():
+def fill() -> dict[str, str]:
     """Write 1 MiB blocks into ARGS['path'] until an error."""
     n = 0
     try:
@@ -768,7 +774,7 @@ def fill():
 
 
 @attempt
-def forkbomb():
+def forkbomb() -> dict[str, str]:
     """Fork until refused (bounded by ARGS['max']); children sleep; hold ARGS['hold'] s."""
     kids, err = [], "none"
     for _ in range(ARGS["max"]):
@@ -790,7 +796,7 @@ def forkbomb():
 
 
 @attempt
-def fork_some():
+def fork_some() -> dict[str, str]:
     kids = []
     for _ in range(ARGS["n"]):
         pid = os.fork()
@@ -805,7 +811,7 @@ def fork_some():
 
 
 @attempt
-def memory_hog():
+def memory_hog() -> dict[str, str]:
     chunks = []
     for i in range(ARGS["mib"] // 16):
         chunks.append(bytearray(b"\x01") * (16 * 1048576))
@@ -814,7 +820,7 @@ def memory_hog():
 
 
 @attempt
-def run_program():
+def run_program() -> dict[str, str]:
     """Run ARGS['argv'] and report its exit status and output (setuid / file caps cases)."""
     try:
         p = subprocess.run(
@@ -826,7 +832,7 @@ def run_program():
 
 
 @attempt
-def clock_set():
+def clock_set() -> dict[str, str]:
     now = buf(16)
     libc.clock_gettime(0, now)  # CLOCK_REALTIME, written back unchanged
     tv = buf(16)
@@ -849,13 +855,13 @@ def clock_set():
 
 
 @attempt
-def reboot():
+def reboot() -> dict[str, str]:
     # LINUX_REBOOT_CMD_CAD_OFF (0): the least destructive command; never POWER_OFF/RESTART
     return {"reboot CAD_OFF": sysc("reboot", 0xFEE1DEAD, 672274793, 0, None)}
 
 
 @attempt
-def swap():
+def swap() -> dict[str, str]:
     return {
         "swapon": sysc("swapon", b"/dev/null", 0),
         "swapoff": sysc("swapoff", b"/sk-no-such-swap"),
@@ -863,7 +869,7 @@ def swap():
 
 
 @attempt
-def personality():
+def personality() -> dict[str, str]:
     return {
         "READ_IMPLIES_EXEC": sysc("personality", 0x0400000),
         "ADDR_NO_RANDOMIZE": sysc("personality", 0x0040000),
@@ -871,12 +877,12 @@ def personality():
 
 
 @attempt
-def userfaultfd():
+def userfaultfd() -> dict[str, str]:
     return {"userfaultfd": sysc("userfaultfd", os.O_CLOEXEC)}
 
 
 @attempt
-def io_uring():
+def io_uring() -> dict[str, str]:
     params = buf(120)
     return {
         "io_uring_setup": sysc("io_uring_setup", 8, params),
@@ -886,7 +892,7 @@ def io_uring():
 
 
 @attempt
-def shocker():
+def shocker() -> dict[str, str]:
     """open_by_handle_at with a forged handle for inode 2 (the root of most ext4 fs)."""
     handle = buf(8 + 128)
     mnt_id = ctypes.c_int(0)
@@ -905,7 +911,7 @@ def shocker():
 
 
 @attempt
-def proc_attr():
+def proc_attr() -> dict[str, str]:
     out = {}
     for name in ("current", "exec"):
         path = "/proc/self/attr/" + name
@@ -928,7 +934,7 @@ def proc_attr():
 
 
 @attempt
-def hardware_io():
+def hardware_io() -> dict[str, str]:
     return {
         "iopl": sysc("iopl", 3),
         "ioperm": sysc("ioperm", 0x80, 1, 1),
@@ -937,12 +943,12 @@ def hardware_io():
 
 
 @attempt
-def sethostname():
+def sethostname() -> dict[str, str]:
     name = os.uname().nodename.encode()  # its own name: harmless even if it went through
     return {"sethostname": sysc("sethostname", name, len(name))}
 
 
-def _child_status(fn):
+def _child_status(fn: Callable[[], object]) -> str:
     pid = os.fork()
     if pid == 0:
         try:
@@ -956,17 +962,17 @@ def _child_status(fn):
 
 
 @attempt
-def abi_bypass():
+def abi_bypass() -> dict[str, str]:
     """Dodge the x86_64 filter through the i386 (int 0x80) and x32 ABIs."""
 
-    def int80():
+    def int80() -> NoReturn:
         m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
         m.write(b"\xb8\x14\x00\x00\x00\xcd\x80\xc3")  # mov eax, 20 (i386 getpid); int 0x80; ret
         addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
         ret = ctypes.CFUNCTYPE(ctypes.c_int)(addr)()
         os._exit(50 if ret > 0 else 51)
 
-    def x32():
+    def x32() -> NoReturn:
         libc.syscall(ctypes.c_long(NR["getpid"] | 0x40000000))
         os._exit(52)
 
@@ -974,7 +980,7 @@ def abi_bypass():
 
 
 @attempt
-def kill_all():
+def kill_all() -> dict[str, str]:
     """kill(-1, SIGKILL) from inside, plus direct signals to host pids in ARGS['host_pids']."""
     victim = os.fork()
     if victim == 0:
@@ -992,7 +998,7 @@ def kill_all():
 
 
 @attempt
-def signal_supervisor():
+def signal_supervisor() -> dict[str, str]:
     """Wait for the host pids of the supervisor and of the owner; SIGKILL them; SIGKILL PID 1."""
     path = ARGS["pidfile"]
     deadline = time.time() + 20
@@ -1011,7 +1017,7 @@ def signal_supervisor():
 
 
 @attempt
-def plant_setuid():
+def plant_setuid() -> dict[str, str]:
     """As container root: leave a setuid-root executable in a writable volume."""
     src, dst = "/usr/bin/id", ARGS["path"]
     with open(src, "rb") as f, open(dst, "wb") as g:
@@ -1024,10 +1030,10 @@ def plant_setuid():
 
 
 @attempt
-def oom_immunity():
+def oom_immunity() -> dict[str, str]:
     """Lower oom_score_adj to -1000: an OOM-immune kernel would push the OOM killer elsewhere."""
 
-    def write(path):
+    def write(path: str) -> str:
         try:
             fd = os.open(path, os.O_WRONLY)
         except OSError as exc:
@@ -1047,7 +1053,7 @@ def oom_immunity():
 
 
 @attempt
-def cpu_priority():
+def cpu_priority() -> dict[str, str]:
     """Real-time scheduling / negative nice: starve the host's other tenants."""
     out = {
         "SCHED_FIFO": oserr(os.sched_setscheduler, 0, os.SCHED_FIFO, os.sched_param(1)),
@@ -1058,7 +1064,7 @@ def cpu_priority():
 
 
 @attempt
-def raise_rlimits():
+def raise_rlimits() -> dict[str, str]:
     import resource
 
     out = {}
@@ -1077,7 +1083,7 @@ def raise_rlimits():
 
 
 @attempt
-def regain_privileges():
+def regain_privileges() -> dict[str, str]:
     """Capabilities back through capset/ambient/setuid/setgroups, and clearing no_new_privs."""
     header = buf(8)
     struct.pack_into("=Ii", header, 0, 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, self
@@ -1104,7 +1110,7 @@ def regain_privileges():
 
 
 @attempt
-def mount_flags():
+def mount_flags() -> dict[str, str]:
     names = [
         ("RO", os.ST_RDONLY),
         ("NOSUID", os.ST_NOSUID),
@@ -1123,14 +1129,14 @@ def mount_flags():
 
 
 @attempt
-def sysv_ipc():
+def sysv_ipc() -> dict[str, str]:
     """SysV IPC objects of the host (IPC namespace): the keys in ARGS are not found."""
     out = {}
     libc.shmget.restype = ctypes.c_int
     libc.msgget.restype = ctypes.c_int
     libc.semget.restype = ctypes.c_int
     for kind, key in sorted(ARGS["keys"].items()):
-        fn = {
+        fn: Callable[[ctypes.c_int], int] = {
             "shm": lambda k: libc.shmget(k, 0, 0),
             "msg": lambda k: libc.msgget(k, 0),
             "sem": lambda k: libc.semget(k, 0, 0),
@@ -1142,7 +1148,7 @@ def sysv_ipc():
 
 
 @attempt
-def kaslr_leak():
+def kaslr_leak() -> dict[str, str]:
     """Kernel addresses (KASLR defeat, step one of most kernel exploits) in /proc/kallsyms."""
     try:
         with open("/proc/kallsyms") as f:
@@ -1153,12 +1159,12 @@ def kaslr_leak():
     return {"/proc/kallsyms": "ADDRESSES" if leaked else "zeroed"}
 
 
-def _rtattr(kind, payload):
+def _rtattr(kind: int, payload: bytes) -> bytes:
     length = 4 + len(payload)
     return struct.pack("=HH", length, kind) + payload + b"\0" * ((4 - length % 4) % 4)
 
 
-def _netlink_ack(proto, msg_type, flags, body):
+def _netlink_ack(proto: int, msg_type: int, flags: int, body: bytes) -> str:
     """Send one netlink request, return the errno name of the kernel's ack ('OK' for 0)."""
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
     try:
@@ -1179,7 +1185,7 @@ def _netlink_ack(proto, msg_type, flags, body):
 
 
 @attempt
-def netlink_admin():
+def netlink_admin() -> dict[str, str]:
     """Kernel network configuration: rtnetlink link creation and nf_tables (CVE-2024-1086,
     CVE-2023-32233, CVE-2022-1015 need CAP_NET_ADMIN over the network namespace)."""
     request, ack, create, excl = 0x1, 0x4, 0x400, 0x200
@@ -1202,7 +1208,7 @@ def netlink_admin():
 
 
 @attempt
-def admin_misc():
+def admin_misc() -> dict[str, str]:
     """Host-wide administration calls: process accounting, quotas, vhangup, NIS domain,
     dcookies, fanotify (filesystem-wide monitoring), memfd_secret."""
     name = b"(none)"
@@ -1218,7 +1224,7 @@ def admin_misc():
 
 
 @attempt
-def plant_and_hold():
+def plant_and_hold() -> dict[str, str]:
     """Write a secret into each of ARGS['paths'], then hold for ARGS['wait'] seconds."""
     for path in ARGS["paths"]:
         with open(path, "w") as f:
@@ -1228,7 +1234,7 @@ def plant_and_hold():
     return {"held": "yes"}
 
 
-def main():
+def main() -> None:
     name = sys.argv[1]
     result = ATTEMPTS[name]()
     sys.stdout.write("SK-RESULT " + json.dumps(result, sort_keys=True) + "\n")

@@ -30,6 +30,7 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,8 @@ def parse(text: str) -> dict[str, str] | None:
         pytest.fail(f"the probe's guard refused to run inside the container: {text}")
     for line in reversed(text.splitlines()):
         if line.startswith("SK-RESULT "):
-            return json.loads(line[len("SK-RESULT ") :])
+            result: dict[str, str] = json.loads(line[len("SK-RESULT ") :])
+            return result
     return None
 
 
@@ -194,7 +196,7 @@ def _executor_identity() -> tuple[int | None, str | None]:
 
 
 @pytest.fixture(autouse=True)
-def host_untouched(request: pytest.FixtureRequest):
+def host_untouched(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each case the host is as it was: hostname, mounts, executor binary, global knobs."""
     if os.geteuid() != 0 or "privileged" not in request.keywords:
         yield
@@ -734,7 +736,7 @@ def test_attempt_fails(case: Case, who: str, expected: dict[str, set[str]]) -> N
 
 
 @pytest.fixture
-def host_sentinels():
+def host_sentinels() -> Iterator[tuple[str, dict[str, str]]]:
     name = "sk-esc-sentinel-" + secrets.token_hex(4)
     paths = [Path(d) / name for d in ("/root", "/var/tmp", "/tmp", "/dev/shm")]
     for p in paths:
@@ -747,7 +749,9 @@ def host_sentinels():
 
 @pytest.mark.privileged
 @pytest.mark.parametrize("who", ["nobody", "root"])
-def test_host_only_files_are_not_reachable(host_sentinels, who: str) -> None:
+def test_host_only_files_are_not_reachable(
+    host_sentinels: tuple[str, dict[str, str]], who: str
+) -> None:
     """Host files outside /usr and /etc (sentinels in /root, /var/tmp), also via /proc/1/root."""
     name, sums = host_sentinels
     direct = [f"/root/{name}", f"/var/tmp/{name}", f"/tmp/{name}", f"/dev/shm/{name}"]
@@ -850,7 +854,7 @@ def _host_address() -> str | None:
 
 
 @pytest.fixture
-def host_listeners():
+def host_listeners() -> Iterator[tuple[list[tuple[str, int]], list[socket.socket]]]:
     """TCP listeners on the host's 127.0.0.1, ::1 and non-loopback address, one port."""
     socks: list[socket.socket] = []
     s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -892,7 +896,9 @@ def _nothing_accepted(socks: list[socket.socket]) -> bool:
 
 @pytest.mark.privileged
 @pytest.mark.parametrize("who", ["nobody", "root"])
-def test_host_network_is_unreachable(host_listeners, who: str) -> None:
+def test_host_network_is_unreachable(
+    host_listeners: tuple[list[tuple[str, int]], list[socket.socket]], who: str
+) -> None:
     """Network namespace: host listeners on 127.0.0.1, ::1 and the host address are unreachable."""
     targets, socks = host_listeners
     data = probe_ok("tcp_connect", {"targets": targets}, who=who)
@@ -908,7 +914,7 @@ def test_host_network_is_unreachable(host_listeners, who: str) -> None:
 
 
 @pytest.fixture
-def host_abstract_socket():
+def host_abstract_socket() -> Iterator[tuple[str, socket.socket]]:
     name = "sk-esc-host-" + secrets.token_hex(4)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind("\0" + name)
@@ -928,7 +934,9 @@ HOST_UNIX_SOCKETS = (
 
 @pytest.mark.privileged
 @pytest.mark.parametrize("who", ["nobody", "root"])
-def test_host_abstract_and_path_unix_sockets(host_abstract_socket, who: str) -> None:
+def test_host_abstract_and_path_unix_sockets(
+    host_abstract_socket: tuple[str, socket.socket], who: str
+) -> None:
     """Abstract unix sockets are per network namespace; host daemon sockets are not in the root."""
     name, s = host_abstract_socket
     data = probe_ok("unix_connect", {"abstract": [name], "paths": list(HOST_UNIX_SOCKETS)}, who=who)
@@ -1381,7 +1389,7 @@ def test_mount_flags_of_the_layout() -> None:
 
 
 @pytest.fixture
-def host_ipc_objects():
+def host_ipc_objects() -> Iterator[dict[str, int]]:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)

@@ -19,14 +19,20 @@ import pytest
 
 from sandbox_kernel.errors import DigestMismatch, ImageError, UnsafeArchiveError
 from sandbox_kernel.images import oci
-from sandbox_kernel.images.extract import ExtractLimits, extract_tar_stream
+from sandbox_kernel.images.extract import ExtractLimits, ExtractReport, extract_tar_stream
 from sandbox_kernel.images.importer import import_path
 from sandbox_kernel.images.store import ImageStore
 
 ROOT = os.geteuid() == 0
 
 
-def tar_bytes(entries: list[tuple], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+# (name, kind, payload[, pax headers]): a file's data, a link's target, a device's
+# (major, minor), None otherwise
+Payload = str | bytes | tuple[int, int] | None
+TarEntry = tuple[str, str, Payload] | tuple[str, str, Payload, dict[str, str]]
+
+
+def tar_bytes(entries: list[TarEntry], fmt: int = tarfile.PAX_FORMAT) -> bytes:
     """entries: (name, kind, payload, [pax headers]) with kind f/d/l/h/c/b/p."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
@@ -37,6 +43,7 @@ def tar_bytes(entries: list[tuple], fmt: int = tarfile.PAX_FORMAT) -> bytes:
             if len(e) > 3:
                 ti.pax_headers = e[3]
             if kind == "f":
+                assert isinstance(payload, (str, bytes))
                 data = payload if isinstance(payload, bytes) else payload.encode()
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))
@@ -50,8 +57,10 @@ def tar_bytes(entries: list[tuple], fmt: int = tarfile.PAX_FORMAT) -> bytes:
                 "p": tarfile.FIFOTYPE,
             }[kind]
             if kind in "lh":
+                assert isinstance(payload, str)
                 ti.linkname = payload
             if kind in "cb":
+                assert isinstance(payload, tuple)
                 ti.devmajor, ti.devminor = payload
             tf.addfile(ti)
     return buf.getvalue()
@@ -87,10 +96,11 @@ def host(tmp_path: Path) -> Host:
     return Host(tmp_path)
 
 
-def run(host: Host, entries: list[tuple], limits: ExtractLimits | None = None):
+def run(host: Host, entries: list[TarEntry], limits: ExtractLimits | None = None) -> ExtractReport:
     data = tar_bytes(entries)
-    kw = {"limits": limits} if limits else {}
-    return extract_tar_stream(io.BytesIO(data), host.snap, **kw)
+    if limits:
+        return extract_tar_stream(io.BytesIO(data), host.snap, limits=limits)
+    return extract_tar_stream(io.BytesIO(data), host.snap)
 
 
 # --- path traversal ----------------------------------------------------------------------------
@@ -275,6 +285,7 @@ def test_decompression_bomb_total_bytes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["per-file", "entries", "pax-header"])
 def test_bomb_limits(host: Host, kind: str) -> None:
     """Decompression bomb variants: one huge file, an entry flood, a huge PAX header."""
+    entries: list[TarEntry]
     if kind == "per-file":
         entries = [("big", "f", b"\0" * 5000)]
         limits = ExtractLimits(max_file_size=4096)

@@ -1,6 +1,11 @@
+from __future__ import annotations
+
 import asyncio
 import json
 import os
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +18,7 @@ G = 1 << 30
 CEIL = Ceilings(memory=4 * G, cpus=2.0, pids=512)
 
 
-def test_change_within_ceilings():
+def test_change_within_ceilings() -> None:
     new, warnings = plan_limit_change(
         {"op": "set", "memory": "2G", "cpus": "1.5", "pids": 300},
         Limits(memory=G, cpus=1, pids=256),
@@ -42,13 +47,13 @@ def test_change_within_ceilings():
         ({}, "nothing to change"),
     ],
 )
-def test_refusals_name_field_value_and_ceiling(request_, message):
+def test_refusals_name_field_value_and_ceiling(request_: dict[str, object], message: str) -> None:
     with pytest.raises(LimitRefused) as err:
         plan_limit_change({"op": "set", **request_}, Limits(memory=G), CEIL, None)
     assert message in str(err.value)
 
 
-def test_lowering_below_usage_warns():
+def test_lowering_below_usage_warns() -> None:
     new, warnings = plan_limit_change(
         {"op": "set", "memory": "64M"}, Limits(memory=G), CEIL, 200 << 20
     )
@@ -56,24 +61,25 @@ def test_lowering_below_usage_warns():
     assert "uses 200 MiB now" in warnings[0]
 
 
-async def _request(path, payload: bytes) -> dict:
+async def _request(path: str, payload: bytes) -> dict[str, Any]:
     reader, writer = await asyncio.open_unix_connection(path)
     writer.write(payload)
     await writer.drain()
     line = await reader.readline()
     writer.close()
-    return json.loads(line)
+    reply: dict[str, Any] = json.loads(line)
+    return reply
 
 
 @pytest.fixture
-def server_path(tmp_path):
+def server_path(tmp_path: Path) -> str:
     return str(tmp_path / "ctl")
 
 
-async def test_server_answers_and_survives_hostile_requests(server_path):
-    seen = []
+async def test_server_answers_and_survives_hostile_requests(server_path: str) -> None:
+    seen: list[dict[str, Any]] = []
 
-    async def handler(req):
+    async def handler(req: dict[str, Any]) -> dict[str, Any]:
         seen.append(req)
         if req["op"] == "set":
             plan_limit_change(req, Limits(), CEIL, None)
@@ -109,12 +115,12 @@ async def test_server_answers_and_survives_hostile_requests(server_path):
     assert not os.path.exists(server_path)
 
 
-async def test_slow_client_is_cut_off(server_path, monkeypatch):
+async def test_slow_client_is_cut_off(server_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from sandbox_kernel.jupyter import control
 
     monkeypatch.setattr(control, "READ_TIMEOUT_S", 0.2)
 
-    async def handler(req):
+    async def handler(req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True}
 
     server = ControlServer(server_path, handler, uid=os.getuid(), gid=os.getgid())
@@ -130,8 +136,8 @@ async def test_slow_client_is_cut_off(server_path, monkeypatch):
         await server.close()
 
 
-async def test_get_takes_no_arguments_and_cannot_name_another_kernel(server_path):
-    async def handler(req):
+async def test_get_takes_no_arguments_and_cannot_name_another_kernel(server_path: str) -> None:
+    async def handler(req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "info": {"container_id": "sk-mine"}}
 
     server = ControlServer(server_path, handler, uid=os.getuid(), gid=os.getgid())
@@ -147,11 +153,11 @@ async def test_get_takes_no_arguments_and_cannot_name_another_kernel(server_path
         await server.close()
 
 
-def test_rate_limit_refills_after_a_flood(monkeypatch):
+def test_rate_limit_refills_after_a_flood(monkeypatch: pytest.MonkeyPatch) -> None:
     from sandbox_kernel.jupyter import control
 
     now = [1000.0]
-    monkeypatch.setattr(control.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
     limiter = control._RateLimiter(*RATE_LIMIT)
     assert sum(limiter.allow() for _ in range(100)) == RATE_LIMIT[0]
     now[0] += RATE_LIMIT[1] / RATE_LIMIT[0] + 0.01  # one token back
@@ -160,13 +166,15 @@ def test_rate_limit_refills_after_a_flood(monkeypatch):
     assert sum(limiter.allow() for _ in range(100)) == RATE_LIMIT[0]  # the burst, not more
 
 
-async def test_too_many_connections_get_an_answer(server_path, monkeypatch):
+async def test_too_many_connections_get_an_answer(
+    server_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sandbox_kernel.jupyter import control
 
     monkeypatch.setattr(control, "MAX_CONNECTIONS", 1)
     gate = asyncio.Event()
 
-    async def handler(req):
+    async def handler(req: dict[str, Any]) -> dict[str, Any]:
         await gate.wait()
         return {"ok": True}
 

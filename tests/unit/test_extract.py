@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_kernel.errors import ImageError
-from sandbox_kernel.images.extract import extract_layer_file, extract_tar_stream
+from sandbox_kernel.images.extract import ExtractReport, extract_layer_file, extract_tar_stream
 from sandbox_kernel.images.layer_writer import write_layer_tar
 
 ROOT = os.geteuid() == 0
@@ -23,7 +23,12 @@ needs_root = pytest.mark.skipif(
 )
 
 
-def tar_bytes(entries: list[tuple], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+# (name, kind, payload, mode[, pax headers]): a file's data, a link's target, None otherwise
+Payload = str | bytes | None
+TarEntry = tuple[str, str, Payload, int] | tuple[str, str, Payload, int, dict[str, str]]
+
+
+def tar_bytes(entries: list[TarEntry], fmt: int = tarfile.PAX_FORMAT) -> bytes:
     """entries: (name, kind, payload, mode[, extra]) with kind in f/d/l/h/c/p."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
@@ -36,6 +41,7 @@ def tar_bytes(entries: list[tuple], fmt: int = tarfile.PAX_FORMAT) -> bytes:
             if len(e) > 4:
                 ti.pax_headers = e[4]
             if kind == "f":
+                assert payload is not None
                 data = payload if isinstance(payload, bytes) else payload.encode()
                 ti.size = len(data)
                 tf.addfile(ti, io.BytesIO(data))
@@ -49,12 +55,13 @@ def tar_bytes(entries: list[tuple], fmt: int = tarfile.PAX_FORMAT) -> bytes:
                 "p": tarfile.FIFOTYPE,
             }[kind]
             if kind in "lh":
+                assert isinstance(payload, str)
                 ti.linkname = payload
             tf.addfile(ti)
     return buf.getvalue()
 
 
-def extract(data: bytes, dest: Path):
+def extract(data: bytes, dest: Path) -> ExtractReport:
     dest.mkdir(exist_ok=True)
     return extract_tar_stream(io.BytesIO(data), dest)
 

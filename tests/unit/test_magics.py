@@ -1,8 +1,12 @@
 """The in-kernel %sandbox extension: pure parts, and Python 2.7 compatibility."""
 
+from __future__ import annotations
+
 import glob
 import os
 import subprocess
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +15,7 @@ from sandbox_kernel.magics import sandbox_magics as m
 SOURCE = m.__file__
 
 
-def test_units():
+def test_units() -> None:
     assert (
         m.parse_duration("500ms") == 0.5
         and m.parse_duration("2m") == 120
@@ -21,7 +25,7 @@ def test_units():
     assert m.fmt_size(512 << 20) == "512 MiB" and m.fmt_size(None) == "unlimited"
 
 
-def test_report_renders_html_and_text():
+def test_report_renders_html_and_text() -> None:
     usage = {
         "memory_current": 50 << 20,
         "memory_peak": 60 << 20,
@@ -48,7 +52,7 @@ def test_report_renders_html_and_text():
     assert html.startswith("<table>") and "<th style='text-align:left'>processes</th>" in html
 
 
-def test_explanation_of_an_oom_kill():
+def test_explanation_of_an_oom_kill() -> None:
     info = {
         "ceilings": {"memory": "2 GiB"},
         "previous_exit": {
@@ -65,14 +69,14 @@ def test_explanation_of_an_oom_kill():
 
 
 class FakeShell:
-    def __init__(self):
-        self.user_ns = {}
+    def __init__(self) -> None:
+        self.user_ns: dict[str, Any] = {}  # whatever the cells assigned
 
-    def transform_cell(self, cell):
+    def transform_cell(self, cell: str) -> str:
         return cell
 
 
-def test_time_budget_interrupts_and_kernel_stays_usable(capsys):
+def test_time_budget_interrupts_and_kernel_stays_usable(capsys: pytest.CaptureFixture[str]) -> None:
     shell = FakeShell()
     assert m.run_with_budget(shell, "n = 0\nwhile True:\n    n += 1\n", timeout=0.3) is False
     assert "Cell stopped: it exceeded its time budget of 0.3 s" in capsys.readouterr().err
@@ -80,13 +84,15 @@ def test_time_budget_interrupts_and_kernel_stays_usable(capsys):
     assert m.run_with_budget(shell, "x = 1 + 1", timeout=5) is True and shell.user_ns["x"] == 2
 
 
-def test_a_real_interrupt_is_not_swallowed():
+def test_a_real_interrupt_is_not_swallowed() -> None:
     shell = FakeShell()
     with pytest.raises(KeyboardInterrupt):
         m.run_with_budget(shell, "raise KeyboardInterrupt", timeout=5)
 
 
-def test_memory_budget_uses_the_cgroup_reading(monkeypatch, capsys):
+def test_memory_budget_uses_the_cgroup_reading(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     readings = iter([10 << 20] * 3 + [900 << 20] * 100)
     monkeypatch.setattr(m, "read_usage", lambda: {"memory_current": next(readings)})
     shell = FakeShell()
@@ -95,18 +101,18 @@ def test_memory_budget_uses_the_cgroup_reading(monkeypatch, capsys):
     assert "memory budget of 500 MiB (used 900 MiB)" in capsys.readouterr().err
 
 
-def test_ask_host_without_channel(monkeypatch):
+def test_ask_host_without_channel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(m.CONTROL_ENV, raising=False)
     assert m.ask_host({"op": "get"})["ok"] is False
 
 
-def _python27():
+def _python27() -> str | None:
     pyenv = glob.glob(os.path.expanduser("~/.pyenv/versions/2.7*/bin/python2.7"))
     found = [*pyenv, "/usr/bin/python2.7"]
     return next((p for p in found if os.path.exists(p)), None)
 
 
-def test_compiles_and_works_on_python27(tmp_path):
+def test_compiles_and_works_on_python27(tmp_path: Path) -> None:
     py27 = _python27()
     if py27 is None:
         pytest.skip("no Python 2.7 interpreter on this host (the privileged image tests cover it)")
@@ -128,7 +134,7 @@ MOUNTINFO_TMP_SHADOWED = (
 )
 
 
-def test_mount_at_finds_the_top_of_stacked_mounts(tmp_path):
+def test_mount_at_finds_the_top_of_stacked_mounts(tmp_path: Path) -> None:
     info = tmp_path / "mountinfo"
     info.write_text(MOUNTINFO_TMP_SHADOWED)
     top = m.mount_at("/tmp", str(info))
@@ -139,7 +145,7 @@ def test_mount_at_finds_the_top_of_stacked_mounts(tmp_path):
     assert m.mount_at("/tmp", str(info))["fstype"] == "ext4"  # the later one is on top
 
 
-def test_tmp_shadowed_by_a_host_directory_is_said_so(tmp_path):
+def test_tmp_shadowed_by_a_host_directory_is_said_so(tmp_path: Path) -> None:
     """Jupyter started in /tmp: the notebook directory is bound over the sandbox's /tmp
     tmpfs; statvfs then measures the host's disk (the '/tmp size 252 GiB' report)."""
     info = tmp_path / "mountinfo"
@@ -151,6 +157,6 @@ def test_tmp_shadowed_by_a_host_directory_is_said_so(tmp_path):
     assert text.startswith("not the sandbox's private tmpfs: the host directory /tmp (ext4)")
 
 
-def test_report_says_when_the_host_did_not_answer():
+def test_report_says_when_the_host_did_not_answer() -> None:
     report = m.build_report(None, {"memory_limit": None}, 0.0, host_error="too many requests")
     assert "the host said: too many requests" in repr(report)

@@ -115,7 +115,7 @@ def test_manifest_media_type_confusion(over: dict[str, object]) -> None:
         {"schemaVersion": 1},
         {"layers": "x"},
         {"config": desc(oci.MT_OCI_CONFIG, size=-1)},
-        {"config": desc(oci.MT_OCI_CONFIG, size=True)},  # type: ignore[arg-type]
+        {"config": desc(oci.MT_OCI_CONFIG, size=True)},
         {"config": {"mediaType": oci.MT_OCI_CONFIG, "size": 1}},
     ],
 )

@@ -1,10 +1,13 @@
+from pathlib import Path
+from typing import Any
+
 from sandbox_kernel.runtime import ops
 from sandbox_kernel.runtime.plan import HostContext, compile_plan
 from sandbox_kernel.runtime.spec import Bind, ContainerSpec, Limits, Tmpfs
 
 
-def _spec(tmp_path, **kw):
-    base = dict(
+def _spec(tmp_path: Path, **kw: Any) -> ContainerSpec:
+    base: dict[str, Any] = dict(
         id="sk-0123456789ab",
         layers=(str(tmp_path / "l2"), str(tmp_path / "l1")),
         command=("python3", "-c", "print(1)"),
@@ -15,8 +18,8 @@ def _spec(tmp_path, **kw):
     return ContainerSpec(**base)
 
 
-def _host(version=2, **kw):
-    base = dict(
+def _host(version: int = 2, **kw: Any) -> HostContext:
+    base: dict[str, Any] = dict(
         scratch_dir="/run/sk/sk-0123456789ab/scratch",
         cgroup_dirs=("/sys/fs/cgroup/sk-0123456789ab",),
         cgroup_version=version,
@@ -26,16 +29,16 @@ def _host(version=2, **kw):
     return HostContext(**base)
 
 
-def records(spec, host):
+def records(spec: ContainerSpec, host: HostContext) -> list[tuple[str, ...]]:
     """The plan as the protocol writes it: one tuple of text fields per operation."""
     return [op.record() for op in compile_plan(spec, host)]
 
 
-def kinds(recs):
+def kinds(recs: list[tuple[str, ...]]) -> list[str]:
     return [r[0] for r in recs]
 
 
-def test_order_of_mount_phase(tmp_path):
+def test_order_of_mount_phase(tmp_path: Path) -> None:
     recs = records(_spec(tmp_path), _host())
     k = kinds(recs)
     assert k.index("scratch") < k.index("rootfs") < k.index("pivot")
@@ -54,7 +57,7 @@ def test_order_of_mount_phase(tmp_path):
     )
 
 
-def test_identity_limits_and_security_records(tmp_path):
+def test_identity_limits_and_security_records(tmp_path: Path) -> None:
     recs = records(_spec(tmp_path), _host())
     assert ("user", "1000", "1000") in recs
     assert ("rlimit", "core", "0", "0") in recs
@@ -67,7 +70,7 @@ def test_identity_limits_and_security_records(tmp_path):
     assert [r[1] for r in recs if r[0] == "argv"] == ["python3", "-c", "print(1)"]
 
 
-def test_v1_cgroup_view_is_read_only(tmp_path):
+def test_v1_cgroup_view_is_read_only(tmp_path: Path) -> None:
     recs = records(
         _spec(tmp_path), _host(1, cgroup_v1_mounts=(("memory", "memory"), ("pids", "pids")))
     )
@@ -82,7 +85,7 @@ def test_v1_cgroup_view_is_read_only(tmp_path):
     assert ("remount", "/sys/fs/cgroup", "ro,nosuid,nodev,noexec") in recs
 
 
-def test_user_mounts(tmp_path):
+def test_user_mounts(tmp_path: Path) -> None:
     src = tmp_path / "notebooks"
     src.mkdir()
     f = tmp_path / "data.csv"
@@ -103,7 +106,7 @@ def test_user_mounts(tmp_path):
     assert ("mount", "tmpfs", "tmpfs", "/scratch", "nosuid,nodev", "mode=1777,size=1048576") in recs
 
 
-def test_env_overrides_defaults_and_sizes(tmp_path):
+def test_env_overrides_defaults_and_sizes(tmp_path: Path) -> None:
     spec = _spec(
         tmp_path,
         env=(("PATH", "/opt/bin"), ("X", "1")),
@@ -120,7 +123,6 @@ def test_env_overrides_defaults_and_sizes(tmp_path):
 def _executor_keywords() -> dict[str, int]:
     """keyword -> number of fields, from the executor's own keyword table."""
     import re
-    from pathlib import Path
 
     src = Path(ops.__file__).parent / "native" / "sk-runtime.c"
     table = re.findall(r'\[K_[A-Z]+\]\s*=\s*\{\s*"([a-z]+)",\s*(\d+),', src.read_text())
@@ -136,7 +138,7 @@ def _all_ops() -> list[type[ops.Op]]:
     ]
 
 
-def test_every_operation_is_a_record_the_executor_knows(tmp_path):
+def test_every_operation_is_a_record_the_executor_knows(tmp_path: Path) -> None:
     """One vocabulary: each typed operation's keyword and field count match the executor's
     table, and every record a plan holds is one of them."""
     known = _executor_keywords()

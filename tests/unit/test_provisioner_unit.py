@@ -27,6 +27,7 @@ from traitlets.config import Config
 from sandbox_kernel.errors import ContainerNotFound, SpecError
 from sandbox_kernel.jupyter import exits, kernelspecs, launch
 from sandbox_kernel.jupyter import provisioner as prov
+from sandbox_kernel.paths import run_dir
 from sandbox_kernel.runtime.container import ExitResult
 from sandbox_kernel.runtime.spec import Bind, ContainerSpec
 
@@ -59,7 +60,7 @@ class FakeContainer:
         subdirs: dict[str, tuple[int, int, int]] | None = None,
         **_: Any,
     ) -> FakeContainer:
-        c = cls(spec, prov.run_dir(), meta or {})
+        c = cls(spec, run_dir(), meta or {})
         for name, (uid, gid, mode) in (subdirs or {}).items():
             (c.run_dir / name).mkdir(parents=True, mode=mode)
             os.chown(c.run_dir / name, uid, gid)

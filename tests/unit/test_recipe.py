@@ -11,13 +11,8 @@ import pytest
 
 from sandbox_kernel.errors import BuildError
 from sandbox_kernel.images import build, pip_target
-from sandbox_kernel.images.recipe import (
-    LABEL_ARGV,
-    LABEL_INTERRUPT_MODE,
-    hash_tree,
-    load_recipe,
-    step_cache_key,
-)
+from sandbox_kernel.images.labels import LABEL_ARGV, LABEL_INTERRUPT_MODE
+from sandbox_kernel.images.recipe import PipSpec, hash_tree, load_recipe, step_cache_key
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = ("python2.7", "python3", "python2.7-plot", "python3-plot")
@@ -407,7 +402,7 @@ def test_pip_install_cleans_host_artefacts_and_reuses_parent(tmp_path: Path) -> 
     _dist(parent / site, "pkg", "1.0", ["pkg/__init__.py", "pkg/old.py"])  # replaced
     layer = tmp_path / "work" / "layer"
     layer.mkdir(parents=True)
-    spec = pip_target.PipSpec(("six==1.16.0", "tornado==5.1.1", "Pkg==2.0"), ("tornado",), True)
+    spec = PipSpec(("six==1.16.0", "tornado==5.1.1", "Pkg==2.0"), ("tornado",), True)
     res = pip_target.install(spec, r.python, layer, [str(parent)], r.path, python=str(fake))
     sp = layer / site
     args = (tmp_path / "args.txt").read_text()

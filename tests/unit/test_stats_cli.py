@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from collections.abc import Collection
+from typing import Any
 
 import pytest
 
@@ -12,7 +15,8 @@ from sandbox_kernel.cli import stats as st
 
 M = 1 << 20
 
-BOXES = [
+# ps.collect()'s JSON-shaped records, as the stats command reads them
+BOXES: list[dict[str, Any]] = [
     {
         "container_id": "sk-0123456789ab",
         "kernel_id": "5e1f2a3b-aaaa-bbbb-cccc-000000000001",
@@ -49,7 +53,7 @@ def figures(cpu_us: int, memory: int = 100 * M, **kw: object) -> dict[str, objec
 class FakeCgroups:
     """Each read of a container advances its CPU time by ``rate`` CPU-us per call."""
 
-    def __init__(self, rates: dict[str, int], gone: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, rates: dict[str, int], gone: Collection[str] = frozenset()) -> None:
         self.rates, self.gone = rates, gone
         self.cpu = dict.fromkeys(rates, 1_000_000)
 
@@ -63,7 +67,7 @@ class FakeCgroups:
 
 def test_cpu_percent_and_figures_over_one_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([100.0, 102.0])
-    monkeypatch.setattr(st.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
     fake = FakeCgroups({"sk-0123456789ab": 1_500_000, "sk-ba9876543210": 0})
     slept: list[float] = []
     rows = st.measure(2.0, collect=lambda: BOXES, read=fake.read, sleep=slept.append)
@@ -130,7 +134,7 @@ def test_stream_redraws_with_cpu_from_the_previous_refresh(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = iter([0.0, 1.0, 2.0])
-    monkeypatch.setattr(st.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
     fake = FakeCgroups({"sk-0123456789ab": 500_000, "sk-ba9876543210": 1_000_000})
     out = io.StringIO()
     slept: list[float] = []
@@ -146,7 +150,7 @@ def test_command_json_and_once(
     fake = FakeCgroups({"sk-0123456789ab": 10_000, "sk-ba9876543210": 0})
     monkeypatch.setattr(st, "_default_collect", lambda: BOXES)
     monkeypatch.setattr(st, "read_cgroup", fake.read)
-    monkeypatch.setattr(st.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
     # measure's defaults were bound at import: pass through the module attributes
     real_measure = st.measure
     monkeypatch.setattr(

@@ -207,7 +207,9 @@ def test_remove_refuses_in_use_then_gc(store: ImageStore, tmp_path: Path) -> Non
     assert keep.snapshot.exists() and store.resolve("keep").layers == (keep,)
 
 
-def test_in_use_from_run_dir(store: ImageStore, tmp_path: Path, monkeypatch) -> None:
+def test_in_use_from_run_dir(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = tmp_path / "run"
     layer = store.add_layer_from_dir(layer_dir(tmp_path, "l", {"x": "x"}))
     im = store.write_image("py", "latest", [layer], ImageConfig())
@@ -389,7 +391,12 @@ def test_add_layer_from_dir_with_whiteouts(store: ImageStore, tmp_path: Path) ->
         assert ".wh.gone" in tf.getnames() and "d/.wh..wh..opq" in tf.getnames()
 
 
-def test_cli_ls_inspect_rm(store: ImageStore, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_cli_ls_inspect_rm(
+    store: ImageStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from sandbox_kernel.cli import main
 
     monkeypatch.setenv("SANDBOX_KERNEL_STATE_DIR", str(store.root))

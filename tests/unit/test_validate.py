@@ -1,3 +1,8 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from sandbox_kernel.errors import SpecError
@@ -6,17 +11,17 @@ from sandbox_kernel.runtime.validate import validate_spec
 
 
 @pytest.fixture
-def spec(tmp_path):
+def spec(tmp_path: Path) -> ContainerSpec:
     return ContainerSpec(id="sk-0123456789ab", layers=(str(tmp_path),), command=("true",))
 
 
-def problems(spec):
+def problems(spec: ContainerSpec) -> list[str]:
     with pytest.raises(SpecError) as err:
         validate_spec(spec)
     return err.value.problems
 
 
-def test_valid_spec_passes(spec):
+def test_valid_spec_passes(spec: ContainerSpec) -> None:
     validate_spec(spec)
 
 
@@ -53,21 +58,21 @@ def test_valid_spec_passes(spec):
         ({"masked_paths": ("proc/kcore",)}, "masked/readonly path"),
     ],
 )
-def test_each_field_is_checked(spec, changes, needle):
+def test_each_field_is_checked(spec: ContainerSpec, changes: dict[str, Any], needle: str) -> None:
     from dataclasses import replace
 
     found = problems(replace(spec, **changes))
     assert any(needle in p for p in found), found
 
 
-def test_all_problems_reported_at_once(spec):
+def test_all_problems_reported_at_once(spec: ContainerSpec) -> None:
     from dataclasses import replace
 
     found = problems(replace(spec, hostname="x_y", workdir="rel", limits=Limits(pids=0)))
     assert len(found) == 3
 
 
-def test_root_without_host_mounts_is_allowed(spec):
+def test_root_without_host_mounts_is_allowed(spec: ContainerSpec) -> None:
     from dataclasses import replace
 
     validate_spec(
