@@ -1023,3 +1023,86 @@ def test_readonly_root(tmp_path: Path) -> None:
     r = run_plan(plan, tmp_path)
     assert r.rc == 0, r
     assert "Read-only file system" in r.stdout and "tmp-ok" in r.stdout
+
+
+def test_idmapped_bind_keeps_the_disk_owner(userns_base: Path) -> None:
+    """Root mode with a user namespace: container uid 1000 is host 201000, yet through an
+    idmapped bind it sees (and writes) the folder's on-disk owner 1000; container root, which
+    the bind map leaves out, cannot create files there."""
+    folder = userns_base / "nb"
+    folder.mkdir()
+    os.chown(folder, 1000, 1000)
+    script = (
+        "stat -c %u:%g /nb; echo hi > /nb/made-by-kernel && echo wrote; "
+        "stat -c %u /nb/made-by-kernel"
+    )
+    plan = userns_plan(userns_base, ["sh", "-c", script])
+    plan.records.insert(4, "bindmap 1000 201000 1")
+    i = next(i for i, r in enumerate(plan.records) if r.startswith("pivot"))
+    plan.records[i:i] = ["mkdir /nb 0755", f"bind {enc(str(folder))} /nb idmap,nosuid,nodev"]
+    plan.records = [r for r in plan.records if not r.startswith("user ")] + ["user 1000 1000"]
+    r = run_plan(plan, userns_base)
+    assert r.rc == 0, r
+    assert r.stdout.split() == ["1000:1000", "wrote", "1000"]
+    assert (folder / "made-by-kernel").stat().st_uid == 1000  # the disk owner, not 201000
+    # container root has no id in the bind's map: it cannot write there
+    keep = [r for r in plan.records if not r.startswith(("user ", "argv "))]
+    plan.records = [*keep, "user 0 0", "argv sh", "argv -c"]
+    plan.records.append(f"argv {enc('touch /nb/by-root || echo refused')}")
+    r = run_plan(plan, userns_base)
+    assert "refused" in r.stdout and not (folder / "by-root").exists(), r
+
+
+def test_idmapped_layers_show_the_image_owners(userns_base: Path) -> None:
+    """lowermap: image layers owned by host root appear owned by container root (not by the
+    overflow uid) in a user namespace whose root is an unprivileged host uid."""
+    lower = userns_base / "lower"
+    lower.mkdir(exist_ok=True)
+    (lower / "owned-by-root").write_text("x")
+    plan = userns_plan(userns_base, ["stat", "-c", "%u", "/owned-by-root"])
+    r = run_plan(plan, userns_base)
+    assert r.rc == 0 and r.stdout.strip() == "65534", r  # unmapped: the overflow uid
+    plan.records.insert(4, "lowermap 0 200000 65536")
+    r = run_plan(plan, userns_base)
+    assert r.rc == 0 and r.stdout.strip() == "0", r
+
+
+def test_nouserns_denies_nested_user_namespaces(userns_base: Path) -> None:
+    before = Path("/proc/sys/user/max_user_namespaces").read_text()
+    plan = userns_plan(userns_base, ["cat", "/proc/sys/user/max_user_namespaces"])
+    plan.records.insert(4, "nouserns")
+    r = run_plan(plan, userns_base)
+    assert r.rc == 0 and r.stdout.strip() == "0", r
+    assert Path("/proc/sys/user/max_user_namespaces").read_text() == before  # host untouched
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        (["nouserns"], "need the user namespace"),
+        (["bindmap 0 1000 1"], "need the user namespace"),
+        (["idmap-helper /usr/bin/newuidmap /usr/bin/newgidmap"], "need the user namespace"),
+    ],
+)
+def test_user_namespace_records_need_the_namespace(
+    tmp_path: Path, records: list[str], message: str
+) -> None:
+    plan = host_like_plan(tmp_path, ["true"])
+    plan.records[2:2] = records
+    r = run_plan(plan, tmp_path)
+    assert r.rc == 125 and message in r.stderr, r
+
+
+def test_opaque_directories_hold_in_a_user_namespace(userns_base: Path) -> None:
+    """Overlay in a user namespace reads user.overlay.* xattrs (userxattr): a layer's opaque
+    directory still hides what the layers below hold there."""
+    low, top = userns_base / "lower", userns_base / "top"
+    (low / "d" / "hidden").mkdir(parents=True, exist_ok=True)
+    (top / "d").mkdir(parents=True)
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        os.setxattr(top / "d", name, b"y")
+    plan = userns_plan(userns_base, ["ls", "-A", "/d"])
+    rootfs = next(i for i, r in enumerate(plan.records) if r.startswith("rootfs "))
+    plan.records[rootfs] = f"rootfs {enc(f'{top}:{low}')}"
+    r = run_plan(plan, userns_base)
+    assert r.rc == 0 and r.stdout.strip() == "", r

@@ -54,6 +54,31 @@
 #include <linux/openat2.h>
 #include <linux/seccomp.h>
 
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442
+#endif
+/* The new mount API (idmapped mounts), spelled out for older C libraries. */
+#define SK_OPEN_TREE_CLONE         1
+#define SK_MOVE_MOUNT_F_EMPTY_PATH 0x00000004
+#define SK_MOVE_MOUNT_T_EMPTY_PATH 0x00000040
+#define SK_MOUNT_ATTR_RDONLY       0x00000001
+#define SK_MOUNT_ATTR_NOSUID       0x00000002
+#define SK_MOUNT_ATTR_NODEV        0x00000004
+#define SK_MOUNT_ATTR_NOEXEC       0x00000008
+#define SK_MOUNT_ATTR_IDMAP        0x00100000
+/* the kernel reads every member (its ABI); the code sets two of them */
+struct sk_mount_attr {
+    uint64_t attr_set;    // cppcheck-suppress unusedStructMember
+    uint64_t attr_clr;    // cppcheck-suppress unusedStructMember
+    uint64_t propagation; // cppcheck-suppress unusedStructMember
+    uint64_t userns_fd;   // cppcheck-suppress unusedStructMember
+};
 #ifndef SYS_openat2
 #define SYS_openat2 437
 #endif
@@ -291,7 +316,8 @@ die(int code, int err, const char *stage, const char *fmt, ...)
 /* clang-format off */
 enum kw {
     /* supervisor */
-    K_ID, K_NAMESPACES, K_CGROUP, K_SECCOMP, K_SYNC, K_UIDMAP, K_GIDMAP,
+    K_ID, K_NAMESPACES, K_CGROUP, K_SECCOMP, K_SYNC, K_UIDMAP, K_GIDMAP, K_IDMAPHELPER,
+    K_NOUSERNS, K_BINDMAP, K_LOWERMAP,
     /* mount phase, in order */
     K_HOSTNAME, K_SCRATCH, K_ROOTFS, K_REALDIR, K_MKDIR, K_TOUCH, K_FILE, K_SYMLINK,
     K_MOUNT, K_BIND, K_MASK, K_READONLY, K_REMOUNT, K_PIVOT,
@@ -316,6 +342,10 @@ static const struct kwdef {
     [K_SYNC] = { "sync", 1, PH_SUPERVISOR, 1 },
     [K_UIDMAP] = { "uidmap", 3, PH_SUPERVISOR, 0 },
     [K_GIDMAP] = { "gidmap", 3, PH_SUPERVISOR, 0 },
+    [K_IDMAPHELPER] = { "idmap-helper", 2, PH_SUPERVISOR, 1 },
+    [K_NOUSERNS] = { "nouserns", 0, PH_SUPERVISOR, 1 },
+    [K_BINDMAP] = { "bindmap", 3, PH_SUPERVISOR, 0 },
+    [K_LOWERMAP] = { "lowermap", 3, PH_SUPERVISOR, 0 },
     [K_HOSTNAME] = { "hostname", 1, PH_MOUNT, 1 },
     [K_SCRATCH] = { "scratch", 2, PH_MOUNT, 1 },
     [K_ROOTFS] = { "rootfs", 1, PH_MOUNT, 1 },
@@ -349,6 +379,9 @@ struct rec {
     size_t len[MAX_FIELDS];
     unsigned long mflags; /* parsed FLAGS for mount/bind/remount */
     int recursive;        /* bind: `rec` */
+    int idmap;            /* bind: `idmap` (the source seen through the bindmap ids) */
+    int src_fd;           /* bind: the source, opened with the host credentials (O_PATH) */
+    int tree_fd;          /* bind with idmap: the idmapped detached tree (supervisor) */
     mode_t mode;          /* mkdir/touch/file */
 };
 
@@ -368,6 +401,15 @@ static struct plan {
     int sync_net;
     char uidmap[4096], gidmap[4096];
     size_t uidmap_len, gidmap_len;
+    int uid0_mapped, gid0_mapped;        /* container root exists (the maps have inside id 0) */
+    const char *uid_helper, *gid_helper; /* newuidmap/newgidmap: they write the maps */
+    int setgroups_denied; /* unprivileged direct maps: /proc/PID/setgroups is "deny" */
+    int no_userns;        /* user.max_user_namespaces = 0 inside */
+    char bindmap[4096], lowermap[4096];
+    size_t bindmap_len, lowermap_len;
+    const char *lowers[64]; /* rootfs: the layer dirs, top-most first */
+    int lower_fds[64];      /* ... opened (or idmapped) before init becomes namespace root */
+    size_t nlowers;
     struct rec *mounts;
     size_t nmounts;
     char **env;
@@ -503,8 +545,8 @@ static void copy_list(char *buf, size_t cap, const char *s, const char *what)
     memcpy(buf, s, n + 1);
 }
 
-/* Parse a comma list of mount flags. ALLOW_REC: accept `rec` (bind). */
-static unsigned long parse_mount_flags(const char *s, int allow_rec, int allow_atime, int *rec)
+/* Parse a comma list of mount flags. REC (bind only): accept `rec` and `idmap`. */
+static unsigned long parse_mount_flags(const char *s, int allow_atime, int *rec, int *idmap)
 {
     unsigned long fl = 0;
     char buf[256];
@@ -521,7 +563,8 @@ static unsigned long parse_mount_flags(const char *s, int allow_rec, int allow_a
         else if (allow_atime && strcmp(t, "relatime") == 0) fl |= MS_RELATIME;
         else if (allow_atime && strcmp(t, "strictatime") == 0) fl |= MS_STRICTATIME;
         else if (allow_atime && strcmp(t, "noatime") == 0) fl |= MS_NOATIME;
-        else if (allow_rec && strcmp(t, "rec") == 0) *rec = 1;
+        else if (rec && strcmp(t, "rec") == 0) *rec = 1;
+        else if (idmap && strcmp(t, "idmap") == 0) *idmap = 1;
         else plan_error("unknown mount flag \"%s\"", t);
         /* clang-format on */
     }
@@ -619,13 +662,17 @@ static void parse_rlimit(char **f)
     P.rlimits[P.nrlimits++] = e;
 }
 
-static void append_map(char *buf, size_t *len, char **f)
+/* Append one map line; returns whether it maps inside id 0. */
+static int append_map(char *buf, size_t *len, char **f)
 {
     uint32_t a = parse_id(f[0]), b = parse_id(f[1]), c = parse_id(f[2]);
+    if (c == 0)
+        plan_error("id map line with a count of 0");
     int n = snprintf(buf + *len, 4096 - *len, "%u %u %u\n", a, b, c);
     if (n < 0 || (size_t)n >= 4096 - *len)
         plan_error("id map too long");
     *len += (size_t)n;
+    return a == 0;
 }
 
 /* Read a whole file into a fresh buffer (bounded). Returns NULL + errno. */
@@ -713,6 +760,7 @@ static void parse_plan(const char *path)
         die(EXIT_SETUP, ENOMEM, "plan", "out of memory");
 
     int seen[K_COUNT] = { 0 };
+    int nidmap = 0;      /* binds with the idmap flag */
     int mount_stage = 0; /* 0: nothing yet, 1: scratch seen, 2: rootfs seen, 3: pivot seen */
     char *p = buf, *end = buf + len;
     g_lineno = 0;
@@ -791,6 +839,7 @@ static void parse_plan(const char *path)
             struct rec *r = &P.mounts[P.nmounts++];
             r->kw = (enum kw)kw;
             r->line = g_lineno;
+            r->src_fd = r->tree_fd = -1;
             for (int i = 0; i < d->nfields; i++) {
                 r->f[i] = f[i];
                 r->len[i] = fl[i];
@@ -812,14 +861,17 @@ static void parse_plan(const char *path)
             case K_ROOTFS:
                 if (mount_stage != 1)
                     plan_error("rootfs requires an earlier scratch record");
+                /* the lowers are split in place: do_rootfs uses P.lowers */
                 for (char *c = f[0], *e;; c = e + 1) {
                     e = strchr(c, ':');
                     if (e)
                         *e = '\0';
                     check_host_path(c);
-                    if (e)
-                        *e = ':';
-                    else
+                    if (P.nlowers == sizeof P.lowers / sizeof P.lowers[0])
+                        plan_error("rootfs: more than %zu layers", P.nlowers);
+                    P.lower_fds[P.nlowers] = -1;
+                    P.lowers[P.nlowers++] = c;
+                    if (!e)
                         break;
                 }
                 mount_stage = 2;
@@ -851,16 +903,17 @@ static void parse_plan(const char *path)
                 break;
             case K_MOUNT:
                 check_root_path(f[2]);
-                r->mflags = parse_mount_flags(f[3], 0, 1, NULL);
+                r->mflags = parse_mount_flags(f[3], 1, NULL, NULL);
                 break;
             case K_BIND:
                 check_host_path(f[0]);
                 check_root_path(f[1]);
-                r->mflags = parse_mount_flags(f[2], 1, 0, &r->recursive);
+                r->mflags = parse_mount_flags(f[2], 0, &r->recursive, &r->idmap);
+                nidmap += r->idmap;
                 break;
             case K_REMOUNT:
                 check_root_path(f[0]);
-                r->mflags = parse_mount_flags(f[1], 0, 1, NULL);
+                r->mflags = parse_mount_flags(f[1], 1, NULL, NULL);
                 break;
             default: break;
             }
@@ -890,8 +943,17 @@ static void parse_plan(const char *path)
                 plan_error("sync: only \"net\" is known");
             P.sync_net = 1;
             break;
-        case K_UIDMAP: append_map(P.uidmap, &P.uidmap_len, f); break;
-        case K_GIDMAP: append_map(P.gidmap, &P.gidmap_len, f); break;
+        case K_UIDMAP: P.uid0_mapped |= append_map(P.uidmap, &P.uidmap_len, f); break;
+        case K_GIDMAP: P.gid0_mapped |= append_map(P.gidmap, &P.gidmap_len, f); break;
+        case K_IDMAPHELPER:
+            check_host_path(f[0]);
+            check_host_path(f[1]);
+            P.uid_helper = f[0];
+            P.gid_helper = f[1];
+            break;
+        case K_NOUSERNS: P.no_userns = 1; break;
+        case K_BINDMAP: append_map(P.bindmap, &P.bindmap_len, f); break;
+        case K_LOWERMAP: append_map(P.lowermap, &P.lowermap_len, f); break;
         case K_ENV:
             if (fl[0] == 0 || f[0][0] == '=' || !strchr(f[0], '='))
                 plan_error("env: expected KEY=VALUE");
@@ -931,8 +993,22 @@ static void parse_plan(const char *path)
         plan_error("missing argv records");
     if (mount_stage != 0 && mount_stage != 3)
         plan_error("scratch/rootfs given but no pivot");
-    if ((seen[K_UIDMAP] || seen[K_GIDMAP]) && !P.ns_user)
-        plan_error("uidmap/gidmap need the user namespace");
+    if ((seen[K_UIDMAP] || seen[K_GIDMAP] || seen[K_IDMAPHELPER] || seen[K_NOUSERNS] ||
+         seen[K_BINDMAP] || seen[K_LOWERMAP] || nidmap) &&
+        !P.ns_user)
+        plan_error("uidmap, gidmap, idmap-helper, nouserns, bindmap, lowermap and idmap binds "
+                   "need the user namespace");
+    if (nidmap && !P.bindmap_len)
+        plan_error("a bind with the idmap flag needs bindmap records");
+    if (P.bindmap_len && !nidmap)
+        plan_error("bindmap records without a bind with the idmap flag");
+    if (P.lowermap_len && !P.nlowers)
+        plan_error("lowermap records need a rootfs record");
+    if (P.ns_user && !P.uidmap_len)
+        plan_error("the user namespace needs uidmap records");
+    if (P.uid_helper && geteuid() == 0)
+        plan_error("idmap-helper is for unprivileged callers (root writes the maps itself)");
+    P.setgroups_denied = P.ns_user && P.gidmap_len && !P.uid_helper && geteuid() != 0;
     if (seen[K_HOSTNAME] && !P.ns_uts)
         plan_error("hostname needs the uts namespace");
     if (P.sync_net && !P.ns_net)
@@ -1145,14 +1221,46 @@ static void do_scratch(struct rec *r)
     g_scratch_kept = strcmp(r->f[1], "-") == 0;
 }
 
+/* The overlay's lowerdir: each layer through the descriptor init opened for it with the
+ * host's credentials (/proc/self/fd/N), or, when idmapped, attached under the scratch dir
+ * first (overlay wants its layers in the caller's mount namespace). */
+static void lowerdir_option(char *buf, size_t cap, const char *stage)
+{
+    size_t len = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < P.nlowers; i++) {
+        char one[PATH_MAX + 32];
+        if (P.lowermap_len) {
+            (void)snprintf(one, sizeof one, "%s/l%zu", g_scratch, i);
+            if (mkdir(one, 0700) < 0 && errno != EEXIST)
+                die(EXIT_SETUP, errno, stage, "mkdir %s: %s", one, strerror(errno));
+            if (syscall(SYS_move_mount, P.lower_fds[i], "", AT_FDCWD, one,
+                        SK_MOVE_MOUNT_F_EMPTY_PATH) < 0)
+                die(EXIT_SETUP, errno, stage, "attach idmapped layer %s: %s", P.lowers[i],
+                    strerror(errno));
+        } else {
+            (void)snprintf(one, sizeof one, "/proc/self/fd/%d", P.lower_fds[i]);
+        }
+        int n = snprintf(buf + len, cap - len, "%s%s", i ? ":" : "", one);
+        if (n < 0 || (size_t)n >= cap - len)
+            die(EXIT_SETUP, E2BIG, stage, "too many layers for the overlay options");
+        len += (size_t)n;
+    }
+}
+
 static void do_rootfs(struct rec *r)
 {
-    const char *lowers = r->f[0];
+    (void)r;
+    char lowers[3072];
     char upper[PATH_MAX + 16], work[PATH_MAX + 16], root[PATH_MAX + 16], data[4096];
     const char *stage = "rootfs";
     /* a comma would inject overlay options */
-    if (strchr(lowers, ',') || strchr(g_scratch, ','))
+    if (strchr(g_scratch, ','))
         die(EXIT_SETUP, EINVAL, stage, "overlay paths must not contain ','");
+    for (size_t i = 0; i < P.nlowers; i++)
+        if (strchr(P.lowers[i], ','))
+            die(EXIT_SETUP, EINVAL, stage, "overlay paths must not contain ','");
+    lowerdir_option(lowers, sizeof lowers, stage);
     (void)snprintf(upper, sizeof upper, "%s/upper", g_scratch);
     (void)snprintf(work, sizeof work, "%s/work", g_scratch);
     (void)snprintf(root, sizeof root, "%s/root", g_scratch);
@@ -1163,19 +1271,10 @@ static void do_rootfs(struct rec *r)
      * init's uid (root of the container): copying the layer's owner could hand
      * "/" to an unprivileged uid when the layer's owner is unmapped in a user
      * namespace (it then reads as the overflow uid, usually 65534). */
-    if (g_upper_created) {
-        char top[PATH_MAX];
+    if (g_upper_created && P.nlowers) {
         struct stat st;
-        size_t n = strcspn(lowers, ":");
-        if (n < sizeof top) {
-            memcpy(top, lowers, n);
-            top[n] = '\0';
-            if (stat(top, &st) == 0) {
-                if (chmod(upper, st.st_mode & 07777) < 0)
-                    die(EXIT_SETUP, errno, stage, "set attributes of %s: %s", upper,
-                        strerror(errno));
-            }
-        }
+        if (fstat(P.lower_fds[0], &st) == 0 && chmod(upper, st.st_mode & 07777) < 0)
+            die(EXIT_SETUP, errno, stage, "set attributes of %s: %s", upper, strerror(errno));
     }
     if (mkdir(root, 0755) < 0 && errno != EEXIST)
         die(EXIT_SETUP, errno, stage, "mkdir %s: %s", root, strerror(errno));
@@ -1183,14 +1282,21 @@ static void do_rootfs(struct rec *r)
      * none of the overlay features that store state in xattrs (whatever the host's module
      * defaults are). */
     const char *plain = g_scratch_kept ? ",index=off,metacopy=off,redirect_dir=off" : "";
-    int n = snprintf(data, sizeof data, "lowerdir=%s,upperdir=%s,workdir=%s%s", lowers, upper, work,
-                     plain);
+    /* In a user namespace overlay cannot use trusted.overlay.* xattrs: the layers carry
+     * user.overlay.opaque as well, which userxattr reads. */
+    const char *xattrs = P.ns_user ? ",userxattr" : "";
+    int n = snprintf(data, sizeof data, "lowerdir=%s,upperdir=%s,workdir=%s%s%s", lowers, upper,
+                     work, plain, xattrs);
     if (n < 0 || (size_t)n >= sizeof data)
         die(EXIT_SETUP, E2BIG, stage, "overlay options longer than %zu bytes", sizeof data - 1);
     /* nodev: device nodes shipped inside an image never work; /dev is built
      * from binds of a few host nodes. */
     if (mount("overlay", root, "overlay", MS_NODEV, data) < 0)
         die(EXIT_SETUP, errno, stage, "overlay on %s: %s", root, strerror(errno));
+    for (size_t i = 0; i < P.nlowers; i++) { /* the overlay holds its own references */
+        close(P.lower_fds[i]);
+        P.lower_fds[i] = -1;
+    }
     g_rootfd = open(root, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (g_rootfd < 0)
         die(EXIT_SETUP, errno, stage, "open %s: %s", root, strerror(errno));
@@ -1309,16 +1415,27 @@ static void do_bind(struct rec *r)
     const char *src = r->f[0], *path = r->f[1];
     const char *stage = stagef("bind %s", path);
     char bs[64], bt[64];
-    int sfd = open(src, O_PATH | O_CLOEXEC);
-    if (sfd < 0)
-        die(EXIT_SETUP, errno, stage, "source %s: %s", src, strerror(errno));
     int tfd = root_target(path);
     if (tfd < 0)
         die(EXIT_SETUP, errno, stage, "target %s: %s", path, strerror(errno));
-    if (mount(fdpath(bs, sizeof bs, sfd), fdpath(bt, sizeof bt, tfd), NULL,
+    if (r->tree_fd >= 0) {
+        /* idmapped by the supervisor, flags included: attach it */
+        if (syscall(SYS_move_mount, r->tree_fd, "", tfd, "",
+                    SK_MOVE_MOUNT_F_EMPTY_PATH | SK_MOVE_MOUNT_T_EMPTY_PATH) < 0)
+            die(EXIT_SETUP, errno, stage, "attach idmapped %s on %s: %s", src, path,
+                strerror(errno));
+        close(r->tree_fd);
+        r->tree_fd = -1;
+        close(tfd);
+        return;
+    }
+    /* src_fd was opened by init with the host's credentials (before it became root of its
+     * user namespace, which may not reach the source) */
+    if (mount(fdpath(bs, sizeof bs, r->src_fd), fdpath(bt, sizeof bt, tfd), NULL,
               MS_BIND | (r->recursive ? MS_REC : 0), NULL) < 0)
         die(EXIT_SETUP, errno, stage, "bind %s on %s: %s", src, path, strerror(errno));
-    close(sfd);
+    close(r->src_fd);
+    r->src_fd = -1;
     close(tfd);
     unsigned long extra = r->mflags & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC);
     if (extra)
@@ -1568,7 +1685,12 @@ __attribute__((noreturn)) static void main_process(int report_fd)
      * leaving only the kept list. */
     if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0)
         die(EXIT_SETUP, errno, "user", "keepcaps: %s", strerror(errno));
-    if (setgroups(P.has_groups ? P.ngroups : 0, P.has_groups ? P.groups : NULL) < 0)
+    /* With setgroups denied (an unprivileged single-id map) the groups cannot change: the
+     * process keeps the caller's, which the namespace shows as the overflow gid. */
+    if (P.setgroups_denied && P.has_groups)
+        die(EXIT_SETUP, EPERM, "groups", "supplementary groups need newgidmap (uidmap)");
+    if (!P.setgroups_denied &&
+        setgroups(P.has_groups ? P.ngroups : 0, P.has_groups ? P.groups : NULL) < 0)
         die(EXIT_SETUP, errno, "groups", "setgroups: %s", strerror(errno));
     if (P.has_user) {
         if (setresgid(P.gid, P.gid, P.gid) < 0)
@@ -1657,6 +1779,61 @@ static void init_lockdown(void)
     }
 }
 
+/* Init, with the host's credentials: open every bind source and image layer (O_PATH). */
+static void open_host_sources(void)
+{
+    for (size_t i = 0; i < P.nmounts; i++) {
+        struct rec *r = &P.mounts[i];
+        if (r->kw != K_BIND || r->tree_fd >= 0)
+            continue;
+        r->src_fd = open(r->f[0], O_PATH | O_CLOEXEC);
+        if (r->src_fd < 0)
+            die(EXIT_SETUP, errno, stagef("bind %s", r->f[1]), "source %s: %s", r->f[0],
+                strerror(errno));
+    }
+    if (P.lowermap_len)
+        return; /* the supervisor made idmapped trees of the layers */
+    for (size_t i = 0; i < P.nlowers; i++) {
+        P.lower_fds[i] = open(P.lowers[i], O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (P.lower_fds[i] < 0)
+            die(EXIT_SETUP, errno, "rootfs", "layer %s: %s", P.lowers[i], strerror(errno));
+    }
+}
+
+/* Init, root of its user namespace: nobody inside may create another one (as bubblewrap's
+ * --disable-userns; the seccomp filter refuses the namespace flags too). The limit is per
+ * user namespace, so the host's own is untouched. */
+static void deny_nested_userns(void)
+{
+    int fd = open("/proc/sys/user/max_user_namespaces", O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write_all(fd, "0", 1) < 0)
+        die(EXIT_SETUP, errno, "user namespace", "user.max_user_namespaces = 0: %s",
+            strerror(errno));
+    close(fd);
+}
+
+/* Init: close every fd but the two pipes and what the mount phase still uses. */
+static void close_fds_except_sources(int p2c_r, int c2p_w)
+{
+    int *keep = calloc(P.nmounts + P.nlowers + 2, sizeof *keep);
+    if (!keep)
+        die(EXIT_SETUP, ENOMEM, "init", "out of memory");
+    size_t n = 0;
+    keep[n++] = p2c_r;
+    keep[n++] = c2p_w;
+    for (size_t i = 0; i < P.nmounts; i++) {
+        if (P.mounts[i].src_fd >= 0)
+            keep[n++] = P.mounts[i].src_fd;
+        if (P.mounts[i].tree_fd >= 0)
+            keep[n++] = P.mounts[i].tree_fd;
+    }
+    for (size_t i = 0; i < P.nlowers; i++)
+        if (P.lower_fds[i] >= 0)
+            keep[n++] = P.lower_fds[i];
+    close_fds_except(keep, (int)n);
+    free(keep);
+}
+
 __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
 {
     g_role = ROLE_INIT;
@@ -1681,22 +1858,29 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
         close(fd);
     }
 
+    /* Still with the host's credentials: open what the mount phase takes from the host
+     * (bind sources, image layers). The namespace's root may not reach them: in root mode
+     * it is an unprivileged host uid, rootless it may be a subordinate one. */
+    open_host_sources();
+
     /* In a new user namespace our credentials are still the host's (unmapped
-     * there): become the namespace's root now that the maps exist. A
+     * there): become the namespace's root now that the maps exist (a single-id
+     * map has no root: we keep our id, with the namespace's capabilities). A
      * credential change clears PDEATHSIG, so it is armed (and the supervisor
      * checked) once more. */
     if (P.ns_user) {
-        if (P.gidmap_len && setgroups(0, NULL) < 0)
+        if (P.gidmap_len && !P.setgroups_denied && setgroups(0, NULL) < 0)
             die(EXIT_SETUP, errno, "user namespace", "setgroups: %s", strerror(errno));
-        if ((P.gidmap_len && setresgid(0, 0, 0) < 0) || (P.uidmap_len && setresuid(0, 0, 0) < 0))
+        if ((P.gid0_mapped && setresgid(0, 0, 0) < 0) || (P.uid0_mapped && setresuid(0, 0, 0) < 0))
             die(EXIT_SETUP, errno, "user namespace", "become root of the namespace: %s",
                 strerror(errno));
         arm_pdeathsig(p2c_r);
+        if (P.no_userns)
+            deny_nested_userns();
     }
 
-    /* nothing of the owner's fds is needed here */
-    int keep[2] = { p2c_r, c2p_w };
-    close_fds_except(keep, 2);
+    /* nothing of the owner's fds is needed here, but what the mount phase uses */
+    close_fds_except_sources(p2c_r, c2p_w);
     umask(0);        /* modes in the plan are exact */
     read_last_cap(); /* needs the host /proc: before pivot */
 
@@ -1831,6 +2015,145 @@ static void write_map(pid_t pid, const char *file, const char *data, size_t len)
     close(fd);
 }
 
+/* Run a setuid map helper (newuidmap/newgidmap): HELPER PID IN OUT COUNT... from MAP's
+ * lines. The helper checks the lines against /etc/subuid or /etc/subgid. */
+static void run_map_helper(const char *helper, pid_t pid, const char *map, const char *what)
+{
+    char buf[4096], pidtext[16], prog[PATH_MAX];
+    char *argv[2 + 3 * 340 + 1];
+    size_t n = 0;
+    (void)snprintf(buf, sizeof buf, "%s", map);
+    (void)snprintf(pidtext, sizeof pidtext, "%d", (int)pid);
+    (void)snprintf(prog, sizeof prog, "%s", helper);
+    argv[n++] = prog;
+    argv[n++] = pidtext;
+    for (char *save = NULL, *t = strtok_r(buf, " \n", &save);
+         t && n < sizeof argv / sizeof *argv - 1; t = strtok_r(NULL, " \n", &save))
+        argv[n++] = t;
+    argv[n] = NULL;
+    pid_t child = fork();
+    if (child < 0)
+        die(EXIT_SETUP, errno, what, "fork %s: %s", helper, strerror(errno));
+    if (child == 0) {
+        int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+        if (devnull >= 0)
+            (void)dup2(devnull, 1); /* its complaints go to stderr, nothing to stdout */
+        execv(helper, argv);
+        _exit(127);
+    }
+    int st = 0;
+    while (waitpid(child, &st, 0) < 0 && errno == EINTR)
+        ;
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        die(EXIT_SETUP, EPERM, what,
+            "%s refused the map (exit %d): check the subordinate range in /etc/sub%cid", helper,
+            WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st), what[0] == 'u' ? 'u' : 'g');
+}
+
+/* Supervisor, after clone: give init's user namespace its maps. */
+static void write_maps(pid_t pid)
+{
+    if (P.uid_helper) {
+        run_map_helper(P.uid_helper, pid, P.uidmap, "uid_map");
+        if (P.gidmap_len)
+            run_map_helper(P.gid_helper, pid, P.gidmap, "gid_map");
+        return;
+    }
+    if (P.setgroups_denied) /* the kernel's rule for an unprivileged gid_map */
+        write_map(pid, "setgroups", "deny", 4);
+    if (P.uidmap_len)
+        write_map(pid, "uid_map", P.uidmap, P.uidmap_len);
+    if (P.gidmap_len)
+        write_map(pid, "gid_map", P.gidmap, P.gidmap_len);
+}
+
+/* Supervisor (root), before clone: a user namespace that has MAP as both its uid and gid
+ * map, for idmapped mounts. A short-lived child creates it; its ns file is kept open. */
+static int idmap_userns(const char *map, size_t len, const char *what)
+{
+    int ready[2], done[2];
+    if (pipe2(ready, O_CLOEXEC) < 0 || pipe2(done, O_CLOEXEC) < 0)
+        die(EXIT_SETUP, errno, what, "pipe: %s", strerror(errno));
+    pid_t child = fork();
+    if (child < 0)
+        die(EXIT_SETUP, errno, what, "fork: %s", strerror(errno));
+    if (child == 0) {
+        close(ready[0]);
+        close(done[1]);
+        if (unshare(CLONE_NEWUSER) < 0)
+            _exit(1);
+        (void)write_all(ready[1], "u", 1);
+        char c;
+        while (read(done[0], &c, 1) < 0 && errno == EINTR) /* EOF: the parent is done */
+            ;
+        _exit(0);
+    }
+    close(ready[1]);
+    close(done[0]);
+    char c = 0;
+    if (read(ready[0], &c, 1) != 1 || c != 'u')
+        die(EXIT_SETUP, errno ? errno : EPERM, what, "a user namespace for idmapped mounts: %s",
+            strerror(errno ? errno : EPERM));
+    close(ready[0]);
+    char path[64];
+    (void)snprintf(path, sizeof path, "/proc/%d/ns/user", (int)child);
+    write_map(child, "uid_map", map, len);
+    write_map(child, "gid_map", map, len);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        die(EXIT_SETUP, errno, what, "open %s: %s", path, strerror(errno));
+    close(done[1]);
+    while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+        ;
+    return fd;
+}
+
+/* Supervisor (root), before clone: an idmapped, detached clone of PATH (ATTR: the mount
+ * flags to set too). Init attaches it in its mount namespace. */
+static int idmapped_tree(const char *path, int userns, int recursive, uint64_t attr,
+                         const char *stage)
+{
+    int fd = (int)syscall(SYS_open_tree, AT_FDCWD, path,
+                          SK_OPEN_TREE_CLONE | O_CLOEXEC | (recursive ? AT_RECURSIVE : 0));
+    if (fd < 0)
+        die(EXIT_SETUP, errno, stage, "clone %s: %s", path, strerror(errno));
+    struct sk_mount_attr ma = { .attr_set = SK_MOUNT_ATTR_IDMAP | attr,
+                                .userns_fd = (uint64_t)userns };
+    if (syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH | (recursive ? AT_RECURSIVE : 0), &ma,
+                sizeof ma) < 0)
+        die(EXIT_SETUP, errno, stage,
+            "idmap %s: %s (idmapped mounts need Linux >= 5.12 and a filesystem that has them)",
+            path, strerror(errno));
+    return fd;
+}
+
+/* Supervisor, before clone: the idmapped trees of the binds flagged idmap and of the image
+ * layers (root mode: the container's ids are an unprivileged host range). */
+static void prepare_idmapped_mounts(void)
+{
+    if (P.bindmap_len) {
+        int ns = idmap_userns(P.bindmap, P.bindmap_len, "bindmap");
+        for (size_t i = 0; i < P.nmounts; i++) {
+            struct rec *r = &P.mounts[i];
+            if (r->kw != K_BIND || !r->idmap)
+                continue;
+            uint64_t attr = 0;
+            attr |= (r->mflags & MS_RDONLY) ? SK_MOUNT_ATTR_RDONLY : 0;
+            attr |= (r->mflags & MS_NOSUID) ? SK_MOUNT_ATTR_NOSUID : 0;
+            attr |= (r->mflags & MS_NODEV) ? SK_MOUNT_ATTR_NODEV : 0;
+            attr |= (r->mflags & MS_NOEXEC) ? SK_MOUNT_ATTR_NOEXEC : 0;
+            r->tree_fd = idmapped_tree(r->f[0], ns, r->recursive, attr, stagef("bind %s", r->f[1]));
+        }
+        close(ns);
+    }
+    if (P.lowermap_len) {
+        int ns = idmap_userns(P.lowermap, P.lowermap_len, "lowermap");
+        for (size_t i = 0; i < P.nlowers; i++)
+            P.lower_fds[i] = idmapped_tree(P.lowers[i], ns, 0, SK_MOUNT_ATTR_RDONLY, "rootfs");
+        close(ns);
+    }
+}
+
 /* Relay one line from init. Returns the kind: 'x' exit, 'e' error, 'c' exec. */
 static int relay_init_line(char *line, char *exit_line, size_t exit_cap)
 {
@@ -1920,6 +2243,9 @@ int main(int argc, char **argv)
     sigset_t set;
     block_forwarded_signals(&set);
 
+    if (P.bindmap_len || P.lowermap_len)
+        prepare_idmapped_mounts();
+
     int p2c[2], c2p[2];
     if (pipe2(p2c, O_CLOEXEC) < 0 || pipe2(c2p, O_CLOEXEC) < 0)
         die(EXIT_SETUP, errno, "clone", "pipe: %s", strerror(errno));
@@ -1943,10 +2269,8 @@ int main(int argc, char **argv)
     (void)snprintf(line, sizeof line, "child %d\n", (int)pid);
     status_line(line);
 
-    if (P.uidmap_len)
-        write_map(pid, "uid_map", P.uidmap, P.uidmap_len);
-    if (P.gidmap_len)
-        write_map(pid, "gid_map", P.gidmap, P.gidmap_len);
+    if (P.ns_user)
+        write_maps(pid);
     if (write_all(p2c[1], "S", 1) < 0)
         die(EXIT_SETUP, errno, "clone", "start init: %s", strerror(errno));
     if (P.sync_net) {
