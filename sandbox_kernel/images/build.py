@@ -323,7 +323,9 @@ def _clean_overlay_upper(upper: Path) -> None:
             except OSError:
                 continue
             for a in attrs:
-                if a.startswith("trusted.overlay.") and a != "trusted.overlay.opaque":
+                if a.startswith(("trusted.overlay.", "user.overlay.")) and not a.endswith(
+                    ".overlay.opaque"
+                ):
                     with contextlib.suppress(OSError):
                         os.removexattr(name, a, follow_symlinks=False)
 

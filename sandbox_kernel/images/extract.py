@@ -25,7 +25,14 @@ Safety rules (the archive is hostile):
 * Hard links must name a regular file already extracted inside the destination.
 * Device nodes, fifos and sockets are skipped (counted in the report), never created.
 * No xattr from the archive is applied (``trusted.overlay.*``, ``security.capability``...);
-  they are counted in the report. setuid/setgid mode bits are kept.
+  they are counted in the report.
+* setuid and setgid bits are stripped from files (kernels run with no_new_privs, so the bits
+  never work inside; in a snapshot on the host they would hand a hostile image's root shell
+  to any host user). Setgid directories keep the bit (it only gives new files the group).
+  The layer blobs keep the original modes, so export loses nothing.
+* Opaque directories carry both ``trusted.overlay.opaque`` (overlay in the host's user
+  namespace; set only as root) and ``user.overlay.opaque`` (overlay in a container's user
+  namespace, which reads user xattrs).
 * Limits stop decompression bombs: total bytes, entry count, per-file size, header size.
 * Symlinks named ``proc``, ``dev`` or ``sys`` at the top are kept but flagged in the report
   (the runtime refuses such images at start); they are never followed here.
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
+USER_OPAQUE_XATTR = "user.overlay.opaque"
 MAX_REPORTED = 1000  # report lists are capped; counts are not
 MAX_DEPTH = 256  # path components of one member name
 
@@ -89,6 +97,7 @@ class ExtractReport:
     dropped_xattrs: list[str] = field(default_factory=list)  # "path: xattr name" (first ones)
     dropped_xattr_count: int = 0
     flagged: list[str] = field(default_factory=list)  # e.g. top-level /proc as a symlink
+    setid_stripped: int = 0  # files whose setuid/setgid bits were dropped
 
 
 # --- safe fs helpers ---------------------------------------------------------------------------
@@ -163,8 +172,39 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _set_opaque_fd(fd: int) -> None:
-    os.setxattr(fd, OPAQUE_XATTR, b"y")
+def file_mode(mode: int) -> int:
+    """The mode a regular file gets in a snapshot: the archive's, without setuid/setgid."""
+    return mode & 0o7777 & ~(stat.S_ISUID | stat.S_ISGID)
+
+
+def set_opaque(target: int | str) -> None:
+    """Mark directory ``target`` (an fd or a path) opaque for overlay, in both xattr
+    namespaces it reads (trusted only as root). Called by the extractor and by the store's
+    snapshot upgrade."""
+    names = (OPAQUE_XATTR, USER_OPAQUE_XATTR) if os.geteuid() == 0 else (USER_OPAQUE_XATTR,)
+    for name in names:
+        if isinstance(target, int):
+            os.setxattr(target, name, b"y")
+        else:  # never through a symlink
+            os.setxattr(target, name, b"y", follow_symlinks=False)
+
+
+def harden_snapshot(root: Path) -> None:
+    """Put snapshot ``root`` (unpacked by an earlier version) into today's form: setuid and
+    setgid dropped from files, opaque directories marked in both overlay xattr namespaces.
+    Never follows a symlink. Called once per snapshot by ``ImageStore._upgrade_snapshots``."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            p = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                if os.getxattr(p, OPAQUE_XATTR, follow_symlinks=False) == b"y":
+                    set_opaque(p)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(p)
+                if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    os.chmod(p, file_mode(st.st_mode))
 
 
 class _Extractor:
@@ -231,7 +271,7 @@ class _Extractor:
                 self.whiteouts.discard(path)
                 os.mkdir(c, 0o755, dir_fd=fd)
                 sub = os.open(c, _DIR_FLAGS, dir_fd=fd)
-                _set_opaque_fd(sub)
+                set_opaque(sub)
                 return sub
             raise UnsafeArchiveError(
                 f"{self.what}: tar member path {'/'.join(path)!r} uses a non-directory as a "
@@ -346,7 +386,7 @@ class _Extractor:
         fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
         try:
             if was_wh:
-                _set_opaque_fd(fd)
+                set_opaque(fd)
             self._chown(fd, None, m)
             os.fchmod(fd, m.mode & 0o7777)
         finally:
@@ -393,7 +433,9 @@ class _Extractor:
             if self.is_root and (m.uid or m.gid or self.setgid_seen):
                 os.fchown(fd, m.uid, m.gid)
             if m.mode & 0o7000 or perm & self.umask:
-                os.fchmod(fd, m.mode & 0o7777)
+                os.fchmod(fd, file_mode(m.mode))
+                if m.mode & (stat.S_ISUID | stat.S_ISGID):
+                    self.report.setid_stripped += 1
             os.utime(fd, (m.mtime, m.mtime))
         finally:
             os.close(fd)
@@ -458,7 +500,7 @@ class _Extractor:
         parent = comps[:-1]
         if base == WH_OPAQUE:
             pfd = self._parent_fd(parent)
-            _set_opaque_fd(pfd)
+            set_opaque(pfd)
             rep.opaque_dirs += 1
             return
         target = base[len(WH_PREFIX) :]
@@ -479,7 +521,7 @@ class _Extractor:
             if stat.S_ISDIR(st.st_mode):
                 fd = os.open(target, _DIR_FLAGS, dir_fd=pfd)
                 try:
-                    _set_opaque_fd(fd)
+                    set_opaque(fd)
                 finally:
                     os.close(fd)
             return

@@ -18,13 +18,21 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .compression import COPY_CHUNK
-from .extract import OPAQUE_XATTR, WH_OPAQUE, WH_PREFIX, is_whiteout
+from .extract import (
+    OPAQUE_XATTR,
+    USER_OPAQUE_XATTR,
+    WH_OPAQUE,
+    WH_PREFIX,
+    file_mode,
+    is_whiteout,
+    set_opaque,
+)
 
 log = logging.getLogger(__name__)
 
 #: The xattrs that mark an opaque directory: overlayfs' own, and the one it sets instead when
 #: mounted with ``userxattr``.
-OPAQUE_XATTRS = (OPAQUE_XATTR, "user.overlay.opaque")
+OPAQUE_XATTRS = (OPAQUE_XATTR, USER_OPAQUE_XATTR)
 
 
 def _is_opaque_dir(path: str) -> bool:
@@ -37,15 +45,14 @@ def _is_opaque_dir(path: str) -> bool:
     return False
 
 
-def _scrub_xattrs(path: str, keep_opaque: bool) -> None:
-    """Remove xattrs from a snapshot entry so it matches what extraction would produce."""
+def _scrub_xattrs(path: str) -> None:
+    """Remove every xattr from a snapshot entry (the opaque markers are set again by the
+    caller), so that it matches what extraction would produce."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return
     for name in names:
-        if keep_opaque and name == OPAQUE_XATTR:
-            continue
         with contextlib.suppress(OSError):
             os.removexattr(path, name, follow_symlinks=False)
 
@@ -125,9 +132,9 @@ class _LayerTarWriter:
         self.tf.addfile(ti)
         opaque = _is_opaque_dir(p)
         if self.scrub:
-            _scrub_xattrs(p, keep_opaque=True)
+            _scrub_xattrs(p)
             if opaque:
-                os.setxattr(p, OPAQUE_XATTR, b"y", follow_symlinks=False)
+                set_opaque(p)
         if opaque:
             self.tf.addfile(_empty_file(f"{name}/{WH_OPAQUE}"))
         self.walk(p, name + "/")
@@ -136,7 +143,9 @@ class _LayerTarWriter:
         """Write regular file ``p`` with its data, or as a hard link to the name an earlier
         link of the same inode was written under. Called by ``walk``."""
         if self.scrub:
-            _scrub_xattrs(p, keep_opaque=False)
+            _scrub_xattrs(p)
+            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):  # the tar keeps them; see extract
+                os.chmod(p, file_mode(st.st_mode))
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in self.seen_inodes:
             ti = _info(name, st)
@@ -170,15 +179,15 @@ def write_layer_tar(
 
     Names are sorted (whiteouts first within each directory), owners numeric, mtimes kept,
     overlay whiteouts become ``.wh.NAME`` and opaque directories get ``.wh..wh..opq``. With
-    ``scrub`` the tree is also normalised in place into snapshot form (xattrs other than the
-    opaque marker removed, user.overlay.opaque turned into trusted.overlay.opaque), so that
+    ``scrub`` the tree is also normalised in place into snapshot form (xattrs removed but the
+    opaque markers, set as extraction sets them; setuid/setgid dropped from files), so that
     ``ImageStore.add_layer_from_dir`` can rename ``src`` into the snapshot store as is.
     """
     tf = tarfile.open(  # noqa: SIM115 - closed at the end
         fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_CHUNK
     )
     if scrub:
-        _scrub_xattrs(str(src), keep_opaque=False)
+        _scrub_xattrs(str(src))
     # The root directory itself gets no entry, as with most layer writers.
     _LayerTarWriter(src, tf, scrub).walk(str(src), "")
     tf.close()

@@ -42,13 +42,23 @@ from ..errors import DigestMismatch, ImageError, ImageInUse, ImageNotFound
 from ..runtime.rundir import ContainerInfo
 from . import oci
 from .compression import COPY_CHUNK
-from .extract import DEFAULT_LIMITS, ExtractLimits, ExtractReport, extract_layer_file
+from .extract import (
+    DEFAULT_LIMITS,
+    ExtractLimits,
+    ExtractReport,
+    extract_layer_file,
+    harden_snapshot,
+)
 from .labels import LABEL_ARGV
 from .layer_writer import write_layer_tar
 
 log = logging.getLogger(__name__)
 
 HISTORY_EMPTY = "empty_layer"
+#: The form of the snapshots (``_upgrade_snapshots``): 2 = setuid/setgid stripped from files,
+#: opaque directories marked in both overlay xattr namespaces.
+SNAPSHOT_FORMAT = "2"
+SNAPSHOT_FORMAT_FILE = ".format"
 
 
 @dataclass(frozen=True)
@@ -311,12 +321,29 @@ class ImageStore:
                 with self._locked():
                     if not (self.oci_dir / "index.json").exists():
                         self._write_index([])
+            self._upgrade_snapshots()
         except PermissionError as exc:
             raise ImageError(
                 f"cannot write the image store at {self.root}: {exc.strerror}; run as root or set "
                 "SANDBOX_KERNEL_STATE_DIR to a writable directory"
             ) from None
         self._ready = True
+
+    def _upgrade_snapshots(self) -> None:
+        """Bring snapshots unpacked by an earlier version to today's form, once (the
+        ``snapshots/.format`` file says which form they are in): setuid/setgid dropped from
+        files, and opaque directories marked for overlay in a user namespace too."""
+        marker = self.snapshots_dir / SNAPSHOT_FORMAT_FILE
+        try:
+            if marker.read_text().strip() == SNAPSHOT_FORMAT:
+                return
+        except FileNotFoundError:
+            pass
+        with self._locked():
+            for snap in self.snapshots_dir.iterdir():
+                if snap.is_dir() and not snap.is_symlink() and oci.is_hex64(snap.name):
+                    harden_snapshot(snap)
+            self._atomic_write(marker, SNAPSHOT_FORMAT.encode() + b"\n")
 
     def _tmp_name(self, kind: str) -> Path:
         return self.tmp_dir / f"{kind}-{os.getpid()}-{secrets.token_hex(6)}"
@@ -890,6 +917,8 @@ class ImageStore:
         whichever is later); returns how many. Called by ``gc`` under the store lock."""
         removed = 0
         for p in self.snapshots_dir.iterdir():
+            if p.name == SNAPSHOT_FORMAT_FILE:
+                continue
             if p.name not in keep_snaps and _older_than(p, now, grace_seconds, use_ctime=True):
                 _rmtree(p)
                 removed += 1

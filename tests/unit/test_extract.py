@@ -93,7 +93,7 @@ def test_basic_entry_types(tmp_path: Path) -> None:
     d = tmp_path / "out"
     rep = extract(data, d)
     assert (d / "etc/passwd").read_text() == "root:x:0:0\n"
-    assert stat.S_IMODE(os.stat(d / "usr/bin/su").st_mode) == 0o4755  # setuid kept
+    assert stat.S_IMODE(os.stat(d / "usr/bin/su").st_mode) == 0o755  # setuid stripped
     assert stat.S_IMODE(os.stat(d / "etc").st_mode) == 0o750
     assert os.readlink(d / "usr/bin/sh") == "dash"
     assert os.stat(d / "etc/passwd").st_ino == os.stat(d / "etc/passwd-link").st_ino
