@@ -1,3 +1,8 @@
+"""``python -m sandbox_kernel``: the ``sandbox-kernel`` command (``cli.main``).
+
+Layer: cli.
+"""
+
 import sys
 
 from .cli import main

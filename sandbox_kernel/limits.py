@@ -33,7 +33,8 @@ _WHOLE = re.compile(r"^\s*[0-9]+\s*$")
 
 
 def parse_count(value: object, field: str = "pids") -> int:
-    """A whole number written with ASCII digits (``256``, ``"256"``); SpecError otherwise."""
+    """A whole number written with ASCII digits (``256``, ``"256"``); SpecError otherwise.
+    The parser of the ``pids`` bound (kernelspecs, ``--pids``, live ``%sandbox pids=``)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise SpecError(f"{field}={value!r} is not a whole number; use {PIDS_FORMS}")
     if isinstance(value, str) and not _WHOLE.match(value):
@@ -64,7 +65,8 @@ class Bound:
 
     def parse(self, raw: object, field: str | None = None) -> Any:
         """The value of ``raw`` (``"2G"``, ``1.5``, ``"256"``) if it is in range; else a
-        SpecError naming the field, the value and the accepted form or range."""
+        SpecError naming the field, the value and the accepted form or range. Called at
+        kernel start (``resolve``), by ``kernelspec install`` and by ``run``'s options."""
         field = field or self.name
         if isinstance(raw, str) and len(raw) > 64:
             raise SpecError(f"{field}={raw[:32]!r}... is too long; use {self.forms}")
@@ -75,7 +77,8 @@ class Bound:
         return value
 
     def problem(self, value: float, raw: object = None, field: str | None = None) -> str | None:
-        """The one-line reason ``value`` is out of range, or None."""
+        """The one-line reason ``value`` is out of range, or None. Called by ``parse``, by
+        ``limit_problems`` and by the spec validator of the tmpfs sizes."""
         field = field or self.name
         shown = repr(raw) if raw is not None else str(value)
         if value < self.minimum:
@@ -113,7 +116,10 @@ LIVE: tuple[str, ...] = ("memory", "cpus", "pids")
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource caps of one container. ``None`` means no cap.
+    """Resource caps of one container (``ContainerSpec.limits``). ``None`` means no cap.
+
+    Built by ``jupyter.resolve.resolve_settings`` and ``sandbox-kernel run``; replaced by
+    ``plan_change`` on a live change; turned into cgroup values by ``container.cgroup_limits``.
 
     memory: bytes; swap is off (memory+swap = memory) unless ``memory_swap`` is set.
     memory_swap: bytes of swap allowed on top of memory (None: swap off).
@@ -163,16 +169,18 @@ class Ceilings:
     writable_size: int | None = None
 
     def of(self, name: str) -> float | None:
-        """The ceiling of setting ``name`` (None when there is none or it has no ceiling)."""
+        """The ceiling of setting ``name`` (None when there is none or it has no ceiling).
+        Called at kernel start (a default above it is lowered to it) and by ``plan_change``."""
         return getattr(self, name, None) if name in _CEILING_NAMES else None
 
     def describe(self, name: str) -> str | None:
-        """The ceiling in human form (``4 GiB``), or None."""
+        """The ceiling in human form (``4 GiB``), or None (what ``%sandbox`` shows)."""
         top = self.of(name)
         return None if top is None else BOUNDS[name].fmt(top)
 
     def start_problem(self, name: str, raw: object, value: float) -> str | None:
-        """Why a kernelspec value is above the ceiling (start path), or None."""
+        """Why a kernelspec value is above the ceiling, or None. Called by
+        ``jupyter.resolve`` for each cap at kernel start."""
         top = self.of(name)
         if top is None or value <= top:
             return None

@@ -1,4 +1,7 @@
-"""Where the product keeps things on the host.
+"""Where the product keeps things on the host, and how containers are named.
+
+Layer: leaf (imports nothing of the package). Read by the runtime, the image store, the
+provisioner and the CLI; nothing else computes these paths.
 
 * state dir (images, snapshots, build cache): ``/var/lib/sandbox-kernel`` for root,
   ``$XDG_DATA_HOME/sandbox-kernel`` (default ``~/.local/share/sandbox-kernel``) otherwise;
@@ -32,11 +35,17 @@ ID_RE = re.compile(r"^sk-[0-9a-f]{12}$")
 
 
 def new_container_id() -> str:
-    """A fresh container id; every host resource of the container is named from it."""
+    """A fresh container id; every host resource of the container is named from it.
+
+    Called by whoever builds a ContainerSpec: the provisioner (once per kernel, kept across
+    restarts), ``sandbox-kernel run`` and the image builder's ``run_in_image``.
+    """
     return ID_PREFIX + secrets.token_hex(6)
 
 
 def is_container_id(name: str) -> bool:
+    """Is ``name`` shaped like a container id? Called by gc, ``ps``, ``find_container`` and the
+    provisioner's re-attach to tell container run dirs and cgroups from anything else."""
     return bool(ID_RE.match(name))
 
 
@@ -49,6 +58,8 @@ def shipped_dirs(kind: str) -> tuple[Path, Path]:
 
 
 def state_dir() -> Path:
+    """The state dir (see the module docstring). Called by the image store, the image builder
+    and the ``host`` pseudo-image when no root is given to them."""
     env = os.environ.get("SANDBOX_KERNEL_STATE_DIR")
     if env:
         return Path(env)
@@ -61,6 +72,9 @@ def state_dir() -> Path:
 
 
 def run_dir() -> Path:
+    """The run root holding one run dir per container (see the module docstring). Called by
+    ``Container.create``, gc, ``ps``, ``find_container``, the store's in-use check and the
+    provisioner (connection paths, kept exit reasons) when no root is given to them."""
     env = os.environ.get("SANDBOX_KERNEL_RUN_DIR")
     if env:
         return Path(env)

@@ -1,5 +1,9 @@
 """Parsing and formatting of sizes, CPU counts and durations.
 
+Layer: leaf (imports only ``errors``). ``limits`` builds its bounds on these parsers; the
+messages of ``limits`` and ``ExitResult``, ``ps``, ``stats`` and the provisioner's
+``describe`` use the formatters.
+
 Accepted size forms: a plain number of bytes (``1048576``), or a number with a
 unit: ``k``/``K``/``KB``/``KiB``, ``M``/``MB``/``MiB``, ``G``/``GB``/``GiB``,
 ``T``/``TiB`` (all binary: 1K = 1024 bytes, as Docker does). Decimals allowed
@@ -25,7 +29,11 @@ DURATION_FORMS = "seconds, or a number with ms, s, m or h, e.g. 500ms, 10s, 2m"
 
 
 def parse_size(value: str | int | float, field: str = "size") -> int:
-    """Return a size in bytes; raise SpecError naming the field and the accepted forms."""
+    """Return a size in bytes; raise SpecError naming the field and the accepted forms.
+
+    Called through ``limits.BOUNDS`` for every size cap, and by ``jupyter.resolve.read_policy``
+    for the admin's ``SandboxPolicy.max_*`` sizes.
+    """
     if isinstance(value, bool):
         raise SpecError(f"{field}={value!r} is not a size; use {SIZE_FORMS}")
     if isinstance(value, (int, float)):
@@ -40,7 +48,10 @@ def parse_size(value: str | int | float, field: str = "size") -> int:
 
 
 def parse_cpus(value: str | int | float, field: str = "cpus") -> float:
-    """Return a CPU count as float (> 0); only ASCII digits (``float`` alone takes others)."""
+    """Return a CPU count as float (> 0); only ASCII digits (``float`` alone takes others).
+
+    Called through ``limits.CPUS`` (kernelspecs, ``--cpus``, live ``%sandbox cpus=``).
+    """
     if isinstance(value, bool) or (isinstance(value, str) and not _NUMBER_RE.match(value)):
         raise SpecError(f"{field}={value!r} is not a CPU count; use {CPUS_FORMS}")
     try:
@@ -53,7 +64,10 @@ def parse_cpus(value: str | int | float, field: str = "cpus") -> float:
 
 
 def parse_duration(value: str | int | float, field: str = "timeout") -> float:
-    """Return a duration in seconds (> 0)."""
+    """Return a duration in seconds (> 0); SpecError naming the field otherwise.
+
+    No product path calls it yet (the in-kernel magics keep their own Python 2 copy).
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
@@ -67,7 +81,10 @@ def parse_duration(value: str | int | float, field: str = "timeout") -> float:
 
 
 def format_size(nbytes: int | float | None) -> str:
-    """Human form with binary units: 536870912 -> '512 MiB'."""
+    """Human form with binary units: 536870912 -> '512 MiB'; None -> 'unlimited'.
+
+    Called for messages and tables: limits' advice, ``ExitResult.reason``, ``ps``, ``stats``.
+    """
     if nbytes is None:
         return "unlimited"
     n = float(nbytes)
@@ -82,6 +99,8 @@ def format_size(nbytes: int | float | None) -> str:
 
 
 def format_cpus(cpus: float | None) -> str:
+    """Human form of a CPU cap (``1.5``; None -> ``unlimited``), for ``ps``, ``stats``,
+    the provisioner's ``describe`` and the CPU bound's messages."""
     if cpus is None:
         return "unlimited"
     return f"{cpus:g}"

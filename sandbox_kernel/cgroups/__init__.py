@@ -1,8 +1,9 @@
 """cgroup layer: one manager per host, v1 or v2, picked once from the detected mode.
 
-``get_manager()`` is the entry point. ``SANDBOX_KERNEL_CGROUP_MODE=v1|v2`` forces an
-implementation (tests); ``SANDBOX_KERNEL_CGROUP_PARENT`` (or the ``parent`` argument, e.g. the
-admin's setting) names the parent cgroup instead of the caller's own cgroup.
+Layer: cgroups (OS side; imports only ``errors``); the runtime builds on it, never the other
+way round. ``get_manager()`` is the entry point. ``SANDBOX_KERNEL_CGROUP_MODE=v1|v2`` forces
+an implementation (tests); ``SANDBOX_KERNEL_CGROUP_PARENT`` (or the ``parent`` argument,
+e.g. the admin's setting) names the parent cgroup instead of the caller's own cgroup.
 """
 
 from __future__ import annotations
@@ -71,7 +72,10 @@ def get_manager(
     io: CgroupIO | None = None,
     mode: str | None = None,
 ) -> CgroupManager:
-    """The cgroup manager for this host.
+    """The cgroup manager for this host (cached per parent and mode).
+
+    Called by ``Container.create`` and gc when not given one, and by ``ps``, ``stats`` and
+    ``doctor``.
 
     parent: parent cgroup for containers (v2: a path in the cgroup2 mount, or the directory
         itself; v1: a cgroup path used in every hierarchy). Default: $SANDBOX_KERNEL_CGROUP_PARENT,

@@ -1,4 +1,8 @@
-"""Pieces shared by the v1 and v2 managers: file access (injectable), error wrapping, checks."""
+"""Pieces shared by the v1 and v2 managers: file access (injectable), error wrapping, checks.
+
+Layer: cgroups (OS side, internal: only ``v1``, ``v2`` and the package's ``__init__`` import
+it; the runtime gets ``cpus_to_quota`` and tests get ``CgroupIO`` through the package).
+"""
 
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ class CgroupIO:
     """
 
     def read(self, path: str) -> str:
+        """The whole file as text (cgroup files are ASCII)."""
         with open(path, encoding="ascii", errors="replace") as f:
             return f.read()
 
     def write(self, path: str, value: str) -> None:
+        """Write ``value`` to an existing file, truncating it."""
         # One write(2) per value: cgroup files act on each write call.
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         try:
@@ -38,32 +44,41 @@ class CgroupIO:
             os.close(fd)
 
     def exists(self, path: str) -> bool:
+        """``os.path.exists``."""
         return os.path.exists(path)
 
     def isdir(self, path: str) -> bool:
+        """``os.path.isdir``."""
         return os.path.isdir(path)
 
     def listdir(self, path: str) -> list[str]:
+        """``os.listdir``."""
         return os.listdir(path)
 
     def mkdir(self, path: str) -> None:
+        """Create one cgroup directory (mode 0755)."""
         os.mkdir(path, 0o755)
 
     def rmdir(self, path: str) -> None:
+        """Remove one (empty) cgroup directory."""
         os.rmdir(path)
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to host process ``pid`` (the v1 and no-cgroup.kill kill loops)."""
         os.kill(pid, sig)
 
     def sleep(self, seconds: float) -> None:
+        """Pause between the retries of the kill and removal loops."""
         time.sleep(seconds)
 
     def monotonic(self) -> float:
+        """The clock the kill and removal loops' deadlines are measured on."""
         return time.monotonic()
 
 
 def cgroup_error(exc: OSError, action: str, path: str, fix: str = "") -> SandboxError:
-    """A CgroupError (PrivilegeError for EACCES/EPERM/EROFS) naming path, action and fix."""
+    """A CgroupError (PrivilegeError for EACCES/EPERM/EROFS) naming path, action and fix.
+    Called by ``Files`` and the drivers wherever an OSError of a cgroup file is caught."""
     msg = f"{action} {path}: {exc.strerror or exc}"
     err: SandboxError
     if exc.errno in _PRIV_ERRNOS:
@@ -81,7 +96,8 @@ def cgroup_error(exc: OSError, action: str, path: str, fix: str = "") -> Sandbox
 
 
 def check_name(name: str) -> None:
-    """A container cgroup name must be one plain path component."""
+    """A container cgroup name must be one plain path component (SpecError otherwise).
+    Called by both drivers before any path is built from a name (``create``, ``open``)."""
     if (
         not name
         or name in (".", "..")
@@ -98,7 +114,8 @@ def check_name(name: str) -> None:
 
 
 def check_limits(limits: CgroupLimits) -> None:
-    """Reject values the kernel would refuse or misread, before touching any file."""
+    """Reject values the kernel would refuse or misread, before touching any file.
+    Called by both drivers' ``create`` and ``set_limits`` (SpecError listing each problem)."""
     problems: list[str] = []
     if limits.memory is not None and limits.memory <= 0:
         problems.append(f"memory={limits.memory}: must be a positive number of bytes or None")
@@ -119,7 +136,8 @@ def check_limits(limits: CgroupLimits) -> None:
 
 
 def cpus_to_quota(cpus: float, period: int = 100_000) -> int:
-    """CFS quota in µs for ``cpus`` CPUs over ``period`` µs (at least 1000 µs, kernel minimum)."""
+    """CFS quota in µs for ``cpus`` CPUs over ``period`` µs (at least 1000 µs, kernel minimum).
+    Called by ``runtime.container.cgroup_limits`` at create and on each limit change."""
     if not cpus > 0:
         raise SpecError(f"cpus={cpus!r}: must be a number of CPUs above 0, e.g. 0.5 or 2")
     if period <= 0:
@@ -128,12 +146,14 @@ def cpus_to_quota(cpus: float, period: int = 100_000) -> int:
 
 
 def weight_to_shares(weight: int) -> int:
-    """v2 cpu.weight (1..10000, default 100) to v1 cpu.shares (2..262144, default 1024)."""
+    """v2 cpu.weight (1..10000, default 100) to v1 cpu.shares (2..262144, default 1024).
+    Called by the v1 driver when it writes cpu.shares."""
     return min(262144, max(2, weight * 1024 // 100))
 
 
 def parse_keyed(text: str) -> dict[str, int]:
-    """Parse flat keyed files (``key value`` per line: memory.events, cpu.stat, oom_control...)."""
+    """Parse flat keyed files (``key value`` per line: memory.events, cpu.stat, oom_control...).
+    Called by both drivers' ``stats``."""
     out: dict[str, int] = {}
     for line in text.splitlines():
         parts = line.split()
@@ -146,16 +166,19 @@ def parse_keyed(text: str) -> dict[str, int]:
 
 
 def parse_pids(text: str) -> list[int]:
+    """The pids of a cgroup.procs text (``Files.procs``)."""
     return [int(tok) for tok in text.split() if tok.isdigit()]
 
 
 class Files:
-    """CgroupIO plus error wrapping and the tree walks both managers need."""
+    """CgroupIO plus error wrapping and the tree walks both managers need (one per manager,
+    shared by its handles as ``manager.files``)."""
 
     def __init__(self, io: CgroupIO) -> None:
         self.io = io
 
     def read(self, path: str, fix: str = "") -> str:
+        """Contents of a file that must exist; CgroupError naming the path and ``fix``."""
         try:
             return self.io.read(path)
         except OSError as exc:
@@ -187,12 +210,14 @@ class Files:
             ) from exc
 
     def write(self, path: str, value: str, fix: str = "") -> None:
+        """Write one value (the drivers' limit writes); CgroupError naming value and path."""
         try:
             self.io.write(path, value)
         except OSError as exc:
             raise cgroup_error(exc, f"writing {value!r} to", path, fix) from exc
 
     def exists(self, path: str) -> bool:
+        """Does the file exist (controller files the kernel may not offer)?"""
         return self.io.exists(path)
 
     def mkdir(self, path: str) -> None:
@@ -237,6 +262,7 @@ class Files:
         return sorted(set(pids))
 
     def sigkill(self, pids: list[int]) -> None:
+        """SIGKILL each pid (already gone is fine); a step of the drivers' kill loops."""
         for pid in pids:
             try:
                 self.io.kill(pid, signal.SIGKILL)
@@ -282,6 +308,7 @@ class HandleBase(CgroupHandle):
         return any(self._f.io.isdir(d) for d in self.join_paths)
 
     def pids(self) -> list[int]:
+        """Members of every joined directory and the cgroups below them."""
         found: set[int] = set()
         for d in self.join_paths:
             found.update(self._f.procs(d))
@@ -308,6 +335,8 @@ class HandleBase(CgroupHandle):
             delay = min(delay * 2, 0.05)
 
     def remove(self, timeout: float = REMOVE_TIMEOUT_S) -> None:
+        """Kill what is left, then rmdir every directory deepest first, retrying EBUSY for
+        ``timeout`` s (see ``CgroupHandle.remove`` for the callers)."""
         if not self.exists():
             return
         if self.pids():

@@ -1,5 +1,8 @@
 """Find out how cgroups are set up on this host, from /proc/self/mountinfo and /proc/self/cgroup.
 
+Layer: cgroups (OS side). ``get_manager`` calls ``detect`` once per cached manager; the
+drivers read the resulting ``CgroupLayout``.
+
 Everything takes injectable inputs (a filesystem ``root`` prefix and the texts of the mount table
 and of /proc/self/cgroup) so that tests run against a fake tree without root.
 
@@ -44,7 +47,8 @@ class Mount:
 
 
 def parse_mounts(text: str) -> list[Mount]:
-    """Parse /proc/self/mountinfo or /proc/self/mounts text (the format is recognised per line)."""
+    """Parse /proc/self/mountinfo or /proc/self/mounts text (the format is recognised per line).
+    Called by ``detect``."""
     mounts: list[Mount] = []
     for line in text.splitlines():
         fields = line.split()
@@ -81,7 +85,8 @@ def parse_mounts(text: str) -> list[Mount]:
 def parse_proc_cgroup(text: str) -> tuple[dict[str, str], str | None]:
     """Parse /proc/<pid>/cgroup: ({v1 controller or name=...: path}, v2 path or None).
 
-    A co-mounted hierarchy (``1:cpu,cpuacct:/x``) gives one entry per controller.
+    A co-mounted hierarchy (``1:cpu,cpuacct:/x``) gives one entry per controller. Called by
+    ``detect``.
     """
     v1: dict[str, str] = {}
     v2: str | None = None
@@ -126,7 +131,7 @@ def cgroup_dir(mount: Mount, cgroup_path: str, root: str = "/") -> str:
 
 @dataclass
 class CgroupLayout:
-    """What ``detect`` found."""
+    """What ``detect`` found; the drivers take their parent directories from it."""
 
     mode: CgroupMode
     root: str = "/"
@@ -140,19 +145,23 @@ class CgroupLayout:
     v2_own: str | None = None
 
     def v1_dir(self, controller: str) -> str | None:
-        """The caller's own cgroup directory in a v1 hierarchy (None if not mounted)."""
+        """The caller's own cgroup directory in a v1 hierarchy (None if not mounted); the v1
+        driver's default parent."""
         mount = self.v1_mounts.get(controller)
         if mount is None:
             return None
         return cgroup_dir(mount, self.v1_own.get(controller, "/"), self.root)
 
     def v2_dir(self) -> str | None:
-        """The caller's own cgroup directory in the cgroup2 hierarchy (None if none)."""
+        """The caller's own cgroup directory in the cgroup2 hierarchy (None if none); the v2
+        driver's default parent."""
         if self.v2_mount is None:
             return None
         return cgroup_dir(self.v2_mount, self.v2_own or "/", self.root)
 
     def v2_mountpoint(self) -> str | None:
+        """Where the cgroup2 filesystem is mounted, seen through ``root`` (None on legacy
+        hosts); the v2 driver resolves a configured parent against it."""
         return None if self.v2_mount is None else host_path(self.root, self.v2_mount.mountpoint)
 
 
@@ -185,6 +194,7 @@ def detect(
 
     ``root`` prefixes every filesystem path (a fake tree in tests). ``mounts_text`` (mountinfo
     or mounts format) and ``cgroup_text`` default to the files of ``/proc/self`` (not prefixed).
+    Called by ``get_manager``; CgroupError when no cgroup filesystem is mounted.
     """
     if mounts_text is None:
         mounts_text = _read_text("/proc/self/mountinfo")

@@ -1,5 +1,7 @@
 """cgroup v1 (legacy and hybrid hosts) manager.
 
+Layer: cgroups (OS side). ``get_manager`` builds it on legacy and hybrid hosts (or when v1
+is forced).
 A container gets ``<own cgroup>/<name>`` in each of the memory, cpu, cpuacct and pids hierarchies
 (one directory when cpu and cpuacct are co-mounted as ``cpu,cpuacct``), where ``<own cgroup>`` is
 the caller's cgroup in that hierarchy (from /proc/self/cgroup) or the configured parent cgroup path.
@@ -66,6 +68,8 @@ class V1Handle(HandleBase):
 
     @property
     def join_paths(self) -> list[str]:
+        """The container's directories, one per mounted hierarchy (co-mounted controllers
+        share one), in controller order."""
         out: list[str] = []
         for d in self.dirs.values():
             if d not in out:
@@ -73,6 +77,8 @@ class V1Handle(HandleBase):
         return out
 
     def view_mounts(self) -> tuple[tuple[str, str], ...]:
+        """One (directory name under /sys/fs/cgroup, mountable controllers) per hierarchy the
+        container joined."""
         seen: dict[str, str] = {}
         for ctrl in self.dirs:
             mount = self._m.layout.v1_mounts.get(ctrl)
@@ -90,6 +96,8 @@ class V1Handle(HandleBase):
     # -- limits -------------------------------------------------------------------------------
 
     def set_limits(self, limits: CgroupLimits) -> None:
+        """Write memory (and memsw, in the order the kernel accepts), the CFS quota and
+        period, cpu.shares and pids.max; CgroupError when a limit's hierarchy is not mounted."""
         check_limits(limits)
         missing = [
             c
@@ -198,6 +206,8 @@ class V1Handle(HandleBase):
         return self._oom_seen
 
     def stats(self) -> CgroupStats:
+        """Read usage and max usage, cpuacct.usage, the CFS quota, pids, OOM kills (see the
+        module docstring) and pids.events."""
         if not self.exists():
             raise ContainerNotFound(
                 f"cgroups of container {self.name} ({', '.join(self.join_paths)}) do not exist "
@@ -222,12 +232,17 @@ class V1Handle(HandleBase):
     # -- processes ----------------------------------------------------------------------------
 
     def kill(self, timeout: float = KILL_TIMEOUT_S) -> None:
+        """SIGKILL every member until all hierarchies are empty, or CgroupError after
+        ``timeout`` s."""
         # No freezer (not one of our hierarchies): SIGKILL every member until all hierarchies
         # are empty; pids.max bounds how fast a fork loop can refill them.
         self._kill_loop(self._f.sigkill, timeout)
 
 
 class V1Manager(ManagerBase):
+    """The v1 driver: a container cgroup in each mounted hierarchy of memory, cpu, cpuacct
+    and pids, under the caller's (or the configured) parent there. Built by ``get_manager``."""
+
     version = 1
 
     def __init__(
@@ -266,6 +281,7 @@ class V1Manager(ManagerBase):
         return f"V1Manager(mode={self.mode.value}, parents={self.parents!r})"
 
     def controllers(self) -> dict[str, bool]:
+        """Which of memory, cpu, pids have a mounted hierarchy with a parent directory."""
         return {c: c in self.parents for c in ("memory", "cpu", "pids")}
 
     def _dirs(self, name: str) -> dict[str, str]:
@@ -273,6 +289,8 @@ class V1Manager(ManagerBase):
         return {ctrl: os.path.join(d, name) for ctrl, d in self.parents.items()}
 
     def create(self, name: str, limits: CgroupLimits) -> V1Handle:
+        """mkdir ``<parent>/<name>`` in each hierarchy and apply ``limits`` (the directories
+        made are removed again if anything fails)."""
         dirs = self._dirs(name)
         check_limits(limits)
         handle = V1Handle(self, name, dirs)
@@ -290,6 +308,7 @@ class V1Manager(ManagerBase):
         return handle
 
     def open(self, name: str) -> V1Handle:
+        """The handle of container ``name``; ContainerNotFound when no hierarchy has it."""
         handle = V1Handle(self, name, self._dirs(name))
         if not handle.exists():
             raise ContainerNotFound(
@@ -299,6 +318,7 @@ class V1Manager(ManagerBase):
         return handle
 
     def list_leftovers(self, prefix: str = "sk-") -> list[str]:
+        """Children named with ``prefix`` of the parent in any hierarchy (each name once)."""
         names: set[str] = set()
         for d in set(self.parents.values()):
             for sub in self.files.subdirs(d):

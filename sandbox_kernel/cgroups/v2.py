@@ -1,5 +1,6 @@
 """cgroup v2 (unified hierarchy) manager.
 
+Layer: cgroups (OS side). ``get_manager`` builds it on unified hosts (or when v2 is forced).
 A container gets one directory ``<parent>/<name>`` where the parent is the caller's own cgroup
 (the ``0::`` line of /proc/self/cgroup) or an explicitly configured parent (e.g. a cgroup that
 systemd delegated to the server). memory, cpu and pids are enabled in the parent's
@@ -53,12 +54,15 @@ class V2Handle(HandleBase):
 
     @property
     def join_paths(self) -> list[str]:
+        """The one directory of the container's cgroup."""
         return [self.path]
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
     def set_limits(self, limits: CgroupLimits) -> None:
+        """Write memory.max, memory.swap.max, cpu.max, cpu.weight and pids.max (those the
+        kernel offers); CgroupError when a limit needs a controller that is not enabled."""
         check_limits(limits)
         f = self._f
         missing = self._m.missing_controllers(limits, self.path)
@@ -93,6 +97,8 @@ class V2Handle(HandleBase):
         return parse_keyed(text).get(key)
 
     def stats(self) -> CgroupStats:
+        """Read memory.current/peak, cpu.stat, cpu.max, pids and the OOM and pids.max events
+        (memory.peak, where the kernel lacks it, is the highest current seen by this handle)."""
         f = self._f
         if not self.exists():
             raise ContainerNotFound(
@@ -134,6 +140,8 @@ class V2Handle(HandleBase):
         )
 
     def kill(self, timeout: float = KILL_TIMEOUT_S) -> None:
+        """cgroup.kill (Linux 5.14+), else freeze, SIGKILL each member, thaw; repeated until
+        empty or ``timeout`` s (then CgroupError)."""
         if not self.exists():
             return
         kill_file = self._file("cgroup.kill")
@@ -175,6 +183,9 @@ class V2Handle(HandleBase):
 
 
 class V2Manager(ManagerBase):
+    """The v2 driver: container cgroups are children of one parent directory (the caller's
+    own cgroup, or the configured parent). Built by ``get_manager``."""
+
     version = 2
 
     def __init__(
@@ -211,6 +222,7 @@ class V2Manager(ManagerBase):
 
     @property
     def is_root(self) -> bool:
+        """Is the parent the root cgroup (exempt from the "no internal processes" rule)?"""
         return os.path.normpath(self.parent) == os.path.normpath(self.mountpoint)
 
     def _set(self, path: str) -> set[str]:
@@ -218,11 +230,13 @@ class V2Manager(ManagerBase):
         return set(text.split()) if text is not None else set()
 
     def controllers(self) -> dict[str, bool]:
+        """Which of memory, cpu, pids the parent's cgroup.controllers offers."""
         available = self._set(os.path.join(self.parent, "cgroup.controllers"))
         return {c: c in available for c in V2_CONTROLLERS}
 
     def missing_controllers(self, limits: CgroupLimits, path: str) -> list[str]:
-        """Controllers that ``limits`` needs but that are not enabled for ``path``."""
+        """Controllers that ``limits`` needs but that are not enabled for ``path`` (read by
+        ``V2Handle.set_limits`` from the cgroup's own cgroup.controllers)."""
         wanted = []
         if limits.memory is not None:
             wanted.append("memory")
@@ -237,6 +251,7 @@ class V2Manager(ManagerBase):
         """Enable memory/cpu/pids (those available) in the parent's subtree_control.
 
         Returns what was newly enabled. Nothing is written when all are already enabled.
+        Called by ``create`` before each container cgroup is made.
         """
         available = self._set(os.path.join(self.parent, "cgroup.controllers"))
         control = os.path.join(self.parent, "cgroup.subtree_control")
@@ -276,6 +291,8 @@ class V2Manager(ManagerBase):
         return os.path.join(self.parent, name)
 
     def create(self, name: str, limits: CgroupLimits) -> V2Handle:
+        """Enable the controllers in the parent, mkdir ``<parent>/<name>``, apply ``limits``
+        (the directory is removed again if that fails)."""
         path = self._path(name)
         check_limits(limits)
         self.enable_controllers()
@@ -290,6 +307,7 @@ class V2Manager(ManagerBase):
         return handle
 
     def open(self, name: str) -> V2Handle:
+        """The handle of ``<parent>/<name>``; ContainerNotFound when it does not exist."""
         path = self._path(name)
         if not self.files.io.isdir(path):
             raise ContainerNotFound(
@@ -298,6 +316,7 @@ class V2Manager(ManagerBase):
         return V2Handle(self, name, path)
 
     def list_leftovers(self, prefix: str = "sk-") -> list[str]:
+        """Child cgroups of the parent named with ``prefix``."""
         return sorted(
             os.path.basename(d)
             for d in self.files.subdirs(self.parent)

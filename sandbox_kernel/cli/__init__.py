@@ -1,7 +1,9 @@
 """The ``sandbox-kernel`` command line.
 
-Each verb lives in its own module exposing ``register(subparsers)``; the module's
-handler is stored as the parser's ``func`` default and returns the exit status.
+Layer: cli, the top (may import everything below; in the package only ``__main__``
+imports it; the ``sandbox-kernel`` console script calls ``main``). Each verb lives in its own
+module exposing ``register(subparsers)``; the module's handler is stored as the parser's
+``func`` default, called by ``main`` with the parsed arguments, and returns the exit status.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ VERB_MODULES = ("run", "gc", "image", "kernelspec", "doctor", "ps", "stats")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every verb module's ``register`` applied (a verb module
+    missing from this build is skipped). Called by ``main`` on each invocation."""
     parser = argparse.ArgumentParser(
         prog="sandbox-kernel",
         description="Run Jupyter kernels (and any command) in lightweight Linux containers.",
@@ -37,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sandbox-kernel`` (console script) and ``python -m sandbox_kernel``:
+    parse, run the verb's handler, and turn a SandboxError into one line and exit 125."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

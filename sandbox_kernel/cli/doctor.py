@@ -1,4 +1,8 @@
-"""``sandbox-kernel doctor``: is this host ready to run sandbox kernels? One line per check."""
+"""``sandbox-kernel doctor``: is this host ready to run sandbox kernels? One line per check.
+
+Layer: cli. Each ``check_*`` of ``CHECKS`` probes one thing and returns its lines; only
+``run_checks`` calls them, and a check that raises becomes one FAIL line.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +21,20 @@ IMAGES = ("python2.7", "python3")
 
 @dataclass(frozen=True)
 class Check:
+    """One result line: status (ok, warn, FAIL), what was found, and the fix if any."""
+
     status: str
     what: str
     fix: str = ""
 
     def line(self) -> str:
+        """The line ``doctor_command`` prints: status, finding, then ``— fix``."""
         tail = f"  — {self.fix}" if self.fix else ""
         return f"{self.status:<4}  {self.what}{tail}"
 
 
 def check_root() -> list[Check]:
+    """Running as root (needed for namespaces, mounts and cgroups)?"""
     if os.geteuid() == 0:
         return [Check(OK, "running as root (namespaces, mounts and cgroups are available)")]
     return [
@@ -39,6 +47,7 @@ def check_root() -> list[Check]:
 
 
 def check_cgroups() -> list[Check]:
+    """The cgroup manager can be built; memory, cpu and pids are usable (``controllers``)."""
     from ..cgroups import get_manager
 
     try:
@@ -72,6 +81,7 @@ def check_cgroups() -> list[Check]:
 
 
 def check_overlay() -> list[Check]:
+    """overlayfs is in /proc/filesystems (images are overlay layers)."""
     try:
         with open("/proc/filesystems") as f:
             fs = {line.split()[-1] for line in f if line.strip()}
@@ -83,6 +93,8 @@ def check_overlay() -> list[Check]:
 
 
 def check_namespaces() -> list[Check]:
+    """Every namespace kind the runtime unshares exists, and user.max_*_namespaces allows
+    more than a few."""
     out = []
     missing = [ns for ns in NAMESPACES if not os.path.exists(f"/proc/self/ns/{ns}")]
     if missing:
@@ -122,6 +134,7 @@ def check_namespaces() -> list[Check]:
 
 
 def check_executor() -> list[Check]:
+    """The compiled executor is found (``runtime_binary``)."""
     from ..runtime.executor import runtime_binary
 
     try:
@@ -132,6 +145,8 @@ def check_executor() -> list[Check]:
 
 
 def check_images() -> list[Check]:
+    """The store opens and lists; the base images python2.7 and python3 are built (a warning
+    otherwise)."""
     try:
         from ..images.store import ImageStore
 
@@ -163,6 +178,7 @@ def check_images() -> list[Check]:
 
 
 def check_kernelspecs() -> list[Check]:
+    """The shipped kernelspecs are installed and jupyter_client finds the provisioner."""
     from ..jupyter import kernelspecs
 
     out = []
@@ -203,6 +219,7 @@ CHECKS: tuple[Callable[[], list[Check]], ...] = (
 
 
 def run_checks() -> list[Check]:
+    """Every check of ``CHECKS``, in order. Called by ``doctor_command`` (and the tests)."""
     results: list[Check] = []
     for fn in CHECKS:
         try:
@@ -215,11 +232,14 @@ def run_checks() -> list[Check]:
 
 
 def register(sub: Any) -> None:
+    """Add the ``doctor`` verb (called by ``cli.build_parser``)."""
     p = sub.add_parser("doctor", help="check that this host can run sandbox kernels")
     p.set_defaults(func=doctor_command)
 
 
 def doctor_command(args: argparse.Namespace) -> int:
+    """``sandbox-kernel doctor``: print every check and a summary; 1 when any FAILs. Called by
+    ``cli.main``."""
     results = run_checks()
     for r in results:
         print(r.line())

@@ -1,4 +1,7 @@
-"""``sandbox-kernel gc``: remove what crashed containers left behind."""
+"""``sandbox-kernel gc``: remove what crashed containers left behind.
+
+Layer: cli. The work is ``runtime.leftovers.collect_leftovers``.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,15 @@ from ..runtime.leftovers import collect_leftovers
 
 
 def register(sub: Any) -> None:
+    """Add the ``gc`` verb to the CLI's subparsers (called by ``cli.build_parser``)."""
     p = sub.add_parser("gc", help="remove leftovers of crashed containers (cgroups, run dirs)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.set_defaults(func=gc_command)
 
 
 def gc_command(args: argparse.Namespace) -> int:
+    """``sandbox-kernel gc [--dry-run]``: collect and print what was (or would be) removed;
+    1 when something could not be removed. Called by ``cli.main``."""
     report = collect_leftovers(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(report.run_dirs)} run dir(s), {len(report.cgroups)} cgroup(s)")

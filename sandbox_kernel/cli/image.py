@@ -1,4 +1,7 @@
-"""``sandbox-kernel image``: ls / inspect / rm / gc / import / export / build."""
+"""``sandbox-kernel image``: ls / inspect / rm / gc / import / export / build.
+
+Layer: cli, on ``images``. Each ``cmd_*`` is one action's handler, called by ``cli.main``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from ..images.store import Image, ImageStore, image_in_use
 
 
 def register(sub: Any) -> None:
+    """Add the ``image`` verb and its actions (called by ``cli.build_parser``)."""
     p = sub.add_parser("image", help="manage kernel images (ls, inspect, rm, gc, import, ...)")
     isub = p.add_subparsers(dest="image_verb", metavar="IMAGE_VERB")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -68,6 +72,7 @@ def _human(n: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """``image ls``: one line per image (name, tag, short digest, size, created)."""
     images = ImageStore().list()
     rows = [("NAME", "TAG", "DIGEST", "SIZE", "CREATED")]
     for im in images:
@@ -80,6 +85,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def image_json(im: Image) -> dict[str, Any]:
+    """An image as ``image inspect`` prints it: names, config, layers and lowerdirs. Called
+    by ``cmd_inspect``."""
     c = im.config
     return {
         "name": im.name,
@@ -110,6 +117,8 @@ def image_json(im: Image) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``image inspect REF``: the image as JSON, with its kernel command (or why it has
+    none); nothing is unpacked."""
     im = ImageStore().resolve(args.ref, unpack=False)
     doc = image_json(im)
     try:
@@ -122,6 +131,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    """``image rm REF...``: untag each (refused while a container uses it), then gc unless
+    ``--no-gc``."""
     store = ImageStore()
     for ref in args.refs:
         store.remove(ref, in_use=image_in_use)
@@ -135,12 +146,14 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    """``image gc``: delete unreferenced blobs and snapshots older than ``--grace``."""
     blobs, snaps = ImageStore().gc(grace_seconds=args.grace)
     print(f"removed {blobs} blob(s), {snaps} snapshot(s)")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    """``image import PATH``: import an OCI layout, docker-save archive or rootfs tar."""
     from ..images.importer import import_path
 
     for im in import_path(ImageStore(), args.path, args.name):
@@ -149,6 +162,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``image export REF PATH``: write the image as an OCI layout (dir, or PATH.tar)."""
     from ..images.exporter import export_images
 
     for im in export_images(ImageStore(), [args.ref], args.path):
@@ -157,6 +171,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    """``image build RECIPE_OR_NAME``: build from a recipe, printing progress (or only the
+    digest with ``--quiet``)."""
     try:
         from ..images.build import build_image
     except ImportError as exc:

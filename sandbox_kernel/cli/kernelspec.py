@@ -1,4 +1,7 @@
-"""``sandbox-kernel kernelspec install|ls``: the Jupyter kernelspecs of the sandbox kernels."""
+"""``sandbox-kernel kernelspec install|ls``: the Jupyter kernelspecs of the sandbox kernels.
+
+Layer: cli, on ``jupyter.kernelspecs``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from ..jupyter import kernelspecs
 
 
 def register(sub: Any) -> None:
+    """Add the ``kernelspec`` verb and its ``install`` and ``ls`` actions (called by
+    ``cli.build_parser``)."""
     p = sub.add_parser("kernelspec", help="install or list the sandbox kernelspecs for Jupyter")
     verbs = p.add_subparsers(dest="kernelspec_verb", metavar="ACTION")
     inst = verbs.add_parser("install", help="install kernelspecs (default: all shipped ones)")
@@ -38,6 +43,8 @@ def register(sub: Any) -> None:
 
 
 def install_command(args: argparse.Namespace) -> int:
+    """``kernelspec install [NAME...]``: install with the given cap overrides and print where
+    each went; warn when Jupyter would not find the provisioner. Called by ``cli.main``."""
     names = list(args.names) or kernelspecs.available()
     if args.image and len(names) != 1:
         print("sandbox-kernel: error: --image needs exactly one kernelspec NAME", file=sys.stderr)
@@ -58,6 +65,7 @@ def install_command(args: argparse.Namespace) -> int:
 
 
 def ls_command(args: argparse.Namespace) -> int:
+    """``kernelspec ls``: one line per installed sandbox kernelspec. Called by ``cli.main``."""
     found = kernelspecs.installed()
     if not found:
         print(

@@ -1,4 +1,8 @@
-"""``sandbox-kernel ps [--json] [--all]``: the running sandboxes, with their kernels and usage."""
+"""``sandbox-kernel ps [--json] [--all]``: the running sandboxes, with their kernels and usage.
+
+Layer: cli. Reads the run dirs (``runtime.rundir``) and the cgroups; ``stats`` reuses
+``collect``.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ def _uptime(seconds: float) -> str:
 
 
 def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[dict[str, Any]]:
-    """One dict per container of the run dir (running ones unless include_stopped)."""
+    """One dict per container of the run dir (running ones unless include_stopped), with
+    its metadata, limits and, when it runs, cgroup usage. Called by ``ps_command`` and, for
+    the metadata, by ``stats`` at each refresh."""
     from ..cgroups import get_manager
 
     root = root or run_dir()
@@ -87,6 +93,7 @@ def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """``collect``'s rows as an aligned text table. Called by ``ps_command``."""
     head = (
         "CONTAINER",
         "KERNEL",
@@ -126,6 +133,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def register(sub: Any) -> None:
+    """Add the ``ps`` verb (called by ``cli.build_parser``)."""
     p = sub.add_parser("ps", help="list running sandboxes (kernels), their limits and usage")
     p.add_argument("--json", action="store_true", help="print JSON (one list of objects)")
     p.add_argument(
@@ -135,6 +143,8 @@ def register(sub: Any) -> None:
 
 
 def ps_command(args: argparse.Namespace) -> int:
+    """``sandbox-kernel ps``: print the table (or JSON with ``--json``). Called by
+    ``cli.main``."""
     rows = collect(include_stopped=args.all)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -1,4 +1,7 @@
-"""``sandbox-kernel run``: run one command in a container, like ``docker run --rm``."""
+"""``sandbox-kernel run``: run one command in a container, like ``docker run --rm``.
+
+Layer: cli, on the runtime (``Container``) and the image store.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ FORWARDED = (
 
 
 def register(sub: Any) -> None:
+    """Add the ``run`` verb and its options (called by ``cli.build_parser``)."""
     p = sub.add_parser(
         "run",
         help="run a command in a new container",
@@ -88,6 +92,9 @@ def _parse_user(text: str) -> tuple[int, int]:
 
 
 def build_spec(args: argparse.Namespace) -> ContainerSpec:
+    """The ContainerSpec of ``run``'s arguments: the image (or the ``host`` pseudo-image), its
+    env, workdir and default command, the options parsed with the caps' bounds (SpecError
+    naming the option). Called by ``run_command``."""
     from ..runtime import hostimage
 
     command = list(args.command)
@@ -149,6 +156,9 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """``sandbox-kernel run IMAGE -- CMD``: create, start with this terminal's streams,
+    forward signals, wait, destroy; returns the command's status (137 after an OOM kill).
+    Called by ``cli.main``."""
     require_privileges()
     spec = build_spec(args)
     container = Container.create(spec)

@@ -8,6 +8,8 @@ measured over one interval).
 
 Limits are read from the cgroups (what the kernel really has, including changes made
 live with ``%sandbox memory=...``), not from the settings the sandbox started with.
+
+Layer: cli. The sandboxes come from ``ps.collect``; the figures from each cgroup.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ HEAD = (
 
 
 def read_cgroup(container_id: str) -> dict[str, Any] | None:
-    """Raw figures of one container's cgroup, or None when it is gone."""
+    """Raw figures of one container's cgroup, or None when it is gone. The default ``read``
+    of ``measure`` and ``stream``, called for each sandbox at each sample."""
     from ..cgroups import get_manager
 
     try:
@@ -73,6 +76,8 @@ def _default_collect() -> list[dict[str, Any]]:
 
 
 def snapshot(ids: list[str], read: Read) -> tuple[float, Sample]:
+    """(monotonic time, figures of each id that is still there): one sample, taken by
+    ``measure`` and ``stream``."""
     now = time.monotonic()
     sample: Sample = {}
     for cid in ids:
@@ -141,6 +146,7 @@ def _deferred_cpus(box: dict[str, Any]) -> float | None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """``build_rows``' rows as an aligned text table, like ``docker stats`` (via ``render``)."""
     lines: list[tuple[str, ...]] = [HEAD]
     for r in rows:
         lim, use = r["limits"], r["usage"]
@@ -173,6 +179,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def render(rows: list[dict[str, Any]]) -> str:
+    """The table, or a line saying there is no sandbox. Called by ``stream`` at each redraw
+    and by ``stats_command`` for one table."""
     return format_table(rows) if rows else "no running sandbox"
 
 
@@ -183,7 +191,8 @@ def measure(
     read: Read = read_cgroup,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[dict[str, Any]]:
-    """Rows once, with the CPU % measured over ``interval`` seconds."""
+    """Rows once, with the CPU % measured over ``interval`` seconds. Called by
+    ``stats_command`` for ``--json``, ``--no-stream`` and output that is not a terminal."""
     boxes = collect()
     ids = [b["container_id"] for b in boxes]
     before = snapshot(ids, read)
@@ -200,7 +209,8 @@ def stream(
     sleep: Callable[[float], None] = time.sleep,
     rounds: int | None = None,
 ) -> None:
-    """Redraw the table every ``interval`` seconds (``rounds`` times, or until Ctrl-C)."""
+    """Redraw the table every ``interval`` seconds (``rounds`` times, or until Ctrl-C).
+    Called by ``stats_command`` on a terminal."""
     previous: tuple[float, Sample] | None = None
     done = 0
     while rounds is None or done < rounds:
@@ -215,6 +225,7 @@ def stream(
 
 
 def register(sub: Any) -> None:
+    """Add the ``stats`` verb (called by ``cli.build_parser``)."""
     p = sub.add_parser(
         "stats", help="live CPU, memory and process usage of the running sandboxes (kernels)"
     )
@@ -231,6 +242,8 @@ def register(sub: Any) -> None:
 
 
 def stats_command(args: argparse.Namespace) -> int:
+    """``sandbox-kernel stats``: check ``--interval``, then print once or stream (see the
+    module docstring). Called by ``cli.main``."""
     interval = args.interval
     if not interval > 0 or interval > 3600:
         print("sandbox-kernel: error: --interval must be between 0 and 3600 s", file=sys.stderr)

@@ -1,5 +1,8 @@
 """The control channel: how code inside a kernel asks the host for something.
 
+Layer: Jupyter (asyncio only). The provisioner serves one ``ControlServer`` per kernel start
+(``pre_launch``) and closes it in ``cleanup``; its handler answers the requests.
+
 One unix socket per kernel, in the kernel's own connection directory (bind-mounted into
 its container), owned by the kernel's uid. The host knows which kernel is asking by the
 socket the request arrived on: a request can only ever act on its own container.
@@ -65,7 +68,8 @@ class _RateLimiter:
 
 
 class ControlServer:
-    """Serve one kernel's control socket (asyncio)."""
+    """Serve one kernel's control socket (asyncio). Made by the provisioner for each start,
+    with its ``_control_request`` as ``handler``; requests are checked here first."""
 
     def __init__(self, path: str, handler: Handler, *, uid: int, gid: int) -> None:
         self.path = path
@@ -77,6 +81,8 @@ class ControlServer:
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
+        """Listen on ``path`` (replacing a stale socket), owned by the kernel's uid, mode 0600.
+        Called by the provisioner's ``pre_launch``, once the connection file is written."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         self._server = await asyncio.start_unix_server(
@@ -86,6 +92,8 @@ class ControlServer:
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
+        """Stop listening and remove the socket (idempotent). Called by the provisioner's
+        ``cleanup``, and by ``pre_launch`` when connecting the kernel fails."""
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):

@@ -1,5 +1,8 @@
 """The demo: Python 2.7 and Python 3 notebooks executed side by side, each in its sandbox.
 
+Layer: Jupyter (a program on top of the provisioner; nbclient and nbformat, imported where
+used).
+
 ``python -m sandbox_kernel.jupyter.demo [--output DIR]``:
 
 1. builds the python2.7 and python3 images if they are missing (first run: a few minutes);
@@ -48,7 +51,8 @@ KEYS: tuple[tuple[str, str], ...] = (
 
 
 def notebooks_dir() -> Path:
-    """The folder of the shipped demo notebooks (called by the demo before it copies them)."""
+    """The folder of the shipped demo notebooks (``run_demo`` reads them from there;
+    ``main`` names it in its closing advice)."""
     candidates = shipped_dirs("notebooks")
     for candidate in candidates:
         if (candidate / DEMOS[0][0]).is_file():
@@ -60,6 +64,8 @@ def notebooks_dir() -> Path:
 
 
 def ensure_images(names: Sequence[str], say: Any = print) -> None:
+    """Build each image of ``names`` that the store lacks, in order (parents first), saying
+    what it does through ``say``. Called by ``main`` unless ``--no-build``."""
     from ..images.build import build_image
     from ..images.store import ImageStore
 
@@ -78,7 +84,8 @@ def ensure_images(names: Sequence[str], say: Any = print) -> None:
 
 def prepare_output(path: Path) -> tuple[int, int]:
     """Create the output folder; when root, give it to the invoking user (sudo) or to nobody,
-    because sandbox kernels never run as root and write their files there."""
+    because sandbox kernels never run as root and write their files there. Returns the
+    folder's owner; called by ``main``."""
     path.mkdir(parents=True, exist_ok=True)
     st = path.stat()
     if os.geteuid() == 0 and st.st_uid == 0:
@@ -91,6 +98,9 @@ def prepare_output(path: Path) -> tuple[int, int]:
 
 @dataclass
 class Result:
+    """One executed notebook: its kernelspec, time, error (if any), key output lines and
+    where the executed copy went. Made by ``run_one``; printed by ``main``."""
+
     notebook: str
     kernelspec: str
     seconds: float = 0.0
@@ -100,6 +110,8 @@ class Result:
 
 
 def key_outputs(nb: Any) -> dict[str, str]:
+    """The first output line of each ``KEYS`` prefix (and whether a PNG plot was drawn) in an
+    executed notebook. Called by ``run_one`` and by the notebook tests."""
     found: dict[str, str] = {}
     for cell in nb.cells:
         if cell.cell_type != "code":
@@ -117,6 +129,9 @@ def key_outputs(nb: Any) -> dict[str, str]:
 
 
 async def run_one(src: Path, kernel_name: str, outdir: Path, timeout: int) -> Result:
+    """Execute notebook ``src`` on kernelspec ``kernel_name`` with ``outdir`` as its folder
+    and write the executed copy there; a failure is kept in the Result, not raised. Called by
+    ``run_demo``, once per demo notebook, concurrently."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -141,6 +156,7 @@ async def run_one(src: Path, kernel_name: str, outdir: Path, timeout: int) -> Re
 
 
 def side_by_side(results: Sequence[Result], width: int = 60) -> str:
+    """The key outputs of the notebooks as columns, one row per key. Called by ``main``."""
     keys = [k for _, k in KEYS if any(k in r.key for r in results)]
     head = "".ljust(11) + " | ".join(
         f"{r.kernelspec} ({r.seconds:.1f} s)".ljust(width) for r in results
@@ -158,6 +174,7 @@ def side_by_side(results: Sequence[Result], width: int = 60) -> str:
 
 
 async def run_demo(outdir: Path, timeout: int) -> list[Result]:
+    """Execute the demo notebooks concurrently (``run_one`` each). Called by ``main``."""
     src = notebooks_dir()
     return list(
         await asyncio.gather(
@@ -167,6 +184,8 @@ async def run_demo(outdir: Path, timeout: int) -> list[Result]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sandbox_kernel.jupyter.demo``: the steps of the module docstring; returns
+    the exit status (1 when a notebook failed or the host is not ready)."""
     parser = argparse.ArgumentParser(
         prog="python -m sandbox_kernel.jupyter.demo", description=__doc__.split("\n\n")[0]
     )

@@ -30,7 +30,8 @@ class _HTTPMixin(HTTPError):
 
 
 class KernelSpecSettingsError(SpecError, _HTTPMixin):
-    """A kernelspec's sandbox settings are invalid (REST status 400)."""
+    """A kernelspec's sandbox settings are invalid (REST status 400); made by ``for_user``
+    from a SpecError of a kernel start."""
 
     def __init__(self, problems: list[str] | str, context: str = "") -> None:
         SpecError.__init__(self, problems, context)
@@ -38,7 +39,8 @@ class KernelSpecSettingsError(SpecError, _HTTPMixin):
 
 
 class KernelSandboxError(SandboxError, _HTTPMixin):
-    """The sandbox of a kernel could not be created or started (REST status 500)."""
+    """The sandbox of a kernel could not be created or started (REST status 500); made by
+    ``for_user`` from any other SandboxError of a kernel start."""
 
     def __init__(self, message: str) -> None:
         Exception.__init__(self, message)
@@ -46,7 +48,8 @@ class KernelSandboxError(SandboxError, _HTTPMixin):
 
 
 def for_user(exc: SandboxError, context: str) -> SandboxError:
-    """``exc`` as the server should show it, with ``context`` (the kernelspec) in front."""
+    """``exc`` as the server should show it, with ``context`` (the kernelspec) in front.
+    Called by the provisioner's ``pre_launch`` and ``launch_kernel`` for every failure."""
     if isinstance(exc, (KernelSpecSettingsError, KernelSandboxError)):
         return exc
     if isinstance(exc, SpecError):

@@ -1,5 +1,8 @@
 """The sandbox kernelspecs: templates shipped with the package, install and list.
 
+Layer: Jupyter (jupyter_client's ``KernelSpecManager``, imported where used). Used by
+``sandbox-kernel kernelspec``, ``doctor``, the demo, the tests and the benchmarks.
+
 The templates are the directories ``kernelspecs/<name>/`` of the source tree (installed
 as ``sandbox_kernel/kernelspecs_data/<name>/`` by setup.py). ``install`` writes them, with optional
 overrides of the sandbox settings, through jupyter_client's ``KernelSpecManager``, so that
@@ -26,7 +29,8 @@ KERNELSPEC_NAMES: tuple[str, ...] = ("python2.7-sandbox", "python3-sandbox")
 
 
 def templates_dir() -> Path:
-    """Where the kernelspec templates are: installed package data, else the source tree."""
+    """Where the kernelspec templates are: installed package data, else the source tree.
+    Called by ``available``, ``load_template`` and ``install``."""
     candidates = shipped_dirs("kernelspecs")
     for candidate in candidates:
         if candidate.is_dir() and any(
@@ -40,11 +44,15 @@ def templates_dir() -> Path:
 
 
 def available() -> list[str]:
+    """Names of the shipped kernelspec templates. Called by ``kernelspec install`` without
+    names (all of them) and in the message about an unknown name."""
     root = templates_dir()
     return sorted(p.name for p in root.iterdir() if (p / "kernel.json").is_file())
 
 
 def load_template(name: str) -> dict[str, Any]:
+    """The template kernel.json of ``name`` as a dict; SpecError for a name not shipped.
+    Called by ``render``."""
     path = templates_dir() / name / "kernel.json"
     if not path.is_file():
         raise SpecError(
@@ -58,7 +66,9 @@ def load_template(name: str) -> dict[str, Any]:
 
 
 def render(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The kernel.json of ``name`` with sandbox settings overridden (validated forms)."""
+    """The kernel.json of ``name`` with sandbox settings overridden (validated forms); one
+    SpecError listing every bad override. Called by ``install`` for each name, before any is
+    written."""
     data = load_template(name)
     prov = data.setdefault("metadata", {}).setdefault("kernel_provisioner", {})
     prov["provisioner_name"] = PROVISIONER_NAME
@@ -93,6 +103,9 @@ def _install_value(key: str, value: object) -> object:
 
 @dataclass(frozen=True)
 class Installed:
+    """One kernelspec as installed: name, directory, display name and its sandbox config
+    (what ``install`` and ``installed`` return; ``kernelspec ls`` and ``doctor`` show it)."""
+
     name: str
     resource_dir: str
     display_name: str
@@ -110,6 +123,7 @@ def install(
 
     Default destination: the system-wide Jupyter data dir; ``user=True``: the user's;
     ``prefix``: ``<prefix>/share/jupyter/kernels`` (``sys.prefix`` for --sys-prefix).
+    Called by ``sandbox-kernel kernelspec install`` and by the demo.
     """
     from jupyter_client.kernelspec import KernelSpecManager
 
@@ -136,7 +150,8 @@ def install(
 
 
 def installed() -> list[Installed]:
-    """Every installed kernelspec that uses the sandbox provisioner (as jupyter sees them)."""
+    """Every installed kernelspec that uses the sandbox provisioner (as jupyter sees them).
+    Called by ``sandbox-kernel kernelspec ls`` and ``doctor``."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     ksm = KernelSpecManager()
@@ -161,7 +176,8 @@ def installed() -> list[Installed]:
 
 
 def provisioner_registered() -> bool:
-    """Is the ``sandbox-provisioner`` entry point installed (``pip install`` of this package)?"""
+    """Is the ``sandbox-provisioner`` entry point installed (``pip install`` of this package)?
+    Checked by ``kernelspec install`` (a warning), ``doctor``, the demo and the tests."""
     from importlib.metadata import entry_points
 
     return any(ep.name == PROVISIONER_NAME for ep in entry_points(group=ENTRY_POINT_GROUP))
@@ -182,7 +198,8 @@ def register_provisioner_in_process() -> None:
 
 def entry_point_dir(dest: Path) -> Path:
     """Write a minimal ``.dist-info`` declaring the provisioner entry point under ``dest``;
-    put ``dest`` on PYTHONPATH of a child Jupyter process run from a source checkout."""
+    put ``dest`` on PYTHONPATH of a child Jupyter process run from a source checkout (the
+    server tests do)."""
     info = dest / "sandbox_kernel_provisioner_dev-0.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text(

@@ -41,7 +41,7 @@ EXAMPLE_ARGV = '["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connect
 
 @dataclass(frozen=True)
 class KernelImage:
-    """What a kernel start needs of an image of the store."""
+    """What a kernel start needs of an image of the store (made by ``find_image``)."""
 
     ref: str  # name:tag
     layers: tuple[str, ...]  # snapshot dirs, top-most first
@@ -71,7 +71,8 @@ def find_image(name: str, context: str) -> KernelImage:
 
 @dataclass(frozen=True)
 class ConnectionPaths:
-    """Where one kernel's connection lives on the host (and, at the same path, inside)."""
+    """Where one kernel's connection lives on the host (and, at the same path, inside); made
+    by ``connection_paths``, the same for every start of a kernel."""
 
     conn_dir: Path
     ip: str  # the ipc transport's socket prefix (``<conn>/k``: k-1, k-2, ...)
@@ -166,7 +167,8 @@ def kernel_env(
 
 @dataclass(frozen=True)
 class KernelStart:
-    """What one kernel start is made of, once the settings are valid and the image found."""
+    """What one kernel start is made of, once the settings are valid and the image found;
+    the provisioner builds one per start and hands it to ``kernel_spec``."""
 
     container_id: str
     kernelspec: str  # its name, kept in the container's labels
@@ -181,7 +183,7 @@ def kernel_spec(
 ) -> ContainerSpec:
     """The kernel's container: the notebook folder read-write at the same path (and the
     working directory), the connection folder, the admin-approved extra mounts, and the
-    magics read-only."""
+    magics read-only. The provisioner passes it to ``Container.create``."""
     settings, image, workdir, paths = start.settings, start.image, start.workdir, start.paths
     container_id = start.container_id
     mounts: list[Bind] = [

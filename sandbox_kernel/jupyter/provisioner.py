@@ -52,7 +52,11 @@ from .settings import SETTING_NAMES, SandboxPolicy, SandboxSettings, setting_for
 
 
 class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignore[metaclass]
-    """Run the kernel in a sandbox-kernel container (see docs/configuration.md)."""
+    """Run the kernel in a sandbox-kernel container (see docs/configuration.md).
+
+    jupyter_client's provisioner factory makes one per kernel (entry point
+    ``sandbox-provisioner``), passing the kernelspec's ``kernel_provisioner.config``.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         # Values from kernel.json's metadata.kernel_provisioner.config arrive as keyword
@@ -82,6 +86,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     # ---- naming ----------------------------------------------------------------------------
     @property
     def kernelspec_name(self) -> str:
+        """The kernelspec's name (``?`` if unknown), for messages, logs and run-dir metadata."""
         spec: Any = self.kernel_spec
         name = str(getattr(spec, "name", None) or "")
         name = name or str(getattr(self.parent, "kernel_name", None) or "")
@@ -92,6 +97,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     @property
     def display_name(self) -> str:
+        """The kernelspec's display name (else its name), for logs and run-dir metadata."""
         spec = self.kernel_spec
         return str(getattr(spec, "display_name", "") or self.kernelspec_name)
 
@@ -108,7 +114,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         return frozenset(names & set(SETTING_NAMES))
 
     def resolve(self, workdir: str | None) -> KernelSettings:
-        """Apply the kernelspec config to the traits and validate everything (raises SpecError)."""
+        """Apply the kernelspec config to the traits and validate everything (raises SpecError).
+        Called by ``pre_launch`` at each start, before anything is created."""
         problems: list[str] = []
         for key, value in self._spec_config.items():
             if key not in SETTING_NAMES:
@@ -141,11 +148,16 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     # ---- contract: state --------------------------------------------------------------------
     @property
     def has_process(self) -> bool:
+        """Is there a kernel process not yet waited for (this start's, or a re-attached one)?
+        Read by the KernelManager's ``has_kernel``, before every signal, kill and poll."""
         if self.container is not None:
             return self.container.proc is not None and not self._waited
         return self._reattached_pid is not None and not self._waited
 
     async def poll(self) -> int | None:
+        """None while the kernel runs, else its exit status; a first exit is recorded
+        (``_record_exit``). Called by the KernelManager's ``is_alive`` (the restarter polls it
+        every few seconds) and by its wait loop."""
         if self.container is not None:
             proc = self.container.proc
             if proc is None:
@@ -162,6 +174,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         return 0
 
     async def wait(self) -> int | None:
+        """Poll until the kernel ended and return its status. Called by the KernelManager
+        once shutdown or kill saw the process gone."""
         if self.container is None and self._reattached_pid is None:
             return 0
         while (status := await self.poll()) is None:
@@ -171,6 +185,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     # ---- contract: signals ----------------------------------------------------------------
     async def send_signal(self, signum: int) -> None:
+        """Signal the kernel (``Container.signal``; SIGKILL kills the whole container).
+        Called by the KernelManager's ``signal_kernel`` and ``interrupt_kernel`` (SIGINT)."""
         if signum == signal.SIGKILL:
             self._stop_requested = True
         if self.container is not None:
@@ -184,17 +200,28 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             os.kill(self._reattached_pid, signum)
 
     async def kill(self, restart: bool = False) -> None:
+        """SIGKILL everything in the container (a requested stop). Called by the
+        KernelManager on ``shutdown_kernel(now=True)`` (so on ``restart_kernel(now=True)``,
+        the restarter's way) and when a shutdown request timed out."""
         await self.send_signal(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
+        """SIGTERM the kernel (a requested stop). Called by the KernelManager when a
+        shutdown request was not answered within half the shutdown wait time."""
         self._stop_requested = True
         await self.send_signal(signal.SIGTERM)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
+        """Note that the coming exit was asked for (not logged or kept as a death). Called by
+        the KernelManager after it sent ``shutdown_request``."""
         self._stop_requested = True
 
     # ---- contract: launch ---------------------------------------------------------------------
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Resolve the settings, find the image, create the container, write the connection
+        file and serve the control socket (see the module docstring); returns the launch
+        arguments. Called by the KernelManager before each start and restart; any failure
+        reaches the user as a ``jupyter.errors`` HTTP error."""
         try:
             return await self._pre_launch(**kwargs)
         except SandboxError as exc:
@@ -319,6 +346,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             raise SpecError(exc.problems, context=self._context) from None
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start the container created by ``pre_launch`` (in a thread; returns once the kernel
+        exec'd) and return the connection info. Called by the KernelManager right after
+        ``pre_launch``; a failed start destroys the container."""
         container = self.container
         if container is None:
             raise SandboxError(f"{self._context}: launch_kernel called without pre_launch")
@@ -348,7 +378,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     async def post_launch(self, **kwargs: Any) -> None:
         """Wait (bounded by cpu_defer_timeout, and only while the kernel lives) for the kernel's
         first kernel_info reply, then apply the CPU cap: start-up runs uncapped, and the
-        first cell the user runs is already capped. Clients wait for that reply anyway."""
+        first cell the user runs is already capped. Clients wait for that reply anyway.
+        Called by the KernelManager after ``launch_kernel``, at each start."""
         container = self.container
         if container is not None and container.limits.defer_cpu:
             self._cpu_task = asyncio.ensure_future(self._apply_cpu_when_ready(container))
@@ -465,6 +496,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         }
 
     async def cleanup(self, restart: bool = False) -> None:
+        """Stop the control socket and the CPU task, destroy the container (or gc a
+        re-attached one's leftovers); on a final shutdown also forget the kept exit reason and
+        the container id. Called by the KernelManager after every shutdown, restarts included."""
         await self._close_control()
         if self._cpu_task is not None:
             self._cpu_task.cancel()
@@ -490,15 +524,18 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             self.container_id = None
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        """The KernelManager's own wait time, unchanged (called at each shutdown)."""
         return recommended
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
+        """At least 20 s before the restarter counts a start as stable (called by it)."""
         # Creating the container adds well under a second; a py2 kernel on a loaded host
         # may need more than the default to answer.
         return max(recommended, 20.0)
 
     def resolve_path(self, path_str: str) -> str | None:
-        """Only paths inside the notebook directory (the only host path the kernel sees)."""
+        """Only paths inside the notebook directory (the only host path the kernel sees).
+        Called through the KernelManager by jupyter_server's path-resolution API."""
         if not self.cwd:
             return None
         path = Path(self.cwd, path_str) if not os.path.isabs(path_str) else Path(path_str)
@@ -511,6 +548,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     # ---- persistence -------------------------------------------------------------------------
     async def get_provisioner_info(self) -> dict[str, Any]:
+        """The base info plus container id, executor pid, notebook folder and last exit, for
+        applications that persist kernels (jupyter_client itself never calls it)."""
         info = await super().get_provisioner_info()
         pid = self.container.pid if self.container is not None else self._reattached_pid
         info.update(
@@ -524,6 +563,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Take back what ``get_provisioner_info`` saved; re-attach to the container when its
+        executor still runs (``find_container``). Called by applications that persist kernels."""
         await super().load_provisioner_info(provisioner_info)
         cid = provisioner_info.get("container_id")
         self.container_id = cid if isinstance(cid, str) and is_container_id(cid) else None
@@ -541,6 +582,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     # ---- description -------------------------------------------------------------------------
     def describe(self) -> str:
+        """One line of the resolved settings (image, caps, uid), for logs and debugging;
+        nothing in the package calls it."""
         s = self.settings
         if s is None:
             return "not started"

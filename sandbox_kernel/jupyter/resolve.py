@@ -32,7 +32,8 @@ CAP_SETTINGS = ("memory", "cpus", "pids", "tmp_size", "writable_size")
 
 @dataclass(frozen=True)
 class Policy:
-    """The server's ``SandboxPolicy``, parsed: the caps' ceilings and what may be used."""
+    """The server's ``SandboxPolicy``, parsed by ``read_policy``: the caps' ceilings and what
+    may be used."""
 
     ceilings: Ceilings = field(default_factory=Ceilings)
     #: Image names (or name:tag) kernels may use; empty: every image of the store.
@@ -98,7 +99,8 @@ def read_policy(policy: SandboxPolicy) -> Policy:
 
 
 def parse_user(value: object, *, workdir: str | None, server_uid: int) -> tuple[int, int]:
-    """Resolve the ``user`` setting to (uid, gid). Root is checked by the caller."""
+    """Resolve the ``user`` setting to (uid, gid). Root is checked by the caller
+    (``resolve_settings``, at each kernel start)."""
     if isinstance(value, bool):
         raise SpecError(f"user={value!r} is not a user; use {USER_FORMS}")
     if isinstance(value, int):

@@ -33,7 +33,11 @@ IMAGE_FORMS = "an image name of the store (see: sandbox-kernel image ls), e.g. '
 
 
 class SandboxSettings(LoggingConfigurable):
-    """Per-kernel sandbox settings (config=True traits shared by the provisioner)."""
+    """Per-kernel sandbox settings (config=True traits shared by the provisioner).
+
+    ``SandboxProvisioner`` inherits them; its ``resolve`` reads them at each kernel start and
+    ``resolve.resolve_settings`` validates them.
+    """
 
     image = Unicode(
         "",
@@ -149,7 +153,9 @@ class SandboxPolicy(Configurable):
 
     Set in jupyter_server_config.py, e.g. ``c.SandboxPolicy.max_memory = "4G"``.
     A kernelspec (or the provisioner's config) asking for more fails to start, naming the
-    kernelspec, the field, the value and the ceiling.
+    kernelspec, the field, the value and the ceiling. The provisioner makes one (with itself
+    as parent, so the server's config applies) and parses it with ``resolve.read_policy`` at
+    each start and each live ``%sandbox`` request.
     """
 
     max_memory = Unicode(

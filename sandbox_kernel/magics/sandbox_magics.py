@@ -40,6 +40,8 @@ UNLIMITED = 1 << 60
 
 # ---------------------------------------------------------------- units
 def fmt_size(n):
+    """Human form with binary units (536870912 -> '512 MiB'; None -> 'unlimited'), for the
+    report, the limit-change reply and the previous-exit notice."""
     if n is None:
         return "unlimited"
     n = float(n)
@@ -52,6 +54,8 @@ def fmt_size(n):
 
 
 def parse_duration(text):
+    """Seconds of a ``timeout=`` budget (``500ms``, ``10s``, ``2m``, ``1h`` or a number);
+    ValueError otherwise. Called by ``sandbox`` for ``%%sandbox``."""
     text = str(text).strip().lower()
     for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
         if text.endswith(suffix):
@@ -60,6 +64,8 @@ def parse_duration(text):
 
 
 def parse_size(text):
+    """Bytes of a ``memory=`` budget (``500M``, ``1.5G``, ``1024``; binary units); ValueError
+    otherwise. Called by ``sandbox`` for ``%%sandbox``."""
     text = str(text).strip().upper().replace("IB", "").rstrip("B")
     factors = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     if text and text[-1] in factors:
@@ -270,6 +276,9 @@ class Report(object):
 
 
 def build_report(info, usage, cpu_percent, host_error=None):
+    """The ``%sandbox`` report: the host's answer to ``get`` (limits, ceilings, image) and the
+    cgroup usage read here, as a Report (HTML in notebooks, text elsewhere). Called by
+    ``sandbox`` with no arguments."""
     limits = info.get("limits", {}) if info else {}
     ceilings = info.get("ceilings", {}) if info else {}
     image = info.get("image", "?") if info else "?"
@@ -406,6 +415,9 @@ def _cpu_percent(sample_s=0.1):
 
 
 def sandbox(line, cell=None, shell=None):
+    """The magic: no arguments, the report; ``key=value`` arguments, a live limit change
+    asked of the host; as a cell magic, the cell under a timeout and/or memory budget.
+    Called by the magic registered in ``load_ipython_extension``."""
     try:
         args = _parse_args(line)
     except ValueError as exc:
@@ -463,6 +475,8 @@ _pending_notice = {"text": None}
 
 
 def explain_previous_exit(info):
+    """One notice of why the previous kernel was stopped (OOM, pids cap), with what to ask
+    for instead, or None. Called at load time with the host's ``get`` answer."""
     prev = (info or {}).get("previous_exit")
     if not prev:
         return None
@@ -493,6 +507,8 @@ def _on_first_execution(*args):
 
 
 def load_ipython_extension(ipython):
+    """Register ``%sandbox``/``%%sandbox`` and the first-cell notice. Called by IPython when
+    the kernel starts with ``--ext=sandbox_magics`` (the provisioner adds it)."""
     from IPython.core.magic import register_line_cell_magic
 
     def sandbox_magic(line, cell=None):

@@ -9,7 +9,7 @@ Flow (each step its own module)::
 
 * ``spec``: the pure data (``ContainerSpec``, ``Bind``, ``Tmpfs``, ``Limits``).
 * ``validate``: the list of validators, run before anything touches the system.
-* ``plan``: the typed operations the executor performs, in order.
+* ``plan``: the typed operations (``ops``) the executor performs, in order.
 * ``protocol``: their wire encoding and the executor's status lines.
 * ``executor``: where the compiled executor is, and the reader of its status pipe.
 * ``container``: create, start, signal, wait, update, stats, destroy.

@@ -1,5 +1,8 @@
 """Container lifecycle: create, start, signal, wait, update, stats, destroy.
 
+Layer: runtime (OS side). Its owners are the provisioner (one per kernel start),
+``sandbox-kernel run`` and the image builder.
+
 Python plans (spec -> validators -> plan); the executor ``sk-runtime`` executes and
 supervises. No Python process stays per container: the owner (CLI or Jupyter server)
 holds two pipe ends, and if it dies the executor kills the container.
@@ -43,7 +46,8 @@ CPU_PERIOD_US = 100_000
 
 
 def require_privileges() -> None:
-    """Fail early, with what is needed, when the caller cannot create containers."""
+    """Fail early, with what is needed, when the caller cannot create containers.
+    Called by ``Container.create`` and first thing by ``sandbox-kernel run``."""
     if os.geteuid() != 0:
         raise PrivilegeError(
             "sandbox-kernel needs root to create containers (mount, pid and network namespaces, "
@@ -69,7 +73,8 @@ def cgroup_limits(limits: Limits, *, include_cpu: bool = True) -> CgroupLimits:
 
 @dataclass(frozen=True)
 class ExitResult:
-    """How the main process ended, and why, in figures."""
+    """How the main process ended, and why, in figures. Made once by ``Container.poll``,
+    ``wait`` or ``destroy``; kept in the run dir's ``exit.json`` and by the provisioner."""
 
     status: int  # shell-style: N, or 128+signal
     code: int | None  # exit code when it exited
@@ -82,7 +87,8 @@ class ExitResult:
     setup_error: str | None = None
 
     def reason(self) -> str:
-        """One plain line: why the container ended."""
+        """One plain line: why the container ended (``run`` prints it on an OOM or pids-cap
+        death; the provisioner logs it)."""
         if self.setup_error:
             return f"the sandbox could not start: {self.setup_error}"
         if self.oom_killed:
@@ -101,6 +107,8 @@ class ExitResult:
         return text
 
     def to_json(self) -> dict[str, Any]:
+        """The figures plus ``reason``, as written to ``exit.json`` and kept by the
+        provisioner for the restarted kernel's ``%sandbox``."""
         data = asdict(self)
         data["reason"] = self.reason()
         return data
@@ -142,6 +150,9 @@ class Container:
         subdirs: dict[str, tuple[int, int, int]] | None = None,
     ) -> Container:
         """Validate the spec, then create the run dir and the cgroups. Nothing runs yet.
+
+        Runs gc first (``collect_leftovers``). Blocking: the provisioner calls it in a thread,
+        from ``pre_launch``, once per kernel start; ``run`` and the image builder call it too.
 
         ``subdirs``: folders to make inside the run dir, name -> (uid, gid, mode); they may be
         bind sources of the spec (e.g. a kernel's connection dir, same path inside and out).
@@ -201,7 +212,9 @@ class Container:
     ) -> None:
         """Spawn the executor and return once the main process has exec'd.
 
-        Raises RuntimeStartError (with the executor's stage and errno) if setup fails.
+        Raises RuntimeStartError (with the executor's stage and errno) if setup fails (the
+        container is then killed). Blocking: the provisioner's ``launch_kernel`` calls it in a
+        thread, once per start; ``run`` calls it with the terminal's streams.
         """
         if self.proc is not None:
             raise SandboxError(f"container {self.id} was already started")
@@ -310,18 +323,21 @@ class Container:
     # ---- running ---------------------------------------------------------------------
     @property
     def pid(self) -> int | None:
-        """Host pid of the executor (the process Jupyter sees as the kernel)."""
+        """Host pid of the executor (the process Jupyter sees as the kernel); kept in the
+        provisioner's info for re-attaching."""
         return self.proc.pid if self.proc else None
 
     def signal(self, signum: int) -> None:
-        """Send a signal: INT/TERM/HUP/QUIT/USR1/USR2 reach the main process; KILL ends it all."""
+        """Send a signal: INT/TERM/HUP/QUIT/USR1/USR2 reach the main process; KILL ends it all.
+        Called by the provisioner's ``send_signal`` (interrupts) and by ``run``'s forwarders."""
         if self.proc is None or self.proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signum)
 
     def kill(self) -> None:
-        """SIGKILL everything in the container (idempotent)."""
+        """SIGKILL everything in the container (idempotent). Called by the provisioner's
+        ``kill``, by ``destroy`` and when a start fails."""
         self.signal(signal.SIGKILL)
         try:
             self.cgroup.kill()
@@ -329,6 +345,8 @@ class Container:
             log.warning("container %s: %s", self.id, exc)
 
     def poll(self) -> ExitResult | None:
+        """The exit result once the executor has exited, else None (never blocks). Called by
+        the provisioner's ``poll`` and ``cleanup``."""
         if self.proc is None:
             return None
         if self._result is None and self.proc.poll() is not None:
@@ -336,6 +354,8 @@ class Container:
         return self._result
 
     def wait(self, timeout: float | None = None) -> ExitResult:
+        """Block until the executor exits (``subprocess.TimeoutExpired`` past ``timeout``) and
+        return the exit result. Called by ``sandbox-kernel run``."""
         if self.proc is None:
             raise SandboxError(f"container {self.id} was never started")
         self.proc.wait(timeout)
@@ -399,14 +419,17 @@ class Container:
 
     # ---- limits and usage ----------------------------------------------------------------
     def update(self, limits: Limits) -> None:
-        """Change limits of the running container (no restart)."""
+        """Change limits of the running container (no restart); a deferred CPU quota stays
+        deferred. Called by the provisioner for a ``%sandbox`` live change (in a thread)."""
         include_cpu = not self._cpu_deferred
         self.cgroup.set_limits(cgroup_limits(limits, include_cpu=include_cpu))
         self.limits = replace(limits, defer_cpu=self._cpu_deferred)
         self._update_meta()
 
     def apply_deferred_cpu(self) -> None:
-        """Apply the CPU quota that was deferred during start (kernel start is CPU-bound)."""
+        """Apply the CPU quota that was deferred during start (kernel start is CPU-bound).
+        Called by the provisioner's ``post_launch`` once the kernel answered its first
+        kernel_info (or ``cpu_defer_timeout`` passed)."""
         if self._cpu_deferred:
             self._cpu_deferred = False
             self.cgroup.set_limits(cgroup_limits(self.limits, include_cpu=True))
@@ -422,11 +445,14 @@ class Container:
         write_json(path, info)
 
     def stats(self) -> CgroupStats:
+        """The cgroup's current figures. Called by the provisioner before a live change (the
+        memory warning of ``limits.plan_change``)."""
         return self.cgroup.stats()
 
     # ---- teardown ---------------------------------------------------------------------
     def destroy(self) -> None:
-        """Kill what runs, remove cgroups and the run dir. Idempotent."""
+        """Kill what runs, remove cgroups and the run dir. Idempotent. Called by the
+        provisioner's ``cleanup`` (and when a start fails), by ``run`` and by ``__exit__``."""
         if self.proc is not None and self.proc.returncode is None:
             self.kill()
             try:

@@ -1,6 +1,8 @@
 """The compiled executor (sk-runtime) as the Python side meets it: where the binary is, and
 the reader of its status pipe. The protocol is docs/runtime-protocol.md; ``protocol`` encodes
 plans and decodes status lines; ``container`` drives the lifecycle.
+
+Layer: runtime (OS side).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ RUNTIME_ENV = "SANDBOX_KERNEL_RUNTIME"
 
 def runtime_binary() -> str:
     """The executor's path: ``$SANDBOX_KERNEL_RUNTIME``, else the one built into the package
-    (``runtime/_bin/sk-runtime``, by setup.py or ``make native``). Called at each start."""
+    (``runtime/_bin/sk-runtime``, by setup.py or ``make native``). Called by
+    ``Container.start`` at each start and by ``sandbox-kernel doctor``."""
     env = os.environ.get(RUNTIME_ENV)
     candidates = [Path(env)] if env else []
     candidates.append(_HERE / "_bin" / "sk-runtime")
@@ -43,7 +46,8 @@ class StatusPipe:
         self.eof = False
 
     def read_line(self, deadline: float | None) -> list[str] | None:
-        """The next status line's fields; None at EOF; TimeoutError past ``deadline``."""
+        """The next status line's fields; None at EOF; TimeoutError past ``deadline``.
+        ``Container`` calls it in a loop until ``exec`` (start) and until EOF (exit)."""
         # poll(), not select(): a server holding many kernels has descriptors above 1024
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
@@ -64,7 +68,8 @@ class StatusPipe:
         return decode_status(line.decode("utf-8", "surrogateescape"))
 
     def close(self) -> None:
-        """Close the descriptor (idempotent)."""
+        """Close the descriptor (idempotent); ``Container`` calls it once the executor
+        exited, and in ``destroy``."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

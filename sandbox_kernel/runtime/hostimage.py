@@ -1,5 +1,7 @@
 """The built-in pseudo-image ``host``: the host's /usr read-only, and a sanitised /etc.
 
+Layer: runtime (OS side). ``sandbox-kernel run host -- CMD`` and the benchmarks use it.
+
 It makes the runtime usable and testable without building an image: a lower layer
 holding the usr-merge symlinks (bin, lib, lib64, sbin -> usr/...) and a copy of the few
 /etc files programs need (an allowlist: never shadow, sudoers, keys or certificates),
@@ -70,7 +72,8 @@ def _copy_etc(dst: Path) -> None:
 
 
 def layer_dir(base: Path | None = None) -> Path:
-    """Create (or refresh) and return the host image's lower layer."""
+    """Create (or refresh) and return the host image's lower layer (under the state dir
+    unless ``base`` is given). Called by ``sandbox-kernel run host`` at each run."""
     root = (base or state_dir()) / "host-layer"
     stamp = _stamp()
     try:
@@ -100,4 +103,6 @@ def layer_dir(base: Path | None = None) -> Path:
 
 
 def binds() -> tuple[Bind, ...]:
+    """The bind mounts the ``host`` image adds to a spec: the host's /usr, read-only. Called
+    by ``sandbox-kernel run host`` next to ``layer_dir``."""
     return (Bind("/usr", "/usr", readonly=True),)

@@ -1,5 +1,8 @@
 """Find and remove what crashed containers left behind (``sandbox-kernel gc``).
 
+Layer: runtime (OS side). Called by ``sandbox-kernel gc``, before every
+``Container.create``, and by the provisioner's cleanup of a kernel it re-attached to.
+
 A container's host resources are all named from its id: the run dir ``<run_root>/<id>``
 and the cgroup(s) ``<parent>/<id>``. A run dir is *live* while its executor runs, or,
 before the executor started, while the process that created it runs. Anything else
@@ -27,6 +30,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GcReport:
+    """What one ``collect_leftovers`` found (and removed, unless a dry run): run dir and
+    cgroup names, and one line per error. ``sandbox-kernel gc`` prints it."""
+
     run_dirs: list[str] = field(default_factory=list)
     cgroups: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -62,13 +68,16 @@ def _container_dirs(root: Path) -> list[Path]:
 
 
 def live_ids(root: Path) -> set[str]:
+    """Ids of the run dirs under ``root`` that are live (see the module docstring); their
+    cgroups are never collected. Called by ``collect_leftovers``."""
     return {e.name for e in _container_dirs(root) if _entry_live(e)}
 
 
 def collect_leftovers(
     *, root: Path | None = None, manager: CgroupManager | None = None, dry_run: bool = False
 ) -> GcReport:
-    """Remove leftovers of dead containers. Safe to run at any time, from any process."""
+    """Remove leftovers of dead containers. Safe to run at any time, from any process.
+    ``dry_run``: only report. Cgroup errors are reported, not raised."""
     root = root or run_dir()
     report = GcReport()
     # Order matters: a container's run dir is created before its cgroups, so listing the

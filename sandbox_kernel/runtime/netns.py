@@ -1,5 +1,8 @@
 """Network namespace configuration with pyroute2 (all netlink work goes through it).
 
+Layer: runtime (OS side). ``Container.start`` calls ``configure_none`` when the executor
+reports the container's network namespace (status line ``netns PID``).
+
 Mode ``none``: the container's fresh network namespace gets only loopback, brought up
 here. The netlink socket is opened by a short-lived thread that has joined the
 container's namespace with setns(2); setns only moves the calling thread, so the
@@ -68,7 +71,8 @@ def _link_up(ifname: str) -> None:
 
 
 def configure_none(pid: int) -> None:
-    """Bring up loopback (only) in the network namespace of host process ``pid``."""
+    """Bring up loopback (only) in the network namespace of host process ``pid``; any
+    failure is a RuntimeStartError (stage ``network``). Called by ``Container.start``."""
     result: list[BaseException] = []
 
     def work() -> None:

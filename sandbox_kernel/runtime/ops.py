@@ -1,6 +1,8 @@
 """The executor's operations as typed records (one class per record of
 docs/runtime-protocol.md).
 
+Layer: runtime (OS side; pure data).
+
 ``plan.compile_plan`` builds a list of them from a spec; ``protocol.encode_plan`` writes
 each as one line (``op.record()``: its keyword and its fields as text); the executor
 (``native/sk-runtime.c``) performs them. Field types are Python's (ints, octal modes,
@@ -31,7 +33,8 @@ class Op:
     keyword: ClassVar[str] = ""
 
     def record(self) -> tuple[str, ...]:
-        """The record as the protocol writes it: keyword, then each field as text."""
+        """The record as the protocol writes it: keyword, then each field as text. Called by
+        ``protocol.encode_plan`` for each operation."""
         out = [self.keyword]
         for f in fields(self):
             value = getattr(self, f.name)
@@ -148,6 +151,7 @@ class RootFs(Op):
     layers: tuple[str, ...]
 
     def record(self) -> tuple[str, ...]:
+        """One field: the layers joined with ':' (overlay's lowerdir form)."""
         return (self.keyword, ":".join(self.layers))
 
 
@@ -250,6 +254,7 @@ class Env(Op):
     value: str
 
     def record(self) -> tuple[str, ...]:
+        """One field: ``NAME=value``."""
         return (self.keyword, f"{self.name}={self.value}")
 
 

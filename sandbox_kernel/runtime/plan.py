@@ -1,9 +1,9 @@
 """Compile a ContainerSpec into the executor's ordered operations (pure; no system calls
 except reading the type of bind-mount sources).
 
-``Container.start`` calls ``compile_plan`` with the facts of the host it gathered
-(``HostContext``) and hands the result to ``protocol.encode_plan``. The order of the mount
-phase is the container's filesystem layout:
+Layer: runtime (OS side). ``Container.start`` calls ``compile_plan`` with the facts of the
+host it gathered (``HostContext``) and hands the result to ``protocol.encode_plan``. The
+order of the mount phase is the container's filesystem layout:
 
 writable scratch -> overlay root -> /proc -> /dev -> /sys and the read-only cgroup view
 -> /tmp, home -> /etc files -> user volumes -> masked and read-only paths -> pivot.
@@ -212,7 +212,8 @@ def _process(spec: ContainerSpec) -> list[ops.Op]:
 
 
 def compile_plan(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
-    """The ordered operations of ``spec`` on this host (the spec is already validated)."""
+    """The ordered operations of ``spec`` on this host (the spec is already validated).
+    Called by ``Container.start``, once per start."""
     plan = _setup(spec, host) + _root(spec, host) + _dev(spec) + _sys(host)
     plan += _scratch_dirs(spec) + _etc(spec)
     for m in spec.mounts:

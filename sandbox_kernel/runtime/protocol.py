@@ -1,5 +1,6 @@
 """Encoding of executor plans and decoding of its status lines (docs/runtime-protocol.md).
 
+Layer: runtime (OS side; pure).
 ``Container.start`` writes ``encode_plan(compile_plan(...))`` to the plan file the executor
 reads; ``executor.StatusPipe`` decodes each status line with ``decode_status``.
 """
@@ -15,7 +16,8 @@ _SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
 
 
 def encode_field(value: str | bytes) -> str:
-    """One field: bytes outside 0x21..0x7e and ``%`` as ``%XX``; the empty field as ``%-``."""
+    """One field: bytes outside 0x21..0x7e and ``%`` as ``%XX``; the empty field as ``%-``.
+    Called by ``encode_plan`` for each field of each record."""
     raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
     if not raw:
         return "%-"
@@ -23,7 +25,8 @@ def encode_field(value: str | bytes) -> str:
 
 
 def decode_field(field: str) -> str:
-    """The inverse of ``encode_field``; ValueError on a malformed escape."""
+    """The inverse of ``encode_field``; ValueError on a malformed escape. Called by
+    ``decode_status``."""
     if field == "%-":
         return ""
     out = bytearray()
@@ -44,7 +47,8 @@ def decode_field(field: str) -> str:
 
 
 def encode_plan(plan: Iterable[Op]) -> bytes:
-    """The plan file: the magic line, then one line per operation."""
+    """The plan file: the magic line, then one line per operation. Called by
+    ``Container.start``."""
     lines = [" ".join(PLAN_MAGIC)]
     for op in plan:
         lines.append(" ".join(encode_field(f) for f in op.record()))
@@ -52,5 +56,6 @@ def encode_plan(plan: Iterable[Op]) -> bytes:
 
 
 def decode_status(line: str) -> list[str]:
-    """The fields of one status line (``exec 1234``, ``error STAGE ERRNO MESSAGE``...)."""
+    """The fields of one status line (``exec 1234``, ``error STAGE ERRNO MESSAGE``...).
+    Called by ``executor.StatusPipe.read_line``."""
     return [decode_field(f) for f in line.rstrip("\n").split(" ") if f != ""]

@@ -1,5 +1,6 @@
 """A container's run dir as other processes see it: ``<run_root>/<id>/``.
 
+Layer: runtime (OS side; imports only the leaves).
 The container runtime writes it (``meta.json``, ``pid``, ``image``, ``exit.json``); gc, ``ps``,
 ``stats``, the provisioner and the image store's in-use check read it. Liveness checks use the
 process start time from /proc, so a reused pid is never taken for the original process.
@@ -17,7 +18,8 @@ from ..paths import is_container_id, run_dir
 
 
 def proc_starttime(pid: int) -> str | None:
-    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None if gone."""
+    """Field 22 of /proc/PID/stat (start time in clock ticks since boot), or None if gone.
+    ``Container`` records it next to each pid it writes; ``process_alive`` compares it."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -29,7 +31,8 @@ def proc_starttime(pid: int) -> str | None:
 
 
 def process_alive(pid: int, starttime: str | None) -> bool:
-    """Is ``pid`` alive and, when ``starttime`` is known, still the same process?"""
+    """Is ``pid`` alive and, when ``starttime`` is known, still the same process? Called by
+    ``ContainerInfo`` and by the provisioner for a kernel it re-attached to."""
     if pid <= 0:
         return False
     now = proc_starttime(pid)
@@ -37,7 +40,8 @@ def process_alive(pid: int, starttime: str | None) -> bool:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` atomically (readers never see a half-written file)."""
+    """Replace ``path`` atomically (readers never see a half-written file). Called by
+    ``Container`` (meta.json, pid, exit.json) and by ``jupyter.exits``."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(data, f)
@@ -45,6 +49,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing, unreadable or not an object. Called
+    by ``ContainerInfo`` and by ``Container`` when it updates meta.json."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -64,7 +70,9 @@ def _read_pidfile(path: Path) -> dict[str, Any]:
 
 
 class ContainerInfo:
-    """What another process can know about a container from its run dir."""
+    """What another process can know about a container from its run dir. Made by
+    ``find_container`` (``ps``, the provisioner's re-attach), by gc for each run dir and by the
+    image store's in-use check."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -74,20 +82,25 @@ class ContainerInfo:
 
     @property
     def supervisor_pid(self) -> int | None:
+        """The executor's host pid from the ``pid`` file (None before start, or malformed)."""
         pid = self.pidinfo.get("pid")
         return pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
 
     def running(self) -> bool:
+        """Is the executor still the process that was started (pid and start time)?"""
         pid = self.supervisor_pid
         start = self.pidinfo.get("start")
         return pid is not None and process_alive(pid, start if isinstance(start, str) else None)
 
     def owner_alive(self) -> bool:
+        """Is the process that created the container still alive? gc keeps a run dir whose
+        executor has not started yet while its owner lives."""
         pid = self.meta.get("owner_pid")
         return isinstance(pid, int) and process_alive(pid, self.meta.get("owner_start"))
 
     def image_digest(self) -> str | None:
-        """Manifest digest of the image the container runs (the ``image`` file), if recorded."""
+        """Manifest digest of the image the container runs (the ``image`` file), if recorded.
+        Read by the image store's in-use check (``image rm``)."""
         try:
             with open(self.path / "image", "rb") as f:
                 return f.read(200).decode(errors="replace").strip() or None
@@ -95,6 +108,8 @@ class ContainerInfo:
             return None
 
     def exit_result(self) -> dict[str, Any] | None:
+        """The ``exit.json`` the owner wrote when the container ended (``ExitResult.to_json``),
+        or None while it runs."""
         return read_json(self.path / "exit.json")
 
 

@@ -1,5 +1,8 @@
 """The container's seccomp filter, generated as a classic-BPF program (no libseccomp).
 
+Layer: runtime (OS side). ``Container.start`` calls ``write_filter`` when the spec asks
+for seccomp (the default); ``describe`` and ``format_rules`` document the policy.
+
 The output of :func:`build_filter` is a sequence of raw ``struct sock_filter`` entries
 (8 bytes each: ``u16 code, u8 jt, u8 jf, u32 k`` in native byte order) that ``sk-runtime``
 loads with ``prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)`` right before ``execve`` (plan
@@ -11,8 +14,9 @@ Policy (the reasons are in ``docs/security.md`` and in :func:`describe`):
    KILL_PROCESS.
 2. A negative system call number: ERRNO(ENOSYS), what the kernel itself answers.
 3. An x32 number (bit 30, ``0x40000000``, set): KILL_PROCESS.
-4. Every x86_64 system call of :mod:`sandbox_kernel.seccomp_tables` is classified: allowed,
-   denied with ERRNO(EPERM), allowed after an argument check, or (``clone3``) ERRNO(ENOSYS).
+4. Every x86_64 system call of :mod:`sandbox_kernel.runtime.seccomp_tables` is classified:
+   allowed, denied with ERRNO(EPERM), allowed after an argument check, or (``clone3``)
+   ERRNO(ENOSYS).
    Any number the table does not know (holes, system calls of newer kernels) gets
    ERRNO(ENOSYS), so a libc falls back to an older call as it does on an older kernel.
 
@@ -526,7 +530,8 @@ def build_filter(*, allow_ptrace: bool = False, extra_denied: Sequence[str] = ()
     ``allow_ptrace`` allows ptrace, process_vm_readv/writev, kcmp and pidfd_getfd (debuggers,
     profilers such as py-spy). ``extra_denied`` names more x86_64 system calls to answer with
     EPERM (even ones normally allowed after an argument check). Raises SpecError for a name
-    that is not an x86_64 system call.
+    that is not an x86_64 system call. Called by ``write_filter`` (and ``describe`` mirrors
+    it).
     """
     outcomes = _outcomes(allow_ptrace, extra_denied)
     g = _Gen()
@@ -556,7 +561,8 @@ def write_filter(
     """Write the program into ``directory`` under a name derived from its content
     (``seccomp-<sha256 prefix>.bpf``) and return the path. ``directory`` is created (mode
     0700) if missing. An existing file with the right content is reused; a damaged one is
-    replaced (atomically, via rename)."""
+    replaced (atomically, via rename). Called by ``Container.start`` with the run root's
+    ``.seccomp`` directory, at each start of a container with ``seccomp=True``."""
     data = build_filter(allow_ptrace=allow_ptrace, extra_denied=extra_denied)
     directory = Path(directory)
     try:
@@ -593,7 +599,8 @@ def write_filter(
 
 @dataclass(frozen=True)
 class Rule:
-    """One line of the policy: which calls, under what condition, what answer, and why."""
+    """One line of the policy: which calls, under what condition, what answer, and why
+    (made by ``describe``)."""
 
     subject: str
     condition: str
@@ -614,7 +621,8 @@ def _action_name(value: int) -> str:
 
 def describe(*, allow_ptrace: bool = False, extra_denied: Sequence[str] = ()) -> list[Rule]:
     """The rules of the filter :func:`build_filter` makes with the same options, in the
-    order the program checks them."""
+    order the program checks them. For docs/security.md and the tests; no start path calls
+    it."""
     outcomes = _outcomes(allow_ptrace, extra_denied)
     extra = set(extra_denied)
     by_nr = {nr: name for name, nr in X86_64_SYSCALLS.items()}
@@ -703,7 +711,7 @@ def describe(*, allow_ptrace: bool = False, extra_denied: Sequence[str] = ()) ->
 
 
 def format_rules(rules: Iterable[Rule]) -> str:
-    """A Markdown table of ``rules``."""
+    """A Markdown table of ``rules`` (``describe``'s), as in docs/security.md."""
     lines = ["| system call | condition | action | reason |", "|---|---|---|---|"]
     for r in rules:
         cells = (r.subject, r.condition, r.action, r.reason)

@@ -1,5 +1,7 @@
 """x86_64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl, Linux 6.17).
 
+Layer: runtime (OS side; pure data, read only by ``seccomp``).
+
 Only the native 64-bit ABI: the x32 ABI (numbers with bit 30 set) and i386 (another
 ``seccomp_data.arch``) never reach the number dispatch of the filter. Numbers 336-423 and
 everything above :data:`HIGHEST_KNOWN` are not listed: the filter answers them with ENOSYS.

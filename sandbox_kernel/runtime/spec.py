@@ -1,5 +1,7 @@
 """The container spec: pure data, no system calls.
 
+Layer: runtime (OS side; imports only ``errors`` and ``limits``).
+
 A ``ContainerSpec`` says everything about one container. Its callers build one (the
 provisioner for a kernel, ``sandbox-kernel run`` for a command, the image builder for a
 recipe step); ``validate.validate_spec`` checks it, ``plan.compile_plan`` turns it into the
@@ -86,7 +88,8 @@ class Bind:
     @classmethod
     def parse(cls, text: object, what: str = "volume") -> Bind:
         """``SRC:DST[:ro|rw]`` (read-only unless ``:rw``) -> Bind; SpecError naming ``what``
-        and the accepted form. Used by ``run --volume`` and ``extra_mounts``."""
+        and the accepted form. Used by ``run --volume`` and, at kernel start, by
+        ``jupyter.resolve`` for each ``extra_mounts`` entry."""
         if not isinstance(text, str):
             raise SpecError(f"{what} {text!r} is not a string; use {VOLUME_FORMS}")
         parts = text.split(":")
@@ -156,10 +159,11 @@ class ContainerSpec:
     id: str
     #: Read-only layer directories of the image, top-most first (overlay lowerdir order).
     layers: tuple[str, ...]
-    #: argv of the main process; argv[0] is looked up in the container's PATH.
+    #: argv of the main process; an argv[0] without '/' is looked up in the container's PATH.
     command: tuple[str, ...]
     #: Environment of the main process, (name, value) pairs; nothing of the caller's
-    #: environment is inherited. PATH, HOME, HOSTNAME and LANG get defaults (``plan``).
+    #: environment is inherited. PATH, HOME, HOSTNAME and LANG get defaults (``plan``;
+    #: HOME is /home/sandbox, or /tmp with ``upper_dir``).
     env: tuple[tuple[str, str], ...] = ()
     #: Working directory of the main process, an absolute path inside the container.
     workdir: str = "/"
@@ -167,13 +171,17 @@ class ContainerSpec:
     user: int = 65534
     #: gid the main process runs as inside the container.
     group: int = 65534
-    #: Allow ``user == 0`` (root inside the container, still without capabilities).
+    #: Allow ``user == 0`` (root inside the container, still without capabilities); such a
+    #: container may have no writable host volume (``validate.check_root_mode``).
     allow_root: bool = False
-    #: Hostname in the container's own uts namespace (also written to /etc/hostname).
+    #: Hostname in the container's own uts namespace (also written to /etc/hostname and
+    #: /etc/hosts, except with ``upper_dir``).
     hostname: str = "sandbox"
-    #: Bytes of the tmpfs holding the overlay's writable layer (counted in the memory cap).
+    #: Bytes of the tmpfs holding the overlay's writable layer (counted in the memory cap;
+    #: unused with ``upper_dir``).
     writable_size: int = 256 * 1024**2
-    #: Bytes of the container's /tmp and of its home directory (each a tmpfs).
+    #: Bytes of the container's /tmp and of its home directory (each a tmpfs; no home tmpfs
+    #: with ``upper_dir``).
     tmp_size: int = 256 * 1024**2
     #: Bytes of /dev/shm.
     shm_size: int = 64 * 1024**2
@@ -183,11 +191,13 @@ class ContainerSpec:
     limits: Limits = field(default_factory=Limits)
     #: How the container reaches the network.
     network: NetworkMode = NetworkMode.NONE
-    #: User-namespace uid map (empty: no user namespace).
+    #: User-namespace uid map. Must stay empty: ``validate.check_userns`` refuses any map
+    #: (rootless containers are not available yet) and the plan creates no user namespace.
     uid_map: tuple[IdMap, ...] = ()
-    #: User-namespace gid map (empty: no user namespace).
+    #: User-namespace gid map; must stay empty, as ``uid_map``.
     gid_map: tuple[IdMap, ...] = ()
-    #: Paths hidden inside the container (an empty tmpfs or /dev/null over them).
+    #: Paths hidden inside the container (an empty read-only tmpfs over a directory,
+    #: /dev/null over a file; paths the image lacks are skipped).
     masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS
     #: Paths made read-only inside the container.
     readonly_paths: tuple[str, ...] = DEFAULT_READONLY_PATHS
@@ -209,5 +219,6 @@ class ContainerSpec:
     upper_dir: str = ""
 
     def env_dict(self) -> dict[str, str]:
-        """The environment as a mapping (later duplicates win)."""
+        """The environment as a mapping (later duplicates win); ``plan`` lays it over the
+        defaults."""
         return dict(self.env)

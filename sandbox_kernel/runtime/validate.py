@@ -1,8 +1,9 @@
 """Validators for a ContainerSpec: run before anything touches the system.
 
-Each validator returns a list of problems, one line each, naming the field, the bad
-value and the accepted form. ``validate_spec`` runs them all and raises one
-SpecError listing every problem.
+Layer: runtime (OS side; reads the filesystem only to check that paths exist). Each validator
+returns a list of problems, one line each, naming the field, the bad value and the accepted
+form. ``validate_spec`` runs them all, in the order of ``VALIDATORS`` (nothing else in the
+package calls them), and raises one SpecError listing every problem.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ MAX_ID = 2**32 - 2
 
 
 def check_id(spec: ContainerSpec) -> list[str]:
+    """``id`` is ``sk-`` and 12 hex digits (the run dir and cgroups are named from it)."""
     if not ID_RE.match(spec.id):
         return [f"id={spec.id!r} is not a container id; expected 'sk-' and 12 hex digits"]
     return []
 
 
 def check_layers(spec: ContainerSpec) -> list[str]:
+    """At least one layer; each an existing directory whose path can go into overlay's
+    options (no ':' or ',')."""
     if not spec.layers:
         return ["layers=() is empty; an image needs at least one layer directory"]
     out = []
@@ -42,6 +46,7 @@ def check_layers(spec: ContainerSpec) -> list[str]:
 
 
 def check_command(spec: ContainerSpec) -> list[str]:
+    """A non-empty argv with a non-empty program and no NUL bytes."""
     if not spec.command:
         return ["command=() is empty; give the program to run, e.g. ('python3', '-V')"]
     if any("\0" in a for a in spec.command) or not spec.command[0]:
@@ -50,6 +55,7 @@ def check_command(spec: ContainerSpec) -> list[str]:
 
 
 def check_env(spec: ContainerSpec) -> list[str]:
+    """Valid variable names (``spec.env_key_problem``), values without NUL bytes."""
     out = []
     for key, value in spec.env:
         problem = env_key_problem(key)
@@ -61,12 +67,14 @@ def check_env(spec: ContainerSpec) -> list[str]:
 
 
 def check_workdir(spec: ContainerSpec) -> list[str]:
+    """``workdir`` is an absolute normalised path."""
     if not is_clean_abs(spec.workdir):
         return [f"workdir={spec.workdir!r} must be an absolute normalised path, e.g. /home/jovyan"]
     return []
 
 
 def check_identity(spec: ContainerSpec) -> list[str]:
+    """``user`` and ``group`` are ids in range; uid 0 only with ``allow_root``."""
     out = []
     for name, value in (("user", spec.user), ("group", spec.group)):
         if not 0 <= value <= MAX_ID:
@@ -112,6 +120,7 @@ def check_upper_dir(spec: ContainerSpec) -> list[str]:
 
 
 def check_hostname(spec: ContainerSpec) -> list[str]:
+    """``hostname``: at most 64 characters of dot-separated DNS labels (lowercase)."""
     name = spec.hostname
     labels = name.split(".")
     if len(name) > 64 or not all(_HOST_LABEL_RE.match(lbl) for lbl in labels):
@@ -123,6 +132,7 @@ def check_hostname(spec: ContainerSpec) -> list[str]:
 
 
 def check_sizes(spec: ContainerSpec) -> list[str]:
+    """The tmpfs sizes within their ``limits.BOUNDS``; ``nofile`` in 16..1048576."""
     out = []
     for name in ("writable_size", "tmp_size", "shm_size"):
         problem = BOUNDS[name].problem(getattr(spec, name))
@@ -134,6 +144,8 @@ def check_sizes(spec: ContainerSpec) -> list[str]:
 
 
 def check_mounts(spec: ContainerSpec, created: frozenset[str] = frozenset()) -> list[str]:
+    """Each mount target clean, not reserved (/, /proc, /sys, /dev) and used once; each bind
+    source clean and existing (or in ``created``); each extra tmpfs at least 4K."""
     out = []
     seen: set[str] = set()
     for m in spec.mounts:
@@ -164,6 +176,7 @@ def check_limits(spec: ContainerSpec) -> list[str]:
 
 
 def check_network(spec: ContainerSpec) -> list[str]:
+    """``network`` is a ``NetworkMode``."""
     if not isinstance(spec.network, NetworkMode):
         modes = ", ".join(m.value for m in NetworkMode)
         return [f"network={spec.network!r} is not a network mode; available: {modes}"]
@@ -171,6 +184,7 @@ def check_network(spec: ContainerSpec) -> list[str]:
 
 
 def check_userns(spec: ContainerSpec) -> list[str]:
+    """``uid_map``/``gid_map`` must stay empty: user namespaces are not available yet."""
     if spec.uid_map or spec.gid_map:
         return [
             "uid_map/gid_map: rootless containers (user namespaces) are not available yet; "
@@ -180,6 +194,7 @@ def check_userns(spec: ContainerSpec) -> list[str]:
 
 
 def check_proc_paths(spec: ContainerSpec) -> list[str]:
+    """Every masked and read-only path is an absolute normalised path."""
     return [
         f"masked/readonly path {p!r} must be an absolute normalised path"
         for p in (*spec.masked_paths, *spec.readonly_paths)
@@ -209,8 +224,9 @@ VALIDATORS: tuple[Validator, ...] = (
 def validate_spec(
     spec: ContainerSpec, context: str = "", created: frozenset[str] = frozenset()
 ) -> None:
-    """Run every validator. ``created``: host paths the runtime itself will create before
-    start (e.g. the container's connection dir), accepted as bind sources."""
+    """Run every validator; one SpecError listing every problem. ``created``: host paths the
+    runtime itself will create before start (e.g. the container's connection dir), accepted
+    as bind sources. Called by ``Container.create`` before anything touches the system."""
     problems: list[str] = []
     for validator in VALIDATORS:
         if validator is check_mounts:
