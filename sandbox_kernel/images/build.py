@@ -114,6 +114,8 @@ def find_recipe(name: str) -> Path:
 
 
 def resolve_target(target: str) -> Path:
+    """The recipe file ``target`` names: a recipe directory, a recipe file, or a bare recipe
+    name looked up with ``find_recipe``. Called by ``build_image`` and the CLI."""
     p = Path(target)
     if p.is_dir() and (p / RECIPE_FILE).is_file():
         return (p / RECIPE_FILE).resolve()

@@ -162,7 +162,7 @@ class _LayerTarWriter:
     def _symlink(self, p: str, name: str, st: os.stat_result) -> None:
         """Write symlink ``p`` with its target. Called by ``walk``."""
         if self.scrub:
-            _scrub_xattrs(p, keep_opaque=False)
+            _scrub_xattrs(p)
         ti = _info(name, st)
         ti.type = tarfile.SYMTYPE
         ti.linkname = os.readlink(p)

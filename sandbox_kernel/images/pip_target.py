@@ -46,6 +46,8 @@ class Dist:
 
 @dataclass
 class PipResult:
+    """What the pip step did, for the build's progress line. Returned by ``install``."""
+
     installed: list[Dist] = field(default_factory=list)
     dropped_same_as_parent: list[str] = field(default_factory=list)
     replaced_in_parent: list[str] = field(default_factory=list)
@@ -120,6 +122,9 @@ def expand_platforms(platforms: Sequence[str]) -> list[str]:
 def pip_command(
     spec: PipSpec, py: PythonSpec, target: Path, constraints: Path | None, python: str | None = None
 ) -> list[str]:
+    """The host pip command that installs ``spec``'s packages for the image's interpreter
+    ``py`` into ``target`` (``--target``, ``--python-version``, ``--abi``, ``--platform``).
+    Called by ``install``."""
     cmd = [
         python or sys.executable,
         "-m",
