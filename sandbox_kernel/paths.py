@@ -3,11 +3,16 @@
 Layer: leaf (imports nothing of the package). Read by the runtime, the image store, the
 provisioner and the CLI; nothing else computes these paths.
 
-* state dir (images, snapshots, build cache): ``/var/lib/sandbox-kernel`` for root,
-  ``$XDG_DATA_HOME/sandbox-kernel`` (default ``~/.local/share/sandbox-kernel``) otherwise;
-  ``SANDBOX_KERNEL_STATE_DIR`` overrides.
+* state dir (the writable image store, snapshots, build cache): ``/var/lib/sandbox-kernel``
+  for root, ``$XDG_DATA_HOME/sandbox-kernel`` (default ``~/.local/share/sandbox-kernel``)
+  otherwise; ``SANDBOX_KERNEL_STATE_DIR`` overrides.
+* system state dir: the store the administrator builds for every user of the host,
+  ``/var/lib/sandbox-kernel`` (``SANDBOX_KERNEL_SYSTEM_STATE_DIR`` overrides); other users
+  read it, after their own store.
 * run dir (one short directory per running container, named from its id):
-  ``/run/sandbox-kernel`` for root, ``$XDG_RUNTIME_DIR/sandbox-kernel`` otherwise;
+  ``/run/sandbox-kernel`` for root, ``$XDG_RUNTIME_DIR/sandbox-kernel`` otherwise, or, with
+  no XDG_RUNTIME_DIR (runuser, cron, JupyterHub's LocalProcessSpawner), a private
+  ``/tmp/sk-UID`` (``rundir.ensure_run_root`` checks its owner and mode);
   ``SANDBOX_KERNEL_RUN_DIR`` overrides. Keep it short: unix socket paths inside it
   must stay under 107 bytes.
 """
@@ -64,7 +69,7 @@ def state_dir() -> Path:
     if env:
         return Path(env)
     if os.geteuid() == 0:
-        return Path("/var/lib/sandbox-kernel")
+        return system_state_dir()
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "share"
     )
@@ -81,6 +86,22 @@ def run_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/run/sandbox-kernel")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
+    if xdg and _private_dir(Path(xdg)):
         return Path(xdg) / "sandbox-kernel"
-    return Path("/tmp") / f"sandbox-kernel-{os.geteuid()}"
+    return Path("/tmp") / f"sk-{os.geteuid()}"
+
+
+def _private_dir(path: Path) -> bool:
+    """Is ``path`` a real directory of the caller's own, closed to others (as systemd makes
+    XDG_RUNTIME_DIR)?"""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and (st.st_mode & 0o077) == 0 and os.path.isdir(path)
+
+
+def system_state_dir() -> Path:
+    """The system image store's directory (see the module docstring). Called by the image
+    store lookup, which reads it after the caller's own store."""
+    return Path(os.environ.get("SANDBOX_KERNEL_SYSTEM_STATE_DIR") or "/var/lib/sandbox-kernel")

@@ -9,10 +9,12 @@ e.g. the admin's setting) names the parent cgroup instead of the caller's own cg
 from __future__ import annotations
 
 import os
+import pwd
 import threading
 from collections.abc import Callable
 
-from ..errors import CgroupError
+from ..errors import CgroupError, PrivilegeError
+from . import delegation
 from .base import CgroupHandle, CgroupLimits, CgroupManager, CgroupMode, CgroupStats
 from .common import CgroupIO, cpus_to_quota, weight_to_shares
 from .detect import CgroupLayout, detect
@@ -63,6 +65,32 @@ def reset_manager_cache() -> None:
         _cache.clear()
 
 
+def _delegated_parent(layout: CgroupLayout, v2: bool, io: CgroupIO | None) -> str:
+    """An unprivileged caller's parent cgroup: its delegated subtree (v2: its own cgroup
+    delegated by systemd or ``sandbox-kernel delegate``, whose processes move into a leaf;
+    v1: the ``kernels`` cgroup of ``sandbox-kernel delegate``). PrivilegeError naming the
+    fix when there is none."""
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    if v2:
+        found = delegation.v2_delegated(layout, uid, io)
+        if found is not None:
+            delegation.enter_leaf(found, io)
+            return found
+    else:
+        parent = delegation.v1_parent(layout, uid, io)
+        if parent is not None:
+            return parent
+    where = layout.v2_dir() if v2 else delegation.kernels_cgroup(uid)
+    raise PrivilegeError(
+        f"no cgroup is delegated to {user} (looked for {where}), so the sandbox's memory, CPU "
+        f"and process caps cannot be enforced; {delegation.FIX.format(user=user)}"
+    )
+
+
 def get_manager(
     parent: str | None = None,
     *,
@@ -79,7 +107,8 @@ def get_manager(
 
     parent: parent cgroup for containers (v2: a path in the cgroup2 mount, or the directory
         itself; v1: a cgroup path used in every hierarchy). Default: $SANDBOX_KERNEL_CGROUP_PARENT,
-        else the caller's own cgroup.
+        else, for root, the caller's own cgroup, and for anyone else the cgroup delegated
+        to them (PrivilegeError when there is none).
     mode: "v1" or "v2" to force an implementation; default: $SANDBOX_KERNEL_CGROUP_MODE, else
         chosen from the detected mode.
     root, mounts_text, cgroup_text, io: injection points for tests (a fake tree). When any of
@@ -102,6 +131,8 @@ def get_manager(
             return cached
     layout = detect(root=root, mounts_text=mounts_text, cgroup_text=cgroup_text)
     factory = _BY_FORCED[mode] if mode else _BY_MODE[layout.mode]
+    if parent is None and os.geteuid() != 0:
+        parent = _delegated_parent(layout, factory is V2Manager, io)
     manager = factory(layout, parent, io)
     if not injected:
         with _lock:

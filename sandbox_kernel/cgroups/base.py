@@ -124,7 +124,9 @@ class CgroupManager(abc.ABC):
     ``get_manager`` (cached)."""
 
     mode: CgroupMode
-    version: int  # 1 or 2
+    version: int  # 1 or 2 (0: no cgroups, ``none.NullManager``)
+    #: Do the caps reach the kernel? False only for ``none.NullManager``.
+    enforced: bool = True
 
     @abc.abstractmethod
     def create(self, name: str, limits: CgroupLimits) -> CgroupHandle:

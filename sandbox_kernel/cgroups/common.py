@@ -51,6 +51,14 @@ class CgroupIO:
         """``os.path.isdir``."""
         return os.path.isdir(path)
 
+    def stat(self, path: str) -> os.stat_result:
+        """The owner and mode of a cgroup file or directory (never through a symlink)."""
+        return os.stat(path, follow_symlinks=False)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        """Hand a delegated cgroup file or directory to its user (never through a symlink)."""
+        os.chown(path, uid, gid, follow_symlinks=False)
+
     def listdir(self, path: str) -> list[str]:
         """``os.listdir``."""
         return os.listdir(path)

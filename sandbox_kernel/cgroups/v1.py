@@ -23,6 +23,7 @@ from .base import CgroupLimits, CgroupStats
 from .common import (
     KILL_TIMEOUT_S,
     CgroupIO,
+    Files,
     HandleBase,
     ManagerBase,
     cgroup_error,
@@ -115,74 +116,9 @@ class V1Handle(HandleBase):
                 "(e.g. `mount -t cgroup -o memory cgroup /sys/fs/cgroup/memory`) or drop those "
                 "limits"
             )
-        if "memory" in self.dirs:
-            self._set_memory(limits)
-        if "cpu" in self.dirs:
-            self._set_cpu(limits)
-        pids_max = self._file("pids", "pids.max")
-        if pids_max is not None:
-            self._f.write(pids_max, "max" if limits.pids is None else str(limits.pids))
-
-    def _set_memory(self, limits: CgroupLimits) -> None:
-        f = self._f
-        mem_file = self._file("memory", "memory.limit_in_bytes")
-        memsw_file = self._file("memory", "memory.memsw.limit_in_bytes")
-        assert mem_file is not None and memsw_file is not None
-        new_mem = -1 if limits.memory is None else limits.memory
-        if limits.memory is None or limits.memory_swap is None:
-            new_memsw = -1
-        else:
-            new_memsw = limits.memory + limits.memory_swap
-        current = f.read_int(mem_file)
-        current = _UNLIMITED if current is None else current
-        # The kernel keeps memory.limit <= memsw.limit at every moment: when raising, memsw goes
-        # first; when lowering, memory goes first.
-        raising = new_mem == -1 or new_mem > current
-        # No memsw file: the kernel has no swap accounting (swapaccount=0); swap cannot be
-        # limited per cgroup and only memory is written.
-        has_memsw = f.exists(memsw_file)
-        order = [(mem_file, new_mem)]
-        if has_memsw:
-            order = (
-                [(memsw_file, new_memsw), *order] if raising else [*order, (memsw_file, new_memsw)]
-            )
-        for path, value in order:
-            try:
-                f.io.write(path, str(value))
-            except OSError as exc:
-                if exc.errno == errno.EBUSY:
-                    usage = f.read_int(path.replace("limit_in_bytes", "usage_in_bytes"))
-                    err = CgroupError(
-                        f"cannot lower {path} to {value} bytes: the container uses {usage} bytes "
-                        "and the kernel could not reclaim enough (cgroup v1 refuses a limit below "
-                        "unreclaimable usage instead of OOM-killing); free memory in the kernel "
-                        "(or restart it), then lower the limit"
-                    )
-                    err.errno = exc.errno
-                    raise err from exc
-                raise cgroup_error(exc, f"writing {value} to", path) from exc
-
-    def _set_cpu(self, limits: CgroupLimits) -> None:
-        f = self._f
-        quota_file = self._file("cpu", "cpu.cfs_quota_us")
-        period_file = self._file("cpu", "cpu.cfs_period_us")
-        shares_file = self._file("cpu", "cpu.shares")
-        assert quota_file and period_file and shares_file
-        if f.exists(quota_file):
-            if f.read_int(period_file) != limits.cpu_period_us:
-                # Lift the quota first so the period change cannot break the parent's ratio check.
-                f.write(quota_file, "-1")
-                f.write(period_file, str(limits.cpu_period_us))
-            f.write(quota_file, "-1" if limits.cpu_quota_us is None else str(limits.cpu_quota_us))
-        elif limits.cpu_quota_us is not None:
-            raise CgroupError(
-                f"{quota_file} does not exist: the kernel lacks CFS bandwidth control "
-                "(CONFIG_CFS_BANDWIDTH); drop the CPU quota or use a kernel that has it"
-            )
-        shares = (
-            _DEFAULT_SHARES if limits.cpu_weight is None else weight_to_shares(limits.cpu_weight)
-        )
-        f.write(shares_file, str(shares))
+        for ctrl in ("memory", "cpu", "pids"):
+            if ctrl in self.dirs:
+                write_v1_limits(self._f, ctrl, self.dirs[ctrl], limits)
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -326,3 +262,87 @@ class V1Manager(ManagerBase):
                 if base.startswith(prefix):
                     names.add(base)
         return sorted(names)
+
+
+def _v1_memory(f: Files, d: str, limits: CgroupLimits) -> None:
+    """memory.limit_in_bytes and memory.memsw.limit_in_bytes of ``d``, in the order the
+    kernel accepts (memory <= memsw at every moment)."""
+    mem_file = os.path.join(d, "memory.limit_in_bytes")
+    memsw_file = os.path.join(d, "memory.memsw.limit_in_bytes")
+    new_mem = -1 if limits.memory is None else limits.memory
+    if limits.memory is None or limits.memory_swap is None:
+        new_memsw = -1
+    else:
+        new_memsw = limits.memory + limits.memory_swap
+    current = f.read_int(mem_file)
+    current = _UNLIMITED if current is None else current
+    # When raising, memsw goes first; when lowering, memory goes first.
+    raising = new_mem == -1 or new_mem > current
+    # No memsw file: the kernel has no swap accounting (swapaccount=0); swap cannot be
+    # limited per cgroup and only memory is written.
+    order = [(mem_file, new_mem)]
+    if f.exists(memsw_file):
+        order = [(memsw_file, new_memsw), *order] if raising else [*order, (memsw_file, new_memsw)]
+    for path, value in order:
+        try:
+            f.io.write(path, str(value))
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                usage = f.read_int(path.replace("limit_in_bytes", "usage_in_bytes"))
+                err = CgroupError(
+                    f"cannot lower {path} to {value} bytes: the container uses {usage} bytes "
+                    "and the kernel could not reclaim enough (cgroup v1 refuses a limit below "
+                    "unreclaimable usage instead of OOM-killing); free memory in the kernel "
+                    "(or restart it), then lower the limit"
+                )
+                err.errno = exc.errno
+                raise err from exc
+            raise cgroup_error(exc, f"writing {value} to", path) from exc
+
+
+def _v1_cpu(f: Files, d: str, limits: CgroupLimits) -> None:
+    """The CFS quota and period, and cpu.shares, of ``d``."""
+    quota_file = os.path.join(d, "cpu.cfs_quota_us")
+    period_file = os.path.join(d, "cpu.cfs_period_us")
+    if f.exists(quota_file):
+        if f.read_int(period_file) != limits.cpu_period_us:
+            # Lift the quota first so the period change cannot break the parent's ratio check.
+            f.write(quota_file, "-1")
+            f.write(period_file, str(limits.cpu_period_us))
+        f.write(quota_file, "-1" if limits.cpu_quota_us is None else str(limits.cpu_quota_us))
+    elif limits.cpu_quota_us is not None:
+        raise CgroupError(
+            f"{quota_file} does not exist: the kernel lacks CFS bandwidth control "
+            "(CONFIG_CFS_BANDWIDTH); drop the CPU quota or use a kernel that has it"
+        )
+    shares = _DEFAULT_SHARES if limits.cpu_weight is None else weight_to_shares(limits.cpu_weight)
+    f.write(os.path.join(d, "cpu.shares"), str(shares))
+
+
+def write_v1_limits(f: Files, controller: str, d: str, limits: CgroupLimits) -> None:
+    """Write the part of ``limits`` that hierarchy ``controller`` holds into cgroup ``d``.
+    Called by ``V1Handle.set_limits`` and for a delegation's caps."""
+    if controller == "memory":
+        _v1_memory(f, d, limits)
+    elif controller == "cpu":
+        _v1_cpu(f, d, limits)
+    elif controller == "pids":
+        f.write(os.path.join(d, "pids.max"), "max" if limits.pids is None else str(limits.pids))
+
+
+def read_v1_limits(f: Files, dirs: list[tuple[str, str]]) -> CgroupLimits:
+    """The caps held by the cgroups ``dirs`` ((controller, directory) pairs), as written by
+    ``write_v1_limits``; for ``delegate --list``."""
+    by = dict(dirs)
+    memory = quota = pids = None
+    period = 100_000
+    if "memory" in by:
+        value = f.read_int(os.path.join(by["memory"], "memory.limit_in_bytes"))
+        memory = None if value is None or value >= _UNLIMITED else value
+    if "cpu" in by:
+        q = f.read_int(os.path.join(by["cpu"], "cpu.cfs_quota_us"))
+        quota = None if q is None or q < 0 else q
+        period = f.read_int(os.path.join(by["cpu"], "cpu.cfs_period_us")) or period
+    if "pids" in by:
+        pids = f.read_int(os.path.join(by["pids"], "pids.max"))
+    return CgroupLimits(memory=memory, cpu_quota_us=quota, cpu_period_us=period, pids=pids)

@@ -19,6 +19,7 @@ from .base import CgroupLimits, CgroupStats
 from .common import (
     KILL_TIMEOUT_S,
     CgroupIO,
+    Files,
     HandleBase,
     ManagerBase,
     cgroup_error,
@@ -73,22 +74,7 @@ class V2Handle(HandleBase):
                 "limits cannot be applied; enable them in the parent's cgroup.subtree_control "
                 "(they must be listed in its cgroup.controllers) or drop those limits"
             )
-        if f.exists(self._file("memory.max")):
-            f.write(
-                self._file("memory.max"), "max" if limits.memory is None else str(limits.memory)
-            )
-            swap = self._file("memory.swap.max")
-            # Absent when the kernel has no swap accounting: then swap cannot be limited (or used
-            # beyond what the host allows) per cgroup; nothing to write.
-            if f.exists(swap):
-                f.write(swap, "max" if limits.memory_swap is None else str(limits.memory_swap))
-        if f.exists(self._file("cpu.max")):
-            quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
-            f.write(self._file("cpu.max"), f"{quota} {limits.cpu_period_us}")
-            weight = _DEFAULT_WEIGHT if limits.cpu_weight is None else limits.cpu_weight
-            f.write(self._file("cpu.weight"), str(weight))
-        if f.exists(self._file("pids.max")):
-            f.write(self._file("pids.max"), "max" if limits.pids is None else str(limits.pids))
+        write_v2_limits(f, self.path, limits)
 
     def _event(self, filename: str, key: str) -> int | None:
         text = self._f.read_opt(self._file(filename))
@@ -322,3 +308,42 @@ class V2Manager(ManagerBase):
             for d in self.files.subdirs(self.parent)
             if os.path.basename(d).startswith(prefix)
         )
+
+
+def write_v2_limits(f: Files, path: str, limits: CgroupLimits) -> None:
+    """Write memory.max, memory.swap.max, cpu.max, cpu.weight and pids.max of cgroup ``path``
+    (those the kernel offers). Called by ``V2Handle.set_limits`` and for a delegation's caps."""
+
+    def file(name: str) -> str:
+        return os.path.join(path, name)
+
+    if f.exists(file("memory.max")):
+        f.write(file("memory.max"), "max" if limits.memory is None else str(limits.memory))
+        # Absent when the kernel has no swap accounting: then swap cannot be limited (or used
+        # beyond what the host allows) per cgroup; nothing to write.
+        if f.exists(file("memory.swap.max")):
+            swap = "max" if limits.memory_swap is None else str(limits.memory_swap)
+            f.write(file("memory.swap.max"), swap)
+    if f.exists(file("cpu.max")):
+        quota = "max" if limits.cpu_quota_us is None else str(limits.cpu_quota_us)
+        f.write(file("cpu.max"), f"{quota} {limits.cpu_period_us}")
+        weight = _DEFAULT_WEIGHT if limits.cpu_weight is None else limits.cpu_weight
+        f.write(file("cpu.weight"), str(weight))
+    if f.exists(file("pids.max")):
+        f.write(file("pids.max"), "max" if limits.pids is None else str(limits.pids))
+
+
+def read_v2_limits(f: Files, path: str) -> CgroupLimits:
+    """The caps of cgroup ``path`` as ``write_v2_limits`` writes them (``delegate --list``)."""
+    quota, period = None, 100_000
+    cpu_max = f.read_opt(os.path.join(path, "cpu.max"))
+    if cpu_max:
+        parts = cpu_max.split()
+        quota = None if parts[0] == "max" else int(parts[0])
+        period = int(parts[1]) if len(parts) > 1 else period
+    return CgroupLimits(
+        memory=f.read_int(os.path.join(path, "memory.max")),
+        cpu_quota_us=quota,
+        cpu_period_us=period,
+        pids=f.read_int(os.path.join(path, "pids.max")),
+    )

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError
+from ..images import lookup
 from ..images.store import Image, ImageStore, image_in_use
 
 
@@ -72,13 +74,16 @@ def _human(n: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """``image ls``: one line per image (name, tag, short digest, size, created)."""
-    images = ImageStore().list()
-    rows = [("NAME", "TAG", "DIGEST", "SIZE", "CREATED")]
-    for im in images:
+    """``image ls``: one line per image (name, tag, short digest, size, created, and, for an
+    ordinary user, which store holds it: theirs or the system's)."""
+    rows = [("NAME", "TAG", "DIGEST", "SIZE", "CREATED", "STORE")]
+    for place, im in lookup.list_all():
         short = im.digest.removeprefix("sha256:")[:12]
-        rows.append((im.name, im.tag, short, _human(im.size), im.created))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        store = "system" if place.store.readonly else "own"
+        rows.append((im.name, im.tag, short, _human(im.size), im.created, store))
+    if all(r[5] in ("own", "STORE") for r in rows) and os.geteuid() == 0:
+        rows = [(*r[:5], "") for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
@@ -119,7 +124,7 @@ def image_json(im: Image) -> dict[str, Any]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``image inspect REF``: the image as JSON, with its kernel command (or why it has
     none); nothing is unpacked."""
-    im = ImageStore().resolve(args.ref, unpack=False)
+    im = lookup.find(args.ref, unpack=False)
     doc = image_json(im)
     try:
         argv = im.kernel_argv()

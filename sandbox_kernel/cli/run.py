@@ -6,8 +6,10 @@ Layer: cli, on the runtime (``Container``) and the image store.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+from dataclasses import replace
 from typing import Any
 
 from ..errors import SpecError
@@ -15,6 +17,7 @@ from ..limits import CPUS, MEMORY, PIDS, TMP_SIZE, WRITABLE_SIZE
 from ..paths import new_container_id
 from ..runtime.container import Container, require_privileges
 from ..runtime.spec import Bind, ContainerSpec, Limits
+from ..runtime.userns import for_caller
 
 FORWARDED = (
     signal.SIGINT,
@@ -61,7 +64,10 @@ def register(sub: Any) -> None:
         help="working directory inside the container (default: the image's, or /)",
     )
     p.add_argument(
-        "--user", "-u", help="UID[:GID] to run as (default 65534:65534; 0 needs --allow-root)"
+        "--user",
+        "-u",
+        help="UID[:GID] to run as inside (default: 65534:65534 as root, your own ids "
+        "otherwise; 0 needs --allow-root)",
     )
     p.add_argument(
         "--allow-root", action="store_true", help="allow running as root inside the container"
@@ -101,17 +107,23 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
     if command and command[0] == "--":
         command = command[1:]
     env: dict[str, str] = {}
-    mounts: list[Bind] = [Bind.parse(v, "--volume") for v in args.volume]
+    userns = for_caller()
+    if userns.notice:
+        print(userns.notice, file=sys.stderr)
+    root_mode = userns.mode == "root"
+    # root mode: volumes are idmapped, so that files keep their on-disk owners
+    mounts: list[Bind] = [replace(Bind.parse(v, "--volume"), idmap=root_mode) for v in args.volume]
     workdir = "/"
-    user, group = 65534, 65534
+    # rootless: the caller's own ids, the ones mapped to themselves
+    user, group = (65534, 65534) if root_mode else (os.geteuid(), os.getegid())
     image_name = args.image
     if args.image == hostimage.NAME:
         layers: tuple[str, ...] = (str(hostimage.layer_dir()),)
         mounts = [*hostimage.binds(), *mounts]
     else:
-        from ..images.store import ImageStore
+        from ..images import lookup
 
-        image = ImageStore().resolve(args.image)
+        image = lookup.find(args.image)
         layers = image.lowerdirs()
         env.update(dict(image.config.env))
         workdir = image.config.working_dir or "/"
@@ -152,6 +164,10 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
         mounts=tuple(mounts),
         limits=limits,
         image=image_name,
+        uid_map=userns.uid_map,
+        gid_map=userns.gid_map,
+        map_helpers=userns.helpers or (),
+        idmap_layers=root_mode,
     )
 
 

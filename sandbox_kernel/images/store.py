@@ -287,9 +287,17 @@ class ImageStore:
     and the demo; the builder, importer and exporter work on the one they are given.
     ``limits`` bound every layer it unpacks."""
 
-    def __init__(self, root: Path | None = None, *, limits: ExtractLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        limits: ExtractLimits = DEFAULT_LIMITS,
+        readonly: bool = False,
+    ) -> None:
         self.root = Path(root) if root is not None else paths.state_dir()
         self.limits = limits
+        #: Only read (another user's store: the system store as seen by an ordinary user).
+        self.readonly = readonly
         self.oci_dir = self.root / "oci"
         self.blobs_dir = self.oci_dir / "blobs" / "sha256"
         self.snapshots_dir = self.root / "snapshots"
@@ -302,6 +310,9 @@ class ImageStore:
     # setup ---------------------------------------------------------------------------------
     def _init(self) -> None:
         if self._ready:
+            return
+        if self.readonly:
+            self._ready = True
             return
         try:
             for d in (
@@ -630,6 +641,12 @@ class ImageStore:
         """Re-unpack a layer whose snapshot is missing (e.g. removed by hand). Called by
         ``resolve`` for each layer, by ``layer_cache_get`` and by the builder."""
         if not layer.snapshot.is_dir():
+            if self.readonly:
+                raise ImageError(
+                    f"layer {layer.digest} of the store {self.root} is not unpacked, and this "
+                    "store is not yours to write; ask its owner (the administrator for the "
+                    "system store) to run: sandbox-kernel image ls"
+                )
             if not self.has_blob(layer.digest):
                 raise ImageError(
                     f"layer {layer.digest} has neither a snapshot nor a blob in {self.root}; "
@@ -639,6 +656,10 @@ class ImageStore:
         return layer.snapshot
 
     # images --------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        """Has this store been made (its index exists)?"""
+        return (self.oci_dir / "index.json").is_file()
+
     def _read_index(self) -> oci.Index:
         self._init()
         data = (self.oci_dir / "index.json").read_bytes()

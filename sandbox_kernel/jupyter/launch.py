@@ -22,6 +22,7 @@ from ..errors import ImageError, SandboxError, SpecError
 from ..images.labels import LABEL_ARGV, LABEL_KERNELSPEC
 from ..paths import PACKAGE_DIR
 from ..runtime.spec import Bind, ContainerSpec, env_key_problem
+from ..runtime.userns import UserNamespace
 from .resolve import KernelSettings
 
 CONN_SUBDIR = "conn"
@@ -53,10 +54,10 @@ class KernelImage:
 def find_image(name: str, context: str) -> KernelImage:
     """The image ``name`` of the store (blocking: called in a thread). SpecError carrying
     the store's advice when it is missing or its kernel command label is malformed."""
-    from ..images.store import ImageStore
+    from ..images import lookup
 
     try:
-        image = ImageStore().resolve(name)
+        image = lookup.find(name)
         argv = image.kernel_argv() or ()
     except ImageError as exc:  # the store's message says how to build or fix it
         raise SpecError(str(exc), context=context) from None
@@ -176,6 +177,21 @@ class KernelStart:
     image: KernelImage
     workdir: str  # the notebook's folder, mounted at the same path
     paths: ConnectionPaths
+    userns: UserNamespace  # whose ids the container's are on the host
+
+    def host_ids(self) -> tuple[int, int]:
+        """The host uid and gid of the kernel's user: the owner of what the host makes for
+        the kernel (its connection folder and file, its control socket)."""
+        uid = self.userns.host_uid(self.settings.uid)
+        gid = self.userns.host_gid(self.settings.gid)
+        if uid is None or gid is None:
+            raise SpecError(
+                f"user={self.settings.uid}:{self.settings.gid} is outside the sandbox's id "
+                f"range (container ids 0..{sum(m.count for m in self.userns.uid_map) - 1}); "
+                "run the kernel as a uid below 65536",
+                context=f"kernelspec {self.kernelspec!r}",
+            )
+        return uid, gid
 
 
 def kernel_spec(
@@ -185,9 +201,11 @@ def kernel_spec(
     working directory), the connection folder, the admin-approved extra mounts, and the
     magics read-only. The provisioner passes it to ``Container.create``."""
     settings, image, workdir, paths = start.settings, start.image, start.workdir, start.paths
-    container_id = start.container_id
+    container_id, userns = start.container_id, start.userns
+    root_mode = userns.mode == "root"
     mounts: list[Bind] = [
-        Bind(source=workdir, target=workdir, readonly=False),
+        # root mode: idmapped, so that the kernel's files keep the folder owner's uid
+        Bind(source=workdir, target=workdir, readonly=False, idmap=root_mode),
         Bind(source=str(paths.conn_dir), target=str(paths.conn_dir), readonly=False),
         *settings.mounts,
     ]
@@ -211,4 +229,9 @@ def kernel_spec(
         image=image.ref,
         image_digest=image.digest,
         labels=((LABEL_KERNELSPEC, start.kernelspec),),
+        uid_map=userns.uid_map,
+        gid_map=userns.gid_map,
+        map_helpers=userns.helpers or (),
+        idmap_layers=root_mode,
+        enforce_limits=not settings.unenforced_ok,
     )

@@ -43,6 +43,7 @@ from ..runtime.container import Container, ExitResult
 from ..runtime.leftovers import collect_leftovers
 from ..runtime.rundir import ContainerInfo, find_container, process_alive
 from ..runtime.spec import ContainerSpec
+from ..runtime.userns import for_caller
 from ..units import format_cpus, format_size
 from . import exits, launch
 from .control import ControlServer
@@ -82,6 +83,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._previous_exit: dict[str, Any] | None = None  # ... as seen by the running kernel
         self._image_digest = ""
         self._reattached_start: str | None = None
+        self._userns_noticed = False
 
     # ---- naming ----------------------------------------------------------------------------
     @property
@@ -260,14 +262,19 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             magics=magics,
             context=self._context,
         )
+        userns = await asyncio.to_thread(for_caller)
         start = launch.KernelStart(
-            self.container_id, self.kernelspec_name, settings, image, workdir, paths
+            self.container_id, self.kernelspec_name, settings, image, workdir, paths, userns
         )
+        if userns.notice and not self._userns_noticed:
+            self._userns_noticed = True
+            self.log.warning("%s", userns.notice)
         spec = launch.kernel_spec(start, argv, env, magics=magics)
-        container = await asyncio.to_thread(self._create_container, spec, workdir, paths)
+        owner = start.host_ids()
+        container = await asyncio.to_thread(self._create_container, spec, workdir, paths, owner)
         self._started(container, settings, workdir, image.digest)
         try:
-            await self._connect(km, container, settings, paths, kwargs)
+            await self._connect(km, owner, paths, kwargs)
         except BaseException:
             await self._close_control()
             await asyncio.to_thread(container.destroy)
@@ -307,8 +314,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     async def _connect(
         self,
         km: Any,
-        container: Container,
-        settings: KernelSettings,
+        owner: tuple[int, int],
         paths: launch.ConnectionPaths,
         kwargs: dict[str, Any],
     ) -> None:
@@ -316,16 +322,20 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         socket, both in the container's connection folder."""
         jupyter_session = (kwargs.get("env") or {}).get("JPY_SESSION_NAME", "")
         km.write_connection_file(jupyter_session=jupyter_session)
-        os.chown(km.connection_file, settings.uid, settings.gid)
+        os.chown(km.connection_file, *owner)
         os.chmod(km.connection_file, 0o600)
         self.connection_info = km.get_connection_info()
         self._control = ControlServer(
-            paths.control, self._control_request, uid=settings.uid, gid=settings.gid
+            paths.control, self._control_request, uid=owner[0], gid=owner[1]
         )
         await self._control.start()
 
     def _create_container(
-        self, spec: ContainerSpec, workdir: str, paths: launch.ConnectionPaths
+        self,
+        spec: ContainerSpec,
+        workdir: str,
+        paths: launch.ConnectionPaths,
+        owner: tuple[int, int],
     ) -> Container:
         """Create the container (blocking: run in a thread). Its connection folder is made
         by ``Container.create`` in the run dir, owned by the kernel's uid."""
@@ -340,7 +350,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             return Container.create(
                 spec,
                 meta=meta,
-                subdirs={paths.conn_dir.name: (spec.user, spec.group, 0o700)},
+                subdirs={paths.conn_dir.name: (*owner, 0o700)},
             )
         except SpecError as exc:
             raise SpecError(exc.problems, context=self._context) from None

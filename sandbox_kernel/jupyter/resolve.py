@@ -41,6 +41,8 @@ class Policy:
     #: Host directories extra_mounts may take their source under.
     mount_sources: tuple[str, ...] = ()
     allow_root: bool = False
+    #: A rootless server without a delegated cgroup may run kernels with unenforced caps.
+    allow_unenforced_limits: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class KernelSettings:
     uid: int
     gid: int
     cpu_defer_timeout: float
+    #: The administrator allows a rootless kernel to run without enforced caps
+    #: (``SandboxPolicy.allow_unenforced_limits``).
+    unenforced_ok: bool = False
 
 
 def read_policy(policy: SandboxPolicy) -> Policy:
@@ -95,6 +100,7 @@ def read_policy(policy: SandboxPolicy) -> Policy:
         images=tuple(policy.allowed_images),
         mount_sources=tuple(sources),
         allow_root=bool(policy.allow_root),
+        allow_unenforced_limits=bool(policy.allow_unenforced_limits),
     )
 
 
@@ -276,6 +282,12 @@ class _Resolver:
                 f"user={raw!r} is root, which the administrator does not allow "
                 "(SandboxPolicy.allow_root = False); use an unprivileged uid, e.g. 1000"
             )
+        elif self.server_uid != 0 and ids[0] not in (0, self.server_uid):
+            self.problems.append(
+                f"user={raw!r}: this server runs as uid {self.server_uid}, and a rootless "
+                f"kernel runs as the server's user (files it writes belong to it); use "
+                "'auto', or run the server as root to run kernels as other users"
+            )
         return ids  # type: ignore[no-any-return]
 
     def cpu_defer_timeout(self) -> float:
@@ -325,4 +337,5 @@ def resolve_settings(
         uid=uid,
         gid=gid,
         cpu_defer_timeout=timeout,
+        unenforced_ok=policy.allow_unenforced_limits,
     )

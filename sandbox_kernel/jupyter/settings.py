@@ -199,6 +199,15 @@ class SandboxPolicy(Configurable):
         source, e.g. ['/srv/datasets']. Default: [] (no extra mounts; the notebook's
         directory is always mounted).""",
     )
+    allow_unenforced_limits = Bool(
+        False,
+        config=True,
+        help="""Let a rootless server (Jupyter running as an ordinary user) start kernels
+        when no cgroup is delegated to its user, so that their memory, CPU and process caps
+        cannot be enforced. `%sandbox` and `sandbox-kernel ps` then say "limits not
+        enforced". Default: False (such a kernel does not start; the error names the fix:
+        `sandbox-kernel delegate USER` as root, or systemd's Delegate=yes).""",
+    )
     allow_root = Bool(
         False,
         config=True,

@@ -27,7 +27,8 @@ from typing import IO, Any
 
 from ..cgroups import cpus_to_quota, get_manager
 from ..cgroups.base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
-from ..errors import PrivilegeError, RuntimeStartError, SandboxError
+from ..cgroups.none import NullManager
+from ..errors import CgroupError, PrivilegeError, RuntimeStartError, SandboxError
 from ..paths import run_dir
 from ..units import format_size
 from . import netns
@@ -35,8 +36,9 @@ from .executor import StatusPipe, runtime_binary
 from .leftovers import collect_leftovers
 from .plan import HostContext, compile_plan
 from .protocol import encode_plan
-from .rundir import proc_starttime, read_json, write_json
+from .rundir import ensure_run_root, proc_starttime, read_json, write_json
 from .spec import ContainerSpec, Limits
+from .userns import userns_problems
 from .validate import validate_spec
 
 log = logging.getLogger(__name__)
@@ -45,14 +47,31 @@ START_TIMEOUT = 60.0
 CPU_PERIOD_US = 100_000
 
 
+def _has_caps(limits: Limits) -> bool:
+    return any(v is not None for v in (limits.memory, limits.cpus, limits.pids, limits.cpu_weight))
+
+
+def cgroup_manager(spec: ContainerSpec) -> CgroupManager:
+    """The cgroup manager for ``spec``'s container: the host's (root), or the caller's
+    delegated subtree (rootless). Without one, an unprivileged caller still gets a container
+    when it asks for no cap or when ``spec.enforce_limits`` is off (``none.NullManager``);
+    else the PrivilegeError names the fix. Called by ``Container.create``."""
+    try:
+        return get_manager()
+    except (PrivilegeError, CgroupError) as exc:
+        if os.geteuid() != 0 and (not _has_caps(spec.limits) or not spec.enforce_limits):
+            return NullManager(str(exc))
+        raise
+
+
 def require_privileges() -> None:
-    """Fail early, with what is needed, when the caller cannot create containers.
-    Called by ``Container.create`` and first thing by ``sandbox-kernel run``."""
+    """Fail early, with what is needed, when the caller cannot create containers: root
+    always can; anyone else needs unprivileged user namespaces. Called by
+    ``Container.create`` and first thing by ``sandbox-kernel run``."""
     if os.geteuid() != 0:
-        raise PrivilegeError(
-            "sandbox-kernel needs root to create containers (mount, pid and network namespaces, "
-            "cgroups); run it as root (rootless mode is not available yet)"
-        )
+        problems = userns_problems()
+        if problems:
+            raise PrivilegeError("; ".join(problems))
 
 
 def cgroup_limits(limits: Limits, *, include_cpu: bool = True) -> CgroupLimits:
@@ -161,9 +180,9 @@ class Container:
         subdirs = subdirs or {}
         validate_spec(spec, created=frozenset(str(root / spec.id / name) for name in subdirs))
         require_privileges()
+        manager = manager or cgroup_manager(spec)
         collect_leftovers(root=root, manager=manager)
-        manager = manager or get_manager()
-        root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        ensure_run_root(root)
         rdir = root / spec.id
         try:
             rdir.mkdir(mode=0o711)
@@ -189,6 +208,7 @@ class Container:
             "owner_pid": os.getpid(),
             "owner_start": proc_starttime(os.getpid()),
             "labels": dict(spec.labels),
+            "limits_enforced": manager.enforced,
             **(meta or {}),
         }
         write_json(rdir / "meta.json", info)

@@ -122,6 +122,34 @@ class GidMap(_MapOp):
     keyword = "gidmap"
 
 
+@dataclass(frozen=True)
+class IdmapHelper(Op):
+    """The setuid helpers that write an unprivileged caller's maps."""
+
+    keyword = "idmap-helper"
+    uid_helper: str
+    gid_helper: str
+
+
+@dataclass(frozen=True)
+class NoUserns(Op):
+    """No user namespace may be created inside the container."""
+
+    keyword = "nouserns"
+
+
+class BindMap(_MapOp):
+    """One line of the id map of idmapped binds (on-disk id ``inside`` is host ``outside``)."""
+
+    keyword = "bindmap"
+
+
+class LowerMap(_MapOp):
+    """One line of the id map of idmapped image layers."""
+
+    keyword = "lowermap"
+
+
 # ---- mount phase (init, in order) ---------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from . import ops
-from .spec import Bind, ContainerSpec, Tmpfs
+from .spec import Bind, ContainerSpec, IdMap, Tmpfs
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -45,12 +45,40 @@ class HostContext:
 
 
 def _setup(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
-    out: list[ops.Op] = [ops.ContainerId(spec.id), ops.Namespaces(NAMESPACES)]
+    names = (*NAMESPACES, "user") if spec.uid_map else NAMESPACES
+    out: list[ops.Op] = [ops.ContainerId(spec.id), ops.Namespaces(names)]
+    out += _userns(spec)
     out += [ops.JoinCgroup(d) for d in host.cgroup_dirs]
     if host.seccomp_file:
         out.append(ops.Seccomp(host.seccomp_file))
     if host.sync_net:
         out.append(ops.SyncNet())
+    return out
+
+
+def _host_id(maps: tuple[IdMap, ...], inside: int) -> int:
+    return next(m.outside + inside - m.inside for m in maps if 0 <= inside - m.inside < m.count)
+
+
+def _userns(spec: ContainerSpec) -> list[ops.Op]:
+    """The user namespace's maps, how they are written, and its idmapped mounts: binds
+    flagged ``idmap`` show their on-disk owner ids as the same container ids, for the
+    container's user and group only (container root stays out: it cannot write there)."""
+    if not spec.uid_map:
+        return []
+    out: list[ops.Op] = [ops.UidMap(m.inside, m.outside, m.count) for m in spec.uid_map]
+    out += [ops.GidMap(m.inside, m.outside, m.count) for m in spec.gid_map]
+    if spec.map_helpers:
+        out.append(ops.IdmapHelper(spec.map_helpers[0], spec.map_helpers[1]))
+    out.append(ops.NoUserns())
+    if any(isinstance(m, Bind) and m.idmap for m in spec.mounts):
+        ids = {
+            (spec.user, _host_id(spec.uid_map, spec.user)),
+            (spec.group, _host_id(spec.gid_map, spec.group)),
+        }
+        out += [ops.BindMap(inside, outside, 1) for inside, outside in sorted(ids)]
+    if spec.idmap_layers:
+        out += [ops.LowerMap(m.inside, m.outside, m.count) for m in spec.uid_map]
     return out
 
 
@@ -184,7 +212,13 @@ def _volume(m: Bind | Tmpfs) -> list[ops.Op]:
     if isinstance(m, Bind):
         is_dir = stat.S_ISDIR(os.stat(m.source).st_mode)
         made: ops.Op = ops.Mkdir(m.target, 0o755) if is_dir else ops.Touch(m.target, 0o644)
-        flags = ("rec", "nosuid", "nodev", *(("ro",) if m.readonly else ()))
+        flags = (
+            "rec",
+            "nosuid",
+            "nodev",
+            *(("ro",) if m.readonly else ()),
+            *(("idmap",) if m.idmap else ()),
+        )
         return [made, ops.BindMount(m.source, m.target, flags)]
     return [
         ops.Mkdir(m.target, 0o755),

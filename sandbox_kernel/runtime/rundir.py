@@ -8,12 +8,14 @@ process start time from /proc, so a reused pid is never taken for the original p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
-from ..errors import ContainerNotFound
+from ..errors import ContainerNotFound, SandboxError
 from ..paths import is_container_id, run_dir
 
 
@@ -111,6 +113,26 @@ class ContainerInfo:
         """The ``exit.json`` the owner wrote when the container ended (``ExitResult.to_json``),
         or None while it runs."""
         return read_json(self.path / "exit.json")
+
+
+def ensure_run_root(root: Path) -> Path:
+    """Create the run root if needed and make sure nobody else controls it: as root, mode
+    0711 (kernels reach their own run dirs only); otherwise owned by the caller, not a
+    symlink, mode 0700 (a directory someone else made in /tmp is refused). Called by
+    ``Container.create``."""
+    if os.geteuid() == 0:
+        root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        return root
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(parents=True, mode=0o700)
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SandboxError(
+            f"the run directory {root} is not a private directory of uid {os.geteuid()} "
+            f"(owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); remove it, or set "
+            "SANDBOX_KERNEL_RUN_DIR to a directory of your own with mode 0700"
+        )
+    return root
 
 
 def find_container(container_id: str, *, root: Path | None = None) -> ContainerInfo:

@@ -79,11 +79,15 @@ class Bind:
     target: absolute path inside the container, resolved inside the new root (a symlink in
     the image can never point it at the host).
     readonly: mount read-only (the default).
+    idmap: show the source's on-disk owners as the same ids inside the container (root mode,
+    whose container ids are an unprivileged host range): the notebook folder, so that the
+    kernel's files keep the folder owner's uid on the host.
     """
 
     source: str
     target: str
     readonly: bool = True
+    idmap: bool = False
 
     @classmethod
     def parse(cls, text: object, what: str = "volume") -> Bind:
@@ -189,13 +193,23 @@ class ContainerSpec:
     mounts: tuple[MountOp, ...] = ()
     #: cgroup caps (memory, CPU, processes).
     limits: Limits = field(default_factory=Limits)
+    #: Refuse to start when the caps cannot be enforced (an unprivileged caller with no
+    #: delegated cgroup). False: start without cgroups, which ``ps`` and ``%sandbox`` say;
+    #: only the administrator's ``SandboxPolicy.allow_unenforced_limits`` sets it.
+    enforce_limits: bool = True
     #: How the container reaches the network.
     network: NetworkMode = NetworkMode.NONE
-    #: User-namespace uid map. Must stay empty: ``validate.check_userns`` refuses any map
-    #: (rootless containers are not available yet) and the plan creates no user namespace.
+    #: User-namespace uid map (``userns.UserNamespace``); empty: no user namespace, which
+    #: only root may ask for (image builds). Container ``user`` must be mapped.
     uid_map: tuple[IdMap, ...] = ()
-    #: User-namespace gid map; must stay empty, as ``uid_map``.
+    #: User-namespace gid map; set together with ``uid_map``.
     gid_map: tuple[IdMap, ...] = ()
+    #: (newuidmap, newgidmap): an unprivileged caller's maps use its subordinate range and
+    #: are written by these setuid helpers. Empty: the caller writes the maps itself.
+    map_helpers: tuple[str, ...] = ()
+    #: Idmap the image layers with ``uid_map`` (root mode): files owned by host root appear
+    #: owned by container root instead of the overflow uid.
+    idmap_layers: bool = False
     #: Paths hidden inside the container (an empty read-only tmpfs over a directory,
     #: /dev/null over a file; paths the image lacks are skipped).
     masked_paths: tuple[str, ...] = DEFAULT_MASKED_PATHS

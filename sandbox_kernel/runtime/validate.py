@@ -8,6 +8,7 @@ package calls them), and raises one SpecError listing every problem.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Callable
@@ -15,7 +16,15 @@ from collections.abc import Callable
 from ..errors import SpecError
 from ..limits import BOUNDS, limit_problems
 from ..paths import ID_RE
-from .spec import Bind, ContainerSpec, NetworkMode, Tmpfs, env_key_problem, is_clean_abs
+from .spec import (
+    Bind,
+    ContainerSpec,
+    IdMap,
+    NetworkMode,
+    Tmpfs,
+    env_key_problem,
+    is_clean_abs,
+)
 
 Validator = Callable[[ContainerSpec], list[str]]
 
@@ -87,20 +96,23 @@ def check_identity(spec: ContainerSpec) -> list[str]:
 
 
 def check_root_mode(spec: ContainerSpec) -> list[str]:
-    """Root inside the container is host uid 0 (no user namespace yet), without capabilities.
-
-    uid 0 alone would leave root-owned files, setuid-root programs included, in a writable
-    volume, where any host user who can reach them could run them. So a root container
-    gets no writable host volume. (Read-only volumes stay readable as root: mount only what
-    root may read.)
+    """Root inside the container gets no writable host volume through which it would write
+    files owned by host uid 0 (setuid-root programs included, which any host user who can
+    reach them could run): none without a user namespace (container root is host root, as
+    for image builds), and no idmapped one (it shows container root the on-disk uid 0). In
+    a user namespace, other volumes are written as container root's unprivileged host uid.
     """
     if spec.user != 0:
         return []
-    writable = [m.target for m in spec.mounts if isinstance(m, Bind) and not m.readonly]
+    writable = [
+        m.target
+        for m in spec.mounts
+        if isinstance(m, Bind) and not m.readonly and (m.idmap or not spec.uid_map)
+    ]
     if writable:
         return [
             f"user=0 (root inside) cannot have writable host volumes ({', '.join(writable)}): "
-            "root inside is root on the host and could leave setuid-root files there; "
+            "it would leave files owned by host root, setuid-root ones included, there; "
             "run as an unprivileged uid, or mount the volumes read-only"
         ]
     return []
@@ -183,14 +195,46 @@ def check_network(spec: ContainerSpec) -> list[str]:
     return []
 
 
+def _mapped(maps: tuple[IdMap, ...], ident: int) -> bool:
+    return any(m.inside <= ident < m.inside + m.count for m in maps)
+
+
+def _overlaps(maps: tuple[IdMap, ...]) -> bool:
+    spans = sorted((m.inside, m.inside + m.count) for m in maps)
+    return any(a[1] > b[0] for a, b in itertools.pairwise(spans))
+
+
 def check_userns(spec: ContainerSpec) -> list[str]:
-    """``uid_map``/``gid_map`` must stay empty: user namespaces are not available yet."""
-    if spec.uid_map or spec.gid_map:
-        return [
-            "uid_map/gid_map: rootless containers (user namespaces) are not available yet; "
-            "run as root"
-        ]
-    return []
+    """The user namespace: both maps or none (only root may go without one), no
+    overlapping lines, the container's user and group mapped, the map helpers absolute
+    paths, idmapped mounts only for root (the kernel allows them to no one else)."""
+    out = []
+    uid_map, gid_map = spec.uid_map, spec.gid_map
+    if bool(uid_map) != bool(gid_map):
+        return ["uid_map and gid_map go together: give both or neither"]
+    if not uid_map:
+        if os.geteuid() != 0:
+            out.append("a container made by an unprivileged user needs a user namespace")
+        if spec.idmap_layers or any(isinstance(m, Bind) and m.idmap for m in spec.mounts):
+            out.append("idmapped mounts need a user namespace (uid_map and gid_map)")
+        return out
+    for name, maps in (("uid_map", uid_map), ("gid_map", gid_map)):
+        if len(maps) > 340 or any(not 0 <= m.inside <= MAX_ID or m.count < 1 for m in maps):
+            out.append(f"{name} has an invalid line; give at most 340 lines of ids 0..{MAX_ID}")
+        elif _overlaps(maps):
+            out.append(f"{name} has overlapping lines")
+    if not _mapped(uid_map, spec.user):
+        out.append(f"user={spec.user} is not mapped in uid_map; the process could not run")
+    if not _mapped(gid_map, spec.group):
+        out.append(f"group={spec.group} is not mapped in gid_map; the process could not run")
+    if spec.map_helpers and (
+        len(spec.map_helpers) != 2 or not all(is_clean_abs(h) for h in spec.map_helpers)
+    ):
+        out.append("map_helpers must be the absolute paths of newuidmap and newgidmap")
+    idmapped = spec.idmap_layers or any(isinstance(m, Bind) and m.idmap for m in spec.mounts)
+    if idmapped and os.geteuid() != 0:
+        out.append("idmapped mounts (idmap_layers, Bind.idmap) need root")
+    return out
 
 
 def check_proc_paths(spec: ContainerSpec) -> list[str]:

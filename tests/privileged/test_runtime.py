@@ -503,17 +503,6 @@ def test_cli_run_passes_streams_volume_and_status(tmp_path: Path) -> None:
     assert proc.stdout == "data from host\ngot stdin line\n"
 
 
-def test_unprivileged_caller_gets_a_clear_message(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from sandbox_kernel.cli import main
-
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert main(["run", "host", "--", "true"]) == 125
-    err = capsys.readouterr().err
-    assert "needs root" in err and "rootless" in err
-
-
 def test_spec_replace_keeps_validation(tmp_path: Path) -> None:
     spec = replace(make_spec(["/bin/true"]), hostname="Bad_Host")
     with pytest.raises(Exception, match="hostname"):

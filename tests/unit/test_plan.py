@@ -125,7 +125,7 @@ def _executor_keywords() -> dict[str, int]:
     import re
 
     src = Path(ops.__file__).parent / "native" / "sk-runtime.c"
-    table = re.findall(r'\[K_[A-Z]+\]\s*=\s*\{\s*"([a-z]+)",\s*(\d+),', src.read_text())
+    table = re.findall(r'\[K_[A-Z]+\]\s*=\s*\{\s*"([a-z-]+)",\s*(\d+),', src.read_text())
     assert len(table) > 20, "the executor's keyword table was not found"
     return {name: int(n) for name, n in table}
 

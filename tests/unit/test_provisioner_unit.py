@@ -28,8 +28,19 @@ from sandbox_kernel.errors import ContainerNotFound, SpecError
 from sandbox_kernel.jupyter import exits, kernelspecs, launch
 from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
+from sandbox_kernel.runtime import userns
 from sandbox_kernel.runtime.container import ExitResult
-from sandbox_kernel.runtime.spec import Bind, ContainerSpec
+from sandbox_kernel.runtime.spec import Bind, ContainerSpec, IdMap
+
+FAKE_RANGE = userns.SubRange(300000, 65536)
+
+
+def fake_userns() -> userns.UserNamespace:
+    """Root mode over a fixed range as root; the caller's single-id map otherwise."""
+    if os.geteuid() == 0:
+        return userns.root_mode(FAKE_RANGE)
+    uid, gid = os.geteuid(), os.getegid()
+    return userns.UserNamespace((IdMap(uid, uid, 1),), (IdMap(gid, gid, 1),))
 
 
 class FakeContainer:
@@ -155,6 +166,8 @@ def fake_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         )
 
     monkeypatch.setattr(launch, "find_image", fake_image)
+    # fixed maps: unit tests never reserve an id range on the host
+    monkeypatch.setattr(prov, "for_caller", fake_userns)
     kernelspecs.register_provisioner_in_process()
     return run
 
@@ -235,7 +248,8 @@ async def test_start_writes_ipc_connection_and_container_spec(
             assert leaked not in env
         assert env["JPY_PARENT_PID"] == "1"  # the container's init, not the host's 4242
         assert spec.workdir == str(nb)
-        assert Bind(str(nb), str(nb), readonly=False) in spec.mounts
+        root_mode = os.geteuid() == 0  # idmapped: the kernel's files keep the folder's owner
+        assert Bind(str(nb), str(nb), readonly=False, idmap=root_mode) in spec.mounts
         assert Bind(str(conn_dir), str(conn_dir), readonly=False) in spec.mounts
         assert Bind(str(launch.MAGICS_SOURCE), launch.MAGICS_TARGET, readonly=True) in spec.mounts
         assert len(spec.mounts) == 3
@@ -245,8 +259,11 @@ async def test_start_writes_ipc_connection_and_container_spec(
         assert spec.limits.memory == 512 * 1024**2 and spec.limits.cpus == 0.5
         assert spec.limits.pids == 64 and spec.limits.defer_cpu
         if os.geteuid() == 0:
-            assert (spec.user, spec.group) == (1000, 1000)
-            assert conn_dir.stat().st_uid == 1000 and Path(km.connection_file).stat().st_uid == 1000
+            assert (spec.user, spec.group) == (1000, 1000)  # inside; on the host: the range's
+            host = FAKE_RANGE.start + 1000
+            assert conn_dir.stat().st_uid == host and Path(km.connection_file).stat().st_uid == host
+            assert spec.uid_map == ((IdMap(0, FAKE_RANGE.start, FAKE_RANGE.count)),)
+            assert spec.idmap_layers
         assert c.meta["kernel_id"] == km.kernel_id and c.meta["kernelspec"] == "t-ok"
         assert c.cpu_applied  # after the (timed-out) wait for kernel_info in post_launch
         assert await km.is_alive()

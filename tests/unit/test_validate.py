@@ -54,7 +54,18 @@ def test_valid_spec_passes(spec: ContainerSpec) -> None:
         ({"limits": Limits(cpus=0.0)}, "cpus=0.0"),
         ({"limits": Limits(cpu_weight=0)}, "cpu_weight=0"),
         ({"limits": Limits(pids=1)}, "pids=1"),
-        ({"uid_map": (IdMap(0, 100000, 65536),)}, "rootless"),
+        ({"uid_map": (IdMap(0, 100000, 65536),)}, "go together"),
+        (
+            {"uid_map": (IdMap(0, 100000, 10),), "gid_map": (IdMap(0, 100000, 65536),)},
+            "user=65534 is not mapped",
+        ),
+        (
+            {
+                "uid_map": (IdMap(0, 100000, 65536), IdMap(1000, 1000, 1)),
+                "gid_map": (IdMap(0, 100000, 65536),),
+            },
+            "overlapping",
+        ),
         ({"masked_paths": ("proc/kcore",)}, "masked/readonly path"),
     ],
 )

@@ -1,0 +1,72 @@
+"""Which image a name means: the caller's own store first, then the system store.
+
+Layer: images. On a teaching host the administrator builds each image once into the system
+store (``paths.system_state_dir()``, readable by every user); what a user builds or imports
+goes to their own store (``paths.state_dir()``). Kernel starts (``jupyter.launch``),
+``sandbox-kernel run`` and ``image ls``/``inspect`` look images up here, so that "not
+found" names both stores and gives advice that works for the user who asked.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .. import paths
+from ..errors import ImageNotFound
+from .store import Image, ImageStore
+
+
+@dataclass(frozen=True)
+class Place:
+    """One store in lookup order, with the words that name it."""
+
+    store: ImageStore
+    label: str  # "your store", "the system store", "the store"
+
+
+def places() -> list[Place]:
+    """The stores to look in, in order: the caller's own (when it exists), then the system
+    store (read-only for anyone but its owner) when it is another directory."""
+    own = paths.state_dir()
+    system = paths.system_state_dir()
+    if own.resolve() == system.resolve() or os.geteuid() == 0:
+        return [Place(ImageStore(own), "the store")]
+    out = [Place(ImageStore(own), "your store")]
+    sys_store = ImageStore(system, readonly=True)
+    if sys_store.exists():
+        out.append(Place(sys_store, "the system store"))
+    return out
+
+
+def find(ref: str, *, unpack: bool = True) -> Image:
+    """The image ``ref`` names (``name``, ``name:tag`` or a ``sha256:`` prefix), from the
+    first store that has it; ImageNotFound naming every store looked in, what they hold,
+    and how this user gets the image."""
+    looked = places()
+    for place in looked:
+        if place.store.exists():
+            try:
+                return place.store.resolve(ref, unpack=unpack)
+            except ImageNotFound:
+                pass
+    raise _not_found(ref, looked)
+
+
+def list_all() -> list[tuple[Place, Image]]:
+    """Every image of every store, with the store it is in (``image ls``)."""
+    return [(p, im) for p in places() if p.store.exists() for im in p.store.list()]
+
+
+def _not_found(ref: str, looked: list[Place]) -> ImageNotFound:
+    where = " and ".join(f"{p.label} ({p.store.root})" for p in looked)
+    have = sorted({im.ref for p in looked if p.store.exists() for im in p.store.list()})
+    name = ref.split(":", 1)[0] if not ref.startswith("sha256:") else ""
+    advice = ""
+    if name:
+        advice = f"; build it with: sandbox-kernel image build {name}"
+        if os.geteuid() != 0 and len(looked) > 1:
+            advice += " (into your store), or ask the administrator to build it as root"
+    return ImageNotFound(
+        f"image '{ref}' not found in {where}; images there: {', '.join(have) or '(none)'}{advice}"
+    )
