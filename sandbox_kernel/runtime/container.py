@@ -31,7 +31,7 @@ from ..cgroups.none import NullManager
 from ..errors import CgroupError, PrivilegeError, RuntimeStartError, SandboxError
 from ..paths import run_dir
 from ..units import format_size
-from . import netns
+from . import netns, shim
 from .executor import StatusPipe, runtime_binary
 from .leftovers import collect_leftovers
 from .plan import HostContext, compile_plan
@@ -254,10 +254,15 @@ class Container:
             cgroup_v1_mounts=self.cgroup.view_mounts(),
             seccomp_file=seccomp_file,
         )
+        plan = compile_plan(self.spec, host)
+        if self.spec.uid_map and os.geteuid() != 0:
+            # rootless: what the plan creates in a root-owned image comes from the shim layer
+            host = replace(host, shim=shim.entries(plan, self.spec.layers))
+            plan = compile_plan(self.spec, host)
         plan_path = self.run_dir / "plan"
         fd = os.open(plan_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(encode_plan(compile_plan(self.spec, host)))
+            f.write(encode_plan(plan))
 
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
@@ -325,6 +330,7 @@ class Container:
                     os.write(self._control_fd, b"go\n")
                 except (OSError, RuntimeStartError) as exc:
                     pending = exc
+                    self._close_control()  # the executor takes the container down now
             elif kind == "exec":
                 self.setup_us = int(fields[1])
                 return

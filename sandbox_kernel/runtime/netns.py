@@ -25,6 +25,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from ..errors import RuntimeStartError
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -70,18 +71,24 @@ def _link_up(ifname: str) -> None:
         raise OSError(err, f"setting {ifname} up: {os.strerror(err)}")
 
 
-def configure_none(pid: int) -> None:
-    """Bring up loopback (only) in the network namespace of host process ``pid``; any
-    failure is a RuntimeStartError (stage ``network``). Called by ``Container.start``."""
+def _enter(pid: int, kinds: tuple[tuple[str, int], ...]) -> None:
+    """setns into the namespaces ``kinds`` ((name, flag), in order) of host process ``pid``."""
+    for name, flag in kinds:
+        fd = os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(fd, flag)
+        finally:
+            os.close(fd)
+
+
+def _in_thread(pid: int) -> None:
+    """Root: a short-lived thread joins the container's network namespace (setns moves only
+    the calling thread) and brings loopback up."""
     result: list[BaseException] = []
 
     def work() -> None:
         try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(fd, CLONE_NEWNET)
-            finally:
-                os.close(fd)
+            _enter(pid, (("net", CLONE_NEWNET),))
             _link_up("lo")
         except BaseException as exc:  # reported to the caller's thread
             result.append(exc)
@@ -90,9 +97,48 @@ def configure_none(pid: int) -> None:
     thread.start()
     thread.join()
     if result:
-        exc = result[0]
-        if isinstance(exc, RuntimeStartError):
-            raise exc
+        raise result[0]
+
+
+def _in_child(pid: int) -> None:
+    """Rootless: joining a network namespace needs CAP_SYS_ADMIN in the caller's own user
+    namespace too, which an ordinary user lacks there; so a forked child (one thread, as
+    setns into a user namespace requires) joins the container's user namespace first, where
+    its owner has every capability, then the network namespace."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        status = 0
+        try:
+            os.close(r)
+            _enter(pid, (("user", CLONE_NEWUSER), ("net", CLONE_NEWNET)))
+            _link_up("lo")
+        except BaseException as exc:
+            os.write(w, str(exc).encode("utf-8", "replace")[:512])
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(w)
+    try:
+        message = os.read(r, 1024).decode("utf-8", "replace")
+    finally:
+        os.close(r)
+        os.waitpid(child, 0)
+    if message:
+        raise OSError(message)
+
+
+def configure_none(pid: int) -> None:
+    """Bring up loopback (only) in the network namespace of host process ``pid``; any
+    failure is a RuntimeStartError (stage ``network``). Called by ``Container.start``."""
+    try:
+        if os.geteuid() == 0:
+            _in_thread(pid)
+        else:
+            _in_child(pid)
+    except RuntimeStartError:
+        raise
+    except BaseException as exc:
         raise RuntimeStartError(
             f"configuring the network namespace of process {pid} failed: {exc}", stage="network"
         ) from exc

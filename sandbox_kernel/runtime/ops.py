@@ -171,6 +171,18 @@ class Scratch(Op):
     size: int | None
 
 
+class ShimDir(_PathModeOp):
+    """A directory of the shim layer (made before the root; see ``runtime.shim``)."""
+
+    keyword = "shimdir"
+
+
+class ShimFile(_PathModeOp):
+    """An empty file of the shim layer (the plan writes its content later)."""
+
+    keyword = "shimfile"
+
+
 @dataclass(frozen=True)
 class RootFs(Op):
     """The overlay root over ``layers`` (top-most first)."""

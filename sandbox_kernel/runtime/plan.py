@@ -16,6 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from . import ops
+from .shim import ShimEntry
 from .spec import Bind, ContainerSpec, IdMap, Tmpfs
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
@@ -42,6 +43,8 @@ class HostContext:
     seccomp_file: str | None = None
     #: Let the owner configure the network namespace before the command starts.
     sync_net: bool = True
+    #: Rootless: the shim layer's entries (``runtime.shim``), made before the root.
+    shim: tuple[ShimEntry, ...] = ()
 
 
 def _setup(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
@@ -91,6 +94,7 @@ def _root(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
     return [
         ops.Hostname(spec.hostname),
         scratch,
+        *(entry.op() for entry in host.shim),
         ops.RootFs(spec.layers),
         ops.Mkdir("/proc", 0o555),
         ops.RealDir("/proc"),

@@ -319,7 +319,7 @@ enum kw {
     K_ID, K_NAMESPACES, K_CGROUP, K_SECCOMP, K_SYNC, K_UIDMAP, K_GIDMAP, K_IDMAPHELPER,
     K_NOUSERNS, K_BINDMAP, K_LOWERMAP,
     /* mount phase, in order */
-    K_HOSTNAME, K_SCRATCH, K_ROOTFS, K_REALDIR, K_MKDIR, K_TOUCH, K_FILE, K_SYMLINK,
+    K_HOSTNAME, K_SCRATCH, K_SHIMDIR, K_SHIMFILE, K_ROOTFS, K_REALDIR, K_MKDIR, K_TOUCH, K_FILE, K_SYMLINK,
     K_MOUNT, K_BIND, K_MASK, K_READONLY, K_REMOUNT, K_PIVOT,
     /* main process */
     K_ENV, K_CWD, K_USER, K_GROUPS, K_UMASK, K_RLIMIT, K_CAPABILITIES, K_NONEWPRIVS, K_ARGV,
@@ -348,6 +348,8 @@ static const struct kwdef {
     [K_LOWERMAP] = { "lowermap", 3, PH_SUPERVISOR, 0 },
     [K_HOSTNAME] = { "hostname", 1, PH_MOUNT, 1 },
     [K_SCRATCH] = { "scratch", 2, PH_MOUNT, 1 },
+    [K_SHIMDIR] = { "shimdir", 2, PH_MOUNT, 0 },
+    [K_SHIMFILE] = { "shimfile", 2, PH_MOUNT, 0 },
     [K_ROOTFS] = { "rootfs", 1, PH_MOUNT, 1 },
     [K_REALDIR] = { "realdir", 1, PH_MOUNT, 0 },
     [K_MKDIR] = { "mkdir", 2, PH_MOUNT, 0 },
@@ -410,6 +412,7 @@ static struct plan {
     const char *lowers[64]; /* rootfs: the layer dirs, top-most first */
     int lower_fds[64];      /* ... opened (or idmapped) before init becomes namespace root */
     size_t nlowers;
+    size_t nshim; /* shimdir/shimfile records: a top layer made in the scratch tmpfs */
     struct rec *mounts;
     size_t nmounts;
     char **env;
@@ -858,6 +861,16 @@ static void parse_plan(const char *path)
                 }
                 mount_stage = 1;
                 break;
+            case K_SHIMDIR:
+            case K_SHIMFILE:
+                if (mount_stage != 1)
+                    plan_error("%s must come between scratch and rootfs", d->name);
+                check_root_path(f[0]);
+                if (strcmp(f[0], "/") == 0)
+                    plan_error("%s: cannot operate on the root itself", d->name);
+                r->mode = parse_mode(f[1]);
+                P.nshim++;
+                break;
             case K_ROOTFS:
                 if (mount_stage != 1)
                     plan_error("rootfs requires an earlier scratch record");
@@ -1248,6 +1261,40 @@ static void lowerdir_option(char *buf, size_t cap, const char *stage)
     }
 }
 
+/* shimdir/shimfile: make PATH (its parents too, as 0755 directories) in the shim layer,
+ * HOSTDIR/shim, which becomes the top-most lower layer. A rootless container cannot create
+ * anything in image directories owned by host root (unmapped: overlay cannot copy them up),
+ * so what the runtime itself needs there (mount points, /etc files) is made here first,
+ * owned by the container's root. */
+static void do_shim(struct rec *r)
+{
+    const char *stage = stagef("%s %s", r->kw == K_SHIMDIR ? "shimdir" : "shimfile", r->f[0]);
+    char path[PATH_MAX + 32];
+    int n = snprintf(path, sizeof path, "%s/shim%s", g_scratch, r->f[0]);
+    if (n < 0 || (size_t)n >= sizeof path)
+        die(EXIT_SETUP, ENAMETOOLONG, stage, "path too long");
+    size_t base = strlen(g_scratch); /* the '/' before "shim": the loop makes it too */
+    for (char *c = path + base + 1; *c; c++) {
+        if (*c != '/')
+            continue;
+        *c = '\0';
+        if (mkdir(path, 0755) < 0 && errno != EEXIST)
+            die(EXIT_SETUP, errno, stage, "mkdir %s: %s", path, strerror(errno));
+        *c = '/';
+    }
+    if (r->kw == K_SHIMDIR) {
+        if (mkdir(path, r->mode) < 0 && errno != EEXIST)
+            die(EXIT_SETUP, errno, stage, "mkdir %s: %s", path, strerror(errno));
+    } else {
+        int fd = open(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, r->mode);
+        if (fd < 0)
+            die(EXIT_SETUP, errno, stage, "create %s: %s", path, strerror(errno));
+        close(fd);
+    }
+    if (chmod(path, r->mode) < 0)
+        die(EXIT_SETUP, errno, stage, "chmod %s: %s", path, strerror(errno));
+}
+
 static void do_rootfs(struct rec *r)
 {
     (void)r;
@@ -1260,7 +1307,14 @@ static void do_rootfs(struct rec *r)
     for (size_t i = 0; i < P.nlowers; i++)
         if (strchr(P.lowers[i], ','))
             die(EXIT_SETUP, EINVAL, stage, "overlay paths must not contain ','");
-    lowerdir_option(lowers, sizeof lowers, stage);
+    if (P.nshim) {
+        int n0 = snprintf(lowers, sizeof lowers, "%s/shim:", g_scratch);
+        if (n0 < 0 || (size_t)n0 >= sizeof lowers)
+            die(EXIT_SETUP, E2BIG, stage, "scratch path too long");
+        lowerdir_option(lowers + n0, sizeof lowers - (size_t)n0, stage);
+    } else {
+        lowerdir_option(lowers, sizeof lowers, stage);
+    }
     (void)snprintf(upper, sizeof upper, "%s/upper", g_scratch);
     (void)snprintf(work, sizeof work, "%s/work", g_scratch);
     (void)snprintf(root, sizeof root, "%s/root", g_scratch);
@@ -1553,6 +1607,8 @@ static void mount_phase(void)
                 die(EXIT_SETUP, errno, "hostname", "sethostname: %s", strerror(errno));
             break;
         case K_SCRATCH: do_scratch(r); break;
+        case K_SHIMDIR:
+        case K_SHIMFILE: do_shim(r); break;
         case K_ROOTFS: do_rootfs(r); break;
         case K_REALDIR: do_realdir(r); break;
         case K_MKDIR: do_mkdir(r); break;
