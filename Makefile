@@ -8,10 +8,10 @@ PY := $(VENV)/bin/python
 CC ?= cc
 # the executor's compiler flags, shared with setup.py and the tests
 CFLAGS_RT := $(shell cat sandbox_kernel/runtime/native/cflags)
-DEB_PACKAGES := gcc libc6-dev make mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv clang-format clang-tidy cppcheck
+DEB_PACKAGES := gcc libc6-dev make uidmap mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv clang-format clang-tidy cppcheck
 RUNTIME := sandbox_kernel/runtime/_bin/sk-runtime
 
-.PHONY: help deps venv native vm-setup demo test test-unit test-unit-matrix test-privileged test-cgroup-v2 test-cgroup-v2-native lint lint-c bench clean
+.PHONY: help deps venv native vm-setup demo test test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2 test-cgroup-v2-native lint lint-c bench clean
 
 help:
 	@echo "make demo            build what is missing, run the Python 2.7 and Python 3 notebooks side by side"
@@ -61,6 +61,12 @@ vm-setup:
 test-privileged: venv native vm-setup
 	bash tools/pytest-run.sh $(PY) tests/privileged tests/security
 
+# the runtime, provisioner, magics and security suites again, with the server as an
+# unprivileged user (with and without a subordinate id range); needs the images the
+# privileged suite built into the system store
+test-rootless: venv native
+	bash tools/rootless-tests.sh
+
 test-cgroup-v2: venv native vm-setup
 	bash tools/vm/run-tests.sh $(CGROUP_V2_ARGS)
 
@@ -68,7 +74,7 @@ test-cgroup-v2: venv native vm-setup
 test-cgroup-v2-native: venv native
 	bash tools/vm/run-tests.sh --native $(CGROUP_V2_ARGS)
 
-test: venv native lint test-unit test-unit-matrix test-privileged test-cgroup-v2
+test: venv native lint test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2
 	@echo "make test: all suites passed"
 
 bench: venv native

@@ -111,8 +111,8 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
     if userns.notice:
         print(userns.notice, file=sys.stderr)
     root_mode = userns.mode == "root"
-    # root mode: volumes are idmapped, so that files keep their on-disk owners
-    mounts: list[Bind] = [replace(Bind.parse(v, "--volume"), idmap=root_mode) for v in args.volume]
+    # volumes keep their files' owners (idmapped in root mode)
+    mounts: list[Bind] = [replace(Bind.parse(v, "--volume"), idmap=True) for v in args.volume]
     workdir = "/"
     # rootless: the caller's own ids, the ones mapped to themselves
     user, group = (65534, 65534) if root_mode else (os.geteuid(), os.getegid())
@@ -149,25 +149,24 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
         cpus=CPUS.parse(args.cpus, "--cpus") if args.cpus else None,
         pids=PIDS.parse(args.pids, "--pids") if args.pids else None,
     )
-    return ContainerSpec(
-        id=new_container_id(),
-        layers=layers,
-        command=tuple(command),
-        env=tuple(env.items()),
-        workdir=workdir,
-        user=user,
-        group=group,
-        allow_root=args.allow_root,
-        hostname=args.hostname,
-        writable_size=WRITABLE_SIZE.parse(args.writable_size, "--writable-size"),
-        tmp_size=TMP_SIZE.parse(args.tmp_size, "--tmp-size"),
-        mounts=tuple(mounts),
-        limits=limits,
-        image=image_name,
-        uid_map=userns.uid_map,
-        gid_map=userns.gid_map,
-        map_helpers=userns.helpers or (),
-        idmap_layers=root_mode,
+    # the user namespace
+    return userns.apply(
+        ContainerSpec(
+            id=new_container_id(),
+            layers=layers,
+            command=tuple(command),
+            env=tuple(env.items()),
+            workdir=workdir,
+            user=user,
+            group=group,
+            allow_root=args.allow_root,
+            hostname=args.hostname,
+            writable_size=WRITABLE_SIZE.parse(args.writable_size, "--writable-size"),
+            tmp_size=TMP_SIZE.parse(args.tmp_size, "--tmp-size"),
+            mounts=tuple(mounts),
+            limits=limits,
+            image=image_name,
+        )
     )
 
 

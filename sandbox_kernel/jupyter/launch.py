@@ -201,37 +201,35 @@ def kernel_spec(
     working directory), the connection folder, the admin-approved extra mounts, and the
     magics read-only. The provisioner passes it to ``Container.create``."""
     settings, image, workdir, paths = start.settings, start.image, start.workdir, start.paths
-    container_id, userns = start.container_id, start.userns
-    root_mode = userns.mode == "root"
+    container_id = start.container_id
     mounts: list[Bind] = [
-        # root mode: idmapped, so that the kernel's files keep the folder owner's uid
-        Bind(source=workdir, target=workdir, readonly=False, idmap=root_mode),
+        Bind(source=workdir, target=workdir, readonly=False, idmap=True),
         Bind(source=str(paths.conn_dir), target=str(paths.conn_dir), readonly=False),
         *settings.mounts,
     ]
     if magics:
         mounts.append(Bind(source=str(MAGICS_SOURCE), target=MAGICS_TARGET, readonly=True))
-    return ContainerSpec(
-        id=container_id,
-        layers=image.layers,
-        command=tuple(argv),
-        env=tuple(env.items()),
-        workdir=workdir,
-        user=settings.uid,
-        group=settings.gid,
-        allow_root=settings.uid == 0,
-        hostname=container_id,
-        writable_size=settings.writable_size,
-        tmp_size=settings.tmp_size,
-        mounts=tuple(mounts),
-        limits=settings.limits,
-        network=settings.network,
-        image=image.ref,
-        image_digest=image.digest,
-        labels=((LABEL_KERNELSPEC, start.kernelspec),),
-        uid_map=userns.uid_map,
-        gid_map=userns.gid_map,
-        map_helpers=userns.helpers or (),
-        idmap_layers=root_mode,
-        enforce_limits=not settings.unenforced_ok,
+    # the user namespace: in root mode the notebook folder is idmapped, so that the kernel's
+    # files keep the folder owner's uid
+    return start.userns.apply(
+        ContainerSpec(
+            id=container_id,
+            layers=image.layers,
+            command=tuple(argv),
+            env=tuple(env.items()),
+            workdir=workdir,
+            user=settings.uid,
+            group=settings.gid,
+            allow_root=settings.uid == 0,
+            hostname=container_id,
+            writable_size=settings.writable_size,
+            tmp_size=settings.tmp_size,
+            mounts=tuple(mounts),
+            limits=settings.limits,
+            network=settings.network,
+            image=image.ref,
+            image_digest=image.digest,
+            labels=((LABEL_KERNELSPEC, start.kernelspec),),
+            enforce_limits=not settings.unenforced_ok,
+        )
     )

@@ -342,6 +342,8 @@ class Container:
                 )
             elif kind == "exit":
                 self._exit_line = fields
+                if pending is not None:  # the network setup failed: that is why it ended
+                    raise pending
                 raise RuntimeStartError(
                     f"container {self.id}: the command ended during setup ({' '.join(fields)})"
                 )

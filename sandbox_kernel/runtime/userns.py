@@ -22,11 +22,11 @@ import pwd
 import shutil
 import stat
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import PrivilegeError, SandboxError
-from .spec import IdMap
+from .spec import Bind, ContainerSpec, IdMap
 
 SUBUID = Path("/etc/subuid")
 SUBGID = Path("/etc/subgid")
@@ -113,6 +113,26 @@ class UserNamespace:
     def host_gid(self, gid: int) -> int | None:
         """The host gid of container gid ``gid`` (None: unmapped)."""
         return self._to_host(self.gid_map, gid)
+
+    def apply(self, spec: ContainerSpec) -> ContainerSpec:
+        """``spec`` in this user namespace: its maps and helpers; in root mode the image
+        layers idmapped, and the binds the caller flagged ``idmap`` (host folders whose files
+        keep their on-disk owners) stay so; rootless, no mount can be idmapped (the flags are
+        dropped: the caller's own files are its own already). Called by ``sandbox-kernel
+        run`` and the kernel launcher for each container."""
+        root_mode = self.mode == "root"
+        mounts = tuple(
+            replace(m, idmap=False) if not root_mode and isinstance(m, Bind) else m
+            for m in spec.mounts
+        )
+        return replace(
+            spec,
+            uid_map=self.uid_map,
+            gid_map=self.gid_map,
+            map_helpers=self.helpers or (),
+            idmap_layers=root_mode,
+            mounts=mounts,
+        )
 
     @property
     def has_root(self) -> bool:

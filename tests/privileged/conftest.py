@@ -10,19 +10,25 @@ from pathlib import Path
 
 import pytest
 
+#: The uid a kernel runs as in these tests: the notebook folder's owner (1000) as root;
+#: rootless, the server's own.
+KERNEL_UID = 1000 if os.geteuid() == 0 else os.geteuid()
+KERNEL_GID = 1000 if os.geteuid() == 0 else os.getegid()
+
 
 @pytest.fixture(scope="session")
 def images() -> None:
     """The images the shipped kernelspecs use, built into the default store when missing
     (a fresh machine builds them once: a few minutes)."""
     from sandbox_kernel.errors import ImageError
+    from sandbox_kernel.images import lookup
     from sandbox_kernel.images.build import build_image
     from sandbox_kernel.images.store import ImageStore
     from sandbox_kernel.jupyter.demo import IMAGES
 
     for name in IMAGES:
         try:
-            ImageStore().resolve(name)
+            lookup.find(name)  # rootless: the system store's, built by the root run
         except ImageError:
             build_image(name, ImageStore())
 
@@ -42,10 +48,12 @@ def kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, images: None) -> Pa
 
 @pytest.fixture
 def notebook_dir(tmp_path: Path) -> Path:
-    """A notebook folder owned by uid 1000 (kernels run as its owner)."""
+    """A notebook folder owned by uid 1000 (kernels run as its owner); rootless: the
+    caller's own (kernels run as the server's user)."""
     nb = tmp_path / "notebooks"
     nb.mkdir()
-    os.chown(nb, 1000, 1000)
+    if os.geteuid() == 0:
+        os.chown(nb, 1000, 1000)
     return nb
 
 

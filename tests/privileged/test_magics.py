@@ -23,6 +23,7 @@ from traitlets.config import Config
 from sandbox_kernel.cgroups import CgroupStats, get_manager
 from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
+from tests.privileged.conftest import KERNEL_UID
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 
@@ -454,7 +455,7 @@ async def test_stats_json_shows_the_running_kernel(
     r = rows[cid]
     host = sandboxes.cgroup(km)
     assert r["kernel_id"] == km.kernel_id and r["kernelspec"] == name
-    assert r["image"] == sandboxes.image(name) and r["user"] == 1000
+    assert r["image"] == sandboxes.image(name) and r["user"] == KERNEL_UID
     assert r["limits"] == {"memory": 700 * MiB, "cpus": 1.0, "pids": 200}
     assert (host.memory_limit, host.pids_limit) == (700 * MiB, 200)
     use = r["usage"]

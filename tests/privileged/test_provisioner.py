@@ -18,6 +18,7 @@ from sandbox_kernel.errors import SpecError
 from sandbox_kernel.jupyter import exits
 from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
+from tests.privileged.conftest import KERNEL_GID, KERNEL_UID
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 
@@ -100,7 +101,7 @@ async def test_both_kernels_run_at_once_isolated(
         provisioner = km.provisioner
         assert isinstance(provisioner, prov.SandboxProvisioner)
         assert lines[2] == provisioner.container_id
-        assert lines[3] == f"1000 {notebook_dir}"
+        assert lines[3] == f"{KERNEL_UID} {notebook_dir}"
         env = set(json.loads(lines[4].replace("'", '"')))
         assert "PYTHONDONTWRITEBYTECODE" in env
         assert not env & {"SUDO_USER", "PYTEST_CURRENT_TEST", "JUPYTER_PATH"}
@@ -134,7 +135,7 @@ async def test_file_written_in_notebook_dir_has_the_owner(
         reply, out = await execute(km, f"open('from-{name}.txt', 'w').write(u'hi')")
         assert reply["status"] == "ok", out
         st = (notebook_dir / f"from-{name}.txt").stat()
-        assert (st.st_uid, st.st_gid) == (1000, 1000)
+        assert (st.st_uid, st.st_gid) == (KERNEL_UID, KERNEL_GID)
     # nothing else of the host is visible
     reply, out = await execute(
         started["python3-sandbox"],
@@ -305,7 +306,7 @@ async def test_ps_lists_the_running_kernels(
         assert (
             row["image"] == name.replace("-sandbox", "-plot") + ":latest"
         )  # the kernelspecs' image
-        assert row["user"] == 1000
+        assert row["user"] == KERNEL_UID
         assert row["limits"] == {"memory": 1024**3, "cpus": 1.0, "cpu_deferred": False, "pids": 256}
         usage = row["usage"]
         assert usage is not None and 0 < usage["memory"] < 1024**3 and 2 <= usage["pids"] < 50

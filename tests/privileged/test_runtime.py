@@ -25,7 +25,7 @@ from sandbox_kernel.cgroups import get_manager
 from sandbox_kernel.cgroups.base import CgroupHandle
 from sandbox_kernel.errors import RuntimeStartError
 from sandbox_kernel.paths import new_container_id, run_dir
-from sandbox_kernel.runtime import hostimage
+from sandbox_kernel.runtime import hostimage, userns
 from sandbox_kernel.runtime.container import Container, ExitResult
 from sandbox_kernel.runtime.leftovers import collect_leftovers
 from sandbox_kernel.runtime.spec import Bind, ContainerSpec, Limits
@@ -42,11 +42,15 @@ def make_spec(command: Sequence[str], **kw: Any) -> ContainerSpec:
         command=tuple(command),
         mounts=hostimage.binds(),
         hostname="box",
+        # as root: nobody; rootless: the caller, whose id is mapped whatever the map
+        user=os.geteuid() or 65534,
+        group=os.getegid() or 65534,
     )
     if "mounts" in kw:
         kw["mounts"] = (*hostimage.binds(), *kw["mounts"])
     base.update(kw)
-    return ContainerSpec(**base)
+    # the product's default: a user namespace (root mode as root, rootless otherwise)
+    return userns.for_caller().apply(ContainerSpec(**base))
 
 
 def run(command: Sequence[str], timeout: float = 60, **kw: Any) -> tuple[ExitResult, str]:
@@ -154,9 +158,16 @@ def test_isolation_facts_from_inside() -> None:
         assert int(facts["caps"][key], 16) == 0, key
     assert facts["caps"]["NoNewPrivs"] == "1"
     assert facts["caps"]["Seccomp"] == "2", "seccomp filter mode"
-    assert (facts["uid"], facts["gid"], facts["groups"]) == (65534, 65534, [])
+    uid, gid = os.geteuid() or 65534, os.getegid() or 65534
+    assert (facts["uid"], facts["gid"]) == (uid, gid)
+    # no supplementary group; a single-id map cannot drop them (setgroups is denied), and
+    # then the caller's own show as mapped or as the overflow gid
+    assert facts["groups"] == [] or (not userns.for_caller().has_root and facts["groups"]), facts
     assert facts["write_usr"] == "EROFS", "the image is read-only"
-    assert facts["write_root"] == "EACCES", "the unprivileged user cannot write /"
+    if userns.for_caller().has_root:
+        assert facts["write_root"] == "EACCES", "the unprivileged user cannot write /"
+    else:  # a single-id map has one user, who owns the writable layer's root (a tmpfs)
+        assert facts["write_root"] in ("ok", "EACCES")
     mib_written, err = facts["tmp"]
     assert err == "ENOSPC" and mib_written <= 4, "/tmp is capped at its size"
     assert facts["cwd"] == "/" and facts["umask"] == 0o022 and facts["sid"]
@@ -520,8 +531,11 @@ def test_status_pipe_works_above_fd_1024() -> None:
         from sandbox_kernel.runtime.container import Container
         from sandbox_kernel.paths import new_container_id
         from sandbox_kernel.runtime.spec import ContainerSpec
-        spec = ContainerSpec(id=new_container_id(), layers=(str(hostimage.layer_dir()),),
-                             command=("/bin/true",), mounts=hostimage.binds())
+        from sandbox_kernel.runtime import userns
+        spec = userns.for_caller().apply(ContainerSpec(
+            id=new_container_id(), layers=(str(hostimage.layer_dir()),),
+            command=("/bin/true",), mounts=hostimage.binds(),
+            user=os.geteuid() or 65534, group=os.getegid() or 65534))
         with Container.create(spec) as c:
             c.start(stdout=subprocess.DEVNULL)
             print(c._status.fd > 1024, c.wait(10).status)

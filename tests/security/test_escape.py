@@ -38,8 +38,8 @@ from typing import Any
 import pytest
 
 from sandbox_kernel.errors import RuntimeStartError, SandboxError, SpecError
-from sandbox_kernel.paths import new_container_id
-from sandbox_kernel.runtime import hostimage
+from sandbox_kernel.paths import new_container_id, run_dir
+from sandbox_kernel.runtime import hostimage, userns
 from sandbox_kernel.runtime.container import Container, ExitResult
 from sandbox_kernel.runtime.executor import runtime_binary
 from sandbox_kernel.runtime.spec import (
@@ -60,6 +60,14 @@ USERS: dict[str, dict[str, Any]] = {
     "nobody": {"user": 65534, "group": 65534},
     "root": {"user": 0, "group": 0, "allow_root": True},
 }
+#: Rootless with a single-id map: only the caller's own ids exist, and they own what init
+#: makes (there is no root inside: the rootless conftest leaves the root cases out).
+SINGLE_MAP = not userns.for_caller().has_root
+if SINGLE_MAP:
+    USERS["nobody"] = {"user": os.geteuid(), "group": os.getegid()}
+#: What the unprivileged user gets where a single-id map makes it the owner: the write
+#: still fails, for want of a capability (EPERM) or because the mount is read-only.
+OWNER_DENIED = {"EACCES", "EPERM", "EROFS"} if SINGLE_MAP else {"EACCES"}
 
 # ---- helpers (own copies: the privileged runtime tests are not imported) ------------------
 
@@ -71,11 +79,13 @@ def make_spec(command: list[str], **kw: Any) -> ContainerSpec:
         command=tuple(command),
         mounts=hostimage.binds(),
         hostname="esc-" + secrets.token_hex(4),
+        **USERS["nobody"],
     )
     if "mounts" in kw:
         kw["mounts"] = (*hostimage.binds(), *kw["mounts"])
     base.update(kw)
-    return ContainerSpec(**base)
+    # the product's default: a user namespace (root mode as root, rootless otherwise)
+    return userns.for_caller().apply(ContainerSpec(**base))
 
 
 def probe_spec(
@@ -230,6 +240,9 @@ def both_users(cases: list[Case]) -> list[Any]:
 EPERM = {"EPERM"}
 EACCES = {"EACCES"}
 EROFS = {"EROFS"}
+#: What container root gets on a read-only host file: EROFS, or first EACCES, since in its
+#: user namespace the host's files are not root's.
+ROOT_RO = {"EROFS", "EACCES"}
 ENOENT = {"ENOENT"}
 EAFNO = {"EAFNOSUPPORT"}
 
@@ -456,7 +469,12 @@ CASES: list[Case] = [
         "mknod",
         "mknod of block/char devices (raw disk or /dev/mem access)",
         "mknod",
-        {"/tmp/sk-sda": EPERM, "/tmp/sk-mem": EPERM, "/dev/sk-vda": EROFS, "/sk-kmem": EACCES},
+        {
+            "/tmp/sk-sda": EPERM,
+            "/tmp/sk-mem": EPERM,
+            "/dev/sk-vda": EROFS,
+            "/sk-kmem": OWNER_DENIED,
+        },
         {
             "/tmp/sk-sda": EPERM,
             "/tmp/sk-mem": EPERM,
@@ -503,9 +521,10 @@ CASES: list[Case] = [
             "/proc/1/exe O_WRONLY": EACCES,
             "/proc/1/exe O_RDONLY": EACCES,
             "/proc/1/exe O_PATH": EACCES,
-            "/proc/self/exe O_WRONLY": {"EROFS", "ETXTBSY"},
-            "/usr/bin/id O_WRONLY": EROFS,
-            "chmod /usr/bin/id (same mode)": EROFS,
+            # in a user namespace the host's /usr is not container root's: EACCES first
+            "/proc/self/exe O_WRONLY": {"EROFS", "ETXTBSY", "EACCES"},
+            "/usr/bin/id O_WRONLY": {"EROFS", "EACCES"},
+            "chmod /usr/bin/id (same mode)": {"EROFS", "EPERM"},
         },
     ),
     Case(
@@ -529,13 +548,13 @@ CASES: list[Case] = [
             "create /proc/sys/sk-new": {"EROFS", "EACCES", "ENOENT"},
         },
         {
-            "/proc/sys/kernel/hostname": EROFS,
-            "/proc/sys/kernel/core_pattern": EROFS,
+            "/proc/sys/kernel/hostname": ROOT_RO,
+            "/proc/sys/kernel/core_pattern": ROOT_RO,
             "/proc/sys/kernel/modprobe": if_host_has(
-                "/proc/sys/kernel/modprobe", EROFS, {"absent"}
+                "/proc/sys/kernel/modprobe", ROOT_RO, {"absent"}
             ),
-            "/proc/sys/vm/overcommit_memory": EROFS,
-            "create /proc/sys/sk-new": {"EROFS", "ENOENT"},
+            "/proc/sys/vm/overcommit_memory": ROOT_RO,
+            "create /proc/sys/sk-new": {"EROFS", "EACCES", "ENOENT"},
         },
     ),
     Case(
@@ -560,7 +579,7 @@ CASES: list[Case] = [
         "kernel log (KASLR/address leaks): /proc/kmsg and syslog(2)",
         "proc_kmsg",
         {"/proc/kmsg": EACCES, "syslog READ_ALL": EPERM},
-        {"/proc/kmsg": EPERM, "syslog READ_ALL": EPERM},
+        {"/proc/kmsg": {"EPERM", "EACCES"}, "syslog READ_ALL": EPERM},
     ),
     Case(
         "clock-set",
@@ -662,8 +681,9 @@ CASES: list[Case] = [
             "ambient raise": EPERM,
             "clear no_new_privs": {"EINVAL"},
             "setgroups [0]": EPERM,
-            "setuid 0": EPERM,
-            "setresuid 0": EPERM,
+            # a single-id map has no uid 0 at all
+            "setuid 0": EPERM | ({"EINVAL"} if SINGLE_MAP else set()),
+            "setresuid 0": EPERM | ({"EINVAL"} if SINGLE_MAP else set()),
             "caps after": {"none"},
         },
         {
@@ -735,10 +755,14 @@ def test_attempt_fails(case: Case, who: str, expected: dict[str, set[str]]) -> N
 # ---- host files ---------------------------------------------------------------------------
 
 
+#: A private directory of the caller's: root's home, or a rootless caller's own.
+PRIVATE_HOME = "/root" if os.geteuid() == 0 else os.path.expanduser("~")
+
+
 @pytest.fixture
 def host_sentinels() -> Iterator[tuple[str, dict[str, str]]]:
     name = "sk-esc-sentinel-" + secrets.token_hex(4)
-    paths = [Path(d) / name for d in ("/root", "/var/tmp", "/tmp", "/dev/shm")]
+    paths = [Path(d) / name for d in (PRIVATE_HOME, "/var/tmp", "/tmp", "/dev/shm")]
     for p in paths:
         p.write_text("host secret\n")
         p.chmod(0o644)
@@ -754,9 +778,9 @@ def test_host_only_files_are_not_reachable(
 ) -> None:
     """Host files outside /usr and /etc (sentinels in /root, /var/tmp), also via /proc/1/root."""
     name, sums = host_sentinels
-    direct = [f"/root/{name}", f"/var/tmp/{name}", f"/tmp/{name}", f"/dev/shm/{name}"]
-    direct.append("/run/sandbox-kernel")  # the run dirs of all containers
-    via_init = [f"/proc/1/root/root/{name}", f"/proc/1/root/var/tmp/{name}"]
+    direct = [f"{PRIVATE_HOME}/{name}", f"/var/tmp/{name}", f"/tmp/{name}", f"/dev/shm/{name}"]
+    direct.append(str(run_dir()))  # the run dirs of all containers
+    via_init = [f"/proc/1/root{PRIVATE_HOME}/{name}", f"/proc/1/root/var/tmp/{name}"]
     data = probe_ok("read_files", {"paths": direct + via_init}, who=who)
     check(data, {**{p: ENOENT for p in direct}, **{p: EACCES for p in via_init}})
     assert {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in sums} == sums
@@ -816,7 +840,7 @@ def test_readonly_proc_paths(who: str) -> None:
     for p, inner in paths.items():
         expected[p + " mount"] = {"RO"} if os.path.exists(p) else {"absent"}
         if inner:
-            denied = EACCES if who == "nobody" else EROFS
+            denied = EACCES if who == "nobody" else ROOT_RO
             expected[inner] = if_host_has(inner, denied, ENOENT)
     check(data, expected)
 
@@ -974,12 +998,13 @@ def test_other_containers_abstract_socket(tmp_path: Path) -> None:
 def test_other_containers_files(tmp_path: Path) -> None:
     """Container B cannot read what container A wrote in its /tmp, /dev/shm, home or root layer."""
     paths = ["/tmp/sk-a", "/dev/shm/sk-a", "/home/sandbox/sk-a", "/sk-a"]
-    spec = probe_spec("plant_and_hold", {"paths": paths, "wait": 8}, who="root")
+    planter = "nobody" if SINGLE_MAP else "root"  # the one who can write "/"
+    spec = probe_spec("plant_and_hold", {"paths": paths, "wait": 8}, who=planter)
     out = tmp_path / "a.out"
     with open(out, "w") as f, Container.create(spec) as a:
         a.start(stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
         _wait_for(out, "SK-READY")
-        for who in ("nobody", "root"):
+        for who in ("nobody",) if SINGLE_MAP else ("nobody", "root"):
             data = probe_ok("read_files", {"paths": paths}, who=who)
             check(data, {p: ENOENT for p in paths})
         a.kill()
@@ -1005,7 +1030,7 @@ def test_cgroup_release_agent_and_limits(who: str) -> None:
         elif op == "mkdir child cgroup":
             ok = {"EROFS", "EACCES"}
         else:  # a cgroup control file opened for writing
-            ok = EACCES if who == "nobody" else EROFS
+            ok = OWNER_DENIED if who == "nobody" else ROOT_RO
         if got not in ok:
             bad[op] = (got, sorted(ok))
     assert not bad, f"HOLE in the cgroup view: {bad}"
@@ -1076,6 +1101,7 @@ def _layer(tmp_path: Path) -> Path:
 
 
 @pytest.mark.privileged
+@pytest.mark.root_only  # a root-owned setuid file is made for the test
 def test_setuid_binary_in_image_does_not_gain_root(tmp_path: Path) -> None:
     """A setuid/setgid-root copy of `id` in an image layer: no_new_privs keeps euid 65534."""
     layer = _layer(tmp_path)
@@ -1100,6 +1126,7 @@ def _vfs_cap(permitted: int, effective: bool) -> bytes:
 
 
 @pytest.mark.privileged
+@pytest.mark.root_only  # setting security.capability needs CAP_SETFCAP
 @pytest.mark.parametrize("effective", [True, False], ids=["effective-bit", "permitted-only"])
 def test_file_capabilities_are_not_gained(tmp_path: Path, effective: bool) -> None:
     """Capabilities re-gained through file caps (dac_override,dac_read_search on a copy of cat).
@@ -1133,24 +1160,37 @@ def test_file_capabilities_are_not_gained(tmp_path: Path, effective: bool) -> No
 
 
 @pytest.mark.privileged
+@pytest.mark.container_root
 def test_container_root_cannot_plant_setuid_root_file_on_host(tmp_path: Path) -> None:
     """allow_root + writable volume: a setuid-root file left on the host (privilege escalation).
 
-    Root inside is root on the host (no user namespace yet), so the spec validators refuse a
-    writable host volume for a root container before anything starts.
-    """
+    Container root is an unprivileged host uid (the user namespace): through a plain
+    writable volume its file belongs to that uid, never to host root; an idmapped volume,
+    which would show it the on-disk uid 0, is refused for a root container before anything
+    starts."""
     vol = tmp_path / "vol"
     vol.mkdir()
     vol.chmod(0o777)
     try:
-        with pytest.raises(SpecError, match="cannot have writable host volumes"):
-            probe_ok(
-                "plant_setuid",
-                {"path": "/vol/id"},
-                who="root",
-                mounts=(Bind(str(vol), "/vol", readonly=False),),
-            )
-        assert list(vol.iterdir()) == []
+        data = probe_ok(
+            "plant_setuid",
+            {"path": "/vol/id"},
+            who="root",
+            mounts=(Bind(str(vol), "/vol", readonly=False),),
+        )
+        st = (vol / "id").stat()
+        assert st.st_uid != 0, f"a file of host root was planted: {data}"
+        assert data["owner"] == "0"  # root inside, an unprivileged uid outside
+        (vol / "id").unlink()
+        if os.geteuid() == 0:  # idmapped mounts exist in root mode only
+            with pytest.raises(SpecError, match="cannot have writable host volumes"):
+                probe_ok(
+                    "plant_setuid",
+                    {"path": "/vol/id"},
+                    who="root",
+                    mounts=(Bind(str(vol), "/vol", readonly=False, idmap=True),),
+                )
+            assert list(vol.iterdir()) == []
     finally:
         shutil.rmtree(vol, ignore_errors=True)
 
@@ -1246,7 +1286,9 @@ def test_symlinked_layout_dirs_stay_in_root(tmp_path: Path, link: str) -> None:
 def test_kill_minus_one_stays_inside(who: str) -> None:
     """`kill -9 -1` inside kills only the container's processes, not host processes of that uid."""
     uid = USERS[who]["user"]
-    host_same_uid = subprocess.Popen(["/bin/sleep", "60"], user=uid, group=uid)
+    # rootless: the host processes at stake are the server's own (its uid is the kernel's)
+    ids = {"user": uid, "group": uid} if os.geteuid() == 0 else {}
+    host_same_uid = subprocess.Popen(["/bin/sleep", "60"], **ids)
     other = Container.create(make_spec(["/bin/sleep", "60"]))
     try:
         other.start(stdin=subprocess.DEVNULL)
@@ -1299,7 +1341,8 @@ def test_signal_to_host_supervisor(tmp_path: Path, who: str) -> None:
             "SIGKILL init host pid": {"ESRCH"},
             "SIGKILL owner": {"ESRCH"},
             # PID 1 of a pid namespace ignores SIGKILL from inside; as another uid it is refused
-            "SIGKILL init": EPERM if who == "nobody" else {"OK"},
+            # (a single-id map gives init the kernel's uid: the same, ignored, SIGKILL)
+            "SIGKILL init": EPERM if who == "nobody" and not SINGLE_MAP else {"OK"},
             "init alive": {"yes"},
         },
     )

@@ -1919,6 +1919,14 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
      * it is an unprivileged host uid, rootless it may be a subordinate one. */
     open_host_sources();
 
+    /* An unprivileged owner joins our namespaces to configure the network through
+     * /proc/PID/ns, which it may do only while we still have its credentials: wait for its
+     * `go` here, before becoming root of the user namespace (root callers configure the
+     * network while the mounts go on, and `go` is awaited before the fork). */
+    int early_go = P.sync_net && geteuid() != 0;
+    if (early_go && read_byte(p2c_r) != 'G')
+        _exit(EXIT_SETUP); /* supervisor gone; PDEATHSIG is on its way */
+
     /* In a new user namespace our credentials are still the host's (unmapped
      * there): become the namespace's root now that the maps exist (a single-id
      * map has no root: we keep our id, with the namespace's capabilities). A
@@ -1950,7 +1958,7 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
 
     mount_phase();
 
-    if (P.sync_net && read_byte(p2c_r) != 'G')
+    if (P.sync_net && !early_go && read_byte(p2c_r) != 'G')
         _exit(EXIT_SETUP); /* supervisor gone; PDEATHSIG is on its way */
 
     int rep[2];
