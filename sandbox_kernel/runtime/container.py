@@ -209,6 +209,7 @@ class Container:
             "owner_start": proc_starttime(os.getpid()),
             "labels": dict(spec.labels),
             "limits_enforced": manager.enforced,
+            "layers": list(spec.layers),  # gc keeps the host image layers in use
             **(meta or {}),
         }
         write_json(rdir / "meta.json", info)

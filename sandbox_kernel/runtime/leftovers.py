@@ -21,8 +21,9 @@ from pathlib import Path
 
 from ..cgroups import get_manager
 from ..cgroups.base import CgroupManager
-from ..errors import SandboxError
+from ..errors import PrivilegeError, SandboxError
 from ..paths import is_container_id, run_dir
+from . import hostimage
 from .rundir import ContainerInfo
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class GcReport:
     run_dirs: list[str] = field(default_factory=list)
     cgroups: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    host_layers: list[str] = field(default_factory=list)  # old host image layer versions
 
 
 CREATION_GRACE_S = 30.0
@@ -73,6 +75,20 @@ def live_ids(root: Path) -> set[str]:
     return {e.name for e in _container_dirs(root) if _entry_live(e)}
 
 
+def _collect_host_layers(root: Path) -> list[str]:
+    """The host image layers no live container uses (their run dirs record their layers)."""
+    in_use: set[str] = set()
+    unknown = False
+    for entry in _container_dirs(root):
+        if _entry_live(entry):
+            layers = ContainerInfo(entry).meta.get("layers")
+            if isinstance(layers, list):
+                in_use.update(str(x) for x in layers)
+            else:
+                unknown = True
+    return hostimage.collect(in_use, unknown)
+
+
 def collect_leftovers(
     *, root: Path | None = None, manager: CgroupManager | None = None, dry_run: bool = False
 ) -> GcReport:
@@ -86,6 +102,8 @@ def collect_leftovers(
     try:
         manager = manager or get_manager()
         candidates = [n for n in manager.list_leftovers("sk-") if is_container_id(n)]
+    except PrivilegeError:
+        candidates = []  # rootless without a delegated cgroup: no cgroup was ever made
     except SandboxError as exc:
         report.errors.append(str(exc))
         candidates = []
@@ -106,6 +124,7 @@ def collect_leftovers(
             report.errors.append(f"cgroup {name}: {exc}")
     for name in report.run_dirs:
         shutil.rmtree(root / name, ignore_errors=True)
+    report.host_layers = _collect_host_layers(root)
     if report.run_dirs or report.cgroups:
         log.info("gc removed run dirs %s, cgroups %s", report.run_dirs, report.cgroups)
     return report
