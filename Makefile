@@ -64,7 +64,7 @@ test-privileged: venv native vm-setup
 # the runtime, provisioner, magics and security suites again, with the server as an
 # unprivileged user (with and without a subordinate id range); needs the images the
 # privileged suite built into the system store
-test-rootless: venv native
+test-rootless: venv native vm-setup
 	bash tools/rootless-tests.sh
 
 test-cgroup-v2: venv native vm-setup

@@ -10,6 +10,10 @@
 # (SANDBOX_KERNEL_TEST_ROOTLESS=1: tests marked root_only are left out); then removes the
 # users, their delegations and the copy, and checks that nothing of them is left.
 #
+# Then, when the cgroup v2 guest is set up (make vm-setup), the cgroupv2 selection runs in it
+# as an unprivileged user in a cgroup delegated as systemd would (tools/vm/rootless-guest.sh);
+# SANDBOX_KERNEL_ROOTLESS_VM=0 leaves that out.
+#
 # Usage: tools/rootless-tests.sh [PYTEST ARGS...]   (default: the suites below)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +27,8 @@ SUITES=(tests/privileged/test_runtime.py tests/privileged/test_provisioner.py
 [ $# -gt 0 ] && SUITES=("$@")
 tag=$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')
 USERS=("sk-rl-$tag" "sk-rl1-$tag")
-WORK=$(mktemp -d /tmp/sk-rootless-XXXXXX)
+# not under /tmp: the cgroup v2 guest mounts a tmpfs there, and it reads this copy too
+WORK=$(mktemp -d /var/tmp/sk-rootless-XXXXXX)
 status=0
 
 cleanup() {
@@ -69,6 +74,15 @@ for u in "${USERS[@]}"; do
       CI="${CI:-}" SANDBOX_KERNEL_TEST_ROOTLESS=1 SANDBOX_KERNEL_TEST_NO_SUBIDS=$nosub \
       "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider "${SUITES[@]}" ) || status=1
 done
+
+# the cgroupv2 selection as an unprivileged user in the pure v2 guest, in a cgroup delegated
+# as systemd would (when the guest is set up: make vm-setup)
+if [ -s .vm/current ] && [ "${SANDBOX_KERNEL_ROOTLESS_VM:-1}" = 1 ]; then
+  mapfile -t V2 < <(grep -rlwE --include='test_*.py' 'cgroupv2' tests/ | sort)
+  echo "== rootless: the cgroupv2 selection in the v2 guest (${V2[*]})"
+  SANDBOX_KERNEL_VM_VENV="$WORK/venv" bash tools/vm/run-tests.sh --exec /bin/sh \
+    "$WORK/repo/tools/vm/rootless-guest.sh" "$WORK" "${V2[@]}" || status=1
+fi
 
 uids=()
 for u in "${USERS[@]}"; do uids+=("$(id -u "$u")"); done

@@ -43,6 +43,7 @@ pytestmark = [
         reason="needs a pure cgroup v2 host (/sys/fs/cgroup is not cgroup2): "
         "run tools/vm/run-tests.sh",
     ),
+    pytest.mark.root_only,  # facts about the guest, checked as root
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create cgroups and mounts"),
 ]
 

@@ -37,7 +37,9 @@ from sandbox_kernel.cgroups import (
 )
 from sandbox_kernel.errors import CgroupError, ContainerNotFound
 
-pytestmark = pytest.mark.privileged
+# root_only: the drivers themselves, on cgroups made as root (the rootless path is the
+# delegation, exercised by the runtime tests of the rootless rerun)
+pytestmark = [pytest.mark.privileged, pytest.mark.root_only]
 
 MiB = 1 << 20
 VERSIONS = [pytest.param("v1", id="v1"), pytest.param("v2", id="v2", marks=pytest.mark.cgroupv2)]
