@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SandboxError
+from ..errors import PrivilegeError, SandboxError
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 NAMESPACES = ("mnt", "pid", "uts", "ipc", "net", "cgroup")
@@ -33,17 +33,77 @@ class Check:
         return f"{self.status:<4}  {self.what}{tail}"
 
 
-def check_root() -> list[Check]:
-    """Running as root (needed for namespaces, mounts and cgroups)?"""
+def check_identity() -> list[Check]:
+    """Who runs: root (root mode, the product's id range), or an ordinary user (rootless:
+    user namespaces, a subordinate range and the map helpers)."""
+    from ..runtime import userns
+
     if os.geteuid() == 0:
-        return [Check(OK, "running as root (namespaces, mounts and cgroups are available)")]
-    return [
-        Check(
-            FAIL,
-            f"running as uid {os.geteuid()}, not root",
-            "run Jupyter (and this command) as root; rootless mode is not available yet",
+        out = [Check(OK, "running as root (root mode: container ids map to a reserved range)")]
+        try:
+            sub = userns.reserve_range()
+        except SandboxError as exc:
+            return [*out, Check(FAIL, f"the id range for containers: {exc}", "see the README")]
+        return [
+            *out,
+            Check(OK, f"container ids map to host ids {sub.start}..{sub.start + sub.count - 1}"),
+        ]
+    return _rootless_identity(userns)
+
+
+def _rootless_identity(userns: Any) -> list[Check]:
+    user = _user_name()
+    out = [Check(OK, f"running as {user} (uid {os.geteuid()}): rootless mode")]
+    out += [Check(FAIL, problem, "") for problem in userns.userns_problems()]
+    if userns.map_helpers() is None:
+        out.append(
+            Check(
+                WARN,
+                "no newuidmap/newgidmap (setuid): containers map only your own uid",
+                "as root: apt-get install uidmap",
+            )
         )
+    missing = [
+        str(path)
+        for path in (userns.SUBUID, userns.SUBGID)
+        if userns.subordinate_range(path, user, os.geteuid()) is None
     ]
+    if missing:
+        out.append(
+            Check(
+                WARN,
+                f"no subordinate id range for {user} in {' and '.join(missing)}: containers "
+                "map only your own uid (no root inside)",
+                "as root: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 "
+                f"{user} (a range no one else uses)",
+            )
+        )
+    if _kernel_version() < (5, 11):
+        out.append(
+            Check(
+                FAIL,
+                "this kernel cannot mount overlayfs in a user namespace (needs Linux 5.11)",
+                "use a newer kernel, or run the server as root",
+            )
+        )
+    return out
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _kernel_version() -> tuple[int, int]:
+    release = os.uname().release.split("-")[0].split(".")
+    try:
+        return int(release[0]), int(release[1])
+    except (IndexError, ValueError):
+        return (0, 0)
 
 
 def check_cgroups() -> list[Check]:
@@ -52,13 +112,16 @@ def check_cgroups() -> list[Check]:
 
     try:
         manager = get_manager()
+    except PrivilegeError as exc:  # rootless without a delegated cgroup
+        what, _, fix = str(exc).partition("; ")
+        return [Check(FAIL, f"cgroups: {what}", fix)]
     except SandboxError as exc:
         return [
             Check(
                 FAIL, f"cgroups: {exc}", "mount cgroup v2 at /sys/fs/cgroup or the v1 controllers"
             )
         ]
-    out = [Check(OK, f"cgroup mode {manager.mode.value} (v{manager.version})")]
+    out = [Check(OK, f"cgroup mode {manager.mode.value} (v{manager.version}){_delegated(manager)}")]
     try:
         ctrls = manager.controllers()
     except SandboxError as exc:
@@ -78,6 +141,17 @@ def check_cgroups() -> list[Check]:
                 )
             )
     return out
+
+
+def _delegated(manager: Any) -> str:
+    """ ", delegated to you: <where>" for a rootless caller, "" for root."""
+    if os.geteuid() == 0:
+        return ""
+    if manager.version == 1:
+        from ..cgroups.delegation import kernels_cgroup
+
+        return f", delegated to you: {kernels_cgroup(os.geteuid())} in each hierarchy"
+    return f", delegated to you: {manager.parent}"
 
 
 def check_overlay() -> list[Check]:
@@ -147,17 +221,11 @@ def check_executor() -> list[Check]:
 def check_images() -> list[Check]:
     """The store opens and lists; the base images python2.7 and python3 are built (a warning
     otherwise)."""
-    try:
-        from ..images.store import ImageStore
+    from ..images import lookup
 
-        store = ImageStore()
-    except Exception as exc:  # a broken store must not stop the other checks
-        return [
-            Check(FAIL, f"image store: {exc}", "check SANDBOX_KERNEL_STATE_DIR and its permissions")
-        ]
     out = []
-    try:
-        images = {im.name: im for im in store.list()}  # list(): no snapshot is unpacked here
+    try:  # list_all(): the caller's store and the system store; nothing is unpacked here
+        images = {im.name: im for _place, im in reversed(lookup.list_all())}
     except Exception as exc:
         return [
             Check(FAIL, f"image store: {exc}", "check SANDBOX_KERNEL_STATE_DIR and its permissions")
@@ -208,7 +276,7 @@ def check_kernelspecs() -> list[Check]:
 
 
 CHECKS: tuple[Callable[[], list[Check]], ...] = (
-    check_root,
+    check_identity,
     check_cgroups,
     check_overlay,
     check_namespaces,
