@@ -72,6 +72,8 @@ def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[
                 "pids": limits.get("pids"),
             },
             "usage": None,
+            # False: a rootless container without cgroups (the admin allowed it)
+            "limits_enforced": meta.get("limits_enforced", True) is not False,
         }
         if manager is not None and running:
             try:
@@ -110,6 +112,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lim = r["limits"]
         use = r["usage"] or {}
         mem = f"{format_size(use['memory']) if use else '-'} / {format_size(lim['memory'])}"
+        if not r.get("limits_enforced", True):
+            mem += " (limits not enforced)"
         cpus = format_cpus(lim["cpus"]) + (" (deferred)" if lim["cpu_deferred"] else "")
         pids = f"{use.get('pids', '-')} / {lim['pids'] if lim['pids'] is not None else 'unlimited'}"
         kernel = (r["kernel_id"] or "-")[:8]

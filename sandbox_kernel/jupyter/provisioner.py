@@ -503,6 +503,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             "ceilings": {name: ceilings.describe(name) for name in ("memory", "cpus")}
             | {"pids": ceilings.pids},
             "previous_exit": self._previous_exit,
+            # False: rootless without a delegated cgroup, allowed by the admin
+            "limits_enforced": container.limits_enforced,
         }
 
     async def cleanup(self, restart: bool = False) -> None:

@@ -289,11 +289,20 @@ def build_report(info, usage, cpu_percent, host_error=None):
         return "%s (server allows up to %s)" % (text, c) if c else text
 
     cpus = usage.get("cpus")
+    enforced = info.get("limits_enforced", True) if info else True
+    if enforced:
+        mem_limit = fmt_size(usage.get("memory_limit"))
+        cpu_limit = "unlimited" if cpus is None else "%g CPUs" % cpus
+        pids_limit = str(usage.get("pids_limit") or "unlimited")
+    else:  # no cgroup: what was asked for, which nothing enforces
+        mem_limit = "%s (not enforced)" % fmt_size(limits.get("memory"))
+        cpu_limit = "%s (not enforced)" % (limits.get("cpus") or "unlimited")
+        pids_limit = "%s (not enforced)" % (limits.get("pids") or "unlimited")
     rows = [
         ("image", "%s %s" % (image, digest)),
-        ("memory limit", ceiling("memory", fmt_size(usage.get("memory_limit")))),
-        ("cpu limit", ceiling("cpus", "unlimited" if cpus is None else "%g CPUs" % cpus)),
-        ("process limit", ceiling("pids", str(usage.get("pids_limit") or "unlimited"))),
+        ("memory limit", ceiling("memory", mem_limit)),
+        ("cpu limit", ceiling("cpus", cpu_limit)),
+        ("process limit", ceiling("pids", pids_limit)),
         ("/tmp size", tmp_info()),
         ("network", limits.get("network", "none")),
         (
@@ -318,6 +327,11 @@ def build_report(info, usage, cpu_percent, host_error=None):
         note = "Change limits with e.g. %sandbox memory=2G cpus=2 pids=512"
     if host_error:
         note = "Figures from the kernel's cgroup only; the host said: %s" % host_error
+    if not enforced:
+        note = (
+            "Limits not enforced: no cgroup is delegated to this server's user, and the "
+            "administrator allowed kernels without caps (SandboxPolicy.allow_unenforced_limits)."
+        )
     return Report(rows, note)
 
 

@@ -349,6 +349,12 @@ class Container:
                     f"container {self.id}: the command ended during setup ({' '.join(fields)})"
                 )
 
+    @property
+    def limits_enforced(self) -> bool:
+        """Do the caps reach the kernel? False for a rootless container without cgroups
+        (``spec.enforce_limits`` off). Read by the provisioner for ``%sandbox``."""
+        return self.manager.enforced
+
     # ---- running ---------------------------------------------------------------------
     @property
     def pid(self) -> int | None:

@@ -348,3 +348,37 @@ async def test_sandbox_magics_in_both_kernels(
         assert provisioner.container is not None
         st = provisioner.container.stats()
         assert st.memory_limit == 512 * 1024**2 and st.pids_limit == 300
+
+
+@pytest.mark.rootless_only
+async def test_rootless_without_a_delegated_cgroup(
+    clean_host: list[str], kernels: Path, notebook_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rootless server whose user has no delegated cgroup: the kernel does not start and
+    the error names the fix; with SandboxPolicy.allow_unenforced_limits it starts, and
+    %sandbox says the limits are not enforced."""
+    from traitlets.config import Config
+
+    from sandbox_kernel.cgroups import reset_manager_cache
+
+    monkeypatch.setenv("SANDBOX_KERNEL_CGROUP_PARENT", "/sk-no-such-delegation")
+    reset_manager_cache()
+    try:
+        km = AsyncKernelManager(kernel_name="python3-sandbox")
+        with pytest.raises(Exception, match="sk-no-such-delegation") as info:
+            await km.start_kernel(cwd=str(notebook_dir))
+        track(clean_host, km)
+        assert "Traceback" not in str(info.value)
+        cfg = Config()
+        cfg.SandboxPolicy.allow_unenforced_limits = True
+        km = AsyncKernelManager(kernel_name="python3-sandbox", config=cfg)
+        await km.start_kernel(cwd=str(notebook_dir))
+        track(clean_host, km)
+        try:
+            reply, out = await execute(km, "r = %sandbox\nprint(repr(r))")
+            assert reply["status"] == "ok", out
+            assert "(not enforced)" in out and "Limits not enforced" in out, out
+        finally:
+            await km.shutdown_kernel(now=True)
+    finally:
+        reset_manager_cache()

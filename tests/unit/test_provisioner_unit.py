@@ -59,6 +59,7 @@ class FakeContainer:
         self.setup_us = 1000
         self.destroyed = False
         self.cpu_applied = False
+        self.limits_enforced = True
         self._result: ExitResult | None = None
         self.oom = False
 
