@@ -1234,6 +1234,50 @@ def plant_and_hold() -> dict[str, str]:
     return {"held": "yes"}
 
 
+@attempt
+def userns_maps() -> dict[str, str]:
+    """Rewrite this user namespace's maps or setgroups (to map host root in), and the
+    namespace limit that keeps nested user namespaces out."""
+    out = {}
+    for name, data in (("uid_map", "0 0 1"), ("gid_map", "0 0 1"), ("setgroups", "allow")):
+        path = "/proc/self/" + name
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError as exc:
+            out["write " + name] = ename(exc.errno)
+            continue
+        try:
+            os.write(fd, data.encode())
+            out["write " + name] = "WROTE"
+        except OSError as exc:
+            out["write " + name] = ename(exc.errno)
+        finally:
+            os.close(fd)
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            out["max_user_namespaces"] = f.read().strip()
+    except OSError as exc:
+        out["max_user_namespaces"] = ename(exc.errno)
+    with open("/proc/self/uid_map") as f:
+        out["host root mapped"] = (
+            "yes" if any(line.split()[1] == "0" for line in f if len(line.split()) == 3) else "no"
+        )
+    return out
+
+
+@attempt
+def setuid_copy_up() -> dict[str, str]:
+    """CVE-2023-0386 class: copy a setuid file of the image up into the writable layer (a
+    metadata change), then say where that layer is: the host must never see it."""
+    path = ARGS["path"]
+    out = {"chown (copy-up)": oserr(os.chown, path, 0, 0)}
+    st = os.stat(path)
+    out["mode"] = f"{stat.S_IMODE(st.st_mode):o}"
+    print("SK-READY", flush=True)
+    time.sleep(ARGS["wait"])
+    return out
+
+
 def main() -> None:
     name = sys.argv[1]
     result = ATTEMPTS[name]()

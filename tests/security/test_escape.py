@@ -344,6 +344,21 @@ CASES: list[Case] = [
         for name, flag in NS_FLAGS.items()
     ],
     Case(
+        "userns-maps",
+        "rewrite uid_map/gid_map/setgroups to map host root in; nested user namespaces",
+        "userns_maps",
+        *same(
+            {
+                "write uid_map": EPERM,
+                "write gid_map": EPERM,
+                "write setgroups": {"EPERM", "EACCES", "EROFS"},
+                # no new user namespace inside, whatever the seccomp filter lets through
+                "max_user_namespaces": {"0"},
+                "host root mapped": {"no"},
+            }
+        ),
+    ),
+    Case(
         "clone-newuser",
         "clone(2) with CLONE_NEWUSER (namespace flags through clone)",
         "clone_newuser",
@@ -1193,6 +1208,34 @@ def test_container_root_cannot_plant_setuid_root_file_on_host(tmp_path: Path) ->
             assert list(vol.iterdir()) == []
     finally:
         shutil.rmtree(vol, ignore_errors=True)
+
+
+@pytest.mark.privileged
+@pytest.mark.root_only  # a root-owned setuid file is made for the test
+def test_setuid_copy_up_never_reaches_the_host(tmp_path: Path) -> None:
+    """CVE-2023-0386 class: a setuid-root file of an image layer copied up by container root
+    (a chown is enough) lands in the writable layer, a tmpfs that exists only in the
+    container's mount namespace: the host side of it is an empty directory, and the kernel
+    user cannot use the bit (no_new_privs, nosuid)."""
+    layer = _layer(tmp_path)
+    suid = layer / "opt" / "sk" / "id"
+    shutil.copy("/usr/bin/id", suid)
+    os.chown(suid, 0, 0)
+    suid.chmod(0o4755)
+    layers = (str(layer), str(hostimage.layer_dir()))
+    spec = probe_spec(
+        "setuid_copy_up", {"path": "/opt/sk/id", "wait": 5}, who="root", layers=layers
+    )
+    out = tmp_path / "out"
+    with open(out, "w+") as f, Container.create(spec) as c:
+        c.start(stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        _wait_for(out, "SK-READY")
+        scratch = c.run_dir / "scratch"
+        found = [p for p in scratch.rglob("*")] if scratch.exists() else []
+        assert found == [], f"HOLE: the writable layer is visible on the host: {found}"
+        c.wait(30)
+    data = parse(out.read_text())
+    assert data is not None and data["chown (copy-up)"] == "OK", out.read_text()
 
 
 # ---- CVE-2021-30465: symlinks on mount targets ------------------------------------------------
