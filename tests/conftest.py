@@ -12,6 +12,8 @@ import os
 
 import pytest
 
+from tests.hostmounts import OWN_BASETEMP
+
 IN_CI = os.environ.get("CI") == "true"
 #: Set by tools/rootless-tests.sh: the privileged suites run again as an unprivileged user
 #: (a rootless server), minus the tests marked root_only.
@@ -72,3 +74,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     report.longrepr = (
         f"privileged test skipped under CI=true (privileged tests must run in CI): {reason}"
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Mounts in this session's own temp dir count in the host mount comparisons."""
+    OWN_BASETEMP.append(str(tmp_path_factory.getbasetemp()) + "/")

@@ -23,7 +23,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 SUITES=(tests/privileged/test_runtime.py tests/privileged/test_provisioner.py
-        tests/privileged/test_magics.py tests/security)
+        tests/privileged/test_magics.py tests/privileged/test_rootless_images.py
+        tests/security)
 [ $# -gt 0 ] && SUITES=("$@")
 tag=$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')
 USERS=("sk-rl-$tag" "sk-rl1-$tag")

@@ -35,9 +35,10 @@ from typing import Any
 
 from ..errors import BuildError, ImageNotFound, SandboxError
 from ..paths import new_container_id, shipped_dirs, state_dir
+from ..runtime import userns
 from ..runtime.container import Container
 from ..runtime.spec import Bind, ContainerSpec
-from . import pip_target
+from . import lookup, oci, pip_target
 from .labels import (
     LABEL_ARGV,
     LABEL_DISPLAY_NAME,
@@ -188,14 +189,6 @@ def host_debian_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     return ""
 
 
-def _require_root(recipe: Recipe, step: str) -> None:
-    if os.geteuid() != 0:
-        raise BuildError(
-            f"recipe {recipe.path}: step {step}: image builds need root (mount "
-            "namespaces, overlayfs, chroot); run the build as root, e.g. with sudo"
-        )
-
-
 def _ensure_mmdebstrap(recipe: Recipe) -> str:
     exe = shutil.which("mmdebstrap")
     if exe:
@@ -216,51 +209,33 @@ def _ensure_mmdebstrap(recipe: Recipe) -> str:
     )
 
 
+#: Run in the new root before it is packed: what the runtime provides stays empty.
+_BASE_HOOKS = (
+    'rm -f "$1/etc/resolv.conf" "$1/etc/hostname"',
+    ': > "$1/etc/resolv.conf"',
+    ': > "$1/etc/hostname"',
+    'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/archives/*.deb',
+)
+
+
 def _mmdebstrap_command(exe: str, b: BaseSpec, out: Path, mirror: str) -> list[str]:
-    """The mmdebstrap command line of a recipe's ``[base]``."""
+    """The mmdebstrap command line of a recipe's ``[base]``: a gzip tarball ``out`` with the
+    image's real owners, made as root (``--mode=root``) or, by an ordinary user, in a user
+    namespace over its subordinate range (``--mode=unshare``, newuidmap)."""
     cmd = [
         exe,
         f"--variant={b.variant}",
-        "--mode=root",
+        "--mode=" + ("root" if os.geteuid() == 0 else "unshare"),
+        "--format=tar",
         "--quiet",
         f"--components={','.join(b.components)}",
+        *(f"--customize-hook={hook}" for hook in _BASE_HOOKS),
     ]
     if b.include:
         cmd.append("--include=" + ",".join(b.include))
     cmd += [f"--dpkgopt=path-exclude={glob}" for glob in b.exclude]
     cmd += [f"--dpkgopt=path-include={glob}" for glob in b.keep]
     return [*cmd, b.suite, str(out), mirror]
-
-
-def _empty_dir(p: Path, mode: int) -> None:
-    """``p`` as an empty real directory with ``mode`` (a symlink or file there is replaced)."""
-    if p.is_dir() and not p.is_symlink():
-        for child in p.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-        p.mkdir()
-    os.chmod(p, mode)
-
-
-def _tidy_base(out: Path) -> None:
-    """After mmdebstrap: what the runtime provides (/dev, /proc, /sys, /tmp, the hostname
-    and resolver files) is left empty, and apt's downloaded lists and packages go."""
-    for d in ("dev", "proc", "sys", "tmp"):
-        _empty_dir(out / d, 0o1777 if d == "tmp" else 0o755)
-    for f in ("etc/hostname", "etc/resolv.conf"):
-        p = out / f
-        if p.is_symlink():
-            p.unlink()
-        p.write_text("")
-    for d in ("var/lib/apt/lists", "var/cache/apt/archives"):
-        for child in (out / d).glob("*"):
-            if child.is_file() and child.name != "lock":
-                child.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,29 +252,38 @@ def run_in_image(
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` with the image's own programs over ``lowerdirs`` (snapshot dirs, top-most
-    first) in a sandbox of the product's runtime, as root of the container (no capabilities,
-    no network, the seccomp filter); everything it writes lands in ``upper`` (created; it
-    must not exist yet, or be empty). ``binds``: read-only (host path, path inside) pairs.
-    Returns the finished process (stdout and stderr merged into ``stdout``). Called by the
-    compile step (and by tests that run an image's programs)."""
+    first) in a sandbox of the product's runtime (no capabilities, no network, the seccomp
+    filter); everything it writes lands in ``upper`` (created; it must not exist yet, or be
+    empty). As root it runs as the container's root, which is host root (recipes are the
+    administrator's); rootless, in a user namespace as the caller, who owns the layers of
+    its own store. ``binds``: read-only (host path, path inside) pairs. Returns the finished
+    process (stdout and stderr merged into ``stdout``). Called by the compile step (and by
+    tests that run an image's programs)."""
     with contextlib.suppress(FileNotFoundError, OSError):
         upper.rmdir()  # an empty placeholder; a non-empty one makes the rename below fail
     upper.parent.mkdir(parents=True, exist_ok=True)
     session = Path(tempfile.mkdtemp(prefix=".run-", dir=upper.parent))
+    # made here, so that they are the caller's (rootless, the container's root is another
+    # uid: the layer it wrote could not be moved away afterwards)
+    (session / "upper").mkdir(mode=0o755)
+    (session / "work").mkdir(mode=0o700)
     try:
+        rootless = os.geteuid() != 0
         spec = ContainerSpec(
             id=new_container_id(),
             layers=tuple(lowerdirs),
             command=tuple(argv),
             env=tuple(env.items()),
-            user=0,
-            group=0,
-            allow_root=True,
+            user=os.geteuid() if rootless else 0,
+            group=os.getegid() if rootless else 0,
+            allow_root=not rootless,
             hostname="build",
             mounts=tuple(Bind(host, inside) for host, inside in binds),
             upper_dir=str(session),
             labels=((LABEL_BUILD, str(upper)),),
         )
+        if rootless:
+            spec = userns.for_caller().apply(spec)
         with tempfile.TemporaryFile("w+") as out, Container.create(spec) as container:
             container.start(stdin=subprocess.DEVNULL, stdout=out, stderr=out)
             try:
@@ -465,11 +449,18 @@ class _Builder:
 
     # -- parent -------------------------------------------------------------------------------
     def parent_image(self, recipe: Recipe) -> Image:
+        """The image the recipe builds ``from``: in the build's store; rootless, copied
+        from the system store; else built from its recipe first."""
         ref = recipe.from_image
         try:
             return self.store.resolve(ref)
         except ImageNotFound:
             pass
+        if os.geteuid() != 0:
+            copied = lookup.copy_to_own(ref, self.store)
+            if copied is not None:
+                self.say(f"from {ref}: copied from the system store into yours")
+                return copied
         name = ref.split(":", 1)[0]
         if name in self.stack:
             raise BuildError(
@@ -491,9 +482,8 @@ class _Builder:
 
     # -- steps --------------------------------------------------------------------------------
     def run_base(self, recipe: Recipe, out: Path) -> None:
-        """The base step: mmdebstrap the recipe's Debian suite into ``out``, then tidy it."""
+        """The base step: mmdebstrap the recipe's Debian suite into the tarball ``out``."""
         assert recipe.base is not None
-        _require_root(recipe, "base")
         b = recipe.base
         mirror = b.mirror or host_debian_mirror()
         if not mirror:
@@ -503,8 +493,11 @@ class _Builder:
                 f"{MIRROR_ENV}=http://deb.debian.org/debian"
             )
         cmd = _mmdebstrap_command(_ensure_mmdebstrap(recipe), b, out, mirror)
+        # its chroot (and, as root, its /proc, /sys and /dev mounts) inside the step's own
+        # scratch dir, not in the host's /tmp
+        env = {**os.environ, "TMPDIR": str(out.parent)}
         proc = subprocess.run(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False, env=env
         )
         if proc.returncode != 0:
             tail = "\n    ".join(proc.stdout.strip().splitlines()[-15:])
@@ -514,7 +507,6 @@ class _Builder:
                 f"is served by the mirror and base.include ({', '.join(b.include)}) names "
                 f"packages of that suite; set base.mirror or {MIRROR_ENV} for another mirror"
             )
-        _tidy_base(out)
 
     def run_pip(self, recipe: Recipe, py: PythonSpec, lowers: Sequence[str], out: Path) -> str:
         assert recipe.pip is not None
@@ -564,7 +556,6 @@ class _Builder:
                     os.chmod(p, 0o755)
 
     def run_compile(self, recipe: Recipe, py: PythonSpec, lowers: Sequence[str], out: Path) -> str:
-        _require_root(recipe, "compile")
         dirs = [
             d
             for d in _compile_dirs(recipe, py)
@@ -649,12 +640,18 @@ class _Builder:
             )
             return cached, f"{step.kind}: {step.what}"
         scratch = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-{step.kind}-", dir=self.tmp_root))
-        out = scratch / "layer"
+        # the base step makes a tarball (with the image's own owners), the others a directory
+        out = scratch / ("layer.tar.gz" if step.kind == "base" else "layer")
         try:
             lowers = [layer.snapshot.as_posix() for layer in reversed(layers)]
             note = self.run_step(recipe, py, step, lowers, out)
-            size, count = _tree_size(out)
-            layer = self.store.add_layer_from_dir(out)
+            if step.kind == "base":
+                layer = self.store.add_layer_blob(out, oci.MT_OCI_LAYER_GZIP)
+                size, count = _tree_size(layer.snapshot)
+            else:
+                size, count = _tree_size(out)
+                # every file these steps make is the image's root's, whoever made it
+                layer = self.store.add_layer_from_dir(out, owner=(0, 0))
             self.store.layer_cache_put(key, layer)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

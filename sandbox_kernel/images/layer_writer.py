@@ -95,11 +95,20 @@ class _LayerTarWriter:
     ``scrub``; one per layer, created by ``write_layer_tar``. Hard-linked files are stored
     once, later names as links to the first one."""
 
-    def __init__(self, src: Path, tf: tarfile.TarFile, scrub: bool) -> None:
+    def __init__(
+        self, src: Path, tf: tarfile.TarFile, scrub: bool, owner: tuple[int, int] | None
+    ) -> None:
         self.src = src
         self.tf = tf
         self.scrub = scrub
+        self.owner = owner
         self.seen_inodes: dict[tuple[int, int], str] = {}
+
+    def _info(self, name: str, st: os.stat_result) -> tarfile.TarInfo:
+        ti = _info(name, st)
+        if self.owner is not None:
+            ti.uid, ti.gid = self.owner
+        return ti
 
     def walk(self, dirpath: str, rel: str) -> None:
         """Write the entries of directory ``dirpath`` (``rel`` is its name in the tar, empty
@@ -127,7 +136,7 @@ class _LayerTarWriter:
     def _directory(self, p: str, name: str, st: os.stat_result) -> None:
         """Write directory ``p``, its opaque marker when it is opaque, then its content.
         Called by ``walk``."""
-        ti = _info(name, st)
+        ti = self._info(name, st)
         ti.type = tarfile.DIRTYPE
         self.tf.addfile(ti)
         opaque = _is_opaque_dir(p)
@@ -148,13 +157,13 @@ class _LayerTarWriter:
                 os.chmod(p, file_mode(st.st_mode))
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in self.seen_inodes:
-            ti = _info(name, st)
+            ti = self._info(name, st)
             ti.type = tarfile.LNKTYPE
             ti.linkname = self.seen_inodes[key]
             self.tf.addfile(ti)
             return
         self.seen_inodes[key] = name
-        ti = _info(name, st)
+        ti = self._info(name, st)
         ti.size = st.st_size
         with open(p, "rb") as f:
             self.tf.addfile(ti, f)
@@ -163,7 +172,7 @@ class _LayerTarWriter:
         """Write symlink ``p`` with its target. Called by ``walk``."""
         if self.scrub:
             _scrub_xattrs(p)
-        ti = _info(name, st)
+        ti = self._info(name, st)
         ti.type = tarfile.SYMTYPE
         ti.linkname = os.readlink(p)
         self.tf.addfile(ti)
@@ -174,6 +183,7 @@ def write_layer_tar(
     out: BinaryIO,
     *,
     scrub: bool = False,
+    owner: tuple[int, int] | None = None,
 ) -> None:
     """Write ``src`` (a layer in overlay upper form) as a deterministic OCI layer tar to ``out``.
 
@@ -182,6 +192,8 @@ def write_layer_tar(
     ``scrub`` the tree is also normalised in place into snapshot form (xattrs removed but the
     opaque markers, set as extraction sets them; setuid/setgid dropped from files), so that
     ``ImageStore.add_layer_from_dir`` can rename ``src`` into the snapshot store as is.
+    ``owner``: write every entry as owned by this (uid, gid) instead of its owner on disk
+    (the build steps whose files are all the image's root's, whoever made them).
     """
     tf = tarfile.open(  # noqa: SIM115 - closed at the end
         fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_CHUNK
@@ -189,5 +201,5 @@ def write_layer_tar(
     if scrub:
         _scrub_xattrs(str(src))
     # The root directory itself gets no entry, as with most layer writers.
-    _LayerTarWriter(src, tf, scrub).walk(str(src), "")
+    _LayerTarWriter(src, tf, scrub, owner).walk(str(src), "")
     tf.close()

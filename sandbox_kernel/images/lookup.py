@@ -70,3 +70,23 @@ def _not_found(ref: str, looked: list[Place]) -> ImageNotFound:
     return ImageNotFound(
         f"image '{ref}' not found in {where}; images there: {', '.join(have) or '(none)'}{advice}"
     )
+
+
+def copy_to_own(ref: str, store: ImageStore) -> Image | None:
+    """Copy image ``ref`` from the system store into ``store`` (the caller's own) through
+    the importer (its blobs verified, its digest kept), and return the copy; None when the
+    system store has no such image. A rootless build ``from`` an image of the system store
+    calls it: layers unpacked in its own store belong to the caller, so the build's steps
+    can write over them."""
+    from .importer import import_path
+
+    for place in places()[1:]:
+        if not place.store.exists():
+            continue
+        try:
+            image = place.store.resolve(ref, unpack=False)
+        except ImageNotFound:
+            continue
+        (copied,) = import_path(store, place.store.oci_dir, image.ref)
+        return copied
+    return None

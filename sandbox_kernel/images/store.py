@@ -526,7 +526,9 @@ class ImageStore:
             diff_id = report.diff_id
             self._install_snapshot(tmp, diff_id)
             if report.skipped:
-                log.warning(
+                # a base system's /dev nodes are expected (the runtime makes its own /dev)
+                only_dev = all(e.lstrip("./").startswith("dev/") for e in report.skipped)
+                (log.info if only_dev else log.warning)(
                     "layer %s: %d special entries not created (e.g. %s)",
                     digest,
                     len(report.skipped),
@@ -594,13 +596,16 @@ class ImageStore:
         diff_id, _ = self._unpack(digest, media_type, expected_diff_id)
         return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
 
-    def add_layer_from_dir(self, src: Path, *, compression: str = "gzip") -> Layer:
+    def add_layer_from_dir(
+        self, src: Path, *, compression: str = "gzip", owner: tuple[int, int] | None = None
+    ) -> Layer:
         """Store the directory ``src`` (a layer in overlay upper form) as a layer.
 
         Writes a deterministic tar, compresses it (gzip, zstd or none), stores the blob and
         installs ``src`` itself as the snapshot (renamed; the caller gives ``src`` up). When
         ``src`` is on another filesystem the blob is unpacked instead and ``src`` removed.
-        Called by the builder for the output of each build step.
+        Called by the builder for the output of each build step; ``owner``: every entry of
+        the layer is this (uid, gid)'s (see ``write_layer_tar``).
         """
         self._init()
         src = Path(src)
@@ -612,7 +617,7 @@ class ImageStore:
         with self._new_blob() as tmp:
             with open(tmp, "wb") as out:
                 sink = _Sink(out, compression)
-                write_layer_tar(src, sink, scrub=True)  # type: ignore[arg-type]
+                write_layer_tar(src, sink, scrub=True, owner=owner)  # type: ignore[arg-type]
                 sink.close()
             diff_id = "sha256:" + sink.diff.hexdigest()
             if compression in ("gzip", "zstd"):

@@ -29,6 +29,7 @@ from sandbox_kernel.runtime import hostimage, userns
 from sandbox_kernel.runtime.container import Container, ExitResult
 from sandbox_kernel.runtime.leftovers import collect_leftovers
 from sandbox_kernel.runtime.spec import Bind, ContainerSpec, Limits
+from tests.hostmounts import host_mounts
 
 pytestmark = pytest.mark.privileged
 MIB = 1024 * 1024
@@ -69,11 +70,6 @@ def py(code: str, **kw: Any) -> tuple[ExitResult, str]:
     return run([PY, "-c", textwrap.dedent(code)], **kw)
 
 
-def _mountinfo() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return sorted(" ".join(line.split()[3:5]) for line in f)
-
-
 def _our_cgroups() -> set[str]:
     return set(get_manager().list_leftovers("sk-"))
 
@@ -95,9 +91,9 @@ def host_untouched(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         return real_create(spec, **kw)
 
     monkeypatch.setattr(Container, "create", classmethod(recording_create))
-    mounts = _mountinfo()
+    mounts = host_mounts()
     yield created
-    assert _mountinfo() == mounts
+    assert host_mounts() == mounts
     assert not set(created) & _our_cgroups(), "cgroups left behind"
     assert not set(created) & _run_dirs(), "run dirs left behind"
 

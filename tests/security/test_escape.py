@@ -22,7 +22,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -49,6 +48,7 @@ from sandbox_kernel.runtime.spec import (
     ContainerSpec,
     Limits,
 )
+from tests.hostmounts import host_mounts
 
 MIB = 1024 * 1024
 PY = "/usr/bin/python3"
@@ -147,32 +147,6 @@ def check(data: dict[str, str], expected: dict[str, set[str]]) -> None:
     )
 
 
-# Other suites running at the same time mount on the host inside their own directories
-# (image builds in the build cache, overlay tests in their pytest temp dirs); those come and
-# go on their own. Mounts anywhere else, including this session's temp dir, count.
-CONCURRENT_MOUNTS = ("/var/lib/sandbox-kernel/build-tmp/",)
-_PYTEST_DIR = re.compile(r"^/tmp/pytest-of-[^/]+/pytest-[0-9]+/")
-_OWN_BASETEMP: list[str] = []
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _own_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
-    _OWN_BASETEMP.append(str(tmp_path_factory.getbasetemp()) + "/")
-
-
-def _foreign(mountpoint: str) -> bool:
-    if mountpoint.startswith(CONCURRENT_MOUNTS):
-        return True
-    m = _PYTEST_DIR.match(mountpoint)
-    return bool(m) and not any(mountpoint.startswith(own) for own in _OWN_BASETEMP)
-
-
-def _mountinfo() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        rows = [line.split()[3:5] for line in f]
-    return sorted(" ".join(r) for r in rows if not _foreign(r[1]))
-
-
 def _read(path: str) -> str | None:
     try:
         with open(path, "rb") as f:
@@ -182,7 +156,7 @@ def _read(path: str) -> str | None:
 
 
 def _host_knobs() -> dict[str, Any]:
-    knobs: dict[str, Any] = {"hostname": socket.gethostname(), "mountinfo": _mountinfo()}
+    knobs: dict[str, Any] = {"hostname": socket.gethostname(), "mountinfo": host_mounts()}
     for path in (
         "/proc/sys/kernel/core_pattern",
         "/proc/sys/kernel/modprobe",
@@ -1265,7 +1239,7 @@ def test_symlinked_mount_target_stays_in_root(tmp_path: Path, kind: str) -> None
     vol = tmp_path / "vol"
     vol.mkdir()
     (vol / "marker").write_text("volume")
-    before = _mountinfo()
+    before = host_mounts()
     try:
         data = probe_ok(
             "read_files",
@@ -1277,7 +1251,7 @@ def test_symlinked_mount_target_stays_in_root(tmp_path: Path, kind: str) -> None
     except RuntimeStartError:
         pass  # refusing the image is a fine outcome too
     assert list(host_target.iterdir()) == [], "the mount target escaped to the host"
-    assert _mountinfo() == before
+    assert host_mounts() == before
 
 
 @pytest.mark.privileged
@@ -1303,7 +1277,7 @@ def test_symlinked_layout_dirs_stay_in_root(tmp_path: Path, link: str) -> None:
     vol = tmp_path / "vol"
     vol.mkdir()
     (vol / "marker").write_text("volume")
-    before = _mountinfo()
+    before = host_mounts()
     try:
         data = probe_ok(
             "read_files",
@@ -1316,7 +1290,7 @@ def test_symlinked_layout_dirs_stay_in_root(tmp_path: Path, link: str) -> None:
         pass  # refusing the image is a fine outcome too
     try:
         assert list(host_target.iterdir()) == [], "a runtime mount or file escaped to the host"
-        assert _mountinfo() == before
+        assert host_mounts() == before
     finally:
         shutil.rmtree(request_cleanup, ignore_errors=True)
 

@@ -1335,7 +1335,11 @@ static void do_rootfs(struct rec *r)
     /* A kept upper dir becomes an image layer: it must hold plain files and whiteouts only,
      * none of the overlay features that store state in xattrs (whatever the host's module
      * defaults are). */
-    const char *plain = g_scratch_kept ? ",index=off,metacopy=off,redirect_dir=off" : "";
+    /* (userxattr, below, rules out redirect_dir and metacopy by itself, and refuses
+     * redirect_dir=off where the module's redirect_always_follow makes that "follow") */
+    const char *plain = !g_scratch_kept ? ""
+                        : P.ns_user     ? ",index=off"
+                                        : ",index=off,metacopy=off,redirect_dir=off";
     /* In a user namespace overlay cannot use trusted.overlay.* xattrs: the layers carry
      * user.overlay.opaque as well, which userxattr reads. */
     const char *xattrs = P.ns_user ? ",userxattr" : "";
