@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 #: The package's own directory (shipped data and the compiled executor live below it).
@@ -88,17 +89,52 @@ def run_dir() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and _private_dir(Path(xdg)):
         return Path(xdg) / "sandbox-kernel"
-    return Path("/tmp") / f"sk-{os.geteuid()}"
+    return _private_run_root(os.geteuid())
 
 
-def _private_dir(path: Path) -> bool:
-    """Is ``path`` a real directory of the caller's own, closed to others (as systemd makes
-    XDG_RUNTIME_DIR)?"""
+def _private_run_root(uid: int) -> Path:
+    return Path("/tmp") / f"sk-{uid}"
+
+
+#: the per-user run roots root's ``ps``, ``stats`` and ``gc`` look at (see ``user_run_roots``)
+_USER_ROOT_GLOBS = (
+    ("/tmp", re.compile(r"^sk-([0-9]+)$"), ""),
+    ("/run/user", re.compile(r"^([0-9]+)$"), "sandbox-kernel"),
+)
+
+
+def user_run_roots() -> list[tuple[int, Path]]:
+    """(uid, run root) of every other user's servers that use a default run root: the
+    private ``/tmp/sk-UID`` and ``/run/user/UID/sandbox-kernel`` (a server with
+    ``SANDBOX_KERNEL_RUN_DIR`` set is not found). Only directories that are what that user's
+    ``ensure_run_root`` makes count: a real directory, owned by that uid, closed to others.
+    Called by root's ``ps``, ``stats`` and ``gc`` (``runtime.owners.run_roots``)."""
+    found: list[tuple[int, Path]] = []
+    for base, pattern, below in _USER_ROOT_GLOBS:
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            continue
+        for name in names:
+            m = pattern.match(name)
+            if m is None:
+                continue
+            uid = int(m.group(1))
+            path = Path(base) / name / below if below else Path(base) / name
+            if uid != os.geteuid() and _private_dir(path, uid):
+                found.append((uid, path))
+    return found
+
+
+def _private_dir(path: Path, uid: int | None = None) -> bool:
+    """Is ``path`` a real directory (not a symlink) of ``uid`` (default: the caller), closed
+    to others (as systemd makes XDG_RUNTIME_DIR)?"""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return st.st_uid == os.geteuid() and (st.st_mode & 0o077) == 0 and os.path.isdir(path)
+    owner = os.geteuid() if uid is None else uid
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == owner and (st.st_mode & 0o077) == 0
 
 
 def system_state_dir() -> Path:

@@ -13,7 +13,7 @@ import pwd
 import threading
 from collections.abc import Callable
 
-from ..errors import CgroupError, PrivilegeError
+from ..errors import CgroupError, PrivilegeError, SandboxError
 from . import delegation
 from .base import CgroupHandle, CgroupLimits, CgroupManager, CgroupMode, CgroupStats
 from .common import CgroupIO, cpus_to_quota, weight_to_shares
@@ -38,6 +38,7 @@ __all__ = [
     "cpus_to_quota",
     "detect",
     "get_manager",
+    "manager_for_user",
     "reset_manager_cache",
     "weight_to_shares",
 ]
@@ -138,3 +139,22 @@ def get_manager(
         with _lock:
             manager = _cache.setdefault(key, manager)
     return manager
+
+
+def manager_for_user(uid: int, recorded_parent: object = None) -> CgroupManager | None:
+    """As root: the manager of another user's kernel cgroups, where that user's delegation
+    is (v1: the kernels cgroup ``sandbox-kernel delegate`` made; v2: ``recorded_parent``,
+    the parent cgroup its run dir recorded, taken only when it is delegated to ``uid``);
+    None when there is none. Never a cgroup that user does not own. Called by
+    ``runtime.owners`` for root's ``ps``, ``stats`` and ``gc``."""
+    try:
+        mode = os.environ.get(MODE_ENV, "").strip().lower()
+        layout = detect()
+        v2 = mode == "v2" or (not mode and _BY_MODE[layout.mode] is V2Manager)
+        if v2:
+            parent = delegation.v2_recorded_parent(layout, recorded_parent, uid)
+        else:
+            parent = delegation.v1_parent(layout, uid)
+        return get_manager(parent=parent) if parent is not None else None
+    except (SandboxError, OSError):
+        return None

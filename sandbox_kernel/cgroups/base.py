@@ -128,6 +128,13 @@ class CgroupManager(abc.ABC):
     #: Do the caps reach the kernel? False only for ``none.NullManager``.
     enforced: bool = True
 
+    @property
+    def parent_dir(self) -> str | None:
+        """v2: the one parent directory of its containers' cgroups, which each run dir
+        records (root's ``ps`` and ``gc`` find another user's cgroups there); None where
+        the parent is not one directory (v1: one per hierarchy) or there is none."""
+        return None
+
     @abc.abstractmethod
     def create(self, name: str, limits: CgroupLimits) -> CgroupHandle:
         """Create the container's cgroup(s) under the parent and apply limits. Called by

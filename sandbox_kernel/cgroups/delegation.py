@@ -112,15 +112,37 @@ def v2_delegated(layout: CgroupLayout, uid: int, io: CgroupIO | None = None) -> 
     found = None
     d = own
     while d.startswith(mountpoint.rstrip("/") + "/"):
-        ok = _owned_by(files, d, uid) and all(
-            _owned_by(files, os.path.join(d, f), uid)
-            for f in ("cgroup.procs", "cgroup.subtree_control")
-        )
-        if not ok:
+        if not _v2_delegated_dir(files, d, uid):
             break
         found = d
         d = os.path.dirname(d)
     return found
+
+
+def _v2_delegated_dir(files: Files, d: str, uid: int) -> bool:
+    """Is the v2 cgroup directory ``d`` delegated to ``uid`` (it, its cgroup.procs and its
+    cgroup.subtree_control owned by ``uid``)?"""
+    return _owned_by(files, d, uid) and all(
+        _owned_by(files, os.path.join(d, f), uid)
+        for f in ("cgroup.procs", "cgroup.subtree_control")
+    )
+
+
+def v2_recorded_parent(
+    layout: CgroupLayout, path: object, uid: int, io: CgroupIO | None = None
+) -> str | None:
+    """``path`` (a parent cgroup directory another user's run dir recorded: untrusted) when
+    it is a plain directory of the cgroup2 mount delegated to ``uid``; else None. Called, as
+    root, for that user's ``ps``, ``stats`` and ``gc`` rows."""
+    mountpoint = layout.v2_mountpoint()
+    if not isinstance(path, str) or mountpoint is None or len(path) > 4096:
+        return None
+    if os.path.normpath(path) != path or not path.startswith(mountpoint.rstrip("/") + "/"):
+        return None
+    if os.path.realpath(path) != path:
+        return None  # a symlink on the way
+    files = Files(io or CgroupIO())
+    return path if files.io.isdir(path) and _v2_delegated_dir(files, path, uid) else None
 
 
 def enter_leaf(delegated: str, io: CgroupIO | None = None) -> None:

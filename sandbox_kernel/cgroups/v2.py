@@ -207,6 +207,11 @@ class V2Manager(ManagerBase):
         return f"V2Manager(mode={self.mode.value}, parent={self.parent!r})"
 
     @property
+    def parent_dir(self) -> str | None:
+        """The parent directory (see ``CgroupManager.parent_dir``)."""
+        return self.parent
+
+    @property
     def is_root(self) -> bool:
         """Is the parent the root cgroup (exempt from the "no internal processes" rule)?"""
         return os.path.normpath(self.parent) == os.path.normpath(self.mountpoint)

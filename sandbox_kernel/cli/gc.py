@@ -6,9 +6,10 @@ Layer: cli. The work is ``runtime.leftovers.collect_leftovers``.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
-from ..runtime.leftovers import collect_leftovers
+from ..runtime.leftovers import collect_leftovers, collect_other_users
 
 
 def register(sub: Any) -> None:
@@ -19,9 +20,15 @@ def register(sub: Any) -> None:
 
 
 def gc_command(args: argparse.Namespace) -> int:
-    """``sandbox-kernel gc [--dry-run]``: collect and print what was (or would be) removed;
-    1 when something could not be removed. Called by ``cli.main``."""
+    """``sandbox-kernel gc [--dry-run]``: collect and print what was (or would be) removed
+    (the caller's own containers; as root, every user's); 1 when something could not be
+    removed. Called by ``cli.main``."""
     report = collect_leftovers(dry_run=args.dry_run)
+    if os.geteuid() == 0:  # root cleans every user's too
+        other = collect_other_users(dry_run=args.dry_run)
+        report.run_dirs += other.run_dirs
+        report.cgroups += other.cgroups
+        report.errors += other.errors
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(report.run_dirs)} run dir(s), {len(report.cgroups)} cgroup(s)")
     for name in report.run_dirs:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pwd
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import SandboxError
-from ..paths import is_container_id, run_dir
-from ..runtime.rundir import ContainerInfo, find_container
+from ..runtime.owners import RunRoot, cgroup_manager, containers, run_roots
 from ..units import format_cpus, format_size
 
 
@@ -28,54 +29,44 @@ def _uptime(seconds: float) -> str:
 
 
 def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[dict[str, Any]]:
-    """One dict per container of the run dir (running ones unless include_stopped), with
-    its metadata, limits and, when it runs, cgroup usage. Called by ``ps_command`` and, for
-    the metadata, by ``stats`` at each refresh."""
-    from ..cgroups import get_manager
-
-    root = root or run_dir()
+    """One dict per container (running ones unless include_stopped), with its metadata,
+    limits and, when it runs, cgroup usage: the caller's own containers (those of the run
+    root ``root`` when given) and, as root, every user's (``runtime.owners``). Called by
+    ``ps_command`` and, for the metadata, by ``stats`` at each refresh."""
+    roots = [RunRoot(os.geteuid(), root)] if root is not None else run_roots()
     rows: list[dict[str, Any]] = []
-    if not root.is_dir():
-        return rows
-    try:
-        manager: Any = get_manager()
-    except SandboxError:
-        manager = None
     now = time.time()
-    for entry in sorted(root.iterdir()):
-        if not is_container_id(entry.name) or entry.is_symlink() or not entry.is_dir():
-            continue
-        try:
-            info: ContainerInfo = find_container(entry.name, root=root)
-        except SandboxError:
-            continue
+    for owner, info in containers(roots):
         running = info.running()
         if not running and not include_stopped:
             continue
         meta = info.meta
-        limits = meta.get("limits") or {}
+        raw_limits = meta.get("limits")
+        limits: dict[str, Any] = raw_limits if isinstance(raw_limits, dict) else {}
         row: dict[str, Any] = {
             "container_id": info.id,
-            "kernel_id": meta.get("kernel_id"),
-            "kernelspec": meta.get("kernelspec"),
-            "image": meta.get("image"),
-            "user": meta.get("user"),
-            "group": meta.get("group"),
+            "owner_uid": owner.uid,  # the host user whose server made it
+            "kernel_id": _text(meta.get("kernel_id")),
+            "kernelspec": _text(meta.get("kernelspec")),
+            "image": _text(meta.get("image")),
+            "user": _int(meta.get("user")),
+            "group": _int(meta.get("group")),
             "running": running,
             "supervisor_pid": info.supervisor_pid,
-            "created": meta.get("created"),
-            "uptime_s": round(now - float(meta.get("created") or now), 1),
+            "created": _number(meta.get("created"), None),
+            "uptime_s": round(now - _number(meta.get("created"), now), 1),
             "limits": {
-                "memory": limits.get("memory"),
-                "cpus": limits.get("cpus"),
-                "cpu_deferred": bool(limits.get("defer_cpu")),
-                "pids": limits.get("pids"),
+                "memory": _int(limits.get("memory")),
+                "cpus": _number(limits.get("cpus"), None),
+                "cpu_deferred": limits.get("defer_cpu") is True,
+                "pids": _int(limits.get("pids")),
             },
             "usage": None,
             # False: a rootless container without cgroups (the admin allowed it)
             "limits_enforced": meta.get("limits_enforced", True) is not False,
         }
-        if manager is not None and running:
+        manager = cgroup_manager(owner, info) if running else None
+        if manager is not None:
             try:
                 st = manager.open(info.id).stats()
             except (SandboxError, OSError):
@@ -94,9 +85,39 @@ def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[
     return rows
 
 
+def _text(value: object, limit: int = 200) -> str | None:
+    """A metadata string as ps shows it (another user's run dir may hold anything): at
+    most ``limit`` printable characters."""
+    if not isinstance(value, str):
+        return None
+    return "".join(c if c.isprintable() else "?" for c in value[:limit])
+
+
+def _number(value: object, default: float | None) -> Any:
+    """A metadata number, or ``default`` when it is not one."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return default
+
+
+def _int(value: object) -> int | None:
+    """A metadata count or id, or None when it is not a non-negative int."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value if ok else None  # type: ignore[return-value]
+
+
+def owner_name(uid: int) -> str:
+    """The login name of host uid ``uid`` (the number when it has none). Shown by ``ps``
+    and ``stats`` in their OWNER column."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """``collect``'s rows as an aligned text table. Called by ``ps_command``."""
-    head = (
+    head: tuple[str, ...] = (
         "CONTAINER",
         "KERNEL",
         "KERNELSPEC",
@@ -107,7 +128,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "PIDS",
         "UPTIME",
     )
-    lines = [head]
+    me = os.geteuid()
+    # root seeing other users' containers: whose server made each
+    show_owner = any(r.get("owner_uid", me) != me for r in rows)
+    if show_owner:
+        head = ("OWNER", *head)
+    lines: list[tuple[str, ...]] = [head]
     for r in rows:
         lim = r["limits"]
         use = r["usage"] or {}
@@ -119,6 +145,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         kernel = (r["kernel_id"] or "-")[:8]
         lines.append(
             (
+                *((owner_name(r.get("owner_uid", me)),) if show_owner else ()),
                 r["container_id"],
                 kernel,
                 str(r["kernelspec"] or "-"),

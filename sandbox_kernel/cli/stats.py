@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -47,10 +48,14 @@ HEAD = (
 def read_cgroup(container_id: str) -> dict[str, Any] | None:
     """Raw figures of one container's cgroup, or None when it is gone. The default ``read``
     of ``measure`` and ``stream``, called for each sandbox at each sample."""
-    from ..cgroups import get_manager
+    from ..runtime import owners
 
+    found = owners.find(container_id)
+    manager = owners.cgroup_manager(*found) if found is not None else None
+    if manager is None:
+        return None
     try:
-        st = get_manager().open(container_id).stats()
+        st = manager.open(container_id).stats()
     except (SandboxError, OSError):
         return None
     cpus = None
@@ -112,6 +117,7 @@ def build_rows(
         rows.append(
             {
                 "container_id": cid,
+                "owner_uid": box.get("owner_uid"),
                 "kernel_id": box.get("kernel_id"),
                 "kernelspec": box.get("kernelspec"),
                 "image": box.get("image"),
@@ -147,7 +153,11 @@ def _deferred_cpus(box: dict[str, Any]) -> float | None:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """``build_rows``' rows as an aligned text table, like ``docker stats`` (via ``render``)."""
-    lines: list[tuple[str, ...]] = [HEAD]
+    from .ps import owner_name
+
+    me = os.geteuid()
+    show_owner = any(r.get("owner_uid", me) not in (me, None) for r in rows)
+    lines: list[tuple[str, ...]] = [("OWNER", *HEAD) if show_owner else HEAD]
     for r in rows:
         lim, use = r["limits"], r["usage"]
         cpu = "-" if use["cpu_percent"] is None else f"{use['cpu_percent']:.1f}%"
@@ -155,6 +165,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         pids_limit = "unlimited" if lim["pids"] is None else str(lim["pids"])
         lines.append(
             (
+                *((owner_name(r.get("owner_uid", me)),) if show_owner else ()),
                 r["container_id"],
                 (r["kernel_id"] or "-")[:8],
                 str(r["image"] or "-"),
@@ -172,7 +183,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 str(use["oom_kills"]),
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEAD))]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )

@@ -209,6 +209,7 @@ class Container:
             "owner_start": proc_starttime(os.getpid()),
             "labels": dict(spec.labels),
             "limits_enforced": manager.enforced,
+            "cgroup_parent": manager.parent_dir,  # v2: where root's ps and gc look
             "layers": list(spec.layers),  # gc keeps the host image layers in use
             **(meta or {}),
         }

@@ -24,7 +24,8 @@ from ..cgroups.base import CgroupManager
 from ..errors import PrivilegeError, SandboxError
 from ..paths import is_container_id, run_dir
 from . import hostimage
-from .rundir import ContainerInfo
+from .owners import RunRoot, cgroup_manager, containers, run_roots
+from .rundir import ContainerInfo, container_dirs
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +60,17 @@ def _entry_live(entry: Path) -> bool:
     return info.running() or info.owner_alive() or _being_created(entry)
 
 
-def _container_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return [
-        e
-        for e in sorted(root.iterdir())
-        if is_container_id(e.name) and e.is_dir() and not e.is_symlink()
-    ]
-
-
 def live_ids(root: Path) -> set[str]:
     """Ids of the run dirs under ``root`` that are live (see the module docstring); their
     cgroups are never collected. Called by ``collect_leftovers``."""
-    return {e.name for e in _container_dirs(root) if _entry_live(e)}
+    return {e.name for e in container_dirs(root) if _entry_live(e)}
 
 
 def _collect_host_layers(root: Path) -> list[str]:
     """The host image layers no live container uses (their run dirs record their layers)."""
     in_use: set[str] = set()
     unknown = False
-    for entry in _container_dirs(root):
+    for entry in container_dirs(root):
         if _entry_live(entry):
             layers = ContainerInfo(entry).meta.get("layers")
             if isinstance(layers, list):
@@ -109,7 +100,7 @@ def collect_leftovers(
         candidates = []
     live = live_ids(root)
     # each run dir's liveness is judged as it is listed (one created meanwhile is live)
-    report.run_dirs.extend(e.name for e in _container_dirs(root) if not _entry_live(e))
+    report.run_dirs.extend(e.name for e in container_dirs(root) if not _entry_live(e))
     leftovers = [n for n in candidates if n not in live]
     report.cgroups.extend(leftovers)
     if dry_run:
@@ -128,3 +119,47 @@ def collect_leftovers(
     if report.run_dirs or report.cgroups:
         log.info("gc removed run dirs %s, cgroups %s", report.run_dirs, report.cgroups)
     return report
+
+
+def collect_other_users(*, dry_run: bool = False) -> GcReport:
+    """As root: remove the leftovers of dead containers of other users' servers (their run
+    roots from ``owners.run_roots``; their cgroups only inside each user's delegation, see
+    ``cgroups.manager_for_user``). Names in the report carry the uid. Called by
+    ``sandbox-kernel gc`` run as root, after ``collect_leftovers``."""
+    report = GcReport()
+    for root in run_roots():
+        if not root.own:
+            _collect_user(root, report, dry_run)
+    return report
+
+
+def _collect_user(root: RunRoot, report: GcReport, dry_run: bool) -> None:
+    # Only what a dead run dir names: a cgroup without a run dir here may belong to a live
+    # container of a run root root cannot see (SANDBOX_KERNEL_RUN_DIR); that user's own gc,
+    # before each new container, takes it.
+    tag = f" (uid {root.uid})"
+    for owner, info in containers([root]):
+        entry = info.path
+        if _entry_live(entry):
+            continue
+        manager = cgroup_manager(owner, info)
+        handle = None
+        if manager is not None:
+            try:
+                handle = manager.open(info.id)
+            except SandboxError:
+                handle = None  # no cgroup left
+        report.run_dirs.append(info.id + tag)
+        if handle is not None:
+            report.cgroups.append(info.id + tag)
+        if dry_run:
+            continue
+        if handle is not None:
+            try:
+                handle.kill()
+                handle.remove()
+            except SandboxError as exc:
+                report.errors.append(f"cgroup {info.id}{tag}: {exc}")
+        # rmtree never follows a symlink inside (fd-based on Linux)
+        shutil.rmtree(entry, ignore_errors=True)
+        log.info("gc removed the leftovers of container %s of uid %d", info.id, root.uid)

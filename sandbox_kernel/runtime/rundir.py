@@ -50,12 +50,39 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, or None when it is missing, unreadable or not an object. Called
-    by ``ContainerInfo`` and by ``Container`` when it updates meta.json."""
+#: The most a run dir file may hold: each is a few hundred bytes when the runtime writes
+#: it. Root's ``ps`` and ``gc`` read other users' run dirs, where anything may be planted.
+MAX_RUN_FILE = 1 << 20
+
+
+def read_small(path: Path, limit: int = MAX_RUN_FILE) -> bytes | None:
+    """The bytes of the regular file ``path`` (never through a symlink at its last
+    component, at most ``limit`` bytes: None when longer), or None when it is missing or
+    unreadable. Every read of a run dir file goes through here."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) <= limit else None
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing, unreadable, too big or not an
+    object. Called by ``ContainerInfo`` and by ``Container`` when it updates meta.json."""
+    raw = read_small(path)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -65,9 +92,10 @@ def _read_pidfile(path: Path) -> dict[str, Any]:
     data = read_json(path)
     if data is not None:
         return data
+    raw = read_small(path, 64)
     try:
-        return {"pid": int(path.read_text().strip())}
-    except (OSError, ValueError):
+        return {"pid": int(raw.strip())} if raw is not None else {}
+    except ValueError:
         return {}
 
 
@@ -103,11 +131,8 @@ class ContainerInfo:
     def image_digest(self) -> str | None:
         """Manifest digest of the image the container runs (the ``image`` file), if recorded.
         Read by the image store's in-use check (``image rm``)."""
-        try:
-            with open(self.path / "image", "rb") as f:
-                return f.read(200).decode(errors="replace").strip() or None
-        except OSError:
-            return None
+        raw = read_small(self.path / "image", 200)
+        return (raw.decode(errors="replace").strip() or None) if raw is not None else None
 
     def exit_result(self) -> dict[str, Any] | None:
         """The ``exit.json`` the owner wrote when the container ended (``ExitResult.to_json``),
@@ -133,6 +158,25 @@ def ensure_run_root(root: Path) -> Path:
             "SANDBOX_KERNEL_RUN_DIR to a directory of your own with mode 0700"
         )
     return root
+
+
+def container_dirs(root: Path) -> list[Path]:
+    """The run dirs under the run root ``root``: directories (not symlinks) named like a
+    container id, sorted. Called by gc, ``ps`` and ``runtime.owners``."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        if not is_container_id(name):
+            continue
+        try:
+            if stat.S_ISDIR(os.lstat(root / name).st_mode):
+                out.append(root / name)
+        except OSError:
+            continue
+    return out
 
 
 def find_container(container_id: str, *, root: Path | None = None) -> ContainerInfo:

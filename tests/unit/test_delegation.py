@@ -12,6 +12,7 @@ from sandbox_kernel.cgroups.delegation import (
     kernels_cgroup,
     v1_parent,
     v2_delegated,
+    v2_recorded_parent,
 )
 
 V1_MOUNTS = "".join(
@@ -69,3 +70,35 @@ def test_enter_leaf_moves_the_processes_into_a_leaf(tmp_path: Path) -> None:
     assert (leaf / "cgroup.procs").read_text() == "456"  # each pid written (the last stays)
     (d / "cgroup.procs").write_text("")
     enter_leaf(str(d))  # nothing to move: no error, nothing written
+
+
+def test_v2_recorded_parent_only_inside_the_users_delegation(tmp_path: Path) -> None:
+    """Root's ps and gc take another user's recorded v2 parent only when it is a plain
+    directory of the cgroup2 mount delegated to that user."""
+    own = "/user.slice/jupyter.scope"
+    d = _v2_tree(tmp_path, own)
+    layout = detect(
+        root=str(tmp_path),
+        mounts_text="cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n",
+        cgroup_text=f"0::{own}\n",
+    )
+    me = os.geteuid()
+    assert v2_recorded_parent(layout, str(d), me) == str(d)
+    assert v2_recorded_parent(layout, str(d), me + 1) is None, "not that user's"
+    mount = tmp_path / "sys/fs/cgroup"
+    for bad in (
+        None,
+        42,
+        str(mount),  # the mount itself
+        str(d) + "/../jupyter.scope",  # not normalised
+        str(tmp_path / "elsewhere"),  # outside the mount
+        str(d / "missing"),
+        "x" * 5000,
+    ):
+        assert v2_recorded_parent(layout, bad, me) is None, bad
+    link = mount / "link.scope"
+    link.symlink_to(d)
+    assert v2_recorded_parent(layout, str(link), me) is None, "a symlink on the way"
+    if me == 0:
+        os.chown(d / "cgroup.procs", 65534, 65534)
+        assert v2_recorded_parent(layout, str(d), 0) is None, "cgroup.procs not delegated"
