@@ -2,9 +2,11 @@
 kernels, on hosts without systemd's cgroup delegation.
 
 As root: ``delegate USER [--memory SIZE] [--cpus N] [--pids N]`` makes (or updates) the
-user's delegation with those aggregate caps (no caps given: none); ``--remove USER`` undoes
-it; ``--list`` prints one line per delegated user with its caps. cgroups vanish at reboot:
-run it from a boot-time unit, or from JupyterHub's ``pre_spawn_hook`` for each user.
+user's delegation with those aggregate caps (no caps given: the per-user caps of the
+server's ``SandboxPolicy``, ``user_memory``, ``user_cpus`` and ``user_pids``, or none);
+``--remove USER`` undoes it; ``--list`` prints one line per delegated user with its caps.
+cgroups vanish at reboot: run it from a boot-time unit, or from JupyterHub's
+``pre_spawn_hook`` for each user.
 """
 
 from __future__ import annotations
@@ -42,9 +44,24 @@ def register(sub: Any) -> None:
 
 
 def _caps(args: argparse.Namespace) -> CgroupLimits:
-    memory = MEMORY.parse(args.memory, "--memory") if args.memory else None
-    cpus = CPUS.parse(args.cpus, "--cpus") if args.cpus else None
-    pids = PIDS.parse(args.pids, "--pids") if args.pids else None
+    """The caps of the command line; none given: the per-user caps of the server's
+    ``SandboxPolicy`` (``user_memory``, ``user_cpus``, ``user_pids``), or none."""
+    if args.memory or args.cpus or args.pids:
+        memory = MEMORY.parse(args.memory, "--memory") if args.memory else None
+        cpus = CPUS.parse(args.cpus, "--cpus") if args.cpus else None
+        pids = PIDS.parse(args.pids, "--pids") if args.pids else None
+    else:
+        from ..jupyter.settings import SandboxPolicy, server_config
+
+        policy = SandboxPolicy(config=server_config())
+        where = "SandboxPolicy.{} (jupyter_server_config)"
+        memory = (
+            MEMORY.parse(policy.user_memory, where.format("user_memory"))
+            if policy.user_memory
+            else None
+        )
+        cpus = CPUS.parse(policy.user_cpus, where.format("user_cpus")) if policy.user_cpus else None
+        pids = PIDS.parse(policy.user_pids, where.format("user_pids")) if policy.user_pids else None
     return CgroupLimits(
         memory=memory,
         memory_swap=0 if memory is not None else None,

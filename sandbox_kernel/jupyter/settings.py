@@ -18,8 +18,10 @@ Layer: Jupyter (traitlets). Two configurables:
 
 from __future__ import annotations
 
+import os
+
 from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
-from traitlets.config import Configurable, LoggingConfigurable
+from traitlets.config import Config, Configurable, LoggingConfigurable
 
 from ..limits import PIDS_FORMS
 from ..runtime.spec import VOLUME_FORMS
@@ -208,6 +210,25 @@ class SandboxPolicy(Configurable):
         enforced". Default: False (such a kernel does not start; the error names the fix:
         `sandbox-kernel delegate USER` as root, or systemd's Delegate=yes).""",
     )
+    user_memory = Unicode(
+        "",
+        config=True,
+        help="""Aggregate memory cap of all the kernels of one user of a rootless server,
+        written by `sandbox-kernel delegate USER` (as root) when it is given no --memory,
+        --cpus or --pids. Unit: bytes or K/M/G/T, e.g. 8G. Default: '' (no aggregate cap).""",
+    )
+    user_cpus = Float(
+        0.0,
+        config=True,
+        help="""Aggregate CPU cap of one user's kernels, in CPUs (see user_memory).
+        Default: 0 (no aggregate cap).""",
+    )
+    user_pids = Int(
+        0,
+        config=True,
+        help="""Aggregate process cap of one user's kernels (see user_memory).
+        Default: 0 (no aggregate cap).""",
+    )
     allow_root = Bool(
         False,
         config=True,
@@ -234,3 +255,20 @@ def setting_forms(name: str) -> str:
         "cpu_defer_timeout": "use a number of seconds, e.g. 60",
         "magics": "use true or false",
     }.get(name, "see docs/configuration.md")
+
+
+def server_config() -> Config:
+    """The Jupyter server's configuration as the server would read it: every
+    ``jupyter_server_config.json`` and ``.py`` of the Jupyter config path, the highest
+    priority merged last. Called by ``sandbox-kernel delegate`` for the per-user caps of
+    ``SandboxPolicy`` (``SandboxPolicy(config=server_config())``)."""
+    from jupyter_core.paths import jupyter_config_path
+    from traitlets.config.loader import JSONFileConfigLoader, PyFileConfigLoader
+
+    config = Config()
+    for directory in reversed(jupyter_config_path()):
+        for loader in (JSONFileConfigLoader, PyFileConfigLoader):
+            name = "jupyter_server_config" + (".json" if loader is JSONFileConfigLoader else ".py")
+            if os.path.isfile(os.path.join(directory, name)):
+                config.merge(loader(name, path=directory).load_config())
+    return config

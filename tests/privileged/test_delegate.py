@@ -3,17 +3,27 @@ the user's aggregate caps, a user-owned kernels/ below it, updates, the list, re
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import pwd
 import secrets
+import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sandbox_kernel.cgroups import detect
+from sandbox_kernel.cgroups import detect, manager_for_user
 from sandbox_kernel.cgroups.delegation import TOP, v1_parent
-from sandbox_kernel.cli import main
+from sandbox_kernel.cli import main, ps
+from sandbox_kernel.cli.stats import read_cgroup
+from sandbox_kernel.paths import new_container_id
+from sandbox_kernel.runtime import hostimage, userns
+from sandbox_kernel.runtime.container import Container
+from sandbox_kernel.runtime.spec import ContainerSpec, Limits
 
 pytestmark = [pytest.mark.privileged, pytest.mark.root_only]
 
@@ -23,8 +33,17 @@ GIB = 1024**3
 @pytest.fixture
 def user() -> Iterator[tuple[str, int]]:
     name = "sk-dg-" + secrets.token_hex(3)
-    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", name], check=True)
-    uid = int(subprocess.run(["id", "-u", name], capture_output=True, text=True).stdout)
+    # a uid nobody has and nothing on the host was left under (its default run roots)
+    for _ in range(100):
+        uid = 50000 + secrets.randbelow(9000)
+        with contextlib.suppress(KeyError):
+            pwd.getpwuid(uid)
+            continue
+        if not any(Path(p).exists() for p in (f"/tmp/sk-{uid}", f"/run/user/{uid}")):
+            break
+    else:
+        raise AssertionError("no free uid found for the test user")
+    subprocess.run(["useradd", "-M", "-u", str(uid), "-s", "/usr/sbin/nologin", name], check=True)
     try:
         yield name, uid
     finally:
@@ -74,9 +93,141 @@ def test_delegate_update_list_remove(
     assert not any(d.exists() for d in dirs)
 
 
+def test_delegate_takes_the_policys_per_user_caps(
+    user: tuple[str, int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No caps on the command line: the server config's SandboxPolicy.user_* caps."""
+    name, _ = user
+    (tmp_path / "jupyter_server_config.py").write_text(
+        'c.SandboxPolicy.user_memory = "3G"\nc.SandboxPolicy.user_pids = 300\n'
+    )
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path))
+    assert main(["delegate", name]) == 0
+    capsys.readouterr()
+    main(["delegate", "--list"])
+    listed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(name + " ")]
+    assert listed == [f"{name} (uid {user[1]}): memory 3 GiB, cpus unlimited, pids 300"]
+    (tmp_path / "jupyter_server_config.py").write_text('c.SandboxPolicy.user_memory = "lots"\n')
+    assert main(["delegate", name]) == 125
+    assert "SandboxPolicy.user_memory" in capsys.readouterr().err
+
+
 def test_delegate_refuses_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["delegate", "no-such-user-xyz"]) == 125
     assert "no user of this host" in capsys.readouterr().err
     assert main(["delegate", "root"]) == 125
     assert "root needs no delegation" in capsys.readouterr().err
     assert main(["delegate", str(os.getuid()), "--memory", "lots"]) == 125
+
+
+# ---- root's ps, stats and gc see every user's containers ------------------------------------
+
+
+def _user_container(run_root: Path, uid: int, command: list[str]) -> Container:
+    """A container in ``uid``'s run root with its cgroup in ``uid``'s delegation, as that
+    user's rootless server makes them (created here by root, which is what matters to root's
+    ps and gc: where the run dir and the cgroup are)."""
+    manager = manager_for_user(uid)
+    assert manager is not None, "the delegation is found for that user"
+    spec = ContainerSpec(
+        id=new_container_id(),
+        layers=(str(hostimage.layer_dir()),),
+        command=tuple(command),
+        mounts=hostimage.binds(),
+        user=65534,
+        group=65534,
+        limits=Limits(memory=256 << 20, pids=64),
+    )
+    # no user namespace: the run root is closed to the product's id range
+    c = Container.create(spec, manager=manager, root=run_root)
+    c.start(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return c
+
+
+def _crash(c: Container) -> None:
+    """Leave ``c`` as a crashed server leaves it: executor gone, owner gone, run dir and
+    cgroup still there."""
+    dead = subprocess.Popen(["/bin/true"])
+    dead.wait()
+    assert c.pid is not None and c.proc is not None
+    os.kill(c.pid, signal.SIGKILL)
+    c.proc.wait(5)
+    meta = json.loads((c.run_dir / "meta.json").read_text())
+    meta["owner_pid"] = dead.pid
+    (c.run_dir / "meta.json").write_text(json.dumps(meta))
+    (c.run_dir / "pid").write_text(json.dumps({"pid": dead.pid, "start": None}))
+
+
+@pytest.mark.skipif(not detect().v1_mounts, reason="the v1 delegation (v2: in the guest)")
+def test_root_ps_stats_and_gc_cover_every_user(
+    user: tuple[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As root, ``ps`` and ``stats`` list another user's containers with their owner and
+    usage, and ``gc`` removes that user's crash leftovers; what the user planted in its run
+    root (symlinks, a dead copy of root's own container's id) reaches nothing of root's."""
+    name, uid = user
+    assert main(["delegate", name]) == 0
+    run_root = Path(f"/tmp/sk-{uid}")
+    run_root.mkdir(mode=0o700)
+    os.chown(run_root, uid, uid)
+    live = _user_container(run_root, uid, ["/bin/sleep", "300"])
+    crashed = _user_container(run_root, uid, ["/bin/sleep", "300"])
+    mine = Container.create(
+        userns.for_caller().apply(
+            ContainerSpec(
+                id=new_container_id(),
+                layers=(str(hostimage.layer_dir()),),
+                command=("/bin/sleep", "300"),
+                mounts=hostimage.binds(),
+                user=65534,
+                group=65534,
+            )
+        )
+    )
+    try:
+        mine.start(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        _crash(crashed)
+        # planted by the user: a dead run dir named like root's live container, a run dir
+        # that is a symlink to root's, a meta.json that is a symlink to a root-only file
+        forged = run_root / mine.id
+        forged.mkdir()
+        (forged / "pid").write_text(json.dumps({"pid": 1, "start": "0"}))
+        (forged / "meta.json").write_text(json.dumps({"owner_pid": 1, "owner_start": "0"}))
+        other_id = new_container_id()
+        os.symlink(mine.run_dir, run_root / other_id)
+        (live.run_dir / "kernel").symlink_to("/etc/shadow")  # not read: not a run dir file
+        rows = {(r["owner_uid"], r["container_id"]): r for r in ps.collect(include_stopped=True)}
+        assert rows[uid, live.id]["running"]
+        assert rows[uid, live.id]["usage"] is not None, "usage read from the user's delegation"
+        assert rows[uid, live.id]["usage"]["pids_limit"] == 64
+        assert rows[0, mine.id]["running"] and not rows[uid, mine.id]["running"]
+        assert rows[uid, mine.id]["usage"] is None
+        assert (uid, other_id) not in rows, "a symlinked run dir is not followed"
+        capsys.readouterr()
+        assert main(["ps"]) == 0
+        table = capsys.readouterr().out
+        assert table.startswith("OWNER") and any(
+            ln.startswith(name) and live.id in ln for ln in table.splitlines()
+        ), table
+        figures = read_cgroup(live.id)
+        assert figures is not None and figures["pids_limit"] == 64
+
+        assert main(["gc"]) == 0
+        out = capsys.readouterr().out
+        assert (
+            f"run dir {crashed.id} (uid {uid})" in out and f"cgroup {crashed.id} (uid {uid})" in out
+        )
+        assert not crashed.run_dir.exists()
+        assert crashed.id not in manager_for_user(uid).list_leftovers()  # type: ignore[union-attr]
+        # the forged copy of root's id went; root's own container did not
+        assert not forged.exists() and mine.poll() is None and mine.run_dir.is_dir()
+        assert live.poll() is None and live.run_dir.is_dir()
+        assert (run_root / other_id).is_symlink() and mine.run_dir.is_dir()
+    finally:
+        for c in (live, crashed, mine):
+            with contextlib.suppress(Exception):
+                c.destroy()
+        shutil.rmtree(run_root, ignore_errors=True)
