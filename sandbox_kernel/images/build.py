@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError, ImageNotFound, SandboxError
-from ..paths import new_container_id, shipped_dirs, state_dir
+from ..paths import new_container_id, state_dir
 from ..runtime import userns
 from ..runtime.container import Container
 from ..runtime.spec import Bind, ContainerSpec
@@ -54,6 +54,7 @@ from .recipe import (
     BaseSpec,
     PythonSpec,
     Recipe,
+    find_recipe,
     hash_tree,
     load_recipe,
     step_cache_key,
@@ -63,7 +64,6 @@ from .store import Image, ImageConfig, ImageStore, Layer
 Progress = Callable[[str], None]
 
 MIRROR_ENV = "SANDBOX_KERNEL_DEBIAN_MIRROR"
-IMAGES_DIR_ENV = "SANDBOX_KERNEL_IMAGES_DIR"
 BASE_ENV = (("PATH", DEFAULT_PATH), ("LANG", "C.UTF-8"), ("PYTHONDONTWRITEBYTECODE", "1"))
 #: The run dir label of a build step's container: the layer it writes.
 LABEL_BUILD = "org.sandbox-kernel.build"
@@ -71,47 +71,6 @@ LABEL_BUILD = "org.sandbox-kernel.build"
 
 # ---------------------------------------------------------------------------------------------
 # Finding recipes
-
-
-def recipe_dirs() -> list[Path]:
-    """Directories searched for recipes by name, in order: ``./images``, each directory of
-    ``$SANDBOX_KERNEL_IMAGES_DIR`` (``:``-separated), the recipes shipped with the package."""
-    dirs = [Path.cwd() / "images"]
-    env = os.environ.get(IMAGES_DIR_ENV, "")
-    dirs += [Path(p) for p in env.split(os.pathsep) if p]
-    dirs += list(shipped_dirs("recipes"))
-    out: list[Path] = []
-    for d in dirs:
-        if d not in out:
-            out.append(d)
-    return out
-
-
-def available_recipes() -> dict[str, Path]:
-    """Recipe name -> recipe file, first directory in :func:`recipe_dirs` order wins."""
-    found: dict[str, Path] = {}
-    for d in recipe_dirs():
-        if not d.is_dir():
-            continue
-        for sub in sorted(d.iterdir()):
-            if (sub / RECIPE_FILE).is_file() and sub.name not in found:
-                found[sub.name] = sub / RECIPE_FILE
-    return found
-
-
-def find_recipe(name: str) -> Path:
-    """The recipe file for a bare recipe name; BuildError listing the available names."""
-    for d in recipe_dirs():
-        candidate = d / name / RECIPE_FILE
-        if candidate.is_file():
-            return candidate
-    avail = available_recipes()
-    names = ", ".join(sorted(avail)) or "(none)"
-    raise BuildError(
-        f"no recipe named {name!r}; searched {', '.join(str(d) for d in recipe_dirs())}; "
-        f"available recipes: {names}; give a recipe directory path, or set {IMAGES_DIR_ENV} "
-        "to a directory holding <name>/recipe.toml"
-    )
 
 
 def resolve_target(target: str) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .. import paths
 from ..errors import ImageNotFound
-from .store import Image, ImageStore
+from .store import Image, ImageStore, not_found
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,7 @@ def list_all() -> list[tuple[Place, Image]]:
 
 
 def _not_found(ref: str, looked: list[Place]) -> ImageNotFound:
-    where = " and ".join(f"{p.label} ({p.store.root})" for p in looked)
-    have = sorted({im.ref for p in looked if p.store.exists() for im in p.store.list()})
-    name = ref.split(":", 1)[0] if not ref.startswith("sha256:") else ""
-    advice = ""
-    if name:
-        advice = f"; build it with: sandbox-kernel image build {name}"
-        if os.geteuid() != 0 and len(looked) > 1:
-            advice += " (into your store), or ask the administrator to build it as root"
-    return ImageNotFound(
-        f"image '{ref}' not found in {where}; images there: {', '.join(have) or '(none)'}{advice}"
-    )
+    return not_found(ref, [(p.label, p.store) for p in looked])
 
 
 def copy_to_own(ref: str, store: ImageStore) -> Image | None:

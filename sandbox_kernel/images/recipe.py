@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import BuildError
+from ..paths import shipped_dirs
 from ..runtime.spec import env_key_problem, is_clean_abs
 from .labels import (
     LABEL_ARGV,
@@ -752,3 +754,50 @@ def step_cache_key(
     doc = {"v": 1, "parents": list(parent_chain), "step": step, "content": content_hash}
     data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding recipes by name (the builder, and the advice of an image "not found")
+
+IMAGES_DIR_ENV = "SANDBOX_KERNEL_IMAGES_DIR"
+
+
+def recipe_dirs() -> list[Path]:
+    """Directories searched for recipes by name, in order: ``./images``, each directory of
+    ``$SANDBOX_KERNEL_IMAGES_DIR`` (``:``-separated), the recipes shipped with the package."""
+    dirs = [Path.cwd() / "images"]
+    env = os.environ.get(IMAGES_DIR_ENV, "")
+    dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs += list(shipped_dirs("recipes"))
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def available_recipes() -> dict[str, Path]:
+    """Recipe name -> recipe file, first directory in :func:`recipe_dirs` order wins."""
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        if not d.is_dir():
+            continue
+        for sub in sorted(d.iterdir()):
+            if (sub / RECIPE_FILE).is_file() and sub.name not in found:
+                found[sub.name] = sub / RECIPE_FILE
+    return found
+
+
+def find_recipe(name: str) -> Path:
+    """The recipe file for a bare recipe name; BuildError listing the available names."""
+    for d in recipe_dirs():
+        candidate = d / name / RECIPE_FILE
+        if candidate.is_file():
+            return candidate
+    avail = available_recipes()
+    names = ", ".join(sorted(avail)) or "(none)"
+    raise BuildError(
+        f"no recipe named {name!r}; searched {', '.join(str(d) for d in recipe_dirs())}; "
+        f"available recipes: {names}; give a recipe directory path, or set {IMAGES_DIR_ENV} "
+        "to a directory holding <name>/recipe.toml"
+    )

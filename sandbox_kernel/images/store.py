@@ -51,6 +51,7 @@ from .extract import (
 )
 from .labels import LABEL_ARGV
 from .layer_writer import write_layer_tar
+from .recipe import available_recipes
 
 log = logging.getLogger(__name__)
 
@@ -805,11 +806,8 @@ class ImageStore:
         out.sort(key=lambda im: (im.name, im.tag))
         return out
 
-    def _not_found(self, ref: str, name: str | None) -> ImageNotFound:
-        names = sorted({im.ref for im in self.list()})
-        have = ", ".join(names) if names else "(none)"
-        hint = f"; build it with: sandbox-kernel image build {name}" if name else ""
-        return ImageNotFound(f"image '{ref}' not found; images in the store: {have}{hint}")
+    def _not_found(self, ref: str) -> ImageNotFound:
+        return not_found(ref, [("the store", self)])
 
     def resolve(self, ref: str, *, unpack: bool = True) -> Image:
         """'name' (tag latest), 'name:tag' or a 'sha256:' manifest digest prefix -> Image.
@@ -835,16 +833,16 @@ class ImageStore:
                     + "; give more digits"
                 )
             if not hits:
-                raise self._not_found(ref, None)
+                raise self._not_found(ref)
             image = next(iter(hits.values()))
         else:
             try:
                 name, tag = oci.split_ref(ref)
             except ImageError:
-                raise self._not_found(ref, None) from None
+                raise self._not_found(ref) from None
             found = [im for im in images if im.name == name and im.tag == tag]
             if not found:
-                raise self._not_found(ref if ":" in ref else name, name)
+                raise self._not_found(ref if ":" in ref else name)
             image = found[0]
         if unpack:
             for layer in image.layers:
@@ -1011,3 +1009,26 @@ class ImageStore:
             "media_type": layer.media_type,
         }
         self._atomic_write(self._cache_file(key), oci.dump_json(doc))
+
+
+def not_found(ref: str, looked: Sequence[tuple[str, ImageStore]]) -> ImageNotFound:
+    """The one "image not found" error: every store looked in (label, store), what they
+    hold, and how the caller gets the image (build it when a recipe of that name exists, as
+    root into the system store or into the user's own). Raised by ``ImageStore.resolve``
+    and ``lookup.find``."""
+    where = " and ".join(f"{label} ({store.root})" for label, store in looked)
+    have = sorted({im.ref for _, store in looked if store.exists() for im in store.list()})
+    name = ref.split(":", 1)[0] if not ref.startswith("sha256:") else ""
+    advice = ""
+    if name and name in available_recipes():
+        advice = f"; build it with: sandbox-kernel image build {name}"
+        if os.geteuid() != 0 and len(looked) > 1:
+            advice += " (into your store), or ask the administrator to build it as root"
+    elif name:
+        advice = (
+            f"; there is no recipe named {name!r} either: pick one of the images there, "
+            "or write a recipe (images/README.md) and build it with sandbox-kernel image build"
+        )
+    return ImageNotFound(
+        f"image '{ref}' not found in {where}; images there: {', '.join(have) or '(none)'}{advice}"
+    )

@@ -11,6 +11,7 @@ import pytest
 
 from sandbox_kernel.errors import BuildError
 from sandbox_kernel.images import build, pip_target
+from sandbox_kernel.images import recipe as recipe_mod
 from sandbox_kernel.images.labels import LABEL_ARGV, LABEL_INTERRUPT_MODE
 from sandbox_kernel.images.recipe import PipSpec, hash_tree, load_recipe, step_cache_key
 
@@ -243,15 +244,15 @@ def test_find_recipe_search_order_and_error(
     write(env_dir, 'from = "python3"\n', "mine")
     write(env_dir, 'from = "python3"\n', "other")
     monkeypatch.chdir(cwd_dir)
-    monkeypatch.setenv(build.IMAGES_DIR_ENV, str(env_dir))
-    assert build.find_recipe("mine") == cwd_dir / "images" / "mine" / "recipe.toml"
-    assert build.find_recipe("other") == env_dir / "other" / "recipe.toml"
-    assert build.find_recipe("python3").parent.name == "python3"  # shipped next to the package
+    monkeypatch.setenv(recipe_mod.IMAGES_DIR_ENV, str(env_dir))
+    assert recipe_mod.find_recipe("mine") == cwd_dir / "images" / "mine" / "recipe.toml"
+    assert recipe_mod.find_recipe("other") == env_dir / "other" / "recipe.toml"
+    assert recipe_mod.find_recipe("python3").parent.name == "python3"  # shipped next to the package
     with pytest.raises(BuildError) as ei:
-        build.find_recipe("nosuch")
+        recipe_mod.find_recipe("nosuch")
     msg = str(ei.value)
     assert "'nosuch'" in msg and "mine" in msg and "other" in msg and "python2.7" in msg
-    assert build.IMAGES_DIR_ENV in msg
+    assert recipe_mod.IMAGES_DIR_ENV in msg
     assert build.resolve_target(str(env_dir / "other")) == (env_dir / "other/recipe.toml")
     with pytest.raises(BuildError, match="no such recipe file"):
         build.resolve_target(str(tmp_path / "missing" / "dir"))

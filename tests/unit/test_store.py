@@ -435,3 +435,12 @@ def test_concurrent_unpack_of_the_same_layer(tmp_path: Path) -> None:
     assert len(list(snap.rglob("f*"))) == 400
     assert list(stores[0].tmp_dir.iterdir()) == []
     assert [p.name for p in stores[0].snapshots_dir.iterdir() if p.name != ".format"] == [snap.name]
+
+
+def test_not_found_without_a_recipe_says_so(store: ImageStore, tmp_path: Path) -> None:
+    """No build advice for a name no recipe has: the images there, or write a recipe."""
+    with pytest.raises(ImageNotFound) as ei:
+        store.resolve("python3-nosuch")
+    msg = str(ei.value)
+    assert "image build python3-nosuch" not in msg
+    assert "no recipe named 'python3-nosuch'" in msg and str(store.root) in msg
