@@ -32,6 +32,15 @@ USERS=("sk-rl-$tag" "sk-rl1-$tag")
 WORK=$(mktemp -d /var/tmp/sk-rootless-XXXXXX)
 status=0
 
+# where the test users' servers and tests write besides their homes: the private run root
+# /tmp/sk-UID, pytest's temp dirs, the runtime tests' output files
+SHARED_TMP=(/tmp /var/tmp /dev/shm)
+declare -A UIDS=()
+
+owned_by() {  # the top-level entries of the shared temp dirs owned by uid $1
+  find "${SHARED_TMP[@]}" -xdev -mindepth 1 -maxdepth 1 -uid "$1" 2>/dev/null
+}
+
 cleanup() {
   for u in "${USERS[@]}"; do
     if id "$u" >/dev/null 2>&1; then
@@ -39,7 +48,12 @@ cleanup() {
       pkill -KILL -u "$u" 2>/dev/null
       userdel -r "$u" >/dev/null 2>&1
     fi
+    getent group "$u" >/dev/null && groupdel "$u" >/dev/null 2>&1
     sed -i "/^$u:/d" /etc/subuid /etc/subgid
+    # everything the user left in the shared temp dirs (the uid is this run's own)
+    if [ -n "${UIDS[$u]:-}" ]; then
+      owned_by "${UIDS[$u]}" | xargs -r -d '\n' rm -rf --
+    fi
   done
   rm -rf "$WORK"
 }
@@ -52,14 +66,29 @@ git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$
   || exit 1
 mkdir -p "$WORK/repo/sandbox_kernel/runtime/_bin"
 cp sandbox_kernel/runtime/_bin/sk-runtime "$WORK/repo/sandbox_kernel/runtime/_bin/" || exit 1
-/usr/bin/python3 -m venv "$WORK/venv" || exit 1
-"$WORK/venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$WORK/venv/bin/python" -m pip install -q -e "$WORK/repo[test]" >/dev/null 2>&1 || {
-  echo "rootless: pip install failed" >&2; exit 1; }
+# the virtualenv as the system-wide install makes it (`make install`), editable, with the
+# test extras
+bash tools/install-system.sh --editable --no-lab "$WORK/venv" "" "$WORK/repo[test]" >/dev/null \
+  || { echo "rootless: the install failed" >&2; exit 1; }
 chmod -R a+rX "$WORK"
 
+# a uid no account has and that owns nothing in the shared temp dirs (what an earlier
+# account with that uid left is not this run's to remove, nor to be mixed up with its own)
+free_uid() {
+  local uid
+  for _ in $(seq 100); do
+    uid=$((50000 + RANDOM % 9000))
+    if ! getent passwd "$uid" >/dev/null && ! getent group "$uid" >/dev/null \
+       && [ -z "$(owned_by "$uid")" ]; then
+      echo "$uid"; return 0
+    fi
+  done
+  return 1
+}
 for u in "${USERS[@]}"; do
-  useradd -m -s /bin/sh "$u" || exit 1
+  uid=$(free_uid) || { echo "rootless: no free uid for $u" >&2; exit 1; }
+  groupadd -g "$uid" "$u" && useradd -m -u "$uid" -g "$uid" -s /bin/sh "$u" || exit 1
+  UIDS[$u]=$uid
 done
 # the second user has no subordinate range: the single-id map
 sed -i "/^${USERS[1]}:/d" /etc/subuid /etc/subgid
@@ -74,6 +103,14 @@ for u in "${USERS[@]}"; do
   ( cd "$WORK/repo" && runuser -u "$u" -- env -i PATH=/usr/bin:/bin HOME="$home" \
       CI="${CI:-}" SANDBOX_KERNEL_TEST_ROOTLESS=1 SANDBOX_KERNEL_TEST_NO_SUBIDS=$nosub \
       "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider "${SUITES[@]}" ) || status=1
+  # the README's rootless quick path, as written: the user's own id inside, its files its own
+  got=$(cd "$home" && runuser -u "$u" -- env -i PATH=/usr/bin:/bin HOME="$home" \
+      "$WORK/venv/bin/sandbox-kernel" run --volume "$home:/work:rw" --workdir /work host -- \
+      /bin/sh -c 'id -u; touch /work/quickpath' 2>"$WORK/quickpath.err")
+  if [ "$got" != "${UIDS[$u]}" ] || [ "$(stat -c %u "$home/quickpath" 2>/dev/null)" != "${UIDS[$u]}" ]; then
+    echo "rootless: the quick path as $u: got '$got'; $(cat "$WORK/quickpath.err")" >&2
+    status=1
+  fi
 done
 
 # the cgroupv2 selection as an unprivileged user in the pure v2 guest, in a cgroup delegated
@@ -85,16 +122,16 @@ if [ -s .vm/current ] && [ "${SANDBOX_KERNEL_ROOTLESS_VM:-1}" = 1 ]; then
     "$WORK/repo/tools/vm/rootless-guest.sh" "$WORK" "${V2[@]}" || status=1
 fi
 
-uids=()
-for u in "${USERS[@]}"; do uids+=("$(id -u "$u")"); done
 cleanup
 trap - EXIT
-# nothing of the test users is left: accounts, subordinate ranges, delegated cgroups
-for i in "${!USERS[@]}"; do
-  u=${USERS[$i]}
-  if id "$u" >/dev/null 2>&1 || grep -q "^$u:" /etc/subuid /etc/subgid \
-     || ls -d /sys/fs/cgroup/*/sandbox-kernel/user-"${uids[$i]}" \
-              /sys/fs/cgroup/sandbox-kernel/user-"${uids[$i]}" >/dev/null 2>&1; then
+# nothing of the test users is left: accounts, subordinate ranges, delegated cgroups, files
+for u in "${USERS[@]}"; do
+  uid=${UIDS[$u]}
+  if id "$u" >/dev/null 2>&1 || getent group "$u" >/dev/null \
+     || grep -q "^$u:" /etc/subuid /etc/subgid \
+     || ls -d /sys/fs/cgroup/*/sandbox-kernel/user-"$uid" \
+              /sys/fs/cgroup/sandbox-kernel/user-"$uid" >/dev/null 2>&1 \
+     || [ -n "$(owned_by "$uid")" ]; then
     echo "rootless: $u left something behind" >&2
     status=1
   fi

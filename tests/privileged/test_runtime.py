@@ -57,12 +57,14 @@ def make_spec(command: Sequence[str], **kw: Any) -> ContainerSpec:
 def run(command: Sequence[str], timeout: float = 60, **kw: Any) -> tuple[ExitResult, str]:
     spec = make_spec(command, **kw)
     out_path = Path(f"/tmp/{spec.id}.out")
-    with open(out_path, "w+") as out, Container.create(spec) as c:
-        c.start(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        result = c.wait(timeout)
-        out.seek(0)
-        text = out.read()
-    out_path.unlink()
+    try:
+        with open(out_path, "w+") as out, Container.create(spec) as c:
+            c.start(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            result = c.wait(timeout)
+            out.seek(0)
+            text = out.read()
+    finally:
+        out_path.unlink(missing_ok=True)
     return result, text
 
 
