@@ -44,10 +44,20 @@ def check_identity() -> list[Check]:
             sub = userns.reserve_range()
         except SandboxError as exc:
             return [*out, Check(FAIL, f"the id range for containers: {exc}", "see the README")]
-        return [
-            *out,
-            Check(OK, f"container ids map to host ids {sub.start}..{sub.start + sub.count - 1}"),
-        ]
+        out.append(
+            Check(OK, f"container ids map to host ids {sub.start}..{sub.start + sub.count - 1}")
+        )
+        if _kernel_version() < (5, 12):
+            out.append(
+                Check(
+                    FAIL,
+                    "this kernel has no idmapped mounts (Linux 5.12): root mode cannot mount "
+                    "notebook folders and image layers with their owners, kernels fail to start",
+                    "upgrade the kernel, or run the Jupyter server as an ordinary user "
+                    "(rootless mode needs Linux 5.11)",
+                )
+            )
+        return out
     return _rootless_identity(userns)
 
 

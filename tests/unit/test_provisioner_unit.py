@@ -550,6 +550,22 @@ def test_doctor_lines_and_exit_status(
     assert doctor.doctor_command(None) == 0  # type: ignore[arg-type]
 
 
+def test_doctor_as_root_says_what_an_old_kernel_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root mode idmaps notebook folders and layers (Linux 5.12); on an older kernel doctor
+    says kernels cannot start there, and the way out."""
+    from sandbox_kernel.cli import doctor
+    from sandbox_kernel.runtime import userns
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(userns, "reserve_range", lambda: userns.SubRange(196608, 65536))
+    monkeypatch.setattr(doctor, "_kernel_version", lambda: (5, 10))
+    lines = doctor.check_identity()
+    old = [c for c in lines if c.status == doctor.FAIL]
+    assert len(old) == 1 and "5.12" in old[0].what and "rootless" in old[0].fix
+    monkeypatch.setattr(doctor, "_kernel_version", lambda: (6, 1))
+    assert all(c.status == doctor.OK for c in doctor.check_identity())
+
+
 def ask(path: str, request: dict[str, Any]) -> dict[str, Any]:
     import socket
 

@@ -1,0 +1,115 @@
+"""Whose ids a container's are on the host: the maps, the ranges and the private run dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sandbox_kernel.errors import SandboxError
+from sandbox_kernel.runtime import userns
+from sandbox_kernel.runtime.rundir import ensure_run_root
+from sandbox_kernel.runtime.spec import Bind, ContainerSpec, IdMap
+from sandbox_kernel.runtime.userns import SubRange
+
+
+def _outside(maps: tuple[IdMap, ...]) -> list[range]:
+    return [range(m.outside, m.outside + m.count) for m in maps]
+
+
+def test_keep_id_maps_the_user_to_itself_and_the_rest_into_its_range() -> None:
+    maps = userns.keep_id(1000, SubRange(100000, 65536))
+    assert maps == (IdMap(0, 100000, 1000), IdMap(1000, 1000, 1), IdMap(1001, 101000, 64536))
+    ranges = _outside(maps)
+    assert not any(0 in r for r in ranges), "host root is in no map"
+    ids = [i for r in ranges for i in r]
+    assert len(ids) == len(set(ids)), "no host id twice"
+    assert all(100000 <= i < 165536 or i == 1000 for i in ids), "only the user and its range"
+
+
+def test_subordinate_range_by_name_or_uid(tmp_path: Path) -> None:
+    f = tmp_path / "subuid"
+    f.write_text("junk\nbob:x:1\nbob:0:65536\nalice:200000:65536\n1234:300000:10\n")
+    assert userns.subordinate_range(f, "alice", 1001) == SubRange(200000, 65536)
+    assert userns.subordinate_range(f, "carol", 1234) == SubRange(300000, 10)
+    assert userns.subordinate_range(f, "bob", 1002) is None, "a start of 0 (host root) is refused"
+    assert userns.subordinate_range(tmp_path / "missing", "alice", 1001) is None
+
+
+def test_rootless_maps_with_and_without_a_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    me, gid = os.getuid(), os.getgid()
+    sub = tmp_path / "subuid"
+    sub.write_text("")
+    monkeypatch.setattr(userns, "SUBUID", sub)
+    monkeypatch.setattr(userns, "SUBGID", sub)
+    monkeypatch.setattr(userns, "map_helpers", lambda: ("/usr/bin/newuidmap", "/usr/bin/newgidmap"))
+    single = userns.rootless(me, gid)
+    assert single.uid_map == (IdMap(me, me, 1),) and single.gid_map == (IdMap(gid, gid, 1),)
+    assert single.helpers is None and "subordinate" in single.notice
+    sub.write_text(f"{me}:500000:65536\n{gid}:500000:65536\n")
+    full = userns.rootless(me, gid)
+    assert full.uid_map == userns.keep_id(me, SubRange(500000, 65536)) and not full.notice
+    assert full.helpers == ("/usr/bin/newuidmap", "/usr/bin/newgidmap")
+    monkeypatch.setattr(userns, "map_helpers", lambda: None)
+    assert userns.rootless(me, gid).helpers is None, "no helpers: the single map"
+
+
+def test_free_start_overlaps_no_range_and_no_account(tmp_path: Path) -> None:
+    f = tmp_path / "subuid"
+    f.write_text("a:100000:65536\nb:165536:65536\n")
+    start = userns._free_start((f,), 65536)
+    assert start % 65536 == 0 and start >= 231072
+    import pwd
+
+    assert all(not start <= e.pw_uid < start + 65536 for e in pwd.getpwall())
+
+
+def test_root_mode_maps_container_root_to_the_reserved_range() -> None:
+    ns = userns.root_mode(SubRange(196608, 65536))
+    assert ns.host_uid(0) == 196608 and ns.host_uid(65535) == 196608 + 65535
+    assert ns.host_uid(65536) is None and ns.has_root
+    spec = ContainerSpec(
+        id="sk-0123456789ab",
+        layers=("/l",),
+        command=("/bin/true",),
+        mounts=(Bind("/srv/nb", "/srv/nb", readonly=False, idmap=True),),
+    )
+    rooted = ns.apply(spec)
+    assert rooted.idmap_layers and all(isinstance(m, Bind) and m.idmap for m in rooted.mounts)
+    rootless = userns.UserNamespace((IdMap(1000, 1000, 1),), (IdMap(1000, 1000, 1),), None).apply(
+        spec
+    )
+    assert not rootless.idmap_layers
+    assert not any(isinstance(m, Bind) and m.idmap for m in rootless.mounts)
+
+
+def test_private_run_root_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run root someone else made (in /tmp: anyone may) or opened to others is refused."""
+    real = os.getuid()
+    fake = real if real != 0 else 4242  # as root, stand for an ordinary user
+    monkeypatch.setattr(os, "geteuid", lambda: fake)
+    root = tmp_path / "sk-run"
+    if real == 0:
+        # made by another uid (here: root's own process, not the pretended user's)
+        with pytest.raises(SandboxError, match="not a private directory"):
+            ensure_run_root(root)
+        os.chown(root, fake, fake)
+    assert ensure_run_root(root) == root  # the caller's own, 0700
+    assert (root.stat().st_mode & 0o777) == 0o700
+    root.chmod(0o755)
+    with pytest.raises(SandboxError, match="mode 755"):
+        ensure_run_root(root)
+    root.chmod(0o700)
+    link = tmp_path / "sk-link"
+    link.symlink_to(root)
+    with pytest.raises(SandboxError, match="not a private directory"):
+        ensure_run_root(link)
+    other = tmp_path / "sk-other"
+    other.mkdir(mode=0o700)
+    if real == 0:
+        os.chown(other, fake + 1, fake + 1)
+        with pytest.raises(SandboxError, match=f"owner {fake + 1}"):
+            ensure_run_root(other)
