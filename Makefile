@@ -11,7 +11,7 @@ CFLAGS_RT := $(shell cat sandbox_kernel/runtime/native/cflags)
 DEB_PACKAGES := gcc libc6-dev make uidmap mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv clang-format clang-tidy cppcheck
 RUNTIME := sandbox_kernel/runtime/_bin/sk-runtime
 
-.PHONY: help deps venv native install vm-setup demo test test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2 test-cgroup-v2-native lint lint-c bench clean
+.PHONY: help deps venv native install vm-setup demo test test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2 test-cgroup-v2-native lint lint-c bench bench-rootless clean
 
 help:
 	@echo "make demo            build what is missing, run the Python 2.7 and Python 3 notebooks side by side"
@@ -83,6 +83,10 @@ test-cgroup-v2-native: venv native
 
 test: venv native lint test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2
 	@echo "make test: all suites passed"
+
+# rootless start and setup against root mode (makes a test user; see tools/rootless-tests.sh)
+bench-rootless: venv native
+	bash tools/rootless-tests.sh --bench
 
 bench: venv native
 	$(PY) -m benchmarks

@@ -14,7 +14,11 @@
 # as an unprivileged user in a cgroup delegated as systemd would (tools/vm/rootless-guest.sh);
 # SANDBOX_KERNEL_ROOTLESS_VM=0 leaves that out.
 #
+# With --bench, the same users and copy serve the rootless benchmarks instead
+# (benchmarks/rootless.py, as root, driving a worker as the first user): no suites.
+#
 # Usage: tools/rootless-tests.sh [PYTEST ARGS...]   (default: the suites below)
+#        tools/rootless-tests.sh --bench [--rounds N] [--setups N] [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SRC=$(pwd)
@@ -25,7 +29,13 @@ fi
 SUITES=(tests/privileged/test_runtime.py tests/privileged/test_provisioner.py
         tests/privileged/test_magics.py tests/privileged/test_rootless_images.py
         tests/security)
-[ $# -gt 0 ] && SUITES=("$@")
+BENCH=()
+if [ "${1:-}" = --bench ]; then
+  shift
+  BENCH=(--out "$SRC/benchmarks/results" "$@")
+elif [ $# -gt 0 ]; then
+  SUITES=("$@")
+fi
 tag=$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')
 USERS=("sk-rl-$tag" "sk-rl1-$tag")
 # not under /tmp: the cgroup v2 guest mounts a tmpfs there, and it reads this copy too
@@ -96,6 +106,15 @@ for u in "${USERS[@]}"; do
   "$WORK/venv/bin/sandbox-kernel" delegate "$u" --memory 16G --pids 8192 >/dev/null || exit 1
 done
 
+if [ ${#BENCH[@]} -gt 0 ]; then
+  echo "== rootless: benchmarks, root mode against ${USERS[0]}'s rootless server"
+  ( cd "$WORK/repo" && "$WORK/venv/bin/python" -m benchmarks.rootless --user "${USERS[0]}" \
+      "${BENCH[@]}" ) || status=1
+  cleanup
+  trap - EXIT
+  exit $status
+fi
+
 for u in "${USERS[@]}"; do
   home=$(getent passwd "$u" | cut -d: -f6)
   echo "== rootless: ${SUITES[*]} as $u ($(grep -c "^$u:" /etc/subuid) subordinate range(s))"
@@ -112,6 +131,11 @@ for u in "${USERS[@]}"; do
     status=1
   fi
 done
+
+# the rootless benchmark runs (a smoke run: its figures come from --bench on an idle machine)
+echo "== rootless: benchmark smoke run (benchmarks/rootless.py --quick) as ${USERS[0]}"
+( cd "$WORK/repo" && "$WORK/venv/bin/python" -m benchmarks.rootless --user "${USERS[0]}" \
+    --quick --out "$WORK/bench" >/dev/null ) || { echo "rootless: the benchmark failed" >&2; status=1; }
 
 # the cgroupv2 selection as an unprivileged user in the pure v2 guest, in a cgroup delegated
 # as systemd would (when the guest is set up: make vm-setup)
