@@ -36,6 +36,7 @@ class Check:
 def check_identity() -> list[Check]:
     """Who runs: root (root mode, the product's id range), or an ordinary user (rootless:
     user namespaces, a subordinate range and the map helpers)."""
+    from .. import paths
     from ..runtime import userns
 
     if os.geteuid() == 0:
@@ -47,6 +48,17 @@ def check_identity() -> list[Check]:
         out.append(
             Check(OK, f"container ids map to host ids {sub.start}..{sub.start + sub.count - 1}")
         )
+        store = paths.state_dir()
+        if store.is_dir() and not userns.idmap_supported(str(store)):
+            out.append(
+                Check(
+                    FAIL,
+                    f"the image store {store} is on a filesystem without idmapped mounts: "
+                    "root mode idmaps image layers, so kernels fail to start",
+                    "put it on ext4, xfs or btrfs (or tmpfs with Linux >= 6.3), e.g. with "
+                    "SANDBOX_KERNEL_STATE_DIR",
+                )
+            )
         if _kernel_version() < (5, 12):
             out.append(
                 Check(

@@ -8,7 +8,9 @@ from ``pre_launch``, in this order, and owns the contract's state):
 2. ``connection_paths``: where the kernel's sockets, connection file and control socket go
    (a folder of the container's run dir, bind-mounted at the same path inside);
 3. ``kernel_command`` and ``kernel_env``: the in-container command and environment;
-4. ``kernel_spec``: the ``ContainerSpec`` of the kernel's container.
+4. ``kernel_userns``: whose ids the container's are on the host, and whether the notebook
+   folder can be idmapped;
+5. ``kernel_spec``: the ``ContainerSpec`` of the kernel's container.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 from ..errors import ImageError, SandboxError, SpecError
 from ..images.labels import LABEL_ARGV, LABEL_KERNELSPEC
 from ..paths import PACKAGE_DIR
+from ..runtime import userns as userns_mod
 from ..runtime.spec import Bind, ContainerSpec, env_key_problem
-from ..runtime.userns import UserNamespace
+from ..runtime.userns import SubRange, UserNamespace
 from .resolve import KernelSettings
 
 CONN_SUBDIR = "conn"
@@ -166,6 +169,34 @@ def kernel_env(
     return env
 
 
+def kernel_userns(workdir: str, uid: int, gid: int) -> tuple[UserNamespace, bool, str]:
+    """The kernel's user namespace, whether its notebook folder is idmapped, and a note for
+    the server log when it is not. Rootless: the caller's namespace (its files are its own
+    already). Root mode: the product's range with the folder idmapped, or, on a filesystem
+    that cannot be idmapped (NFS, CIFS, 9p, tmpfs before Linux 6.3), the range with the
+    kernel's own ``uid``/``gid`` kept as the host's (``userns.root_mode_keeping``), so that
+    the owner still owns what the kernel writes there. Blocking (a probe of the folder's
+    filesystem, once per filesystem): the provisioner calls it in a thread at each start."""
+    ns = userns_mod.for_caller()
+    if ns.mode != "root" or userns_mod.idmap_supported(workdir):
+        return ns, True, ""
+    whole = ns.uid_map[0]
+    kept = userns_mod.root_mode_keeping(SubRange(whole.outside, whole.count), uid, gid)
+    if kept.host_uid(uid) == uid:
+        note = (
+            f"the notebook folder {workdir} is on a filesystem without idmapped mounts: the "
+            f"kernel runs as host uid {uid} there (the folder's owner), not as an id of the "
+            "sandbox's range"
+        )
+    else:
+        note = (
+            f"the notebook folder {workdir} is on a filesystem without idmapped mounts and the "
+            f"kernel's uid {uid} is not kept: files it writes there belong to host uid "
+            f"{kept.host_uid(uid)}"
+        )
+    return kept, False, note
+
+
 @dataclass(frozen=True)
 class KernelStart:
     """What one kernel start is made of, once the settings are valid and the image found;
@@ -178,6 +209,7 @@ class KernelStart:
     workdir: str  # the notebook's folder, mounted at the same path
     paths: ConnectionPaths
     userns: UserNamespace  # whose ids the container's are on the host
+    workdir_idmap: bool = True  # root mode: the notebook folder idmapped (kernel_userns)
 
     def host_ids(self) -> tuple[int, int]:
         """The host uid and gid of the kernel's user: the owner of what the host makes for
@@ -203,14 +235,14 @@ def kernel_spec(
     settings, image, workdir, paths = start.settings, start.image, start.workdir, start.paths
     container_id = start.container_id
     mounts: list[Bind] = [
-        Bind(source=workdir, target=workdir, readonly=False, idmap=True),
+        Bind(source=workdir, target=workdir, readonly=False, idmap=start.workdir_idmap),
         Bind(source=str(paths.conn_dir), target=str(paths.conn_dir), readonly=False),
         *settings.mounts,
     ]
     if magics:
         mounts.append(Bind(source=str(MAGICS_SOURCE), target=MAGICS_TARGET, readonly=True))
-    # the user namespace: in root mode the notebook folder is idmapped, so that the kernel's
-    # files keep the folder owner's uid
+    # the user namespace: in root mode the notebook folder is idmapped (where its filesystem
+    # can be), so that the kernel's files keep the folder owner's uid
     return start.userns.apply(
         ContainerSpec(
             id=container_id,

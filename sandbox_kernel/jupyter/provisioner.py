@@ -43,7 +43,6 @@ from ..runtime.container import Container, ExitResult
 from ..runtime.leftovers import collect_leftovers
 from ..runtime.rundir import ContainerInfo, find_container, process_alive
 from ..runtime.spec import ContainerSpec
-from ..runtime.userns import for_caller
 from ..units import format_cpus, format_size
 from . import exits, launch
 from .control import ControlServer
@@ -262,13 +261,23 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             magics=magics,
             context=self._context,
         )
-        userns = await asyncio.to_thread(for_caller)
-        start = launch.KernelStart(
-            self.container_id, self.kernelspec_name, settings, image, workdir, paths, userns
+        userns, idmapped, note = await asyncio.to_thread(
+            launch.kernel_userns, workdir, settings.uid, settings.gid
         )
-        if userns.notice and not self._userns_noticed:
-            self._userns_noticed = True
-            self.log.warning("%s", userns.notice)
+        start = launch.KernelStart(
+            self.container_id,
+            self.kernelspec_name,
+            settings,
+            image,
+            workdir,
+            paths,
+            userns,
+            workdir_idmap=idmapped,
+        )
+        for line in (userns.notice, note):
+            if line and not self._userns_noticed:
+                self.log.warning("%s: %s", self._context, line)
+        self._userns_noticed = self._userns_noticed or bool(userns.notice or note)
         spec = launch.kernel_spec(start, argv, env, magics=magics)
         owner = start.host_ids()
         container = await asyncio.to_thread(self._create_container, spec, workdir, paths, owner)

@@ -283,6 +283,48 @@ def userns_problems() -> list[str]:
     return out
 
 
+def root_mode_keeping(sub: SubRange, uid: int, gid: int) -> UserNamespace:
+    """Root mode for a notebook folder whose filesystem cannot be idmapped (NFS, CIFS, 9p,
+    tmpfs before Linux 6.3): container ids map into ``sub`` as in ``root_mode``, except the
+    folder owner's ``uid`` and ``gid``, which map to themselves, so that the kernel's files
+    there still belong to the owner (podman's keep-id for that one id). Host root is never
+    kept: for uid or gid 0 this is plain ``root_mode``. Called by the kernel launcher."""
+    if uid <= 0 or gid <= 0 or uid >= sub.count or gid >= sub.count:
+        return root_mode(sub)
+    return UserNamespace(keep_id(uid, sub), keep_id(gid, sub), None, "", "root")
+
+
+_IDMAP_CACHE: dict[int, bool] = {}
+
+
+def idmap_supported(path: str) -> bool:
+    """Can the filesystem of ``path`` (a directory) be idmapped (``mount_setattr`` with
+    MOUNT_ATTR_IDMAP, which root mode uses for notebook folders)? Asked of the executor
+    (``sk-runtime --probe-idmap``) once per filesystem (device) and process; root only.
+    Called by the kernel launcher before each root-mode kernel start."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        return True  # the start reports the missing folder itself
+    cached = _IDMAP_CACHE.get(dev)
+    if cached is not None:
+        return cached
+    from .executor import runtime_binary
+
+    try:
+        proc = subprocess.run(
+            [runtime_binary(), "--probe-idmap", path],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        ok = proc.returncode == 0
+    except (OSError, subprocess.TimeoutExpired, SandboxError):
+        ok = False
+    _IDMAP_CACHE[dev] = ok
+    return ok
+
+
 def for_caller() -> UserNamespace:
     """The user namespace for a container made by this process: root mode when it runs as
     root, rootless otherwise. Called by the provisioner and ``sandbox-kernel run``."""

@@ -77,6 +77,17 @@ def test_cgroup2_is_mounted_at_sys_fs_cgroup() -> None:
     assert not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
 
 
+def test_image_store_can_be_idmapped() -> None:
+    """Root mode idmaps image layers: the image store must be on a filesystem that allows it
+    (the guest gives it an ext4 of its own)."""
+    from sandbox_kernel.paths import state_dir
+    from sandbox_kernel.runtime import userns
+
+    store = state_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    assert userns.idmap_supported(str(store)), f"{store} cannot be idmapped"
+
+
 def test_root_offers_memory_cpu_pids() -> None:
     available = set((CG / "cgroup.controllers").read_text().split())
     assert available >= NEEDED, f"root cgroup.controllers = {sorted(available)}"

@@ -144,6 +144,41 @@ async def test_file_written_in_notebook_dir_has_the_owner(
     assert out.strip() == "False False"
 
 
+@pytest.mark.root_only
+async def test_notebook_folder_without_idmapped_mounts_keeps_the_owner(
+    clean_host: list[str],
+    kernels: Path,
+    notebook_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Root mode on a notebook filesystem that cannot be idmapped (NFS, CIFS, 9p; stood in
+    for here): the folder is bound as it is and the kernel's own ids map to themselves,
+    so its files still belong to the folder's owner; every other id stays in the range and
+    host root in no map."""
+    from sandbox_kernel.runtime import userns
+
+    monkeypatch.setattr(userns, "idmap_supported", lambda path: False)
+    km = AsyncKernelManager(kernel_name="python3-sandbox")
+    await km.start_kernel(cwd=str(notebook_dir))
+    track(clean_host, km)
+    try:
+        reply, out = await execute(
+            km,
+            "import os; open('kept.txt', 'w').write('x'); print(os.getuid());"
+            "print(open('/proc/self/uid_map').read())",
+        )
+        assert reply["status"] == "ok", out
+        uid, *maps = out.split("\n")
+        assert int(uid) == KERNEL_UID
+        rows = [tuple(int(x) for x in line.split()) for line in maps if line.strip()]
+        assert (KERNEL_UID, KERNEL_UID, 1) in rows, rows
+        assert not any(outside == 0 for _, outside, _ in rows), "host root in no map"
+        st = (notebook_dir / "kept.txt").stat()
+        assert (st.st_uid, st.st_gid) == (KERNEL_UID, KERNEL_GID)
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
 async def test_interrupt_restart_shutdown(
     clean_host: list[str], started: dict[str, AsyncKernelManager]
 ) -> None:

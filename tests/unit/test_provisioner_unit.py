@@ -168,7 +168,8 @@ def fake_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(launch, "find_image", fake_image)
     # fixed maps: unit tests never reserve an id range on the host
-    monkeypatch.setattr(prov, "for_caller", fake_userns)
+    monkeypatch.setattr(userns, "for_caller", fake_userns)
+    monkeypatch.setattr(userns, "idmap_supported", lambda path: True)
     kernelspecs.register_provisioner_in_process()
     return run
 
@@ -550,20 +551,27 @@ def test_doctor_lines_and_exit_status(
     assert doctor.doctor_command(None) == 0  # type: ignore[arg-type]
 
 
-def test_doctor_as_root_says_what_an_old_kernel_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_doctor_as_root_says_what_an_old_kernel_lacks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Root mode idmaps notebook folders and layers (Linux 5.12); on an older kernel doctor
     says kernels cannot start there, and the way out."""
     from sandbox_kernel.cli import doctor
     from sandbox_kernel.runtime import userns
 
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setenv("SANDBOX_KERNEL_STATE_DIR", str(tmp_path))
     monkeypatch.setattr(userns, "reserve_range", lambda: userns.SubRange(196608, 65536))
     monkeypatch.setattr(doctor, "_kernel_version", lambda: (5, 10))
+    monkeypatch.setattr(userns, "idmap_supported", lambda path: True)
     lines = doctor.check_identity()
     old = [c for c in lines if c.status == doctor.FAIL]
     assert len(old) == 1 and "5.12" in old[0].what and "rootless" in old[0].fix
     monkeypatch.setattr(doctor, "_kernel_version", lambda: (6, 1))
     assert all(c.status == doctor.OK for c in doctor.check_identity())
+    monkeypatch.setattr(userns, "idmap_supported", lambda path: False)
+    store = [c for c in doctor.check_identity() if c.status == doctor.FAIL]
+    assert len(store) == 1 and "image store" in store[0].what and "ext4" in store[0].fix
 
 
 def ask(path: str, request: dict[str, Any]) -> dict[str, Any]:

@@ -113,3 +113,34 @@ def test_private_run_root_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyP
         os.chown(other, fake + 1, fake + 1)
         with pytest.raises(SandboxError, match=f"owner {fake + 1}"):
             ensure_run_root(other)
+
+
+def test_root_mode_keeping_keeps_the_owner_never_root() -> None:
+    """A notebook filesystem without idmapped mounts: the kernel's own ids map to
+    themselves, every other one into the range; host root is never kept."""
+    sub = SubRange(196608, 65536)
+    kept = userns.root_mode_keeping(sub, 1000, 1000)
+    assert kept.mode == "root" and kept.host_uid(1000) == 1000 and kept.host_gid(1000) == 1000
+    assert kept.host_uid(0) == 196608 and kept.host_uid(1001) == 196608 + 1000
+    assert not any(0 in r for r in _outside(kept.uid_map))
+    for uid, gid in ((0, 1000), (1000, 0), (70000, 70000)):
+        assert userns.root_mode_keeping(sub, uid, gid) == userns.root_mode(sub)
+
+
+def test_kernel_userns_falls_back_where_the_folder_cannot_be_idmapped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sandbox_kernel.jupyter import launch
+
+    sub = SubRange(196608, 65536)
+    monkeypatch.setattr(userns, "for_caller", lambda: userns.root_mode(sub))
+    monkeypatch.setattr(userns, "idmap_supported", lambda path: True)
+    ns, idmapped, note = launch.kernel_userns("/srv/nb", 1000, 1000)
+    assert ns == userns.root_mode(sub) and idmapped and not note
+    monkeypatch.setattr(userns, "idmap_supported", lambda path: False)
+    ns, idmapped, note = launch.kernel_userns("/srv/nb", 1000, 1000)
+    assert not idmapped and ns.host_uid(1000) == 1000 and "host uid 1000" in note
+    ns, idmapped, note = launch.kernel_userns("/srv/nb", 65534, 65534)
+    assert ns.host_uid(65534) == 65534
+    ns, idmapped, note = launch.kernel_userns("/srv/nb", 0, 0)
+    assert ns == userns.root_mode(sub) and "not kept" in note

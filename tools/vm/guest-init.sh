@@ -7,7 +7,8 @@
 #    run-tests.sh: SK_CGROUP (cgroup to run the command in), SK_COLLECT (guest files to bring
 #    back) and `set -- <command argv>`;
 # 3. build the guest root: the host's / over 9p (tag sk-hostroot, read-only) with a tmpfs overlay,
-#    then proc, sys, devtmpfs, devpts, /dev/shm, /tmp and /run as tmpfs, cgroup2 at /sys/fs/cgroup;
+#    then proc, sys, devtmpfs, devpts, /dev/shm, /tmp and /run as tmpfs, the image store
+#    /var/lib/sandbox-kernel as ext4 on a loop file, cgroup2 at /sys/fs/cgroup;
 # 4. switch_root into it (a chroot would do for most things, but unshare(CLONE_NEWUSER) refuses
 #    chrooted callers), re-running this script from /.sk-vm as stage 2.
 # Stage 2 (guest root): run the command, output in /.sk-vm/results/output.log, exit status in
@@ -115,6 +116,16 @@ case "$SK_REPO" in
     /tmp/*|/run/*)
         mkdir -p "$R$SK_REPO" && mount --bind /mnt/repo "$R$SK_REPO" || fail "cannot mount $SK_REPO back" ;;
 esac
+# The image store on ext4, as on a real host: root mode idmaps the image layers, which
+# neither 9p, the overlay root nor tmpfs (before Linux 6.3) allow. A sparse loop file on a
+# tmpfs of its own; mkfs is the host's.
+mkdir -p $R/.sk-vm/store $R/var/lib/sandbox-kernel
+mount -t tmpfs -o mode=700 sk-store $R/.sk-vm/store || fail "mount the store's tmpfs"
+dd if=/dev/zero of=$R/.sk-vm/store/ext4.img bs=1M count=0 seek=1024 2>/dev/null \
+    || fail "make the store's loop file"
+chroot $R /sbin/mkfs.ext4 -q -F /.sk-vm/store/ext4.img || fail "mkfs.ext4 the store"
+mount -t ext4 -o loop $R/.sk-vm/store/ext4.img $R/var/lib/sandbox-kernel \
+    || fail "mount the store (ext4 on loop)"
 # Same options systemd uses on a unified host.
 mount -t cgroup2 -o nsdelegate,memory_recursiveprot cgroup2 $R/sys/fs/cgroup \
     || mount -t cgroup2 cgroup2 $R/sys/fs/cgroup || fail "mount cgroup2"

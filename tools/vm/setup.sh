@@ -24,9 +24,12 @@ REPO="$(git -C "$HERE" rev-parse --show-toplevel 2>/dev/null || (cd "$HERE/../..
 VM_DIR="${SANDBOX_KERNEL_VM_DIR:-$REPO/.vm}"
 
 # Load order matters: there is no modules.dep in the initramfs (busybox insmod, not modprobe).
-# Debian's 9p needs netfs and fscache.
+# Debian's 9p needs netfs and fscache; ext4 (the guest's image store, on a loop file: root
+# mode idmaps image layers, which 9p, the overlay root and tmpfs before 6.3 cannot) needs
+# crc16, mbcache, jbd2 and a crc32c driver loaded first.
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-         netfs fscache 9pnet 9pnet_virtio 9p overlay)
+         netfs fscache 9pnet 9pnet_virtio 9p overlay
+         crc16 mbcache jbd2 crc32c_generic ext4 loop)
 HOST_PACKAGES=(qemu-system-x86 busybox-static cpio)
 
 log() { printf 'vm-setup: %s\n' "$*" >&2; }
@@ -76,7 +79,8 @@ pick_kernel() {
 
 fetch_kernel() {
     local kver="$1" kdir="$VM_DIR/kernels/$1"
-    if [ -s "$kdir/vmlinuz" ] && [ -e "$kdir/modules/.complete" ]; then
+    if [ -s "$kdir/vmlinuz" ] && [ -e "$kdir/modules/.complete" ] \
+            && [ "$(cat "$kdir/modules/order")" = "$(printf '%s\n' "${MODULES[@]}")" ]; then
         return 0
     fi
     log "fetching linux-image-$kver"

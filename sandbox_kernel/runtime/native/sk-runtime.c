@@ -2195,6 +2195,30 @@ static int idmapped_tree(const char *path, int userns, int recursive, uint64_t a
     return fd;
 }
 
+/* --probe-idmap PATH (root): can PATH's filesystem be idmapped? Exit 0 when it can, 1 with
+ * the reason on stderr when it cannot (the caller then keeps the owner's own id in the map). */
+static int probe_idmap(const char *path)
+{
+    static const char map[] = "0 65534 1\n";
+    int ns = idmap_userns(map, sizeof map - 1, "probe");
+    int fd = (int)syscall(SYS_open_tree, AT_FDCWD, path, SK_OPEN_TREE_CLONE | O_CLOEXEC);
+    if (fd < 0) {
+        (void)fprintf(stderr, "sk-runtime: open_tree %s: %s\n", path, strerror(errno));
+        close(ns);
+        return 1;
+    }
+    struct sk_mount_attr ma = { .attr_set = SK_MOUNT_ATTR_IDMAP, .userns_fd = (uint64_t)ns };
+    int rc = (int)syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH, &ma, sizeof ma);
+    int err = errno;
+    close(fd);
+    close(ns);
+    if (rc < 0) {
+        (void)fprintf(stderr, "sk-runtime: idmap %s: %s\n", path, strerror(err));
+        return 1;
+    }
+    return 0;
+}
+
 /* Supervisor, before clone: the idmapped trees of the binds flagged idmap and of the image
  * layers (root mode: the container's ids are an unprivileged host range). */
 static void prepare_idmapped_mounts(void)
@@ -2258,7 +2282,8 @@ static int relay_init_line(char *line, char *exit_line, size_t exit_cap)
 
 static void usage(void)
 {
-    die(EXIT_SETUP, EINVAL, "usage", "usage: sk-runtime [--status-fd N] [--control-fd N] PLANFILE");
+    die(EXIT_SETUP, EINVAL, "usage",
+        "usage: sk-runtime [--status-fd N] [--control-fd N] PLANFILE | --probe-idmap PATH");
 }
 
 static int parse_fd_arg(const char *s)
@@ -2280,6 +2305,8 @@ int main(int argc, char **argv)
     /* a vanished status reader must not kill us: writes just fail */
     (void)signal(SIGPIPE, SIG_IGN);
 
+    if (argc == 3 && strcmp(argv[1], "--probe-idmap") == 0)
+        return probe_idmap(argv[2]);
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--status-fd") == 0 && i + 1 < argc) {
             g_status_fd = parse_fd_arg(argv[++i]);
