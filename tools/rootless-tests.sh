@@ -78,8 +78,9 @@ mkdir -p "$WORK/repo/sandbox_kernel/runtime/_bin"
 cp sandbox_kernel/runtime/_bin/sk-runtime "$WORK/repo/sandbox_kernel/runtime/_bin/" || exit 1
 # the virtualenv as the system-wide install makes it (`make install`), editable, with the
 # test extras
-bash tools/install-system.sh --editable --no-lab "$WORK/venv" "" "$WORK/repo[test]" >/dev/null \
-  || { echo "rootless: the install failed" >&2; exit 1; }
+bash tools/install-system.sh --editable --no-lab "$WORK/venv" "" "$WORK/repo[test]" \
+    >"$WORK/install.log" 2>&1 \
+  || { tail -30 "$WORK/install.log" >&2; echo "rootless: the install failed" >&2; exit 1; }
 chmod -R a+rX "$WORK"
 
 # a uid no account has and that owns nothing in the shared temp dirs (what an earlier
