@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Collection
 from pathlib import Path
 
 #: The package's own directory (shipped data and the compiled executor live below it).
@@ -103,12 +104,13 @@ _USER_ROOT_GLOBS = (
 )
 
 
-def user_run_roots() -> list[tuple[int, Path]]:
+def user_run_roots(skip: Collection[str] = ()) -> list[tuple[int, Path]]:
     """(uid, run root) of every other user's servers that use a default run root: the
     private ``/tmp/sk-UID`` and ``/run/user/UID/sandbox-kernel`` (a server with
     ``SANDBOX_KERNEL_RUN_DIR`` set is not found). Only directories that are what that user's
     ``ensure_run_root`` makes count: a real directory, owned by that uid, closed to others.
-    Called by root's ``ps``, ``stats`` and ``gc`` (``runtime.owners.run_roots``)."""
+    ``skip``: paths not to touch at all (mount points: a user's FUSE mount could block an
+    lstat). Called by root's ``ps``, ``stats`` and ``gc`` (``runtime.owners.run_roots``)."""
     found: list[tuple[int, Path]] = []
     for base, pattern, below in _USER_ROOT_GLOBS:
         try:
@@ -117,10 +119,12 @@ def user_run_roots() -> list[tuple[int, Path]]:
             continue
         for name in names:
             m = pattern.match(name)
-            if m is None:
-                continue
+            if m is None or str(int(m.group(1))) != m.group(1):
+                continue  # one name per uid: no leading zeros
             uid = int(m.group(1))
             path = Path(base) / name / below if below else Path(base) / name
+            if any(str(p) in skip for p in (path, path.parent)):
+                continue
             if uid != os.geteuid() and _private_dir(path, uid):
                 found.append((uid, path))
     return found

@@ -137,6 +137,8 @@ def v2_recorded_parent(
     mountpoint = layout.v2_mountpoint()
     if not isinstance(path, str) or mountpoint is None or len(path) > 4096:
         return None
+    if not path.isprintable():
+        return None  # it would reach root's terminal in gc's messages
     if os.path.normpath(path) != path or not path.startswith(mountpoint.rstrip("/") + "/"):
         return None
     if os.path.realpath(path) != path:

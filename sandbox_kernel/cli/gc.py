@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from ..runtime.leftovers import collect_leftovers, collect_other_users
+from .ps import safe_text
 
 
 def register(sub: Any) -> None:
@@ -36,5 +37,5 @@ def gc_command(args: argparse.Namespace) -> int:
     for name in report.cgroups:
         print(f"  cgroup {name}")
     for err in report.errors:
-        print(f"  error: {err}")
+        print(f"  error: {safe_text(err, 2000)}")
     return 1 if report.errors else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pwd
 import time
@@ -46,9 +47,9 @@ def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[
         row: dict[str, Any] = {
             "container_id": info.id,
             "owner_uid": owner.uid,  # the host user whose server made it
-            "kernel_id": _text(meta.get("kernel_id")),
-            "kernelspec": _text(meta.get("kernelspec")),
-            "image": _text(meta.get("image")),
+            "kernel_id": safe_text(meta.get("kernel_id")),
+            "kernelspec": safe_text(meta.get("kernelspec")),
+            "image": safe_text(meta.get("image")),
             "user": _int(meta.get("user")),
             "group": _int(meta.get("group")),
             "running": running,
@@ -85,7 +86,7 @@ def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[
     return rows
 
 
-def _text(value: object, limit: int = 200) -> str | None:
+def safe_text(value: object, limit: int = 200) -> str | None:
     """A metadata string as ps shows it (another user's run dir may hold anything): at
     most ``limit`` printable characters."""
     if not isinstance(value, str):
@@ -93,16 +94,23 @@ def _text(value: object, limit: int = 200) -> str | None:
     return "".join(c if c.isprintable() else "?" for c in value[:limit])
 
 
+#: The largest metadata number ps takes (another user's run dir may hold anything).
+_MAX_NUMBER = 2**63
+
+
 def _number(value: object, default: float | None) -> Any:
-    """A metadata number, or ``default`` when it is not one."""
+    """A metadata number, or ``default`` when it is not a finite one below 2**63."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        if isinstance(value, int) and abs(value) >= _MAX_NUMBER:
+            return default
+        number = float(value)
+        return number if math.isfinite(number) and abs(number) < _MAX_NUMBER else default
     return default
 
 
 def _int(value: object) -> int | None:
-    """A metadata count or id, or None when it is not a non-negative int."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A metadata count or id, or None when it is not a non-negative int below 2**63."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_NUMBER
     return value if ok else None  # type: ignore[return-value]
 
 

@@ -15,6 +15,7 @@ from ``pre_launch``, in this order, and owns the contract's state):
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -174,14 +175,25 @@ def kernel_userns(workdir: str, uid: int, gid: int) -> tuple[UserNamespace, bool
     the server log when it is not. Rootless: the caller's namespace (its files are its own
     already). Root mode: the product's range with the folder idmapped, or, on a filesystem
     that cannot be idmapped (NFS, CIFS, 9p, tmpfs before Linux 6.3), the range with the
-    kernel's own ``uid``/``gid`` kept as the host's (``userns.root_mode_keeping``), so that
-    the owner still owns what the kernel writes there. Blocking (a probe of the folder's
+    kernel's own ``uid``/``gid`` kept as the host's where they are the folder's owner and
+    group and a regular account's (``userns.root_mode_keeping``), so that the owner still
+    owns what the kernel writes there. Blocking (a probe of the folder's
     filesystem, once per filesystem): the provisioner calls it in a thread at each start."""
     ns = userns_mod.for_caller()
     if ns.mode != "root" or userns_mod.idmap_supported(workdir):
         return ns, True, ""
     whole = ns.uid_map[0]
-    kept = userns_mod.root_mode_keeping(SubRange(whole.outside, whole.count), uid, gid)
+    # kept only as the folder's own owner and group (0: not kept)
+    try:
+        st = os.stat(workdir)
+        owner, group = st.st_uid, st.st_gid
+    except OSError:
+        owner = group = -1
+    kept = userns_mod.root_mode_keeping(
+        SubRange(whole.outside, whole.count),
+        uid if uid == owner else 0,
+        gid if gid == group else 0,
+    )
     if kept.host_uid(uid) == uid:
         note = (
             f"the notebook folder {workdir} is on a filesystem without idmapped mounts: the "

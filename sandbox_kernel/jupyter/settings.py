@@ -19,6 +19,7 @@ Layer: Jupyter (traitlets). Two configurables:
 from __future__ import annotations
 
 import os
+import stat
 
 from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 from traitlets.config import Config, Configurable, LoggingConfigurable
@@ -269,6 +270,19 @@ def server_config() -> Config:
     for directory in reversed(jupyter_config_path()):
         for loader in (JSONFileConfigLoader, PyFileConfigLoader):
             name = "jupyter_server_config" + (".json" if loader is JSONFileConfigLoader else ".py")
-            if os.path.isfile(os.path.join(directory, name)):
+            if _trusted(os.path.join(directory, name)):
                 config.merge(loader(name, path=directory).load_config())
     return config
+
+
+def _trusted(path: str) -> bool:
+    """Is ``path`` a config file this process may load? A regular file; as root, also
+    root's own and writable by nobody else (root runs Python config files: under ``sudo -E``
+    the config path may name the invoking user's)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    return os.geteuid() != 0 or (st.st_uid == 0 and not st.st_mode & 0o022)

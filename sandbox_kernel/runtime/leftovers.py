@@ -14,6 +14,7 @@ container's own mount namespace.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from ..cgroups.base import CgroupManager
 from ..errors import PrivilegeError, SandboxError
 from ..paths import is_container_id, run_dir
 from . import hostimage
-from .owners import RunRoot, cgroup_manager, containers, run_roots
-from .rundir import ContainerInfo, container_dirs
+from .owners import RunRoot, cgroup_manager, containers, opened, run_roots
+from .rundir import ContainerInfo, container_dirs, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,11 @@ def collect_other_users(*, dry_run: bool = False) -> GcReport:
 def _collect_user(root: RunRoot, report: GcReport, dry_run: bool) -> None:
     # Only what a dead run dir names: a cgroup without a run dir here may belong to a live
     # container of a run root root cannot see (SANDBOX_KERNEL_RUN_DIR); that user's own gc,
-    # before each new container, takes it.
+    # before each new container, takes it. Everything here is that user's to plant.
     tag = f" (uid {root.uid})"
+    dead: list[str] = []
     for owner, info in containers([root]):
-        entry = info.path
-        if _entry_live(entry):
+        if _entry_live(info.path):
             continue
         manager = cgroup_manager(owner, info)
         handle = None
@@ -149,17 +150,38 @@ def _collect_user(root: RunRoot, report: GcReport, dry_run: bool) -> None:
                 handle = manager.open(info.id)
             except SandboxError:
                 handle = None  # no cgroup left
+        dead.append(info.id)
         report.run_dirs.append(info.id + tag)
-        if handle is not None:
-            report.cgroups.append(info.id + tag)
+        if handle is None:
+            continue
+        report.cgroups.append(info.id + tag)
         if dry_run:
             continue
-        if handle is not None:
-            try:
-                handle.kill()
-                handle.remove()
-            except SandboxError as exc:
-                report.errors.append(f"cgroup {info.id}{tag}: {exc}")
-        # rmtree never follows a symlink inside (fd-based on Linux)
-        shutil.rmtree(entry, ignore_errors=True)
-        log.info("gc removed the leftovers of container %s of uid %d", info.id, root.uid)
+        try:
+            handle.kill()
+            handle.remove()
+        except (SandboxError, OSError, RecursionError) as exc:
+            report.errors.append(f"cgroup {info.id}{tag}: {exc}")
+    if not dry_run and dead:
+        _remove_run_dirs(root, dead, report)
+
+
+def _remove_run_dirs(root: RunRoot, names: list[str], report: GcReport) -> None:
+    """Remove another user's dead run dirs ``names`` (``rundir.remove_tree``: no link
+    followed, nothing blocks); failures become report lines."""
+    tag = f" (uid {root.uid})"
+    with opened(root) as base:
+        if base is None:
+            return
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in names:
+                try:
+                    remove_tree(fd, name)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    report.errors.append(f"run dir {name}{tag}: {exc}")
+        finally:
+            os.close(fd)
+    log.info("gc removed the leftovers of containers %s of uid %d", names, root.uid)

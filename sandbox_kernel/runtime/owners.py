@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,37 @@ class RunRoot:
         return self.uid == os.geteuid()
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: At most this many run dirs of one other user are looked at (each is a few files to
+#: read; a user could make any number).
+MAX_FOREIGN = 512
+
+
+def mount_points() -> set[str]:
+    """The mount points this process sees (/proc/self/mountinfo, escapes decoded). Root
+    touches none of another user's paths that is one: a FUSE mount of theirs could block."""
+    out: set[str] = set()
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4:
+                    out.add(_unescape(fields[4].decode(errors="surrogateescape")))
+    except OSError:
+        pass
+    return out
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def run_roots() -> list[RunRoot]:
     """The caller's own run root first, then, for root, each other user's (see the module
     docstring)."""
     roots = [RunRoot(os.geteuid(), run_dir())]
     if os.geteuid() == 0:
-        roots += [RunRoot(uid, path) for uid, path in user_run_roots()]
+        roots += [RunRoot(uid, path) for uid, path in user_run_roots(mount_points())]
     return roots
 
 
@@ -59,7 +85,7 @@ def opened(root: RunRoot) -> Iterator[Path | None]:
         yield root.path
         return
     try:
-        fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(root.path, _DIR_FLAGS)
     except OSError:
         yield None
         return
@@ -73,14 +99,31 @@ def opened(root: RunRoot) -> Iterator[Path | None]:
 
 def containers(roots: list[RunRoot] | None = None) -> Iterator[tuple[RunRoot, ContainerInfo]]:
     """Every run dir of ``roots`` (default ``run_roots()``), running or not, with its run
-    root. Another user's run dirs are reached through ``opened`` (their paths are valid
-    while the loop body runs)."""
+    root. Another user's run dirs (at most ``MAX_FOREIGN``, none that is a mount point) are
+    each opened without following a link and read through ``/proc/self/fd``: their
+    ``ContainerInfo.path`` is valid only while the loop body runs (its metadata is read at
+    once)."""
+    mounts: set[str] | None = None
     for root in roots if roots is not None else run_roots():
         with opened(root) as base:
             if base is None:
                 continue
-            for entry in container_dirs(base):
-                yield root, ContainerInfo(entry)
+            if root.own:
+                for entry in container_dirs(base):
+                    yield root, ContainerInfo(entry)
+                continue
+            mounts = mount_points() if mounts is None else mounts
+            for entry in container_dirs(base)[:MAX_FOREIGN]:
+                if str(root.path / entry.name) in mounts:
+                    continue
+                try:
+                    fd = os.open(entry, _DIR_FLAGS)
+                except OSError:
+                    continue  # swapped for a link or something else meanwhile
+                try:
+                    yield root, ContainerInfo(Path(f"/proc/self/fd/{fd}"), entry.name)
+                finally:
+                    os.close(fd)
 
 
 def cgroup_manager(root: RunRoot, info: ContainerInfo) -> CgroupManager | None:

@@ -52,7 +52,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 #: The most a run dir file may hold: each is a few hundred bytes when the runtime writes
 #: it. Root's ``ps`` and ``gc`` read other users' run dirs, where anything may be planted.
-MAX_RUN_FILE = 1 << 20
+MAX_RUN_FILE = 64 << 10
 
 
 def read_small(path: Path, limit: int = MAX_RUN_FILE) -> bytes | None:
@@ -82,7 +82,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." planted by anyone
         return None
     return data if isinstance(data, dict) else None
 
@@ -104,9 +104,12 @@ class ContainerInfo:
     ``find_container`` (``ps``, the provisioner's re-attach), by gc for each run dir and by the
     image store's in-use check."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, container_id: str | None = None) -> None:
+        """Read the metadata and pid files of the run dir at ``path`` now (the path may be a
+        ``/proc/self/fd`` one, valid only while its opener holds it: then ``container_id``
+        names the container)."""
         self.path = path
-        self.id = path.name
+        self.id = container_id or path.name
         self.meta: dict[str, Any] = read_json(path / "meta.json") or {}
         self.pidinfo: dict[str, Any] = _read_pidfile(path / "pid")
 
@@ -190,3 +193,53 @@ def find_container(container_id: str, *, root: Path | None = None) -> ContainerI
             f"no container {container_id!r} under {root}; list them with: sandbox-kernel ps"
         )
     return ContainerInfo(root / container_id)
+
+
+#: remove_tree's bounds: entries removed, directory depth.
+REMOVE_MAX_ENTRIES = 200_000
+REMOVE_MAX_DEPTH = 256
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def remove_tree(parent_fd: int, name: str) -> None:
+    """Remove the directory ``name`` of the directory open at ``parent_fd`` and all it holds,
+    as root may in another user's run dir: every directory opened relative to its parent
+    without following a link and without blocking (a FIFO or device swapped in is unlinked,
+    never opened), no recursion, bounded in entries and depth (OSError past them). Called
+    by root's gc for other users' dead run dirs."""
+    top = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    stack: list[tuple[int, str, int]] = [(parent_fd, name, top)]
+    removed = 0
+    try:
+        while stack:
+            pfd, here, fd = stack[-1]
+            child: tuple[int, str, int] | None = None
+            with os.scandir(fd) as it:
+                for entry in it:
+                    removed += 1
+                    if removed > REMOVE_MAX_ENTRIES:
+                        raise OSError(f"more than {REMOVE_MAX_ENTRIES} entries below {name}")
+                    if entry.is_dir(follow_symlinks=False):
+                        try:
+                            child = (fd, entry.name, os.open(entry.name, _DIR_FLAGS, dir_fd=fd))
+                        except OSError:  # swapped for something else meanwhile
+                            with contextlib.suppress(OSError):
+                                os.unlink(entry.name, dir_fd=fd)
+                            continue
+                        break
+                    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                        os.unlink(entry.name, dir_fd=fd)
+            if child is not None:
+                if len(stack) >= REMOVE_MAX_DEPTH:
+                    os.close(child[2])
+                    raise OSError(f"deeper than {REMOVE_MAX_DEPTH} directories below {name}")
+                stack.append(child)
+                continue
+            stack.pop()
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(here, dir_fd=pfd)
+    finally:
+        for _, _, fd in stack:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -287,42 +287,64 @@ def root_mode_keeping(sub: SubRange, uid: int, gid: int) -> UserNamespace:
     """Root mode for a notebook folder whose filesystem cannot be idmapped (NFS, CIFS, 9p,
     tmpfs before Linux 6.3): container ids map into ``sub`` as in ``root_mode``, except the
     folder owner's ``uid`` and ``gid``, which map to themselves, so that the kernel's files
-    there still belong to the owner (podman's keep-id for that one id). Host root is never
-    kept: for uid or gid 0 this is plain ``root_mode``. Called by the kernel launcher."""
-    if uid <= 0 or gid <= 0 or uid >= sub.count or gid >= sub.count:
-        return root_mode(sub)
-    return UserNamespace(keep_id(uid, sub), keep_id(gid, sub), None, "", "root")
+    there still belong to the owner (podman's keep-id for that one id). Only a regular
+    account's id is kept (``_keepable``: never root, a system id or nobody); an id that is
+    not stays in the range. Called by the kernel launcher."""
+    whole = root_mode(sub)
+    uids = keep_id(uid, sub) if _keepable(uid, sub) else whole.uid_map
+    gids = keep_id(gid, sub) if _keepable(gid, sub) else whole.gid_map
+    return UserNamespace(uids, gids, None, "", "root")
+
+
+#: The first id of a regular account (Debian's UID_MIN/GID_MIN): ids below are the
+#: system's, never kept as the host's.
+FIRST_REGULAR_ID = 1000
+NOBODY = 65534
+
+
+def _keepable(i: int, sub: SubRange) -> bool:
+    """May host id ``i`` appear in a root-mode map as itself? Only a regular account's
+    (not root, not a system id, not nobody, which daemons share) inside the range size."""
+    return FIRST_REGULAR_ID <= i < sub.count and i != NOBODY
 
 
 _IDMAP_CACHE: dict[int, bool] = {}
 
 
 def idmap_supported(path: str) -> bool:
-    """Can the filesystem of ``path`` (a directory) be idmapped (``mount_setattr`` with
-    MOUNT_ATTR_IDMAP, which root mode uses for notebook folders)? Asked of the executor
-    (``sk-runtime --probe-idmap``) once per filesystem (device) and process; root only.
-    Called by the kernel launcher before each root-mode kernel start."""
+    """Can the filesystem of the directory ``path`` be idmapped (``mount_setattr`` with
+    MOUNT_ATTR_IDMAP, which root mode uses for notebook folders)? The folder is opened once
+    (``O_PATH``, no link followed at its last component) and that very directory is probed by
+    the executor (``sk-runtime --probe-idmap /proc/self/fd/N``); a definite answer is kept
+    per filesystem (device) for the process, a failed probe is not (and counts as no).
+    Root only. Called by the kernel launcher before each root-mode kernel start and by
+    ``doctor``."""
     try:
-        dev = os.stat(path).st_dev
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return True  # the start reports the missing folder itself
-    cached = _IDMAP_CACHE.get(dev)
-    if cached is not None:
-        return cached
-    from .executor import runtime_binary
-
     try:
-        proc = subprocess.run(
-            [runtime_binary(), "--probe-idmap", path],
-            capture_output=True,
-            timeout=10,
-            check=False,
-        )
-        ok = proc.returncode == 0
-    except (OSError, subprocess.TimeoutExpired, SandboxError):
-        ok = False
-    _IDMAP_CACHE[dev] = ok
-    return ok
+        dev = os.fstat(fd).st_dev
+        cached = _IDMAP_CACHE.get(dev)
+        if cached is not None:
+            return cached
+        from .executor import runtime_binary
+
+        try:
+            proc = subprocess.run(
+                [runtime_binary(), "--probe-idmap", f"/proc/self/fd/{fd}"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+                pass_fds=(fd,),
+            )
+        except (OSError, subprocess.TimeoutExpired, SandboxError):
+            return False
+        if proc.returncode in (0, 1):
+            _IDMAP_CACHE[dev] = proc.returncode == 0
+        return proc.returncode == 0
+    finally:
+        os.close(fd)
 
 
 def for_caller() -> UserNamespace:

@@ -96,6 +96,11 @@ def test_v2_recorded_parent_only_inside_the_users_delegation(tmp_path: Path) -> 
         "x" * 5000,
     ):
         assert v2_recorded_parent(layout, bad, me) is None, bad
+    esc = mount / "a\x1b[2Jb.scope"  # it would reach root's terminal in gc's messages
+    esc.mkdir()
+    for f in ("cgroup.procs", "cgroup.subtree_control"):
+        (esc / f).write_text("")
+    assert v2_recorded_parent(layout, str(esc), me) is None
     link = mount / "link.scope"
     link.symlink_to(d)
     assert v2_recorded_parent(layout, str(link), me) is None, "a symlink on the way"

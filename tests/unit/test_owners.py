@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_kernel import paths
+from sandbox_kernel.cli import ps
 from sandbox_kernel.runtime import owners
 from sandbox_kernel.runtime.rundir import (
     MAX_RUN_FILE,
@@ -16,6 +17,7 @@ from sandbox_kernel.runtime.rundir import (
     container_dirs,
     read_json,
     read_small,
+    remove_tree,
 )
 
 CID = "sk-0123456789ab"
@@ -39,6 +41,8 @@ def test_read_small_refuses_symlinks_big_files_and_fifos(tmp_path: Path) -> None
     assert read_small(tmp_path / "missing") is None
     (tmp_path / "list.json").write_text("[1, 2]")
     assert read_json(tmp_path / "list.json") is None
+    (tmp_path / "deep.json").write_text("[" * 60000)
+    assert read_json(tmp_path / "deep.json") is None, "too deep: no RecursionError"
 
 
 def test_container_dirs_are_real_directories_named_like_ids(tmp_path: Path) -> None:
@@ -82,6 +86,7 @@ def test_user_run_roots_only_what_that_user_made(
     # a symlink to a directory of the right owner
     (fake_tmp / f"sk-{me}0").symlink_to(good)
     (fake_tmp / "sk-abc").mkdir(mode=0o700)  # not a uid
+    (fake_tmp / f"sk-00{me}").mkdir(mode=0o700)  # the same uid again, spelt otherwise
     assert paths.user_run_roots() == [(me, good), (me, xdg)]
     good.chmod(0o755)  # open to others: not what that user's server makes
     assert paths.user_run_roots() == [(me, xdg)]
@@ -119,3 +124,70 @@ def test_opened_rechecks_the_owner_and_never_follows_a_swap(
         real.rename(tmp_path / "moved-again")
         assert [p.name for p in container_dirs(base)] == [CID]
         assert ContainerInfo(base / CID).meta == {"image": "python3"}
+
+
+def test_remove_tree_never_follows_nor_blocks(tmp_path: Path) -> None:
+    """Root removing another user's dead run dir: links inside are unlinked, not followed; a
+    FIFO is unlinked, never opened; no recursion limit; a too deep tree stops with OSError."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    base = tmp_path / "root"
+    victim = base / CID / "scratch" / "a"
+    victim.mkdir(parents=True)
+    (victim / "link").symlink_to(outside)
+    (victim / "file").write_text("y")
+    os.mkfifo(victim / "fifo")
+    deep = base / CID / "deep"
+    deep.mkdir()
+    d = deep
+    for _ in range(50):
+        d = d / "d"
+        d.mkdir()
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        remove_tree(fd, CID)
+        assert not (base / CID).exists()
+        assert (outside / "keep").read_text() == "x", "nothing behind a link is touched"
+        os.mkfifo(base / "sk-fifo")  # swapped in for a run dir: refused at once, not opened
+        with pytest.raises(NotADirectoryError):
+            remove_tree(fd, "sk-fifo")
+        (base / "sk-link").symlink_to(outside)
+        with pytest.raises(OSError):
+            remove_tree(fd, "sk-link")
+        assert (outside / "keep").exists()
+        d = base / "too-deep"
+        for _ in range(300):
+            d = d / "d"
+        d.mkdir(parents=True)
+        with pytest.raises(OSError, match="deeper than"):
+            remove_tree(fd, "too-deep")
+    finally:
+        os.close(fd)
+
+
+def test_ps_survives_hostile_metadata(tmp_path: Path) -> None:
+    """What another user plants in a run dir (huge or infinite numbers, wrong types, escape
+    sequences) neither crashes ps nor reaches the terminal."""
+    d = tmp_path / CID
+    d.mkdir()
+    meta = {
+        "created": 10**400,
+        "limits": {"memory": 10**400, "cpus": "lots", "pids": -5, "defer_cpu": "yes"},
+        "user": 2**70,
+        "image": "py\x1b[2J\x1b]0;pwned\x07",
+        "kernelspec": ["not", "a", "string"],
+    }
+    (d / "meta.json").write_text(json.dumps(meta).replace("Infinity", "1e999"))
+    (d / "pid").write_text(json.dumps({"pid": os.getpid(), "start": None}))
+    rows = ps.collect(tmp_path)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["limits"] == {"memory": None, "cpus": None, "cpu_deferred": False, "pids": None}
+    assert row["user"] is None and row["kernelspec"] is None
+    assert row["image"] is not None and "\x1b" not in row["image"] and "\x07" not in row["image"]
+    table = ps.format_table(rows)
+    assert "\x1b" not in table and CID in table
+    meta["created"] = float("-inf")
+    (d / "meta.json").write_text(json.dumps(meta))  # -Infinity: Python's json reads it
+    assert ps.format_table(ps.collect(tmp_path))

@@ -123,12 +123,15 @@ def test_root_mode_keeping_keeps_the_owner_never_root() -> None:
     assert kept.mode == "root" and kept.host_uid(1000) == 1000 and kept.host_gid(1000) == 1000
     assert kept.host_uid(0) == 196608 and kept.host_uid(1001) == 196608 + 1000
     assert not any(0 in r for r in _outside(kept.uid_map))
-    for uid, gid in ((0, 1000), (1000, 0), (70000, 70000)):
-        assert userns.root_mode_keeping(sub, uid, gid) == userns.root_mode(sub)
+    for uid in (0, 1, 999, 65534, 70000):  # root, system ids, nobody, beyond the range
+        ns = userns.root_mode_keeping(sub, uid, uid)
+        assert ns == userns.root_mode(sub), uid
+    half = userns.root_mode_keeping(sub, 1000, 100)  # the group 'users' is not kept
+    assert half.host_uid(1000) == 1000 and half.gid_map == userns.root_mode(sub).gid_map
 
 
 def test_kernel_userns_falls_back_where_the_folder_cannot_be_idmapped(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from sandbox_kernel.jupyter import launch
 
@@ -138,9 +141,15 @@ def test_kernel_userns_falls_back_where_the_folder_cannot_be_idmapped(
     ns, idmapped, note = launch.kernel_userns("/srv/nb", 1000, 1000)
     assert ns == userns.root_mode(sub) and idmapped and not note
     monkeypatch.setattr(userns, "idmap_supported", lambda path: False)
-    ns, idmapped, note = launch.kernel_userns("/srv/nb", 1000, 1000)
-    assert not idmapped and ns.host_uid(1000) == 1000 and "host uid 1000" in note
-    ns, idmapped, note = launch.kernel_userns("/srv/nb", 65534, 65534)
-    assert ns.host_uid(65534) == 65534
-    ns, idmapped, note = launch.kernel_userns("/srv/nb", 0, 0)
-    assert ns == userns.root_mode(sub) and "not kept" in note
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    if os.getuid() == 0:
+        os.chown(nb, 1000, 1000)
+    owner = nb.stat().st_uid
+    ns, idmapped, note = launch.kernel_userns(str(nb), owner, owner)
+    if owner >= 1000:
+        assert not idmapped and ns.host_uid(owner) == owner and f"host uid {owner}" in note
+    ns, idmapped, note = launch.kernel_userns(str(nb), owner + 1, owner + 1)
+    assert ns == userns.root_mode(sub) and "not kept" in note, "only the folder's owner"
+    ns, idmapped, note = launch.kernel_userns(str(nb), 65534, 65534)
+    assert ns == userns.root_mode(sub), "nobody is never kept"

@@ -2196,7 +2196,8 @@ static int idmapped_tree(const char *path, int userns, int recursive, uint64_t a
 }
 
 /* --probe-idmap PATH (root): can PATH's filesystem be idmapped? Exit 0 when it can, 1 with
- * the reason on stderr when it cannot (the caller then keeps the owner's own id in the map). */
+ * the reason on stderr when the filesystem refuses (the caller then keeps the owner's own id
+ * in the map), 2 when PATH cannot be opened (nothing learnt about the filesystem). */
 static int probe_idmap(const char *path)
 {
     static const char map[] = "0 65534 1\n";
@@ -2205,7 +2206,7 @@ static int probe_idmap(const char *path)
     if (fd < 0) {
         (void)fprintf(stderr, "sk-runtime: open_tree %s: %s\n", path, strerror(errno));
         close(ns);
-        return 1;
+        return 2;
     }
     struct sk_mount_attr ma = { .attr_set = SK_MOUNT_ATTR_IDMAP, .userns_fd = (uint64_t)ns };
     int rc = (int)syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH, &ma, sizeof ma);
