@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
 import platform
 import sys
@@ -19,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .stats import Figure, markdown, table
+from .stats import Figure, markdown, save, stamp, table
 
 ALL = ("P1", "P2", "P5", "P6", "P7", "P8", "T")
 KERNEL_FIGURES = {"P1", "P5", "P6", "P7", "T"}
@@ -137,11 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         print(f"note: {n}")
     print(f"({elapsed:.0f} s)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    when = stamp()
     result = {
-        "date": stamp,
+        "date": when,
         "machine": _machine(),
         "quick": args.quick,
         "seconds": round(elapsed, 1),
@@ -149,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
         "markdown": markdown(figs),
     }
-    for name in (f"bench-{stamp}.json", "latest.json"):
-        (out / name).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out / ('bench-' + stamp + '.json')}")
+    print(f"wrote {save(args.out, (f'bench-{when}.json', 'latest.json'), result)}")
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
 import pwd
@@ -39,7 +38,7 @@ from sandbox_kernel.runtime.container import Container
 from sandbox_kernel.runtime.spec import ContainerSpec, Limits
 
 from .kernels import Kernel, client_context
-from .stats import Figure, markdown, ratio, table
+from .stats import Figure, markdown, ratio, save, stamp, table
 
 KERNEL = "python3-sandbox"
 R1_LIMIT = 1.05
@@ -240,16 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     figs = asyncio.run(measure(args.user, rounds, setups))
     print(table(figs))
     print(f"({time.monotonic() - t0:.0f} s)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result = {
-        "date": stamp,
-        "quick": args.quick,
-        "figures": [f.as_dict() for f in figs],
-        "markdown": markdown(figs),
-    }
-    (out / "rootless-latest.json").write_text(json.dumps(result, indent=1) + "\n")
+    when = stamp()
+    result = {"date": when, "quick": args.quick, "figures": [f.as_dict() for f in figs]}
+    result["markdown"] = markdown(figs)
+    names = (f"rootless-{when}.json", "rootless-latest.json")
+    print(f"wrote {save(args.out, names, result)}")
     return 0
 
 

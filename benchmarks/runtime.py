@@ -1,7 +1,8 @@
 """P2 container setup time and P3 host-side memory per running container (runtime only).
 
 P2: the executor reports, per container, the microseconds from its own start to the
-main process's execve (the ``exec`` status line). Also the whole Python-side
+main process's execve (the ``exec`` status line), root mode with its user namespace and
+idmapped layers as the product runs it. Also the whole Python-side
 create+start+wait+destroy cycle, for context.
 P3: VmRSS of the executor's supervisor process (the only host-side process per
 container; init and the command are inside the container's cgroup and counted there).
@@ -13,7 +14,7 @@ import subprocess
 import time
 
 from sandbox_kernel.paths import new_container_id
-from sandbox_kernel.runtime import hostimage
+from sandbox_kernel.runtime import hostimage, userns
 from sandbox_kernel.runtime.container import Container
 from sandbox_kernel.runtime.spec import ContainerSpec, Limits
 
@@ -21,7 +22,8 @@ from .stats import Figure
 
 
 def _spec(command: list[str], **kw: object) -> ContainerSpec:
-    return ContainerSpec(
+    """A container as the product makes it: in the caller's user namespace (root mode)."""
+    spec = ContainerSpec(
         id=new_container_id(),
         layers=(str(hostimage.layer_dir()),),
         command=tuple(command),
@@ -29,6 +31,7 @@ def _spec(command: list[str], **kw: object) -> ContainerSpec:
         limits=Limits(memory=256 << 20, pids=64, cpus=1.0),
         **kw,  # type: ignore[arg-type]
     )
+    return userns.for_caller().apply(spec)
 
 
 def _rss_kib(pid: int) -> int:

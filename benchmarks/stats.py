@@ -7,10 +7,13 @@ that the noise of a shared machine (other jobs come and go) hits both sides alik
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -114,3 +117,18 @@ def _fmt(value: object, unit: str) -> str:
     if not isinstance(value, (int, float)) or math.isnan(value):
         return "-"
     return f"{value:.3g} {unit}"
+
+
+def save(out: str, names: Sequence[str], result: dict[str, object]) -> Path:
+    """Write ``result`` (JSON) under the folder ``out`` as each of ``names``; the first
+    path. Called by ``python -m benchmarks`` and ``benchmarks.rootless``."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text(json.dumps(result, indent=1) + "\n")
+    return folder / names[0]
+
+
+def stamp() -> str:
+    """The UTC time of a run, as its result files are named."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

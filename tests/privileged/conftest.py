@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,22 @@ def assert_no_leftovers() -> Callable[[Iterable[str]], None]:
         assert [x for c in ids for x in leftovers(c)] == []
 
     return check
+
+
+def crash(c: Any) -> None:
+    """Leave the started container ``c`` as a crashed server leaves it: its executor killed,
+    its owner and supervisor pids forged to a dead process's, its run dir and cgroups still
+    there (for gc to find). Used by the gc tests of the runtime and of root's gc."""
+    import json
+    import signal
+    import subprocess
+
+    dead = subprocess.Popen(["/bin/true"])
+    dead.wait()
+    assert c.pid is not None and c.proc is not None
+    os.kill(c.pid, signal.SIGKILL)
+    c.proc.wait(5)
+    meta = json.loads((c.run_dir / "meta.json").read_text())
+    meta["owner_pid"] = dead.pid
+    (c.run_dir / "meta.json").write_text(json.dumps(meta))
+    (c.run_dir / "pid").write_text(json.dumps({"pid": dead.pid, "start": None}))

@@ -9,7 +9,6 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from sandbox_kernel.paths import new_container_id
 from sandbox_kernel.runtime import hostimage, userns
 from sandbox_kernel.runtime.container import Container
 from sandbox_kernel.runtime.spec import ContainerSpec, Limits
+from tests.privileged.conftest import crash
 
 pytestmark = [pytest.mark.privileged, pytest.mark.root_only]
 
@@ -147,20 +147,6 @@ def _user_container(run_root: Path, uid: int, command: list[str]) -> Container:
     return c
 
 
-def _crash(c: Container) -> None:
-    """Leave ``c`` as a crashed server leaves it: executor gone, owner gone, run dir and
-    cgroup still there."""
-    dead = subprocess.Popen(["/bin/true"])
-    dead.wait()
-    assert c.pid is not None and c.proc is not None
-    os.kill(c.pid, signal.SIGKILL)
-    c.proc.wait(5)
-    meta = json.loads((c.run_dir / "meta.json").read_text())
-    meta["owner_pid"] = dead.pid
-    (c.run_dir / "meta.json").write_text(json.dumps(meta))
-    (c.run_dir / "pid").write_text(json.dumps({"pid": dead.pid, "start": None}))
-
-
 @pytest.mark.skipif(not detect().v1_mounts, reason="the v1 delegation (v2: in the guest)")
 def test_root_ps_stats_and_gc_cover_every_user(
     user: tuple[str, int], capsys: pytest.CaptureFixture[str]
@@ -189,7 +175,7 @@ def test_root_ps_stats_and_gc_cover_every_user(
     )
     try:
         mine.start(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        _crash(crashed)
+        crash(crashed)
         # planted by the user: a dead run dir named like root's live container, a run dir
         # that is a symlink to root's, a meta.json that is a symlink to a root-only file
         forged = run_root / mine.id

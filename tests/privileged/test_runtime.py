@@ -30,6 +30,7 @@ from sandbox_kernel.runtime.container import Container, ExitResult
 from sandbox_kernel.runtime.leftovers import collect_leftovers
 from sandbox_kernel.runtime.spec import Bind, ContainerSpec, Limits
 from tests.hostmounts import host_mounts
+from tests.privileged.conftest import crash
 
 pytestmark = pytest.mark.privileged
 MIB = 1024 * 1024
@@ -440,19 +441,11 @@ def test_200_create_destroy_cycles_leave_nothing() -> None:
 
 
 def test_gc_removes_crash_leftovers() -> None:
-    dead = subprocess.Popen(["/bin/true"])
-    dead.wait()
     spec = make_spec(["/bin/sleep", "1000"])
     c = Container.create(spec)
     c.start()
-    assert c.pid is not None and c.proc is not None and c._status is not None
-    # simulate a crashed owner and supervisor: kill the executor, then forge dead pids
-    os.kill(c.pid, signal.SIGKILL)
-    c.proc.wait(5)
-    meta = json.loads((c.run_dir / "meta.json").read_text())
-    meta["owner_pid"] = dead.pid
-    (c.run_dir / "meta.json").write_text(json.dumps(meta))
-    (c.run_dir / "pid").write_text(json.dumps({"pid": dead.pid, "start": None}))
+    assert c._status is not None
+    crash(c)  # a crashed owner and supervisor
     assert spec.id in collect_leftovers(dry_run=True).run_dirs
     report = collect_leftovers()
     assert spec.id in report.run_dirs and spec.id in report.cgroups
