@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ from typing import Any
 
 from ..errors import BuildError, ImageNotFound, SandboxError
 from ..paths import new_container_id, state_dir
-from ..runtime import userns
+from ..runtime import hostimage, userns
 from ..runtime.container import Container
 from ..runtime.spec import Bind, ContainerSpec
 from . import lookup, oci, pip_target
@@ -61,6 +63,7 @@ from .recipe import (
 )
 from .store import Image, ImageConfig, ImageStore, Layer
 
+log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 MIRROR_ENV = "SANDBOX_KERNEL_DEBIAN_MIRROR"
@@ -254,9 +257,57 @@ def run_in_image(
             text = out.read()
         os.rename(session / "upper", upper)
     finally:
-        shutil.rmtree(session, ignore_errors=True)
+        _remove_session(session)
     _clean_overlay_upper(upper)
     return subprocess.CompletedProcess(list(argv), result.status, text, None)
+
+
+def _remove_session(session: Path) -> None:
+    """Remove a build step's session dir. Rootless, what the namespace's root made there
+    (overlayfs's ``work/work``, the shim layer) belongs to a subordinate id the caller cannot
+    remove: that part goes in a short sandbox of the product's runtime, as container root
+    over the session dir, then the rest as the caller."""
+    # overlayfs leaves its work/work dir with mode 000: the caller's own ones opened first
+    me = os.geteuid()
+    for dirpath, dirnames, _ in os.walk(session):
+        for name in dirnames:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == me:
+                    os.chmod(os.path.join(dirpath, name), 0o700)
+    shutil.rmtree(session, ignore_errors=True)
+    if not session.exists() or os.geteuid() == 0:
+        return
+    ns = userns.for_caller()
+    if not ns.has_root:
+        log.warning("cannot remove %s: files of another id, and no subordinate range", session)
+        return
+    # container root has no capabilities: it gets in through open modes on the caller's
+    # directories, and makes its own ones writable before removing them
+    names = sorted(os.listdir(session))
+    for d in (session, *(session / n for n in names)):
+        with contextlib.suppress(OSError):
+            if d.is_dir() and not d.is_symlink() and d.stat().st_uid == os.geteuid():
+                d.chmod(0o777)
+    script = 'chmod -R u+rwx -- "$@" 2>/dev/null; exec rm -rf --one-file-system -- "$@"'
+    spec = ContainerSpec(
+        id=new_container_id(),
+        layers=(str(hostimage.layer_dir()),),
+        command=("/bin/sh", "-c", script, "sh", *(f"/session/{n}" for n in names)),
+        mounts=(*hostimage.binds(), Bind(str(session), "/session", readonly=False)),
+        user=0,
+        group=0,
+        allow_root=True,
+        hostname="cleanup",
+    )
+    with Container.create(ns.apply(spec)) as container:
+        container.start(
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        container.wait(60)
+    shutil.rmtree(session, ignore_errors=True)
+    if session.exists():
+        log.warning("could not remove %s", session)
 
 
 def _clean_overlay_upper(upper: Path) -> None:

@@ -58,6 +58,10 @@ def test_build_from_the_system_store(tmp_path: Path) -> None:
     assert own.resolve("python3:latest", unpack=False).digest == parent.digest
     assert run_in(image.ref, "import course_helpers; print(course_helpers.ANSWER)") == "42\n"
     own.remove(image.ref)
+    # nothing of the steps is left, not even what the namespace's root made (overlayfs's
+    # work dir, the shim layer): the caller could not remove it
+    scratch = own.root / "build-tmp"
+    assert not scratch.exists() or list(scratch.iterdir()) == [], list(scratch.iterdir())
 
 
 def test_import_into_the_own_store(tmp_path: Path) -> None:
