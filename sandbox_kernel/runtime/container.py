@@ -37,7 +37,7 @@ from .leftovers import collect_leftovers
 from .plan import HostContext, compile_plan
 from .protocol import encode_plan
 from .rundir import ensure_run_root, proc_starttime, read_json, write_json
-from .spec import ContainerSpec, Limits
+from .spec import ContainerSpec, Limits, NetworkMode
 from .userns import userns_problems
 from .validate import validate_spec
 
@@ -255,6 +255,7 @@ class Container:
             cgroup_version=version,
             cgroup_v1_mounts=self.cgroup.view_mounts(),
             seccomp_file=seccomp_file,
+            netlink=(netns.loopback_request(),) if self.spec.network is NetworkMode.NONE else (),
         )
         plan = compile_plan(self.spec, host)
         if self.spec.uid_map and os.geteuid() != 0:
@@ -310,30 +311,19 @@ class Container:
         # executor reports next (init gone): keep reading, and prefer the executor's message.
         pending: BaseException | None = None
         while True:
-            try:
-                fields = self._status.read_line(deadline)
-            except TimeoutError:
-                raise RuntimeStartError(
-                    f"container {self.id}: setup did not finish in time", stage="timeout"
-                ) from None
-            if fields is None:
-                if pending is not None:
-                    raise pending
-                code = self.proc.wait() if self.proc else -1
-                raise RuntimeStartError(
-                    f"container {self.id}: the executor exited ({code}) before the command started"
-                )
+            fields = self._status_line(deadline, pending)
             kind = fields[0]
             if kind == "child":
                 self.init_pid = int(fields[1])
-            elif kind == "netns":
+            elif kind == "netlink":
                 try:
-                    netns.configure_none(int(fields[1]))
-                    os.write(self._control_fd, b"go\n")
-                except (OSError, RuntimeStartError) as exc:
+                    netns.check_reply(fields[1] if len(fields) > 1 else "")
+                except RuntimeStartError as exc:
                     pending = exc
                     self._close_control()  # the executor takes the container down now
             elif kind == "exec":
+                if pending is not None:  # exec'd before the failed reply was read: no start
+                    raise pending
                 self.setup_us = int(fields[1])
                 return
             elif kind == "error":
@@ -349,6 +339,26 @@ class Container:
                 raise RuntimeStartError(
                     f"container {self.id}: the command ended during setup ({' '.join(fields)})"
                 )
+
+    def _status_line(self, deadline: float, pending: BaseException | None) -> list[str]:
+        """The executor's next status line during setup; RuntimeStartError past the deadline
+        or when it ended without a word (``pending``, the network's failure, when there is
+        one: that is why it ended)."""
+        assert self._status is not None
+        try:
+            fields = self._status.read_line(deadline)
+        except TimeoutError:
+            raise RuntimeStartError(
+                f"container {self.id}: setup did not finish in time", stage="timeout"
+            ) from None
+        if fields is not None:
+            return fields
+        if pending is not None:
+            raise pending
+        code = self.proc.wait() if self.proc else -1
+        raise RuntimeStartError(
+            f"container {self.id}: the executor exited ({code}) before the command started"
+        )
 
     @property
     def limits_enforced(self) -> bool:

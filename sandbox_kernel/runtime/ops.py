@@ -110,6 +110,15 @@ class SyncNet(Op):
     what: str = "net"
 
 
+@dataclass(frozen=True)
+class Netlink(Op):
+    """One rtnetlink request (hex), sent by init in the container's network namespace; its
+    reply comes back on the status fd as ``netlink HEX``."""
+
+    keyword = "netlink"
+    request: str
+
+
 class UidMap(_MapOp):
     """One uid map line of the user namespace (written by the supervisor)."""
 

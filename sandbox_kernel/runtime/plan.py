@@ -41,8 +41,9 @@ class HostContext:
     cgroup_v1_mounts: tuple[tuple[str, str], ...] = ()
     #: The compiled seccomp filter file, or None for no filter.
     seccomp_file: str | None = None
-    #: Let the owner configure the network namespace before the command starts.
-    sync_net: bool = True
+    #: rtnetlink requests (hex, made with pyroute2 by ``runtime.netns``) init sends in the
+    #: container's network namespace: loopback up, for network "none".
+    netlink: tuple[str, ...] = ()
     #: Rootless: the shim layer's entries (``runtime.shim``), made before the root.
     shim: tuple[ShimEntry, ...] = ()
 
@@ -54,8 +55,7 @@ def _setup(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
     out += [ops.JoinCgroup(d) for d in host.cgroup_dirs]
     if host.seccomp_file:
         out.append(ops.Seccomp(host.seccomp_file))
-    if host.sync_net:
-        out.append(ops.SyncNet())
+    out += [ops.Netlink(request) for request in host.netlink]
     return out
 
 

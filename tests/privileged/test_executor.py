@@ -7,6 +7,7 @@ and runs it as uid 65534.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import shutil
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from sandbox_kernel.errors import RuntimeStartError
 
 pytestmark = pytest.mark.privileged
 
@@ -757,6 +760,31 @@ def test_command_not_found_and_not_executable(tmp_path: Path) -> None:
     err = r.line("error")
     assert err is not None and err[1] == "13"
     assert r.line("exit") is None
+
+
+def test_netlink_requests_are_sent_in_the_containers_namespace(tmp_path: Path) -> None:
+    """Init sends each `netlink` request in the container's network namespace and reports
+    the kernel's reply: loopback comes up there (not on the host); a request the kernel
+    refuses (no such link) comes back as an error reply the owner decodes."""
+    from sandbox_kernel.runtime import netns
+
+    probe = (
+        "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1); "
+        "socket.create_connection(s.getsockname(), timeout=5); print('lo up')"
+    )
+    plan = host_like_plan(tmp_path, ["/usr/bin/python3", "-c", probe])
+    plan.records.insert(0, f"netlink {netns.loopback_request()}")
+    plan.records.insert(1, f"netlink {netns.link_up_request('sk-nosuch0')}")
+    r = run_plan(plan, tmp_path)
+    assert r.rc == 0, r
+    replies = [s.split(" ")[1] for s in r.status if s.startswith("netlink ")]
+    assert len(replies) == 2
+    netns.check_reply(replies[0])  # lo: acked
+    with pytest.raises(RuntimeStartError) as err:
+        netns.check_reply(replies[1])
+    assert err.value.stage == "network" and err.value.errno == errno.ENODEV
+    assert r.stdout.strip() == "lo up", "loopback works inside"
+    assert [s for s in r.status if s.startswith("exec")], r
 
 
 def test_sync_net_waits_for_go(tmp_path: Path) -> None:

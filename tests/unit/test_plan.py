@@ -1,6 +1,8 @@
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sandbox_kernel.runtime import ops
 from sandbox_kernel.runtime.plan import HostContext, compile_plan
 from sandbox_kernel.runtime.spec import Bind, ContainerSpec, Limits, Tmpfs
@@ -63,7 +65,7 @@ def test_identity_limits_and_security_records(tmp_path: Path) -> None:
     assert ("rlimit", "core", "0", "0") in recs
     assert ("nonewprivs", "1") in recs
     assert ("seccomp", "/run/sk/filter.bpf") in recs
-    assert ("sync", "net") in recs
+    assert ("sync", "net") not in recs  # nothing configures the network from the host
     assert ("mask", "/proc/kcore") in recs and ("readonly", "/proc/sys") in recs
     assert ("remount", "/dev", "ro,nosuid,noexec") in recs
     assert ("mount", "cgroup2", "cgroup2", "/sys/fs/cgroup", "ro,nosuid,nodev,noexec", "-") in recs
@@ -153,3 +155,28 @@ def test_every_operation_is_a_record_the_executor_knows(tmp_path: Path) -> None:
     assert ops.UidMap(0, 1000, 1).record() == ("uidmap", "0", "1000", "1")
     assert ops.Scratch("/s", None).record() == ("scratch", "/s", "-")
     assert ops.Umask(0o022).record() == ("umask", "22")
+
+
+def test_loopback_request_goes_into_the_plan_and_replies_are_checked(tmp_path: Path) -> None:
+    """Network none: the pyroute2-built request is a supervisor record; a reply that is
+    not a clean ack fails the start (stage network)."""
+    import struct
+
+    from sandbox_kernel.errors import RuntimeStartError
+    from sandbox_kernel.runtime import netns
+
+    req = netns.loopback_request()
+    raw = bytes.fromhex(req)
+    assert struct.unpack_from("=IHH", raw)[1] == netns.RTM_NEWLINK and b"lo\0" in raw
+    recs = records(_spec(tmp_path), _host(netlink=(req,)))
+    assert ("netlink", req) in recs
+    assert kinds(recs).index("netlink") < kinds(recs).index("scratch")
+
+    def reply(kind: int, error: int) -> str:
+        return struct.pack("=IHHIIi", 20, kind, 0, 1, 0, error).hex()
+
+    netns.check_reply(reply(netns.NLMSG_ERROR, 0))
+    for bad in (reply(netns.NLMSG_ERROR, -1), reply(16, 0), "zz", ""):
+        with pytest.raises(RuntimeStartError) as err:
+            netns.check_reply(bad)
+        assert err.value.stage == "network"

@@ -44,6 +44,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
@@ -51,6 +52,7 @@
 #include <sys/wait.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
+#include <linux/netlink.h>
 #include <linux/openat2.h>
 #include <linux/seccomp.h>
 
@@ -317,7 +319,7 @@ die(int code, int err, const char *stage, const char *fmt, ...)
 enum kw {
     /* supervisor */
     K_ID, K_NAMESPACES, K_CGROUP, K_SECCOMP, K_SYNC, K_UIDMAP, K_GIDMAP, K_IDMAPHELPER,
-    K_NOUSERNS, K_BINDMAP, K_LOWERMAP,
+    K_NOUSERNS, K_BINDMAP, K_LOWERMAP, K_NETLINK,
     /* mount phase, in order */
     K_HOSTNAME, K_SCRATCH, K_SHIMDIR, K_SHIMFILE, K_ROOTFS, K_REALDIR, K_MKDIR, K_TOUCH, K_FILE, K_SYMLINK,
     K_MOUNT, K_BIND, K_MASK, K_READONLY, K_REMOUNT, K_PIVOT,
@@ -346,6 +348,7 @@ static const struct kwdef {
     [K_NOUSERNS] = { "nouserns", 0, PH_SUPERVISOR, 1 },
     [K_BINDMAP] = { "bindmap", 3, PH_SUPERVISOR, 0 },
     [K_LOWERMAP] = { "lowermap", 3, PH_SUPERVISOR, 0 },
+    [K_NETLINK] = { "netlink", 1, PH_SUPERVISOR, 0 },
     [K_HOSTNAME] = { "hostname", 1, PH_MOUNT, 1 },
     [K_SCRATCH] = { "scratch", 2, PH_MOUNT, 1 },
     [K_SHIMDIR] = { "shimdir", 2, PH_MOUNT, 0 },
@@ -401,6 +404,8 @@ static struct plan {
     struct sock_filter *filter;
     unsigned short nfilter;
     int sync_net;
+    unsigned char netlink[4][1024]; /* rtnetlink requests init sends in the container's netns */
+    size_t netlink_len[4], nnetlink;
     char uidmap[4096], gidmap[4096];
     size_t uidmap_len, gidmap_len;
     int uid0_mapped, gid0_mapped;        /* container root exists (the maps have inside id 0) */
@@ -743,6 +748,24 @@ static void load_seccomp(const char *path)
 
 /* Parse the whole plan. Fields are decoded in place; mount-phase records are
  * kept in order, everything else is folded into P. */
+/* netlink HEX: one rtnetlink request (built by the planner, with pyroute2), at most four of
+ * 1 KiB each; init sends them in the container's network namespace and reports each reply. */
+static void parse_netlink(const char *hex, size_t len)
+{
+    if (P.nnetlink == 4)
+        plan_error("netlink: at most 4 requests");
+    if (len < 32 || len % 2 || len / 2 > sizeof P.netlink[0])
+        plan_error("netlink: expected the hex of one request of 16 to 1024 bytes");
+    unsigned char *out = P.netlink[P.nnetlink];
+    for (size_t i = 0; i < len; i += 2) {
+        int hi = hexval(hex[i]), lo = hexval(hex[i + 1]);
+        if (hi < 0 || lo < 0)
+            plan_error("netlink: not hex");
+        out[i / 2] = (unsigned char)(hi << 4 | lo);
+    }
+    P.netlink_len[P.nnetlink++] = len / 2;
+}
+
 static void parse_plan(const char *path)
 {
     size_t len;
@@ -965,6 +988,7 @@ static void parse_plan(const char *path)
             P.gid_helper = f[1];
             break;
         case K_NOUSERNS: P.no_userns = 1; break;
+        case K_NETLINK: parse_netlink(f[0], fl[0]); break;
         case K_BINDMAP: append_map(P.bindmap, &P.bindmap_len, f); break;
         case K_LOWERMAP: append_map(P.lowermap, &P.lowermap_len, f); break;
         case K_ENV:
@@ -1026,6 +1050,8 @@ static void parse_plan(const char *path)
         plan_error("hostname needs the uts namespace");
     if (P.sync_net && !P.ns_net)
         plan_error("sync net needs the net namespace");
+    if (P.nnetlink && !P.ns_net)
+        plan_error("netlink needs the net namespace");
 }
 
 /* ------------------------------------------------------------------------- */
@@ -1800,6 +1826,45 @@ static void init_report(const char *line)
     write_all(g_report_fd, line, strlen(line));
 }
 
+/* Init, as root of the container's user namespace (and so with CAP_NET_ADMIN over its
+ * network namespace), before the mounts: send each `netlink` request of the plan on a
+ * NETLINK_ROUTE socket of the container's own network namespace and report the reply as
+ * `netlink HEX` (the owner decodes it, with pyroute2, and fails the start on an error). */
+static void send_netlink(void)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < P.nnetlink; i++) {
+        int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+        if (fd < 0)
+            die(EXIT_SETUP, errno, "network", "netlink socket: %s", strerror(errno));
+        int one = 1;
+        (void)setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, &one, sizeof one);
+        struct sockaddr_nl kernel = { .nl_family = AF_NETLINK };
+        if (sendto(fd, P.netlink[i], P.netlink_len[i], 0, (struct sockaddr *)&kernel,
+                   sizeof kernel) < 0)
+            die(EXIT_SETUP, errno, "network", "netlink send: %s", strerror(errno));
+        /* rtnetlink answers within sendto: the reply is queued already */
+        unsigned char reply[2048];
+        struct pollfd pfd = { .fd = fd, .events = POLLIN };
+        ssize_t n = -1;
+        if (poll(&pfd, 1, 5000) == 1)
+            n = recv(fd, reply, sizeof reply, MSG_DONTWAIT);
+        if (n <= 0)
+            die(EXIT_SETUP, n < 0 ? errno : EPROTO, "network", "netlink reply: %s",
+                n < 0 ? strerror(errno) : "none");
+        close(fd);
+        char line[16 + 2 * sizeof reply];
+        size_t o = (size_t)snprintf(line, sizeof line, "netlink ");
+        for (ssize_t k = 0; k < n; k++) {
+            line[o++] = hex[reply[k] >> 4];
+            line[o++] = hex[reply[k] & 15];
+        }
+        line[o++] = '\n';
+        line[o] = '\0';
+        init_report(line);
+    }
+}
+
 /* Read a single byte from the supervisor; 0 on EOF/error. */
 static char read_byte(int fd)
 {
@@ -1946,6 +2011,8 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
         if (P.no_userns)
             deny_nested_userns();
     }
+
+    send_netlink();
 
     /* nothing of the owner's fds is needed here, but what the mount phase uses */
     close_fds_except_sources(p2c_r, c2p_w);
@@ -2254,6 +2321,12 @@ static int relay_init_line(char *line, char *exit_line, size_t exit_cap)
         /* held back until init has been reaped */
         copy_line(exit_line, exit_cap, line);
         return 'x';
+    }
+    if (strncmp(line, "netlink ", 8) == 0) {
+        char copy[LINE_MAX_OUT + 2];
+        copy_line(copy, sizeof copy, line);
+        status_line(copy);
+        return 'n';
     }
     if (strncmp(line, "exec ", 5) == 0) {
         char out[96];
