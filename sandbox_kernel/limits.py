@@ -158,8 +158,12 @@ def limit_problems(limits: Limits) -> list[str]:
 
 @dataclass(frozen=True)
 class Ceilings:
-    """The administrator's per-kernel ceilings (``SandboxPolicy.max_*``), parsed. None: no
-    ceiling of the admin's (the bound still applies). Read by ``jupyter.resolve.read_policy``.
+    """The administrator's per-kernel ceilings, parsed: ``SandboxPolicy.max_*`` (read by
+    ``jupyter.resolve.read_policy``) and the policy file's (``policy.HostPolicy.for_user``),
+    the tighter of both (``tighter``). None: no ceiling (the bound still applies).
+
+    where: (name, source) pairs naming where a ceiling came from, for messages
+    (``SandboxPolicy.max_memory`` when a name has none).
     """
 
     memory: int | None = None
@@ -167,16 +171,48 @@ class Ceilings:
     pids: int | None = None
     tmp_size: int | None = None
     writable_size: int | None = None
+    where: tuple[tuple[str, str], ...] = ()
 
     def of(self, name: str) -> float | None:
         """The ceiling of setting ``name`` (None when there is none or it has no ceiling).
         Called at kernel start (a default above it is lowered to it) and by ``plan_change``."""
-        return getattr(self, name, None) if name in _CEILING_NAMES else None
+        return getattr(self, name, None) if name in CEILING_NAMES else None
+
+    def source(self, name: str) -> str:
+        """Where the ceiling of ``name`` was set (``SandboxPolicy.max_memory``, a policy
+        file's section), for refusals."""
+        return dict(self.where).get(name, f"SandboxPolicy.max_{name}")
 
     def describe(self, name: str) -> str | None:
         """The ceiling in human form (``4 GiB``), or None (what ``%sandbox`` shows)."""
         top = self.of(name)
         return None if top is None else BOUNDS[name].fmt(top)
+
+    def tighter(self, other: Ceilings) -> Ceilings:
+        """Each ceiling the lower of ``self``'s and ``other``'s, with its source. Called by
+        ``jupyter.resolve`` to hold the server's ``SandboxPolicy`` and the policy file."""
+        values: dict[str, Any] = {}
+        where = []
+        for name in sorted(CEILING_NAMES):
+            mine, theirs = self.of(name), other.of(name)
+            pick = self if theirs is None or (mine is not None and mine <= theirs) else other
+            values[name] = pick.of(name)
+            if values[name] is not None:
+                where.append((name, pick.source(name)))
+        return Ceilings(**values, where=tuple(where))
+
+    def or_start(self, limits: Limits) -> Ceilings:
+        """The live ceilings of a kernel started with ``limits``: where the administrator set
+        none, the start value (a kernelspec's caps are the most its notebook can ask for
+        without an administrator's ceiling). Called for each ``%sandbox`` request."""
+        values: dict[str, Any] = {n: self.of(n) for n in CEILING_NAMES}
+        where = list(self.where)
+        for name in LIVE:
+            start = getattr(limits, name)
+            if values[name] is None and start is not None:
+                values[name] = start
+                where.append((name, KERNELSPEC_CEILING))
+        return Ceilings(**values, where=tuple(where))
 
     def start_problem(self, name: str, raw: object, value: float) -> str | None:
         """Why a kernelspec value is above the ceiling, or None. Called by
@@ -187,11 +223,13 @@ class Ceilings:
         text = BOUNDS[name].fmt(top)
         return (
             f"{name}={raw!r} is above the administrator's ceiling "
-            f"(SandboxPolicy.max_{name} = {text}); ask for at most {text}"
+            f"({self.source(name)} = {text}); ask for at most {text}"
         )
 
 
-_CEILING_NAMES = frozenset(f.name for f in fields(Ceilings))
+#: The source of a live ceiling that is the kernel's start value (``Ceilings.or_start``).
+KERNELSPEC_CEILING = "the kernelspec's value; the administrator set no higher ceiling"
+CEILING_NAMES = frozenset(f.name for f in fields(Ceilings)) - {"where"}
 
 
 def _live_text(name: str, value: float) -> str:
@@ -233,9 +271,11 @@ def plan_change(
             raise LimitRefused(str(exc)) from None
         top = ceilings.of(name)
         if top is not None and value > top:
+            why = ceilings.source(name)
             raise LimitRefused(
                 f"{name}={raw} refused: this server allows at most "
                 f"{_live_text(name, top)} per kernel"
+                + (f" ({why})" if why == KERNELSPEC_CEILING else "")
             )
         if value < bound.minimum or (bound.maximum is not None and value > bound.maximum):
             edge = bound.minimum if value < bound.minimum else bound.maximum

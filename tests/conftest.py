@@ -80,3 +80,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 def _own_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Mounts in this session's own temp dir count in the host mount comparisons."""
     OWN_BASETEMP.append(str(tmp_path_factory.getbasetemp()) + "/")
+
+
+#: What the tests use as the host's policy file unless a test writes its own: none, so that a
+#: policy file of the machine running the tests does not change what they see.
+NO_POLICY = "/nonexistent/sandbox-kernel-tests/policy.toml"
+
+
+@pytest.fixture(autouse=True)
+def _no_host_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not os.environ.get("SANDBOX_KERNEL_POLICY"):
+        monkeypatch.setenv("SANDBOX_KERNEL_POLICY", NO_POLICY)

@@ -174,11 +174,23 @@ def enter_leaf(delegated: str, io: CgroupIO | None = None) -> None:
 # ---- the admin's verb ------------------------------------------------------------------------
 
 
-def _user_ids(user: str) -> tuple[int, int, str]:
+def user_entry(user: str) -> pwd.struct_passwd:
+    """The account named ``user``, else (all digits) the account of that uid; SpecError when
+    there is none. A name wins over a uid: a hub user called ``1001`` is that account."""
     try:
-        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        return pwd.getpwnam(user)
     except KeyError:
-        raise SpecError(f"user {user!r} is no user of this host") from None
+        pass
+    try:
+        if user.isdigit():
+            return pwd.getpwuid(int(user))
+    except (KeyError, OverflowError):
+        pass
+    raise SpecError(f"user {user!r} is no user of this host")
+
+
+def _user_ids(user: str) -> tuple[int, int, str]:
+    entry = user_entry(user)
     if entry.pw_uid == 0:
         raise SpecError("root needs no delegation")
     return entry.pw_uid, entry.pw_gid, entry.pw_name
@@ -191,13 +203,18 @@ def _v2_delegate_files(files: Files) -> tuple[str, ...]:
 
 
 def delegate(
-    user: str, caps: CgroupLimits, layout: CgroupLayout, io: CgroupIO | None = None
+    user: str,
+    caps: CgroupLimits,
+    layout: CgroupLayout,
+    io: CgroupIO | None = None,
+    *,
+    top: CgroupLimits | None = None,
 ) -> list[str]:
     """Root: make or update ``user``'s delegation with aggregate ``caps``; returns the
-    user-owned kernels directories. Idempotent. Called by ``sandbox-kernel delegate``."""
-    from .v1 import write_v1_limits
-    from .v2 import write_v2_limits
-
+    user-owned kernels directories. ``top``: the caps of every user's kernels together (the
+    host's reserve kept free for the hub and servers), written on ``sandbox-kernel`` itself;
+    None leaves them as they are. Idempotent. Called by ``sandbox-kernel delegate`` and the
+    JupyterHub hook (``jupyter.delegating``)."""
     files = Files(io or CgroupIO())
     uid, gid, _name = _user_ids(user)
     out = []
@@ -210,10 +227,7 @@ def delegate(
                 files.mkdir(d)
             if v2:
                 _enable_v2(files, d)
-        if v2:
-            write_v2_limits(files, user_dir, caps)
-        else:
-            write_v1_limits(files, ctrl, user_dir, caps)
+        _write_pair(files, v2, ctrl, (top_dir, top), (user_dir, caps))
         if not files.io.isdir(kernels):
             files.mkdir(kernels)
         if v2:
@@ -226,6 +240,40 @@ def delegate(
     if not out:
         raise CgroupError("no cgroup hierarchy to delegate (see /proc/self/mountinfo)")
     return out
+
+
+def _write_pair(
+    files: Files,
+    v2: bool,
+    ctrl: str,
+    top: tuple[str, CgroupLimits | None],
+    user: tuple[str, CgroupLimits],
+) -> None:
+    """The all-users caps then the user's; where that order fails (cgroup v1 refuses a CPU
+    quota above the parent's, and a parent's below a child's: lowering both needs the user's
+    first), the other order. A failure of both is the first one's error."""
+    if top[1] is None:
+        _write_caps(files, v2, ctrl, user[0], user[1])
+        return
+    try:
+        _write_caps(files, v2, ctrl, top[0], top[1])
+        _write_caps(files, v2, ctrl, user[0], user[1])
+    except CgroupError as first:
+        try:
+            _write_caps(files, v2, ctrl, user[0], user[1])
+            _write_caps(files, v2, ctrl, top[0], top[1])
+        except CgroupError:
+            raise first from None
+
+
+def _write_caps(files: Files, v2: bool, ctrl: str, d: str, caps: CgroupLimits) -> None:
+    from .v1 import write_v1_limits
+    from .v2 import write_v2_limits
+
+    if v2:
+        write_v2_limits(files, d, caps)
+    else:
+        write_v1_limits(files, ctrl, d, caps)
 
 
 def _enable_v2(files: Files, path: str) -> None:

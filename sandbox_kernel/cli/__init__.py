@@ -17,7 +17,17 @@ from collections.abc import Sequence
 from ..errors import SandboxError
 
 # Verb modules, in the order they appear in --help.
-VERB_MODULES = ("run", "gc", "image", "kernelspec", "delegate", "doctor", "ps", "stats")
+VERB_MODULES = (
+    "run",
+    "gc",
+    "image",
+    "kernelspec",
+    "delegate",
+    "policy",
+    "doctor",
+    "ps",
+    "stats",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

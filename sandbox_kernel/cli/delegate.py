@@ -2,8 +2,10 @@
 kernels, on hosts without systemd's cgroup delegation.
 
 As root: ``delegate USER [--memory SIZE] [--cpus N] [--pids N]`` makes (or updates) the
-user's delegation with those aggregate caps (no caps given: the per-user caps of the
-server's ``SandboxPolicy``, ``user_memory``, ``user_cpus`` and ``user_pids``, or none);
+user's delegation with those aggregate caps (no caps given: the host policy file's for that
+user, else the server's ``SandboxPolicy`` ``user_memory``, ``user_cpus`` and ``user_pids``,
+or none; ``jupyter.delegating``), and the cap of all users' kernels together from the
+policy file's ``[reserve]``;
 ``--remove USER`` undoes it; ``--list`` prints one line per delegated user with its caps.
 cgroups vanish at reboot: run it from a boot-time unit, or from JupyterHub's
 ``pre_spawn_hook`` for each user.
@@ -15,12 +17,11 @@ import argparse
 import os
 from typing import Any
 
-from ..cgroups import detect, reset_manager_cache
+from ..cgroups import detect
 from ..cgroups.base import CgroupLimits
-from ..cgroups.common import cpus_to_quota
-from ..cgroups.delegation import delegate, delegations, undelegate
+from ..cgroups.delegation import delegations, undelegate
 from ..errors import PrivilegeError, SpecError
-from ..limits import CPUS, MEMORY, PIDS
+from ..jupyter.delegating import delegate_user
 from ..units import format_cpus, format_size
 
 
@@ -41,33 +42,6 @@ def register(sub: Any) -> None:
     p.add_argument("--remove", action="store_true", help="remove USER's delegation")
     p.add_argument("--list", action="store_true", help="list the delegated users and caps")
     p.set_defaults(func=delegate_command)
-
-
-def _caps(args: argparse.Namespace) -> CgroupLimits:
-    """The caps of the command line; none given: the per-user caps of the server's
-    ``SandboxPolicy`` (``user_memory``, ``user_cpus``, ``user_pids``), or none."""
-    if args.memory or args.cpus or args.pids:
-        memory = MEMORY.parse(args.memory, "--memory") if args.memory else None
-        cpus = CPUS.parse(args.cpus, "--cpus") if args.cpus else None
-        pids = PIDS.parse(args.pids, "--pids") if args.pids else None
-    else:
-        from ..jupyter.settings import SandboxPolicy, server_config
-
-        policy = SandboxPolicy(config=server_config())
-        where = "SandboxPolicy.{} (jupyter_server_config)"
-        memory = (
-            MEMORY.parse(policy.user_memory, where.format("user_memory"))
-            if policy.user_memory
-            else None
-        )
-        cpus = CPUS.parse(policy.user_cpus, where.format("user_cpus")) if policy.user_cpus else None
-        pids = PIDS.parse(policy.user_pids, where.format("user_pids")) if policy.user_pids else None
-    return CgroupLimits(
-        memory=memory,
-        memory_swap=0 if memory is not None else None,
-        cpu_quota_us=cpus_to_quota(cpus) if cpus is not None else None,
-        pids=pids,
-    )
 
 
 def _caps_text(caps: CgroupLimits) -> str:
@@ -93,10 +67,10 @@ def delegate_command(args: argparse.Namespace) -> int:
         n = undelegate(args.user, layout)
         print(f"removed the delegation of {args.user} ({n} cgroup(s))")
         return 0
-    caps = _caps(args)
-    made = delegate(args.user, caps, layout)
-    reset_manager_cache()
-    print(f"delegated to {args.user}: {_caps_text(caps)}")
-    for path in made:
+    done = delegate_user(args.user, memory=args.memory, cpus=args.cpus, pids=args.pids)
+    print(f"delegated to {args.user}: {_caps_text(done.caps)} (from {done.source})")
+    if done.top is not None:
+        print(f"  all users' kernels together: {_caps_text(done.top)} (the host less its reserve)")
+    for path in done.dirs:
         print(f"  {path}")
     return 0

@@ -297,8 +297,42 @@ def check_kernelspecs() -> list[Check]:
     return out
 
 
+def check_policy() -> list[Check]:
+    """The host's policy file: valid, untrusted or missing (then, without server ceilings
+    either, a warning: nothing bounds what many kernels take together)."""
+    from .. import policy as host_policy
+
+    path = host_policy.policy_path()
+    try:
+        host = host_policy.load(path)
+    except SandboxError as exc:
+        return [Check(FAIL, str(exc), "no kernel starts until it is fixed")]
+    if host is not None:
+        return [
+            Check(
+                OK,
+                f"policy file {path}: valid ({len(host.groups)} group and "
+                f"{len(host.users)} user sections); see: sandbox-kernel policy USER",
+            )
+        ]
+    from ..jupyter.settings import SandboxPolicy, server_config
+
+    traits = SandboxPolicy(config=server_config())
+    if traits.max_memory or traits.max_cpus or traits.max_pids:
+        return [Check(OK, "no policy file; the server config's SandboxPolicy sets ceilings")]
+    return [
+        Check(
+            WARN,
+            f"no policy is set ({path} does not exist, no SandboxPolicy ceilings): kernels "
+            "get their kernelspec's caps, and nothing bounds many kernels together",
+            f"write {path} (docs/configuration.md, 'The host's policy file')",
+        )
+    ]
+
+
 CHECKS: tuple[Callable[[], list[Check]], ...] = (
     check_identity,
+    check_policy,
     check_cgroups,
     check_overlay,
     check_namespaces,

@@ -10,6 +10,7 @@ import sys
 
 from traitlets.config import Configurable
 
+from .. import policy
 from .provisioner import SandboxProvisioner
 from .settings import SandboxPolicy
 
@@ -56,6 +57,32 @@ def configuration_markdown() -> str:
     out += _trait_rows(SandboxProvisioner)
     out += ["## Administrator's ceilings (`SandboxPolicy`)", ""]
     out += _trait_rows(SandboxPolicy)
+    out += [
+        "## The host's policy file (per user and group, owned by root)",
+        "",
+        f"`{policy.DEFAULT_PATH}` (or the file `${policy.ENV}` names) holds the "
+        "administrator's limits for every server of the host, a teaching hub's students' "
+        "own servers included: the same keys as `SandboxPolicy` above, at the top level "
+        "(everyone), in `[groups.NAME]` (members of a unix group; where several of a user's "
+        "groups set a key the most generous wins, image lists add up) and in "
+        "`[users.NAME]` (highest priority), plus `[reserve]` (memory and CPUs that users' "
+        "kernels together never get). A server applies the tighter of its own "
+        "`SandboxPolicy` and the file. The aggregate caps (`user_*`) and the reserve are "
+        "written by root into cgroups the user does not own (`sandbox-kernel delegate USER`, "
+        "or the JupyterHub hook `sandbox_kernel.hub.pre_spawn_hook`): that is the bound a "
+        "student cannot lift by editing their own server's configuration. The file must "
+        "belong to root and be writable by root only; otherwise every kernel start is "
+        "refused, naming the fix. `sandbox-kernel policy USER` prints what a user gets.",
+        "",
+        "```toml",
+        policy.EXAMPLE.rstrip(),
+        "```",
+        "",
+        "Without any ceiling (no `SandboxPolicy` value, no policy file) a live change from "
+        "the notebook (`%sandbox memory=...`) can lower a cap but never raise it above the "
+        "kernelspec's value, and `sandbox-kernel doctor` warns that no policy is set.",
+        "",
+    ]
     return "\n".join(out).rstrip() + "\n"
 
 

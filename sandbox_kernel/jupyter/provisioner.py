@@ -30,18 +30,19 @@ import os
 import signal
 import subprocess
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
-from ..errors import SandboxError, SpecError
-from ..limits import plan_change
+from ..errors import LimitRefused, SandboxError, SpecError
+from ..limits import LIVE, Limits, plan_change
 from ..paths import is_container_id, new_container_id, run_dir
 from ..runtime.container import Container, ExitResult
 from ..runtime.leftovers import collect_leftovers
-from ..runtime.rundir import ContainerInfo, find_container, process_alive
+from ..runtime.rundir import ContainerInfo, find_container, process_alive, running_containers
 from ..runtime.spec import ContainerSpec
 from ..units import format_cpus, format_size
 from . import exits, launch
@@ -83,6 +84,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._image_digest = ""
         self._reattached_start: str | None = None
         self._userns_noticed = False
+        # Live changes (%sandbox memory=2G), kept across restarts of this kernel, and the caps
+        # the kernelspec gave (the live ceiling where the administrator set none).
+        self._live: dict[str, float] = {}
+        self._start_limits: Limits | None = None
 
     # ---- naming ----------------------------------------------------------------------------
     @property
@@ -235,7 +240,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 f"{self._context}: the sandbox provisioner needs a kernel manager as parent"
             )
         workdir = self._notebook_dir(kwargs.get("cwd"))
-        settings = self.resolve(workdir)
+        settings = self._with_live(self.resolve(workdir))
+        await asyncio.to_thread(self._check_kernel_count, settings)
         image = await asyncio.to_thread(launch.find_image, settings.image, self._context)
         # Same container id (so the same connection folder) across restarts.
         if self.container_id is None:
@@ -294,6 +300,64 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         kwargs["cwd"] = workdir
         kwargs["cmd"] = argv
         return kwargs
+
+    def _with_live(self, settings: KernelSettings) -> KernelSettings:
+        """``settings`` with the live changes of an earlier run of this kernel applied (a
+        restart keeps ``%sandbox memory=2G``), each checked again against today's ceilings:
+        one the administrator's policy no longer allows is dropped, with a log line."""
+        self._start_limits = settings.limits
+        if not self._live:
+            return settings
+        ceilings = settings.policy.ceilings.or_start(settings.limits)
+        kept = dict(self._live)
+        for name, value in self._live.items():
+            try:
+                plan_change({name: value}, settings.limits, ceilings, None)
+            except LimitRefused as exc:
+                self.log.warning(
+                    "kernel %s: the live change %s=%s is not kept across the restart: %s",
+                    self.kernel_id,
+                    name,
+                    value,
+                    exc,
+                )
+                del kept[name]
+        self._live = kept
+        if not kept:
+            return settings
+        limits, _ = plan_change(kept, settings.limits, ceilings, None)
+        return replace(settings, limits=limits)
+
+    def _check_kernel_count(self, settings: KernelSettings) -> None:
+        """Refuse a start beyond the most kernels the kernel's user may run at once
+        (``SandboxPolicy.max_kernels`` or the policy file's), naming the limit and the
+        running kernels. Called by ``pre_launch`` (blocking: in a thread). A friendly check
+        (two starts at the same instant may both pass); what bounds a user's kernels together
+        is the aggregate cgroup cap root writes (``sandbox-kernel delegate``)."""
+        policy = settings.policy
+        if policy.max_kernels is None:
+            return
+        running = [
+            info
+            for info in running_containers(run_dir())
+            if info.meta.get("user") == settings.uid and "kernel_id" in info.meta
+        ]
+        if len(running) < policy.max_kernels:
+            return
+        shown = []
+        for info in running[:5]:
+            name, folder = info.meta.get("kernelspec"), info.meta.get("notebook_dir")
+            name = name if isinstance(name, str) else "?"
+            folder = folder if isinstance(folder, str) else ""
+            shown.append(f"{name[:64]} in {folder[:200]}" if folder else name[:64])
+        more = f" and {len(running) - 5} more" if len(running) > 5 else ""
+        raise SpecError(
+            f"uid {settings.uid} already runs {len(running)} kernel(s), the most allowed "
+            f"at once ({policy.max_kernels_source} = {policy.max_kernels}): "
+            f"{'; '.join(shown)}{more}; shut one down (Kernel > Shut Down Kernel, or the "
+            "Running panel) and start again",
+            context=self._context,
+        )
 
     def _notebook_dir(self, cwd: object) -> str:
         """The notebook's folder (the server passes it as ``cwd``), resolved; it must exist."""
@@ -473,9 +537,19 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         container, settings = self.container, self.settings
         if container is None or settings is None:
             return {"ok": False, "error": "the kernel is restarting; try again in a moment"}
-        ceilings = read_policy(SandboxPolicy(parent=self)).ceilings
+        try:
+            policy = await asyncio.to_thread(read_policy, SandboxPolicy(parent=self))
+        except SpecError as exc:  # the admin's file: its path is the host's, not the kernel's
+            self.log.warning("kernel %s: %s", self.kernel_id, exc)
+            return {
+                "ok": False,
+                "error": "the administrator's sandbox policy cannot be read, so limits cannot "
+                "change now; ask the administrator (sandbox-kernel doctor names the problem)",
+            }
+        policy = policy.for_user(settings.uid)
+        ceilings = policy.ceilings.or_start(self._start_limits or settings.limits)
         if request.get("op") == "get":
-            return {"ok": True, "info": self._info(container, settings, ceilings)}
+            return {"ok": True, "info": self._info(container, settings, policy.ceilings, ceilings)}
         usage: int | None
         try:
             usage = (await asyncio.to_thread(container.stats)).memory_current
@@ -485,6 +559,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         await asyncio.to_thread(container.update, new)
         self.log.info("kernel %s: limits changed from the kernel: %s", self.kernel_id, new)
         lim = container.limits
+        for name in LIVE:
+            if name in request:
+                self._live[name] = getattr(lim, name)
         return {
             "ok": True,
             "limits": {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids},
@@ -492,9 +569,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         }
 
     def _info(
-        self, container: Container, settings: KernelSettings, ceilings: Any
+        self, container: Container, settings: KernelSettings, ceilings: Any, live: Any
     ) -> dict[str, Any]:
-        """What ``%sandbox`` shows: names, image, limits, the admin's ceilings, last death."""
+        """What ``%sandbox`` shows: names, image, limits, the admin's ceilings (shown),
+        the live ceilings (``live``: the admin's, else the kernelspec's; for the advice after
+        a death), last death."""
         lim = container.limits
         return {
             "kernel_id": self.kernel_id,
@@ -511,6 +590,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             },
             "ceilings": {name: ceilings.describe(name) for name in ("memory", "cpus")}
             | {"pids": ceilings.pids},
+            # numbers, for the advice after a death (never above what may be asked for)
+            "ceiling_values": {name: live.of(name) for name in LIVE},
             "previous_exit": self._previous_exit,
             # False: rootless without a delegated cgroup, allowed by the admin
             "limits_enforced": container.limits_enforced,
@@ -543,6 +624,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             if self.kernel_id:
                 exits.forget(str(self.kernel_id))
             self.container_id = None
+            self._live = {}
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """The KernelManager's own wait time, unchanged (called at each shutdown)."""

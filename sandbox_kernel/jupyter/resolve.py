@@ -14,9 +14,10 @@ import posixpath
 import pwd
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import policy as host_policy
 from ..errors import SpecError
 from ..limits import BOUNDS, Ceilings, Limits
 from ..runtime.spec import VOLUME_FORMS, Bind, NetworkMode, env_key_problem
@@ -32,8 +33,9 @@ CAP_SETTINGS = ("memory", "cpus", "pids", "tmp_size", "writable_size")
 
 @dataclass(frozen=True)
 class Policy:
-    """The server's ``SandboxPolicy``, parsed by ``read_policy``: the caps' ceilings and what
-    may be used."""
+    """The administrator's policy for kernel starts, parsed by ``read_policy``: the server's
+    ``SandboxPolicy`` and the host's policy file (``sandbox_kernel.policy``); ``for_user``
+    narrows it to one kernel user."""
 
     ceilings: Ceilings = field(default_factory=Ceilings)
     #: Image names (or name:tag) kernels may use; empty: every image of the store.
@@ -43,6 +45,36 @@ class Policy:
     allow_root: bool = False
     #: A rootless server without a delegated cgroup may run kernels with unenforced caps.
     allow_unenforced_limits: bool = False
+    #: Most kernels one user may run at once (None: no limit).
+    max_kernels: int | None = None
+    #: Where ``max_kernels`` was set, for the refusal.
+    max_kernels_source: str = "SandboxPolicy.max_kernels"
+    #: The host's policy file (None: there is none).
+    host: host_policy.HostPolicy | None = None
+    #: The policy file's allowed images for the user (empty: every image), checked besides
+    #: ``images``; and the file's section names, for messages.
+    file_images: tuple[str, ...] = ()
+    file_where: str = ""
+
+    def for_user(self, uid: int) -> Policy:
+        """This policy with the policy file's values for kernel user ``uid`` applied: the
+        tighter of each ceiling, both image lists, the lower kernel count. Called by
+        ``resolve_settings`` once the kernel's user is known, and for each live change."""
+        if self.host is None:
+            return self
+        mine = self.host.for_user(uid)
+        kernels, source = self.max_kernels, self.max_kernels_source
+        if mine.max_kernels is not None and (kernels is None or mine.max_kernels < kernels):
+            kernels, source = mine.max_kernels, f"max_kernels in {mine.where}"
+        return replace(
+            self,
+            ceilings=self.ceilings.tighter(mine.ceilings),
+            max_kernels=kernels,
+            max_kernels_source=source,
+            host=None,
+            file_images=mine.images,
+            file_where=mine.where,
+        )
 
 
 @dataclass(frozen=True)
@@ -62,11 +94,14 @@ class KernelSettings:
     #: The administrator allows a rootless kernel to run without enforced caps
     #: (``SandboxPolicy.allow_unenforced_limits``).
     unenforced_ok: bool = False
+    #: The policy for this kernel's user (``Policy.for_user``): the kernel count limit.
+    policy: Policy = field(default_factory=Policy)
 
 
-def read_policy(policy: SandboxPolicy) -> Policy:
-    """Parse the policy (the provisioner calls it at each start and each live request); a
-    malformed ceiling is the administrator's error, named as such."""
+def read_policy(policy: SandboxPolicy, *, host: bool = True) -> Policy:
+    """Parse the server's ``SandboxPolicy`` and (``host``) load the host's policy file; the
+    provisioner calls it at each start and each live request. A malformed ceiling or policy
+    file is the administrator's error, named as such (SpecError)."""
     problems: list[str] = []
 
     def size(name: str, value: str) -> int | None:
@@ -101,6 +136,8 @@ def read_policy(policy: SandboxPolicy) -> Policy:
         mount_sources=tuple(sources),
         allow_root=bool(policy.allow_root),
         allow_unenforced_limits=bool(policy.allow_unenforced_limits),
+        max_kernels=policy.max_kernels if policy.max_kernels > 0 else None,
+        host=host_policy.load() if host else None,
     )
 
 
@@ -189,12 +226,16 @@ class _Resolver:
             self.problems.append(f"image={image!r} is missing or empty; use {IMAGE_FORMS}")
             return ""
         image = image.strip()
-        allowed = self.policy.images
-        if allowed and image.split(":", 1)[0] not in allowed and image not in allowed:
-            self.problems.append(
-                f"image={image!r} is not allowed by the administrator "
-                f"(SandboxPolicy.allowed_images: {', '.join(allowed)}); use one of those"
-            )
+        for allowed, where in (
+            (self.policy.images, "SandboxPolicy.allowed_images"),
+            (self.policy.file_images, f"allowed_images in {self.policy.file_where}"),
+        ):
+            if allowed and image.split(":", 1)[0] not in allowed and image not in allowed:
+                self.problems.append(
+                    f"image={image!r} is not allowed by the administrator "
+                    f"({where}: {', '.join(allowed)}); use one of those"
+                )
+                break
         return image
 
     def cap(self, name: str) -> Any:
@@ -319,10 +360,11 @@ def resolve_settings(
     r = _Resolver(
         values, policy, explicit, workdir, os.geteuid() if server_uid is None else server_uid
     )
+    uid, gid = r.identity()
+    r.policy = policy = policy.for_user(uid)
     image = r.image()
     caps = {name: r.cap(name) for name in CAP_SETTINGS}
     mounts, env, network = r.mounts(), r.env(), r.network()
-    uid, gid = r.identity()
     timeout = r.cpu_defer_timeout()
     if r.problems:
         raise SpecError(r.problems, context=context)
@@ -338,4 +380,5 @@ def resolve_settings(
         gid=gid,
         cpu_defer_timeout=timeout,
         unenforced_ok=policy.allow_unenforced_limits,
+        policy=policy,
     )

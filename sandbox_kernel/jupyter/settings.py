@@ -10,7 +10,9 @@ Layer: Jupyter (traitlets). Two configurables:
 * ``SandboxPolicy`` holds the administrator's ceilings, set only in the server's config
   (``c.SandboxPolicy.max_memory = "4G"`` in ``jupyter_server_config.py``). No kernelspec can
   go above them: a value above a ceiling fails the kernel start with a message naming the
-  kernelspec, the field, the value and the ceiling.
+  kernelspec, the field, the value and the ceiling. The host's policy file
+  (``sandbox_kernel.policy``, root's, per user and group) adds to them: the tighter wins.
+  Without any ceiling a live change can never go above the kernelspec's value.
 
 ``resolve.resolve_settings`` validates the values at once and returns a ``KernelSettings``
 (plain data); ``docs`` generates docs/configuration.md from the traits' help.
@@ -201,6 +203,14 @@ class SandboxPolicy(Configurable):
         help="""Host directories under which a kernelspec's extra_mounts may take their
         source, e.g. ['/srv/datasets']. Default: [] (no extra mounts; the notebook's
         directory is always mounted).""",
+    )
+    max_kernels = Int(
+        0,
+        config=True,
+        help="""Most kernels one user may run at once on this host (all of the user's
+        servers together; as root, the kernels running as that user). One more is refused,
+        naming the limit and the running kernels. The policy file's max_kernels, when lower,
+        wins. Default: 0 (no limit).""",
     )
     allow_unenforced_limits = Bool(
         False,

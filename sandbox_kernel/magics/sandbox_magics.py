@@ -286,7 +286,8 @@ def build_report(info, usage, cpu_percent, host_error=None):
 
     def ceiling(key, text):
         c = ceilings.get(key)
-        return "%s (server allows up to %s)" % (text, c) if c else text
+        unit = " CPUs" if key == "cpus" else ""
+        return "%s (server allows up to %s%s)" % (text, c, unit) if c else text
 
     cpus = usage.get("cpus")
     enforced = info.get("limits_enforced", True) if info else True
@@ -324,7 +325,7 @@ def build_report(info, usage, cpu_percent, host_error=None):
         rows.append(("uptime", "%d s" % up))
     note = None
     if ceilings:
-        note = "Change limits with e.g. %sandbox memory=2G cpus=2 pids=512"
+        note = "Change limits with %sandbox memory=SIZE cpus=N pids=N, up to what the server allows"
     if host_error:
         note = "Figures from the kernel's cgroup only; the host said: %s" % host_error
     if not enforced:
@@ -497,19 +498,38 @@ def explain_previous_exit(info):
     reason = prev.get("reason") or "it stopped"
     text = "The previous kernel was stopped: %s." % reason
     ceilings = (info or {}).get("ceilings", {})
+    tops = (info or {}).get("ceiling_values", {})
+    now = (info or {}).get("limits", {})
     if prev.get("oom_killed"):
-        limit = prev.get("memory_limit") or 0
-        suggestion = fmt_size(limit * 2) if limit else "more"
-        allowed = ceilings.get("memory")
-        text += " Raise it with %%sandbox memory=%s" % suggestion.replace(" ", "").replace("iB", "")
-        if allowed:
-            text += " (this server allows up to %s)" % allowed
-        text += " or use less memory."
+        limit = now.get("memory") or prev.get("memory_limit") or 0
+        top = tops.get("memory")
+        if top and limit and limit >= top:
+            text += (
+                " The memory limit is already the most this kernel may have (%s): "
+                "use less memory, or ask your teacher or administrator for more." % fmt_size(top)
+            )
+        else:
+            want = min(limit * 2, top) if (limit and top) else limit * 2
+            suggestion = fmt_size(want) if want else "more"
+            text += " Raise it with %%sandbox memory=%s" % (
+                suggestion.replace(" ", "").replace("iB", "")
+            )
+            if ceilings.get("memory"):
+                text += " (this server allows up to %s)" % ceilings.get("memory")
+            text += " or use less memory."
     elif prev.get("pids_limit_hit"):
-        text += " Raise the process limit with %sandbox pids=N"
-        if ceilings.get("pids"):
-            text += " (this server allows up to %s)" % ceilings.get("pids")
-        text += " or start fewer processes or threads."
+        limit = now.get("pids") or 0
+        top = tops.get("pids")
+        if top and limit and limit >= top:
+            text += (
+                " The process limit is already the most this kernel may have (%d): start "
+                "fewer processes or threads." % top
+            )
+        else:
+            text += " Raise the process limit with %sandbox pids=N"
+            if ceilings.get("pids"):
+                text += " (this server allows up to %s)" % ceilings.get("pids")
+            text += " or start fewer processes or threads."
     return text
 
 

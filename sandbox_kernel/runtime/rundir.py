@@ -182,6 +182,12 @@ def container_dirs(root: Path) -> list[Path]:
     return out
 
 
+def running_containers(root: Path) -> list[ContainerInfo]:
+    """The containers of the run root ``root`` whose executor runs (``ContainerInfo.running``).
+    Called by the provisioner's count of a user's kernels."""
+    return [info for info in (ContainerInfo(p) for p in container_dirs(root)) if info.running()]
+
+
 def find_container(container_id: str, *, root: Path | None = None) -> ContainerInfo:
     """The run dir of container ``container_id`` under the run root (default
     ``paths.run_dir()``), for a process other than the container's owner: ``ps``, ``stats``,

@@ -217,3 +217,58 @@ def test_root_ps_stats_and_gc_cover_every_user(
             with contextlib.suppress(Exception):
                 c.destroy()
         shutil.rmtree(run_root, ignore_errors=True)
+
+
+def _cpu_quota(d: Path) -> int | None:
+    """The CFS quota of the cgroup ``d`` in microseconds per 100 ms (None: unlimited)."""
+    v1 = Path(str(d).replace("/memory/", "/cpu/"))
+    if (v1 / "cpu.cfs_quota_us").exists():
+        q = int((v1 / "cpu.cfs_quota_us").read_text())
+        return None if q < 0 else q
+    text = (d / "cpu.max").read_text().split()[0]
+    return None if text == "max" else int(text)
+
+
+def test_delegation_from_the_policy_file_with_the_hosts_reserve(
+    user: tuple[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No caps on the command line: the policy file's for that user; its [reserve] caps all
+    users' kernels together at the host less the reserve. Lowering both at once works on
+    cgroup v1 too (a parent's CPU quota below a child's is refused there)."""
+    name, uid = user
+    etc = tmp_path / "etc"
+    etc.mkdir(mode=0o755)
+    policy = etc / "policy.toml"
+    monkeypatch.setenv("SANDBOX_KERNEL_POLICY", str(policy))
+    cpus = len(os.sched_getaffinity(0))
+    top_dirs = [d.parent for d in _dirs(uid)]
+    try:
+        policy.write_text(
+            f'user_memory = "2G"\nuser_cpus = 1\n[users.{name}]\nuser_pids = 300\n'
+            '[reserve]\nmemory = "1G"\ncpus = 0.5\n'
+        )
+        policy.chmod(0o644)
+        assert main(["delegate", name]) == 0
+        mem = next(d for d in _dirs(uid) if "memory" in str(d) or (d / "memory.max").exists())
+        mem_file = (
+            "memory.limit_in_bytes" if (mem / "memory.limit_in_bytes").exists() else "memory.max"
+        )
+        assert int((mem / mem_file).read_text()) == 2 * GIB
+        assert _cpu_quota(mem) == 100_000
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        top_mem = int((mem.parent / mem_file).read_text())
+        assert abs(top_mem - (total - GIB)) < 64 << 20  # MemTotal less the reserve
+        assert _cpu_quota(mem.parent) == round((cpus - 0.5) * 100_000)
+        # a reserve that leaves less than the user had: the user is lowered first
+        policy.write_text(f"user_cpus = 1\n[reserve]\ncpus = {cpus - 0.25}\n")
+        assert main(["delegate", name]) == 0
+        assert _cpu_quota(mem.parent) == 25_000 and _cpu_quota(mem) == 25_000
+    finally:
+        # the all-users cgroup back to no caps (it holds other tests' delegations too)
+        from sandbox_kernel.cgroups.base import CgroupLimits
+        from sandbox_kernel.cgroups.delegation import delegate
+
+        policy.unlink(missing_ok=True)
+        delegate(name, CgroupLimits(memory_swap=None), detect(), top=CgroupLimits(memory_swap=None))
+    for d in top_dirs:
+        assert d.is_dir()

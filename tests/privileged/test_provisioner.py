@@ -376,13 +376,17 @@ async def test_sandbox_magics_in_both_kernels(
         reply, out = await execute(km, "r = %sandbox\nprint(r)")
         assert reply["status"] == "ok", out
         assert "memory limit         1 GiB" in out and "process limit        256" in out
-        reply, out = await execute(km, "%sandbox memory=512M pids=300")
+        reply, out = await execute(km, "%sandbox memory=512M pids=200")
         assert reply["status"] == "ok", out
         assert "memory 512 MiB" in out
         provisioner = track(clean_host, km)
         assert provisioner.container is not None
         st = provisioner.container.stats()
-        assert st.memory_limit == 512 * 1024**2 and st.pids_limit == 300
+        assert st.memory_limit == 512 * 1024**2 and st.pids_limit == 200
+        # no ceiling of the admin's: the kernelspec's caps are the most a notebook may ask for
+        reply, out = await execute(km, "%sandbox memory=1T")
+        assert "memory=1T refused: this server allows at most 1 GiB per kernel" in out, out
+        assert provisioner.container.stats().memory_limit == 512 * 1024**2
 
 
 @pytest.mark.rootless_only

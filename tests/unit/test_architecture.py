@@ -31,11 +31,12 @@ PKG = "sandbox_kernel"
 
 #: layer name -> the top-level names of the package that belong to it, lowest layer first.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("leaves", frozenset({"errors", "units", "paths", "limits"})),
+    ("leaves", frozenset({"errors", "units", "paths", "limits", "policy"})),
     ("cgroups", frozenset({"cgroups"})),
     ("runtime", frozenset({"runtime"})),
     ("images", frozenset({"images"})),
     ("jupyter", frozenset({"jupyter"})),
+    ("hub", frozenset({"hub"})),
     ("cli", frozenset({"cli", "__main__"})),
 )
 APART = frozenset({"magics"})

@@ -66,6 +66,21 @@ def test_explanation_of_an_oom_kill() -> None:
         "Raise it with %sandbox memory=1G (this server allows up to 2 GiB) or use less memory."
     )
     assert m.explain_previous_exit({"previous_exit": None}) is None
+    # the advice never goes above what may be asked for, nor below the kernel's limit now
+    info["ceiling_values"] = {"memory": 768 << 20, "pids": 256}
+    info["limits"] = {"memory": 600 << 20}  # raised live before the death, kept on restart
+    assert "Raise it with %sandbox memory=768M" in m.explain_previous_exit(info)
+    info["limits"] = {"memory": 768 << 20}
+    assert m.explain_previous_exit(info).endswith(
+        "The memory limit is already the most this kernel may have (768 MiB): use less "
+        "memory, or ask your teacher or administrator for more."
+    )
+    pids = {
+        "previous_exit": {"reason": "process limit hit", "pids_limit_hit": True},
+        "limits": {"pids": 256},
+        "ceiling_values": {"pids": 256},
+    }
+    assert "already the most this kernel may have (256)" in m.explain_previous_exit(pids)
 
 
 class FakeShell:

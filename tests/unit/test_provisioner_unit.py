@@ -605,12 +605,16 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
         assert info["limits"]["memory"] == 1024**3 and info["limits"]["pids"] == 100
         assert info["ceilings"]["memory"] == "2 GiB" and info["previous_exit"] is None
         assert info["kernelspec"] == "t-ctl" and info["image"] == "python3:latest"
-        reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "1.5G", "pids": 200})
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "1.5G", "pids": 80})
         assert reply["ok"], reply
-        assert c.limits.memory == int(1.5 * 1024**3) and c.limits.pids == 200
+        assert c.limits.memory == int(1.5 * 1024**3) and c.limits.pids == 80
         reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "4G"})
         assert not reply["ok"] and "at most 2 GiB" in reply["error"]
         assert c.limits.memory == int(1.5 * 1024**3)
+        # no ceiling of the admin's for pids: the kernelspec's 100 is the most
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "pids": 200})
+        assert not reply["ok"] and "at most 100 processes" in reply["error"], reply
+        assert "the kernelspec's value" in reply["error"] and c.limits.pids == 80
         # after a death the next kernel is told why
         c.oom = True
         assert c.proc is not None
@@ -621,6 +625,10 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
         path = dict(FakeContainer.created[-1].spec.env)["SANDBOX_KERNEL_CONTROL"]
         info = (await asyncio.to_thread(ask, path, {"op": "get"}))["info"]
         assert info["previous_exit"]["oom_killed"] is True
+        # the live changes outlive the restart; the kernelspec's caps stay the live ceiling
+        assert info["limits"]["memory"] == int(1.5 * 1024**3) and info["limits"]["pids"] == 80
+        assert info["ceiling_values"] == {"memory": 2 * 1024**3, "cpus": 1.0, "pids": 100}
+        assert FakeContainer.created[-1].spec.limits.pids == 80
         # a restart the user asked for is not a death to explain
         await km.restart_kernel(now=True)
         path = dict(FakeContainer.created[-1].spec.env)["SANDBOX_KERNEL_CONTROL"]

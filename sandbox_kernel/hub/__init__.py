@@ -1,0 +1,89 @@
+"""JupyterHub integration: the hook that applies the host's policy to each user's server.
+
+Layer: hub (on top of the Jupyter layer; never imports JupyterHub itself: the hub passes its
+spawner in). In ``jupyterhub_config.py``::
+
+    import sandbox_kernel.hub
+    c.Spawner.pre_spawn_hook = sandbox_kernel.hub.pre_spawn_hook
+
+Before each user's server starts, as root (the hub's user), the hook
+
+* delegates the user's cgroup with the aggregate caps of the policy file and the host's
+  reserve (``jupyter.delegating.delegate_user``, what ``sandbox-kernel delegate USER`` does):
+  the bound of all of the user's kernels together, in cgroups the student does not own;
+* passes ``SANDBOX_KERNEL_POLICY`` on to the server when the hub has it set (a policy file
+  elsewhere than /etc/sandbox-kernel/policy.toml);
+* when the policy says ``sandboxed_only = true`` for that user, starts the server with
+  ``SandboxOnlyKernelSpecManager`` and a sandbox kernel as the default.
+
+The server needs nothing else: it finds its delegation by its own uid. The unix account is
+the hub user's name (LocalProcessSpawner's rule); ``unix_name`` in ``make_pre_spawn_hook``
+maps other names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .. import policy as host_policy
+from ..jupyter.delegating import delegate_user, user_uid
+from ..jupyter.kernelspecs import KERNELSPEC_NAMES
+
+__all__ = [
+    "SPEC_MANAGER",
+    "make_pre_spawn_hook",
+    "pre_spawn_hook",
+]
+
+SPEC_MANAGER = "sandbox_kernel.jupyter.specmanager.SandboxOnlyKernelSpecManager"
+DEFAULT_KERNEL = "python3-sandbox"
+assert DEFAULT_KERNEL in KERNELSPEC_NAMES
+
+
+def make_pre_spawn_hook(
+    unix_name: Callable[[str], str] = lambda name: name,
+) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """A ``pre_spawn_hook`` (see the module docstring); ``unix_name`` maps a hub user's
+    name to the unix account the server runs as."""
+
+    async def hook(spawner: Any) -> None:
+        name = unix_name(str(spawner.user.name))
+        done = await asyncio.to_thread(delegate_user, name)
+        mine = await asyncio.to_thread(_user_policy, name)
+        env = dict(spawner.environment or {})
+        if os.environ.get(host_policy.ENV):
+            env[host_policy.ENV] = os.environ[host_policy.ENV]
+        spawner.environment = env
+        if mine is not None and mine.sandboxed_only:
+            args = [a for a in spawner.args if not a.startswith(_OWN_ARGS)]
+            spawner.args = [
+                *args,
+                f"--ServerApp.kernel_spec_manager_class={SPEC_MANAGER}",
+                f"--MappingKernelManager.default_kernel_name={DEFAULT_KERNEL}",
+            ]
+        spawner.log.info(
+            "sandbox-kernel: delegated %s's kernels (caps from %s)%s",
+            name,
+            done.source,
+            "; sandbox kernels only" if mine is not None and mine.sandboxed_only else "",
+        )
+
+    return hook
+
+
+_OWN_ARGS = (
+    "--ServerApp.kernel_spec_manager_class=",
+    "--MappingKernelManager.default_kernel_name=",
+)
+
+
+def _user_policy(name: str) -> host_policy.UserPolicy | None:
+    host = host_policy.load()
+    return None if host is None else host.for_user(user_uid(name))
+
+
+#: The hook for hubs whose user names are the unix accounts.
+pre_spawn_hook = make_pre_spawn_hook()

@@ -1,0 +1,408 @@
+"""The host's policy file: the administrator's limits per user and per group, owned by root.
+
+Layer: leaf (imports ``errors``, ``limits`` and ``units`` only). One TOML file,
+``/etc/sandbox-kernel/policy.toml`` (``$SANDBOX_KERNEL_POLICY`` names another), read by:
+
+* the Jupyter layer at each kernel start and each live ``%sandbox`` change
+  (``jupyter.resolve``): the per-kernel ceilings, the allowed images and the most kernels of
+  the kernel's user. On a hub this check runs in the student's own server, so it is the
+  friendly first refusal, with the ceiling named;
+* root's ``sandbox-kernel delegate USER`` (and so the JupyterHub spawner hook,
+  ``sandbox_kernel.hub``): the user's aggregate caps and the host's reserve, written into
+  cgroups the user does not own. That is the enforcement a student cannot lift;
+* ``sandbox-kernel doctor``, which warns when there is none.
+
+The file's keys (every one optional) are those of ``SandboxPolicy``'s traits; ``EXAMPLE``
+shows them all.
+
+A user's values: the top level, then every group the user is in (where several groups set
+a key, the most generous value wins; images add up), then the user's own section. A file
+that is not root's, or that others can write, is refused, and so is every kernel start
+while it is: a policy the administrator cannot trust must not be half-applied.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+
+from .errors import SpecError
+from .limits import BOUNDS, Ceilings, parse_count
+
+DEFAULT_PATH = "/etc/sandbox-kernel/policy.toml"
+#: A policy file using every key (docs/configuration.md shows it; a unit test parses it).
+EXAMPLE = """\
+# /etc/sandbox-kernel/policy.toml: owned by root, mode 644
+max_memory = "2G"            # per-kernel ceilings, for everyone
+max_cpus = 1
+max_pids = 512
+max_tmp_size = "512M"
+max_writable_size = "512M"
+allowed_images = ["python3", "python2.7"]
+max_kernels = 3              # kernels one user may run at once
+sandboxed_only = true        # a hub offers students only the sandbox kernelspecs
+user_memory = "4G"           # aggregate caps over all of one user's kernels (delegate)
+user_cpus = 1.5
+user_pids = 1024
+
+[reserve]                    # never given to users' kernels: the hub and servers keep it
+memory = "2G"
+cpus = 0.5
+
+[groups.instructors]         # members of a unix group: the same keys
+max_memory = "8G"
+max_kernels = 8
+sandboxed_only = false
+user_memory = "12G"
+
+[users.alice]                # one user (name or uid): the same keys, highest priority
+max_kernels = 6
+"""
+ENV = "SANDBOX_KERNEL_POLICY"
+#: A policy file is a few hundred bytes; a bigger one is refused before it is parsed.
+MAX_BYTES = 256 * 1024
+
+#: Per-kernel ceiling keys -> the limit bound that parses them.
+CEILING_KEYS = {
+    "max_memory": "memory",
+    "max_cpus": "cpus",
+    "max_pids": "pids",
+    "max_tmp_size": "tmp_size",
+    "max_writable_size": "writable_size",
+}
+#: Aggregate (per-user) cap keys -> the bound that parses them.
+USER_KEYS = {"user_memory": "memory", "user_cpus": "cpus", "user_pids": "pids"}
+OTHER_KEYS = ("allowed_images", "max_kernels", "sandboxed_only")
+RULE_KEYS = (*CEILING_KEYS, *USER_KEYS, *OTHER_KEYS)
+RESERVE_KEYS = ("memory", "cpus")
+#: The most kernels one user may be allowed at once (a typo guard).
+MAX_KERNELS_BOUND = 10000
+
+
+def policy_path() -> str:
+    """The policy file's path: ``$SANDBOX_KERNEL_POLICY`` or ``/etc/sandbox-kernel/policy.toml``.
+    Called by ``load`` and by ``doctor`` (which names it)."""
+    return os.environ.get(ENV) or DEFAULT_PATH
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The parsed keys of one section (top level, a group or a user). None: not set there."""
+
+    ceilings: Mapping[str, float] = field(default_factory=dict)  # bound name -> value
+    user: Mapping[str, float] = field(default_factory=dict)  # bound name -> aggregate value
+    images: tuple[str, ...] | None = None
+    max_kernels: int | None = None
+    sandboxed_only: bool | None = None
+
+
+@dataclass(frozen=True)
+class UserPolicy:
+    """What the policy file gives one user (``HostPolicy.for_user``); plain data.
+
+    ceilings: per-kernel ceilings with where each came from (for messages).
+    images: allowed image names; () means every image.
+    max_kernels: most kernels at once (None: no limit of the file's).
+    user_memory/user_cpus/user_pids: the aggregate caps ``delegate`` writes.
+    """
+
+    ceilings: Ceilings = field(default_factory=Ceilings)
+    images: tuple[str, ...] = ()
+    max_kernels: int | None = None
+    user_memory: int | None = None
+    user_cpus: float | None = None
+    user_pids: int | None = None
+    #: Offer only sandboxed kernelspecs in the user's server (the JupyterHub hook applies it).
+    sandboxed_only: bool = False
+    where: str = ""  # "/etc/sandbox-kernel/policy.toml (groups.students, users.alice)"
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """The whole policy file, parsed and checked (``load``)."""
+
+    path: str
+    top: Rule = field(default_factory=Rule)
+    groups: Mapping[str, Rule] = field(default_factory=dict)
+    users: Mapping[str, Rule] = field(default_factory=dict)
+    reserve_memory: int | None = None
+    reserve_cpus: float | None = None
+
+    def for_user(self, uid: int) -> UserPolicy:
+        """The policy of user ``uid``: top level, then the user's groups (most generous
+        where several set a key), then the user's own section. Called at each kernel start
+        (the kernel's user) and by ``delegate`` (the delegated user)."""
+        name: str | None
+        try:
+            entry = pwd.getpwuid(uid)
+            name, gid = entry.pw_name, entry.pw_gid
+        except KeyError:
+            name, gid = None, None
+        applied: list[str] = []
+        groups = _group_names(name, gid) if name is not None else set()
+        group_rules = [(g, r) for g, r in self.groups.items() if g in groups]
+        merged = _generous([r for _, r in group_rules])
+        applied.extend(f"groups.{g}" for g, _ in group_rules)
+        sources = {n: "top level" for n in self.top.ceilings}
+        for n, v in merged.ceilings.items():  # the group whose value won
+            sources[n] = next(f"groups.{g}" for g, r in group_rules if r.ceilings.get(n) == v)
+        rule = _override(self.top, merged)
+        for key in (name, str(uid)):
+            own = self.users.get(key) if key is not None else None
+            if own is not None:
+                rule = _override(rule, own)
+                sources.update({n: f"users.{key}" for n in own.ceilings})
+                applied.append(f"users.{key}")
+                break
+        where = self.path + (f" ({', '.join(applied)})" if applied else "")
+        values: dict[str, Any] = {n: _typed(n, v) for n, v in rule.ceilings.items()}
+        ceilings = Ceilings(
+            **values,
+            where=tuple((n, f"{self.path} [{sources[n]}] max_{n}") for n in sorted(rule.ceilings)),
+        )
+        return UserPolicy(
+            ceilings=ceilings,
+            images=rule.images or (),
+            max_kernels=rule.max_kernels,
+            user_memory=_opt_int(rule.user.get("memory")),
+            user_cpus=rule.user.get("cpus"),
+            user_pids=_opt_int(rule.user.get("pids")),
+            sandboxed_only=bool(rule.sandboxed_only),
+            where=where,
+        )
+
+
+def _typed(name: str, value: float) -> float:
+    return value if name == "cpus" else int(value)
+
+
+def _opt_int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _group_names(name: str, gid: int | None) -> set[str]:
+    """The names of every group ``name`` is in (primary and supplementary)."""
+    out: set[str] = set()
+    try:
+        gids = os.getgrouplist(name, gid if gid is not None else -1)
+    except OSError:
+        gids = [gid] if gid is not None else []
+    for g in gids:
+        try:
+            out.add(grp.getgrgid(g).gr_name)
+        except KeyError:
+            continue
+    return out
+
+
+def _generous(rules: list[Rule]) -> Rule:
+    """Several groups' rules as one: the largest value of each key, the union of images
+    (a group that sets no image list does not open every image)."""
+    ceilings: dict[str, float] = {}
+    user: dict[str, float] = {}
+    images: list[str] | None = None
+    kernels: int | None = None
+    only: bool | None = None
+    for r in rules:
+        for n, v in r.ceilings.items():
+            ceilings[n] = max(ceilings.get(n, v), v)
+        for n, v in r.user.items():
+            user[n] = max(user.get(n, v), v)
+        if r.images is not None:
+            images = [*(images or []), *(i for i in r.images if i not in (images or []))]
+        if r.max_kernels is not None:
+            kernels = max(kernels or 0, r.max_kernels)
+        if r.sandboxed_only is not None:
+            only = r.sandboxed_only if only is None else (only and r.sandboxed_only)
+    return Rule(ceilings, user, tuple(images) if images is not None else None, kernels, only)
+
+
+def _override(base: Rule, top: Rule) -> Rule:
+    """``base`` with every key ``top`` sets replaced by ``top``'s value."""
+    return Rule(
+        {**base.ceilings, **top.ceilings},
+        {**base.user, **top.user},
+        top.images if top.images is not None else base.images,
+        top.max_kernels if top.max_kernels is not None else base.max_kernels,
+        top.sandboxed_only if top.sandboxed_only is not None else base.sandboxed_only,
+    )
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+
+def load(path: str | None = None) -> HostPolicy | None:
+    """The policy file parsed, or None when there is none. Raises SpecError naming the file
+    and every problem (untrusted owner or mode, TOML syntax, unknown keys, bad values).
+    Called at each kernel start and live change, by ``delegate`` and by ``doctor``."""
+    path = path or policy_path()
+    data = _read_trusted(path)
+    return None if data is None else parse_text(data, path)
+
+
+def parse_text(data: bytes | str, path: str) -> HostPolicy:
+    """The policy file's content parsed (``load`` calls it; tests and ``EXAMPLE`` too)."""
+    try:
+        raw = tomllib.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SpecError(f"cannot parse it: {exc}; fix the TOML", context=_ctx(path)) from None
+    return parse(raw, path)
+
+
+def _ctx(path: str) -> str:
+    return f"the policy file {path}"
+
+
+def _read_trusted(path: str) -> bytes | None:
+    """The file's bytes if it is root's and only root can change it (it and its folder);
+    None if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SpecError(
+            f"cannot be read by uid {os.geteuid()} ({exc.strerror}); every user's server "
+            "reads it: make it readable by everyone (chmod 644) in folders everyone may "
+            "enter (chmod 755)",
+            context=_ctx(path),
+        ) from None
+    try:
+        st = os.fstat(fd)
+        fix = f"as root: chown root:root {path} && chmod 644 {path}"
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError("is not a regular file; make it one", context=_ctx(path))
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise SpecError(
+                "must belong to root and be writable by root only, or any user could "
+                f"change the limits; {fix}",
+                context=_ctx(path),
+            )
+        folder = os.path.dirname(os.path.realpath(path))
+        dst = os.stat(folder)
+        if dst.st_uid != 0 or (dst.st_mode & 0o022 and not dst.st_mode & stat.S_ISVTX):
+            raise SpecError(
+                f"is in {folder}, which others can write (they could replace it); "
+                f"keep it in a folder only root can write, e.g. {os.path.dirname(DEFAULT_PATH)}",
+                context=_ctx(path),
+            )
+        if st.st_size > MAX_BYTES:
+            raise SpecError(
+                f"is {st.st_size} bytes; a policy file holds at most {MAX_BYTES}",
+                context=_ctx(path),
+            )
+        return os.read(fd, MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def parse(raw: Mapping[str, Any], path: str) -> HostPolicy:
+    """A decoded policy file as a ``HostPolicy`` (raises SpecError listing every problem,
+    each with its section and key). Called by ``load``; tests call it with a dict."""
+    problems: list[str] = []
+    top_raw = {k: v for k, v in raw.items() if k not in ("groups", "users", "reserve")}
+    top = _rule(top_raw, "(top level)", problems)
+    sections: dict[str, dict[str, Rule]] = {"groups": {}, "users": {}}
+    for kind in sections:
+        table = raw.get(kind, {})
+        if not isinstance(table, Mapping):
+            problems.append(f"[{kind}] must be a table of [{kind}.NAME] sections")
+            continue
+        for name, body in table.items():
+            if not isinstance(body, Mapping):
+                problems.append(f"{kind}.{name} must be a table ([{kind}.{name}])")
+                continue
+            sections[kind][str(name)] = _rule(body, f"[{kind}.{name}]", problems)
+    reserve = raw.get("reserve", {})
+    memory = cpus = None
+    if not isinstance(reserve, Mapping):
+        problems.append("[reserve] must be a table with memory and cpus")
+    else:
+        for key in sorted(set(reserve) - set(RESERVE_KEYS)):
+            problems.append(f"[reserve] {key!r} is not a key; use: {', '.join(RESERVE_KEYS)}")
+        if "memory" in reserve:
+            memory = _value(BOUNDS["memory"].parse, reserve["memory"], "[reserve] memory", problems)
+        if "cpus" in reserve:
+            cpus = _value(BOUNDS["cpus"].parse, reserve["cpus"], "[reserve] cpus", problems)
+    if problems:
+        raise SpecError(problems, context=_ctx(path))
+    return HostPolicy(
+        path,
+        top,
+        sections["groups"],
+        sections["users"],
+        None if memory is None else int(memory),
+        cpus,
+    )
+
+
+def _value(parser: Callable[[Any, str], Any], raw: Any, where: str, problems: list[str]) -> Any:
+    if isinstance(raw, bool):
+        problems.append(f"{where} = {raw!r} is not a value of its kind")
+        return None
+    try:
+        return parser(raw, where)
+    except SpecError as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def _images(raw: Any, at: str, problems: list[str]) -> tuple[str, ...] | None:
+    if not isinstance(raw, list) or not all(isinstance(i, str) and i for i in raw):
+        problems.append(f'{at} must be a list of image names, e.g. ["python3"]')
+        return None
+    return tuple(raw)
+
+
+def _kernels(raw: Any, at: str, problems: list[str]) -> int | None:
+    v = _value(parse_count, raw, at, problems)
+    if v is not None and not 1 <= v <= MAX_KERNELS_BOUND:
+        problems.append(f"{at} = {raw!r} is out of range; use 1..{MAX_KERNELS_BOUND}")
+        return None
+    return None if v is None else int(v)
+
+
+def _flag(raw: Any, at: str, problems: list[str]) -> bool | None:
+    if not isinstance(raw, bool):
+        problems.append(f"{at} = {raw!r} must be true or false")
+        return None
+    return raw
+
+
+def _rule(body: Mapping[str, Any], where: str, problems: list[str]) -> Rule:
+    """One section's keys parsed; each problem (unknown key, bad value) appended."""
+    ceilings: dict[str, float] = {}
+    user: dict[str, float] = {}
+    other: dict[str, Any] = {}
+    parsers = {"allowed_images": _images, "max_kernels": _kernels, "sandboxed_only": _flag}
+    for key, raw in body.items():
+        at = f"{where} {key}"
+        for keys, into in ((CEILING_KEYS, ceilings), (USER_KEYS, user)):
+            if key in keys:
+                v = _value(BOUNDS[keys[key]].parse, raw, at, problems)
+                if v is not None:
+                    into[keys[key]] = v
+                break
+        else:
+            if key in parsers:
+                other[key] = parsers[key](raw, at, problems)
+            else:
+                problems.append(f"{at}: not a policy key; use: {', '.join(RULE_KEYS)}")
+    return Rule(
+        ceilings,
+        user,
+        other.get("allowed_images"),
+        other.get("max_kernels"),
+        other.get("sandboxed_only"),
+    )
