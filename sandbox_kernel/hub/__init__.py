@@ -16,6 +16,10 @@ Before each user's server starts, as root (the hub's user), the hook
 * when the policy says ``sandboxed_only = true`` for that user, starts the server with
   ``SandboxOnlyKernelSpecManager`` and a sandbox kernel as the default.
 
+``c.Spawner.post_stop_hook = sandbox_kernel.hub.post_stop_hook`` collects, as root, what
+a stopped server's kernels left (a server killed before it could shut them down): their
+processes, cgroups and run dirs.
+
 The server needs nothing else: it finds its delegation by its own uid. The unix account is
 the hub user's name (LocalProcessSpawner's rule); ``unix_name`` in ``make_pre_spawn_hook``
 maps other names.
@@ -31,10 +35,13 @@ from typing import Any
 from .. import policy as host_policy
 from ..jupyter.delegating import delegate_user, user_uid
 from ..jupyter.kernelspecs import KERNELSPEC_NAMES
+from ..runtime.leftovers import collect_other_users
 
 __all__ = [
     "SPEC_MANAGER",
+    "make_post_stop_hook",
     "make_pre_spawn_hook",
+    "post_stop_hook",
     "pre_spawn_hook",
 ]
 
@@ -85,5 +92,27 @@ def _user_policy(name: str) -> host_policy.UserPolicy | None:
     return None if host is None else host.for_user(user_uid(name))
 
 
-#: The hook for hubs whose user names are the unix accounts.
+def make_post_stop_hook(
+    unix_name: Callable[[str], str] = lambda name: name,
+) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    """A ``post_stop_hook`` (see the module docstring); ``unix_name`` as for the spawn hook."""
+
+    async def hook(spawner: Any) -> None:
+        name = unix_name(str(spawner.user.name))
+        uid = await asyncio.to_thread(user_uid, name)
+        report = await asyncio.to_thread(collect_other_users, uid=uid)
+        if report.run_dirs or report.cgroups or report.errors:
+            spawner.log.info(
+                "sandbox-kernel: collected what %s's kernels left: %d run dir(s), %d cgroup(s)%s",
+                name,
+                len(report.run_dirs),
+                len(report.cgroups),
+                "; errors: " + "; ".join(report.errors) if report.errors else "",
+            )
+
+    return hook
+
+
+#: The hooks for hubs whose user names are the unix accounts.
 pre_spawn_hook = make_pre_spawn_hook()
+post_stop_hook = make_post_stop_hook()

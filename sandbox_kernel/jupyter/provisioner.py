@@ -25,6 +25,7 @@ clients connected to the ipc sockets reconnect by themselves.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import signal
@@ -50,6 +51,22 @@ from .control import ControlServer
 from .errors import for_user
 from .resolve import KernelSettings, read_policy, resolve_settings
 from .settings import SETTING_NAMES, SandboxPolicy, SandboxSettings, setting_forms
+
+#: The containers of this process's kernels not yet destroyed, by container id.
+_LIVE: dict[str, Container] = {}
+
+
+@atexit.register
+def _destroy_at_exit() -> None:
+    """Destroy the containers of kernels the server never shut down: jupyter_server exits
+    on SIGINT without a tty ("Interrupted...", how JupyterHub's LocalProcessSpawner stops a
+    server) without shutting its kernels down. Registered at import; runs at interpreter
+    exit (a SIGKILLed server leaves them to gc: the next kernel start, ``sandbox-kernel gc``
+    or the hub's ``post_stop_hook``)."""
+    for container in list(_LIVE.values()):
+        with contextlib.suppress(Exception):
+            container.destroy()
+    _LIVE.clear()
 
 
 class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -293,6 +310,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         except BaseException:
             await self._close_control()
             await asyncio.to_thread(container.destroy)
+            _LIVE.pop(container.id, None)
             self.container = None
             raise
         # What launch_kernel needs; the server's environment is deliberately dropped.
@@ -374,6 +392,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self, container: Container, settings: KernelSettings, workdir: str, digest: str
     ) -> None:
         """A new container serves this kernel: reset the per-start state."""
+        _LIVE[container.id] = container
         self.container = container
         self.settings = settings
         self.cwd = workdir
@@ -443,6 +462,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             )
         except BaseException as exc:
             await asyncio.to_thread(container.destroy)
+            _LIVE.pop(container.id, None)
             self.container = None
             if isinstance(exc, SandboxError):
                 raise for_user(exc, self._context) from exc
@@ -610,6 +630,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         container = self.container
         if container is not None:
             await asyncio.to_thread(container.destroy)
+            _LIVE.pop(container.id, None)
             result = container.poll()
             if result is not None:
                 self._record_exit(result)

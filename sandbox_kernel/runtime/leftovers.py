@@ -122,14 +122,15 @@ def collect_leftovers(
     return report
 
 
-def collect_other_users(*, dry_run: bool = False) -> GcReport:
+def collect_other_users(*, dry_run: bool = False, uid: int | None = None) -> GcReport:
     """As root: remove the leftovers of dead containers of other users' servers (their run
     roots from ``owners.run_roots``; their cgroups only inside each user's delegation, see
-    ``cgroups.manager_for_user``). Names in the report carry the uid. Called by
-    ``sandbox-kernel gc`` run as root, after ``collect_leftovers``."""
+    ``cgroups.manager_for_user``); ``uid``: only that user's. Names in the report carry the
+    uid. Called by ``sandbox-kernel gc`` run as root, after ``collect_leftovers``, and by the
+    JupyterHub ``post_stop_hook`` for the user whose server stopped."""
     report = GcReport()
     for root in run_roots():
-        if not root.own:
+        if not root.own and (uid is None or root.uid == uid):
             _collect_user(root, report, dry_run)
     return report
 

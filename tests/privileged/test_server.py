@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import pytest
 
 from sandbox_kernel.jupyter import kernelspecs
 from sandbox_kernel.paths import run_dir
+from tests.wsclient import execute_over_websocket
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 
@@ -59,9 +59,9 @@ class Server:
             return err.code, json.loads(raw) if raw else None
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("server")
+def launch_server(base: Path) -> Server:
+    """A jupyter_server with the sandbox kernelspecs (and a broken and a big one) in its
+    own folder ``base``, ready (bounded wait)."""
     prefix = base / "prefix"
     kernelspecs.install(None, prefix=str(prefix))
     kernels = prefix / "share" / "jupyter" / "kernels"
@@ -119,6 +119,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[S
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"jupyter server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("server")
+    srv = launch_server(base)
+    proc = srv.proc
     try:
         yield srv
     finally:
@@ -132,62 +140,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[S
 
 
 def run_cell(srv: Server, kernel_id: str, code: str, timeout: float = 90) -> tuple[str, str]:
-    import websocket
-
-    ws = websocket.create_connection(
-        srv.url.replace("http://", "ws://")
-        + f"/api/kernels/{kernel_id}/channels?token={srv.token}",
-        timeout=timeout,
-    )
-    try:
-        msg_id = uuid.uuid4().hex
-        ws.send(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": msg_id,
-                        "msg_type": "execute_request",
-                        "username": "test",
-                        "session": uuid.uuid4().hex,
-                        "version": "5.3",
-                        "date": "",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "channel": "shell",
-                    "buffers": [],
-                    "content": {
-                        "code": code,
-                        "silent": False,
-                        "store_history": False,
-                        "user_expressions": {},
-                        "allow_stdin": False,
-                        "stop_on_error": True,
-                    },
-                }
-            )
-        )
-        out: list[str] = []
-        status = ""
-        idle = False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = json.loads(ws.recv())
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "stream":
-                out.append(msg["content"]["text"])
-            elif msg["msg_type"] == "error":
-                out.append(msg["content"]["ename"])
-            elif msg["msg_type"] == "execute_reply":
-                status = msg["content"]["status"]
-            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                idle = True
-            if status and idle:  # shell and iopub are not ordered with each other
-                break
-        return status, "".join(out)
-    finally:
-        ws.close()
+    url = srv.url.replace("http://", "ws://") + f"/api/kernels/{kernel_id}/channels"
+    return execute_over_websocket(f"{url}?token={srv.token}", code, timeout)
 
 
 def test_kernel_over_rest_and_websocket(
@@ -243,3 +197,39 @@ def test_admin_ceiling_in_server_config_is_enforced(server: Server) -> None:
     assert "kernelspec 'big-sandbox'" in reply["message"]
     assert "memory='2G' is above the administrator's ceiling" in reply["message"]
     assert "SandboxPolicy.max_memory = 1 GiB" in reply["message"]
+
+
+def test_an_interrupted_server_leaves_no_container(
+    tmp_path_factory: pytest.TempPathFactory, images: None
+) -> None:
+    """jupyter_server without a tty exits on SIGINT ("Interrupted...") without shutting its
+    kernels down (JupyterHub's LocalProcessSpawner stops servers so): the provisioner
+    destroys their containers at exit, so neither a process, a run dir nor a cgroup is left."""
+    from sandbox_kernel.cgroups import get_manager
+    from sandbox_kernel.errors import ContainerNotFound
+
+    base = tmp_path_factory.mktemp("interrupted")
+    srv = launch_server(base)
+    try:
+        status, body = srv.request("POST", "/api/kernels", {"name": "python3-sandbox", "path": ""})
+        assert status == 201, body
+        reply, out = run_cell(srv, body["id"], "import os; print(os.getpid())")
+        assert reply == "ok", out
+        cids = [
+            p.name
+            for p in run_dir().iterdir()
+            if (p / "meta.json").is_file()
+            and json.loads((p / "meta.json").read_text()).get("kernel_id") == body["id"]
+        ]
+        assert len(cids) == 1, cids
+        srv.proc.send_signal(signal.SIGINT)
+        srv.proc.wait(30)
+        assert "Interrupted" in srv.log.read_text()
+        assert not (run_dir() / cids[0]).exists(), "the run dir is left"
+        with pytest.raises(ContainerNotFound):
+            get_manager().open(cids[0])
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+        shutil.rmtree(base, ignore_errors=True)

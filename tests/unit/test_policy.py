@@ -424,3 +424,26 @@ def test_a_user_name_wins_over_a_uid() -> None:
     assert user_entry(str(NOBODY.pw_uid)).pw_name == NOBODY.pw_name
     with pytest.raises(SpecError, match="is no user of this host"):
         user_entry("99999999999999999999")
+
+
+def test_the_post_stop_hook_collects_the_users_leftovers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox_kernel import hub
+    from sandbox_kernel.runtime.leftovers import GcReport
+
+    asked: list[int | None] = []
+
+    def fake_collect(*, dry_run: bool = False, uid: int | None = None) -> GcReport:
+        asked.append(uid)
+        return GcReport(run_dirs=["sk-1 (uid 7)"], cgroups=["sk-1 (uid 7)"])
+
+    monkeypatch.setattr(hub, "collect_other_users", fake_collect)
+    logged: list[str] = []
+    spawner = SimpleNamespace(
+        user=SimpleNamespace(name=ME.pw_name),
+        log=SimpleNamespace(info=lambda fmt, *a: logged.append(fmt % a)),
+    )
+    asyncio.run(hub.post_stop_hook(spawner))
+    assert asked == [ME.pw_uid]
+    assert logged == [
+        f"sandbox-kernel: collected what {ME.pw_name}'s kernels left: 1 run dir(s), 1 cgroup(s)"
+    ]
