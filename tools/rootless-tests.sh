@@ -14,10 +14,15 @@
 # as an unprivileged user in a cgroup delegated as systemd would (tools/vm/rootless-guest.sh);
 # SANDBOX_KERNEL_ROOTLESS_VM=0 leaves that out.
 #
+# Then the teaching hub (tests/hub): a real JupyterHub as root, with configurable-http-proxy
+# (npm), spawns both users' servers as themselves; the product's pre_spawn_hook delegates
+# their cgroups from a policy file. --hub runs only that phase.
+#
 # With --bench, the same users and copy serve the rootless benchmarks instead
 # (benchmarks/rootless.py, as root, driving a worker as the first user): no suites.
 #
 # Usage: tools/rootless-tests.sh [PYTEST ARGS...]   (default: the suites below)
+#        tools/rootless-tests.sh --hub
 #        tools/rootless-tests.sh --bench [--rounds N] [--setups N] [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +35,12 @@ SUITES=(tests/privileged/test_runtime.py tests/privileged/test_provisioner.py
         tests/privileged/test_magics.py tests/privileged/test_rootless_images.py
         tests/security)
 BENCH=()
+HUB_ONLY=0
 if [ "${1:-}" = --bench ]; then
   shift
   BENCH=(--out "$SRC/benchmarks/results" "$@")
+elif [ "${1:-}" = --hub ]; then
+  HUB_ONLY=1
 elif [ $# -gt 0 ]; then
   SUITES=("$@")
 fi
@@ -78,7 +86,7 @@ mkdir -p "$WORK/repo/sandbox_kernel/runtime/_bin"
 cp sandbox_kernel/runtime/_bin/sk-runtime "$WORK/repo/sandbox_kernel/runtime/_bin/" || exit 1
 # the virtualenv as the system-wide install makes it (`make install`), editable, with the
 # test extras
-bash tools/install-system.sh --editable --no-lab "$WORK/venv" "" "$WORK/repo[test]" \
+bash tools/install-system.sh --editable --no-lab "$WORK/venv" "" "$WORK/repo[test,hub]" \
     >"$WORK/install.log" 2>&1 \
   || { tail -30 "$WORK/install.log" >&2; echo "rootless: the install failed" >&2; exit 1; }
 chmod -R a+rX "$WORK"
@@ -117,6 +125,7 @@ if [ ${#BENCH[@]} -gt 0 ]; then
 fi
 
 for u in "${USERS[@]}"; do
+  [ $HUB_ONLY = 1 ] && break
   home=$(getent passwd "$u" | cut -d: -f6)
   echo "== rootless: ${SUITES[*]} as $u ($(grep -c "^$u:" /etc/subuid) subordinate range(s))"
   nosub=0; grep -q "^$u:" /etc/subuid || nosub=1
@@ -133,14 +142,30 @@ for u in "${USERS[@]}"; do
   fi
 done
 
+# the teaching hub: JupyterHub as root spawns both users' servers as themselves
+command -v npm >/dev/null || bash tools/install-deps.sh nodejs npm || status=1
+echo "== hub: tests/hub, JupyterHub spawning ${USERS[*]}"
+if npm install --no-audit --no-fund --loglevel=error --prefix "$WORK/proxy" \
+     configurable-http-proxy@4 >"$WORK/npm.log" 2>&1; then
+  ( cd "$WORK/repo" && env CI="${CI:-}" SANDBOX_KERNEL_HUB_USERS="${USERS[*]}" \
+      SANDBOX_KERNEL_HUB_PREFIX="$WORK/venv" SANDBOX_KERNEL_HUB_KEEP_LOG="${SANDBOX_KERNEL_HUB_KEEP_LOG:-}" \
+      SANDBOX_KERNEL_HUB_PROXY="$WORK/proxy/node_modules/.bin/configurable-http-proxy" \
+      "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider tests/hub ) || status=1
+else
+  tail -20 "$WORK/npm.log" >&2; echo "hub: installing configurable-http-proxy failed" >&2
+  status=1
+fi
+
 # the rootless benchmark runs (a smoke run: its figures come from --bench on an idle machine)
+if [ $HUB_ONLY = 0 ]; then
 echo "== rootless: benchmark smoke run (benchmarks/rootless.py --quick) as ${USERS[0]}"
 ( cd "$WORK/repo" && "$WORK/venv/bin/python" -m benchmarks.rootless --user "${USERS[0]}" \
     --quick --out "$WORK/bench" >/dev/null ) || { echo "rootless: the benchmark failed" >&2; status=1; }
+fi
 
 # the cgroupv2 selection as an unprivileged user in the pure v2 guest, in a cgroup delegated
 # as systemd would (when the guest is set up: make vm-setup)
-if [ -s .vm/current ] && [ "${SANDBOX_KERNEL_ROOTLESS_VM:-1}" = 1 ]; then
+if [ $HUB_ONLY = 0 ] && [ -s .vm/current ] && [ "${SANDBOX_KERNEL_ROOTLESS_VM:-1}" = 1 ]; then
   mapfile -t V2 < <(grep -rlwE --include='test_*.py' 'cgroupv2' tests/ | sort)
   echo "== rootless: the cgroupv2 selection in the v2 guest (${V2[*]})"
   SANDBOX_KERNEL_VM_VENV="$WORK/venv" bash tools/vm/run-tests.sh --exec /bin/sh \
