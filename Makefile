@@ -11,10 +11,11 @@ CFLAGS_RT := $(shell cat sandbox_kernel/runtime/native/cflags)
 DEB_PACKAGES := gcc libc6-dev make uidmap mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv clang-format clang-tidy cppcheck
 RUNTIME := sandbox_kernel/runtime/_bin/sk-runtime
 
-.PHONY: help deps venv native install vm-setup demo test test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2 test-cgroup-v2-native lint lint-c bench bench-rootless clean
+.PHONY: help deps venv native install vm-setup demo hub-demo hub-demo-clean test test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2 test-cgroup-v2-native lint lint-c bench bench-rootless clean
 
 help:
 	@echo "make demo            build what is missing, run the Python 2.7 and Python 3 notebooks side by side"
+	@echo "make hub-demo        (root) a JupyterHub on 127.0.0.1:8000 with two students and an instructor"
 	@echo "make test            the whole test suite (lint, types, unit, privileged, cgroup v2 in a VM)"
 	@echo "make test-cgroup-v2  the cgroup v2 selection in a QEMU guest (or natively: tools/vm/run-tests.sh --native)"
 	@echo "make bench           the benchmarks (table + JSON under benchmarks/results/)"
@@ -45,6 +46,13 @@ install: deps
 
 demo: venv native
 	$(PY) -m sandbox_kernel.jupyter.demo
+
+# a teaching hub on this machine: two students and an instructor (root; tools/hub-demo.sh)
+hub-demo: deps
+	bash tools/hub-demo.sh
+
+hub-demo-clean:
+	bash tools/hub-demo.sh --clean
 
 lint: venv lint-c
 	$(VENV)/bin/ruff check sandbox_kernel tests tools benchmarks

@@ -90,10 +90,18 @@ RESERVE_KEYS = ("memory", "cpus")
 MAX_KERNELS_BOUND = 10000
 
 
-def policy_path() -> str:
-    """The policy file's path: ``$SANDBOX_KERNEL_POLICY`` or ``/etc/sandbox-kernel/policy.toml``.
-    Called by ``load`` and by ``doctor`` (which names it)."""
-    return os.environ.get(ENV) or DEFAULT_PATH
+#: ``SANDBOX_KERNEL_POLICY=none``: no policy file, on purpose (tests; hosts without one).
+NO_FILE = "none"
+
+
+def policy_path() -> str | None:
+    """The policy file's path: ``$SANDBOX_KERNEL_POLICY`` or ``/etc/sandbox-kernel/policy.toml``;
+    None for ``SANDBOX_KERNEL_POLICY=none``. Called by ``load`` and by ``doctor`` (which
+    names it)."""
+    env = os.environ.get(ENV)
+    if env == NO_FILE:
+        return None
+    return env or DEFAULT_PATH
 
 
 @dataclass(frozen=True)
@@ -244,10 +252,15 @@ def _override(base: Rule, top: Rule) -> Rule:
 
 def load(path: str | None = None) -> HostPolicy | None:
     """The policy file parsed, or None when there is none. Raises SpecError naming the file
-    and every problem (untrusted owner or mode, TOML syntax, unknown keys, bad values).
-    Called at each kernel start and live change, by ``delegate`` and by ``doctor``."""
+    and every problem (untrusted owner or mode, TOML syntax, unknown keys, bad values). A
+    file that ``$SANDBOX_KERNEL_POLICY`` names must exist (a typo must not turn the policy
+    off); only the default path may be absent. Called at each kernel start and live change,
+    by ``delegate``, the hub hooks and ``doctor``."""
+    required = path is not None or bool(os.environ.get(ENV))
     path = path or policy_path()
-    data = _read_trusted(path)
+    if path is None:
+        return None
+    data = _read_trusted(path, required)
     return None if data is None else parse_text(data, path)
 
 
@@ -264,47 +277,82 @@ def _ctx(path: str) -> str:
     return f"the policy file {path}"
 
 
-def _read_trusted(path: str) -> bytes | None:
-    """The file's bytes if it is root's and only root can change it (it and its folder);
-    None if it does not exist."""
+def _read_trusted(path: str, required: bool) -> bytes | None:
+    """The file's bytes if it is root's and only root can change it: it, its folder and every
+    folder above (links resolved first, then nothing followed); None if it does not exist
+    and is not ``required``."""
+    real = os.path.realpath(path)
+    shown = path if real == path else f"{path} (-> {real})"
+    fix = f"as root: chown root:root {real} && chmod 644 {real}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        st = os.lstat(real)
     except FileNotFoundError:
-        return None
-    except OSError as exc:
+        if not required:
+            return None
         raise SpecError(
-            f"cannot be read by uid {os.geteuid()} ({exc.strerror}); every user's server "
-            "reads it: make it readable by everyone (chmod 644) in folders everyone may "
-            "enter (chmod 755)",
-            context=_ctx(path),
+            f"does not exist; create it, or unset {ENV} ({ENV}={NO_FILE}: no policy file)",
+            context=_ctx(shown),
         ) from None
+    except OSError as exc:
+        raise _unreadable(shown, exc) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError("is not a regular file; make it one", context=_ctx(shown))
+    _check_folders(real, shown)
     try:
-        st = os.fstat(fd)
-        fix = f"as root: chown root:root {path} && chmod 644 {path}"
-        if not stat.S_ISREG(st.st_mode):
-            raise SpecError("is not a regular file; make it one", context=_ctx(path))
-        if st.st_uid != 0 or st.st_mode & 0o022:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise _unreadable(shown, exc) from None
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+            raise SpecError("changed while it was read; try again", context=_ctx(shown))
+        if fst.st_uid != 0 or fst.st_mode & 0o022:
             raise SpecError(
                 "must belong to root and be writable by root only, or any user could "
                 f"change the limits; {fix}",
-                context=_ctx(path),
+                context=_ctx(shown),
             )
-        folder = os.path.dirname(os.path.realpath(path))
-        dst = os.stat(folder)
-        if dst.st_uid != 0 or (dst.st_mode & 0o022 and not dst.st_mode & stat.S_ISVTX):
+        if fst.st_size > MAX_BYTES:
             raise SpecError(
-                f"is in {folder}, which others can write (they could replace it); "
-                f"keep it in a folder only root can write, e.g. {os.path.dirname(DEFAULT_PATH)}",
-                context=_ctx(path),
-            )
-        if st.st_size > MAX_BYTES:
-            raise SpecError(
-                f"is {st.st_size} bytes; a policy file holds at most {MAX_BYTES}",
-                context=_ctx(path),
+                f"is {fst.st_size} bytes; a policy file holds at most {MAX_BYTES}",
+                context=_ctx(shown),
             )
         return os.read(fd, MAX_BYTES + 1)
+    except OSError as exc:
+        raise _unreadable(shown, exc) from None
     finally:
         os.close(fd)
+
+
+def _unreadable(shown: str, exc: OSError) -> SpecError:
+    return SpecError(
+        f"cannot be read by uid {os.geteuid()} ({exc.strerror}); every user's server reads "
+        "it: make it readable by everyone (chmod 644) in folders everyone may enter (chmod 755)",
+        context=_ctx(shown),
+    )
+
+
+def _check_folders(real: str, shown: str) -> None:
+    """Every folder above the file is root's and writable by root only (a sticky folder
+    such as /tmp may be an ancestor, never the file's own folder: there anyone could plant
+    the file while it is absent)."""
+    folder = os.path.dirname(real)
+    parts = [p for p in folder.split("/") if p]
+    for i in range(len(parts) + 1):
+        d = "/" + "/".join(parts[:i])
+        try:
+            dst = os.lstat(d)
+        except OSError as exc:
+            raise _unreadable(shown, exc) from None
+        own = d == folder
+        writable = dst.st_mode & 0o022 and (own or not dst.st_mode & stat.S_ISVTX)
+        if not stat.S_ISDIR(dst.st_mode) or dst.st_uid != 0 or writable:
+            raise SpecError(
+                f"is in {folder}, and {d} is not a folder only root can write (others could "
+                f"replace the file); keep it where only root writes, e.g. "
+                f"{os.path.dirname(DEFAULT_PATH)}",
+                context=_ctx(shown),
+            )
 
 
 def parse(raw: Mapping[str, Any], path: str) -> HostPolicy:
@@ -361,6 +409,9 @@ def _value(parser: Callable[[Any, str], Any], raw: Any, where: str, problems: li
 def _images(raw: Any, at: str, problems: list[str]) -> tuple[str, ...] | None:
     if not isinstance(raw, list) or not all(isinstance(i, str) and i for i in raw):
         problems.append(f'{at} must be a list of image names, e.g. ["python3"]')
+        return None
+    if not raw:  # [] would read as "every image"
+        problems.append(f"{at} = [] allows no image; name at least one, or leave the key out")
         return None
     return tuple(raw)
 

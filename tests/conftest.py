@@ -83,11 +83,6 @@ def _own_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 #: What the tests use as the host's policy file unless a test writes its own: none, so that a
-#: policy file of the machine running the tests does not change what they see.
-NO_POLICY = "/nonexistent/sandbox-kernel-tests/policy.toml"
-
-
-@pytest.fixture(autouse=True)
-def _no_host_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not os.environ.get("SANDBOX_KERNEL_POLICY"):
-        monkeypatch.setenv("SANDBOX_KERNEL_POLICY", NO_POLICY)
+#: policy file of the machine running the tests does not change what they see. Set once for
+#: the session (a fixture using monkeypatch would change the order fixtures are undone in).
+os.environ.setdefault("SANDBOX_KERNEL_POLICY", "none")

@@ -22,14 +22,18 @@ every path is built from validated names.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pwd
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from ..errors import CgroupError, SpecError
 from .base import CgroupLimits
 from .common import CgroupIO, Files, cgroup_error
 from .detect import V1_CONTROLLERS, V2_CONTROLLERS, CgroupLayout, cgroup_dir
+
+log = logging.getLogger(__name__)
 
 #: The product's top cgroup for delegations, in every hierarchy.
 TOP = "sandbox-kernel"
@@ -182,7 +186,8 @@ def user_entry(user: str) -> pwd.struct_passwd:
     except KeyError:
         pass
     try:
-        if user.isdigit():
+        # ASCII digits only: str.isdigit also takes other scripts' digits
+        if re.fullmatch(r"[0-9]{1,10}", user):
             return pwd.getpwuid(int(user))
     except (KeyError, OverflowError):
         pass
@@ -249,21 +254,47 @@ def _write_pair(
     top: tuple[str, CgroupLimits | None],
     user: tuple[str, CgroupLimits],
 ) -> None:
-    """The all-users caps then the user's; where that order fails (cgroup v1 refuses a CPU
-    quota above the parent's, and a parent's below a child's: lowering both needs the user's
-    first), the other order. A failure of both is the first one's error."""
-    if top[1] is None:
-        _write_caps(files, v2, ctrl, user[0], user[1])
-        return
-    try:
-        _write_caps(files, v2, ctrl, top[0], top[1])
-        _write_caps(files, v2, ctrl, user[0], user[1])
-    except CgroupError as first:
+    """The all-users caps, then the user's. cgroup v1 refuses a CPU quota above the parent's
+    and a parent's below a child's: the user's quota is held to the all-users one, and when
+    the all-users caps cannot be lowered before the user's are, they go after. When they
+    cannot be written at all (another delegation or a running kernel holds a higher CPU
+    quota), the user's own caps still are and a warning says what stays: one user's spawn
+    never fails for another's."""
+    top_dir, top_caps = top
+    user_dir, caps = user
+    if top_caps is not None:
         try:
-            _write_caps(files, v2, ctrl, user[0], user[1])
-            _write_caps(files, v2, ctrl, top[0], top[1])
+            _write_caps(files, v2, ctrl, top_dir, top_caps)
+            top_caps = None
         except CgroupError:
-            raise first from None
+            pass  # below the user's own quota now: after the user's
+    if not v2 and ctrl == "cpu":
+        caps = _within_parent_quota(files, top_dir, caps)
+    _write_caps(files, v2, ctrl, user_dir, caps)
+    if top_caps is not None:
+        try:
+            _write_caps(files, v2, ctrl, top_dir, top_caps)
+        except CgroupError as exc:
+            log.warning(
+                "the cap of all users' kernels in %s could not be written (%s); it stays as "
+                "it was until every delegation's and kernel's CPU cap is below it (cgroup v1)",
+                top_dir,
+                exc,
+            )
+
+
+def _within_parent_quota(files: Files, parent: str, caps: CgroupLimits) -> CgroupLimits:
+    """v1: ``caps`` with its CPU quota no higher than ``parent``'s (which the kernel would
+    refuse with EINVAL); logged when lowered."""
+    quota = files.read_int(os.path.join(parent, "cpu.cfs_quota_us"))
+    period = files.read_int(os.path.join(parent, "cpu.cfs_period_us")) or caps.cpu_period_us
+    if quota is None or quota <= 0:
+        return caps
+    top = quota * caps.cpu_period_us // period
+    if caps.cpu_quota_us is not None and caps.cpu_quota_us > top:
+        log.info("a delegation's CPU cap is held to the all-users cap in %s", parent)
+        return replace(caps, cpu_quota_us=top)
+    return caps
 
 
 def _write_caps(files: Files, v2: bool, ctrl: str, d: str, caps: CgroupLimits) -> None:

@@ -302,9 +302,9 @@ def check_policy() -> list[Check]:
     either, a warning: nothing bounds what many kernels take together)."""
     from .. import policy as host_policy
 
-    path = host_policy.policy_path()
+    path = host_policy.policy_path() or f"{host_policy.DEFAULT_PATH} ({host_policy.ENV}=none)"
     try:
-        host = host_policy.load(path)
+        host = host_policy.load()
     except SandboxError as exc:
         return [Check(FAIL, str(exc), "no kernel starts until it is fixed")]
     if host is not None:
@@ -323,7 +323,7 @@ def check_policy() -> list[Check]:
     return [
         Check(
             WARN,
-            f"no policy is set ({path} does not exist, no SandboxPolicy ceilings): kernels "
+            f"no policy is set ({path}: no file, no SandboxPolicy ceilings): kernels "
             "get their kernelspec's caps, and nothing bounds many kernels together",
             f"write {path} (docs/configuration.md, 'The host's policy file')",
         )

@@ -45,7 +45,7 @@ def _uid(user: str | None) -> tuple[int, str]:
 def describe(host: host_policy.HostPolicy | None, uid: int) -> dict[str, Any]:
     """The policy of ``uid`` as plain data (what the command prints)."""
     if host is None:
-        return {"file": None, "path": host_policy.policy_path()}
+        return {"file": None, "path": host_policy.policy_path() or f"{host_policy.ENV}=none"}
     mine = host.for_user(uid)
     ceilings = {n: mine.ceilings.of(n) for n in host_policy.CEILING_KEYS.values()}
     return {

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .. import policy as host_policy
-from ..jupyter.delegating import delegate_user, user_uid
+from ..errors import SpecError
+from ..jupyter.delegating import delegate_user
 from ..jupyter.kernelspecs import KERNELSPEC_NAMES
 from ..runtime.leftovers import collect_other_users
 
@@ -58,6 +60,7 @@ def make_pre_spawn_hook(
 
     async def hook(spawner: Any) -> None:
         name = unix_name(str(spawner.user.name))
+        await asyncio.to_thread(_account_uid, name)  # a hub name is an account, never a uid
         done = await asyncio.to_thread(delegate_user, name)
         mine = await asyncio.to_thread(_user_policy, name)
         env = dict(spawner.environment or {})
@@ -87,9 +90,18 @@ _OWN_ARGS = (
 )
 
 
+def _account_uid(name: str) -> int:
+    """The uid of the unix account ``name`` (by name only: a hub user called ``1001`` is not
+    uid 1001); SpecError when there is none."""
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise SpecError(f"hub user {name!r} has no unix account of that name") from None
+
+
 def _user_policy(name: str) -> host_policy.UserPolicy | None:
     host = host_policy.load()
-    return None if host is None else host.for_user(user_uid(name))
+    return None if host is None else host.for_user(_account_uid(name))
 
 
 def make_post_stop_hook(
@@ -99,8 +111,12 @@ def make_post_stop_hook(
 
     async def hook(spawner: Any) -> None:
         name = unix_name(str(spawner.user.name))
-        uid = await asyncio.to_thread(user_uid, name)
-        report = await asyncio.to_thread(collect_other_users, uid=uid)
+        try:
+            uid = await asyncio.to_thread(_account_uid, name)
+            report = await asyncio.to_thread(collect_other_users, uid=uid)
+        except Exception as exc:  # JupyterHub would let it escape from the server's stop
+            spawner.log.warning("sandbox-kernel: collecting %s's leftovers failed: %s", name, exc)
+            return
         if report.run_dirs or report.cgroups or report.errors:
             spawner.log.info(
                 "sandbox-kernel: collected what %s's kernels left: %d run dir(s), %d cgroup(s)%s",

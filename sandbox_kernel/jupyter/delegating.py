@@ -87,9 +87,9 @@ def _limits(memory: int | None, cpus: float | None, pids: int | None) -> CgroupL
 
 def reserve_caps(host: host_policy.HostPolicy | None) -> CgroupLimits | None:
     """The cap of every user's kernels together: the host's memory and CPUs less the
-    policy file's ``[reserve]`` (None without a policy file: the all-users cgroup keeps what
-    it has). SpecError when the reserve leaves nothing."""
-    if host is None:
+    policy file's ``[reserve]`` (None without a policy file or a reserve: the all-users
+    cgroup keeps what it has). SpecError when the reserve leaves nothing."""
+    if host is None or (host.reserve_memory is None and host.reserve_cpus is None):
         return None
     memory = cpus = None
     if host.reserve_memory is not None:

@@ -355,10 +355,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         policy = settings.policy
         if policy.max_kernels is None:
             return
+        # a rootless server's run root holds only its user's containers (whatever uid
+        # they run as inside); a root server's, every user's: count that kernel uid's
+        mine = os.geteuid() != 0
         running = [
             info
             for info in running_containers(run_dir())
-            if info.meta.get("user") == settings.uid and "kernel_id" in info.meta
+            if "kernel_id" in info.meta and (mine or info.meta.get("user") == settings.uid)
         ]
         if len(running) < policy.max_kernels:
             return
@@ -370,7 +373,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             shown.append(f"{name[:64]} in {folder[:200]}" if folder else name[:64])
         more = f" and {len(running) - 5} more" if len(running) > 5 else ""
         raise SpecError(
-            f"uid {settings.uid} already runs {len(running)} kernel(s), the most allowed "
+            f"uid {settings.host_uid} already runs {len(running)} kernel(s), the most allowed "
             f"at once ({policy.max_kernels_source} = {policy.max_kernels}): "
             f"{'; '.join(shown)}{more}; shut one down (Kernel > Shut Down Kernel, or the "
             "Running panel) and start again",
@@ -566,7 +569,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 "error": "the administrator's sandbox policy cannot be read, so limits cannot "
                 "change now; ask the administrator (sandbox-kernel doctor names the problem)",
             }
-        policy = policy.for_user(settings.uid)
+        policy = policy.for_user(settings.host_uid)
         ceilings = policy.ceilings.or_start(self._start_limits or settings.limits)
         if request.get("op") == "get":
             return {"ok": True, "info": self._info(container, settings, policy.ceilings, ceilings)}

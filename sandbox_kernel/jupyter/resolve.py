@@ -94,8 +94,10 @@ class KernelSettings:
     #: The administrator allows a rootless kernel to run without enforced caps
     #: (``SandboxPolicy.allow_unenforced_limits``).
     unenforced_ok: bool = False
-    #: The policy for this kernel's user (``Policy.for_user``): the kernel count limit.
+    #: The policy for this kernel's host user (``Policy.for_user``): the kernel count limit.
     policy: Policy = field(default_factory=Policy)
+    #: That host user (a rootless server's own uid; a root server's kernel uid).
+    host_uid: int = -1
 
 
 def read_policy(policy: SandboxPolicy, *, host: bool = True) -> Policy:
@@ -361,7 +363,10 @@ def resolve_settings(
         values, policy, explicit, workdir, os.geteuid() if server_uid is None else server_uid
     )
     uid, gid = r.identity()
-    r.policy = policy = policy.for_user(uid)
+    # the host user the policy names: a rootless server's own (whatever id the kernel has
+    # inside); a root server's kernel runs as that host uid (its id maps to itself)
+    host_uid = r.server_uid if r.server_uid != 0 else uid
+    r.policy = policy = policy.for_user(host_uid)
     image = r.image()
     caps = {name: r.cap(name) for name in CAP_SETTINGS}
     mounts, env, network = r.mounts(), r.env(), r.network()
@@ -381,4 +386,5 @@ def resolve_settings(
         cpu_defer_timeout=timeout,
         unenforced_ok=policy.allow_unenforced_limits,
         policy=policy,
+        host_uid=host_uid,
     )

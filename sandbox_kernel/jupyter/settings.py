@@ -208,7 +208,8 @@ class SandboxPolicy(Configurable):
         0,
         config=True,
         help="""Most kernels one user may run at once on this host (all of the user's
-        servers together; as root, the kernels running as that user). One more is refused,
+        servers that share a run directory, the default; as root, the kernels running as
+        that user). One more is refused,
         naming the limit and the running kernels. The policy file's max_kernels, when lower,
         wins. Default: 0 (no limit).""",
     )

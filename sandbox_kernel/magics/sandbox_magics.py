@@ -489,6 +489,16 @@ def sandbox(line, cell=None, shell=None):
 _pending_notice = {"text": None}
 
 
+def _size_arg(n):
+    """``n`` bytes as a %sandbox memory= value that never rounds up (1400 MiB stays 1400M,
+    not 1.4G, which would be more): whole GiB as G, else whole MiB."""
+    if not n:
+        return "more"
+    if n % (1 << 30) == 0:
+        return "%dG" % (n >> 30)
+    return "%dM" % (n >> 20)
+
+
 def explain_previous_exit(info):
     """One notice of why the previous kernel was stopped (OOM, pids cap), with what to ask
     for instead, or None. Called at load time with the host's ``get`` answer."""
@@ -510,10 +520,7 @@ def explain_previous_exit(info):
             )
         else:
             want = min(limit * 2, top) if (limit and top) else limit * 2
-            suggestion = fmt_size(want) if want else "more"
-            text += " Raise it with %%sandbox memory=%s" % (
-                suggestion.replace(" ", "").replace("iB", "")
-            )
+            text += " Raise it with %%sandbox memory=%s" % _size_arg(want)
             if ceilings.get("memory"):
                 text += " (this server allows up to %s)" % ceilings.get("memory")
             text += " or use less memory."

@@ -70,6 +70,11 @@ def test_explanation_of_an_oom_kill() -> None:
     info["ceiling_values"] = {"memory": 768 << 20, "pids": 256}
     info["limits"] = {"memory": 600 << 20}  # raised live before the death, kept on restart
     assert "Raise it with %sandbox memory=768M" in m.explain_previous_exit(info)
+    info["ceiling_values"] = {"memory": 1400 << 20}  # never rounded up past the ceiling
+    assert "Raise it with %sandbox memory=1200M" in m.explain_previous_exit(info)
+    info["limits"] = {"memory": 1000 << 20}
+    assert "Raise it with %sandbox memory=1400M" in m.explain_previous_exit(info)
+    info["ceiling_values"] = {"memory": 768 << 20, "pids": 256}
     info["limits"] = {"memory": 768 << 20}
     assert m.explain_previous_exit(info).endswith(
         "The memory limit is already the most this kernel may have (768 MiB): use less "

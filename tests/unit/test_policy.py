@@ -118,8 +118,18 @@ def test_several_groups_give_their_most_generous_values() -> None:
     assert hp._generous([]) == hp.Rule()
 
 
-def test_no_file_is_no_policy(tmp_path: Path) -> None:
-    assert hp.load(str(tmp_path / "none.toml")) is None
+def test_only_the_default_path_may_be_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hp, "DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    monkeypatch.delenv(hp.ENV)
+    assert hp.load() is None  # no policy file on this host
+    monkeypatch.setenv(hp.ENV, hp.NO_FILE)
+    assert hp.load() is None and hp.policy_path() is None  # none, on purpose
+    # a file the variable names must exist: a typo must not turn the policy off
+    monkeypatch.setenv(hp.ENV, str(tmp_path / "typo.toml"))
+    with pytest.raises(SpecError, match=r"typo.toml: does not exist; create it, or unset"):
+        hp.load()
 
 
 def test_a_file_others_could_change_is_refused(
@@ -136,11 +146,20 @@ def test_a_file_others_could_change_is_refused(
         hp.load()
     path.chmod(0o644)
     path.parent.chmod(0o777)
-    with pytest.raises(SpecError, match="which others can write"):
+    with pytest.raises(SpecError, match="is not a folder only root can write"):
         hp.load()
-    path.parent.chmod(0o1777)  # sticky, like /tmp: others cannot replace root's file
-    assert hp.load() is not None
+    # sticky, like /tmp: fine above the file (tmp_path is under /tmp), not as its folder,
+    # where anyone could plant the file while it is absent
+    path.parent.chmod(0o1777)
+    with pytest.raises(SpecError, match="is not a folder only root can write"):
+        hp.load()
     path.parent.chmod(0o755)
+    # a link is resolved first, then the real file and its folders are checked
+    link = tmp_path / "link.toml"
+    link.symlink_to(path)
+    monkeypatch.setenv(hp.ENV, str(link))
+    assert hp.load() is not None
+    monkeypatch.setenv(hp.ENV, str(path))
     path.write_text("x" * (hp.MAX_BYTES + 1))
     with pytest.raises(SpecError, match="at most"):
         hp.load()
@@ -263,7 +282,10 @@ def test_a_start_beyond_the_kernel_count_names_the_running_kernels(
         gid=1234,
         cpu_defer_timeout=1.0,
         policy=Policy(max_kernels=3),
+        host_uid=1234,
     )
+    # a root server counts the kernels of that uid (its run root holds every user's)
+    monkeypatch.setattr("sandbox_kernel.jupyter.provisioner.os.geteuid", lambda: 0)
     prov._check_kernel_count(settings)  # 2 of 3
     with pytest.raises(SpecError) as exc:
         prov._check_kernel_count(
@@ -274,6 +296,10 @@ def test_a_start_beyond_the_kernel_count_names_the_running_kernels(
         "(SandboxPolicy.max_kernels = 2): spec0 in /nb/0; spec1 in /nb/1; shut one down "
         "(Kernel > Shut Down Kernel, or the Running panel) and start again"
     )
+    # a rootless server's run root is its user's alone: every kernel in it counts
+    monkeypatch.setattr("sandbox_kernel.jupyter.provisioner.os.geteuid", lambda: 1234)
+    with pytest.raises(SpecError, match=r"already runs 3 kernel\(s\)"):
+        prov._check_kernel_count(settings)
 
 
 @needs_root
@@ -367,6 +393,7 @@ def test_the_hub_hook_delegates_and_offers_only_sandbox_kernels(
     monkeypatch.setattr(hub, "delegate_user", fake_delegate)
     only = hp.UserPolicy(sandboxed_only=True)
     monkeypatch.setattr(hub, "_user_policy", lambda name: only)
+    monkeypatch.setattr(hub, "_account_uid", lambda name: 4321)
     logged: list[str] = []
     spawner = SimpleNamespace(
         user=SimpleNamespace(name="hub-alice"),
@@ -394,7 +421,7 @@ def test_the_policy_verb_shows_what_a_user_gets(
 ) -> None:
     from sandbox_kernel.cli import main
 
-    monkeypatch.setenv(hp.ENV, str(tmp_path / "none.toml"))
+    monkeypatch.setenv(hp.ENV, hp.NO_FILE)
     assert main(["policy"]) == 0
     assert "no policy file at" in capsys.readouterr().out
     if os.geteuid() != 0:
@@ -447,3 +474,26 @@ def test_the_post_stop_hook_collects_the_users_leftovers(monkeypatch: pytest.Mon
     assert logged == [
         f"sandbox-kernel: collected what {ME.pw_name}'s kernels left: 1 run dir(s), 1 cgroup(s)"
     ]
+
+
+def test_hub_names_are_accounts_and_hook_errors_stay_in_the_hook(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sandbox_kernel import hub
+
+    with pytest.raises(SpecError, match="has no unix account of that name"):
+        hub._account_uid(str(ME.pw_uid) + "0000")  # digits are never taken as a uid
+    with pytest.raises(SpecError):
+        hub._account_uid("\u0661\u0660\u0660\u0661")  # Arabic-Indic digits, "1001"
+    logged: list[str] = []
+    spawner = SimpleNamespace(
+        user=SimpleNamespace(name="no-such-account-here"),
+        log=SimpleNamespace(warning=lambda fmt, *a: logged.append(fmt % a)),
+    )
+    asyncio.run(hub.post_stop_hook(spawner))  # does not raise into the hub
+    assert logged and "collecting no-such-account-here's leftovers failed" in logged[0]
+
+
+def test_an_empty_image_list_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"allowed_images = \[\] allows no image"):
+        hp.parse({"allowed_images": []}, "/p")
