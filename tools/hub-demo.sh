@@ -29,10 +29,13 @@ fi
 if [ "${1:-}" = --clean ]; then
   for u in "${STUDENTS[@]}" "$TEACHER"; do
     if id "$u" >/dev/null 2>&1; then
+      uid=$(id -u "$u")
       [ -x "$PREFIX/bin/sandbox-kernel" ] && "$PREFIX/bin/sandbox-kernel" delegate --remove "$u" >/dev/null || true
       pkill -KILL -u "$u" 2>/dev/null || true
       userdel -r "$u" >/dev/null 2>&1 || true
       sed -i "/^$u:/d" /etc/subuid /etc/subgid
+      # what the account's servers left in the shared temp dirs (its run root /tmp/sk-UID)
+      find /tmp /var/tmp /dev/shm -xdev -mindepth 1 -maxdepth 1 -uid "$uid" -exec rm -rf -- {} + 2>/dev/null || true
     fi
   done
   getent group "$GROUP" >/dev/null && groupdel "$GROUP"

@@ -318,7 +318,8 @@ def _enable_v2(files: Files, path: str) -> None:
 
 def undelegate(user: str, layout: CgroupLayout, io: CgroupIO | None = None) -> int:
     """Root: remove ``user``'s delegation (its kernels' cgroups are killed and removed
-    first); returns how many directories went. Called by ``delegate --remove``."""
+    first), and the all-users cgroup with its caps once no delegation is left in it;
+    returns how many directories went. Called by ``delegate --remove``."""
     files = Files(io or CgroupIO())
     uid, _gid, _name = _user_ids(user)
     removed = 0
@@ -329,6 +330,13 @@ def undelegate(user: str, layout: CgroupLayout, io: CgroupIO | None = None) -> i
             files.sigkill(files.procs(d))
             files.rmdir_retry(d)
             removed += 1
+    for _ctrl, top_dir in _hierarchy_dirs(layout, f"/{TOP}"):
+        if files.io.isdir(top_dir) and not files.subdirs(top_dir):
+            try:
+                files.io.rmdir(top_dir)
+                removed += 1
+            except OSError:
+                pass  # in use again meanwhile (another delegation, a server in it)
     return removed
 
 

@@ -100,8 +100,11 @@ def test_delegate_update_list_remove(
     main(["delegate", "--list"])
     listed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(name + " ")]
     assert listed == [f"{name} (uid {uid}): memory 1 GiB, cpus unlimited, pids unlimited"]
+    others = [p for d in dirs if d.parent.is_dir() for p in d.parent.glob("user-*") if p != d]
     assert main(["delegate", "--remove", name]) == 0
     assert not any(d.exists() for d in dirs)
+    if not others:  # the last delegation gone: so is the all-users cgroup with its caps
+        assert not any(d.parent.exists() for d in dirs)
 
 
 def test_delegate_takes_the_policys_per_user_caps(
