@@ -15,6 +15,7 @@ import asyncio
 import os
 import sys
 import time
+import traceback
 
 from .kernels import Harness, Kernel, pss_kib, stop_all
 from .stats import Figure, percentile, ratio
@@ -77,6 +78,9 @@ async def _at_once(
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         print(f"  {len(errors)} of {n} {spec} kernels failed: {errors[0]!r}", file=sys.stderr)
+        # the first failure's traceback: a start that failed once in 100 needs it to be found
+        first = errors[0]
+        traceback.print_exception(type(first), first, first.__traceback__, file=sys.stderr)
     return elapsed, kernels, errors
 
 
