@@ -37,7 +37,7 @@ from .. import policy as host_policy
 from ..errors import SpecError
 from ..jupyter.delegating import delegate_user
 from ..jupyter.kernelspecs import KERNELSPEC_NAMES
-from ..runtime.leftovers import collect_other_users
+from ..runtime.leftovers import collect_other_users, orphans_ending
 
 __all__ = [
     "SPEC_MANAGER",
@@ -49,6 +49,8 @@ __all__ = [
 
 SPEC_MANAGER = "sandbox_kernel.jupyter.specmanager.SandboxOnlyKernelSpecManager"
 DEFAULT_KERNEL = "python3-sandbox"
+#: How long the post-stop hook waits for a killed server's containers to end (seconds).
+ORPHAN_WAIT_S = 10.0
 assert DEFAULT_KERNEL in KERNELSPEC_NAMES
 
 
@@ -113,6 +115,11 @@ def make_post_stop_hook(
         name = unix_name(str(spawner.user.name))
         try:
             uid = await asyncio.to_thread(_account_uid, name)
+            # a server killed outright: its executors are ending their containers right now
+            for _ in range(int(ORPHAN_WAIT_S / 0.2)):
+                if not await asyncio.to_thread(orphans_ending, uid):
+                    break
+                await asyncio.sleep(0.2)
             report = await asyncio.to_thread(collect_other_users, uid=uid)
         except Exception as exc:  # JupyterHub would let it escape from the server's stop
             spawner.log.warning("sandbox-kernel: collecting %s's leftovers failed: %s", name, exc)

@@ -135,6 +135,22 @@ def collect_other_users(*, dry_run: bool = False, uid: int | None = None) -> GcR
     return report
 
 
+def orphans_ending(uid: int) -> int:
+    """As root: how many of user ``uid``'s containers still run although the process that
+    made them is gone (their executors are taking them down: an executor ends its container
+    when its owner dies). Called by the hub's post-stop hook, which waits for them to end
+    before it collects."""
+    count = 0
+    for root in run_roots():
+        if not root.own and root.uid == uid:
+            count += sum(
+                1
+                for _owner, info in containers([root])
+                if info.running() and not info.owner_alive()
+            )
+    return count
+
+
 def _collect_user(root: RunRoot, report: GcReport, dry_run: bool) -> None:
     # Only what a dead run dir names: a cgroup without a run dir here may belong to a live
     # container of a run root root cannot see (SANDBOX_KERNEL_RUN_DIR); that user's own gc,

@@ -464,13 +464,15 @@ def test_the_post_stop_hook_collects_the_users_leftovers(monkeypatch: pytest.Mon
         return GcReport(run_dirs=["sk-1 (uid 7)"], cgroups=["sk-1 (uid 7)"])
 
     monkeypatch.setattr(hub, "collect_other_users", fake_collect)
+    ending = [2, 1, 0]  # a killed server's containers still ending: waited for first
+    monkeypatch.setattr(hub, "orphans_ending", lambda uid: ending.pop(0))
     logged: list[str] = []
     spawner = SimpleNamespace(
         user=SimpleNamespace(name=ME.pw_name),
         log=SimpleNamespace(info=lambda fmt, *a: logged.append(fmt % a)),
     )
     asyncio.run(hub.post_stop_hook(spawner))
-    assert asked == [ME.pw_uid]
+    assert asked == [ME.pw_uid] and ending == []
     assert logged == [
         f"sandbox-kernel: collected what {ME.pw_name}'s kernels left: 1 run dir(s), 1 cgroup(s)"
     ]
