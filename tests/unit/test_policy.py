@@ -499,3 +499,12 @@ def test_hub_names_are_accounts_and_hook_errors_stay_in_the_hook(
 def test_an_empty_image_list_is_refused() -> None:
     with pytest.raises(SpecError, match=r"allowed_images = \[\] allows no image"):
         hp.parse({"allowed_images": []}, "/p")
+
+
+def test_the_readme_policy_example_is_valid() -> None:
+    """The teaching-host policy the README shows parses, as an admin would copy it."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in readme.split("```toml\n")[1:] if "max_kernels" in b.split("```")[0]]
+    assert blocks, "the README shows no policy file"
+    pol = hp.parse_text(blocks[0].split("```")[0], "/etc/sandbox-kernel/policy.toml")
+    assert pol.top.max_kernels and pol.reserve_memory and "instructors" in pol.groups
