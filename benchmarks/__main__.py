@@ -2,7 +2,8 @@
 
 Figures (see benchmarks/RESULTS.md): P1 start latency (with the bwrap and podman peers),
 P2 setup time, P3 host-side memory, P5 execute round trip, P6 kernels started at once,
-P7 many idle kernels, P8 image size vs setup time, T tenant isolation.
+P7 many idle kernels, P8 image size vs setup time, T tenant isolation, TF the same with
+the neighbours under another user's aggregate caps (a teaching hub).
 Needs root, the built ``python3`` and ``python2.7`` images, and the native executor.
 """
 
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from .stats import Figure, markdown, save, stamp, table
 
-ALL = ("P1", "P2", "P5", "P6", "P7", "P8", "T")
-KERNEL_FIGURES = {"P1", "P5", "P6", "P7", "T"}
+ALL = ("P1", "P2", "P5", "P6", "P7", "P8", "T", "TF")
+KERNEL_FIGURES = {"P1", "P5", "P6", "P7", "T", "TF"}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,6 +94,11 @@ async def _kernel_figures(
             "T",
             "tenant isolation",
             lambda: isolation.measure(h, n=20 if q else 200, rounds=1 if q else 2, by_kinds=not q),
+        )
+        await group(
+            "TF",
+            "tenant isolation with per-user caps (a teaching hub)",
+            lambda: isolation.fair_share(h, n=20 if q else 200, rounds=1 if q else 2),
         )
     finally:
         h.close()

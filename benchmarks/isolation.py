@@ -5,16 +5,26 @@ The neighbours are containers of the python3 image, each capped (1 CPU, 128 MiB,
 /tmp 32 MiB), two of each: a CPU loop, memory at its cap (allocate past it, OOM-killed,
 again), a fork bomb at its pids cap, a /tmp filler (ENOSPC, again), an output flood (stdout
 drained by a ``cat`` on the host). Phases alternate: alone, hostile, alone, hostile...
+
+``fair_share`` runs the same neighbours as another user's kernels on a teaching hub: inside
+a delegation with that user's aggregate caps (``sandbox-kernel delegate``, 1 CPU, 2 GiB,
+2048 pids), the probe outside it, as a student's kernel beside theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import pwd
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
+from sandbox_kernel.cgroups import detect, manager_for_user, reset_manager_cache
+from sandbox_kernel.cgroups.base import CgroupLimits, CgroupManager
+from sandbox_kernel.cgroups.common import cpus_to_quota
+from sandbox_kernel.cgroups.delegation import delegate, delegations, undelegate
 from sandbox_kernel.paths import new_container_id
 from sandbox_kernel.runtime.container import Container
 from sandbox_kernel.runtime.spec import ContainerSpec, Limits
@@ -44,8 +54,9 @@ HOSTILE = {
 
 
 class Neighbours:
-    def __init__(self, h: Harness) -> None:
+    def __init__(self, h: Harness, manager: CgroupManager | None = None) -> None:
         self.h = h
+        self.manager = manager  # None: the benchmark's own cgroup parent
         self.containers: list[Container] = []
         self.kinds: list[str] = []
         self.drains: list[subprocess.Popen[bytes]] = []
@@ -68,7 +79,7 @@ class Neighbours:
                     writable_size=32 << 20,
                     limits=Limits(memory=128 << 20, pids=64, cpus=1.0),
                 )
-                c = Container.create(spec)
+                c = Container.create(spec, manager=self.manager)
                 self.containers.append(c)
                 self.kinds.append(kind)
                 if kind == "flood":
@@ -155,4 +166,79 @@ async def measure(h: Harness, n: int = 200, rounds: int = 2, by_kinds: bool = Tr
             limit=2.0,
         ),
         *kinds,
+    ]
+
+
+#: The account whose delegation holds the neighbours in ``fair_share`` (it owns nothing the
+#: neighbours touch; they run as uid 1000 in root mode, as every neighbour here).
+TENANT = "nobody"
+#: That tenant's aggregate caps, as a teaching host's policy gives one student.
+TENANT_CAPS = CgroupLimits(
+    memory=2 << 30, memory_swap=0, cpu_quota_us=cpus_to_quota(1.0), pids=2048
+)
+
+
+@contextlib.contextmanager
+def tenant() -> Iterator[CgroupManager | None]:
+    """A delegation of ``TENANT`` with ``TENANT_CAPS`` and a manager for containers in it;
+    None when that account already has a delegation (an admin's: left alone). Removed after."""
+    uid = pwd.getpwnam(TENANT).pw_uid
+    layout = detect()
+    if any(d.uid == uid for d in delegations(layout)):
+        yield None
+        return
+    made = delegate(TENANT, TENANT_CAPS, layout)
+    reset_manager_cache()
+    try:
+        yield manager_for_user(uid, made[0])
+    finally:
+        reset_manager_cache()
+        undelegate(TENANT, layout)
+
+
+async def fair_share(h: Harness, n: int = 200, rounds: int = 2) -> list[Figure]:
+    """The probe's p99 with the 10 hostile neighbours inside another user's delegation
+    (its aggregate caps bound them together) against the probe alone."""
+    probe = await h.start("python3-sandbox")
+    alone: list[float] = []
+    hostile: list[float] = []
+    ratios: list[float] = []
+    try:
+        await probe.ready()
+        for _ in range(10):
+            await probe.execute()
+        with tenant() as manager:
+            if manager is None:
+                print(f"  fair share: {TENANT} has a delegation already; skipped", file=sys.stderr)
+                return []
+            for _ in range(rounds):
+                a = [await probe.execute() * 1000 for _ in range(n)]
+                nb = Neighbours(h, manager)
+                try:
+                    await asyncio.to_thread(nb.start)
+                    await asyncio.sleep(2)
+                    b = [await probe.execute() * 1000 for _ in range(n)]
+                finally:
+                    await asyncio.to_thread(nb.stop)
+                alone += a
+                hostile += b
+                ratios.append(percentile(b, 99) / percentile(a, 99))
+                await asyncio.sleep(1)
+    finally:
+        await probe.stop()
+    return [
+        Figure("TF probe execute 1+1, alone", "ms", alone, stat="p99"),
+        Figure(
+            "TF probe execute 1+1, 10 hostile neighbours of another user (1 CPU for all)",
+            "ms",
+            hostile,
+            stat="p99",
+        ),
+        Figure(
+            "TF ratio p99 hostile/alone, neighbours under a per-user cap",
+            "x",
+            ratios,
+            target="<= 2",
+            limit=2.0,
+        ),
     ]
