@@ -30,6 +30,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -52,8 +53,8 @@ from .errors import for_user
 from .resolve import KernelSettings, read_policy, resolve_settings
 from .settings import SETTING_NAMES, SandboxPolicy, SandboxSettings, setting_forms
 
-#: The containers of this process's kernels not yet destroyed, by container id.
-_LIVE: dict[str, Container] = {}
+#: Every provisioner of this process; its ``container`` is the one not yet destroyed.
+_PROVISIONERS: weakref.WeakSet[SandboxProvisioner] = weakref.WeakSet()
 
 
 @atexit.register
@@ -63,10 +64,11 @@ def _destroy_at_exit() -> None:
     server) without shutting its kernels down. Registered at import; runs at interpreter
     exit (a SIGKILLed server leaves them to gc: the next kernel start, ``sandbox-kernel gc``
     or the hub's ``post_stop_hook``)."""
-    for container in list(_LIVE.values()):
-        with contextlib.suppress(Exception):
-            container.destroy()
-    _LIVE.clear()
+    for provisioner in list(_PROVISIONERS):
+        container = provisioner.container
+        if container is not None:
+            with contextlib.suppress(Exception):
+                container.destroy()
 
 
 class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -105,6 +107,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         # the kernelspec gave (the live ceiling where the administrator set none).
         self._live: dict[str, float] = {}
         self._start_limits: Limits | None = None
+        _PROVISIONERS.add(self)
 
     # ---- naming ----------------------------------------------------------------------------
     @property
@@ -310,7 +313,6 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         except BaseException:
             await self._close_control()
             await asyncio.to_thread(container.destroy)
-            _LIVE.pop(container.id, None)
             self.container = None
             raise
         # What launch_kernel needs; the server's environment is deliberately dropped.
@@ -395,7 +397,6 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self, container: Container, settings: KernelSettings, workdir: str, digest: str
     ) -> None:
         """A new container serves this kernel: reset the per-start state."""
-        _LIVE[container.id] = container
         self.container = container
         self.settings = settings
         self.cwd = workdir
@@ -465,7 +466,6 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             )
         except BaseException as exc:
             await asyncio.to_thread(container.destroy)
-            _LIVE.pop(container.id, None)
             self.container = None
             if isinstance(exc, SandboxError):
                 raise for_user(exc, self._context) from exc
@@ -633,7 +633,6 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         container = self.container
         if container is not None:
             await asyncio.to_thread(container.destroy)
-            _LIVE.pop(container.id, None)
             result = container.poll()
             if result is not None:
                 self._record_exit(result)

@@ -100,8 +100,8 @@ class KernelSettings:
     host_uid: int = -1
 
 
-def read_policy(policy: SandboxPolicy, *, host: bool = True) -> Policy:
-    """Parse the server's ``SandboxPolicy`` and (``host``) load the host's policy file; the
+def read_policy(policy: SandboxPolicy) -> Policy:
+    """Parse the server's ``SandboxPolicy`` and load the host's policy file; the
     provisioner calls it at each start and each live request. A malformed ceiling or policy
     file is the administrator's error, named as such (SpecError)."""
     problems: list[str] = []
@@ -139,7 +139,7 @@ def read_policy(policy: SandboxPolicy, *, host: bool = True) -> Policy:
         allow_root=bool(policy.allow_root),
         allow_unenforced_limits=bool(policy.allow_unenforced_limits),
         max_kernels=policy.max_kernels if policy.max_kernels > 0 else None,
-        host=host_policy.load() if host else None,
+        host=host_policy.load(),
     )
 
 
