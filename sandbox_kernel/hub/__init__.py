@@ -64,12 +64,12 @@ def make_pre_spawn_hook(
         name = unix_name(str(spawner.user.name))
         await asyncio.to_thread(_account_uid, name)  # a hub name is an account, never a uid
         done = await asyncio.to_thread(delegate_user, name)
-        mine = await asyncio.to_thread(_user_policy, name)
+        only = done.policy is not None and done.policy.sandboxed_only
         env = dict(spawner.environment or {})
         if os.environ.get(host_policy.ENV):
             env[host_policy.ENV] = os.environ[host_policy.ENV]
         spawner.environment = env
-        if mine is not None and mine.sandboxed_only:
+        if only:
             args = [a for a in spawner.args if not a.startswith(_OWN_ARGS)]
             spawner.args = [
                 *args,
@@ -80,7 +80,7 @@ def make_pre_spawn_hook(
             "sandbox-kernel: delegated %s's kernels (caps from %s)%s",
             name,
             done.source,
-            "; sandbox kernels only" if mine is not None and mine.sandboxed_only else "",
+            "; sandbox kernels only" if only else "",
         )
 
     return hook
@@ -99,11 +99,6 @@ def _account_uid(name: str) -> int:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
         raise SpecError(f"hub user {name!r} has no unix account of that name") from None
-
-
-def _user_policy(name: str) -> host_policy.UserPolicy | None:
-    host = host_policy.load()
-    return None if host is None else host.for_user(_account_uid(name))
 
 
 def make_post_stop_hook(

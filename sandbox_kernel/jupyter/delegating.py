@@ -25,13 +25,15 @@ from ..limits import CPUS, MEMORY, PIDS
 @dataclass(frozen=True)
 class Delegated:
     """What ``delegate_user`` did: the user's caps, the all-users cap (None: untouched),
-    the user-owned kernels directories and where the caps came from."""
+    the user-owned kernels directories, where the caps came from, and the policy file's
+    values for that user (None: no file), which the hub hook also applies."""
 
     user: str
     caps: CgroupLimits
     top: CgroupLimits | None
     dirs: tuple[str, ...]
     source: str
+    policy: host_policy.UserPolicy | None = None
 
 
 def user_uid(user: str) -> int:
@@ -40,15 +42,15 @@ def user_uid(user: str) -> int:
 
 
 def caps_for(
-    uid: int,
-    host: host_policy.HostPolicy | None,
+    mine: host_policy.UserPolicy | None,
     *,
     memory: str | None = None,
     cpus: str | None = None,
     pids: str | None = None,
 ) -> tuple[CgroupLimits, str]:
-    """The aggregate caps of user ``uid`` and a phrase naming their source. Command-line
-    values (``--memory`` ...) win; any of them given, the others stay unset."""
+    """A user's aggregate caps and a phrase naming their source: command-line values
+    (``--memory`` ...) win, and any of them given, the others stay unset; else the policy
+    file's for that user (``mine``), else the server config's ``SandboxPolicy``."""
     if memory or cpus or pids:
         mem = MEMORY.parse(memory, "--memory") if memory else None
         cpu = CPUS.parse(cpus, "--cpus") if cpus else None
@@ -66,8 +68,7 @@ def caps_for(
     cpu = CPUS.parse(traits.user_cpus, where.format("user_cpus")) if traits.user_cpus else None
     pid = PIDS.parse(traits.user_pids, where.format("user_pids")) if traits.user_pids else None
     source = "SandboxPolicy (jupyter_server_config)" if (mem or cpu or pid) else "no policy"
-    if host is not None:
-        mine = host.for_user(uid)
+    if mine is not None:
         if mine.user_memory or mine.user_cpus or mine.user_pids:
             source = mine.where
         mem = mine.user_memory or mem
@@ -127,8 +128,8 @@ def delegate_user(
     """Root: make or update ``user``'s delegation with the caps of ``caps_for`` and the
     all-users cap of ``reserve_caps`` (the policy file is read once, here). Idempotent."""
     host = host_policy.load()
-    uid = user_uid(user)
-    caps, source = caps_for(uid, host, memory=memory, cpus=cpus, pids=pids)
+    mine = host.for_user(user_uid(user)) if host is not None else None
+    caps, source = caps_for(mine, memory=memory, cpus=cpus, pids=pids)
     top = reserve_caps(host)
     if top is not None and top.cpu_quota_us is not None:
         # one user never gets more than all users together (cgroup v1 refuses it outright)
@@ -137,4 +138,4 @@ def delegate_user(
             caps = replace(caps, cpu_quota_us=top.cpu_quota_us)
     made = delegate(user, caps, detect(), top=top)
     reset_manager_cache()
-    return Delegated(user, caps, top, tuple(made), source)
+    return Delegated(user, caps, top, tuple(made), source, mine)

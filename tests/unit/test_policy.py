@@ -314,7 +314,8 @@ def test_delegation_caps_come_from_the_file_and_the_reserve_from_the_host(
         monkeypatch,
     )
     host = hp.load()
-    caps, source = delegating.caps_for(ME.pw_uid, host)
+    assert host is not None
+    caps, source = delegating.caps_for(host.for_user(ME.pw_uid))
     assert (caps.memory, caps.memory_swap, caps.pids, caps.cpu_quota_us) == (
         3 * GIB,
         0,
@@ -322,7 +323,7 @@ def test_delegation_caps_come_from_the_file_and_the_reserve_from_the_host(
         None,
     )
     assert source.endswith("etc/policy.toml")
-    flags, why = delegating.caps_for(ME.pw_uid, host, cpus="2")
+    flags, why = delegating.caps_for(host.for_user(ME.pw_uid), cpus="2")
     assert flags.cpu_quota_us == 200_000 and flags.memory is None and why == "the command line"
     top = delegating.reserve_caps(host)
     assert top is not None and top.memory == delegating._mem_total() - GIB
@@ -384,15 +385,13 @@ def test_the_hub_hook_delegates_and_offers_only_sandbox_kernels(
     from sandbox_kernel import hub
 
     calls: list[str] = []
-    done = SimpleNamespace(source="policy")
+    done = SimpleNamespace(source="policy", policy=hp.UserPolicy(sandboxed_only=True))
 
     def fake_delegate(name: str) -> SimpleNamespace:
         calls.append(name)
         return done
 
     monkeypatch.setattr(hub, "delegate_user", fake_delegate)
-    only = hp.UserPolicy(sandboxed_only=True)
-    monkeypatch.setattr(hub, "_user_policy", lambda name: only)
     monkeypatch.setattr(hub, "_account_uid", lambda name: 4321)
     logged: list[str] = []
     spawner = SimpleNamespace(
