@@ -29,7 +29,7 @@ from sandbox_kernel.paths import new_container_id
 from sandbox_kernel.runtime.container import Container
 from sandbox_kernel.runtime.spec import ContainerSpec, Limits
 
-from .kernels import Harness
+from .kernels import Harness, Kernel
 from .stats import Figure, percentile
 
 HOSTILE = {
@@ -109,35 +109,55 @@ class Neighbours:
         self.drains.clear()
 
 
-async def measure(h: Harness, n: int = 200, rounds: int = 2, by_kinds: bool = True) -> list[Figure]:
+async def _ready_probe(h: Harness) -> Kernel:
+    """The probe: a sandboxed Python 3 kernel, ready and warmed up (10 executions)."""
     probe = await h.start("python3-sandbox")
-    alone: list[float] = []
-    hostile: list[float] = []
-    p99_ratio: list[float] = []
-    by_kind: dict[str, float] = {}
     try:
         await probe.ready()
         for _ in range(10):
             await probe.execute()
-        for _ in range(rounds):
-            a = [await probe.execute() * 1000 for _ in range(n)]
-            nb = Neighbours(h)
-            try:
-                await asyncio.to_thread(nb.start)
-                await asyncio.sleep(2)  # let them reach their caps
-                t = time.monotonic()
-                b = [await probe.execute() * 1000 for _ in range(n)]
-                dead = [k for k, c in zip(nb.kinds, nb.containers, strict=True) if c.poll()]
-                print(
-                    f"  hostile phase {time.monotonic() - t:.1f} s, neighbours ended: {dead}",
-                    file=sys.stderr,
-                )
-            finally:
-                await asyncio.to_thread(nb.stop)
-            alone += a
-            hostile += b
-            p99_ratio.append(percentile(b, 99) / percentile(a, 99))
-            await asyncio.sleep(1)
+    except BaseException:
+        await probe.stop()
+        raise
+    return probe
+
+
+async def _phases(
+    h: Harness, probe: Kernel, n: int, rounds: int, manager: CgroupManager | None = None
+) -> tuple[list[float], list[float], list[float]]:
+    """``rounds`` pairs of phases: ``n`` executions of the probe alone, then ``n`` with the
+    10 hostile neighbours (in ``manager``'s cgroups; None: the benchmark's own). The
+    latencies alone and hostile (ms) and each pair's p99 ratio."""
+    alone: list[float] = []
+    hostile: list[float] = []
+    ratios: list[float] = []
+    for _ in range(rounds):
+        a = [await probe.execute() * 1000 for _ in range(n)]
+        nb = Neighbours(h, manager)
+        try:
+            await asyncio.to_thread(nb.start)
+            await asyncio.sleep(2)  # let them reach their caps
+            t = time.monotonic()
+            b = [await probe.execute() * 1000 for _ in range(n)]
+            dead = [k for k, c in zip(nb.kinds, nb.containers, strict=True) if c.poll()]
+            print(
+                f"  hostile phase {time.monotonic() - t:.1f} s, neighbours ended: {dead}",
+                file=sys.stderr,
+            )
+        finally:
+            await asyncio.to_thread(nb.stop)
+        alone += a
+        hostile += b
+        ratios.append(percentile(b, 99) / percentile(a, 99))
+        await asyncio.sleep(1)
+    return alone, hostile, ratios
+
+
+async def measure(h: Harness, n: int = 200, rounds: int = 2, by_kinds: bool = True) -> list[Figure]:
+    probe = await _ready_probe(h)
+    by_kind: dict[str, float] = {}
+    try:
+        alone, hostile, p99_ratio = await _phases(h, probe, n, rounds)
         # which kind hurts: two neighbours of one kind at a time, each against a fresh "alone"
         for kind in HOSTILE if by_kinds else ():
             a = [await probe.execute() * 1000 for _ in range(n // 2)]
@@ -199,31 +219,13 @@ def tenant() -> Iterator[CgroupManager | None]:
 async def fair_share(h: Harness, n: int = 200, rounds: int = 2) -> list[Figure]:
     """The probe's p99 with the 10 hostile neighbours inside another user's delegation
     (its aggregate caps bound them together) against the probe alone."""
-    probe = await h.start("python3-sandbox")
-    alone: list[float] = []
-    hostile: list[float] = []
-    ratios: list[float] = []
+    probe = await _ready_probe(h)
     try:
-        await probe.ready()
-        for _ in range(10):
-            await probe.execute()
         with tenant() as manager:
             if manager is None:
                 print(f"  fair share: {TENANT} has a delegation already; skipped", file=sys.stderr)
                 return []
-            for _ in range(rounds):
-                a = [await probe.execute() * 1000 for _ in range(n)]
-                nb = Neighbours(h, manager)
-                try:
-                    await asyncio.to_thread(nb.start)
-                    await asyncio.sleep(2)
-                    b = [await probe.execute() * 1000 for _ in range(n)]
-                finally:
-                    await asyncio.to_thread(nb.stop)
-                alone += a
-                hostile += b
-                ratios.append(percentile(b, 99) / percentile(a, 99))
-                await asyncio.sleep(1)
+            alone, hostile, ratios = await _phases(h, probe, n, rounds, manager)
     finally:
         await probe.stop()
     return [

@@ -1,6 +1,7 @@
-"""Run one cell over a Jupyter server's kernel websocket (shared by the server and hub tests).
+"""Talk to a Jupyter server (or a hub) as the server and hub tests do: one REST call with a
+token, and one cell over a kernel's websocket.
 
-The client speaks the JSON websocket protocol jupyter_server offers at
+The websocket client speaks the JSON protocol jupyter_server offers at
 ``/api/kernels/ID/channels``; every wait is bounded by ``timeout``.
 """
 
@@ -8,7 +9,35 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 import uuid
+from typing import Any
+
+
+def rest_call(
+    url: str, token: str, method: str = "GET", body: Any = None, timeout: float = 120
+) -> tuple[int, Any]:
+    """One REST call authenticated with ``token``: the HTTP status and the decoded JSON
+    answer (the text when it is no JSON; None when empty), an error status included."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    if not raw:
+        return status, None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
 
 
 def execute_over_websocket(

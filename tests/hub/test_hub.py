@@ -15,7 +15,6 @@ Everything listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pwd
 import secrets
@@ -27,7 +26,6 @@ import tempfile
 import textwrap
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from tests.wsclient import execute_over_websocket
+from tests.wsclient import execute_over_websocket, rest_call
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 
@@ -58,6 +56,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class HubRefused(Exception):
+    """A REST call answered with an error status (``Hub.api``)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status, self.message = status, message
+
+
 @dataclass
 class Hub:
     url: str
@@ -68,28 +74,19 @@ class Hub:
 
     def api(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
         """One REST call (hub API or a user's server through the proxy) as the test's
-        admin service; the JSON answer, or an HTTPError with the server's message."""
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-        return json.loads(raw) if raw else None
+        admin service; the JSON answer, or a HubRefused with the server's message."""
+        status, answer = rest_call(self.url + path, self.token, method, body, timeout)
+        if status >= 400:
+            message = answer.get("message", answer) if isinstance(answer, dict) else answer
+            raise HubRefused(status, str(message))
+        return answer
 
     def error(self, method: str, path: str, body: Any = None) -> tuple[int, str]:
         """The status and message of a call that must fail."""
         try:
             self.api(method, path, body)
-        except urllib.error.HTTPError as exc:
-            text = exc.read().decode(errors="replace")
-            try:
-                return exc.code, str(json.loads(text).get("message", text))
-            except ValueError:
-                return exc.code, text
+        except HubRefused as exc:
+            return exc.status, exc.message
         raise AssertionError(f"{method} {path} succeeded")
 
     def cell(self, user: str, kernel_id: str, code: str) -> tuple[str, str]:
@@ -111,11 +108,7 @@ class Hub:
 
     def stop(self, user: str) -> None:
         """Stop ``user``'s server and wait (bounded) until the hub says it is gone."""
-        try:
-            self.api("DELETE", f"/hub/api/users/{user}/server")
-        except urllib.error.HTTPError as exc:
-            if exc.code != 204:
-                raise
+        self.api("DELETE", f"/hub/api/users/{user}/server")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if not (self.api("GET", f"/hub/api/users/{user}").get("servers") or {}):
@@ -199,7 +192,7 @@ def hub() -> Iterator[Hub]:
         try:
             h.api("GET", "/hub/api/", timeout=5)
             break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
+        except (HubRefused, urllib.error.URLError, ConnectionError, TimeoutError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the hub did not start:\n{log.read_text()[-4000:]}")
             time.sleep(0.5)
