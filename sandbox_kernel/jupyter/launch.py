@@ -241,13 +241,19 @@ class KernelStart:
 def kernel_spec(
     start: KernelStart, argv: Sequence[str], env: Mapping[str, str], *, magics: bool
 ) -> ContainerSpec:
-    """The kernel's container: the notebook folder read-write at the same path (and the
-    working directory), the connection folder, the admin-approved extra mounts, and the
-    magics read-only. The provisioner passes it to ``Container.create``."""
+    """The kernel's container: the notebook folder at the same path (and the working
+    directory; read-write unless ``notebook_folder='ro'``), the connection folder, the
+    admin-approved extra mounts, and the magics read-only. The provisioner passes it to
+    ``Container.create``."""
     settings, image, workdir, paths = start.settings, start.image, start.workdir, start.paths
     container_id = start.container_id
     mounts: list[Bind] = [
-        Bind(source=workdir, target=workdir, readonly=False, idmap=start.workdir_idmap),
+        Bind(
+            source=workdir,
+            target=workdir,
+            readonly=settings.notebook_readonly,
+            idmap=start.workdir_idmap,
+        ),
         Bind(source=str(paths.conn_dir), target=str(paths.conn_dir), readonly=False),
         *settings.mounts,
     ]

@@ -22,7 +22,13 @@ from ..errors import SpecError
 from ..limits import BOUNDS, Ceilings, Limits
 from ..runtime.spec import VOLUME_FORMS, Bind, NetworkMode, env_key_problem
 from ..units import parse_size
-from .settings import IMAGE_FORMS, USER_FORMS, SandboxPolicy
+from .settings import (
+    IMAGE_FORMS,
+    NOTEBOOK_FOLDER_FORMS,
+    NOTEBOOK_FOLDER_MODES,
+    USER_FORMS,
+    SandboxPolicy,
+)
 
 NOBODY = 65534
 MAX_ID = 2**32 - 2
@@ -98,6 +104,8 @@ class KernelSettings:
     policy: Policy = field(default_factory=Policy)
     #: That host user (a rootless server's own uid; a root server's kernel uid).
     host_uid: int = -1
+    #: The notebook folder is mounted read-only (``notebook_folder='ro'``).
+    notebook_readonly: bool = False
 
 
 def read_policy(policy: SandboxPolicy) -> Policy:
@@ -304,6 +312,15 @@ class _Resolver:
                 out.append((key, val))
         return tuple(out)
 
+    def notebook_readonly(self) -> bool:
+        raw = self.values["notebook_folder"]
+        if raw not in NOTEBOOK_FOLDER_MODES:
+            self.problems.append(
+                f"notebook_folder={raw!r} is not a mode; use {NOTEBOOK_FOLDER_FORMS}"
+            )
+            return True
+        return bool(raw == "ro")
+
     def network(self) -> NetworkMode:
         raw = self.values["network"]
         try:
@@ -370,6 +387,7 @@ def resolve_settings(
     image = r.image()
     caps = {name: r.cap(name) for name in CAP_SETTINGS}
     mounts, env, network = r.mounts(), r.env(), r.network()
+    readonly = r.notebook_readonly()
     timeout = r.cpu_defer_timeout()
     if r.problems:
         raise SpecError(r.problems, context=context)
@@ -387,4 +405,5 @@ def resolve_settings(
         unenforced_ok=policy.allow_unenforced_limits,
         policy=policy,
         host_uid=host_uid,
+        notebook_readonly=readonly,
     )

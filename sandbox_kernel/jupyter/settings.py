@@ -34,6 +34,9 @@ USER_FORMS = (
     "'auto' (the owner of the notebook's directory), a uid, 'uid:gid' or a user name, "
     "e.g. 1000 or '1000:100'"
 )
+#: The accepted values of ``notebook_folder``, and how a message names them.
+NOTEBOOK_FOLDER_MODES = ("rw", "ro")
+NOTEBOOK_FOLDER_FORMS = "'rw' (read-write) or 'ro' (read-only)"
 IMAGE_FORMS = "an image name of the store (see: sandbox-kernel image ls), e.g. 'python3'"
 
 
@@ -88,6 +91,15 @@ class SandboxSettings(LoggingConfigurable):
         help="""Size of the writable layer on top of the image (pip install --user, files
         written outside /tmp and the notebook folder; tmpfs, counted in the memory cap).
         Unit: bytes or K/M/G/T. Default: 256M.""",
+    )
+    notebook_folder = Unicode(
+        "rw",
+        config=True,
+        help="""How the kernel sees its notebook's folder (mounted at the same path, the
+        working directory). 'rw': read-write, files the kernel writes stay there. 'ro':
+        read-only, the kernel writes only to /tmp and its home (both emptied when it ends):
+        for autograding (sandbox_kernel.grading sets it), where whatever a submission wrote
+        in the folder, links included, must not reach the grader. Default: 'rw'.""",
     )
     extra_mounts = List(
         Unicode(),
@@ -144,6 +156,7 @@ SETTING_NAMES: tuple[str, ...] = (
     "pids",
     "tmp_size",
     "writable_size",
+    "notebook_folder",
     "extra_mounts",
     "env",
     "network",
@@ -260,6 +273,7 @@ def setting_forms(name: str) -> str:
         "writable_size": f"use {SIZE_FORMS}",
         "cpus": f"use {CPUS_FORMS}",
         "pids": f"use {PIDS_FORMS}",
+        "notebook_folder": f"use {NOTEBOOK_FOLDER_FORMS}",
         "extra_mounts": f"use a list of {VOLUME_FORMS}",
         "env": 'use {"NAME": "value"} with string values',
         "network": "use 'none'",

@@ -639,6 +639,29 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
     assert not Path(path).exists()
 
 
+async def test_notebook_folder_read_only_from_the_kernelspec_or_the_config(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    """notebook_folder='ro' (a kernelspec's, or the grader's config) mounts the folder
+    read-only; the default is read-write."""
+    add_spec(kernel_dir, "t-ro", {"image": "python3", "notebook_folder": "ro"})
+    add_spec(kernel_dir, "t-rw", {"image": "python3"})
+    cases = [
+        ("t-ro", None, True),
+        ("t-rw", None, False),
+        ("t-rw", Config({"SandboxProvisioner": {"notebook_folder": "ro"}}), True),
+    ]
+    for name, config, readonly in cases:
+        km = AsyncKernelManager(kernel_name=name, **({"config": config} if config else {}))
+        await km.start_kernel(cwd=str(tmp_path))
+        try:
+            spec = FakeContainer.created[-1].spec
+            (bind,) = [m for m in spec.mounts if isinstance(m, Bind) and m.target == str(tmp_path)]
+            assert bind.readonly is readonly, (name, config)
+        finally:
+            await km.shutdown_kernel(now=True)
+
+
 async def test_magics_only_for_ipykernel_and_can_be_turned_off(
     fake_runtime: Path, kernel_dir: Path, tmp_path: Path
 ) -> None:
