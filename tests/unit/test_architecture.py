@@ -37,6 +37,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("images", frozenset({"images"})),
     ("jupyter", frozenset({"jupyter"})),
     ("hub", frozenset({"hub"})),
+    ("grading", frozenset({"grading"})),
     ("cli", frozenset({"cli", "__main__"})),
 )
 APART = frozenset({"magics"})
@@ -51,6 +52,8 @@ JUPYTER_PACKAGES = frozenset(
         "jupyter_core",
         "jupyter_server",
         "jupyterlab",
+        "nbconvert",
+        "nbgrader",
         "nbclient",
         "nbformat",
         "tornado",
