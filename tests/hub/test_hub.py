@@ -42,6 +42,8 @@ PREFIX = os.environ.get("SANDBOX_KERNEL_HUB_PREFIX", "")
 PROXY = os.environ.get("SANDBOX_KERNEL_HUB_PROXY", "")
 SANDBOX_SPECS = {"python3-sandbox", "python2.7-sandbox"}
 V1_MEMORY = "/sys/fs/cgroup/memory"
+#: the servers cull a kernel idle this long (seconds; jupyter_server's own culling)
+CULL_IDLE_S = 30
 
 if os.geteuid() != 0 or len(USERS) != 2 or not PREFIX or not PROXY:
     pytest.skip(
@@ -168,6 +170,10 @@ def hub() -> Iterator[Hub]:
             c.Spawner.http_timeout = 90
             c.Spawner.pre_spawn_hook = sandbox_kernel.hub.pre_spawn_hook
             c.Spawner.post_stop_hook = sandbox_kernel.hub.post_stop_hook
+            c.Spawner.args = [
+                "--MappingKernelManager.cull_idle_timeout={CULL_IDLE_S}",
+                "--MappingKernelManager.cull_interval=5",
+            ]
             """
         )
     )
@@ -340,3 +346,39 @@ def test_students_get_sandbox_kernels_under_the_hosts_policy(hub: Hub) -> None:
     log = hub.log.read_text()
     assert f"collected what {first}'s kernels left" not in log
     assert f"collected what {second}'s kernels left: 3 run dir(s)" in log, log[-3000:]
+
+
+def kernels_left(uid: int) -> list[str]:
+    """The user's kernel cgroups and container run dirs that exist now."""
+    left = [str(d) for k in kernels_dir(uid) for d in k.iterdir() if d.is_dir()]
+    runs = Path(f"/tmp/sk-{uid}")
+    if runs.is_dir():
+        left += [str(p) for p in runs.iterdir() if p.name.startswith("sk-")]
+    return left
+
+
+def test_an_idle_kernel_is_culled_and_leaves_nothing(hub: Hub) -> None:
+    """jupyter_server's culling of an idle kernel (the admin's cull_idle_timeout) ends its
+    sandbox: no cgroup, process or run dir stays, while the student's server runs on."""
+    user = USERS[0]
+    uid = pwd.getpwnam(user).pw_uid
+    hub.spawn(user)
+    try:
+        kid = hub.api("POST", f"/user/{user}/api/kernels", {"name": "python2.7-sandbox"})["id"]
+        status, out = hub.cell(user, kid, "print 'still here'")
+        assert status == "ok" and out.strip() == "still here", out
+        assert kernels_left(uid), "the kernel has no sandbox"
+        deadline = time.monotonic() + CULL_IDLE_S + 90
+        while hub.api("GET", f"/user/{user}/api/kernels"):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the idle kernel was not culled:\n{hub.log.read_text()[-3000:]}")
+            time.sleep(2)
+        deadline = time.monotonic() + 30
+        while (left := kernels_left(uid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"the culled kernel left {left}"
+        assert hub.api("GET", f"/user/{user}/api/status")  # the server itself runs on
+        assert "Culling 'idle' kernel 'python2.7-sandbox'" in hub.log.read_text()
+    finally:
+        hub.stop(user)
+    assert_nothing_left(user, uid)
