@@ -19,7 +19,8 @@
 # their cgroups from a policy file. --hub runs only that phase.
 #
 # With --bench, the same users and copy serve the rootless benchmarks instead
-# (benchmarks/rootless.py, as root, driving a worker as the first user): no suites.
+# (benchmarks/rootless.py, as root, driving a worker as the first user) and the hub
+# benchmark (benchmarks/hub.py: login to a ready kernel through JupyterHub): no suites.
 #
 # Usage: tools/rootless-tests.sh [PYTEST ARGS...]   (default: the suites below)
 #        tools/rootless-tests.sh --hub
@@ -115,10 +116,28 @@ for u in "${USERS[@]}"; do
   "$WORK/venv/bin/sandbox-kernel" delegate "$u" --memory 16G --pids 8192 >/dev/null || exit 1
 done
 
+# configurable-http-proxy (npm) for the hub tests and the hub benchmark
+install_proxy() {
+  command -v npm >/dev/null || bash tools/install-deps.sh nodejs npm || return 1
+  npm install --no-audit --no-fund --loglevel=error --prefix "$WORK/proxy" \
+      configurable-http-proxy@4 >"$WORK/npm.log" 2>&1 \
+    || { tail -20 "$WORK/npm.log" >&2; echo "hub: installing configurable-http-proxy failed" >&2; return 1; }
+}
+PROXY_BIN="$WORK/proxy/node_modules/.bin/configurable-http-proxy"
+hub_bench() {  # benchmarks/hub.py as root against the first user's server; $@: its options
+  ( cd "$WORK/repo" && "$WORK/venv/bin/python" -m benchmarks.hub --user "${USERS[0]}" \
+      --prefix "$WORK/venv" --proxy "$PROXY_BIN" "$@" )
+}
+
 if [ ${#BENCH[@]} -gt 0 ]; then
   echo "== rootless: benchmarks, root mode against ${USERS[0]}'s rootless server"
   ( cd "$WORK/repo" && "$WORK/venv/bin/python" -m benchmarks.rootless --user "${USERS[0]}" \
       "${BENCH[@]}" ) || status=1
+  echo "== hub: benchmarks, login to a ready kernel through JupyterHub as ${USERS[0]}"
+  # the rootless options (--rounds, --setups) are not the hub benchmark's: only --quick and --out
+  hub_opts=(--out "$SRC/benchmarks/results")
+  for a in "${BENCH[@]}"; do [ "$a" = --quick ] && hub_opts+=(--quick); done
+  { install_proxy && hub_bench "${hub_opts[@]}"; } || status=1
   cleanup
   trap - EXIT
   exit $status
@@ -143,16 +162,17 @@ for u in "${USERS[@]}"; do
 done
 
 # the teaching hub: JupyterHub as root spawns both users' servers as themselves
-command -v npm >/dev/null || bash tools/install-deps.sh nodejs npm || status=1
 echo "== hub: tests/hub, JupyterHub spawning ${USERS[*]}"
-if npm install --no-audit --no-fund --loglevel=error --prefix "$WORK/proxy" \
-     configurable-http-proxy@4 >"$WORK/npm.log" 2>&1; then
+if install_proxy; then
   ( cd "$WORK/repo" && env CI="${CI:-}" SANDBOX_KERNEL_HUB_USERS="${USERS[*]}" \
       SANDBOX_KERNEL_HUB_PREFIX="$WORK/venv" SANDBOX_KERNEL_HUB_KEEP_LOG="${SANDBOX_KERNEL_HUB_KEEP_LOG:-}" \
-      SANDBOX_KERNEL_HUB_PROXY="$WORK/proxy/node_modules/.bin/configurable-http-proxy" \
+      SANDBOX_KERNEL_HUB_PROXY="$PROXY_BIN" \
       "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider tests/hub ) || status=1
+  # the hub benchmark's smoke run (its figures come from --bench on an idle machine)
+  echo "== hub: benchmark smoke run (benchmarks/hub.py --quick) as ${USERS[0]}"
+  hub_bench --quick --out "$WORK/bench" >/dev/null \
+    || { echo "hub: the benchmark failed" >&2; status=1; }
 else
-  tail -20 "$WORK/npm.log" >&2; echo "hub: installing configurable-http-proxy failed" >&2
   status=1
 fi
 
