@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tests.hubserver import Hub, HubRefused, running_hub
 
-from .stats import Figure, markdown, ratio, save, stamp, table
+from .stats import Figure, publish, ratio
 
 AT_ONCE = 4
 POLICY = f"""\
@@ -128,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     with running_hub([args.user], args.prefix, args.proxy, POLICY) as hub:
         figs = measure(hub, args.user, rounds)
-    print(table(figs))
-    print(f"({time.monotonic() - t0:.0f} s)")
-    when = stamp()
-    result = {"date": when, "quick": args.quick, "figures": [f.as_dict() for f in figs]}
-    result["markdown"] = markdown(figs)
-    names = (f"hub-{when}.json", "hub-latest.json")
-    print(f"wrote {save(args.out, names, result)}")
+    publish(figs, args.out, "hub", quick=args.quick, elapsed=time.monotonic() - t0)
     return 0
 
 

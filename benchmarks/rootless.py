@@ -38,7 +38,7 @@ from sandbox_kernel.runtime.container import Container
 from sandbox_kernel.runtime.spec import ContainerSpec, Limits
 
 from .kernels import Kernel, client_context
-from .stats import Figure, markdown, ratio, save, stamp, table
+from .stats import Figure, publish, ratio
 
 KERNEL = "python3-sandbox"
 R1_LIMIT = 1.05
@@ -237,13 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds, setups = (2, 3) if args.quick else (args.rounds, args.setups)
     t0 = time.monotonic()
     figs = asyncio.run(measure(args.user, rounds, setups))
-    print(table(figs))
-    print(f"({time.monotonic() - t0:.0f} s)")
-    when = stamp()
-    result = {"date": when, "quick": args.quick, "figures": [f.as_dict() for f in figs]}
-    result["markdown"] = markdown(figs)
-    names = (f"rootless-{when}.json", "rootless-latest.json")
-    print(f"wrote {save(args.out, names, result)}")
+    publish(figs, args.out, "rootless", quick=args.quick, elapsed=time.monotonic() - t0)
     return 0
 
 

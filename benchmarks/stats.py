@@ -129,6 +129,24 @@ def save(out: str, names: Sequence[str], result: dict[str, object]) -> Path:
     return folder / names[0]
 
 
+def publish(figures: list[Figure], out: str, kind: str, *, quick: bool, elapsed: float) -> Path:
+    """Print the table and the run's duration, and save the figures as ``KIND-STAMP.json``
+    and ``KIND-latest.json`` under ``out``; the first path. The end of ``benchmarks.hub``
+    and ``benchmarks.rootless``."""
+    print(table(figures))
+    print(f"({elapsed:.0f} s)")
+    when = stamp()
+    result: dict[str, object] = {
+        "date": when,
+        "quick": quick,
+        "figures": [f.as_dict() for f in figures],
+        "markdown": markdown(figures),
+    }
+    path = save(out, (f"{kind}-{when}.json", f"{kind}-latest.json"), result)
+    print(f"wrote {path}")
+    return path
+
+
 def stamp() -> str:
     """The UTC time of a run, as its result files are named."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+
+import pytest
 
 from benchmarks import stats
 from benchmarks.__main__ import _args
@@ -56,3 +59,16 @@ def test_arguments() -> None:
     a = _args(["--quick", "--only", "P1,p5"])
     assert a.quick and a.only == "P1,p5" and a.p6 == 40 and a.p7 == 100
     assert not _args([]).quick
+
+
+def test_publish_prints_and_saves_both_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    figs = [stats.Figure("H1 x", "ms", [1.0, 2.0, 3.0])]
+    path = stats.publish(figs, str(tmp_path), "hub", quick=True, elapsed=3.2)
+    latest = json.loads((tmp_path / "hub-latest.json").read_text())
+    assert path.name.startswith("hub-2") and json.loads(path.read_text()) == latest
+    assert latest["quick"] is True and latest["figures"][0]["median"] == 2.0
+    assert "| H1 x | 2 ms |" in latest["markdown"]
+    out = capsys.readouterr().out
+    assert "H1 x" in out and "(3 s)" in out and f"wrote {path}" in out
