@@ -125,7 +125,8 @@ class SandboxExecute(Execute):  # type: ignore[misc]
         self._dropped: set[int] = set()
         self._provisioner: Any = None
         self._where = "a notebook"
-        self._limits: tuple[int, int] | None = None
+        # the budgets, parsed once: nbgrader makes one instance per notebook it converts
+        self._limits = self._budgets()
 
     # ---- bounds ------------------------------------------------------------------------
     def _budgets(self) -> tuple[int, int]:
@@ -150,8 +151,6 @@ class SandboxExecute(Execute):  # type: ignore[misc]
         if msg.get("msg_type") == "error":
             out = super().output(outs, msg, display_id, cell_index)
             return _bounded_error(out) if out is not None else None
-        if self._limits is None:
-            self._limits = self._budgets()
         per_cell, per_notebook = self._limits
         used = self._cell_out.get(cell_index, 0)
         size = _text_size(content, per_notebook + 1)
@@ -221,7 +220,7 @@ class SandboxExecute(Execute):  # type: ignore[misc]
             f"{info.get('notebook', '?')}.ipynb"
         )
         self._cell_out, self._total_out, self._dropped = {}, 0, set()
-        self._provisioner, self._limits = None, self._budgets()
+        self._provisioner = None
         try:
             return super().preprocess(nb, resources, km)  # type: ignore[no-any-return]
         except DeadKernelError as exc:

@@ -100,11 +100,27 @@ def user_cap(uid: int) -> int:
     raise AssertionError(f"no delegation for uid {uid}")
 
 
+def kernel_cgroups(uid: int) -> list[str]:
+    """The user's kernel cgroups that exist now (below the delegated ``kernels`` folders)."""
+    return [str(d) for k in kernels_dir(uid) for d in k.iterdir() if d.is_dir()]
+
+
+def run_dirs(uid: int) -> list[str]:
+    """The user's container run dirs that exist now (in the private run root)."""
+    runs = Path(f"/tmp/sk-{uid}")
+    return [str(p) for p in runs.iterdir() if p.name.startswith("sk-")] if runs.is_dir() else []
+
+
+def kernels_left(uid: int) -> list[str]:
+    """The user's kernel cgroups and container run dirs that exist now."""
+    return kernel_cgroups(uid) + run_dirs(uid)
+
+
 def assert_nothing_left(user: str, uid: int) -> None:
     """No kernel cgroup, process or run dir of ``user`` (waits up to 30 s for them to go)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        left = [d for k in kernels_dir(uid) for d in k.iterdir() if d.is_dir()]
+        left = kernel_cgroups(uid)
         procs = subprocess.run(
             ["pgrep", "-u", str(uid)], capture_output=True, text=True, timeout=10
         ).stdout.split()
@@ -113,8 +129,7 @@ def assert_nothing_left(user: str, uid: int) -> None:
         time.sleep(0.5)
     assert not left, f"{user}'s kernel cgroups left: {left}"
     assert not procs, f"{user}'s processes left: {procs}"
-    runs = Path(f"/tmp/sk-{uid}")
-    assert not runs.exists() or not [p for p in runs.iterdir() if p.name.startswith("sk-")]
+    assert not run_dirs(uid), f"{user}'s run dirs left: {run_dirs(uid)}"
 
 
 def test_students_get_sandbox_kernels_under_the_hosts_policy(hub: Hub) -> None:
@@ -199,15 +214,6 @@ def test_students_get_sandbox_kernels_under_the_hosts_policy(hub: Hub) -> None:
     log = hub.log.read_text()
     assert f"collected what {first}'s kernels left" not in log
     assert f"collected what {second}'s kernels left: 3 run dir(s)" in log, log[-3000:]
-
-
-def kernels_left(uid: int) -> list[str]:
-    """The user's kernel cgroups and container run dirs that exist now."""
-    left = [str(d) for k in kernels_dir(uid) for d in k.iterdir() if d.is_dir()]
-    runs = Path(f"/tmp/sk-{uid}")
-    if runs.is_dir():
-        left += [str(p) for p in runs.iterdir() if p.name.startswith("sk-")]
-    return left
 
 
 def test_an_idle_kernel_is_culled_and_leaves_nothing(hub: Hub) -> None:
