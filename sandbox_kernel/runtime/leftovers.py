@@ -42,23 +42,28 @@ class GcReport:
     host_layers: list[str] = field(default_factory=list)  # old host image layer versions
 
 
+#: How long a run dir without readable metadata counts as being created (seconds).
 CREATION_GRACE_S = 30.0
 
 
-def _being_created(entry: Path) -> bool:
-    """A run dir without metadata yet is being created right now by another process."""
+def _young(entry: Path) -> bool:
+    """Was the run dir ``entry`` changed less than ``CREATION_GRACE_S`` ago? Writing its
+    ``meta.json`` (a rename into it) changes it too."""
     try:
-        return (
-            not (entry / "meta.json").exists()
-            and time.time() - entry.stat().st_mtime < CREATION_GRACE_S
-        )
+        return time.time() - entry.stat().st_mtime < CREATION_GRACE_S
     except OSError:
         return False
 
 
 def _entry_live(entry: Path) -> bool:
+    """Is the run dir ``entry`` live? One without readable metadata is judged by its age
+    alone, never by whether ``meta.json`` exists by the time it is looked at: its creator
+    may write it between the read and that look (two kernels starting at once, each one's
+    gc seeing the other's run dir), and the run dir, fresh, stays live."""
     info = ContainerInfo(entry)
-    return info.running() or info.owner_alive() or _being_created(entry)
+    if not info.meta:
+        return _young(entry)
+    return info.running() or info.owner_alive()
 
 
 def live_ids(root: Path) -> set[str]:

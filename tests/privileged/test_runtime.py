@@ -454,6 +454,38 @@ def test_gc_removes_crash_leftovers() -> None:
     c._close_control()
 
 
+def test_containers_created_at_once_by_separate_processes_all_run() -> None:
+    """Each ``Container.create`` runs gc over the run root, where the others' run dirs are
+    being made at that instant: none may take another's (its subfolders then vanish)."""
+    code = textwrap.dedent(
+        """
+        import subprocess, sys
+        from tests.privileged.test_runtime import make_spec
+        from sandbox_kernel.runtime.container import Container
+        for _ in range(4):
+            spec = make_spec(["/bin/true"])
+            with Container.create(spec, subdirs={"conn": (0, 0, 0o700)}) as c:
+                (c.run_dir / "conn" / "kernel.json").write_text("{}")
+                c.start(stdout=subprocess.DEVNULL)
+                assert c.wait(30).status == 0
+        """
+    )
+    uid, gid = os.geteuid(), os.getegid()
+    code = code.replace("(0, 0, 0o700)", f"({uid}, {gid}, 0o700)")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=os.getcwd()
+        )
+        for _ in range(6)
+    ]
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        if proc.returncode != 0:
+            errors.append(err[-2000:])
+    assert errors == []
+
+
 def test_cli_run_reports_oom_and_exits_137() -> None:
     proc = subprocess.run(
         [
