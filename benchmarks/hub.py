@@ -13,20 +13,28 @@ that cell's reply, once with ``python3-sandbox`` and once with the plain ``pytho
 ipykernel in the same round (the order alternating), and their per-round ratio. The
 kernel's own part (kernel request to reply) is given apart. H2: with ``max_kernels`` = 4
 in the policy, four sandbox kernels are requested at once by one student: the time until
-the last of them answered a cell, and how long the refusal of a fifth takes.
+the last of them answered a cell, and how long the refusal of a fifth takes. H3, with the
+student's server running: the hub's own API (``GET /hub/api/users/USER`` through the proxy,
+as the admin service) timed alone and beside the tenant-isolation benchmark's 10 hostile
+neighbours (benchmarks/isolation.py), first with their per-kernel caps only, then inside
+another user's delegation with that user's aggregate caps (1 CPU for all of them): the
+p99 ratio hostile/alone per phase pair, target <= 2 with the aggregate caps.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sandbox_kernel.images.store import ImageStore
 from tests.hubserver import Hub, HubRefused, running_hub
 
+from .isolation import phases, tenant
 from .stats import Figure, publish, ratio
 
 AT_ONCE = 4
@@ -83,7 +91,70 @@ def at_the_limit(hub: Hub, user: str) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
-def measure(hub: Hub, user: str, rounds: int) -> list[Figure]:
+def hub_api_under_load(hub: Hub, user: str, n: int, rounds: int) -> list[Figure]:
+    """H3: the hub API's latency alone and beside 10 hostile neighbours, with their
+    per-kernel caps only and under another user's aggregate caps (see the module
+    docstring); the student's server runs meanwhile."""
+    image = ImageStore().resolve("python3")
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        model = hub.api("GET", f"/hub/api/users/{user}", timeout=30)
+        dt = time.perf_counter() - t0
+        if model.get("name") != user:
+            raise RuntimeError(f"the hub answered for {model.get('name')!r}, not {user!r}")
+        return dt
+
+    async def sample() -> float:
+        return await asyncio.to_thread(call)
+
+    async def both() -> list[Figure]:
+        for _ in range(20):  # warm up: connections, the hub's caches
+            await sample()
+        alone, hostile, ratios = await phases(image, sample, n, rounds)
+        figs = [
+            Figure("H3 hub API GET user, alone", "ms", alone, stat="p99"),
+            Figure(
+                "H3 hub API, 10 hostile neighbours (per-kernel caps only)",
+                "ms",
+                hostile,
+                stat="p99",
+            ),
+            Figure("H3 ratio p99 hostile/alone, per-kernel caps only", "x", ratios),
+        ]
+        with tenant() as manager:
+            if manager is None:
+                print(
+                    "  H3: the tenant has a delegation already; capped run skipped", file=sys.stderr
+                )
+                return figs
+            alone, hostile, ratios = await phases(image, sample, n, rounds, manager)
+        return [
+            *figs,
+            Figure("H3F hub API GET user, alone", "ms", alone, stat="p99"),
+            Figure(
+                "H3F hub API, 10 hostile neighbours of another user (1 CPU for all)",
+                "ms",
+                hostile,
+                stat="p99",
+            ),
+            Figure(
+                "H3F ratio p99 hostile/alone, neighbours under a per-user cap",
+                "x",
+                ratios,
+                target="<= 2",
+                limit=2.0,
+            ),
+        ]
+
+    hub.spawn(user, poll=0.05)
+    try:
+        return asyncio.run(both())
+    finally:
+        hub.stop(user)
+
+
+def measure(hub: Hub, user: str, rounds: int, n: int = 200) -> list[Figure]:
     totals: dict[str, list[float]] = {SANDBOX: [], PLAIN: []}
     kernel_part: dict[str, list[float]] = {SANDBOX: [], PLAIN: []}
     for i in range(rounds):
@@ -106,6 +177,7 @@ def measure(hub: Hub, user: str, rounds: int) -> list[Figure]:
         Figure("H1 kernel request -> first reply, plain", "ms", kernel_part[PLAIN]),
         Figure(f"H2 {AT_ONCE} kernels at once (the user's limit) -> all answered", "ms", all_ready),
         Figure("H2 the refusal of one more (max_kernels)", "ms", refusal),
+        *hub_api_under_load(hub, user, n, 2 if rounds > 1 else 1),
     ]
 
 
@@ -127,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     t0 = time.monotonic()
     with running_hub([args.user], args.prefix, args.proxy, POLICY) as hub:
-        figs = measure(hub, args.user, rounds)
+        figs = measure(hub, args.user, rounds, n=20 if args.quick else 200)
     publish(figs, args.out, "hub", quick=args.quick, elapsed=time.monotonic() - t0)
     return 0
 

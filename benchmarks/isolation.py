@@ -19,12 +19,13 @@ import pwd
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from sandbox_kernel.cgroups import detect, manager_for_user, reset_manager_cache
 from sandbox_kernel.cgroups.base import CgroupLimits, CgroupManager
 from sandbox_kernel.cgroups.common import cpus_to_quota
 from sandbox_kernel.cgroups.delegation import delegate, delegations, undelegate
+from sandbox_kernel.images.store import Image
 from sandbox_kernel.paths import new_container_id
 from sandbox_kernel.runtime.container import Container
 from sandbox_kernel.runtime.spec import ContainerSpec, Limits
@@ -54,17 +55,18 @@ HOSTILE = {
 
 
 class Neighbours:
-    def __init__(self, h: Harness, manager: CgroupManager | None = None) -> None:
-        self.h = h
+    """The 10 hostile containers of ``image`` (the python3 image), in ``manager``'s cgroups."""
+
+    def __init__(self, image: Image, manager: CgroupManager | None = None) -> None:
+        self.image = image
         self.manager = manager  # None: the benchmark's own cgroup parent
         self.containers: list[Container] = []
         self.kinds: list[str] = []
         self.drains: list[subprocess.Popen[bytes]] = []
 
     def start(self, kinds: tuple[str, ...] = tuple(HOSTILE), per: int = 2) -> None:
-        image = self.h.image("python3")
-        layers = image.lowerdirs()
-        env = tuple(image.config.env)
+        layers = self.image.lowerdirs()
+        env = tuple(self.image.config.env)
         for kind in kinds:
             argv = HOSTILE[kind]
             for _ in range(per):
@@ -122,23 +124,29 @@ async def _ready_probe(h: Harness) -> Kernel:
     return probe
 
 
-async def _phases(
-    h: Harness, probe: Kernel, n: int, rounds: int, manager: CgroupManager | None = None
+async def phases(
+    image: Image,
+    sample: Callable[[], Awaitable[float]],
+    n: int,
+    rounds: int,
+    manager: CgroupManager | None = None,
 ) -> tuple[list[float], list[float], list[float]]:
-    """``rounds`` pairs of phases: ``n`` executions of the probe alone, then ``n`` with the
-    10 hostile neighbours (in ``manager``'s cgroups; None: the benchmark's own). The
-    latencies alone and hostile (ms) and each pair's p99 ratio."""
+    """``rounds`` pairs of phases: ``n`` samples alone, then ``n`` with the 10 hostile
+    neighbours of ``image`` (in ``manager``'s cgroups; None: the benchmark's own).
+    ``sample`` times one request (seconds): the probe kernel's execute here, the hub's
+    API in benchmarks/hub.py. The latencies alone and hostile (ms) and each pair's p99
+    ratio."""
     alone: list[float] = []
     hostile: list[float] = []
     ratios: list[float] = []
     for _ in range(rounds):
-        a = [await probe.execute() * 1000 for _ in range(n)]
-        nb = Neighbours(h, manager)
+        a = [await sample() * 1000 for _ in range(n)]
+        nb = Neighbours(image, manager)
         try:
             await asyncio.to_thread(nb.start)
             await asyncio.sleep(2)  # let them reach their caps
             t = time.monotonic()
-            b = [await probe.execute() * 1000 for _ in range(n)]
+            b = [await sample() * 1000 for _ in range(n)]
             dead = [k for k, c in zip(nb.kinds, nb.containers, strict=True) if c.poll()]
             print(
                 f"  hostile phase {time.monotonic() - t:.1f} s, neighbours ended: {dead}",
@@ -157,11 +165,11 @@ async def measure(h: Harness, n: int = 200, rounds: int = 2, by_kinds: bool = Tr
     probe = await _ready_probe(h)
     by_kind: dict[str, float] = {}
     try:
-        alone, hostile, p99_ratio = await _phases(h, probe, n, rounds)
+        alone, hostile, p99_ratio = await phases(h.image("python3"), probe.execute, n, rounds)
         # which kind hurts: two neighbours of one kind at a time, each against a fresh "alone"
         for kind in HOSTILE if by_kinds else ():
             a = [await probe.execute() * 1000 for _ in range(n // 2)]
-            nb = Neighbours(h)
+            nb = Neighbours(h.image("python3"))
             try:
                 await asyncio.to_thread(nb.start, (kind,), 2)
                 await asyncio.sleep(1)
@@ -225,7 +233,9 @@ async def fair_share(h: Harness, n: int = 200, rounds: int = 2) -> list[Figure]:
             if manager is None:
                 print(f"  fair share: {TENANT} has a delegation already; skipped", file=sys.stderr)
                 return []
-            alone, hostile, ratios = await _phases(h, probe, n, rounds, manager)
+            alone, hostile, ratios = await phases(
+                h.image("python3"), probe.execute, n, rounds, manager
+            )
     finally:
         await probe.stop()
     return [
