@@ -85,9 +85,9 @@ git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$
   || exit 1
 mkdir -p "$WORK/repo/sandbox_kernel/runtime/_bin"
 cp sandbox_kernel/runtime/_bin/sk-runtime "$WORK/repo/sandbox_kernel/runtime/_bin/" || exit 1
-# the virtualenv as the system-wide install makes it (`make install`), editable, with the
-# test extras
-bash tools/install-system.sh --editable --no-lab "$WORK/venv" "" "$WORK/repo[test,hub]" \
+# the virtualenv as the system-wide install makes it (`make install`, JupyterLab included: the
+# hub test opens it in a browser), editable, with the test extras
+bash tools/install-system.sh --editable "$WORK/venv" "" "$WORK/repo[test,hub]" \
     >"$WORK/install.log" 2>&1 \
   || { tail -30 "$WORK/install.log" >&2; echo "rootless: the install failed" >&2; exit 1; }
 chmod -R a+rX "$WORK"

@@ -24,7 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Page
 
+from tests.browser import chromium, launcher_cards, open_notebook, run_cell
 from tests.hubserver import Hub, HubTimeout, running_hub
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
@@ -241,3 +243,50 @@ def test_an_idle_kernel_is_culled_and_leaves_nothing(hub: Hub) -> None:
     finally:
         hub.stop(user)
     assert_nothing_left(user, uid)
+
+
+@pytest.mark.browser
+def test_a_student_works_in_jupyterlab_through_the_hub_in_a_browser(hub: Hub) -> None:
+    """What a student does: log in on the hub's page, land in JupyterLab, see only the
+    sandbox kernels in the launcher, run a Python 2.7 and a Python 3 notebook (the
+    policy's limits shown by ``%sandbox``); another student's login cannot reach that
+    server. Logging out and stopping the server leave nothing behind."""
+    first, second = USERS
+    uid = pwd.getpwnam(first).pw_uid
+    with chromium() as browser:
+        page = browser.new_page()
+        try:
+            login(page, hub, first)
+            page.wait_for_url(f"**/user/{first}/lab**", timeout=120_000)
+            offered = launcher_cards(page)
+            assert sorted(offered) == ["Python 2.7 (sandbox)", "Python 3 (sandbox)"], offered
+            py2 = open_notebook(page, "Python 2.7 (sandbox)")
+            out = run_cell(page, py2, "import os, sys; print os.getuid(), sys.version_info[0]")
+            assert out.split() == [str(uid), "2"], out
+            py3 = open_notebook(page, "Python 3 (sandbox)")
+            out = run_cell(page, py3, "%sandbox")
+            assert "1 GiB (server allows up to 1 GiB)" in out, out
+            kernels = hub.api("GET", f"/user/{first}/api/kernels")
+            assert sorted(k["name"] for k in kernels) == sorted(SANDBOX_SPECS), kernels
+
+            other = browser.new_page()
+            login(other, hub, second)
+            other.wait_for_url(f"**/user/{second}/**", timeout=120_000)
+            answer = other.goto(f"{hub.url}/user/{first}/api/kernels")
+            assert answer is not None and answer.status == 403, answer and answer.status
+            assert "python3-sandbox" not in other.content()
+        except BaseException:
+            page.screenshot(path=str(hub.log.with_name("browser-failure.png")))
+            raise
+    for user in USERS:
+        hub.stop(user)
+    for user in USERS:
+        assert_nothing_left(user, pwd.getpwnam(user).pw_uid)
+
+
+def login(page: Page, hub: Hub, user: str) -> None:
+    """Sign in on the hub's login page (the test hub's authenticator takes any password)."""
+    page.goto(f"{hub.url}/hub/login")
+    page.fill("#username_input", user)
+    page.fill("#password_input", "any password")
+    page.click("#login_submit")
