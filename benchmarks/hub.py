@@ -34,7 +34,7 @@ from pathlib import Path
 from sandbox_kernel.images.store import ImageStore
 from tests.hubserver import Hub, HubRefused, running_hub
 
-from .isolation import phases, tenant
+from .isolation import phase_figures, phases, tenant
 from .stats import Figure, publish, ratio
 
 AT_ONCE = 4
@@ -111,41 +111,29 @@ def hub_api_under_load(hub: Hub, user: str, n: int, rounds: int) -> list[Figure]
     async def both() -> list[Figure]:
         for _ in range(20):  # warm up: connections, the hub's caches
             await sample()
-        alone, hostile, ratios = await phases(image, sample, n, rounds)
-        figs = [
-            Figure("H3 hub API GET user, alone", "ms", alone, stat="p99"),
-            Figure(
-                "H3 hub API, 10 hostile neighbours (per-kernel caps only)",
-                "ms",
-                hostile,
-                stat="p99",
-            ),
-            Figure("H3 ratio p99 hostile/alone, per-kernel caps only", "x", ratios),
-        ]
+        what = "hub API GET user"
+        figs = phase_figures(
+            "H3",
+            what,
+            "10 hostile neighbours (per-kernel caps only)",
+            await phases(image, sample, n, rounds),
+            ", per-kernel caps only",
+            target=False,
+        )
         with tenant() as manager:
             if manager is None:
                 print(
                     "  H3: the tenant has a delegation already; capped run skipped", file=sys.stderr
                 )
                 return figs
-            alone, hostile, ratios = await phases(image, sample, n, rounds, manager)
-        return [
-            *figs,
-            Figure("H3F hub API GET user, alone", "ms", alone, stat="p99"),
-            Figure(
-                "H3F hub API, 10 hostile neighbours of another user (1 CPU for all)",
-                "ms",
-                hostile,
-                stat="p99",
-            ),
-            Figure(
-                "H3F ratio p99 hostile/alone, neighbours under a per-user cap",
-                "x",
-                ratios,
-                target="<= 2",
-                limit=2.0,
-            ),
-        ]
+            capped = await phases(image, sample, n, rounds, manager)
+        return figs + phase_figures(
+            "H3F",
+            what,
+            "10 hostile neighbours of another user (1 CPU for all)",
+            capped,
+            ", neighbours under a per-user cap",
+        )
 
     hub.spawn(user, poll=0.05)
     try:
