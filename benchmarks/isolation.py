@@ -185,13 +185,14 @@ def phase_figures(
 
 async def measure(h: Harness, n: int = 200, rounds: int = 2, by_kinds: bool = True) -> list[Figure]:
     probe = await _ready_probe(h)
+    image = h.image("python3")
     by_kind: dict[str, float] = {}
     try:
-        result = await phases(h.image("python3"), probe.execute, n, rounds)
+        result = await phases(image, probe.execute, n, rounds)
         # which kind hurts: two neighbours of one kind at a time, each against a fresh "alone"
         for kind in HOSTILE if by_kinds else ():
             a = [await probe.execute() * 1000 for _ in range(n // 2)]
-            nb = Neighbours(h.image("python3"))
+            nb = Neighbours(image)
             try:
                 await asyncio.to_thread(nb.start, (kind,), 2)
                 await asyncio.sleep(1)

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 from playwright.sync_api import Browser, Locator, Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 CHROMIUM = "/usr/bin/chromium"
 #: Chromium's own sandbox needs a user namespace it cannot make as root in a test; the
@@ -73,7 +74,7 @@ def run_cell(page: Page, panel: Locator, code: str, tries: int = 4) -> str:
     for _ in range(tries):
         cell.locator(".cm-content").click()
         page.keyboard.press("Control+Enter")
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(PlaywrightTimeout):
             output.wait_for(timeout=15_000)
             return output.inner_text()
         prompt = cell.locator(".jp-InputPrompt").inner_text()

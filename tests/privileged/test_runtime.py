@@ -462,19 +462,22 @@ def test_containers_created_at_once_by_separate_processes_all_run() -> None:
         import subprocess, sys
         from tests.privileged.test_runtime import make_spec
         from sandbox_kernel.runtime.container import Container
+        conn = (int(sys.argv[1]), int(sys.argv[2]), 0o700)
         for _ in range(4):
             spec = make_spec(["/bin/true"])
-            with Container.create(spec, subdirs={"conn": (0, 0, 0o700)}) as c:
+            with Container.create(spec, subdirs={"conn": conn}) as c:
                 (c.run_dir / "conn" / "kernel.json").write_text("{}")
                 c.start(stdout=subprocess.DEVNULL)
                 assert c.wait(30).status == 0
         """
     )
-    uid, gid = os.geteuid(), os.getegid()
-    code = code.replace("(0, 0, 0o700)", f"({uid}, {gid}, 0o700)")
+    owner = [str(os.geteuid()), str(os.getegid())]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=os.getcwd()
+            [sys.executable, "-c", code, *owner],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=os.getcwd(),
         )
         for _ in range(6)
     ]
