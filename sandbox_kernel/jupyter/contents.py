@@ -245,7 +245,9 @@ class _GuardFiles(_Guard):
 
     @default("files_handler_params")
     def _files_handler_params_default(self) -> dict[str, t.Any]:
-        return {}
+        # tornado's StaticFileHandler.initialize wants a path; FilesHandler's own get never
+        # reads by it (it asks this manager)
+        return {"path": self.root_dir}
 
     def _kind(self, path: str) -> tuple[str, str | None]:
         """(os path, what it is: beneath.kind_of's words or None) of an API path."""
