@@ -303,6 +303,23 @@ def _copy_file(src_fd: int, dst_fd: int, name: str, mode: int) -> None:
         os.close(rfd)
 
 
+def make_folders(root: str, path: str, mode: int = 0o755) -> None:
+    """Make the folder ``path`` below ``root`` and every missing one on the way, each
+    relative to its parent's descriptor; Refused when one of them is a link or not a
+    folder (``mkdir -p`` that never follows). Called by the checkpoints of the contents
+    manager and by the image exporter."""
+    parts = names(root, path)
+    for i in range(1, len(parts) + 1):
+        here = "/".join(parts[:i])
+        what = kind(root, here)
+        if what is None:
+            with parent(root, here) as (dfd, name), contextlib.suppress(FileExistsError):
+                os.mkdir(name, mode, dir_fd=dfd)
+            what = kind(root, here)
+        if what != "a folder":
+            raise Refused(here, what or "missing")
+
+
 def open_folder(root: str, path: str) -> int:
     """A descriptor (``O_PATH``) of the folder ``path`` below ``root``, reached without
     following a link (the root itself for ``path`` equal to it). Closed by the caller."""

@@ -634,15 +634,7 @@ class _GuardCheckpoints(_Guard):
             folder = os.path.join(root, parent) if parent else root
         cp_dir = os.path.join(folder, self.checkpoint_dir)
         with self.perm_to_403(cp_dir), self._guarded():
-            here = ""
-            for part in beneath.names(root, cp_dir):
-                here = os.path.join(here, part)
-                what = beneath.kind(root, here)
-                if what is None:
-                    with beneath.parent(root, here) as (dfd, n):
-                        os.mkdir(n, 0o755, dir_fd=dfd)
-                elif what != "a folder":
-                    raise beneath.Refused(here, what)
+            beneath.make_folders(root, cp_dir)
         return os.path.join(cp_dir, filename)
 
     def _cp_copy(self, src: str, dest: str) -> None:

@@ -183,3 +183,14 @@ def test_copy_tree_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         with pytest.raises(OSError) as e:
             beneath.copy_tree(s, d)
     assert e.value.errno == errno.ELOOP
+
+
+def test_make_folders_never_follows(tree: tuple[Path, Path]) -> None:
+    root, secret = tree
+    beneath.make_folders(str(root), "sub/a/b")
+    assert (root / "sub" / "a" / "b").is_dir()
+    beneath.make_folders(str(root), "sub/a/b")  # already there: fine
+    for bad in ["hostdir/x", "sub/up/x", "out.txt/x", "fifo.ipynb/x"]:
+        with pytest.raises(beneath.Refused):
+            beneath.make_folders(str(root), bad)
+    assert sorted(os.listdir(secret.parent)) == ["secret"]

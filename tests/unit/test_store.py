@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -444,3 +445,61 @@ def test_not_found_without_a_recipe_says_so(store: ImageStore, tmp_path: Path) -
     msg = str(ei.value)
     assert "image build python3-nosuch" not in msg
     assert "no recipe named 'python3-nosuch'" in msg and str(store.root) in msg
+
+
+@pytest.mark.parametrize(
+    "plant",
+    ["oci-layout", "index.json", "blob", "blobs-folder", "sha256-folder", "fifo-index"],
+)
+def test_export_into_a_layout_a_kernel_wrote_never_follows_what_it_planted(
+    store: ImageStore, tmp_path: Path, plant: str
+) -> None:
+    """The layout folder may be in a notebook folder: a link or FIFO planted under any name
+    the exporter writes or reads is replaced or refused, never followed or blocked on."""
+    layer = store.add_layer_from_dir(layer_dir(tmp_path, "a", {"x": "x"}))
+    im = store.write_image("e", "latest", [layer], ImageConfig())
+    dest = tmp_path / "layout"
+    export_images(store, ["e"], dest)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret"
+    secret.write_text("host secret\n")
+    blob = dest / "blobs" / "sha256" / oci.digest_hex(im.digest)
+    if plant == "oci-layout":
+        (dest / "oci-layout").unlink()
+        (dest / "oci-layout").symlink_to(secret)
+    elif plant == "index.json":
+        (dest / "index.json").unlink()
+        (dest / "index.json").symlink_to(secret)
+    elif plant == "blob":
+        blob.unlink()
+        blob.symlink_to(secret)
+    elif plant == "blobs-folder":
+        shutil.rmtree(dest / "blobs")
+        (dest / "blobs").symlink_to(outside)
+    elif plant == "sha256-folder":
+        shutil.rmtree(dest / "blobs" / "sha256")
+        (dest / "blobs" / "sha256").symlink_to(outside)
+    elif plant == "fifo-index":
+        (dest / "index.json").unlink()
+        os.mkfifo(dest / "index.json")
+    try:
+        export_images(store, ["e"], dest)
+    except ImageError as e:
+        assert "does not follow" in str(e) or "not an OCI layout" in str(e), e
+    else:
+        assert not blob.is_symlink() and not (dest / "oci-layout").is_symlink()
+    assert secret.read_text() == "host secret\n"
+    assert sorted(os.listdir(outside)) == ["secret"]
+
+
+def test_export_to_tar_leaves_links_out(store: ImageStore, tmp_path: Path) -> None:
+    layer = store.add_layer_from_dir(layer_dir(tmp_path, "a", {"x": "x"}))
+    store.write_image("e", "latest", [layer], ImageConfig())
+    out = tmp_path / "e.tar"
+    export_images(store, ["e"], out)
+    with tarfile.open(out) as tf:
+        members = tf.getmembers()
+    assert all(m.isfile() for m in members)
+    assert {"oci-layout", "index.json"} <= {m.name for m in members}
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".e.tar")]
