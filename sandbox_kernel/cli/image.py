@@ -151,9 +151,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """``image gc``: delete unreferenced blobs and snapshots older than ``--grace``."""
+    """``image gc``: delete unreferenced blobs and snapshots older than ``--grace``, and the
+    ``host`` image's layer versions and build leftovers no container uses."""
+    from ..runtime.leftovers import collect_host_layers
+
     blobs, snaps = ImageStore().gc(grace_seconds=args.grace)
-    print(f"removed {blobs} blob(s), {snaps} snapshot(s)")
+    layers = collect_host_layers()
+    print(f"removed {blobs} blob(s), {snaps} snapshot(s), {len(layers)} host image layer(s)")
     return 0
 
 
