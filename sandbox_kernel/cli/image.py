@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import ImageError
 from ..images import lookup
 from ..images.store import Image, ImageStore, image_in_use
+from ..units import parse_duration
 
 
 def register(sub: Any) -> None:
@@ -38,7 +39,7 @@ def register(sub: Any) -> None:
     q = isub.add_parser("gc", help="delete blobs and snapshots no image uses")
     q.add_argument(
         "--grace",
-        type=float,
+        type=lambda v: parse_duration(v, "--grace", allow_zero=True),
         default=300.0,
         metavar="SECONDS",
         help="keep unreferenced data younger than this (builds in progress); default 300",

@@ -37,7 +37,7 @@ def test_change_within_ceilings() -> None:
             {"pids": 100000},
             "pids=100000 refused: this server allows at most 512 processes per kernel",
         ),
-        ({"memory": "1K"}, "minimum"),
+        ({"memory": "1K"}, "memory='1K' is too small; use 16M to 1048576T"),
         ({"pids": "-3"}, "not a whole number"),
         ({"memory": "lots"}, "is not a size"),
         ({"cpus": True}, "not a valid value"),
