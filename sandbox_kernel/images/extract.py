@@ -612,7 +612,7 @@ def extract_layer_file(
     when the uncompressed content is not ``expected_diff_id`` (from the image config).
     """
     label = what or f"layer {blob.name}"
-    with open_decompressed(blob, compression) as stream:
+    with open_decompressed(blob, compression, label) as stream:
         report = extract_tar_stream(stream, dest, limits=limits, what=label)
     if expected_diff_id is not None and report.diff_id != expected_diff_id:
         raise DigestMismatch(

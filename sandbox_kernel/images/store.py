@@ -498,9 +498,10 @@ class ImageStore:
         self._atomic_write(self.layers_dir / oci.digest_hex(digest), diff_id.encode())
 
     def _unpack(
-        self, digest: str, media_type: str, expected_diff_id: str | None
+        self, digest: str, media_type: str, expected_diff_id: str | None, what: str | None = None
     ) -> tuple[str, ExtractReport | None]:
-        """Make sure the snapshot of blob ``digest`` exists; returns its diff_id."""
+        """Make sure the snapshot of blob ``digest`` exists; returns its diff_id. ``what``
+        names the layer in errors (where it came from; its digest by default)."""
         known = self._known_diff_id(digest)
         if expected_diff_id is not None:
             oci.check_digest(expected_diff_id, "diff_id")
@@ -522,7 +523,7 @@ class ImageStore:
                 tmp,
                 limits=self.limits,
                 expected_diff_id=expected_diff_id,
-                what=f"layer {digest}",
+                what=what or f"layer {digest}",
             )
             diff_id = report.diff_id
             self._install_snapshot(tmp, diff_id)
@@ -594,7 +595,7 @@ class ImageStore:
         ``add_layer_blob``); the blob is verified before it is installed or unpacked."""
         oci.layer_compression(media_type)
         digest, size = self.put_blob_stream(src, expected_digest, expected_size, what)
-        diff_id, _ = self._unpack(digest, media_type, expected_diff_id)
+        diff_id, _ = self._unpack(digest, media_type, expected_diff_id, what)
         return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
 
     def add_layer_from_dir(

@@ -106,8 +106,15 @@ class ControlServer:
         if self.active >= MAX_CONNECTIONS:
             self.rejected += 1
             busy = {"ok": False, "error": "too many requests at once; try again"}
-            with contextlib.suppress(OSError):
+            # read the request first: closing before the client sent it, or with it unread,
+            # resets the client's connection instead of answering it
+            with contextlib.suppress(
+                OSError, asyncio.TimeoutError, EOFError, asyncio.LimitOverrunError
+            ):
+                await asyncio.wait_for(reader.readuntil(b"\n"), READ_TIMEOUT_S)
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
                 writer.write(json.dumps(busy).encode() + b"\n")
+                await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
             writer.close()
             return
         self.active += 1

@@ -579,7 +579,15 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         except SandboxError:
             usage = None
         new, warnings = plan_change(request, container.limits, ceilings, usage)
-        await asyncio.to_thread(container.update, new)
+        try:
+            await asyncio.to_thread(container.update, new)
+        except SandboxError as exc:  # its text names host paths: the log has it, not the kernel
+            self.log.warning("kernel %s: limits %s not applied: %s", self.kernel_id, new, exc)
+            return {
+                "ok": False,
+                "error": "the host could not apply the new limits; the old ones stay (the "
+                "server's log has the details)",
+            }
         self.log.info("kernel %s: limits changed from the kernel: %s", self.kernel_id, new)
         lim = container.limits
         for name in LIVE:

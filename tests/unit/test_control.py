@@ -37,7 +37,7 @@ def test_change_within_ceilings() -> None:
             {"pids": 100000},
             "pids=100000 refused: this server allows at most 512 processes per kernel",
         ),
-        ({"memory": "1K"}, "minimum"),
+        ({"memory": "1K"}, "memory='1K' is too small; use 16M to 1048576T"),
         ({"pids": "-3"}, "not a whole number"),
         ({"memory": "lots"}, "is not a size"),
         ({"cpus": True}, "not a valid value"),
@@ -187,5 +187,57 @@ async def test_too_many_connections_get_an_answer(
         assert busy["ok"] is False and "at once" in busy["error"]
         gate.set()
         assert (await first)["ok"] is True
+    finally:
+        await server.close()
+
+
+def _slow_client(path: str) -> dict[str, Any]:
+    """A blocking client like the in-kernel magics, slow to send its request: it connects,
+    then sends (the server must not have closed meanwhile), then reads the reply."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        time.sleep(0.3)  # not measured: it only opens the window for an early close
+        s.sendall(b'{"op": "get"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+async def test_connections_over_the_limit_are_answered_not_reset(server_path: str) -> None:
+    from sandbox_kernel.jupyter import control
+
+    gate = asyncio.Event()
+    held = 0
+
+    async def handler(req: dict[str, Any]) -> dict[str, Any]:
+        nonlocal held
+        held += 1
+        await gate.wait()
+        return {"ok": True}
+
+    server = ControlServer(server_path, handler, uid=os.getuid(), gid=os.getgid())
+    await server.start()
+    try:
+        first = [
+            asyncio.ensure_future(_request(server_path, b'{"op": "get"}\n'))
+            for _ in range(control.MAX_CONNECTIONS)
+        ]
+        while held < control.MAX_CONNECTIONS:
+            await asyncio.sleep(0.01)
+        over = await asyncio.gather(
+            *(asyncio.to_thread(_slow_client, server_path) for _ in range(3))
+        )
+        for reply in over:  # the fifth, sixth and seventh at once
+            assert reply == {"ok": False, "error": "too many requests at once; try again"}
+        gate.set()
+        assert [(await f)["ok"] for f in first] == [True] * control.MAX_CONNECTIONS
+        assert server.rejected == 3
     finally:
         await server.close()

@@ -24,7 +24,7 @@ from jupyter_client.manager import AsyncKernelManager
 from tornado.web import HTTPError
 from traitlets.config import Config
 
-from sandbox_kernel.errors import ContainerNotFound, SpecError
+from sandbox_kernel.errors import CgroupError, ContainerNotFound, SpecError
 from sandbox_kernel.jupyter import exits, kernelspecs, launch
 from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
@@ -610,6 +610,16 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
         assert c.limits.memory == int(1.5 * 1024**3) and c.limits.pids == 80
         reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "4G"})
         assert not reply["ok"] and "at most 2 GiB" in reply["error"]
+        cgroup_file = "/sys/fs/cgroup/sandbox-kernel/sk-0123456789ab/memory.max"
+
+        def refused(limits: Any) -> None:  # the cgroup write failing (its error names it)
+            raise CgroupError(f"writing '1' to {cgroup_file}: Invalid argument")
+
+        c.update = refused  # type: ignore[method-assign]
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "1G"})
+        assert not reply["ok"] and "could not apply" in reply["error"]
+        assert "/sys" not in reply["error"] and "cgroup" not in reply["error"], "no host path"
+        del c.update
         assert c.limits.memory == int(1.5 * 1024**3)
         # no ceiling of the admin's for pids: the kernelspec's 100 is the most
         reply = await asyncio.to_thread(ask, path, {"op": "set", "pids": 200})

@@ -503,3 +503,80 @@ def test_export_to_tar_leaves_links_out(store: ImageStore, tmp_path: Path) -> No
     assert all(m.isfile() for m in members)
     assert {"oci-layout", "index.json"} <= {m.name for m in members}
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".e.tar")]
+
+
+def _compress(raw: bytes, comp: str) -> bytes:
+    if comp == "gzip":
+        return gzip.compress(raw)
+    tool = {"zstd": ["zstd", "-q", "-c"], "xz": ["xz", "-c"], "bzip2": ["bzip2", "-c"]}[comp]
+    return subprocess.run(tool, input=raw, capture_output=True, check=True).stdout
+
+
+def _damaged(tmp_path: Path, kind: str) -> Path:
+    """An archive of ``kind`` whose bytes end early or are overwritten in the middle: a
+    rootfs tar (plain, gzip, zstd, xz, bzip2), an OCI layout or a docker-save archive."""
+    raw = tar_bytes({"./": None, "./big": os.urandom(96 * 1024).hex(), "./small": "s"})
+    if kind.startswith("layout"):
+        layout = make_layout(tmp_path / "layout", [raw])
+        data = tar_bytes_of_dir(layout)
+    else:
+        comp = kind.split("-")[0]
+        data = raw if comp == "none" else _compress(raw, comp)
+    if kind.endswith("-corrupt"):
+        mid = len(data) // 2
+        data = data[:mid] + bytes(b ^ 0x5A for b in data[mid : mid + 64]) + data[mid + 64 :]
+    elif kind.endswith("-header"):
+        data = data[:10]
+    else:
+        data = data[: len(data) // 2]
+    path = tmp_path / f"damaged-{kind}.tar"
+    path.write_bytes(data)
+    return path
+
+
+def tar_bytes_of_dir(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for p in sorted(root.rglob("*")):
+            tf.add(p, arcname=str(p.relative_to(root)), recursive=False)
+    return buf.getvalue()
+
+
+DAMAGED = [
+    "none-truncated",  # ends inside a member
+    "gzip-truncated",
+    "gzip-header",  # ends inside the gzip header
+    "gzip-corrupt",
+    "zstd-truncated",
+    "zstd-corrupt",
+    "xz-truncated",  # xz and bzip2 are not read at all: said so, not a tar error
+    "bzip2-truncated",
+    "layout-truncated",  # an OCI layout tar ending inside a blob
+]
+
+
+@pytest.mark.parametrize("kind", DAMAGED)
+def test_a_damaged_archive_is_one_clear_error_naming_it(
+    store: ImageStore, tmp_path: Path, kind: str
+) -> None:
+    path = _damaged(tmp_path, kind)
+    with pytest.raises(ImageError) as err:
+        import_path(store, path)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    assert store.list() == []
+
+
+@pytest.mark.parametrize("kind", ["gzip-truncated", "zstd-corrupt", "none-truncated"])
+def test_cli_import_of_a_damaged_archive_exits_125(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    from sandbox_kernel.cli import main
+
+    monkeypatch.setenv("SANDBOX_KERNEL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("SANDBOX_KERNEL_RUN_DIR", str(tmp_path / "run"))
+    path = _damaged(tmp_path, kind)
+    assert main(["image", "import", str(path)]) == 125
+    err = capsys.readouterr().err
+    assert err.startswith("sandbox-kernel: error: ") and str(path) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
