@@ -44,7 +44,7 @@ KEYS: tuple[tuple[str, str], ...] = (
     ("uid: ", "identity"),
     ("cgroup v", "limits"),
     ("127.0.0.1:1", "loopback"),
-    ("1.1.1.1:443", "internet"),
+    ("198.18.0.1:443", "internet"),
     ("wrote ", "file"),
     ("hello from Python 2", "py2 syntax"),
     ("plot: ", "plot"),

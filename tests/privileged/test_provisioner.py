@@ -113,7 +113,7 @@ async def test_network_is_absent(
 ) -> None:
     code = (
         "import socket, time\n"
-        "for addr in (('127.0.0.1', 1), ('1.1.1.1', 443)):\n"
+        "for addr in (('127.0.0.1', 1), ('198.18.0.1', 443)):\n"
         "    s = socket.socket(); s.settimeout(5); t = time.time()\n"
         "    try:\n"
         "        s.connect(addr); print('connected')\n"
