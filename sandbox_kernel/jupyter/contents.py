@@ -97,6 +97,7 @@ class _Guard:
     checkpoints: t.Any
     perm_to_403: t.Callable[..., t.ContextManager[None]]
     should_list: t.Callable[[str], bool]
+    is_writable: t.Callable[[str], bool]
 
     def _private_root(self) -> str:
         """The server's own folder for checkpoints it cannot keep beside the notebook."""
@@ -225,6 +226,14 @@ def _restore(fd: int, root: str, backup: str) -> None:
                 view = view[os.write(fd, view) :]
 
 
+def _utc(when: float) -> datetime:
+    """A file time as jupyter_server shows it (the epoch for a time it cannot represent)."""
+    try:
+        return datetime.fromtimestamp(when, tz=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def _api(root: str, os_path: str) -> str:
     """The path a user sees (relative to the server's root)."""
     return os.path.relpath(os_path, root)
@@ -258,24 +267,37 @@ class _GuardFiles(_Guard):
     def _entry_model(self, path: str, content: bool) -> dict[str, t.Any] | None:
         """The model of a link or special file (listed as itself, never read), or None for a
         regular file, folder or missing path (jupyter_server's own code answers those)."""
-        os_path, what = self._kind(path)
+        _, what = self._kind(path)
         if what in (None, "a regular file", "a folder"):
             return None
         if content:
             raise refusal(beneath.Refused(path, what))
-        info = beneath.lstat(self._root_for(os_path), os_path)
-        when = datetime.fromtimestamp(info.st_mtime, tz=timezone.utc)
+        model = self._base_model(path)
+        model.update(type="file", writable=False)
+        return model
+
+    def _base_model(self, path: str) -> dict[str, t.Any]:
+        """jupyter_server's base model (name, times, size, writable), from an ``lstat``
+        reached without following a link (a folder swapped meanwhile: 403 or 404, never the
+        metadata of a host file). Called for every model the manager builds."""
+        os_path = self._get_os_path(path)
+        try:
+            with self._guarded():
+                info = beneath.lstat(self._root_for(os_path), os_path)
+        except FileNotFoundError:
+            raise HTTPError(404, f"file or directory does not exist: {path!r}") from None
+        if not self.allow_hidden and is_hidden(os_path, self.root_dir):
+            raise HTTPError(404, f"file or directory does not exist: {path!r}")
         return {
             "name": path.rsplit("/", 1)[-1],
             "path": path,
-            "type": "file",
-            "last_modified": when,
-            "created": when,
+            "last_modified": _utc(info.st_mtime),
+            "created": _utc(info.st_ctime),
             "content": None,
             "format": None,
             "mimetype": None,
             "size": info.st_size,
-            "writable": False,
+            "writable": self.is_writable(path),
             "hash": None,
             "hash_algorithm": None,
         }
@@ -308,7 +330,7 @@ class _GuardFiles(_Guard):
         return os_path, shown
 
     def _dir_base(self, path: str) -> dict[str, t.Any]:
-        model: dict[str, t.Any] = self._base_model(path)  # type: ignore[attr-defined]
+        model = self._base_model(path)
         model["type"] = "directory"
         model["size"] = None
         return model

@@ -244,7 +244,8 @@ async def test_folder_copy_leaves_links_and_special_files_out(cm: Any, world: Wo
 
 async def test_a_folder_flipped_to_a_link_during_saves_never_leaks(cm: Any, world: World) -> None:
     """The race: a thread swaps ``flip`` between a real folder and a link to the host folder
-    while saves go into it; no save may land outside (bounded: 300 saves)."""
+    while saves and reads go through it; no save may land outside, no read may show the
+    host file, and every failure is an HTTP error (bounded: 300 rounds)."""
     flip = world.root / "flip"
     flip.mkdir()
     stop = threading.Event()
@@ -262,10 +263,16 @@ async def test_a_folder_flipped_to_a_link_during_saves_never_leaks(cm: Any, worl
     t.start()
     try:
         for i in range(300):
-            with contextlib.suppress(HTTPError):
+            with contextlib.suppress(HTTPError):  # refused or missing: never anything else
                 await call(
                     cm.save({"type": "file", "format": "text", "content": "x"}, f"flip/f{i}.txt")
                 )
+            with contextlib.suppress(HTTPError):
+                model = await call(cm.get(f"flip/f{i // 2}.txt"))
+                assert model["content"] == "x"
+            with contextlib.suppress(HTTPError):
+                await call(cm.get("flip/secret", content=False))
+                pytest.fail("the host file's metadata was served through the flipped folder")
     finally:
         stop.set()
         t.join(10)
