@@ -15,7 +15,9 @@ calls it for the kernel's whole life, across restarts (``cleanup(restart=True)``
   exec'd).
 * post_launch: apply the deferred CPU cap once the kernel answered its first kernel_info.
 * poll/wait: report the exit status; a death by OOM, by the pids cap or by a signal is
-  logged in one plain line and kept (``last_exit``, and ``exits`` for the next kernel).
+  logged in one plain line and kept (``last_exit``, and ``exits`` for the next kernel). The
+  reason describes this death (``exits.verdict``): a cap hit the kernel survived, or a stop
+  the server asked for, is not blamed on a cap.
 * cleanup: destroy the container (processes, cgroups, run dir).
 
 The container id (and so the connection folder) stays the same across restarts, so
@@ -30,6 +32,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
@@ -94,7 +97,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self.cwd: str | None = None
         self._waited = False
         self._exit_recorded = False
-        self._stop_requested = False
+        # what the server asked of this kernel process: a stop ("restart requested"...),
+        # the signals sent; and the cap counters its death is judged against
+        self._stop: str | None = None
+        self._sent: set[int] = set()
+        self._caps: exits.CapBaseline | None = None
         self._cpu_task: asyncio.Task[None] | None = None
         self._reattached_pid: int | None = None
         self._control: ControlServer | None = None
@@ -189,6 +196,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             if proc is None:
                 return 0
             if proc.poll() is None:
+                await self._seen_alive(self.container)
                 return None
             result = await asyncio.to_thread(self.container.poll)
             if result is None:
@@ -213,8 +221,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     async def send_signal(self, signum: int) -> None:
         """Signal the kernel (``Container.signal``; SIGKILL kills the whole container).
         Called by the KernelManager's ``signal_kernel`` and ``interrupt_kernel`` (SIGINT)."""
+        self._sent.add(signum)
         if signum == signal.SIGKILL:
-            self._stop_requested = True
+            self._stop = self._stop or "sent by the server"
         if self.container is not None:
             if signum == signal.SIGKILL:
                 await asyncio.to_thread(self.container.kill)
@@ -229,18 +238,19 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         """SIGKILL everything in the container (a requested stop). Called by the
         KernelManager on ``shutdown_kernel(now=True)`` (so on ``restart_kernel(now=True)``,
         the restarter's way) and when a shutdown request timed out."""
+        self._stop = _stopped_by_server(self._stop)
         await self.send_signal(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
         """SIGTERM the kernel (a requested stop). Called by the KernelManager when a
         shutdown request was not answered within half the shutdown wait time."""
-        self._stop_requested = True
+        self._stop = _stopped_by_server(self._stop)
         await self.send_signal(signal.SIGTERM)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         """Note that the coming exit was asked for (not logged or kept as a death). Called by
         the KernelManager after it sent ``shutdown_request``."""
-        self._stop_requested = True
+        self._stop = "restart requested" if restart else "shutdown requested"
 
     # ---- contract: launch ---------------------------------------------------------------------
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -402,7 +412,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self.cwd = workdir
         self._waited = False
         self._exit_recorded = False
-        self._stop_requested = False
+        self._stop = None
+        self._sent = set()
+        self._caps = None
         self._previous_exit = self._abnormal_exit
         self._abnormal_exit = None
         self._image_digest = digest
@@ -460,6 +472,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             raise SandboxError(f"{self._context}: launch_kernel called without pre_launch")
         stdout = kwargs.get("stdout")
         stderr = kwargs.get("stderr")
+        # a new cgroup's counters (zero, unless the runtime reused one): this life's baseline
+        counts = await asyncio.to_thread(_cap_counts, container)
+        self._caps = exits.CapBaseline(counts or exits.CapCounts(), time.monotonic())
         try:
             await asyncio.to_thread(
                 container.start, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
@@ -521,12 +536,26 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 self.log.warning("kernel %s: could not apply the CPU cap: %s", self.kernel_id, exc)
 
     # ---- contract: end ---------------------------------------------------------------------
+    async def _seen_alive(self, container: Container) -> None:
+        """The kernel runs: move the cap baseline on (``exits.CapBaseline.alive``), so that a
+        cap hit it survived is not blamed for a later death. Called by ``poll`` (the
+        restarter's, every few seconds), at most once a second."""
+        caps, now = self._caps, time.monotonic()
+        if caps is None or not caps.due(now):
+            return
+        counts = await asyncio.to_thread(_cap_counts, container)
+        if counts is not None:
+            caps.alive(counts, now)
+
     def _record_exit(self, result: ExitResult) -> None:
         """Keep how the container ended (once per start); log and persist a death that was
         not asked for, or that a cap caused, for the restarted kernel to report."""
         if self._exit_recorded:
             return
         self._exit_recorded = True
+        since = self._caps.counts if self._caps is not None else exits.CapCounts()
+        result = exits.verdict(result, since, stop=self._stop, sent=frozenset(self._sent))
+        stop_requested = self._stop is not None
         data = result.to_json()
         data["kernel_id"] = self.kernel_id
         data["kernelspec"] = self.kernelspec_name
@@ -536,13 +565,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             result.oom_killed
             or result.pids_limit_hit
             or result.setup_error
-            or (result.signal is not None and not self._stop_requested)
+            or (result.signal is not None and not stop_requested)
         )
         if abnormal:
             self.log.warning(
                 "kernel %s (%s) stopped: %s", self.kernel_id, self.display_name, result.reason()
             )
-        if abnormal or not self._stop_requested:
+        if abnormal or not stop_requested:
             self._abnormal_exit = data
             try:
                 exits.record(str(self.kernel_id), data)
@@ -726,6 +755,24 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             f"image {s.image}, memory {format_size(lim.memory)}, cpus {format_cpus(lim.cpus)}, "
             f"pids {lim.pids}, uid {s.uid}"
         )
+
+
+def _stopped_by_server(stop: str | None) -> str:
+    """What the death reason says once the KernelManager stopped the kernel by SIGTERM or
+    SIGKILL, after ``stop`` (a shutdown request it sent, when it did). Its ``restart``
+    argument is not passed on every path, so the reason does not use it."""
+    forced = "stopped by the server"
+    if stop is None or stop == "sent by the server" or stop.endswith(forced):
+        return forced
+    return f"{stop}, then {forced}"
+
+
+def _cap_counts(container: Container) -> exits.CapCounts | None:
+    """The container's cap-hit counters now (blocking: run in a thread), None if unreadable."""
+    try:
+        return exits.CapCounts.of(container.stats())
+    except SandboxError:
+        return None
 
 
 async def _wait_kernel_info(connection_info: dict[str, Any], alive: Callable[[], bool]) -> None:
