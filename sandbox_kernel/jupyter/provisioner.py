@@ -9,8 +9,8 @@ calls it for the kernel's whole life, across restarts (``cleanup(restart=True)``
   administrator's ``SandboxPolicy``; an invalid value raises here so that the message
   reaches the user), find the image, create the container (run dir, cgroups), write the
   connection file into the container's connection folder (ipc transport; the folder is
-  bind-mounted at the same path inside), and serve the kernel's control socket. The steps
-  themselves are in ``launch``.
+  bind-mounted at the same path inside), and serve the kernel's control socket (in a thread
+  of its own: ``control.ControlThread``). The steps themselves are in ``launch``.
 * launch_kernel: start the container (in a thread; the executor reports when the kernel
   exec'd).
 * post_launch: apply the deferred CPU cap once the kernel answered its first kernel_info.
@@ -32,6 +32,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -51,7 +52,7 @@ from ..runtime.rundir import ContainerInfo, find_container, process_alive, runni
 from ..runtime.spec import ContainerSpec
 from ..units import format_cpus, format_size
 from . import exits, launch
-from .control import ControlServer
+from .control import ControlThread
 from .errors import for_user
 from .resolve import KernelSettings, read_policy, resolve_settings
 from .settings import SETTING_NAMES, SandboxPolicy, SandboxSettings, setting_forms
@@ -104,7 +105,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._caps: exits.CapBaseline | None = None
         self._cpu_task: asyncio.Task[None] | None = None
         self._reattached_pid: int | None = None
-        self._control: ControlServer | None = None
+        self._control: ControlThread | None = None
+        # held while the container's limits change (a %sandbox request, from the control
+        # thread; the deferred CPU cap) and while the container is destroyed
+        self._limits_lock = threading.Lock()
         self._abnormal_exit: dict[str, Any] | None = None  # the last death not asked for
         self._previous_exit: dict[str, Any] | None = None  # ... as seen by the running kernel
         self._image_digest = ""
@@ -433,10 +437,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         os.chown(km.connection_file, *owner)
         os.chmod(km.connection_file, 0o600)
         self.connection_info = km.get_connection_info()
-        self._control = ControlServer(
+        self._control = ControlThread(
             paths.control, self._control_request, uid=owner[0], gid=owner[1]
         )
-        await self._control.start()
+        await asyncio.to_thread(self._control.start)
 
     def _create_container(
         self,
@@ -531,7 +535,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             and container.proc.poll() is None
         ):
             try:
-                await asyncio.to_thread(container.apply_deferred_cpu)
+                await asyncio.to_thread(self._locked, container.apply_deferred_cpu)
             except SandboxError as exc:
                 self.log.warning("kernel %s: could not apply the CPU cap: %s", self.kernel_id, exc)
 
@@ -580,12 +584,19 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     async def _close_control(self) -> None:
         if self._control is not None:
-            await self._control.close()
+            await asyncio.to_thread(self._control.close)
             self._control = None
+
+    def _locked(self, step: Callable[[], None]) -> None:
+        """Run ``step`` (a change of the container's limits, or its destruction) under the
+        limits lock (blocking: in a thread)."""
+        with self._limits_lock:
+            step()
 
     async def _control_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """Requests of the in-kernel %sandbox magics (control.py bounds and rate-limits them;
-        ``limits.plan_change`` validates a change against the bounds and the ceilings)."""
+        ``limits.plan_change`` validates a change against the bounds and the ceilings).
+        Runs in the control thread's event loop, not the provisioner's."""
         container, settings = self.container, self.settings
         if container is None or settings is None:
             return {"ok": False, "error": "the kernel is restarting; try again in a moment"}
@@ -602,26 +613,38 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         ceilings = policy.ceilings.or_start(self._start_limits or settings.limits)
         if request.get("op") == "get":
             return {"ok": True, "info": self._info(container, settings, policy.ceilings, ceilings)}
-        usage: int | None
-        try:
-            usage = (await asyncio.to_thread(container.stats)).memory_current
-        except SandboxError:
-            usage = None
-        new, warnings = plan_change(request, container.limits, ceilings, usage)
-        try:
-            await asyncio.to_thread(container.update, new)
-        except SandboxError as exc:  # its text names host paths: the log has it, not the kernel
-            self.log.warning("kernel %s: limits %s not applied: %s", self.kernel_id, new, exc)
-            return {
-                "ok": False,
-                "error": "the host could not apply the new limits; the old ones stay (the "
-                "server's log has the details)",
-            }
+        return await asyncio.to_thread(self._change_limits, container, request, ceilings)
+
+    def _change_limits(
+        self, container: Container, request: dict[str, Any], ceilings: Any
+    ) -> dict[str, Any]:
+        """Check a live change (``limits.plan_change``; raises LimitRefused) and apply it to
+        ``container``, under the limits lock, only while it still serves this kernel: the
+        one place a change from the kernel reaches the cgroup. Called (blocking, in a
+        thread) by ``_control_request``."""
+        with self._limits_lock:
+            if container is not self.container:
+                return {"ok": False, "error": "the kernel is restarting; try again in a moment"}
+            usage: int | None
+            try:
+                usage = container.stats().memory_current
+            except SandboxError:
+                usage = None
+            new, warnings = plan_change(request, container.limits, ceilings, usage)
+            try:
+                container.update(new)
+            except SandboxError as exc:  # its text names host paths: the log has it, not the kernel
+                self.log.warning("kernel %s: limits %s not applied: %s", self.kernel_id, new, exc)
+                return {
+                    "ok": False,
+                    "error": "the host could not apply the new limits; the old ones stay (the "
+                    "server's log has the details)",
+                }
+            lim = container.limits
+            for name in LIVE:
+                if name in request:
+                    self._live[name] = getattr(lim, name)
         self.log.info("kernel %s: limits changed from the kernel: %s", self.kernel_id, new)
-        lim = container.limits
-        for name in LIVE:
-            if name in request:
-                self._live[name] = getattr(lim, name)
         return {
             "ok": True,
             "limits": {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids},
@@ -669,7 +692,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             self._cpu_task = None
         container = self.container
         if container is not None:
-            await asyncio.to_thread(container.destroy)
+            await asyncio.to_thread(self._locked, container.destroy)
             result = container.poll()
             if result is not None:
                 self._record_exit(result)

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -705,7 +706,9 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
         assert info["limits"]["memory"] == 1024**3 and info["limits"]["pids"] == 100
         assert info["ceilings"]["memory"] == "2 GiB" and info["previous_exit"] is None
         assert info["kernelspec"] == "t-ctl" and info["image"] == "python3:latest"
-        reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "1.5G", "pids": 80})
+        # asked with this loop blocked (a blocking KernelManager between its calls): the
+        # control thread answers, and the change goes through the same checks
+        reply = ask(path, {"op": "set", "memory": "1.5G", "pids": 80})
         assert reply["ok"], reply
         assert c.limits.memory == int(1.5 * 1024**3) and c.limits.pids == 80
         reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "4G"})
@@ -747,6 +750,7 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
     finally:
         await km.shutdown_kernel(now=True)
     assert not Path(path).exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("sandbox-control")]
 
 
 async def test_notebook_folder_read_only_from_the_kernelspec_or_the_config(
