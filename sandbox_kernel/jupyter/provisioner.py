@@ -470,7 +470,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the container created by ``pre_launch`` (in a thread; returns once the kernel
         exec'd) and return the connection info. Called by the KernelManager right after
-        ``pre_launch``; a failed start destroys the container."""
+        ``pre_launch``; a failed start closes the control socket and destroys the container."""
         container = self.container
         if container is None:
             raise SandboxError(f"{self._context}: launch_kernel called without pre_launch")
@@ -484,6 +484,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 container.start, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
             )
         except BaseException as exc:
+            await self._close_control()
             await asyncio.to_thread(container.destroy)
             self.container = None
             if isinstance(exc, SandboxError):
