@@ -14,7 +14,8 @@ kernel passes ``OutputGuard``:
   jupyter_server's iopub rate limit) are dropped until the kernel slows down;
 * each drop is told in the notebook by a notice: a signed ``stream`` message on iopub whose
   parent is the dropped message's parent, so it shows in the cell that made the output;
-* the queues on both sides are short (high-water marks of ``QUEUE_DEPTH`` messages).
+* the queues are bounded: ``QUEUE_DEPTH`` messages on the kernel's side (read at once),
+  ``CLIENT_QUEUE_DEPTH`` per client (Jupyter's own depth; what enters it is rate-limited).
 
 The provisioner makes one ``Relay`` per kernel start (``start`` in ``pre_launch``, ``close`` in
 ``cleanup``); ``OutputGuard`` is plain logic, tested on its own.
@@ -39,8 +40,12 @@ from ..units import format_size
 MiB = 1024**2
 #: The smallest max_message_size accepted (below it ordinary replies would be dropped).
 MIN_MESSAGE_SIZE = 64 * 1024
-#: Messages queued on each relay socket (each way), at most.
+#: Messages queued on each kernel-facing relay socket, at most (the relay reads them
+#: at once; when it cannot, the kernel's own queue, in the kernel's memory, fills).
 QUEUE_DEPTH = 64
+#: Messages queued for each client, at most: the queue Jupyter itself uses (a client that
+#: reads late still gets a burst of that many); what enters it is rate-limited.
+CLIENT_QUEUE_DEPTH = 1000
 #: A frame above max_message_size times this is cut by libzmq before it is read.
 HARD_FACTOR = 2
 #: Header and parent frames longer than this are not parsed (treated as plain output).
@@ -304,11 +309,11 @@ class Relay:
             )
 
     # ---- the thread ---------------------------------------------------------------------------
-    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+    def _socket(self, kind: int, depth: int = QUEUE_DEPTH) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, QUEUE_DEPTH)
-        sock.setsockopt(zmq.RCVHWM, QUEUE_DEPTH)
+        sock.setsockopt(zmq.SNDHWM, depth)
+        sock.setsockopt(zmq.RCVHWM, depth)
         return sock
 
     def _connect_kernel(self, ch: _Channel) -> None:
@@ -336,7 +341,7 @@ class Relay:
     def _setup(self) -> list[_Channel]:
         channels = []
         for name in CHANNELS:
-            client = self._socket(zmq.PUB if name == "iopub" else zmq.ROUTER)
+            client = self._socket(zmq.PUB if name == "iopub" else zmq.ROUTER, CLIENT_QUEUE_DEPTH)
             client.bind(self.address(self.client_info, name))
             ch = _Channel(name, client, self.address(self.kernel_info, name))
             self._connect_kernel(ch)
