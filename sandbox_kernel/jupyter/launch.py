@@ -6,7 +6,8 @@ from ``pre_launch``, in this order, and owns the contract's state):
 1. ``find_image``: the image a kernelspec names, with its kernel command, or an error
    that says how to get it;
 2. ``connection_paths``: where the kernel's sockets, connection file and control socket go
-   (a folder of the container's run dir, bind-mounted at the same path inside);
+   (a folder of the container's run dir, bind-mounted at the same path inside), and where
+   the output relay's sockets for Jupyter go (a folder the kernel never sees);
 3. ``kernel_command`` and ``kernel_env``: the in-container command and environment;
 4. ``kernel_userns``: whose ids the container's are on the host, and whether the notebook
    folder can be idmapped;
@@ -30,6 +31,8 @@ from ..runtime.userns import SubRange, UserNamespace
 from .resolve import KernelSettings
 
 CONN_SUBDIR = "conn"
+#: The client's side of the output relay (relay.py): the server's own, never mounted.
+RELAY_SUBDIR = "relay"
 #: The control socket of the %sandbox magics, in the connection directory (see control.py).
 CONTROL_SOCKET = "control"
 CONTROL_ENV = "SANDBOX_KERNEL_CONTROL"
@@ -81,15 +84,19 @@ class ConnectionPaths:
 
     conn_dir: Path
     ip: str  # the ipc transport's socket prefix (``<conn>/k``: k-1, k-2, ...)
-    connection_file: str
+    connection_file: str  # the kernel's
     control: str  # the control socket of the %sandbox magics
+    relay_dir: Path  # where Jupyter connects: the relay's sockets (relay.py)
+    client_ip: str  # their prefix (``<relay>/k``, same port numbers)
+    client_connection_file: str  # the one Jupyter reads (``jupyter console --existing``)
 
 
 def connection_paths(root: Path, container_id: str, context: str) -> ConnectionPaths:
     """The connection folder of container ``container_id`` under run root ``root``; a
     SandboxError naming the fix when its socket paths would not fit a unix socket address."""
     conn_dir = root / container_id / CONN_SUBDIR
-    longest = f"{conn_dir}/k-99999"
+    relay_dir = root / container_id / RELAY_SUBDIR
+    longest = max(f"{conn_dir}/k-99999", f"{relay_dir}/k-99999", key=len)
     if len(longest.encode()) >= MAX_SOCKET_PATH:
         raise SandboxError(
             f"{context}: the run directory {root} is too long for unix socket paths "
@@ -101,6 +108,9 @@ def connection_paths(root: Path, container_id: str, context: str) -> ConnectionP
         ip=f"{conn_dir}/k",
         connection_file=f"{conn_dir}/kernel.json",
         control=str(conn_dir / CONTROL_SOCKET),
+        relay_dir=relay_dir,
+        client_ip=f"{relay_dir}/k",
+        client_connection_file=f"{relay_dir}/kernel.json",
     )
 
 

@@ -9,8 +9,10 @@ calls it for the kernel's whole life, across restarts (``cleanup(restart=True)``
   administrator's ``SandboxPolicy``; an invalid value raises here so that the message
   reaches the user), find the image, create the container (run dir, cgroups), write the
   connection file into the container's connection folder (ipc transport; the folder is
-  bind-mounted at the same path inside), and serve the kernel's control socket (in a thread
-  of its own: ``control.ControlThread``). The steps themselves are in ``launch``.
+  bind-mounted at the same path inside), start the output relay (relay.py: Jupyter's
+  sockets are the relay's, which bounds what the kernel sends) and serve the kernel's
+  control socket (in a thread of its own: ``control.ControlThread``). The steps
+  themselves are in ``launch``.
 * launch_kernel: start the container (in a thread; the executor reports when the kernel
   exec'd).
 * post_launch: apply the deferred CPU cap once the kernel answered its first kernel_info.
@@ -18,7 +20,7 @@ calls it for the kernel's whole life, across restarts (``cleanup(restart=True)``
   logged in one plain line and kept (``last_exit``, and ``exits`` for the next kernel). The
   reason describes this death (``exits.verdict``): a cap hit the kernel survived, or a stop
   the server asked for, is not blamed on a cap.
-* cleanup: destroy the container (processes, cgroups, run dir).
+* cleanup: stop the relay, destroy the container (processes, cgroups, run dir).
 
 The container id (and so the connection folder) stays the same across restarts, so
 clients connected to the ipc sockets reconnect by themselves.
@@ -40,7 +42,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.connect import KernelConnectionInfo, write_connection_file
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 from ..errors import LimitRefused, SandboxError, SpecError
@@ -52,6 +54,7 @@ from ..runtime.rundir import ContainerInfo, find_container, process_alive, runni
 from ..runtime.spec import ContainerSpec
 from ..units import format_cpus, format_size
 from . import exits, launch
+from . import relay as relay_mod
 from .control import ControlThread
 from .errors import for_user
 from .resolve import KernelSettings, read_policy, resolve_settings
@@ -106,6 +109,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._cpu_task: asyncio.Task[None] | None = None
         self._reattached_pid: int | None = None
         self._control: ControlThread | None = None
+        self._relay: relay_mod.Relay | None = None
         # held while the container's limits change (a %sandbox request, from the control
         # thread; the deferred CPU cap) and while the container is destroyed
         self._limits_lock = threading.Lock()
@@ -282,8 +286,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             self.container_id = new_container_id()
         paths = launch.connection_paths(run_dir(), self.container_id, self._context)
         km.transport = "ipc"
-        km.ip = paths.ip
-        km.connection_file = paths.connection_file
+        # Jupyter connects to the output relay's sockets; the kernel binds its own
+        km.ip = paths.client_ip
+        km.connection_file = paths.client_connection_file
         km._connection_file_written = False  # the old one left with the old container
         argv, magics = launch.kernel_command(
             getattr(self.kernel_spec, "argv", None) or [],
@@ -326,6 +331,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             await self._connect(km, owner, paths, kwargs)
         except BaseException:
             await self._close_control()
+            await self._close_relay()
             await asyncio.to_thread(container.destroy)
             self.container = None
             raise
@@ -430,13 +436,35 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         paths: launch.ConnectionPaths,
         kwargs: dict[str, Any],
     ) -> None:
-        """Write the connection file (owned by the kernel's uid) and serve the control
-        socket, both in the container's connection folder."""
+        """Write the two connection files (Jupyter's in the relay folder; the kernel's, owned
+        by the kernel's uid, in the container's connection folder, same ports and key),
+        start the output relay between them and serve the control socket."""
         jupyter_session = (kwargs.get("env") or {}).get("JPY_SESSION_NAME", "")
         km.write_connection_file(jupyter_session=jupyter_session)
-        os.chown(km.connection_file, *owner)
-        os.chmod(km.connection_file, 0o600)
+        info = dict(km.get_connection_info())
+        ports = {f"{ch}_port": info[f"{ch}_port"] for ch in relay_mod.CHANNELS}
+        write_connection_file(
+            paths.connection_file,
+            ip=paths.ip,
+            key=info["key"],
+            transport="ipc",
+            signature_scheme=info["signature_scheme"],
+            kernel_name=str(getattr(km, "kernel_name", "") or ""),
+            **ports,
+        )
+        os.chown(paths.connection_file, *owner)
+        os.chmod(paths.connection_file, 0o600)
         self.connection_info = km.get_connection_info()
+        assert self.settings is not None
+        relay = relay_mod.Relay(
+            {**info, "ip": paths.ip},
+            info,
+            self.settings.output,
+            self.log,
+            name=str(self.kernel_id),
+        )
+        await asyncio.to_thread(relay.start)
+        self._relay = relay
         self._control = ControlThread(
             paths.control, self._control_request, uid=owner[0], gid=owner[1]
         )
@@ -462,7 +490,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             return Container.create(
                 spec,
                 meta=meta,
-                subdirs={paths.conn_dir.name: (*owner, 0o700)},
+                subdirs={
+                    paths.conn_dir.name: (*owner, 0o700),
+                    paths.relay_dir.name: (os.geteuid(), os.getegid(), 0o700),
+                },
             )
         except SpecError as exc:
             raise SpecError(exc.problems, context=self._context) from None
@@ -485,6 +516,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             )
         except BaseException as exc:
             await self._close_control()
+            await self._close_relay()
             await asyncio.to_thread(container.destroy)
             self.container = None
             if isinstance(exc, SandboxError):
@@ -582,6 +614,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 exits.record(str(self.kernel_id), data)
             except OSError as exc:
                 self.log.warning("kernel %s: cannot keep the exit reason: %s", self.kernel_id, exc)
+
+    async def _close_relay(self) -> None:
+        if self._relay is not None:
+            await asyncio.to_thread(self._relay.close)
+            self._relay = None
 
     async def _close_control(self) -> None:
         if self._control is not None:
@@ -686,6 +723,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         re-attached one's leftovers); on a final shutdown also forget the kept exit reason and
         the container id. Called by the KernelManager after every shutdown, restarts included."""
         await self._close_control()
+        await self._close_relay()
         if self._cpu_task is not None:
             self._cpu_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -9,6 +9,7 @@ bounds and ceilings as live changes from the ``%sandbox`` magics.
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import pwd
@@ -21,13 +22,15 @@ from .. import policy as host_policy
 from ..errors import SpecError
 from ..limits import BOUNDS, Ceilings, Limits
 from ..runtime.spec import VOLUME_FORMS, Bind, NetworkMode, env_key_problem
-from ..units import parse_size
+from ..units import SIZE_FORMS, format_size, parse_size
+from .relay import MIN_MESSAGE_SIZE, OutputLimits
 from .settings import (
     IMAGE_FORMS,
     NOTEBOOK_FOLDER_FORMS,
     NOTEBOOK_FOLDER_MODES,
     USER_FORMS,
     SandboxPolicy,
+    setting_forms,
 )
 
 NOBODY = 65534
@@ -106,6 +109,8 @@ class KernelSettings:
     host_uid: int = -1
     #: The notebook folder is mounted read-only (``notebook_folder='ro'``).
     notebook_readonly: bool = False
+    #: What the kernel may send to Jupyter (the relay's limits).
+    output: OutputLimits = field(default_factory=OutputLimits)
 
 
 def read_policy(policy: SandboxPolicy) -> Policy:
@@ -359,6 +364,32 @@ class _Resolver:
             return 60.0
         return float(timeout)
 
+    def output(self) -> OutputLimits:
+        """The relay's limits: sizes in the size forms, rates non-negative numbers."""
+        v = self.values
+        size = self.guard(parse_size, v["max_message_size"], "max_message_size")
+        if size is not None and size < MIN_MESSAGE_SIZE:
+            self.problems.append(
+                f"max_message_size={v['max_message_size']!r} is below "
+                f"{format_size(MIN_MESSAGE_SIZE)}; use {SIZE_FORMS}, e.g. 16M"
+            )
+        data = self.guard(parse_size, v["iopub_data_rate_limit"], "iopub_data_rate_limit")
+        rates = {}
+        for name in ("iopub_msg_rate_limit", "rate_limit_window"):
+            raw = v[name]
+            ok = not isinstance(raw, bool) and isinstance(raw, (int, float)) and raw >= 0
+            if not ok or not math.isfinite(raw) or (name == "rate_limit_window" and raw <= 0):
+                self.problems.append(f"{name}={raw!r} is not valid; {setting_forms(name)}")
+            else:
+                rates[name] = float(raw)
+        default = OutputLimits()
+        return OutputLimits(
+            max_message_size=size if size is not None else default.max_message_size,
+            msg_rate=rates.get("iopub_msg_rate_limit", default.msg_rate),
+            data_rate=data if data is not None else default.data_rate,
+            window=rates.get("rate_limit_window", default.window),
+        )
+
 
 def resolve_settings(
     values: Mapping[str, Any],
@@ -389,6 +420,7 @@ def resolve_settings(
     mounts, env, network = r.mounts(), r.env(), r.network()
     readonly = r.notebook_readonly()
     timeout = r.cpu_defer_timeout()
+    output = r.output()
     if r.problems:
         raise SpecError(r.problems, context=context)
     return KernelSettings(
@@ -406,4 +438,5 @@ def resolve_settings(
         policy=policy,
         host_uid=host_uid,
         notebook_readonly=readonly,
+        output=output,
     )

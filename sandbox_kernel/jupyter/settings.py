@@ -146,6 +146,39 @@ class SandboxSettings(LoggingConfigurable):
         help="""Seconds to wait for the kernel's first kernel_info reply before the CPU cap
         is applied anyway. Unit: seconds. Default: 60.""",
     )
+    max_message_size = Union(
+        [Unicode(), Int()],
+        default_value="16M",
+        config=True,
+        help="""Largest message the kernel may send to Jupyter (output, replies). A larger one
+        is dropped and the notebook shows "output dropped: ... exceeds the 16 MiB limit" in
+        the cell. Enforced by the server's relay between the kernel's sockets and Jupyter's,
+        outside the sandbox. Unit: bytes or K/M/G/T, at least 64K. Default: 16M.""",
+    )
+    iopub_msg_rate_limit = Float(
+        1000.0,
+        config=True,
+        help="""Most messages per second the kernel may send to Jupyter, averaged over
+        rate_limit_window (output and protocol messages are counted apart, so that a flood
+        of output never drops the status that ends a cell). Beyond it messages are dropped
+        and the cell shows "output throttled", then "output resumed" with what was dropped.
+        Unit: messages per second; 0 turns it off. Default: 1000.""",
+    )
+    iopub_data_rate_limit = Union(
+        [Unicode(), Int()],
+        default_value="8M",
+        config=True,
+        help="""Most bytes per second the kernel may send to Jupyter, averaged over
+        rate_limit_window (see iopub_msg_rate_limit): with max_message_size, what bounds
+        the memory an unread client holds for one kernel. Unit: bytes (per second) or
+        K/M/G/T; 0 turns it off. Default: 8M.""",
+    )
+    rate_limit_window = Float(
+        3.0,
+        config=True,
+        help="""Seconds the rate limits are averaged over (a burst of that many seconds of
+        output passes at once). Unit: seconds. Default: 3.""",
+    )
 
 
 #: The settings a kernelspec may set in metadata.kernel_provisioner.config.
@@ -163,6 +196,10 @@ SETTING_NAMES: tuple[str, ...] = (
     "user",
     "magics",
     "cpu_defer_timeout",
+    "max_message_size",
+    "iopub_msg_rate_limit",
+    "iopub_data_rate_limit",
+    "rate_limit_window",
 )
 
 
@@ -280,6 +317,10 @@ def setting_forms(name: str) -> str:
         "user": f"use {USER_FORMS}",
         "cpu_defer_timeout": "use a number of seconds, e.g. 60",
         "magics": "use true or false",
+        "max_message_size": f"use {SIZE_FORMS}",
+        "iopub_data_rate_limit": f"use {SIZE_FORMS} (per second), or 0 (off)",
+        "iopub_msg_rate_limit": "use a number of messages per second, or 0 (off)",
+        "rate_limit_window": "use a number of seconds, e.g. 3",
     }.get(name, "see docs/configuration.md")
 
 

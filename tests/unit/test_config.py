@@ -10,6 +10,7 @@ import pytest
 
 from sandbox_kernel.errors import SpecError
 from sandbox_kernel.jupyter.docs import configuration_markdown
+from sandbox_kernel.jupyter.relay import OutputLimits
 from sandbox_kernel.jupyter.resolve import (
     NOBODY,
     Policy,
@@ -237,3 +238,35 @@ def test_configuration_doc_is_up_to_date() -> None:
         "docs/configuration.md is stale; run: "
         "python -m sandbox_kernel.jupyter.docs > docs/configuration.md"
     )
+
+
+def test_output_limits_resolve_from_their_forms() -> None:
+    s = resolve(
+        defaults(
+            max_message_size="4M",
+            iopub_msg_rate_limit=0,
+            iopub_data_rate_limit="512K",
+            rate_limit_window=1.5,
+        ),
+        server_uid=1000,
+    )
+    assert s.output == OutputLimits(
+        max_message_size=4 * 1024**2, msg_rate=0.0, data_rate=512 * 1024, window=1.5
+    )
+    assert resolve(defaults(), server_uid=1000).output == OutputLimits()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("max_message_size", "huge", "max_message_size='huge' is not a size"),
+        ("max_message_size", "1K", "max_message_size='1K' is below 64 KiB"),
+        ("iopub_data_rate_limit", "fast", "iopub_data_rate_limit='fast' is not a size"),
+        ("iopub_msg_rate_limit", -1, "iopub_msg_rate_limit=-1 is not valid; use a number"),
+        ("rate_limit_window", 0, "rate_limit_window=0 is not valid; use a number of seconds"),
+    ],
+)
+def test_bad_output_limits_are_named(field: str, value: Any, expected: str) -> None:
+    with pytest.raises(SpecError) as info:
+        resolve(defaults(**{field: value}), server_uid=1000)
+    assert expected in str(info.value)

@@ -234,10 +234,8 @@ async def test_start_writes_ipc_connection_and_container_spec(
         c = FakeContainer.created[-1]
         spec = c.spec
         conn_dir = fake_runtime / spec.id / "conn"
-        assert km.transport == "ipc"
-        assert km.ip == f"{conn_dir}/k"
-        assert km.connection_file == f"{conn_dir}/kernel.json"
-        info = json.loads(Path(km.connection_file).read_text())
+        kernel_file = conn_dir / "kernel.json"
+        info = json.loads(kernel_file.read_text())
         assert info["transport"] == "ipc" and info["ip"] == f"{conn_dir}/k"
         assert oct(conn_dir.stat().st_mode & 0o777) == "0o700"
         # the in-container command: "python3" is not rewritten into the host interpreter
@@ -246,7 +244,7 @@ async def test_start_writes_ipc_connection_and_container_spec(
             "-m",
             "ipykernel_launcher",
             "-f",
-            km.connection_file,
+            str(kernel_file),
             "--ext=sandbox_magics",  # the %sandbox magics, mounted read-only
         ]
         env = dict(spec.env)
@@ -269,7 +267,7 @@ async def test_start_writes_ipc_connection_and_container_spec(
         if os.geteuid() == 0:
             assert (spec.user, spec.group) == (1000, 1000)  # inside; on the host: the range's
             host = FAKE_RANGE.start + 1000
-            assert conn_dir.stat().st_uid == host and Path(km.connection_file).stat().st_uid == host
+            assert conn_dir.stat().st_uid == host and kernel_file.stat().st_uid == host
             assert spec.uid_map == ((IdMap(0, FAKE_RANGE.start, FAKE_RANGE.count)),)
             assert spec.idmap_layers
         assert c.meta["kernel_id"] == km.kernel_id and c.meta["kernelspec"] == "t-ok"
@@ -279,6 +277,35 @@ async def test_start_writes_ipc_connection_and_container_spec(
         await km.shutdown_kernel(now=True)
     assert c.destroyed
     assert not (fake_runtime / spec.id).exists()
+
+
+async def test_jupyter_connects_to_the_relay_with_the_kernels_ports_and_key(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    add_spec(kernel_dir, "t-relay", {"image": "python3"})
+    km = AsyncKernelManager(kernel_name="t-relay")
+    await km.start_kernel(cwd=str(tmp_path))
+    try:
+        spec = FakeContainer.created[-1].spec
+        conn_dir = fake_runtime / spec.id / "conn"
+        relay_dir = fake_runtime / spec.id / "relay"
+        # Jupyter's sockets are the relay's, in a folder the kernel never sees (not mounted)
+        assert km.transport == "ipc"
+        assert km.ip == f"{relay_dir}/k"
+        assert km.connection_file == f"{relay_dir}/kernel.json"
+        assert all(str(relay_dir) not in str(m) for m in spec.mounts)
+        client = json.loads(Path(km.connection_file).read_text())
+        info = json.loads((conn_dir / "kernel.json").read_text())
+        assert {k: v for k, v in info.items() if k != "ip"} == {
+            k: v for k, v in client.items() if k not in ("ip", "jupyter_session")
+        }
+        st = relay_dir.stat()
+        assert (st.st_uid, oct(st.st_mode & 0o777)) == (os.geteuid(), "0o700")
+        assert all(
+            (relay_dir / f"k-{client[f'{ch}_port']}").is_socket() for ch in ("shell", "iopub")
+        )
+    finally:
+        await km.shutdown_kernel(now=True)
 
 
 async def test_restart_reuses_the_connection_directory(
@@ -371,13 +398,14 @@ async def test_empty_kernelspec_argv_falls_back_to_the_image_label(
     km = AsyncKernelManager(kernel_name="t-label")
     await km.start_kernel(cwd=str(tmp_path))
     try:
-        cmd = list(FakeContainer.created[-1].spec.command)
+        spec = FakeContainer.created[-1].spec
+        cmd = list(spec.command)
         assert cmd == [
             "/usr/bin/python3",
             "-m",
             "ipykernel_launcher",
             "-f",
-            km.connection_file,
+            str(run_dir() / spec.id / "conn" / "kernel.json"),
             "--ext=sandbox_magics",
         ]
     finally:

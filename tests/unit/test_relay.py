@@ -1,0 +1,283 @@
+"""The output relay's limits (sandbox_kernel.jupyter.relay): what a kernel sends to Jupyter.
+
+``OutputGuard`` on its own with a fake clock (sizes, rates, the notices and their parent),
+then the relay between a host ipykernel (not sandboxed: these tests run nothing hostile)
+and a jupyter_client client, over ipc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+from jupyter_client.session import Session
+
+from sandbox_kernel.jupyter import relay
+from sandbox_kernel.jupyter.relay import OutputGuard, OutputLimits, RateLimiter
+
+KEY = b"relay-test-key"
+MiB = 1024**2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def kernel_message(
+    session: Session, msg_type: str, content: dict[str, Any], parent: dict[str, Any]
+) -> list[bytes]:
+    """The wire frames of an iopub message as a kernel sends it (topic first)."""
+    msg = session.msg(msg_type, content=content, parent=parent)
+    return session.serialize(msg, ident=[b"kernel.x." + msg_type.encode()])
+
+
+def read_notice(frames: list[bytes]) -> dict[str, Any]:
+    """A notice as a client reads it: its signature must verify with the kernel's key."""
+    reader = Session(key=KEY)
+    _, msg_frames = reader.feed_identities(frames)
+    return reader.deserialize(msg_frames)
+
+
+@pytest.fixture
+def guard() -> tuple[OutputGuard, Clock, Session]:
+    clock = Clock()
+    limits = OutputLimits(max_message_size=1 * MiB, msg_rate=10, data_rate=2 * MiB, window=1)
+    return OutputGuard(limits, Session(key=KEY), clock=clock), clock, Session(key=KEY)
+
+
+def test_a_message_over_the_size_limit_is_replaced_by_a_notice_in_its_cell(
+    guard: tuple[OutputGuard, Clock, Session],
+) -> None:
+    g, _, kernel = guard
+    cell = kernel.msg_header("execute_request")
+    big = kernel_message(kernel, "stream", {"name": "stdout", "text": "x" * (3 * MiB)}, cell)
+    forward, notices = g.admit("iopub", big)
+    assert not forward and len(notices) == 1
+    notice = read_notice(notices[0])
+    assert notice["msg_type"] == "stream" and notice["content"]["name"] == "stderr"
+    text = notice["content"]["text"]
+    assert "output dropped" in text and "exceeds the 1 MiB limit" in text and "3 MiB" in text
+    assert notice["parent_header"]["msg_id"] == cell["msg_id"]
+    small = kernel_message(kernel, "stream", {"name": "stdout", "text": "ok"}, cell)
+    assert g.admit("iopub", small) == (True, [])
+
+
+def test_an_oversized_reply_on_shell_is_dropped_with_a_notice_on_iopub(
+    guard: tuple[OutputGuard, Clock, Session],
+) -> None:
+    g, _, kernel = guard
+    cell = kernel.msg_header("inspect_request")
+    msg = kernel.msg("inspect_reply", content={"data": "y" * (2 * MiB)}, parent=cell)
+    frames = kernel.serialize(msg, ident=[b"client-id"])
+    forward, notices = g.admit("shell", frames)
+    assert not forward
+    assert read_notice(notices[0])["parent_header"]["msg_id"] == cell["msg_id"]
+
+
+def test_a_flood_is_throttled_with_one_notice_then_resumes_with_the_count(
+    guard: tuple[OutputGuard, Clock, Session],
+) -> None:
+    g, clock, kernel = guard
+    cell = kernel.msg_header("execute_request")
+    line = kernel_message(kernel, "stream", {"name": "stdout", "text": "line\n"}, cell)
+    results = [g.admit("iopub", line) for _ in range(25)]
+    passed = [fwd for fwd, _ in results]
+    assert passed[:10] == [True] * 10 and not any(passed[10:])  # 10 messages/s over 1 s
+    notices = [n for _, ns in results for n in ns]
+    assert len(notices) == 1  # one notice for the whole flood
+    throttled = read_notice(notices[0])
+    assert "output throttled" in throttled["content"]["text"]
+    assert "10 messages/s or 2 MiB/s" in throttled["content"]["text"]
+    assert throttled["parent_header"]["msg_id"] == cell["msg_id"]
+    clock.now += 1.0  # the bucket refills
+    forward, notices = g.admit("iopub", line)
+    assert forward and len(notices) == 1
+    resumed = read_notice(notices[0])["content"]["text"]
+    assert "output resumed: 15 message(s)" in resumed
+
+
+def test_bytes_are_limited_too(guard: tuple[OutputGuard, Clock, Session]) -> None:
+    g, clock, kernel = guard
+    cell = kernel.msg_header("execute_request")
+    chunk = kernel_message(kernel, "stream", {"name": "stdout", "text": "z" * (MiB - 4096)}, cell)
+    assert [g.admit("iopub", chunk)[0] for _ in range(3)] == [True, True, False]
+    clock.now += 0.6  # 0.6 s at 2 MiB/s refills more than one chunk
+    assert g.admit("iopub", chunk)[0]
+
+
+def test_an_output_flood_does_not_drop_the_status_that_ends_the_cell(
+    guard: tuple[OutputGuard, Clock, Session],
+) -> None:
+    g, _, kernel = guard
+    cell = kernel.msg_header("execute_request")
+    line = kernel_message(kernel, "stream", {"name": "stdout", "text": "line\n"}, cell)
+    for _ in range(50):
+        g.admit("iopub", line)
+    idle = kernel_message(kernel, "status", {"execution_state": "idle"}, cell)
+    assert g.admit("iopub", idle)[0]
+
+
+def test_a_notice_without_parent_goes_to_the_cell_that_ran_last(
+    guard: tuple[OutputGuard, Clock, Session],
+) -> None:
+    g, _, kernel = guard
+    cell = kernel.msg_header("execute_request")
+    g.admit("iopub", kernel_message(kernel, "status", {"execution_state": "busy"}, cell))
+    orphan = kernel_message(kernel, "stream", {"name": "stdout", "text": "x" * (2 * MiB)}, {})
+    _, notices = g.admit("iopub", orphan)
+    assert read_notice(notices[0])["parent_header"]["msg_id"] == cell["msg_id"]
+    reset = read_notice(g.reset_notice())
+    assert "far over the 1 MiB limit" in reset["content"]["text"]
+    assert reset["parent_header"]["msg_id"] == cell["msg_id"]
+
+
+def test_garbage_from_the_kernel_is_judged_by_size_only(
+    guard: tuple[OutputGuard, Clock, Session],
+) -> None:
+    g, _, _ = guard
+    assert g.admit("iopub", [b"no", b"delimiter"])[0]
+    forward, notices = g.admit("iopub", [b"t", b"<IDS|MSG>", b"sig", b"{bad", b"[]", b"", b""])
+    assert forward and not notices
+    forward, notices = g.admit("iopub", [b"x" * (2 * MiB)])
+    assert not forward and read_notice(notices[0])["parent_header"] == {}
+    assert not g.admit("hb", [b"p" * (relay.MAX_HEADER + 1)])[0]
+
+
+def test_zero_turns_a_rate_off() -> None:
+    limiter = RateLimiter(0, 0, 3.0, floor=MiB)
+    assert all(limiter.admit(10 * MiB, float(t)) for t in range(1000))
+    assert OutputLimits(msg_rate=0, data_rate=MiB).describe_rates() == "1 MiB/s"
+
+
+def test_the_byte_bucket_holds_at_least_one_largest_message() -> None:
+    limiter = RateLimiter(0, 1024, 1.0, floor=4 * MiB)
+    assert limiter.admit(4 * MiB, 0.0)
+    assert not limiter.admit(1, 0.0)
+
+
+# ---- the relay between a real (host) ipykernel and a client ---------------------------------
+
+
+@pytest.fixture
+def relayed(tmp_path: Path) -> Iterator[BlockingKernelClient]:
+    """An ipykernel on the host bound in ``k/``, the relay serving ``c/`` with small limits,
+    and a started client of ``c/``."""
+    kdir, cdir = tmp_path / "k", tmp_path / "c"
+    kdir.mkdir()
+    cdir.mkdir()
+    cfile, info = write_connection_file(
+        str(cdir / "kernel.json"), ip=str(cdir / "s"), key=KEY, transport="ipc"
+    )
+    kinfo: dict[str, Any] = {**info, "ip": str(kdir / "s")}
+    kfile = str(kdir / "kernel.json")
+    ports = {f"{ch}_port": int(info[f"{ch}_port"]) for ch in relay.CHANNELS}  # type: ignore[literal-required]
+    write_connection_file(kfile, ip=str(kdir / "s"), key=KEY, transport="ipc", **ports)  # type: ignore[arg-type]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipykernel_launcher", "-f", kfile],
+        env={**os.environ, "JPY_PARENT_PID": str(os.getpid())},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    limits = OutputLimits(max_message_size=1 * MiB, msg_rate=200, data_rate=2 * MiB, window=1)
+    r = relay.Relay(kinfo, dict(info), limits, _Log(), name="test")
+    r.start()
+    client = BlockingKernelClient()
+    client.load_connection_file(cfile)
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        yield client
+    finally:
+        client.stop_channels()
+        proc.kill()
+        proc.wait()
+        r.close()
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, fmt: str, *args: Any) -> None:
+        self.lines.append(fmt % args)
+
+    def exception(self, fmt: str, *args: Any) -> None:
+        self.lines.append(fmt % args)
+
+
+def run_cell(client: BlockingKernelClient, code: str) -> str:
+    """Run ``code``, return its stream output (stdout and stderr, in order)."""
+    msg_id = client.execute(code)
+    out = []
+    while True:
+        msg = client.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return "".join(out)
+
+
+def test_relay_passes_ordinary_output_and_replies(relayed: BlockingKernelClient) -> None:
+    assert run_cell(relayed, "print(6 * 7)") == "42\n"
+    reply = relayed.execute_interactive("x = 1", timeout=30)
+    assert reply["content"]["status"] == "ok"
+
+
+def test_relay_drops_a_large_print_with_a_notice_and_the_kernel_stays_usable(
+    relayed: BlockingKernelClient,
+) -> None:
+    out = run_cell(relayed, "print('x' * (2 * 1024 * 1024))")  # under the hard cut
+    assert "output dropped" in out and "exceeds the 1 MiB limit" in out
+    assert "x" * 1000 not in out
+    assert run_cell(relayed, "print('still here')") == "still here\n"
+
+
+def test_relay_survives_a_frame_far_over_the_limit(relayed: BlockingKernelClient) -> None:
+    # a raw 16 MiB frame on iopub: libzmq cuts the connection before reading it
+    code = (
+        "from ipykernel.kernelbase import Kernel\n"
+        "k = Kernel.instance()\n"
+        "k.session.send(k.iopub_socket, 'stream', {'name': 'stdout', 'text': 'b'},"
+        " parent=k.get_parent(), buffers=[b'b' * (16 * 1024 * 1024)])\n"
+    )
+    out = run_cell(relayed, code)
+    deadline = time.monotonic() + 30
+    while "far over" not in out and time.monotonic() < deadline:
+        out += run_cell(relayed, "pass")
+    assert "far over the 1 MiB limit" in out
+    assert run_cell(relayed, "print('after')").endswith("after\n")
+
+
+def test_relay_throttles_a_print_loop(relayed: BlockingKernelClient) -> None:
+    code = "import sys\nfor i in range(3000):\n    print(i, 'y' * 2000); sys.stdout.flush()\n"
+    out = run_cell(relayed, code)
+    assert "output throttled" in out
+    assert run_cell(relayed, "print('calm')").endswith("calm\n")
+
+
+def test_relay_forwards_input_requests(relayed: BlockingKernelClient) -> None:
+    msg_id = relayed.execute("v = input('name? ')", allow_stdin=True)
+    request = relayed.get_stdin_msg(timeout=30)
+    assert request["content"]["prompt"] == "name? "
+    relayed.input("ada")
+    while True:
+        reply = relayed.get_shell_msg(timeout=30)
+        if reply["parent_header"]["msg_id"] == msg_id:
+            break
+    assert run_cell(relayed, "print(v)") == "ada\n"
+    json.dumps(reply["content"])
