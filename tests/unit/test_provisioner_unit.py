@@ -161,7 +161,7 @@ def fake_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(prov, "Container", FakeContainer)
     FakeContainer.created = []
 
-    def fake_image(name: str, context: str) -> launch.KernelImage:
+    def fake_image(name: str, context: str, ipykernel_layer: str = "") -> launch.KernelImage:
         if name.split(":")[0] not in ("python3", "python2.7"):
             raise SpecError(f"image={name!r} is not in the image store", context=context)
         return launch.KernelImage(
