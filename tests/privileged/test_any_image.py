@@ -84,3 +84,33 @@ async def test_image_without_ipykernel_runs_as_kernel(
     after = lookup.find(bare_image)
     assert after.digest == before.digest
     assert [layer.digest for layer in after.layers] == layer_digests
+
+
+def test_image_with_ipykernel_needs_no_layer(
+    tmp_path: Path, images: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = tmp_path / "prefix"
+    name = f"skt-own-{uuid.uuid4().hex[:8]}"
+    rc = cli_main(["kernelspec", "add", name, "--image", "python3", "--prefix", str(prefix)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ipykernel 7." in out, out
+    data = json.loads((prefix / "share/jupyter/kernels" / name / "kernel.json").read_text())
+    config = data["metadata"]["kernel_provisioner"]["config"]
+    assert config == {"image": "python3:latest"}
+    assert data["argv"][0] == "/usr/bin/python3"
+    assert data["display_name"] == "Python 3.11 (python3:latest, sandbox)"
+
+
+def test_errors_are_one_line_naming_the_image(
+    tmp_path: Path, images: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = str(tmp_path / "prefix")
+    missing = f"skt-missing-{uuid.uuid4().hex[:8]}"
+    assert cli_main(["kernelspec", "add", "k", "--image", missing, "--prefix", prefix]) == 125
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and missing in err, err
+    args = ["kernelspec", "add", "k", "--image", "python3", "--python", "2.7", "--prefix", prefix]
+    assert cli_main(args) == 125
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "python3:latest" in err and "3.11" in err, err
+    assert not (tmp_path / "prefix").exists()
