@@ -1,6 +1,7 @@
-"""``sandbox-kernel kernelspec install|ls``: the Jupyter kernelspecs of the sandbox kernels.
+"""``sandbox-kernel kernelspec install|add|ls``: the Jupyter kernelspecs of the sandbox kernels.
 
-Layer: cli, on ``jupyter.kernelspecs``.
+Layer: cli, on ``jupyter.kernelspecs`` and, for ``add``, the image probe and the ipykernel
+layer (``images.probe``, ``images.ipykernel_layer``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,22 @@ from typing import Any
 from ..jupyter import kernelspecs
 
 
+def _destinations(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user only")
+    where.add_argument(
+        "--sys-prefix",
+        action="store_true",
+        help=f"install into this Python's prefix ({sys.prefix})",
+    )
+    where.add_argument("--prefix", metavar="P", help="install into P/share/jupyter/kernels")
+    p.add_argument("--memory", help="memory cap written into the kernelspec, e.g. 2G")
+    p.add_argument("--cpus", help="CPU cap, e.g. 0.5 or 2")
+    p.add_argument("--pids", help="process cap, e.g. 256")
+
+
 def register(sub: Any) -> None:
-    """Add the ``kernelspec`` verb and its ``install`` and ``ls`` actions (called by
+    """Add the ``kernelspec`` verb and its ``install``, ``add`` and ``ls`` actions (called by
     ``cli.build_parser``)."""
     p = sub.add_parser("kernelspec", help="install or list the sandbox kernelspecs for Jupyter")
     verbs = p.add_subparsers(dest="kernelspec_verb", metavar="ACTION")
@@ -24,19 +39,22 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="kernelspecs to install (python2.7-sandbox, python3-sandbox)",
     )
-    where = inst.add_mutually_exclusive_group()
-    where.add_argument("--user", action="store_true", help="install for the current user only")
-    where.add_argument(
-        "--sys-prefix",
-        action="store_true",
-        help=f"install into this Python's prefix ({sys.prefix})",
-    )
-    where.add_argument("--prefix", metavar="P", help="install into P/share/jupyter/kernels")
-    inst.add_argument("--memory", help="memory cap written into the kernelspec, e.g. 2G")
-    inst.add_argument("--cpus", help="CPU cap, e.g. 0.5 or 2")
-    inst.add_argument("--pids", help="process cap, e.g. 256")
+    _destinations(inst)
     inst.add_argument("--image", help="image of the store to run (only with one NAME)")
     inst.set_defaults(func=install_command)
+    add = verbs.add_parser(
+        "add",
+        help="write a kernelspec for any Python image of the store (ipykernel supplied "
+        "when it has none)",
+    )
+    add.add_argument("name", metavar="NAME", help="the new kernelspec's name, e.g. course-py2")
+    add.add_argument("--image", required=True, help="the image, e.g. python:2.7-slim")
+    add.add_argument("--display-name", help="name shown in Jupyter (default: from the image)")
+    add.add_argument(
+        "--python", help="which interpreter: a path or a version such as 3.12 (default: newest)"
+    )
+    _destinations(add)
+    add.set_defaults(func=add_command)
     ls = verbs.add_parser("ls", aliases=["list"], help="list the installed sandbox kernelspecs")
     ls.set_defaults(func=ls_command)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -61,6 +79,60 @@ def install_command(args: argparse.Namespace) -> int:
             "run `pip install .` (or `pip install -e .`) so that Jupyter can start these kernels",
             file=sys.stderr,
         )
+    return 0
+
+
+def add_command(args: argparse.Namespace) -> int:
+    """``kernelspec add NAME --image REF``: probe the image's Python, supply the ipykernel
+    layer when it has no ipykernel, write the kernelspec, print what it found and where the
+    kernelspec went. Failures are one line naming the image and the fix (SandboxError).
+    Called by ``cli.main``."""
+    from ..errors import ImageError
+    from ..images import ipykernel_layer, lookup, probe
+    from ..runtime.container import require_privileges
+
+    overrides = {"memory": args.memory, "cpus": args.cpus, "pids": args.pids}
+    # the name and caps are checked before anything is probed or built
+    kernelspecs.render_image(args.name, args.image, "python", args.name, overrides=overrides)
+    require_privileges()
+    image = lookup.find(args.image)
+    facts = probe.probe_image(image)
+    if not facts.interpreters:
+        raise ImageError(
+            f"image {image.ref!r}: no Python interpreter found (looked for python3, "
+            f"python3.X, python2.7, python2 and python on its PATH and in "
+            f"{', '.join(probe.CANDIDATE_DIRS)}); use an image with Python"
+        )
+    interp = probe.choose(list(facts.interpreters), args.python)
+    if interp is None:
+        found = ", ".join(f"{i.executable} ({i.version})" for i in facts.interpreters)
+        raise ImageError(
+            f"image {image.ref!r} has no Python matching --python {args.python}; it has {found}"
+        )
+    layer = ""
+    if not interp.ipykernel:
+        layer = ipykernel_layer.ensure(interp, progress=print).ref
+    display = args.display_name or f"Python {interp.major_minor} ({image.ref}, sandbox)"
+    data = kernelspecs.render_image(
+        args.name,
+        image.ref,
+        interp.executable,
+        display,
+        ipykernel_layer=layer,
+        overrides=overrides,
+    )
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    done = kernelspecs.add_image(args.name, data, user=args.user, prefix=prefix)
+    kernel = f"ipykernel {interp.ipykernel}" if interp.ipykernel else f"ipykernel from {layer}"
+    print(f"image {image.ref}: Python {interp.version} at {interp.executable}, {kernel}")
+    if facts.user or facts.working_dir not in ("", "/"):
+        print(
+            f"note: the image's User ({facts.user or 'unset'}) and WorkingDir "
+            f"({facts.working_dir or '/'}) are not used: kernels run as the notebook's owner "
+            "in the notebook's folder; its Env is kept"
+        )
+    settings = ", ".join(f"{key}={value}" for key, value in done.config.items())
+    print(f"installed {done.name} ({done.display_name}) in {done.resource_dir}  [{settings}]")
     return 0
 
 

@@ -18,3 +18,5 @@ LABEL_PY_PLATFORMS = "org.sandbox-kernel.python.platforms"
 LABEL_PY_SITE_DIR = "org.sandbox-kernel.python.site_dir"
 #: Set on the run dir's metadata of a kernel's container: the kernelspec it serves.
 LABEL_KERNELSPEC = "org.sandbox-kernel.kernelspec"
+#: Set on the product's ipykernel layer images: the path inside where its packages are.
+LABEL_IPYKERNEL_LAYER = "org.sandbox-kernel.ipykernel.layer"

@@ -12,6 +12,7 @@ overrides of the sandbox settings, through jupyter_client's ``KernelSpecManager`
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -134,24 +135,102 @@ def install(
     names = names or available()
     rendered = {name: render(name, overrides) for name in names}  # validate all first
     ksm = KernelSpecManager()
-    out: list[Installed] = []
     src_root = templates_dir()
-    for name, data in rendered.items():
-        with tempfile.TemporaryDirectory(prefix="sk-kernelspec-") as tmp:
-            staging = Path(tmp) / name
-            shutil.copytree(src_root / name, staging)
-            (staging / "kernel.json").write_text(json.dumps(data, indent=2) + "\n")
-            dest = ksm.install_kernel_spec(str(staging), kernel_name=name, user=user, prefix=prefix)
-        out.append(
-            Installed(
-                name=name,
-                resource_dir=str(dest),
-                display_name=str(data.get("display_name", name)),
-                config=dict(data["metadata"]["kernel_provisioner"].get("config", {})),
-            )
-        )
+    out = [
+        _install_one(ksm, name, data, src_root / name, user=user, prefix=prefix)
+        for name, data in rendered.items()
+    ]
     serverext.write_config(server_config_dir(user=user, prefix=prefix))
     return out
+
+
+def _install_one(
+    ksm: Any,
+    name: str,
+    data: dict[str, Any],
+    source: Path | None,
+    *,
+    user: bool,
+    prefix: str | None,
+) -> Installed:
+    """Write kernelspec ``name`` (its kernel.json ``data``, the other files of the template
+    folder ``source`` when given) through ``ksm``; where it went. Called by ``install`` and
+    ``add_image``."""
+    with tempfile.TemporaryDirectory(prefix="sk-kernelspec-") as tmp:
+        staging = Path(tmp) / name
+        if source is not None:
+            shutil.copytree(source, staging)
+        else:
+            staging.mkdir()
+        (staging / "kernel.json").write_text(json.dumps(data, indent=2) + "\n")
+        dest = ksm.install_kernel_spec(str(staging), kernel_name=name, user=user, prefix=prefix)
+    return Installed(
+        name=name,
+        resource_dir=str(dest),
+        display_name=str(data.get("display_name", name)),
+        config=dict(data["metadata"]["kernel_provisioner"].get("config", {})),
+    )
+
+
+_SPEC_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def render_image(
+    name: str,
+    image: str,
+    executable: str,
+    display_name: str,
+    *,
+    ipykernel_layer: str = "",
+    interrupt_mode: str = "signal",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The kernel.json of a kernelspec for any Python image (``kernelspec add --image``):
+    the sandbox provisioner with ``image``, the interpreter ``executable`` running
+    ipykernel_launcher (the magics are added at start, as for the shipped kernels), the
+    product's ``ipykernel_layer`` when the image has no ipykernel, and the caps of
+    ``overrides`` (checked like ``install``'s). One SpecError listing every problem."""
+    problems: list[str] = []
+    if not _SPEC_NAME_RE.match(name):
+        problems.append(
+            f"kernelspec name {name!r} must be letters, digits, '.', '_' or '-' "
+            "(at most 64), e.g. course-python2"
+        )
+    config: dict[str, Any] = {"image": image}
+    if ipykernel_layer:
+        config["ipykernel_layer"] = ipykernel_layer
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        try:
+            config[key] = _install_value(key, value)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems, context=f"kernelspec {name!r}")
+    return {
+        "argv": [executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": display_name,
+        "language": "python",
+        "interrupt_mode": interrupt_mode,
+        "env": {},
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config},
+            "debugger": False,
+        },
+    }
+
+
+def add_image(
+    name: str, data: dict[str, Any], *, user: bool = False, prefix: str | None = None
+) -> Installed:
+    """Install the kernelspec ``data`` made by ``render_image`` as ``name`` (destinations as
+    ``install``) and enable the server extension there. Called by ``kernelspec add``."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    done = _install_one(KernelSpecManager(), name, data, None, user=user, prefix=prefix)
+    serverext.write_config(server_config_dir(user=user, prefix=prefix))
+    return done
 
 
 def server_config_dir(*, user: bool = False, prefix: str | None = None) -> Path:

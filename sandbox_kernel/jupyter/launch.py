@@ -56,24 +56,32 @@ class KernelImage:
     env: tuple[tuple[str, str], ...]
     argv: tuple[str, ...]  # the image's kernel command (label), empty if it has none
     digest: str  # manifest digest
+    #: Where the product's ipykernel layer (top-most of ``layers``) has its packages, "" when
+    #: the image's own ipykernel is used.
+    ipykernel_path: str = ""
 
 
-def find_image(name: str, context: str) -> KernelImage:
-    """The image ``name`` of the store (blocking: called in a thread). SpecError carrying
-    the store's advice when it is missing or its kernel command label is malformed."""
+def find_image(name: str, context: str, ipykernel_layer: str = "") -> KernelImage:
+    """The image ``name`` of the store (blocking: called in a thread), with the product's
+    ipykernel layer ``ipykernel_layer`` (``images.ipykernel_layer``) on top when given.
+    SpecError carrying the store's advice when either is missing or the kernel command label
+    is malformed."""
+    from ..images import ipykernel_layer as ipk
     from ..images import lookup
 
     try:
         image = lookup.find(name)
         argv = image.kernel_argv() or ()
+        extra = ipk.find(ipykernel_layer).lowerdirs() if ipykernel_layer else ()
     except ImageError as exc:  # the store's message says how to build or fix it
         raise SpecError(str(exc), context=context) from None
     return KernelImage(
         ref=image.ref,
-        layers=image.lowerdirs(),
+        layers=(*extra, *image.lowerdirs()),
         env=image.config.env,
         argv=argv,
         digest=image.digest,
+        ipykernel_path=ipk.TARGET if ipykernel_layer else "",
     )
 
 
@@ -172,8 +180,9 @@ def kernel_env(
     # polls a parent (the host's pid means nothing here) nor prints its `ipython kernel` note.
     env["JPY_PARENT_PID"] = "1"
     env[CONTROL_ENV] = paths.control
-    if magics:
-        env["PYTHONPATH"] = ":".join(p for p in (MAGICS_TARGET, env.get("PYTHONPATH")) if p)
+    if magics or image.ipykernel_path:
+        front = (MAGICS_TARGET if magics else "", image.ipykernel_path)
+        env["PYTHONPATH"] = ":".join(p for p in (*front, env.get("PYTHONPATH")) if p)
     problems = [p for p in (env_key_problem(k, "kernelspec env") for k in env) if p]
     if problems:
         raise SpecError(problems, context=context)

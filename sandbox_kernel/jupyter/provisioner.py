@@ -280,7 +280,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         workdir = self._notebook_dir(kwargs.get("cwd"))
         settings = self._with_live(self.resolve(workdir))
         await asyncio.to_thread(self._check_kernel_count, settings)
-        image = await asyncio.to_thread(launch.find_image, settings.image, self._context)
+        image = await asyncio.to_thread(
+            launch.find_image, settings.image, self._context, settings.ipykernel_layer
+        )
         # Same container id (so the same connection folder) across restarts.
         if self.container_id is None:
             self.container_id = new_container_id()

@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import policy as host_policy
 from ..errors import SpecError
+from ..images.ipykernel_layer import NAME as IPYKERNEL_NAME
 from ..limits import BOUNDS, Ceilings, Limits
 from ..runtime.spec import VOLUME_FORMS, Bind, NetworkMode, env_key_problem
 from ..units import SIZE_FORMS, format_size, parse_size
@@ -111,6 +112,8 @@ class KernelSettings:
     notebook_readonly: bool = False
     #: What the kernel may send to Jupyter (the relay's limits).
     output: OutputLimits = field(default_factory=OutputLimits)
+    #: The product's ipykernel layer image (``ipykernel_layer``), "" for none.
+    ipykernel_layer: str = ""
 
 
 def read_policy(policy: SandboxPolicy) -> Policy:
@@ -355,6 +358,18 @@ class _Resolver:
             )
         return ids  # type: ignore[no-any-return]
 
+    def ipykernel_layer(self) -> str:
+        raw = self.values.get("ipykernel_layer", "")
+        if raw in ("", None):
+            return ""
+        if not isinstance(raw, str) or not raw.startswith(IPYKERNEL_NAME + ":"):
+            self.problems.append(
+                f"ipykernel_layer={raw!r} is not an ipykernel layer; use {IPYKERNEL_NAME}:TAG "
+                "as `sandbox-kernel kernelspec add --image` writes it, or remove it"
+            )
+            return ""
+        return raw
+
     def cpu_defer_timeout(self) -> float:
         timeout = self.values["cpu_defer_timeout"]
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -421,6 +436,7 @@ def resolve_settings(
     readonly = r.notebook_readonly()
     timeout = r.cpu_defer_timeout()
     output = r.output()
+    ipykernel_layer = r.ipykernel_layer()
     if r.problems:
         raise SpecError(r.problems, context=context)
     return KernelSettings(
@@ -439,4 +455,5 @@ def resolve_settings(
         host_uid=host_uid,
         notebook_readonly=readonly,
         output=output,
+        ipykernel_layer=ipykernel_layer,
     )

@@ -140,6 +140,15 @@ class SandboxSettings(LoggingConfigurable):
         live limit changes within SandboxPolicy, why the previous kernel died). The
         extension is mounted read-only; images are not modified. Default: True.""",
     )
+    ipykernel_layer = Unicode(
+        "",
+        config=True,
+        help="""The product's ipykernel layer for an image whose Python has no ipykernel
+        (an image of the store named 'sandbox-kernel-ipykernel:TAG', written here by
+        `sandbox-kernel kernelspec add --image`): put read-only on top of the image's
+        layers, its packages on PYTHONPATH; the image is not modified. Default: '' (the
+        image's own ipykernel).""",
+    )
     cpu_defer_timeout = Float(
         60.0,
         config=True,
@@ -195,6 +204,7 @@ SETTING_NAMES: tuple[str, ...] = (
     "network",
     "user",
     "magics",
+    "ipykernel_layer",
     "cpu_defer_timeout",
     "max_message_size",
     "iopub_msg_rate_limit",

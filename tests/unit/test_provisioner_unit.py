@@ -161,15 +161,17 @@ def fake_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(prov, "Container", FakeContainer)
     FakeContainer.created = []
 
-    def fake_image(name: str, context: str) -> launch.KernelImage:
+    def fake_image(name: str, context: str, ipykernel_layer: str = "") -> launch.KernelImage:
         if name.split(":")[0] not in ("python3", "python2.7"):
             raise SpecError(f"image={name!r} is not in the image store", context=context)
+        layer = (str(tmp_path / ipykernel_layer),) if ipykernel_layer else ()
         return launch.KernelImage(
             ref=f"{name}:latest",
-            layers=(str(tmp_path),),
+            layers=(*layer, str(tmp_path)),
             env=(("IMAGE_VAR", "1"), ("PATH", "/usr/bin:/bin")),
             argv=("/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"),
             digest="sha256:abc",
+            ipykernel_path="/opt/sandbox-kernel/ipykernel" if ipykernel_layer else "",
         )
 
     monkeypatch.setattr(launch, "find_image", fake_image)
@@ -342,6 +344,10 @@ async def test_restart_reuses_the_connection_directory(
         ({"image": "nope"}, "image='nope' is not in the image store"),
         ({"memory": "1G"}, "image='' is missing or empty"),
         ({"image": "python3", "colour": "red"}, "'colour' is not a sandbox setting"),
+        (
+            {"image": "python3", "ipykernel_layer": "python2.7"},
+            "ipykernel_layer='python2.7' is not an ipykernel layer",
+        ),
     ],
 )
 async def test_bad_kernelspec_config_fails_start_with_a_clear_error(
@@ -802,6 +808,24 @@ async def test_notebook_folder_read_only_from_the_kernelspec_or_the_config(
             assert bind.readonly is readonly, (name, config)
         finally:
             await km.shutdown_kernel(now=True)
+
+
+async def test_ipykernel_layer_on_top_and_on_pythonpath(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    """A kernelspec written by `kernelspec add` for an image without ipykernel: the layer it
+    names is the top-most, its packages on PYTHONPATH after the magics'."""
+    layer = "sandbox-kernel-ipykernel:cp311-x"
+    add_spec(kernel_dir, "t-layer", {"image": "python3", "ipykernel_layer": layer})
+    km = AsyncKernelManager(kernel_name="t-layer")
+    await km.start_kernel(cwd=str(tmp_path))
+    try:
+        spec = FakeContainer.created[-1].spec
+        assert spec.layers == (str(tmp_path / layer), str(tmp_path))
+        env = dict(spec.env)
+        assert env["PYTHONPATH"] == f"{launch.MAGICS_TARGET}:/opt/sandbox-kernel/ipykernel"
+    finally:
+        await km.shutdown_kernel(now=True)
 
 
 async def test_magics_only_for_ipykernel_and_can_be_turned_off(

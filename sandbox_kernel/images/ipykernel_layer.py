@@ -1,0 +1,162 @@
+"""The ipykernel layer: ipykernel for an image's Python, as a read-only layer of the product.
+
+Layer: images. ``sandbox-kernel kernelspec add --image`` calls ``ensure`` for an image whose
+Python has no ipykernel; the kernel start (``jupyter.launch.find_image``) calls ``find`` and
+puts the layer on top of the image's layers, with ``TARGET`` on PYTHONPATH. The image itself
+is not changed: the layer is an image of its own in the store (``NAME:<tag>``, one layer,
+the ``LABEL_IPYKERNEL_LAYER`` label), so that ``gc`` keeps it and ``image ls`` shows it.
+
+The packages are the pinned closures of the shipped recipes, installed by the host's pip for
+the image's interpreter (``pip_target``): ``python2.7`` (ipykernel 4.10, the last for Python
+2) for 2.7, ``python3`` (ipykernel 7) for 3.11 and newer. The tag names the ABI, the wheel
+platform and a hash of the pins, so a layer is built once per Python and platform and again
+only when the pins change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ImageError, ImageNotFound
+from . import lookup, pip_target
+from .labels import LABEL_IPYKERNEL_LAYER
+from .probe import Interpreter
+from .recipe import PipSpec, PythonSpec, find_recipe, load_recipe
+from .store import Image, ImageConfig, ImageStore
+
+#: Where the layer's packages are inside the kernel (and on its PYTHONPATH).
+TARGET = "/opt/sandbox-kernel/ipykernel"
+#: The image name of the layers in the store.
+NAME = "sandbox-kernel-ipykernel"
+#: The oldest Python 3 the python3 recipe's closure supports (ipython 9 needs 3.11).
+MIN_PY3 = (3, 11)
+
+
+@dataclass(frozen=True)
+class Closure:
+    """The pins for one interpreter: the recipe they come from and its pip section."""
+
+    recipe: Path
+    pip: PipSpec
+
+    def digest(self) -> str:
+        """A short hash of the pins and options (part of the layer's tag)."""
+        doc = json.dumps(
+            [
+                sorted(self.pip.packages),
+                sorted(self.pip.from_source),
+                self.pip.no_deps,
+                self.pip.ignore_requires_python,
+                self.pip.index_url,
+                list(self.pip.extra_index_urls),
+            ]
+        )
+        return hashlib.sha256(doc.encode()).hexdigest()[:12]
+
+
+def supported(interp: Interpreter) -> str:
+    """ "" when an ipykernel layer can be made for ``interp``; else why not, with the fix.
+    Called by ``closure`` and by ``kernelspec add`` before it builds anything."""
+    version = (interp.major, interp.minor)
+    if version != (2, 7) and not (interp.major == 3 and version >= MIN_PY3):
+        return (
+            f"Python {interp.major_minor} ({interp.executable}) has no ipykernel and the "
+            f"product supplies one for 2.7 and {MIN_PY3[0]}.{MIN_PY3[1]} or newer only; "
+            "install ipykernel in the image"
+        )
+    if not interp.platform_tag():
+        return (
+            f"Python {interp.major_minor} ({interp.executable}) has no ipykernel and does not "
+            "run on glibc (musl?), for which the product has no wheels; install ipykernel in "
+            "the image"
+        )
+    return ""
+
+
+def closure(interp: Interpreter) -> Closure:
+    """The pinned packages for ``interp`` (ImageError when unsupported)."""
+    why = supported(interp)
+    if why:
+        raise ImageError(why)
+    path = find_recipe("python2.7" if interp.major == 2 else "python3")
+    recipe = load_recipe(path)
+    assert recipe.pip is not None
+    return Closure(path, recipe.pip)
+
+
+def tag_for(interp: Interpreter, pins: Closure) -> str:
+    """The layer image's tag for ``interp``: ``cp311-manylinux_2_36_x86_64-<pins hash>``."""
+    return f"{interp.abi}-{interp.platform_tag()}-{pins.digest()}"
+
+
+def find(ref: str) -> Image:
+    """The ipykernel layer image ``ref`` (``NAME:<tag>``) of the stores; ImageNotFound for
+    another name, a missing one or an image without the layer label (with the fix). Called
+    at each kernel start whose kernelspec names one."""
+    if not ref.startswith(NAME + ":"):
+        raise ImageNotFound(f"ipykernel_layer={ref!r} is not an ipykernel layer ({NAME}:TAG)")
+    try:
+        image = lookup.find(ref)
+    except ImageNotFound:
+        raise ImageNotFound(
+            f"the ipykernel layer {ref!r} is not in the store; run `sandbox-kernel kernelspec "
+            "add NAME --image IMAGE` again to build it"
+        ) from None
+    if dict(image.config.labels).get(LABEL_IPYKERNEL_LAYER) != TARGET or len(image.layers) != 1:
+        raise ImageNotFound(
+            f"image {ref!r} is not an ipykernel layer of the product; remove it "
+            f"(sandbox-kernel image rm {ref}) and run `sandbox-kernel kernelspec add` again"
+        )
+    return image
+
+
+def ensure(
+    interp: Interpreter,
+    store: ImageStore | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> Image:
+    """The ipykernel layer image for ``interp``: found in the stores, else built into
+    ``store`` (default: the caller's own). Called by ``kernelspec add``."""
+    pins = closure(interp)
+    ref = f"{NAME}:{tag_for(interp, pins)}"
+    try:
+        return find(ref)
+    except ImageNotFound:
+        pass
+    store = store or ImageStore()
+    py = PythonSpec(
+        executable=interp.executable,
+        version=interp.major_minor,
+        abi=interp.abi,
+        platforms=(interp.platform_tag(),),
+        site_dir=TARGET,
+    )
+    if progress is not None:
+        progress(f"building the ipykernel layer for Python {py.version} ({ref})")
+    tmp_root = store.root / "build-tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="ipykernel-", dir=tmp_root))
+    try:
+        out = scratch / "layer"
+        out.mkdir()
+        pip_target.install(pins.pip, py, out, [], pins.recipe)
+        # console scripts would shadow the image's own programs: the kernel needs none
+        shutil.rmtree(out / "usr", ignore_errors=True)
+        layer = store.add_layer_from_dir(out, owner=(0, 0))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    labels = (
+        (LABEL_IPYKERNEL_LAYER, TARGET),
+        ("org.opencontainers.image.description", f"ipykernel for Python {py.version}"),
+    )
+    history = [f"pip: {len(pins.pip.packages)} packages from {pins.recipe.parent.name}"]
+    return store.write_image(
+        NAME, ref.split(":", 1)[1], [layer], ImageConfig(labels=labels), history=history
+    )
