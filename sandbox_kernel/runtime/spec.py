@@ -26,6 +26,7 @@ from ..limits import Limits
 __all__ = [
     "DEFAULT_MASKED_PATHS",
     "DEFAULT_READONLY_PATHS",
+    "MIN_TMPFS_INODES",
     "VOLUME_FORMS",
     "Bind",
     "ContainerSpec",
@@ -121,6 +122,9 @@ class Tmpfs:
 
 MountOp = Bind | Tmpfs
 
+#: The fewest files a tmpfs of the container may hold, however small it is.
+MIN_TMPFS_INODES = 1024
+
 
 @dataclass(frozen=True)
 class IdMap:
@@ -189,6 +193,11 @@ class ContainerSpec:
     tmp_size: int = 256 * 1024**2
     #: Bytes of /dev/shm.
     shm_size: int = 64 * 1024**2
+    #: Bytes of tmpfs size per inode: every writable tmpfs of the container (writable layer,
+    #: /tmp, home, /dev/shm, extra tmpfs mounts) may hold ``size // bytes_per_inode`` files
+    #: (at least ``MIN_TMPFS_INODES``), so that a flood of tiny files ends in ENOSPC
+    #: instead of filling the memory cap with inodes (``plan.tmpfs_inodes``).
+    bytes_per_inode: int = 16 * 1024
     #: Volumes and extra tmpfs mounts, mounted in this order after the standard layout.
     mounts: tuple[MountOp, ...] = ()
     #: cgroup caps (memory, CPU, processes).

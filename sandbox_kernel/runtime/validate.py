@@ -144,7 +144,8 @@ def check_hostname(spec: ContainerSpec) -> list[str]:
 
 
 def check_sizes(spec: ContainerSpec) -> list[str]:
-    """The tmpfs sizes within their ``limits.BOUNDS``; ``nofile`` in 16..1048576."""
+    """The tmpfs sizes within their ``limits.BOUNDS``; ``nofile`` in 16..1048576;
+    ``bytes_per_inode`` in 1K..1G."""
     out = []
     for name in ("writable_size", "tmp_size", "shm_size"):
         problem = BOUNDS[name].problem(getattr(spec, name))
@@ -152,6 +153,8 @@ def check_sizes(spec: ContainerSpec) -> list[str]:
             out.append(problem)
     if not 16 <= spec.nofile <= 1048576:
         out.append(f"nofile={spec.nofile} is out of range; use 16..1048576")
+    if not 1024 <= spec.bytes_per_inode <= 1 << 30:
+        out.append(f"bytes_per_inode={spec.bytes_per_inode} is out of range; use 1024..1073741824")
     return out
 
 

@@ -126,6 +126,8 @@ static int g_report_fd = -1;  /* init: c2p write end; main: exec-report pipe */
 static pid_t g_init_pid = -1; /* supervisor: host pid of init, for cleanup */
 static const char *g_id = "?";
 static struct timespec g_t0; /* supervisor start, inherited by init and main */
+static char *g_args;         /* the executor's argv strings, contiguous (main's argv[0]) */
+static size_t g_args_len;    /* their length, the last NUL included */
 static int g_last_cap = 63;  /* read from /proc before pivot */
 
 /* ------------------------------------------------------------------------- */
@@ -350,7 +352,7 @@ static const struct kwdef {
     [K_LOWERMAP] = { "lowermap", 3, PH_SUPERVISOR, 0 },
     [K_NETLINK] = { "netlink", 1, PH_SUPERVISOR, 0 },
     [K_HOSTNAME] = { "hostname", 1, PH_MOUNT, 1 },
-    [K_SCRATCH] = { "scratch", 2, PH_MOUNT, 1 },
+    [K_SCRATCH] = { "scratch", 3, PH_MOUNT, 1 },
     [K_SHIMDIR] = { "shimdir", 2, PH_MOUNT, 0 },
     [K_SHIMFILE] = { "shimfile", 2, PH_MOUNT, 0 },
     [K_ROOTFS] = { "rootfs", 1, PH_MOUNT, 1 },
@@ -881,6 +883,10 @@ static void parse_plan(const char *path)
                     uint64_t v;
                     if (parse_u64(f[1], UINT64_MAX, &v) < 0 || v == 0)
                         plan_error("scratch: bad size");
+                    if (parse_u64(f[2], UINT64_MAX, &v) < 0 || v == 0)
+                        plan_error("scratch: bad inode count");
+                } else if (strcmp(f[2], "-") != 0) {
+                    plan_error("scratch: an inode count needs a size");
                 }
                 mount_stage = 1;
                 break;
@@ -1243,8 +1249,8 @@ static void do_scratch(struct rec *r)
     char path[PATH_MAX + 16];
     const char *stage = stagef("scratch %s", dir);
     if (strcmp(r->f[1], "-") != 0) {
-        char data[64];
-        (void)snprintf(data, sizeof data, "size=%s,mode=0700", r->f[1]);
+        char data[96];
+        (void)snprintf(data, sizeof data, "size=%s,nr_inodes=%s,mode=0700", r->f[1], r->f[2]);
         if (mount("tmpfs", dir, "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
             die(EXIT_SETUP, errno, stage, "tmpfs on %s: %s", dir, strerror(errno));
     }
@@ -1269,8 +1275,8 @@ static void lowerdir_option(char *buf, size_t cap, const char *stage)
     buf[0] = '\0';
     for (size_t i = 0; i < P.nlowers; i++) {
         char one[PATH_MAX + 32];
-        if (P.lowermap_len) {
-            (void)snprintf(one, sizeof one, "%s/l%zu", g_scratch, i);
+        if (P.lowermap_len) { /* relative to the scratch dir, the working directory */
+            (void)snprintf(one, sizeof one, "l%zu", i);
             if (mkdir(one, 0700) < 0 && errno != EEXIST)
                 die(EXIT_SETUP, errno, stage, "mkdir %s: %s", one, strerror(errno));
             if (syscall(SYS_move_mount, P.lower_fds[i], "", AT_FDCWD, one,
@@ -1333,8 +1339,13 @@ static void do_rootfs(struct rec *r)
     for (size_t i = 0; i < P.nlowers; i++)
         if (strchr(P.lowers[i], ','))
             die(EXIT_SETUP, EINVAL, stage, "overlay paths must not contain ','");
+    /* The overlay's options are what /proc/self/mountinfo shows inside: name the scratch
+     * dir's entries relative to it (overlay resolves them from the working directory), so
+     * that no host path of the run dir appears there. */
+    if (chdir(g_scratch) < 0)
+        die(EXIT_SETUP, errno, stage, "chdir %s: %s", g_scratch, strerror(errno));
     if (P.nshim) {
-        int n0 = snprintf(lowers, sizeof lowers, "%s/shim:", g_scratch);
+        int n0 = snprintf(lowers, sizeof lowers, "shim:");
         if (n0 < 0 || (size_t)n0 >= sizeof lowers)
             die(EXIT_SETUP, E2BIG, stage, "scratch path too long");
         lowerdir_option(lowers + n0, sizeof lowers - (size_t)n0, stage);
@@ -1369,14 +1380,16 @@ static void do_rootfs(struct rec *r)
     /* In a user namespace overlay cannot use trusted.overlay.* xattrs: the layers carry
      * user.overlay.opaque as well, which userxattr reads. */
     const char *xattrs = P.ns_user ? ",userxattr" : "";
-    int n = snprintf(data, sizeof data, "lowerdir=%s,upperdir=%s,workdir=%s%s%s", lowers, upper,
-                     work, plain, xattrs);
+    int n = snprintf(data, sizeof data, "lowerdir=%s,upperdir=upper,workdir=work%s%s", lowers,
+                     plain, xattrs);
     if (n < 0 || (size_t)n >= sizeof data)
         die(EXIT_SETUP, E2BIG, stage, "overlay options longer than %zu bytes", sizeof data - 1);
     /* nodev: device nodes shipped inside an image never work; /dev is built
      * from binds of a few host nodes. */
     if (mount("overlay", root, "overlay", MS_NODEV, data) < 0)
         die(EXIT_SETUP, errno, stage, "overlay on %s: %s", root, strerror(errno));
+    if (chdir("/") < 0)
+        die(EXIT_SETUP, errno, stage, "chdir /: %s", strerror(errno));
     for (size_t i = 0; i < P.nlowers; i++) { /* the overlay holds its own references */
         close(P.lower_fds[i]);
         P.lower_fds[i] = -1;
@@ -1959,11 +1972,25 @@ static void close_fds_except_sources(int p2c_r, int c2p_w)
     free(keep);
 }
 
+/* Init's /proc/1/cmdline, which everyone in the container reads: "sk-init" instead of the
+ * executor's argv (its host path, the run dir's plan path). The argv strings are
+ * overwritten in place; a non-NUL last byte makes the kernel stop at the first NUL. */
+static void scrub_cmdline(void)
+{
+    static const char name[] = "sk-init";
+    if (!g_args || g_args_len < sizeof name + 1)
+        return;
+    memset(g_args, 0, g_args_len);
+    memcpy(g_args, name, sizeof name);
+    g_args[g_args_len - 1] = ' ';
+}
+
 __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
 {
     g_role = ROLE_INIT;
     g_report_fd = c2p_w;
     g_status_fd = -1;
+    scrub_cmdline();
 
     /* The supervisor writes 'S' once the id maps exist. Then PDEATHSIG is
      * armed and the supervisor proven alive (see arm_pdeathsig). */
@@ -2376,6 +2403,10 @@ int main(int argc, char **argv)
     const char *planfile = NULL;
 
     clock_gettime(CLOCK_MONOTONIC, &g_t0);
+    if (argc > 0) { /* the kernel lays argv out contiguously */
+        g_args = argv[0];
+        g_args_len = (size_t)(argv[argc - 1] + strlen(argv[argc - 1]) + 1 - argv[0]);
+    }
     /* a vanished status reader must not kill us: writes just fail */
     (void)signal(SIGPIPE, SIG_IGN);
 
