@@ -7,19 +7,21 @@ calls it for the kernel's whole life, across restarts (``cleanup(restart=True)``
 
 * pre_launch: validate the settings (kernelspec config + Jupyter config + the
   administrator's ``SandboxPolicy``; an invalid value raises here so that the message
-  reaches the user), find the image, create the container (run dir, cgroups), write the
-  connection file into the container's connection folder (ipc transport; the folder is
-  bind-mounted at the same path inside), and serve the kernel's control socket. The steps
-  themselves are in ``launch``.
+  reaches the user), find the image, and create the container (run dir, cgroups) with the
+  connection file in its plan (ipc transport). The steps themselves are in ``launch``.
 * launch_kernel: start the container (in a thread; the executor reports when the kernel
-  exec'd).
+  exec'd), take its connection folder (a small tmpfs of the container's own,
+  ``launch.CONN_TARGET``) as a descriptor, and serve the kernel's control socket there:
+  the server reaches the kernel's sockets through ``/proc/self/fd/N/k-*``, and the kernel
+  has no writable host folder but the notebook's.
 * post_launch: apply the deferred CPU cap once the kernel answered its first kernel_info.
 * poll/wait: report the exit status; a death by OOM, by the pids cap or by a signal is
   logged in one plain line and kept (``last_exit``, and ``exits`` for the next kernel).
 * cleanup: destroy the container (processes, cgroups, run dir).
 
-The container id (and so the connection folder) stays the same across restarts, so
-clients connected to the ipc sockets reconnect by themselves.
+The container id (and so the connection folder) stays the same across restarts, and so
+does the descriptor number of the socket folder (each new container's is put in its
+place), so clients connected to the ipc sockets reconnect by themselves.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -36,7 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.connect import KernelConnectionInfo, port_names
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 from ..errors import LimitRefused, SandboxError, SpecError
@@ -98,6 +101,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._cpu_task: asyncio.Task[None] | None = None
         self._reattached_pid: int | None = None
         self._control: ControlServer | None = None
+        self._paths: launch.ConnectionPaths | None = None
+        self._owner: tuple[int, int] = (-1, -1)  # the kernel's host uid and gid
+        #: the server's descriptor of the kernel's connection folder (the same number across
+        #: restarts)
+        self._conn_fd: int | None = None
         self._abnormal_exit: dict[str, Any] | None = None  # the last death not asked for
         self._previous_exit: dict[str, Any] | None = None  # ... as seen by the running kernel
         self._image_digest = ""
@@ -263,13 +271,14 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         settings = self._with_live(self.resolve(workdir))
         await asyncio.to_thread(self._check_kernel_count, settings)
         image = await asyncio.to_thread(launch.find_image, settings.image, self._context)
-        # Same container id (so the same connection folder) across restarts.
+        # Same container id across restarts (the run dir and the kernel's hostname).
         if self.container_id is None:
             self.container_id = new_container_id()
-        paths = launch.connection_paths(run_dir(), self.container_id, self._context)
+        paths = launch.connection_paths(run_dir(), self.container_id)
+        self._paths = paths
         km.transport = "ipc"
         km.ip = paths.ip
-        km.connection_file = paths.connection_file
+        km.connection_file = str(paths.host_file)
         km._connection_file_written = False  # the old one left with the old container
         argv, magics = launch.kernel_command(
             getattr(self.kernel_spec, "argv", None) or [],
@@ -304,17 +313,12 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             if line and not self._userns_noticed:
                 self.log.warning("%s: %s", self._context, line)
         self._userns_noticed = self._userns_noticed or bool(userns.notice or note)
-        spec = launch.kernel_spec(start, argv, env, magics=magics)
         owner = start.host_ids()
-        container = await asyncio.to_thread(self._create_container, spec, workdir, paths, owner)
+        connection = self._connection_json(km, kwargs)
+        spec = launch.kernel_spec(start, argv, env, connection, magics=magics)
+        container = await asyncio.to_thread(self._create_container, spec, workdir)
         self._started(container, settings, workdir, image.digest)
-        try:
-            await self._connect(km, owner, paths, kwargs)
-        except BaseException:
-            await self._close_control()
-            await asyncio.to_thread(container.destroy)
-            self.container = None
-            raise
+        self._owner = owner
         # What launch_kernel needs; the server's environment is deliberately dropped.
         kwargs.pop("env", None)
         kwargs["cwd"] = workdir
@@ -407,34 +411,21 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._abnormal_exit = None
         self._image_digest = digest
 
-    async def _connect(
-        self,
-        km: Any,
-        owner: tuple[int, int],
-        paths: launch.ConnectionPaths,
-        kwargs: dict[str, Any],
-    ) -> None:
-        """Write the connection file (owned by the kernel's uid) and serve the control
-        socket, both in the container's connection folder."""
-        jupyter_session = (kwargs.get("env") or {}).get("JPY_SESSION_NAME", "")
-        km.write_connection_file(jupyter_session=jupyter_session)
-        os.chown(km.connection_file, *owner)
-        os.chmod(km.connection_file, 0o600)
+    def _connection_json(self, km: Any, kwargs: dict[str, Any]) -> str:
+        """The kernel's connection file (its socket paths inside), as the plan writes it:
+        the KernelManager's ports (ipc: 1..5, kept across restarts) and key."""
+        for port, name in enumerate(port_names, start=1):
+            if not getattr(km, name):
+                setattr(km, name, port)
+        info = dict(km.get_connection_info())
+        info["key"] = km.session.key.decode()
+        info["kernel_name"] = km.kernel_name
+        info["jupyter_session"] = (kwargs.get("env") or {}).get("JPY_SESSION_NAME", "")
         self.connection_info = km.get_connection_info()
-        self._control = ControlServer(
-            paths.control, self._control_request, uid=owner[0], gid=owner[1]
-        )
-        await self._control.start()
+        return json.dumps(info, indent=1)
 
-    def _create_container(
-        self,
-        spec: ContainerSpec,
-        workdir: str,
-        paths: launch.ConnectionPaths,
-        owner: tuple[int, int],
-    ) -> Container:
-        """Create the container (blocking: run in a thread). Its connection folder is made
-        by ``Container.create`` in the run dir, owned by the kernel's uid."""
+    def _create_container(self, spec: ContainerSpec, workdir: str) -> Container:
+        """Create the container (blocking: run in a thread)."""
         meta = {
             "kernel_id": self.kernel_id,
             "kernelspec": self.kernelspec_name,
@@ -443,11 +434,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             "notebook_dir": workdir,
         }
         try:
-            return Container.create(
-                spec,
-                meta=meta,
-                subdirs={paths.conn_dir.name: (*owner, 0o700)},
-            )
+            return Container.create(spec, meta=meta)
         except SpecError as exc:
             raise SpecError(exc.problems, context=self._context) from None
 
@@ -479,7 +466,40 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             container.spec.user,
             (container.setup_us or 0) / 1000,
         )
+        try:
+            await self._connect(container)
+        except BaseException:
+            await self._close_control()
+            await asyncio.to_thread(container.destroy)
+            self.container = None
+            raise
         return self.connection_info
+
+    async def _connect(self, container: Container) -> None:
+        """Point the KernelManager at the kernel's sockets as this process reaches them,
+        through its descriptor of the container's connection folder (put in the place of
+        the previous container's, so that the endpoints stay the same across restarts), and
+        serve the control socket there, owned by the kernel's uid. The manager writes its
+        own copy of the connection file, with these paths, in the run dir (not visible
+        inside). Called by ``launch_kernel`` once the kernel exec'd."""
+        km, paths = self.parent, self._paths
+        assert km is not None and paths is not None
+        fd = container.shared_dir(paths.conn_dir)
+        if self._conn_fd is None:
+            self._conn_fd = os.dup(fd)
+        else:
+            os.dup2(fd, self._conn_fd, inheritable=False)
+        km.ip = paths.host_path(self._conn_fd, "k")
+        km._connection_file_written = False  # KernelManager writes its copy from what we return
+        self.connection_info = km.get_connection_info()
+        uid, gid = self._owner
+        self._control = ControlServer(
+            paths.host_path(self._conn_fd, launch.CONTROL_SOCKET),
+            self._control_request,
+            uid=uid,
+            gid=gid,
+        )
+        await self._control.start()
 
     async def post_launch(self, **kwargs: Any) -> None:
         """Wait (bounded by cpu_defer_timeout, and only while the kernel lives) for the kernel's
@@ -648,6 +668,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 exits.forget(str(self.kernel_id))
             self.container_id = None
             self._live = {}
+            if self._conn_fd is not None:
+                os.close(self._conn_fd)
+                self._conn_fd = None
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """The KernelManager's own wait time, unchanged (called at each shutdown)."""

@@ -286,6 +286,14 @@ class Remount(Op):
     flags: tuple[str, ...]
 
 
+class Share(_PathOp):
+    """Hand the directory at ``path`` (the mount on top of it) to the owner as a descriptor
+    (``Container.shared_dir``): the host reaches what the container makes there through it,
+    by no host path the container could write to."""
+
+    keyword = "share"
+
+
 @dataclass(frozen=True)
 class Pivot(Op):
     """pivot_root into the root; the last mount-phase record."""

@@ -242,11 +242,18 @@ def _volume(spec: ContainerSpec, m: Bind | Tmpfs) -> list[ops.Op]:
             *(("idmap",) if m.idmap else ()),
         )
         return [made, ops.BindMount(m.source, m.target, flags)]
+    owner = f"uid={spec.user},gid={spec.group}" if m.shared else ""
     return [
         ops.Mkdir(m.target, 0o755),
         ops.Mount(
-            "tmpfs", "tmpfs", m.target, ("nosuid", "nodev"), tmpfs_data(spec, m.size, m.mode)
+            "tmpfs",
+            "tmpfs",
+            m.target,
+            # shared: the host resolves paths in it, never through a link planted there
+            ("nosuid", "nodev", *(("noexec", "nosymfollow") if m.shared else ())),
+            tmpfs_data(spec, m.size, m.mode, owner),
         ),
+        *((ops.Share(m.target),) if m.shared else ()),
     ]
 
 
@@ -274,6 +281,7 @@ def compile_plan(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
     plan += _scratch_dirs(spec) + _etc(spec)
     for m in spec.mounts:
         plan += _volume(spec, m)
+    plan += [ops.WriteFile(path, mode, content) for path, mode, content in spec.files]
     plan += [ops.Mask(p) for p in spec.masked_paths]
     plan += [ops.ReadOnly(p) for p in spec.readonly_paths]
     plan.append(ops.Pivot())

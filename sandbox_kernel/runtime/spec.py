@@ -112,12 +112,20 @@ class Bind:
 
 @dataclass(frozen=True)
 class Tmpfs:
-    """Mount a size-capped tmpfs (``size`` bytes, counted in the memory cap) at ``target``
-    inside the container, with directory ``mode``."""
+    """Mount a size-capped tmpfs (``size`` bytes, counted in the memory cap; files capped by
+    ``ContainerSpec.bytes_per_inode``) at ``target`` inside the container, with directory
+    ``mode``.
+
+    shared: owned by the container's user and group, and handed to the container's owner
+    as a directory descriptor (``Container.shared_dir``) through which the host reaches what
+    the container makes there: a kernel's sockets, which need a writable folder that is no
+    host directory (the host side of such a folder would be an unbounded host write).
+    """
 
     target: str
     size: int
     mode: int = 0o1777
+    shared: bool = False
 
 
 MountOp = Bind | Tmpfs
@@ -200,6 +208,10 @@ class ContainerSpec:
     bytes_per_inode: int = 16 * 1024
     #: Volumes and extra tmpfs mounts, mounted in this order after the standard layout.
     mounts: tuple[MountOp, ...] = ()
+    #: Files written into the container once the volumes are mounted, (path, mode,
+    #: content), owned by the container's root: a kernel's connection file, in its shared
+    #: socket folder (the content passes through the plan file, private to the owner).
+    files: tuple[tuple[str, int, str], ...] = ()
     #: cgroup caps (memory, CPU, processes).
     limits: Limits = field(default_factory=Limits)
     #: Refuse to start when the caps cannot be enforced (an unprivileged caller with no

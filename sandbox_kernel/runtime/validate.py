@@ -160,7 +160,8 @@ def check_sizes(spec: ContainerSpec) -> list[str]:
 
 def check_mounts(spec: ContainerSpec, created: frozenset[str] = frozenset()) -> list[str]:
     """Each mount target clean, not reserved (/, /proc, /sys, /dev) and used once; each bind
-    source clean and existing (or in ``created``); each extra tmpfs at least 4K."""
+    source clean and existing (or in ``created``); each extra tmpfs at least 4K; each file
+    path clean."""
     out = []
     seen: set[str] = set()
     for m in spec.mounts:
@@ -182,6 +183,11 @@ def check_mounts(spec: ContainerSpec, created: frozenset[str] = frozenset()) -> 
                 out.append(f"volume source {m.source!r} does not exist on the host")
         elif isinstance(m, Tmpfs) and m.size < 4096:
             out.append(f"tmpfs {target} size={m.size} is too small; use at least 4K")
+    for path, mode, _ in spec.files:
+        if not is_clean_abs(path) or path == "/":
+            out.append(f"file {path!r} must be an absolute normalised path")
+        if not 0 <= mode <= 0o777:
+            out.append(f"file {path!r} mode {mode:o} must be within 0..777")
     return out
 
 

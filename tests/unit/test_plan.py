@@ -225,3 +225,28 @@ def test_every_writable_tmpfs_has_an_inode_cap(tmp_path: Path, upper: bool) -> N
         assert scratch[2:] == (str(128 << 20), str((128 << 20) // spec.bytes_per_inode))
     assert tmpfs_inodes(spec, 4096) == MIN_TMPFS_INODES
     assert tmpfs_inodes(replace(spec, bytes_per_inode=4096), 64 << 20) == 16384
+
+
+def test_a_shared_tmpfs_is_owned_by_the_user_capped_and_handed_over(tmp_path: Path) -> None:
+    """``Tmpfs(shared=True)`` (a kernel's connection folder): owned by the container's user,
+    inode-capped, noexec and nosymfollow (the host resolves paths in it), followed by the
+    ``share`` record; the spec's files are written after the volumes."""
+    spec = _spec(
+        tmp_path,
+        mounts=(Tmpfs("/run/sandbox", 65536, 0o700, shared=True),),
+        files=(("/run/sandbox/kernel.json", 0o644, '{"ip": "x"}'),),
+    )
+    recs = records(spec, _host())
+    i = recs.index(
+        (
+            "mount",
+            "tmpfs",
+            "tmpfs",
+            "/run/sandbox",
+            "nosuid,nodev,noexec,nosymfollow",
+            "mode=700,size=65536,nr_inodes=1024,uid=1000,gid=1000",
+        )
+    )
+    assert recs[i + 1] == ("share", "/run/sandbox")
+    assert recs.index(("file", "/run/sandbox/kernel.json", "644", '{"ip": "x"}')) > i
+    assert not any(r[0] == "share" for r in records(_spec(tmp_path), _host()))

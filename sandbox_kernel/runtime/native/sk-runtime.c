@@ -123,6 +123,7 @@ enum role { ROLE_SUPERVISOR, ROLE_INIT, ROLE_MAIN };
 static enum role g_role = ROLE_SUPERVISOR;
 static int g_status_fd = -1;  /* supervisor: --status-fd */
 static int g_report_fd = -1;  /* init: c2p write end; main: exec-report pipe */
+static int g_share_fd = -1;   /* --share-fd: a unix socket; init sends `share` dirs there */
 static pid_t g_init_pid = -1; /* supervisor: host pid of init, for cleanup */
 static const char *g_id = "?";
 static struct timespec g_t0; /* supervisor start, inherited by init and main */
@@ -316,6 +317,10 @@ die(int code, int err, const char *stage, const char *fmt, ...)
 /* The plan                                                                   */
 /* ------------------------------------------------------------------------- */
 
+/* MS_NOSYMFOLLOW (Linux 5.10; older C libraries lack the name): no path resolution through
+ * the mount follows a symlink on it, the host's included. */
+#define SK_MS_NOSYMFOLLOW 256
+
 /* kept by hand: the keywords grouped by phase, in kwtab order */
 /* clang-format off */
 enum kw {
@@ -324,7 +329,7 @@ enum kw {
     K_NOUSERNS, K_BINDMAP, K_LOWERMAP, K_NETLINK,
     /* mount phase, in order */
     K_HOSTNAME, K_SCRATCH, K_SHIMDIR, K_SHIMFILE, K_ROOTFS, K_REALDIR, K_MKDIR, K_TOUCH, K_FILE, K_SYMLINK,
-    K_MOUNT, K_BIND, K_MASK, K_READONLY, K_REMOUNT, K_PIVOT,
+    K_MOUNT, K_BIND, K_MASK, K_READONLY, K_REMOUNT, K_SHARE, K_PIVOT,
     /* main process */
     K_ENV, K_CWD, K_USER, K_GROUPS, K_UMASK, K_RLIMIT, K_CAPABILITIES, K_NONEWPRIVS, K_ARGV,
     K_COUNT
@@ -366,6 +371,7 @@ static const struct kwdef {
     [K_MASK] = { "mask", 1, PH_MOUNT, 0 },
     [K_READONLY] = { "readonly", 1, PH_MOUNT, 0 },
     [K_REMOUNT] = { "remount", 2, PH_MOUNT, 0 },
+    [K_SHARE] = { "share", 1, PH_MOUNT, 0 },
     [K_PIVOT] = { "pivot", 0, PH_MOUNT, 1 },
     [K_ENV] = { "env", 1, PH_PROCESS, 0 },
     [K_CWD] = { "cwd", 1, PH_PROCESS, 1 },
@@ -570,6 +576,7 @@ static unsigned long parse_mount_flags(const char *s, int allow_atime, int *rec,
         else if (strcmp(t, "nosuid") == 0) fl |= MS_NOSUID;
         else if (strcmp(t, "nodev") == 0) fl |= MS_NODEV;
         else if (strcmp(t, "noexec") == 0) fl |= MS_NOEXEC;
+        else if (strcmp(t, "nosymfollow") == 0) fl |= SK_MS_NOSYMFOLLOW;
         else if (allow_atime && strcmp(t, "relatime") == 0) fl |= MS_RELATIME;
         else if (allow_atime && strcmp(t, "strictatime") == 0) fl |= MS_STRICTATIME;
         else if (allow_atime && strcmp(t, "noatime") == 0) fl |= MS_NOATIME;
@@ -789,6 +796,7 @@ static void parse_plan(const char *path)
 
     int seen[K_COUNT] = { 0 };
     int nidmap = 0;      /* binds with the idmap flag */
+    int nshare = 0;      /* share records */
     int mount_stage = 0; /* 0: nothing yet, 1: scratch seen, 2: rootfs seen, 3: pivot seen */
     char *p = buf, *end = buf + len;
     g_lineno = 0;
@@ -929,6 +937,7 @@ static void parse_plan(const char *path)
                 break;
             }
             switch (kw) {
+            case K_SHARE: nshare++; /* fall through */
             case K_REALDIR:
             case K_MASK:
             case K_READONLY: check_root_path(f[0]); break;
@@ -1058,6 +1067,8 @@ static void parse_plan(const char *path)
         plan_error("sync net needs the net namespace");
     if (P.nnetlink && !P.ns_net)
         plan_error("netlink needs the net namespace");
+    if (nshare && g_share_fd < 0)
+        plan_error("share records need --share-fd");
 }
 
 /* ------------------------------------------------------------------------- */
@@ -1541,6 +1552,38 @@ static void do_bind(struct rec *r)
 
 static int g_devnull = -1;
 
+/* share PATH: hand the directory now at PATH (the mount on top of it) to the owner, as an
+ * O_PATH descriptor sent over --share-fd with PATH as the message. The owner reaches what
+ * the container makes there (a kernel's sockets) through it, without any host path. */
+static void do_share(struct rec *r)
+{
+    const char *path = r->f[0];
+    const char *stage = stagef("share %s", path);
+    struct stat st;
+    int fd = root_target(path);
+    if (fd < 0)
+        die(EXIT_SETUP, errno, stage, "target %s: %s", path, strerror(errno));
+    if (fstat(fd, &st) < 0 || !S_ISDIR(st.st_mode))
+        die(EXIT_SETUP, ENOTDIR, stage, "%s is not a directory", path);
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    memset(&u, 0, sizeof u);
+    struct iovec iov = { .iov_base = (void *)path, .iov_len = r->len[0] };
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf
+    };
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    if (sendmsg(g_share_fd, &msg, MSG_NOSIGNAL) < 0)
+        die(EXIT_SETUP, errno, stage, "send %s to the owner: %s", path, strerror(errno));
+    close(fd);
+}
+
 static void do_mask(struct rec *r)
 {
     const char *path = r->f[0];
@@ -1663,6 +1706,7 @@ static void mount_phase(void)
         case K_MASK: do_mask(r); break;
         case K_READONLY: do_readonly(r); break;
         case K_REMOUNT: do_remount(r); break;
+        case K_SHARE: do_share(r); break;
         case K_PIVOT: do_pivot(); break;
         default: break;
         }
@@ -1953,12 +1997,14 @@ static void deny_nested_userns(void)
 /* Init: close every fd but the two pipes and what the mount phase still uses. */
 static void close_fds_except_sources(int p2c_r, int c2p_w)
 {
-    int *keep = calloc(P.nmounts + P.nlowers + 2, sizeof *keep);
+    int *keep = calloc(P.nmounts + P.nlowers + 3, sizeof *keep);
     if (!keep)
         die(EXIT_SETUP, ENOMEM, "init", "out of memory");
     size_t n = 0;
     keep[n++] = p2c_r;
     keep[n++] = c2p_w;
+    if (g_share_fd >= 0)
+        keep[n++] = g_share_fd;
     for (size_t i = 0; i < P.nmounts; i++) {
         if (P.mounts[i].src_fd >= 0)
             keep[n++] = P.mounts[i].src_fd;
@@ -2055,6 +2101,10 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
         die(EXIT_SETUP, errno, "unshare cgroup", "unshare(CLONE_NEWCGROUP): %s", strerror(errno));
 
     mount_phase();
+    if (g_share_fd >= 0) { /* every `share` was sent */
+        close(g_share_fd);
+        g_share_fd = -1;
+    }
 
     if (P.sync_net && !early_go && read_byte(p2c_r) != 'G')
         _exit(EXIT_SETUP); /* supervisor gone; PDEATHSIG is on its way */
@@ -2384,7 +2434,8 @@ static int relay_init_line(char *line, char *exit_line, size_t exit_cap)
 static void usage(void)
 {
     die(EXIT_SETUP, EINVAL, "usage",
-        "usage: sk-runtime [--status-fd N] [--control-fd N] PLANFILE | --probe-idmap PATH");
+        "usage: sk-runtime [--status-fd N] [--control-fd N] [--share-fd N] PLANFILE | "
+        "--probe-idmap PATH");
 }
 
 static int parse_fd_arg(const char *s)
@@ -2417,6 +2468,8 @@ int main(int argc, char **argv)
             g_status_fd = parse_fd_arg(argv[++i]);
         } else if (strcmp(argv[i], "--control-fd") == 0 && i + 1 < argc) {
             control_fd = parse_fd_arg(argv[++i]);
+        } else if (strcmp(argv[i], "--share-fd") == 0 && i + 1 < argc) {
+            g_share_fd = parse_fd_arg(argv[++i]);
         } else if (argv[i][0] == '-' || planfile) {
             usage();
         } else {
@@ -2432,6 +2485,8 @@ int main(int argc, char **argv)
         fcntl(g_status_fd, F_SETFD, FD_CLOEXEC);
     if (control_fd > 2)
         fcntl(control_fd, F_SETFD, FD_CLOEXEC);
+    if (g_share_fd > 2)
+        fcntl(g_share_fd, F_SETFD, FD_CLOEXEC);
 
     parse_plan(planfile);
     g_lineno = 0;
