@@ -287,6 +287,7 @@ def kernel_spec(
             hostname=container_id,
             writable_size=settings.writable_size,
             tmp_size=settings.tmp_size,
+            bytes_per_inode=settings.bytes_per_inode,
             mounts=tuple(mounts),
             # 0644 in a folder only the kernel's user may enter; the kernel may replace it
             files=((start.paths.connection_file, 0o644, connection),),

@@ -20,7 +20,14 @@ from typing import Any
 from .. import policy as host_policy
 from ..errors import SpecError
 from ..limits import BOUNDS, Ceilings, Limits
-from ..runtime.spec import VOLUME_FORMS, Bind, NetworkMode, env_key_problem
+from ..runtime.spec import (
+    BYTES_PER_INODE,
+    VOLUME_FORMS,
+    Bind,
+    NetworkMode,
+    bytes_per_inode_problem,
+    env_key_problem,
+)
 from ..units import parse_size
 from .settings import (
     IMAGE_FORMS,
@@ -106,6 +113,8 @@ class KernelSettings:
     host_uid: int = -1
     #: The notebook folder is mounted read-only (``notebook_folder='ro'``).
     notebook_readonly: bool = False
+    #: The tmpfs inode cap's rule (``ContainerSpec.bytes_per_inode``).
+    bytes_per_inode: int = BYTES_PER_INODE
 
 
 def read_policy(policy: SandboxPolicy) -> Policy:
@@ -350,6 +359,14 @@ class _Resolver:
             )
         return ids  # type: ignore[no-any-return]
 
+    def bytes_per_inode(self) -> int:
+        raw = self.values["bytes_per_inode"]
+        problem = bytes_per_inode_problem(raw)
+        if problem:
+            self.problems.append(problem)
+            return BYTES_PER_INODE
+        return raw  # type: ignore[no-any-return]
+
     def cpu_defer_timeout(self) -> float:
         timeout = self.values["cpu_defer_timeout"]
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -389,6 +406,7 @@ def resolve_settings(
     mounts, env, network = r.mounts(), r.env(), r.network()
     readonly = r.notebook_readonly()
     timeout = r.cpu_defer_timeout()
+    per_inode = r.bytes_per_inode()
     if r.problems:
         raise SpecError(r.problems, context=context)
     return KernelSettings(
@@ -406,4 +424,5 @@ def resolve_settings(
         policy=policy,
         host_uid=host_uid,
         notebook_readonly=readonly,
+        bytes_per_inode=per_inode,
     )

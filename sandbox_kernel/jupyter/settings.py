@@ -27,7 +27,7 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 from traitlets.config import Config, Configurable, LoggingConfigurable
 
 from ..limits import PIDS_FORMS
-from ..runtime.spec import VOLUME_FORMS
+from ..runtime.spec import BYTES_PER_INODE, VOLUME_FORMS
 from ..units import CPUS_FORMS, SIZE_FORMS
 
 USER_FORMS = (
@@ -146,6 +146,15 @@ class SandboxSettings(LoggingConfigurable):
         help="""Seconds to wait for the kernel's first kernel_info reply before the CPU cap
         is applied anyway. Unit: seconds. Default: 60.""",
     )
+    bytes_per_inode = Int(
+        BYTES_PER_INODE,
+        config=True,
+        help="""Inode cap of every tmpfs of the sandbox (writable layer, /tmp, home,
+        /dev/shm): one file per this many bytes of its size, at least 1024 files (256M of
+        /tmp: 16384 files). A flood of tiny files then fails with "No space left on device"
+        instead of filling the memory cap with inodes. Unit: bytes, 1024..1073741824.
+        Default: 16384.""",
+    )
 
 
 #: The settings a kernelspec may set in metadata.kernel_provisioner.config.
@@ -163,6 +172,7 @@ SETTING_NAMES: tuple[str, ...] = (
     "user",
     "magics",
     "cpu_defer_timeout",
+    "bytes_per_inode",
 )
 
 
@@ -279,6 +289,7 @@ def setting_forms(name: str) -> str:
         "network": "use 'none'",
         "user": f"use {USER_FORMS}",
         "cpu_defer_timeout": "use a number of seconds, e.g. 60",
+        "bytes_per_inode": "use a number of bytes in 1024..1073741824, e.g. 16384",
         "magics": "use true or false",
     }.get(name, "see docs/configuration.md")
 

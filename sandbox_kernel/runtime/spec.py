@@ -24,6 +24,7 @@ from ..errors import SpecError
 from ..limits import Limits
 
 __all__ = [
+    "BYTES_PER_INODE",
     "DEFAULT_MASKED_PATHS",
     "DEFAULT_READONLY_PATHS",
     "MIN_TMPFS_INODES",
@@ -35,6 +36,7 @@ __all__ = [
     "MountOp",
     "NetworkMode",
     "Tmpfs",
+    "bytes_per_inode_problem",
     "env_key_problem",
     "is_clean_abs",
 ]
@@ -132,6 +134,16 @@ MountOp = Bind | Tmpfs
 
 #: The fewest files a tmpfs of the container may hold, however small it is.
 MIN_TMPFS_INODES = 1024
+#: The default of ``ContainerSpec.bytes_per_inode`` (and of the kernel setting).
+BYTES_PER_INODE = 16 * 1024
+
+
+def bytes_per_inode_problem(value: object) -> str | None:
+    """Why ``value`` is no valid ``bytes_per_inode`` (an int in 1K..1G), or None. Used by
+    ``validate.check_sizes`` and by the kernel settings."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1024 <= value <= 1 << 30:
+        return None
+    return f"bytes_per_inode={value!r} is out of range; use a number of bytes in 1024..1073741824"
 
 
 @dataclass(frozen=True)
@@ -205,7 +217,7 @@ class ContainerSpec:
     #: /tmp, home, /dev/shm, extra tmpfs mounts) may hold ``size // bytes_per_inode`` files
     #: (at least ``MIN_TMPFS_INODES``), so that a flood of tiny files ends in ENOSPC
     #: instead of filling the memory cap with inodes (``plan.tmpfs_inodes``).
-    bytes_per_inode: int = 16 * 1024
+    bytes_per_inode: int = BYTES_PER_INODE
     #: Volumes and extra tmpfs mounts, mounted in this order after the standard layout.
     mounts: tuple[MountOp, ...] = ()
     #: Files written into the container once the volumes are mounted, (path, mode,

@@ -22,6 +22,7 @@ from .spec import (
     IdMap,
     NetworkMode,
     Tmpfs,
+    bytes_per_inode_problem,
     env_key_problem,
     is_clean_abs,
 )
@@ -153,8 +154,9 @@ def check_sizes(spec: ContainerSpec) -> list[str]:
             out.append(problem)
     if not 16 <= spec.nofile <= 1048576:
         out.append(f"nofile={spec.nofile} is out of range; use 16..1048576")
-    if not 1024 <= spec.bytes_per_inode <= 1 << 30:
-        out.append(f"bytes_per_inode={spec.bytes_per_inode} is out of range; use 1024..1073741824")
+    problem = bytes_per_inode_problem(spec.bytes_per_inode)
+    if problem:
+        out.append(problem)
     return out
 
 

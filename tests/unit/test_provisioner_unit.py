@@ -300,6 +300,7 @@ async def test_start_writes_ipc_connection_and_container_spec(  # noqa: PLR0915
         assert Path(f"/proc/self/fd/{fd}/control").is_socket()
         assert spec.limits.memory == 512 * 1024**2 and spec.limits.cpus == 0.5
         assert spec.limits.pids == 64 and spec.limits.defer_cpu
+        assert spec.bytes_per_inode == 16384  # the setting's default: the tmpfs inode caps
         if os.geteuid() == 0:
             assert (spec.user, spec.group) == (1000, 1000)  # inside; on the host: the range's
             host = FAKE_RANGE.start + 1000
