@@ -16,33 +16,32 @@ administrator's choice (``SandboxPolicy.max_*``), never above the bound.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .errors import LimitRefused, SpecError
-from .units import CPUS_FORMS, SIZE_FORMS, format_cpus, format_size, parse_cpus, parse_size
+from .units import (
+    CPUS_FORMS,
+    SIZE_FORMS,
+    format_cpus,
+    format_size,
+    parse_cpus,
+    parse_size,
+    parse_whole,
+)
 
 MIB = 1024 * 1024
 
 PIDS_FORMS = "a whole number of processes, e.g. 256"
 #: What the kernel accepts as pids.max (PID_MAX_LIMIT on 64-bit).
 PIDS_KERNEL_MAX = 4 * 1024 * 1024
-_WHOLE = re.compile(r"^\s*[0-9]+\s*$")
 
 
 def parse_count(value: object, field: str = "pids") -> int:
     """A whole number written with ASCII digits (``256``, ``"256"``); SpecError otherwise.
     The parser of the ``pids`` bound (kernelspecs, ``--pids``, live ``%sandbox pids=``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise SpecError(f"{field}={value!r} is not a whole number; use {PIDS_FORMS}")
-    if isinstance(value, str) and not _WHOLE.match(value):
-        raise SpecError(f"{field}={value!r} is not a whole number; use {PIDS_FORMS}")
-    number = int(value)
-    if number < 0:
-        raise SpecError(f"{field}={value!r} is not a whole number; use {PIDS_FORMS}")
-    return number
+    return parse_whole(value, field, PIDS_FORMS)
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,17 @@ class Bound:
         field = field or self.name
         shown = repr(raw) if raw is not None else str(value)
         if value < self.minimum:
-            return f"{field}={shown} is too small; use at least {self.short(self.minimum)}"
+            return f"{field}={shown} is too small; {self.accepted()}"
         if self.maximum is not None and value > self.maximum:
-            return f"{field}={shown} is too large; use at most {self.short(self.maximum)}"
+            return f"{field}={shown} is too large; {self.accepted()}"
         return None
+
+    def accepted(self) -> str:
+        """The accepted range as advice (``use 16 to 4194304``), for ``problem``'s messages."""
+        low = self.short(self.minimum)
+        if self.maximum is None:
+            return f"use at least {low}"
+        return f"use {low} to {self.short(self.maximum)}"
 
 
 def _size_short(n: float) -> str:
@@ -95,8 +101,14 @@ def _size_short(n: float) -> str:
     return str(int(n))
 
 
+#: The largest size any cap takes (1 EiB): the kernel parses memory.max and a tmpfs size=
+#: as 64-bit byte counts that wrap silently (a tmpfs size that wraps to 0 has no limit), so
+#: a size is refused here long before that, with the range, never at the cgroup or mount.
+SIZE_MAX = 1 << 60
+
+
 def _size_bound(name: str, minimum: int) -> Bound:
-    return Bound(name, parse_size, minimum, None, SIZE_FORMS, format_size, _size_short)
+    return Bound(name, parse_size, minimum, SIZE_MAX, SIZE_FORMS, format_size, _size_short)
 
 
 MEMORY = _size_bound("memory", 16 * MIB)
@@ -277,11 +289,9 @@ def plan_change(
                 f"{_live_text(name, top)} per kernel"
                 + (f" ({why})" if why == KERNELSPEC_CEILING else "")
             )
-        if value < bound.minimum or (bound.maximum is not None and value > bound.maximum):
-            edge = bound.minimum if value < bound.minimum else bound.maximum
-            word = "minimum" if value < bound.minimum else "maximum"
-            assert edge is not None
-            raise LimitRefused(f"{name}={raw} refused: the {word} is {_live_text(name, edge)}")
+        problem = bound.problem(value, raw, name)  # the one range check, as at start
+        if problem:
+            raise LimitRefused(problem)
         if name == "memory" and memory_usage is not None and value < memory_usage:
             warnings.append(
                 f"the kernel uses {format_size(memory_usage)} now, more than the new limit "

@@ -63,10 +63,32 @@ def parse_cpus(value: str | int | float, field: str = "cpus") -> float:
     return cpus
 
 
-def parse_duration(value: str | int | float, field: str = "timeout") -> float:
-    """Return a duration in seconds (> 0); SpecError naming the field otherwise.
+_WHOLE_RE = re.compile(r"^\s*[0-9]+\s*$")
 
-    No product path calls it yet (the in-kernel magics keep their own Python 2 copy).
+
+def parse_whole(value: object, field: str, forms: str) -> int:
+    """A whole number >= 0 written with ASCII digits (``256``, ``"256"``; never Arabic-Indic,
+    fullwidth or superscript digits, nor ``"1_000"``, which ``int`` alone takes); SpecError
+    naming the field and ``forms`` otherwise. Called by ``limits.parse_count`` (the pids
+    bound, the policy's kernel counts) and by ``run``'s ``--user``."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise SpecError(f"{field}={value!r} is not a whole number; use {forms}")
+    if isinstance(value, str) and not _WHOLE_RE.match(value):
+        raise SpecError(f"{field}={value!r} is not a whole number; use {forms}")
+    number = int(value)
+    if number < 0:
+        raise SpecError(f"{field}={value!r} is not a whole number; use {forms}")
+    return number
+
+
+def parse_duration(
+    value: str | int | float, field: str = "timeout", *, allow_zero: bool = False
+) -> float:
+    """Return a duration in seconds (> 0, or >= 0 with ``allow_zero``), ASCII digits only;
+    SpecError naming the field otherwise.
+
+    Called as the type of the CLI's ``image gc --grace`` and ``stats --interval`` (the
+    in-kernel magics keep their own Python 2 copy).
     """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
@@ -75,8 +97,9 @@ def parse_duration(value: str | int | float, field: str = "timeout") -> float:
         if not m:
             raise SpecError(f"{field}={value!r} is not a duration; use {DURATION_FORMS}")
         seconds = float(m.group(1)) * _DURATION_FACTORS[m.group(2)]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise SpecError(f"{field}={value!r} must be more than 0; use {DURATION_FORMS}")
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        least = "0 or more" if allow_zero else "more than 0"
+        raise SpecError(f"{field}={value!r} must be {least}; use {DURATION_FORMS}")
     return seconds
 
 

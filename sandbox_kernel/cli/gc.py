@@ -36,6 +36,8 @@ def gc_command(args: argparse.Namespace) -> int:
         print(f"  run dir {name}")
     for name in report.cgroups:
         print(f"  cgroup {name}")
+    for name in report.host_layers:  # old versions and build leftovers (not in a dry run)
+        print(f"  host image layer {name}")
     for err in report.errors:
         print(f"  error: {safe_text(err, 2000)}")
     return 1 if report.errors else 0

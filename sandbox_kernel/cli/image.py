@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import ImageError
 from ..images import lookup
 from ..images.store import Image, ImageStore, image_in_use
+from ..units import parse_duration
 
 
 def register(sub: Any) -> None:
@@ -38,7 +39,7 @@ def register(sub: Any) -> None:
     q = isub.add_parser("gc", help="delete blobs and snapshots no image uses")
     q.add_argument(
         "--grace",
-        type=float,
+        type=lambda v: parse_duration(v, "--grace", allow_zero=True),
         default=300.0,
         metavar="SECONDS",
         help="keep unreferenced data younger than this (builds in progress); default 300",
@@ -151,9 +152,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """``image gc``: delete unreferenced blobs and snapshots older than ``--grace``."""
+    """``image gc``: delete unreferenced blobs and snapshots older than ``--grace``, and the
+    ``host`` image's layer versions and build leftovers no container uses."""
+    from ..runtime.leftovers import collect_host_layers
+
     blobs, snaps = ImageStore().gc(grace_seconds=args.grace)
-    print(f"removed {blobs} blob(s), {snaps} snapshot(s)")
+    layers = collect_host_layers()
+    print(f"removed {blobs} blob(s), {snaps} snapshot(s), {len(layers)} host image layer(s)")
     return 0
 
 

@@ -18,6 +18,7 @@ from ..paths import new_container_id
 from ..runtime.container import Container, require_privileges
 from ..runtime.spec import Bind, ContainerSpec, Limits
 from ..runtime.userns import for_caller
+from ..units import parse_whole
 
 FORWARDED = (
     signal.SIGINT,
@@ -87,14 +88,10 @@ def register(sub: Any) -> None:
 
 
 def _parse_user(text: str) -> tuple[int, int]:
-    try:
-        uid_s, _, gid_s = text.partition(":")
-        uid = int(uid_s)
-        return uid, int(gid_s) if gid_s else uid
-    except ValueError:
-        raise SpecError(
-            f"--user {text!r} is invalid; use a numeric UID or UID:GID, e.g. 1000:1000"
-        ) from None
+    forms = "a numeric UID or UID:GID, e.g. 1000:1000"
+    uid_s, _, gid_s = text.partition(":")
+    uid = parse_whole(uid_s, "--user", forms)
+    return uid, parse_whole(gid_s, "--user", forms) if gid_s else uid
 
 
 def build_spec(args: argparse.Namespace) -> ContainerSpec:

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import shutil
 import subprocess
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -83,6 +84,25 @@ def compression_of(head: bytes) -> str:
     return "none"
 
 
+#: First bytes of compressions the store does not read, and the program that decompresses them.
+_UNSUPPORTED = ((b"\xfd7zXZ\x00", "xz", "xz -d"), (b"BZh", "bzip2", "bunzip2"))
+
+
+def unsupported_compression(path: Path) -> str | None:
+    """A one-line reason when ``path`` is compressed in a way the store does not read (xz,
+    bzip2), naming the file and how to decompress it; None otherwise. Called by the importer
+    before it takes a file for a tar archive."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    for magic, name, tool in _UNSUPPORTED:
+        if head.startswith(magic):
+            return (
+                f"{path} is {name}-compressed, which image import does not read; decompress it "
+                f"({tool}) or recompress it with gzip or zstd"
+            )
+    return None
+
+
 def sniff_compression(path: Path) -> str:
     """'gzip', 'zstd' or 'none' from the first bytes of a file. Called by the importer to tell
     a compressed rootfs tarball from an image archive, and to pick its layer media type."""
@@ -92,18 +112,26 @@ def sniff_compression(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def open_decompressed(path: Path, compression: str) -> Iterator[IO[bytes]]:
-    """A streaming reader of the decompressed bytes of ``path``.
+def open_decompressed(path: Path, compression: str, what: str | None = None) -> Iterator[IO[bytes]]:
+    """A streaming reader of the decompressed bytes of ``path``; a truncated or corrupt
+    compressed stream is an ImageError naming ``what`` (the layer and the file it came from).
 
     Called by ``extract.extract_layer_file`` for each layer blob the store unpacks;
     ``compression`` comes from the layer's media type (``oci.layer_compression``).
     """
+    label = what or f"layer {path}"
     if compression == "none":
         with open(path, "rb", buffering=COPY_CHUNK) as f:
             yield f
     elif compression == "gzip":
         with open(path, "rb", buffering=COPY_CHUNK) as raw, gzip.GzipFile(fileobj=raw) as g:
-            yield g  # type: ignore[misc]
+            try:
+                yield g  # type: ignore[misc]
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                raise ImageError(
+                    f"{label}: the gzip stream is truncated or corrupt ({exc}); "
+                    "fetch or export the archive again"
+                ) from None
     elif compression == "zstd":
         zstd = shutil.which("zstd")
         if zstd is None:
@@ -132,6 +160,10 @@ def open_decompressed(path: Path, compression: str) -> Iterator[IO[bytes]]:
                 proc.stderr.close()
                 rc = proc.wait()
                 if ok and rc != 0:
-                    raise ImageError(f"zstd could not decompress layer {path}: {err or rc}")
+                    why = err.splitlines()[-1] if err else f"exit status {rc}"
+                    raise ImageError(
+                        f"{label}: the zstd stream is truncated or corrupt ({why}); "
+                        "fetch or export the archive again"
+                    )
     else:
         raise ImageError(f"unknown layer compression {compression!r} (use none, gzip or zstd)")

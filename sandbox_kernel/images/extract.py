@@ -647,7 +647,7 @@ def extract_layer_file(
             f"what this image may still unpack (ExtractLimits.max_image_bytes "
             f"{limits.max_image_bytes} for all its layers)"
         )
-    with open_decompressed(blob, compression) as stream:
+    with open_decompressed(blob, compression, label) as stream:
         report = extract_tar_stream(
             stream, dest, limits=limits, what=label, max_bytes=cap, bound=bound
         )

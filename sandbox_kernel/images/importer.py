@@ -29,7 +29,7 @@ from typing import IO
 
 from ..errors import DigestMismatch, ImageError, UnsafeArchiveError
 from . import oci
-from .compression import compression_of, sniff_compression
+from .compression import compression_of, sniff_compression, unsupported_compression
 from .store import Image, ImageConfig, ImageStore, Layer
 
 log = logging.getLogger(__name__)
@@ -426,6 +426,9 @@ def _import_path(store: ImageStore, path: Path, name_ref: str | None) -> list[Im
         return _import_oci(store, _DirSource(path), str(path), name, tag)
     if not path.is_file():
         raise ImageError(f"{path} does not exist; give an OCI layout, docker-save or rootfs tar")
+    unsupported = unsupported_compression(path)
+    if unsupported:
+        raise ImageError(unsupported)
     if sniff_compression(path) != "none":
         return [_import_rootfs(store, path, name, tag)]
     with _tar_source(path) as src:

@@ -500,9 +500,10 @@ class ImageStore:
         self._atomic_write(self.layers_dir / oci.digest_hex(digest), diff_id.encode())
 
     def _unpack(
-        self, digest: str, media_type: str, expected_diff_id: str | None
+        self, digest: str, media_type: str, expected_diff_id: str | None, what: str | None = None
     ) -> tuple[str, ExtractReport | None]:
-        """Make sure the snapshot of blob ``digest`` exists; returns its diff_id."""
+        """Make sure the snapshot of blob ``digest`` exists; returns its diff_id. ``what``
+        names the layer in errors (where it came from; its digest by default)."""
         known = self._known_diff_id(digest)
         if expected_diff_id is not None:
             oci.check_digest(expected_diff_id, "diff_id")
@@ -524,7 +525,7 @@ class ImageStore:
                 tmp,
                 limits=self.limits,
                 expected_diff_id=expected_diff_id,
-                what=f"layer {digest}",
+                what=what or f"layer {digest}",
                 image_left=self._image_left,
             )
             if self._image_left is not None:
@@ -611,7 +612,7 @@ class ImageStore:
         ``add_layer_blob``); the blob is verified before it is installed or unpacked."""
         oci.layer_compression(media_type)
         digest, size = self.put_blob_stream(src, expected_digest, expected_size, what)
-        diff_id, _ = self._unpack(digest, media_type, expected_diff_id)
+        diff_id, _ = self._unpack(digest, media_type, expected_diff_id, what)
         return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
 
     def add_layer_from_dir(

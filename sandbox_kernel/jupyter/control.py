@@ -1,7 +1,10 @@
 """The control channel: how code inside a kernel asks the host for something.
 
 Layer: Jupyter (asyncio only). The provisioner serves one ``ControlServer`` per kernel start
-(``launch_kernel``) and closes it in ``cleanup``; its handler answers the requests.
+(``launch_kernel``) and closes it in ``cleanup``; its handler answers the requests. The
+server runs in a thread of its own with its own event loop (``ControlThread``), so requests
+are answered whatever drives the kernel: jupyter_server's event loop, or a blocking
+``KernelManager`` whose loop runs only while the caller is inside one of its calls.
 
 One unix socket per kernel, in the kernel's own connection folder (a tmpfs of its
 container, which the server reaches by a descriptor), owned by the kernel's uid. The host
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 4096
 READ_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 4
+CLOSE_TIMEOUT_S = 10.0  # the most ControlThread.close waits for requests in flight
 RATE_LIMIT = (20, 60.0)  # bursts of 20 requests per kernel, then one every 3 seconds
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -143,8 +147,15 @@ class ControlServer:
         if self.active >= MAX_CONNECTIONS:
             self.rejected += 1
             busy = {"ok": False, "error": "too many requests at once; try again"}
-            with contextlib.suppress(OSError):
+            # read the request first: closing before the client sent it, or with it unread,
+            # resets the client's connection instead of answering it
+            with contextlib.suppress(
+                OSError, asyncio.TimeoutError, EOFError, asyncio.LimitOverrunError
+            ):
+                await asyncio.wait_for(reader.readuntil(b"\n"), READ_TIMEOUT_S)
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
                 writer.write(json.dumps(busy).encode() + b"\n")
+                await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
             writer.close()
             return
         self.active += 1
@@ -198,3 +209,73 @@ class ControlServer:
             extra = ", ".join(sorted(str(k)[:32] for k in request if k != "op"))
             raise _Refused(f"unknown field(s) {extra}; get takes no arguments")
         return request
+
+
+class ControlThread:
+    """Serve one ``ControlServer`` from a dedicated thread running its own event loop, so
+    that it answers whether or not anything else runs the caller's loop. Made by the
+    provisioner for each start (``pre_launch``) and closed by its ``cleanup``; ``handler``
+    then runs in that thread's loop (what it shares with the provisioner's loop it guards
+    with a lock: see ``SandboxProvisioner._change_limits``)."""
+
+    def __init__(self, path: str, handler: Handler, *, uid: int, gid: int, name: str = "") -> None:
+        self.server = ControlServer(path, handler, uid=uid, gid=gid)
+        self.name = name or path  # in the thread's name (the provisioner's: the container id)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread and listen (blocking, until the socket is bound; raises what
+        ``ControlServer.start`` raised, with no thread left). Called by the provisioner's
+        ``pre_launch``."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=loop.run_forever, name=f"sandbox-control {self.name}", daemon=True
+        )
+        thread.start()
+        self._loop, self._thread = loop, thread
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), loop).result(CLOSE_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop listening, end the requests in flight (cancelled; a host-side step already
+        running is waited for), remove the socket, stop and join the thread (blocking,
+        idempotent). Called by the provisioner's ``cleanup``, and by ``pre_launch`` when
+        connecting the kernel fails."""
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        if thread.is_alive():
+            done = asyncio.run_coroutine_threadsafe(self._stop(), loop)
+            try:
+                done.result(CLOSE_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("control socket %s: closing failed: %s", self.server.path, exc)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(CLOSE_TIMEOUT_S)
+        if thread.is_alive():
+            log.warning("control socket %s: its thread did not stop", self.server.path)
+            return
+        loop.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.server.path)
+
+    @property
+    def running(self) -> bool:
+        """Is the thread serving (tests check that nothing is left after ``close``)?"""
+        return self._thread is not None and self._thread.is_alive()
+
+    async def _stop(self) -> None:
+        closing = asyncio.ensure_future(self.server.close())
+        await asyncio.sleep(0)  # the listener is closed: no new connection from here
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me and t is not closing]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await closing
+        await asyncio.get_running_loop().shutdown_default_executor()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import beneath
 from ..errors import ImageError, SandboxError
 from ..paths import shipped_dirs
 from . import kernelspecs
@@ -43,7 +44,7 @@ KEYS: tuple[tuple[str, str], ...] = (
     ("uid: ", "identity"),
     ("cgroup v", "limits"),
     ("127.0.0.1:1", "loopback"),
-    ("1.1.1.1:443", "internet"),
+    ("198.18.0.1:443", "internet"),
     ("wrote ", "file"),
     ("hello from Python 2", "py2 syntax"),
     ("plot: ", "plot"),
@@ -150,7 +151,9 @@ async def run_one(src: Path, kernel_name: str, outdir: Path, timeout: int) -> Re
     result.seconds = time.monotonic() - t0
     result.key = key_outputs(nb)
     out = outdir / src.name.replace(".ipynb", ".executed.ipynb")
-    nbformat.write(nb, out)  # type: ignore[no-untyped-call]
+    # the folder is the kernels': a link planted under this name is replaced, not followed
+    text = nbformat.writes(nb)  # type: ignore[no-untyped-call]
+    beneath.write_bytes(str(outdir), out.name, text.encode("utf-8"))
     result.output = out
     return result
 

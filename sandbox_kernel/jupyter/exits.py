@@ -1,21 +1,95 @@
-"""Why a kernel died, kept across its restarts: ``<run root>/kernels/<kernel id>/``.
+"""Why a kernel died, judged for this death, and kept across its restarts.
 
-Layer: Jupyter. The provisioner records each death that was not asked for (or that a cap
-caused) with ``record``; the restarted kernel's ``%sandbox`` magics get the same data through
-the control socket (``previous_exit``, which the provisioner keeps in memory); the file is
-for whoever looks after the process (``read_last_exit``: tests, an operator); ``forget``
-removes it when the kernel is shut down for good.
+Layer: Jupyter. A cgroup's cap-hit counters (memory.events oom_kill, pids.events max) only
+ever grow, so a counter above zero says a cap was hit at some time in the container's life,
+not that it caused this death. The provisioner judges each death with ``verdict``: a cap is
+blamed only when its counter rose after the kernel was last seen to survive (``CapBaseline``:
+taken at each start, restarts included, and moved on while the kernel is seen alive), and a
+death the server asked for (a shutdown or restart, a signal it sent) is reported as that,
+never as a cap.
+
+The provisioner records each death that was not asked for (or that a cap caused) with
+``record`` in ``<run root>/kernels/<kernel id>/``; the restarted kernel's ``%sandbox`` magics
+get the same data through the control socket (``previous_exit``, which the provisioner keeps
+in memory); the file is for whoever looks after the process (``read_last_exit``: tests, an
+operator); ``forget`` removes it when the kernel is shut down for good.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..cgroups.base import CgroupStats
 from ..paths import run_dir
+from ..runtime.container import ExitResult
 from ..runtime.rundir import write_json
+
+#: A cap hit the kernel was seen alive this long after is one it survived: not blamed for a
+#: later death. (Longer than a process killed by the OOM killer takes to be reaped.)
+SURVIVED_S = 1.0
+
+
+@dataclass(frozen=True)
+class CapCounts:
+    """One reading of a container's cap-hit counters."""
+
+    oom_kills: int = 0
+    pids_limit_hits: int = 0
+
+    @classmethod
+    def of(cls, stats: CgroupStats) -> CapCounts:
+        """The counters of one ``Container.stats`` reading."""
+        return cls(stats.oom_kills, stats.pids_limit_hits)
+
+
+class CapBaseline:
+    """The counters a death of one kernel process is compared with. Made by the provisioner
+    at each start (restarts included) from the new container's counters; ``alive`` is called
+    at each of its polls that found the kernel running."""
+
+    def __init__(self, counts: CapCounts, now: float) -> None:
+        self.counts = counts
+        self._pending = (now, counts)
+
+    def due(self, now: float) -> bool:
+        """Would ``alive`` at ``now`` move the baseline on? (The caller reads the counters
+        only then.)"""
+        return now - self._pending[0] >= SURVIVED_S
+
+    def alive(self, counts: CapCounts, now: float) -> None:
+        """The kernel was seen running at ``now``, and the counters read ``counts`` after:
+        a reading taken at least ``SURVIVED_S`` before ``now`` becomes the baseline (its
+        hits were survived), and this one waits its turn."""
+        if self.due(now):
+            self.counts = self._pending[1]
+            self._pending = (now, counts)
+
+
+def verdict(
+    result: ExitResult,
+    since: CapCounts,
+    *,
+    stop: str | None = None,
+    sent: frozenset[int] = frozenset(),
+) -> ExitResult:
+    """``result`` as the provisioner reports this death (its ``reason()`` is the line users
+    see). ``since``: the baseline's counters; ``stop``: what the server asked for, when it
+    asked this kernel to stop (e.g. "restart requested"); ``sent``: the signals the server
+    sent this kernel process (an interrupt's SIGINT, a user's signal). A death asked for, or
+    by a signal the server sent, names that and blames no cap; otherwise a cap is blamed
+    only when its counter rose past ``since``. Called by the provisioner's ``_record_exit``."""
+    asked = stop or ("sent by the server" if result.signal in sent else None)
+    if asked:
+        return replace(result, oom_killed=False, pids_limit_hit=False, asked=asked)
+    return replace(
+        result,
+        oom_killed=(result.oom_kills or 0) > since.oom_kills,
+        pids_limit_hit=(result.pids_limit_hits or 0) > since.pids_limit_hits,
+    )
 
 
 def kernels_dir(root: Path | None = None) -> Path:

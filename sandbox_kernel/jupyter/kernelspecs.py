@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import SandboxError, SpecError
 from ..limits import BOUNDS
 from ..paths import shipped_dirs
+from . import serverext
 
 PROVISIONER_NAME = "sandbox-provisioner"
 PROVISIONER_OBJECT = "sandbox_kernel.jupyter.provisioner:SandboxProvisioner"
@@ -122,7 +123,10 @@ def install(
     """Install the named kernelspecs (default: all shipped) and return where they went.
 
     Default destination: the system-wide Jupyter data dir; ``user=True``: the user's;
-    ``prefix``: ``<prefix>/share/jupyter/kernels`` (``sys.prefix`` for --sys-prefix).
+    ``prefix``: ``<prefix>/share/jupyter/kernels`` (``sys.prefix`` for --sys-prefix). The
+    file enabling the product's server extension (the guarded contents manager) goes into
+    the matching config folder (``server_config_dir``), so a server that finds these
+    kernels also guards their folders, editable installs included.
     Called by ``sandbox-kernel kernelspec install`` and by the demo.
     """
     from jupyter_client.kernelspec import KernelSpecManager
@@ -146,7 +150,21 @@ def install(
                 config=dict(data["metadata"]["kernel_provisioner"].get("config", {})),
             )
         )
+    serverext.write_config(server_config_dir(user=user, prefix=prefix))
     return out
+
+
+def server_config_dir(*, user: bool = False, prefix: str | None = None) -> Path:
+    """The Jupyter config folder that goes with a kernelspec destination (``prefix``:
+    ``<prefix>/etc/jupyter``; ``user``: the user's config dir; else the first system one),
+    where ``install`` enables the server extension."""
+    from jupyter_core.paths import SYSTEM_CONFIG_PATH, jupyter_config_dir
+
+    if prefix is not None:
+        return Path(prefix) / "etc" / "jupyter"
+    if user:
+        return Path(jupyter_config_dir())
+    return Path(SYSTEM_CONFIG_PATH[0])
 
 
 def installed() -> list[Installed]:

@@ -16,7 +16,9 @@ calls it for the kernel's whole life, across restarts (``cleanup(restart=True)``
   has no writable host folder but the notebook's.
 * post_launch: apply the deferred CPU cap once the kernel answered its first kernel_info.
 * poll/wait: report the exit status; a death by OOM, by the pids cap or by a signal is
-  logged in one plain line and kept (``last_exit``, and ``exits`` for the next kernel).
+  logged in one plain line and kept (``last_exit``, and ``exits`` for the next kernel). The
+  reason describes this death (``exits.verdict``): a cap hit the kernel survived, or a stop
+  the server asked for, is not blamed on a cap.
 * cleanup: destroy the container (processes, cgroups, run dir).
 
 The container id (and so the connection folder) stays the same across restarts, and so
@@ -33,6 +35,8 @@ import json
 import os
 import signal
 import subprocess
+import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
@@ -51,7 +55,7 @@ from ..runtime.rundir import ContainerInfo, find_container, process_alive, runni
 from ..runtime.spec import ContainerSpec
 from ..units import format_cpus, format_size
 from . import exits, launch
-from .control import ControlServer
+from .control import ControlThread
 from .errors import for_user
 from .resolve import KernelSettings, read_policy, resolve_settings
 from .settings import SETTING_NAMES, SandboxPolicy, SandboxSettings, setting_forms
@@ -97,10 +101,17 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self.cwd: str | None = None
         self._waited = False
         self._exit_recorded = False
-        self._stop_requested = False
+        # what the server asked of this kernel process: a stop ("restart requested"...),
+        # the signals sent; and the cap counters its death is judged against
+        self._stop: str | None = None
+        self._sent: set[int] = set()
+        self._caps: exits.CapBaseline | None = None
         self._cpu_task: asyncio.Task[None] | None = None
         self._reattached_pid: int | None = None
-        self._control: ControlServer | None = None
+        self._control: ControlThread | None = None
+        # held while the container's limits change (a %sandbox request, from the control
+        # thread; the deferred CPU cap) and while the container is destroyed
+        self._limits_lock = threading.Lock()
         self._paths: launch.ConnectionPaths | None = None
         self._owner: tuple[int, int] = (-1, -1)  # the kernel's host uid and gid
         #: the server's descriptor of the kernel's connection folder (the same number across
@@ -197,6 +208,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             if proc is None:
                 return 0
             if proc.poll() is None:
+                await self._seen_alive(self.container)
                 return None
             result = await asyncio.to_thread(self.container.poll)
             if result is None:
@@ -221,8 +233,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     async def send_signal(self, signum: int) -> None:
         """Signal the kernel (``Container.signal``; SIGKILL kills the whole container).
         Called by the KernelManager's ``signal_kernel`` and ``interrupt_kernel`` (SIGINT)."""
+        self._sent.add(signum)
         if signum == signal.SIGKILL:
-            self._stop_requested = True
+            self._stop = self._stop or "sent by the server"
         if self.container is not None:
             if signum == signal.SIGKILL:
                 await asyncio.to_thread(self.container.kill)
@@ -237,18 +250,19 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         """SIGKILL everything in the container (a requested stop). Called by the
         KernelManager on ``shutdown_kernel(now=True)`` (so on ``restart_kernel(now=True)``,
         the restarter's way) and when a shutdown request timed out."""
+        self._stop = _stopped_by_server(self._stop)
         await self.send_signal(signal.SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
         """SIGTERM the kernel (a requested stop). Called by the KernelManager when a
         shutdown request was not answered within half the shutdown wait time."""
-        self._stop_requested = True
+        self._stop = _stopped_by_server(self._stop)
         await self.send_signal(signal.SIGTERM)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         """Note that the coming exit was asked for (not logged or kept as a death). Called by
         the KernelManager after it sent ``shutdown_request``."""
-        self._stop_requested = True
+        self._stop = "restart requested" if restart else "shutdown requested"
 
     # ---- contract: launch ---------------------------------------------------------------------
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -406,7 +420,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self.cwd = workdir
         self._waited = False
         self._exit_recorded = False
-        self._stop_requested = False
+        self._stop = None
+        self._sent = set()
+        self._caps = None
         self._previous_exit = self._abnormal_exit
         self._abnormal_exit = None
         self._image_digest = digest
@@ -441,17 +457,21 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the container created by ``pre_launch`` (in a thread; returns once the kernel
         exec'd) and return the connection info. Called by the KernelManager right after
-        ``pre_launch``; a failed start destroys the container."""
+        ``pre_launch``; a failed start closes the control socket and destroys the container."""
         container = self.container
         if container is None:
             raise SandboxError(f"{self._context}: launch_kernel called without pre_launch")
         stdout = kwargs.get("stdout")
         stderr = kwargs.get("stderr")
+        # a new cgroup's counters (zero, unless the runtime reused one): this life's baseline
+        counts = await asyncio.to_thread(_cap_counts, container)
+        self._caps = exits.CapBaseline(counts or exits.CapCounts(), time.monotonic())
         try:
             await asyncio.to_thread(
                 container.start, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
             )
         except BaseException as exc:
+            await self._close_control()
             await asyncio.to_thread(container.destroy)
             self.container = None
             if isinstance(exc, SandboxError):
@@ -493,13 +513,14 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         km._connection_file_written = False  # KernelManager writes its copy from what we return
         self.connection_info = km.get_connection_info()
         uid, gid = self._owner
-        self._control = ControlServer(
+        self._control = ControlThread(
             paths.host_path(self._conn_fd, launch.CONTROL_SOCKET),
             self._control_request,
             uid=uid,
             gid=gid,
+            name=container.id,
         )
-        await self._control.start()
+        await asyncio.to_thread(self._control.start)
 
     async def post_launch(self, **kwargs: Any) -> None:
         """Wait (bounded by cpu_defer_timeout, and only while the kernel lives) for the kernel's
@@ -536,17 +557,31 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             and container.proc.poll() is None
         ):
             try:
-                await asyncio.to_thread(container.apply_deferred_cpu)
+                await asyncio.to_thread(self._locked, container.apply_deferred_cpu)
             except SandboxError as exc:
                 self.log.warning("kernel %s: could not apply the CPU cap: %s", self.kernel_id, exc)
 
     # ---- contract: end ---------------------------------------------------------------------
+    async def _seen_alive(self, container: Container) -> None:
+        """The kernel runs: move the cap baseline on (``exits.CapBaseline.alive``), so that a
+        cap hit it survived is not blamed for a later death. Called by ``poll`` (the
+        restarter's, every few seconds), at most once a second."""
+        caps, now = self._caps, time.monotonic()
+        if caps is None or not caps.due(now):
+            return
+        counts = await asyncio.to_thread(_cap_counts, container)
+        if counts is not None:
+            caps.alive(counts, now)
+
     def _record_exit(self, result: ExitResult) -> None:
         """Keep how the container ended (once per start); log and persist a death that was
         not asked for, or that a cap caused, for the restarted kernel to report."""
         if self._exit_recorded:
             return
         self._exit_recorded = True
+        since = self._caps.counts if self._caps is not None else exits.CapCounts()
+        result = exits.verdict(result, since, stop=self._stop, sent=frozenset(self._sent))
+        stop_requested = self._stop is not None
         data = result.to_json()
         data["kernel_id"] = self.kernel_id
         data["kernelspec"] = self.kernelspec_name
@@ -556,13 +591,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             result.oom_killed
             or result.pids_limit_hit
             or result.setup_error
-            or (result.signal is not None and not self._stop_requested)
+            or (result.signal is not None and not stop_requested)
         )
         if abnormal:
             self.log.warning(
                 "kernel %s (%s) stopped: %s", self.kernel_id, self.display_name, result.reason()
             )
-        if abnormal or not self._stop_requested:
+        if abnormal or not stop_requested:
             self._abnormal_exit = data
             try:
                 exits.record(str(self.kernel_id), data)
@@ -571,12 +606,19 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     async def _close_control(self) -> None:
         if self._control is not None:
-            await self._control.close()
+            await asyncio.to_thread(self._control.close)
             self._control = None
+
+    def _locked(self, step: Callable[[], None]) -> None:
+        """Run ``step`` (a change of the container's limits, or its destruction) under the
+        limits lock (blocking: in a thread)."""
+        with self._limits_lock:
+            step()
 
     async def _control_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """Requests of the in-kernel %sandbox magics (control.py bounds and rate-limits them;
-        ``limits.plan_change`` validates a change against the bounds and the ceilings)."""
+        ``limits.plan_change`` validates a change against the bounds and the ceilings).
+        Runs in the control thread's event loop, not the provisioner's."""
         container, settings = self.container, self.settings
         if container is None or settings is None:
             return {"ok": False, "error": "the kernel is restarting; try again in a moment"}
@@ -593,18 +635,38 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         ceilings = policy.ceilings.or_start(self._start_limits or settings.limits)
         if request.get("op") == "get":
             return {"ok": True, "info": self._info(container, settings, policy.ceilings, ceilings)}
-        usage: int | None
-        try:
-            usage = (await asyncio.to_thread(container.stats)).memory_current
-        except SandboxError:
-            usage = None
-        new, warnings = plan_change(request, container.limits, ceilings, usage)
-        await asyncio.to_thread(container.update, new)
+        return await asyncio.to_thread(self._change_limits, container, request, ceilings)
+
+    def _change_limits(
+        self, container: Container, request: dict[str, Any], ceilings: Any
+    ) -> dict[str, Any]:
+        """Check a live change (``limits.plan_change``; raises LimitRefused) and apply it to
+        ``container``, under the limits lock, only while it still serves this kernel: the
+        one place a change from the kernel reaches the cgroup. Called (blocking, in a
+        thread) by ``_control_request``."""
+        with self._limits_lock:
+            if container is not self.container:
+                return {"ok": False, "error": "the kernel is restarting; try again in a moment"}
+            usage: int | None
+            try:
+                usage = container.stats().memory_current
+            except SandboxError:
+                usage = None
+            new, warnings = plan_change(request, container.limits, ceilings, usage)
+            try:
+                container.update(new)
+            except SandboxError as exc:  # its text names host paths: the log has it, not the kernel
+                self.log.warning("kernel %s: limits %s not applied: %s", self.kernel_id, new, exc)
+                return {
+                    "ok": False,
+                    "error": "the host could not apply the new limits; the old ones stay (the "
+                    "server's log has the details)",
+                }
+            lim = container.limits
+            for name in LIVE:
+                if name in request:
+                    self._live[name] = getattr(lim, name)
         self.log.info("kernel %s: limits changed from the kernel: %s", self.kernel_id, new)
-        lim = container.limits
-        for name in LIVE:
-            if name in request:
-                self._live[name] = getattr(lim, name)
         return {
             "ok": True,
             "limits": {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids},
@@ -652,7 +714,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             self._cpu_task = None
         container = self.container
         if container is not None:
-            await asyncio.to_thread(container.destroy)
+            await asyncio.to_thread(self._locked, container.destroy)
             result = container.poll()
             if result is not None:
                 self._record_exit(result)
@@ -741,6 +803,24 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             f"image {s.image}, memory {format_size(lim.memory)}, cpus {format_cpus(lim.cpus)}, "
             f"pids {lim.pids}, uid {s.uid}"
         )
+
+
+def _stopped_by_server(stop: str | None) -> str:
+    """What the death reason says once the KernelManager stopped the kernel by SIGTERM or
+    SIGKILL, after ``stop`` (a shutdown request it sent, when it did). Its ``restart``
+    argument is not passed on every path, so the reason does not use it."""
+    forced = "stopped by the server"
+    if stop is None or stop == "sent by the server" or stop.endswith(forced):
+        return forced
+    return f"{stop}, then {forced}"
+
+
+def _cap_counts(container: Container) -> exits.CapCounts | None:
+    """The container's cap-hit counters now (blocking: run in a thread), None if unreadable."""
+    try:
+        return exits.CapCounts.of(container.stats())
+    except SandboxError:
+        return None
 
 
 async def _wait_kernel_info(connection_info: dict[str, Any], alive: Callable[[], bool]) -> None:

@@ -99,22 +99,28 @@ class ExitResult:
     status: int  # shell-style: N, or 128+signal
     code: int | None  # exit code when it exited
     signal: int | None  # signal number when killed
-    oom_killed: bool  # the memory cap's OOM killer killed a process of the container
+    # the memory cap's OOM killer killed a process of the container (in the provisioner's
+    # verdict, ``jupyter.exits.verdict``: during this kernel process's life, shortly before
+    # this death, and the death was not asked for)
+    oom_killed: bool
     memory_limit: int | None
     memory_peak: int | None
-    pids_limit_hit: bool  # a fork was refused by the pids cap
+    pids_limit_hit: bool  # a fork was refused by the pids cap (same verdict as oom_killed)
     pids_limit: int | None
     setup_error: str | None = None
+    # the counters behind the two flags, as read when the container ended (None: unread)
+    oom_kills: int | None = None
+    pids_limit_hits: int | None = None
+    # who asked for this death, when its owner did ("restart requested", "sent by the
+    # server"): the reason names it and blames no cap
+    asked: str | None = None
 
     def reason(self) -> str:
         """One plain line: why the container ended (``run`` prints it on an OOM or pids-cap
-        death; the provisioner logs it)."""
+        death; the provisioner logs and keeps it)."""
         if self.setup_error:
             return f"the sandbox could not start: {self.setup_error}"
-        if self.oom_killed:
-            limit, peak = format_size(self.memory_limit), format_size(self.memory_peak)
-            text = f"out of memory (limit {limit}, peak {peak})"
-        elif self.signal is not None:
+        if self.signal is not None:
             try:
                 name = signal.Signals(self.signal).name
             except ValueError:
@@ -122,6 +128,11 @@ class ExitResult:
             text = f"killed by {name}"
         else:
             text = f"exited with code {self.code}"
+        if self.asked:
+            return f"{text} ({self.asked})"
+        if self.oom_killed:
+            limit, peak = format_size(self.memory_limit), format_size(self.memory_peak)
+            text = f"out of memory (limit {limit}, peak {peak})"
         if self.pids_limit_hit:
             text += f"; the process limit ({self.pids_limit}) was reached"
         return text
@@ -498,6 +509,8 @@ class Container:
             pids_limit_hit=bool(st and st.pids_limit_hits > 0),
             pids_limit=st.pids_limit if st else self.limits.pids,
             setup_error=self._setup_error,
+            oom_kills=st.oom_kills if st else None,
+            pids_limit_hits=st.pids_limit_hits if st else None,
         )
         write_json(self.run_dir / "exit.json", self._result.to_json())
 

@@ -11,16 +11,21 @@ plus a read-only bind mount of the host's /usr. The layer is rebuilt when the ho
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
+import stat
 import time
 from pathlib import Path
 
 from ..errors import SandboxError
 from ..paths import state_dir
+from .rundir import process_alive
 from .spec import Bind
 
 log = logging.getLogger(__name__)
@@ -64,18 +69,58 @@ def _stamp() -> str:
     return "\n".join(parts)
 
 
-def _copy_etc(dst: Path) -> None:
-    for name in ETC_ALLOWLIST:
-        src = Path("/etc") / name
-        if src.is_symlink():
-            os.symlink(os.readlink(src), dst / name)
-        elif src.is_dir():
-            shutil.copytree(src, dst / name, symlinks=True)
-        elif src.is_file():
-            shutil.copy2(src, dst / name)
-    for sub in dst.rglob("*"):
-        if not sub.is_symlink():
-            os.chmod(sub, 0o755 if sub.is_dir() else 0o644)
+#: errnos that mean an entry under /etc vanished or changed type while it was copied
+_CHANGED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL, errno.EISDIR})
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _copy_entry(parent: int, name: str, dst: Path) -> None:
+    """Copy the entry ``name`` of the open directory ``parent`` (under /etc) to ``dst`` as it
+    is at this instant, never following a link (a link is copied as a link, every open is
+    relative to its parent's fd with O_NOFOLLOW): a directory entry by entry, 0755, a regular
+    file 0644; FIFOs, sockets and devices are skipped, and so is an entry that vanishes or
+    changes type while it is copied (dpkg replacing /etc/alternatives). Whether the copy as
+    a whole is consistent is ``_build``'s stamp check. Called by ``_copy_etc``."""
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=parent), dst)
+        elif stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            try:
+                os.mkdir(dst, 0o755)
+                os.chmod(dst, 0o755)  # whatever the umask
+                for child in sorted(os.listdir(fd)):
+                    _copy_entry(fd, child, dst / child)
+            finally:
+                os.close(fd)
+        elif stat.S_ISREG(st.st_mode):
+            _copy_file(parent, name, dst)
+    except OSError as exc:
+        if exc.errno not in _CHANGED:
+            raise
+
+
+def _copy_file(parent: int, name: str, dst: Path) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+    with os.fdopen(fd, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            return  # replaced by something else since the stat
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with os.fdopen(out, "wb") as fout:
+            os.fchmod(fout.fileno(), 0o644)
+            shutil.copyfileobj(fin, fout)
+
+
+def _copy_etc(dst: Path, etc: str = "/etc") -> None:
+    """Copy the allowlisted entries of ``etc`` into ``dst`` (the layer's etc). Called by
+    ``_build``; tests pass a fake ``etc``."""
+    fd = os.open(etc, _DIR_FLAGS)
+    try:
+        for name in ETC_ALLOWLIST:
+            _copy_entry(fd, name, dst / name)
+    finally:
+        os.close(fd)
 
 
 def _versions_dir(base: Path | None) -> Path:
@@ -87,11 +132,13 @@ def _version_path(versions: Path, stamp: str) -> Path:
     return versions / hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
 
-def _build(versions: Path, final: Path, stamp: str) -> None:
+def _build(versions: Path, final: Path, stamp: str, *, settle: bool) -> bool:
     """Build a fresh layer beside ``final`` and rename it into place (a new name: never a
     rename over an existing directory, which fails across filesystems and would pull the
-    layer from under running containers)."""
-    tmp = versions / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    layer from under running containers). With ``settle``, a copy during which the copied
+    /etc files changed (their stamp is no longer ``stamp``) is dropped and False returned,
+    for ``layer_dir`` to try again. Nothing half-built is left, whatever fails."""
+    tmp = versions / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir(parents=True, mode=0o755)
     try:
         for d in _DIRS:
@@ -100,46 +147,86 @@ def _build(versions: Path, final: Path, stamp: str) -> None:
             if os.path.lexists(f"/{name}"):
                 os.symlink(f"usr/{name}", tmp / name)
         _copy_etc(tmp / "etc")
+        if settle and _stamp() != stamp:
+            return False
         (tmp / ".stamp").write_text(stamp)
         try:
             os.rename(tmp, final)
         except OSError:
             if not final.is_dir():  # not a lost race with another process: a real error
                 raise
+        return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: Prefix of a layer being built in the versions dir (then the builder's pid and a nonce).
+_TMP_PREFIX = ".tmp-"
+#: The single layer of version 0.1 (in the state dir), and its build and replaced leftovers.
+_LEGACY = "host-layer"
+_LEGACY_LEFTOVER = re.compile(r"host-layer\.(tmp|old)([0-9]+)")
+#: How long after its last use by ``layer_dir`` a version is kept whatever the run dirs say
+#: (the container it was handed to records it in its run dir moments later).
+USE_GRACE_S = 600.0
+
+
+def _mark_used(version: Path) -> None:
+    """Record that ``version`` was just handed out (the mtime of its .stamp), so that a gc
+    between ``layer_dir`` and the run dir recording it keeps it; an unwritable store records
+    nothing (and nothing there is collected either)."""
+    with contextlib.suppress(OSError):
+        os.utime(version / ".stamp")
 
 
 def layer_dir(base: Path | None = None) -> Path:
     """The host image's lower layer for the host's /etc files as they are now (under the
     state dir unless ``base`` is given): one directory per version of those files, made
-    when first needed. Called by ``sandbox-kernel run host`` at each run.
+    when first needed. Called by ``sandbox-kernel run host`` (and the builder, benchmarks)
+    for each container.
 
-    A rebuild that fails (the host changing /etc while it is copied, a read-only state dir)
-    never fails a container start while an earlier version exists: that one is used."""
+    A rebuild never fails a container start while an earlier layer exists: /etc changing
+    during the copy is retried, and a rebuild that cannot be made (a read-only or full state
+    dir) uses the newest earlier version, or the layer of version 0.1, with a warning."""
     versions = _versions_dir(base)
-    stamp = _stamp()
-    final = _version_path(versions, stamp)
-    if (final / ".stamp").is_file():
-        return final
-    errors = []
-    for _attempt in range(2):  # /etc may change under the copy: try once more
+    error: OSError | None = None
+    for attempt in range(3):  # /etc may change under the copy: the last try keeps it anyway
+        stamp = _stamp()
+        final = _version_path(versions, stamp)
+        if (final / ".stamp").is_file():
+            _mark_used(final)
+            return final
         try:
             versions.mkdir(parents=True, exist_ok=True, mode=0o755)
-            _build(versions, final, stamp)
-            return final
-        except (OSError, shutil.Error) as exc:
-            errors.append(exc)
-    fallback = _newest(versions)
+            if _build(versions, final, stamp, settle=attempt < 2):
+                return final
+        except OSError as exc:  # shutil.Error included
+            error = exc
+            break
+    fallback = _newest(versions) or _legacy(base)
     if fallback is not None:
         log.warning(
-            "the host image layer could not be refreshed (%s); using %s", errors[-1], fallback
+            "the host image layer could not be refreshed (%s); using the earlier %s",
+            error,
+            fallback,
         )
+        _mark_used(fallback)
         return fallback
     raise SandboxError(
-        f"cannot make the host image layer in {versions}: {errors[-1]}; check that the state "
-        "directory is writable (SANDBOX_KERNEL_STATE_DIR)"
+        f"cannot make the host image layer in {versions}: {error}; check that the state "
+        "directory is writable and has space (SANDBOX_KERNEL_STATE_DIR)"
     )
+
+
+def _legacy(base: Path | None) -> Path | None:
+    legacy = (base or state_dir()) / _LEGACY
+    return legacy if (legacy / ".stamp").is_file() else None
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0  # removed meanwhile
 
 
 def _newest(versions: Path) -> Path | None:
@@ -147,7 +234,13 @@ def _newest(versions: Path) -> Path | None:
         done = [p for p in versions.iterdir() if (p / ".stamp").is_file()]
     except OSError:
         return None
-    return max(done, key=lambda p: p.stat().st_mtime, default=None)
+    return max(done, key=_mtime, default=None)
+
+
+def _stale_build(pid: int, path: Path, now: float, grace_s: float) -> bool:
+    """Is the build leftover ``path`` of process ``pid`` dead? Its builder is gone, or (its
+    pid reused) it is older than ``grace_s``."""
+    return not process_alive(pid, None) or now - _mtime(path) >= grace_s
 
 
 def collect(
@@ -155,31 +248,45 @@ def collect(
 ) -> list[str]:
     """Remove the host layer versions no container uses (``in_use``: the layer paths of the
     live containers; ``unknown``: some live container did not record its layers, so the
-    layer of version 0.1 stays) but the current one, and build leftovers older than
-    ``grace_s``; returns what went. Called by ``leftovers.collect_leftovers``."""
+    layers of version 0.1 stay) but the current one and those handed out in the last
+    ``USE_GRACE_S``, and build leftovers (``.tmp-PID-*``, and 0.1's ``host-layer.tmpPID``)
+    whose builder is gone or older than ``grace_s``; returns the names removed. Called by
+    ``leftovers.collect_host_layers`` (``sandbox-kernel gc``, ``image gc``, each create)."""
+    root = base or state_dir()
     versions = _versions_dir(base)
     newest = _version_path(versions, _stamp())
     removed = []
+    now = time.time()
     try:
         entries = list(versions.iterdir())
     except OSError:
-        return []
-    now = time.time()
+        entries = []
     for p in entries:
         if p == newest or str(p) in in_use:
             continue
-        if p.name.startswith(".tmp-"):
-            try:
-                if now - p.stat().st_mtime < grace_s:
-                    continue
-            except OSError:
+        if p.name.startswith(_TMP_PREFIX):
+            pid = p.name[len(_TMP_PREFIX) :].split("-", 1)[0]
+            if pid.isdecimal() and not _stale_build(int(pid), p, now, grace_s):
                 continue
+        elif now - _mtime(p / ".stamp") < USE_GRACE_S:
+            continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p.name)
-    legacy = (base or state_dir()) / "host-layer"  # the single layer of version 0.1
-    if legacy.is_dir() and not unknown and str(legacy) not in in_use:
-        shutil.rmtree(legacy, ignore_errors=True)
-        removed.append(legacy.name)
+    try:
+        legacy = [
+            p for p in root.iterdir() if p.name == _LEGACY or _LEGACY_LEFTOVER.fullmatch(p.name)
+        ]
+    except OSError:
+        legacy = []
+    for p in legacy:
+        m = _LEGACY_LEFTOVER.fullmatch(p.name)
+        if m and m.group(1) == "tmp":
+            if not _stale_build(int(m.group(2)), p, now, grace_s):
+                continue
+        elif unknown or str(p) in in_use:  # 0.1's containers did not record their layers
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
     return removed
 
 

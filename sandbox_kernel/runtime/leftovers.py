@@ -72,8 +72,11 @@ def live_ids(root: Path) -> set[str]:
     return {e.name for e in container_dirs(root) if _entry_live(e)}
 
 
-def _collect_host_layers(root: Path) -> list[str]:
-    """The host image layers no live container uses (their run dirs record their layers)."""
+def collect_host_layers(root: Path | None = None) -> list[str]:
+    """Remove the host image layer versions and build leftovers no live container of the run
+    root ``root`` (default ``paths.run_dir()``) uses (their run dirs record their layers);
+    returns their names. Called by ``collect_leftovers`` and by ``sandbox-kernel image gc``."""
+    root = root or run_dir()
     in_use: set[str] = set()
     unknown = False
     for entry in container_dirs(root):
@@ -121,7 +124,7 @@ def collect_leftovers(
             report.errors.append(f"cgroup {name}: {exc}")
     for name in report.run_dirs:
         shutil.rmtree(root / name, ignore_errors=True)
-    report.host_layers = _collect_host_layers(root)
+    report.host_layers = collect_host_layers(root)
     if report.run_dirs or report.cgroups:
         log.info("gc removed run dirs %s, cgroups %s", report.run_dirs, report.cgroups)
     return report

@@ -445,6 +445,50 @@ async def test_after_an_oom_kill_the_next_kernel_says_why(sandboxes: Kernels, na
     assert res.ok and "previous kernel" not in res.stderr, res
 
 
+#: A cell that meets the pids cap and lives on: threads until one cannot start, then let go.
+HIT_THE_PIDS_CAP = """
+import threading
+ev, ts = threading.Event(), []
+try:
+    while len(ts) < 2000:
+        t = threading.Thread(target=ev.wait)
+        t.start()
+        ts.append(t)
+except Exception:
+    pass
+ev.set()
+for t in ts:
+    t.join()
+print(len(ts) < 2000)
+"""
+
+
+@pytest.mark.parametrize("name", KERNELS)
+async def test_a_restart_after_the_pids_cap_was_hit_is_not_blamed_on_the_cap(
+    sandboxes: Kernels, name: str
+) -> None:
+    km = await sandboxes.start(name, pids=64)
+    p = sandboxes.provisioner(km)
+    res = await execute(km, HIT_THE_PIDS_CAP)
+    assert res.ok and res.stdout.strip() == "True", res
+    assert sandboxes.cgroup(km).pids_limit_hits > 0  # the cap was hit, and the kernel lives
+    # a restart the user asked for, answered by the kernel
+    await km.restart_kernel()
+    assert p.last_exit is not None, p.last_exit
+    assert "restart requested" in p.last_exit["reason"], p.last_exit
+    assert "process limit" not in p.last_exit["reason"] and not p.last_exit["pids_limit_hit"]
+    res = await execute(km, "print('fresh')")
+    assert res.ok and "previous kernel" not in res.stderr, res
+    # the cap hit again, then a forced restart (SIGKILL, the restarter's way)
+    res = await execute(km, HIT_THE_PIDS_CAP)
+    assert res.ok and sandboxes.cgroup(km).pids_limit_hits > 0, res
+    await km.restart_kernel(now=True)
+    assert p.last_exit is not None
+    assert p.last_exit["reason"] == "killed by SIGKILL (stopped by the server)", p.last_exit
+    res = await execute(km, "print('fresh')")
+    assert res.ok and "previous kernel" not in res.stderr, res
+
+
 # ---- 7. sandbox-kernel stats ---------------------------------------------------------------
 @pytest.mark.parametrize("name", KERNELS)
 async def test_stats_json_shows_the_running_kernel(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
@@ -113,7 +115,7 @@ async def test_network_is_absent(
 ) -> None:
     code = (
         "import socket, time\n"
-        "for addr in (('127.0.0.1', 1), ('1.1.1.1', 443)):\n"
+        "for addr in (('127.0.0.1', 1), ('198.18.0.1', 443)):\n"
         "    s = socket.socket(); s.settimeout(5); t = time.time()\n"
         "    try:\n"
         "        s.connect(addr); print('connected')\n"
@@ -366,7 +368,9 @@ async def test_kernel_command_missing_in_image_fails_clearly(
     assert info.value.status_code == 500
     p = km.provisioner
     assert isinstance(p, prov.SandboxProvisioner) and p.container is None and p.container_id
-    clean_host.append(p.container_id)  # its run dir and cgroups are gone already
+    cid = p.container_id
+    clean_host.append(cid)  # its run dir and cgroups are gone already
+    assert not [t for t in threading.enumerate() if cid in t.name]  # nor its control thread
 
 
 async def test_sandbox_magics_in_both_kernels(
@@ -485,3 +489,63 @@ async def test_connection_folder_is_no_host_write_and_shows_no_host_path(
         assert _tree_bytes(run_dir() / p.container_id) < 1 << 20
         reply, out = await execute(km, "print(6 * 7)")
         assert reply["status"] == "ok" and out.strip() == "42", out
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_sandbox_requests_are_answered_under_a_blocking_kernel_manager(
+    clean_host: list[str], kernels: Path, notebook_dir: Path, name: str
+) -> None:
+    """Scripts drive kernels with the blocking KernelManager, whose event loop runs only
+    inside its calls: %sandbox (a report, then a live change) is answered while this thread
+    sleeps outside any jupyter_client call."""
+    import uuid
+
+    from jupyter_client.manager import KernelManager
+
+    done = notebook_dir / f"answered-{uuid.uuid4().hex[:8]}"
+    code = (
+        "try:\n"
+        "    r = %sandbox\n"
+        "    print(r)\n"
+        "    %sandbox pids=200\n"
+        "finally:\n"
+        f"    open({done.name!r}, 'w').close()\n"
+    )
+    km = KernelManager(kernel_name=name)
+    km.start_kernel(cwd=str(notebook_dir))
+    kc = km.client()
+    try:
+        provisioner = km.provisioner
+        assert isinstance(provisioner, prov.SandboxProvisioner) and provisioner.container_id
+        cid = provisioner.container_id
+        clean_host.append(cid)
+        kc.start_channels()
+        kc.wait_for_ready(timeout=120)
+        msg_id = kc.execute(code)
+        deadline = time.monotonic() + 120
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)  # not inside any jupyter_client call
+        assert done.exists(), "the cell did not finish"
+        reply = kc.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        out: list[str] = []
+        err: list[str] = []
+        while True:
+            msg = kc.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "stream":
+                (out if msg["content"]["name"] == "stdout" else err).append(msg["content"]["text"])
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        text = "".join(out)
+        assert reply["content"]["status"] == "ok" and not err, (text, err)
+        assert "process limit        256" in text and "did not answer" not in text, text
+        assert re.search(r"Limits now: memory 1 GiB, cpus [\d.]+, pids 200\n", text), text
+        assert provisioner.container is not None
+        assert provisioner.container.stats().pids_limit == 200
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        done.unlink(missing_ok=True)
+    assert not [t for t in threading.enumerate() if cid in t.name]  # nor its control thread

@@ -61,7 +61,8 @@ def launch_server(base: Path) -> Server:
     (kernels / "big-sandbox" / "kernel.json").write_text(json.dumps(big))
     root = base / "root"
     root.mkdir()
-    os.chown(root, 1000, 1000)
+    if os.geteuid() == 0:
+        os.chown(root, 1000, 1000)  # kernels run as the folder's owner; rootless: the server's
     eps = kernelspecs.entry_point_dir(base / "eps")
     token = secrets.token_hex(16)
     port = free_port()
@@ -70,6 +71,8 @@ def launch_server(base: Path) -> Server:
         "HOME": str(base),
         "JUPYTER_PATH": str(prefix / "share" / "jupyter"),
         "JUPYTER_CONFIG_DIR": str(base / "config"),
+        # where kernelspec install enabled the server extension (as for a --prefix install)
+        "JUPYTER_CONFIG_PATH": str(prefix / "etc" / "jupyter"),
         "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
         "PYTHONPATH": os.pathsep.join([str(REPO), str(eps)]),
         "SECRET_OF_THE_SERVER": "must-not-leak",

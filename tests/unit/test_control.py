@@ -37,7 +37,7 @@ def test_change_within_ceilings() -> None:
             {"pids": 100000},
             "pids=100000 refused: this server allows at most 512 processes per kernel",
         ),
-        ({"memory": "1K"}, "minimum"),
+        ({"memory": "1K"}, "memory='1K' is too small; use 16M to 1048576T"),
         ({"pids": "-3"}, "not a whole number"),
         ({"memory": "lots"}, "is not a size"),
         ({"cpus": True}, "not a valid value"),
@@ -189,3 +189,138 @@ async def test_too_many_connections_get_an_answer(
         assert (await first)["ok"] is True
     finally:
         await server.close()
+
+
+def _slow_client(path: str) -> dict[str, Any]:
+    """A blocking client like the in-kernel magics, slow to send its request: it connects,
+    then sends (the server must not have closed meanwhile), then reads the reply."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        time.sleep(0.3)  # not measured: it only opens the window for an early close
+        s.sendall(b'{"op": "get"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+async def test_connections_over_the_limit_are_answered_not_reset(server_path: str) -> None:
+    from sandbox_kernel.jupyter import control
+
+    gate = asyncio.Event()
+    held = 0
+
+    async def handler(req: dict[str, Any]) -> dict[str, Any]:
+        nonlocal held
+        held += 1
+        await gate.wait()
+        return {"ok": True}
+
+    server = ControlServer(server_path, handler, uid=os.getuid(), gid=os.getgid())
+    await server.start()
+    try:
+        first = [
+            asyncio.ensure_future(_request(server_path, b'{"op": "get"}\n'))
+            for _ in range(control.MAX_CONNECTIONS)
+        ]
+        while held < control.MAX_CONNECTIONS:
+            await asyncio.sleep(0.01)
+        over = await asyncio.gather(
+            *(asyncio.to_thread(_slow_client, server_path) for _ in range(3))
+        )
+        for reply in over:  # the fifth, sixth and seventh at once
+            assert reply == {"ok": False, "error": "too many requests at once; try again"}
+        gate.set()
+        assert [(await f)["ok"] for f in first] == [True] * control.MAX_CONNECTIONS
+        assert server.rejected == 3
+    finally:
+        await server.close()
+
+
+def _ask_blocking(path: str, payload: bytes, timeout: float = 5.0) -> dict[str, Any]:
+    """One request as the in-kernel magics make it: a blocking socket."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(payload)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+def test_the_control_thread_answers_with_no_event_loop_running_and_leaves_nothing(
+    server_path: str,
+) -> None:
+    """No event loop runs in this (the caller's) thread: as with a blocking KernelManager
+    between its calls, the thread of the server answers on its own."""
+    import threading
+
+    from sandbox_kernel.jupyter.control import ControlThread
+
+    stuck = threading.Event()
+
+    async def handler(req: dict[str, Any]) -> dict[str, Any]:
+        if req["op"] == "set":  # a request in flight when the kernel shuts down
+            stuck.set()
+            await asyncio.sleep(3600)
+        return {"ok": True, "thread": threading.current_thread().name}
+
+    before = set(threading.enumerate())
+    server = ControlThread(server_path, handler, uid=os.getuid(), gid=os.getgid())
+    server.start()
+    try:
+        assert server.running
+        reply = _ask_blocking(server_path, b'{"op": "get"}\n')
+        assert reply["ok"] and reply["thread"] != threading.current_thread().name
+        assert "not JSON" in _ask_blocking(server_path, b"{nope\n")["error"]  # checks apply
+        ended: list[str] = []
+
+        def ask_and_hang() -> None:
+            try:
+                _ask_blocking(server_path, b'{"op": "set"}\n', 30)
+            except ValueError:  # no JSON: the connection was closed unanswered
+                ended.append("closed")
+
+        asker = threading.Thread(target=ask_and_hang)
+        asker.start()
+        assert stuck.wait(10)
+    finally:
+        server.close()
+    asker.join(30)
+    # the request in flight was ended (the connection closed), not left hanging
+    assert not asker.is_alive() and ended == ["closed"]
+    assert not server.running and not os.path.exists(server_path)
+    assert set(threading.enumerate()) <= before
+    server.close()  # idempotent
+
+
+def test_a_control_thread_that_cannot_listen_raises_and_leaves_no_thread(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    from sandbox_kernel.jupyter.control import ControlThread
+
+    async def handler(req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    before = set(threading.enumerate())
+    server = ControlThread(
+        str(tmp_path / "missing" / "ctl"), handler, uid=os.getuid(), gid=os.getgid()
+    )
+    with pytest.raises(OSError):
+        server.start()
+    assert not server.running and set(threading.enumerate()) <= before

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from jupyter_client.manager import AsyncKernelManager
 from tornado.web import HTTPError
 from traitlets.config import Config
 
-from sandbox_kernel.errors import ContainerNotFound, SpecError
+from sandbox_kernel.errors import CgroupError, ContainerNotFound, SpecError
 from sandbox_kernel.jupyter import exits, kernelspecs, launch
 from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
@@ -47,6 +48,7 @@ class FakeContainer:
     """Records the spec; 'runs' a host `sleep` as the kernel so signals and exits are real."""
 
     created: list[FakeContainer] = []
+    kernel_code = "import time; time.sleep(60)"
 
     def __init__(self, spec: ContainerSpec, root: Path, meta: dict[str, Any]) -> None:
         self.spec = spec
@@ -63,6 +65,9 @@ class FakeContainer:
         self._result: ExitResult | None = None
         self.oom = False
         self.shared_fds: list[int] = []
+        # the cgroup's cap-hit counters (memory.events oom_kill, pids.events max)
+        self.oom_kills = 0
+        self.pids_hits = 0
 
     @classmethod
     def create(
@@ -89,7 +94,7 @@ class FakeContainer:
         return self.proc.pid if self.proc else None
 
     def start(self, **_: Any) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.proc = subprocess.Popen([sys.executable, "-c", self.kernel_code])
 
     def shared_dir(self, path: str) -> int:
         """The real one hands over the container's tmpfs at ``path``; here a folder of the
@@ -131,11 +136,13 @@ class FakeContainer:
                 status=128 + sig if sig else rc,
                 code=None if sig else rc,
                 signal=sig,
-                oom_killed=self.oom,
+                oom_killed=self.oom_kills > 0,
                 memory_limit=self.limits.memory,
-                memory_peak=self.limits.memory if self.oom else 1,
-                pids_limit_hit=False,
+                memory_peak=self.limits.memory if self.oom_kills else 1,
+                pids_limit_hit=self.pids_hits > 0,
                 pids_limit=self.limits.pids,
+                oom_kills=self.oom_kills,
+                pids_limit_hits=self.pids_hits,
             )
         return self._result
 
@@ -157,8 +164,8 @@ class FakeContainer:
             100_000,
             3,
             self.limits.pids,
-            0,
-            0,
+            self.oom_kills,
+            self.pids_hits,
         )
 
     def destroy(self) -> None:
@@ -430,7 +437,7 @@ async def test_signals_reach_the_container_and_death_reason_is_kept(
     p = km.provisioner
     assert isinstance(p, prov.SandboxProvisioner)
     c = FakeContainer.created[-1]
-    c.oom = True
+    c.oom_kills = 1
     assert c.proc is not None
     c.proc.send_signal(signal.SIGKILL)  # as the OOM killer would
     c.proc.wait()
@@ -449,6 +456,101 @@ async def test_signals_reach_the_container_and_death_reason_is_kept(
     assert exits.read_last_exit(str(km.kernel_id)) is not None
     await km.shutdown_kernel(now=True)
     assert exits.read_last_exit(str(km.kernel_id)) is None
+
+
+@pytest.fixture
+def why_kernel(fake_runtime: Path, kernel_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A kernelspec (pids=100) whose fake kernel survives an interrupt and answers a shutdown
+    as ipykernel does (exit 0, here on SIGTERM); every poll that sees it alive moves the cap
+    baseline on (no waiting a second)."""
+    monkeypatch.setattr(exits, "SURVIVED_S", 0.0)
+    monkeypatch.setattr(
+        FakeContainer,
+        "kernel_code",
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        "time.sleep(60)",
+    )
+    add_spec(kernel_dir, "t-why", {"image": "python3", "pids": 100})
+    return "t-why"
+
+
+def previous_exit() -> Any:
+    """What the running (fake) kernel's %sandbox is told of the previous one's death."""
+    path = control_path(FakeContainer.created[-1])
+    return ask(path, {"op": "get"})["info"]["previous_exit"]
+
+
+async def test_a_requested_restart_is_reported_as_such_after_a_cap_hit(
+    why_kernel: str, tmp_path: Path
+) -> None:
+    km = AsyncKernelManager(kernel_name=why_kernel)
+    await km.start_kernel(cwd=str(tmp_path))
+    p = km.provisioner
+    assert isinstance(p, prov.SandboxProvisioner)
+    try:
+        # a cell hit the pids cap and the kernel lived on; then a restart, answered cleanly
+        c = FakeContainer.created[-1]
+        await asyncio.sleep(0.3)  # the fake kernel sets its signal handlers
+        c.pids_hits = 5
+        assert await km.is_alive() and await km.is_alive()
+        await p.shutdown_requested(restart=True)
+        assert c.proc is not None
+        c.proc.send_signal(signal.SIGTERM)
+        assert c.proc.wait(10) == 0
+        assert await p.poll() == 0
+        assert p.last_exit is not None
+        assert p.last_exit["reason"] == "exited with code 0 (restart requested)", p.last_exit
+        assert exits.read_last_exit(str(km.kernel_id)) is None  # nothing to explain
+        await km.restart_kernel(now=True)
+        assert await asyncio.to_thread(previous_exit) is None
+        # a cap hit just now, then a forced restart (SIGKILL): the restart is the reason
+        FakeContainer.created[-1].pids_hits = 2
+        await asyncio.sleep(0.3)
+        await km.restart_kernel(now=True)
+        assert p.last_exit is not None
+        assert p.last_exit["reason"] == "killed by SIGKILL (stopped by the server)"
+        assert not p.last_exit["pids_limit_hit"]
+        assert await asyncio.to_thread(previous_exit) is None
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_a_cap_hit_is_blamed_only_for_a_death_right_after_it(
+    why_kernel: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    km = AsyncKernelManager(kernel_name=why_kernel)
+    await km.start_kernel(cwd=str(tmp_path))
+    p = km.provisioner
+    assert isinstance(p, prov.SandboxProvisioner)
+    p.log = logging.getLogger("test-sandbox")
+    try:
+        # an OOM kill the kernel survived, then a crash of its own: the crash is the reason
+        c = FakeContainer.created[-1]
+        c.oom_kills = 1
+        assert await km.is_alive() and await km.is_alive()
+        assert c.proc is not None
+        c.proc.send_signal(signal.SIGSEGV)
+        c.proc.wait(10)
+        assert not await km.is_alive()
+        assert p.last_exit is not None and p.last_exit["reason"] == "killed by SIGSEGV"
+        await km.restart_kernel(now=True)
+        assert (await asyncio.to_thread(previous_exit))["reason"] == "killed by SIGSEGV"
+        # a cap hit right before a death nobody asked for is still blamed, and kept
+        c = FakeContainer.created[-1]
+        c.pids_hits = 3
+        assert c.proc is not None
+        c.proc.kill()
+        c.proc.wait(10)
+        with caplog.at_level(logging.WARNING, logger="test-sandbox"):
+            assert not await km.is_alive()
+        reason = "killed by SIGKILL; the process limit (100) was reached"
+        assert f"stopped: {reason}" in caplog.text
+        saved = exits.read_last_exit(str(km.kernel_id))
+        assert saved is not None and saved["reason"] == reason and saved["pids_limit_hit"]
+    finally:
+        await km.shutdown_kernel(now=True)
 
 
 async def test_interrupt_sends_sigint(fake_runtime: Path, kernel_dir: Path, tmp_path: Path) -> None:
@@ -655,18 +757,30 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
         assert info["limits"]["memory"] == 1024**3 and info["limits"]["pids"] == 100
         assert info["ceilings"]["memory"] == "2 GiB" and info["previous_exit"] is None
         assert info["kernelspec"] == "t-ctl" and info["image"] == "python3:latest"
-        reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "1.5G", "pids": 80})
+        # asked with this loop blocked (a blocking KernelManager between its calls): the
+        # control thread answers, and the change goes through the same checks
+        reply = ask(path, {"op": "set", "memory": "1.5G", "pids": 80})
         assert reply["ok"], reply
         assert c.limits.memory == int(1.5 * 1024**3) and c.limits.pids == 80
         reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "4G"})
         assert not reply["ok"] and "at most 2 GiB" in reply["error"]
+        cgroup_file = "/sys/fs/cgroup/sandbox-kernel/sk-0123456789ab/memory.max"
+
+        def refused(limits: Any) -> None:  # the cgroup write failing (its error names it)
+            raise CgroupError(f"writing '1' to {cgroup_file}: Invalid argument")
+
+        c.update = refused  # type: ignore[method-assign]
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "memory": "1G"})
+        assert not reply["ok"] and "could not apply" in reply["error"]
+        assert "/sys" not in reply["error"] and "cgroup" not in reply["error"], "no host path"
+        del c.update
         assert c.limits.memory == int(1.5 * 1024**3)
         # no ceiling of the admin's for pids: the kernelspec's 100 is the most
         reply = await asyncio.to_thread(ask, path, {"op": "set", "pids": 200})
         assert not reply["ok"] and "at most 100 processes" in reply["error"], reply
         assert "the kernelspec's value" in reply["error"] and c.limits.pids == 80
         # after a death the next kernel is told why
-        c.oom = True
+        c.oom_kills = 1
         assert c.proc is not None
         c.proc.kill()
         c.proc.wait()
@@ -687,6 +801,7 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
     finally:
         await km.shutdown_kernel(now=True)
     assert not Path(path).exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("sandbox-control")]
 
 
 async def test_notebook_folder_read_only_from_the_kernelspec_or_the_config(

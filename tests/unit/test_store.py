@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -444,3 +445,138 @@ def test_not_found_without_a_recipe_says_so(store: ImageStore, tmp_path: Path) -
     msg = str(ei.value)
     assert "image build python3-nosuch" not in msg
     assert "no recipe named 'python3-nosuch'" in msg and str(store.root) in msg
+
+
+@pytest.mark.parametrize(
+    "plant",
+    ["oci-layout", "index.json", "blob", "blobs-folder", "sha256-folder", "fifo-index"],
+)
+def test_export_into_a_layout_a_kernel_wrote_never_follows_what_it_planted(
+    store: ImageStore, tmp_path: Path, plant: str
+) -> None:
+    """The layout folder may be in a notebook folder: a link or FIFO planted under any name
+    the exporter writes or reads is replaced or refused, never followed or blocked on."""
+    layer = store.add_layer_from_dir(layer_dir(tmp_path, "a", {"x": "x"}))
+    im = store.write_image("e", "latest", [layer], ImageConfig())
+    dest = tmp_path / "layout"
+    export_images(store, ["e"], dest)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret"
+    secret.write_text("host secret\n")
+    blob = dest / "blobs" / "sha256" / oci.digest_hex(im.digest)
+    if plant == "oci-layout":
+        (dest / "oci-layout").unlink()
+        (dest / "oci-layout").symlink_to(secret)
+    elif plant == "index.json":
+        (dest / "index.json").unlink()
+        (dest / "index.json").symlink_to(secret)
+    elif plant == "blob":
+        blob.unlink()
+        blob.symlink_to(secret)
+    elif plant == "blobs-folder":
+        shutil.rmtree(dest / "blobs")
+        (dest / "blobs").symlink_to(outside)
+    elif plant == "sha256-folder":
+        shutil.rmtree(dest / "blobs" / "sha256")
+        (dest / "blobs" / "sha256").symlink_to(outside)
+    elif plant == "fifo-index":
+        (dest / "index.json").unlink()
+        os.mkfifo(dest / "index.json")
+    try:
+        export_images(store, ["e"], dest)
+    except ImageError as e:
+        assert "does not follow" in str(e) or "not an OCI layout" in str(e), e
+    else:
+        assert not blob.is_symlink() and not (dest / "oci-layout").is_symlink()
+    assert secret.read_text() == "host secret\n"
+    assert sorted(os.listdir(outside)) == ["secret"]
+
+
+def test_export_to_tar_leaves_links_out(store: ImageStore, tmp_path: Path) -> None:
+    layer = store.add_layer_from_dir(layer_dir(tmp_path, "a", {"x": "x"}))
+    store.write_image("e", "latest", [layer], ImageConfig())
+    out = tmp_path / "e.tar"
+    export_images(store, ["e"], out)
+    with tarfile.open(out) as tf:
+        members = tf.getmembers()
+    assert all(m.isfile() for m in members)
+    assert {"oci-layout", "index.json"} <= {m.name for m in members}
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".e.tar")]
+
+
+def _compress(raw: bytes, comp: str) -> bytes:
+    if comp == "gzip":
+        return gzip.compress(raw)
+    tool = {"zstd": ["zstd", "-q", "-c"], "xz": ["xz", "-c"], "bzip2": ["bzip2", "-c"]}[comp]
+    return subprocess.run(tool, input=raw, capture_output=True, check=True).stdout
+
+
+def _damaged(tmp_path: Path, kind: str) -> Path:
+    """An archive of ``kind`` whose bytes end early or are overwritten in the middle: a
+    rootfs tar (plain, gzip, zstd, xz, bzip2), an OCI layout or a docker-save archive."""
+    raw = tar_bytes({"./": None, "./big": os.urandom(96 * 1024).hex(), "./small": "s"})
+    if kind.startswith("layout"):
+        layout = make_layout(tmp_path / "layout", [raw])
+        data = tar_bytes_of_dir(layout)
+    else:
+        comp = kind.split("-")[0]
+        data = raw if comp == "none" else _compress(raw, comp)
+    if kind.endswith("-corrupt"):
+        mid = len(data) // 2
+        data = data[:mid] + bytes(b ^ 0x5A for b in data[mid : mid + 64]) + data[mid + 64 :]
+    elif kind.endswith("-header"):
+        data = data[:10]
+    else:
+        data = data[: len(data) // 2]
+    path = tmp_path / f"damaged-{kind}.tar"
+    path.write_bytes(data)
+    return path
+
+
+def tar_bytes_of_dir(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for p in sorted(root.rglob("*")):
+            tf.add(p, arcname=str(p.relative_to(root)), recursive=False)
+    return buf.getvalue()
+
+
+DAMAGED = [
+    "none-truncated",  # ends inside a member
+    "gzip-truncated",
+    "gzip-header",  # ends inside the gzip header
+    "gzip-corrupt",
+    "zstd-truncated",
+    "zstd-corrupt",
+    "xz-truncated",  # xz and bzip2 are not read at all: said so, not a tar error
+    "bzip2-truncated",
+    "layout-truncated",  # an OCI layout tar ending inside a blob
+]
+
+
+@pytest.mark.parametrize("kind", DAMAGED)
+def test_a_damaged_archive_is_one_clear_error_naming_it(
+    store: ImageStore, tmp_path: Path, kind: str
+) -> None:
+    path = _damaged(tmp_path, kind)
+    with pytest.raises(ImageError) as err:
+        import_path(store, path)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    assert store.list() == []
+
+
+@pytest.mark.parametrize("kind", ["gzip-truncated", "zstd-corrupt", "none-truncated"])
+def test_cli_import_of_a_damaged_archive_exits_125(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    from sandbox_kernel.cli import main
+
+    monkeypatch.setenv("SANDBOX_KERNEL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("SANDBOX_KERNEL_RUN_DIR", str(tmp_path / "run"))
+    path = _damaged(tmp_path, kind)
+    assert main(["image", "import", str(path)]) == 125
+    err = capsys.readouterr().err
+    assert err.startswith("sandbox-kernel: error: ") and str(path) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
