@@ -13,8 +13,8 @@ provisioner and the CLI; nothing else computes these paths.
   ``/run/sandbox-kernel`` for root, ``$XDG_RUNTIME_DIR/sandbox-kernel`` otherwise, or, with
   no XDG_RUNTIME_DIR (runuser, cron, JupyterHub's LocalProcessSpawner), a private
   ``/tmp/sk-UID`` (``rundir.ensure_run_root`` checks its owner and mode);
-  ``SANDBOX_KERNEL_RUN_DIR`` overrides. Keep it short: unix socket paths inside it
-  must stay under 107 bytes.
+  ``SANDBOX_KERNEL_RUN_DIR`` overrides. No socket lives there (a kernel's are in a tmpfs
+  of its container, reached by descriptor), so its length does not matter.
 """
 
 from __future__ import annotations

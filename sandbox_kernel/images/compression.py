@@ -35,12 +35,13 @@ class HashingReader:
     UnsafeArchiveError (a decompression bomb).
     """
 
-    def __init__(self, inner: IO[bytes], limit: int, what: str) -> None:
+    def __init__(self, inner: IO[bytes], limit: int, what: str, bound: str = "") -> None:
         self.inner = inner
         self.sha = hashlib.sha256()
         self.count = 0
         self.limit = limit
         self.what = what
+        self.bound = bound  # what ``limit`` is, for the message
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (a chunk when ``n`` is negative), hashed and counted. Called by
@@ -49,9 +50,11 @@ class HashingReader:
         if data:
             self.count += len(data)
             if self.count > self.limit:
+                bound = f", {self.bound}" if self.bound else ""
                 raise UnsafeArchiveError(
-                    f"{self.what}: uncompressed tar stream exceeds {self.limit} bytes "
-                    "(decompression bomb?); raise the extraction limits if this is a real layer"
+                    f"{self.what}: uncompressed tar stream exceeds {self.limit} bytes{bound} "
+                    "(decompression bomb?); the image is refused: raise the extraction limits "
+                    "(ExtractLimits) if this is a real layer"
                 )
             self.sha.update(data)
         return data

@@ -62,6 +62,7 @@ USER_OPAQUE_XATTR = "user.overlay.opaque"
 MAX_REPORTED = 1000  # report lists are capped; counts are not
 MAX_DEPTH = 256  # path components of one member name
 
+MiB = 1024**2
 GiB = 1024**3
 
 
@@ -77,6 +78,18 @@ class ExtractLimits:
     max_entries: int = 2_000_000
     max_file_size: int = 20 * GiB
     max_header_bytes: int = 1 << 20  # one PAX header / GNU long name
+    #: A layer blob expands (uncompressed tar bytes) to at most ``max_ratio`` times its own
+    #: size, and always to ``ratio_floor`` (``layer_budget``): real layers compress 2-10x,
+    #: a decompression bomb 1000x.
+    max_ratio: int = 40
+    ratio_floor: int = 512 * MiB
+    #: All the layers one import unpacks, together (``ImageStore.import_budget``).
+    max_image_bytes: int = 32 * GiB
+
+    def layer_budget(self, blob_size: int) -> int:
+        """The uncompressed tar bytes a layer blob of ``blob_size`` bytes may expand to.
+        Called by ``extract_layer_file`` for each layer."""
+        return max(self.ratio_floor, blob_size * self.max_ratio)
 
 
 DEFAULT_LIMITS = ExtractLimits()
@@ -559,20 +572,26 @@ def extract_tar_stream(
     *,
     limits: ExtractLimits = DEFAULT_LIMITS,
     what: str = "layer",
+    max_bytes: int | None = None,
+    bound: str = "",
 ) -> ExtractReport:
     """Extract an uncompressed tar stream into the existing empty directory ``dest``.
 
     The report's ``diff_id`` is the sha256 of the whole uncompressed stream. Called by
     ``extract_layer_file`` (and by the tests on in-memory tars); ``what`` names the layer in
-    errors.
+    errors; ``max_bytes``: a tighter bound on the stream, which ``bound`` explains.
     """
     report = ExtractReport()
     # Raw tar bytes are bounded by the file bytes plus headers and padding.
     budget = limits.max_total_bytes + limits.max_entries * 1536 + 64 * (1 << 20)
+    if max_bytes is not None and max_bytes < budget:
+        budget = max_bytes
+    else:
+        bound = ""
     root_fd = os.open(dest, _DIR_FLAGS)
     try:
         ex = _Extractor(root_fd, limits, report, what)
-        reader = HashingReader(stream, budget, what)
+        reader = HashingReader(stream, budget, what, bound)
         try:
             tr = TarReader(cast(IO[bytes], reader), limits.max_header_bytes, what)
             while (m := tr.next()) is not None:
@@ -605,15 +624,33 @@ def extract_layer_file(
     limits: ExtractLimits = DEFAULT_LIMITS,
     expected_diff_id: str | None = None,
     what: str | None = None,
+    image_left: int | None = None,
 ) -> ExtractReport:
-    """Decompress and extract the layer blob ``blob`` into the empty directory ``dest``.
+    """Decompress and extract the layer blob ``blob`` into the empty directory ``dest``,
+    within ``limits.layer_budget`` of its size and ``image_left`` (what the import being
+    made may still unpack; None: no import).
 
     Called by ``ImageStore._unpack`` for each layer blob without a snapshot; DigestMismatch
-    when the uncompressed content is not ``expected_diff_id`` (from the image config).
+    when the uncompressed content is not ``expected_diff_id`` (from the image config),
+    UnsafeArchiveError (an ImageError) past the bounds.
     """
     label = what or f"layer {blob.name}"
+    size = blob.stat().st_size
+    cap = limits.layer_budget(size)
+    bound = (
+        f"the most a {size}-byte layer blob may expand to (ExtractLimits: max_ratio "
+        f"{limits.max_ratio}x, at least ratio_floor {limits.ratio_floor} bytes)"
+    )
+    if image_left is not None and image_left < cap:
+        cap = max(image_left, 0)
+        bound = (
+            f"what this image may still unpack (ExtractLimits.max_image_bytes "
+            f"{limits.max_image_bytes} for all its layers)"
+        )
     with open_decompressed(blob, compression, label) as stream:
-        report = extract_tar_stream(stream, dest, limits=limits, what=label)
+        report = extract_tar_stream(
+            stream, dest, limits=limits, what=label, max_bytes=cap, bound=bound
+        )
     if expected_diff_id is not None and report.diff_id != expected_diff_id:
         raise DigestMismatch(
             f"{label}: uncompressed content has diff_id {report.diff_id}, but the image config "

@@ -406,7 +406,11 @@ def import_path(store: ImageStore, path: Path, name_ref: str | None = None) -> l
     Called by ``sandbox-kernel image import``: an OCI layout (directory or tar), a docker-save
     tar or a rootfs tarball; every layer goes through the safe extractor.
     """
-    path = Path(path)
+    with store.import_budget():
+        return _import_path(store, Path(path), name_ref)
+
+
+def _import_path(store: ImageStore, path: Path, name_ref: str | None) -> list[Image]:
     name: str | None = None
     tag: str | None = None
     if name_ref is not None:

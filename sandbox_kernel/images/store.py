@@ -297,6 +297,8 @@ class ImageStore:
     ) -> None:
         self.root = Path(root) if root is not None else paths.state_dir()
         self.limits = limits
+        #: Uncompressed bytes the import under way may still unpack (``import_budget``).
+        self._image_left: int | None = None
         #: Only read (another user's store: the system store as seen by an ordinary user).
         self.readonly = readonly
         self.oci_dir = self.root / "oci"
@@ -524,7 +526,10 @@ class ImageStore:
                 limits=self.limits,
                 expected_diff_id=expected_diff_id,
                 what=what or f"layer {digest}",
+                image_left=self._image_left,
             )
+            if self._image_left is not None:
+                self._image_left -= report.tar_bytes
             diff_id = report.diff_id
             self._install_snapshot(tmp, diff_id)
             if report.skipped:
@@ -545,6 +550,18 @@ class ImageStore:
             raise
         self._remember_diff_id(digest, diff_id)
         return diff_id, report
+
+    @contextlib.contextmanager
+    def import_budget(self) -> Iterator[None]:
+        """Within it, the layers unpacked together expand to at most
+        ``limits.max_image_bytes`` (one image's import). Used by ``importer.import_path``
+        around a whole import."""
+        outer = self._image_left
+        self._image_left = self.limits.max_image_bytes
+        try:
+            yield
+        finally:
+            self._image_left = outer
 
     def _install_snapshot(self, tmp: Path, diff_id: str) -> None:
         final = self.snapshot_path(diff_id)

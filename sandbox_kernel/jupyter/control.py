@@ -1,14 +1,15 @@
 """The control channel: how code inside a kernel asks the host for something.
 
 Layer: Jupyter (asyncio only). The provisioner serves one ``ControlServer`` per kernel start
-(``pre_launch``) and closes it in ``cleanup``; its handler answers the requests. The server
-runs in a thread of its own with its own event loop (``ControlThread``), so requests are
-answered whatever drives the kernel: jupyter_server's event loop, or a blocking
+(``launch_kernel``) and closes it in ``cleanup``; its handler answers the requests. The
+server runs in a thread of its own with its own event loop (``ControlThread``), so requests
+are answered whatever drives the kernel: jupyter_server's event loop, or a blocking
 ``KernelManager`` whose loop runs only while the caller is inside one of its calls.
 
-One unix socket per kernel, in the kernel's own connection directory (bind-mounted into
-its container), owned by the kernel's uid. The host knows which kernel is asking by the
-socket the request arrived on: a request can only ever act on its own container.
+One unix socket per kernel, in the kernel's own connection folder (a tmpfs of its
+container, which the server reaches by a descriptor), owned by the kernel's uid. The host
+knows which kernel is asking by the socket the request arrived on: a request can only ever
+act on its own container.
 
 Protocol: one JSON object per line, at most ``MAX_REQUEST`` bytes, one request per
 connection, answered with one JSON line.
@@ -29,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -72,6 +74,36 @@ class _RateLimiter:
         return True
 
 
+def _bind_as(sock: socket.socket, path: str, uid: int, gid: int) -> None:
+    """Bind ``sock`` at ``path`` (mode 0600) from a thread of its own whose filesystem ids
+    are ``uid``/``gid``, the kernel's: the connection folder is a tmpfs of the container's
+    user namespace, where the server's own ids may not exist (root's: EOVERFLOW), and the
+    socket is then the kernel's from its creation (no chown through a path the kernel may
+    swap; the folder is mounted nosymfollow as well). Called by ``ControlServer.start``."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    failure: list[BaseException] = []
+
+    def run() -> None:  # setfsuid changes the calling thread only
+        old_gid = libc.setfsgid(gid)
+        old_uid = libc.setfsuid(uid)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            libc.setfsuid(old_uid)
+            libc.setfsgid(old_gid)
+
+    thread = threading.Thread(target=run, name="sandbox-control-bind")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 class ControlServer:
     """Serve one kernel's control socket (asyncio). Made by the provisioner for each start,
     with its ``_control_request`` as ``handler``; requests are checked here first."""
@@ -87,14 +119,18 @@ class ControlServer:
 
     async def start(self) -> None:
         """Listen on ``path`` (replacing a stale socket), owned by the kernel's uid, mode 0600.
-        Called by the provisioner's ``pre_launch``, once the connection file is written."""
+        Called by the provisioner's ``launch_kernel``, once the kernel exec'd."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        self._server = await asyncio.start_unix_server(
-            self._serve, path=self.path, limit=MAX_REQUEST + 2
-        )
-        os.chown(self.path, self.uid, self.gid)
-        os.chmod(self.path, 0o600)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await asyncio.to_thread(_bind_as, sock, self.path, self.uid, self.gid)
+            self._server = await asyncio.start_unix_server(
+                self._serve, sock=sock, limit=MAX_REQUEST + 2
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     async def close(self) -> None:
         """Stop listening and remove the socket (idempotent). Called by the provisioner's
@@ -182,8 +218,9 @@ class ControlThread:
     then runs in that thread's loop (what it shares with the provisioner's loop it guards
     with a lock: see ``SandboxProvisioner._change_limits``)."""
 
-    def __init__(self, path: str, handler: Handler, *, uid: int, gid: int) -> None:
+    def __init__(self, path: str, handler: Handler, *, uid: int, gid: int, name: str = "") -> None:
         self.server = ControlServer(path, handler, uid=uid, gid=gid)
+        self.name = name or path  # in the thread's name (the provisioner's: the container id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -193,7 +230,7 @@ class ControlThread:
         ``pre_launch``."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(
-            target=loop.run_forever, name=f"sandbox-control {self.server.path}", daemon=True
+            target=loop.run_forever, name=f"sandbox-control {self.name}", daemon=True
         )
         thread.start()
         self._loop, self._thread = loop, thread

@@ -6,8 +6,9 @@ from ``pre_launch``, in this order, and owns the contract's state):
 1. ``find_image``: the image a kernelspec names, with its kernel command, or an error
    that says how to get it;
 2. ``connection_paths``: where the kernel's sockets, connection file and control socket go
-   (a folder of the container's run dir, bind-mounted at the same path inside), and where
-   the output relay's sockets for Jupyter go (a folder the kernel never sees);
+   (a small tmpfs of the container's own, which the server reaches by a descriptor), and
+   where the output relay's sockets for Jupyter go (a folder of the run dir the kernel never
+   sees);
 3. ``kernel_command`` and ``kernel_env``: the in-container command and environment;
 4. ``kernel_userns``: whose ids the container's are on the host, and whether the notebook
    folder can be idmapped;
@@ -26,22 +27,30 @@ from ..errors import ImageError, SandboxError, SpecError
 from ..images.labels import LABEL_ARGV, LABEL_KERNELSPEC
 from ..paths import PACKAGE_DIR
 from ..runtime import userns as userns_mod
-from ..runtime.spec import Bind, ContainerSpec, env_key_problem
+from ..runtime.spec import Bind, ContainerSpec, Tmpfs, env_key_problem
 from ..runtime.userns import SubRange, UserNamespace
 from .resolve import KernelSettings
 
-CONN_SUBDIR = "conn"
-#: The client's side of the output relay (relay.py): the server's own, never mounted.
+#: The kernel's connection folder inside the container: a small tmpfs of the container's
+#: own (``IPC_TMPFS_SIZE``, inode-capped, no symlink followed), holding the connection file
+#: the plan writes and the kernel's sockets. The server reaches it through the descriptor
+#: ``Container.shared_dir`` hands over, never through a host folder: the kernel has no
+#: writable host folder but the notebook's, and no host path shows inside.
+CONN_TARGET = "/run/sandbox"
+#: Bytes of that tmpfs: sockets hold no data, the connection file a few hundred bytes.
+IPC_TMPFS_SIZE = 64 * 1024
+#: The client's side of the output relay (relay.py), in the run dir: the server's own, never
+#: mounted. Jupyter's connection file (the relay's socket paths) is there too.
 RELAY_SUBDIR = "relay"
-#: The control socket of the %sandbox magics, in the connection directory (see control.py).
+#: sun_path is 108 bytes with its terminating NUL.
+MAX_SOCKET_PATH = 107
+#: The control socket of the %sandbox magics, in the connection folder (see control.py).
 CONTROL_SOCKET = "control"
 CONTROL_ENV = "SANDBOX_KERNEL_CONTROL"
 #: The in-kernel extension, mounted read-only into every ipykernel-based sandbox kernel.
 MAGICS_SOURCE = PACKAGE_DIR / "magics"
 MAGICS_TARGET = "/opt/sandbox-kernel/magics"
 MAGICS_MODULE = "sandbox_magics"
-#: Unix socket paths must fit sockaddr_un.sun_path (108 bytes with the NUL).
-MAX_SOCKET_PATH = 107
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 _IPYKERNEL_MODULES = ("ipykernel_launcher", "ipykernel")
 EXAMPLE_ARGV = '["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]'
@@ -87,35 +96,41 @@ def find_image(name: str, context: str, ipykernel_layer: str = "") -> KernelImag
 
 @dataclass(frozen=True)
 class ConnectionPaths:
-    """Where one kernel's connection lives on the host (and, at the same path, inside); made
-    by ``connection_paths``, the same for every start of a kernel."""
+    """Where one kernel's connection lives, inside (``CONN_TARGET``) and as the server
+    reaches it; made by ``connection_paths``, the same for every start of a kernel."""
 
-    conn_dir: Path
-    ip: str  # the ipc transport's socket prefix (``<conn>/k``: k-1, k-2, ...)
-    connection_file: str  # the kernel's
-    control: str  # the control socket of the %sandbox magics
-    relay_dir: Path  # where Jupyter connects: the relay's sockets (relay.py)
-    client_ip: str  # their prefix (``<relay>/k``, same port numbers)
-    client_connection_file: str  # the one Jupyter reads (``jupyter console --existing``)
+    conn_dir: str  # inside: the connection folder (a shared tmpfs)
+    ip: str  # inside: the ipc transport's socket prefix (``<conn>/k``: k-1, k-2, ...)
+    connection_file: str  # inside: the file the plan writes and the kernel reads
+    control: str  # inside: the control socket of the %sandbox magics (the server binds it)
+    relay_dir: Path  # host: where Jupyter connects, the relay's sockets (relay.py)
+    client_ip: str  # host: their prefix (``<relay>/k``, the kernel's port numbers)
+    client_connection_file: str  # host: the one Jupyter reads (``jupyter console --existing``)
+
+    @staticmethod
+    def host_path(conn_fd: int, name: str) -> str:
+        """``name`` in the connection folder as the server process reaches it: through its
+        descriptor ``conn_fd`` of that folder (``Container.shared_dir``)."""
+        return f"/proc/self/fd/{conn_fd}/{name}"
 
 
-def connection_paths(root: Path, container_id: str, context: str) -> ConnectionPaths:
-    """The connection folder of container ``container_id`` under run root ``root``; a
-    SandboxError naming the fix when its socket paths would not fit a unix socket address."""
-    conn_dir = root / container_id / CONN_SUBDIR
+def connection_paths(root: Path, container_id: str, context: str = "") -> ConnectionPaths:
+    """The connection paths of container ``container_id`` under run root ``root``; a
+    SandboxError naming the fix when the relay's socket paths would not fit a unix socket
+    address."""
     relay_dir = root / container_id / RELAY_SUBDIR
-    longest = max(f"{conn_dir}/k-99999", f"{relay_dir}/k-99999", key=len)
+    longest = f"{relay_dir}/k-99999"
     if len(longest.encode()) >= MAX_SOCKET_PATH:
         raise SandboxError(
-            f"{context}: the run directory {root} is too long for unix socket paths "
-            f"({longest!r} must stay under {MAX_SOCKET_PATH} bytes); "
+            f"{context or container_id}: the run directory {root} is too long for unix "
+            f"socket paths ({longest!r} must stay under {MAX_SOCKET_PATH} bytes); "
             "set SANDBOX_KERNEL_RUN_DIR to a short path such as /run/sk"
         )
     return ConnectionPaths(
-        conn_dir=conn_dir,
-        ip=f"{conn_dir}/k",
-        connection_file=f"{conn_dir}/kernel.json",
-        control=str(conn_dir / CONTROL_SOCKET),
+        conn_dir=CONN_TARGET,
+        ip=f"{CONN_TARGET}/k",
+        connection_file=f"{CONN_TARGET}/kernel.json",
+        control=f"{CONN_TARGET}/{CONTROL_SOCKET}",
         relay_dir=relay_dir,
         client_ip=f"{relay_dir}/k",
         client_connection_file=f"{relay_dir}/kernel.json",
@@ -244,7 +259,7 @@ class KernelStart:
 
     def host_ids(self) -> tuple[int, int]:
         """The host uid and gid of the kernel's user: the owner of what the host makes for
-        the kernel (its connection folder and file, its control socket)."""
+        the kernel (its control socket)."""
         uid = self.userns.host_uid(self.settings.uid)
         gid = self.userns.host_gid(self.settings.gid)
         if uid is None or gid is None:
@@ -258,22 +273,28 @@ class KernelStart:
 
 
 def kernel_spec(
-    start: KernelStart, argv: Sequence[str], env: Mapping[str, str], *, magics: bool
+    start: KernelStart,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    connection: str,
+    *,
+    magics: bool,
 ) -> ContainerSpec:
     """The kernel's container: the notebook folder at the same path (and the working
-    directory; read-write unless ``notebook_folder='ro'``), the connection folder, the
+    directory; read-write unless ``notebook_folder='ro'``), the connection folder (a small
+    shared tmpfs, ``CONN_TARGET``) holding the ``connection`` file (JSON), the
     admin-approved extra mounts, and the magics read-only. The provisioner passes it to
     ``Container.create``."""
     settings, image, workdir, paths = start.settings, start.image, start.workdir, start.paths
     container_id = start.container_id
-    mounts: list[Bind] = [
+    mounts: list[Bind | Tmpfs] = [
         Bind(
             source=workdir,
             target=workdir,
             readonly=settings.notebook_readonly,
             idmap=start.workdir_idmap,
         ),
-        Bind(source=str(paths.conn_dir), target=str(paths.conn_dir), readonly=False),
+        Tmpfs(target=paths.conn_dir, size=IPC_TMPFS_SIZE, mode=0o700, shared=True),
         *settings.mounts,
     ]
     if magics:
@@ -293,7 +314,10 @@ def kernel_spec(
             hostname=container_id,
             writable_size=settings.writable_size,
             tmp_size=settings.tmp_size,
+            bytes_per_inode=settings.bytes_per_inode,
             mounts=tuple(mounts),
+            # 0644 in a folder only the kernel's user may enter; the kernel may replace it
+            files=((start.paths.connection_file, 0o644, connection),),
             limits=settings.limits,
             network=settings.network,
             image=image.ref,

@@ -7,14 +7,13 @@ calls it for the kernel's whole life, across restarts (``cleanup(restart=True)``
 
 * pre_launch: validate the settings (kernelspec config + Jupyter config + the
   administrator's ``SandboxPolicy``; an invalid value raises here so that the message
-  reaches the user), find the image, create the container (run dir, cgroups), write the
-  connection file into the container's connection folder (ipc transport; the folder is
-  bind-mounted at the same path inside), start the output relay (relay.py: Jupyter's
-  sockets are the relay's, which bounds what the kernel sends) and serve the kernel's
-  control socket (in a thread of its own: ``control.ControlThread``). The steps
-  themselves are in ``launch``.
+  reaches the user), find the image, and create the container (run dir, cgroups) with the
+  connection file in its plan (ipc transport). The steps themselves are in ``launch``.
 * launch_kernel: start the container (in a thread; the executor reports when the kernel
-  exec'd).
+  exec'd), take its connection folder (a small tmpfs of the container's own,
+  ``launch.CONN_TARGET``) as a descriptor, and serve the kernel's control socket there:
+  the server reaches the kernel's sockets through ``/proc/self/fd/N/k-*``, and the kernel
+  has no writable host folder but the notebook's.
 * post_launch: apply the deferred CPU cap once the kernel answered its first kernel_info.
 * poll/wait: report the exit status; a death by OOM, by the pids cap or by a signal is
   logged in one plain line and kept (``last_exit``, and ``exits`` for the next kernel). The
@@ -22,8 +21,9 @@ calls it for the kernel's whole life, across restarts (``cleanup(restart=True)``
   the server asked for, is not blamed on a cap.
 * cleanup: stop the relay, destroy the container (processes, cgroups, run dir).
 
-The container id (and so the connection folder) stays the same across restarts, so
-clients connected to the ipc sockets reconnect by themselves.
+The container id (and so the connection folder) stays the same across restarts, and so
+does the descriptor number of the socket folder (each new container's is put in its
+place), so clients connected to the ipc sockets reconnect by themselves.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -42,7 +43,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from jupyter_client.connect import KernelConnectionInfo, write_connection_file
+from jupyter_client.connect import KernelConnectionInfo, port_names
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 from ..errors import LimitRefused, SandboxError, SpecError
@@ -113,6 +114,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         # held while the container's limits change (a %sandbox request, from the control
         # thread; the deferred CPU cap) and while the container is destroyed
         self._limits_lock = threading.Lock()
+        self._paths: launch.ConnectionPaths | None = None
+        self._owner: tuple[int, int] = (-1, -1)  # the kernel's host uid and gid
+        #: the server's descriptor of the kernel's connection folder (the same number across
+        #: restarts)
+        self._conn_fd: int | None = None
         self._abnormal_exit: dict[str, Any] | None = None  # the last death not asked for
         self._previous_exit: dict[str, Any] | None = None  # ... as seen by the running kernel
         self._image_digest = ""
@@ -283,12 +289,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         image = await asyncio.to_thread(
             launch.find_image, settings.image, self._context, settings.ipykernel_layer
         )
-        # Same container id (so the same connection folder) across restarts.
+        # Same container id across restarts (the run dir and the kernel's hostname).
         if self.container_id is None:
             self.container_id = new_container_id()
         paths = launch.connection_paths(run_dir(), self.container_id, self._context)
+        self._paths = paths
         km.transport = "ipc"
-        # Jupyter connects to the output relay's sockets; the kernel binds its own
+        # Jupyter connects to the output relay's sockets (launch_kernel starts it)
         km.ip = paths.client_ip
         km.connection_file = paths.client_connection_file
         km._connection_file_written = False  # the old one left with the old container
@@ -325,18 +332,12 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             if line and not self._userns_noticed:
                 self.log.warning("%s: %s", self._context, line)
         self._userns_noticed = self._userns_noticed or bool(userns.notice or note)
-        spec = launch.kernel_spec(start, argv, env, magics=magics)
         owner = start.host_ids()
-        container = await asyncio.to_thread(self._create_container, spec, workdir, paths, owner)
+        connection = self._connection_json(km, kwargs, paths.ip)
+        spec = launch.kernel_spec(start, argv, env, connection, magics=magics)
+        container = await asyncio.to_thread(self._create_container, spec, workdir, paths)
         self._started(container, settings, workdir, image.digest)
-        try:
-            await self._connect(km, owner, paths, kwargs)
-        except BaseException:
-            await self._close_control()
-            await self._close_relay()
-            await asyncio.to_thread(container.destroy)
-            self.container = None
-            raise
+        self._owner = owner
         # What launch_kernel needs; the server's environment is deliberately dropped.
         kwargs.pop("env", None)
         kwargs["cwd"] = workdir
@@ -431,56 +432,26 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._abnormal_exit = None
         self._image_digest = digest
 
-    async def _connect(
-        self,
-        km: Any,
-        owner: tuple[int, int],
-        paths: launch.ConnectionPaths,
-        kwargs: dict[str, Any],
-    ) -> None:
-        """Write the two connection files (Jupyter's in the relay folder; the kernel's, owned
-        by the kernel's uid, in the container's connection folder, same ports and key),
-        start the output relay between them and serve the control socket."""
-        jupyter_session = (kwargs.get("env") or {}).get("JPY_SESSION_NAME", "")
-        km.write_connection_file(jupyter_session=jupyter_session)
+    def _connection_json(self, km: Any, kwargs: dict[str, Any], inside_ip: str) -> str:
+        """The kernel's connection file (its socket paths inside, ``inside_ip``), as the plan
+        writes it: the KernelManager's ports (ipc: 1..5, kept across restarts; the relay's
+        are the same numbers) and key."""
+        for port, name in enumerate(port_names, start=1):
+            if not getattr(km, name):
+                setattr(km, name, port)
         info = dict(km.get_connection_info())
-        ports = {f"{ch}_port": info[f"{ch}_port"] for ch in relay_mod.CHANNELS}
-        write_connection_file(
-            paths.connection_file,
-            ip=paths.ip,
-            key=info["key"],
-            transport="ipc",
-            signature_scheme=info["signature_scheme"],
-            kernel_name=str(getattr(km, "kernel_name", "") or ""),
-            **ports,
-        )
-        os.chown(paths.connection_file, *owner)
-        os.chmod(paths.connection_file, 0o600)
+        info["ip"] = inside_ip
+        info["key"] = km.session.key.decode()
+        info["kernel_name"] = km.kernel_name
+        info["jupyter_session"] = (kwargs.get("env") or {}).get("JPY_SESSION_NAME", "")
         self.connection_info = km.get_connection_info()
-        assert self.settings is not None
-        relay = relay_mod.Relay(
-            {**info, "ip": paths.ip},
-            info,
-            self.settings.output,
-            self.log,
-            name=str(self.kernel_id),
-        )
-        await asyncio.to_thread(relay.start)
-        self._relay = relay
-        self._control = ControlThread(
-            paths.control, self._control_request, uid=owner[0], gid=owner[1]
-        )
-        await asyncio.to_thread(self._control.start)
+        return json.dumps(info, indent=1)
 
     def _create_container(
-        self,
-        spec: ContainerSpec,
-        workdir: str,
-        paths: launch.ConnectionPaths,
-        owner: tuple[int, int],
+        self, spec: ContainerSpec, workdir: str, paths: launch.ConnectionPaths
     ) -> Container:
-        """Create the container (blocking: run in a thread). Its connection folder is made
-        by ``Container.create`` in the run dir, owned by the kernel's uid."""
+        """Create the container (blocking: run in a thread), with the server's own folder
+        for the relay's sockets in its run dir."""
         meta = {
             "kernel_id": self.kernel_id,
             "kernelspec": self.kernelspec_name,
@@ -492,10 +463,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             return Container.create(
                 spec,
                 meta=meta,
-                subdirs={
-                    paths.conn_dir.name: (*owner, 0o700),
-                    paths.relay_dir.name: (os.geteuid(), os.getegid(), 0o700),
-                },
+                subdirs={paths.relay_dir.name: (os.geteuid(), os.getegid(), 0o700)},
             )
         except SpecError as exc:
             raise SpecError(exc.problems, context=self._context) from None
@@ -533,7 +501,54 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             container.spec.user,
             (container.setup_us or 0) / 1000,
         )
+        try:
+            await self._connect(container)
+        except BaseException:
+            await self._close_control()
+            await self._close_relay()
+            await asyncio.to_thread(container.destroy)
+            self.container = None
+            raise
         return self.connection_info
+
+    async def _connect(self, container: Container) -> None:
+        """Reach the kernel's sockets through this process's descriptor of the container's
+        connection folder (put in the place of the previous container's, so that the
+        endpoints stay the same across restarts), start the output relay between them and
+        Jupyter's sockets in the run dir's relay folder (Jupyter never connects to the
+        kernel: relay.py bounds what it can make the server hold), and serve the control
+        socket in the connection folder, owned by the kernel's uid. The KernelManager writes
+        Jupyter's connection file (the relay's paths) from what this returns. Called by
+        ``launch_kernel`` once the kernel exec'd."""
+        km, paths, settings = self.parent, self._paths, self.settings
+        assert km is not None and paths is not None and settings is not None
+        fd = container.shared_dir(paths.conn_dir)
+        if self._conn_fd is None:
+            self._conn_fd = os.dup(fd)
+        else:
+            os.dup2(fd, self._conn_fd, inheritable=False)
+        km.ip = paths.client_ip
+        km._connection_file_written = False  # KernelManager writes its copy from what we return
+        client = dict(km.get_connection_info())
+        relay = relay_mod.Relay(
+            {**client, "ip": paths.host_path(self._conn_fd, "k")},
+            client,
+            settings.output,
+            self.log,
+            name=str(self.kernel_id),
+        )
+        await asyncio.to_thread(relay.start)
+        self._relay = relay
+        self.connection_info = km.get_connection_info()
+        uid, gid = self._owner
+        self._control = ControlThread(
+            paths.host_path(self._conn_fd, launch.CONTROL_SOCKET),
+            self._control_request,
+            uid=uid,
+            gid=gid,
+            name=container.id,
+        )
+        await asyncio.to_thread(self._control.start)
 
     async def post_launch(self, **kwargs: Any) -> None:
         """Wait (bounded by cpu_defer_timeout, and only while the kernel lives) for the kernel's
@@ -749,6 +764,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 exits.forget(str(self.kernel_id))
             self.container_id = None
             self._live = {}
+            if self._conn_fd is not None:
+                os.close(self._conn_fd)
+                self._conn_fd = None
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """The KernelManager's own wait time, unchanged (called at each shutdown)."""

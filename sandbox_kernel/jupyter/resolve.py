@@ -22,7 +22,14 @@ from .. import policy as host_policy
 from ..errors import SpecError
 from ..images.ipykernel_layer import NAME as IPYKERNEL_NAME
 from ..limits import BOUNDS, Ceilings, Limits
-from ..runtime.spec import VOLUME_FORMS, Bind, NetworkMode, env_key_problem
+from ..runtime.spec import (
+    BYTES_PER_INODE,
+    VOLUME_FORMS,
+    Bind,
+    NetworkMode,
+    bytes_per_inode_problem,
+    env_key_problem,
+)
 from ..units import SIZE_FORMS, format_size, parse_size
 from .relay import MIN_MESSAGE_SIZE, OutputLimits
 from .settings import (
@@ -114,6 +121,8 @@ class KernelSettings:
     output: OutputLimits = field(default_factory=OutputLimits)
     #: The product's ipykernel layer image (``ipykernel_layer``), "" for none.
     ipykernel_layer: str = ""
+    #: The tmpfs inode cap's rule (``ContainerSpec.bytes_per_inode``).
+    bytes_per_inode: int = BYTES_PER_INODE
 
 
 def read_policy(policy: SandboxPolicy) -> Policy:
@@ -370,6 +379,14 @@ class _Resolver:
             return ""
         return raw
 
+    def bytes_per_inode(self) -> int:
+        raw = self.values["bytes_per_inode"]
+        problem = bytes_per_inode_problem(raw)
+        if problem:
+            self.problems.append(problem)
+            return BYTES_PER_INODE
+        return raw  # type: ignore[no-any-return]
+
     def cpu_defer_timeout(self) -> float:
         timeout = self.values["cpu_defer_timeout"]
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -437,6 +454,7 @@ def resolve_settings(
     timeout = r.cpu_defer_timeout()
     output = r.output()
     ipykernel_layer = r.ipykernel_layer()
+    per_inode = r.bytes_per_inode()
     if r.problems:
         raise SpecError(r.problems, context=context)
     return KernelSettings(
@@ -456,4 +474,5 @@ def resolve_settings(
         notebook_readonly=readonly,
         output=output,
         ipykernel_layer=ipykernel_layer,
+        bytes_per_inode=per_inode,
     )

@@ -27,7 +27,7 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 from traitlets.config import Config, Configurable, LoggingConfigurable
 
 from ..limits import PIDS_FORMS
-from ..runtime.spec import VOLUME_FORMS
+from ..runtime.spec import BYTES_PER_INODE, VOLUME_FORMS
 from ..units import CPUS_FORMS, SIZE_FORMS
 
 USER_FORMS = (
@@ -188,6 +188,15 @@ class SandboxSettings(LoggingConfigurable):
         help="""Seconds the rate limits are averaged over (a burst of that many seconds of
         output passes at once). Unit: seconds. Default: 3.""",
     )
+    bytes_per_inode = Int(
+        BYTES_PER_INODE,
+        config=True,
+        help="""Inode cap of every tmpfs of the sandbox (writable layer, /tmp, home,
+        /dev/shm): one file per this many bytes of its size, at least 1024 files (256M of
+        /tmp: 16384 files). A flood of tiny files then fails with "No space left on device"
+        instead of filling the memory cap with inodes. Unit: bytes, 1024..1073741824.
+        Default: 16384.""",
+    )
 
 
 #: The settings a kernelspec may set in metadata.kernel_provisioner.config.
@@ -210,6 +219,7 @@ SETTING_NAMES: tuple[str, ...] = (
     "iopub_msg_rate_limit",
     "iopub_data_rate_limit",
     "rate_limit_window",
+    "bytes_per_inode",
 )
 
 
@@ -326,6 +336,7 @@ def setting_forms(name: str) -> str:
         "network": "use 'none'",
         "user": f"use {USER_FORMS}",
         "cpu_defer_timeout": "use a number of seconds, e.g. 60",
+        "bytes_per_inode": "use a number of bytes in 1024..1073741824, e.g. 16384",
         "magics": "use true or false",
         "max_message_size": f"use {SIZE_FORMS}",
         "iopub_data_rate_limit": f"use {SIZE_FORMS} (per second), or 0 (off)",

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
@@ -31,7 +32,7 @@ from ..cgroups.none import NullManager
 from ..errors import CgroupError, PrivilegeError, RuntimeStartError, SandboxError
 from ..paths import run_dir
 from ..units import format_size
-from . import netns, shim
+from . import netns, ops, shim
 from .executor import StatusPipe, runtime_binary
 from .leftovers import collect_leftovers
 from .plan import HostContext, compile_plan
@@ -163,6 +164,8 @@ class Container:
         self.setup_us: int | None = None
         self._status: StatusPipe | None = None
         self._control_fd: int = -1
+        #: container path -> directory fd, for each ``Tmpfs(shared=True)`` (``shared_dir``)
+        self._shared: dict[str, int] = {}
         self._exit_line: list[str] | None = None
         self._result: ExitResult | None = None
         self._setup_error: str | None = None
@@ -185,7 +188,7 @@ class Container:
         from ``pre_launch``, once per kernel start; ``run`` and the image builder call it too.
 
         ``subdirs``: folders to make inside the run dir, name -> (uid, gid, mode); they may be
-        bind sources of the spec (e.g. a kernel's connection dir, same path inside and out).
+        bind sources of the spec (e.g. a folder shared with a command that ``run`` starts).
         """
         root = root or run_dir()
         subdirs = subdirs or {}
@@ -286,21 +289,27 @@ class Container:
             str(status_w),
             "--control-fd",
             str(control_r),
-            str(plan_path),
         ]
+        passed = [status_w, control_r]
+        share: socket.socket | None = None
+        if any(isinstance(op, ops.Share) for op in plan):
+            share, share_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            argv += ["--share-fd", str(share_child.fileno())]
+            passed.append(share_child.detach())
+        argv.append(str(plan_path))
         try:
             self.proc = subprocess.Popen(
                 argv,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                pass_fds=(status_w, control_r),
+                pass_fds=tuple(passed),
                 close_fds=True,
                 start_new_session=True,
             )
         finally:
-            os.close(status_w)
-            os.close(control_r)
+            for fd in passed:
+                os.close(fd)
         self._status = StatusPipe(status_r)
         self._control_fd = control_w
         write_json(
@@ -309,12 +318,46 @@ class Container:
         deadline = time.monotonic() + timeout
         try:
             self._await_exec(deadline)
+            if share is not None:
+                self._receive_shared(share)
         except BaseException:
             self.kill()
             raise
         finally:
+            if share is not None:
+                share.close()
             with contextlib.suppress(FileNotFoundError):
                 plan_path.unlink()
+
+    def _receive_shared(self, share: socket.socket) -> None:
+        """Take the directory descriptors init sent for the plan's ``share`` records (all
+        queued before its ``exec`` report). Called by ``start``."""
+        share.setblocking(False)  # (recv_fds ignores its flags before Python 3.12)
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(share, 4096, 1)
+            except BlockingIOError:
+                return
+            path = msg.decode("utf-8", "surrogateescape")
+            for fd in fds:
+                if path in self._shared:
+                    os.close(fd)
+                else:
+                    os.set_inheritable(fd, False)
+                    self._shared[path] = fd
+
+    def shared_dir(self, path: str) -> int:
+        """The directory descriptor of the container's ``Tmpfs(target=path, shared=True)``,
+        owned by this container (closed by ``destroy``); the host reaches what the container
+        made there as ``/proc/self/fd/N/NAME``. Valid once ``start`` returned. Called by the
+        provisioner for the kernel's socket folder."""
+        try:
+            return self._shared[path]
+        except KeyError:
+            raise SandboxError(
+                f"container {self.id}: no shared folder {path} (not started, or no "
+                "Tmpfs(shared=True) there)"
+            ) from None
 
     def _await_exec(self, deadline: float) -> None:
         assert self._status is not None
@@ -523,6 +566,9 @@ class Container:
         if self._status is not None:
             self._status.close()
         self._close_control()
+        for fd in self._shared.values():
+            os.close(fd)
+        self._shared.clear()
         self.cgroup.remove()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

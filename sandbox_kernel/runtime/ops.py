@@ -172,12 +172,14 @@ class Hostname(Op):
 
 @dataclass(frozen=True)
 class Scratch(Op):
-    """The writable layer's home: a tmpfs of ``size`` bytes on host directory ``dir``, or
-    ``dir`` itself when ``size`` is None (a persistent upper layer, for image builds)."""
+    """The writable layer's home: a tmpfs of ``size`` bytes holding at most ``inodes``
+    files on host directory ``dir``, or ``dir`` itself when ``size`` is None (a persistent
+    upper layer, for image builds; ``inodes`` None too)."""
 
     keyword = "scratch"
     dir: str
     size: int | None
+    inodes: int | None = None
 
 
 class ShimDir(_PathModeOp):
@@ -282,6 +284,14 @@ class Remount(Op):
     keyword = "remount"
     path: str
     flags: tuple[str, ...]
+
+
+class Share(_PathOp):
+    """Hand the directory at ``path`` (the mount on top of it) to the owner as a descriptor
+    (``Container.shared_dir``): the host reaches what the container makes there through it,
+    by no host path the container could write to."""
+
+    keyword = "share"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from . import ops
 from .shim import ShimEntry
-from .spec import Bind, ContainerSpec, IdMap, Tmpfs
+from .spec import MIN_TMPFS_INODES, Bind, ContainerSpec, IdMap, Tmpfs
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -46,6 +46,20 @@ class HostContext:
     netlink: tuple[str, ...] = ()
     #: Rootless: the shim layer's entries (``runtime.shim``), made before the root.
     shim: tuple[ShimEntry, ...] = ()
+
+
+def tmpfs_inodes(spec: ContainerSpec, size: int) -> int:
+    """How many files a writable tmpfs of ``size`` bytes may hold in ``spec``'s container:
+    one per ``spec.bytes_per_inode`` bytes, at least ``MIN_TMPFS_INODES``. The one rule for
+    every tmpfs the plan makes (a tiny-file flood then ends in ENOSPC, not an OOM kill)."""
+    return max(MIN_TMPFS_INODES, size // spec.bytes_per_inode)
+
+
+def tmpfs_data(spec: ContainerSpec, size: int, mode: int, extra: str = "") -> str:
+    """The options of a writable tmpfs of the plan: mode, size and inode cap, then
+    ``extra`` (``uid=..,gid=..``)."""
+    data = f"mode={mode:o},size={size},nr_inodes={tmpfs_inodes(spec, size)}"
+    return f"{data},{extra}" if extra else data
 
 
 def _setup(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
@@ -89,7 +103,9 @@ def _root(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
     scratch = (
         ops.Scratch(spec.upper_dir, None)
         if spec.upper_dir
-        else ops.Scratch(host.scratch_dir, spec.writable_size)
+        else ops.Scratch(
+            host.scratch_dir, spec.writable_size, tmpfs_inodes(spec, spec.writable_size)
+        )
     )
     return [
         ops.Hostname(spec.hostname),
@@ -138,7 +154,7 @@ def _dev(spec: ContainerSpec) -> list[ops.Op]:
             "shm",
             "/dev/shm",
             ("nosuid", "nodev", "noexec"),
-            f"mode=1777,size={spec.shm_size}",
+            tmpfs_data(spec, spec.shm_size, 0o1777),
         ),
         ops.Mkdir("/dev/mqueue", 0o755),
         ops.Mount("mqueue", "mqueue", "/dev/mqueue", ("nosuid", "nodev", "noexec"), None),
@@ -178,7 +194,9 @@ def _scratch_dirs(spec: ContainerSpec) -> list[ops.Op]:
     tmp: list[ops.Op] = [
         ops.Mkdir("/tmp", 0o1777),
         ops.RealDir("/tmp"),
-        ops.Mount("tmpfs", "tmpfs", "/tmp", ("nosuid", "nodev"), f"mode=1777,size={spec.tmp_size}"),
+        ops.Mount(
+            "tmpfs", "tmpfs", "/tmp", ("nosuid", "nodev"), tmpfs_data(spec, spec.tmp_size, 0o1777)
+        ),
     ]
     if spec.upper_dir:
         return tmp
@@ -190,7 +208,7 @@ def _scratch_dirs(spec: ContainerSpec) -> list[ops.Op]:
             "home",
             HOME,
             ("nosuid", "nodev"),
-            f"mode=700,uid={spec.user},gid={spec.group},size={spec.tmp_size}",
+            tmpfs_data(spec, spec.tmp_size, 0o700, f"uid={spec.user},gid={spec.group}"),
         ),
     ]
 
@@ -212,7 +230,7 @@ def _etc(spec: ContainerSpec) -> list[ops.Op]:
     ]
 
 
-def _volume(m: Bind | Tmpfs) -> list[ops.Op]:
+def _volume(spec: ContainerSpec, m: Bind | Tmpfs) -> list[ops.Op]:
     if isinstance(m, Bind):
         is_dir = stat.S_ISDIR(os.stat(m.source).st_mode)
         made: ops.Op = ops.Mkdir(m.target, 0o755) if is_dir else ops.Touch(m.target, 0o644)
@@ -224,11 +242,18 @@ def _volume(m: Bind | Tmpfs) -> list[ops.Op]:
             *(("idmap",) if m.idmap else ()),
         )
         return [made, ops.BindMount(m.source, m.target, flags)]
+    owner = f"uid={spec.user},gid={spec.group}" if m.shared else ""
     return [
         ops.Mkdir(m.target, 0o755),
         ops.Mount(
-            "tmpfs", "tmpfs", m.target, ("nosuid", "nodev"), f"mode={m.mode:o},size={m.size}"
+            "tmpfs",
+            "tmpfs",
+            m.target,
+            # shared: the host resolves paths in it, never through a link planted there
+            ("nosuid", "nodev", *(("noexec", "nosymfollow") if m.shared else ())),
+            tmpfs_data(spec, m.size, m.mode, owner),
         ),
+        *((ops.Share(m.target),) if m.shared else ()),
     ]
 
 
@@ -255,7 +280,8 @@ def compile_plan(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
     plan = _setup(spec, host) + _root(spec, host) + _dev(spec) + _sys(host)
     plan += _scratch_dirs(spec) + _etc(spec)
     for m in spec.mounts:
-        plan += _volume(m)
+        plan += _volume(spec, m)
+    plan += [ops.WriteFile(path, mode, content) for path, mode, content in spec.files]
     plan += [ops.Mask(p) for p in spec.masked_paths]
     plan += [ops.ReadOnly(p) for p in spec.readonly_paths]
     plan.append(ops.Pivot())

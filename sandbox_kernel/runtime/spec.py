@@ -24,8 +24,10 @@ from ..errors import SpecError
 from ..limits import Limits
 
 __all__ = [
+    "BYTES_PER_INODE",
     "DEFAULT_MASKED_PATHS",
     "DEFAULT_READONLY_PATHS",
+    "MIN_TMPFS_INODES",
     "VOLUME_FORMS",
     "Bind",
     "ContainerSpec",
@@ -34,6 +36,7 @@ __all__ = [
     "MountOp",
     "NetworkMode",
     "Tmpfs",
+    "bytes_per_inode_problem",
     "env_key_problem",
     "is_clean_abs",
 ]
@@ -111,15 +114,36 @@ class Bind:
 
 @dataclass(frozen=True)
 class Tmpfs:
-    """Mount a size-capped tmpfs (``size`` bytes, counted in the memory cap) at ``target``
-    inside the container, with directory ``mode``."""
+    """Mount a size-capped tmpfs (``size`` bytes, counted in the memory cap; files capped by
+    ``ContainerSpec.bytes_per_inode``) at ``target`` inside the container, with directory
+    ``mode``.
+
+    shared: owned by the container's user and group, and handed to the container's owner
+    as a directory descriptor (``Container.shared_dir``) through which the host reaches what
+    the container makes there: a kernel's sockets, which need a writable folder that is no
+    host directory (the host side of such a folder would be an unbounded host write).
+    """
 
     target: str
     size: int
     mode: int = 0o1777
+    shared: bool = False
 
 
 MountOp = Bind | Tmpfs
+
+#: The fewest files a tmpfs of the container may hold, however small it is.
+MIN_TMPFS_INODES = 1024
+#: The default of ``ContainerSpec.bytes_per_inode`` (and of the kernel setting).
+BYTES_PER_INODE = 16 * 1024
+
+
+def bytes_per_inode_problem(value: object) -> str | None:
+    """Why ``value`` is no valid ``bytes_per_inode`` (an int in 1K..1G), or None. Used by
+    ``validate.check_sizes`` and by the kernel settings."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1024 <= value <= 1 << 30:
+        return None
+    return f"bytes_per_inode={value!r} is out of range; use a number of bytes in 1024..1073741824"
 
 
 @dataclass(frozen=True)
@@ -189,8 +213,17 @@ class ContainerSpec:
     tmp_size: int = 256 * 1024**2
     #: Bytes of /dev/shm.
     shm_size: int = 64 * 1024**2
+    #: Bytes of tmpfs size per inode: every writable tmpfs of the container (writable layer,
+    #: /tmp, home, /dev/shm, extra tmpfs mounts) may hold ``size // bytes_per_inode`` files
+    #: (at least ``MIN_TMPFS_INODES``), so that a flood of tiny files ends in ENOSPC
+    #: instead of filling the memory cap with inodes (``plan.tmpfs_inodes``).
+    bytes_per_inode: int = BYTES_PER_INODE
     #: Volumes and extra tmpfs mounts, mounted in this order after the standard layout.
     mounts: tuple[MountOp, ...] = ()
+    #: Files written into the container once the volumes are mounted, (path, mode,
+    #: content), owned by the container's root: a kernel's connection file, in its shared
+    #: socket folder (the content passes through the plan file, private to the owner).
+    files: tuple[tuple[str, int, str], ...] = ()
     #: cgroup caps (memory, CPU, processes).
     limits: Limits = field(default_factory=Limits)
     #: Refuse to start when the caps cannot be enforced (an unprivileged caller with no

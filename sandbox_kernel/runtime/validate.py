@@ -22,6 +22,7 @@ from .spec import (
     IdMap,
     NetworkMode,
     Tmpfs,
+    bytes_per_inode_problem,
     env_key_problem,
     is_clean_abs,
 )
@@ -144,7 +145,8 @@ def check_hostname(spec: ContainerSpec) -> list[str]:
 
 
 def check_sizes(spec: ContainerSpec) -> list[str]:
-    """The tmpfs sizes within their ``limits.BOUNDS``; ``nofile`` in 16..1048576."""
+    """The tmpfs sizes within their ``limits.BOUNDS``; ``nofile`` in 16..1048576;
+    ``bytes_per_inode`` in 1K..1G."""
     out = []
     for name in ("writable_size", "tmp_size", "shm_size"):
         problem = BOUNDS[name].problem(getattr(spec, name))
@@ -152,12 +154,16 @@ def check_sizes(spec: ContainerSpec) -> list[str]:
             out.append(problem)
     if not 16 <= spec.nofile <= 1048576:
         out.append(f"nofile={spec.nofile} is out of range; use 16..1048576")
+    problem = bytes_per_inode_problem(spec.bytes_per_inode)
+    if problem:
+        out.append(problem)
     return out
 
 
 def check_mounts(spec: ContainerSpec, created: frozenset[str] = frozenset()) -> list[str]:
     """Each mount target clean, not reserved (/, /proc, /sys, /dev) and used once; each bind
-    source clean and existing (or in ``created``); each extra tmpfs at least 4K."""
+    source clean and existing (or in ``created``); each extra tmpfs at least 4K; each file
+    path clean."""
     out = []
     seen: set[str] = set()
     for m in spec.mounts:
@@ -179,6 +185,11 @@ def check_mounts(spec: ContainerSpec, created: frozenset[str] = frozenset()) -> 
                 out.append(f"volume source {m.source!r} does not exist on the host")
         elif isinstance(m, Tmpfs) and m.size < 4096:
             out.append(f"tmpfs {target} size={m.size} is too small; use at least 4K")
+    for path, mode, _ in spec.files:
+        if not is_clean_abs(path) or path == "/":
+            out.append(f"file {path!r} must be an absolute normalised path")
+        if not 0 <= mode <= 0o777:
+            out.append(f"file {path!r} mode {mode:o} must be within 0..777")
     return out
 
 

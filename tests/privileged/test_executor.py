@@ -111,7 +111,7 @@ def host_like_plan(
     p.add("id", cid)
     p.add("namespaces", namespaces)
     p.add("hostname", hostname)
-    p.add("scratch", str(scratch), 16 << 20)
+    p.add("scratch", str(scratch), 16 << 20, 4096)
     p.add("rootfs", str(lower))
     for rec in pre_proc:
         p.add(*rec)
@@ -435,14 +435,16 @@ def test_pid1_is_init_and_only_container_processes(tmp_path: Path) -> None:
     r = run_sh(
         tmp_path,
         "echo self $$; for p in /proc/[0-9]*; do echo pid ${p#/proc/}; done;"
-        " tr '\\0' ' ' < /proc/1/cmdline; echo",
+        " echo comm $(cat /proc/1/comm); tr '\\0' '|' < /proc/1/cmdline; echo",
     )
     assert r.rc == 0, r
     pids = {int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("pid ")}
     assert 1 in pids
     assert "self 2" in r.stdout  # main is the first child of init
     assert max(pids) < 20, pids  # no host process is visible
-    assert "sk-runtime" in r.stdout  # PID 1 is the executor's init
+    assert "comm sk-runtime" in r.stdout  # PID 1 is the executor's init
+    # ... whose argv (the executor's host path, the plan's path in the run dir) is not shown
+    assert r.stdout.splitlines()[-1] == "sk-init|", r.stdout
 
 
 def test_hostname_and_network(tmp_path: Path) -> None:

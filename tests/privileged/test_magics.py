@@ -22,7 +22,6 @@ from traitlets.config import Config
 
 from sandbox_kernel.cgroups import CgroupStats, get_manager
 from sandbox_kernel.jupyter import provisioner as prov
-from sandbox_kernel.paths import run_dir
 from tests.privileged.conftest import KERNEL_UID
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
@@ -290,7 +289,10 @@ async def test_hostile_messages_are_rejected_and_the_host_keeps_working(
     km, other = await asyncio.gather(sandboxes.start(name), sandboxes.start(other_name))
     other_p = sandboxes.provisioner(other)
     assert other_p.container_id is not None
-    other_path = str(run_dir() / other_p.container_id / "conn" / "control")
+    # the other kernel's control socket as the server reaches it (its connection folder is
+    # a tmpfs of the other container, held by the server as a descriptor)
+    assert other_p._conn_fd is not None
+    other_path = f"/proc/{os.getpid()}/fd/{other_p._conn_fd}/control"
     assert os.path.exists(other_path)
     other_before = sandboxes.cgroup(other)
 

@@ -427,6 +427,70 @@ async def test_rootless_without_a_delegated_cgroup(
         reset_manager_cache()
 
 
+#: Kernel code for the connection-folder test. It refuses to run unless in a sandbox: PID 1
+#: is our init and the product's marker is set (a mistaken run on the host would write to
+#: the host's /run).
+_CONN_WRITE = r"""
+import errno, os
+comm = open('/proc/1/comm').read().strip()
+if comm != 'sk-runtime' or os.environ.get('JPY_SANDBOX_KERNEL') != '1':
+    raise SystemExit('REFUSED: not in a sandbox')
+conn = os.path.dirname(os.environ['SANDBOX_KERNEL_CONTROL'])
+out = []
+for name in ('big', 'kernel.json'):
+    try:
+        with open(os.path.join(conn, name), 'ab') as f:
+            for _ in range(64):  # up to 64 MiB, far beyond the folder's 64K
+                f.write(b'x' * (1 << 20))
+                f.flush()
+        out.append(name + ' OK')
+    except (IOError, OSError) as exc:
+        out.append(name + ' ' + errno.errorcode.get(exc.errno, str(exc.errno)))
+n = 0
+try:
+    while n < 5000:
+        os.mkdir(os.path.join(conn, 'd%d' % n))
+        n += 1
+    out.append('dirs none refused')
+except OSError as exc:
+    out.append('dirs ' + errno.errorcode.get(exc.errno, str(exc.errno)))
+out.append(conn)
+for name in ('/proc/1/cmdline', '/proc/self/mountinfo'):
+    out.append(open(name, 'rb').read().decode('utf-8', 'replace').replace('\0', ' '))
+print('\n'.join(out))
+"""
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.lstat().st_size for p in path.rglob("*"))
+
+
+async def test_connection_folder_is_no_host_write_and_shows_no_host_path(
+    clean_host: list[str], started: dict[str, AsyncKernelManager]
+) -> None:
+    """The kernel's connection folder is a small tmpfs of its own: writing 64 MiB or 5000
+    folders there ends in ENOSPC (the host's run dir stays small), and what the kernel
+    reads about PID 1 and its mounts names neither the run dir nor the state dir. The
+    kernel still answers afterwards (its sockets and the control socket live there)."""
+    from sandbox_kernel.paths import state_dir
+
+    for km in started.values():
+        p = track(clean_host, km)
+        reply, out = await execute(km, _CONN_WRITE)
+        assert reply["status"] == "ok", out
+        lines = out.splitlines()
+        # kernel.json: the plan's (EACCES) or, rewritten by an old ipykernel, the kernel's
+        assert lines[0] == "big ENOSPC" and lines[2] == "dirs ENOSPC", out
+        assert lines[1] in ("kernel.json EACCES", "kernel.json ENOSPC"), out
+        assert lines[3] == "/run/sandbox"
+        for needle in (str(run_dir()), str(state_dir()), str(p.container_id)):
+            assert needle not in "\n".join(lines[4:]), (needle, out)
+        assert p.container_id is not None
+        assert _tree_bytes(run_dir() / p.container_id) < 1 << 20
+        reply, out = await execute(km, "print(6 * 7)")
+        assert reply["status"] == "ok" and out.strip() == "42", out
+
+
 @pytest.mark.parametrize("name", KERNELS)
 def test_sandbox_requests_are_answered_under_a_blocking_kernel_manager(
     clean_host: list[str], kernels: Path, notebook_dir: Path, name: str

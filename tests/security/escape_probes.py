@@ -59,6 +59,7 @@ _guard()
 
 # ---- only reached inside a sandbox -----------------------------------------------------
 
+import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import errno  # noqa: E402
 import json  # noqa: E402
@@ -1275,6 +1276,59 @@ def setuid_copy_up() -> dict[str, str]:
     out["mode"] = f"{stat.S_IMODE(st.st_mode):o}"
     print("SK-READY", flush=True)
     time.sleep(ARGS["wait"])
+    return out
+
+
+@attempt
+def tiny_file_flood() -> dict[str, str]:
+    """Create empty files in each of ARGS['dirs'] (made if missing) until refused, at most
+    ARGS['max'] each: an inode cap ends it with ENOSPC; without one only the memory cap
+    would (an OOM kill of the whole sandbox)."""
+    out = {}
+    for d in ARGS["dirs"]:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d)
+        result = "none refused"
+        for i in range(ARGS["max"]):
+            try:
+                os.close(os.open(f"{d}/f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except OSError as exc:
+                result = ename(exc.errno)
+                break
+        out[d] = result
+    return out
+
+
+@attempt
+def fill_file() -> dict[str, str]:
+    """Write ARGS['bytes'] (1 MiB chunks) into each of ARGS['paths']: the outcome's errno."""
+    out = {}
+    chunk = b"x" * (1 << 20)
+    for path in ARGS["paths"]:
+        try:
+            with open(path, "wb") as f:
+                for _ in range(ARGS["bytes"] >> 20):
+                    f.write(chunk)
+                    f.flush()
+            out[path] = "OK"
+        except OSError as exc:
+            out[path] = ename(exc.errno)
+    return out
+
+
+@attempt
+def host_paths() -> dict[str, str]:
+    """Read what any process inside may read about PID 1 and the mounts; report which of
+    ARGS['needles'] (host paths: the run dir, the image store, the executor) appear."""
+    out = {}
+    for name in ("/proc/1/cmdline", "/proc/self/mountinfo", "/proc/self/mounts"):
+        try:
+            with open(name, "rb") as f:
+                text = f.read(1 << 20).replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError as exc:
+            out[name] = ename(exc.errno)
+            continue
+        out[name] = ",".join(n for n in ARGS["needles"] if n in text) or "clean"
     return out
 
 

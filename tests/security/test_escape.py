@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from sandbox_kernel.errors import RuntimeStartError, SandboxError, SpecError
-from sandbox_kernel.paths import new_container_id, run_dir
+from sandbox_kernel.paths import new_container_id, run_dir, state_dir
 from sandbox_kernel.runtime import hostimage, userns
 from sandbox_kernel.runtime.container import Container, ExitResult
 from sandbox_kernel.runtime.executor import runtime_binary
@@ -1473,3 +1473,44 @@ def test_host_sysv_ipc_is_invisible(host_ipc_objects: dict[str, int], who: str) 
     """IPC namespace: the host's SysV shared memory, message queues and semaphores are not found."""
     data = probe_ok("sysv_ipc", {"keys": host_ipc_objects}, who=who)
     check(data, {"shm": ENOENT, "msg": ENOENT, "sem": ENOENT})
+
+
+#: Tiny-file floods: each writable tmpfs, (who, directories), bounded per directory.
+FLOOD_DIRS = {
+    "nobody": ["/tmp/flood", "/home/sandbox/flood", "/dev/shm/flood"],
+    "root": ["/flood", "/tmp/flood"],  # / is the writable layer's tmpfs
+}
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("who", ["nobody", "root"])
+def test_tiny_file_flood_ends_in_enospc_not_an_oom_kill(who: str) -> None:
+    """Every writable tmpfs has an inode cap: a flood of empty files (no data pages, only
+    inodes, which the size cap does not count) ends with ENOSPC (errno 28) while the memory
+    cap stays far away, and the sandbox lives on."""
+    result, data, text = probe(
+        "tiny_file_flood",
+        {"dirs": FLOOD_DIRS[who], "max": 40_000},
+        who=who,
+        tmp_size=8 * MIB,
+        writable_size=8 * MIB,
+        shm_size=8 * MIB,
+        limits=Limits(memory=512 * MIB),
+    )
+    assert result.status == 0 and not result.oom_killed and data is not None, text
+    assert data == dict.fromkeys(FLOOD_DIRS[who], "ENOSPC"), data
+    assert errno.errorcode[28] == "ENOSPC"
+
+
+@pytest.mark.privileged
+def test_host_paths_are_not_shown_inside() -> None:
+    """What every process inside may read about PID 1 (its argv) and the mounts names no
+    host path of the run dir, the state dir or the executor (init's argv is scrubbed, the
+    overlay's options name the scratch dir's entries relatively, layers by descriptor)."""
+    needles = [str(run_dir()), str(state_dir()), runtime_binary(), str(hostimage.layer_dir())]
+    data = probe_ok("host_paths", {"needles": needles})
+    assert data == {
+        "/proc/1/cmdline": "clean",
+        "/proc/self/mountinfo": "clean",
+        "/proc/self/mounts": "clean",
+    }, data

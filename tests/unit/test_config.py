@@ -89,6 +89,8 @@ def test_defaults_resolve_to_documented_values(tmp_path: Path) -> None:
         ("user", "0", "user='0' is root, which the administrator does not allow"),
         ("image", "", "image='' is missing or empty"),
         ("cpu_defer_timeout", -1, "cpu_defer_timeout=-1 must be a positive number"),
+        ("bytes_per_inode", 100, "bytes_per_inode=100 is out of range; use a number of bytes"),
+        ("bytes_per_inode", True, "bytes_per_inode=True is out of range"),
     ],
 )
 def test_each_field_error_names_field_value_and_form(field: str, value: Any, expected: str) -> None:

@@ -13,8 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_kernel.errors import ImageError
-from sandbox_kernel.images.extract import ExtractReport, extract_layer_file, extract_tar_stream
+from sandbox_kernel.errors import ImageError, UnsafeArchiveError
+from sandbox_kernel.images.extract import (
+    DEFAULT_LIMITS,
+    ExtractLimits,
+    ExtractReport,
+    extract_layer_file,
+    extract_tar_stream,
+)
 from sandbox_kernel.images.layer_writer import write_layer_tar
 
 ROOT = os.geteuid() == 0
@@ -321,3 +327,48 @@ def test_write_layer_tar_converts_overlay_upper_form(tmp_path: Path) -> None:
     out2 = io.BytesIO()
     write_layer_tar(src, out2)
     assert out.getvalue() == out2.getvalue()
+
+
+@pytest.mark.parametrize("comp", ["gzip", "zstd"])
+def test_a_layer_expands_at_most_its_ratio_of_the_blob(tmp_path: Path, comp: str) -> None:
+    """A decompression bomb (16 MiB of zeros, a few KiB compressed) is refused as soon as
+    its stream passes ``max_ratio`` times the blob's size (above ``ratio_floor``), with an
+    ImageError naming the bound; the same layer within the bound is accepted."""
+    if comp == "zstd" and shutil.which("zstd") is None:
+        pytest.skip("zstd not installed")
+    data = tar_bytes([("zeros", "f", bytes(16 << 20), 0o644)])
+    blob = _compress(data, comp, tmp_path / "blob")
+    size = blob.stat().st_size
+    assert size * 100 < len(data)
+    tight = ExtractLimits(max_ratio=10, ratio_floor=1 << 20)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(UnsafeArchiveError, match=r"max_ratio 10x") as info:
+        extract_layer_file(blob, comp, tmp_path / "a", limits=tight)
+    assert isinstance(info.value, ImageError) and "decompression bomb" in str(info.value)
+    assert f"{tight.layer_budget(size)} bytes" in str(info.value)
+    # the floor lets a small layer expand further: here past the whole stream
+    (tmp_path / "b").mkdir()
+    roomy = ExtractLimits(max_ratio=10, ratio_floor=32 << 20)
+    assert extract_layer_file(blob, comp, tmp_path / "b", limits=roomy).tar_bytes == len(data)
+    # the defaults are far below the old fixed 20 GiB for a small blob
+    assert DEFAULT_LIMITS.layer_budget(size) == DEFAULT_LIMITS.ratio_floor < 1 << 30
+
+
+def test_an_image_expands_at_most_max_image_bytes(tmp_path: Path) -> None:
+    """Within one import (``ImageStore.import_budget``), the layers unpacked together stop
+    at ``max_image_bytes``: two layers, each within its own bound, refused together."""
+    from sandbox_kernel.images import oci
+    from sandbox_kernel.images.store import ImageStore
+
+    limits = ExtractLimits(ratio_floor=8 << 20, max_image_bytes=6 << 20)
+    store = ImageStore(tmp_path / "store", limits=limits)
+    blobs = []
+    for i in range(2):
+        data = tar_bytes([(f"f{i}", "f", os.urandom(4 << 20), 0o644)])
+        blobs.append(_compress(data, "gzip", tmp_path / f"l{i}.tar.gz"))
+    with store.import_budget():
+        store.add_layer_blob(blobs[0], oci.MT_OCI_LAYER_GZIP)  # 4 of the 6 MiB
+        with pytest.raises(UnsafeArchiveError, match="max_image_bytes"):
+            store.add_layer_blob(blobs[1], oci.MT_OCI_LAYER_GZIP)
+    layer = store.add_layer_blob(blobs[1], oci.MT_OCI_LAYER_GZIP)  # alone it fits
+    assert layer.snapshot.is_dir()

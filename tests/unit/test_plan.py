@@ -1,11 +1,12 @@
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sandbox_kernel.runtime import ops
-from sandbox_kernel.runtime.plan import HostContext, compile_plan
-from sandbox_kernel.runtime.spec import Bind, ContainerSpec, Limits, Tmpfs
+from sandbox_kernel.runtime.plan import HostContext, compile_plan, tmpfs_inodes
+from sandbox_kernel.runtime.spec import MIN_TMPFS_INODES, Bind, ContainerSpec, Limits, Tmpfs
 
 
 def _spec(tmp_path: Path, **kw: Any) -> ContainerSpec:
@@ -105,7 +106,14 @@ def test_user_mounts(tmp_path: Path) -> None:
     assert ("bind", str(src), "/home/nb", "rec,nosuid,nodev") in recs
     assert ("touch", "/data.csv", "644") in recs
     assert ("bind", str(f), "/data.csv", "rec,nosuid,nodev,ro") in recs
-    assert ("mount", "tmpfs", "tmpfs", "/scratch", "nosuid,nodev", "mode=1777,size=1048576") in recs
+    assert (
+        "mount",
+        "tmpfs",
+        "tmpfs",
+        "/scratch",
+        "nosuid,nodev",
+        "mode=1777,size=1048576,nr_inodes=1024",
+    ) in recs
 
 
 def test_env_overrides_defaults_and_sizes(tmp_path: Path) -> None:
@@ -119,7 +127,14 @@ def test_env_overrides_defaults_and_sizes(tmp_path: Path) -> None:
     envs = [r[1] for r in recs if r[0] == "env"]
     assert "PATH=/opt/bin" in envs and "X=1" in envs and "HOME=/home/sandbox" in envs
     assert not any(e.startswith("PATH=/usr") for e in envs)
-    assert ("mount", "tmpfs", "tmpfs", "/tmp", "nosuid,nodev", f"mode=1777,size={5 << 20}") in recs
+    assert (
+        "mount",
+        "tmpfs",
+        "tmpfs",
+        "/tmp",
+        "nosuid,nodev",
+        f"mode=1777,size={5 << 20},nr_inodes=1024",
+    ) in recs
 
 
 def _executor_keywords() -> dict[str, int]:
@@ -153,7 +168,7 @@ def test_every_operation_is_a_record_the_executor_knows(tmp_path: Path) -> None:
     for keyword, op in samples.items():
         assert len(op.record()) - 1 == known[keyword], (keyword, op.record())
     assert ops.UidMap(0, 1000, 1).record() == ("uidmap", "0", "1000", "1")
-    assert ops.Scratch("/s", None).record() == ("scratch", "/s", "-")
+    assert ops.Scratch("/s", None).record() == ("scratch", "/s", "-", "-")
     assert ops.Umask(0o022).record() == ("umask", "22")
 
 
@@ -180,3 +195,58 @@ def test_loopback_request_goes_into_the_plan_and_replies_are_checked(tmp_path: P
         with pytest.raises(RuntimeStartError) as err:
             netns.check_reply(bad)
         assert err.value.stage == "network"
+
+
+@pytest.mark.parametrize("upper", [False, True])
+def test_every_writable_tmpfs_has_an_inode_cap(tmp_path: Path, upper: bool) -> None:
+    """A flood of tiny files must end in ENOSPC: every tmpfs the plan mounts writable (the
+    writable layer, /tmp, home, /dev/shm, extra tmpfs volumes) carries nr_inodes derived
+    from its size by the one rule (``tmpfs_inodes``), never unlimited (0)."""
+    spec = _spec(
+        tmp_path,
+        tmp_size=64 << 20,
+        writable_size=128 << 20,
+        mounts=(Tmpfs("/scratch", 32 << 20),),
+        upper_dir=str(tmp_path / "up") if upper else "",
+    )
+    recs = records(spec, _host())
+    readonly = {r[1] for r in recs if r[0] == "remount" and "ro" in r[2].split(",")}
+    mounts = [r for r in recs if r[0] == "mount" and r[1] == "tmpfs"]
+    writable = [r for r in mounts if r[3] not in readonly and "ro" not in r[4].split(",")]
+    assert {r[3] for r in writable} >= {"/tmp", "/dev/shm", "/scratch"}
+    for rec in writable:
+        opts = dict(o.split("=", 1) for o in rec[5].split(","))
+        size = int(opts["size"])
+        assert int(opts["nr_inodes"]) == tmpfs_inodes(spec, size) > 0, rec
+    scratch = next(r for r in recs if r[0] == "scratch")
+    if upper:
+        assert scratch[2:] == ("-", "-")
+    else:
+        assert scratch[2:] == (str(128 << 20), str((128 << 20) // spec.bytes_per_inode))
+    assert tmpfs_inodes(spec, 4096) == MIN_TMPFS_INODES
+    assert tmpfs_inodes(replace(spec, bytes_per_inode=4096), 64 << 20) == 16384
+
+
+def test_a_shared_tmpfs_is_owned_by_the_user_capped_and_handed_over(tmp_path: Path) -> None:
+    """``Tmpfs(shared=True)`` (a kernel's connection folder): owned by the container's user,
+    inode-capped, noexec and nosymfollow (the host resolves paths in it), followed by the
+    ``share`` record; the spec's files are written after the volumes."""
+    spec = _spec(
+        tmp_path,
+        mounts=(Tmpfs("/run/sandbox", 65536, 0o700, shared=True),),
+        files=(("/run/sandbox/kernel.json", 0o644, '{"ip": "x"}'),),
+    )
+    recs = records(spec, _host())
+    i = recs.index(
+        (
+            "mount",
+            "tmpfs",
+            "tmpfs",
+            "/run/sandbox",
+            "nosuid,nodev,noexec,nosymfollow",
+            "mode=700,size=65536,nr_inodes=1024,uid=1000,gid=1000",
+        )
+    )
+    assert recs[i + 1] == ("share", "/run/sandbox")
+    assert recs.index(("file", "/run/sandbox/kernel.json", "644", '{"ip": "x"}')) > i
+    assert not any(r[0] == "share" for r in records(_spec(tmp_path), _host()))

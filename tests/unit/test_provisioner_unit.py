@@ -31,7 +31,7 @@ from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
 from sandbox_kernel.runtime import userns
 from sandbox_kernel.runtime.container import ExitResult
-from sandbox_kernel.runtime.spec import Bind, ContainerSpec, IdMap
+from sandbox_kernel.runtime.spec import Bind, ContainerSpec, IdMap, Tmpfs
 
 FAKE_RANGE = userns.SubRange(300000, 65536)
 
@@ -63,6 +63,8 @@ class FakeContainer:
         self.cpu_applied = False
         self.limits_enforced = True
         self._result: ExitResult | None = None
+        self.oom = False
+        self.shared_fds: list[int] = []
         # the cgroup's cap-hit counters (memory.events oom_kill, pids.events max)
         self.oom_kills = 0
         self.pids_hits = 0
@@ -93,6 +95,29 @@ class FakeContainer:
 
     def start(self, **_: Any) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", self.kernel_code])
+
+    def shared_dir(self, path: str) -> int:
+        """The real one hands over the container's tmpfs at ``path``; here a folder of the
+        run dir standing for it, holding the spec's files below ``path`` as the plan would."""
+        folder = self.run_dir / "shared" / path.strip("/")
+        folder.mkdir(parents=True, exist_ok=True)
+        # as the real one: mode 0700, the kernel user's (root mode: its id in the range)
+        uid, gid = self.spec.user, self.spec.group
+        for m in self.spec.uid_map:
+            if m.inside <= self.spec.user < m.inside + m.count:
+                uid = m.outside + self.spec.user - m.inside
+        for m in self.spec.gid_map:
+            if m.inside <= self.spec.group < m.inside + m.count:
+                gid = m.outside + self.spec.group - m.inside
+        if os.geteuid() == 0:
+            os.chown(folder, uid, gid)
+        os.chmod(folder, 0o700)
+        for name, _mode, content in self.spec.files:
+            if name.startswith(path + "/"):
+                (folder / name[len(path) + 1 :]).write_text(content)
+        fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.shared_fds.append(fd)
+        return fd
 
     def signal(self, signum: int) -> None:
         if self.proc and self.proc.poll() is None:
@@ -148,6 +173,9 @@ class FakeContainer:
             self.proc.kill()
             self.proc.wait()
         self.destroyed = True
+        for fd in self.shared_fds:
+            os.close(fd)
+        self.shared_fds.clear()
         import shutil
 
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -219,7 +247,7 @@ def add_spec(
     )
 
 
-async def test_start_writes_ipc_connection_and_container_spec(
+async def test_start_writes_ipc_connection_and_container_spec(  # noqa: PLR0915
     fake_runtime: Path, kernel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     add_spec(kernel_dir, "t-ok", {"image": "python3", "memory": "512M", "cpus": 0.5, "pids": 64})
@@ -235,18 +263,34 @@ async def test_start_writes_ipc_connection_and_container_spec(
     try:
         c = FakeContainer.created[-1]
         spec = c.spec
-        conn_dir = fake_runtime / spec.id / "conn"
-        kernel_file = conn_dir / "kernel.json"
-        info = json.loads(kernel_file.read_text())
-        assert info["transport"] == "ipc" and info["ip"] == f"{conn_dir}/k"
-        assert oct(conn_dir.stat().st_mode & 0o777) == "0o700"
+        conn = launch.CONN_TARGET  # inside: no host path
+        assert km.transport == "ipc"
+        # the kernel's file, written by the plan into its connection folder (a tmpfs)
+        ((path, mode, text),) = spec.files
+        assert (path, mode) == (f"{conn}/kernel.json", 0o644)
+        info = json.loads(text)
+        assert info["transport"] == "ipc" and info["ip"] == f"{conn}/k"
+        assert info["key"] == km.session.key.decode() and info["shell_port"] > 0
+        # the server reaches that folder through its descriptor, never a host folder
+        p = km.provisioner
+        assert isinstance(p, prov.SandboxProvisioner) and p._conn_fd is not None
+        fd = p._conn_fd
+        assert os.path.samefile(f"/proc/self/fd/{fd}", c.shared_dir(conn))
+        # Jupyter's file: the output relay's sockets, in the server's own folder of the run dir
+        relay_dir = fake_runtime / spec.id / launch.RELAY_SUBDIR
+        assert km.ip == f"{relay_dir}/k"
+        assert km.connection_file == str(relay_dir / "kernel.json")
+        assert oct(relay_dir.stat().st_mode & 0o777) == "0o700"
+        mine = json.loads(Path(km.connection_file).read_text())
+        assert mine["ip"] == km.ip and mine["key"] == info["key"]
+        assert mine["shell_port"] == info["shell_port"]
         # the in-container command: "python3" is not rewritten into the host interpreter
         assert list(spec.command) == [
             "python3",
             "-m",
             "ipykernel_launcher",
             "-f",
-            str(kernel_file),
+            f"{conn}/kernel.json",
             "--ext=sandbox_magics",  # the %sandbox magics, mounted read-only
         ]
         env = dict(spec.env)
@@ -258,18 +302,23 @@ async def test_start_writes_ipc_connection_and_container_spec(
         assert spec.workdir == str(nb)
         root_mode = os.geteuid() == 0  # idmapped: the kernel's files keep the folder's owner
         assert Bind(str(nb), str(nb), readonly=False, idmap=root_mode) in spec.mounts
-        assert Bind(str(conn_dir), str(conn_dir), readonly=False) in spec.mounts
+        # the connection folder: a small shared tmpfs; no writable host folder but nb
+        assert Tmpfs(conn, launch.IPC_TMPFS_SIZE, 0o700, shared=True) in spec.mounts
         assert Bind(str(launch.MAGICS_SOURCE), launch.MAGICS_TARGET, readonly=True) in spec.mounts
         assert len(spec.mounts) == 3
+        assert [m.source for m in spec.mounts if isinstance(m, Bind) and not m.readonly] == [
+            str(nb)
+        ]
         assert env["PYTHONPATH"] == launch.MAGICS_TARGET
-        assert env["SANDBOX_KERNEL_CONTROL"] == f"{conn_dir}/control"
-        assert (conn_dir / "control").is_socket()
+        assert env["SANDBOX_KERNEL_CONTROL"] == f"{conn}/control"
+        assert Path(f"/proc/self/fd/{fd}/control").is_socket()
         assert spec.limits.memory == 512 * 1024**2 and spec.limits.cpus == 0.5
         assert spec.limits.pids == 64 and spec.limits.defer_cpu
+        assert spec.bytes_per_inode == 16384  # the setting's default: the tmpfs inode caps
         if os.geteuid() == 0:
             assert (spec.user, spec.group) == (1000, 1000)  # inside; on the host: the range's
             host = FAKE_RANGE.start + 1000
-            assert conn_dir.stat().st_uid == host and kernel_file.stat().st_uid == host
+            assert os.stat(f"/proc/self/fd/{fd}/control").st_uid == host
             assert spec.uid_map == ((IdMap(0, FAKE_RANGE.start, FAKE_RANGE.count)),)
             assert spec.idmap_layers
         assert c.meta["kernel_id"] == km.kernel_id and c.meta["kernelspec"] == "t-ok"
@@ -289,7 +338,6 @@ async def test_jupyter_connects_to_the_relay_with_the_kernels_ports_and_key(
     await km.start_kernel(cwd=str(tmp_path))
     try:
         spec = FakeContainer.created[-1].spec
-        conn_dir = fake_runtime / spec.id / "conn"
         relay_dir = fake_runtime / spec.id / "relay"
         # Jupyter's sockets are the relay's, in a folder the kernel never sees (not mounted)
         assert km.transport == "ipc"
@@ -297,8 +345,9 @@ async def test_jupyter_connects_to_the_relay_with_the_kernels_ports_and_key(
         assert km.connection_file == f"{relay_dir}/kernel.json"
         assert all(str(relay_dir) not in str(m) for m in spec.mounts)
         client = json.loads(Path(km.connection_file).read_text())
-        info = json.loads((conn_dir / "kernel.json").read_text())
-        assert {k: v for k, v in info.items() if k != "ip"} == {
+        ((_, _, text),) = spec.files  # the kernel's, written into its tmpfs by the plan
+        info = json.loads(text)
+        assert {k: v for k, v in info.items() if k not in ("ip", "jupyter_session")} == {
             k: v for k, v in client.items() if k not in ("ip", "jupyter_session")
         }
         st = relay_dir.stat()
@@ -317,11 +366,12 @@ async def test_restart_reuses_the_connection_directory(
     km = AsyncKernelManager(kernel_name="t-rs")
     await km.start_kernel(cwd=str(tmp_path))
     first = FakeContainer.created[-1]
-    conn = km.connection_file
+    conn, ip = km.connection_file, km.ip
     await km.restart_kernel(now=True)
     second = FakeContainer.created[-1]
     assert first is not second and first.destroyed and not second.destroyed
-    assert km.connection_file == conn and Path(conn).exists()
+    # same endpoints: the new container's socket folder took the old one's descriptor
+    assert km.connection_file == conn and Path(conn).exists() and km.ip == ip
     assert first.spec.id == second.spec.id
     await km.shutdown_kernel(now=True)
     assert second.destroyed
@@ -405,13 +455,12 @@ async def test_empty_kernelspec_argv_falls_back_to_the_image_label(
     await km.start_kernel(cwd=str(tmp_path))
     try:
         spec = FakeContainer.created[-1].spec
-        cmd = list(spec.command)
-        assert cmd == [
+        assert list(spec.command) == [
             "/usr/bin/python3",
             "-m",
             "ipykernel_launcher",
             "-f",
-            str(run_dir() / spec.id / "conn" / "kernel.json"),
+            f"{launch.CONN_TARGET}/kernel.json",
             "--ext=sandbox_magics",
         ]
     finally:
@@ -469,7 +518,7 @@ def why_kernel(fake_runtime: Path, kernel_dir: Path, monkeypatch: pytest.MonkeyP
 
 def previous_exit() -> Any:
     """What the running (fake) kernel's %sandbox is told of the previous one's death."""
-    path = dict(FakeContainer.created[-1].spec.env)["SANDBOX_KERNEL_CONTROL"]
+    path = control_path(FakeContainer.created[-1])
     return ask(path, {"op": "get"})["info"]["previous_exit"]
 
 
@@ -709,6 +758,14 @@ def test_doctor_as_root_says_what_an_old_kernel_lacks(
     assert len(store) == 1 and "image store" in store[0].what and "ext4" in store[0].fix
 
 
+def control_path(c: FakeContainer) -> str:
+    """The control socket the kernel reaches as SANDBOX_KERNEL_CONTROL, from the host: in
+    the container's connection folder, by its descriptor."""
+    inside = dict(c.spec.env)["SANDBOX_KERNEL_CONTROL"]
+    folder, name = inside.rsplit("/", 1)
+    return f"/proc/self/fd/{c.shared_dir(folder)}/{name}"
+
+
 def ask(path: str, request: dict[str, Any]) -> dict[str, Any]:
     import socket
 
@@ -735,7 +792,7 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
     await km.start_kernel(cwd=str(tmp_path))
     try:
         c = FakeContainer.created[-1]
-        path = dict(c.spec.env)["SANDBOX_KERNEL_CONTROL"]
+        path = control_path(c)
         info = (await asyncio.to_thread(ask, path, {"op": "get"}))["info"]
         assert info["limits"]["memory"] == 1024**3 and info["limits"]["pids"] == 100
         assert info["ceilings"]["memory"] == "2 GiB" and info["previous_exit"] is None
@@ -769,7 +826,7 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
         c.proc.wait()
         assert await km.is_alive() is False
         await km.restart_kernel(now=True)
-        path = dict(FakeContainer.created[-1].spec.env)["SANDBOX_KERNEL_CONTROL"]
+        path = control_path(FakeContainer.created[-1])
         info = (await asyncio.to_thread(ask, path, {"op": "get"}))["info"]
         assert info["previous_exit"]["oom_killed"] is True
         # the live changes outlive the restart; the kernelspec's caps stay the live ceiling
@@ -778,7 +835,7 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
         assert FakeContainer.created[-1].spec.limits.pids == 80
         # a restart the user asked for is not a death to explain
         await km.restart_kernel(now=True)
-        path = dict(FakeContainer.created[-1].spec.env)["SANDBOX_KERNEL_CONTROL"]
+        path = control_path(FakeContainer.created[-1])
         info = (await asyncio.to_thread(ask, path, {"op": "get"}))["info"]
         assert info["previous_exit"] is None
     finally:

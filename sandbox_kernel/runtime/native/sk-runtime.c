@@ -123,9 +123,12 @@ enum role { ROLE_SUPERVISOR, ROLE_INIT, ROLE_MAIN };
 static enum role g_role = ROLE_SUPERVISOR;
 static int g_status_fd = -1;  /* supervisor: --status-fd */
 static int g_report_fd = -1;  /* init: c2p write end; main: exec-report pipe */
+static int g_share_fd = -1;   /* --share-fd: a unix socket; init sends `share` dirs there */
 static pid_t g_init_pid = -1; /* supervisor: host pid of init, for cleanup */
 static const char *g_id = "?";
 static struct timespec g_t0; /* supervisor start, inherited by init and main */
+static char *g_args;         /* the executor's argv strings, contiguous (main's argv[0]) */
+static size_t g_args_len;    /* their length, the last NUL included */
 static int g_last_cap = 63;  /* read from /proc before pivot */
 
 /* ------------------------------------------------------------------------- */
@@ -314,6 +317,10 @@ die(int code, int err, const char *stage, const char *fmt, ...)
 /* The plan                                                                   */
 /* ------------------------------------------------------------------------- */
 
+/* MS_NOSYMFOLLOW (Linux 5.10; older C libraries lack the name): no path resolution through
+ * the mount follows a symlink on it, the host's included. */
+#define SK_MS_NOSYMFOLLOW 256
+
 /* kept by hand: the keywords grouped by phase, in kwtab order */
 /* clang-format off */
 enum kw {
@@ -322,7 +329,7 @@ enum kw {
     K_NOUSERNS, K_BINDMAP, K_LOWERMAP, K_NETLINK,
     /* mount phase, in order */
     K_HOSTNAME, K_SCRATCH, K_SHIMDIR, K_SHIMFILE, K_ROOTFS, K_REALDIR, K_MKDIR, K_TOUCH, K_FILE, K_SYMLINK,
-    K_MOUNT, K_BIND, K_MASK, K_READONLY, K_REMOUNT, K_PIVOT,
+    K_MOUNT, K_BIND, K_MASK, K_READONLY, K_REMOUNT, K_SHARE, K_PIVOT,
     /* main process */
     K_ENV, K_CWD, K_USER, K_GROUPS, K_UMASK, K_RLIMIT, K_CAPABILITIES, K_NONEWPRIVS, K_ARGV,
     K_COUNT
@@ -350,7 +357,7 @@ static const struct kwdef {
     [K_LOWERMAP] = { "lowermap", 3, PH_SUPERVISOR, 0 },
     [K_NETLINK] = { "netlink", 1, PH_SUPERVISOR, 0 },
     [K_HOSTNAME] = { "hostname", 1, PH_MOUNT, 1 },
-    [K_SCRATCH] = { "scratch", 2, PH_MOUNT, 1 },
+    [K_SCRATCH] = { "scratch", 3, PH_MOUNT, 1 },
     [K_SHIMDIR] = { "shimdir", 2, PH_MOUNT, 0 },
     [K_SHIMFILE] = { "shimfile", 2, PH_MOUNT, 0 },
     [K_ROOTFS] = { "rootfs", 1, PH_MOUNT, 1 },
@@ -364,6 +371,7 @@ static const struct kwdef {
     [K_MASK] = { "mask", 1, PH_MOUNT, 0 },
     [K_READONLY] = { "readonly", 1, PH_MOUNT, 0 },
     [K_REMOUNT] = { "remount", 2, PH_MOUNT, 0 },
+    [K_SHARE] = { "share", 1, PH_MOUNT, 0 },
     [K_PIVOT] = { "pivot", 0, PH_MOUNT, 1 },
     [K_ENV] = { "env", 1, PH_PROCESS, 0 },
     [K_CWD] = { "cwd", 1, PH_PROCESS, 1 },
@@ -568,6 +576,7 @@ static unsigned long parse_mount_flags(const char *s, int allow_atime, int *rec,
         else if (strcmp(t, "nosuid") == 0) fl |= MS_NOSUID;
         else if (strcmp(t, "nodev") == 0) fl |= MS_NODEV;
         else if (strcmp(t, "noexec") == 0) fl |= MS_NOEXEC;
+        else if (strcmp(t, "nosymfollow") == 0) fl |= SK_MS_NOSYMFOLLOW;
         else if (allow_atime && strcmp(t, "relatime") == 0) fl |= MS_RELATIME;
         else if (allow_atime && strcmp(t, "strictatime") == 0) fl |= MS_STRICTATIME;
         else if (allow_atime && strcmp(t, "noatime") == 0) fl |= MS_NOATIME;
@@ -787,6 +796,7 @@ static void parse_plan(const char *path)
 
     int seen[K_COUNT] = { 0 };
     int nidmap = 0;      /* binds with the idmap flag */
+    int nshare = 0;      /* share records */
     int mount_stage = 0; /* 0: nothing yet, 1: scratch seen, 2: rootfs seen, 3: pivot seen */
     char *p = buf, *end = buf + len;
     g_lineno = 0;
@@ -881,6 +891,10 @@ static void parse_plan(const char *path)
                     uint64_t v;
                     if (parse_u64(f[1], UINT64_MAX, &v) < 0 || v == 0)
                         plan_error("scratch: bad size");
+                    if (parse_u64(f[2], UINT64_MAX, &v) < 0 || v == 0)
+                        plan_error("scratch: bad inode count");
+                } else if (strcmp(f[2], "-") != 0) {
+                    plan_error("scratch: an inode count needs a size");
                 }
                 mount_stage = 1;
                 break;
@@ -923,6 +937,7 @@ static void parse_plan(const char *path)
                 break;
             }
             switch (kw) {
+            case K_SHARE: nshare++; /* fall through */
             case K_REALDIR:
             case K_MASK:
             case K_READONLY: check_root_path(f[0]); break;
@@ -1052,6 +1067,8 @@ static void parse_plan(const char *path)
         plan_error("sync net needs the net namespace");
     if (P.nnetlink && !P.ns_net)
         plan_error("netlink needs the net namespace");
+    if (nshare && g_share_fd < 0)
+        plan_error("share records need --share-fd");
 }
 
 /* ------------------------------------------------------------------------- */
@@ -1243,8 +1260,8 @@ static void do_scratch(struct rec *r)
     char path[PATH_MAX + 16];
     const char *stage = stagef("scratch %s", dir);
     if (strcmp(r->f[1], "-") != 0) {
-        char data[64];
-        (void)snprintf(data, sizeof data, "size=%s,mode=0700", r->f[1]);
+        char data[96];
+        (void)snprintf(data, sizeof data, "size=%s,nr_inodes=%s,mode=0700", r->f[1], r->f[2]);
         if (mount("tmpfs", dir, "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
             die(EXIT_SETUP, errno, stage, "tmpfs on %s: %s", dir, strerror(errno));
     }
@@ -1269,8 +1286,8 @@ static void lowerdir_option(char *buf, size_t cap, const char *stage)
     buf[0] = '\0';
     for (size_t i = 0; i < P.nlowers; i++) {
         char one[PATH_MAX + 32];
-        if (P.lowermap_len) {
-            (void)snprintf(one, sizeof one, "%s/l%zu", g_scratch, i);
+        if (P.lowermap_len) { /* relative to the scratch dir, the working directory */
+            (void)snprintf(one, sizeof one, "l%zu", i);
             if (mkdir(one, 0700) < 0 && errno != EEXIST)
                 die(EXIT_SETUP, errno, stage, "mkdir %s: %s", one, strerror(errno));
             if (syscall(SYS_move_mount, P.lower_fds[i], "", AT_FDCWD, one,
@@ -1333,8 +1350,13 @@ static void do_rootfs(struct rec *r)
     for (size_t i = 0; i < P.nlowers; i++)
         if (strchr(P.lowers[i], ','))
             die(EXIT_SETUP, EINVAL, stage, "overlay paths must not contain ','");
+    /* The overlay's options are what /proc/self/mountinfo shows inside: name the scratch
+     * dir's entries relative to it (overlay resolves them from the working directory), so
+     * that no host path of the run dir appears there. */
+    if (chdir(g_scratch) < 0)
+        die(EXIT_SETUP, errno, stage, "chdir %s: %s", g_scratch, strerror(errno));
     if (P.nshim) {
-        int n0 = snprintf(lowers, sizeof lowers, "%s/shim:", g_scratch);
+        int n0 = snprintf(lowers, sizeof lowers, "shim:");
         if (n0 < 0 || (size_t)n0 >= sizeof lowers)
             die(EXIT_SETUP, E2BIG, stage, "scratch path too long");
         lowerdir_option(lowers + n0, sizeof lowers - (size_t)n0, stage);
@@ -1369,14 +1391,16 @@ static void do_rootfs(struct rec *r)
     /* In a user namespace overlay cannot use trusted.overlay.* xattrs: the layers carry
      * user.overlay.opaque as well, which userxattr reads. */
     const char *xattrs = P.ns_user ? ",userxattr" : "";
-    int n = snprintf(data, sizeof data, "lowerdir=%s,upperdir=%s,workdir=%s%s%s", lowers, upper,
-                     work, plain, xattrs);
+    int n = snprintf(data, sizeof data, "lowerdir=%s,upperdir=upper,workdir=work%s%s", lowers,
+                     plain, xattrs);
     if (n < 0 || (size_t)n >= sizeof data)
         die(EXIT_SETUP, E2BIG, stage, "overlay options longer than %zu bytes", sizeof data - 1);
     /* nodev: device nodes shipped inside an image never work; /dev is built
      * from binds of a few host nodes. */
     if (mount("overlay", root, "overlay", MS_NODEV, data) < 0)
         die(EXIT_SETUP, errno, stage, "overlay on %s: %s", root, strerror(errno));
+    if (chdir("/") < 0)
+        die(EXIT_SETUP, errno, stage, "chdir /: %s", strerror(errno));
     for (size_t i = 0; i < P.nlowers; i++) { /* the overlay holds its own references */
         close(P.lower_fds[i]);
         P.lower_fds[i] = -1;
@@ -1528,6 +1552,38 @@ static void do_bind(struct rec *r)
 
 static int g_devnull = -1;
 
+/* share PATH: hand the directory now at PATH (the mount on top of it) to the owner, as an
+ * O_PATH descriptor sent over --share-fd with PATH as the message. The owner reaches what
+ * the container makes there (a kernel's sockets) through it, without any host path. */
+static void do_share(struct rec *r)
+{
+    const char *path = r->f[0];
+    const char *stage = stagef("share %s", path);
+    struct stat st;
+    int fd = root_target(path);
+    if (fd < 0)
+        die(EXIT_SETUP, errno, stage, "target %s: %s", path, strerror(errno));
+    if (fstat(fd, &st) < 0 || !S_ISDIR(st.st_mode))
+        die(EXIT_SETUP, ENOTDIR, stage, "%s is not a directory", path);
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    memset(&u, 0, sizeof u);
+    struct iovec iov = { .iov_base = (void *)path, .iov_len = r->len[0] };
+    struct msghdr msg = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf
+    };
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof fd);
+    if (sendmsg(g_share_fd, &msg, MSG_NOSIGNAL) < 0)
+        die(EXIT_SETUP, errno, stage, "send %s to the owner: %s", path, strerror(errno));
+    close(fd);
+}
+
 static void do_mask(struct rec *r)
 {
     const char *path = r->f[0];
@@ -1650,6 +1706,7 @@ static void mount_phase(void)
         case K_MASK: do_mask(r); break;
         case K_READONLY: do_readonly(r); break;
         case K_REMOUNT: do_remount(r); break;
+        case K_SHARE: do_share(r); break;
         case K_PIVOT: do_pivot(); break;
         default: break;
         }
@@ -1940,12 +1997,14 @@ static void deny_nested_userns(void)
 /* Init: close every fd but the two pipes and what the mount phase still uses. */
 static void close_fds_except_sources(int p2c_r, int c2p_w)
 {
-    int *keep = calloc(P.nmounts + P.nlowers + 2, sizeof *keep);
+    int *keep = calloc(P.nmounts + P.nlowers + 3, sizeof *keep);
     if (!keep)
         die(EXIT_SETUP, ENOMEM, "init", "out of memory");
     size_t n = 0;
     keep[n++] = p2c_r;
     keep[n++] = c2p_w;
+    if (g_share_fd >= 0)
+        keep[n++] = g_share_fd;
     for (size_t i = 0; i < P.nmounts; i++) {
         if (P.mounts[i].src_fd >= 0)
             keep[n++] = P.mounts[i].src_fd;
@@ -1959,11 +2018,25 @@ static void close_fds_except_sources(int p2c_r, int c2p_w)
     free(keep);
 }
 
+/* Init's /proc/1/cmdline, which everyone in the container reads: "sk-init" instead of the
+ * executor's argv (its host path, the run dir's plan path). The argv strings are
+ * overwritten in place; a non-NUL last byte makes the kernel stop at the first NUL. */
+static void scrub_cmdline(void)
+{
+    static const char name[] = "sk-init";
+    if (!g_args || g_args_len < sizeof name + 1)
+        return;
+    memset(g_args, 0, g_args_len);
+    memcpy(g_args, name, sizeof name);
+    g_args[g_args_len - 1] = ' ';
+}
+
 __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
 {
     g_role = ROLE_INIT;
     g_report_fd = c2p_w;
     g_status_fd = -1;
+    scrub_cmdline();
 
     /* The supervisor writes 'S' once the id maps exist. Then PDEATHSIG is
      * armed and the supervisor proven alive (see arm_pdeathsig). */
@@ -2028,6 +2101,10 @@ __attribute__((noreturn)) static void init_process(int p2c_r, int c2p_w)
         die(EXIT_SETUP, errno, "unshare cgroup", "unshare(CLONE_NEWCGROUP): %s", strerror(errno));
 
     mount_phase();
+    if (g_share_fd >= 0) { /* every `share` was sent */
+        close(g_share_fd);
+        g_share_fd = -1;
+    }
 
     if (P.sync_net && !early_go && read_byte(p2c_r) != 'G')
         _exit(EXIT_SETUP); /* supervisor gone; PDEATHSIG is on its way */
@@ -2357,7 +2434,8 @@ static int relay_init_line(char *line, char *exit_line, size_t exit_cap)
 static void usage(void)
 {
     die(EXIT_SETUP, EINVAL, "usage",
-        "usage: sk-runtime [--status-fd N] [--control-fd N] PLANFILE | --probe-idmap PATH");
+        "usage: sk-runtime [--status-fd N] [--control-fd N] [--share-fd N] PLANFILE | "
+        "--probe-idmap PATH");
 }
 
 static int parse_fd_arg(const char *s)
@@ -2376,6 +2454,10 @@ int main(int argc, char **argv)
     const char *planfile = NULL;
 
     clock_gettime(CLOCK_MONOTONIC, &g_t0);
+    if (argc > 0) { /* the kernel lays argv out contiguously */
+        g_args = argv[0];
+        g_args_len = (size_t)(argv[argc - 1] + strlen(argv[argc - 1]) + 1 - argv[0]);
+    }
     /* a vanished status reader must not kill us: writes just fail */
     (void)signal(SIGPIPE, SIG_IGN);
 
@@ -2386,6 +2468,8 @@ int main(int argc, char **argv)
             g_status_fd = parse_fd_arg(argv[++i]);
         } else if (strcmp(argv[i], "--control-fd") == 0 && i + 1 < argc) {
             control_fd = parse_fd_arg(argv[++i]);
+        } else if (strcmp(argv[i], "--share-fd") == 0 && i + 1 < argc) {
+            g_share_fd = parse_fd_arg(argv[++i]);
         } else if (argv[i][0] == '-' || planfile) {
             usage();
         } else {
@@ -2401,6 +2485,8 @@ int main(int argc, char **argv)
         fcntl(g_status_fd, F_SETFD, FD_CLOEXEC);
     if (control_fd > 2)
         fcntl(control_fd, F_SETFD, FD_CLOEXEC);
+    if (g_share_fd > 2)
+        fcntl(g_share_fd, F_SETFD, FD_CLOEXEC);
 
     parse_plan(planfile);
     g_lineno = 0;
