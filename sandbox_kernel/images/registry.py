@@ -316,6 +316,10 @@ class Client:
         self.insecure = insecure
         self._tokens: dict[str, str] = {}
         self._lock = threading.Lock()
+        #: Guards what the download threads of one pull share.
+        self.lock = threading.Lock()
+        #: Set when a pull stops (an error in one download, or Ctrl-C): the others stop too.
+        self.cancel = threading.Event()
         try:
             self._ssl = ssl.create_default_context(cafile=str(ca) if ca else None)
         except (OSError, ssl.SSLError) as exc:
@@ -692,6 +696,11 @@ def _copy_body(
     got = have
     with open(dest, mode) as out:
         while chunk := r.resp.read(COPY_CHUNK):
+            if client.cancel.is_set():
+                raise RegistryError(
+                    f"{client.reference}: the pull stopped; run it again: it resumes where it "
+                    "stopped"
+                )
             got += len(chunk)
             if got > desc.size:
                 raise DigestMismatch(
@@ -809,18 +818,31 @@ def _pull_from(
     missing = [d for d in manifest.layers if not store.has_blob(d.digest)]
     progress.start(sum(d.size for d in missing), len(missing), len(manifest.layers) - len(missing))
 
-    locks = {d.digest: threading.Lock() for d in manifest.layers}
+    layers = _fetch_layers(store, client, repo, manifest, cfg.diff_ids, progress)
+    progress.finish()
+    return store.write_pulled_image(names, body, config, layers)
 
-    def fetch(i: int) -> Layer:
-        with locks[manifest.layers[i].digest]:  # a layer listed twice is fetched once
-            return fetch_one(i)
 
-    def fetch_one(i: int) -> Layer:
-        d = manifest.layers[i]
-        what = f"{client.reference} layer {i} ({d.digest})"
-        if store.has_blob(d.digest):
-            return store.layer_from_blob(d.digest, d.media_type, d.size, cfg.diff_ids[i], what)
-        part = _part_path(store, d.digest)
+def _fetch_layer(
+    store: ImageStore,
+    client: Client,
+    repo: str,
+    i: int,
+    d: oci.Descriptor,
+    diff_id: str,
+    progress: Progress,
+) -> Layer:
+    """Layer ``i`` (descriptor ``d``) in the store: taken from the store when its blob is
+    there, else downloaded (resuming a ``.part`` an earlier pull left; one that proves bad
+    is fetched once more from the start) and installed once verified. Called by
+    ``_fetch_layers`` in a download thread."""
+    what = f"{client.reference} layer {i} ({d.digest})"
+    if store.has_blob(d.digest):
+        return store.layer_from_blob(d.digest, d.media_type, d.size, diff_id, what)
+    part = _part_path(store, d.digest)
+    stale = part.exists()
+    scope = f"repository:{repo}:pull"
+    while True:
         _download(client, repo, d, part, scope, progress)
         try:
             layer = store.add_layer_file(
@@ -828,27 +850,55 @@ def _pull_from(
                 d.media_type,
                 d.digest,
                 expected_size=d.size,
-                expected_diff_id=cfg.diff_ids[i],
+                expected_diff_id=diff_id,
                 what=what,
             )
         except DigestMismatch as exc:
+            if stale:
+                stale = False
+                continue
             raise DigestMismatch(f"{exc}; nothing stored") from None
         progress.layer_done(d.digest, d.size)
         return layer
 
+
+def _fetch_layers(
+    store: ImageStore,
+    client: Client,
+    repo: str,
+    manifest: oci.Manifest,
+    diff_ids: Sequence[str],
+    progress: Progress,
+) -> list[Layer]:
+    """Every layer of ``manifest`` in the store, ``PULL_THREADS`` at a time. The first
+    failure (or Ctrl-C) stops the other downloads (their ``.part`` files stay for the next
+    pull) and is raised. Called by ``_pull_from``."""
+    locks = {d.digest: threading.Lock() for d in manifest.layers}
+    first_error: list[BaseException] = []
+
+    def fetch(i: int) -> Layer:
+        d = manifest.layers[i]
+        try:
+            with locks[d.digest]:  # a layer listed twice is fetched once
+                return _fetch_layer(store, client, repo, i, d, diff_ids[i], progress)
+        except BaseException as exc:
+            with client.lock:
+                first_error.append(exc)
+            client.cancel.set()
+            raise
+
     with ThreadPoolExecutor(max_workers=PULL_THREADS) as pool:
         futures = [pool.submit(fetch, i) for i in range(len(manifest.layers))]
-        errors: list[BaseException] = []
-        layers: list[Layer] = []
-        for fut in futures:
-            try:
-                layers.append(fut.result())
-            except BaseException as exc:  # the first one is raised below
-                errors.append(exc)
-        if errors:
-            raise errors[0]
-    progress.finish()
-    return store.write_pulled_image(names, body, config, layers)
+        try:
+            return [fut.result() for fut in futures]
+        except BaseException as exc:
+            client.cancel.set()
+            for fut in futures:
+                with contextlib.suppress(BaseException):
+                    fut.result()
+            if first_error and not isinstance(exc, KeyboardInterrupt):
+                raise first_error[0] from None
+            raise
 
 
 # --- push --------------------------------------------------------------------------------------

@@ -630,8 +630,15 @@ class ImageStore:
                     f"{what}: content has digest {digest} but {expected_digest} was expected "
                     "(digest mismatch); the image is corrupt or was tampered with"
                 )
+            existed = self.has_blob(digest)
             self._install_blob(tmp, digest)
-        diff_id, _ = self._unpack(digest, media_type, expected_diff_id, what)
+        try:
+            diff_id, _ = self._unpack(digest, media_type, expected_diff_id, what)
+        except ImageError:
+            if not existed:  # refused content (diff_id, unsafe entries) is not kept
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(digest).unlink()
+            raise
         return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
 
     def layer_from_blob(

@@ -469,3 +469,70 @@ def test_present_layers_not_fetched_again(fake: tuple[Fake, str], tmp_path: Path
     assert again.digest == first.digest
     for layer in first.layers:
         assert f.blob_gets(layer.digest) == []
+
+
+def test_a_part_left_by_an_earlier_pull_is_resumed(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    _manifest, layers = _image(f)
+    store = _store(tmp_path)
+    store._init()
+    d = _sha(layers[0])
+    part = store.tmp_dir / f"pull-{oci.digest_hex(d)}.part"
+    part.write_bytes(layers[0][:100])  # what an interrupted pull left
+    registry.pull(store, f"{host}/lib/app:v1")
+    assert [h.get("Range") for h in f.blob_gets(d)] == ["bytes=100-"]
+    assert not part.exists()
+    # a left part that proves bad is fetched once more from the start
+    store2 = _store(tmp_path / "b")
+    store2._init()
+    part2 = store2.tmp_dir / part.name
+    part2.write_bytes(b"x" * 100)
+    f.seen.clear()
+    im = registry.pull(store2, f"{host}/lib/app:v1")
+    assert [h.get("Range") for h in f.blob_gets(d)] == ["bytes=100-", None]
+    assert im.layers[0].digest == d
+
+
+def test_a_wrong_diff_id_keeps_no_blob(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    manifest, layers = _image(f)
+    # the config names another diff_id for layer 0: blob verified, content refused
+    cfg_digest = json.loads(manifest)["config"]["digest"]
+    cfg = json.loads(f.blobs[cfg_digest])
+    cfg["rootfs"]["diff_ids"][0] = "sha256:" + "0" * 64
+    new_cfg = oci.dump_json(cfg)
+    f.blobs[_sha(new_cfg)] = new_cfg
+    doc = json.loads(manifest)
+    doc["config"] = {
+        "mediaType": oci.MT_DOCKER_CONFIG,
+        "digest": _sha(new_cfg),
+        "size": len(new_cfg),
+    }
+    f.manifests["bad"] = (oci.MT_DOCKER_MANIFEST, json.dumps(doc).encode())
+    store = _store(tmp_path)
+    with pytest.raises(DigestMismatch):
+        registry.pull(store, f"{host}/lib/app:bad")
+    assert store.list() == []
+    assert not store.has_blob(_sha(layers[0]))
+
+
+def test_mirror_first_then_the_registry(
+    fake: tuple[Fake, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f, host = fake
+    _image(f)
+    empty = Fake()  # a mirror without the image: 404, then the registry itself
+    srv, mirror = _serve(empty)
+    try:
+        monkeypatch.setenv(registry.MIRRORS_ENV, f"{host}=http://{mirror}")
+        im = registry.pull(_store(tmp_path), f"{host}/lib/app:v1")
+        assert im.name == f"{host}/lib/app"
+        assert [p for _m, p, _h in empty.seen] == ["/v2/lib/app/manifests/v1"]
+        # a mirror that has it serves the whole pull
+        empty.manifests, empty.blobs = dict(f.manifests), dict(f.blobs)
+        f.seen.clear()
+        registry.pull(_store(tmp_path / "b"), f"{host}/lib/app:v1")
+        assert f.seen == []
+    finally:
+        srv.shutdown()
+        srv.server_close()
