@@ -100,6 +100,39 @@ def _serve(fake: Fake) -> tuple[ThreadingHTTPServer, str]:
         def do_HEAD(self) -> None:
             self.do_GET()
 
+        def do_POST(self) -> None:
+            with fake.lock:
+                fake.seen.append(("POST", self.path, dict(self.headers.items())))
+            if not self._authorized():
+                return
+            if "mount=" in self.path:
+                digest = self.path.split("mount=")[1].split("&")[0].replace("%3A", ":")
+                if digest in fake.blobs:
+                    self._send(201, b"", {"Location": f"/v2/x/blobs/{digest}"})
+                    return
+            self._send(202, b"", {"Location": "/v2/upload/abc?state=1"})
+
+        def do_PUT(self) -> None:
+            with fake.lock:
+                fake.seen.append(("PUT", self.path, dict(self.headers.items())))
+            if not self._authorized():
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if self.path.startswith("/v2/upload/abc?state=1&digest="):
+                digest = self.path.split("digest=")[1].replace("%3A", ":")
+                if _sha(body) != digest:
+                    self._send(400, b'{"errors":[{"code":"DIGEST_INVALID","message":"bad"}]}')
+                    return
+                fake.blobs[digest] = body
+                self._send(201)
+                return
+            if "/manifests/" in self.path:
+                ct = self.headers.get("Content-Type", "")
+                fake.manifests[self.path.rsplit("/", 1)[1]] = (ct, body)
+                self._send(201, b"", {"Docker-Content-Digest": _sha(body)})
+                return
+            self._send(404)
+
         def do_GET(self) -> None:  # noqa: PLR0911 - one fake server
             with fake.lock:
                 fake.seen.append(("GET", self.path, dict(self.headers.items())))
@@ -536,3 +569,40 @@ def test_mirror_first_then_the_registry(
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_push_checks_mounts_uploads_then_puts_the_manifest(
+    fake: tuple[Fake, str], tmp_path: Path
+) -> None:
+    f, host = fake
+    f.auth = "basic"
+    src = Fake()
+    manifest, layers = _image(src)
+    srv, src_host = _serve(src)
+    store = _store(tmp_path)
+    try:
+        im = registry.pull(store, f"{src_host}/lib/app:v1")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    creds = registry.Credentials("alice", "s3cret")
+    f.blobs[_sha(layers[0])] = layers[0]  # already there: HEAD says so, nothing sent
+    said: list[str] = []
+    digest = registry.push(im, store, f"{host}/course/app:1", creds=creds, say=said.append)
+    assert digest == _sha(manifest)
+    assert f.manifests["1"] == (oci.MT_DOCKER_MANIFEST, manifest)  # byte for byte
+    heads = [p for m, p, _h in f.seen if m == "GET" and "/blobs/" in p]  # HEAD is served by GET
+    assert len(heads) >= 3
+    puts = [p for m, p, _h in f.seen if m == "PUT" and "digest=" in p]
+    assert len(puts) == 2 and not any(oci.digest_hex(_sha(layers[0])) in p for p in puts)
+    assert any("already there" in m for m in said)
+    # pushing the pushed image within its registry mounts its blobs
+    im2 = registry.pull(store, f"{host}/course/app:1", creds=creds)
+    f.seen.clear()
+    f.blobs.pop(_sha(layers[1]))
+    registry.push(im2, store, f"{host}/course/other:1", creds=creds, say=said.append)
+    mounts = [p for m, p, _h in f.seen if m == "POST" and "mount=" in p]
+    assert mounts and "from=course%2Fapp" in mounts[0]
+    # a wrong password: one clear error naming the registry
+    with pytest.raises(RegistryError, match=rf"registry {host} answered 401"):
+        registry.push(im, store, f"{host}/course/app:2", creds=registry.Credentials("alice", "x"))
