@@ -15,6 +15,7 @@ the provisioner turns one into a Jupyter-facing error (below). The tree::
     │   ├── ImageInUse        ``image rm`` of an image a container uses
     │   ├── UnsafeArchiveError  an archive or manifest tried something hostile
     │   ├── DigestMismatch    a blob's content does not match its digest or size
+    │   ├── RegistryError     a registry refused or failed a pull or push
     │   └── BuildError        a recipe is invalid or a build step failed
     └── LimitRefused          a live ``%sandbox`` limit change was refused
 
@@ -116,6 +117,11 @@ class UnsafeArchiveError(ImageError):
 
 class DigestMismatch(ImageError):
     """A blob's content does not match its digest or size (store writes, import, unpack)."""
+
+
+class RegistryError(ImageError):
+    """A registry refused or failed a pull or push (``images.registry``): the message names
+    the reference, the registry, what it answered and the fix."""
 
 
 class BuildError(ImageError):

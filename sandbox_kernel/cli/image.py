@@ -1,4 +1,4 @@
-"""``sandbox-kernel image``: ls / inspect / rm / gc / import / export / build.
+"""``sandbox-kernel image``: ls / inspect / rm / gc / import / export / pull / push / build.
 
 Layer: cli, on ``images``. Each ``cmd_*`` is one action's handler, called by ``cli.main``.
 """
@@ -58,12 +58,58 @@ def register(sub: Any) -> None:
     q.add_argument("path", type=Path)
     q.set_defaults(func=cmd_export)
 
+    q = isub.add_parser("pull", help="pull an image from a registry (OCI distribution API)")
+    q.add_argument("ref", metavar="REF", help="[REGISTRY[:PORT]/]REPOSITORY[:TAG][@DIGEST]")
+    q.add_argument("--name", metavar="NAME[:TAG]", help="also store the image under this name")
+    q.add_argument(
+        "--platform", metavar="OS/ARCH", help="pick this platform of a manifest list or index"
+    )
+    _registry_options(q)
+    q.set_defaults(func=cmd_pull)
+
+    q = isub.add_parser("push", help="push an image of the store to a registry")
+    q.add_argument("image", metavar="NAME[:TAG]")
+    q.add_argument("ref", metavar="REF", help="[REGISTRY[:PORT]/]REPOSITORY:TAG")
+    _registry_options(q)
+    q.set_defaults(func=cmd_push)
+
     q = isub.add_parser("build", help="build an image from a recipe")
     q.add_argument("target", metavar="RECIPE_OR_NAME")
     q.add_argument("--tag", help="tag of the built image (default: latest)")
     q.add_argument("--no-cache", action="store_true", help="rebuild every step")
     q.add_argument("--quiet", "-q", action="store_true", help="print only the image digest")
     q.set_defaults(func=cmd_build)
+
+
+def _registry_options(q: argparse.ArgumentParser) -> None:
+    """The options ``image pull`` and ``image push`` share: TLS and credentials."""
+    q.add_argument("--ca", type=Path, metavar="FILE", help="trust this CA (PEM) for the registry")
+    q.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain http (or https without verification with --ca) to a non-loopback registry",
+    )
+    q.add_argument("--username", "-u", metavar="USER", help="registry user (with --password-stdin)")
+    q.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+
+
+def _credentials(args: argparse.Namespace) -> Any:
+    """The credentials of ``--username`` + ``--password-stdin``, or None (the auth files)."""
+    from ..images.registry import Credentials, password_from_stdin
+
+    if args.password_stdin and not args.username:
+        raise ImageError("--password-stdin needs --username USER")
+    if args.username is None:
+        return None
+    if not args.password_stdin:
+        raise ImageError(
+            f"--username {args.username} needs --password-stdin (a password is never taken "
+            'on the command line): echo "$PASSWORD" | sandbox-kernel image ... '
+            "--password-stdin"
+        )
+    return Credentials(args.username, password_from_stdin(sys.stdin), "--password-stdin")
 
 
 def _human(n: float) -> str:
@@ -178,6 +224,101 @@ def cmd_export(args: argparse.Namespace) -> int:
     for im in export_images(ImageStore(), [args.ref], args.path):
         print(f"exported {im.ref} {im.digest} to {args.path}")
     return 0
+
+
+def _progress() -> Any:
+    """A pull's progress: one updating line (bytes, rate, ETA) on a terminal, a line per
+    fetched layer otherwise. Made by ``cmd_pull``."""
+    import threading
+    import time
+
+    from ..images.registry import Progress
+
+    tty = sys.stderr.isatty()
+
+    class Shown(Progress):
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.total = self.done = 0
+            self.t0 = time.monotonic()
+            self.last = 0.0
+
+        def start(self, total: int, layers: int, present: int) -> None:
+            self.total, self.t0 = total, time.monotonic()
+            msg = f"fetching {layers} layer(s), {_human(total)}"
+            print(msg + (f"; {present} already present" if present else ""), file=sys.stderr)
+
+        def advance(self, n: int) -> None:
+            with self.lock:
+                self.done += n
+                now = time.monotonic()
+                if not tty or now - self.last < 0.2:
+                    return
+                self.last = now
+                rate = self.done / max(now - self.t0, 1e-3)
+                eta = (self.total - self.done) / rate if rate else 0.0
+                print(
+                    f"\r{_human(self.done)} / {_human(self.total)}  {_human(rate)}/s  "
+                    f"ETA {eta:.0f} s   ",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        def layer_done(self, digest: str, size: int) -> None:
+            if not tty:
+                print(f"layer {digest[:19]} {_human(size)} verified", file=sys.stderr)
+
+        def finish(self) -> None:
+            if tty and self.total:
+                print(file=sys.stderr)
+
+    return Shown()
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """``image pull REF``: fetch the image from its registry into the store, under its full
+    reference (and ``--name``)."""
+    from ..images.registry import pull
+
+    creds = _credentials(args)
+    im = pull(
+        ImageStore(),
+        args.ref,
+        name=args.name,
+        platform=args.platform,
+        creds=creds,
+        ca=args.ca,
+        insecure=args.insecure,
+        progress=_progress(),
+    )
+    print(f"pulled {im.ref} {im.digest}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """``image push NAME REF``: send the image to a registry (blobs it lacks, then the
+    manifest)."""
+    from ..images.registry import push
+
+    creds = _credentials(args)
+    im = lookup.find(args.image, unpack=False)
+    place = next(p for p in lookup.places() if p.store.exists() and _holds(p.store, im))
+    digest = push(
+        im,
+        place.store,
+        args.ref,
+        creds=creds,
+        ca=args.ca,
+        insecure=args.insecure,
+        say=lambda m: print(m, file=sys.stderr),
+    )
+    print(f"pushed {im.ref} to {args.ref} {digest}")
+    return 0
+
+
+def _holds(store: ImageStore, im: Image) -> bool:
+    return store.has_blob(im.digest)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -123,9 +123,29 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
+# A registry reference's name (docker's grammar): an optional registry host[:port], then
+# path components of lowercase letters and digits joined by '.', '_', '__' or dashes.
+_REF_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_REF_HOST = rf"(?:{_REF_LABEL}(?:\.{_REF_LABEL})*|\[[0-9a-fA-F:]+\])(?::[0-9]{{1,5}})?"
+_REF_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REF_NAME_RE = re.compile(rf"^(?:{_REF_HOST}/)?{_REF_COMPONENT}(?:/{_REF_COMPONENT})*$")
+MAX_REF_NAME = 255
+
+
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid image name; else raise ImageError. Called by the store
-    before it writes an image and by the importer for names given or found in an archive."""
+    before it writes an image and by the importer for names given or found in an archive.
+
+    A name is either local (``python2.7``) or, with a '/', a registry reference's full name
+    (``docker.io/library/python``, ``127.0.0.1:5000/course/python``) as ``image pull`` stores
+    it."""
+    if "/" in name:
+        if len(name) <= MAX_REF_NAME and _REF_NAME_RE.fullmatch(name):
+            return name
+        raise ImageError(
+            f"invalid image name {name!r}: use [REGISTRY[:PORT]/]PATH with lowercase path "
+            "components (e.g. registry.example.edu/course/python)"
+        )
     if not _NAME_RE.fullmatch(name) or len(name) > 128:
         raise ImageError(
             f"invalid image name {name!r}: use lowercase letters, digits, '.', '_' and '-', "
@@ -148,8 +168,10 @@ def check_tag(tag: str) -> str:
 def split_ref(ref: str, default_tag: str = "latest") -> tuple[str, str]:
     """'name' -> (name, default_tag); 'name:tag' -> (name, tag); both validated. The store
     uses it to resolve a reference and to read the name of each index entry."""
-    name, sep, tag = ref.partition(":")
-    return check_name(name), check_tag(tag if sep else default_tag)
+    colon = ref.rfind(":")
+    if colon > ref.rfind("/"):  # a tag is after the last '/' (a registry's port is before it)
+        return check_name(ref[:colon]), check_tag(ref[colon + 1 :])
+    return check_name(ref), check_tag(default_tag)
 
 
 # --- JSON --------------------------------------------------------------------------------------

@@ -615,6 +615,61 @@ class ImageStore:
         diff_id, _ = self._unpack(digest, media_type, expected_diff_id, what)
         return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
 
+    def add_layer_file(
+        self,
+        path: Path,
+        media_type: str,
+        expected_digest: str,
+        *,
+        expected_size: int,
+        expected_diff_id: str,
+        what: str = "layer",
+    ) -> Layer:
+        """Install the downloaded layer blob ``path`` (a file in this store's ``tmp/``) by
+        renaming it, once its size and digest are verified, and unpack it safely to its
+        snapshot; ``path`` is gone afterwards either way (a bad blob is deleted). Called by
+        ``registry.pull`` for each layer it fetched."""
+        self._init()
+        oci.layer_compression(media_type)
+        oci.check_digest(expected_digest, f"{what} digest")
+        if Path(path).parent != self.tmp_dir:
+            raise ImageError(f"{what}: {path} is not in the store's tmp dir {self.tmp_dir}")
+        with self._new_blob() as tmp:
+            os.replace(path, tmp)
+            digest, size = _hash_file(tmp)
+            if size != expected_size:
+                raise DigestMismatch(
+                    f"{what}: {size} bytes but its descriptor declares {expected_size} (size "
+                    "mismatch); the image is corrupt or was tampered with"
+                )
+            if digest != expected_digest:
+                raise DigestMismatch(
+                    f"{what}: content has digest {digest} but {expected_digest} was expected "
+                    "(digest mismatch); the image is corrupt or was tampered with"
+                )
+            existed = self.has_blob(digest)
+            self._install_blob(tmp, digest)
+        try:
+            diff_id, _ = self._unpack(digest, media_type, expected_diff_id, what)
+        except ImageError:
+            if not existed:  # refused content (diff_id, unsafe entries) is not kept
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(digest).unlink()
+            raise
+        return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
+
+    def layer_from_blob(
+        self, digest: str, media_type: str, size: int, expected_diff_id: str, what: str
+    ) -> Layer:
+        """The layer of the stored blob ``digest`` (its diff_id checked against
+        ``expected_diff_id``, its snapshot unpacked when missing). Called by ``registry.pull``
+        for a layer already in the store, instead of fetching it again."""
+        oci.layer_compression(media_type)
+        if not self.has_blob(digest):
+            raise ImageError(f"{what}: blob {digest} is not in the store")
+        diff_id, _ = self._unpack(digest, media_type, expected_diff_id, what)
+        return Layer(digest, diff_id, size, media_type, self.snapshot_path(diff_id))
+
     def add_layer_from_dir(
         self, src: Path, *, compression: str = "gzip", owner: tuple[int, int] | None = None
     ) -> Layer:
@@ -770,19 +825,62 @@ class ImageStore:
         }
         manifest_bytes = oci.dump_json(manifest_doc)
         manifest_digest = self.put_blob_bytes(manifest_bytes)
+        return self._point(
+            name, tag, oci.MT_OCI_MANIFEST, manifest_digest, len(manifest_bytes), arch
+        )
+
+    def _point(
+        self, name: str, tag: str, media_type: str, digest: str, size: int, arch: str
+    ) -> Image:
+        """Point ``name:tag`` at the stored manifest ``digest`` (replacing what it named) and
+        return the image. Called by ``write_image`` and ``write_pulled_image``."""
         ref = f"{name}:{tag}"
         desc = oci.Descriptor(
-            oci.MT_OCI_MANIFEST,
-            manifest_digest,
-            len(manifest_bytes),
+            media_type,
+            digest,
+            size,
             {oci.ANNOTATION_REF_NAME: ref},
             {"architecture": arch, "os": "linux"},
         )
+        image = self._image_from_desc(desc)  # every blob it names is stored and readable
         with self._locked():
             index = self._read_index()
             kept = [d for d in index.manifests if d.annotations.get(oci.ANNOTATION_REF_NAME) != ref]
             self._write_index([*kept, desc])
-        return self._image_from_desc(desc)
+        return image
+
+    def write_pulled_image(
+        self,
+        names: Sequence[tuple[str, str]],
+        manifest: bytes,
+        config: bytes,
+        layers: Sequence[Layer],
+    ) -> Image:
+        """Store a registry's manifest and config exactly as they came (so the image keeps
+        the registry's digest) and point each ``(name, tag)`` of ``names`` at it. The layers
+        must be stored already (``add_layer_file`` / ``layer_from_blob``). Called by
+        ``registry.pull`` once every blob is verified: the image becomes visible only here."""
+        self._init()
+        for name, tag in names:
+            oci.check_name(name)
+            oci.check_tag(tag)
+        parsed = oci.parse_manifest(manifest, "pulled manifest")
+        for layer in layers:
+            if not self.has_blob(layer.digest):
+                raise ImageError(f"pulled layer {layer.digest} is not in the store")
+        cfg = oci.parse_config(config, "pulled config")
+        if oci.sha256_digest(config) != parsed.config.digest:
+            raise DigestMismatch(
+                f"pulled config does not match the digest {parsed.config.digest} of its manifest"
+            )
+        self.put_blob_bytes(config)
+        digest = self.put_blob_bytes(manifest)
+        arch = cfg.architecture or oci.host_architecture()
+        images = [
+            self._point(name, tag, parsed.media_type, digest, len(manifest), arch)
+            for name, tag in names
+        ]
+        return images[0]
 
     def _image_from_desc(self, desc: oci.Descriptor) -> Image:
         ref = desc.annotations.get(oci.ANNOTATION_REF_NAME, "")

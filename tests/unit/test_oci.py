@@ -58,9 +58,13 @@ def test_digest_rejects_everything_else(bad: object) -> None:
 def test_names_and_tags() -> None:
     assert oci.split_ref("python2.7") == ("python2.7", "latest")
     assert oci.split_ref("py3:v1.0") == ("py3", "v1.0")
-    for bad in ("Python", ".x", "-x", "a/b", "", "a b"):
+    for bad in ("Python", ".x", "-x", "a//b", "/a", "a/", "a/B", "", "a b", "h:99999999/a"):
         with pytest.raises(ImageError):
             oci.check_name(bad)
+    # a pulled image's full name: the registry (with its port) is not mistaken for a tag
+    assert oci.split_ref("127.0.0.1:5000/course/py:2.7") == ("127.0.0.1:5000/course/py", "2.7")
+    assert oci.split_ref("docker.io/library/python") == ("docker.io/library/python", "latest")
+    assert oci.split_ref("[::1]:5000/a") == ("[::1]:5000/a", "latest")
     for bad in (".t", "-t", "t" * 129, "a:b", ""):
         with pytest.raises(ImageError):
             oci.check_tag(bad)

@@ -1,0 +1,1014 @@
+"""A small client of the OCI distribution protocol (Docker Registry HTTP API v2): pull and push.
+
+Layer: images (no Jupyter). Written on the standard library (``http.client`` and ``ssl``); see
+docs/registries.md for why, for the order of the credential files, for mirrors and for what is
+verified. Everything a registry sends is hostile: manifests and indexes are size-bounded and
+their media types checked strictly (``oci.parse_*``), every blob's size and digest is verified
+before the store installs it, layers go through the store's safe extractor, and credentials
+never follow a redirect to another host.
+
+``sandbox-kernel image pull`` calls ``pull``; ``sandbox-kernel image push`` calls ``push``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import http.client
+import ipaddress
+import json
+import os
+import re
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from ..errors import DigestMismatch, ImageError, RegistryError, UnsafeArchiveError
+from . import oci
+from .compression import COPY_CHUNK
+from .store import Image, ImageStore, Layer
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_API = "registry-1.docker.io"
+#: Mirrors: ``REGISTRY=URL[,REGISTRY=URL...]`` (see docs/registries.md).
+MIRRORS_ENV = "SANDBOX_KERNEL_REGISTRY_MIRRORS"
+MANIFEST_ACCEPT = ", ".join(
+    [oci.MT_OCI_MANIFEST, oci.MT_DOCKER_MANIFEST, oci.MT_OCI_INDEX, oci.MT_DOCKER_LIST]
+)
+MAX_REDIRECTS = 5
+MAX_AUTH_FILE_BYTES = 1 << 20
+MAX_ERROR_BYTES = 64 * 1024
+PULL_THREADS = 4
+RESUME_ATTEMPTS = 5
+TIMEOUT_S = 60.0
+
+_TAG_OR_DIGEST_TAG = "sha256-"  # the tag a pull by digest alone is stored under
+
+
+# --- references --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed image reference: ``registry`` (as written, ``docker.io`` for Docker Hub),
+    ``repository`` (``library/python``), and a ``tag`` and/or a ``digest``."""
+
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def name(self) -> str:
+        """The full name the store keeps a pulled image under (``docker.io/library/python``)."""
+        return f"{self.registry}/{self.repository}"
+
+    @property
+    def store_tag(self) -> str:
+        """The tag the store keeps it under: the reference's tag, else ``sha256-<hex>`` for a
+        pull by digest alone."""
+        if self.tag:
+            return self.tag
+        assert self.digest is not None
+        return _TAG_OR_DIGEST_TAG + oci.digest_hex(self.digest)
+
+    def __str__(self) -> str:
+        out = self.name
+        if self.tag:
+            out += f":{self.tag}"
+        if self.digest:
+            out += f"@{self.digest}"
+        return out
+
+
+def parse_reference(ref: str) -> Reference:
+    """Parse ``ref`` as docker does: the first component is a registry when it has a '.' or
+    a ':' or is ``localhost``; otherwise the registry is docker.io, and a one-component name
+    is under ``library/``. Default tag ``latest`` unless a digest is given. Called by
+    ``pull`` and ``push``."""
+    rest, at, digest = ref.partition("@")
+    if at:
+        oci.check_digest(digest, f"digest of reference {ref!r}")
+    first, slash, remainder = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+        registry, path = first, remainder
+    else:
+        registry, path = DOCKER_HUB, rest
+    if registry in ("index.docker.io", DOCKER_HUB_API):
+        registry = DOCKER_HUB
+    tag: str | None = None
+    colon = path.rfind(":")
+    if colon > path.rfind("/"):
+        path, tag = path[:colon], path[colon + 1 :]
+    if registry == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    try:
+        oci.check_name(f"{registry}/{path}")
+        if tag is not None:
+            oci.check_tag(tag)
+    except ImageError as exc:
+        raise ImageError(
+            f"invalid image reference {ref!r} ({exc}); use [REGISTRY[:PORT]/]REPOSITORY[:TAG]"
+            "[@sha256:DIGEST]"
+        ) from None
+    if tag is None and not at:
+        tag = "latest"
+    return Reference(registry, path, tag, digest if at else None)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1 (plain http is used for them straight away)."""
+    h = host.strip("[]").lower()
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_only(hostport: str) -> str:
+    if hostport.startswith("["):
+        return hostport[1 : hostport.index("]")]
+    return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+
+
+# --- credentials -------------------------------------------------------------------------------
+
+
+def auth_files() -> list[Path]:
+    """The credential files, in the order they are read (the first naming the registry
+    wins): ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
+    ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``."""
+    out: list[Path] = []
+    if os.environ.get("REGISTRY_AUTH_FILE"):
+        out.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        out.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    if os.environ.get("DOCKER_CONFIG"):
+        out.append(Path(os.environ["DOCKER_CONFIG"]) / "config.json")
+    out.append(Path.home() / ".docker" / "config.json")
+    return out
+
+
+def _auth_keys(registry: str) -> set[str]:
+    if registry == DOCKER_HUB:
+        return {DOCKER_HUB, "index.docker.io", DOCKER_HUB_API, "https://index.docker.io/v1/"}
+    return {registry}
+
+
+def _norm_auth_key(key: str) -> str:
+    if "://" in key:
+        key = key.split("://", 1)[1]
+    return key.split("/", 1)[0] if key.rstrip("/").count("/") <= 1 else key.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and password for one registry (never printed: ``repr`` hides it)."""
+
+    username: str
+    password: str = field(repr=False)
+    source: str = ""  # where they came from, for error messages
+
+
+def credentials_from_files(
+    registry: str, files: Sequence[Path] | None = None
+) -> Credentials | None:
+    """The credentials for ``registry`` from the first auth file (``auth_files``) that has a
+    base64 ``auth`` entry for it; None when none has. A file that is not valid JSON is an
+    ImageError naming it. Called by ``pull`` and ``push`` unless ``--username`` is given."""
+    keys = _auth_keys(registry)
+    for path in files if files is not None else auth_files():
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_AUTH_FILE_BYTES + 1)
+        except OSError:
+            continue
+        if len(raw) > MAX_AUTH_FILE_BYTES:
+            raise ImageError(f"credential file {path} is over {MAX_AUTH_FILE_BYTES} bytes")
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise ImageError(f"credential file {path} is not valid JSON ({exc}); fix it") from None
+        auths = doc.get("auths") if isinstance(doc, dict) else None
+        if not isinstance(auths, dict):
+            continue
+        for key, entry in auths.items():
+            if not isinstance(key, str) or (_norm_auth_key(key) not in keys and key not in keys):
+                continue
+            if not isinstance(entry, dict) or not isinstance(entry.get("auth"), str):
+                continue
+            try:
+                user, sep, password = (
+                    base64.b64decode(entry["auth"], validate=True).decode().partition(":")
+                )
+            except (binascii.Error, UnicodeDecodeError):
+                raise ImageError(
+                    f"credential file {path}: the 'auth' entry for {key} is not base64 of "
+                    "USER:PASSWORD; log in again"
+                ) from None
+            if sep:
+                return Credentials(user, password, str(path))
+    return None
+
+
+def password_from_stdin(stream: IO[str]) -> str:
+    """The password read from ``stream`` (``--password-stdin``), one trailing newline
+    stripped."""
+    data = stream.read()
+    if data.endswith("\r\n"):
+        return data[:-2]
+    return data[:-1] if data.endswith("\n") else data
+
+
+# --- mirrors -----------------------------------------------------------------------------------
+
+
+def mirrors(registry: str, env: str | None = None) -> list[str]:
+    """The mirror base URLs configured for ``registry`` in ``$SANDBOX_KERNEL_REGISTRY_MIRRORS``
+    (``docker.io=http://127.0.0.1:5000,quay.io=https://mirror.example``), in order; a pull
+    tries them before the registry itself."""
+    raw = os.environ.get(MIRRORS_ENV, "") if env is None else env
+    out = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, url = item.partition("=")
+        parsed = urllib.parse.urlsplit(url.strip())
+        if not sep or parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ImageError(
+                f"{MIRRORS_ENV}: entry {item!r} is not REGISTRY=http(s)://HOST[:PORT]; fix it"
+            )
+        if key.strip() == registry:
+            out.append(f"{parsed.scheme}://{parsed.netloc}")
+    return out
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Response:
+    status: int
+    reason: str
+    headers: http.client.HTTPMessage
+    resp: http.client.HTTPResponse
+    conn: http.client.HTTPConnection
+    url: str
+
+    def header(self, name: str) -> str:
+        return self.headers.get(name, "") or ""
+
+    def read_bounded(self, limit: int, what: str) -> bytes:
+        length = self.header("Content-Length")
+        if length.isdigit() and int(length) > limit:
+            self.close()
+            raise UnsafeArchiveError(
+                f"{what} is {length} bytes, over the {limit}-byte limit for JSON documents; "
+                "refusing it (a hostile or broken registry)"
+            )
+        data = self.resp.read(limit + 1)
+        self.close()
+        if len(data) > limit:
+            raise UnsafeArchiveError(
+                f"{what} is over the {limit}-byte limit for JSON documents; refusing it "
+                "(a hostile or broken registry)"
+            )
+        return data
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            self.resp.close()
+        self.conn.close()
+
+
+def _challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    return scheme.lower(), dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', rest))
+
+
+class Client:
+    """One registry endpoint (``base`` = ``scheme://host[:port]``) with its credentials, TLS
+    settings and bearer tokens (one per scope). Made by ``pull`` and ``push``; safe to use
+    from the download threads."""
+
+    def __init__(
+        self,
+        base: str,
+        reference: str,
+        *,
+        creds: Credentials | None = None,
+        ca: Path | None = None,
+        insecure: bool = False,
+    ) -> None:
+        self.base = base.rstrip("/")
+        self.host = urllib.parse.urlsplit(self.base).netloc
+        self.reference = reference
+        self.creds = creds
+        self.insecure = insecure
+        self._tokens: dict[str, str] = {}
+        self._lock = threading.Lock()
+        #: Guards what the download threads of one pull share.
+        self.lock = threading.Lock()
+        #: Set when a pull stops (an error in one download, or Ctrl-C): the others stop too.
+        self.cancel = threading.Event()
+        try:
+            self._ssl = ssl.create_default_context(cafile=str(ca) if ca else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ImageError(f"--ca {ca}: cannot load it as PEM certificates ({exc})") from None
+        if insecure:
+            self._ssl.check_hostname = False
+            self._ssl.verify_mode = ssl.CERT_NONE
+
+    # errors --------------------------------------------------------------------------------
+    def error(self, answered: str, fix: str) -> RegistryError:
+        """The product's error for this reference and registry: what it answered, the fix."""
+        fix = fix or "ask the registry's owner"
+        return RegistryError(f"{self.reference}: registry {self.host} {answered}; {fix}")
+
+    def _http_error(self, r: _Response, what: str) -> RegistryError:
+        detail = ""
+        with contextlib.suppress(Exception):
+            doc = json.loads(r.resp.read(MAX_ERROR_BYTES))
+            errs = doc.get("errors") or []
+            detail = "; ".join(
+                f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
+                for e in errs
+                if isinstance(e, dict)
+            )[:300]
+        r.close()
+        answered = f"answered {r.status} {r.reason} to {what}" + (f" ({detail})" if detail else "")
+        if r.status == 401:
+            fix = (
+                "check the user name and password (--username U --password-stdin, or the "
+                "registry's entry in the credential file"
+                + (f" {self.creds.source}" if self.creds and self.creds.source else "")
+                + ")"
+            )
+        elif r.status == 403:
+            fix = "this account may not do that on this repository; ask the registry's owner"
+        elif r.status == 404:
+            fix = "check the repository name and the tag or digest (is it pushed?)"
+        elif r.status == 429:
+            fix = "the registry limits requests; wait and try again, or use a mirror"
+        else:
+            fix = "try again later or ask the registry's owner"
+        return self.error(answered, fix)
+
+    # transport -----------------------------------------------------------------------------
+    def _open(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: IO[bytes] | bytes | None,
+    ) -> _Response:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=TIMEOUT_S, context=self._ssl)
+        elif parts.scheme == "http":
+            conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+        else:
+            raise self.error(f"sent a URL with scheme {parts.scheme!r}", "use an http(s) registry")
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+        except ssl.SSLCertVerificationError as exc:
+            conn.close()
+            raise self.error(
+                f"has a certificate this host does not trust ({exc.verify_message})",
+                "give its CA with --ca FILE (or install it in the system CA store)",
+            ) from None
+        except ssl.SSLError as exc:
+            conn.close()
+            raise self.error(
+                f"failed the TLS handshake ({exc.reason})",
+                "check that it speaks https (plain http needs --insecure unless on loopback)",
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise self.error(
+                f"could not be reached at {parts.scheme}://{parts.netloc} ({exc})",
+                "check the address and that the registry is running",
+            ) from None
+        return _Response(resp.status, resp.reason, resp.headers, resp, conn, url)
+
+    def request(
+        self,
+        method: str,
+        path_or_url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: IO[bytes] | bytes | None = None,
+        scope: str = "",
+        follow: bool = True,
+    ) -> _Response:
+        """``method`` on this registry (a path under it, or an absolute URL it gave), with
+        credentials: a 401 challenge is answered once (Bearer token from its realm for
+        ``scope``, or Basic). Redirects are followed (at most ``MAX_REDIRECTS``); the
+        Authorization header goes only to this registry's own host."""
+        url = path_or_url if "://" in path_or_url else self.base + path_or_url
+        tried_auth = False
+        redirects = 0
+        while True:
+            h = dict(headers or {})
+            same_host = urllib.parse.urlsplit(url).netloc == self.host
+            if same_host:
+                auth = self._auth_header(scope)
+                if auth:
+                    h["Authorization"] = auth
+            if hasattr(body, "seek"):
+                body.seek(0)  # type: ignore[union-attr]
+            r = self._open(method, url, h, body)
+            if r.status in (301, 302, 303, 307, 308) and follow:
+                location = r.header("Location")
+                r.close()
+                redirects += 1
+                if not location or redirects > MAX_REDIRECTS:
+                    raise self.error(
+                        f"redirected {method} {path_or_url} more than {MAX_REDIRECTS} times",
+                        "ask the registry's owner",
+                    )
+                new = urllib.parse.urljoin(url, location)
+                new_parts = urllib.parse.urlsplit(new)
+                if (
+                    new_parts.scheme == "http"
+                    and urllib.parse.urlsplit(url).scheme == "https"
+                    and not (self.insecure or is_loopback(new_parts.hostname or ""))
+                ):
+                    raise self.error(
+                        f"redirected to plain http ({new_parts.netloc})",
+                        "refused; ask the registry's owner to serve https",
+                    )
+                url = new
+                if r.status == 303:
+                    method, body = "GET", None
+                continue
+            if r.status == 401 and same_host and not tried_auth:
+                tried_auth = True
+                challenge = r.header("WWW-Authenticate")
+                r.close()
+                if self._answer(challenge, scope):
+                    continue
+                r = self._open(method, url, h, body)  # for the error text
+            return r
+
+    def _auth_header(self, scope: str) -> str | None:
+        with self._lock:
+            token = self._tokens.get(scope) or self._tokens.get("*basic*")
+        if token:
+            return token
+        return None
+
+    def _answer(self, challenge: str, scope: str) -> bool:
+        """Remember the Authorization for ``scope`` that ``challenge`` asks for; False when
+        there is nothing to answer it with."""
+        kind, params = _challenge(challenge)
+        if kind == "basic":
+            if self.creds is None:
+                return False
+            with self._lock:
+                self._tokens["*basic*"] = "Basic " + _basic(self.creds)
+            return True
+        if kind != "bearer" or "realm" not in params:
+            raise self.error(
+                f"asked for authentication of an unknown kind ({challenge[:100]!r})",
+                "this client knows Basic and Bearer tokens",
+            )
+        realm = params["realm"]
+        rparts = urllib.parse.urlsplit(realm)
+        if rparts.scheme not in ("http", "https") or not rparts.netloc:
+            raise self.error(f"named a token realm that is not a URL ({realm[:100]!r})", "")
+        query: list[tuple[str, str]] = []
+        if params.get("service"):
+            query.append(("service", params["service"]))
+        for s in (scope or params.get("scope", "")).split(" "):
+            if s:
+                query.append(("scope", s))
+        url = realm + ("&" if rparts.query else "?") + urllib.parse.urlencode(query)
+        h = {"Accept": "application/json"}
+        send_creds = self.creds is not None and (
+            rparts.scheme == "https" or is_loopback(rparts.hostname or "")
+        )
+        if send_creds:
+            assert self.creds is not None
+            h["Authorization"] = "Basic " + _basic(self.creds)
+        r = self._open("GET", url, h, None)
+        if r.status != 200:
+            raise self._http_error(r, f"the token request to {rparts.netloc}")
+        try:
+            doc = json.loads(r.read_bounded(MAX_ERROR_BYTES, "token answer"))
+            token = doc.get("token") or doc.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise self.error(f"token realm {rparts.netloc} answered without a token", "")
+        with self._lock:
+            self._tokens[scope] = "Bearer " + token
+        return True
+
+
+def _basic(creds: Credentials) -> str:
+    return base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+
+
+def endpoint(registry: str, *, ca: Path | None, insecure: bool) -> str:
+    """The base URL of ``registry``: https, except plain http straight away for a loopback
+    registry or with ``insecure`` (unless ``ca`` is given, which means https)."""
+    host = DOCKER_HUB_API if registry == DOCKER_HUB else registry
+    if ca is None and (insecure or is_loopback(_host_only(host))):
+        return f"http://{host}"
+    return f"https://{host}"
+
+
+# --- pull --------------------------------------------------------------------------------------
+
+
+class Progress:
+    """What a pull reports as it goes; the CLI subclasses it (a bar on a terminal, quiet lines
+    otherwise). Methods are called from the download threads."""
+
+    def start(self, total: int, layers: int, present: int) -> None:
+        """``total`` bytes in ``layers`` layers are to be fetched; ``present`` already are."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes arrived."""
+
+    def layer_done(self, digest: str, size: int) -> None:
+        """Layer ``digest`` is fetched and verified."""
+
+    def finish(self) -> None:
+        """All layers are there."""
+
+
+def _pick_platform(index: oci.Index, platform: str, client: Client) -> oci.Descriptor:
+    os_, _, arch = platform.partition("/")
+    arch, _, variant = arch.partition("/")
+    found = [
+        d
+        for d in index.manifests
+        if d.platform is not None
+        and d.platform.get("os") == os_
+        and d.platform.get("architecture") == arch
+        and (not variant or d.platform.get("variant") == variant)
+    ]
+    if not found:
+        have = sorted(
+            {
+                f"{d.platform.get('os')}/{d.platform.get('architecture')}"
+                for d in index.manifests
+                if d.platform
+            }
+        )
+        raise client.error(
+            f"has no image for {platform} in this index (it has: {', '.join(have) or 'none'})",
+            "pick one with --platform OS/ARCH",
+        )
+    d = found[0]
+    if d.media_type not in oci.MANIFEST_TYPES:
+        raise UnsafeArchiveError(
+            f"{client.reference}: the index entry for {platform} is {d.media_type!r}, not an "
+            "image manifest (media-type confusion); refused"
+        )
+    return d
+
+
+def _fetch_manifest(client: Client, repo: str, ref: str, scope: str) -> tuple[bytes, str, str]:
+    """(body, media type, digest) of manifest or index ``ref`` (a tag or a digest), bounded
+    and its digest checked (against ``ref`` when it is one, else against the registry's
+    Docker-Content-Digest header when sent)."""
+    r = client.request(
+        "GET", f"/v2/{repo}/manifests/{ref}", headers={"Accept": MANIFEST_ACCEPT}, scope=scope
+    )
+    if r.status != 200:
+        raise client._http_error(r, f"the manifest request for {repo}:{ref}")
+    header_type = r.header("Content-Type").split(";")[0].strip()
+    header_digest = r.header("Docker-Content-Digest")
+    body = r.read_bounded(oci.MAX_JSON_BYTES, f"{client.reference}: manifest {ref}")
+    digest = oci.sha256_digest(body)
+    expect = ref if ref.startswith("sha256:") else header_digest
+    if expect and expect != digest:
+        raise DigestMismatch(
+            f"{client.reference}: registry {client.host} sent a manifest with digest {digest} "
+            f"for {expect} (digest mismatch); refused, nothing stored"
+        )
+    doc = oci.load_json(body, f"{client.reference}: manifest {ref}")
+    body_type = doc.get("mediaType")
+    media_type = body_type if isinstance(body_type, str) else header_type
+    if (
+        isinstance(body_type, str)
+        and header_type != body_type
+        and header_type in oci.INDEX_TYPES | oci.MANIFEST_TYPES
+    ):
+        raise UnsafeArchiveError(
+            f"{client.reference}: registry {client.host} labelled a {body_type!r} document "
+            f"as {header_type!r} (media-type confusion); refused"
+        )
+    if media_type not in oci.INDEX_TYPES | oci.MANIFEST_TYPES:
+        media_type = oci.MT_OCI_INDEX if "manifests" in doc else oci.MT_OCI_MANIFEST
+    return body, media_type, digest
+
+
+def _part_path(store: ImageStore, digest: str) -> Path:
+    return store.tmp_dir / f"pull-{oci.digest_hex(digest)}.part"
+
+
+def _download(
+    client: Client,
+    repo: str,
+    desc: oci.Descriptor,
+    dest: Path,
+    scope: str,
+    progress: Progress,
+) -> None:
+    """Fetch blob ``desc`` into ``dest``, resuming with Range from what ``dest`` holds (a
+    cut connection is resumed up to ``RESUME_ATTEMPTS`` times). Size is bounded by the
+    descriptor; the digest is checked by the store when it installs the file."""
+    attempts = 0
+    while True:
+        have = dest.stat().st_size if dest.exists() else 0
+        if have > desc.size:
+            dest.unlink()
+            have = 0
+        if have == desc.size:
+            return
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        r = client.request("GET", f"/v2/{repo}/blobs/{desc.digest}", headers=headers, scope=scope)
+        if r.status == 200 and have:
+            have = 0  # the registry ignored Range: start again
+            mode = "wb"
+        elif r.status in (200, 206):
+            mode = "ab" if r.status == 206 else "wb"
+        else:
+            raise client._http_error(r, f"the request for blob {desc.digest}")
+        if r.status == 206 and not r.header("Content-Range").startswith(f"bytes {have}-"):
+            r.close()
+            raise client.error(
+                f"answered a Range request for blob {desc.digest} with another range", ""
+            )
+        try:
+            got = _copy_body(client, r, desc, dest, mode, have, progress)
+        except (OSError, http.client.HTTPException) as exc:
+            attempts += 1
+            if attempts >= RESUME_ATTEMPTS:
+                raise client.error(
+                    f"cut the download of blob {desc.digest} {attempts} times ({exc})",
+                    "run the pull again: it resumes where it stopped",
+                ) from None
+            continue
+        finally:
+            r.close()
+        if got == desc.size:
+            return
+        attempts += 1
+        if attempts >= RESUME_ATTEMPTS:
+            raise client.error(
+                f"cut the download of blob {desc.digest} {attempts} times",
+                "run the pull again: it resumes where it stopped",
+            )
+
+
+def _copy_body(
+    client: Client,
+    r: _Response,
+    desc: oci.Descriptor,
+    dest: Path,
+    mode: str,
+    have: int,
+    progress: Progress,
+) -> int:
+    """Append (or write, ``mode``) the body of ``r`` to ``dest``; the bytes ``dest`` then
+    holds. More than the descriptor's size is a DigestMismatch. Called by ``_download``."""
+    got = have
+    with open(dest, mode) as out:
+        while chunk := r.resp.read(COPY_CHUNK):
+            if client.cancel.is_set():
+                raise RegistryError(
+                    f"{client.reference}: the pull stopped; run it again: it resumes where it "
+                    "stopped"
+                )
+            got += len(chunk)
+            if got > desc.size:
+                raise DigestMismatch(
+                    f"{client.reference}: blob {desc.digest} from {client.host} is longer "
+                    f"than the {desc.size} bytes its descriptor declares (size mismatch); "
+                    "refused, nothing stored"
+                )
+            out.write(chunk)
+            progress.advance(len(chunk))
+    return got
+
+
+def _fetch_config(client: Client, repo: str, desc: oci.Descriptor, scope: str) -> bytes:
+    if desc.size > oci.MAX_JSON_BYTES:
+        raise UnsafeArchiveError(
+            f"{client.reference}: its config declares {desc.size} bytes, over the "
+            f"{oci.MAX_JSON_BYTES}-byte limit for JSON documents; refused"
+        )
+    r = client.request("GET", f"/v2/{repo}/blobs/{desc.digest}", scope=scope)
+    if r.status != 200:
+        raise client._http_error(r, f"the request for config {desc.digest}")
+    data = r.read_bounded(oci.MAX_JSON_BYTES, f"{client.reference}: config")
+    if len(data) != desc.size or oci.sha256_digest(data) != desc.digest:
+        raise DigestMismatch(
+            f"{client.reference}: registry {client.host} sent a config that does not match "
+            f"its digest {desc.digest} or size {desc.size}; refused, nothing stored"
+        )
+    return data
+
+
+def _clients(
+    ref: Reference,
+    *,
+    creds: Credentials | None,
+    ca: Path | None,
+    insecure: bool,
+) -> list[Client]:
+    out = []
+    for base in [*mirrors(ref.registry), endpoint(ref.registry, ca=ca, insecure=insecure)]:
+        host = urllib.parse.urlsplit(base).netloc
+        c = (
+            creds
+            if creds is not None
+            else credentials_from_files(
+                ref.registry if base.endswith(DOCKER_HUB_API) or host == ref.registry else host
+            )
+        )
+        out.append(Client(base, str(ref), creds=c, ca=ca, insecure=insecure))
+    return out
+
+
+def pull(
+    store: ImageStore,
+    ref_text: str,
+    *,
+    name: str | None = None,
+    platform: str | None = None,
+    creds: Credentials | None = None,
+    ca: Path | None = None,
+    insecure: bool = False,
+    progress: Progress | None = None,
+) -> Image:
+    """Pull ``ref_text`` into ``store`` and return the image, stored under its full reference
+    (and ``name`` 'NAME[:TAG]' too). Mirrors are tried first; a mirror's failure falls back
+    to the next one, then to the registry. Called by ``sandbox-kernel image pull``."""
+    ref = parse_reference(ref_text)
+    names = [(ref.name, ref.store_tag)]
+    if name is not None:
+        names.append(oci.split_ref(name))
+    progress = progress or Progress()
+    clients = _clients(ref, creds=creds, ca=ca, insecure=insecure)
+    for i, client in enumerate(clients):
+        try:
+            return _pull_from(store, client, ref, names, platform, progress)
+        except RegistryError:
+            if i == len(clients) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _pull_from(
+    store: ImageStore,
+    client: Client,
+    ref: Reference,
+    names: list[tuple[str, str]],
+    platform: str | None,
+    progress: Progress,
+) -> Image:
+    repo = ref.repository
+    scope = f"repository:{repo}:pull"
+    body, media_type, _digest = _fetch_manifest(
+        client, repo, ref.digest or ref.tag or "latest", scope
+    )
+    if media_type in oci.INDEX_TYPES:
+        index = oci.parse_index(body, f"{client.reference}: index")
+        want = platform or f"linux/{oci.host_architecture()}"
+        chosen = _pick_platform(index, want, client)
+        body, media_type, _digest = _fetch_manifest(client, repo, chosen.digest, scope)
+        if media_type not in oci.MANIFEST_TYPES:
+            raise UnsafeArchiveError(
+                f"{client.reference}: the index names {chosen.digest} as a manifest but the "
+                f"registry sent {media_type!r} (media-type confusion); refused"
+            )
+    manifest = oci.parse_manifest(body, f"{client.reference}: manifest")
+    config = _fetch_config(client, repo, manifest.config, scope)
+    cfg = oci.parse_config(config, f"{client.reference}: config")
+    if len(cfg.diff_ids) != len(manifest.layers):
+        raise ImageError(
+            f"{client.reference}: manifest has {len(manifest.layers)} layers but the config "
+            f"lists {len(cfg.diff_ids)} diff_ids; the image is corrupt"
+        )
+    if cfg.os and cfg.os != "linux":
+        raise ImageError(f"{client.reference} is an image for {cfg.os!r}, not linux")
+    store._init()
+    missing = [d for d in manifest.layers if not store.has_blob(d.digest)]
+    progress.start(sum(d.size for d in missing), len(missing), len(manifest.layers) - len(missing))
+
+    layers = _fetch_layers(store, client, repo, manifest, cfg.diff_ids, progress)
+    progress.finish()
+    return store.write_pulled_image(names, body, config, layers)
+
+
+def _fetch_layer(
+    store: ImageStore,
+    client: Client,
+    repo: str,
+    i: int,
+    d: oci.Descriptor,
+    diff_id: str,
+    progress: Progress,
+) -> Layer:
+    """Layer ``i`` (descriptor ``d``) in the store: taken from the store when its blob is
+    there, else downloaded (resuming a ``.part`` an earlier pull left; one that proves bad
+    is fetched once more from the start) and installed once verified. Called by
+    ``_fetch_layers`` in a download thread."""
+    what = f"{client.reference} layer {i} ({d.digest})"
+    if store.has_blob(d.digest):
+        return store.layer_from_blob(d.digest, d.media_type, d.size, diff_id, what)
+    part = _part_path(store, d.digest)
+    stale = part.exists()
+    scope = f"repository:{repo}:pull"
+    while True:
+        _download(client, repo, d, part, scope, progress)
+        try:
+            layer = store.add_layer_file(
+                part,
+                d.media_type,
+                d.digest,
+                expected_size=d.size,
+                expected_diff_id=diff_id,
+                what=what,
+            )
+        except DigestMismatch as exc:
+            if stale:
+                stale = False
+                continue
+            raise DigestMismatch(f"{exc}; nothing stored") from None
+        progress.layer_done(d.digest, d.size)
+        return layer
+
+
+def _fetch_layers(
+    store: ImageStore,
+    client: Client,
+    repo: str,
+    manifest: oci.Manifest,
+    diff_ids: Sequence[str],
+    progress: Progress,
+) -> list[Layer]:
+    """Every layer of ``manifest`` in the store, ``PULL_THREADS`` at a time. The first
+    failure (or Ctrl-C) stops the other downloads (their ``.part`` files stay for the next
+    pull) and is raised. Called by ``_pull_from``."""
+    locks = {d.digest: threading.Lock() for d in manifest.layers}
+    first_error: list[BaseException] = []
+
+    def fetch(i: int) -> Layer:
+        d = manifest.layers[i]
+        try:
+            with locks[d.digest]:  # a layer listed twice is fetched once
+                return _fetch_layer(store, client, repo, i, d, diff_ids[i], progress)
+        except BaseException as exc:
+            with client.lock:
+                first_error.append(exc)
+            client.cancel.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=PULL_THREADS) as pool:
+        futures = [pool.submit(fetch, i) for i in range(len(manifest.layers))]
+        try:
+            return [fut.result() for fut in futures]
+        except BaseException as exc:
+            client.cancel.set()
+            for fut in futures:
+                with contextlib.suppress(BaseException):
+                    fut.result()
+            if first_error and not isinstance(exc, KeyboardInterrupt):
+                raise first_error[0] from None
+            raise
+
+
+# --- push --------------------------------------------------------------------------------------
+
+
+def _location(client: Client, r: _Response, what: str) -> str:
+    loc = r.header("Location")
+    r.close()
+    if not loc:
+        raise client.error(f"answered {what} without a Location", "ask the registry's owner")
+    return urllib.parse.urljoin(client.base + "/", loc)
+
+
+def _with_query(url: str, **params: str) -> str:
+    return url + ("&" if urllib.parse.urlsplit(url).query else "?") + urllib.parse.urlencode(params)
+
+
+def _push_blob(
+    client: Client,
+    repo: str,
+    digest: str,
+    size: int,
+    path: Path,
+    scope: str,
+    mount_from: str | None,
+    say: Callable[[str], None],
+) -> None:
+    r = client.request("HEAD", f"/v2/{repo}/blobs/{digest}", scope=scope)
+    r.close()
+    if r.status == 200:
+        say(f"blob {digest[:19]} already there")
+        return
+    if mount_from and mount_from != repo:
+        q = urllib.parse.urlencode({"mount": digest, "from": mount_from})
+        r = client.request("POST", f"/v2/{repo}/blobs/uploads/?{q}", scope=scope)
+        if r.status == 201:
+            r.close()
+            say(f"blob {digest[:19]} mounted from {mount_from}")
+            return
+        if r.status != 202:
+            raise client._http_error(r, f"the mount of blob {digest}")
+        upload = _location(client, r, "the upload request")
+    else:
+        r = client.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope)
+        if r.status != 202:
+            raise client._http_error(r, f"the upload request for blob {digest}")
+        upload = _location(client, r, "the upload request")
+    with open(path, "rb") as f:
+        r = client.request(
+            "PUT",
+            _with_query(upload, digest=digest),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            body=f,
+            scope=scope,
+        )
+    if r.status != 201:
+        raise client._http_error(r, f"the upload of blob {digest}")
+    r.close()
+    say(f"blob {digest[:19]} pushed ({size} bytes)")
+
+
+def push(
+    image: Image,
+    store: ImageStore,
+    dest_text: str,
+    *,
+    creds: Credentials | None = None,
+    ca: Path | None = None,
+    insecure: bool = False,
+    say: Callable[[str], None] = lambda _m: None,
+) -> str:
+    """Push ``image`` (of ``store``) to ``dest_text`` and return the manifest digest the
+    registry names it by: each blob is checked with HEAD, mounted from the image's own
+    repository when that is on the same registry, else uploaded (POST, then PUT ?digest=);
+    then the manifest is PUT. Called by ``sandbox-kernel image push``."""
+    dest = parse_reference(dest_text)
+    if dest.digest and not dest.tag:
+        raise ImageError(f"push {dest_text}: push to a tag, not a digest (REGISTRY/REPO:TAG)")
+    base = endpoint(dest.registry, ca=ca, insecure=insecure)
+    c = creds if creds is not None else credentials_from_files(dest.registry)
+    client = Client(base, str(dest), creds=c, ca=ca, insecure=insecure)
+    repo = dest.repository
+    mount_from: str | None = None
+    if "/" in image.name:
+        with contextlib.suppress(ImageError):
+            src = parse_reference(image.name)
+            if src.registry == dest.registry:
+                mount_from = src.repository
+    scope = f"repository:{repo}:pull,push" + (
+        f" repository:{mount_from}:pull" if mount_from and mount_from != repo else ""
+    )
+    manifest_bytes = store.read_blob(image.digest)
+    manifest = oci.parse_manifest(manifest_bytes, f"manifest of '{image.ref}'")
+    for d in [*manifest.layers, manifest.config]:
+        _push_blob(
+            client, repo, d.digest, d.size, store.blob_path(d.digest), scope, mount_from, say
+        )
+    r = client.request(
+        "PUT",
+        f"/v2/{repo}/manifests/{dest.tag}",
+        headers={"Content-Type": manifest.media_type},
+        body=manifest_bytes,
+        scope=scope,
+    )
+    if r.status not in (200, 201):
+        raise client._http_error(r, "the manifest upload")
+    answered = r.header("Docker-Content-Digest")
+    r.close()
+    if answered and answered != image.digest:
+        raise client.error(
+            f"names the pushed manifest {answered}, not {image.digest}", "ask the registry's owner"
+        )
+    return image.digest

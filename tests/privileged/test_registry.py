@@ -1,0 +1,322 @@
+"""Pull and push against the reference registry server (Debian's docker-registry) on loopback.
+
+Each test's registry runs on 127.0.0.1 on a free port with its own storage, config and
+htpasswd file; one instance serves TLS from a CA the test makes with openssl. Images are the
+product's own (``python3`` from the default store), pushed by ``image push`` and by
+``skopeo copy``, pulled back into a separate store (``SANDBOX_KERNEL_STATE_DIR``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sandbox_kernel import paths
+from sandbox_kernel.images import oci
+from sandbox_kernel.images.store import ImageStore
+
+ROOT = Path(__file__).resolve().parents[2]
+USER, PASSWORD = "teacher", "pw-course-2026"
+SOURCE = "python3"
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (make deps)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Registry:
+    host: str
+    storage: Path
+    ca: Path | None
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.ca else 'http'}://{self.host}"
+
+    def blob_file(self, digest: str) -> Path:
+        hexd = oci.digest_hex(digest)
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+    def put(self, path: str, body: bytes, content_type: str) -> None:
+        """PUT with basic auth (the test's own requests, e.g. an index)."""
+        req = urllib.request.Request(self.url + path, data=body, method="PUT")
+        req.add_header("Content-Type", content_type)
+        auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        req.add_header("Authorization", f"Basic {auth}")
+        with urllib.request.urlopen(req, timeout=30) as r:  # loopback, no TLS here
+            assert r.status == 201
+
+
+def _make_ca(d: Path) -> Path:
+    openssl = need("openssl")
+
+    def run(*a: str) -> None:
+        subprocess.run([openssl, *a], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=skt test CA",
+        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(d / "srv.key"), "-out", str(d / "srv.csr"))  # fmt: skip
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"), "-CAkey",
+        str(d / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(d / "ext.cnf"),
+        "-out", str(d / "srv.pem"))  # fmt: skip
+    return d / "ca.pem"
+
+
+def _start(tmp: Path, tls: bool) -> Registry:
+    binary = need("docker-registry")
+    htpasswd = need("htpasswd")
+    tmp.mkdir(parents=True)
+    pw = subprocess.run(
+        [htpasswd, "-Bbn", USER, PASSWORD], check=True, capture_output=True, text=True
+    ).stdout
+    (tmp / "htpasswd").write_text(pw)
+    port = _free_port()
+    ca = _make_ca(tmp) if tls else None
+    tls_cfg = (
+        f"  tls:\n    certificate: {tmp / 'srv.pem'}\n    key: {tmp / 'srv.key'}\n" if tls else ""
+    )
+    (tmp / "config.yml").write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {tmp / 'data'}\n"
+        "  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n{tls_cfg}"
+        f"auth:\n  htpasswd:\n    realm: skt-test\n    path: {tmp / 'htpasswd'}\n"
+    )
+    log = open(tmp / "registry.log", "wb")  # noqa: SIM115 - kept for the registry's life
+    proc = subprocess.Popen([binary, "serve", str(tmp / "config.yml")], stdout=log, stderr=log)
+    reg = Registry(f"127.0.0.1:{port}", tmp / "data", ca, proc)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return reg
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise AssertionError((tmp / "registry.log").read_text())
+
+
+def _stop(reg: Registry) -> None:
+    reg.proc.terminate()  # by its pid: the Popen we started
+    try:
+        reg.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        reg.proc.kill()
+        reg.proc.wait()
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Iterator[Registry]:
+    r = _start(tmp_path / "registry", tls=False)
+    try:
+        yield r
+    finally:
+        _stop(r)
+
+
+@pytest.fixture
+def tls_reg(tmp_path: Path) -> Iterator[Registry]:
+    r = _start(tmp_path / "registry-tls", tls=True)
+    try:
+        yield r
+    finally:
+        _stop(r)
+
+
+def cli(
+    *args: str, state: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for var in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR"):
+        env.pop(var, None)
+    env["HOME"] = str(state or "/nonexistent")
+    if state is not None:
+        env["SANDBOX_KERNEL_STATE_DIR"] = str(state)
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox_kernel", *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def _login() -> tuple[str, ...]:
+    return ("--username", USER, "--password-stdin")
+
+
+def _source() -> ImageStore:
+    store = ImageStore(paths.state_dir())
+    store.resolve(SOURCE, unpack=False)
+    return store
+
+
+def test_push_then_pull_by_tag_and_digest(reg: Registry, tmp_path: Path) -> None:
+    src = _source().resolve(SOURCE, unpack=False)
+    pushed = cli(
+        "image", "push", SOURCE, f"{reg.host}/course/py:1", *_login(), stdin=PASSWORD + "\n"
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    assert src.digest in pushed.stdout
+    again = cli("image", "push", SOURCE, f"{reg.host}/course/py:1", *_login(), stdin=PASSWORD)
+    assert again.returncode == 0 and "already there" in again.stderr
+    assert PASSWORD not in pushed.stdout + pushed.stderr + again.stderr
+
+    state = tmp_path / "state"
+    p = cli("image", "pull", f"{reg.host}/course/py:1", "--name", "course:1", *_login(),
+            state=state, stdin=PASSWORD)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    store = ImageStore(state)
+    im = store.resolve(f"{reg.host}/course/py:1")
+    assert im.digest == src.digest  # the very manifest the store pushed
+    assert store.resolve("course:1").digest == src.digest
+    assert [la.diff_id for la in im.layers] == [la.diff_id for la in src.layers]
+    assert "layer sha256:" in p.stderr  # quiet progress lines off a terminal
+    # by digest, into a second store
+    state2 = tmp_path / "state2"
+    p = cli("image", "pull", f"{reg.host}/course/py@{src.digest}", *_login(), state=state2,
+            stdin=PASSWORD)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert ImageStore(state2).resolve(src.digest).digest == src.digest
+    # a second pull into the first store fetches nothing
+    p = cli("image", "pull", f"{reg.host}/course/py:1", *_login(), state=state, stdin=PASSWORD)
+    assert p.returncode == 0 and "fetching 0 layer(s)" in p.stderr
+
+    # the pulled image pushed to another repository of its registry: its blobs are mounted
+    p = cli("image", "push", f"{reg.host}/course/py:1", f"{reg.host}/course/copy:1", *_login(),
+            state=state, stdin=PASSWORD)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("mounted from course/py") == len(src.layers) + 1
+
+    # a kernel-style command from the pulled image
+    r = cli("run", f"{reg.host}/course/py:1", "--", "python3", "-c", "print(6*7)", state=state)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "42"
+
+
+def test_wrong_credentials_one_clear_line(reg: Registry, tmp_path: Path) -> None:
+    p = cli("image", "pull", f"{reg.host}/course/py:1", *_login(), state=tmp_path / "s",
+            stdin="wrong")  # fmt: skip
+    assert p.returncode == 125
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert f"registry {reg.host} answered 401" in lines[0]
+    assert "check the user name and password" in lines[0]
+    assert "wrong" not in p.stderr
+    p = cli("image", "pull", f"{reg.host}/course/py:1", state=tmp_path / "s")
+    assert p.returncode == 125 and "answered 401" in p.stderr
+
+
+def test_skopeo_push_then_pull_and_manifest_list(reg: Registry, tmp_path: Path) -> None:
+    skopeo = need("skopeo")
+    store = _source()
+    creds = f"{USER}:{PASSWORD}"
+    subprocess.run(
+        [skopeo, "copy", "--quiet", "--dest-creds", creds, "--dest-tls-verify=false",
+         f"oci:{store.oci_dir}:{SOURCE}:latest", f"docker://{reg.host}/sk/py:s"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    state = tmp_path / "state"
+    p = cli("image", "pull", f"{reg.host}/sk/py:s", *_login(), state=state, stdin=PASSWORD)
+    assert p.returncode == 0, p.stderr
+    pulled = ImageStore(state).resolve(f"{reg.host}/sk/py:s")
+    src = store.resolve(SOURCE, unpack=False)
+    assert [la.diff_id for la in pulled.layers] == [la.diff_id for la in src.layers]
+
+    # an index with two platforms: the skopeo-pushed image as amd64, python2.7 as arm64
+    other = store.resolve("python2.7", unpack=False)
+    p = cli("image", "push", "python2.7", f"{reg.host}/sk/py:other", *_login(), stdin=PASSWORD)
+    assert p.returncode == 0, p.stderr
+    entries = []
+    for im, arch in ((pulled, "amd64"), (other, "arm64")):
+        body = ImageStore(state if im is pulled else paths.state_dir()).read_blob(im.digest)
+        entries.append(
+            {
+                "mediaType": json.loads(body).get("mediaType", oci.MT_OCI_MANIFEST),
+                "digest": im.digest,
+                "size": len(body),
+                "platform": {"os": "linux", "architecture": arch},
+            }
+        )
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": oci.MT_OCI_INDEX, "manifests": entries}
+    ).encode()
+    reg.put("/v2/sk/py/manifests/multi", index, oci.MT_OCI_INDEX)
+    for arch, want in (("amd64", pulled.digest), ("arm64", other.digest)):
+        s = tmp_path / f"multi-{arch}"
+        p = cli("image", "pull", f"{reg.host}/sk/py:multi", "--platform", f"linux/{arch}",
+                *_login(), state=s, stdin=PASSWORD)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        assert ImageStore(s).resolve(f"{reg.host}/sk/py:multi").digest == want
+
+
+def test_tampered_blob_refused_nothing_stored(reg: Registry, tmp_path: Path) -> None:
+    src = _source().resolve(SOURCE, unpack=False)
+    p = cli("image", "push", SOURCE, f"{reg.host}/t/py:1", *_login(), stdin=PASSWORD)
+    assert p.returncode == 0, p.stderr
+    top = src.layers[-1]
+    data = reg.blob_file(top.digest)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, other content
+    data.write_bytes(bytes(raw))
+    state = tmp_path / "state"
+    p = cli("image", "pull", f"{reg.host}/t/py:1", *_login(), state=state, stdin=PASSWORD)
+    assert p.returncode == 125
+    assert "digest mismatch" in p.stderr and "nothing stored" in p.stderr
+    store = ImageStore(state)
+    assert store.list() == []
+    assert not store.has_blob(top.digest)
+
+
+def test_tls_registry_with_ca(tls_reg: Registry, tmp_path: Path) -> None:
+    assert tls_reg.ca is not None
+    p = cli("image", "push", SOURCE, f"{tls_reg.host}/tls/py:1", "--ca", str(tls_reg.ca),
+            *_login(), stdin=PASSWORD)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    state = tmp_path / "state"
+    p = cli("image", "pull", f"{tls_reg.host}/tls/py:1", "--ca", str(tls_reg.ca), *_login(),
+            state=state, stdin=PASSWORD)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    # without the CA the certificate is not trusted: https is kept, one clear line
+    system_cas = "/etc/ssl/certs/ca-certificates.crt"
+    p = cli("image", "pull", f"{tls_reg.host}/tls/py:1", "--ca", system_cas, *_login(),
+            state=tmp_path / "s2", stdin=PASSWORD)  # fmt: skip
+    assert p.returncode == 125
+    assert "certificate this host does not trust" in p.stderr and "--ca FILE" in p.stderr
+
+
+def test_bad_ref_and_unreachable_registry(tmp_path: Path) -> None:
+    port = _free_port()
+    p = cli("image", "pull", f"127.0.0.1:{port}/x/y:1", state=tmp_path / "s")
+    assert p.returncode == 125
+    assert f"registry 127.0.0.1:{port} could not be reached" in p.stderr
+    p = cli("image", "pull", "Bad/Name", state=tmp_path / "s")
+    assert p.returncode == 125 and "invalid image reference" in p.stderr

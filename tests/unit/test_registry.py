@@ -1,0 +1,608 @@
+"""The registry client against a tiny in-process fake registry on 127.0.0.1 (no root)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox_kernel.errors import DigestMismatch, ImageError, RegistryError, UnsafeArchiveError
+from sandbox_kernel.images import oci, registry
+from sandbox_kernel.images.store import ImageStore
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _layer(name: str, content: bytes) -> tuple[bytes, str]:
+    """A gzip layer with one file; returns (blob, diff_id)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        info = tarfile.TarInfo(name)
+        info.size = len(content)
+        info.mode = 0o644
+        tf.addfile(info, io.BytesIO(content))
+    tar = raw.getvalue()
+    return gzip.compress(tar, mtime=0), _sha(tar)
+
+
+@dataclass
+class Fake:
+    """What the fake registry serves and what it saw."""
+
+    manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # ref -> (type, body)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    auth: str = "none"  # none | basic | bearer
+    user: str = "alice"
+    password: str = "s3cret"
+    token: str = "tok-123"
+    cut_after: dict[str, int] = field(default_factory=dict)  # digest -> bytes sent, once
+    redirect_blobs_to: str = ""  # base URL of another server
+    content_type_override: dict[str, str] = field(default_factory=dict)
+    seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def blob_gets(self, digest: str) -> list[dict[str, str]]:
+        return [h for m, p, h in self.seen if m == "GET" and p.endswith(f"/blobs/{digest}")]
+
+
+def _serve(fake: Fake) -> tuple[ThreadingHTTPServer, str]:
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def _send(
+            self, code: int, body: bytes = b"", headers: dict[str, str] | None = None
+        ) -> None:
+            self.send_response(code)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _authorized(self) -> bool:
+            got = self.headers.get("Authorization", "")
+            if fake.auth == "basic":
+                want = base64.b64encode(f"{fake.user}:{fake.password}".encode()).decode()
+                if got == f"Basic {want}":
+                    return True
+                self._send(401, b"{}", {"WWW-Authenticate": 'Basic realm="fake"'})
+                return False
+            if fake.auth == "bearer":
+                if got == f"Bearer {fake.token}":
+                    return True
+                host = f"127.0.0.1:{self.server.server_port}"  # type: ignore[attr-defined]
+                self._send(
+                    401,
+                    b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+                    {
+                        "WWW-Authenticate": f'Bearer realm="http://{host}/token",'
+                        'service="fake",scope="repository:lib/app:pull"'
+                    },
+                )
+                return False
+            return True
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+        def do_POST(self) -> None:
+            with fake.lock:
+                fake.seen.append(("POST", self.path, dict(self.headers.items())))
+            if not self._authorized():
+                return
+            if "mount=" in self.path:
+                digest = self.path.split("mount=")[1].split("&")[0].replace("%3A", ":")
+                if digest in fake.blobs:
+                    self._send(201, b"", {"Location": f"/v2/x/blobs/{digest}"})
+                    return
+            self._send(202, b"", {"Location": "/v2/upload/abc?state=1"})
+
+        def do_PUT(self) -> None:
+            with fake.lock:
+                fake.seen.append(("PUT", self.path, dict(self.headers.items())))
+            if not self._authorized():
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            if self.path.startswith("/v2/upload/abc?state=1&digest="):
+                digest = self.path.split("digest=")[1].replace("%3A", ":")
+                if _sha(body) != digest:
+                    self._send(400, b'{"errors":[{"code":"DIGEST_INVALID","message":"bad"}]}')
+                    return
+                fake.blobs[digest] = body
+                self._send(201)
+                return
+            if "/manifests/" in self.path:
+                ct = self.headers.get("Content-Type", "")
+                fake.manifests[self.path.rsplit("/", 1)[1]] = (ct, body)
+                self._send(201, b"", {"Docker-Content-Digest": _sha(body)})
+                return
+            self._send(404)
+
+        def do_GET(self) -> None:  # noqa: PLR0911 - one fake server
+            with fake.lock:
+                fake.seen.append(("GET", self.path, dict(self.headers.items())))
+            if self.path.startswith("/token"):
+                want = base64.b64encode(f"{fake.user}:{fake.password}".encode()).decode()
+                if (
+                    self.headers.get("Authorization") != f"Basic {want}"
+                    or "scope=" not in self.path
+                ):
+                    self._send(401, b'{"errors":[{"code":"DENIED","message":"bad login"}]}')
+                    return
+                self._send(200, json.dumps({"token": fake.token}).encode())
+                return
+            if not self._authorized():
+                return
+            parts = self.path.split("/")
+            if "/manifests/" in self.path:
+                ref = parts[-1]
+                if ref not in fake.manifests:
+                    self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}')
+                    return
+                mt, body = fake.manifests[ref]
+                mt = fake.content_type_override.get(ref, mt)
+                self._send(200, body, {"Content-Type": mt, "Docker-Content-Digest": _sha(body)})
+                return
+            if "/blobs/" in self.path:
+                digest = parts[-1]
+                if fake.redirect_blobs_to:
+                    self._send(307, b"", {"Location": f"{fake.redirect_blobs_to}{self.path}"})
+                    return
+                blob = fake.blobs.get(digest)
+                if blob is None:
+                    self._send(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}')
+                    return
+                start = 0
+                rng = self.headers.get("Range", "")
+                if rng.startswith("bytes="):
+                    start = int(rng[6:].split("-")[0])
+                body = blob[start:]
+                cut = fake.cut_after.pop(digest, None)
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(blob) - 1}/{len(blob)}")
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                if cut is not None:
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+                return
+            self._send(404)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"127.0.0.1:{srv.server_address[1]}"
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[Fake, str]]:
+    f = Fake()
+    srv, host = _serve(f)
+    try:
+        yield f, host
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _no_auth_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG", registry.MIRRORS_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
+def _image(f: Fake, tag: str = "v1", n: int = 2) -> tuple[bytes, list[bytes]]:
+    """Put a ``n``-layer Docker v2 image under ``lib/app:tag``; returns (manifest, layers)."""
+    layers, diff_ids = [], []
+    for i in range(n):
+        blob, diff = _layer(f"f{i}.txt", f"layer {i} of {tag}\n".encode() * 500)
+        layers.append(blob)
+        diff_ids.append(diff)
+        f.blobs[_sha(blob)] = blob
+    config = oci.dump_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["A=1"], "Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    )
+    f.blobs[_sha(config)] = config
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_DOCKER_MANIFEST,
+            "config": {
+                "mediaType": oci.MT_DOCKER_CONFIG,
+                "digest": _sha(config),
+                "size": len(config),
+            },
+            "layers": [
+                {"mediaType": oci.MT_DOCKER_LAYER_GZIP, "digest": _sha(b), "size": len(b)}
+                for b in layers
+            ],
+        },
+        indent=3,
+    ).encode()
+    f.manifests[tag] = (oci.MT_DOCKER_MANIFEST, manifest)
+    f.manifests[_sha(manifest)] = (oci.MT_DOCKER_MANIFEST, manifest)
+    return manifest, layers
+
+
+def _store(tmp_path: Path) -> ImageStore:
+    return ImageStore(tmp_path / "store")
+
+
+# --- references and credentials ------------------------------------------------------------
+
+
+def test_reference_parsing() -> None:
+    p = registry.parse_reference
+    assert p("python") == registry.Reference("docker.io", "library/python", "latest", None)
+    assert p("jupyter/base-notebook:2024") == registry.Reference(
+        "docker.io", "jupyter/base-notebook", "2024", None
+    )
+    assert p("localhost/x") == registry.Reference("localhost", "x", "latest", None)
+    assert p("127.0.0.1:5000/course/py:2.7").name == "127.0.0.1:5000/course/py"
+    assert p("registry.example.edu/course/python:2.7").registry == "registry.example.edu"
+    d = "sha256:" + "a" * 64
+    r = p(f"quay.io/a/b@{d}")
+    assert (r.tag, r.digest, r.store_tag) == (None, d, "sha256-" + "a" * 64)
+    assert p(f"quay.io/a/b:t@{d}").store_tag == "t"
+    for bad in ("Python", "a/B:t", "x@sha256:zz", "quay.io/a:b:c", "x:-bad"):
+        with pytest.raises(ImageError):
+            p(bad)
+
+
+def test_credentials_file_order_and_parsing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def write(path: Path, auths: dict[str, Any]) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"auths": auths}))
+        return path
+
+    def enc(s: str) -> str:
+        return base64.b64encode(s.encode()).decode()
+
+    docker = write(
+        tmp_path / "home/.docker/config.json",
+        {
+            "https://index.docker.io/v1/": {"auth": enc("hub:pw:with:colons")},
+            "reg.example:5000": {"auth": enc("d:1")},
+        },
+    )
+    assert registry.credentials_from_files("docker.io") == registry.Credentials(
+        "hub", "pw:with:colons", str(docker)
+    )
+    podman = write(
+        tmp_path / "run/containers/auth.json", {"reg.example:5000": {"auth": enc("p:2")}}
+    )
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    c = registry.credentials_from_files("reg.example:5000")
+    assert c is not None and (c.username, c.password, c.source) == ("p", "2", str(podman))
+    first = write(tmp_path / "auth.json", {"http://reg.example:5000/": {"auth": enc("r:pw-xyzzy")}})
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(first))
+    c = registry.credentials_from_files("reg.example:5000")
+    assert c is not None and (c.username, c.password) == ("r", "pw-xyzzy")
+    assert "xyzzy" not in repr(c)  # the password is never shown
+    assert registry.credentials_from_files("other.example") is None
+    first.write_text("{not json")
+    with pytest.raises(ImageError, match=r"auth\.json is not valid JSON"):
+        registry.credentials_from_files("reg.example:5000")
+
+
+def test_password_stdin_strips_one_newline() -> None:
+    assert registry.password_from_stdin(io.StringIO("pw\n\n")) == "pw\n"
+    assert registry.password_from_stdin(io.StringIO("pw")) == "pw"
+
+
+def test_endpoint_and_mirrors() -> None:
+    assert registry.endpoint("127.0.0.1:5000", ca=None, insecure=False) == "http://127.0.0.1:5000"
+    assert registry.endpoint("[::1]:5000", ca=None, insecure=False) == "http://[::1]:5000"
+    assert registry.endpoint("reg.example", ca=None, insecure=False) == "https://reg.example"
+    assert registry.endpoint("reg.example", ca=None, insecure=True) == "http://reg.example"
+    assert registry.endpoint("localhost:1", ca=Path("ca.pem"), insecure=False).startswith("https")
+    assert registry.endpoint("docker.io", ca=None, insecure=False) == "https://registry-1.docker.io"
+    env = "docker.io=http://127.0.0.1:5000, quay.io=https://m.example/"
+    assert registry.mirrors("docker.io", env) == ["http://127.0.0.1:5000"]
+    with pytest.raises(ImageError, match="REGISTRY=http"):
+        registry.mirrors("docker.io", "docker.io=ftp://x")
+
+
+# --- pulls ---------------------------------------------------------------------------------
+
+
+def test_pull_anonymous_keeps_digest_and_names(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    manifest, _ = _image(f)
+    store = _store(tmp_path)
+    im = registry.pull(store, f"{host}/lib/app:v1", name="app:7")
+    assert im.digest == _sha(manifest)  # the registry's manifest, byte for byte
+    assert (im.name, im.tag) == (f"{host}/lib/app", "v1")
+    assert store.resolve("app:7").digest == im.digest
+    assert dict(im.config.env) == {"A": "1"}
+    assert (im.layers[1].snapshot / "f1.txt").read_bytes().startswith(b"layer 1 of v1")
+    by_digest = registry.pull(_store(tmp_path / "b"), f"{host}/lib/app@{_sha(manifest)}")
+    assert by_digest.digest == _sha(manifest)
+    assert by_digest.tag == "sha256-" + oci.digest_hex(_sha(manifest))
+
+
+def test_bearer_challenge_flow(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    f.auth = "bearer"
+    _image(f)
+    creds = registry.Credentials("alice", "s3cret")
+    registry.pull(_store(tmp_path), f"{host}/lib/app:v1", creds=creds)
+    tokens = [p for m, p, h in f.seen if p.startswith("/token")]
+    assert tokens and "scope=repository%3Alib%2Fapp%3Apull" in tokens[0]
+    assert "service=fake" in tokens[0]
+    with pytest.raises(RegistryError, match=r"401 Unauthorized .*token request.*DENIED: bad login"):
+        registry.pull(
+            _store(tmp_path / "x"), f"{host}/lib/app:v1", creds=registry.Credentials("alice", "no")
+        )
+    with pytest.raises(RegistryError, match=rf"lib/app:v1: registry {host} answered 401"):
+        registry.pull(_store(tmp_path / "y"), f"{host}/lib/app:v1")
+
+
+def test_basic_auth_from_auth_file(
+    fake: tuple[Fake, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f, host = fake
+    f.auth = "basic"
+    _image(f)
+    auth = tmp_path / "auth.json"
+    auth.write_text(
+        json.dumps({"auths": {host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}})
+    )
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    registry.pull(_store(tmp_path), f"{host}/lib/app:v1")
+    auth.write_text(
+        json.dumps({"auths": {host: {"auth": base64.b64encode(b"alice:bad").decode()}}})
+    )
+    with pytest.raises(RegistryError, match=rf"check the user name .*{auth}"):
+        registry.pull(_store(tmp_path / "b"), f"{host}/lib/app:v1")
+
+
+def _index(f: Fake, entries: list[tuple[str, str, bytes]]) -> None:
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": oci.MT_DOCKER_LIST,
+        "manifests": [
+            {
+                "mediaType": mt,
+                "digest": _sha(body),
+                "size": len(body),
+                "platform": {"os": "linux", "architecture": arch},
+            }
+            for arch, mt, body in entries
+        ],
+    }
+    body = json.dumps(doc).encode()
+    f.manifests["multi"] = (oci.MT_DOCKER_LIST, body)
+
+
+def test_manifest_list_platform_selection(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    amd, _ = _image(f, "amd")
+    arm, _ = _image(f, "arm")
+    _index(f, [("arm64", oci.MT_DOCKER_MANIFEST, arm), ("amd64", oci.MT_DOCKER_MANIFEST, amd)])
+    a = registry.pull(_store(tmp_path), f"{host}/lib/app:multi", platform="linux/amd64")
+    b = registry.pull(_store(tmp_path), f"{host}/lib/app:multi", platform="linux/arm64")
+    assert (a.digest, b.digest) == (_sha(amd), _sha(arm))
+    with pytest.raises(RegistryError, match=r"no image for linux/s390x .*linux/amd64, linux/arm64"):
+        registry.pull(_store(tmp_path), f"{host}/lib/app:multi", platform="linux/s390x")
+
+
+def test_media_type_confusion_refused(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    _image(f, "amd")
+    index_body = json.dumps(
+        {"schemaVersion": 2, "mediaType": oci.MT_OCI_INDEX, "manifests": []}
+    ).encode()
+    # an index labelled as a manifest by the registry
+    f.manifests["idx"] = (oci.MT_DOCKER_MANIFEST, index_body)
+    with pytest.raises(UnsafeArchiveError, match="media-type confusion"):
+        registry.pull(_store(tmp_path), f"{host}/lib/app:idx")
+    # an index entry that names an index as the platform's manifest
+    f.manifests[_sha(index_body)] = (oci.MT_OCI_INDEX, index_body)
+    _index(f, [("amd64", oci.MT_OCI_INDEX, index_body)])
+    with pytest.raises(UnsafeArchiveError, match="media-type confusion"):
+        registry.pull(_store(tmp_path), f"{host}/lib/app:multi", platform="linux/amd64")
+    # a manifest body under an index's content type
+    f.content_type_override["amd"] = oci.MT_OCI_INDEX
+    with pytest.raises(UnsafeArchiveError, match="media-type confusion"):
+        registry.pull(_store(tmp_path), f"{host}/lib/app:amd")
+    assert _store(tmp_path).list() == []
+
+
+def test_oversized_manifest_refused(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    f.manifests["big"] = (oci.MT_OCI_MANIFEST, b" " * (oci.MAX_JSON_BYTES + 1))
+    with pytest.raises(UnsafeArchiveError, match=r"over the .*-byte limit"):
+        registry.pull(_store(tmp_path), f"{host}/lib/app:big")
+
+
+def test_digest_mismatch_stores_nothing(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    _manifest, layers = _image(f)
+    bad = bytearray(layers[1])
+    bad[-5] ^= 0xFF
+    f.blobs[_sha(layers[1])] = bytes(bad)  # same size, other content
+    store = _store(tmp_path)
+    with pytest.raises(DigestMismatch, match=r"digest mismatch.*nothing stored"):
+        registry.pull(store, f"{host}/lib/app:v1")
+    assert store.list() == []
+    assert not store.has_blob(_sha(layers[1]))
+    assert not list(store.tmp_dir.iterdir())  # the bad download is gone too
+
+
+def test_redirect_to_another_host_gets_no_credentials(
+    fake: tuple[Fake, str], tmp_path: Path
+) -> None:
+    f, host = fake
+    f.auth = "basic"
+    _image(f)
+    other = Fake(blobs=dict(f.blobs))
+    srv, other_host = _serve(other)
+    try:
+        f.redirect_blobs_to = f"http://{other_host}"
+        registry.pull(
+            _store(tmp_path), f"{host}/lib/app:v1", creds=registry.Credentials("alice", "s3cret")
+        )
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert other.seen, "the blobs were fetched from the other host"
+    assert all("Authorization" not in h for _m, _p, h in other.seen)
+    assert any("Authorization" in h for _m, _p, h in f.seen)
+
+
+def test_cut_connection_resumes_with_range(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    _manifest, layers = _image(f)
+    d = _sha(layers[0])
+    f.cut_after[d] = len(layers[0]) // 2
+    im = registry.pull(_store(tmp_path), f"{host}/lib/app:v1")
+    gets = f.blob_gets(d)
+    assert len(gets) == 2
+    assert gets[1].get("Range") == f"bytes={len(layers[0]) // 2}-"
+    assert im.layers[0].digest == d
+
+
+def test_present_layers_not_fetched_again(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    _image(f, "v1")
+    store = _store(tmp_path)
+    first = registry.pull(store, f"{host}/lib/app:v1")
+    f.seen.clear()
+    again = registry.pull(store, f"{host}/lib/app:v1")
+    assert again.digest == first.digest
+    for layer in first.layers:
+        assert f.blob_gets(layer.digest) == []
+
+
+def test_a_part_left_by_an_earlier_pull_is_resumed(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    _manifest, layers = _image(f)
+    store = _store(tmp_path)
+    store._init()
+    d = _sha(layers[0])
+    part = store.tmp_dir / f"pull-{oci.digest_hex(d)}.part"
+    part.write_bytes(layers[0][:100])  # what an interrupted pull left
+    registry.pull(store, f"{host}/lib/app:v1")
+    assert [h.get("Range") for h in f.blob_gets(d)] == ["bytes=100-"]
+    assert not part.exists()
+    # a left part that proves bad is fetched once more from the start
+    store2 = _store(tmp_path / "b")
+    store2._init()
+    part2 = store2.tmp_dir / part.name
+    part2.write_bytes(b"x" * 100)
+    f.seen.clear()
+    im = registry.pull(store2, f"{host}/lib/app:v1")
+    assert [h.get("Range") for h in f.blob_gets(d)] == ["bytes=100-", None]
+    assert im.layers[0].digest == d
+
+
+def test_a_wrong_diff_id_keeps_no_blob(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    manifest, layers = _image(f)
+    # the config names another diff_id for layer 0: blob verified, content refused
+    cfg_digest = json.loads(manifest)["config"]["digest"]
+    cfg = json.loads(f.blobs[cfg_digest])
+    cfg["rootfs"]["diff_ids"][0] = "sha256:" + "0" * 64
+    new_cfg = oci.dump_json(cfg)
+    f.blobs[_sha(new_cfg)] = new_cfg
+    doc = json.loads(manifest)
+    doc["config"] = {
+        "mediaType": oci.MT_DOCKER_CONFIG,
+        "digest": _sha(new_cfg),
+        "size": len(new_cfg),
+    }
+    f.manifests["bad"] = (oci.MT_DOCKER_MANIFEST, json.dumps(doc).encode())
+    store = _store(tmp_path)
+    with pytest.raises(DigestMismatch):
+        registry.pull(store, f"{host}/lib/app:bad")
+    assert store.list() == []
+    assert not store.has_blob(_sha(layers[0]))
+
+
+def test_mirror_first_then_the_registry(
+    fake: tuple[Fake, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f, host = fake
+    _image(f)
+    empty = Fake()  # a mirror without the image: 404, then the registry itself
+    srv, mirror = _serve(empty)
+    try:
+        monkeypatch.setenv(registry.MIRRORS_ENV, f"{host}=http://{mirror}")
+        im = registry.pull(_store(tmp_path), f"{host}/lib/app:v1")
+        assert im.name == f"{host}/lib/app"
+        assert [p for _m, p, _h in empty.seen] == ["/v2/lib/app/manifests/v1"]
+        # a mirror that has it serves the whole pull
+        empty.manifests, empty.blobs = dict(f.manifests), dict(f.blobs)
+        f.seen.clear()
+        registry.pull(_store(tmp_path / "b"), f"{host}/lib/app:v1")
+        assert f.seen == []
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_push_checks_mounts_uploads_then_puts_the_manifest(
+    fake: tuple[Fake, str], tmp_path: Path
+) -> None:
+    f, host = fake
+    f.auth = "basic"
+    src = Fake()
+    manifest, layers = _image(src)
+    srv, src_host = _serve(src)
+    store = _store(tmp_path)
+    try:
+        im = registry.pull(store, f"{src_host}/lib/app:v1")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    creds = registry.Credentials("alice", "s3cret")
+    f.blobs[_sha(layers[0])] = layers[0]  # already there: HEAD says so, nothing sent
+    said: list[str] = []
+    digest = registry.push(im, store, f"{host}/course/app:1", creds=creds, say=said.append)
+    assert digest == _sha(manifest)
+    assert f.manifests["1"] == (oci.MT_DOCKER_MANIFEST, manifest)  # byte for byte
+    heads = [p for m, p, _h in f.seen if m == "GET" and "/blobs/" in p]  # HEAD is served by GET
+    assert len(heads) >= 3
+    puts = [p for m, p, _h in f.seen if m == "PUT" and "digest=" in p]
+    assert len(puts) == 2 and not any(oci.digest_hex(_sha(layers[0])) in p for p in puts)
+    assert any("already there" in m for m in said)
+    # pushing the pushed image within its registry mounts its blobs
+    im2 = registry.pull(store, f"{host}/course/app:1", creds=creds)
+    f.seen.clear()
+    f.blobs.pop(_sha(layers[1]))
+    registry.push(im2, store, f"{host}/course/other:1", creds=creds, say=said.append)
+    mounts = [p for m, p, _h in f.seen if m == "POST" and "mount=" in p]
+    assert mounts and "from=course%2Fapp" in mounts[0]
+    # a wrong password: one clear error naming the registry
+    with pytest.raises(RegistryError, match=rf"registry {host} answered 401"):
+        registry.push(im, store, f"{host}/course/app:2", creds=registry.Credentials("alice", "x"))
