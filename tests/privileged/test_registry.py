@@ -8,17 +8,11 @@ product's own (``python3`` from the default store), pushed by ``image push`` and
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,128 +20,36 @@ import pytest
 from sandbox_kernel import paths
 from sandbox_kernel.images import oci
 from sandbox_kernel.images.store import ImageStore
+from tests.registryserver import (
+    PASSWORD,
+    USER,
+    Registry,
+    free_port,
+    need,
+    start_registry,
+    stop_registry,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-USER, PASSWORD = "teacher", "pw-course-2026"
 SOURCE = "python3"
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (make deps)")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Registry:
-    host: str
-    storage: Path
-    ca: Path | None
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.ca else 'http'}://{self.host}"
-
-    def blob_file(self, digest: str) -> Path:
-        hexd = oci.digest_hex(digest)
-        return self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
-
-    def put(self, path: str, body: bytes, content_type: str) -> None:
-        """PUT with basic auth (the test's own requests, e.g. an index)."""
-        req = urllib.request.Request(self.url + path, data=body, method="PUT")
-        req.add_header("Content-Type", content_type)
-        auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-        req.add_header("Authorization", f"Basic {auth}")
-        with urllib.request.urlopen(req, timeout=30) as r:  # loopback, no TLS here
-            assert r.status == 201
-
-
-def _make_ca(d: Path) -> Path:
-    openssl = need("openssl")
-
-    def run(*a: str) -> None:
-        subprocess.run([openssl, *a], check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=skt test CA",
-        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-        "-keyout", str(d / "srv.key"), "-out", str(d / "srv.csr"))  # fmt: skip
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"), "-CAkey",
-        str(d / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(d / "ext.cnf"),
-        "-out", str(d / "srv.pem"))  # fmt: skip
-    return d / "ca.pem"
-
-
-def _start(tmp: Path, tls: bool) -> Registry:
-    binary = need("docker-registry")
-    htpasswd = need("htpasswd")
-    tmp.mkdir(parents=True)
-    pw = subprocess.run(
-        [htpasswd, "-Bbn", USER, PASSWORD], check=True, capture_output=True, text=True
-    ).stdout
-    (tmp / "htpasswd").write_text(pw)
-    port = _free_port()
-    ca = _make_ca(tmp) if tls else None
-    tls_cfg = (
-        f"  tls:\n    certificate: {tmp / 'srv.pem'}\n    key: {tmp / 'srv.key'}\n" if tls else ""
-    )
-    (tmp / "config.yml").write_text(
-        "version: 0.1\n"
-        "log:\n  level: warn\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp / 'data'}\n"
-        "  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n{tls_cfg}"
-        f"auth:\n  htpasswd:\n    realm: skt-test\n    path: {tmp / 'htpasswd'}\n"
-    )
-    log = open(tmp / "registry.log", "wb")  # noqa: SIM115 - kept for the registry's life
-    proc = subprocess.Popen([binary, "serve", str(tmp / "config.yml")], stdout=log, stderr=log)
-    reg = Registry(f"127.0.0.1:{port}", tmp / "data", ca, proc)
-    for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return reg
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise AssertionError((tmp / "registry.log").read_text())
-
-
-def _stop(reg: Registry) -> None:
-    reg.proc.terminate()  # by its pid: the Popen we started
-    try:
-        reg.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        reg.proc.kill()
-        reg.proc.wait()
 
 
 @pytest.fixture
 def reg(tmp_path: Path) -> Iterator[Registry]:
-    r = _start(tmp_path / "registry", tls=False)
+    r = start_registry(tmp_path / "registry", tls=False)
     try:
         yield r
     finally:
-        _stop(r)
+        stop_registry(r)
 
 
 @pytest.fixture
 def tls_reg(tmp_path: Path) -> Iterator[Registry]:
-    r = _start(tmp_path / "registry-tls", tls=True)
+    r = start_registry(tmp_path / "registry-tls", tls=True)
     try:
         yield r
     finally:
-        _stop(r)
+        stop_registry(r)
 
 
 def cli(
@@ -314,7 +216,7 @@ def test_tls_registry_with_ca(tls_reg: Registry, tmp_path: Path) -> None:
 
 
 def test_bad_ref_and_unreachable_registry(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     p = cli("image", "pull", f"127.0.0.1:{port}/x/y:1", state=tmp_path / "s")
     assert p.returncode == 125
     assert f"registry 127.0.0.1:{port} could not be reached" in p.stderr
