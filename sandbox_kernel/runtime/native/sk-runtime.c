@@ -1570,7 +1570,7 @@ static void do_share(struct rec *r)
         struct cmsghdr align;
     } u;
     memset(&u, 0, sizeof u);
-    struct iovec iov = { .iov_base = (void *)path, .iov_len = r->len[0] };
+    struct iovec iov = { .iov_base = r->f[0], .iov_len = r->len[0] };
     struct msghdr msg = {
         .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf
     };
