@@ -3,7 +3,7 @@
 Figures (see benchmarks/RESULTS.md): P1 start latency (with the bwrap and podman peers),
 P2 setup time, P3 host-side memory, P5 execute round trip, P6 kernels started at once,
 P7 many idle kernels, P8 image size vs setup time, T tenant isolation, TF the same with
-the neighbours under another user's aggregate caps (a teaching hub), R pulls from a
+the neighbours under another user's aggregate caps (a teaching hub), G pulls from a
 registry on loopback (against skopeo; a second pull with every layer present).
 Needs root, the built ``python3`` and ``python2.7`` images, and the native executor.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .stats import Figure, markdown, save, stamp, table
 
-ALL = ("P1", "P2", "P5", "P6", "P7", "P8", "T", "TF", "R")
+ALL = ("P1", "P2", "P5", "P6", "P7", "P8", "T", "TF", "G")
 KERNEL_FIGURES = {"P1", "P5", "P6", "P7", "T", "TF"}
 
 
@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print("P8 image size ...", file=sys.stderr)
         figs += images.measure(runs=2 if args.quick else 30, large=not args.quick)
-    if "R" in selected:
+    if "G" in selected:
         from . import registry
 
-        print("R registry pulls ...", file=sys.stderr)
+        print("G registry pulls ...", file=sys.stderr)
         figs += registry.measure(runs=1 if args.quick else 5)
     elapsed = time.monotonic() - t0
     print(table(figs))

@@ -1,4 +1,4 @@
-"""R: pulling an image from a registry on loopback, against skopeo, and a pull that finds
+"""G: pulling an image from a registry on loopback, against skopeo, and a pull that finds
 every layer already present.
 
 The reference registry (Debian's docker-registry, htpasswd auth, plain http on 127.0.0.1)
@@ -70,7 +70,7 @@ def _compressed_size(store: ImageStore) -> int:
 
 
 def measure(runs: int = 5) -> list[Figure]:
-    """The R figures: ``runs`` interleaved rounds of the three pulls."""
+    """The G figures: ``runs`` interleaved rounds of the three pulls."""
     skopeo = need("skopeo")
     size = _compressed_size(ImageStore())
     base = Path(tempfile.mkdtemp(prefix="skb-r-", dir=state_dir()))
@@ -97,14 +97,14 @@ def measure(runs: int = 5) -> list[Figure]:
     mib = size / 2**20
     what = f"{SOURCE}, {mib:.0f} MiB compressed"
     return [
-        Figure(f"R pull, ready to run ({what})", "s", ours),
-        Figure(f"R pull throughput ({what})", "MiB/s", [mib / t for t in ours]),
-        Figure(f"R skopeo copy to an OCI layout ({what})", "s", theirs),
+        Figure(f"G1 pull, ready to run ({what})", "s", ours),
+        Figure(f"G1 pull throughput ({what})", "MiB/s", [mib / t for t in ours]),
+        Figure(f"G1 skopeo copy to an OCI layout ({what})", "s", theirs),
         ratio(
-            "R pull / skopeo copy",
+            "G1 pull / skopeo copy",
             ours,
             theirs,
             note="the pull also verifies and unpacks every layer; skopeo writes the blobs only",
         ),
-        Figure("R second pull, every layer present", "s", again),
+        Figure("G2 second pull, every layer present", "s", again),
     ]
