@@ -814,6 +814,9 @@ def _download(
                 )
             try:
                 have = _copy_body(client, r, desc, fd, h, have, progress)
+            except DigestMismatch:
+                dest.unlink()  # longer than declared: nothing of it is kept
+                raise
             except (OSError, http.client.HTTPException) as exc:
                 attempts += 1
                 if attempts >= RESUME_ATTEMPTS:

@@ -938,3 +938,13 @@ def test_a_part_file_that_is_a_link_is_not_followed(fake: tuple[Fake, str], tmp_
     with pytest.raises(ImageError, match="download file"):
         registry.pull(store, f"{host}/lib/app:v1")
     assert target.read_bytes() == b"keep"
+
+
+def test_a_blob_longer_than_declared_leaves_no_part(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    _manifest, layers = _image(f, n=1)
+    f.blobs[_sha(layers[0])] = layers[0] + b"X" * 100_000
+    store = _store(tmp_path)
+    with pytest.raises(DigestMismatch, match="longer than"):
+        registry.pull(store, f"{host}/lib/app:v1")
+    assert not list(store.tmp_dir.iterdir())
