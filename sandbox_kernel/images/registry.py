@@ -15,12 +15,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import http.client
 import ipaddress
 import json
 import os
 import re
 import ssl
+import stat
 import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -32,6 +34,7 @@ from typing import IO
 from ..errors import DigestMismatch, ImageError, RegistryError, UnsafeArchiveError
 from . import oci
 from .compression import COPY_CHUNK
+from .extract import ExtractLimits
 from .store import Image, ImageStore, Layer
 
 DOCKER_HUB = "docker.io"
@@ -102,6 +105,11 @@ def parse_reference(ref: str) -> Reference:
         registry, path = DOCKER_HUB, rest
     if registry in ("index.docker.io", DOCKER_HUB_API):
         registry = DOCKER_HUB
+    if _split_url(f"https://{registry}") is None:
+        raise ImageError(
+            f"invalid image reference {ref!r} (registry {registry!r} is not HOST[:PORT] with a "
+            "port 1-65535); use [REGISTRY[:PORT]/]REPOSITORY[:TAG][@sha256:DIGEST]"
+        )
     tag: str | None = None
     colon = path.rfind(":")
     if colon > path.rfind("/"):
@@ -131,6 +139,36 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(h).is_loopback
     except ValueError:
         return False
+
+
+def _split_url(url: str) -> urllib.parse.SplitResult | None:
+    """``url`` split, or None when it is not one (an unclosed IPv6 bracket, a port outside
+    1-65535, no host). The one place a URL from a reference, a mirror entry or a registry
+    is parsed (``Client.parse_url`` turns None into the client's error)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError:
+        return None
+    if not host or port == 0:
+        return None
+    return parts
+
+
+def _origin(parts: urllib.parse.SplitResult) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL split by ``_split_url``: what 'the same host' means."""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _clean(text: str, limit: int = 300) -> str:
+    """Registry-provided ``text`` (error codes and messages, HTTP reasons) fit to print: control
+    characters become '?', at most ``limit`` characters."""
+    return _CONTROL.sub("?", text[:limit])
 
 
 def _host_only(hostport: str) -> str:
@@ -195,7 +233,7 @@ def credentials_from_files(
             raise ImageError(f"credential file {path} is over {MAX_AUTH_FILE_BYTES} bytes")
         try:
             doc = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ImageError(f"credential file {path} is not valid JSON ({exc}); fix it") from None
         auths = doc.get("auths") if isinstance(doc, dict) else None
         if not isinstance(auths, dict):
@@ -231,24 +269,43 @@ def password_from_stdin(stream: IO[str]) -> str:
 # --- mirrors -----------------------------------------------------------------------------------
 
 
-def mirrors(registry: str, env: str | None = None) -> list[str]:
+def mirrors(registry: str, env: str | None = None, *, insecure: bool = False) -> list[str]:
     """The mirror base URLs configured for ``registry`` in ``$SANDBOX_KERNEL_REGISTRY_MIRRORS``
     (``docker.io=http://127.0.0.1:5000,quay.io=https://mirror.example``), in order; a pull
-    tries them before the registry itself."""
+    tries them before the registry itself. An entry must be ``REGISTRY=SCHEME://HOST[:PORT]``
+    (a path of '/' at most; no user name or password, query or fragment); plain http only to
+    a loopback mirror unless ``insecure``. A bad entry is an ImageError naming its position,
+    never its text (it may hold a password)."""
     raw = os.environ.get(MIRRORS_ENV, "") if env is None else env
     out = []
-    for item in raw.split(","):
+    for n, item in enumerate(raw.split(","), 1):
         item = item.strip()
         if not item:
             continue
         key, sep, url = item.partition("=")
-        parsed = urllib.parse.urlsplit(url.strip())
-        if not sep or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        parts = _split_url(url.strip())
+        if (
+            not sep
+            or parts is None
+            or parts.scheme not in ("http", "https")
+            or "@" in parts.netloc
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or url.strip().endswith(("?", "#"))
+        ):
             raise ImageError(
-                f"{MIRRORS_ENV}: entry {item!r} is not REGISTRY=http(s)://HOST[:PORT]; fix it"
+                f"{MIRRORS_ENV}: entry {n} is not REGISTRY=http(s)://HOST[:PORT] (no user, "
+                "password, path, query or fragment); fix it"
             )
-        if key.strip() == registry:
-            out.append(f"{parsed.scheme}://{parsed.netloc}")
+        if key.strip() != registry:
+            continue
+        if parts.scheme == "http" and not insecure and not is_loopback(parts.hostname or ""):
+            raise ImageError(
+                f"{MIRRORS_ENV}: entry {n} is a plain http mirror of {registry} on another "
+                "host; use https, or --insecure to allow it"
+            )
+        out.append(f"{parts.scheme}://{parts.netloc}")
     return out
 
 
@@ -314,6 +371,7 @@ class Client:
         self.reference = reference
         self.creds = creds
         self.insecure = insecure
+        self.origin = _origin(self.parse_url(self.base, "base URL"))
         self._tokens: dict[str, str] = {}
         self._lock = threading.Lock()
         #: Guards what the download threads of one pull share.
@@ -321,12 +379,57 @@ class Client:
         #: Set when a pull stops (an error in one download, or Ctrl-C): the others stop too.
         self.cancel = threading.Event()
         try:
+            #: Every host but the registry's own is always verified (``--insecure`` or not).
+            self._verified = ssl.create_default_context(cafile=str(ca) if ca else None)
             self._ssl = ssl.create_default_context(cafile=str(ca) if ca else None)
         except (OSError, ssl.SSLError) as exc:
             raise ImageError(f"--ca {ca}: cannot load it as PEM certificates ({exc})") from None
         if insecure:
             self._ssl.check_hostname = False
             self._ssl.verify_mode = ssl.CERT_NONE
+
+    # URLs ----------------------------------------------------------------------------------
+    def parse_url(self, url: str, what: str) -> urllib.parse.SplitResult:
+        """``url`` split (``_split_url``); one that is not a URL is this client's error."""
+        parts = _split_url(url)
+        if parts is None:
+            raise self.error(
+                f"sent a {what} that is not a valid URL ({_clean(url, 100)!r})",
+                "ask the registry's owner",
+            )
+        return parts
+
+    def handed_url(self, url: str, location: str, what: str) -> str:
+        """The absolute URL of ``location`` (relative to ``url``) that the registry handed over
+        (a redirect, the Location of an upload): the one check for all of them. Only
+        http(s); https never becomes plain http unless to loopback or with ``--insecure``."""
+        try:
+            new = urllib.parse.urljoin(url, location)
+        except ValueError:
+            new = location  # not a URL: parse_url says so
+        parts = self.parse_url(new, what)
+        if parts.scheme not in ("http", "https"):
+            raise self.error(
+                f"sent a {what} with scheme {_clean(parts.scheme, 20)!r}", "use an http(s) registry"
+            )
+        if (
+            parts.scheme == "http"
+            and urllib.parse.urlsplit(url).scheme == "https"
+            and not (self.insecure or is_loopback(parts.hostname or ""))
+        ):
+            raise self.error(
+                f"sent a {what} to plain http ({_clean(parts.netloc, 100)})",
+                "refused; ask the registry's owner to serve https",
+            )
+        return new
+
+    def may_authorize(self, parts: urllib.parse.SplitResult) -> bool:
+        """Whether an Authorization header (Basic or Bearer) may go with a request to
+        ``parts``: only to this registry's own (scheme, host, port), and only over https, to
+        loopback, or with ``--insecure``. Checked by ``request`` for every request."""
+        return _origin(parts) == self.origin and (
+            parts.scheme == "https" or is_loopback(parts.hostname or "") or self.insecure
+        )
 
     # errors --------------------------------------------------------------------------------
     def error(self, answered: str, fix: str) -> RegistryError:
@@ -339,13 +442,17 @@ class Client:
         with contextlib.suppress(Exception):
             doc = json.loads(r.resp.read(MAX_ERROR_BYTES))
             errs = doc.get("errors") or []
-            detail = "; ".join(
-                f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
-                for e in errs
-                if isinstance(e, dict)
-            )[:300]
+            detail = _clean(
+                "; ".join(
+                    f"{e.get('code', '')}: {e.get('message', '')}".strip(": ")
+                    for e in errs
+                    if isinstance(e, dict)
+                )
+            )
         r.close()
-        answered = f"answered {r.status} {r.reason} to {what}" + (f" ({detail})" if detail else "")
+        answered = f"answered {r.status} {_clean(r.reason, 100)} to {what}" + (
+            f" ({detail})" if detail else ""
+        )
         if r.status == 401:
             fix = (
                 "check the user name and password (--username U --password-stdin, or the "
@@ -371,12 +478,14 @@ class Client:
         headers: dict[str, str],
         body: IO[bytes] | bytes | None,
     ) -> _Response:
-        parts = urllib.parse.urlsplit(url)
+        parts = self.parse_url(url, "URL")
         host = parts.hostname or ""
         port = parts.port
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=TIMEOUT_S, context=self._ssl)
+            own = _origin(parts) == self.origin
+            ctx = self._ssl if own else self._verified
+            conn = http.client.HTTPSConnection(host, port, timeout=TIMEOUT_S, context=ctx)
         elif parts.scheme == "http":
             conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
         else:
@@ -426,13 +535,12 @@ class Client:
         redirects = 0
         while True:
             h = dict(headers or {})
-            same_host = urllib.parse.urlsplit(url).netloc == self.host
+            same_host = self.may_authorize(self.parse_url(url, "URL"))
             if same_host:
                 auth = self._auth_header(scope)
                 if auth:
                     h["Authorization"] = auth
-            if hasattr(body, "seek"):
-                body.seek(0)  # type: ignore[union-attr]
+            _rewind(body)
             r = self._open(method, url, h, body)
             if r.status in (301, 302, 303, 307, 308) and follow:
                 location = r.header("Location")
@@ -443,18 +551,7 @@ class Client:
                         f"redirected {method} {path_or_url} more than {MAX_REDIRECTS} times",
                         "ask the registry's owner",
                     )
-                new = urllib.parse.urljoin(url, location)
-                new_parts = urllib.parse.urlsplit(new)
-                if (
-                    new_parts.scheme == "http"
-                    and urllib.parse.urlsplit(url).scheme == "https"
-                    and not (self.insecure or is_loopback(new_parts.hostname or ""))
-                ):
-                    raise self.error(
-                        f"redirected to plain http ({new_parts.netloc})",
-                        "refused; ask the registry's owner to serve https",
-                    )
-                url = new
+                url = self.handed_url(url, location, "redirect")
                 if r.status == 303:
                     method, body = "GET", None
                 continue
@@ -464,6 +561,7 @@ class Client:
                 r.close()
                 if self._answer(challenge, scope):
                     continue
+                _rewind(body)
                 r = self._open(method, url, h, body)  # for the error text
             return r
 
@@ -486,13 +584,13 @@ class Client:
             return True
         if kind != "bearer" or "realm" not in params:
             raise self.error(
-                f"asked for authentication of an unknown kind ({challenge[:100]!r})",
+                f"asked for authentication of an unknown kind ({_clean(challenge, 100)!r})",
                 "this client knows Basic and Bearer tokens",
             )
         realm = params["realm"]
-        rparts = urllib.parse.urlsplit(realm)
-        if rparts.scheme not in ("http", "https") or not rparts.netloc:
-            raise self.error(f"named a token realm that is not a URL ({realm[:100]!r})", "")
+        rparts = self.parse_url(realm, "token realm")
+        if rparts.scheme not in ("http", "https"):
+            raise self.error(f"named a token realm that is not a URL ({_clean(realm, 100)!r})", "")
         query: list[tuple[str, str]] = []
         if params.get("service"):
             query.append(("service", params["service"]))
@@ -501,25 +599,43 @@ class Client:
                 query.append(("scope", s))
         url = realm + ("&" if rparts.query else "?") + urllib.parse.urlencode(query)
         h = {"Accept": "application/json"}
-        send_creds = self.creds is not None and (
-            rparts.scheme == "https" or is_loopback(rparts.hostname or "")
-        )
+        own = _origin(rparts) == self.origin
+        verified = rparts.scheme == "https" and (not own or not self.insecure)
+        send_creds = self.creds is not None and (verified or is_loopback(rparts.hostname or ""))
         if send_creds:
             assert self.creds is not None
             h["Authorization"] = "Basic " + _basic(self.creds)
         r = self._open("GET", url, h, None)
-        if r.status != 200:
-            raise self._http_error(r, f"the token request to {rparts.netloc}")
-        try:
-            doc = json.loads(r.read_bounded(MAX_ERROR_BYTES, "token answer"))
-            token = doc.get("token") or doc.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not isinstance(token, str) or not token:
-            raise self.error(f"token realm {rparts.netloc} answered without a token", "")
+        token = self._token(r, _clean(rparts.netloc, 100))
         with self._lock:
             self._tokens[scope] = "Bearer " + token
         return True
+
+    def _token(self, r: _Response, netloc: str) -> str:
+        """The bearer token in the answer ``r`` of token realm ``netloc``: printable ASCII
+        only (it goes into a header), never shown. Called by ``_answer``."""
+        if r.status != 200:
+            raise self._http_error(r, f"the token request to {netloc}")
+        try:
+            doc = json.loads(r.read_bounded(MAX_ERROR_BYTES, "token answer"))
+            token = doc.get("token") or doc.get("access_token")
+        except (ValueError, AttributeError, RecursionError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise self.error(f"token realm {netloc} answered without a token", "")
+        if not re.fullmatch(r"[\x21-\x7e]+", token):
+            raise self.error(
+                f"token realm {netloc} answered with a token that is not printable ASCII "
+                "(refused; it is not shown)",
+                "",
+            )
+        return token
+
+
+def _rewind(body: IO[bytes] | bytes | None) -> None:
+    """Send a file body from its start again (a retry after a 401 or a redirect)."""
+    if body is not None and not isinstance(body, bytes):
+        body.seek(0)
 
 
 def _basic(creds: Credentials) -> str:
@@ -627,6 +743,39 @@ def _part_path(store: ImageStore, digest: str) -> Path:
     return store.tmp_dir / f"pull-{oci.digest_hex(digest)}.part"
 
 
+def _open_part(client: Client, dest: Path) -> int:
+    """A descriptor of the ``.part`` file ``dest`` (made 0600 when new), opened without
+    following a link, for appending and reading; it must be a regular file of the caller.
+    Called by ``_download``."""
+    try:
+        fd = os.open(
+            dest, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+    except OSError as exc:
+        raise ImageError(
+            f"{client.reference}: cannot open the download file {dest} ({exc.strerror}); "
+            "remove it and pull again"
+        ) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise ImageError(
+            f"{client.reference}: the download file {dest} is not a regular file of this "
+            "user; remove it and pull again"
+        )
+    return fd
+
+
+def _hash_fd(fd: int, size: int) -> hashlib._Hash:
+    """A sha256 of the first ``size`` bytes of ``fd`` (what an earlier pull left)."""
+    h = hashlib.sha256()
+    off = 0
+    while off < size and (chunk := os.pread(fd, min(COPY_CHUNK, size - off), off)):
+        h.update(chunk)
+        off += len(chunk)
+    return h
+
+
 def _download(
     client: Client,
     repo: str,
@@ -634,82 +783,95 @@ def _download(
     dest: Path,
     scope: str,
     progress: Progress,
-) -> None:
+) -> bool:
     """Fetch blob ``desc`` into ``dest``, resuming with Range from what ``dest`` holds (a
     cut connection is resumed up to ``RESUME_ATTEMPTS`` times). Size is bounded by the
-    descriptor; the digest is checked by the store when it installs the file."""
-    attempts = 0
-    while True:
-        have = dest.stat().st_size if dest.exists() else 0
+    descriptor; ``dest`` is written and hashed through one descriptor (``_open_part``).
+    True when what it holds has the descriptor's digest (the store checks again when it
+    installs the file). Called by ``_fetch_layer``."""
+    fd = _open_part(client, dest)
+    try:
+        have = os.fstat(fd).st_size
         if have > desc.size:
-            dest.unlink()
+            os.ftruncate(fd, 0)
             have = 0
-        if have == desc.size:
-            return
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        r = client.request("GET", f"/v2/{repo}/blobs/{desc.digest}", headers=headers, scope=scope)
-        if r.status == 200 and have:
-            have = 0  # the registry ignored Range: start again
-            mode = "wb"
-        elif r.status in (200, 206):
-            mode = "ab" if r.status == 206 else "wb"
-        else:
-            raise client._http_error(r, f"the request for blob {desc.digest}")
-        if r.status == 206 and not r.header("Content-Range").startswith(f"bytes {have}-"):
-            r.close()
-            raise client.error(
-                f"answered a Range request for blob {desc.digest} with another range", ""
+        h = _hash_fd(fd, have)
+        attempts = 0
+        while have < desc.size:
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            r = client.request(
+                "GET", f"/v2/{repo}/blobs/{desc.digest}", headers=headers, scope=scope
             )
-        try:
-            got = _copy_body(client, r, desc, dest, mode, have, progress)
-        except (OSError, http.client.HTTPException) as exc:
+            if r.status == 200 and have:
+                os.ftruncate(fd, 0)  # the registry ignored Range: start again
+                have, h = 0, hashlib.sha256()
+            elif r.status not in (200, 206):
+                raise client._http_error(r, f"the request for blob {desc.digest}")
+            if r.status == 206 and not r.header("Content-Range").startswith(f"bytes {have}-"):
+                r.close()
+                raise client.error(
+                    f"answered a Range request for blob {desc.digest} with another range", ""
+                )
+            try:
+                have = _copy_body(client, r, desc, fd, h, have, progress)
+            except DigestMismatch:
+                dest.unlink()  # longer than declared: nothing of it is kept
+                raise
+            except (OSError, http.client.HTTPException) as exc:
+                attempts += 1
+                if attempts >= RESUME_ATTEMPTS:
+                    raise client.error(
+                        f"cut the download of blob {desc.digest} {attempts} times ({exc})",
+                        "run the pull again: it resumes where it stopped",
+                    ) from None
+                have = os.fstat(fd).st_size
+                h = _hash_fd(fd, have)
+                continue
+            finally:
+                r.close()
+            if have == desc.size:
+                break
             attempts += 1
             if attempts >= RESUME_ATTEMPTS:
                 raise client.error(
-                    f"cut the download of blob {desc.digest} {attempts} times ({exc})",
+                    f"cut the download of blob {desc.digest} {attempts} times",
                     "run the pull again: it resumes where it stopped",
-                ) from None
-            continue
-        finally:
-            r.close()
-        if got == desc.size:
-            return
-        attempts += 1
-        if attempts >= RESUME_ATTEMPTS:
-            raise client.error(
-                f"cut the download of blob {desc.digest} {attempts} times",
-                "run the pull again: it resumes where it stopped",
-            )
+                )
+        return "sha256:" + h.hexdigest() == desc.digest
+    finally:
+        os.close(fd)
 
 
 def _copy_body(
     client: Client,
     r: _Response,
     desc: oci.Descriptor,
-    dest: Path,
-    mode: str,
+    fd: int,
+    h: hashlib._Hash,
     have: int,
     progress: Progress,
 ) -> int:
-    """Append (or write, ``mode``) the body of ``r`` to ``dest``; the bytes ``dest`` then
-    holds. More than the descriptor's size is a DigestMismatch. Called by ``_download``."""
+    """Append the body of ``r`` to ``fd`` (which holds ``have`` bytes), hashing it into
+    ``h``; the bytes ``fd`` then holds. More than the descriptor's size is a DigestMismatch.
+    Called by ``_download``."""
     got = have
-    with open(dest, mode) as out:
-        while chunk := r.resp.read(COPY_CHUNK):
-            if client.cancel.is_set():
-                raise RegistryError(
-                    f"{client.reference}: the pull stopped; run it again: it resumes where it "
-                    "stopped"
-                )
-            got += len(chunk)
-            if got > desc.size:
-                raise DigestMismatch(
-                    f"{client.reference}: blob {desc.digest} from {client.host} is longer "
-                    f"than the {desc.size} bytes its descriptor declares (size mismatch); "
-                    "refused, nothing stored"
-                )
-            out.write(chunk)
-            progress.advance(len(chunk))
+    while chunk := r.resp.read(COPY_CHUNK):
+        if client.cancel.is_set():
+            raise RegistryError(
+                f"{client.reference}: the pull stopped; run it again: it resumes where it stopped"
+            )
+        got += len(chunk)
+        if got > desc.size:
+            raise DigestMismatch(
+                f"{client.reference}: blob {desc.digest} from {client.host} is longer "
+                f"than the {desc.size} bytes its descriptor declares (size mismatch); "
+                "refused, nothing stored"
+            )
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+        h.update(chunk)
+        progress.advance(len(chunk))
     return got
 
 
@@ -738,17 +900,18 @@ def _clients(
     ca: Path | None,
     insecure: bool,
 ) -> list[Client]:
+    """The clients a pull tries in order: each mirror, with only the credentials the auth
+    files hold for the mirror's own host, then the registry itself, with ``creds`` (from
+    ``--username``) or its auth-file entry. Called by ``pull``."""
     out = []
-    for base in [*mirrors(ref.registry), endpoint(ref.registry, ca=ca, insecure=insecure)]:
+    for base in mirrors(ref.registry, insecure=insecure):
         host = urllib.parse.urlsplit(base).netloc
-        c = (
-            creds
-            if creds is not None
-            else credentials_from_files(
-                ref.registry if base.endswith(DOCKER_HUB_API) or host == ref.registry else host
-            )
+        out.append(
+            Client(base, str(ref), creds=credentials_from_files(host), ca=ca, insecure=insecure)
         )
-        out.append(Client(base, str(ref), creds=c, ca=ca, insecure=insecure))
+    base = endpoint(ref.registry, ca=ca, insecure=insecure)
+    c = creds if creds is not None else credentials_from_files(ref.registry)
+    out.append(Client(base, str(ref), creds=c, ca=ca, insecure=insecure))
     return out
 
 
@@ -815,12 +978,33 @@ def _pull_from(
     if cfg.os and cfg.os != "linux":
         raise ImageError(f"{client.reference} is an image for {cfg.os!r}, not linux")
     store._init()
+    _check_sizes(client, manifest, store.limits)
     missing = [d for d in manifest.layers if not store.has_blob(d.digest)]
     progress.start(sum(d.size for d in missing), len(missing), len(manifest.layers) - len(missing))
-
-    layers = _fetch_layers(store, client, repo, manifest, cfg.diff_ids, progress)
+    with store.import_budget():
+        layers = _fetch_layers(store, client, repo, manifest, cfg.diff_ids, progress)
     progress.finish()
     return store.write_pulled_image(names, body, config, layers)
+
+
+def _check_sizes(client: Client, manifest: oci.Manifest, limits: ExtractLimits) -> None:
+    """Refuse, before anything is downloaded, a layer whose descriptor declares more than one
+    layer may unpack to (``limits.max_total_bytes``) or layers declaring more together than
+    one image may (``limits.max_image_bytes``). Called by ``_pull_from``."""
+    for i, d in enumerate(manifest.layers):
+        if d.size > limits.max_total_bytes:
+            raise UnsafeArchiveError(
+                f"{client.reference}: layer {i} ({d.digest}) declares {d.size} bytes, over "
+                f"the {limits.max_total_bytes}-byte limit for one layer (ExtractLimits."
+                "max_total_bytes); refused, nothing downloaded"
+            )
+    total = sum({d.digest: d.size for d in manifest.layers}.values())
+    if total > limits.max_image_bytes:
+        raise UnsafeArchiveError(
+            f"{client.reference}: its layers declare {total} bytes together, over the "
+            f"{limits.max_image_bytes}-byte limit for one image (ExtractLimits.max_image_bytes); "
+            "refused, nothing downloaded"
+        )
 
 
 def _fetch_layer(
@@ -843,7 +1027,10 @@ def _fetch_layer(
     stale = part.exists()
     scope = f"repository:{repo}:pull"
     while True:
-        _download(client, repo, d, part, scope, progress)
+        if not _download(client, repo, d, part, scope, progress) and stale:
+            part.unlink()  # what an earlier pull left proved bad: once more from the start
+            stale = False
+            continue
         try:
             layer = store.add_layer_file(
                 part,
@@ -909,7 +1096,7 @@ def _location(client: Client, r: _Response, what: str) -> str:
     r.close()
     if not loc:
         raise client.error(f"answered {what} without a Location", "ask the registry's owner")
-    return urllib.parse.urljoin(client.base + "/", loc)
+    return client.handed_url(client.base + "/", loc, f"Location for {what}")
 
 
 def _with_query(url: str, **params: str) -> str:

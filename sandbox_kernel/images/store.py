@@ -29,6 +29,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -299,6 +300,7 @@ class ImageStore:
         self.limits = limits
         #: Uncompressed bytes the import under way may still unpack (``import_budget``).
         self._image_left: int | None = None
+        self._budget_lock = threading.Lock()
         #: Only read (another user's store: the system store as seen by an ordinary user).
         self.readonly = readonly
         self.oci_dir = self.root / "oci"
@@ -519,17 +521,17 @@ class ImageStore:
         tmp.mkdir(mode=0o755)
         os.chmod(tmp, 0o755)
         try:
-            report = extract_layer_file(
-                self.blob_path(digest),
-                compression,
-                tmp,
-                limits=self.limits,
-                expected_diff_id=expected_diff_id,
-                what=what or f"layer {digest}",
-                image_left=self._image_left,
-            )
-            if self._image_left is not None:
-                self._image_left -= report.tar_bytes
+            with self._reserve(self.blob_path(digest)) as (image_left, used):
+                report = extract_layer_file(
+                    self.blob_path(digest),
+                    compression,
+                    tmp,
+                    limits=self.limits,
+                    expected_diff_id=expected_diff_id,
+                    what=what or f"layer {digest}",
+                    image_left=image_left,
+                )
+                used.append(report.tar_bytes)
             diff_id = report.diff_id
             self._install_snapshot(tmp, diff_id)
             if report.skipped:
@@ -562,6 +564,29 @@ class ImageStore:
             yield
         finally:
             self._image_left = outer
+
+    @contextlib.contextmanager
+    def _reserve(self, blob: Path) -> Iterator[tuple[int | None, list[int]]]:
+        """Within ``import_budget``, take what the layer ``blob`` may unpack to out of what the
+        image may still unpack, and give back what it did not use (the bytes the block
+        appends to the list): layers unpacked by several threads (a pull's downloads) share
+        the budget without over-spending it. Outside an import: (None, list). Called by
+        ``_unpack``."""
+        used: list[int] = []
+        with self._budget_lock:
+            left = self._image_left
+            if left is not None:
+                take = min(max(left, 0), self.limits.layer_budget(blob.stat().st_size))
+                self._image_left = left - take
+        if left is None:
+            yield None, used
+            return
+        try:
+            yield take, used
+        finally:
+            with self._budget_lock:
+                if self._image_left is not None:
+                    self._image_left += take - sum(used)
 
     def _install_snapshot(self, tmp: Path, diff_id: str) -> None:
         final = self.snapshot_path(diff_id)

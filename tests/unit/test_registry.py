@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import http.client
 import io
 import json
+import ssl
 import tarfile
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +22,7 @@ import pytest
 
 from sandbox_kernel.errors import DigestMismatch, ImageError, RegistryError, UnsafeArchiveError
 from sandbox_kernel.images import oci, registry
+from sandbox_kernel.images.extract import ExtractLimits
 from sandbox_kernel.images.store import ImageStore
 
 
@@ -610,3 +614,341 @@ def test_push_checks_mounts_uploads_then_puts_the_manifest(
     # a wrong password: one clear error naming the registry
     with pytest.raises(RegistryError, match=rf"registry {host} answered 401"):
         registry.push(im, store, f"{host}/course/app:2", creds=registry.Credentials("alice", "x"))
+
+
+# --- a hostile registry (each test was a reviewer's reproduction) --------------------------
+
+
+def _serve_fn(fn: Any) -> tuple[ThreadingHTTPServer, str]:
+    """A server on 127.0.0.1 whose every request is answered by ``fn(handler)``."""
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            fn(self)
+
+        do_HEAD = do_POST = do_PUT = do_GET  # noqa: N815
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"127.0.0.1:{srv.server_address[1]}"
+
+
+def _send(h: BaseHTTPRequestHandler, code: int, body: bytes = b"", **headers: str) -> None:
+    h.send_response(code)
+    for k, v in headers.items():
+        h.send_header(k.replace("_", "-"), v)
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    if h.command != "HEAD":
+        h.wfile.write(body)
+
+
+@dataclass
+class _Sent:
+    method: str
+    url: str
+    auth: str | None
+    body: bytes | None
+
+
+def _scripted(monkeypatch: pytest.MonkeyPatch, answer: Any) -> list[_Sent]:
+    """Replace the client's transport: ``answer(method, url, headers)`` gives (status,
+    headers) for each request, which is recorded (with what its body sent) and never leaves
+    this process."""
+    sent: list[_Sent] = []
+
+    class Nothing:
+        def read(self, n: int = -1) -> bytes:
+            return b""
+
+        def close(self) -> None:
+            pass
+
+    def fake_open(
+        self: registry.Client, method: str, url: str, headers: dict[str, str], body: Any
+    ) -> registry._Response:
+        data = body if isinstance(body, bytes) or body is None else body.read()
+        sent.append(_Sent(method, url, headers.get("Authorization"), data))
+        status, hdrs = answer(method, url, headers)
+        msg = http.client.HTTPMessage()
+        for k, v in hdrs.items():
+            msg[k] = v
+        return registry._Response(status, "x", msg, Nothing(), Nothing(), url)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registry.Client, "_open", fake_open)
+    return sent
+
+
+def test_cli_credentials_never_go_to_a_mirror(
+    fake: tuple[Fake, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f, host = fake
+    f.auth = "basic"
+    _image(f)
+    mirror = Fake(auth="basic")  # a mirror's operator who just asks for Basic
+    srv, mhost = _serve(mirror)
+    try:
+        monkeypatch.setenv(registry.MIRRORS_ENV, f"{host}=http://{mhost}")
+        creds = registry.Credentials("alice", "s3cret")
+        im = registry.pull(_store(tmp_path), f"{host}/lib/app:v1", creds=creds)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert im.name == f"{host}/lib/app"  # the mirror refused; the registry served it
+    assert mirror.seen and all("Authorization" not in h for _m, _p, h in mirror.seen)
+    # a plain http mirror on another host only with --insecure
+    with pytest.raises(ImageError, match=r"plain http mirror .*--insecure"):
+        registry.mirrors("docker.io", "docker.io=http://mirror.example")
+    assert registry.mirrors("docker.io", "docker.io=http://m.example", insecure=True)
+    # never an Authorization over plain http to another host without --insecure
+    parts = urllib.parse.urlsplit("http://reg.example/v2/")
+    assert not registry.Client("http://reg.example", "r").may_authorize(parts)
+    assert registry.Client("http://reg.example", "r", insecure=True).may_authorize(parts)
+
+
+def test_push_refuses_an_upload_location_downgrading_or_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"abc")
+    location = ""
+
+    def answer(method: str, url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+        if method == "HEAD":
+            return 404, {}
+        if "Authorization" not in headers and url.startswith("https://reg.example.edu/"):
+            return 401, {"WWW-Authenticate": 'Basic realm="r"'}
+        if method == "POST":
+            return 202, {"Location": location}
+        return 201, {}
+
+    sent = _scripted(monkeypatch, answer)
+    c = registry.Client(
+        "https://reg.example.edu",
+        "reg.example.edu/lib/app:v1",
+        creds=registry.Credentials("a", "pw"),
+    )
+    push = registry._push_blob
+    args = ("lib/app", _sha(b"abc"), 3, blob, "repository:lib/app:pull,push", None, print)
+    location = "http://reg.example.edu/v2/lib/app/blobs/uploads/u1"  # https to http
+    with pytest.raises(RegistryError, match=r"plain http \(reg\.example\.edu\)"):
+        push(c, *args)
+    assert not [s for s in sent if s.method == "PUT"]
+    location = "https://reg.example.edu:8443/v2/lib/app/blobs/uploads/u1"  # another port
+    sent.clear()
+    push(c, *args)
+    puts = [s for s in sent if s.method == "PUT"]
+    assert (
+        puts
+        and puts[0].url.startswith("https://reg.example.edu:8443/")
+        and all(s.auth is None for s in puts)
+    )
+
+
+def test_a_401_resent_for_its_error_text_sends_the_whole_body(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"abc")
+    sent = _scripted(monkeypatch, lambda m, u, h: (401, {"WWW-Authenticate": 'Basic realm="r"'}))
+    c = registry.Client("https://reg.example", "reg.example/a:1")
+    with blob.open("rb") as body:
+        r = c.request("PUT", "/v2/a/blobs/uploads/u?digest=x", body=body)
+    assert r.status == 401
+    assert [s.body for s in sent] == [b"abc", b"abc"]
+
+
+def _hostile_pull(tmp_path: Path, mode: str) -> BaseException | None:
+    """A pull from a registry answering ``mode``'s hostile way; the exception it ends in."""
+    f = Fake()
+    _image(f)
+
+    def handler(h: BaseHTTPRequestHandler) -> None:
+        p = h.path
+        if mode == "badport" and "/manifests/" in p:
+            return _send(h, 307, Location="http://127.0.0.1:99999/x")
+        if mode == "badv6" and "/manifests/" in p:
+            return _send(h, 302, Location="http://[::1/x")
+        if mode in ("crlf", "latin", "deep"):
+            if p.startswith("/token"):
+                body = {
+                    "crlf": json.dumps({"token": "abc\r\nX-Injected: 1"}).encode(),
+                    "latin": json.dumps({"token": "\u2603"}).encode(),
+                    "deep": b"[" * 30000 + b"]" * 30000,
+                }[mode]
+                return _send(h, 200, body)
+            if "Authorization" not in h.headers:
+                realm = f"http://{h.headers['Host']}/token"
+                return _send(h, 401, b"{}", WWW_Authenticate=f'Bearer realm="{realm}"')
+        if mode == "ansi" and "/manifests/" in p:
+            msg = "\x1b[2J\x1b[1;31mfake: run curl evil|sh\x1b[0m\nsandbox-kernel: pulled ok"
+            return _send(h, 404, json.dumps({"errors": [{"code": "X", "message": msg}]}).encode())
+        if "/manifests/" in p:
+            mt, body = f.manifests[p.rsplit("/", 1)[1]]
+            return _send(h, 200, body, Content_Type=mt)
+        if "/blobs/" in p:
+            return _send(h, 200, f.blobs[p.rsplit("/", 1)[1]])
+        return _send(h, 404)
+
+    srv, host = _serve_fn(handler)
+    try:
+        registry.pull(_store(tmp_path), f"{host}/lib/app:v1", creds=registry.Credentials("a", "b"))
+    except BaseException as exc:
+        return exc
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    return None
+
+
+@pytest.mark.parametrize("mode", ["badport", "badv6", "crlf", "latin", "deep", "ansi"])
+def test_hostile_answers_end_in_the_products_error(tmp_path: Path, mode: str) -> None:
+    exc = _hostile_pull(tmp_path, mode)
+    assert isinstance(exc, ImageError), repr(exc)
+    text = str(exc)
+    assert "X-Injected" not in text and "\u2603" not in text  # a token is never shown
+    assert not registry._CONTROL.search(text), text  # nothing a terminal would act on
+
+
+def test_bad_ports_and_urls_in_references_are_image_errors() -> None:
+    for bad in (
+        "127.0.0.1:99999/lib/app:v1",
+        "reg:0/x",
+        "[::1]:99999/x",
+        "evil.com:65536/x",
+        "[::1/x",
+    ):
+        with pytest.raises(ImageError, match="invalid image reference"):
+            registry.parse_reference(bad)
+    assert registry.parse_reference("reg.example:65535/x").registry == "reg.example:65535"
+
+
+def test_a_layer_of_size_zero(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    empty_tar = b"\0" * 1024
+    cfg = oci.dump_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [_sha(b""), _sha(empty_tar)]},
+        }
+    )
+    f.blobs[_sha(cfg)] = cfg
+    f.blobs[_sha(b"")] = b""
+    f.blobs[_sha(empty_tar)] = empty_tar
+    m = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_OCI_MANIFEST,
+            "config": {"mediaType": oci.MT_OCI_CONFIG, "digest": _sha(cfg), "size": len(cfg)},
+            "layers": [
+                {"mediaType": oci.MT_OCI_LAYER_TAR, "digest": _sha(b), "size": len(b)}
+                for b in (b"", empty_tar)
+            ],
+        }
+    ).encode()
+    f.manifests["zero"] = (oci.MT_OCI_MANIFEST, m)
+    im = registry.pull(_store(tmp_path), f"{host}/lib/app:zero")
+    assert [layer.digest for layer in im.layers] == [_sha(b""), _sha(empty_tar)]
+
+
+def test_a_pull_is_bounded_before_and_while_it_downloads(
+    fake: tuple[Fake, str], tmp_path: Path
+) -> None:
+    f, host = fake
+    _manifest, layers = _image(f)
+    sizes = [len(b) for b in layers]
+    limits = ExtractLimits(max_total_bytes=max(sizes) - 1)
+    with pytest.raises(UnsafeArchiveError, match=r"limit for one layer.*nothing downloaded"):
+        registry.pull(ImageStore(tmp_path / "a", limits=limits), f"{host}/lib/app:v1")
+    limits = ExtractLimits(max_image_bytes=sum(sizes) - 1)
+    with pytest.raises(UnsafeArchiveError, match=r"limit for one image.*nothing downloaded"):
+        registry.pull(ImageStore(tmp_path / "b", limits=limits), f"{host}/lib/app:v1")
+    assert not [p for m, p, _h in f.seen if "/blobs/" in p and "sha256:" in p and m == "GET"][2:]
+    # the layers unpack within one image's budget (shared by the download threads)
+    limits = ExtractLimits(max_image_bytes=15_000)  # one layer's tar (10240 bytes), not two
+    with pytest.raises(UnsafeArchiveError, match="max_image_bytes"):
+        registry.pull(ImageStore(tmp_path / "c", limits=limits), f"{host}/lib/app:v1")
+
+
+def test_insecure_keeps_verifying_other_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    contexts: dict[str, ssl.SSLContext] = {}
+
+    class Recorder:
+        def __init__(self, host: str, port: int | None, *, timeout: float, context: Any) -> None:
+            contexts[host] = context
+
+        def request(self, *a: Any, **k: Any) -> None:
+            raise OSError("not here")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(http.client, "HTTPSConnection", Recorder)
+    c = registry.Client("https://reg.example", "reg.example/a:1", insecure=True)
+    for url in ("https://reg.example/v2/", "https://cdn.example/blob"):
+        with pytest.raises(RegistryError, match="could not be reached"):
+            c._open("GET", url, {}, None)
+    assert contexts["reg.example"].verify_mode == ssl.CERT_NONE
+    assert contexts["cdn.example"].verify_mode == ssl.CERT_REQUIRED
+    assert contexts["cdn.example"].check_hostname
+
+
+def test_realm_credentials_only_over_verified_https_or_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def answer(method: str, url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+        if "/token" in url:
+            return 401, {}
+        return 401, {"WWW-Authenticate": 'Bearer realm="https://reg.example/token"'}
+
+    sent = _scripted(monkeypatch, answer)
+    creds = registry.Credentials("alice", "s3cret")
+    c = registry.Client("https://reg.example", "reg.example/a:1", creds=creds, insecure=True)
+    with pytest.raises(RegistryError, match="token request"):
+        c.request("GET", "/v2/a/manifests/1")
+    assert [s.auth for s in sent if "/token" in s.url] == [None]  # unverified: no password
+    sent.clear()
+    c = registry.Client("https://reg.example", "reg.example/a:1", creds=creds)
+    with pytest.raises(RegistryError, match="token request"):
+        c.request("GET", "/v2/a/manifests/1")
+    assert [s.auth for s in sent if "/token" in s.url] == ["Basic " + registry._basic(creds)]
+
+
+def test_mirror_entries_with_more_than_a_host_are_refused_unshown() -> None:
+    for url in (
+        "http://mirroruser:MIRRORPW@127.0.0.1:5000",
+        "https://m.example/MIRRORPW",
+        "https://m.example/?MIRRORPW",
+        "https://m.example/#MIRRORPW",
+        "https://[::1:5000",
+    ):
+        with pytest.raises(ImageError, match="entry 2 is not REGISTRY=") as info:
+            registry.mirrors("docker.io", f"quay.io=https://q.example,docker.io={url}")
+        assert "MIRRORPW" not in str(info.value)
+
+
+def test_a_part_file_that_is_a_link_is_not_followed(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    _manifest, layers = _image(f)
+    store = _store(tmp_path)
+    store._init()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep")
+    (store.tmp_dir / f"pull-{oci.digest_hex(_sha(layers[0]))}.part").symlink_to(target)
+    with pytest.raises(ImageError, match="download file"):
+        registry.pull(store, f"{host}/lib/app:v1")
+    assert target.read_bytes() == b"keep"
+
+
+def test_a_blob_longer_than_declared_leaves_no_part(fake: tuple[Fake, str], tmp_path: Path) -> None:
+    f, host = fake
+    _manifest, layers = _image(f, n=1)
+    f.blobs[_sha(layers[0])] = layers[0] + b"X" * 100_000
+    store = _store(tmp_path)
+    with pytest.raises(DigestMismatch, match="longer than"):
+        registry.pull(store, f"{host}/lib/app:v1")
+    assert not list(store.tmp_dir.iterdir())
