@@ -42,7 +42,10 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
 READ_TIMEOUT_S = 2.0
-MAX_CONNECTIONS = 4
+MAX_CONNECTIONS = 4  # requests served at once; more get a polite "too many at once"
+#: Connections open at once, at most (served, or waiting for the "too many" answer): beyond
+#: it a connection is closed at once, unread, so that a kernel cannot hold the server's fds.
+MAX_OPEN = 16
 CLOSE_TIMEOUT_S = 10.0  # the most ControlThread.close waits for requests in flight
 RATE_LIMIT = (20, 60.0)  # bursts of 20 requests per kernel, then one every 3 seconds
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -89,6 +92,13 @@ def _bind_as(sock: socket.socket, path: str, uid: int, gid: int) -> None:
         old_gid = libc.setfsgid(gid)
         old_uid = libc.setfsuid(uid)
         try:
+            # setfsuid reports no failure; -1 changes nothing and returns the id in effect
+            if libc.setfsuid(-1) != uid or libc.setfsgid(-1) != gid:
+                raise PermissionError(
+                    f"cannot make the control socket {path} as uid {uid}, gid {gid}: "
+                    "the server could not take those filesystem ids (it needs "
+                    "CAP_SETUID and CAP_SETGID: run Jupyter as root)"
+                )
             sock.bind(path)
             os.chmod(path, 0o600)
         except BaseException as exc:
@@ -114,6 +124,7 @@ class ControlServer:
         self.uid, self.gid = uid, gid
         self.limiter = _RateLimiter(*RATE_LIMIT)
         self.active = 0
+        self.open = 0  # connections open now (bounded by MAX_OPEN)
         self.rejected = 0
         self._server: asyncio.base_events.Server | None = None
 
@@ -144,6 +155,17 @@ class ControlServer:
             os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open >= MAX_OPEN:  # closed unread: each held connection is a server fd
+            self.rejected += 1
+            writer.transport.abort()
+            return
+        self.open += 1
+        try:
+            await self._serve_open(reader, writer)
+        finally:
+            self.open -= 1
+
+    async def _serve_open(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.active >= MAX_CONNECTIONS:
             self.rejected += 1
             busy = {"ok": False, "error": "too many requests at once; try again"}

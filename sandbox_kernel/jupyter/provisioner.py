@@ -508,6 +508,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             await self._close_relay()
             await asyncio.to_thread(container.destroy)
             self.container = None
+            if self._conn_fd is not None:  # the next start dups the folder anew
+                os.close(self._conn_fd)
+                self._conn_fd = None
             raise
         return self.connection_info
 
@@ -537,8 +540,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             self.log,
             name=str(self.kernel_id),
         )
+        self._relay = relay  # closed by the caller if start fails
         await asyncio.to_thread(relay.start)
-        self._relay = relay
         self.connection_info = km.get_connection_info()
         uid, gid = self._owner
         self._control = ControlThread(
@@ -584,8 +587,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             and container.proc is not None
             and container.proc.poll() is None
         ):
+            def apply() -> None:
+                with self._limits_lock:  # checked again: a restart may have come meanwhile
+                    if container is self.container:
+                        container.apply_deferred_cpu()
+
             try:
-                await asyncio.to_thread(self._locked, container.apply_deferred_cpu)
+                await asyncio.to_thread(apply)
             except SandboxError as exc:
                 self.log.warning("kernel %s: could not apply the CPU cap: %s", self.kernel_id, exc)
 

@@ -8,8 +8,10 @@ outside the container, where kernel code cannot reach or configure it) connects 
 serves the client's sockets in a host-only folder. Between the two, every message from the
 kernel passes ``OutputGuard``:
 
-* a message larger than ``max_message_size`` is dropped (a frame far above it makes libzmq
-  cut the connection before it is read: ZMQ_MAXMSGSIZE; the relay then reconnects);
+* a message larger than ``max_message_size`` is dropped, each frame counted with
+  ``FRAME_OVERHEAD`` bytes (a frame far above it makes libzmq cut the connection before it
+  is read: ZMQ_MAXMSGSIZE; the relay then rebuilds the socket, with backoff), and so is a
+  message of more than ``MAX_FRAMES`` frames, the rest of it unread;
 * messages beyond the rate limits (messages/s and bytes/s, averaged over a window, as
   jupyter_server's iopub rate limit) are dropped until the kernel slows down;
 * each drop is told in the notebook by a notice: a signed ``stream`` message on iopub whose
@@ -48,8 +50,16 @@ QUEUE_DEPTH = 64
 CLIENT_QUEUE_DEPTH = 1000
 #: A frame above max_message_size times this is cut by libzmq before it is read.
 HARD_FACTOR = 2
-#: Header and parent frames longer than this are not parsed (treated as plain output).
-MAX_HEADER = 64 * 1024
+#: Header and parent frames longer than this are not parsed (treated as plain output);
+#: a heartbeat longer than this is dropped.
+MAX_HEADER = 8 * 1024
+#: Frames in one message, at most: a Jupyter message is its identities, the delimiter,
+#: signature, header, parent, metadata and content, then one frame per buffer; this leaves
+#: room for dozens of buffers. A message with more is dropped without reading the rest.
+MAX_FRAMES = 64
+#: What each frame costs beyond its bytes, charged in the size limit (libzmq's own
+#: per-frame record is 64 bytes: a message of empty frames is not free).
+FRAME_OVERHEAD = 64
 #: iopub messages of the protocol itself: limited apart from output, so that a flood of
 #: output never drops the "idle" status that ends a cell.
 PROTOCOL_TYPES = frozenset(
@@ -59,6 +69,13 @@ PROTOCOL_TYPES = frozenset(
 #: stdin share it: the kernel sends input requests to the shell request's sender).
 RELAY_IDENTITY = b"sandbox-kernel-relay"
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+#: Seconds before a kernel socket whose connection libzmq cut (a frame far over the size
+#: limit: libzmq does not reconnect it) is rebuilt: at once (what the kernel sends until
+#: then is lost), then after the first, doubling up to the second, and at once again once
+#: a connection lasted the second.
+REBUILD_BACKOFF = (0.01, 2.0)
+#: Seconds ``Relay.close`` waits for the thread to stop.
+CLOSE_TIMEOUT_S = 5.0
 DELIM = b"<IDS|MSG>"
 
 
@@ -115,25 +132,44 @@ def _json(frame: bytes) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         return {}
     return value if isinstance(value, dict) else {}
 
 
-def parse(frames: Sequence[bytes]) -> tuple[str, dict[str, Any]]:
-    """The message type and parent header of a Jupyter wire message ('' and {} when the
-    frames are not one, or too large to read cheaply)."""
-    try:
-        i = list(frames).index(DELIM)
-    except ValueError:
-        return "", {}
-    if len(frames) < i + 6:
-        return "", {}
-    header, parent = _json(frames[i + 2]), _json(frames[i + 3])
-    msg_type = header.get("msg_type")
-    if not isinstance(parent.get("msg_id"), str):
-        parent = {}
-    return (msg_type if isinstance(msg_type, str) else ""), parent
+class WireMessage:
+    """The parts of one Jupyter wire message the guard reads, each parsed only when asked
+    (once), and only when small: ``msg_type`` ('' and ``parent`` {} when the frames are
+    not a message, or too large to read cheaply). Made by ``OutputGuard.admit``."""
+
+    def __init__(self, frames: Sequence[bytes]) -> None:
+        self.frames = frames
+        try:
+            self.start: int | None = list(frames).index(DELIM)
+        except ValueError:
+            self.start = None
+        if self.start is not None and len(frames) < self.start + 6:
+            self.start = None
+        self._type: str | None = None
+        self._parent: dict[str, Any] | None = None
+
+    @property
+    def msg_type(self) -> str:
+        """The header's ``msg_type`` (parsed on first use)."""
+        if self._type is None:
+            start = self.start
+            value = _json(self.frames[start + 2]).get("msg_type") if start is not None else None
+            self._type = value if isinstance(value, str) else ""
+        return self._type
+
+    @property
+    def parent(self) -> dict[str, Any]:
+        """The parent header, {} unless it has a string ``msg_id`` (parsed on first use)."""
+        if self._parent is None:
+            start = self.start
+            value = _json(self.frames[start + 3]) if start is not None else {}
+            self._parent = value if isinstance(value.get("msg_id"), str) else {}
+        return self._parent
 
 
 class OutputGuard:
@@ -163,14 +199,23 @@ class OutputGuard:
     def admit(self, channel: str, frames: Sequence[bytes]) -> tuple[bool, list[list[bytes]]]:
         """(forward it?, notices to send on iopub) for one message from the kernel on
         ``channel``. Called by the relay thread for every message the kernel sends."""
-        size = sum(len(f) for f in frames)
+        if len(frames) > MAX_FRAMES:  # the relay reads no more than one frame beyond
+            self.dropped += 1
+            msg = WireMessage(frames)
+            text = (
+                f"output dropped: a {msg.msg_type or 'message'} of more than {MAX_FRAMES} "
+                "frames (parts), more than a Jupyter message needs"
+            )
+            return False, [self.notice(text, msg.parent or self.last_parent)]
+        size = sum(len(f) for f in frames) + FRAME_OVERHEAD * len(frames)
         if channel == "hb":
             return size <= MAX_HEADER, []
-        msg_type, parent = parse(frames)
-        if channel == "iopub" and msg_type == "status" and parent:
-            self.last_parent = parent
-        parent = parent or self.last_parent
+        msg = WireMessage(frames)
+        msg_type = msg.msg_type
+        if channel == "iopub" and msg_type == "status" and msg.parent:
+            self.last_parent = msg.parent
         if size > self.limits.max_message_size:
+            parent = msg.parent or self.last_parent
             self.dropped += 1
             what = f"a {msg_type or 'message'} of {format_size(size)}"
             text = (
@@ -187,7 +232,7 @@ class OutputGuard:
                     self.notice(
                         f"output resumed: {dropped[0]} message(s) ({format_size(dropped[1])}) "
                         "were dropped while the kernel sent too fast",
-                        parent,
+                        msg.parent or self.last_parent,
                     )
                 )
             return True, notices
@@ -200,7 +245,7 @@ class OutputGuard:
                     f"(averaged over {self.limits.window:g} s); its output is dropped until it "
                     "slows down (SandboxProvisioner.iopub_msg_rate_limit, "
                     "iopub_data_rate_limit)",
-                    parent,
+                    msg.parent or self.last_parent,
                 )
             )
         self.throttled[kind][0] += 1
@@ -239,6 +284,9 @@ class _Channel:
         self.kernel: zmq.Socket[bytes] | None = None
         self.monitor: zmq.Socket[bytes] | None = None
         self.cut = False  # libzmq cut the kernel's connection; notice on the next connect
+        self.rebuild_at: float | None = None  # disconnected: rebuild then unless reconnected
+        self.backoff = 0.0  # the wait before the next rebuild
+        self.up_since: float | None = None  # connected since
 
 
 class Relay:
@@ -274,6 +322,11 @@ class Relay:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._done = True  # the thread ended (or never started)
+        self._orphaned = False  # close gave up waiting: the thread ends the context
+        self._last_cut_notice: float | None = None
+        self.rebuilds = 0  # kernel sockets rebuilt, for tests and the log
 
     @staticmethod
     def address(info: dict[str, Any], channel: str) -> str:
@@ -287,22 +340,35 @@ class Relay:
         """Bind the client's sockets and start relaying (called by the provisioner's
         ``pre_launch`` once both connection files are written)."""
         self._thread = threading.Thread(target=self._run, name=f"relay-{self.name}", daemon=True)
+        self._done = False
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
             raise self._error
 
     def close(self) -> None:
-        """Stop the thread and close the sockets (blocking, bounded by a few seconds)."""
+        """Stop the thread and close the sockets (blocking, bounded by a few seconds). A
+        thread still running then keeps its sockets (libzmq sockets are not thread-safe):
+        it closes them and ends the context itself when it stops."""
         if self._thread is not None:
             tx = self.context.socket(zmq.PAIR)
             tx.connect(self._stop_addr)
             tx.send(b"stop")
-            self._thread.join(5)
+            self._thread.join(CLOSE_TIMEOUT_S)
             tx.close(linger=0)
             self._thread = None
-        self._stop_rx.close(linger=0)
-        self.context.destroy(linger=0)
+        with self._lock:
+            self._orphaned = not self._done
+        if self._orphaned:
+            self.log.warning(
+                "kernel %s: the output relay did not stop within %g s; it closes its "
+                "sockets when it does",
+                self.name,
+                CLOSE_TIMEOUT_S,
+            )
+        else:
+            self._stop_rx.close(linger=0)
+            self.context.destroy(linger=0)
         if self.guard.dropped:
             self.log.info(
                 "kernel %s: the relay dropped %d message(s)", self.name, self.guard.dropped
@@ -326,7 +392,9 @@ class Relay:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         elif ch.name != "hb":
             sock.setsockopt(zmq.IDENTITY, RELAY_IDENTITY)
-        ch.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        ch.monitor = sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
         sock.connect(ch.kernel_addr)
         ch.kernel = sock
 
@@ -353,6 +421,7 @@ class Relay:
             channels = self._setup()
         except BaseException as exc:  # reported by start()
             self._error = exc
+            self._end()
             self._ready.set()
             return
         self._ready.set()
@@ -364,59 +433,127 @@ class Relay:
             for ch in channels:
                 self._drop_kernel(ch)
                 ch.client.close(linger=0)
+            self._end()
+
+    def _end(self) -> None:
+        """The thread's last step: when ``close`` gave up waiting for it, end the context
+        (the thread's sockets are closed by then)."""
+        with self._lock:
+            self._done = True
+            orphaned = self._orphaned
+        if orphaned:
+            self._stop_rx.close(linger=0)
+            self.context.term()
 
     def _loop(self, channels: list[_Channel]) -> None:
+        """Relay until told to stop; each pass does bounded work (at most ``QUEUE_DEPTH``
+        messages per socket, each of at most ``MAX_FRAMES`` + 1 frames read)."""
         iopub = next(ch for ch in channels if ch.name == "iopub")
         while True:
             poller = zmq.Poller()
             poller.register(self._stop_rx, zmq.POLLIN)
             for ch in channels:
+                if ch.kernel is None:  # waiting to be rebuilt; the client's side waits too
+                    continue
                 if ch.name != "iopub":  # a PUB socket receives nothing
                     poller.register(ch.client, zmq.POLLIN)
                 poller.register(ch.kernel, zmq.POLLIN)
                 poller.register(ch.monitor, zmq.POLLIN)
-            rebuilt = False
-            while not rebuilt:
-                ready = dict(poller.poll())
+            changed = False
+            while not changed:
+                ready = dict(poller.poll(self._timeout(channels)))
                 if self._stop_rx in ready:
                     return
+                now = time.monotonic()
                 for ch in channels:
-                    if ch.monitor in ready and self._monitor(ch, iopub):
-                        rebuilt = True
+                    if ch.monitor in ready:
+                        self._monitor(ch, iopub, now)
+                    if ch.rebuild_at is not None and now >= ch.rebuild_at:
+                        self._rebuild(ch)
+                        changed = True
                         continue
-                    if ch.kernel in ready:
-                        self._from_kernel(ch, iopub)
-                    if ch.client in ready:
+                    if ch.kernel in ready and self._from_kernel(ch, iopub, now):
+                        changed = True
+                        continue
+                    if ch.client in ready and ch.kernel is not None:
                         self._from_client(ch)
 
-    def _monitor(self, ch: _Channel, iopub: _Channel) -> bool:
-        """Handle the kernel socket's events; True when it was rebuilt (a disconnect: libzmq
-        does not reconnect a connection it cut for a too-large frame)."""
+    @staticmethod
+    def _timeout(channels: list[_Channel]) -> int | None:
+        """Milliseconds until the next rebuild is due (None: none is)."""
+        due = [ch.rebuild_at for ch in channels if ch.rebuild_at is not None]
+        if not due:
+            return None
+        return max(0, int((min(due) - time.monotonic()) * 1000) + 1)
+
+    def _schedule_rebuild(self, ch: _Channel, now: float) -> None:
+        """The kernel socket lost its connection: rebuild it after the backoff, unless
+        libzmq says it reconnects it (an ordinary disconnect, not a cut)."""
+        if ch.up_since is not None and now - ch.up_since >= REBUILD_BACKOFF[1]:
+            ch.backoff = 0.0  # it had been stable
+        ch.up_since = None
+        ch.rebuild_at = now + ch.backoff
+        ch.backoff = min(REBUILD_BACKOFF[1], max(REBUILD_BACKOFF[0], ch.backoff * 2))
+
+    def _rebuild(self, ch: _Channel) -> None:
+        """Make a new kernel socket for ``ch`` (its rebuild was due); the next connect of a
+        socket dropped for a lost connection, not by the relay, tells of the cut."""
+        ch.cut = ch.kernel is not None
+        ch.rebuild_at = None
+        self._drop_kernel(ch)
+        self._connect_kernel(ch)
+        self.rebuilds += 1
+
+    def _monitor(self, ch: _Channel, iopub: _Channel, now: float) -> None:
+        """Handle the kernel socket's events: a disconnect schedules a rebuild (libzmq does
+        not reconnect a connection it cut for a too-large frame), cancelled when libzmq
+        schedules its own reconnect (at once after an ordinary disconnect); a connect tells
+        of a cut (at most once per rate window)."""
         assert ch.monitor is not None
         while ch.monitor.poll(0):
             event = recv_monitor_message(ch.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
-                self._drop_kernel(ch)
-                self._connect_kernel(ch)
-                ch.cut = True
-                return True
-            if event == zmq.EVENT_CONNECTED and ch.cut:
-                ch.cut = False
-                self._send(iopub.client, self.guard.reset_notice())
-        return False
+                self._schedule_rebuild(ch, now)
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                ch.rebuild_at = None
+            elif event == zmq.EVENT_CONNECTED:
+                ch.rebuild_at = None
+                ch.up_since = now
+                if ch.cut:
+                    ch.cut = False
+                    last = self._last_cut_notice
+                    if last is None or now - last >= self.limits.window:
+                        self._last_cut_notice = now
+                        self._send(iopub.client, self.guard.reset_notice())
 
-    def _from_kernel(self, ch: _Channel, iopub: _Channel) -> None:
+    def _from_kernel(self, ch: _Channel, iopub: _Channel, now: float) -> bool:
+        """Relay what the kernel sent on ``ch``; True when the kernel socket was dropped
+        (a message of too many frames: its unread rest goes with the socket)."""
         assert ch.kernel is not None
         for _ in range(QUEUE_DEPTH):
             try:
-                frames = ch.kernel.recv_multipart(zmq.NOBLOCK)
+                frames = self._recv(ch.kernel)
             except zmq.Again:
-                return
+                return False
             forward, notices = self.guard.admit(ch.name, frames)
             for notice in notices:
                 self._send(iopub.client, notice)
+            if len(frames) > MAX_FRAMES:
+                self._drop_kernel(ch)
+                self._schedule_rebuild(ch, now)
+                return True
             if forward:
                 self._send(ch.client, frames)
+        return False
+
+    @staticmethod
+    def _recv(sock: zmq.Socket[bytes]) -> list[bytes]:
+        """One message from the kernel, or its first ``MAX_FRAMES`` + 1 frames when it has
+        more (the rest is not read: no Python object is made for it)."""
+        parts = [sock.recv(zmq.NOBLOCK, copy=False)]
+        while parts[-1].more and len(parts) <= MAX_FRAMES:
+            parts.append(sock.recv(zmq.NOBLOCK, copy=False))
+        return [part.bytes for part in parts]
 
     def _from_client(self, ch: _Channel) -> None:
         assert ch.kernel is not None

@@ -243,6 +243,81 @@ async def test_connections_over_the_limit_are_answered_not_reset(server_path: st
         await server.close()
 
 
+async def test_open_connections_are_capped(
+    server_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel opening many connections and sending nothing holds at most a few of the
+    server's fds: beyond the cap a connection is closed unread."""
+    import subprocess
+    import sys
+
+    from sandbox_kernel.jupyter import control
+
+    monkeypatch.setattr(control, "READ_TIMEOUT_S", 60.0)  # held as long as the test runs
+    cap = getattr(control, "MAX_OPEN", 16)
+    count = 200
+
+    async def handler(req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True}
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    server = ControlServer(server_path, handler, uid=os.getuid(), gid=os.getgid())
+    await server.start()
+    base = fds()
+    # the "kernel": its own fd table, so that only the server's fds are counted here
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, sys\n"
+            "socks = []\n"
+            f"for _ in range({count}):\n"
+            "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); socks.append(s)\n"
+            "print('held', flush=True); sys.stdin.read()\n",
+            server_path,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert await asyncio.to_thread(holder.stdout.readline) == b"held\n"
+        while server.rejected < count - cap:  # every connection accepted
+            await asyncio.sleep(0.01)
+        assert fds() - base <= cap + 2  # and the two pipes to the holder
+    finally:
+        holder.kill()
+        holder.wait()
+        while getattr(server, "open", 0):  # the held ones see the kernel's end close
+            await asyncio.sleep(0.01)
+        await server.close()
+
+
+def test_bind_refused_when_the_filesystem_ids_do_not_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """setfsuid fails silently: when the ids in effect are not the kernel's, nothing is bound."""
+    import ctypes
+    import socket
+
+    from sandbox_kernel.jupyter import control
+
+    class Stuck:  # a libc whose setfsuid/setfsgid never take effect
+        def setfsuid(self, uid: int) -> int:
+            return 4242
+
+        def setfsgid(self, gid: int) -> int:
+            return 4242
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: Stuck())
+    path = str(tmp_path / "control")
+    with socket.socket(socket.AF_UNIX) as sock, pytest.raises(PermissionError, match="ids"):
+        control._bind_as(sock, path, 1000, 1000)
+    assert not os.path.exists(path)
+
+
 def _ask_blocking(path: str, payload: bytes, timeout: float = 5.0) -> dict[str, Any]:
     """One request as the in-kernel magics make it: a blocking socket."""
     import socket

@@ -905,3 +905,78 @@ async def test_magics_only_for_ipykernel_and_can_be_turned_off(
             assert "PYTHONPATH" not in dict(spec.env)
         finally:
             await km.shutdown_kernel(now=True)
+
+
+async def test_a_relay_that_fails_to_start_is_closed_and_the_folder_fd_too(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandbox_kernel.jupyter import relay as relay_mod
+
+    made: list[relay_mod.Relay] = []
+    seen: list[prov.SandboxProvisioner] = []
+    connect = prov.SandboxProvisioner._connect
+
+    async def spy(self: prov.SandboxProvisioner, container: Any) -> None:
+        seen.append(self)
+        await connect(self, container)
+
+    def failing_start(self: relay_mod.Relay) -> None:
+        made.append(self)
+        raise RuntimeError("relay could not bind")
+
+    monkeypatch.setattr(prov.SandboxProvisioner, "_connect", spy)
+    monkeypatch.setattr(relay_mod.Relay, "start", failing_start)
+    add_spec(kernel_dir, "t-relayfail", {"image": "python3"})
+    km = AsyncKernelManager(kernel_name="t-relayfail")
+    with pytest.raises(RuntimeError, match="relay could not bind"):
+        await km.start_kernel(cwd=str(tmp_path))
+    assert made and made[0].context.closed
+    assert seen and seen[0]._conn_fd is None and seen[0]._relay is None
+
+
+async def test_the_deferred_cpu_cap_skips_a_container_replaced_while_it_waited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = prov.SandboxProvisioner()
+
+    async def answered(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(prov, "_wait_kernel_info", answered)
+
+    class Old:
+        def __init__(self) -> None:
+            self.cpu_applied = False
+            self.proc = subprocess.Popen(  # alive while the cap waits
+                [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+            )
+
+        def apply_deferred_cpu(self) -> None:
+            self.cpu_applied = True
+
+    old = Old()
+    waiting, lock = threading.Event(), threading.Lock()
+
+    class Watched:  # the limits lock, telling when the cap waits for it
+        def __enter__(self) -> None:
+            waiting.set()
+            lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            lock.release()
+
+    p._limits_lock = Watched()  # type: ignore[assignment]
+    p.container = old  # type: ignore[assignment]
+    try:
+        lock.acquire()  # a restart holds the lock
+        task = asyncio.ensure_future(p._apply_cpu_when_ready(old))  # type: ignore[arg-type]
+        while not waiting.is_set():
+            await asyncio.sleep(0.01)
+        p.container = None  # the restart replaced the container
+        lock.release()
+        await task
+        assert not old.cpu_applied
+    finally:
+        assert old.proc.stdin is not None
+        old.proc.stdin.close()
+        old.proc.wait()

@@ -217,6 +217,9 @@ class _Log:
     def exception(self, fmt: str, *args: Any) -> None:
         self.lines.append(fmt % args)
 
+    def warning(self, fmt: str, *args: Any) -> None:
+        self.lines.append(fmt % args)
+
 
 def run_cell(client: BlockingKernelClient, code: str) -> str:
     """Run ``code``, return its stream output (stdout and stderr, in order)."""
@@ -281,3 +284,168 @@ def test_relay_forwards_input_requests(relayed: BlockingKernelClient) -> None:
             break
     assert run_cell(relayed, "print(v)") == "ada\n"
     json.dumps(reply["content"])
+
+
+def test_frames_count_in_the_size_and_too_many_are_dropped(
+    guard: tuple[OutputGuard, Clock, Session],
+) -> None:
+    g, _, kernel = guard
+    cell = kernel.msg_header("execute_request")
+    g.admit("iopub", kernel_message(kernel, "status", {"execution_state": "busy"}, cell))
+    forward, notices = g.admit("iopub", [b""] * (relay.MAX_FRAMES + 1))
+    assert not forward and "more than 64 frames" in read_notice(notices[0])["content"]["text"]
+    assert read_notice(notices[0])["parent_header"]["msg_id"] == cell["msg_id"]
+    # within the frame count, each frame still costs its overhead in the size limit
+    limits = OutputLimits(max_message_size=relay.MIN_MESSAGE_SIZE, msg_rate=0, data_rate=0)
+    small = OutputGuard(limits, Session(key=KEY))
+    payload = relay.MIN_MESSAGE_SIZE - 10 * relay.FRAME_OVERHEAD
+    assert small.admit("iopub", [b"x" * payload] + [b""] * 9)[0]
+    assert not small.admit("iopub", [b"x" * payload] + [b""] * 10)[0]
+
+
+def test_deep_json_in_a_header_is_plain_output(
+    guard: tuple[OutputGuard, Clock, Session],
+) -> None:
+    g, _, _ = guard
+    deep = b"[" * 5000 + b"]" * 5000  # under MAX_HEADER, over the parser's recursion limit
+    frames = [b"t", b"<IDS|MSG>", b"sig", deep, deep, b"{}", b"{}"]
+    assert g.admit("iopub", frames) == (True, [])
+
+
+def test_headers_are_parsed_only_when_small_and_parents_only_when_needed(
+    guard: tuple[OutputGuard, Clock, Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g, _, kernel = guard
+    cell = kernel.msg_header("execute_request")
+    parsed: list[bytes] = []
+    loads = json.loads
+
+    def spy(data: bytes) -> Any:
+        parsed.append(bytes(data))
+        return loads(data)
+
+    monkeypatch.setattr(json, "loads", spy)
+    frames = kernel_message(kernel, "stream", {"name": "stdout", "text": "ok"}, cell)
+    parent = frames[frames.index(b"<IDS|MSG>") + 3]
+    assert g.admit("iopub", frames) == (True, [])
+    assert parent not in parsed  # forwarded: its parent is not needed
+    # a status header padded past 8 KiB is not read: the message counts as output
+    msg = kernel.msg("status", content={"execution_state": "idle"}, parent=cell)
+    msg["header"]["pad"] = "p" * (8 * 1024)
+    padded = kernel.serialize(msg, ident=[b"kernel.x.status"])
+    parsed.clear()
+    g.admit("iopub", padded)
+    assert parsed == [] and g.last_parent == {}
+
+
+@pytest.fixture
+def bare(tmp_path: Path) -> Iterator[tuple[relay.Relay, Any, dict[str, Any], str]]:
+    """A relay between sockets this test binds as the kernel's (``k``) and a SUB on the
+    client's iopub: (relay, zmq context, kernel info, kernel folder)."""
+    import zmq
+
+    (tmp_path / "k").mkdir()
+    (tmp_path / "c").mkdir()
+    ports = {f"{ch}_port": n for n, ch in enumerate(relay.CHANNELS, 1)}
+    base = {"transport": "ipc", "key": KEY.decode(), "signature_scheme": "hmac-sha256", **ports}
+    kinfo = {**base, "ip": str(tmp_path / "k" / "s")}
+    cinfo = {**base, "ip": str(tmp_path / "c" / "s")}
+    ctx = zmq.Context()
+    r = relay.Relay(kinfo, cinfo, OutputLimits(), _Log(), name="test")
+    try:
+        yield r, ctx, cinfo, str(tmp_path / "k")
+    finally:
+        r.close()
+        ctx.destroy(linger=0)
+
+
+def _iopub_client(ctx: Any, cinfo: dict[str, Any]) -> Any:
+    import zmq
+
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(relay.Relay.address(cinfo, "iopub"))
+    return sub
+
+
+def test_relay_drops_a_message_of_many_empty_frames(
+    bare: tuple[relay.Relay, Any, dict[str, Any], str],
+) -> None:
+    import zmq
+
+    r, ctx, cinfo, kdir = bare
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(f"ipc://{kdir}/s-2")
+    r.start()
+    sub = _iopub_client(ctx, cinfo)
+    # a PUB drops what it sends before a subscriber joined: send until one arrives
+    while not sub.poll(50):
+        pub.send_multipart([b"hello", b"<IDS|MSG>"])
+    while sub.poll(200):
+        sub.recv_multipart()
+    pub.send_multipart([b""] * 100_000, copy=False)
+    pub.send_multipart([b"after", b"<IDS|MSG>"])
+    got = []
+    while sub.poll(5000):
+        got.append(sub.recv_multipart())
+        if got[-1][0] == b"after":
+            break
+    assert all(len(m) <= relay.MAX_FRAMES for m in got)
+    assert any(b"more than 64 frames" in m[-1] for m in got)
+    assert r.guard.dropped == 1
+
+
+def test_close_leaves_a_busy_thread_its_context(
+    bare: tuple[relay.Relay, Any, dict[str, Any], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import zmq
+
+    r, ctx, _, kdir = bare
+    monkeypatch.setattr(relay, "CLOSE_TIMEOUT_S", 0.1, raising=False)
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(f"ipc://{kdir}/s-2")
+    entered, release = threading.Event(), threading.Event()
+    admit = r.guard.admit
+
+    def stuck(channel: str, frames: Any) -> Any:  # the thread, busy in a message
+        entered.set()
+        release.wait()
+        return admit(channel, frames)
+
+    r.guard.admit = stuck  # type: ignore[method-assign]
+    r.start()
+    thread = r._thread
+    assert thread is not None
+    while not entered.wait(0.05):
+        pub.send_multipart([b"x", b"<IDS|MSG>"])
+    r.close()
+    assert thread.is_alive() and not r.context.closed  # not destroyed under the thread
+    release.set()
+    thread.join()
+    assert r.context.closed  # the thread ended it
+    assert any("did not stop" in line for line in r.log.lines)
+
+
+def test_a_kernel_dropping_connections_gets_no_rebuild_storm(
+    bare: tuple[relay.Relay, Any, dict[str, Any], str],
+) -> None:
+    import socket
+
+    r, ctx, cinfo, kdir = bare
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(f"{kdir}/s-1")  # shell: accepted and closed at once, 100 times
+    srv.listen(16)
+    r.start()
+    sub = _iopub_client(ctx, cinfo)
+    with srv:
+        for _ in range(100):
+            conn, _ = srv.accept()
+            conn.close()
+    notices = 0
+    while sub.poll(500):
+        sub.recv_multipart()
+        notices += 1
+    assert notices <= 1
+    assert r.rebuilds < 20  # backoff: 10 ms doubling to 2 s between rebuilds

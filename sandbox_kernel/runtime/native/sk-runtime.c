@@ -1217,6 +1217,14 @@ static int root_parent(const char *path, const char *stage, const char **base)
     return fd;
 }
 
+/* The statvfs flag of a nosymfollow mount (Linux 5.10; older C libraries lack the name):
+ * kept by a bind-remount, which would otherwise clear it. */
+#ifdef ST_NOSYMFOLLOW
+#define SK_ST_NOSYMFOLLOW ST_NOSYMFOLLOW
+#else
+#define SK_ST_NOSYMFOLLOW 0x2000
+#endif
+
 /* Mount flags currently on the mount FD is on, kept across bind-remounts (in a
  * user namespace the kernel refuses to clear locked flags, and we never want
  * to weaken nosuid/nodev/noexec by omission). */
@@ -1226,9 +1234,10 @@ static unsigned long current_mount_flags(int fd)
     static const struct {
         unsigned long st, ms;
     } map[] = {
-        { ST_RDONLY, MS_RDONLY },     { ST_NOSUID, MS_NOSUID },   { ST_NODEV, MS_NODEV },
-        { ST_NOEXEC, MS_NOEXEC },     { ST_NOATIME, MS_NOATIME }, { ST_NODIRATIME, MS_NODIRATIME },
-        { ST_RELATIME, MS_RELATIME },
+        { ST_RDONLY, MS_RDONLY },     { ST_NOSUID, MS_NOSUID },
+        { ST_NODEV, MS_NODEV },       { ST_NOEXEC, MS_NOEXEC },
+        { ST_NOATIME, MS_NOATIME },   { ST_NODIRATIME, MS_NODIRATIME },
+        { ST_RELATIME, MS_RELATIME }, { SK_ST_NOSYMFOLLOW, SK_MS_NOSYMFOLLOW },
     };
     struct statvfs sv;
     unsigned long fl = 0;
