@@ -587,6 +587,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             and container.proc is not None
             and container.proc.poll() is None
         ):
+
             def apply() -> None:
                 with self._limits_lock:  # checked again: a restart may have come meanwhile
                     if container is self.container:
