@@ -76,6 +76,18 @@ def render(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]
     prov["provisioner_name"] = PROVISIONER_NAME
     config = prov.setdefault("config", {})
     problems: list[str] = []
+    _apply_overrides(config, overrides, problems)
+    if problems:
+        raise SpecError(problems, context=f"kernelspec {name!r}")
+    return data
+
+
+def _apply_overrides(
+    config: dict[str, Any], overrides: dict[str, Any] | None, problems: list[str]
+) -> None:
+    """Put the given (not None) ``overrides`` into a kernelspec's provisioner ``config``,
+    each checked by ``_install_value``; every refusal appended to ``problems``. Called by
+    ``render`` and ``render_image``."""
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -83,9 +95,6 @@ def render(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]
             config[key] = _install_value(key, value)
         except SpecError as exc:
             problems.extend(exc.problems)
-    if problems:
-        raise SpecError(problems, context=f"kernelspec {name!r}")
-    return data
 
 
 def _install_value(key: str, value: object) -> object:
@@ -199,13 +208,7 @@ def render_image(
     config: dict[str, Any] = {"image": image}
     if ipykernel_layer:
         config["ipykernel_layer"] = ipykernel_layer
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        try:
-            config[key] = _install_value(key, value)
-        except SpecError as exc:
-            problems.extend(exc.problems)
+    _apply_overrides(config, overrides, problems)
     if problems:
         raise SpecError(problems, context=f"kernelspec {name!r}")
     return {
