@@ -133,8 +133,13 @@ class _Guard:
         mode = args[0] if args else kwargs.pop("mode", "r")
         if any(c in mode for c in "wax+"):
             raise ValueError("the guarded open reads only; writes go through atomic_writing")
+        root = self._root_for(os_path)
         with self.perm_to_403(os_path), self._guarded():
-            fd = beneath.open_file(self._root_for(os_path), os_path)
+            try:
+                fd = beneath.open_file(root, os_path)
+            except (FileNotFoundError, NotADirectoryError):
+                # a folder on the way went away (or became a file) after the checks
+                raise HTTPError(404, f"file does not exist: {_api(root, os_path)!r}") from None
         with os.fdopen(fd, mode, *args[1:], **kwargs) as f:
             yield f
 
