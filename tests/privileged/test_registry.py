@@ -3,15 +3,19 @@
 Each test's registry runs on 127.0.0.1 on a free port with its own storage, config and
 htpasswd file; one instance serves TLS from a CA the test makes with openssl. Images are the
 product's own (``python3`` from the default store), pushed by ``image push`` and by
-``skopeo copy``, pulled back into a separate store (``SANDBOX_KERNEL_STATE_DIR``).
+``skopeo copy``, pulled back into a separate store (``SANDBOX_KERNEL_STATE_DIR``). A pull
+cut or stopped on the way goes through a ``CuttingProxy`` in front of the registry, which
+cuts or pauses a blob's body and keeps the request heads (the ``Range`` of the resumes).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from sandbox_kernel.images.store import ImageStore
 from tests.registryserver import (
     PASSWORD,
     USER,
+    CuttingProxy,
     Registry,
     free_port,
     need,
@@ -52,22 +57,27 @@ def tls_reg(tmp_path: Path) -> Iterator[Registry]:
         stop_registry(r)
 
 
-def cli(
-    *args: str, state: Path | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
+def _env(state: Path | None) -> dict[str, str]:
+    """The environment of a CLI run: no credential files of the host, the store ``state``."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for var in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR"):
         env.pop(var, None)
     env["HOME"] = str(state or "/nonexistent")
     if state is not None:
         env["SANDBOX_KERNEL_STATE_DIR"] = str(state)
+    return env
+
+
+def cli(
+    *args: str, state: Path | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sandbox_kernel", *args],
         input=stdin if stdin is not None else "",
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
+        env=_env(state),
     )
 
 
@@ -222,3 +232,93 @@ def test_bad_ref_and_unreachable_registry(tmp_path: Path) -> None:
     assert f"registry 127.0.0.1:{port} could not be reached" in p.stderr
     p = cli("image", "pull", "Bad/Name", state=tmp_path / "s")
     assert p.returncode == 125 and "invalid image reference" in p.stderr
+
+
+CUT_AFTER = 2 << 20  # bytes of a blob relayed before the proxy cuts its connection
+
+
+def _parts(store: ImageStore) -> dict[str, int]:
+    """The ``.part`` files a pull left in the store's tmp dir: blob hex digest -> bytes."""
+    if not store.tmp_dir.is_dir():
+        return {}
+    return {
+        p.name.removeprefix("pull-").removesuffix(".part"): p.stat().st_size
+        for p in store.tmp_dir.glob("pull-*.part")
+    }
+
+
+def test_pull_through_a_cut_connection_resumes_with_range(reg: Registry, tmp_path: Path) -> None:
+    src = _source().resolve(SOURCE, unpack=False)
+    assert max(la.size for la in src.layers) > CUT_AFTER  # there is a blob to cut
+    p = cli("image", "push", SOURCE, f"{reg.host}/cut/py:1", *_login(), stdin=PASSWORD)
+    assert p.returncode == 0, p.stderr
+    state = tmp_path / "state"
+    with CuttingProxy(reg.host, cut_after=CUT_AFTER) as proxy:
+        p = cli("image", "pull", f"{proxy.host}/cut/py:1", *_login(), state=state,
+                stdin=PASSWORD)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    cuts = [i for i, (kind, _) in enumerate(proxy.events) if kind == "cut"]
+    assert len(cuts) == 1, proxy.events
+    cut_line = proxy.events[cuts[0]][1]
+    cut = next(la for la in src.layers if f"/blobs/{la.digest} " in cut_line)
+    after = [
+        head
+        for kind, head in proxy.events[cuts[0] + 1 :]
+        if kind == "request" and cut.digest in head
+    ]
+    starts = proxy.range_starts(cut.digest)
+    assert after and starts, proxy.requests()  # the cut blob was asked for again, with Range
+    assert all(0 < n <= CUT_AFTER for n in starts)  # from what it had, never past the cut
+    store = ImageStore(state)
+    im = store.resolve(f"{proxy.host}/cut/py:1")
+    assert im.digest == src.digest
+    assert [la.diff_id for la in im.layers] == [la.diff_id for la in src.layers]
+    assert store.has_blob(cut.digest)
+    assert _parts(store) == {}
+
+
+def test_pull_killed_then_pulled_again_reuses_its_part_files(reg: Registry, tmp_path: Path) -> None:
+    src = _source().resolve(SOURCE, unpack=False)
+    p = cli("image", "push", SOURCE, f"{reg.host}/kill/py:1", *_login(), stdin=PASSWORD)
+    assert p.returncode == 0, p.stderr
+    state = tmp_path / "state"
+    store = ImageStore(state)
+    log = tmp_path / "pull.log"
+    with CuttingProxy(reg.host, pause_after=1 << 20) as slow, open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sandbox_kernel", "image", "pull", f"{slow.host}/kill/py:1",
+             *_login()],
+            stdin=subprocess.PIPE, stdout=out, stderr=out, env=_env(state),
+        )  # fmt: skip
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(PASSWORD.encode())
+            proc.stdin.close()
+            for _ in range(600):  # up to 60 s for the first bytes on disk
+                if any(_parts(store).values()) or proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert proc.poll() is None, log.read_text()  # still pulling: the body is paused
+            assert any(_parts(store).values()), log.read_text()
+            os.kill(proc.pid, signal.SIGKILL)  # the user stops it hard
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    left = {h: n for h, n in _parts(store).items() if n > 0}
+    assert left  # what the killed pull had fetched stays for the next one
+    assert store.list() == []  # no image is visible
+    ls = cli("image", "ls", state=state)
+    assert ls.returncode == 0 and "kill/py" not in ls.stdout, ls.stdout + ls.stderr
+
+    with CuttingProxy(reg.host) as proxy:
+        p = cli("image", "pull", f"{proxy.host}/kill/py:1", *_login(), state=state,
+                stdin=PASSWORD)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    for hexd, n in left.items():  # each .part was resumed from exactly what it held
+        assert proxy.range_starts(f"sha256:{hexd}") == [n], proxy.requests()
+    im = store.resolve(f"{proxy.host}/kill/py:1")
+    assert im.digest == src.digest
+    assert [la.diff_id for la in im.layers] == [la.diff_id for la in src.layers]
+    assert _parts(store) == {}
