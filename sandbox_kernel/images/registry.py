@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import ipaddress
@@ -24,8 +25,9 @@ import re
 import ssl
 import stat
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -743,6 +745,51 @@ def _part_path(store: ImageStore, digest: str) -> Path:
     return store.tmp_dir / f"pull-{oci.digest_hex(digest)}.part"
 
 
+@contextlib.contextmanager
+def _blob_lock(store: ImageStore, client: Client, digest: str) -> Iterator[None]:
+    """Hold the lock of blob ``digest``'s download into ``store`` (an flock on
+    ``pull-<hex>.lock`` in its tmp dir) for the block: two pulls into one store never
+    append to one ``.part`` together; the second waits, then finds the blob stored. The
+    file is removed by its holder before it lets go (a waiter that then holds a removed
+    file opens it anew). Called by ``_fetch_layer`` around a blob's download and install."""
+    path = store.tmp_dir / f"pull-{oci.digest_hex(digest)}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ImageError(
+                f"{client.reference}: cannot open the download lock {path} ({exc.strerror}); "
+                "remove it and pull again"
+            ) from None
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:  # another pull downloads this blob: wait for it
+                    if client.cancel.is_set():
+                        raise RegistryError(
+                            f"{client.reference}: the pull stopped; run it again"
+                        ) from None
+                    time.sleep(0.1)
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
 def _open_part(client: Client, dest: Path) -> int:
     """A descriptor of the ``.part`` file ``dest`` (made 0600 when new), opened without
     following a link, for appending and reading; it must be a regular file of the caller.
@@ -1018,11 +1065,27 @@ def _fetch_layer(
 ) -> Layer:
     """Layer ``i`` (descriptor ``d``) in the store: taken from the store when its blob is
     there, else downloaded (resuming a ``.part`` an earlier pull left; one that proves bad
-    is fetched once more from the start) and installed once verified. Called by
-    ``_fetch_layers`` in a download thread."""
+    is fetched once more from the start) and installed once verified, one pull at a time
+    (``_blob_lock``). Called by ``_fetch_layers`` in a download thread."""
     what = f"{client.reference} layer {i} ({d.digest})"
     if store.has_blob(d.digest):
         return store.layer_from_blob(d.digest, d.media_type, d.size, diff_id, what)
+    with _blob_lock(store, client, d.digest):
+        if store.has_blob(d.digest):  # another pull fetched it while this one waited
+            return store.layer_from_blob(d.digest, d.media_type, d.size, diff_id, what)
+        return _fetch_layer_locked(store, client, repo, d, diff_id, progress, what)
+
+
+def _fetch_layer_locked(
+    store: ImageStore,
+    client: Client,
+    repo: str,
+    d: oci.Descriptor,
+    diff_id: str,
+    progress: Progress,
+    what: str,
+) -> Layer:
+    """The download and install of ``_fetch_layer``, under the blob's ``_blob_lock``."""
     part = _part_path(store, d.digest)
     stale = part.exists()
     scope = f"repository:{repo}:pull"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import gzip
 import hashlib
 import http.client
 import io
 import json
+import os
 import ssl
 import tarfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -532,6 +535,48 @@ def test_a_part_left_by_an_earlier_pull_is_resumed(fake: tuple[Fake, str], tmp_p
     im = registry.pull(store2, f"{host}/lib/app:v1")
     assert [h.get("Range") for h in f.blob_gets(d)] == ["bytes=100-", None]
     assert im.layers[0].digest == d
+
+
+def test_a_blob_another_pull_is_fetching_is_waited_for_not_fetched_twice(
+    fake: tuple[Fake, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f, host = fake
+    _manifest, layers = _image(f)
+    store = _store(tmp_path)
+    store._init()
+    d = _sha(layers[0])
+    lock = store.tmp_dir / f"pull-{oci.digest_hex(d)}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another pull is downloading layer 0 into this store
+    waiting = threading.Event()
+    real_sleep = time.sleep
+
+    def sleep(s: float) -> None:  # the pull's wait for the lock (nothing else here sleeps)
+        waiting.set()
+        real_sleep(s)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(registry.pull(store, f"{host}/lib/app:v1")))
+    t.start()
+    try:
+        assert waiting.wait(timeout=30)
+        assert f.blob_gets(d) == []  # it waits: it does not append to the other's .part
+        part = store.tmp_dir / "other.part"  # the other pull installs the blob, then lets go
+        part.write_bytes(layers[0])
+        diff_id = _sha(gzip.decompress(layers[0]))
+        store.add_layer_file(
+            part, oci.MT_DOCKER_LAYER_GZIP, d, expected_size=len(layers[0]),
+            expected_diff_id=diff_id,
+        )  # fmt: skip
+        lock.unlink()
+    finally:
+        os.close(fd)
+        t.join(timeout=30)
+    assert len(out) == 1 and out[0].layers[0].digest == d
+    assert f.blob_gets(d) == []  # taken from the store, never fetched twice
+    assert len(f.blob_gets(_sha(layers[1]))) == 1
+    assert list(store.tmp_dir.glob("pull-*")) == []
 
 
 def test_a_wrong_diff_id_keeps_no_blob(fake: tuple[Fake, str], tmp_path: Path) -> None:
