@@ -17,6 +17,7 @@ the provisioner turns one into a Jupyter-facing error (below). The tree::
     │   ├── DigestMismatch    a blob's content does not match its digest or size
     │   ├── RegistryError     a registry refused or failed a pull or push
     │   └── BuildError        a recipe is invalid or a build step failed
+    ├── QuotaError            a notebook folder's disk quota cannot be set, read, or is missing
     └── LimitRefused          a live ``%sandbox`` limit change was refused
 
 SpecError is also a ValueError, PrivilegeError a PermissionError, CgroupError an OSError,
@@ -126,6 +127,10 @@ class RegistryError(ImageError):
 
 class BuildError(ImageError):
     """An image recipe is invalid or a build step failed (``images.recipe``, ``images.build``)."""
+
+
+class QuotaError(SandboxError, OSError):
+    """A notebook folder's disk quota cannot be set, read or is missing (``quota``)."""
 
 
 class LimitRefused(SandboxError):

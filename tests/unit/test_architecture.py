@@ -4,7 +4,7 @@ imports nothing of the package and uses no Python-3-only syntax.
 
 The layers, lowest first (a module may import its own layer and every layer below it):
 
-    leaves   errors, units, paths, limits, beneath
+    leaves   errors, units, paths, limits, beneath, quota
     cgroups  cgroups/          (one driver per cgroup version behind one interface)
     runtime  runtime/          (spec -> validators -> plan -> executor; the container)
     images   images/           (the store, builds on the runtime)
@@ -31,7 +31,7 @@ PKG = "sandbox_kernel"
 
 #: layer name -> the top-level names of the package that belong to it, lowest layer first.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("leaves", frozenset({"errors", "units", "paths", "limits", "policy", "beneath"})),
+    ("leaves", frozenset({"errors", "units", "paths", "limits", "policy", "beneath", "quota"})),
     ("cgroups", frozenset({"cgroups"})),
     ("runtime", frozenset({"runtime"})),
     ("images", frozenset({"images"})),
