@@ -23,6 +23,7 @@ VERB_MODULES = (
     "image",
     "kernelspec",
     "delegate",
+    "quota",
     "policy",
     "doctor",
     "ps",

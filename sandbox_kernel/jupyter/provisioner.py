@@ -49,6 +49,10 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from ..errors import LimitRefused, SandboxError, SpecError
 from ..limits import LIVE, Limits, plan_change
 from ..paths import is_container_id, new_container_id, run_dir
+from ..quota import Usage
+from ..quota import apply as apply_quota
+from ..quota import read as read_quota
+from ..quota import verify as verify_quota
 from ..runtime.container import Container, ExitResult
 from ..runtime.leftovers import collect_leftovers
 from ..runtime.rundir import ContainerInfo, find_container, process_alive, running_containers
@@ -286,6 +290,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         workdir = self._notebook_dir(kwargs.get("cwd"))
         settings = self._with_live(self.resolve(workdir))
         await asyncio.to_thread(self._check_kernel_count, settings)
+        await asyncio.to_thread(self._folder_quota, settings, workdir)
         image = await asyncio.to_thread(
             launch.find_image, settings.image, self._context, settings.ipykernel_layer
         )
@@ -404,6 +409,20 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             "Running panel) and start again",
             context=self._context,
         )
+
+    def _folder_quota(self, settings: KernelSettings, workdir: str) -> Usage | None:
+        """Put the notebook folder under ``SandboxPolicy.notebook_quota`` (a root server) or
+        check that root did (a rootless one); a folder the kernel cannot write needs none.
+        Called by ``pre_launch`` (blocking: in a thread); a QuotaError stops the start."""
+        limit = settings.policy.notebook_quota
+        if limit is None or settings.notebook_readonly:
+            return None
+        try:
+            if os.geteuid() == 0:
+                return apply_quota(workdir, limit, settings.policy.notebook_quota_files)
+            return verify_quota(workdir, limit)
+        except SandboxError as exc:
+            raise SpecError(str(exc), context=self._context) from None
 
     def _notebook_dir(self, cwd: object) -> str:
         """The notebook's folder (the server passes it as ``cwd``), resolved; it must exist."""
@@ -676,7 +695,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         policy = policy.for_user(settings.host_uid)
         ceilings = policy.ceilings.or_start(self._start_limits or settings.limits)
         if request.get("op") == "get":
-            return {"ok": True, "info": self._info(container, settings, policy.ceilings, ceilings)}
+            info = self._info(container, settings, policy.ceilings, ceilings)
+            info["notebook_quota"] = await asyncio.to_thread(self._quota_info, settings)
+            return {"ok": True, "info": info}
         return await asyncio.to_thread(self._change_limits, container, request, ceilings)
 
     def _change_limits(
@@ -713,6 +734,25 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             "ok": True,
             "limits": {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids},
             "warnings": warnings,
+        }
+
+    def _quota_info(self, settings: KernelSettings) -> dict[str, Any] | None:
+        """The notebook folder's quota for ``%sandbox`` (limit and use, bytes and files), or
+        None when it has none; never a host path. Called by the ``get`` request (in a thread)."""
+        if not self.cwd or settings.notebook_readonly:
+            return None
+        try:
+            usage = read_quota(self.cwd)
+        except SandboxError as exc:
+            self.log.warning("kernel %s: %s", self.kernel_id, exc)
+            return None
+        if not usage.project or not usage.bytes_limit:
+            return None
+        return {
+            "bytes_limit": usage.bytes_limit,
+            "bytes_used": usage.bytes_used,
+            "files_limit": usage.files_limit,
+            "files_used": usage.files_used,
         }
 
     def _info(

@@ -72,6 +72,9 @@ class Policy:
     #: ``images``; and the file's section names, for messages.
     file_images: tuple[str, ...] = ()
     file_where: str = ""
+    #: Disk quota of each kernel's notebook folder, bytes and files (None: none asked for).
+    notebook_quota: int | None = None
+    notebook_quota_files: int | None = None
 
     def for_user(self, uid: int) -> Policy:
         """This policy with the policy file's values for kernel user ``uid`` applied: the
@@ -155,9 +158,19 @@ def read_policy(policy: SandboxPolicy) -> Policy:
         tmp_size=size("max_tmp_size", policy.max_tmp_size),
         writable_size=size("max_writable_size", policy.max_writable_size),
     )
+    quota = size("notebook_quota", policy.notebook_quota)
+    if policy.notebook_quota_files < 0:
+        problems.append(
+            f"SandboxPolicy.notebook_quota_files={policy.notebook_quota_files} must be a number "
+            "of files, or 0 (no file limit)"
+        )
+    if policy.notebook_quota_files > 0 and quota is None:
+        problems.append("SandboxPolicy.notebook_quota_files needs SandboxPolicy.notebook_quota")
     if problems:
         raise SpecError(problems, context="the server's SandboxPolicy (jupyter_server_config.py)")
     return Policy(
+        notebook_quota=quota,
+        notebook_quota_files=policy.notebook_quota_files or None,
         ceilings=ceilings,
         images=tuple(policy.allowed_images),
         mount_sources=tuple(sources),

@@ -311,6 +311,26 @@ class SandboxPolicy(Configurable):
         help="""Aggregate process cap of one user's kernels (see user_memory).
         Default: 0 (no aggregate cap).""",
     )
+    notebook_quota = Unicode(
+        "",
+        config=True,
+        help="""Disk quota of each kernel's notebook folder and everything below it: a
+        project quota of the host's filesystem (XFS mounted with prjquota, or ext4 with the
+        project and quota features), which the kernel cannot lift; a write beyond it fails
+        with "Disk quota exceeded" and %sandbox shows the use. A root server sets it at each
+        kernel start (a folder keeps its project id once it has one, so its kernels share
+        it). A rootless server cannot: root sets it with `sandbox-kernel quota set FOLDER
+        SIZE` (for instance in the hub's spawn hook), and a kernel whose folder has no quota
+        of at most this size does not start. A filesystem without project quotas: the
+        kernel does not start, the error says how to enable them. Unit: bytes or K/M/G/T,
+        e.g. 2G. Default: '' (no quota).""",
+    )
+    notebook_quota_files = Int(
+        0,
+        config=True,
+        help="""Most files and folders in the notebook folder's quota (with notebook_quota;
+        set by a root server). Unit: files. Default: 0 (no file limit).""",
+    )
     allow_root = Bool(
         False,
         config=True,

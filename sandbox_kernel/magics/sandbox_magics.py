@@ -226,6 +226,20 @@ def tmp_info(path="/tmp", mountinfo="/proc/self/mountinfo"):
     )
 
 
+def quota_text(quota):
+    """The notebook folder's disk quota (the host's answer), in one line for the report;
+    None when the folder has none."""
+    if not quota or not quota.get("bytes_limit"):
+        return None
+    text = "%s used of %s (disk quota of the folder)" % (
+        fmt_size(quota.get("bytes_used")),
+        fmt_size(quota.get("bytes_limit")),
+    )
+    if quota.get("files_limit"):
+        text += ", %s of %s files" % (quota.get("files_used"), quota.get("files_limit"))
+    return text
+
+
 # ---------------------------------------------------------------- host channel
 def ask_host(request, timeout=5.0):
     """One request to the host over this kernel's control socket."""
@@ -320,6 +334,9 @@ def build_report(info, usage, cpu_percent, host_error=None):
         ("out-of-memory kills", str(usage.get("oom_kills", 0))),
         ("process-limit hits", str(usage.get("pids_limit_hits", 0))),
     ]
+    folder = quota_text(info.get("notebook_quota") if info else None)
+    if folder:
+        rows.insert(5, ("notebook folder", folder))
     up = _uptime()
     if up is not None:
         rows.append(("uptime", "%d s" % up))
