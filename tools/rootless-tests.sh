@@ -34,7 +34,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 SUITES=(tests/privileged/test_runtime.py tests/privileged/test_provisioner.py
         tests/privileged/test_magics.py tests/privileged/test_rootless_images.py
-        tests/privileged/test_grading.py tests/privileged/test_soak.py tests/security)
+        tests/privileged/test_grading.py tests/privileged/test_soak.py
+        tests/privileged/test_folder_quota.py tests/security)
 BENCH=()
 HUB_ONLY=0
 if [ "${1:-}" = --bench ]; then

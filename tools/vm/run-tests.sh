@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the cgroup v2 test selection (pytest -m cgroupv2) on a pure cgroup v2 kernel.
+# Run the cgroup v2 test selection (pytest -m 'cgroupv2 or vmkernel') on a pure cgroup v2 kernel
+# (vmkernel: tests that need what Debian's stock kernel has and the CI host's lacks).
 #
 #   tools/vm/run-tests.sh [PYTEST ARGS...]           in a QEMU guest (TCG), from any host
 #   tools/vm/run-tests.sh --native [PYTEST ARGS...]  directly, on a host that is already pure v2
@@ -7,8 +8,9 @@
 #                                                    cwd = repo, same environment as the tests)
 #   tools/vm/run-tests.sh --print-params [...]       print the guest's params.sh and exit (no boot)
 #
-# Default PYTEST ARGS: the test modules under tests/ that mention cgroupv2 (the same tests as
-# `tests/ -m cgroupv2`, without importing the others). The selection is always narrowed by -m cgroupv2.
+# Default PYTEST ARGS: the test modules under tests/ that mention either marker (the same tests as
+# `tests/ -m 'cgroupv2 or vmkernel'`, without importing the others). The selection is always narrowed
+# by that -m.
 # Exit status: pytest's, or 124 if the guest did not finish in time, 125 if it did not report.
 #
 # Environment (all optional):
@@ -56,11 +58,11 @@ if [ "$EXEC" = 1 ]; then
     [ $# -gt 0 ] || die "--exec needs a command" 2
     [ "$NATIVE" = 0 ] || die "--exec and --native do not mix" 2
 elif [ $# -eq 0 ]; then
-    # Same selection as `tests/ -m cgroupv2`, but only the test modules that mention the marker are
+    # Same selection as `tests/ -m "$SELECTION"`, but only the test modules that mention a marker are
     # collected: importing every test module costs minutes under TCG. A test marked only through a
     # conftest hook is not found this way: pass tests/ explicitly for that.
     mapfile -t DEFAULT < <(cd "$REPO" && grep -rlwE --include='test_*.py' --include='*_test.py' \
-        'cgroupv2' tests/ 2>/dev/null | sort)
+        'cgroupv2|vmkernel' tests/ 2>/dev/null | sort)
     if [ ${#DEFAULT[@]} -gt 0 ]; then set -- "${DEFAULT[@]}"; else set -- tests/; fi
 fi
 
@@ -68,7 +70,8 @@ PY="$VENV/bin/python"
 [ -x "$PY" ] || die "no python in the virtualenv $VENV (set SANDBOX_KERNEL_VM_VENV)" 2
 [ -x "$REPO/sandbox_kernel/runtime/_bin/sk-runtime" ] \
     || log "warning: $REPO/sandbox_kernel/runtime/_bin/sk-runtime is not built; tests that start containers will fail"
-PYTEST=(-m pytest -m cgroupv2 -p no:cacheprovider)
+SELECTION='cgroupv2 or vmkernel'
+PYTEST=(-m pytest -m "$SELECTION" -p no:cacheprovider)
 
 # Environment the tests get (in both modes).
 test_env() {
@@ -151,7 +154,7 @@ QEMU=(qemu-system-x86_64 -name sk-vm -nodefaults -no-user-config -no-reboot
       -fsdev "local,id=results,path=$RESULTS,security_model=none,multidevs=remap"
       -device virtio-9p-pci,fsdev=results,mount_tag=sk-results)
 
-if [ "$EXEC" = 1 ]; then what="$*"; else what="pytest -m cgroupv2 $*"; fi
+if [ "$EXEC" = 1 ]; then what="$*"; else what="pytest -m '$SELECTION' $*"; fi
 log "booting $KVER (${ACCEL%%,*}, ${CPUS} vCPUs, ${MEMORY} MiB, timeout ${TIMEOUT}s): $what"
 log "results: $RESULTS"
 start=$SECONDS

@@ -26,10 +26,11 @@ VM_DIR="${SANDBOX_KERNEL_VM_DIR:-$REPO/.vm}"
 # Load order matters: there is no modules.dep in the initramfs (busybox insmod, not modprobe).
 # Debian's 9p needs netfs and fscache; ext4 (the guest's image store, on a loop file: root
 # mode idmaps image layers, which 9p, the overlay root and tmpfs before 6.3 cannot) needs
-# crc16, mbcache, jbd2 and a crc32c driver loaded first.
+# crc16, mbcache, jbd2 and a crc32c driver loaded first. quota_tree and quota_v2 give ext4
+# its project quotas (the notebook-folder quota tests; the CI host's own kernel lacks them).
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
          netfs fscache 9pnet 9pnet_virtio 9p overlay
-         crc16 mbcache jbd2 crc32c_generic ext4 loop)
+         crc16 mbcache jbd2 crc32c_generic ext4 loop quota_tree quota_v2)
 HOST_PACKAGES=(qemu-system-x86 busybox-static cpio)
 
 log() { printf 'vm-setup: %s\n' "$*" >&2; }
