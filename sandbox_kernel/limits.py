@@ -117,10 +117,12 @@ PIDS = Bound("pids", parse_count, 16, PIDS_KERNEL_MAX, PIDS_FORMS, lambda n: str
 TMP_SIZE = _size_bound("tmp_size", MIB)
 WRITABLE_SIZE = _size_bound("writable_size", MIB)
 SHM_SIZE = _size_bound("shm_size", MIB)
+#: A notebook folder's or a home's disk quota (``quota``).
+DISK_QUOTA = _size_bound("disk_quota", MIB)
 
 #: Every bound by setting name.
 BOUNDS: dict[str, Bound] = {
-    b.name: b for b in (MEMORY, CPUS, PIDS, TMP_SIZE, WRITABLE_SIZE, SHM_SIZE)
+    b.name: b for b in (MEMORY, CPUS, PIDS, TMP_SIZE, WRITABLE_SIZE, SHM_SIZE, DISK_QUOTA)
 }
 #: The caps a running kernel may change (``%sandbox memory=2G cpus=2 pids=512``).
 LIVE: tuple[str, ...] = ("memory", "cpus", "pids")

@@ -55,6 +55,7 @@ sandboxed_only = true        # a hub offers students only the sandbox kernelspec
 user_memory = "4G"           # aggregate caps over all of one user's kernels (delegate)
 user_cpus = 1.5
 user_pids = 1024
+home_quota = "2G"            # disk quota of each user's home (the hub hook sets it, as root)
 
 [reserve]                    # never given to users' kernels: the hub and servers keep it
 memory = "2G"
@@ -82,7 +83,12 @@ CEILING_KEYS = {
     "max_writable_size": "writable_size",
 }
 #: Aggregate (per-user) cap keys -> the bound that parses them.
-USER_KEYS = {"user_memory": "memory", "user_cpus": "cpus", "user_pids": "pids"}
+USER_KEYS = {
+    "user_memory": "memory",
+    "user_cpus": "cpus",
+    "user_pids": "pids",
+    "home_quota": "disk_quota",
+}
 OTHER_KEYS = ("allowed_images", "max_kernels", "sandboxed_only")
 RULE_KEYS = (*CEILING_KEYS, *USER_KEYS, *OTHER_KEYS)
 RESERVE_KEYS = ("memory", "cpus")
@@ -131,6 +137,8 @@ class UserPolicy:
     user_memory: int | None = None
     user_cpus: float | None = None
     user_pids: int | None = None
+    #: Disk quota of the user's home (bytes; the JupyterHub hook sets it, as root).
+    home_quota: int | None = None
     #: Offer only sandboxed kernelspecs in the user's server (the JupyterHub hook applies it).
     sandboxed_only: bool = False
     where: str = ""  # "/etc/sandbox-kernel/policy.toml (groups.students, users.alice)"
@@ -186,6 +194,7 @@ class HostPolicy:
             user_memory=_opt_int(rule.user.get("memory")),
             user_cpus=rule.user.get("cpus"),
             user_pids=_opt_int(rule.user.get("pids")),
+            home_quota=_opt_int(rule.user.get("disk_quota")),
             sandboxed_only=bool(rule.sandboxed_only),
             where=where,
         )

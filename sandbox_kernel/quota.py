@@ -340,16 +340,17 @@ def clear(folder: str) -> Usage:
     return read(folder)
 
 
-def verify(folder: str, bytes_limit: int) -> Usage:
+def verify(folder: str, bytes_limit: int, source: str = "SandboxPolicy.notebook_quota") -> Usage:
     """Check, without privilege, that ``folder`` has a project quota of at most
     ``bytes_limit`` bytes. Called by a rootless server's provisioner at each kernel start
     when the policy asks for a quota: the server cannot set one, so a folder without it
-    must not get a kernel. QuotaError names the fix (root runs ``quota set``)."""
+    must not get a kernel (``source`` names the setting that asks). QuotaError names the
+    fix (root runs ``quota set``)."""
     usage = read(folder)
     if not usage.project:
         raise QuotaError(
             f"notebook folder {folder} has no disk quota, and the administrator asks for one "
-            f"of {format_size(bytes_limit)} (SandboxPolicy.notebook_quota); an administrator "
+            f"of {format_size(bytes_limit)} ({source}); an administrator "
             f"sets it as root: sandbox-kernel quota set {folder} {format_size(bytes_limit)}"
         )
     if usage.bytes_limit is None or usage.bytes_limit > bytes_limit:
@@ -357,7 +358,7 @@ def verify(folder: str, bytes_limit: int) -> Usage:
         raise QuotaError(
             f"notebook folder {folder}: its disk quota ({have}) is above the "
             f"{format_size(bytes_limit)} the administrator asks for "
-            f"(SandboxPolicy.notebook_quota); as root: sandbox-kernel quota set {folder} "
+            f"({source}); as root: sandbox-kernel quota set {folder} "
             f"{format_size(bytes_limit)}"
         )
     return usage

@@ -11,6 +11,10 @@ Before each user's server starts, as root (the hub's user), the hook
 * delegates the user's cgroup with the aggregate caps of the policy file and the host's
   reserve (``jupyter.delegating.delegate_user``, what ``sandbox-kernel delegate USER`` does):
   the bound of all of the user's kernels together, in cgroups the student does not own;
+* puts the user's home under the policy file's ``home_quota`` for that user (a project
+  quota, ``sandbox_kernel.quota``: the student's kernels cannot lift it, and their server
+  refuses kernels in a folder without it); a filesystem without project quotas fails the
+  spawn with the fix;
 * passes ``SANDBOX_KERNEL_POLICY`` on to the server when the hub has it set (a policy file
   elsewhere than /etc/sandbox-kernel/policy.toml);
 * when the policy says ``sandboxed_only = true`` for that user, starts the server with
@@ -34,6 +38,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .. import policy as host_policy
+from .. import quota
 from ..errors import SpecError
 from ..jupyter.delegating import delegate_user
 from ..jupyter.kernelspecs import KERNELSPEC_NAMES
@@ -65,6 +70,11 @@ def make_pre_spawn_hook(
         await asyncio.to_thread(_account_uid, name)  # a hub name is an account, never a uid
         done = await asyncio.to_thread(delegate_user, name)
         only = done.policy is not None and done.policy.sandboxed_only
+        home_quota = done.policy.home_quota if done.policy is not None else None
+        if home_quota is not None:
+            home = await asyncio.to_thread(_account_home, name)
+            usage = await asyncio.to_thread(quota.apply, home, home_quota)
+            spawner.log.info("sandbox-kernel: %s", usage.describe())
         env = dict(spawner.environment or {})
         if os.environ.get(host_policy.ENV):
             env[host_policy.ENV] = os.environ[host_policy.ENV]
@@ -99,6 +109,14 @@ def _account_uid(name: str) -> int:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
         raise SpecError(f"hub user {name!r} has no unix account of that name") from None
+
+
+def _account_home(name: str) -> str:
+    """The home folder of the unix account ``name`` (resolved: it must be a real folder)."""
+    home = pwd.getpwnam(name).pw_dir
+    if not home or not os.path.isabs(home):
+        raise SpecError(f"hub user {name!r}: the account has no home folder for its home_quota")
+    return os.path.realpath(home)
 
 
 def make_post_stop_hook(

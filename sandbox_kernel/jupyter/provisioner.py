@@ -411,16 +411,25 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         )
 
     def _folder_quota(self, settings: KernelSettings, workdir: str) -> Usage | None:
-        """Put the notebook folder under ``SandboxPolicy.notebook_quota`` (a root server) or
-        check that root did (a rootless one); a folder the kernel cannot write needs none.
-        Called by ``pre_launch`` (blocking: in a thread); a QuotaError stops the start."""
-        limit = settings.policy.notebook_quota
-        if limit is None or settings.notebook_readonly:
+        """Put the notebook folder under ``SandboxPolicy.notebook_quota`` (a root server) and
+        check it is at most the policy file's ``home_quota`` for the kernel's user; a rootless
+        server checks both (root set the quota: ``quota set``, the hub hook). A folder the
+        kernel cannot write needs none. Called by ``pre_launch`` (blocking: in a thread); a
+        QuotaError stops the start."""
+        policy = settings.policy
+        limit, home = policy.notebook_quota, policy.file_home_quota
+        if settings.notebook_readonly or (limit is None and home is None):
             return None
+        home_source = f"home_quota in {policy.file_where}"
         try:
-            if os.geteuid() == 0:
-                return apply_quota(workdir, limit, settings.policy.notebook_quota_files)
-            return verify_quota(workdir, limit)
+            usage = None
+            if os.geteuid() == 0 and limit is not None:
+                usage = apply_quota(workdir, limit, policy.notebook_quota_files)
+            elif limit is not None and (home is None or limit <= home):
+                return verify_quota(workdir, limit)
+            if home is not None:
+                usage = verify_quota(workdir, home, home_source)
+            return usage
         except SandboxError as exc:
             raise SpecError(str(exc), context=self._context) from None
 

@@ -21,7 +21,7 @@ from typing import Any
 from .. import policy as host_policy
 from ..errors import SpecError
 from ..images.ipykernel_layer import NAME as IPYKERNEL_NAME
-from ..limits import BOUNDS, Ceilings, Limits
+from ..limits import BOUNDS, DISK_QUOTA, Ceilings, Limits
 from ..runtime.spec import (
     BYTES_PER_INODE,
     VOLUME_FORMS,
@@ -75,6 +75,9 @@ class Policy:
     #: Disk quota of each kernel's notebook folder, bytes and files (None: none asked for).
     notebook_quota: int | None = None
     notebook_quota_files: int | None = None
+    #: The policy file's ``home_quota`` for the kernel's user (``for_user``): the most a
+    #: notebook folder's quota may be, checked at each start; and where it was set.
+    file_home_quota: int | None = None
 
     def for_user(self, uid: int) -> Policy:
         """This policy with the policy file's values for kernel user ``uid`` applied: the
@@ -94,6 +97,7 @@ class Policy:
             host=None,
             file_images=mine.images,
             file_where=mine.where,
+            file_home_quota=mine.home_quota,
         )
 
 
@@ -158,7 +162,12 @@ def read_policy(policy: SandboxPolicy) -> Policy:
         tmp_size=size("max_tmp_size", policy.max_tmp_size),
         writable_size=size("max_writable_size", policy.max_writable_size),
     )
-    quota = size("notebook_quota", policy.notebook_quota)
+    quota = None
+    if policy.notebook_quota:
+        try:
+            quota = DISK_QUOTA.parse(policy.notebook_quota, "SandboxPolicy.notebook_quota")
+        except SpecError as exc:
+            problems.append(str(exc))
     if policy.notebook_quota_files < 0:
         problems.append(
             f"SandboxPolicy.notebook_quota_files={policy.notebook_quota_files} must be a number "

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from sandbox_kernel import policy as hp
-from sandbox_kernel.errors import LimitRefused, SpecError
+from sandbox_kernel.errors import LimitRefused, QuotaError, SpecError
 from sandbox_kernel.limits import Ceilings, Limits, plan_change
 from sandbox_kernel.runtime.rundir import proc_starttime
 
@@ -507,3 +507,47 @@ def test_the_readme_policy_example_is_valid() -> None:
     assert blocks, "the README shows no policy file"
     pol = hp.parse_text(blocks[0].split("```")[0], "/etc/sandbox-kernel/policy.toml")
     assert pol.top.max_kernels and pol.reserve_memory and "instructors" in pol.groups
+
+
+def test_home_quota_comes_from_the_file_and_the_hub_hook_sets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sandbox_kernel import hub
+    from sandbox_kernel import quota as q
+
+    raw = {"home_quota": "2G", "groups": {MY_GROUP: {"home_quota": "5G"}}}
+    assert hp.parse(raw, "/p.toml").for_user(ME.pw_uid).home_quota == 5 * GIB
+    assert hp.parse(raw, "/p.toml").for_user(2**31 - 5).home_quota == 2 * GIB
+    with pytest.raises(SpecError, match=r"\(top level\) home_quota='lots' is not a size"):
+        hp.parse({"home_quota": "lots"}, "/p.toml")
+    with pytest.raises(SpecError, match="home_quota='1K' is too small"):
+        hp.parse({"home_quota": "1K"}, "/p.toml")
+
+    applied: list[tuple[str, int]] = []
+
+    def fake_apply(folder: str, limit: int) -> q.Usage:
+        applied.append((folder, limit))
+        return q.Usage(folder, q.PROJECT_BASE, limit, 0)
+
+    done = SimpleNamespace(source="policy", policy=hp.UserPolicy(home_quota=2 * GIB))
+    monkeypatch.setattr(hub, "delegate_user", lambda name: done)
+    monkeypatch.setattr(hub, "_account_uid", lambda name: ME.pw_uid)
+    monkeypatch.setattr(q, "apply", fake_apply)
+    logged: list[str] = []
+    spawner = SimpleNamespace(
+        user=SimpleNamespace(name=ME.pw_name),
+        environment={},
+        args=[],
+        log=SimpleNamespace(info=lambda fmt, *a: logged.append(fmt % a)),
+    )
+    asyncio.run(hub.make_pre_spawn_hook()(spawner))
+    assert applied == [(os.path.realpath(ME.pw_dir), 2 * GIB)]
+    assert f"project {q.PROJECT_BASE}: 0 B used of 2 GiB" in logged[0]
+
+    # a filesystem without project quotas fails the spawn with the fix
+    def unsupported(folder: str, limit: int) -> q.Usage:
+        raise QuotaError(f"notebook folder {folder}: its filesystem has no project quotas")
+
+    monkeypatch.setattr(q, "apply", unsupported)
+    with pytest.raises(QuotaError, match="has no project quotas"):
+        asyncio.run(hub.make_pre_spawn_hook()(spawner))

@@ -237,3 +237,50 @@ def test_an_admins_project_is_only_verified_and_its_refusal_kept(
     with pytest.raises(QuotaError) as caught:
         quota.apply(str(tmp_path), 8 * MiB)
     assert str(caught.value) == "the admin's project has no limit"
+
+
+def test_the_policy_files_home_quota_bounds_every_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandbox_kernel.jupyter import provisioner as prov
+    from sandbox_kernel.jupyter.resolve import KernelSettings, Policy
+
+    calls: list[tuple[str, int, str]] = []
+
+    def verified(f: str, b: int, source: str = "SandboxPolicy.notebook_quota") -> quota.Usage:
+        calls.append(("verify", b, source))
+        return quota.Usage(f, quota.PROJECT_BASE, b, 0)
+
+    def applied(f: str, b: int, n: int | None) -> quota.Usage:
+        calls.append(("apply", b, ""))
+        return quota.Usage(f, quota.PROJECT_BASE, b, 0)
+
+    monkeypatch.setattr(prov, "verify_quota", verified)
+    monkeypatch.setattr(prov, "apply_quota", applied)
+    p = prov.SandboxProvisioner()
+
+    def start(euid: int, **policy: Any) -> list[tuple[str, int, str]]:
+        none: Any = None
+        settings = KernelSettings(
+            "python3", none, 0, 0, (), (), none, 1000, 1000, 60.0,
+            policy=Policy(file_where="/etc/p.toml (users.alice)", **policy),
+        )  # fmt: skip
+        monkeypatch.setattr(os, "geteuid", lambda: euid)
+        calls.clear()
+        p._folder_quota(settings, str(tmp_path))
+        return list(calls)
+
+    home = "home_quota in /etc/p.toml (users.alice)"
+    assert start(1000, file_home_quota=4 * MiB) == [("verify", 4 * MiB, home)]
+    assert start(1000, notebook_quota=8 * MiB, file_home_quota=4 * MiB) == [
+        ("verify", 4 * MiB, home)
+    ]
+    assert start(1000, notebook_quota=2 * MiB, file_home_quota=4 * MiB) == [
+        ("verify", 2 * MiB, "SandboxPolicy.notebook_quota")
+    ]
+    assert start(0, notebook_quota=2 * MiB, file_home_quota=4 * MiB) == [
+        ("apply", 2 * MiB, ""),
+        ("verify", 4 * MiB, home),
+    ]
+    assert start(0, file_home_quota=4 * MiB) == [("verify", 4 * MiB, home)]
+    assert start(0) == []
