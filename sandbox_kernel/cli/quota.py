@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import quota
 from ..errors import PrivilegeError, SpecError
-from ..units import parse_size
+from ..limits import DISK_QUOTA
 
 
 def register(sub: Any) -> None:
@@ -55,6 +55,6 @@ def quota_command(args: argparse.Namespace) -> int:
         raise SpecError("quota set needs a SIZE, e.g. sandbox-kernel quota set FOLDER 2G")
     if args.files < 0:
         raise SpecError(f"--files {args.files}: use a number of files, or 0 (no file limit)")
-    limit = parse_size(args.size, "SIZE")
+    limit = int(DISK_QUOTA.parse(args.size, "SIZE"))
     print(quota.apply(folder, limit, args.files or None, foreign=True).describe())
     return 0
