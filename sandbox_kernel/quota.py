@@ -32,6 +32,7 @@ import stat
 import struct
 from dataclasses import dataclass
 
+from . import beneath
 from .errors import QuotaError
 from .units import format_size
 
@@ -91,13 +92,21 @@ class Usage:
 
 
 def open_folder(folder: str) -> int:
-    """A descriptor of ``folder`` (a real folder, not a link). QuotaError otherwise."""
+    """A descriptor of ``folder`` (an absolute path), every folder on the way reached
+    without following a link (``beneath``'s fd walk from ``/``): root acts on what the path
+    names, never on where a link a kernel swapped in on the way points. QuotaError when
+    something on the way is a link or the folder is missing."""
     try:
-        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with beneath.parent("/", os.path.abspath(folder)) as (dfd, name):
+            return os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd
+            )
+    except beneath.Refused as e:
+        raise QuotaError(f"notebook folder {folder}: not for a quota: /{e}") from None
     except OSError as e:
         raise QuotaError(
             f"notebook folder {folder}: cannot open it for its quota ({e.strerror}); "
-            "it must be an existing folder, not a link"
+            "it must be an existing folder, reached without links"
         ) from None
 
 

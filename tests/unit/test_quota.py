@@ -85,11 +85,17 @@ def test_the_walk_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert len(os.listdir("/proc/self/fd")) < 64
 
 
-def test_a_link_is_not_a_folder(tmp_path: Path) -> None:
-    (tmp_path / "real").mkdir()
+def test_a_link_on_the_way_or_at_the_end_is_never_followed(tmp_path: Path) -> None:
+    (tmp_path / "real" / "nb").mkdir(parents=True)
     (tmp_path / "nb").symlink_to(tmp_path / "real")
-    with pytest.raises(QuotaError, match="must be an existing folder, not a link"):
+    (tmp_path / "swapped").symlink_to(tmp_path / "real")  # a parent a kernel swapped in
+    with pytest.raises(QuotaError, match=r"\(Not a directory\); .* reached without links"):
         quota.open_folder(str(tmp_path / "nb"))
+    with pytest.raises(QuotaError, match=r"not for a quota: /.*/swapped is a symbolic link"):
+        quota.open_folder(str(tmp_path / "swapped" / "nb"))
+    with pytest.raises(QuotaError, match="reached without links"):
+        quota.open_folder(str(tmp_path / "missing"))
+    os.close(quota.open_folder(str(tmp_path / "real" / "nb")))
 
 
 def test_without_root_a_quota_is_checked_never_set(
