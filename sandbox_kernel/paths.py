@@ -145,3 +145,28 @@ def system_state_dir() -> Path:
     """The system image store's directory (see the module docstring). Called by the image
     store lookup, which reads it after the caller's own store."""
     return Path(os.environ.get("SANDBOX_KERNEL_SYSTEM_STATE_DIR") or "/var/lib/sandbox-kernel")
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def unescape_mount(field: str) -> str:
+    """Undo the octal escapes (``\\040`` for a space...) of the kernel's mount tables.
+    Called by the cgroup detection and by ``mount_points``."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_points() -> set[str]:
+    """The mount points this process sees (/proc/self/mountinfo, escapes decoded). Root
+    touches none of another user's paths that is one (a FUSE mount of theirs could block):
+    gc and ps (``runtime.owners``) and the quota walk (``quota``) skip them."""
+    out: set[str] = set()
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4:
+                    out.add(unescape_mount(fields[4].decode(errors="surrogateescape")))
+    except OSError:
+        pass
+    return out

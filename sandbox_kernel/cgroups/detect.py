@@ -17,24 +17,16 @@ Modes (same rules as crun/systemd):
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from ..errors import CgroupError
+from ..paths import unescape_mount
 from .base import CgroupMode
 
 #: The v1 controllers a container cgroup is created in (cpuacct gives CPU usage on v1).
 V1_CONTROLLERS: tuple[str, ...] = ("memory", "cpu", "cpuacct", "pids")
 #: The v2 controllers enabled for container cgroups.
 V2_CONTROLLERS: tuple[str, ...] = ("memory", "cpu", "pids")
-
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field_text: str) -> str:
-    """Undo the octal escapes (``\\040`` for a space...) of the kernel's mount tables."""
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field_text)
-
 
 @dataclass(frozen=True)
 class Mount:
@@ -64,17 +56,17 @@ def parse_mounts(text: str) -> list[Mount]:
             opts = set(lf[5].split(",")) | set(rf[2].split(","))
             mounts.append(
                 Mount(
-                    mountpoint=_unescape(lf[4]),
+                    mountpoint=unescape_mount(lf[4]),
                     fstype=rf[0],
                     options=frozenset(opts),
-                    root=_unescape(lf[3]),
+                    root=unescape_mount(lf[3]),
                 )
             )
         elif len(fields) >= 4:
             # mounts: source mountpoint fstype options dump pass
             mounts.append(
                 Mount(
-                    mountpoint=_unescape(fields[1]),
+                    mountpoint=unescape_mount(fields[1]),
                     fstype=fields[2],
                     options=frozenset(fields[3].split(",")),
                 )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 from ..cgroups import get_manager, manager_for_user
 from ..cgroups.base import CgroupManager
 from ..errors import SandboxError
-from ..paths import run_dir, user_run_roots
+from ..paths import mount_points, run_dir, user_run_roots
 from .rundir import ContainerInfo, container_dirs
 
 
@@ -45,25 +44,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O
 #: At most this many run dirs of one other user are looked at (each is a few files to
 #: read; a user could make any number).
 MAX_FOREIGN = 512
-
-
-def mount_points() -> set[str]:
-    """The mount points this process sees (/proc/self/mountinfo, escapes decoded). Root
-    touches none of another user's paths that is one: a FUSE mount of theirs could block."""
-    out: set[str] = set()
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4:
-                    out.add(_unescape(fields[4].decode(errors="surrogateescape")))
-    except OSError:
-        pass
-    return out
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def run_roots() -> list[RunRoot]:
