@@ -28,6 +28,7 @@ V1_CONTROLLERS: tuple[str, ...] = ("memory", "cpu", "cpuacct", "pids")
 #: The v2 controllers enabled for container cgroups.
 V2_CONTROLLERS: tuple[str, ...] = ("memory", "cpu", "pids")
 
+
 @dataclass(frozen=True)
 class Mount:
     """One cgroup-ish mount: where it is, its type, its options and which hierarchy dir it shows."""
