@@ -34,7 +34,12 @@ def register(sub: Any) -> None:
     p.add_argument("action", choices=("show", "set", "clear"))
     p.add_argument("folder", metavar="FOLDER", help="the notebook folder")
     p.add_argument("size", nargs="?", metavar="SIZE", help="(set) the limit, e.g. 2G")
-    p.add_argument("--files", type=int, default=0, help="(set) most files and folders too")
+    p.add_argument(
+        "--files",
+        type=int,
+        default=None,
+        help="(set) most files and folders too (0: none; left as it is when not given)",
+    )
     p.set_defaults(func=quota_command)
 
 
@@ -53,8 +58,8 @@ def quota_command(args: argparse.Namespace) -> int:
         return 0
     if not args.size:
         raise SpecError("quota set needs a SIZE, e.g. sandbox-kernel quota set FOLDER 2G")
-    if args.files < 0:
+    if args.files is not None and args.files < 0:
         raise SpecError(f"--files {args.files}: use a number of files, or 0 (no file limit)")
     limit = int(DISK_QUOTA.parse(args.size, "SIZE"))
-    print(quota.apply(folder, limit, args.files or None, foreign=True).describe())
+    print(quota.apply(folder, limit, args.files, foreign=True, source="SIZE").describe())
     return 0

@@ -32,6 +32,7 @@ maps other names.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pwd
 from collections.abc import Callable, Coroutine
@@ -73,7 +74,10 @@ def make_pre_spawn_hook(
         home_quota = done.policy.home_quota if done.policy is not None else None
         if home_quota is not None:
             home = await asyncio.to_thread(_account_home, name)
-            usage = await asyncio.to_thread(quota.apply, home, home_quota)
+            source = f"home_quota in {done.policy.where}" if done.policy else "home_quota"
+            usage = await asyncio.to_thread(
+                functools.partial(quota.apply, home, home_quota, source=source, what="home")
+            )
             spawner.log.info("sandbox-kernel: %s", usage.describe())
         env = dict(spawner.environment or {})
         if os.environ.get(host_policy.ENV):

@@ -411,25 +411,29 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         )
 
     def _folder_quota(self, settings: KernelSettings, workdir: str) -> Usage | None:
-        """Put the notebook folder under ``SandboxPolicy.notebook_quota`` (a root server) and
-        check it is at most the policy file's ``home_quota`` for the kernel's user; a rootless
-        server checks both (root set the quota: ``quota set``, the hub hook). A folder the
-        kernel cannot write needs none. Called by ``pre_launch`` (blocking: in a thread); a
-        QuotaError stops the start."""
+        """Hold the notebook folder to the tighter of ``SandboxPolicy.notebook_quota`` and
+        the policy file's ``home_quota`` for the kernel's user: a root server with
+        ``notebook_quota`` sets it (``quota.apply``, which never changes the quota of a folder
+        above the notebook's), otherwise it is checked (root set it: ``quota set``, the hub
+        hook). A folder the kernel cannot write needs none. Called by ``pre_launch``
+        (blocking: in a thread); a QuotaError stops the start."""
         policy = settings.policy
-        limit, home = policy.notebook_quota, policy.file_home_quota
-        if settings.notebook_readonly or (limit is None and home is None):
+        asked = [
+            (limit, source)
+            for limit, source in (
+                (policy.notebook_quota, "SandboxPolicy.notebook_quota"),
+                (policy.file_home_quota, f"home_quota in {policy.file_where}"),
+            )
+            if limit is not None
+        ]
+        if settings.notebook_readonly or not asked:
             return None
-        home_source = f"home_quota in {policy.file_where}"
+        limit, source = min(asked)
         try:
-            usage = None
-            if os.geteuid() == 0 and limit is not None:
-                usage = apply_quota(workdir, limit, policy.notebook_quota_files)
-            elif limit is not None and (home is None or limit <= home):
-                return verify_quota(workdir, limit)
-            if home is not None:
-                usage = verify_quota(workdir, home, home_source)
-            return usage
+            if os.geteuid() == 0 and policy.notebook_quota is not None:
+                files = policy.notebook_quota_files
+                return apply_quota(workdir, limit, files, source=source)
+            return verify_quota(workdir, limit, source)
         except SandboxError as exc:
             raise SpecError(str(exc), context=self._context) from None
 

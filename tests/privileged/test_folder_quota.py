@@ -45,11 +45,11 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def quota_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 96 MiB ext4 with project quotas, loop-mounted at a fresh folder of /tmp (which
-    other users can reach, unlike tmp_path); unmounted after. Skipped on a kernel without
-    quota formats (the CI host's), never in the guest."""
+@contextlib.contextmanager
+def _ext4(tmp_path: Path, options: str) -> Iterator[Path]:
+    """A 96 MiB ext4 with the project and quota features, loop-mounted with ``options`` at
+    a fresh folder of /tmp (which other users can reach, unlike tmp_path); unmounted after.
+    Skipped on a kernel without quota formats (the CI host's), never in the guest."""
     if os.geteuid() != 0:
         pytest.skip("mounting a filesystem needs root")
     img = tmp_path / "prj.img"
@@ -63,8 +63,7 @@ def quota_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = top / "fs"
     mnt.mkdir()
     try:
-        # prjquota: the feature counts use; the mount option enforces the limits
-        mounted = _run("mount", "-o", "loop,prjquota", str(img), str(mnt))
+        mounted = _run("mount", "-o", options, str(img), str(mnt))
         if mounted.returncode != 0:
             why = f"this kernel cannot mount ext4 with project quotas: {mounted.stderr.strip()}"
             if IN_VM:
@@ -78,6 +77,22 @@ def quota_fs(tmp_path: Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(top)
         img.unlink()
+
+
+@pytest.fixture
+def quota_fs(tmp_path: Path) -> Iterator[Path]:
+    """ext4 with project quotas, enforced (prjquota: the feature counts use, the mount
+    option enforces the limits)."""
+    with _ext4(tmp_path, "loop,prjquota") as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def unenforced_fs(tmp_path: Path) -> Iterator[Path]:
+    """ext4 with the quota features but mounted without prjquota: use is counted, limits
+    are not enforced."""
+    with _ext4(tmp_path, "loop") as mnt:
+        yield mnt
 
 
 def _mounted(path: Path) -> bool:
@@ -98,7 +113,7 @@ def _as_other(code: str, where: Path) -> subprocess.CompletedProcess[str]:
     copy of the few modules it needs in ``where`` (the checkout may not be readable)."""
     pkg = where / "pkg" / "sandbox_kernel"
     pkg.mkdir(parents=True, exist_ok=True)
-    for name in ("__init__.py", "errors.py", "units.py", "quota.py"):
+    for name in ("__init__.py", "beneath.py", "errors.py", "paths.py", "units.py", "quota.py"):
         shutil.copy(ROOT / "sandbox_kernel" / name, pkg / name)
     for d in (where / "pkg", pkg):
         d.chmod(0o755)
@@ -270,7 +285,7 @@ async def test_a_kernel_without_the_asked_quota_does_not_start(
     text = str(caught.value)
     if os.geteuid() == 0:
         assert f"notebook folder {plain_folder}: its filesystem has no project quotas" in text
-        assert "prjquota" in text and "SandboxPolicy.notebook_quota unset" in text
+        assert "prjquota" in text and "or remove the quota setting" in text
     else:
         assert f"notebook folder {plain_folder} has no disk quota" in text
         assert "sandbox-kernel quota set" in text
@@ -280,3 +295,43 @@ async def test_a_kernel_without_the_asked_quota_does_not_start(
         await km.cleanup_resources()
     if cid:
         assert_no_leftovers([cid])
+
+
+@pytest.mark.vmkernel
+def test_a_quota_recorded_but_not_enforced_is_refused(unenforced_fs: Path) -> None:
+    nb = unenforced_fs / "nb"
+    nb.mkdir()
+    with pytest.raises(QuotaError, match=r"recorded but not enforced .*-o prjquota"):
+        quota.apply(str(nb), 8 * MiB)
+
+
+@pytest.mark.vmkernel
+def test_a_folder_inside_anothers_quota_never_changes_it(quota_fs: Path) -> None:
+    home = quota_fs / "home"
+    (home / "nb").mkdir(parents=True)
+    outer = quota.apply(str(home), 16 * MiB)
+    assert _projid(home / "nb") == outer.project
+    # a notebook folder inside: checked against the home's quota, never given another
+    with pytest.raises(QuotaError, match=r"inside the disk quota of a folder above it"):
+        quota.apply(str(home / "nb"), 8 * MiB)
+    assert quota.apply(str(home / "nb"), 32 * MiB).project == outer.project
+    with pytest.raises(QuotaError, match=r"clear it on that folder"):
+        quota.clear(str(home / "nb"))
+    assert quota.read(str(home)).bytes_limit == 16 * MiB  # untouched
+
+
+@pytest.mark.vmkernel
+def test_a_walk_cut_short_is_done_again(quota_fs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nb = quota_fs / "nb"
+    for i in range(6):
+        (nb / f"d{i}").mkdir(parents=True)
+        (nb / f"d{i}" / "f").write_text("x")
+    monkeypatch.setattr(quota, "MAX_WALK_ENTRIES", 4)
+    with pytest.raises(QuotaError, match="more than 4 entries"):
+        quota.apply(str(nb), 8 * MiB)
+    cut = quota.read(str(nb))
+    assert quota.is_ours(cut.project) and cut.bytes_limit is None  # no limit: not finished
+    monkeypatch.setattr(quota, "MAX_WALK_ENTRIES", 1000)
+    done = quota.apply(str(nb), 8 * MiB)
+    assert done.project == cut.project and done.bytes_limit == 8 * MiB
+    assert {_projid(nb / f"d{i}" / "f") for i in range(6)} == {done.project}

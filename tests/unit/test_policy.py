@@ -525,7 +525,8 @@ def test_home_quota_comes_from_the_file_and_the_hub_hook_sets_it(
 
     applied: list[tuple[str, int]] = []
 
-    def fake_apply(folder: str, limit: int) -> q.Usage:
+    def fake_apply(folder: str, limit: int, source: str, what: str) -> q.Usage:
+        assert what == "home" and source.startswith("home_quota in")
         applied.append((folder, limit))
         return q.Usage(folder, q.PROJECT_BASE, limit, 0)
 
@@ -545,7 +546,7 @@ def test_home_quota_comes_from_the_file_and_the_hub_hook_sets_it(
     assert f"project {q.PROJECT_BASE}: 0 B used of 2 GiB" in logged[0]
 
     # a filesystem without project quotas fails the spawn with the fix
-    def unsupported(folder: str, limit: int) -> q.Usage:
+    def unsupported(folder: str, limit: int, source: str, what: str) -> q.Usage:
         raise QuotaError(f"notebook folder {folder}: its filesystem has no project quotas")
 
     monkeypatch.setattr(q, "apply", unsupported)

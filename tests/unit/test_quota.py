@@ -1,10 +1,11 @@
 """Notebook-folder quotas without a quota-capable filesystem: the structures handed to the
 kernel, the tagging walk (links never followed, other types and filesystems left alone,
 bounded), the refusals of an unprivileged server, the policy traits and the report row.
-The real project quotas (ext4 on a loop file) are tests/privileged/test_quota.py."""
+The real project quotas (ext4 on a loop file) are tests/privileged/test_folder_quota.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -76,13 +77,80 @@ def test_the_walk_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(quota, "_set_project", lambda fd, projid, inherit: None)
     monkeypatch.setattr(quota, "MAX_WALK_ENTRIES", 3)
     fd = quota.open_folder(str(tmp_path))
+    before = len(os.listdir("/proc/self/fd"))
     try:
         with pytest.raises(QuotaError, match=r"more than 3 entries .*chattr -R -p 9 \+P"):
             quota._tag_tree(fd, 9, str(tmp_path))
+        assert len(os.listdir("/proc/self/fd")) == before  # every descriptor was closed
     finally:
         os.close(fd)
-    # every descriptor of the walk was closed
-    assert len(os.listdir("/proc/self/fd")) < 64
+
+
+def test_the_walk_holds_descriptors_by_depth_not_by_width(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resource
+
+    for i in range(300):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / "f").write_text("x")
+    tagged: list[int] = []
+    monkeypatch.setattr(
+        quota, "_set_project", lambda fd, projid, inherit: tagged.append(os.fstat(fd).st_ino)
+    )
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd = quota.open_folder(str(tmp_path))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 24, hard))
+    try:
+        assert quota._tag_tree(fd, 9, str(tmp_path)) == 600
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(fd)
+    assert len(set(tagged)) == 600  # every folder and file, none left out
+
+
+def test_the_walk_refuses_what_it_cannot_tag_and_skips_mount_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chain = tmp_path / "a" / "b" / "c" / "d"
+    chain.mkdir(parents=True)
+    (tmp_path / "mnt" / "inside").mkdir(parents=True)
+    tagged: list[str] = []
+
+    def record(fd: int, projid: int, inherit: bool) -> None:
+        tagged.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(quota, "_set_project", record)
+    monkeypatch.setattr(quota, "mount_points", lambda: {str(tmp_path / "mnt")})
+    fd = quota.open_folder(str(tmp_path))
+    try:
+        quota._tag_tree(fd, 9, str(tmp_path))
+        assert str(tmp_path / "mnt") not in tagged and str(chain) in tagged
+        monkeypatch.setattr(quota, "MAX_DEPTH", 2)
+        with pytest.raises(QuotaError, match=r"a/b/c is more than 2 folders deep"):
+            quota._tag_tree(fd, 9, str(tmp_path))
+
+        def broken(fd: int, projid: int, inherit: bool) -> None:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+        monkeypatch.setattr(quota, "_set_project", broken)
+        with pytest.raises(QuotaError, match=r"cannot put a under the quota \(Operation not"):
+            quota._tag_tree(fd, 9, str(tmp_path))
+    finally:
+        os.close(fd)
+
+
+def test_a_limit_is_compared_as_the_quota_block_it_was_set_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    odd = 1395864371  # "1.3G": not a whole number of 1 KiB quota blocks
+    stored = quota._blocks(odd) * quota.QUOTA_BLOCK
+    monkeypatch.setattr(
+        quota, "read", lambda folder, what: quota.Usage(folder, quota.PROJECT_BASE, stored, 0)
+    )
+    assert quota.verify(str(tmp_path), odd).bytes_limit == stored
+    with pytest.raises(QuotaError, match="is above"):
+        quota.verify(str(tmp_path), odd - 1024)
 
 
 def test_a_link_on_the_way_or_at_the_end_is_never_followed(tmp_path: Path) -> None:
@@ -119,13 +187,13 @@ def test_verify_refuses_a_quota_above_the_policy(
     def usage(limit: int | None) -> quota.Usage:
         return quota.Usage(str(tmp_path), quota.PROJECT_BASE + 1, limit, 0)
 
-    monkeypatch.setattr(quota, "read", lambda folder: usage(64 * MiB))
+    monkeypatch.setattr(quota, "read", lambda folder, what: usage(64 * MiB))
     with pytest.raises(QuotaError, match=r"its disk quota \(64 MiB\) is above the 8 MiB"):
         quota.verify(str(tmp_path), 8 * MiB)
-    monkeypatch.setattr(quota, "read", lambda folder: usage(None))
+    monkeypatch.setattr(quota, "read", lambda folder, what: usage(None))
     with pytest.raises(QuotaError, match=r"its disk quota \(no limit\)"):
         quota.verify(str(tmp_path), 8 * MiB)
-    monkeypatch.setattr(quota, "read", lambda folder: usage(4 * MiB))
+    monkeypatch.setattr(quota, "read", lambda folder, what: usage(4 * MiB))
     assert quota.verify(str(tmp_path), 8 * MiB).bytes_limit == 4 * MiB
 
 
@@ -182,11 +250,11 @@ def test_the_provisioner_applies_as_root_checks_rootless_and_skips_a_readonly_fo
     calls: list[tuple[str, str, int]] = []
     usage = quota.Usage(str(tmp_path), quota.PROJECT_BASE, 8 * MiB, MiB, None, 3)
 
-    def applied(f: str, b: int, n: int | None) -> quota.Usage:
+    def applied(f: str, b: int, n: int | None, source: str) -> quota.Usage:
         calls.append(("apply", f, b))
         return usage
 
-    def verified(f: str, b: int) -> quota.Usage:
+    def verified(f: str, b: int, source: str) -> quota.Usage:
         calls.append(("verify", f, b))
         return usage
 
@@ -208,7 +276,7 @@ def test_the_provisioner_applies_as_root_checks_rootless_and_skips_a_readonly_fo
     assert p._folder_quota(_settings(Policy()), str(tmp_path)) is None
     assert len(calls) == 2
 
-    def refused(f: str, b: int) -> quota.Usage:
+    def refused(f: str, b: int, source: str) -> quota.Usage:
         raise QuotaError(f"notebook folder {f} has no disk quota")
 
     monkeypatch.setattr(prov, "verify_quota", refused)
@@ -229,9 +297,16 @@ def test_an_admins_project_is_only_verified_and_its_refusal_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(quota, "get_project", lambda fd: (4242, True))
+    monkeypatch.setenv("SANDBOX_KERNEL_RUN_DIR", str(tmp_path / "run"))
+    nb = tmp_path / "nb"
+    nb.mkdir()
+    mine = nb.stat().st_ino
+    # the folder is in project 4242, its parent in none: a project the admin made there
+    monkeypatch.setattr(
+        quota, "get_project", lambda fd: (4242, True) if os.fstat(fd).st_ino == mine else (0, False)
+    )
 
-    def refuse(folder: str, limit: int) -> quota.Usage:
+    def refuse(folder: str, limit: int, source: str, what: str) -> quota.Usage:
         raise QuotaError("the admin's project has no limit")
 
     def never(*args: object) -> None:
@@ -241,7 +316,7 @@ def test_an_admins_project_is_only_verified_and_its_refusal_kept(
     monkeypatch.setattr(quota, "_set_project", never)
     monkeypatch.setattr(quota, "_quotactl", never)
     with pytest.raises(QuotaError) as caught:
-        quota.apply(str(tmp_path), 8 * MiB)
+        quota.apply(str(nb), 8 * MiB)
     assert str(caught.value) == "the admin's project has no limit"
 
 
@@ -257,8 +332,8 @@ def test_the_policy_files_home_quota_bounds_every_start(
         calls.append(("verify", b, source))
         return quota.Usage(f, quota.PROJECT_BASE, b, 0)
 
-    def applied(f: str, b: int, n: int | None) -> quota.Usage:
-        calls.append(("apply", b, ""))
+    def applied(f: str, b: int, n: int | None, source: str) -> quota.Usage:
+        calls.append(("apply", b, source))
         return quota.Usage(f, quota.PROJECT_BASE, b, 0)
 
     monkeypatch.setattr(prov, "verify_quota", verified)
@@ -284,9 +359,10 @@ def test_the_policy_files_home_quota_bounds_every_start(
     assert start(1000, notebook_quota=2 * MiB, file_home_quota=4 * MiB) == [
         ("verify", 2 * MiB, "SandboxPolicy.notebook_quota")
     ]
+    # a root server sets the tighter of the two, never one above the file's
     assert start(0, notebook_quota=2 * MiB, file_home_quota=4 * MiB) == [
-        ("apply", 2 * MiB, ""),
-        ("verify", 4 * MiB, home),
+        ("apply", 2 * MiB, "SandboxPolicy.notebook_quota")
     ]
+    assert start(0, notebook_quota=8 * MiB, file_home_quota=4 * MiB) == [("apply", 4 * MiB, home)]
     assert start(0, file_home_quota=4 * MiB) == [("verify", 4 * MiB, home)]
     assert start(0) == []
