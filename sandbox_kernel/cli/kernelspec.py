@@ -87,7 +87,6 @@ def add_command(args: argparse.Namespace) -> int:
     layer when it has no ipykernel, write the kernelspec, print what it found and where the
     kernelspec went. Failures are one line naming the image and the fix (SandboxError).
     Called by ``cli.main``."""
-    from ..errors import ImageError
     from ..images import ipykernel_layer, lookup, probe
     from ..runtime.container import require_privileges
 
@@ -97,18 +96,7 @@ def add_command(args: argparse.Namespace) -> int:
     require_privileges()
     image = lookup.find(args.image)
     facts = probe.probe_image(image)
-    if not facts.interpreters:
-        raise ImageError(
-            f"image {image.ref!r}: no Python interpreter found (looked for python3, "
-            f"python3.X, python2.7, python2 and python on its PATH and in "
-            f"{', '.join(probe.CANDIDATE_DIRS)}); use an image with Python"
-        )
-    interp = probe.choose(list(facts.interpreters), args.python)
-    if interp is None:
-        found = ", ".join(f"{i.executable} ({i.version})" for i in facts.interpreters)
-        raise ImageError(
-            f"image {image.ref!r} has no Python matching --python {args.python}; it has {found}"
-        )
+    interp = ipykernel_layer.choose(image.ref, facts.interpreters, args.python)
     layer = ""
     if not interp.ipykernel:
         layer = ipykernel_layer.ensure(interp, progress=print).ref

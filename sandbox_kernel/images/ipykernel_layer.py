@@ -7,10 +7,12 @@ is not changed: the layer is an image of its own in the store (``NAME:<tag>``, o
 the ``LABEL_IPYKERNEL_LAYER`` label), so that ``gc`` keeps it and ``image ls`` shows it.
 
 The packages are the pinned closures of the shipped recipes, installed by the host's pip for
-the image's interpreter (``pip_target``): ``python2.7`` (ipykernel 4.10, the last for Python
-2) for 2.7, ``python3`` (ipykernel 7) for 3.11 and newer. The tag names the ABI, the wheel
-platform and a hash of the pins, so a layer is built once per Python and platform and again
-only when the pins change.
+the image's interpreter (``pip_target``), the recipe chosen by the interpreter's version
+(``RECIPES``): ``python2.7`` (ipykernel 4.10, the last for Python 2) for 2.7, ``python3.9``
+(ipykernel 6.29, IPython 8.12, the last for Python 3.8) for 3.8 to 3.10, ``python3``
+(ipykernel 7, IPython 9, which needs 3.11) for 3.11 and newer. The tag names the ABI, the
+wheel platform and a hash of the pins, so a layer is built once per Python and platform and
+again only when the pins change.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageError, ImageNotFound
 from . import lookup, pip_target
 from .labels import LABEL_IPYKERNEL_LAYER
-from .probe import Interpreter
+from .probe import CANDIDATE_DIRS, Interpreter
+from .probe import choose as probe_choose
 from .recipe import PipSpec, PythonSpec, find_recipe, load_recipe
 from .store import Image, ImageConfig, ImageStore
 
@@ -34,8 +37,26 @@ from .store import Image, ImageConfig, ImageStore
 TARGET = "/opt/sandbox-kernel/ipykernel"
 #: The image name of the layers in the store.
 NAME = "sandbox-kernel-ipykernel"
-#: The oldest Python 3 the python3 recipe's closure supports (ipython 9 needs 3.11).
-MIN_PY3 = (3, 11)
+#: Which shipped recipe's pins serve which Pythons: (oldest, newest or None for no upper
+#: bound, recipe name), oldest first. Each recipe's pins support every version of its range.
+RECIPES: tuple[tuple[tuple[int, int], tuple[int, int] | None, str], ...] = (
+    ((2, 7), (2, 7), "python2.7"),
+    ((3, 8), (3, 10), "python3.9"),
+    ((3, 11), None, "python3"),
+)
+#: What ``RECIPES`` covers, in words (for the refusals).
+SUPPORTED = "2.7 and 3.8 or newer"
+
+
+def recipe_for(major: int, minor: int) -> str:
+    """The name of the recipe whose pins make the layer for Python ``major.minor``; "" when
+    none does. Called by ``supported`` and ``closure``."""
+    version = (major, minor)
+    for oldest, newest, name in RECIPES:
+        top = newest if newest is not None else (oldest[0], 999)
+        if oldest <= version <= top:
+            return name
+    return ""
 
 
 @dataclass(frozen=True)
@@ -62,13 +83,12 @@ class Closure:
 
 def supported(interp: Interpreter) -> str:
     """ "" when an ipykernel layer can be made for ``interp``; else why not, with the fix.
-    Called by ``closure`` and by ``kernelspec add`` before it builds anything."""
-    version = (interp.major, interp.minor)
-    if version != (2, 7) and not (interp.major == 3 and version >= MIN_PY3):
+    Called by ``choose`` (for ``kernelspec add``, before anything is built) and ``closure``."""
+    if not recipe_for(interp.major, interp.minor):
         return (
-            f"Python {interp.major_minor} ({interp.executable}) has no ipykernel and the "
-            f"product supplies one for 2.7 and {MIN_PY3[0]}.{MIN_PY3[1]} or newer only; "
-            "install ipykernel in the image"
+            f"Python {interp.version} ({interp.executable}) has no ipykernel, and the product "
+            f"supplies ipykernel for Python {SUPPORTED} only; install ipykernel in the image "
+            "or use an image with a newer Python"
         )
     if not interp.platform_tag():
         return (
@@ -79,12 +99,42 @@ def supported(interp: Interpreter) -> str:
     return ""
 
 
+def choose(ref: str, interpreters: Sequence[Interpreter], python: str | None = None) -> Interpreter:
+    """The interpreter of image ``ref`` a kernelspec runs, from the probe's ``interpreters``:
+    ``probe.choose``'s (the one ``python`` names, else the newest with ipykernel, else the
+    newest), or without ``python`` the newest this module can supply ipykernel for when the
+    newest cannot have it. ImageError naming the image, the versions and what is supported
+    when there is no Python, none matching ``python`` or none that can run a kernel. Called by
+    ``kernelspec add``."""
+    found = ", ".join(f"{i.executable} ({i.version})" for i in interpreters)
+    if not interpreters:
+        raise ImageError(
+            f"image {ref!r}: no Python interpreter found (looked for python3, python3.X, "
+            f"python2.7, python2 and python on its PATH and in {', '.join(CANDIDATE_DIRS)}); "
+            f"use an image with Python {SUPPORTED}"
+        )
+    interp = probe_choose(list(interpreters), python)
+    if interp is None:
+        raise ImageError(f"image {ref!r} has no Python matching --python {python}; it has {found}")
+    if interp.ipykernel:
+        return interp
+    if not python:
+        # the newest has no ipykernel (probe.choose prefers one that has): take the newest
+        # that the layer can be made for
+        interp = probe_choose([i for i in interpreters if not supported(i)]) or interp
+    why = supported(interp)
+    if why:
+        more = f" (it has {found})" if len(interpreters) > 1 else ""
+        raise ImageError(f"image {ref!r}: {why}{more}")
+    return interp
+
+
 def closure(interp: Interpreter) -> Closure:
     """The pinned packages for ``interp`` (ImageError when unsupported)."""
     why = supported(interp)
     if why:
         raise ImageError(why)
-    path = find_recipe("python2.7" if interp.major == 2 else "python3")
+    path = find_recipe(recipe_for(interp.major, interp.minor))
     recipe = load_recipe(path)
     assert recipe.pip is not None
     return Closure(path, recipe.pip)

@@ -16,7 +16,7 @@ from sandbox_kernel.images.labels import LABEL_ARGV, LABEL_INTERRUPT_MODE
 from sandbox_kernel.images.recipe import PipSpec, hash_tree, load_recipe, step_cache_key
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = ("python2.7", "python3", "python2.7-plot", "python3-plot")
+SHIPPED = ("python2.7", "python3.9", "python3", "python2.7-plot", "python3-plot")
 
 TEACHER = """
 from = "python3"
