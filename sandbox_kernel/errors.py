@@ -141,6 +141,11 @@ class LimitRefused(SandboxError):
     """
 
 
+class CeilingRefused(LimitRefused):
+    """A live limit change above the administrator's (or the kernelspec's) ceiling: allowed
+    by the bounds, refused by the policy (the REST API answers 403, a malformed value 400)."""
+
+
 def wrap_oserror(exc: OSError, action: str, path: str, fix: str = "") -> SandboxError:
     """Turn a bare OSError into a SandboxError naming the action, the path and the fix.
 

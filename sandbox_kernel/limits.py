@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from .errors import LimitRefused, SpecError
+from .errors import CeilingRefused, LimitRefused, SpecError
 from .units import (
     CPUS_FORMS,
     SIZE_FORMS,
@@ -286,7 +286,7 @@ def plan_change(
         top = ceilings.of(name)
         if top is not None and value > top:
             why = ceilings.source(name)
-            raise LimitRefused(
+            raise CeilingRefused(
                 f"{name}={raw} refused: this server allows at most "
                 f"{_live_text(name, top)} per kernel"
                 + (f" ({why})" if why == KERNELSPEC_CEILING else "")

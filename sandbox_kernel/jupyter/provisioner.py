@@ -47,7 +47,7 @@ from jupyter_client.connect import KernelConnectionInfo, port_names
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 from ..errors import LimitRefused, SandboxError, SpecError
-from ..limits import LIVE, Limits, plan_change
+from ..limits import BOUNDS, LIVE, Ceilings, Limits, plan_change
 from ..paths import is_container_id, new_container_id, run_dir
 from ..quota import Usage
 from ..quota import apply as apply_quota
@@ -64,6 +64,13 @@ from .control import ControlThread
 from .errors import for_user
 from .resolve import KernelSettings, read_policy, resolve_settings
 from .settings import SETTING_NAMES, SandboxPolicy, SandboxSettings, setting_forms
+
+#: Answers to a live request that cannot be served now (the kernel's and the REST API's).
+RESTARTING = "the kernel is restarting; try again in a moment"
+POLICY_UNREADABLE = (
+    "the administrator's sandbox policy cannot be read, so limits cannot change now; ask "
+    "the administrator (sandbox-kernel doctor names the problem)"
+)
 
 #: Every provisioner of this process; its ``container`` is the one not yet destroyed.
 _PROVISIONERS: weakref.WeakSet[SandboxProvisioner] = weakref.WeakSet()
@@ -118,8 +125,12 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         # held while the container's limits change (a %sandbox request, from the control
         # thread; the deferred CPU cap) and while the container is destroyed
         self._limits_lock = threading.Lock()
+        self._poll_lock = asyncio.Lock()  # one reading of the container's end at a time
+        # a restart's cleanup ran and its pre_launch has not ended (the REST API's "starting")
+        self._between_starts = False
         self._paths: launch.ConnectionPaths | None = None
         self._owner: tuple[int, int] = (-1, -1)  # the kernel's host uid and gid
+        self._folder_ids: tuple[int, int] = (-1, -1)  # ... as its notebook folder sees them
         #: the server's descriptor of the kernel's connection folder (the same number across
         #: restarts)
         self._conn_fd: int | None = None
@@ -210,13 +221,15 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         (``_record_exit``). Called by the KernelManager's ``is_alive`` (the restarter polls it
         every few seconds) and by its wait loop."""
         if self.container is not None:
-            proc = self.container.proc
+            container = self.container
+            proc = container.proc
             if proc is None:
                 return 0
             if proc.poll() is None:
-                await self._seen_alive(self.container)
+                await self._seen_alive(container)
                 return None
-            result = await asyncio.to_thread(self.container.poll)
+            async with self._poll_lock:  # the restarter, a wait loop and the REST API poll
+                result = await asyncio.to_thread(container.poll)
             if result is None:
                 return proc.returncode
             self._record_exit(result)
@@ -276,10 +289,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         file and serve the control socket (see the module docstring); returns the launch
         arguments. Called by the KernelManager before each start and restart; any failure
         reaches the user as a ``jupyter.errors`` HTTP error."""
+        self._between_starts = True
         try:
             return await self._pre_launch(**kwargs)
         except SandboxError as exc:
             raise for_user(exc, self._context) from exc
+        finally:
+            self._between_starts = False
 
     async def _pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
@@ -343,6 +359,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         container = await asyncio.to_thread(self._create_container, spec, workdir, paths)
         self._started(container, settings, workdir, image.digest)
         self._owner = owner
+        # whom the notebook folder's modes apply to: an idmapped folder shows the kernel's
+        # files as settings.uid's
+        self._folder_ids = (settings.uid, settings.gid) if idmapped else owner
         # What launch_kernel needs; the server's environment is deliberately dropped.
         kwargs.pop("env", None)
         kwargs["cwd"] = workdir
@@ -666,12 +685,42 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             self.log.warning(
                 "kernel %s (%s) stopped: %s", self.kernel_id, self.display_name, result.reason()
             )
+        if not stop_requested and self._relay is not None:
+            self._relay.tell(self._death_notice(result), kind="death")
         if abnormal or not stop_requested:
             self._abnormal_exit = data
             try:
                 exits.record(str(self.kernel_id), data)
             except OSError as exc:
                 self.log.warning("kernel %s: cannot keep the exit reason: %s", self.kernel_id, exc)
+
+    def _death_notice(self, result: ExitResult) -> str:
+        """The line the running cell gets when its kernel stopped without being asked to
+        (``result``: this death's verdict), with what to do about a cap. Called by
+        ``_record_exit`` before the kernel is restarted; reads nothing from the host."""
+        died = result.signal is not None or result.oom_killed or result.pids_limit_hit
+        verb = "died" if died else "stopped"
+        text = f"the kernel {verb}: {result.reason()}; its variables are lost"
+        settings = self.settings
+        if settings is None:
+            return text
+        live = settings.policy.ceilings.or_start(self._start_limits or settings.limits)
+        for hit, name, now in (
+            (result.oom_killed, "memory", result.memory_limit),
+            (result.pids_limit_hit, "pids", result.pids_limit),
+        ):
+            if not hit:
+                continue
+            top, bound = live.of(name), BOUNDS[name]
+            if top is not None and now is not None and now >= top:
+                text += f"; the {name} limit is already the most this kernel may have"
+            elif top is not None:
+                text += (
+                    f"; after the restart, %sandbox {name}={bound.short(top)} raises the "
+                    "limit (the most allowed)"
+                )
+            break
+        return text
 
     async def _close_relay(self) -> None:
         if self._relay is not None:
@@ -695,23 +744,115 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         Runs in the control thread's event loop, not the provisioner's."""
         container, settings = self.container, self.settings
         if container is None or settings is None:
-            return {"ok": False, "error": "the kernel is restarting; try again in a moment"}
+            return {"ok": False, "error": RESTARTING}
         try:
-            policy = await asyncio.to_thread(read_policy, SandboxPolicy(parent=self))
-        except SpecError as exc:  # the admin's file: its path is the host's, not the kernel's
-            self.log.warning("kernel %s: %s", self.kernel_id, exc)
-            return {
-                "ok": False,
-                "error": "the administrator's sandbox policy cannot be read, so limits cannot "
-                "change now; ask the administrator (sandbox-kernel doctor names the problem)",
-            }
-        policy = policy.for_user(settings.host_uid)
-        ceilings = policy.ceilings.or_start(self._start_limits or settings.limits)
+            admin, ceilings = await self._ceilings(settings)
+        except SpecError:
+            return {"ok": False, "error": POLICY_UNREADABLE}
         if request.get("op") == "get":
-            info = self._info(container, settings, policy.ceilings, ceilings)
+            info = self._info(container, settings, admin, ceilings)
             info["notebook_quota"] = await asyncio.to_thread(self._quota_info, settings)
             return {"ok": True, "info": info}
         return await asyncio.to_thread(self._change_limits, container, request, ceilings)
+
+    async def _ceilings(self, settings: KernelSettings) -> tuple[Ceilings, Ceilings]:
+        """(the administrator's ceilings for the kernel's user, the live ceilings: those, else
+        the kernelspec's start caps), read from today's policy. The one reading of the
+        ceilings for a live change or report, whether from the kernel's ``%sandbox``
+        (``_control_request``) or the server's REST API (``sandbox_status``,
+        ``change_limits``). Raises SpecError (logged here: its text names host paths) when
+        the administrator's policy cannot be read."""
+        try:
+            policy = await asyncio.to_thread(read_policy, SandboxPolicy(parent=self))
+        except SpecError as exc:
+            self.log.warning("kernel %s: %s", self.kernel_id, exc)
+            raise
+        policy = policy.for_user(settings.host_uid)
+        return policy.ceilings, policy.ceilings.or_start(self._start_limits or settings.limits)
+
+    # ---- the server's REST API (jupyter.api) ---------------------------------------------
+    def state(self) -> str:
+        """``running``, ``starting`` (between a start's steps, or restarting) or ``dead`` (the
+        kernel process ended and no start is under way), as the REST API reports it; never
+        blocks. The death itself is read by ``poll``."""
+        container = self.container
+        if container is None:
+            return "starting" if self._between_starts else "dead"
+        if container.proc is None:
+            return "starting"
+        return "running" if container.proc.poll() is None else "dead"
+
+    async def sandbox_status(self) -> dict[str, Any]:
+        """What the REST API shows of this kernel (``jupyter.api``): state, image, limits,
+        live ceilings, cgroup usage (None once dead or unreadable), last exit, whether the
+        kernel may write its notebook folder; never a host path. Polls first, so a death
+        is known (and told in the running cell) the moment anyone asks. Called by the API's
+        GET handlers on the server's event loop."""
+        if self.has_process:
+            await self.poll()
+        container, settings = self.container, self.settings
+        state = self.state()
+        image = container.spec.image if container is not None else None
+        limits: dict[str, Any] = {"memory": None, "cpus": None, "pids": None}
+        ceilings: dict[str, Any] = dict(limits)
+        usage: dict[str, Any] | None = None
+        writable: bool | None = None
+        enforced = False
+        if container is not None and settings is not None:
+            lim = container.limits
+            limits = {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids}
+            enforced = container.limits_enforced
+            with contextlib.suppress(SpecError):  # logged by _ceilings
+                live = (await self._ceilings(settings))[1]
+                ceilings = {name: live.of(name) for name in LIVE}
+            if state == "running":
+                usage = await asyncio.to_thread(_usage, container)
+            writable = await asyncio.to_thread(self._folder_writable, settings)
+        return {
+            "kernel_id": self.kernel_id,
+            "kernelspec": self.kernelspec_name,
+            "display_name": self.display_name,
+            "image": image or (settings.image if settings is not None else None),
+            "image_digest": self._image_digest or None,
+            "state": state,
+            "limits": limits,
+            "ceilings": ceilings,
+            "usage": usage,
+            "limits_enforced": enforced,
+            "last_exit": self.last_exit,
+            "notebook_folder_writable": writable,
+        }
+
+    async def change_limits(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """A live change asked through the server's REST API (``changes``: some of memory,
+        cpus, pids): the same checks and the same path to the cgroup as ``%sandbox
+        memory=2G`` (``_control_request``). Returns its answer (``ok``, ``limits``,
+        ``warnings`` or ``error``); raises LimitRefused (CeilingRefused above a ceiling).
+        Called by the API's PATCH handler."""
+        return await self._control_request({**changes, "op": "set"})
+
+    def _folder_writable(self, settings: KernelSettings) -> bool | None:
+        """May the kernel write its notebook folder (the folder's mode bits for the ids the
+        kernel has on it; a read-only mount is never writable)? None when unknown. Called by
+        ``sandbox_status`` (blocking: in a thread)."""
+        if settings.notebook_readonly:
+            return False
+        if not self.cwd:
+            return None
+        uid, gid = self._folder_ids
+        if uid < 0:
+            return None
+        try:
+            st = os.stat(self.cwd)
+        except OSError:
+            return None
+        if uid == 0:
+            return True
+        if st.st_uid == uid:
+            return bool(st.st_mode & 0o200)
+        if st.st_gid == gid:
+            return bool(st.st_mode & 0o020)
+        return bool(st.st_mode & 0o002)
 
     def _change_limits(
         self, container: Container, request: dict[str, Any], ceilings: Any
@@ -722,7 +863,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         thread) by ``_control_request``."""
         with self._limits_lock:
             if container is not self.container:
-                return {"ok": False, "error": "the kernel is restarting; try again in a moment"}
+                return {"ok": False, "error": RESTARTING}
             usage: int | None
             try:
                 usage = container.stats().memory_current
@@ -801,6 +942,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         """Stop the control socket and the CPU task, destroy the container (or gc a
         re-attached one's leftovers); on a final shutdown also forget the kept exit reason and
         the container id. Called by the KernelManager after every shutdown, restarts included."""
+        self._between_starts = restart
         await self._close_control()
         await self._close_relay()
         if self._cpu_task is not None:
@@ -909,6 +1051,23 @@ def _stopped_by_server(stop: str | None) -> str:
     if stop is None or stop == "sent by the server" or stop.endswith(forced):
         return forced
     return f"{stop}, then {forced}"
+
+
+def _usage(container: Container) -> dict[str, Any] | None:
+    """The container's cgroup usage for the REST API (blocking: run in a thread), None when
+    unreadable (the kernel just ended, or no cgroup: caps not enforced)."""
+    try:
+        st = container.stats()
+    except SandboxError:
+        return None
+    return {
+        "memory_current": st.memory_current,
+        "memory_peak": st.memory_peak,
+        "cpu_usage_us": st.cpu_usage_us,
+        "pids_current": st.pids_current,
+        "oom_kills": st.oom_kills,
+        "pids_limit_hits": st.pids_limit_hits,
+    }
 
 
 def _cap_counts(container: Container) -> exits.CapCounts | None:

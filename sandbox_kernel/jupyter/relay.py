@@ -76,6 +76,9 @@ CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 REBUILD_BACKOFF = (0.01, 2.0)
 #: Seconds ``Relay.close`` waits for the thread to stop.
 CLOSE_TIMEOUT_S = 5.0
+#: Milliseconds the relay's iopub socket keeps a death notice it could not yet deliver
+#: when the relay closes (the restart comes right after the notice).
+FLUSH_MS = 1000
 DELIM = b"<IDS|MSG>"
 
 
@@ -194,6 +197,9 @@ class OutputGuard:
         self.buckets = {"output": bucket(), "protocol": bucket()}
         self.throttled: dict[str, list[int]] = {}  # bucket -> [messages, bytes] dropped
         self.last_parent: dict[str, Any] = {}
+        #: the execute_request the kernel is busy with (the last one when it is idle): the
+        #: parent of a notice about the kernel itself (its death)
+        self.last_execute: dict[str, Any] = {}
         self.dropped = 0  # messages dropped in all, for the log
 
     def admit(self, channel: str, frames: Sequence[bytes]) -> tuple[bool, list[list[bytes]]]:
@@ -214,6 +220,8 @@ class OutputGuard:
         msg_type = msg.msg_type
         if channel == "iopub" and msg_type == "status" and msg.parent:
             self.last_parent = msg.parent
+            if msg.parent.get("msg_type") == "execute_request":
+                self.last_execute = msg.parent
         if size > self.limits.max_message_size:
             parent = msg.parent or self.last_parent
             self.dropped += 1
@@ -262,6 +270,12 @@ class OutputGuard:
             "(SandboxProvisioner.max_message_size)",
             self.last_parent,
         )
+
+    def kernel_notice(self, text: str) -> list[bytes]:
+        """A notice about the kernel itself (``text``: its death), parented to the
+        execute_request it runs or ran last (else the last request it answered), so that
+        the cell that was running shows it. Called by the relay thread for ``Relay.tell``."""
+        return self.notice(text, self.last_execute or self.last_parent)
 
     def notice(self, text: str, parent: dict[str, Any]) -> list[bytes]:
         """A signed stderr ``stream`` message with ``parent`` as parent header, as iopub
@@ -319,6 +333,15 @@ class Relay:
         self._stop_addr = f"inproc://relay-stop-{id(self)}"
         self._stop_rx = self.context.socket(zmq.PAIR)
         self._stop_rx.bind(self._stop_addr)
+        # notices from other threads (``tell``): their text, pushed into the relay thread
+        wake_addr = f"inproc://relay-tell-{id(self)}"
+        self._tell_rx = self.context.socket(zmq.PULL)
+        self._tell_rx.bind(wake_addr)
+        self._tell_tx = self.context.socket(zmq.PUSH)
+        self._tell_tx.setsockopt(zmq.SNDHWM, 16)
+        self._tell_tx.connect(wake_addr)
+        self._tell_lock = threading.Lock()  # callers' threads share _tell_tx
+        self._flush = False  # a death notice was sent: close iopub with FLUSH_MS
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -346,6 +369,20 @@ class Relay:
         if self._error is not None:
             raise self._error
 
+    def tell(self, text: str, kind: str = "death") -> None:
+        """Send ``text`` to the notebook as a notice about the kernel (``kind`` "death":
+        its death, kept on the iopub socket up to ``FLUSH_MS`` past ``close``), parented to
+        the execute_request it ran (``OutputGuard.kernel_notice``). Thread-safe and never
+        blocks; a notice told after ``close`` is dropped. Called by the provisioner the
+        moment it learns that the kernel ended without being asked to."""
+        with self._tell_lock:
+            if self._tell_tx.closed:
+                return
+            try:
+                self._tell_tx.send_multipart([kind.encode(), text.encode()], zmq.NOBLOCK)
+            except zmq.ZMQError:  # sixteen notices queued, or the relay is gone
+                self.guard.dropped += 1
+
     def close(self) -> None:
         """Stop the thread and close the sockets (blocking, bounded by a few seconds). A
         thread still running then keeps its sockets (libzmq sockets are not thread-safe):
@@ -357,6 +394,8 @@ class Relay:
             self._thread.join(CLOSE_TIMEOUT_S)
             tx.close(linger=0)
             self._thread = None
+        with self._tell_lock:
+            self._tell_tx.close(linger=0)
         with self._lock:
             self._orphaned = not self._done
         if self._orphaned:
@@ -367,7 +406,7 @@ class Relay:
                 CLOSE_TIMEOUT_S,
             )
         else:
-            self._stop_rx.close(linger=0)
+            self._close_inproc()
             self.context.destroy(linger=0)
         if self.guard.dropped:
             self.log.info(
@@ -432,7 +471,8 @@ class Relay:
         finally:
             for ch in channels:
                 self._drop_kernel(ch)
-                ch.client.close(linger=0)
+                flush = self._flush and ch.name == "iopub"
+                ch.client.close(linger=FLUSH_MS if flush else 0)
             self._end()
 
     def _end(self) -> None:
@@ -442,8 +482,14 @@ class Relay:
             self._done = True
             orphaned = self._orphaned
         if orphaned:
-            self._stop_rx.close(linger=0)
+            self._close_inproc()
             self.context.term()
+
+    def _close_inproc(self) -> None:
+        self._stop_rx.close(linger=0)
+        self._tell_rx.close(linger=0)
+        with self._tell_lock:
+            self._tell_tx.close(linger=0)
 
     def _loop(self, channels: list[_Channel]) -> None:
         """Relay until told to stop; each pass does bounded work (at most ``QUEUE_DEPTH``
@@ -452,6 +498,7 @@ class Relay:
         while True:
             poller = zmq.Poller()
             poller.register(self._stop_rx, zmq.POLLIN)
+            poller.register(self._tell_rx, zmq.POLLIN)
             for ch in channels:
                 if ch.kernel is None:  # waiting to be rebuilt; the client's side waits too
                     continue
@@ -462,7 +509,7 @@ class Relay:
             changed = False
             while not changed:
                 ready = dict(poller.poll(self._timeout(channels)))
-                if self._stop_rx in ready:
+                if self._inproc(ready, iopub):
                     return
                 now = time.monotonic()
                 for ch in channels:
@@ -477,6 +524,24 @@ class Relay:
                         continue
                     if ch.client in ready and ch.kernel is not None:
                         self._from_client(ch)
+
+    def _inproc(self, ready: dict[Any, int], iopub: _Channel) -> bool:
+        """Send what ``tell`` queued (also when a stop is ready: told before the close was
+        asked); True when ``close`` asked the loop to stop."""
+        if self._tell_rx in ready or self._stop_rx in ready:
+            self._told(iopub)
+        return self._stop_rx in ready
+
+    def _told(self, iopub: _Channel) -> None:
+        """Send the notices ``tell`` queued (at most a queue's worth per pass)."""
+        for _ in range(QUEUE_DEPTH):
+            try:
+                kind, text = self._tell_rx.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if kind == b"death":
+                self._flush = True
+            self._send(iopub.client, self.guard.kernel_notice(text.decode(errors="replace")))
 
     @staticmethod
     def _timeout(channels: list[_Channel]) -> int | None:

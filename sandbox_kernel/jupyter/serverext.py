@@ -12,8 +12,9 @@ loads it. It may also be listed on the command line:
   file-based class (jupyter_server's default or a subclass of its file managers) is swapped
   for its guarded variant (``jupyter.contents.guard``); any other class keeps no files on
   this host and is left alone.
-* ``_load_jupyter_server_extension`` runs once the server is up: it logs which manager
-  guards the files, and says loudly when an admin's class could not be guarded.
+* ``_load_jupyter_server_extension`` runs once the server is up: it adds the sandbox REST
+  API (``jupyter.api``: ``/api/sandbox/kernels``), logs which manager guards the files, and
+  says loudly when an admin's class could not be guarded.
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ def _link_jupyter_server_extension(serverapp: Any) -> None:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    """Say which manager guards the notebook folders (called by jupyter_server at start)."""
+    """Add the sandbox REST API (``jupyter.api``) and say which manager guards the notebook
+    folders (called by jupyter_server at start)."""
+    from .api import handlers
     from .contents import guard, is_guarded
 
+    serverapp.web_app.add_handlers(".*$", handlers(serverapp.web_app.settings["base_url"]))
     cm = serverapp.contents_manager
     if is_guarded(type(cm)):
         cps = type(cm.checkpoints)
