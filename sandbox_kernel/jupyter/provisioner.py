@@ -700,7 +700,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         ``_record_exit`` before the kernel is restarted; reads nothing from the host."""
         died = result.signal is not None or result.oom_killed or result.pids_limit_hit
         verb = "died" if died else "stopped"
-        text = f"the kernel {verb}: {result.reason()}; its variables are lost"
+        reason = (_shown_exit(result.to_json()) or {}).get("reason") or result.reason()
+        text = f"the kernel {verb}: {reason}; its variables are lost"
         settings = self.settings
         if settings is None:
             return text
@@ -819,7 +820,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             "ceilings": ceilings,
             "usage": usage,
             "limits_enforced": enforced,
-            "last_exit": self.last_exit,
+            "last_exit": _shown_exit(self.last_exit),
             "notebook_folder_writable": writable,
         }
 
@@ -1051,6 +1052,19 @@ def _stopped_by_server(stop: str | None) -> str:
     if stop is None or stop == "sent by the server" or stop.endswith(forced):
         return forced
     return f"{stop}, then {forced}"
+
+
+#: What the REST API and the cell say of a sandbox that could not start (the executor's
+#: error names host paths: the server's log has it).
+SETUP_FAILED = "the sandbox could not start (the server's log says why)"
+
+
+def _shown_exit(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``data`` (an exit as ``_record_exit`` keeps it) as the REST API and the death notice
+    show it: a setup error's text, which names host paths, replaced by ``SETUP_FAILED``."""
+    if data is None or not data.get("setup_error"):
+        return data
+    return {**data, "setup_error": SETUP_FAILED, "reason": SETUP_FAILED}
 
 
 def _usage(container: Container) -> dict[str, Any] | None:

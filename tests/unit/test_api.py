@@ -256,6 +256,16 @@ async def test_the_notice_at_the_ceiling_says_it_is_the_most(
         await km.shutdown_kernel(now=True)
 
 
+def test_a_setup_error_is_shown_without_its_host_paths() -> None:
+    data = {"reason": "the sandbox could not start: mount /var/lib/x: EPERM", "code": 1}
+    data["setup_error"] = "mount /var/lib/x: EPERM"
+    shown = prov._shown_exit(data)
+    assert shown is not None and "/var" not in json.dumps(shown)
+    assert shown["reason"] == prov.SETUP_FAILED and shown["code"] == 1
+    plain = {"reason": "killed by SIGSEGV", "setup_error": None}
+    assert prov._shown_exit(plain) == plain and prov._shown_exit(None) is None
+
+
 # ---- the relay's notice ------------------------------------------------------------------------
 def test_the_kernel_notice_goes_to_the_running_cell() -> None:
     session = Session(key=KEY)
