@@ -18,7 +18,10 @@ calls it for the kernel's whole life, across restarts (``cleanup(restart=True)``
 * poll/wait: report the exit status; a death by OOM, by the pids cap or by a signal is
   logged in one plain line and kept (``last_exit``, and ``exits`` for the next kernel). The
   reason describes this death (``exits.verdict``): a cap hit the kernel survived, or a stop
-  the server asked for, is not blamed on a cap.
+  the server asked for, is not blamed on a cap. A death nobody asked for is told at once in
+  the cell that was running (``Relay.tell``), before the restart.
+* the server's REST API (``jupyter.api``): ``sandbox_status`` and ``change_limits``, through
+  the same checks as the kernel's ``%sandbox`` requests (``_ceilings``, ``_change_limits``).
 * cleanup: stop the relay, destroy the container (processes, cgroups, run dir).
 
 The container id (and so the connection folder) stays the same across restarts, and so
