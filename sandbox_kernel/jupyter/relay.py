@@ -166,6 +166,11 @@ class WireMessage:
         return self._type
 
     @property
+    def header(self) -> dict[str, Any]:
+        """The header ({} when unreadable)."""
+        return _json(self.frames[self.start + 2]) if self.start is not None else {}
+
+    @property
     def parent(self) -> dict[str, Any]:
         """The parent header, {} unless it has a string ``msg_id`` (parsed on first use)."""
         if self._parent is None:
@@ -197,8 +202,9 @@ class OutputGuard:
         self.buckets = {"output": bucket(), "protocol": bucket()}
         self.throttled: dict[str, list[int]] = {}  # bucket -> [messages, bytes] dropped
         self.last_parent: dict[str, Any] = {}
-        #: the execute_request the kernel is busy with (the last one when it is idle): the
-        #: parent of a notice about the kernel itself (its death)
+        #: the header of the last execute_request a client sent (the cell the kernel runs,
+        #: or ran last): the parent of a notice about the kernel itself (its death). Taken
+        #: from the client's side: a kernel killed at once never sends its "busy"
         self.last_execute: dict[str, Any] = {}
         self.dropped = 0  # messages dropped in all, for the log
 
@@ -220,8 +226,6 @@ class OutputGuard:
         msg_type = msg.msg_type
         if channel == "iopub" and msg_type == "status" and msg.parent:
             self.last_parent = msg.parent
-            if msg.parent.get("msg_type") == "execute_request":
-                self.last_execute = msg.parent
         if size > self.limits.max_message_size:
             parent = msg.parent or self.last_parent
             self.dropped += 1
@@ -271,10 +275,19 @@ class OutputGuard:
             self.last_parent,
         )
 
+    def from_client(self, channel: str, frames: Sequence[bytes]) -> None:
+        """Note an execute_request a client sends on shell (``last_execute``). Called by the
+        relay thread for each message it passes to the kernel."""
+        if channel == "shell":
+            msg = WireMessage(frames)
+            if msg.msg_type == "execute_request" and isinstance(msg.header.get("msg_id"), str):
+                self.last_execute = msg.header
+
     def kernel_notice(self, text: str) -> list[bytes]:
         """A notice about the kernel itself (``text``: its death), parented to the
-        execute_request it runs or ran last (else the last request it answered), so that
-        the cell that was running shows it. Called by the relay thread for ``Relay.tell``."""
+        execute_request it runs or ran last (``last_execute``; else the last request it
+        answered), so that the cell that was running shows it. Called by the relay thread
+        for ``Relay.tell``."""
         return self.notice(text, self.last_execute or self.last_parent)
 
     def notice(self, text: str, parent: dict[str, Any]) -> list[bytes]:
@@ -627,6 +640,7 @@ class Relay:
                 frames = ch.client.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self.guard.from_client(ch.name, frames)
             self._send(ch.kernel, frames)
 
     def _send(self, sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:

@@ -270,13 +270,16 @@ def test_a_setup_error_is_shown_without_its_host_paths() -> None:
 def test_the_kernel_notice_goes_to_the_running_cell() -> None:
     session = Session(key=KEY)
     guard = OutputGuard(OutputLimits(), Session(key=KEY))
-    cell = session.msg("execute_request", content={"code": "x"})["header"]
-    info = session.msg("kernel_info_request", content={})["header"]
-    for parent, state in ((cell, "busy"), (info, "busy"), (info, "idle")):
-        frames = kernel_message(session, "status", {"execution_state": state}, parent)
+    cell = session.msg("execute_request", content={"code": "x"})
+    info = session.msg("kernel_info_request", content={})
+    for msg in (cell, info):  # as the client sends them on shell
+        guard.from_client("shell", session.serialize(msg, ident=[b"client"]))
+    # the kernel answered the kernel_info, and died before its "busy" for the cell left
+    for state in ("busy", "idle"):
+        frames = kernel_message(session, "status", {"execution_state": state}, info["header"])
         assert guard.admit("iopub", frames)[0]
     notice = read_notice(guard.kernel_notice("the kernel died: x"))
-    assert notice["parent_header"]["msg_id"] == cell["msg_id"]
+    assert notice["parent_header"]["msg_id"] == cell["header"]["msg_id"]
     assert notice["content"] == {"name": "stderr", "text": "[sandbox-kernel] the kernel died: x\n"}
 
 
