@@ -44,9 +44,9 @@ class Server:
         return rest_call(self.url + path, self.token, method, body)
 
 
-def launch_server(base: Path) -> Server:
+def launch_server(base: Path, extra: tuple[str, ...] = ()) -> Server:
     """A jupyter_server with the sandbox kernelspecs (and a broken and a big one) in its
-    own folder ``base``, ready (bounded wait)."""
+    own folder ``base``, ready (bounded wait); ``extra``: more command-line options."""
     prefix = base / "prefix"
     kernelspecs.install(None, prefix=str(prefix))
     kernels = prefix / "share" / "jupyter" / "kernels"
@@ -93,6 +93,7 @@ def launch_server(base: Path) -> Server:
         f"--ServerApp.root_dir={root}",
         "--ServerApp.port_retries=0",
         "--SandboxPolicy.max_memory=1G",  # the admin's ceiling, as in jupyter_server_config.py
+        *extra,
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(base))
