@@ -62,6 +62,7 @@ from ..runtime.rundir import ContainerInfo, find_container, process_alive, runni
 from ..runtime.spec import ContainerSpec
 from ..units import format_cpus, format_size
 from . import exits, launch
+from . import folder as folder_mod
 from . import relay as relay_mod
 from .control import ControlThread
 from .errors import for_user
@@ -142,6 +143,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._image_digest = ""
         self._reattached_start: str | None = None
         self._userns_noticed = False
+        # the ids the notebook folder's owner is compared with (folder.check), and the last
+        # unwritable-folder problem logged
+        self._folder_ids: tuple[int, int] | None = None
+        self._folder_noticed: str | None = None
         # Live changes (%sandbox memory=2G), kept across restarts of this kernel, and the caps
         # the kernelspec gave (the live ceiling where the administrator set none).
         self._live: dict[str, float] = {}
@@ -357,6 +362,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 self.log.warning("%s: %s", self._context, line)
         self._userns_noticed = self._userns_noticed or bool(userns.notice or note)
         owner = start.host_ids()
+        # idmapped (root mode): the folder shows its on-disk ids as the same container ids
+        idmap = idmapped and userns.mode == "root"
+        self._folder_ids = (settings.uid, settings.gid) if idmap else owner
+        await asyncio.to_thread(self._notice_folder, settings, workdir)
         connection = self._connection_json(km, kwargs, paths.ip)
         spec = launch.kernel_spec(start, argv, env, connection, magics=magics)
         container = await asyncio.to_thread(self._create_container, spec, workdir, paths)
@@ -458,6 +467,27 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             return verify_quota(workdir, limit, source)
         except SandboxError as exc:
             raise SpecError(str(exc), context=self._context) from None
+
+    def _folder_access(
+        self, settings: KernelSettings, workdir: str | None
+    ) -> folder_mod.FolderAccess:
+        """Can the kernel's user write its notebook folder (``folder.check``)? Blocking (a
+        stat): called by ``pre_launch`` and for each ``_info``."""
+        if not workdir or self._folder_ids is None:
+            return folder_mod.FolderAccess(None)
+        return folder_mod.check(
+            workdir, self._folder_ids, settings.uid, readonly=settings.notebook_readonly
+        )
+
+    def _notice_folder(self, settings: KernelSettings, workdir: str) -> None:
+        """Warn in the server log when the kernel about to start cannot write its notebook
+        folder (once per problem, not at each restart). Called by ``pre_launch``."""
+        problem = self._folder_access(settings, workdir).problem
+        if problem and problem != self._folder_noticed:
+            self.log.warning(
+                "%s: the kernel cannot write its notebook folder: %s", self._context, problem
+            )
+        self._folder_noticed = problem
 
     def _notebook_dir(self, cwd: object) -> str:
         """The notebook's folder (the server passes it as ``cwd``), resolved; it must exist."""
@@ -918,8 +948,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     ) -> dict[str, Any]:
         """What ``%sandbox`` shows: names, image, limits, the admin's ceilings (shown),
         the live ceilings (``live``: the admin's, else the kernelspec's; for the advice after
-        a death), last death."""
+        a death), last death, whether the kernel can write its notebook folder (a stat)."""
         lim = container.limits
+        access = self._folder_access(settings, self.cwd)
         return {
             "kernel_id": self.kernel_id,
             "kernelspec": self.kernelspec_name,
@@ -940,6 +971,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             "previous_exit": self._previous_exit,
             # False: rootless without a delegated cgroup, allowed by the admin
             "limits_enforced": container.limits_enforced,
+            # None: unknown; False with no problem: mounted read-only (notebook_folder='ro')
+            "notebook_folder_writable": access.writable,
+            "notebook_folder_problem": access.problem,
         }
 
     async def cleanup(self, restart: bool = False) -> None:

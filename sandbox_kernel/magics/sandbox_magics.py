@@ -10,7 +10,8 @@ by the host; images are not modified.
 * ``%sandbox memory=2G cpus=2 pids=512``: ask the host to change the limits live.
 * ``%%sandbox timeout=10s memory=500M``: run one cell under a wall-clock budget and/or
   a memory budget; past it the cell is interrupted and says which budget it exceeded.
-* On the first execution after a kernel was stopped by a cap, say why.
+* On the first execution after a kernel was stopped by a cap, say why; and say when the
+  kernel cannot write its notebook folder (the host's ``notebook_folder_problem``).
 """
 
 from __future__ import division, print_function
@@ -337,6 +338,9 @@ def build_report(info, usage, cpu_percent, host_error=None):
     folder = quota_text(info.get("notebook_quota") if info else None)
     if folder:
         rows.insert(5, ("notebook folder", folder))
+    access = folder_access_text(info)
+    if access:
+        rows.insert(5, ("folder access", access))
     up = _uptime()
     if up is not None:
         rows.append(("uptime", "%d s" % up))
@@ -557,6 +561,36 @@ def explain_previous_exit(info):
     return text
 
 
+def folder_access_text(info):
+    """The ``folder access`` row of the report: whether this kernel can write its notebook
+    folder, with the host's fix when it cannot; None when the host did not say."""
+    writable = (info or {}).get("notebook_folder_writable")
+    if writable is None:
+        return None
+    if writable:
+        return "read-write"
+    problem = (info or {}).get("notebook_folder_problem")
+    if problem:
+        return "not writable by this kernel: %s" % problem
+    return "read-only (mounted so: notebook_folder='ro')"
+
+
+def explain_folder(info):
+    """One notice that this kernel cannot write its notebook folder, with the fix, or None.
+    Called at load time with the host's ``get`` answer."""
+    problem = (info or {}).get("notebook_folder_problem")
+    if not problem or (info or {}).get("notebook_folder_writable") is not False:
+        return None
+    return "This kernel cannot write its notebook folder: %s." % problem
+
+
+def first_notice(info):
+    """What the first execution says (why the previous kernel stopped, an unwritable
+    notebook folder), or None. Called at load time with the host's ``get`` answer."""
+    lines = [t for t in (explain_previous_exit(info), explain_folder(info)) if t]
+    return "\n".join(lines) if lines else None
+
+
 def _on_first_execution(*args):
     text = _pending_notice["text"]
     if text:
@@ -580,5 +614,5 @@ def load_ipython_extension(ipython):
         magics[kind]["sandbox"] = magics[kind].pop("sandbox_magic")
     info = ask_host({"op": "get"}, timeout=2.0)
     if info.get("ok"):
-        _pending_notice["text"] = explain_previous_exit(info.get("info"))
+        _pending_notice["text"] = first_notice(info.get("info"))
     ipython.events.register("pre_run_cell", _on_first_execution)

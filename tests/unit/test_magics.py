@@ -88,6 +88,40 @@ def test_explanation_of_an_oom_kill() -> None:
     assert "already the most this kernel may have (256)" in m.explain_previous_exit(pids)
 
 
+FOLDER_PROBLEM = (
+    "the folder /srv/course belongs to root; kernels run as nobody (65534) there: "
+    "chown it to the user, or set SandboxProvisioner.user"
+)
+
+
+def test_an_unwritable_folder_is_told_at_the_first_execution_and_in_the_report() -> None:
+    info = {"notebook_folder_writable": False, "notebook_folder_problem": FOLDER_PROBLEM}
+    notice = m.first_notice(info)
+    assert notice == f"This kernel cannot write its notebook folder: {FOLDER_PROBLEM}."
+    usage = {"memory_limit": 1 << 30, "cpus": None, "pids_limit": 64}
+    rows = dict(m.build_report(info, usage, 0.0).rows)
+    assert rows["folder access"] == f"not writable by this kernel: {FOLDER_PROBLEM}"
+    # both notices, the previous death first
+    both = m.first_notice({**info, "previous_exit": {"reason": "killed by SIGKILL"}})
+    assert both is not None
+    assert both.splitlines() == ["The previous kernel was stopped: killed by SIGKILL.", notice]
+
+
+@pytest.mark.parametrize(
+    ("writable", "problem", "row"),
+    [
+        (True, None, "read-write"),
+        (False, None, "read-only (mounted so: notebook_folder='ro')"),
+        (None, None, None),
+    ],
+)
+def test_folder_access_row(writable: bool | None, problem: str | None, row: str | None) -> None:
+    info = {"notebook_folder_writable": writable, "notebook_folder_problem": problem}
+    assert m.folder_access_text(info) == row
+    assert m.first_notice(info) is None  # nothing to tell at the first execution
+    assert m.folder_access_text(None) is None and m.first_notice(None) is None
+
+
 class FakeShell:
     def __init__(self) -> None:
         self.user_ns: dict[str, Any] = {}  # whatever the cells assigned

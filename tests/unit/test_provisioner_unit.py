@@ -980,3 +980,44 @@ async def test_the_deferred_cpu_cap_skips_a_container_replaced_while_it_waited(
         assert old.proc.stdin is not None
         old.proc.stdin.close()
         old.proc.wait()
+
+
+async def test_an_unwritable_notebook_folder_is_told_at_start_and_to_the_kernel(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As root, a root-owned folder makes user='auto' run the kernel as nobody: the server log
+    says so at start and the kernel's %sandbox gets it (rootless: the server's own folder)."""
+    add_spec(kernel_dir, "t-folder", {"image": "python3"})
+    course = tmp_path / "course"
+    course.mkdir(mode=0o755)
+    km = AsyncKernelManager(kernel_name="t-folder")
+    km.log = logging.getLogger("test-folder")
+    with caplog.at_level(logging.WARNING, logger="test-folder"):
+        await km.start_kernel(cwd=str(course))
+    try:
+        info = (
+            await asyncio.to_thread(ask, control_path(FakeContainer.created[-1]), {"op": "get"})
+        )["info"]
+        if os.geteuid() != 0:
+            assert info["notebook_folder_writable"] is True, info
+            assert info["notebook_folder_problem"] is None
+            return
+        problem = (
+            f"the folder {course} belongs to root; kernels run as nobody (65534) there: "
+            "chown it to the user, or set SandboxProvisioner.user"
+        )
+        assert info["notebook_folder_writable"] is False
+        assert info["notebook_folder_problem"] == problem
+        assert f"the kernel cannot write its notebook folder: {problem}" in caplog.text
+        # the fix, then a restart: writable, and said nowhere
+        os.chown(course, 1000, 1000)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="test-folder"):
+            await km.restart_kernel(now=True)
+        info = (
+            await asyncio.to_thread(ask, control_path(FakeContainer.created[-1]), {"op": "get"})
+        )["info"]
+        assert info["notebook_folder_writable"] is True and info["notebook_folder_problem"] is None
+        assert "notebook folder" not in caplog.text
+    finally:
+        await km.shutdown_kernel(now=True)
