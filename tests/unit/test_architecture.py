@@ -9,6 +9,9 @@ The layers, lowest first (a module may import its own layer and every layer belo
     runtime  runtime/          (spec -> validators -> plan -> executor; the container)
     images   images/           (the store, builds on the runtime)
     jupyter  jupyter/          (provisioner, settings, control server, kernelspecs, demo)
+    hub      hub/              (the JupyterHub hook)
+    grading  grading/          (nbgrader on sandbox kernels)
+    batch    batch/            (nbclient and papermill runs that end with the death reason)
     cli      cli/, __main__
 
 ``magics/`` stands apart; ``sandbox_kernel/__init__.py`` is the package's face and imports
@@ -38,6 +41,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("jupyter", frozenset({"jupyter"})),
     ("hub", frozenset({"hub"})),
     ("grading", frozenset({"grading"})),
+    ("batch", frozenset({"batch"})),
     ("cli", frozenset({"cli", "__main__"})),
 )
 APART = frozenset({"magics"})
@@ -55,6 +59,7 @@ JUPYTER_PACKAGES = frozenset(
         "nbconvert",
         "nbgrader",
         "nbclient",
+        "papermill",
         "nbformat",
         "tornado",
         "traitlets",
