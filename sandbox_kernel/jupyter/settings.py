@@ -131,7 +131,9 @@ class SandboxSettings(LoggingConfigurable):
         help="""Who the kernel runs as. 'auto': when the server runs as root, the owner of
         the notebook's directory (65534 'nobody' if that owner is root, unless
         SandboxPolicy.allow_root); otherwise the server's own uid. Or a uid, 'uid:gid' or a
-        user name of the host. Never root unless SandboxPolicy.allow_root. Default: 'auto'.""",
+        user name of the host. Never root unless SandboxPolicy.allow_root. A kernel whose
+        user cannot write the notebook's directory is told so at start (the server log, the
+        first execution, %sandbox). Default: 'auto'.""",
     )
     magics = Bool(
         True,
