@@ -134,7 +134,6 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._between_starts = False
         self._paths: launch.ConnectionPaths | None = None
         self._owner: tuple[int, int] = (-1, -1)  # the kernel's host uid and gid
-        self._folder_ids: tuple[int, int] = (-1, -1)  # ... as its notebook folder sees them
         #: the server's descriptor of the kernel's connection folder (the same number across
         #: restarts)
         self._conn_fd: int | None = None
@@ -371,9 +370,6 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         container = await asyncio.to_thread(self._create_container, spec, workdir, paths)
         self._started(container, settings, workdir, image.digest)
         self._owner = owner
-        # whom the notebook folder's modes apply to: an idmapped folder shows the kernel's
-        # files as settings.uid's
-        self._folder_ids = (settings.uid, settings.gid) if idmapped else owner
         # What launch_kernel needs; the server's environment is deliberately dropped.
         kwargs.pop("env", None)
         kwargs["cwd"] = workdir
@@ -866,27 +862,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         return await self._control_request({**changes, "op": "set"})
 
     def _folder_writable(self, settings: KernelSettings) -> bool | None:
-        """May the kernel write its notebook folder (the folder's mode bits for the ids the
-        kernel has on it; a read-only mount is never writable)? None when unknown. Called by
-        ``sandbox_status`` (blocking: in a thread)."""
-        if settings.notebook_readonly:
-            return False
-        if not self.cwd:
-            return None
-        uid, gid = self._folder_ids
-        if uid < 0:
-            return None
-        try:
-            st = os.stat(self.cwd)
-        except OSError:
-            return None
-        if uid == 0:
-            return True
-        if st.st_uid == uid:
-            return bool(st.st_mode & 0o200)
-        if st.st_gid == gid:
-            return bool(st.st_mode & 0o020)
-        return bool(st.st_mode & 0o002)
+        """May the kernel write its notebook folder (``folder.check``; a read-only mount is
+        never writable)? None when unknown. Called by ``sandbox_status`` (blocking: in a
+        thread)."""
+        return self._folder_access(settings, self.cwd).writable
 
     def _change_limits(
         self, container: Container, request: dict[str, Any], ceilings: Any
