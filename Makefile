@@ -11,13 +11,14 @@ CFLAGS_RT := $(shell cat sandbox_kernel/runtime/native/cflags)
 DEB_PACKAGES := gcc libc6-dev make uidmap mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv clang-format clang-tidy cppcheck chromium docker-registry apache2-utils openssl
 RUNTIME := sandbox_kernel/runtime/_bin/sk-runtime
 
-.PHONY: help deps venv native install vm-setup demo hub-demo hub-demo-clean test test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2 test-cgroup-v2-native lint lint-c bench bench-rootless clean
+.PHONY: help deps venv native install labextension vm-setup demo hub-demo hub-demo-clean test test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2 test-cgroup-v2-native lint lint-c bench bench-rootless clean
 
 help:
 	@echo "make demo            build what is missing, run the Python 2.7 and Python 3 notebooks side by side"
 	@echo "make hub-demo        (root) a JupyterHub on 127.0.0.1:8000 with two students and an instructor"
 	@echo "make test            the whole test suite (lint, types, unit, privileged, cgroup v2 in a VM)"
 	@echo "make test-cgroup-v2  the cgroup v2 selection in a QEMU guest (or natively: tools/vm/run-tests.sh --native)"
+	@echo "make labextension    rebuild the JupyterLab extension (npm) after a change in labextension/"
 	@echo "make bench           the benchmarks (table + JSON under benchmarks/results/)"
 	@echo "make install         a system-wide install for every user (PREFIX=/opt/sandbox-kernel, BINDIR=/usr/local/bin)"
 
@@ -37,6 +38,12 @@ $(RUNTIME): sandbox_kernel/runtime/native/sk-runtime.c sandbox_kernel/runtime/na
 	$(CC) $(CFLAGS_RT) -o $@ $<
 
 native: $(RUNTIME)
+
+# the JupyterLab extension: labextension/ built into sandbox_kernel/labextension/ (committed,
+# so no install needs node; npm ci fetches the locked packages). Not part of `make test`:
+# the unit tests check the committed build's stamp against the sources instead.
+labextension: venv
+	$(PY) tools/labextension.py build
 
 # a system-wide install every user's Jupyter can use (root; see tools/install-system.sh)
 PREFIX ?= /opt/sandbox-kernel

@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import SandboxError, SpecError
 from ..limits import BOUNDS
 from ..paths import shipped_dirs
-from . import serverext
+from . import labext, serverext
 
 PROVISIONER_NAME = "sandbox-provisioner"
 PROVISIONER_OBJECT = "sandbox_kernel.jupyter.provisioner:SandboxProvisioner"
@@ -136,7 +136,8 @@ def install(
     ``prefix``: ``<prefix>/share/jupyter/kernels`` (``sys.prefix`` for --sys-prefix). The
     file enabling the product's server extension (the guarded contents manager) goes into
     the matching config folder (``server_config_dir``), so a server that finds these
-    kernels also guards their folders, editable installs included.
+    kernels also guards their folders, editable installs included; the JupyterLab
+    extension (``labext``) is copied into the matching data folder (``data_dir``) likewise.
     Called by ``sandbox-kernel kernelspec install`` and by the demo.
     """
     from jupyter_client.kernelspec import KernelSpecManager
@@ -150,6 +151,7 @@ def install(
         for name, data in rendered.items()
     ]
     serverext.write_config(server_config_dir(user=user, prefix=prefix))
+    labext.install(data_dir(user=user, prefix=prefix))
     return out
 
 
@@ -228,11 +230,13 @@ def add_image(
     name: str, data: dict[str, Any], *, user: bool = False, prefix: str | None = None
 ) -> Installed:
     """Install the kernelspec ``data`` made by ``render_image`` as ``name`` (destinations as
-    ``install``) and enable the server extension there. Called by ``kernelspec add``."""
+    ``install``), enable the server extension and copy the JupyterLab extension there.
+    Called by ``kernelspec add``."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     done = _install_one(KernelSpecManager(), name, data, None, user=user, prefix=prefix)
     serverext.write_config(server_config_dir(user=user, prefix=prefix))
+    labext.install(data_dir(user=user, prefix=prefix))
     return done
 
 
@@ -247,6 +251,20 @@ def server_config_dir(*, user: bool = False, prefix: str | None = None) -> Path:
     if user:
         return Path(jupyter_config_dir())
     return Path(SYSTEM_CONFIG_PATH[0])
+
+
+def data_dir(*, user: bool = False, prefix: str | None = None) -> Path:
+    """The Jupyter data folder of a kernelspec destination (``prefix``:
+    ``<prefix>/share/jupyter``; ``user``: the user's data dir; else the first system one, as
+    ``KernelSpecManager.install_kernel_spec`` picks), where ``install`` puts the JupyterLab
+    extension."""
+    from jupyter_core.paths import SYSTEM_JUPYTER_PATH, jupyter_data_dir
+
+    if prefix is not None:
+        return Path(prefix) / "share" / "jupyter"
+    if user:
+        return Path(jupyter_data_dir())
+    return Path(SYSTEM_JUPYTER_PATH[0])
 
 
 def installed() -> list[Installed]:
