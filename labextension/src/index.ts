@@ -41,6 +41,9 @@ const POLL_MS = 3000;
 /** After a death, how often and how many times the recorded reason is looked for. */
 const EXIT_RETRY_MS = 500;
 const EXIT_TRIES = 20;
+/** A PATCH while the kernel restarts (409): how often and how many times it is retried. */
+const PATCH_RETRY_MS = 1000;
+const PATCH_TRIES = 30;
 const DEATH_STATES: ReadonlySet<Kernel.Status> = new Set([
   'dead',
   'restarting',
@@ -67,9 +70,21 @@ class SandboxApi {
     return reply;
   }
 
-  /** Change the kernel's limits (any of memory, cpus, pids); its new report. */
+  /**
+   * Change the kernel's limits (any of memory, cpus, pids); its new report. The server
+   * answers 409 while the kernel restarts: asked again (bounded) until it is up.
+   */
   async patch(id: string, body: Record<string, unknown>): Promise<IKernelReport | null> {
-    return this.request(id, { method: 'PATCH', body: JSON.stringify(body) });
+    for (let i = 0; ; i++) {
+      try {
+        return await this.request(id, { method: 'PATCH', body: JSON.stringify(body) });
+      } catch (error) {
+        if (!(error instanceof SandboxApiError) || error.status !== 409 || i >= PATCH_TRIES) {
+          throw error;
+        }
+      }
+      await new Promise(resolve => window.setTimeout(resolve, PATCH_RETRY_MS));
+    }
   }
 
   private async request(id: string, init: RequestInit): Promise<IKernelReport | null> {
