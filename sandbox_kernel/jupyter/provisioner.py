@@ -123,6 +123,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._sent: set[int] = set()
         self._caps: exits.CapBaseline | None = None
         self._cpu_task: asyncio.Task[None] | None = None
+        # the kernel process's pidfd watched on the event loop (``_watch_exit``)
+        self._exit_watch: tuple[asyncio.AbstractEventLoop, int] | None = None
+        self._exit_task: asyncio.Future[None] | None = None
         self._reattached_pid: int | None = None
         self._control: ControlThread | None = None
         self._relay: relay_mod.Relay | None = None
@@ -592,7 +595,55 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 os.close(self._conn_fd)
                 self._conn_fd = None
             raise
+        self._watch_exit(container)
         return self.connection_info
+
+    def _watch_exit(self, container: Container) -> None:
+        """Notice the kernel's end the moment its process ends, not at the restarter's next
+        poll (seconds later): ``poll`` then records it and the death notice reaches the
+        running cell before the server announces the restart, after which JupyterLab no
+        longer shows that cell's output. A pidfd read on the event loop (no thread per
+        kernel); where there is none, the restarter's poll still notices. Called by
+        ``launch_kernel``; undone by ``_unwatch_exit``."""
+        self._unwatch_exit()
+        proc = container.proc
+        if proc is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            fd = os.pidfd_open(proc.pid)
+        except (OSError, RuntimeError, AttributeError):
+            return
+
+        def ended() -> None:
+            self._unwatch_exit()
+            if self.container is container:
+                self._exit_task = asyncio.ensure_future(self._poll_ended())
+
+        try:
+            loop.add_reader(fd, ended)
+        except (OSError, RuntimeError, NotImplementedError):
+            os.close(fd)
+            return
+        self._exit_watch = (loop, fd)
+
+    async def _poll_ended(self) -> None:
+        """``poll`` once the kernel process ended (``_watch_exit``); a failure only logged:
+        the restarter's own poll comes next anyway."""
+        try:
+            await self.poll()
+        except Exception as exc:
+            self.log.debug("kernel %s: reading its end failed: %s", self.kernel_id, exc)
+
+    def _unwatch_exit(self) -> None:
+        """Stop watching the kernel process's pidfd (idempotent; tolerant of a closed loop)."""
+        watch, self._exit_watch = self._exit_watch, None
+        if watch is None:
+            return
+        loop, fd = watch
+        with contextlib.suppress(Exception):
+            loop.remove_reader(fd)
+        os.close(fd)
 
     async def _connect(self, container: Container) -> None:
         """Reach the kernel's sockets through this process's descriptor of the container's
@@ -960,6 +1011,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         re-attached one's leftovers); on a final shutdown also forget the kept exit reason and
         the container id. Called by the KernelManager after every shutdown, restarts included."""
         self._between_starts = restart
+        self._unwatch_exit()
         await self._close_control()
         await self._close_relay()
         if self._cpu_task is not None:
