@@ -398,8 +398,10 @@ class DeathWatch {
     }
     try {
       await this.api.patch(report.kernel_id, { memory: more });
+      // the server restarts a dead kernel by itself: the new limit applies to it at once;
+      // only a kernel still dead (no automatic restart) is restarted here
       const kernel = panel.sessionContext.session?.kernel;
-      if (kernel && kernel.id === report.kernel_id) {
+      if (kernel && kernel.id === report.kernel_id && kernel.status === 'dead') {
         await kernel.restart();
       }
     } catch (error) {
