@@ -362,6 +362,7 @@ class Relay:
         self._done = True  # the thread ended (or never started)
         self._orphaned = False  # close gave up waiting: the thread ends the context
         self._last_cut_notice: float | None = None
+        self._died = False  # the kernel's death was told (relay thread only)
         self.rebuilds = 0  # kernel sockets rebuilt, for tests and the log
 
     @staticmethod
@@ -554,6 +555,7 @@ class Relay:
                 return
             if kind == b"death":
                 self._flush = True
+                self._died = True  # a connection lost from now on is the death, not a cut
             self._send(iopub.client, self.guard.kernel_notice(text.decode(errors="replace")))
 
     @staticmethod
@@ -599,6 +601,8 @@ class Relay:
                 ch.up_since = now
                 if ch.cut:
                     ch.cut = False
+                    if self._died:
+                        continue
                     last = self._last_cut_notice
                     if last is None or now - last >= self.limits.window:
                         self._last_cut_notice = now
