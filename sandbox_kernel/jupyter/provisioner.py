@@ -1012,6 +1012,12 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         the container id. Called by the KernelManager after every shutdown, restarts included."""
         self._between_starts = restart
         self._unwatch_exit()
+        # a reading of the end the watcher started finishes first: it must not record (and
+        # keep) the exit after this cleanup forgot it
+        task, self._exit_task = self._exit_task, None
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self._close_control()
         await self._close_relay()
         if self._cpu_task is not None:
