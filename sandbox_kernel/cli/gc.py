@@ -1,6 +1,7 @@
 """``sandbox-kernel gc``: remove what crashed containers left behind.
 
-Layer: cli. The work is ``runtime.leftovers.collect_leftovers``.
+Layer: cli. The work is ``runtime.leftovers.collect_leftovers``, then
+``jupyter.exits.collect_orphans`` (kept death reasons of kernels whose container is gone).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import os
 from typing import Any
 
+from ..jupyter.exits import collect_orphans
 from ..runtime.leftovers import collect_leftovers, collect_other_users
 from .ps import safe_text
 
@@ -38,6 +40,8 @@ def gc_command(args: argparse.Namespace) -> int:
         print(f"  cgroup {name}")
     for name in report.host_layers:  # old versions and build leftovers (not in a dry run)
         print(f"  host image layer {name}")
+    for kernel_id in collect_orphans(dry_run=args.dry_run):  # after the run dirs went
+        print(f"  kept state of kernel {safe_text(kernel_id, 200)}")
     for err in report.errors:
         print(f"  error: {safe_text(err, 2000)}")
     return 1 if report.errors else 0

@@ -92,6 +92,10 @@ def verdict(
     )
 
 
+#: The most kept kernel entries one ``collect_orphans`` looks at.
+MAX_ORPHANS = 4096
+
+
 def kernels_dir(root: Path | None = None) -> Path:
     """``<run root>/kernels``: per-kernel state that outlives a container (the root defaults
     to ``paths.run_dir()``)."""
@@ -126,3 +130,29 @@ def forget(kernel_id: str) -> None:
     """Drop what is kept of a kernel (idempotent). Called by the provisioner's ``cleanup``
     on a shutdown that is not a restart."""
     shutil.rmtree(kernels_dir() / kernel_id, ignore_errors=True)
+
+
+def collect_orphans(dry_run: bool = False, root: Path | None = None) -> list[str]:
+    """Drop what is kept of kernels whose container is gone (its run dir removed): a server
+    killed before its ``cleanup`` could ``forget`` them. Returns the kernel ids (at most
+    ``MAX_ORPHANS`` looked at). A restart between its cleanup and its next start may lose
+    its file this way; the provisioner keeps the same reason in memory. Called by
+    ``sandbox-kernel gc`` after the run dirs were collected."""
+    base = kernels_dir(root)
+    runs = root or run_dir()
+    try:
+        entries = sorted(base.iterdir())[:MAX_ORPHANS]
+    except OSError:
+        return []
+    gone: list[str] = []
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        data = read_last_exit(entry.name, root)
+        cid = data.get("container_id") if data else None
+        if isinstance(cid, str) and cid and "/" not in cid and (runs / cid).exists():
+            continue
+        gone.append(entry.name)
+        if not dry_run:
+            shutil.rmtree(entry, ignore_errors=True)
+    return gone

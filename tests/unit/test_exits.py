@@ -6,8 +6,10 @@ the server asked for."""
 
 from __future__ import annotations
 
+import json
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +164,18 @@ def test_the_baseline_moves_on_only_past_hits_the_kernel_survived() -> None:
     # a death now: the pids hits were survived, the OOM kill read at 102.0 was not
     died = verdict(ended(sig=signal.SIGKILL, oom=1, pids=3), base.counts)
     assert died.reason() == "out of memory (limit 256 MiB, peak 256 MiB)"
+
+
+def test_gc_drops_the_kept_state_of_kernels_whose_container_is_gone(tmp_path: Path) -> None:
+    from sandbox_kernel.jupyter import exits as ex
+
+    (tmp_path / "sk-alive").mkdir()
+    for kid, cid in (("k-alive", "sk-alive"), ("k-gone", "sk-gone")):
+        d = ex.kernels_dir(tmp_path) / kid
+        d.mkdir(parents=True)
+        (d / "last-exit.json").write_text(json.dumps({"container_id": cid}))
+    (ex.kernels_dir(tmp_path) / "k-broken").mkdir()
+    assert sorted(ex.collect_orphans(dry_run=True, root=tmp_path)) == ["k-broken", "k-gone"]
+    assert (ex.kernels_dir(tmp_path) / "k-gone").exists()  # a dry run removes nothing
+    assert sorted(ex.collect_orphans(root=tmp_path)) == ["k-broken", "k-gone"]
+    assert [p.name for p in ex.kernels_dir(tmp_path).iterdir()] == ["k-alive"]
