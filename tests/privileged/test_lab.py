@@ -14,12 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from playwright.sync_api import Locator, Page, Request, expect
 
 from sandbox_kernel.jupyter import kernelspecs, labext
 from tests.browser import chromium, launcher_cards, open_notebook
-from tests.privileged.test_server import REPO, free_port
+from tests.privileged.test_server import spawn_jupyter
 from tests.wsclient import rest_call
 
 pytestmark = [
@@ -63,51 +60,19 @@ def lab(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[Lab]
     kernelspecs.install(None, prefix=str(prefix))
     assert (prefix / "share" / "jupyter" / "labextensions" / labext.NAME / "package.json").is_file()
     root = base / "root"
-    root.mkdir()
-    if os.geteuid() == 0:
-        os.chown(root, 1000, 1000)
-    eps = kernelspecs.entry_point_dir(base / "eps")
-    token = secrets.token_hex(16)
-    port = free_port()
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(base),
-        "JUPYTER_PATH": str(prefix / "share" / "jupyter"),
-        "JUPYTER_CONFIG_DIR": str(base / "config"),
-        "JUPYTER_CONFIG_PATH": str(prefix / "etc" / "jupyter"),
-        "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(eps)]),
-    }
-    for key in ("SANDBOX_KERNEL_STATE_DIR", "SANDBOX_KERNEL_RUN_DIR"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    log = base / "lab.log"
-    cmd = [
-        sys.executable,
-        "-m",
+    url, token, proc, log = spawn_jupyter(
+        base,
+        prefix,
+        root,
         "jupyterlab",
-        f"--ServerApp.token={token}",
-        f"--port={port}",
-        "--ip=127.0.0.1",
-        "--no-browser",
-        "--allow-root",
-        f"--ServerApp.root_dir={root}",
-        "--ServerApp.port_retries=0",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        f"--SandboxPolicy.max_memory={CEILING}",
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(base))
-    srv = Lab(f"http://127.0.0.1:{port}", token, root, log)
+        (
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            f"--SandboxPolicy.max_memory={CEILING}",
+        ),
+        timeout=90,
+    )
+    srv = Lab(url, token, root, log)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            with contextlib.suppress(OSError):
-                if srv.api("GET", "/api/status")[0] == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"jupyter lab did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
         yield srv
     finally:
         proc.send_signal(signal.SIGINT)

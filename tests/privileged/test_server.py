@@ -44,6 +44,72 @@ class Server:
         return rest_call(self.url + path, self.token, method, body)
 
 
+def spawn_jupyter(
+    base: Path,
+    prefix: Path,
+    root: Path,
+    app: str,
+    args: Iterable[str],
+    *,
+    env_extra: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> tuple[str, str, subprocess.Popen[bytes], Path]:
+    """Start ``python -m app`` (jupyter_server or jupyterlab) on a free loopback port with a
+    fresh token, its Jupyter folders in ``base``, the kernelspecs and config of ``prefix``
+    (as a ``kernelspec install --prefix`` leaves them) and ``root`` (made, the kernels'
+    owner's) as its root folder; ``args``: more options. Waits (bounded) for /api/status.
+    Returns (url, token, process, log). Used by ``launch_server`` and the lab tests."""
+    root.mkdir()
+    if os.geteuid() == 0:
+        os.chown(root, 1000, 1000)  # kernels run as the folder's owner; rootless: the server's
+    eps = kernelspecs.entry_point_dir(base / "eps")
+    token = secrets.token_hex(16)
+    port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(base),
+        "JUPYTER_PATH": str(prefix / "share" / "jupyter"),
+        "JUPYTER_CONFIG_DIR": str(base / "config"),
+        # where kernelspec install enabled the server extension (as for a --prefix install)
+        "JUPYTER_CONFIG_PATH": str(prefix / "etc" / "jupyter"),
+        "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(eps)]),
+        **(env_extra or {}),
+    }
+    for key in ("SANDBOX_KERNEL_STATE_DIR", "SANDBOX_KERNEL_RUN_DIR"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    log = base / f"{app}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        app,
+        f"--ServerApp.token={token}",
+        f"--port={port}",
+        "--ip=127.0.0.1",
+        "--no-browser",
+        "--allow-root",
+        f"--ServerApp.root_dir={root}",
+        "--ServerApp.port_retries=0",
+        *args,
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(base))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if rest_call(url + "/api/status", token, "GET", None)[0] == 200:
+                return url, token, proc, log
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{app} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
 def launch_server(base: Path, extra: tuple[str, ...] = ()) -> Server:
     """A jupyter_server with the sandbox kernelspecs (and a broken and a big one) in its
     own folder ``base``, ready (bounded wait); ``extra``: more command-line options."""
@@ -60,54 +126,15 @@ def launch_server(base: Path, extra: tuple[str, ...] = ()) -> Server:
     (kernels / "big-sandbox").mkdir()
     (kernels / "big-sandbox" / "kernel.json").write_text(json.dumps(big))
     root = base / "root"
-    root.mkdir()
-    if os.geteuid() == 0:
-        os.chown(root, 1000, 1000)  # kernels run as the folder's owner; rootless: the server's
-    eps = kernelspecs.entry_point_dir(base / "eps")
-    token = secrets.token_hex(16)
-    port = free_port()
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(base),
-        "JUPYTER_PATH": str(prefix / "share" / "jupyter"),
-        "JUPYTER_CONFIG_DIR": str(base / "config"),
-        # where kernelspec install enabled the server extension (as for a --prefix install)
-        "JUPYTER_CONFIG_PATH": str(prefix / "etc" / "jupyter"),
-        "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(eps)]),
-        "SECRET_OF_THE_SERVER": "must-not-leak",
-    }
-    for key in ("SANDBOX_KERNEL_STATE_DIR", "SANDBOX_KERNEL_RUN_DIR"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    log = base / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
+    url, token, proc, log = spawn_jupyter(
+        base,
+        prefix,
+        root,
         "jupyter_server",
-        f"--ServerApp.token={token}",
-        f"--port={port}",
-        "--ip=127.0.0.1",
-        "--no-browser",
-        "--allow-root",
-        f"--ServerApp.root_dir={root}",
-        "--ServerApp.port_retries=0",
-        "--SandboxPolicy.max_memory=1G",  # the admin's ceiling, as in jupyter_server_config.py
-        *extra,
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(base))
-    srv = Server(f"http://127.0.0.1:{port}", token, root, proc, log)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if srv.request("GET", "/api/status")[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"jupyter server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
+        ("--SandboxPolicy.max_memory=1G", *extra),  # the admin's ceiling, as in its config
+        env_extra={"SECRET_OF_THE_SERVER": "must-not-leak"},
+    )
+    srv = Server(url, token, root, proc, log)
     return srv
 
 
