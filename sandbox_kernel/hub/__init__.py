@@ -71,12 +71,12 @@ def make_pre_spawn_hook(
         await asyncio.to_thread(_account_uid, name)  # a hub name is an account, never a uid
         done = await asyncio.to_thread(delegate_user, name)
         only = done.policy is not None and done.policy.sandboxed_only
-        home_quota = done.policy.home_quota if done.policy is not None else None
-        if home_quota is not None:
+        mine = done.policy
+        if mine is not None and mine.home_quota is not None:
             home = await asyncio.to_thread(_account_home, name)
-            source = f"home_quota in {done.policy.where}" if done.policy else "home_quota"
+            source = f"home_quota in {mine.where}"
             usage = await asyncio.to_thread(
-                functools.partial(quota.apply, home, home_quota, source=source, what="home")
+                functools.partial(quota.apply, home, mine.home_quota, source=source, what="home")
             )
             spawner.log.info("sandbox-kernel: %s", usage.describe())
         env = dict(spawner.environment or {})
