@@ -368,6 +368,12 @@ def _blocks(nbytes: int) -> int:
     return -(-nbytes // QUOTA_BLOCK)
 
 
+def _as_set(nbytes: int) -> int:
+    """``nbytes`` as a limit is stored (whole 1 KiB quota blocks): what every comparison of a
+    limit read back with the one asked for uses."""
+    return _blocks(nbytes) * QUOTA_BLOCK
+
+
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
     """Root's one lock over every quota change of this host (a file in root's run dir, which
@@ -465,7 +471,7 @@ def _set_up(
         raise _unsupported(folder, e, what) from None
     st = os.fstatvfs(fd)
     shown = st.f_blocks * st.f_frsize
-    if shown > _blocks(bytes_limit) * QUOTA_BLOCK:
+    if shown > _as_set(bytes_limit):
         raise QuotaError(
             f"{what} {folder}: the quota of {format_size(bytes_limit)} is recorded but not "
             f"enforced (the filesystem still shows {format_size(shown)} there): mount it with "
@@ -477,7 +483,7 @@ def _check_inherited(folder: str, bytes_limit: int, projid: int, source: str, wh
     """A folder inside a project a folder above it owns: that quota, read, must be at most
     ``bytes_limit``; it is never changed from here."""
     usage = read(folder, what)
-    if usage.bytes_limit is None or usage.bytes_limit > _blocks(bytes_limit) * QUOTA_BLOCK:
+    if usage.bytes_limit is None or usage.bytes_limit > _as_set(bytes_limit):
         have = format_size(usage.bytes_limit) if usage.bytes_limit else "no limit"
         raise QuotaError(
             f"{what} {folder} is inside the disk quota of a folder above it (project "
@@ -530,7 +536,7 @@ def verify(
             f"of {want} ({source}); an administrator sets it as root: "
             f"sandbox-kernel quota set {folder} {want}"
         )
-    if usage.bytes_limit is None or usage.bytes_limit > _blocks(bytes_limit) * QUOTA_BLOCK:
+    if usage.bytes_limit is None or usage.bytes_limit > _as_set(bytes_limit):
         have = format_size(usage.bytes_limit) if usage.bytes_limit else "no limit"
         raise QuotaError(
             f"{what} {folder}: its disk quota ({have}) is above the {want} the administrator "
