@@ -507,7 +507,7 @@ def sandbox(line, cell=None, shell=None):
 
 
 # ---------------------------------------------------------------- why the last kernel died
-_pending_notice = {"text": None}
+_first_execution = {"asked": False}  # the first execution asked the host (once per kernel)
 
 
 def _size_arg(n):
@@ -522,7 +522,8 @@ def _size_arg(n):
 
 def explain_previous_exit(info):
     """One notice of why the previous kernel was stopped (OOM, pids cap), with what to ask
-    for instead, or None. Called at load time with the host's ``get`` answer."""
+    for instead (or the limit it has now, when that was raised since), or None. Called at
+    the first execution with the host's ``get`` answer of that moment."""
     prev = (info or {}).get("previous_exit")
     if not prev:
         return None
@@ -534,7 +535,10 @@ def explain_previous_exit(info):
     if prev.get("oom_killed"):
         limit = now.get("memory") or prev.get("memory_limit") or 0
         top = tops.get("memory")
-        if top and limit and limit >= top:
+        if limit and prev.get("memory_limit") and limit > prev["memory_limit"]:
+            # raised since the death (the death dialog's "Restart with ..."): nothing to ask
+            text += " The memory limit is now %s." % fmt_size(limit)
+        elif top and limit and limit >= top:
             text += (
                 " The memory limit is already the most this kernel may have (%s): "
                 "use less memory, or ask your teacher or administrator for more." % fmt_size(top)
@@ -548,7 +552,9 @@ def explain_previous_exit(info):
     elif prev.get("pids_limit_hit"):
         limit = now.get("pids") or 0
         top = tops.get("pids")
-        if top and limit and limit >= top:
+        if limit and prev.get("pids_limit") and limit > prev["pids_limit"]:
+            text += " The process limit is now %d." % limit
+        elif top and limit and limit >= top:
             text += (
                 " The process limit is already the most this kernel may have (%d): start "
                 "fewer processes or threads." % top
@@ -577,7 +583,7 @@ def folder_access_text(info):
 
 def explain_folder(info):
     """One notice that this kernel cannot write its notebook folder, with the fix, or None.
-    Called at load time with the host's ``get`` answer."""
+    Called at the first execution with the host's ``get`` answer."""
     problem = (info or {}).get("notebook_folder_problem")
     if not problem or (info or {}).get("notebook_folder_writable") is not False:
         return None
@@ -586,15 +592,22 @@ def explain_folder(info):
 
 def first_notice(info):
     """What the first execution says (why the previous kernel stopped, an unwritable
-    notebook folder), or None. Called at load time with the host's ``get`` answer."""
+    notebook folder), or None. Called by ``_on_first_execution`` with the host's ``get``
+    answer of that moment."""
     lines = [t for t in (explain_previous_exit(info), explain_folder(info)) if t]
     return "\n".join(lines) if lines else None
 
 
 def _on_first_execution(*args):
-    text = _pending_notice["text"]
+    """IPython's ``pre_run_cell`` hook: at the first execution only, ask the host then (not
+    at load: the limits may have changed since, as after the death dialog's "Restart with
+    ...", and the kernel's start is not held up) and write the notice, if any, to stderr."""
+    if _first_execution["asked"]:
+        return
+    _first_execution["asked"] = True
+    info = ask_host({"op": "get"}, timeout=2.0)
+    text = first_notice(info.get("info")) if info.get("ok") else None
     if text:
-        _pending_notice["text"] = None
         sys.stderr.write(text + "\n")
 
 
@@ -612,7 +625,4 @@ def load_ipython_extension(ipython):
     magics = ipython.magics_manager.magics
     for kind in ("line", "cell"):
         magics[kind]["sandbox"] = magics[kind].pop("sandbox_magic")
-    info = ask_host({"op": "get"}, timeout=2.0)
-    if info.get("ok"):
-        _pending_notice["text"] = first_notice(info.get("info"))
     ipython.events.register("pre_run_cell", _on_first_execution)

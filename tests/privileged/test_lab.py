@@ -139,18 +139,26 @@ def run_code(page: Page, panel: Locator, code: str) -> Locator:
 
 
 def output_of(page: Page, panel: Locator, code: str, tries: int = 4) -> str:
-    """Run ``code`` in the first cell and return its output (again, ``tries`` times at most,
-    when a just-started kernel dropped the request)."""
+    """Run ``code`` in the first cell and return all its outputs once it has finished
+    (again, ``tries`` times at most, when a just-started kernel dropped the request)."""
     for _ in range(tries):
         cell = run_code(page, panel, code)
         output = cell.locator(".jp-OutputArea-output").first
+        prompt = cell.locator(".jp-InputPrompt")
         with contextlib.suppress(Exception):
             output.wait_for(timeout=20_000)
-            return output.inner_text()
-        if "*" in cell.locator(".jp-InputPrompt").inner_text():
+            return finished_outputs(cell, prompt)
+        if "*" in prompt.inner_text():
             output.wait_for(timeout=60_000)
-            return output.inner_text()
+            return finished_outputs(cell, prompt)
     raise AssertionError(f"the cell {code!r} gave no output in {tries} runs")
+
+
+def finished_outputs(cell: Locator, prompt: Locator) -> str:
+    """The text of all of ``cell``'s outputs once its prompt no longer shows it running
+    (a notice on stderr can come before the cell's own output)."""
+    expect(prompt).not_to_contain_text("*", timeout=60_000)
+    return "\n".join(cell.locator(".jp-OutputArea-output").all_inner_texts())
 
 
 def kernel_menu(page: Page, command: str) -> None:
@@ -250,6 +258,9 @@ def test_a_cell_over_the_cap_shows_the_reason_and_restart_with_more(
         expect(cell.locator(".jp-OutputArea")).to_contain_text("out of memory", timeout=10_000)
         out = output_of(page, panel, "r = %sandbox\nprint(r)")
         assert "1 GiB" in out, out
+        # the first execution's notice says the limit is raised, and asks for nothing
+        assert "The previous kernel was stopped: out of memory" in out, out
+        assert "The memory limit is now 1 GiB." in out and "Raise it" not in out, out
 
 
 def test_interrupt_and_restart_from_the_kernel_menu(lab: Lab, tmp_path: Path) -> None:

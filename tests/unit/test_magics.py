@@ -53,7 +53,7 @@ def test_report_renders_html_and_text() -> None:
 
 
 def test_explanation_of_an_oom_kill() -> None:
-    info = {
+    info: dict[str, Any] = {
         "ceilings": {"memory": "2 GiB"},
         "previous_exit": {
             "reason": "out of memory (limit 512 MiB, peak 512 MiB)",
@@ -68,10 +68,12 @@ def test_explanation_of_an_oom_kill() -> None:
     assert m.explain_previous_exit({"previous_exit": None}) is None
     # the advice never goes above what may be asked for, nor below the kernel's limit now
     info["ceiling_values"] = {"memory": 768 << 20, "pids": 256}
-    info["limits"] = {"memory": 600 << 20}  # raised live before the death, kept on restart
+    info["previous_exit"]["memory_limit"] = 600 << 20  # raised live before the death
+    info["limits"] = {"memory": 600 << 20}  # ... and kept on restart
     assert "Raise it with %sandbox memory=768M" in m.explain_previous_exit(info)
     info["ceiling_values"] = {"memory": 1400 << 20}  # never rounded up past the ceiling
     assert "Raise it with %sandbox memory=1200M" in m.explain_previous_exit(info)
+    info["previous_exit"]["memory_limit"] = 1000 << 20
     info["limits"] = {"memory": 1000 << 20}
     assert "Raise it with %sandbox memory=1400M" in m.explain_previous_exit(info)
     info["ceiling_values"] = {"memory": 768 << 20, "pids": 256}
@@ -80,12 +82,42 @@ def test_explanation_of_an_oom_kill() -> None:
         "The memory limit is already the most this kernel may have (768 MiB): use less "
         "memory, or ask your teacher or administrator for more."
     )
-    pids = {
+    # raised since the death (the dialog's "Restart with ..."): the limit now, nothing to ask
+    info["limits"] = {"memory": 1536 << 20}
+    assert m.explain_previous_exit(info) == (
+        "The previous kernel was stopped: out of memory (limit 512 MiB, peak 512 MiB). "
+        "The memory limit is now 1.5 GiB."
+    )
+    pids: dict[str, Any] = {
         "previous_exit": {"reason": "process limit hit", "pids_limit_hit": True},
         "limits": {"pids": 256},
         "ceiling_values": {"pids": 256},
     }
     assert "already the most this kernel may have (256)" in m.explain_previous_exit(pids)
+    pids["previous_exit"]["pids_limit"] = 128
+    assert m.explain_previous_exit(pids) == (
+        "The previous kernel was stopped: process limit hit. The process limit is now 256."
+    )
+
+
+def test_the_first_execution_asks_the_host_then_and_only_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asked: list[dict[str, Any]] = []
+    prev = {"reason": "out of memory", "oom_killed": True, "memory_limit": 512 << 20}
+
+    def host(request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        asked.append(request)
+        return {"ok": True, "info": {"previous_exit": prev, "limits": {"memory": 1 << 30}}}
+
+    monkeypatch.setattr(m, "ask_host", host)
+    monkeypatch.setitem(m._first_execution, "asked", False)
+    m._on_first_execution()
+    m._on_first_execution()
+    assert asked == [{"op": "get"}]
+    assert capsys.readouterr().err == (
+        "The previous kernel was stopped: out of memory. The memory limit is now 1 GiB.\n"
+    )
 
 
 FOLDER_PROBLEM = (
