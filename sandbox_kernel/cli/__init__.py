@@ -31,16 +31,28 @@ VERB_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every verb module's ``register`` applied (a verb module
-    missing from this build is skipped). Called by ``main`` on each invocation."""
+def _verb_of(argv: Sequence[str]) -> str | None:
+    """The verb ``argv`` names, when it is one of ``VERB_MODULES`` (the first word that is
+    not the global ``--debug``); None otherwise (no verb, ``--help``, a typo)."""
+    for word in argv:
+        if word == "--debug":
+            continue
+        return word if word in VERB_MODULES else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with the verb modules' ``register`` applied: every one, or only
+    ``only`` (a verb module missing from this build is skipped). Called by ``main`` on each
+    invocation with the verb of the command line, so that a verb imports what it needs and
+    nothing of the others (``--help`` and a mistyped verb get them all)."""
     parser = argparse.ArgumentParser(
         prog="sandbox-kernel",
         description="Run Jupyter kernels (and any command) in lightweight Linux containers.",
     )
     parser.add_argument("--debug", action="store_true", help="show debug logging")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for name in VERB_MODULES:
+    for name in VERB_MODULES if only is None else (only,):
         try:
             module = importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:
@@ -54,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sandbox-kernel`` (console script) and ``python -m sandbox_kernel``:
     parse, run the verb's handler, and turn a SandboxError into one line and exit 125."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_verb_of(words))
+    args = parser.parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="sandbox-kernel: %(message)s",

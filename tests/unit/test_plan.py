@@ -1,3 +1,4 @@
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -191,10 +192,53 @@ def test_loopback_request_goes_into_the_plan_and_replies_are_checked(tmp_path: P
         return struct.pack("=IHHIIi", 20, kind, 0, 1, 0, error).hex()
 
     netns.check_reply(reply(netns.NLMSG_ERROR, 0))
-    for bad in (reply(netns.NLMSG_ERROR, -1), reply(16, 0), "zz", ""):
+    for bad in (reply(netns.NLMSG_ERROR, -1), reply(16, 0), "zz", "", reply(2, 0)[:30]):
         with pytest.raises(RuntimeStartError) as err:
             netns.check_reply(bad)
         assert err.value.stage == "network"
+
+
+def test_the_kept_loopback_request_is_pyroute2s_encoding() -> None:
+    """``LOOPBACK_UP`` (kept so that a start never imports pyroute2) is what pyroute2 builds
+    for ``lo``; another link's request is built by pyroute2 then."""
+    from sandbox_kernel.runtime import netns
+
+    netns._cache.pop("lo")
+    try:
+        assert netns.link_up_request("lo") == netns.LOOPBACK_UP
+    finally:
+        netns._cache["lo"] = netns.LOOPBACK_UP
+    other = bytes.fromhex(netns.link_up_request("sk-test0"))
+    assert b"sk-test0\0" in other and other[:4] != bytes.fromhex(netns.LOOPBACK_UP)[:4]
+
+
+@pytest.mark.parametrize("error", [0, -1, -19, -95])
+def test_acks_are_read_as_pyroute2_decodes_them(error: int) -> None:
+    """``check_reply`` reads the kernel's ack (with NETLINK_CAP_ACK: the header of the
+    request after the errno) as pyroute2's decoder does."""
+    from pyroute2.netlink import nlmsgerr
+
+    from sandbox_kernel.errors import RuntimeStartError
+    from sandbox_kernel.runtime import netns
+
+    ack = nlmsgerr()
+    ack["header"]["type"] = netns.NLMSG_ERROR
+    ack["header"]["sequence_number"] = 1
+    ack["header"]["pid"] = 4242
+    ack["error"] = error
+    ack.encode()
+    data = bytes(ack.data) + bytes.fromhex(netns.LOOPBACK_UP)[:16]
+    data = len(data).to_bytes(4, "little") + data[4:]
+    decoded = nlmsgerr(data)
+    decoded.decode()
+    assert decoded["error"] == error
+    if error == 0:
+        netns.check_reply(data.hex())
+        return
+    with pytest.raises(RuntimeStartError) as err:
+        netns.check_reply(data.hex())
+    assert err.value.errno == -error and err.value.stage == "network"
+    assert os.strerror(-error) in str(err.value)
 
 
 @pytest.mark.parametrize("upper", [False, True])

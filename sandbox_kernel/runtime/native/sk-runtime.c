@@ -1895,7 +1895,7 @@ static void init_report(const char *line)
 /* Init, as root of the container's user namespace (and so with CAP_NET_ADMIN over its
  * network namespace), before the mounts: send each `netlink` request of the plan on a
  * NETLINK_ROUTE socket of the container's own network namespace and report the reply as
- * `netlink HEX` (the owner decodes it, with pyroute2, and fails the start on an error). */
+ * `netlink HEX` (the owner reads the ack and fails the start on an error). */
 static void send_netlink(void)
 {
     static const char hex[] = "0123456789abcdef";
