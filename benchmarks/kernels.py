@@ -118,6 +118,8 @@ class Harness:
         self.failures: dict[str, str] = {}
         self._ctx: zmq.asyncio.Context | None = None
         self.notes: list[str] = []
+        #: kernelspec -> the provisioner's start phases (ms) of each start of it
+        self.phases: dict[str, list[dict[str, float]]] = {}
         self.podman_runtime = ""
         self._seq = 0
         bare = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -297,6 +299,9 @@ class Harness:
         k.t0 = time.perf_counter()
         await km.start_kernel(cwd=str(self.workdir), stdout=self.log, stderr=self.log)
         k.started = time.perf_counter() - k.t0
+        phases = getattr(km.provisioner, "start_phases", None)
+        if phases is not None:  # a sandbox kernel: where its start spent the time
+            self.phases.setdefault(spec, []).append(dict(phases.ms))
         if spec in self.ipc_names:  # the kernel (another uid, or in podman) reads it
             with contextlib.suppress(OSError):
                 os.chmod(km.connection_file, 0o644)

@@ -33,6 +33,18 @@ async def _one(h: Harness, spec: str) -> tuple[float, float, float]:
 Series = dict[str, tuple[list[float], list[float], list[float]]]
 
 
+def phase_figures(tag: str, starts: list[dict[str, float]]) -> list[Figure]:
+    """One figure per start phase the provisioner traced (``runtime/phases.py``), in the
+    order of the first start: where the sandbox's part of a cold start goes. The warm-up
+    start is left out, as in the other figures."""
+    measured = starts[1:] if len(starts) > 1 else starts
+    names = list(measured[0]) if measured else []
+    return [
+        Figure(f"{tag} phase: {name}", "ms", [run[name] for run in measured if name in run])
+        for name in names
+    ]
+
+
 async def _series(h: Harness, specs: list[str], rounds: int, warmup: bool = True) -> Series:
     out: dict[str, tuple[list[float], list[float], list[float]]] = {s: ([], [], []) for s in specs}
     peers = [s for s in specs if s.startswith(("bwrap-", "podman-"))]
@@ -90,6 +102,7 @@ async def measure(
     for s in specs:
         figs.append(Figure(f"P1 py3 {label[s]}: launch -> kernel_info_reply", "ms", data[s][0]))
         figs.append(Figure(f"P1 py3 {label[s]}: launch -> iopub status", "ms", data[s][1]))
+    figs.extend(phase_figures("P1 py3 sandbox", h.phases.get("python3-sandbox", [])))
     figs.append(
         Figure(
             "P1 py3 sandbox: launch -> start_kernel returned (incl. provisioner's own wait)",
@@ -150,6 +163,7 @@ async def measure(
     data2 = await _series(h, specs2, rounds, warmup)
     figs.append(Figure("P1 py2.7 sandbox: launch -> iopub status", "ms", data2[specs2[0]][1]))
     figs.append(Figure("P1 py2.7 chroot: launch -> iopub status", "ms", data2[specs2[1]][1]))
+    figs.extend(phase_figures("P1 py2.7 sandbox", h.phases.get("python2.7-sandbox", [])))
     figs.append(
         ratio(
             "P1 py2.7 ratio sandbox/chroot (pure sandbox overhead)",

@@ -6,6 +6,7 @@ Layer: cli, on the runtime (``Container``) and the image store.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -19,6 +20,8 @@ from ..runtime.container import Container, require_privileges
 from ..runtime.spec import Bind, ContainerSpec, Limits
 from ..runtime.userns import for_caller
 from ..units import parse_whole
+
+log = logging.getLogger(__name__)
 
 FORWARDED = (
     signal.SIGINT,
@@ -180,6 +183,7 @@ def run_command(args: argparse.Namespace) -> int:
         }
         try:
             container.start(stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+            log.debug("container %s start: %s", container.id, container.phases.text())
             result = container.wait()
         finally:
             for s, handler in previous.items():

@@ -58,6 +58,7 @@ from ..quota import read as read_quota
 from ..quota import verify as verify_quota
 from ..runtime.container import Container, ExitResult
 from ..runtime.leftovers import collect_leftovers
+from ..runtime.phases import Phases
 from ..runtime.rundir import ContainerInfo, find_container, process_alive, running_containers
 from ..runtime.spec import ContainerSpec
 from ..units import format_cpus, format_size
@@ -153,6 +154,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         # the kernelspec gave (the live ceiling where the administrator set none).
         self._live: dict[str, float] = {}
         self._start_limits: Limits | None = None
+        #: where the last start spent its time, pre_launch to the first kernel_info reply
+        #: (logged at debug level; read by the benchmarks)
+        self.start_phases: Phases | None = None
         _PROVISIONERS.add(self)
 
     # ---- naming ----------------------------------------------------------------------------
@@ -313,13 +317,17 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             raise SandboxError(
                 f"{self._context}: the sandbox provisioner needs a kernel manager as parent"
             )
+        phases = self.start_phases = Phases()
         workdir = self._notebook_dir(kwargs.get("cwd"))
         settings = self._with_live(self.resolve(workdir))
+        phases.mark("settings")
         await asyncio.to_thread(self._check_kernel_count, settings)
         await asyncio.to_thread(self._folder_quota, settings, workdir)
+        phases.mark("kernel count, quota")
         image = await asyncio.to_thread(
             launch.find_image, settings.image, self._context, settings.ipykernel_layer
         )
+        phases.mark("image")
         # Same container id across restarts (the run dir and the kernel's hostname).
         if self.container_id is None:
             self.container_id = new_container_id()
@@ -346,9 +354,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             magics=magics,
             context=self._context,
         )
+        phases.mark("command, env")
         userns, idmapped, note = await asyncio.to_thread(
             launch.kernel_userns, workdir, settings.uid, settings.gid
         )
+        phases.mark("user namespace")
         start = launch.KernelStart(
             self.container_id,
             self.kernelspec_name,
@@ -370,7 +380,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         await asyncio.to_thread(self._notice_folder, settings, workdir)
         connection = self._connection_json(km, kwargs, paths.ip)
         spec = launch.kernel_spec(start, argv, env, connection, magics=magics)
-        container = await asyncio.to_thread(self._create_container, spec, workdir, paths)
+        phases.mark("folder, spec")
+        container = await asyncio.to_thread(self._create_container, spec, workdir, paths, phases)
         self._started(container, settings, workdir, image.digest)
         self._owner = owner
         # What launch_kernel needs; the server's environment is deliberately dropped.
@@ -531,7 +542,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         return json.dumps(info, indent=1)
 
     def _create_container(
-        self, spec: ContainerSpec, workdir: str, paths: launch.ConnectionPaths
+        self,
+        spec: ContainerSpec,
+        workdir: str,
+        paths: launch.ConnectionPaths,
+        phases: Phases,
     ) -> Container:
         """Create the container (blocking: run in a thread), with the server's own folder
         for the relay's sockets in its run dir."""
@@ -547,6 +562,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 spec,
                 meta=meta,
                 subdirs={paths.relay_dir.name: (os.geteuid(), os.getegid(), 0o700)},
+                phases=phases,
             )
         except SpecError as exc:
             raise SpecError(exc.problems, context=self._context) from None
@@ -558,6 +574,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         container = self.container
         if container is None:
             raise SandboxError(f"{self._context}: launch_kernel called without pre_launch")
+        container.phases.mark("kernel manager")
         stdout = kwargs.get("stdout")
         stderr = kwargs.get("stderr")
         # a new cgroup's counters (zero, unless the runtime reused one): this life's baseline
@@ -596,6 +613,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 self._conn_fd = None
             raise
         self._watch_exit(container)
+        container.phases.mark("relay, control socket")
         return self.connection_info
 
     def _watch_exit(self, container: Container) -> None:
@@ -690,10 +708,14 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         first cell the user runs is already capped. Clients wait for that reply anyway.
         Called by the KernelManager after ``launch_kernel``, at each start."""
         container = self.container
-        if container is not None and container.limits.defer_cpu:
+        if container is None:
+            return
+        container.phases.mark("kernel manager")
+        if container.limits.defer_cpu:
             self._cpu_task = asyncio.ensure_future(self._apply_cpu_when_ready(container))
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cpu_task
+        self.log.debug("kernel %s start: %s", self.kernel_id, container.phases.text())
 
     async def _apply_cpu_when_ready(self, container: Container) -> None:
         timeout = self.settings.cpu_defer_timeout if self.settings else 60.0
@@ -713,6 +735,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 self.kernel_id,
                 exc,
             )
+        container.phases.mark("first kernel_info reply")
         if (
             container is self.container
             and container.proc is not None
@@ -728,6 +751,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 await asyncio.to_thread(apply)
             except SandboxError as exc:
                 self.log.warning("kernel %s: could not apply the CPU cap: %s", self.kernel_id, exc)
+            container.phases.mark("cpu cap")
 
     # ---- contract: end ---------------------------------------------------------------------
     async def _seen_alive(self, container: Container) -> None:

@@ -35,6 +35,7 @@ from ..units import format_size
 from . import netns, ops, shim
 from .executor import StatusPipe, runtime_binary
 from .leftovers import collect_leftovers
+from .phases import Phases
 from .plan import HostContext, compile_plan
 from .protocol import encode_plan
 from .rundir import ensure_run_root, proc_starttime, read_json, write_json
@@ -151,9 +152,16 @@ class Container:
     ``rundir.find_container(id)``."""
 
     def __init__(
-        self, spec: ContainerSpec, manager: CgroupManager, cgroup: CgroupHandle, root: Path
+        self,
+        spec: ContainerSpec,
+        manager: CgroupManager,
+        cgroup: CgroupHandle,
+        root: Path,
+        phases: Phases | None = None,
     ) -> None:
         self.spec = spec
+        #: where this container's creation and start spent their time (``phases.py``)
+        self.phases = phases if phases is not None else Phases()
         self.id = spec.id
         self.manager = manager
         self.cgroup = cgroup
@@ -181,6 +189,7 @@ class Container:
         root: Path | None = None,
         meta: dict[str, Any] | None = None,
         subdirs: dict[str, tuple[int, int, int]] | None = None,
+        phases: Phases | None = None,
     ) -> Container:
         """Validate the spec, then create the run dir and the cgroups. Nothing runs yet.
 
@@ -189,13 +198,17 @@ class Container:
 
         ``subdirs``: folders to make inside the run dir, name -> (uid, gid, mode); they may be
         bind sources of the spec (e.g. a folder shared with a command that ``run`` starts).
+        ``phases``: the start's timeline to mark this creation's steps on (a new one if None).
         """
+        phases = phases if phases is not None else Phases()
         root = root or run_dir()
         subdirs = subdirs or {}
         validate_spec(spec, created=frozenset(str(root / spec.id / name) for name in subdirs))
         require_privileges()
         manager = manager or cgroup_manager(spec)
+        phases.mark("validate")
         collect_leftovers(root=root, manager=manager)
+        phases.mark("gc")
         ensure_run_root(root)
         rdir = root / spec.id
         try:
@@ -228,6 +241,7 @@ class Container:
             **(meta or {}),
         }
         write_json(rdir / "meta.json", info)
+        phases.mark("run dir")
         try:
             cg = manager.create(
                 spec.id, cgroup_limits(spec.limits, include_cpu=not spec.limits.defer_cpu)
@@ -235,7 +249,8 @@ class Container:
         except BaseException:
             shutil.rmtree(rdir, ignore_errors=True)
             raise
-        return cls(spec, manager, cg, root)
+        phases.mark("cgroup")
+        return cls(spec, manager, cg, root, phases)
 
     # ---- start ---------------------------------------------------------------------
     def start(
@@ -254,32 +269,8 @@ class Container:
         """
         if self.proc is not None:
             raise SandboxError(f"container {self.id} was already started")
-        from . import seccomp
-
-        seccomp_file = (
-            str(seccomp.write_filter(self.run_dir.parent / ".seccomp"))
-            if self.spec.seccomp
-            else None
-        )
-        version = self.manager.version
-        join = self.cgroup.join_paths
-        host = HostContext(
-            scratch_dir=str(self.run_dir / "scratch"),
-            cgroup_dirs=tuple(join),
-            cgroup_version=version,
-            cgroup_v1_mounts=self.cgroup.view_mounts(),
-            seccomp_file=seccomp_file,
-            netlink=(netns.loopback_request(),) if self.spec.network is NetworkMode.NONE else (),
-        )
-        plan = compile_plan(self.spec, host)
-        if self.spec.uid_map and os.geteuid() != 0:
-            # rootless: what the plan creates in a root-owned image comes from the shim layer
-            host = replace(host, shim=shim.entries(plan, self.spec.layers))
-            plan = compile_plan(self.spec, host)
-        plan_path = self.run_dir / "plan"
-        fd = os.open(plan_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(encode_plan(plan))
+        plan, plan_path = self._write_plan()
+        self.phases.mark("plan")
 
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         control_r, control_w = os.pipe2(os.O_CLOEXEC)
@@ -315,11 +306,14 @@ class Container:
         write_json(
             self.run_dir / "pid", {"pid": self.proc.pid, "start": proc_starttime(self.proc.pid)}
         )
+        self.phases.mark("spawn")
         deadline = time.monotonic() + timeout
         try:
             self._await_exec(deadline)
             if share is not None:
                 self._receive_shared(share)
+            self.phases.mark("executor")
+            self.phases.note("executor's own setup", (self.setup_us or 0) / 1000)
         except BaseException:
             self.kill()
             raise
@@ -328,6 +322,38 @@ class Container:
                 share.close()
             with contextlib.suppress(FileNotFoundError):
                 plan_path.unlink()
+
+    def _write_plan(self) -> tuple[list[ops.Op], Path]:
+        """Compile the spec with this host's context (cgroup, seccomp filter, netlink
+        requests; the rootless shim layer) and write it to the run dir's ``plan`` file, for
+        the executor. Called by ``start``."""
+        from . import seccomp
+
+        seccomp_file = (
+            str(seccomp.write_filter(self.run_dir.parent / ".seccomp"))
+            if self.spec.seccomp
+            else None
+        )
+        version = self.manager.version
+        join = self.cgroup.join_paths
+        host = HostContext(
+            scratch_dir=str(self.run_dir / "scratch"),
+            cgroup_dirs=tuple(join),
+            cgroup_version=version,
+            cgroup_v1_mounts=self.cgroup.view_mounts(),
+            seccomp_file=seccomp_file,
+            netlink=(netns.loopback_request(),) if self.spec.network is NetworkMode.NONE else (),
+        )
+        plan = compile_plan(self.spec, host)
+        if self.spec.uid_map and os.geteuid() != 0:
+            # rootless: what the plan creates in a root-owned image comes from the shim layer
+            host = replace(host, shim=shim.entries(plan, self.spec.layers))
+            plan = compile_plan(self.spec, host)
+        plan_path = self.run_dir / "plan"
+        fd = os.open(plan_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(encode_plan(plan))
+        return plan, plan_path
 
     def _receive_shared(self, share: socket.socket) -> None:
         """Take the directory descriptors init sent for the plan's ``share`` records (all

@@ -238,6 +238,16 @@ async def test_cpu_cap_applied_after_first_kernel_info(
         assert (
             st.cpu_quota_us == 50_000 and st.pids_limit == 64 and st.memory_limit == 300 * 1024**2
         )
+        # the start's trace: each phase of the provisioner and the runtime, in order
+        phases = provisioner.start_phases
+        assert phases is not None and phases is provisioner.container.phases
+        names = [n for n in phases.ms if not n.startswith("(")]
+        assert names.index("image") < names.index("gc") < names.index("cgroup")
+        assert (
+            names.index("plan") < names.index("executor") < names.index("first kernel_info reply")
+        )
+        assert names[-1] == "cpu cap" and 0 < phases.ms["executor"] < phases.total_ms
+        assert 0 < phases.ms["(executor's own setup)"] <= phases.ms["executor"]
     finally:
         await km.shutdown_kernel(now=True)
 
