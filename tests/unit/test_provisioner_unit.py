@@ -31,6 +31,7 @@ from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
 from sandbox_kernel.runtime import userns
 from sandbox_kernel.runtime.container import ExitResult
+from sandbox_kernel.runtime.phases import Phases
 from sandbox_kernel.runtime.spec import Bind, ContainerSpec, IdMap, Tmpfs
 
 FAKE_RANGE = userns.SubRange(300000, 65536)
@@ -68,6 +69,7 @@ class FakeContainer:
         # the cgroup's cap-hit counters (memory.events oom_kill, pids.events max)
         self.oom_kills = 0
         self.pids_hits = 0
+        self.phases = Phases()
 
     @classmethod
     def create(
@@ -76,9 +78,11 @@ class FakeContainer:
         *,
         meta: dict[str, Any] | None = None,
         subdirs: dict[str, tuple[int, int, int]] | None = None,
+        phases: Phases | None = None,
         **_: Any,
     ) -> FakeContainer:
         c = cls(spec, run_dir(), meta or {})
+        c.phases = phases or c.phases
         for name, (uid, gid, mode) in (subdirs or {}).items():
             (c.run_dir / name).mkdir(parents=True, mode=mode)
             os.chown(c.run_dir / name, uid, gid)
@@ -947,6 +951,7 @@ async def test_the_deferred_cpu_cap_skips_a_container_replaced_while_it_waited(
     class Old:
         def __init__(self) -> None:
             self.cpu_applied = False
+            self.phases = Phases()
             self.proc = subprocess.Popen(  # alive while the cap waits
                 [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
             )
@@ -970,8 +975,11 @@ async def test_the_deferred_cpu_cap_skips_a_container_replaced_while_it_waited(
     try:
         lock.acquire()  # a restart holds the lock
         task = asyncio.ensure_future(p._apply_cpu_when_ready(old))  # type: ignore[arg-type]
-        while not waiting.is_set():
+        for _ in range(1000):
+            if waiting.is_set() or task.done():
+                break
             await asyncio.sleep(0.01)
+        assert waiting.is_set(), task
         p.container = None  # the restart replaced the container
         lock.release()
         await task
