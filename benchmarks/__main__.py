@@ -1,7 +1,8 @@
 """``python -m benchmarks [--quick] [--only P1,P5] [--out DIR]``: run, print the table, write JSON.
 
 Figures (see benchmarks/RESULTS.md): P1 start latency (with the bwrap and podman peers),
-P2 setup time, P3 host-side memory, P5 execute round trip, P6 kernels started at once,
+P2 setup time, P3 host-side memory, P4 the warm pool (a pooled start, an idle member, many
+at once), P5 execute round trip, P6 kernels started at once,
 P7 many idle kernels, P8 image size vs setup time, T tenant isolation, TF the same with
 the neighbours under another user's aggregate caps (a teaching hub), G pulls from a
 registry on loopback (against skopeo; a second pull with every layer present).
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from .stats import Figure, markdown, save, stamp, table
 
-ALL = ("P1", "P2", "P5", "P6", "P7", "P8", "T", "TF", "G")
-KERNEL_FIGURES = {"P1", "P5", "P6", "P7", "T", "TF"}
+ALL = ("P1", "P2", "P4", "P5", "P6", "P7", "P8", "T", "TF", "G")
+KERNEL_FIGURES = {"P1", "P4", "P5", "P6", "P7", "T", "TF"}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +56,7 @@ def _machine() -> dict[str, object]:
 async def _kernel_figures(
     selected: set[str], args: argparse.Namespace, notes: list[str]
 ) -> list[Figure]:
-    from . import execute, isolation, start
+    from . import execute, isolation, pool, start
     from .kernels import Harness
 
     q = args.quick
@@ -79,6 +80,11 @@ async def _kernel_figures(
             lambda: start.measure(
                 h, rounds=1 if q else 8, peers=not args.no_peers, warmup=not q, notes=notes
             ),
+        )
+        await group(
+            "P4",
+            "the warm pool",
+            lambda: pool.measure(h, rounds=3 if q else 20, at_once=3 if q else 40),
         )
         await group("P5", "execute round trip", lambda: execute.p5(h, n=20 if q else 200))
         await group(

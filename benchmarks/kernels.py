@@ -36,6 +36,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
+from traitlets.config import Config
 
 from sandbox_kernel.images.store import Image, ImageStore
 from sandbox_kernel.jupyter import kernelspecs
@@ -121,6 +122,8 @@ class Harness:
         #: kernelspec -> the provisioner's start phases (ms) of each start of it
         self.phases: dict[str, list[dict[str, float]]] = {}
         self.podman_runtime = ""
+        #: the kernel managers' config (the pool benchmark raises SandboxPolicy.max_pool_size)
+        self.config: Config | None = None
         self._seq = 0
         bare = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
         self._write_spec("bare-python3", bare)
@@ -285,7 +288,10 @@ class Harness:
         return self._ctx
 
     def manager(self, spec: str) -> AsyncKernelManager:
-        km = AsyncKernelManager(kernel_name=spec, context=self.context)
+        if self.config is not None:
+            km = AsyncKernelManager(kernel_name=spec, context=self.context, config=self.config)
+        else:
+            km = AsyncKernelManager(kernel_name=spec, context=self.context)
         if spec in self.ipc_names:
             self._seq += 1
             km.transport = "ipc"

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import SandboxError
 from ..runtime.owners import RunRoot, cgroup_manager, containers, run_roots
+from ..runtime.rundir import META_POOL
 from ..units import format_cpus, format_size
 
 
@@ -48,6 +49,8 @@ def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[
             "container_id": info.id,
             "owner_uid": owner.uid,  # the host user whose server made it
             "kernel_id": safe_text(meta.get("kernel_id")),
+            # an idle member of a server's warm pool (no kernel yet)
+            "pool": meta.get(META_POOL) is True,
             "kernelspec": safe_text(meta.get("kernelspec")),
             "image": safe_text(meta.get("image")),
             "user": _int(meta.get("user")),
@@ -150,7 +153,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             mem += " (limits not enforced)"
         cpus = format_cpus(lim["cpus"]) + (" (deferred)" if lim["cpu_deferred"] else "")
         pids = f"{use.get('pids', '-')} / {lim['pids'] if lim['pids'] is not None else 'unlimited'}"
-        kernel = (r["kernel_id"] or "-")[:8]
+        kernel = (r["kernel_id"] or ("(pool)" if r.get("pool") else "-"))[:8]
         lines.append(
             (
                 *((owner_name(r.get("owner_uid", me)),) if show_owner else ()),

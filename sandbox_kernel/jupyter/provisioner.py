@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -59,11 +60,18 @@ from ..quota import verify as verify_quota
 from ..runtime.container import Container, ExitResult
 from ..runtime.leftovers import collect_leftovers
 from ..runtime.phases import Phases
-from ..runtime.rundir import ContainerInfo, find_container, process_alive, running_containers
+from ..runtime.rundir import (
+    META_POOL,
+    ContainerInfo,
+    find_container,
+    process_alive,
+    running_containers,
+)
 from ..runtime.spec import ContainerSpec
 from ..units import format_cpus, format_size
 from . import exits, launch
 from . import folder as folder_mod
+from . import pool as pool_mod
 from . import relay as relay_mod
 from .control import ControlThread
 from .errors import for_user
@@ -93,6 +101,7 @@ def _destroy_at_exit() -> None:
         if container is not None:
             with contextlib.suppress(Exception):
                 container.destroy()
+    pool_mod.POOL.close()
 
 
 class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignore[metaclass]
@@ -157,6 +166,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         #: where the last start spent its time, pre_launch to the first kernel_info reply
         #: (logged at debug level; read by the benchmarks)
         self.start_phases: Phases | None = None
+        # a pool member claimed by pre_launch, handed its session by launch_kernel; the
+        # cold spec (with the member's id) and the connection file it is handed
+        self._member: pool_mod.Member | None = None
+        self._cold_spec: ContainerSpec | None = None
+        self._connection = ""
+        #: the last start took a warm pool member (False: a cold start)
+        self.pooled = False
         _PROVISIONERS.add(self)
 
     # ---- naming ----------------------------------------------------------------------------
@@ -328,16 +344,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             launch.find_image, settings.image, self._context, settings.ipykernel_layer
         )
         phases.mark("image")
-        # Same container id across restarts (the run dir and the kernel's hostname).
-        if self.container_id is None:
-            self.container_id = new_container_id()
-        paths = launch.connection_paths(run_dir(), self.container_id, self._context)
-        self._paths = paths
-        km.transport = "ipc"
-        # Jupyter connects to the output relay's sockets (launch_kernel starts it)
-        km.ip = paths.client_ip
-        km.connection_file = paths.client_connection_file
-        km._connection_file_written = False  # the old one left with the old container
+        # Same container id across restarts (the run dir and the kernel's hostname); a first
+        # start that claims a pool member takes the member's
+        first = self.container_id is None
+        container_id = self.container_id = self.container_id or new_container_id()
+        paths = self._use_paths(km, container_id)
         argv, magics = launch.kernel_command(
             getattr(self.kernel_spec, "argv", None) or [],
             image,
@@ -360,7 +371,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         )
         phases.mark("user namespace")
         start = launch.KernelStart(
-            self.container_id,
+            container_id,
             self.kernelspec_name,
             settings,
             image,
@@ -381,7 +392,16 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         connection = self._connection_json(km, kwargs, paths.ip)
         spec = launch.kernel_spec(start, argv, env, connection, magics=magics)
         phases.mark("folder, spec")
-        container = await asyncio.to_thread(self._create_container, spec, workdir, paths, phases)
+        member = await self._from_pool(spec, settings, first=first)
+        if member is not None:
+            container = await self._claimed(km, member, spec, workdir, connection, phases)
+        else:
+            container = await asyncio.to_thread(
+                self._create_container, spec, workdir, paths, phases
+            )
+        if first:
+            self._keep_pool(spec, settings, workdir, connection)
+        self.pooled = member is not None
         self._started(container, settings, workdir, image.digest)
         self._owner = owner
         # What launch_kernel needs; the server's environment is deliberately dropped.
@@ -428,12 +448,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             return
         # a rootless server's run root holds only its user's containers (whatever uid
         # they run as inside); a root server's, every user's: count that kernel uid's
-        mine = os.geteuid() != 0
-        running = [
-            info
-            for info in running_containers(run_dir())
-            if "kernel_id" in info.meta and (mine or info.meta.get("user") == settings.uid)
-        ]
+        running = _containers_of_user(settings, False)
         if len(running) < policy.max_kernels:
             return
         shown = []
@@ -541,6 +556,28 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self.connection_info = km.get_connection_info()
         return json.dumps(info, indent=1)
 
+    def _use_paths(self, km: Any, container_id: str) -> launch.ConnectionPaths:
+        """The connection paths of container ``container_id``, set on the KernelManager:
+        Jupyter connects to the output relay's sockets in its run dir (``launch_kernel``
+        starts the relay). Called by ``pre_launch``, again when it claimed a pool member."""
+        paths = launch.connection_paths(run_dir(), container_id, self._context)
+        self._paths = paths
+        km.transport = "ipc"
+        km.ip = paths.client_ip
+        km.connection_file = paths.client_connection_file
+        km._connection_file_written = False  # the old one left with the old container
+        return paths
+
+    def _kernel_meta(self, spec: ContainerSpec, workdir: str) -> dict[str, Any]:
+        """The kernel's fields of its container's meta.json (``ps``, the kernel count)."""
+        return {
+            "kernel_id": self.kernel_id,
+            "kernelspec": self.kernelspec_name,
+            "display_name": self.display_name,
+            "image_digest": spec.image_digest,
+            "notebook_dir": workdir,
+        }
+
     def _create_container(
         self,
         spec: ContainerSpec,
@@ -550,22 +587,109 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     ) -> Container:
         """Create the container (blocking: run in a thread), with the server's own folder
         for the relay's sockets in its run dir."""
-        meta = {
-            "kernel_id": self.kernel_id,
-            "kernelspec": self.kernelspec_name,
-            "display_name": self.display_name,
-            "image_digest": spec.image_digest,
-            "notebook_dir": workdir,
-        }
         try:
             return Container.create(
                 spec,
-                meta=meta,
+                meta=self._kernel_meta(spec, workdir),
                 subdirs={paths.relay_dir.name: (os.geteuid(), os.getegid(), 0o700)},
                 phases=phases,
             )
         except SpecError as exc:
             raise SpecError(exc.problems, context=self._context) from None
+
+    # ---- the warm pool ----------------------------------------------------------------
+    def _pool_key(self, spec: ContainerSpec, settings: KernelSettings) -> ContainerSpec | None:
+        """The pool key of ``spec``, or None when this kernel cannot be pooled (no
+        ``pool_size``; a command other than ``PYTHON -m ipykernel_launcher``; the magics,
+        where the member's program is, off)."""
+        if settings.pool_size <= 0:
+            return None
+        command = pool_mod.member_command(spec.command, launch.MAGICS_TARGET)
+        magics = any(getattr(m, "target", "") == launch.MAGICS_TARGET for m in spec.mounts)
+        if command is None or not magics:
+            self.log.warning(
+                "%s: pool_size=%d is ignored: only a kernel started as PYTHON -m "
+                "ipykernel_launcher -f {connection_file}, with the %%sandbox magics on, "
+                "can be pooled",
+                self._context,
+                settings.pool_size,
+            )
+            return None
+        return pool_mod.pool_key(spec)
+
+    async def _from_pool(
+        self, spec: ContainerSpec, settings: KernelSettings, *, first: bool
+    ) -> pool_mod.Member | None:
+        """Claim a ready pool member for ``spec`` (a first start of a pooled kernelspec: a
+        restart keeps its container id, so it starts cold), or make room for a cold start
+        within the user's kernel count by letting an idle member go (and waiting until it
+        is gone). Called by ``pre_launch``; ``_keep_pool`` follows once the kernel's
+        container exists."""
+        pool = pool_mod.POOL
+        key = self._pool_key(spec, settings) if first else None
+        if key is None:
+            if first and settings.pool_size <= 0:
+                pool.forget(self.kernelspec_name)
+            return None
+        member = pool.claim(key)
+        if member is None and settings.policy.max_kernels is not None:
+            used = await asyncio.to_thread(_containers_of_user, settings, True)
+            if len(used) >= settings.policy.max_kernels:
+                # rootless: the run root is this user's, whatever uid its kernels have
+                await pool.evict(settings.uid if os.geteuid() == 0 else None)
+        return member
+
+    def _keep_pool(
+        self, spec: ContainerSpec, settings: KernelSettings, workdir: str, connection: str
+    ) -> None:
+        """Keep the pool of this kernelspec filled for ``spec``'s folder: after a first
+        start (cold or claimed) whose container exists already, so that the pool's count
+        of the user's kernels sees it. Called by ``pre_launch``."""
+        key = self._pool_key(spec, settings)
+        command = pool_mod.member_command(spec.command, launch.MAGICS_TARGET)
+        if key is None or command is None:
+            return
+        meta = {k: v for k, v in self._kernel_meta(spec, workdir).items() if k != "kernel_id"}
+        conn_file = launch.connection_paths(run_dir(), spec.id).connection_file
+        pool_mod.POOL.want(
+            key,
+            pool_mod.Want(
+                settings.pool_size,
+                self.kernelspec_name,
+                functools.partial(_member_spec, spec, command, conn_file, connection, meta),
+                room=functools.partial(_room_for_member, settings),
+            ),
+        )
+
+    async def _claimed(
+        self,
+        km: Any,
+        member: pool_mod.Member,
+        spec: ContainerSpec,
+        workdir: str,
+        connection: str,
+        phases: Phases,
+    ) -> Container:
+        """Make the claimed ``member`` this kernel's container: its id and connection paths,
+        its meta.json a kernel's, this start's timeline; ``launch_kernel`` hands it the
+        session (``connection``), or starts ``spec`` cold under its id if it refuses."""
+        container = member.container
+        self.container_id = container.id
+        self._use_paths(km, container.id)
+        container.phases = phases
+        # held from here on: a failure (or a cleanup) before the hand-over destroys it
+        self.container, self._member, self._connection = container, member, connection
+        self._cold_spec = replace(spec, id=container.id, hostname=container.id)
+        try:
+            meta = self._kernel_meta(spec, workdir)
+            await asyncio.to_thread(container.update_meta, meta, (META_POOL,))
+        except BaseException:
+            self.container, self._member = None, None
+            member.sock.close()
+            await asyncio.to_thread(container.destroy)
+            raise
+        phases.mark("pool claim")
+        return container
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the container created by ``pre_launch`` (in a thread; returns once the kernel
@@ -577,14 +701,20 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         container.phases.mark("kernel manager")
         stdout = kwargs.get("stdout")
         stderr = kwargs.get("stderr")
-        # a new cgroup's counters (zero, unless the runtime reused one): this life's baseline
-        counts = await asyncio.to_thread(_cap_counts, container)
-        self._caps = exits.CapBaseline(counts or exits.CapCounts(), time.monotonic())
+        member, self._member = self._member, None
         try:
-            await asyncio.to_thread(
-                container.start, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
-            )
+            if member is not None:
+                container = await self._take_member(member, stdout, stderr)
+            else:
+                # a new cgroup's counters (zero, unless the runtime reused one): this
+                # life's baseline
+                counts = await asyncio.to_thread(_cap_counts, container)
+                self._caps = exits.CapBaseline(counts or exits.CapCounts(), time.monotonic())
+                await asyncio.to_thread(
+                    container.start, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
+                )
         except BaseException as exc:
+            container = self.container or container
             await self._close_control()
             await self._close_relay()
             await asyncio.to_thread(container.destroy)
@@ -593,13 +723,15 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 raise for_user(exc, self._context) from exc
             raise
         self.log.info(
-            "kernel %s (%s) started in sandbox %s (%s, as uid %s, setup %.0f ms)",
+            "kernel %s (%s) started in sandbox %s (%s, as uid %s, %s)",
             self.kernel_id,
             self.display_name,
             container.id,
             container.spec.image,
             container.spec.user,
-            (container.setup_us or 0) / 1000,
+            "from the warm pool"
+            if self.pooled
+            else f"setup {(container.setup_us or 0) / 1000:.0f} ms",
         )
         try:
             await self._connect(container)
@@ -615,6 +747,39 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._watch_exit(container)
         container.phases.mark("relay, control socket")
         return self.connection_info
+
+    async def _take_member(self, member: pool_mod.Member, stdout: Any, stderr: Any) -> Container:
+        """Hand the claimed pool member its session (the connection file with the session's
+        key), and take its cgroup's counters now as this life's baseline (what its warm-up
+        hit is not this kernel's). A member that refuses or does not answer is destroyed and
+        the kernel started cold, under the same id. Called by ``launch_kernel``."""
+        container = member.container
+        try:
+            await asyncio.to_thread(pool_mod.hand_over, member, self._connection)
+        except SandboxError as exc:
+            self.log.warning("kernel %s: %s; starting it cold", self.kernel_id, exc)
+            pool_mod.POOL.claimed(member, ok=False)
+            self.pooled = False
+            await asyncio.to_thread(container.destroy)
+            assert self._cold_spec is not None and self._paths is not None
+            container = await asyncio.to_thread(
+                self._create_container,
+                self._cold_spec,
+                self.cwd or "",
+                self._paths,
+                container.phases,
+            )
+            self.container = container
+            self._caps = exits.CapBaseline(exits.CapCounts(), time.monotonic())
+            await asyncio.to_thread(
+                container.start, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
+            )
+            return container
+        pool_mod.POOL.claimed(member, ok=True)
+        container.phases.mark("hand over")
+        counts = await asyncio.to_thread(_cap_counts, container)
+        self._caps = exits.CapBaseline(counts or exits.CapCounts(), time.monotonic())
+        return container
 
     def _watch_exit(self, container: Container) -> None:
         """Notice the kernel's end the moment its process ends, not at the restarter's next
@@ -1036,6 +1201,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         the container id. Called by the KernelManager after every shutdown, restarts included."""
         self._between_starts = restart
         self._unwatch_exit()
+        member, self._member = self._member, None
+        if member is not None:  # claimed, never handed over: its container goes below
+            member.sock.close()
         # a reading of the end the watcher started finishes first: it must not record (and
         # keep) the exit after this cleanup forgot it
         task, self._exit_task = self._exit_task, None
@@ -1188,6 +1356,45 @@ def _cap_counts(container: Container) -> exits.CapCounts | None:
         return exits.CapCounts.of(container.stats())
     except SandboxError:
         return None
+
+
+def _containers_of_user(settings: KernelSettings, members: bool) -> list[ContainerInfo]:
+    """The running kernels (and, with ``members``, idle pool members) of a kernel's user:
+    a rootless server's run root holds only its user's containers (whatever uid they run as
+    inside); a root server's, every user's: those of that kernel uid. Blocking (reads the
+    run dirs): the kernel count, the pool's room."""
+    mine = os.geteuid() != 0
+    return [
+        info
+        for info in running_containers(run_dir())
+        if ("kernel_id" in info.meta or (members and info.meta.get(META_POOL)))
+        and (mine or info.meta.get("user") == settings.uid)
+    ]
+
+
+def _room_for_member(settings: KernelSettings) -> bool:
+    """May the pool make one more member for this user: kernels and idle members stay
+    within the user's kernel count. Called by the pool (in a thread) before each."""
+    top = settings.policy.max_kernels
+    return top is None or len(_containers_of_user(settings, True)) < top
+
+
+def _member_spec(
+    spec: ContainerSpec,
+    command: tuple[str, ...],
+    conn_file: str,
+    connection: str,
+    meta: dict[str, object],
+    member_id: str,
+) -> tuple[ContainerSpec, dict[str, object], dict[str, tuple[int, int, int]]]:
+    """A pool member of the kernel spec ``spec``: its own id and hostname, the member's
+    program as ``command``, and a connection file with a placeholder key of its own (made
+    from the session's ``connection``, whose key it replaces); the kernel's meta.json
+    fields ``meta``; the relay's folder in its run dir. Called by the pool per member."""
+    # as the cold start has it: 0644 in a folder only the kernel's user may enter
+    files = ((conn_file, 0o644, pool_mod.placeholder_connection(connection)),)
+    made = replace(spec, id=member_id, hostname=member_id, command=command, files=files)
+    return made, meta, {launch.RELAY_SUBDIR: (os.geteuid(), os.getegid(), 0o700)}
 
 
 async def _wait_kernel_info(connection_info: dict[str, Any], alive: Callable[[], bool]) -> None:

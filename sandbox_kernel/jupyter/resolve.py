@@ -46,6 +46,8 @@ MAX_ID = 2**32 - 2
 _USER_RE = re.compile(r"^([0-9]+)(?::([0-9]+))?$")
 #: The caps of a kernel start, in the order they are reported.
 CAP_SETTINGS = ("memory", "cpus", "pids", "tmp_size", "writable_size")
+#: The bound of ``SandboxPolicy.max_pool_size`` (idle sandboxes per kernelspec).
+MAX_POOL_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class Policy:
     #: The policy file's ``home_quota`` for the kernel's user (``for_user``): the most a
     #: notebook folder's quota may be, checked at each start; and where it was set.
     file_home_quota: int | None = None
+    #: Most idle pool members per kernelspec (``SandboxPolicy.max_pool_size``).
+    max_pool_size: int = 4
 
     def for_user(self, uid: int) -> Policy:
         """This policy with the policy file's values for kernel user ``uid`` applied: the
@@ -130,6 +134,8 @@ class KernelSettings:
     ipykernel_layer: str = ""
     #: The tmpfs inode cap's rule (``ContainerSpec.bytes_per_inode``).
     bytes_per_inode: int = BYTES_PER_INODE
+    #: Idle sandboxes kept warm for this kernelspec and folder (``pool_size``; 0: none).
+    pool_size: int = 0
 
 
 def read_policy(policy: SandboxPolicy) -> Policy:
@@ -173,6 +179,11 @@ def read_policy(policy: SandboxPolicy) -> Policy:
             f"SandboxPolicy.notebook_quota_files={policy.notebook_quota_files} must be a number "
             "of files, or 0 (no file limit)"
         )
+    if not 0 <= policy.max_pool_size <= MAX_POOL_SIZE:
+        problems.append(
+            f"SandboxPolicy.max_pool_size={policy.max_pool_size} must be a number of "
+            f"sandboxes in 0..{MAX_POOL_SIZE}"
+        )
     if policy.notebook_quota_files > 0 and quota is None:
         problems.append("SandboxPolicy.notebook_quota_files needs SandboxPolicy.notebook_quota")
     if problems:
@@ -186,6 +197,7 @@ def read_policy(policy: SandboxPolicy) -> Policy:
         allow_root=bool(policy.allow_root),
         allow_unenforced_limits=bool(policy.allow_unenforced_limits),
         max_kernels=policy.max_kernels if policy.max_kernels > 0 else None,
+        max_pool_size=policy.max_pool_size,
         host=host_policy.load(),
     )
 
@@ -409,6 +421,22 @@ class _Resolver:
             return BYTES_PER_INODE
         return raw  # type: ignore[no-any-return]
 
+    def pool_size(self) -> int:
+        raw = self.values["pool_size"]
+        top = self.policy.max_pool_size
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+            self.problems.append(f"pool_size={raw!r} is not valid; {setting_forms('pool_size')}")
+            return 0
+        if raw > top:
+            if "pool_size" not in self.explicit:
+                return top
+            self.problems.append(
+                f"pool_size={raw} is above the server's SandboxPolicy.max_pool_size={top}; "
+                f"use at most {top}"
+            )
+            return 0
+        return raw
+
     def cpu_defer_timeout(self) -> float:
         timeout = self.values["cpu_defer_timeout"]
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -477,6 +505,7 @@ def resolve_settings(
     output = r.output()
     ipykernel_layer = r.ipykernel_layer()
     per_inode = r.bytes_per_inode()
+    pool_size = r.pool_size()
     if r.problems:
         raise SpecError(r.problems, context=context)
     return KernelSettings(
@@ -497,4 +526,5 @@ def resolve_settings(
         output=output,
         ipykernel_layer=ipykernel_layer,
         bytes_per_inode=per_inode,
+        pool_size=pool_size,
     )

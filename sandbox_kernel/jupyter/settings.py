@@ -190,6 +190,17 @@ class SandboxSettings(LoggingConfigurable):
         help="""Seconds the rate limits are averaged over (a burst of that many seconds of
         output passes at once). Unit: seconds. Default: 3.""",
     )
+    pool_size = Int(
+        0,
+        config=True,
+        help="""Sandboxes of this kernelspec kept started and idle, their kernel initialised,
+        for the next kernels to claim within milliseconds (the warm pool, see
+        docs/pool.md). Members are made for each notebook folder a kernel of this
+        kernelspec started in, one at a time in the background; they count against the
+        user's caps and kernel count. Set it per kernelspec (metadata.kernel_provisioner
+        .config) or for all of them (c.SandboxProvisioner.pool_size). Unit: sandboxes,
+        0..SandboxPolicy.max_pool_size. Default: 0 (no pool).""",
+    )
     bytes_per_inode = Int(
         BYTES_PER_INODE,
         config=True,
@@ -222,6 +233,7 @@ SETTING_NAMES: tuple[str, ...] = (
     "iopub_data_rate_limit",
     "rate_limit_window",
     "bytes_per_inode",
+    "pool_size",
 )
 
 
@@ -333,6 +345,13 @@ class SandboxPolicy(Configurable):
         help="""Most files and folders in the notebook folder's quota (with notebook_quota;
         set by a root server). Unit: files. Default: 0 (no file limit).""",
     )
+    max_pool_size = Int(
+        4,
+        config=True,
+        help="""Most idle sandboxes a kernelspec's warm pool may keep (pool_size above it
+        fails the kernel start, naming both). Unit: sandboxes, 0..64. Default: 4; 0
+        turns pools off.""",
+    )
     allow_root = Bool(
         False,
         config=True,
@@ -364,6 +383,7 @@ def setting_forms(name: str) -> str:
         "iopub_data_rate_limit": f"use {SIZE_FORMS} (per second), or 0 (off)",
         "iopub_msg_rate_limit": "use a number of messages per second, or 0 (off)",
         "rate_limit_window": "use a number of seconds, e.g. 3",
+        "pool_size": "use a whole number of sandboxes, e.g. 2, or 0 (no pool)",
     }.get(name, "see docs/configuration.md")
 
 

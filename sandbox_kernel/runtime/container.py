@@ -565,11 +565,19 @@ class Container:
             self._update_meta()
 
     def _update_meta(self) -> None:
+        self.update_meta({"limits": asdict(self.limits)})
+
+    def update_meta(self, changes: dict[str, Any], drop: tuple[str, ...] = ()) -> None:
+        """Change the run dir's ``meta.json`` (what ``ps``, ``gc`` and the kernel count read):
+        set ``changes``, remove ``drop``. Called for a live limit change, and by the
+        provisioner when a pool member becomes a kernel (its kernel id, no longer idle)."""
         path = self.run_dir / "meta.json"
         info = read_json(path)
         if info is None:
             return
-        info["limits"] = asdict(self.limits)
+        info.update(changes)
+        for name in drop:
+            info.pop(name, None)
         write_json(path, info)
 
     def stats(self) -> CgroupStats:

@@ -50,6 +50,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+#: The meta.json field (True) of an idle member of a server's warm pool: ``ps`` shows it,
+#: the kernel count counts it with the kernels, a claim drops it (jupyter/pool.py).
+META_POOL = "pool"
 #: The most a run dir file may hold: each is a few hundred bytes when the runtime writes
 #: it. Root's ``ps`` and ``gc`` read other users' run dirs, where anything may be planted.
 MAX_RUN_FILE = 64 << 10

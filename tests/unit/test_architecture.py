@@ -67,7 +67,9 @@ JUPYTER_PACKAGES = frozenset(
     }
 )
 #: What the in-kernel extension may import besides the standard library.
-MAGICS_ALLOWED = frozenset({"IPython", "ipykernel", "thread", "cgi"})  # + py2 stdlib names
+MAGICS_ALLOWED = frozenset(
+    {"IPython", "ipykernel", "ipykernel_launcher", "thread", "cgi"}
+)  # the kernel's own packages, + py2 stdlib names
 
 
 @dataclass(frozen=True)

@@ -272,3 +272,22 @@ def test_bad_output_limits_are_named(field: str, value: Any, expected: str) -> N
     with pytest.raises(SpecError) as info:
         resolve(defaults(**{field: value}), server_uid=1000)
     assert expected in str(info.value)
+
+
+def test_pool_size_within_the_policy() -> None:
+    assert resolve(defaults(), workdir=None).pool_size == 0
+    assert resolve(defaults(pool_size=3), explicit=("pool_size",), workdir=None).pool_size == 3
+    top = Policy(max_pool_size=2)
+    # a config default above the ceiling is lowered to it; a kernelspec's value is an error
+    assert resolve(defaults(pool_size=5), top, workdir=None).pool_size == 2
+    with pytest.raises(SpecError, match=r"pool_size=5 is above the server's SandboxPolicy"):
+        resolve(defaults(pool_size=5), top, explicit=("pool_size",), workdir=None)
+    for bad in (-1, True, "2"):
+        with pytest.raises(SpecError, match="pool_size="):
+            resolve(defaults(pool_size=bad), workdir=None)
+
+
+def test_max_pool_size_is_bounded() -> None:
+    with pytest.raises(SpecError, match=r"max_pool_size=65 must be a number of sandboxes in 0..64"):
+        read_policy(SandboxPolicy(max_pool_size=65))
+    assert read_policy(SandboxPolicy(max_pool_size=0)).max_pool_size == 0
