@@ -4,6 +4,7 @@ error; deleting the kernel leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -21,6 +22,8 @@ import pytest
 
 from sandbox_kernel.jupyter import kernelspecs
 from sandbox_kernel.paths import run_dir
+from sandbox_kernel.runtime.rundir import META_POOL
+from tests.privileged.conftest import leftovers
 from tests.wsclient import execute_over_websocket, rest_call
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
@@ -244,6 +247,110 @@ def test_an_interrupted_server_leaves_no_container(
         assert not (run_dir() / cids[0]).exists(), "the run dir is left"
         with pytest.raises(ContainerNotFound):
             get_manager().open(cids[0])
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _pool_members(server_pid: int) -> list[str]:
+    """The idle pool members the server ``server_pid`` made (run dirs marked so)."""
+    found = []
+    for p in run_dir().iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads((p / "meta.json").read_text())
+            if meta.get(META_POOL) is True and meta.get("owner_pid") == server_pid:
+                found.append(p.name)
+    return found
+
+
+def _wait_members(server_pid: int, timeout: float = 120) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if members := _pool_members(server_pid):
+            return members
+        time.sleep(0.2)
+    raise AssertionError(f"the server made no pool member in {timeout} s")
+
+
+PROBE = (
+    "import os, json, socket\n"
+    "print(socket.gethostname(), os.getuid(), os.getcwd(),"
+    " json.load(open('/run/sandbox/kernel.json'))['key'])\n"
+)
+
+
+def test_pooled_kernels_through_the_server_and_none_left_at_its_exit(
+    tmp_path_factory: pytest.TempPathFactory,
+    images: None,
+    assert_no_leftovers: Callable[[Iterable[str]], None],
+) -> None:
+    """With a pool (the server's c.SandboxProvisioner.pool_size), the second kernel over
+    REST is a claimed member: the same folder and uid over the websocket, its own key; a
+    restart works; the server's exit leaves neither kernels nor members."""
+    base = tmp_path_factory.mktemp("pooled")
+    srv = launch_server(base, ("--SandboxProvisioner.pool_size=1",))
+    ids: list[str] = []
+    try:
+        outs = []
+        members: list[str] = []
+        for _ in range(2):
+            code, body = srv.request(
+                "POST", "/api/kernels", {"name": "python3-sandbox", "path": ""}
+            )
+            assert code == 201, body
+            status, out = run_cell(srv, body["id"], PROBE)
+            assert status == "ok", out
+            outs.append((body["id"], out.split(), members))
+            members = _wait_members(srv.proc.pid)  # ready before the next request
+        (_, first, _), (second_id, second, before) = outs
+        ids += [first[0], second[0]]
+        assert second[0] in before  # the second kernel is the member the first left ready
+        assert second[1:3] == first[1:3] == ["1000", str(srv.root)]
+        assert second[3] != first[3]  # each session its own key
+        code, _ = srv.request("POST", f"/api/kernels/{second_id}/restart")
+        assert code == 200
+        status, out = run_cell(srv, second_id, "print(6 * 7)")
+        assert (status, out.strip()) == ("ok", "42")
+        ids += _wait_members(srv.proc.pid)
+        srv.proc.send_signal(signal.SIGINT)
+        srv.proc.wait(30)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+    assert_no_leftovers(ids)
+
+
+def test_a_killed_servers_pool_members_are_gcs(
+    tmp_path_factory: pytest.TempPathFactory,
+    images: None,
+    assert_no_leftovers: Callable[[Iterable[str]], None],
+) -> None:
+    """kill -9 of a server with a pool leaves its members as it leaves its kernels: their
+    owner is gone, and gc removes every one of them."""
+    from sandbox_kernel.runtime.leftovers import collect_leftovers
+
+    base = tmp_path_factory.mktemp("killed")
+    srv = launch_server(base, ("--SandboxProvisioner.pool_size=2",))
+    try:
+        code, body = srv.request("POST", "/api/kernels", {"name": "python3-sandbox", "path": ""})
+        assert code == 201, body
+        status, out = run_cell(srv, body["id"], "import socket; print(socket.gethostname())")
+        assert status == "ok", out
+        ids = [out.strip(), *_wait_members(srv.proc.pid)]
+        srv.proc.kill()
+        srv.proc.wait()
+        # each executor takes its container down once its owner's end of the control pipe
+        # closed; gc then removes what is left (bounded)
+        for _ in range(100):
+            collect_leftovers()
+            if not any(leftovers(c) for c in ids):
+                break
+            time.sleep(0.2)
+        assert_no_leftovers(ids)
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()
