@@ -17,8 +17,12 @@ operator); ``forget`` removes it when the kernel is shut down for good.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -156,3 +160,35 @@ def collect_orphans(dry_run: bool = False, root: Path | None = None) -> list[str
         if not dry_run:
             shutil.rmtree(entry, ignore_errors=True)
     return gone
+
+
+#: A process end watched on an event loop: the loop and the pidfd it reads.
+EndWatch = tuple[asyncio.AbstractEventLoop, int]
+
+
+def watch_end(pid: int, ended: Callable[[], None]) -> EndWatch | None:
+    """Call ``ended`` on the running event loop the moment process ``pid`` ends (a pidfd
+    read: no thread per process); None where that cannot be (no pidfd, no running loop):
+    the caller's own polling then notices. Called by the provisioner for its kernel and by
+    the pool for each idle member; undone by ``unwatch_end``."""
+    try:
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(pid)
+    except (OSError, RuntimeError, AttributeError):
+        return None
+    try:
+        loop.add_reader(fd, ended)
+    except (OSError, RuntimeError, NotImplementedError):
+        os.close(fd)
+        return None
+    return loop, fd
+
+
+def unwatch_end(watch: EndWatch | None) -> None:
+    """Stop a ``watch_end`` (None: nothing; tolerant of a closed loop)."""
+    if watch is None:
+        return
+    loop, fd = watch
+    with contextlib.suppress(Exception):
+        loop.remove_reader(fd)
+    os.close(fd)

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import socket
 import time
@@ -40,6 +39,7 @@ from ..paths import new_container_id
 from ..runtime.container import Container
 from ..runtime.rundir import META_POOL
 from ..runtime.spec import ContainerSpec
+from .exits import EndWatch, unwatch_end, watch_end
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Member:
     key: ContainerSpec
     kernelspec: str
     made: float = field(default_factory=time.monotonic)
-    watch: int | None = None  # a pidfd read on the event loop while idle
+    watch: EndWatch | None = None  # its end watched on the event loop while idle
 
     def alive(self) -> bool:
         """Is the member's process still running? (``Popen.poll``: never blocks.)"""
@@ -301,27 +301,12 @@ class Pool:
     # ---- idle members that end -------------------------------------------------------
     def _watch(self, member: Member) -> None:
         proc = member.container.proc
-        if proc is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-            fd = os.pidfd_open(proc.pid)
-        except (OSError, RuntimeError, AttributeError):
-            return  # claim still checks it
-        try:
-            loop.add_reader(fd, self._ended, member)
-        except (OSError, RuntimeError, NotImplementedError):
-            os.close(fd)
-            return
-        member.watch = fd
+        if proc is not None:  # where it cannot be watched, claim still checks it
+            member.watch = watch_end(proc.pid, lambda: self._ended(member))
 
     def _unwatch(self, member: Member) -> None:
-        fd, member.watch = member.watch, None
-        if fd is None:
-            return
-        with contextlib.suppress(Exception):
-            asyncio.get_running_loop().remove_reader(fd)
-        os.close(fd)
+        watch, member.watch = member.watch, None
+        unwatch_end(watch)
 
     def _ended(self, member: Member) -> None:
         """An idle member's process ended: never hand it out; make another."""

@@ -134,7 +134,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._caps: exits.CapBaseline | None = None
         self._cpu_task: asyncio.Task[None] | None = None
         # the kernel process's pidfd watched on the event loop (``_watch_exit``)
-        self._exit_watch: tuple[asyncio.AbstractEventLoop, int] | None = None
+        self._exit_watch: exits.EndWatch | None = None
         self._exit_task: asyncio.Future[None] | None = None
         self._reattached_pid: int | None = None
         self._control: ControlThread | None = None
@@ -792,23 +792,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         proc = container.proc
         if proc is None:
             return
-        try:
-            loop = asyncio.get_running_loop()
-            fd = os.pidfd_open(proc.pid)
-        except (OSError, RuntimeError, AttributeError):
-            return
 
         def ended() -> None:
             self._unwatch_exit()
             if self.container is container:
                 self._exit_task = asyncio.ensure_future(self._poll_ended())
 
-        try:
-            loop.add_reader(fd, ended)
-        except (OSError, RuntimeError, NotImplementedError):
-            os.close(fd)
-            return
-        self._exit_watch = (loop, fd)
+        self._exit_watch = exits.watch_end(proc.pid, ended)
 
     async def _poll_ended(self) -> None:
         """``poll`` once the kernel process ended (``_watch_exit``); a failure only logged:
@@ -821,12 +811,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     def _unwatch_exit(self) -> None:
         """Stop watching the kernel process's pidfd (idempotent; tolerant of a closed loop)."""
         watch, self._exit_watch = self._exit_watch, None
-        if watch is None:
-            return
-        loop, fd = watch
-        with contextlib.suppress(Exception):
-            loop.remove_reader(fd)
-        os.close(fd)
+        exits.unwatch_end(watch)
 
     async def _connect(self, container: Container) -> None:
         """Reach the kernel's sockets through this process's descriptor of the container's
