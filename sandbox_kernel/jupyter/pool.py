@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import socket
 import time
@@ -54,6 +55,20 @@ CLAIM_TIMEOUT = 10.0
 #: containers forever).
 MAX_FAILURES = 3
 RETRY_AFTER = 600.0
+
+
+#: A folder's identity: its device and inode numbers.
+FolderId = tuple[int, int]
+
+
+def folder_id(path: str) -> FolderId | None:
+    """The identity of folder ``path`` (None when it cannot be read): a member's notebook
+    folder is the same folder only while this is the same. Blocking (a stat): in a thread."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def pool_key(spec: ContainerSpec) -> ContainerSpec:
@@ -106,6 +121,7 @@ class Member:
     kernelspec: str
     made: float = field(default_factory=time.monotonic)
     watch: EndWatch | None = None  # its end watched on the event loop while idle
+    folder: FolderId | None = None  # its notebook folder's identity when it was made
 
     def alive(self) -> bool:
         """Is the member's process still running? (``Popen.poll``: never blocks.)"""
@@ -128,16 +144,23 @@ class Pool:
         self._closed = False
 
     # ---- what the provisioner calls --------------------------------------------------
-    def claim(self, key: ContainerSpec) -> Member | None:
-        """A ready member of ``key``, taken out of the pool (its idle watch stopped), or
-        None. A member found ended is dropped (logged, destroyed in the background)."""
+    def claim(self, key: ContainerSpec, folder: FolderId | None) -> Member | None:
+        """A ready member of ``key`` whose notebook folder is still the folder ``folder``
+        (``folder_id`` of the key's working directory now), taken out of the pool (its idle
+        watch stopped), or None. A member found ended is dropped (logged, destroyed in the
+        background); one whose folder was replaced since (removed and made anew, renamed)
+        is dropped too: its mount holds the old one."""
         members = self._members.get(key, [])
         while members:
             member = members.pop(0)
             self._unwatch(member)
-            if member.alive():
+            if not member.alive():
+                self._lost(member)
+            elif folder is None or member.folder != folder:
+                log.info("pool: member %s let go: its folder was replaced", member.container.id)
+                self._soon(_destroy, member)
+            else:
                 return member
-            self._lost(member)
         return None
 
     def claimed(self, member: Member, *, ok: bool) -> None:
@@ -153,6 +176,10 @@ class Pool:
         """Keep members of ``key`` (the kernelspec's newest want) and start refilling."""
         if self._closed:
             return
+        for old in [k for k, w in self._wants.items() if w.kernelspec == want.kernelspec]:
+            if old != key and not self._members.get(old):  # no member left to claim there
+                del self._wants[old]
+                self._failures.pop(old, None)
         self._wants[key] = want
         self._kick()
 
@@ -209,7 +236,7 @@ class Pool:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._refill())
 
-    def _next(self) -> ContainerSpec | None:
+    def _next(self) -> tuple[ContainerSpec, Member | None] | None:
         """The key to make a member for: of each kernelspec, its newest want, while its
         kernelspec has fewer members than its size in all (the oldest member of another
         folder gives way) and it has not failed MAX_FAILURES times in a row lately."""
@@ -225,9 +252,8 @@ class Pool:
             if len(self._members.get(key, [])) >= want.size:
                 continue
             others = [m for m in self.idle(want.kernelspec) if m.key != key]
-            if len(others) + len(self._members.get(key, [])) >= want.size and others:
-                self._drop(min(others, key=lambda m: m.made))
-            return key
+            full = len(others) + len(self._members.get(key, [])) >= want.size
+            return key, (min(others, key=lambda m: m.made) if full and others else None)
         return None
 
     async def _refill(self) -> None:
@@ -236,12 +262,20 @@ class Pool:
         failures in a row). Where the user's kernel count leaves no room, stop: the next
         kernel start (``want``) looks again."""
         while not self._closed:
-            key = self._next()
-            if key is None:
+            found = self._next()
+            if found is None:
                 return
+            key, gives_way = found
             want = self._wants[key]
-            if not await asyncio.to_thread(want.room):
+            try:
+                room = await asyncio.to_thread(want.room)
+            except Exception as exc:
+                log.warning("pool: cannot count the user's kernels (%s); no member made", exc)
                 return
+            if not room or self._closed or key not in self._wants:
+                return
+            if gives_way is not None:  # only once a member can be made in its place
+                self._drop(gives_way)
             try:
                 member = await self._make(key, want)
             except asyncio.CancelledError:
@@ -272,6 +306,8 @@ class Pool:
         kernel's start ran uncapped, as a cold one's does; what runs idle is capped)."""
         member_id = new_container_id()
         spec, meta, subdirs = want.make(member_id)
+        # before the mount: a folder replaced in between shows as a different one at claim
+        folder = await asyncio.to_thread(folder_id, spec.workdir)
         container = await asyncio.to_thread(
             Container.create, spec, meta={**meta, META_POOL: True}, subdirs=subdirs
         )
@@ -285,7 +321,10 @@ class Pool:
                 )
             finally:
                 theirs.close()
-            line = await asyncio.to_thread(_read_line, ours, READY_TIMEOUT)
+            # the server's exit (close) stops the wait within half a second
+            line = await asyncio.to_thread(
+                _read_line, ours, READY_TIMEOUT, 4096, lambda: self._closed
+            )
             if line != "ready":
                 raise SandboxError(f"pool member {container.id} said {line!r}, not ready")
             await asyncio.to_thread(container.apply_deferred_cpu)
@@ -296,7 +335,7 @@ class Pool:
             raise
         finally:
             self._making.discard(container)
-        return Member(container, ours, key, want.kernelspec)
+        return Member(container, ours, key, want.kernelspec, folder=folder)
 
     # ---- idle members that end -------------------------------------------------------
     def _watch(self, member: Member) -> None:
@@ -354,20 +393,25 @@ def hand_over(member: Member, connection: str) -> None:
         raise SandboxError(f"pool member {member.container.id} refused its claim: {answer!r}")
 
 
-def _read_line(sock: socket.socket, timeout: float, limit: int = 4096) -> str | None:
-    """One line from ``sock`` within ``timeout`` seconds (None at end of input or past
-    it); at most ``limit`` bytes."""
+def _read_line(
+    sock: socket.socket,
+    timeout: float,
+    limit: int = 4096,
+    stop: Callable[[], bool] = lambda: False,
+) -> str | None:
+    """One line from ``sock`` within ``timeout`` seconds (None at end of input, past it, or
+    once ``stop()`` is true: it is asked every half second); at most ``limit`` bytes."""
     deadline = time.monotonic() + timeout
     data = b""
     while not data.endswith(b"\n") and len(data) < limit:
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or stop():
             return None
-        sock.settimeout(left)
+        sock.settimeout(min(left, 0.5))
         try:
             chunk = sock.recv(limit - len(data))
         except TimeoutError:
-            return None
+            continue
         if not chunk:
             return None
         data += chunk
@@ -390,14 +434,20 @@ def _destroy_container(container: Container) -> None:
 def _destroy_lost(member: Member) -> None:
     """Log why an idle member ended (reading its end may wait on its status pipe: in a
     thread), and destroy it."""
-    result = member.container.poll()
-    log.warning(
-        "pool: idle member %s of %s ended (%s); it is replaced",
-        member.container.id,
-        member.kernelspec,
-        result.reason() if result is not None else "it ended",
-    )
-    _destroy(member)
+    try:
+        result = member.container.poll()
+        why = result.reason() if result is not None else "it ended"
+    except Exception as exc:
+        why = f"its end could not be read: {exc}"
+    try:
+        log.warning(
+            "pool: idle member %s of %s ended (%s); it is replaced",
+            member.container.id,
+            member.kernelspec,
+            why,
+        )
+    finally:
+        _destroy(member)
 
 
 #: The pool of this server process.

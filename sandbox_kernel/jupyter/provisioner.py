@@ -173,6 +173,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._connection = ""
         #: the last start took a warm pool member (False: a cold start)
         self.pooled = False
+        # a first start's spec, settings, folder and connection file: the pool's template
+        self._pool_args: tuple[ContainerSpec, KernelSettings, str, str] | None = None
         _PROVISIONERS.add(self)
 
     # ---- naming ----------------------------------------------------------------------------
@@ -399,8 +401,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             container = await asyncio.to_thread(
                 self._create_container, spec, workdir, paths, phases
             )
-        if first:
-            self._keep_pool(spec, settings, workdir, connection)
+        # the pool is kept filled once this kernel's container runs (launch_kernel)
+        self._pool_args = (spec, settings, workdir, connection) if first else None
         self.pooled = member is not None
         self._started(container, settings, workdir, image.digest)
         self._owner = owner
@@ -598,7 +600,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             raise SpecError(exc.problems, context=self._context) from None
 
     # ---- the warm pool ----------------------------------------------------------------
-    def _pool_key(self, spec: ContainerSpec, settings: KernelSettings) -> ContainerSpec | None:
+    def _pool_key(
+        self, spec: ContainerSpec, settings: KernelSettings, *, warn: bool = False
+    ) -> ContainerSpec | None:
         """The pool key of ``spec``, or None when this kernel cannot be pooled (no
         ``pool_size``; a command other than ``PYTHON -m ipykernel_launcher``; the magics,
         where the member's program is, off)."""
@@ -607,6 +611,8 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         command = pool_mod.member_command(spec.command, launch.MAGICS_TARGET)
         magics = any(getattr(m, "target", "") == launch.MAGICS_TARGET for m in spec.mounts)
         if command is None or not magics:
+            if not warn:
+                return None
             self.log.warning(
                 "%s: pool_size=%d is ignored: only a kernel started as PYTHON -m "
                 "ipykernel_launcher -f {connection_file}, with the %%sandbox magics on, "
@@ -626,13 +632,15 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         is gone). Called by ``pre_launch``; ``_keep_pool`` follows once the kernel's
         container exists."""
         pool = pool_mod.POOL
-        key = self._pool_key(spec, settings) if first else None
-        if key is None:
-            if first and settings.pool_size <= 0:
-                pool.forget(self.kernelspec_name)
-            return None
-        member = pool.claim(key)
-        if member is None and settings.policy.max_kernels is not None:
+        key = self._pool_key(spec, settings, warn=True) if first else None
+        if first and settings.pool_size <= 0:
+            pool.forget(self.kernelspec_name)
+        member = None
+        if key is not None:
+            folder = await asyncio.to_thread(pool_mod.folder_id, spec.workdir)
+            member = pool.claim(key, folder)
+        # a cold start (pooled kernelspec or not) within the user's kernel count
+        if member is None and settings.policy.max_kernels is not None and pool.idle():
             used = await asyncio.to_thread(_containers_of_user, settings, True)
             if len(used) >= settings.policy.max_kernels:
                 # rootless: the run root is this user's, whatever uid its kernels have
@@ -643,8 +651,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self, spec: ContainerSpec, settings: KernelSettings, workdir: str, connection: str
     ) -> None:
         """Keep the pool of this kernelspec filled for ``spec``'s folder: after a first
-        start (cold or claimed) whose container exists already, so that the pool's count
-        of the user's kernels sees it. Called by ``pre_launch``."""
+        start (cold or claimed) whose container runs already, so that the pool's count of
+        the user's kernels sees it. Called by ``launch_kernel`` (with what ``pre_launch``
+        kept in ``_pool_args``)."""
         key = self._pool_key(spec, settings)
         command = pool_mod.member_command(spec.command, launch.MAGICS_TARGET)
         if key is None or command is None:
@@ -746,6 +755,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             raise
         self._watch_exit(container)
         container.phases.mark("relay, control socket")
+        args, self._pool_args = self._pool_args, None
+        if args is not None:
+            self._keep_pool(*args)
         return self.connection_info
 
     async def _take_member(self, member: pool_mod.Member, stdout: Any, stderr: Any) -> Container:

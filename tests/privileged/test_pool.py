@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -226,3 +227,21 @@ async def test_a_member_is_not_claimed_for_another_folder(pooled: Pooled, tmp_pa
     assert not p.pooled and p.container_id != member
     _, out = await execute(km, "import os; print(os.getcwd())")
     assert out.strip() == str(other)
+
+
+async def test_a_member_of_a_replaced_folder_is_not_claimed(pooled: Pooled) -> None:
+    """The folder removed and made anew under the same path: the member's mount holds the
+    old one, so the next kernel starts cold and sees the new folder."""
+    spec = pooled.spec("python3-sandbox", 1)
+    await pooled.start(spec)
+    [member] = await pooled.ready(spec)
+    folder = pooled.notebook_dir
+    shutil.rmtree(folder)
+    folder.mkdir()
+    os.chown(folder, KERNEL_UID, KERNEL_UID)
+    (folder / "new.txt").write_text("x")
+    km = await pooled.start(spec)
+    p = pooled.provisioner(km)
+    assert not p.pooled and p.container_id != member
+    _, out = await execute(km, "import os; print(sorted(os.listdir('.')))")
+    assert "new.txt" in out, out

@@ -145,9 +145,18 @@ class FakeContainer:
         self.destroyed = True
 
 
+FOLDER = (1, 42)
+
+
 def _member(key: ContainerSpec, cid: str, user: int = 1000) -> pool_mod.Member:
     a, _ = socket.socketpair()
-    return pool_mod.Member(FakeContainer(cid, user), a, key, "k")  # type: ignore[arg-type]
+    return pool_mod.Member(
+        FakeContainer(cid, user),  # type: ignore[arg-type]
+        a,
+        key,
+        "k",
+        folder=FOLDER,
+    )
 
 
 async def test_a_dead_member_is_never_handed_out() -> None:
@@ -156,10 +165,17 @@ async def test_a_dead_member_is_never_handed_out() -> None:
     dead, alive = _member(key, "sk-dead"), _member(key, "sk-alive")
     dead.container.ended = True  # type: ignore[attr-defined]
     pool._members[key] = [dead, alive]
-    assert pool.claim(key) is alive
-    assert pool.claim(key) is None
+    assert pool.claim(key, FOLDER) is alive
+    assert pool.claim(key, FOLDER) is None
     await asyncio.sleep(0.1)
     assert dead.container.destroyed  # type: ignore[attr-defined]
+    # a folder made anew under the same path: the member's mount holds the old one
+    stale = _member(key, "sk-stale")
+    pool._members[key] = [stale]
+    assert pool.claim(key, (1, 43)) is None
+    await asyncio.sleep(0.1)
+    assert stale.container.destroyed  # type: ignore[attr-defined]
+    assert pool_mod.folder_id("/") is not None and pool_mod.folder_id("/nonexistent") is None
 
 
 async def test_refilling_stops_after_failures_and_keeps_to_the_room(
@@ -222,9 +238,8 @@ async def test_a_kernelspecs_size_bounds_all_its_folders_together() -> None:
     pool._wants[a] = pool_mod.Want(1, "k", make, asked=1.0)
     assert pool._next() is None  # a has its one member
     pool._wants[b] = pool_mod.Want(1, "k", make, asked=2.0)
-    assert pool._next() == b
-    await asyncio.sleep(0.1)
-    assert old.container.destroyed and pool.idle("k") == []  # type: ignore[attr-defined]
+    assert pool._next() == (b, old)  # b is made, a's member gives way
     # another kernelspec's pool is its own
-    pool._wants[pool_mod.pool_key(_spec(user=5))] = pool_mod.Want(1, "other", make, asked=0.5)
-    assert pool._next() in (b, pool_mod.pool_key(_spec(user=5)))
+    other = pool_mod.pool_key(_spec(user=5))
+    pool._wants[other] = pool_mod.Want(1, "other", make, asked=0.5)
+    assert pool._next() in ((b, old), (other, None))
