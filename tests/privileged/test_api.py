@@ -10,8 +10,6 @@ import http.cookiejar
 import json
 import re
 import shutil
-import signal
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -24,7 +22,7 @@ import pytest
 
 from sandbox_kernel.cgroups import get_manager
 from sandbox_kernel.paths import run_dir
-from tests.privileged.test_server import Server, launch_server, run_cell
+from tests.privileged.test_server import Server, launch_server, run_cell, stop_jupyter
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 
@@ -38,12 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[S
     try:
         yield srv
     finally:
-        srv.proc.send_signal(signal.SIGINT)
-        try:
-            srv.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
-            srv.proc.wait()
+        stop_jupyter(srv.proc)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -266,12 +259,7 @@ def lone_server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Itera
     try:
         yield srv
     finally:
-        srv.proc.send_signal(signal.SIGINT)
-        try:
-            srv.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
-            srv.proc.wait()
+        stop_jupyter(srv.proc)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -15,8 +15,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from playwright.sync_api import Locator, Page, Request, expect
 
 from sandbox_kernel.jupyter import kernelspecs, labext
 from tests.browser import chromium, launcher_cards, open_notebook
-from tests.privileged.test_server import spawn_jupyter
+from tests.privileged.test_server import spawn_jupyter, stop_jupyter
 from tests.wsclient import rest_call
 
 pytestmark = [
@@ -75,12 +73,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[Lab]
     try:
         yield srv
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_jupyter(proc, 30)
         keep = artifacts_dir(None)
         if keep is not None:
             shutil.copy2(log, keep / "lab.log")

@@ -113,6 +113,17 @@ def spawn_jupyter(
         time.sleep(0.3)
 
 
+def stop_jupyter(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Stop a server ``spawn_jupyter`` started as JupyterHub's spawner does (SIGINT: it
+    exits without shutting its kernels down), killing it past ``timeout`` seconds."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def launch_server(base: Path, extra: tuple[str, ...] = ()) -> Server:
     """A jupyter_server with the sandbox kernelspecs (and a broken and a big one) in its
     own folder ``base``, ready (bounded wait); ``extra``: more command-line options."""
@@ -149,12 +160,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[S
     try:
         yield srv
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_jupyter(proc)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -12,8 +12,6 @@ read and save the folder's regular files.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.privileged.conftest import images  # noqa: F401  (the session fixture)
-from tests.privileged.test_server import Server, launch_server, run_cell
+from tests.privileged.test_server import Server, launch_server, run_cell, stop_jupyter
 
 pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 
@@ -75,12 +73,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory, images: None) -> Iterator[
     finally:
         if kid is not None:
             srv.request("DELETE", f"/api/kernels/{kid}")
-        srv.proc.send_signal(signal.SIGINT)
-        try:
-            srv.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            srv.proc.kill()
-            srv.proc.wait()
+        stop_jupyter(srv.proc)
 
 
 def untouched(srv: Server) -> bool:
