@@ -23,10 +23,13 @@ from typing import Any
 from .errors import CeilingRefused, LimitRefused, SpecError
 from .units import (
     CPUS_FORMS,
+    RATE_FORMS,
     SIZE_FORMS,
     format_cpus,
+    format_rate,
     format_size,
     parse_cpus,
+    parse_rate,
     parse_size,
     parse_whole,
 )
@@ -120,9 +123,16 @@ SHM_SIZE = _size_bound("shm_size", MIB)
 #: A notebook folder's or a home's disk quota (``quota``).
 DISK_QUOTA = _size_bound("disk_quota", MIB)
 
+#: A network-mode ``nat`` container's bandwidth in each direction, bits per second (tbf
+#: keeps its rate in 32 bits of bytes per second: 10 gbit is well inside).
+BANDWIDTH = Bound(
+    "bandwidth", parse_rate, 64_000, 10_000_000_000, RATE_FORMS, format_rate, format_rate
+)
+
 #: Every bound by setting name.
 BOUNDS: dict[str, Bound] = {
-    b.name: b for b in (MEMORY, CPUS, PIDS, TMP_SIZE, WRITABLE_SIZE, SHM_SIZE, DISK_QUOTA)
+    b.name: b
+    for b in (MEMORY, CPUS, PIDS, TMP_SIZE, WRITABLE_SIZE, SHM_SIZE, DISK_QUOTA, BANDWIDTH)
 }
 #: The caps a running kernel may change (``%sandbox memory=2G cpus=2 pids=512``).
 LIVE: tuple[str, ...] = ("memory", "cpus", "pids")

@@ -26,6 +26,33 @@ _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 SIZE_FORMS = "bytes, or a number with K, M, G or T (binary units), e.g. 512M, 1.5G"
 CPUS_FORMS = "a positive number of CPUs, fractions allowed, e.g. 0.5, 1, 2"
 DURATION_FORMS = "seconds, or a number with ms, s, m or h, e.g. 500ms, 10s, 2m"
+RATE_FORMS = (
+    "bits per second as tc writes them: a number with bit, kbit, mbit, gbit or tbit "
+    "(kibit, mibit, gibit: binary), or bytes per second with bps, kbps, mbps, gbps, "
+    "e.g. 16mbit, 512kbit, 1gbit"
+)
+_RATE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+#: tc's rate units (tc(8) "RATES"), as bits per second
+_RATE_UNITS = {
+    "bit": 1,
+    "kbit": 1000,
+    "mbit": 1000**2,
+    "gbit": 1000**3,
+    "tbit": 1000**4,
+    "kibit": 1024,
+    "mibit": 1024**2,
+    "gibit": 1024**3,
+    "tibit": 1024**4,
+    "bps": 8,
+    "kbps": 8 * 1000,
+    "mbps": 8 * 1000**2,
+    "gbps": 8 * 1000**3,
+    "tbps": 8 * 1000**4,
+    "kibps": 8 * 1024,
+    "mibps": 8 * 1024**2,
+    "gibps": 8 * 1024**3,
+    "tibps": 8 * 1024**4,
+}
 
 
 def parse_size(value: str | int | float, field: str = "size") -> int:
@@ -101,6 +128,39 @@ def parse_duration(
         least = "0 or more" if allow_zero else "more than 0"
         raise SpecError(f"{field}={value!r} must be {least}; use {DURATION_FORMS}")
     return seconds
+
+
+def parse_rate(value: object, field: str = "bandwidth") -> int:
+    """A rate in bits per second from tc's notation (``16mbit``, ``512kbit``, ``2mbps``;
+    ASCII digits, a unit required: a bare number is refused, since tc would read it as
+    bytes and users mean bits); SpecError naming the field and the accepted forms. The
+    parser of the ``bandwidth`` bound (kernelspecs, ``run --bandwidth``, ``%sandbox``)."""
+    if not isinstance(value, str):
+        raise SpecError(f"{field}={value!r} is not a rate; use {RATE_FORMS}")
+    m = _RATE_RE.match(value)
+    if not m:
+        raise SpecError(f"{field}={value!r} is not a rate; use {RATE_FORMS}")
+    number, unit = m.groups()
+    if not unit:
+        raise SpecError(f"{field}={value!r} has no unit; use {RATE_FORMS}")
+    factor = _RATE_UNITS.get(unit.lower())
+    if factor is None:
+        raise SpecError(f"{field}={value!r}: unknown unit {unit!r}; use {RATE_FORMS}")
+    return int(float(number) * factor)
+
+
+def format_rate(bits: int | float | None) -> str:
+    """Human form of a rate in bits per second with decimal units as tc prints them
+    (``16mbit``, ``1.5gbit``; None -> ``unlimited``), for ``%sandbox``, ``ps`` and messages;
+    ``parse_rate`` reads it back."""
+    if bits is None:
+        return "unlimited"
+    n = float(bits)
+    for unit in ("bit", "kbit", "mbit", "gbit", "tbit"):
+        if abs(n) < 1000 or unit == "tbit":
+            return f"{n:.3f}".rstrip("0").rstrip(".") + unit
+        n /= 1000
+    raise AssertionError("unreachable")
 
 
 def format_size(nbytes: int | float | None) -> str:

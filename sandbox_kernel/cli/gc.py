@@ -40,6 +40,8 @@ def gc_command(args: argparse.Namespace) -> int:
         print(f"  cgroup {name}")
     for name in report.host_layers:  # old versions and build leftovers (not in a dry run)
         print(f"  host image layer {name}")
+    for name in report.network:  # nat leases, links and firewall rules (not in a dry run)
+        print(f"  {name}")
     for kernel_id in collect_orphans(dry_run=args.dry_run):  # after the run dirs went
         print(f"  kept state of kernel {safe_text(kernel_id, 200)}")
     for err in report.errors:

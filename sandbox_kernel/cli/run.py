@@ -11,13 +11,17 @@ import os
 import signal
 import sys
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SpecError
-from ..limits import CPUS, MEMORY, PIDS, TMP_SIZE, WRITABLE_SIZE
+from ..limits import BANDWIDTH, CPUS, MEMORY, PIDS, TMP_SIZE, WRITABLE_SIZE
+
+if TYPE_CHECKING:
+    from ..network.config import NatConfig
+from ..network import DEFAULT_SUBNET
 from ..paths import new_container_id
 from ..runtime.container import Container, require_privileges
-from ..runtime.spec import Bind, ContainerSpec, Limits
+from ..runtime.spec import Bind, ContainerSpec, Limits, NetworkMode
 from ..runtime.userns import for_caller
 from ..units import parse_whole
 
@@ -85,6 +89,41 @@ def register(sub: Any) -> None:
         help="set an environment variable",
     )
     p.add_argument("--hostname", default="sandbox", help="hostname inside (default: sandbox)")
+    p.add_argument(
+        "--network",
+        choices=("none", "nat"),
+        default="none",
+        help="none (default): only loopback; nat: a link out of the host through its "
+        "routes, masqueraded, to what --allow lists only (root)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR|HOST[:PORT]",
+        help="with --network nat: a network or host name (and port) the command may "
+        "connect to; repeat for more (0.0.0.0/0: anywhere but the host and other "
+        "containers)",
+    )
+    p.add_argument(
+        "--bandwidth",
+        metavar="RATE",
+        help="with --network nat: cap each direction, in bits per second as tc writes "
+        "them (16mbit, 512kbit, 1gbit)",
+    )
+    p.add_argument(
+        "--subnet",
+        metavar="CIDR",
+        help=f"with --network nat: the network container addresses come from "
+        f"(default {DEFAULT_SUBNET})",
+    )
+    p.add_argument(
+        "--dns",
+        action="append",
+        metavar="ADDRESS",
+        help="with --network nat: a resolver for the container (default: the host's "
+        "non-loopback resolvers); repeat for more",
+    )
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(func=run_command)
@@ -149,6 +188,7 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
         cpus=CPUS.parse(args.cpus, "--cpus") if args.cpus else None,
         pids=PIDS.parse(args.pids, "--pids") if args.pids else None,
     )
+    nat = _nat_config(args)
     # the user namespace
     return userns.apply(
         ContainerSpec(
@@ -165,8 +205,37 @@ def build_spec(args: argparse.Namespace) -> ContainerSpec:
             tmp_size=TMP_SIZE.parse(args.tmp_size, "--tmp-size"),
             mounts=tuple(mounts),
             limits=limits,
+            network=NetworkMode.NAT if nat is not None else NetworkMode.NONE,
+            nat=nat,
             image=image_name,
         )
+    )
+
+
+def _nat_config(args: argparse.Namespace) -> NatConfig | None:
+    """The ``--network nat`` settings of ``run``'s options (SpecError naming the option);
+    None for ``none``, which takes none of them."""
+    if args.network != "nat":
+        given = [
+            o
+            for o, v in (
+                ("--allow", args.allow),
+                ("--bandwidth", args.bandwidth),
+                ("--subnet", args.subnet),
+                ("--dns", args.dns),
+            )
+            if v
+        ]
+        if given:
+            raise SpecError(f"{', '.join(given)}: only with --network nat")
+        return None
+    from ..network.config import NatConfig, parse_allow_list, parse_subnet
+
+    return NatConfig(
+        allow=parse_allow_list(args.allow, "--allow"),
+        bandwidth=BANDWIDTH.parse(args.bandwidth, "--bandwidth") if args.bandwidth else None,
+        subnet=parse_subnet(args.subnet, "--subnet") if args.subnet else DEFAULT_SUBNET,
+        dns=tuple(args.dns) if args.dns else None,
     )
 
 

@@ -24,13 +24,16 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..cgroups import cpus_to_quota, get_manager
 from ..cgroups.base import CgroupHandle, CgroupLimits, CgroupManager, CgroupStats
 from ..cgroups.none import NullManager
 from ..errors import CgroupError, PrivilegeError, RuntimeStartError, SandboxError
 from ..paths import run_dir
+
+if TYPE_CHECKING:
+    from ..network import nat
 from ..units import format_size
 from . import netns, ops, shim
 from .executor import StatusPipe, runtime_binary
@@ -39,7 +42,7 @@ from .phases import Phases
 from .plan import HostContext, compile_plan
 from .protocol import encode_plan
 from .rundir import ensure_run_root, proc_starttime, read_json, write_json
-from .spec import ContainerSpec, Limits, NetworkMode
+from .spec import ContainerSpec, Limits
 from .userns import userns_problems
 from .validate import validate_spec
 
@@ -158,8 +161,11 @@ class Container:
         cgroup: CgroupHandle,
         root: Path,
         phases: Phases | None = None,
+        network: nat.Attachment | None = None,
     ) -> None:
         self.spec = spec
+        #: network ``nat``: its veth, address and rules (``network.nat``); None with ``none``
+        self.network = network
         #: where this container's creation and start spent their time (``phases.py``)
         self.phases = phases if phases is not None else Phases()
         self.id = spec.id
@@ -240,17 +246,27 @@ class Container:
             "layers": list(spec.layers),  # gc keeps the host image layers in use
             **(meta or {}),
         }
-        write_json(rdir / "meta.json", info)
-        phases.mark("run dir")
+        network = None
         try:
+            if spec.nat is not None:
+                from ..network.nat import Attachment
+
+                network = Attachment(spec.id, spec.nat)
+                network.reserve(info["owner_pid"], info["owner_start"])
+                info["network"] = network.stats()
+                phases.mark("network lease")
+            write_json(rdir / "meta.json", info)
+            phases.mark("run dir")
             cg = manager.create(
                 spec.id, cgroup_limits(spec.limits, include_cpu=not spec.limits.defer_cpu)
             )
         except BaseException:
+            if network is not None:
+                network.detach()
             shutil.rmtree(rdir, ignore_errors=True)
             raise
         phases.mark("cgroup")
-        return cls(spec, manager, cg, root, phases)
+        return cls(spec, manager, cg, root, phases, network)
 
     # ---- start ---------------------------------------------------------------------
     def start(
@@ -342,7 +358,8 @@ class Container:
             cgroup_version=version,
             cgroup_v1_mounts=self.cgroup.view_mounts(),
             seccomp_file=seccomp_file,
-            netlink=(netns.loopback_request(),) if self.spec.network is NetworkMode.NONE else (),
+            netlink=(netns.loopback_request(),),
+            resolv_conf=self.network.resolv_conf() if self.network is not None else None,
         )
         plan = compile_plan(self.spec, host)
         if self.spec.uid_map and os.geteuid() != 0:
@@ -395,6 +412,16 @@ class Container:
             kind = fields[0]
             if kind == "child":
                 self.init_pid = int(fields[1])
+            elif kind == "netns" and self.network is not None and pending is None:
+                try:
+                    self.network.attach(int(fields[1]))
+                    os.write(self._control_fd, b"go\n")
+                    self.phases.mark("network")
+                except (SandboxError, OSError, ValueError) as exc:
+                    pending = RuntimeStartError(
+                        f"container {self.id}: network: {exc}", stage="network"
+                    )
+                    self._close_control()  # the executor takes the container down now
             elif kind == "netlink":
                 try:
                     netns.check_reply(fields[1] if len(fields) > 1 else "")
@@ -580,6 +607,21 @@ class Container:
             info.pop(name, None)
         write_json(path, info)
 
+    def network_stats(self) -> dict[str, Any]:
+        """The network's figures: mode, and with ``nat`` its address, allow-list, bandwidth,
+        bytes in and out, refused connections (``network.nat.Attachment.stats``). Called by
+        the provisioner for ``%sandbox`` and by ``stats``."""
+        if self.network is None:
+            return {"mode": self.spec.network.value}
+        return self.network.stats()
+
+    def set_bandwidth(self, rate_bits: int | None) -> None:
+        """Change a ``nat`` container's bandwidth cap while it runs (both directions)."""
+        if self.network is None:
+            raise SandboxError(f"container {self.id} has network 'none': no bandwidth to set")
+        self.network.set_bandwidth(rate_bits)
+        self.update_meta({"bandwidth": rate_bits})
+
     def stats(self) -> CgroupStats:
         """The cgroup's current figures. Called by the provisioner before a live change (the
         memory warning of ``limits.plan_change``)."""
@@ -604,6 +646,8 @@ class Container:
             os.close(fd)
         self._shared.clear()
         self.cgroup.remove()
+        if self.network is not None:
+            self.network.detach()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> Container:

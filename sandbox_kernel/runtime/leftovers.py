@@ -20,13 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import network
 from ..cgroups import get_manager
 from ..cgroups.base import CgroupManager
 from ..errors import PrivilegeError, SandboxError
 from ..paths import is_container_id, run_dir
 from . import hostimage
 from .owners import RunRoot, cgroup_manager, containers, opened, run_roots
-from .rundir import ContainerInfo, container_dirs, remove_tree
+from .rundir import ContainerInfo, container_dirs, proc_starttime, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class GcReport:
     cgroups: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     host_layers: list[str] = field(default_factory=list)  # old host image layer versions
+    network: list[str] = field(default_factory=list)  # nat leases, links, rules removed
 
 
 #: How long a run dir without readable metadata counts as being created (seconds).
@@ -125,6 +127,13 @@ def collect_leftovers(
     for name in report.run_dirs:
         shutil.rmtree(root / name, ignore_errors=True)
     report.host_layers = collect_host_layers(root)
+    if network.anything_there():
+        from ..network import nat
+
+        try:
+            report.network = nat.collect(lambda pid, start: proc_starttime(pid) == start)
+        except SandboxError as exc:
+            report.errors.append(f"network: {exc}")
     if report.run_dirs or report.cgroups:
         log.info("gc removed run dirs %s, cgroups %s", report.run_dirs, report.cgroups)
     return report

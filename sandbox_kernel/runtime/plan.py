@@ -46,6 +46,9 @@ class HostContext:
     netlink: tuple[str, ...] = ()
     #: Rootless: the shim layer's entries (``runtime.shim``), made before the root.
     shim: tuple[ShimEntry, ...] = ()
+    #: Network ``nat``: init waits for ``go`` while the owner makes its links
+    #: (``network.nat.Attachment.attach``), and this is its /etc/resolv.conf.
+    resolv_conf: str | None = None
 
 
 def tmpfs_inodes(spec: ContainerSpec, size: int) -> int:
@@ -69,6 +72,8 @@ def _setup(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
     out += [ops.JoinCgroup(d) for d in host.cgroup_dirs]
     if host.seccomp_file:
         out.append(ops.Seccomp(host.seccomp_file))
+    if host.resolv_conf is not None:
+        out.append(ops.SyncNet())
     out += [ops.Netlink(request) for request in host.netlink]
     return out
 
@@ -213,7 +218,7 @@ def _scratch_dirs(spec: ContainerSpec) -> list[ops.Op]:
     ]
 
 
-def _etc(spec: ContainerSpec) -> list[ops.Op]:
+def _etc(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
     """/etc/hostname, /etc/hosts and /etc/resolv.conf of the container (written into its
     writable layer; none when that layer is kept, as for image builds)."""
     if spec.upper_dir:
@@ -226,7 +231,11 @@ def _etc(spec: ContainerSpec) -> list[ops.Op]:
         ops.Mkdir("/etc", 0o755),
         ops.WriteFile("/etc/hostname", 0o644, spec.hostname + "\n"),
         ops.WriteFile("/etc/hosts", 0o644, hosts),
-        ops.WriteFile("/etc/resolv.conf", 0o644, "# no network in this sandbox\n"),
+        ops.WriteFile(
+            "/etc/resolv.conf",
+            0o644,
+            host.resolv_conf if host.resolv_conf is not None else "# no network in this sandbox\n",
+        ),
     ]
 
 
@@ -278,7 +287,7 @@ def compile_plan(spec: ContainerSpec, host: HostContext) -> list[ops.Op]:
     """The ordered operations of ``spec`` on this host (the spec is already validated).
     Called by ``Container.start``, once per start."""
     plan = _setup(spec, host) + _root(spec, host) + _dev(spec) + _sys(host)
-    plan += _scratch_dirs(spec) + _etc(spec)
+    plan += _scratch_dirs(spec) + _etc(spec, host)
     for m in spec.mounts:
         plan += _volume(spec, m)
     plan += [ops.WriteFile(path, mode, content) for path, mode, content in spec.files]

@@ -19,9 +19,13 @@ import enum
 import posixpath
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import SpecError
 from ..limits import Limits
+
+if TYPE_CHECKING:
+    from ..network.config import NatConfig
 
 __all__ = [
     "BYTES_PER_INODE",
@@ -67,11 +71,14 @@ def env_key_problem(key: object, where: str = "env") -> str | None:
 class NetworkMode(str, enum.Enum):
     """How the container reaches the network.
 
-    ``none``: a fresh network namespace with only loopback up (the only mode today;
-    Jupyter talks to the kernel over unix sockets bind-mounted into the container).
+    ``none``: a fresh network namespace with only loopback up (Jupyter talks to the kernel
+    over unix sockets in its connection folder, never over the network).
+    ``nat``: also a veth link to the host, an address, a default route and masquerading out
+    of the host, for what ``ContainerSpec.nat`` allows (``network.nat``; root only).
     """
 
     NONE = "none"
+    NAT = "nat"
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,9 @@ class ContainerSpec:
     enforce_limits: bool = True
     #: How the container reaches the network.
     network: NetworkMode = NetworkMode.NONE
+    #: The settings of network ``nat`` (allow-list, bandwidth, subnet, resolvers); None
+    #: with ``none``.
+    nat: NatConfig | None = None
     #: User-namespace uid map (``userns.UserNamespace``); empty: no user namespace, which
     #: only root may ask for (image builds). Container ``user`` must be mapped.
     uid_map: tuple[IdMap, ...] = ()

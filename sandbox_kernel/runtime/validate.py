@@ -199,10 +199,19 @@ def check_limits(spec: ContainerSpec) -> list[str]:
 
 
 def check_network(spec: ContainerSpec) -> list[str]:
-    """``network`` is a ``NetworkMode``."""
+    """``network`` is a ``NetworkMode``; ``nat`` comes with its settings (an allow-list,
+    a subnet; ``network.config.config_problems``), ``none`` without."""
     if not isinstance(spec.network, NetworkMode):
         modes = ", ".join(m.value for m in NetworkMode)
         return [f"network={spec.network!r} is not a network mode; available: {modes}"]
+    if spec.network is NetworkMode.NAT:
+        from ..network.config import NatConfig, config_problems
+
+        if not isinstance(spec.nat, NatConfig):
+            return ["network 'nat' needs its settings (ContainerSpec.nat)"]
+        return config_problems(spec.nat)
+    if spec.nat is not None:
+        return ["network settings (allow-list, bandwidth) need network 'nat'"]
     return []
 
 

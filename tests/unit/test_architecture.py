@@ -6,6 +6,7 @@ The layers, lowest first (a module may import its own layer and every layer belo
 
     leaves   errors, units, paths, limits, beneath, quota
     cgroups  cgroups/          (one driver per cgroup version behind one interface)
+    network  network/          (network mode nat: links, firewall, leases; pyroute2, nftables)
     runtime  runtime/          (spec -> validators -> plan -> executor; the container)
     images   images/           (the store, builds on the runtime)
     jupyter  jupyter/          (provisioner, settings, control server, kernelspecs, demo)
@@ -36,6 +37,7 @@ PKG = "sandbox_kernel"
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("leaves", frozenset({"errors", "units", "paths", "limits", "policy", "beneath", "quota"})),
     ("cgroups", frozenset({"cgroups"})),
+    ("network", frozenset({"network"})),
     ("runtime", frozenset({"runtime"})),
     ("images", frozenset({"images"})),
     ("jupyter", frozenset({"jupyter"})),
@@ -46,7 +48,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
 )
 APART = frozenset({"magics"})
 FACE = "__init__"
-OS_LAYERS = frozenset({"leaves", "cgroups", "runtime", "images"})
+OS_LAYERS = frozenset({"leaves", "cgroups", "network", "runtime", "images"})
 #: Third-party packages of the Jupyter stack: never imported by the OS layers.
 JUPYTER_PACKAGES = frozenset(
     {

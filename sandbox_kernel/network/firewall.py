@@ -1,0 +1,227 @@
+"""The product's nftables table: ``inet sandbox_kernel``, and nothing outside it.
+
+Layer: network. ``nat`` calls it: ``ensure_table`` when the first ``nat`` container of the
+host is attached, ``add_kernel``/``remove_kernel`` for each container, ``drop_table`` when
+the last one is gone, ``refused`` for ``%sandbox`` and ``stats``.
+
+The table (docs/network.md has the reasoning):
+
+* chain ``forward`` (filter hook): packets into a kernel's veth pass only as replies
+  (established, related): nothing opens a connection to a kernel, from outside or from
+  another kernel. Packets out of a kernel's veth go to that kernel's chain through the map
+  ``kernels`` (interface name -> jump); an interface of the product's prefix without an
+  entry is dropped. When the host did not forward IPv4 before the product turned it on,
+  any other forwarded packet is dropped too, so the host does not become a router.
+* chain ``k-NAME`` per kernel: replies pass; new connections to an allowed network (and
+  port) pass; DNS to the kernel's resolvers passes; the rest is counted in the counter
+  ``refused-NAME`` and refused (TCP reset, ICMP administratively prohibited), so that a
+  refused ``pip`` fails at once instead of hanging.
+* chain ``input``: nothing from a kernel's veth reaches the host itself (its services on
+  any address, the gateway address included).
+* chain ``postrouting`` (nat hook): what leaves a kernel for anywhere but another kernel is
+  masqueraded to the address of the interface the host routes it out of.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from . import IF_PREFIX, nft
+
+FAMILY = "inet"
+TABLE = "sandbox_kernel"
+_T = {"family": FAMILY, "table": TABLE}
+
+
+def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> dict[str, Any]:
+    return {"meta": {"key": key}}
+
+
+def _ifname(key: str, op: str = "==") -> dict[str, Any]:
+    return _match(_meta(key), IF_PREFIX + "*", op)
+
+
+_REPLIES = _match({"ct": {"key": "state"}}, {"set": ["established", "related"]})
+_NEW = _match({"ct": {"key": "state"}}, "new")
+
+
+def _rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
+    return {"add": {"rule": {**_T, "chain": chain, "expr": list(expr)}}}
+
+
+def _base_chain(name: str, kind: str, hook: str, prio: int) -> dict[str, Any]:
+    chain = {**_T, "name": name, "type": kind, "hook": hook, "prio": prio, "policy": "accept"}
+    return {"add": {"chain": chain}}
+
+
+def table_commands(router_before: bool) -> list[dict[str, Any]]:
+    """The commands making the table (see the module docstring). ``router_before``: the
+    host forwarded IPv4 before (else other forwarded traffic is dropped)."""
+    cmds: list[dict[str, Any]] = [
+        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+        {"add": {"map": {**_T, "name": "kernels", "type": "ifname", "map": "verdict"}}},
+        _base_chain("forward", "filter", "forward", 0),
+        _rule("forward", _ifname("oifname"), _REPLIES, {"accept": None}),
+        _rule("forward", _ifname("oifname"), {"drop": None}),
+        _rule("forward", {"vmap": {"key": _meta("iifname"), "data": "@kernels"}}),
+        _rule("forward", _ifname("iifname"), {"drop": None}),
+    ]
+    if not router_before:
+        cmds.append(_rule("forward", {"drop": None}))
+    cmds += [
+        _base_chain("input", "filter", "input", 0),
+        _rule("input", _ifname("iifname"), {"drop": None}),
+        _base_chain("postrouting", "nat", "postrouting", 100),
+        _rule("postrouting", _ifname("iifname"), _ifname("oifname", "!="), {"masquerade": None}),
+    ]
+    return cmds
+
+
+def table_exists() -> bool:
+    """Is the product's table there? (``nat`` asks under its lock.)"""
+    try:
+        nft.run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}], "list the table")
+    except nft.NftError:
+        return False
+    return True
+
+
+def ensure_table(router_before: bool) -> None:
+    """Make the table unless it is there. Called by ``nat`` under its host lock."""
+    if not table_exists():
+        nft.run(table_commands(router_before), f"create table {FAMILY} {TABLE}")
+
+
+def drop_table() -> None:
+    """Remove the table (nothing when it is gone already). Called by ``nat`` under its
+    host lock once no ``nat`` container is left."""
+    if table_exists():
+        nft.run([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}], "remove the table")
+
+
+def _network(net: str) -> dict[str, Any]:
+    n = ipaddress.IPv4Network(net)
+    if n.prefixlen == 32:
+        return {"match": {"op": "==", "left": _daddr(), "right": str(n.network_address)}}
+    prefix = {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
+    return {"match": {"op": "==", "left": _daddr(), "right": prefix}}
+
+
+def _daddr() -> dict[str, Any]:
+    return {"payload": {"protocol": "ip", "field": "daddr"}}
+
+
+def _port(port: int) -> list[dict[str, Any]]:
+    return [
+        _match(_meta("l4proto"), {"set": ["tcp", "udp"]}),
+        _match({"payload": {"protocol": "th", "field": "dport"}}, port),
+    ]
+
+
+def kernel_commands(
+    name: str, allowed: tuple[tuple[str, int | None], ...], dns: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """The commands adding kernel ``name``'s chain, counter and map entry. ``allowed``:
+    (IPv4 network, port or None) pairs; ``dns``: resolvers allowed on port 53."""
+    chain = f"k-{name}"
+    cmds: list[dict[str, Any]] = [
+        {"add": {"chain": {**_T, "name": chain}}},
+        {"add": {"counter": {**_T, "name": f"refused-{name}"}}},
+        _rule(chain, _REPLIES, {"accept": None}),
+    ]
+    for net, port in allowed:
+        cmds.append(_rule(chain, _network(net), *(_port(port) if port else []), {"accept": None}))
+    for server in dns:
+        cmds.append(_rule(chain, _network(f"{server}/32"), *_port(53), {"accept": None}))
+    cmds += [
+        _rule(chain, _NEW, {"counter": f"refused-{name}"}),
+        _rule(chain, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}),
+        _rule(chain, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+        {
+            "add": {
+                "element": {
+                    **_T,
+                    "name": "kernels",
+                    "elem": [[IF_PREFIX + name, {"jump": {"target": chain}}]],
+                }
+            }
+        },
+    ]
+    return cmds
+
+
+def add_kernel(
+    name: str, allowed: tuple[tuple[str, int | None], ...], dns: tuple[str, ...]
+) -> None:
+    """Add kernel ``name``'s rules in one transaction (before its veth carries a packet).
+    Called by ``nat.Attachment.attach``."""
+    nft.run(kernel_commands(name, allowed, dns), f"firewall rules of {IF_PREFIX}{name}")
+
+
+def kernels() -> list[str]:
+    """The names of the kernels that have rules (for ``nat.collect``)."""
+    try:
+        items = nft.run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}], "list")
+    except nft.NftError:
+        return []
+    out = []
+    for item in items:
+        chain = item.get("chain")
+        if isinstance(chain, dict) and str(chain.get("name", "")).startswith("k-"):
+            out.append(str(chain["name"])[2:])
+    return out
+
+
+def remove_kernel(name: str) -> None:
+    """Remove kernel ``name``'s map entry, chain and counter, each only if there (so a
+    second call, or one after a crash that left part of them, does nothing more). Called
+    by ``nat.Attachment.detach`` and ``nat.collect``."""
+    try:
+        items = nft.run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}], "list")
+    except nft.NftError:
+        return  # no table: nothing of any kernel is left
+    chain = f"k-{name}"
+    cmds: list[dict[str, Any]] = []
+    ifname = IF_PREFIX + name
+    for item in items:
+        m = item.get("map")
+        if isinstance(m, dict) and m.get("name") == "kernels":
+            for elem in m.get("elem", []) or []:
+                if isinstance(elem, list) and elem and elem[0] == ifname:
+                    cmds.append(
+                        {"delete": {"element": {**_T, "name": "kernels", "elem": [ifname]}}}
+                    )
+    names = {
+        (kind, str(obj.get("name")))
+        for item in items
+        for kind, obj in item.items()
+        if kind in ("chain", "counter") and isinstance(obj, dict)
+    }
+    if ("chain", chain) in names:
+        cmds.append({"flush": {"chain": {**_T, "name": chain}}})
+        cmds.append({"delete": {"chain": {**_T, "name": chain}}})
+    if ("counter", f"refused-{name}") in names:
+        cmds.append({"delete": {"counter": {**_T, "name": f"refused-{name}"}}})
+    if cmds:
+        nft.run(cmds, f"remove the firewall rules of {ifname}")
+
+
+def refused(name: str) -> int | None:
+    """How many connections kernel ``name`` had refused (its counter's packets; None when
+    it has none)."""
+    try:
+        items = nft.run(
+            [{"list": {"counter": {**_T, "name": f"refused-{name}"}}}], "read a counter"
+        )
+    except nft.NftError:
+        return None
+    for item in items:
+        c = item.get("counter")
+        if isinstance(c, dict) and isinstance(c.get("packets"), int):
+            return int(c["packets"])
+    return None

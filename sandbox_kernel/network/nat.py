@@ -1,0 +1,318 @@
+"""Network mode ``nat``: one container's attachment, and the host state all of them share.
+
+Layer: network. ``runtime.container.Container`` owns one ``Attachment`` per ``nat``
+container: ``reserve`` at create (an address lease, the allow-list resolved, the shared
+state made), ``attach`` while the container's init waits for ``go`` (firewall rules, then
+the links), ``detach`` at destroy (links, rules, lease, then the shared state when it was
+the last; each step tolerates "already gone", so a second call does nothing). ``collect``
+(gc, and every ``Container.create``) removes what a crash left, found by name.
+
+Host state, all under ``NET_DIR`` (root's, 0700) and its lock file:
+
+* ``leases/ADDRESS``: one per container (JSON: container id, interface, owner pid and
+  start time): the address is taken by creating the file (O_EXCL), and the lease names
+  every host resource of that container.
+* ``forwarding``: present when the product turned IPv4 forwarding on (it was off); the
+  last container's detach turns it off again and removes the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import PrivilegeError, SandboxError, SpecError
+from . import IF_PREFIX, NET_DIR, anything_there, firewall, host_links, links
+from .config import NatConfig, resolve_allow
+
+_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+#: A lease file is at most this big (the host reads what it wrote, but bounds it anyway).
+_LEASE_MAX = 4096
+#: ``alive(pid, start)``: is the process that made a lease still that process?
+Alive = Callable[[int, str], bool]
+
+
+def short_name(container_id: str) -> str:
+    """The 11 hex digits of ``sk-`` + 12 that name the container's network objects
+    (``skn-NAME`` fits the kernel's 15-character interface names)."""
+    return container_id.removeprefix("sk-")[:11]
+
+
+def _resolve(name: str) -> list[str]:
+    infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def host_resolvers(path: str = "/etc/resolv.conf") -> tuple[str, ...]:
+    """The host's IPv4 resolvers that a container can reach (loopback ones, such as
+    systemd-resolved's 127.0.0.53, are the host's own and are left out)."""
+    out: list[str] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read(65536).splitlines()
+    except OSError:
+        return ()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                addr = ipaddress.IPv4Address(fields[1])
+            except ValueError:
+                continue
+            if not addr.is_loopback and str(addr) not in out:
+                out.append(str(addr))
+    return tuple(out[:3])
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """The host lock of the network state (made on first use, root's, 0700)."""
+    if os.geteuid() != 0:
+        raise PrivilegeError(
+            "network 'nat' needs a root server for now (an unprivileged one cannot make "
+            "veth links or firewall rules); use network 'none'"
+        )
+    NET_DIR.mkdir(mode=0o700, exist_ok=True)
+    (NET_DIR / "leases").mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(NET_DIR / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _leases() -> dict[str, dict[str, Any]]:
+    """address -> lease (unreadable ones as ``{}``), under the lock."""
+    out: dict[str, dict[str, Any]] = {}
+    base = NET_DIR / "leases"
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        try:
+            fd = os.open(base / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                doc = json.loads(f.read(_LEASE_MAX))
+            out[name] = doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            out[name] = {}
+    return out
+
+
+def _ensure_shared() -> None:
+    """The table, and IPv4 forwarding on (remembering that it was off), under the lock."""
+    if firewall.table_exists():
+        return
+    router_before = _FORWARD.read_text().strip() == "1"
+    (NET_DIR / "table").write_text("made\n")  # before the table: collect's quick look
+    firewall.ensure_table(router_before)
+    if not router_before:
+        (NET_DIR / "forwarding").write_text("0\n")
+        _FORWARD.write_text("1\n")
+
+
+def _release_shared() -> None:
+    """When no lease is left: the table goes, and forwarding is turned off again if the
+    product turned it on. Under the lock."""
+    if _leases():
+        return
+    firewall.drop_table()
+    mark = NET_DIR / "forwarding"
+    if mark.exists():
+        with contextlib.suppress(OSError):
+            _FORWARD.write_text("0\n")
+        mark.unlink(missing_ok=True)
+    (NET_DIR / "table").unlink(missing_ok=True)
+
+
+@dataclass
+class Lease:
+    """A container's address and the names of its network objects."""
+
+    address: str
+    gateway: str
+    name: str
+
+    @property
+    def ifname(self) -> str:
+        """The host side of its veth pair."""
+        return IF_PREFIX + self.name
+
+
+class Attachment:
+    """The ``nat`` network of one container (see the module docstring)."""
+
+    def __init__(self, container_id: str, config: NatConfig) -> None:
+        self.container_id = container_id
+        self.config = config
+        self.name = short_name(container_id)
+        self.lease: Lease | None = None
+        self.allowed: tuple[tuple[str, int | None], ...] = ()
+        self.dns: tuple[str, ...] = ()
+        self.bandwidth = config.bandwidth
+        self._pid: int | None = None
+
+    def reserve(self, owner: int, owner_start: str | None) -> None:
+        """Resolve the allow-list, take an address, make the shared state. SpecError for
+        a host name that does not resolve or a full subnet. Called by
+        ``Container.create``; ``owner``/``owner_start`` identify the creating process."""
+        self.allowed = resolve_allow(self.config.allow, _resolve)
+        self.dns = self.config.dns if self.config.dns is not None else host_resolvers()
+        subnet = ipaddress.IPv4Network(self.config.subnet)
+        hosts = subnet.hosts()
+        gateway = str(next(hosts))
+        doc = json.dumps(
+            {"id": self.container_id, "name": self.name, "owner": owner, "start": owner_start}
+        ).encode()
+        with _locked():
+            for candidate in hosts:
+                path = NET_DIR / "leases" / str(candidate)
+                try:
+                    fd = os.open(
+                        path,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o600,
+                    )
+                except FileExistsError:
+                    continue
+                with os.fdopen(fd, "wb") as f:
+                    f.write(doc)
+                self.lease = Lease(str(candidate), gateway, self.name)
+                break
+            else:
+                raise SpecError(
+                    f"network subnet {subnet} has no free address for container "
+                    f"{self.container_id}; give a larger network_subnet"
+                )
+            _ensure_shared()
+
+    def resolv_conf(self) -> str:
+        """The container's /etc/resolv.conf."""
+        if not self.dns:
+            return "# no resolver: the host's are on loopback; set network_dns to give one\n"
+        return "".join(f"nameserver {server}\n" for server in self.dns)
+
+    def attach(self, pid: int) -> None:
+        """Rules first, then the links of the container whose init is ``pid`` (waiting for
+        ``go``). On failure what was made is removed and the error raised. Called by
+        ``Container.start`` on the executor's ``netns`` line."""
+        assert self.lease is not None, "reserve() first"
+        self._pid = pid
+        try:
+            firewall.add_kernel(self.name, self.allowed, self.dns)
+            links.create(
+                self.lease.ifname, pid, self.lease.gateway, self.lease.address, self.bandwidth
+            )
+        except BaseException:
+            self._undo_links_and_rules()
+            raise
+
+    def set_bandwidth(self, rate_bits: int | None) -> None:
+        """Change the cap of the running container (both directions)."""
+        if self.lease is None or self._pid is None:
+            raise SandboxError(f"container {self.container_id} has no network attached")
+        links.set_rate(self.lease.ifname, self._pid, rate_bits)
+        self.bandwidth = rate_bits
+
+    def _undo_links_and_rules(self) -> None:
+        if self.lease is None:
+            return
+        links.delete(self.lease.ifname)
+        firewall.remove_kernel(self.name)
+
+    def detach(self) -> None:
+        """Links, rules, lease, then the shared state if this was the last. Idempotent.
+        Called by ``Container.destroy`` (and when a create fails after ``reserve``)."""
+        lease = self.lease
+        if lease is None:
+            return
+        try:
+            self._undo_links_and_rules()
+        finally:
+            self.lease = None
+            with _locked():
+                with contextlib.suppress(FileNotFoundError):
+                    (NET_DIR / "leases" / lease.address).unlink()
+                _release_shared()
+
+    def stats(self) -> dict[str, Any]:
+        """Address, allow-list, bandwidth, bytes in and out, refused connections (for
+        ``%sandbox``, ``ps`` and ``stats``)."""
+        out: dict[str, Any] = {
+            "mode": "nat",
+            "address": self.lease.address if self.lease else None,
+            "allow": [str(e) for e in self.config.allow],
+            "bandwidth": self.bandwidth,
+        }
+        if self.lease is not None:
+            counted = links.counters(self.lease.ifname)
+            if counted is not None:
+                out["bytes_in"], out["bytes_out"] = counted
+            out["refused"] = firewall.refused(self.name)
+        return out
+
+
+def collect(alive: Alive) -> list[str]:
+    """Remove the network objects of containers that are gone: leases whose creator is
+    dead (``alive(pid, start)`` false), links and rules of the product's prefix that no
+    lease names; then the shared state when nothing is left. Returns what was removed.
+    Called by gc (``runtime.leftovers``) as root; nothing to do when ``NET_DIR`` is
+    absent."""
+    if not anything_there():
+        return []
+    removed: list[str] = []
+    with _locked():
+        live_names: set[str] = set()
+        for address, lease in _leases().items():
+            pid, start, name = lease.get("owner"), lease.get("start"), lease.get("name")
+            if (
+                isinstance(pid, int)
+                and isinstance(start, str)
+                and isinstance(name, str)
+                and alive(pid, start)
+            ):
+                live_names.add(name)
+                continue
+            if isinstance(name, str) and name.isalnum():
+                links.delete(IF_PREFIX + name)
+                firewall.remove_kernel(name)
+            with contextlib.suppress(FileNotFoundError):
+                (NET_DIR / "leases" / address).unlink()
+            removed.append(f"network lease {address}")
+        for ifname in host_links():
+            if ifname[len(IF_PREFIX) :] not in live_names:
+                links.delete(ifname)
+                removed.append(f"network link {ifname}")
+        for name in firewall.kernels():
+            if name not in live_names:
+                firewall.remove_kernel(name)
+                removed.append(f"firewall chain k-{name}")
+        if not live_names:
+            had_table = firewall.table_exists()
+            _release_shared()
+            if had_table:
+                removed.append(f"firewall table {firewall.FAMILY} {firewall.TABLE}")
+    return removed
+
+
+def leftovers() -> list[str]:
+    """What of the product's network is on the host now (tests assert it is empty after
+    the last ``nat`` container): leases, links, the table, the forwarding mark."""
+    out: list[str] = []
+    if NET_DIR.is_dir():
+        out += [f"lease {a}" for a in _leases()]
+        out += [f"{m} mark" for m in ("forwarding", "table") if (NET_DIR / m).exists()]
+    out += [f"link {n}" for n in host_links()]
+    if os.geteuid() == 0 and firewall.table_exists():
+        out.append(f"table {firewall.FAMILY} {firewall.TABLE}")
+    return out
