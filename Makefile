@@ -80,13 +80,22 @@ test-unit-matrix: venv
 vm-setup:
 	bash tools/vm/setup.sh
 
+# A failing browser test leaves its screenshot, the page's console and the server's log in
+# test-artifacts/ (which CI keeps); the hub phase of test-rootless keeps the hub's log there,
+# and the screenshot beside it on a failure. A variable already set (even empty) is kept.
+ARTIFACTS := $(CURDIR)/test-artifacts
+test-privileged: export SANDBOX_KERNEL_TEST_ARTIFACTS ?= $(ARTIFACTS)
+test-rootless: export SANDBOX_KERNEL_HUB_KEEP_LOG ?= $(ARTIFACTS)/hub.log
+
 test-privileged: venv native vm-setup
+	@[ -z "$$SANDBOX_KERNEL_TEST_ARTIFACTS" ] || mkdir -p "$$SANDBOX_KERNEL_TEST_ARTIFACTS"
 	bash tools/pytest-run.sh $(PY) tests/privileged tests/security
 
 # the runtime, provisioner, magics and security suites again, with the server as an
 # unprivileged user (with and without a subordinate id range); needs the images the
 # privileged suite built into the system store
 test-rootless: venv native vm-setup
+	@[ -z "$$SANDBOX_KERNEL_HUB_KEEP_LOG" ] || mkdir -p "$$(dirname "$$SANDBOX_KERNEL_HUB_KEEP_LOG")"
 	bash tools/rootless-tests.sh
 
 test-cgroup-v2: venv native vm-setup
@@ -107,4 +116,4 @@ bench: venv native
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf build dist *.egg-info sandbox_kernel/runtime/_bin
+	rm -rf build dist *.egg-info sandbox_kernel/runtime/_bin test-artifacts

@@ -167,17 +167,24 @@ EndWatch = tuple[asyncio.AbstractEventLoop, int]
 
 
 def watch_end(pid: int, ended: Callable[[], None]) -> EndWatch | None:
-    """Call ``ended`` on the running event loop the moment process ``pid`` ends (a pidfd
-    read: no thread per process); None where that cannot be (no pidfd, no running loop):
-    the caller's own polling then notices. Called by the provisioner for its kernel and by
-    the pool for each idle member; undone by ``unwatch_end``."""
+    """Call ``ended`` once, on the running event loop, the moment process ``pid`` ends (a
+    pidfd read: no thread per process); None where that cannot be (no pidfd, no running
+    loop): the caller's own polling then notices. Called by the provisioner for its kernel
+    and by the pool for each idle member; ``unwatch_end`` stops it and closes the pidfd
+    (after the call too)."""
     try:
         loop = asyncio.get_running_loop()
         fd = os.pidfd_open(pid)
     except (OSError, RuntimeError, AttributeError):
         return None
+
+    def fire() -> None:
+        # an ended process's pidfd stays readable: read it once
+        loop.remove_reader(fd)
+        ended()
+
     try:
-        loop.add_reader(fd, ended)
+        loop.add_reader(fd, fire)
     except (OSError, RuntimeError, NotImplementedError):
         os.close(fd)
         return None

@@ -1,8 +1,9 @@
 """The sandbox REST API on a real jupyter_server (a subprocess, loopback only) with real
 python3-sandbox kernels: the server's authentication and XSRF check, limits and usage read
 from the cgroup, a live change that reaches the cgroup and one above the ceiling refused,
-no way for a kernel to act on another through the API or its own control socket, and a
-death by the memory cap told in the running cell and shown by GET."""
+no way for a kernel to act on another through the API or its own control socket, a kernel
+of another live server unknown (404) here, and a death by the memory cap told in the
+running cell and shown by GET."""
 
 from __future__ import annotations
 
@@ -290,3 +291,33 @@ def test_get_finds_a_death_at_once_and_the_cell_is_told(lone_server: Server) -> 
         assert mine["state"] == "dead"
     finally:
         srv.request("DELETE", f"/api/kernels/{kid}")
+
+
+def test_a_kernel_of_another_live_server_is_unknown_here(
+    server: Server, kernel: str, lone_server: Server
+) -> None:
+    """Both servers run as the same user on one machine, their kernels' containers side by
+    side under the same run root: each server's API answers for its own kernels only."""
+    code, model = lone_server.request(
+        "POST", "/api/kernels", {"name": "python3-sandbox", "path": ""}
+    )
+    assert code == 201, model
+    lone_kid = str(model["id"])
+    try:
+        assert run_cell(lone_server, lone_kid, "print(1)")[0] == "ok"
+        for here, theirs in ((lone_server, kernel), (server, lone_kid)):
+            code, reply = here.request("GET", f"/api/sandbox/kernels/{theirs}")
+            assert code == 404, reply
+            code, reply = here.request(
+                "PATCH", f"/api/sandbox/kernels/{theirs}", {"memory": "512M"}
+            )
+            assert code == 404, reply
+            code, listing = here.request("GET", "/api/sandbox/kernels")
+            assert code == 200 and theirs not in [k["kernel_id"] for k in listing["kernels"]]
+            assert cgroup_memory_limit(theirs) == GiB, "the other server's kernel was changed"
+        # each answers for its own
+        for srv, kid in ((server, kernel), (lone_server, lone_kid)):
+            code, model = srv.request("GET", f"/api/sandbox/kernels/{kid}")
+            assert code == 200 and model["kernel_id"] == kid and model["state"] == "running"
+    finally:
+        lone_server.request("DELETE", f"/api/kernels/{lone_kid}")

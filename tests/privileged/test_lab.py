@@ -5,8 +5,10 @@ Both sandbox kernels open from the launcher with their logos; the status bar ite
 active kernel's memory used / limit, CPU and image and follows a ``%sandbox memory=``
 change; a cell over the memory cap brings the dialog with the reason (and the reason in the
 cell), whose "Restart with ..." raises the limit; interrupt and restart from the Kernel menu
-work; with no sandbox kernel active nothing is polled. A failing test leaves a screenshot
-and the server log under $SANDBOX_KERNEL_TEST_ARTIFACTS (else the test's tmp dir).
+work; with no sandbox kernel active (no notebook, a plain kernel's) nothing is polled; after
+a death the kernel's status comes back to idle with no cell run. A failing test leaves a
+screenshot and the server log under $SANDBOX_KERNEL_TEST_ARTIFACTS (else the test's tmp
+dir).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ pytestmark = [
 ]
 
 PY3, PY2 = "Python 3 (sandbox)", "Python 2.7 (sandbox)"
+#: the server's own Python (ipykernel's kernelspec, always offered): no sandbox kernel
+PLAIN = "Python 3 (ipykernel)"
 #: the admin's ceiling: the kernelspecs' 1 GiB may be doubled once
 CEILING = "2G"
 #: "312 MiB / 1 GiB": memory used / limit, in binary units
@@ -189,7 +193,8 @@ def test_status_bar_follows_the_active_sandbox_kernel(lab: Lab, tmp_path: Path) 
                 requests.append(request.url)
 
         page.on("request", seen)
-        launcher_cards(page)
+        cards = launcher_cards(page)
+        assert PLAIN in cards, cards
         # no notebook: no item and nothing polled (two poll periods and more)
         page.wait_for_timeout(7_000)
         assert requests == [], requests
@@ -220,6 +225,15 @@ def test_status_bar_follows_the_active_sandbox_kernel(lab: Lab, tmp_path: Path) 
         expect(item).to_contain_text("python2.7-plot", timeout=30_000)
         expect(item).to_contain_text(re.compile(USED + r"1 GiB"), timeout=30_000)
 
+        # a plain kernel's notebook active: no item, nothing polled (the sandbox notebooks
+        # stay open behind it)
+        open_notebook(page, PLAIN)
+        expect(item).to_be_hidden(timeout=10_000)
+        page.wait_for_timeout(1_000)  # a reading already under way may still land
+        requests.clear()
+        page.wait_for_timeout(7_000)
+        assert requests == [], requests
+
 
 def test_a_cell_over_the_cap_shows_the_reason_and_restart_with_more(
     lab: Lab, tmp_path: Path
@@ -236,6 +250,13 @@ def test_a_cell_over_the_cap_shows_the_reason_and_restart_with_more(
         # JupyterLab's own "Kernel Restarting" notice comes first; dialogs show one at a time
         notice = page.locator(".jp-Dialog", has_text="Kernel Restarting")
         expect(notice).to_be_visible(timeout=120_000)
+        # the kernel's status comes back by itself, as a plain ipykernel's does: not stuck
+        # at connecting / unknown / dead until another cell is run
+        status = panel.locator(".jp-Notebook-ExecutionIndicator")
+        expect(status).to_have_attribute(
+            "data-status", re.compile(r"^(starting|idle)$"), timeout=10_000
+        )
+        expect(status).to_have_attribute("data-status", "idle", timeout=30_000)
         notice.locator("button.jp-mod-accept").click()
         reason = page.locator(".jp-Dialog", has_text="out of memory")
         expect(reason).to_be_visible(timeout=30_000)
@@ -249,6 +270,7 @@ def test_a_cell_over_the_cap_shows_the_reason_and_restart_with_more(
         expect(item).to_contain_text(re.compile(USED + r"1 GiB"), timeout=30_000)
         # the reason in the cell too (the server's notice on the cell's output, left there)
         expect(cell.locator(".jp-OutputArea")).to_contain_text("out of memory", timeout=10_000)
+        expect(status).to_have_attribute("data-status", "idle")  # still, with no cell run
         out = output_of(page, panel, "r = %sandbox\nprint(r)")
         assert "1 GiB" in out, out
         # the first execution's notice says the limit is raised, and asks for nothing

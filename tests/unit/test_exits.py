@@ -2,18 +2,24 @@
 
 A cgroup's cap counters only grow, so a cap hit early in a kernel's life (a cell that met the
 pids cap, a worker the OOM killer took) must not be blamed for a later death, nor for a stop
-the server asked for."""
+the server asked for. And ``exits.watch_end``: a real child's end is told once, at once; an
+undone watch tells nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from sandbox_kernel.jupyter.exits import CapBaseline, CapCounts, verdict
+from sandbox_kernel.jupyter.exits import CapBaseline, CapCounts, unwatch_end, verdict, watch_end
 from sandbox_kernel.runtime.container import ExitResult
 
 MiB = 1 << 20
@@ -179,3 +185,65 @@ def test_gc_drops_the_kept_state_of_kernels_whose_container_is_gone(tmp_path: Pa
     assert (ex.kernels_dir(tmp_path) / "k-gone").exists()  # a dry run removes nothing
     assert sorted(ex.collect_orphans(root=tmp_path)) == ["k-broken", "k-gone"]
     assert [p.name for p in ex.kernels_dir(tmp_path).iterdir()] == ["k-alive"]
+
+
+def waiting_child() -> subprocess.Popen[bytes]:
+    """A real child process that runs until its stdin is closed."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+
+
+def end(child: subprocess.Popen[bytes]) -> None:
+    assert child.stdin is not None
+    child.stdin.close()
+    child.wait(10)
+
+
+async def test_the_end_of_a_process_is_told_once_the_moment_it_ends() -> None:
+    child = waiting_child()
+    calls: list[float] = []
+    told = asyncio.Event()
+
+    def ended() -> None:
+        calls.append(time.monotonic())
+        told.set()
+
+    watch = watch_end(child.pid, ended)
+    try:
+        assert watch is not None, "pidfd_open is missing (Linux 5.3 and Python 3.9 have it)"
+        await asyncio.sleep(0.3)
+        assert calls == [], "told of an end while the process runs"
+        end(child)
+        gone = time.monotonic()
+        await asyncio.wait_for(told.wait(), 5)
+        assert calls[0] - gone < 1.0
+        # the pidfd stays readable: still one call, though the watch was not undone yet
+        await asyncio.sleep(0.3)
+        assert len(calls) == 1, calls
+    finally:
+        unwatch_end(watch)
+        if child.poll() is None:
+            end(child)
+
+
+async def test_an_undone_watch_tells_nothing_and_closes_its_pidfd() -> None:
+    child = waiting_child()
+    calls: list[str] = []
+    watch = watch_end(child.pid, lambda: calls.append("ended"))
+    assert watch is not None
+    unwatch_end(watch)
+    with pytest.raises(OSError):
+        os.fstat(watch[1])
+    end(child)
+    await asyncio.sleep(0.5)
+    assert calls == []
+    unwatch_end(None)  # nothing to undo
+
+
+def test_there_is_no_watch_without_a_running_loop() -> None:
+    child = waiting_child()
+    try:
+        assert watch_end(child.pid, lambda: None) is None
+    finally:
+        end(child)
