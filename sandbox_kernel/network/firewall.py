@@ -12,8 +12,9 @@ The table (docs/network.md has the reasoning):
   ``kernels`` (interface name -> jump); an interface of the product's prefix without an
   entry is dropped. When the host did not forward IPv4 before the product turned it on,
   any other forwarded packet is dropped too, so the host does not become a router.
-* chain ``k-NAME`` per kernel: replies pass; new connections to an allowed network (and
-  port) pass; DNS to the kernel's resolvers passes; the rest is counted in the counter
+* chain ``k-NAME`` per kernel: replies pass; past ``MAX_CONNECTIONS`` tracked connections
+  of the kernel a new one is refused; new connections to an allowed network (and port)
+  pass; DNS to the kernel's resolvers passes; the rest is counted in the counter
   ``refused-NAME`` and refused (TCP reset, ICMP administratively prohibited), so that a
   refused ``pip`` fails at once instead of hanging.
 * chain ``input``: nothing from a kernel's veth reaches the host itself (its services on
@@ -123,36 +124,64 @@ def _port(port: int) -> list[dict[str, Any]]:
     ]
 
 
+#: At most this many connections of one kernel tracked at once (the host's conntrack table
+#: is shared by every kernel and the host itself); past it new ones are refused and counted.
+MAX_CONNECTIONS = 1024
+
+
+def _kernel_rules(
+    name: str, allowed: tuple[tuple[str, int | None], ...], dns: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """The rules of kernel ``name``'s chain, in order (see the module docstring)."""
+    chain = f"k-{name}"
+    counter = {"counter": f"refused-{name}"}
+    rules = [
+        _rule(chain, _REPLIES, {"accept": None}),
+        _rule(
+            chain,
+            _NEW,
+            {"ct count": {"val": MAX_CONNECTIONS, "inv": True}},
+            counter,
+            {"reject": {"type": "icmpx", "expr": "admin-prohibited"}},
+        ),
+    ]
+    for net, port in allowed:
+        rules.append(_rule(chain, _network(net), *(_port(port) if port else []), {"accept": None}))
+    for server in dns:
+        rules.append(_rule(chain, _network(f"{server}/32"), *_port(53), {"accept": None}))
+    rules += [
+        _rule(chain, _NEW, counter),
+        _rule(chain, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}),
+        _rule(chain, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+    ]
+    return rules
+
+
 def kernel_commands(
     name: str, allowed: tuple[tuple[str, int | None], ...], dns: tuple[str, ...]
 ) -> list[dict[str, Any]]:
     """The commands adding kernel ``name``'s chain, counter and map entry. ``allowed``:
     (IPv4 network, port or None) pairs; ``dns``: resolvers allowed on port 53."""
     chain = f"k-{name}"
-    cmds: list[dict[str, Any]] = [
+    element = [[IF_PREFIX + name, {"jump": {"target": chain}}]]
+    return [
         {"add": {"chain": {**_T, "name": chain}}},
         {"add": {"counter": {**_T, "name": f"refused-{name}"}}},
-        _rule(chain, _REPLIES, {"accept": None}),
+        *_kernel_rules(name, allowed, dns),
+        {"add": {"element": {**_T, "name": "kernels", "elem": element}}},
     ]
-    for net, port in allowed:
-        cmds.append(_rule(chain, _network(net), *(_port(port) if port else []), {"accept": None}))
-    for server in dns:
-        cmds.append(_rule(chain, _network(f"{server}/32"), *_port(53), {"accept": None}))
-    cmds += [
-        _rule(chain, _NEW, {"counter": f"refused-{name}"}),
-        _rule(chain, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}),
-        _rule(chain, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
-        {
-            "add": {
-                "element": {
-                    **_T,
-                    "name": "kernels",
-                    "elem": [[IF_PREFIX + name, {"jump": {"target": chain}}]],
-                }
-            }
-        },
-    ]
-    return cmds
+
+
+def replace_kernel_rules(
+    name: str, allowed: tuple[tuple[str, int | None], ...], dns: tuple[str, ...]
+) -> None:
+    """Swap kernel ``name``'s rules for new ones in one transaction (its counter and its
+    open connections stay). Called by ``nat.Attachment.refresh`` when the allow-list's host
+    names resolve to other addresses."""
+    nft.run(
+        [{"flush": {"chain": {**_T, "name": f"k-{name}"}}}, *_kernel_rules(name, allowed, dns)],
+        f"firewall rules of {IF_PREFIX}{name}",
+    )
 
 
 def add_kernel(

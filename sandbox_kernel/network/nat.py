@@ -36,6 +36,8 @@ from .config import NatConfig, resolve_allow
 _FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 #: A lease file is at most this big (the host reads what it wrote, but bounds it anyway).
 _LEASE_MAX = 4096
+#: How often the owner of a kernel whose allow-list names hosts resolves them again.
+REFRESH_S = 300.0
 #: ``alive(pid, start)``: is the process that made a lease still that process?
 Alive = Callable[[int, str], bool]
 
@@ -216,6 +218,21 @@ class Attachment:
         except BaseException:
             self._undo_links_and_rules()
             raise
+
+    def refresh(self) -> bool:
+        """Resolve the allow-list's host names again and, when their addresses changed,
+        swap the kernel's rules for ones naming the new addresses (its counter and open
+        connections stay). True when the rules changed. SpecError when a name no longer
+        resolves (the old rules stay). Called by ``Container.refresh_network`` (the
+        provisioner, every ``REFRESH_S`` seconds, for kernels whose list has names)."""
+        if self.lease is None or not any(e.is_name for e in self.config.allow):
+            return False
+        allowed = resolve_allow(self.config.allow, _resolve)
+        if allowed == self.allowed:
+            return False
+        firewall.replace_kernel_rules(self.name, allowed, self.dns)
+        self.allowed = allowed
+        return True
 
     def set_bandwidth(self, rate_bits: int | None) -> None:
         """Change the cap of the running container (both directions)."""

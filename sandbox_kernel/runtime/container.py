@@ -615,6 +615,13 @@ class Container:
             return {"mode": self.spec.network.value}
         return self.network.stats()
 
+    def refresh_network(self) -> bool:
+        """Resolve a ``nat`` container's allow-listed host names again; their new addresses
+        replace the old in its rules (``network.nat.Attachment.refresh``). True when the
+        rules changed; False with network ``none``. Blocking (name lookups): the provisioner
+        calls it in a thread."""
+        return self.network.refresh() if self.network is not None else False
+
     def set_bandwidth(self, rate_bits: int | None) -> None:
         """Change a ``nat`` container's bandwidth cap while it runs (both directions)."""
         if self.network is None:

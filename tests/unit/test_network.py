@@ -238,11 +238,13 @@ def test_a_kernels_chain_allows_its_list_and_counts_the_rest() -> None:
     )
     rules = _exprs(cmds, "k-0123456789a")
     assert "established" in rules[0]
-    assert '"prefix": {"addr": "198.18.9.0", "len": 24}' in rules[1]
-    assert '"right": "198.18.1.1"' in rules[2] and '"right": 443' in rules[2]
-    assert '"right": "198.18.0.53"' in rules[3] and '"right": 53' in rules[3]
-    assert '"counter": "refused-0123456789a"' in rules[4] and '"new"' in rules[4]
-    assert "tcp reset" in rules[5] and "admin-prohibited" in rules[6]
+    # a kernel holds at most MAX_CONNECTIONS of the host's conntrack entries
+    assert '"ct count": {"val": 1024, "inv": true}' in rules[1] and "refused-" in rules[1]
+    assert '"prefix": {"addr": "198.18.9.0", "len": 24}' in rules[2]
+    assert '"right": "198.18.1.1"' in rules[3] and '"right": 443' in rules[3]
+    assert '"right": "198.18.0.53"' in rules[4] and '"right": 53' in rules[4]
+    assert '"counter": "refused-0123456789a"' in rules[5] and '"new"' in rules[5]
+    assert "tcp reset" in rules[6] and "admin-prohibited" in rules[7]
     (elem,) = [c["add"]["element"] for c in cmds if "element" in c["add"]]
     assert elem["elem"] == [["skn-0123456789a", {"jump": {"target": "k-0123456789a"}}]]
 
@@ -338,6 +340,29 @@ def test_leases_take_free_addresses_and_the_last_detach_undoes_the_host(
     assert not fake_host["nft"].table and fake_host["links"] == set()
     assert fake_host["forward"].read_text() == "0\n"  # turned off again: it was off
     assert nat.leftovers() == []
+
+
+def test_a_refresh_swaps_the_rules_when_a_name_moves(
+    fake_host: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = {"a.example": ["198.18.1.1"]}
+    monkeypatch.setattr(nat, "_resolve", lambda name: answers[name])
+    config = NatConfig(allow=parse_allow_list(["a.example:443"]), subnet="198.18.64.0/29", dns=())
+    a = nat.Attachment("sk-aaaaaaaaaaaa", config)
+    a.reserve(1, "1")
+    a.attach(1)
+    assert a.allowed == (("198.18.1.1/32", 443),)
+    calls = len(fake_host["nft"].calls)
+    assert a.refresh() is False and len(fake_host["nft"].calls) == calls  # unchanged: no-op
+    answers["a.example"] = ["198.18.1.9"]
+    assert a.refresh() is True
+    (swap,) = fake_host["nft"].calls[calls:]
+    assert swap[0] == {
+        "flush": {"chain": {"family": "inet", "table": "sandbox_kernel", "name": "k-aaaaaaaaaaa"}}
+    }
+    assert any('"198.18.1.9"' in json.dumps(c) for c in swap)
+    assert not any('"198.18.1.1"' in json.dumps(c) for c in swap)
+    a.detach()
 
 
 def test_a_router_keeps_forwarding(fake_host: dict[str, Any]) -> None:
