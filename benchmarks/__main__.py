@@ -5,7 +5,8 @@ P2 setup time, P3 host-side memory, P4 the warm pool (a pooled start, an idle me
 at once), P5 execute round trip, P6 kernels started at once,
 P7 many idle kernels, P8 image size vs setup time, T tenant isolation, TF the same with
 the neighbours under another user's aggregate caps (a teaching hub), G pulls from a
-registry on loopback (against skopeo; a second pull with every layer present).
+registry on loopback (against skopeo; a second pull with every layer present), N network
+mode nat (setup time added, throughput and latency against the host's loopback).
 Needs root, the built ``python3`` and ``python2.7`` images, and the native executor.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from .stats import Figure, markdown, save, stamp, table
 
-ALL = ("P1", "P2", "P4", "P5", "P6", "P7", "P8", "T", "TF", "G")
+ALL = ("P1", "P2", "P4", "P5", "P6", "P7", "P8", "T", "TF", "G", "N")
 KERNEL_FIGURES = {"P1", "P4", "P5", "P6", "P7", "T", "TF"}
 
 
@@ -148,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print("G registry pulls ...", file=sys.stderr)
         figs += registry.measure(runs=1 if args.quick else 5)
+    if "N" in selected:
+        from . import network
+
+        print("N network mode nat ...", file=sys.stderr)
+        figs += network.measure(
+            runs=3 if args.quick else 30,
+            transfers=1 if args.quick else 5,
+            size=20_000_000 if args.quick else 200_000_000,
+        )
     elapsed = time.monotonic() - t0
     print(table(figs))
     for n in notes:

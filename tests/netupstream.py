@@ -5,7 +5,8 @@ benchmark. Nothing here sends a packet to any other address: every address it co
 or connects to is checked against that range first.
 
 The servers speak one line: ``hello`` -> ``hello from ADDR:PORT``; ``bulk N`` -> N bytes,
-then close; ``sink`` -> read to the end, answer ``got N``.
+then close; ``sink`` -> read to the end, answer ``got N``; ``echo`` -> every later line
+back, until the end.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ HOST_SIDE = "198.19.7.1"
 
 SERVER = r"""
 import socket, socketserver, sys, threading, time
+socketserver.StreamRequestHandler.disable_nagle_algorithm = True
 
 class Handler(socketserver.StreamRequestHandler):
     def handle(self):
@@ -46,6 +48,10 @@ class Handler(socketserver.StreamRequestHandler):
                 n = min(left, len(chunk))
                 self.wfile.write(chunk[:n])
                 left -= n
+        elif line[0] == "echo":
+            for got in self.rfile:
+                self.wfile.write(got)
+                self.wfile.flush()
         elif line[0] == "sink":
             total = 0
             while True:

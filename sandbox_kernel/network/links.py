@@ -45,23 +45,34 @@ def _iproute(sock: socket.socket | None = None) -> Any:
     return IPRoute(use_socket=sock) if sock is not None else IPRoute()
 
 
+_libc: list[Any] = []
+
+
+def _setns() -> Any:
+    """libc's setns, loaded once."""
+    if not _libc:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        _libc.append((libc.setns, ctypes.get_errno))
+    return _libc[0]
+
+
 def netns_socket(pid: int) -> socket.socket:
     """A NETLINK_ROUTE socket in the network namespace of process ``pid`` (made by a
     thread that joins that namespace and then ends). LinkError when it cannot."""
+    setns, get_errno = _setns()
     result: dict[str, Any] = {}
 
-    import ctypes
-
     def make() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
         try:
             fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             result["error"] = exc
             return
         try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
+            if setns(fd, CLONE_NEWNET) != 0:
+                err = get_errno()
                 result["error"] = OSError(err, os.strerror(err))
                 return
         finally:

@@ -414,9 +414,10 @@ class Container:
                 self.init_pid = int(fields[1])
             elif kind == "netns" and self.network is not None and pending is None:
                 try:
+                    began = time.perf_counter()
                     self.network.attach(int(fields[1]))
                     os.write(self._control_fd, b"go\n")
-                    self.phases.mark("network")
+                    self.phases.note("network attach", (time.perf_counter() - began) * 1000)
                 except (SandboxError, OSError, ValueError) as exc:
                     pending = RuntimeStartError(
                         f"container {self.id}: network: {exc}", stage="network"

@@ -31,7 +31,20 @@ def test_suite_smoke_run(tmp_path: Path, images: None) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "latest.json").read_text())
     names = [f["name"] for f in data["figures"]]
-    for prefix in ("P1 py3", "P1 py2.7", "P2", "P3", "P5", "P6", "P7", "P8", "T "):
+    for prefix in (
+        "P1 py3",
+        "P1 py2.7",
+        "P2",
+        "P3",
+        "P5",
+        "P6",
+        "P7",
+        "P8",
+        "T ",
+        "N1",
+        "N2",
+        "N3",
+    ):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     assert all(f["n"] >= 1 for f in data["figures"]), data["figures"]
     assert "figure" in proc.stdout and data["machine"]["cpus"] == os.cpu_count()
