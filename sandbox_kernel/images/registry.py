@@ -183,30 +183,52 @@ def _host_only(hostport: str) -> str:
 
 
 def auth_files() -> list[Path]:
-    """The credential files, in the order they are read (the first naming the registry
-    wins): ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
-    ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``."""
+    """The credential files, in the order they are read (the first with an entry for the
+    repository wins; see docs/registries.md): ``$REGISTRY_AUTH_FILE``; podman's
+    (containers-auth.json(5)) ``$XDG_RUNTIME_DIR/containers/auth.json``, or
+    ``/run/containers/$UID/auth.json`` when ``XDG_RUNTIME_DIR`` is unset, then
+    ``${XDG_CONFIG_HOME:-~/.config}/containers/auth.json``; docker's
+    ``$DOCKER_CONFIG/config.json`` and ``~/.docker/config.json``. Called by
+    ``credentials_from_files``."""
     out: list[Path] = []
     if os.environ.get("REGISTRY_AUTH_FILE"):
         out.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
     if os.environ.get("XDG_RUNTIME_DIR"):
         out.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    else:
+        out.append(Path("/run/containers") / str(os.geteuid()) / "auth.json")
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    out.append(Path(config_home) / "containers" / "auth.json")
     if os.environ.get("DOCKER_CONFIG"):
         out.append(Path(os.environ["DOCKER_CONFIG"]) / "config.json")
     out.append(Path.home() / ".docker" / "config.json")
     return out
 
 
-def _auth_keys(registry: str) -> set[str]:
-    if registry == DOCKER_HUB:
-        return {DOCKER_HUB, "index.docker.io", DOCKER_HUB_API, "https://index.docker.io/v1/"}
-    return {registry}
+def _auth_keys(registry: str, repository: str) -> list[str]:
+    """The auth-file keys that name ``registry/repository``, most specific first:
+    ``REGISTRY/NS/REPO``, ``REGISTRY/NS``, ..., ``REGISTRY`` (Docker Hub under each of its
+    host names). Called by ``credentials_from_files``."""
+    hosts = (
+        [DOCKER_HUB, "index.docker.io", DOCKER_HUB_API] if registry == DOCKER_HUB else [registry]
+    )
+    parts = [p for p in repository.split("/") if p]
+    return [
+        f"{host}/{'/'.join(parts[:n])}" if n else host
+        for n in range(len(parts), -1, -1)
+        for host in hosts
+    ]
 
 
 def _norm_auth_key(key: str) -> str:
+    """An auth-file key as ``_auth_keys`` spells them: a URL key (``https://host/v1/``,
+    docker's) and a key whose only path is ``/v1`` or ``/v2`` name the host alone; any other
+    key is ``registry[/namespace[/repo]]`` (podman's), trailing '/' dropped."""
     if "://" in key:
-        key = key.split("://", 1)[1]
-    return key.split("/", 1)[0] if key.rstrip("/").count("/") <= 1 else key.rstrip("/")
+        return key.split("://", 1)[1].split("/", 1)[0]
+    key = key.rstrip("/")
+    host, _, path = key.partition("/")
+    return host if path in ("v1", "v2") else key
 
 
 @dataclass(frozen=True)
@@ -219,12 +241,13 @@ class Credentials:
 
 
 def credentials_from_files(
-    registry: str, files: Sequence[Path] | None = None
+    registry: str, repository: str = "", files: Sequence[Path] | None = None
 ) -> Credentials | None:
-    """The credentials for ``registry`` from the first auth file (``auth_files``) that has a
-    base64 ``auth`` entry for it; None when none has. A file that is not valid JSON is an
+    """The credentials for ``repository`` of ``registry`` from the first auth file
+    (``auth_files``) that has a base64 ``auth`` entry for it, the most specific key of that
+    file winning (``_auth_keys``); None when none has. A file that is not valid JSON is an
     ImageError naming it. Called by ``pull`` and ``push`` unless ``--username`` is given."""
-    keys = _auth_keys(registry)
+    keys = _auth_keys(registry, repository)
     for path in files if files is not None else auth_files():
         try:
             with open(path, "rb") as f:
@@ -240,15 +263,16 @@ def credentials_from_files(
         auths = doc.get("auths") if isinstance(doc, dict) else None
         if not isinstance(auths, dict):
             continue
+        found: list[tuple[int, str, str]] = []  # (rank in keys, key, auth)
         for key, entry in auths.items():
-            if not isinstance(key, str) or (_norm_auth_key(key) not in keys and key not in keys):
+            if not isinstance(key, str) or _norm_auth_key(key) not in keys:
                 continue
             if not isinstance(entry, dict) or not isinstance(entry.get("auth"), str):
                 continue
+            found.append((keys.index(_norm_auth_key(key)), key, entry["auth"]))
+        for _rank, key, auth in sorted(found):
             try:
-                user, sep, password = (
-                    base64.b64decode(entry["auth"], validate=True).decode().partition(":")
-                )
+                user, sep, password = base64.b64decode(auth, validate=True).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 raise ImageError(
                     f"credential file {path}: the 'auth' entry for {key} is not base64 of "
@@ -349,6 +373,22 @@ class _Response:
         self.conn.close()
 
 
+def tls_context(ca: Path | None) -> ssl.SSLContext:
+    """A verifying TLS context: the system CA store, plus the CAs of ``ca`` (``--ca FILE``)
+    when given: the extra CA is added, never in place of the system's, so a token realm,
+    blob storage or a mirror with a publicly trusted certificate stays verifiable. Made by
+    ``Client`` for each registry it talks to."""
+    ctx = ssl.create_default_context()
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ImageError(
+                f"--ca {ca}: cannot load it as PEM certificates ({exc}); give a PEM file"
+            ) from None
+    return ctx
+
+
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
     return scheme.lower(), dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', rest))
@@ -380,12 +420,9 @@ class Client:
         self.lock = threading.Lock()
         #: Set when a pull stops (an error in one download, or Ctrl-C): the others stop too.
         self.cancel = threading.Event()
-        try:
-            #: Every host but the registry's own is always verified (``--insecure`` or not).
-            self._verified = ssl.create_default_context(cafile=str(ca) if ca else None)
-            self._ssl = ssl.create_default_context(cafile=str(ca) if ca else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ImageError(f"--ca {ca}: cannot load it as PEM certificates ({exc})") from None
+        #: Every host but the registry's own is always verified (``--insecure`` or not).
+        self._verified = tls_context(ca)
+        self._ssl = tls_context(ca)
         if insecure:
             self._ssl.check_hostname = False
             self._ssl.verify_mode = ssl.CERT_NONE
@@ -953,11 +990,10 @@ def _clients(
     out = []
     for base in mirrors(ref.registry, insecure=insecure):
         host = urllib.parse.urlsplit(base).netloc
-        out.append(
-            Client(base, str(ref), creds=credentials_from_files(host), ca=ca, insecure=insecure)
-        )
+        c = credentials_from_files(host, ref.repository)
+        out.append(Client(base, str(ref), creds=c, ca=ca, insecure=insecure))
     base = endpoint(ref.registry, ca=ca, insecure=insecure)
-    c = creds if creds is not None else credentials_from_files(ref.registry)
+    c = creds if creds is not None else credentials_from_files(ref.registry, ref.repository)
     out.append(Client(base, str(ref), creds=c, ca=ca, insecure=insecure))
     return out
 
@@ -1228,7 +1264,7 @@ def push(
     if dest.digest and not dest.tag:
         raise ImageError(f"push {dest_text}: push to a tag, not a digest (REGISTRY/REPO:TAG)")
     base = endpoint(dest.registry, ca=ca, insecure=insecure)
-    c = creds if creds is not None else credentials_from_files(dest.registry)
+    c = creds if creds is not None else credentials_from_files(dest.registry, dest.repository)
     client = Client(base, str(dest), creds=c, ca=ca, insecure=insecure)
     repo = dest.repository
     mount_from: str | None = None

@@ -215,9 +215,10 @@ def fake() -> Iterator[tuple[Fake, str]]:
 
 @pytest.fixture(autouse=True)
 def _no_auth_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG", registry.MIRRORS_ENV):
+    for var in ("REGISTRY_AUTH_FILE", "XDG_CONFIG_HOME", "DOCKER_CONFIG", registry.MIRRORS_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "no-runtime-dir"))
 
 
 def _image(f: Fake, tag: str = "v1", n: int = 2) -> tuple[bytes, list[bytes]]:
@@ -294,22 +295,69 @@ def test_credentials_file_order_and_parsing(
     def enc(s: str) -> str:
         return base64.b64encode(s.encode()).decode()
 
+    def who(reg: str, repo: str = "lib/app") -> tuple[str, ...]:
+        c = registry.credentials_from_files(reg, repo)
+        return () if c is None else (c.username, c.password, c.source)
+
+    home = tmp_path / "home"
+    run = tmp_path / "run"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    uid_run = Path("/run/containers") / str(os.geteuid()) / "auth.json"
+    # the one order: REGISTRY_AUTH_FILE, podman's runtime file (or /run/containers/UID),
+    # podman's config file, DOCKER_CONFIG, ~/.docker
+    assert registry.auth_files() == [
+        uid_run,
+        home / ".config/containers/auth.json",
+        home / ".docker/config.json",
+    ]
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "dcfg"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+    assert registry.auth_files() == [
+        tmp_path / "auth.json",
+        run / "containers/auth.json",
+        tmp_path / "cfg/containers/auth.json",
+        tmp_path / "dcfg/config.json",
+        home / ".docker/config.json",
+    ]
+    for var in ("XDG_CONFIG_HOME", "DOCKER_CONFIG", "REGISTRY_AUTH_FILE"):
+        monkeypatch.delenv(var)
+
     docker = write(
-        tmp_path / "home/.docker/config.json",
+        home / ".docker/config.json",
         {
             "https://index.docker.io/v1/": {"auth": enc("hub:pw:with:colons")},
             "reg.example:5000": {"auth": enc("d:1")},
         },
     )
-    assert registry.credentials_from_files("docker.io") == registry.Credentials(
-        "hub", "pw:with:colons", str(docker)
+    assert who("docker.io", "library/python") == ("hub", "pw:with:colons", str(docker))
+    assert who("reg.example:5000") == ("d", "1", str(docker))
+    # podman's file under ~/.config comes before docker's
+    config = write(
+        home / ".config/containers/auth.json", {"reg.example:5000": {"auth": enc("c:3")}}
     )
-    podman = write(
-        tmp_path / "run/containers/auth.json", {"reg.example:5000": {"auth": enc("p:2")}}
+    assert who("reg.example:5000") == ("c", "3", str(config))
+    podman = write(run / "containers/auth.json", {"reg.example:5000": {"auth": enc("p:2")}})
+    assert who("reg.example:5000") == ("p", "2", str(podman))
+    # keys naming a namespace or a repository: the most specific one for the repository wins
+    write(
+        podman,
+        {
+            "reg.example:5000": {"auth": enc("p:registry")},
+            "reg.example:5000/course": {"auth": enc("p:namespace")},
+            "reg.example:5000/course/python": {"auth": enc("p:repository")},
+            "docker.io/jupyter": {"auth": enc("p:hub-namespace")},
+        },
     )
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    c = registry.credentials_from_files("reg.example:5000")
-    assert c is not None and (c.username, c.password, c.source) == ("p", "2", str(podman))
+    assert who("reg.example:5000", "course/python")[:2] == ("p", "repository")
+    assert who("reg.example:5000", "course/other")[:2] == ("p", "namespace")
+    assert who("reg.example:5000", "courses/python")[:2] == ("p", "registry")
+    assert who("reg.example:5000", "")[:2] == ("p", "registry")
+    assert who("docker.io", "jupyter/base-notebook")[:2] == ("p", "hub-namespace")
+    # a file with only another namespace's entry does not hide the next file's
+    write(podman, {"reg.example:5000/other": {"auth": enc("p:other")}})
+    assert who("reg.example:5000", "course/python") == ("c", "3", str(config))
     first = write(tmp_path / "auth.json", {"http://reg.example:5000/": {"auth": enc("r:pw-xyzzy")}})
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(first))
     c = registry.credentials_from_files("reg.example:5000")
@@ -997,3 +1045,50 @@ def test_a_blob_longer_than_declared_leaves_no_part(fake: tuple[Fake, str], tmp_
     with pytest.raises(DigestMismatch, match="longer than"):
         registry.pull(store, f"{host}/lib/app:v1")
     assert not list(store.tmp_dir.iterdir())
+
+
+#: Two self-signed CA certificates made for these tests (no key is kept): one stands for the
+#: system CA store, one for ``--ca FILE``.
+SYSTEM_CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBhjCCAS2gAwIBAgIUStXmST2Ly5asb9bQ+9z2OivanMwwCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNc2t0IHN5c3RlbSBDQTAgFw0yNjEyMDQwMTA5MjFaGA8yMTI2
+MTExMDAxMDkyMVowGDEWMBQGA1UEAwwNc2t0IHN5c3RlbSBDQTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABMcBwlXsAbAybCO0Tt79+OVH97D16wc7M5/KBZwwXzdF
+TfTmfL+0nmJ21s73g+PGQ74IMcCcpxCXbUKpXO00MoOjUzBRMB0GA1UdDgQWBBRL
+T/9DQKBGyKMVynr9YUsCOPJdHzAfBgNVHSMEGDAWgBRLT/9DQKBGyKMVynr9YUsC
+OPJdHzAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIEk5ZBClLhJF
+IkJhzjN6+rJ1lNs+YnkLUY8tzgBG4hjpAiATzMsepuq/b7CHfKk7tFgMomoXDoPx
+cdJB3cCGF8IcbQ==
+-----END CERTIFICATE-----
+"""
+EXTRA_CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBhTCCASugAwIBAgIUfbsd88by4XnbiWSklZO4M6qBFlAwCgYIKoZIzj0EAwIw
+FzEVMBMGA1UEAwwMc2t0IGV4dHJhIENBMCAXDTI2MTIwNDAxMDkyMloYDzIxMjYx
+MTEwMDEwOTIyWjAXMRUwEwYDVQQDDAxza3QgZXh0cmEgQ0EwWTATBgcqhkjOPQIB
+BggqhkjOPQMBBwNCAATLj2lbTHZ9AQRlzDAozfBLzafvHspUgHsS7gYEkedhn63G
+1bikv0+hZ1fzwDzIQXdv9aFH37ijZ+WS8eoUEHLno1MwUTAdBgNVHQ4EFgQU77QI
+1lfKtOVi4LcbeZnaAgsvhLMwHwYDVR0jBBgwFoAU77QI1lfKtOVi4LcbeZnaAgsv
+hLMwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAiZsQZSz+mRSL
+huDJYVxlv08pjhC1CS3E54HE7+iB4c4CIA2LPmlfmYjrR3Njih5zN3/EuqDIqaTf
+tG29lRV20EFY
+-----END CERTIFICATE-----
+"""
+
+
+def test_ca_file_adds_to_the_system_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    system, extra = tmp_path / "system.pem", tmp_path / "extra.pem"
+    system.write_text(SYSTEM_CA_PEM)
+    extra.write_text(EXTRA_CA_PEM)
+    monkeypatch.setenv("SSL_CERT_FILE", str(system))  # what OpenSSL loads as the system store
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-such-dir"))
+
+    def names(ctx: ssl.SSLContext) -> set[str]:
+        return {v for c in ctx.get_ca_certs() for rdn in c["subject"] for k, v in rdn}
+
+    assert names(registry.tls_context(None)) == {"skt system CA"}
+    c = registry.Client("https://reg.example", "reg.example/a:1", ca=extra)
+    # the registry's own host and every other one (a token realm, blob storage) trust both
+    assert names(c._ssl) == names(c._verified) == {"skt system CA", "skt extra CA"}
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ImageError, match=r"--ca .*bad\.pem: cannot load it as PEM"):
+        registry.tls_context(tmp_path / "bad.pem")
