@@ -37,10 +37,16 @@ from ..errors import DigestMismatch, ImageError, RegistryError, UnsafeArchiveErr
 from . import oci
 from .compression import COPY_CHUNK
 from .extract import ExtractLimits
+from .reference import (
+    DOCKER_HUB,
+    DOCKER_HUB_API,
+    Reference,
+    digest_tag,
+    parse_reference,
+    split_url,
+)
 from .store import Image, ImageStore, Layer
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_API = "registry-1.docker.io"
 #: Mirrors: ``REGISTRY=URL[,REGISTRY=URL...]`` (see docs/registries.md).
 MIRRORS_ENV = "SANDBOX_KERNEL_REGISTRY_MIRRORS"
 MANIFEST_ACCEPT = ", ".join(
@@ -53,83 +59,7 @@ PULL_THREADS = 4
 RESUME_ATTEMPTS = 5
 TIMEOUT_S = 60.0
 
-_TAG_OR_DIGEST_TAG = "sha256-"  # the tag a pull by digest alone is stored under
-
-
-# --- references --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A parsed image reference: ``registry`` (as written, ``docker.io`` for Docker Hub),
-    ``repository`` (``library/python``), and a ``tag`` and/or a ``digest``."""
-
-    registry: str
-    repository: str
-    tag: str | None
-    digest: str | None
-
-    @property
-    def name(self) -> str:
-        """The full name the store keeps a pulled image under (``docker.io/library/python``)."""
-        return f"{self.registry}/{self.repository}"
-
-    @property
-    def store_tag(self) -> str:
-        """The tag the store keeps it under: the reference's tag, else ``sha256-<hex>`` for a
-        pull by digest alone."""
-        if self.tag:
-            return self.tag
-        assert self.digest is not None
-        return _TAG_OR_DIGEST_TAG + oci.digest_hex(self.digest)
-
-    def __str__(self) -> str:
-        out = self.name
-        if self.tag:
-            out += f":{self.tag}"
-        if self.digest:
-            out += f"@{self.digest}"
-        return out
-
-
-def parse_reference(ref: str) -> Reference:
-    """Parse ``ref`` as docker does: the first component is a registry when it has a '.' or
-    a ':' or is ``localhost``; otherwise the registry is docker.io, and a one-component name
-    is under ``library/``. Default tag ``latest`` unless a digest is given. Called by
-    ``pull`` and ``push``."""
-    rest, at, digest = ref.partition("@")
-    if at:
-        oci.check_digest(digest, f"digest of reference {ref!r}")
-    first, slash, remainder = rest.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
-        registry, path = first, remainder
-    else:
-        registry, path = DOCKER_HUB, rest
-    if registry in ("index.docker.io", DOCKER_HUB_API):
-        registry = DOCKER_HUB
-    if _split_url(f"https://{registry}") is None:
-        raise ImageError(
-            f"invalid image reference {ref!r} (registry {registry!r} is not HOST[:PORT] with a "
-            "port 1-65535); use [REGISTRY[:PORT]/]REPOSITORY[:TAG][@sha256:DIGEST]"
-        )
-    tag: str | None = None
-    colon = path.rfind(":")
-    if colon > path.rfind("/"):
-        path, tag = path[:colon], path[colon + 1 :]
-    if registry == DOCKER_HUB and "/" not in path:
-        path = f"library/{path}"
-    try:
-        oci.check_name(f"{registry}/{path}")
-        if tag is not None:
-            oci.check_tag(tag)
-    except ImageError as exc:
-        raise ImageError(
-            f"invalid image reference {ref!r} ({exc}); use [REGISTRY[:PORT]/]REPOSITORY[:TAG]"
-            "[@sha256:DIGEST]"
-        ) from None
-    if tag is None and not at:
-        tag = "latest"
-    return Reference(registry, path, tag, digest if at else None)
+# --- references and hosts ----------------------------------------------------------------
 
 
 def is_loopback(host: str) -> bool:
@@ -143,23 +73,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _split_url(url: str) -> urllib.parse.SplitResult | None:
-    """``url`` split, or None when it is not one (an unclosed IPv6 bracket, a port outside
-    1-65535, no host). The one place a URL from a reference, a mirror entry or a registry
-    is parsed (``Client.parse_url`` turns None into the client's error)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-        host = parts.hostname
-    except ValueError:
-        return None
-    if not host or port == 0:
-        return None
-    return parts
-
-
 def _origin(parts: urllib.parse.SplitResult) -> tuple[str, str, int]:
-    """(scheme, host, port) of a URL split by ``_split_url``: what 'the same host' means."""
+    """(scheme, host, port) of a URL split by ``split_url``: what 'the same host' means."""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme, (parts.hostname or "").lower(), port
 
@@ -309,7 +224,7 @@ def mirrors(registry: str, env: str | None = None, *, insecure: bool = False) ->
         if not item:
             continue
         key, sep, url = item.partition("=")
-        parts = _split_url(url.strip())
+        parts = split_url(url.strip())
         if (
             not sep
             or parts is None
@@ -429,8 +344,8 @@ class Client:
 
     # URLs ----------------------------------------------------------------------------------
     def parse_url(self, url: str, what: str) -> urllib.parse.SplitResult:
-        """``url`` split (``_split_url``); one that is not a URL is this client's error."""
-        parts = _split_url(url)
+        """``url`` split (``split_url``); one that is not a URL is this client's error."""
+        parts = split_url(url)
         if parts is None:
             raise self.error(
                 f"sent a {what} that is not a valid URL ({_clean(url, 100)!r})",
@@ -1010,10 +925,15 @@ def pull(
     progress: Progress | None = None,
 ) -> Image:
     """Pull ``ref_text`` into ``store`` and return the image, stored under its full reference
-    (and ``name`` 'NAME[:TAG]' too). Mirrors are tried first; a mirror's failure falls back
-    to the next one, then to the registry. Called by ``sandbox-kernel image pull``."""
+    (and ``name`` 'NAME[:TAG]' too); a pull by digest is stored under the tag
+    ``sha256-<hex>`` of that digest (also when the reference has a tag, and when it is an
+    index's), so that ``ImageStore.resolve`` finds it again by the same reference. Mirrors
+    are tried first; a mirror's failure falls back to the next one, then to the registry.
+    Called by ``sandbox-kernel image pull``."""
     ref = parse_reference(ref_text)
     names = [(ref.name, ref.store_tag)]
+    if ref.digest and ref.tag:  # found again by REF@DIGEST too (an index's digest as well)
+        names.append((ref.name, digest_tag(ref.digest)))
     if name is not None:
         names.append(oci.split_ref(name))
     progress = progress or Progress()

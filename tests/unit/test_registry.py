@@ -23,8 +23,14 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel.errors import DigestMismatch, ImageError, RegistryError, UnsafeArchiveError
-from sandbox_kernel.images import oci, registry
+from sandbox_kernel.errors import (
+    DigestMismatch,
+    ImageError,
+    ImageNotFound,
+    RegistryError,
+    UnsafeArchiveError,
+)
+from sandbox_kernel.images import lookup, oci, registry
 from sandbox_kernel.images.extract import ExtractLimits
 from sandbox_kernel.images.store import ImageStore
 
@@ -1092,3 +1098,66 @@ def test_ca_file_adds_to_the_system_store(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "bad.pem").write_text("not a certificate")
     with pytest.raises(ImageError, match=r"--ca .*bad\.pem: cannot load it as PEM"):
         registry.tls_context(tmp_path / "bad.pem")
+
+
+# --- finding pulled images again -----------------------------------------------------------
+
+
+def test_a_pull_by_index_digest_is_found_by_that_reference(
+    fake: tuple[Fake, str], tmp_path: Path
+) -> None:
+    f, host = fake
+    amd, _ = _image(f, "amd")
+    arm, _ = _image(f, "arm")
+    _index(f, [("arm64", oci.MT_DOCKER_MANIFEST, arm), ("amd64", oci.MT_DOCKER_MANIFEST, amd)])
+    index = _sha(f.manifests["multi"][1])
+    f.manifests[index] = f.manifests["multi"]
+    store = _store(tmp_path)
+    ref = f"{host}/lib/app@{index}"
+    im = registry.pull(store, ref, platform="linux/amd64")
+    assert im.digest == _sha(amd)  # the image is the platform's manifest
+    assert (im.name, im.tag) == (f"{host}/lib/app", "sha256-" + oci.digest_hex(index))
+    assert store.resolve(ref).digest == _sha(amd)  # found by the reference it was pulled by
+    assert store.resolve(f"{host}/lib/app@{_sha(amd)}").digest == _sha(amd)  # and its own
+    assert store.resolve(f"{host}/lib/app:other@{index}").digest == _sha(amd)  # tag ignored
+    for other in (f"{host}/lib/app@{_sha(arm)}", f"{host}/lib/other@{index}"):
+        with pytest.raises(ImageNotFound):
+            store.resolve(other)
+    # with a tag as well: found by the tag, by the index digest and by the tag and digest
+    both = _store(tmp_path / "b")
+    registry.pull(both, f"{host}/lib/app:multi@{index}", platform="linux/arm64")
+    for found in (f"{host}/lib/app:multi", ref, f"{host}/lib/app:multi@{index}"):
+        assert both.resolve(found).digest == _sha(arm), found
+
+
+def test_docker_short_names_find_pulled_images_after_local_names(
+    fake: tuple[Fake, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f, host = fake
+    _image(f, "v1")
+    _image(f, "v2")
+    own, system = _store(tmp_path / "own"), _store(tmp_path / "system")
+    hub = "docker.io/library/python:2.7-slim"  # where `image pull python:2.7-slim` stores it
+    registry.pull(own, f"{host}/lib/app:v1", name=hub)
+    local = registry.pull(system, f"{host}/lib/app:v2", name="python3")
+    shadow = registry.pull(own, f"{host}/lib/app:v1", name="docker.io/library/python3")
+    monkeypatch.setattr(
+        lookup,
+        "places",
+        lambda: [lookup.Place(own, "your store"), lookup.Place(system, "the system store")],
+    )
+    for ref in (
+        "python:2.7-slim",
+        "library/python:2.7-slim",
+        "docker.io/library/python:2.7-slim",
+        "index.docker.io/library/python:2.7-slim",
+    ):
+        assert lookup.find(ref, unpack=False).ref == hub, ref
+    # a local name of any store comes before the docker reading of it in another
+    assert lookup.find("python3", unpack=False).digest == local.digest != shadow.digest
+    assert lookup.find("docker.io/library/python3", unpack=False).digest == shadow.digest
+    with pytest.raises(ImageNotFound, match=r"'python:3\.12' not found"):
+        lookup.find("python:3.12", unpack=False)
+    with pytest.raises(ImageNotFound):
+        own.resolve("python:2.7-slim", docker_names=False)
+    assert own.resolve("python:2.7-slim").ref == hub
