@@ -1064,6 +1064,8 @@ def _fetch_layer_locked(
                 stale = False
                 continue
             raise DigestMismatch(f"{exc}; nothing stored") from None
+        except UnsafeArchiveError as exc:  # the extractor's refusal: name the image and layer
+            raise UnsafeArchiveError(f"{what} from {client.host}: {exc}; nothing stored") from None
         progress.layer_done(d.digest, d.size)
         return layer
 

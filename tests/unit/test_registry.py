@@ -1161,3 +1161,98 @@ def test_docker_short_names_find_pulled_images_after_local_names(
     with pytest.raises(ImageNotFound):
         own.resolve("python:2.7-slim", docker_names=False)
     assert own.resolve("python:2.7-slim").ref == hub
+
+
+# --- hostile layers through the registry ---------------------------------------------------
+
+
+def _put_image(f: Fake, tag: str, members: list[tarfile.TarInfo]) -> list[bytes]:
+    """Put a one-layer OCI image under ``lib/app:tag`` whose layer is a tar of ``members``
+    (regular files get a few bytes); returns the layer blob."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for m in members:
+            data = b"x\n" if m.isreg() else b""
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    tar = raw.getvalue()
+    blob = gzip.compress(tar, mtime=0)
+    f.blobs[_sha(blob)] = blob
+    config = oci.dump_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [_sha(tar)]},
+        }
+    )
+    f.blobs[_sha(config)] = config
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_OCI_MANIFEST,
+            "config": {"mediaType": oci.MT_OCI_CONFIG, "digest": _sha(config), "size": len(config)},
+            "layers": [
+                {"mediaType": oci.MT_OCI_LAYER_GZIP, "digest": _sha(blob), "size": len(blob)}
+            ],
+        }
+    ).encode()
+    f.manifests[tag] = (oci.MT_OCI_MANIFEST, manifest)
+    return [blob]
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, **attrs: Any) -> tarfile.TarInfo:
+    m = tarfile.TarInfo(name)
+    m.type = kind
+    m.mode = 0o644
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    return m
+
+
+def test_a_traversing_layer_from_a_registry_is_refused_and_nothing_stored(
+    fake: tuple[Fake, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sandbox_kernel.cli import main as cli_main
+
+    f, host = fake
+    (blob,) = _put_image(f, "evil", [_member("etc", tarfile.DIRTYPE), _member("../../escape")])
+    state = tmp_path / "state"
+    monkeypatch.setenv("SANDBOX_KERNEL_STATE_DIR", str(state))
+    assert cli_main(["image", "pull", f"{host}/lib/app:evil"]) == 125
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [e for e in err if "error" in e] == err[-1:], err  # one line, after the progress
+    assert err[-1].startswith(f"sandbox-kernel: error: {host}/lib/app:evil layer 0 ({_sha(blob)})")
+    assert "'../../escape'" in err[-1] and "path traversal" in err[-1], err
+    assert err[-1].endswith("nothing stored"), err
+    store = ImageStore(state)
+    assert store.list() == []
+    assert not store.has_blob(_sha(blob))
+    assert not list(store.tmp_dir.glob("pull-*.part"))
+    assert not (tmp_path / "escape").exists() and not (state.parent / "escape").exists()
+
+
+def test_device_nodes_of_a_pulled_layer_are_never_created(
+    fake: tuple[Fake, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # as for an imported layer (tests/security/test_malicious_images.py): device nodes are
+    # skipped with a warning, never made; the rest of the layer is kept
+    f, host = fake
+    members = [
+        _member("dev", tarfile.DIRTYPE, mode=0o755),
+        _member("dev/mem", tarfile.CHRTYPE, devmajor=1, devminor=1),
+        _member("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0),
+        _member("etc/mem", tarfile.CHRTYPE, devmajor=1, devminor=1),
+        _member("etc/ok"),
+    ]
+    _put_image(f, "dev", members)
+    store = _store(tmp_path)
+    im = registry.pull(store, f"{host}/lib/app:dev")
+    snap = im.layers[0].snapshot
+    assert (snap / "etc/ok").read_bytes() == b"x\n"
+    for name in ("dev/mem", "dev/sda", "etc/mem"):
+        assert not os.path.lexists(snap / name), name
+    assert "3 special entries not created" in caplog.text
+    assert not list(store.tmp_dir.glob("pull-*.part"))
