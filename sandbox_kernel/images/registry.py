@@ -56,6 +56,8 @@ MAX_REDIRECTS = 5
 MAX_AUTH_FILE_BYTES = 1 << 20
 MAX_ERROR_BYTES = 64 * 1024
 PULL_THREADS = 4
+#: Bytes per PATCH of a chunked upload (a registry may ask for more: OCI-Chunk-Min-Length).
+UPLOAD_CHUNK = 8 << 20
 RESUME_ATTEMPTS = 5
 TIMEOUT_S = 60.0
 
@@ -448,7 +450,13 @@ class Client:
         if parts.query:
             path += "?" + parts.query
         try:
-            conn.request(method, path, body=body, headers=headers)
+            try:
+                conn.request(method, path, body=body, headers=headers)
+            except (BrokenPipeError, ConnectionResetError):
+                if body is None:
+                    raise
+                # the registry answered before it took the whole body (a 413 for a blob too
+                # large for one request, a 401): its answer is what counts
             resp = conn.getresponse()
         except ssl.SSLCertVerificationError as exc:
             conn.close()
@@ -1150,10 +1158,7 @@ def _push_blob(
             raise client._http_error(r, f"the mount of blob {digest}")
         upload = _location(client, r, "the upload request")
     else:
-        r = client.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope)
-        if r.status != 202:
-            raise client._http_error(r, f"the upload request for blob {digest}")
-        upload = _location(client, r, "the upload request")
+        upload = _start_upload(client, repo, digest, scope)[0]
     with open(path, "rb") as f:
         r = client.request(
             "PUT",
@@ -1162,10 +1167,70 @@ def _push_blob(
             body=f,
             scope=scope,
         )
+    if r.status == 413:  # too large for one request: a new upload, in chunks
+        r.close()
+        _push_chunked(client, repo, digest, size, path, scope)
+        say(f"blob {digest[:19]} pushed in chunks ({size} bytes)")
+        return
     if r.status != 201:
         raise client._http_error(r, f"the upload of blob {digest}")
     r.close()
     say(f"blob {digest[:19]} pushed ({size} bytes)")
+
+
+def _start_upload(client: Client, repo: str, digest: str, scope: str) -> tuple[str, int]:
+    """A new upload session of blob ``digest``: (its Location, the chunk size the registry
+    asks for in OCI-Chunk-Min-Length, 0 when none). Called by ``_push_blob`` and
+    ``_push_chunked``."""
+    r = client.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope)
+    if r.status != 202:
+        raise client._http_error(r, f"the upload request for blob {digest}")
+    least = r.header("OCI-Chunk-Min-Length")
+    return _location(client, r, "the upload request"), int(least) if least.isdigit() else 0
+
+
+def _push_chunked(
+    client: Client, repo: str, digest: str, size: int, path: Path, scope: str
+) -> None:
+    """Upload blob ``digest`` (``size`` bytes of ``path``) in chunks: a new session (POST),
+    one PATCH per ``UPLOAD_CHUNK`` bytes (or the registry's OCI-Chunk-Min-Length) with its
+    Content-Range, each to the Location the last answer gave, then ``PUT ?digest=`` with no
+    body. Called by ``_push_blob`` when the registry refuses the whole blob in one request
+    (413)."""
+    upload, least = _start_upload(client, repo, digest, scope)
+    chunk = max(UPLOAD_CHUNK, least)
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            data = f.read(min(chunk, size - start))
+            if not data:
+                raise ImageError(f"blob {digest}: {path} is shorter than its {size} bytes")
+            end = start + len(data) - 1
+            r = client.request(
+                "PATCH",
+                upload,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(len(data)),
+                    "Content-Range": f"{start}-{end}",
+                },
+                body=data,
+                scope=scope,
+            )
+            if r.status != 202:
+                raise client._http_error(r, f"the chunk {start}-{end} of blob {digest}")
+            upload = _location(client, r, f"the chunk {start}-{end}")
+            start = end + 1
+    r = client.request(
+        "PUT",
+        _with_query(upload, digest=digest),
+        headers={"Content-Type": "application/octet-stream", "Content-Length": "0"},
+        body=b"",
+        scope=scope,
+    )
+    if r.status != 201:
+        raise client._http_error(r, f"the end of the chunked upload of blob {digest}")
+    r.close()
 
 
 def push(
@@ -1180,8 +1245,9 @@ def push(
 ) -> str:
     """Push ``image`` (of ``store``) to ``dest_text`` and return the manifest digest the
     registry names it by: each blob is checked with HEAD, mounted from the image's own
-    repository when that is on the same registry, else uploaded (POST, then PUT ?digest=);
-    then the manifest is PUT. Called by ``sandbox-kernel image push``."""
+    repository when that is on the same registry, else uploaded (POST, then PUT ?digest=;
+    in PATCH chunks when the registry answers 413 to the whole blob); then the manifest is
+    PUT. Called by ``sandbox-kernel image push``."""
     dest = parse_reference(dest_text)
     if dest.digest and not dest.tag:
         raise ImageError(f"push {dest_text}: push to a tag, not a digest (REGISTRY/REPO:TAG)")

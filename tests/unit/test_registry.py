@@ -64,6 +64,8 @@ class Fake:
     cut_after: dict[str, int] = field(default_factory=dict)  # digest -> bytes sent, once
     redirect_blobs_to: str = ""  # base URL of another server
     content_type_override: dict[str, str] = field(default_factory=dict)
+    max_body: int = 0  # a PUT or PATCH with more bytes is answered 413 (0: no limit)
+    chunks: bytes = b""  # what the PATCHes of the upload session sent so far
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -118,6 +120,7 @@ def _serve(fake: Fake) -> tuple[ThreadingHTTPServer, str]:
                 fake.seen.append(("POST", self.path, dict(self.headers.items())))
             if not self._authorized():
                 return
+            fake.chunks = b""  # a new upload session
             if "mount=" in self.path:
                 digest = self.path.split("mount=")[1].split("&")[0].replace("%3A", ":")
                 if digest in fake.blobs:
@@ -125,13 +128,37 @@ def _serve(fake: Fake) -> tuple[ThreadingHTTPServer, str]:
                     return
             self._send(202, b"", {"Location": "/v2/upload/abc?state=1"})
 
+        def _too_large(self) -> bool:
+            if fake.max_body and int(self.headers.get("Content-Length", "0")) > fake.max_body:
+                self.rfile.read(int(self.headers["Content-Length"]))  # as nginx drains it
+                self._send(413, b'{"errors":[{"code":"SIZE_INVALID","message":"too large"}]}')
+                self.close_connection = True
+                return True
+            return False
+
+        def do_PATCH(self) -> None:
+            with fake.lock:
+                fake.seen.append(("PATCH", self.path, dict(self.headers.items())))
+            if not self._authorized() or self._too_large():
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            start, _, end = self.headers.get("Content-Range", "").partition("-")
+            if not self.path.startswith("/v2/upload/abc?state=") or int(start) != len(fake.chunks):
+                self._send(416)
+                return
+            fake.chunks += body
+            assert int(end) == len(fake.chunks) - 1
+            n = len(fake.chunks)
+            self._send(202, b"", {"Location": f"/v2/upload/abc?state={n}", "Range": f"0-{n - 1}"})
+
         def do_PUT(self) -> None:
             with fake.lock:
                 fake.seen.append(("PUT", self.path, dict(self.headers.items())))
-            if not self._authorized():
+            if not self._authorized() or self._too_large():
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            if self.path.startswith("/v2/upload/abc?state=1&digest="):
+            if self.path.startswith("/v2/upload/abc?state=") and "&digest=" in self.path:
+                body, fake.chunks = fake.chunks + body, b""
                 digest = self.path.split("digest=")[1].replace("%3A", ":")
                 if _sha(body) != digest:
                     self._send(400, b'{"errors":[{"code":"DIGEST_INVALID","message":"bad"}]}')
@@ -1256,3 +1283,77 @@ def test_device_nodes_of_a_pulled_layer_are_never_created(
         assert not os.path.lexists(snap / name), name
     assert "3 special entries not created" in caplog.text
     assert not list(store.tmp_dir.glob("pull-*.part"))
+
+
+def test_a_blob_refused_whole_with_413_is_pushed_in_chunks(
+    fake: tuple[Fake, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f, host = fake
+    src = Fake()
+    blob, diff_id = _layer("noise.bin", os.urandom(40_000))  # incompressible: ~40 kB
+    config = oci.dump_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    )
+    src.blobs = {_sha(blob): blob, _sha(config): config}
+    manifest = oci.dump_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_OCI_MANIFEST,
+            "config": {"mediaType": oci.MT_OCI_CONFIG, "digest": _sha(config), "size": len(config)},
+            "layers": [
+                {"mediaType": oci.MT_OCI_LAYER_GZIP, "digest": _sha(blob), "size": len(blob)}
+            ],
+        }
+    )
+    src.manifests["v1"] = (oci.MT_OCI_MANIFEST, manifest)
+    srv, src_host = _serve(src)
+    store = _store(tmp_path)
+    try:
+        im = registry.pull(store, f"{src_host}/lib/app:v1")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    f.max_body = 16_000  # the config goes whole; the layer is refused whole
+    monkeypatch.setattr(registry, "UPLOAD_CHUNK", 15_000)
+    said: list[str] = []
+    assert registry.push(im, store, f"{host}/course/app:1", say=said.append) == _sha(manifest)
+    assert f.blobs[_sha(blob)] == blob  # put together from its chunks, digest checked
+    assert f.manifests["1"] == (oci.MT_OCI_MANIFEST, manifest)
+    patches = [h for m, _p, h in f.seen if m == "PATCH"]
+    n = len(blob)
+    assert [h["Content-Range"] for h in patches] == [
+        f"{a}-{min(a + 15_000, n) - 1}" for a in range(0, n, 15_000)
+    ]
+    assert f"blob {_sha(blob)[:19]} pushed in chunks ({n} bytes)" in said
+    # a registry that refuses even a chunk: its error, naming the chunk
+    f.blobs.pop(_sha(blob))
+    monkeypatch.setattr(registry, "UPLOAD_CHUNK", 20_000)
+    with pytest.raises(RegistryError, match=r"413 .* to the chunk 0-19999 of blob .*too large"):
+        registry.push(im, store, f"{host}/course/app:2")
+
+
+def test_an_answer_sent_before_the_whole_body_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a registry that answers 413 (or 401) and closes before it has read the body: the
+    # client's write fails, and the answer is what the client acts on
+    class Early:
+        def __init__(self, host: str, port: int | None, *, timeout: float) -> None:
+            pass
+
+        def request(self, method: str, path: str, body: Any, headers: Any) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def getresponse(self) -> Any:
+            return type("R", (), {"status": 413, "reason": "Too Large", "headers": {}})()
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(http.client, "HTTPConnection", Early)
+    c = registry.Client("http://127.0.0.1:1", "127.0.0.1:1/a:1")
+    assert c._open("PUT", "http://127.0.0.1:1/v2/a/blobs/uploads/u", {}, b"x" * 10).status == 413
+    with pytest.raises(RegistryError, match="could not be reached"):
+        c._open("GET", "http://127.0.0.1:1/v2/", {}, None)  # no body: a broken connection
