@@ -30,7 +30,7 @@ from sandbox_kernel.errors import (
     RegistryError,
     UnsafeArchiveError,
 )
-from sandbox_kernel.images import lookup, oci, registry
+from sandbox_kernel.images import lookup, oci, reference, registry
 from sandbox_kernel.images.extract import ExtractLimits
 from sandbox_kernel.images.store import ImageStore
 
@@ -300,12 +300,12 @@ def _store(tmp_path: Path) -> ImageStore:
 
 
 def test_reference_parsing() -> None:
-    p = registry.parse_reference
-    assert p("python") == registry.Reference("docker.io", "library/python", "latest", None)
-    assert p("jupyter/base-notebook:2024") == registry.Reference(
+    p = reference.parse_reference
+    assert p("python") == reference.Reference("docker.io", "library/python", "latest", None)
+    assert p("jupyter/base-notebook:2024") == reference.Reference(
         "docker.io", "jupyter/base-notebook", "2024", None
     )
-    assert p("localhost/x") == registry.Reference("localhost", "x", "latest", None)
+    assert p("localhost/x") == reference.Reference("localhost", "x", "latest", None)
     assert p("127.0.0.1:5000/course/py:2.7").name == "127.0.0.1:5000/course/py"
     assert p("registry.example.edu/course/python:2.7").registry == "registry.example.edu"
     d = "sha256:" + "a" * 64
@@ -948,8 +948,8 @@ def test_bad_ports_and_urls_in_references_are_image_errors() -> None:
         "[::1/x",
     ):
         with pytest.raises(ImageError, match="invalid image reference"):
-            registry.parse_reference(bad)
-    assert registry.parse_reference("reg.example:65535/x").registry == "reg.example:65535"
+            reference.parse_reference(bad)
+    assert reference.parse_reference("reg.example:65535/x").registry == "reg.example:65535"
 
 
 def test_a_layer_of_size_zero(fake: tuple[Fake, str], tmp_path: Path) -> None:
@@ -1116,7 +1116,8 @@ def test_ca_file_adds_to_the_system_store(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-such-dir"))
 
     def names(ctx: ssl.SSLContext) -> set[str]:
-        return {v for c in ctx.get_ca_certs() for rdn in c["subject"] for k, v in rdn}
+        certs: list[dict[str, Any]] = ctx.get_ca_certs()
+        return {value for c in certs for rdn in c["subject"] for _key, value in rdn}
 
     assert names(registry.tls_context(None)) == {"skt system CA"}
     c = registry.Client("https://reg.example", "reg.example/a:1", ca=extra)
