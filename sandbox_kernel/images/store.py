@@ -1179,13 +1179,21 @@ def _reference_matches(images: Sequence[Image], ref: str) -> list[Image]:
 def not_found(ref: str, looked: Sequence[tuple[str, ImageStore]]) -> ImageNotFound:
     """The one "image not found" error: every store looked in (label, store), what they
     hold, and how the caller gets the image (build it when a recipe of that name exists, as
-    root into the system store or into the user's own). Raised by ``ImageStore.resolve``
+    root into the system store or into the user's own; else pull it when ``ref`` is a
+    registry reference). Raised by ``ImageStore.resolve``
     and ``lookup.find``."""
     where = " and ".join(f"{label} ({store.root})" for label, store in looked)
     have = sorted({im.ref for _, store in looked if store.exists() for im in store.list()})
+    pull = ""
+    if not ref.startswith("sha256:"):
+        with contextlib.suppress(ImageError):
+            parse_reference(ref)
+            pull = f"sandbox-kernel image pull {ref}"
     name = ref.split(":", 1)[0] if not ref.startswith("sha256:") else ""
     advice = ""
-    if name and name in available_recipes():
+    if "/" in ref or "@" in ref:  # a registry reference: no recipe has such a name
+        advice = f"; pull it with: {pull}" if pull else ""
+    elif name and name in available_recipes():
         advice = f"; build it with: sandbox-kernel image build {name}"
         if os.geteuid() != 0 and len(looked) > 1:
             advice += " (into your store), or ask the administrator to build it as root"
@@ -1194,6 +1202,8 @@ def not_found(ref: str, looked: Sequence[tuple[str, ImageStore]]) -> ImageNotFou
             f"; there is no recipe named {name!r} either: pick one of the images there, "
             "or write a recipe (images/README.md) and build it with sandbox-kernel image build"
         )
+        if pull:
+            advice += f", or pull it from a registry: {pull}"
     return ImageNotFound(
         f"image '{ref}' not found in {where}; images there: {', '.join(have) or '(none)'}{advice}"
     )

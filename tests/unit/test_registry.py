@@ -1184,8 +1184,17 @@ def test_docker_short_names_find_pulled_images_after_local_names(
     # a local name of any store comes before the docker reading of it in another
     assert lookup.find("python3", unpack=False).digest == local.digest != shadow.digest
     assert lookup.find("docker.io/library/python3", unpack=False).digest == shadow.digest
-    with pytest.raises(ImageNotFound, match=r"'python:3\.12' not found"):
+    with pytest.raises(ImageNotFound, match=r"'python:3\.12' not found") as info:
         lookup.find("python:3.12", unpack=False)
+    assert str(info.value).endswith(
+        "or pull it from a registry: sandbox-kernel image pull python:3.12"
+    )
+    with pytest.raises(ImageNotFound) as info:
+        lookup.find(f"{host}/lib/app@sha256:{'0' * 64}", unpack=False)
+    assert str(info.value).endswith(
+        f"; pull it with: sandbox-kernel image pull {host}/lib/app@sha256:{'0' * 64}"
+    )
+    assert "recipe" not in str(info.value)
     with pytest.raises(ImageNotFound):
         own.resolve("python:2.7-slim", docker_names=False)
     assert own.resolve("python:2.7-slim").ref == hub
