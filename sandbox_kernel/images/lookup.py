@@ -40,17 +40,20 @@ def places() -> list[Place]:
 
 
 def find(ref: str, *, unpack: bool = True) -> Image:
-    """The image ``ref`` names (``name``, ``name:tag`` or a ``sha256:`` prefix), from the
-    first store that has it; ImageNotFound naming every store looked in, what they hold,
-    and how this user gets the image."""
-    looked = places()
-    for place in looked:
-        if place.store.exists():
+    """The image ``ref`` names (``name``, ``name:tag``, a ``sha256:`` prefix, or a registry
+    reference a pulled image is found by: ``ImageStore.resolve``), from the first store that
+    has it: first as the name is written, in every store, then read as docker reads it
+    (``python:2.7-slim`` -> ``docker.io/library/python:2.7-slim``), so a local image such as
+    ``python3`` of either store comes before a pulled one. ImageNotFound naming every store
+    looked in, what they hold, and how this user gets the image."""
+    looked = [p for p in places() if p.store.exists()]
+    for docker_names in (False, True):
+        for place in looked:
             try:
-                return place.store.resolve(ref, unpack=unpack)
+                return place.store.resolve(ref, unpack=unpack, docker_names=docker_names)
             except ImageNotFound:
                 pass
-    raise _not_found(ref, looked)
+    raise _not_found(ref, places())
 
 
 def list_all() -> list[tuple[Place, Image]]:

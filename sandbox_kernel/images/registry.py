@@ -37,10 +37,16 @@ from ..errors import DigestMismatch, ImageError, RegistryError, UnsafeArchiveErr
 from . import oci
 from .compression import COPY_CHUNK
 from .extract import ExtractLimits
+from .reference import (
+    DOCKER_HUB,
+    DOCKER_HUB_API,
+    Reference,
+    digest_tag,
+    parse_reference,
+    split_url,
+)
 from .store import Image, ImageStore, Layer
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_API = "registry-1.docker.io"
 #: Mirrors: ``REGISTRY=URL[,REGISTRY=URL...]`` (see docs/registries.md).
 MIRRORS_ENV = "SANDBOX_KERNEL_REGISTRY_MIRRORS"
 MANIFEST_ACCEPT = ", ".join(
@@ -50,86 +56,12 @@ MAX_REDIRECTS = 5
 MAX_AUTH_FILE_BYTES = 1 << 20
 MAX_ERROR_BYTES = 64 * 1024
 PULL_THREADS = 4
+#: Bytes per PATCH of a chunked upload (a registry may ask for more: OCI-Chunk-Min-Length).
+UPLOAD_CHUNK = 8 << 20
 RESUME_ATTEMPTS = 5
 TIMEOUT_S = 60.0
 
-_TAG_OR_DIGEST_TAG = "sha256-"  # the tag a pull by digest alone is stored under
-
-
-# --- references --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A parsed image reference: ``registry`` (as written, ``docker.io`` for Docker Hub),
-    ``repository`` (``library/python``), and a ``tag`` and/or a ``digest``."""
-
-    registry: str
-    repository: str
-    tag: str | None
-    digest: str | None
-
-    @property
-    def name(self) -> str:
-        """The full name the store keeps a pulled image under (``docker.io/library/python``)."""
-        return f"{self.registry}/{self.repository}"
-
-    @property
-    def store_tag(self) -> str:
-        """The tag the store keeps it under: the reference's tag, else ``sha256-<hex>`` for a
-        pull by digest alone."""
-        if self.tag:
-            return self.tag
-        assert self.digest is not None
-        return _TAG_OR_DIGEST_TAG + oci.digest_hex(self.digest)
-
-    def __str__(self) -> str:
-        out = self.name
-        if self.tag:
-            out += f":{self.tag}"
-        if self.digest:
-            out += f"@{self.digest}"
-        return out
-
-
-def parse_reference(ref: str) -> Reference:
-    """Parse ``ref`` as docker does: the first component is a registry when it has a '.' or
-    a ':' or is ``localhost``; otherwise the registry is docker.io, and a one-component name
-    is under ``library/``. Default tag ``latest`` unless a digest is given. Called by
-    ``pull`` and ``push``."""
-    rest, at, digest = ref.partition("@")
-    if at:
-        oci.check_digest(digest, f"digest of reference {ref!r}")
-    first, slash, remainder = rest.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
-        registry, path = first, remainder
-    else:
-        registry, path = DOCKER_HUB, rest
-    if registry in ("index.docker.io", DOCKER_HUB_API):
-        registry = DOCKER_HUB
-    if _split_url(f"https://{registry}") is None:
-        raise ImageError(
-            f"invalid image reference {ref!r} (registry {registry!r} is not HOST[:PORT] with a "
-            "port 1-65535); use [REGISTRY[:PORT]/]REPOSITORY[:TAG][@sha256:DIGEST]"
-        )
-    tag: str | None = None
-    colon = path.rfind(":")
-    if colon > path.rfind("/"):
-        path, tag = path[:colon], path[colon + 1 :]
-    if registry == DOCKER_HUB and "/" not in path:
-        path = f"library/{path}"
-    try:
-        oci.check_name(f"{registry}/{path}")
-        if tag is not None:
-            oci.check_tag(tag)
-    except ImageError as exc:
-        raise ImageError(
-            f"invalid image reference {ref!r} ({exc}); use [REGISTRY[:PORT]/]REPOSITORY[:TAG]"
-            "[@sha256:DIGEST]"
-        ) from None
-    if tag is None and not at:
-        tag = "latest"
-    return Reference(registry, path, tag, digest if at else None)
+# --- references and hosts ----------------------------------------------------------------
 
 
 def is_loopback(host: str) -> bool:
@@ -143,23 +75,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _split_url(url: str) -> urllib.parse.SplitResult | None:
-    """``url`` split, or None when it is not one (an unclosed IPv6 bracket, a port outside
-    1-65535, no host). The one place a URL from a reference, a mirror entry or a registry
-    is parsed (``Client.parse_url`` turns None into the client's error)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-        host = parts.hostname
-    except ValueError:
-        return None
-    if not host or port == 0:
-        return None
-    return parts
-
-
 def _origin(parts: urllib.parse.SplitResult) -> tuple[str, str, int]:
-    """(scheme, host, port) of a URL split by ``_split_url``: what 'the same host' means."""
+    """(scheme, host, port) of a URL split by ``split_url``: what 'the same host' means."""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme, (parts.hostname or "").lower(), port
 
@@ -183,30 +100,52 @@ def _host_only(hostport: str) -> str:
 
 
 def auth_files() -> list[Path]:
-    """The credential files, in the order they are read (the first naming the registry
-    wins): ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
-    ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``."""
+    """The credential files, in the order they are read (the first with an entry for the
+    repository wins; see docs/registries.md): ``$REGISTRY_AUTH_FILE``; podman's
+    (containers-auth.json(5)) ``$XDG_RUNTIME_DIR/containers/auth.json``, or
+    ``/run/containers/$UID/auth.json`` when ``XDG_RUNTIME_DIR`` is unset, then
+    ``${XDG_CONFIG_HOME:-~/.config}/containers/auth.json``; docker's
+    ``$DOCKER_CONFIG/config.json`` and ``~/.docker/config.json``. Called by
+    ``credentials_from_files``."""
     out: list[Path] = []
     if os.environ.get("REGISTRY_AUTH_FILE"):
         out.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
     if os.environ.get("XDG_RUNTIME_DIR"):
         out.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    else:
+        out.append(Path("/run/containers") / str(os.geteuid()) / "auth.json")
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    out.append(Path(config_home) / "containers" / "auth.json")
     if os.environ.get("DOCKER_CONFIG"):
         out.append(Path(os.environ["DOCKER_CONFIG"]) / "config.json")
     out.append(Path.home() / ".docker" / "config.json")
     return out
 
 
-def _auth_keys(registry: str) -> set[str]:
-    if registry == DOCKER_HUB:
-        return {DOCKER_HUB, "index.docker.io", DOCKER_HUB_API, "https://index.docker.io/v1/"}
-    return {registry}
+def _auth_keys(registry: str, repository: str) -> list[str]:
+    """The auth-file keys that name ``registry/repository``, most specific first:
+    ``REGISTRY/NS/REPO``, ``REGISTRY/NS``, ..., ``REGISTRY`` (Docker Hub under each of its
+    host names). Called by ``credentials_from_files``."""
+    hosts = (
+        [DOCKER_HUB, "index.docker.io", DOCKER_HUB_API] if registry == DOCKER_HUB else [registry]
+    )
+    parts = [p for p in repository.split("/") if p]
+    return [
+        f"{host}/{'/'.join(parts[:n])}" if n else host
+        for n in range(len(parts), -1, -1)
+        for host in hosts
+    ]
 
 
 def _norm_auth_key(key: str) -> str:
+    """An auth-file key as ``_auth_keys`` spells them: a URL key (``https://host/v1/``,
+    docker's) and a key whose only path is ``/v1`` or ``/v2`` name the host alone; any other
+    key is ``registry[/namespace[/repo]]`` (podman's), trailing '/' dropped."""
     if "://" in key:
-        key = key.split("://", 1)[1]
-    return key.split("/", 1)[0] if key.rstrip("/").count("/") <= 1 else key.rstrip("/")
+        return key.split("://", 1)[1].split("/", 1)[0]
+    key = key.rstrip("/")
+    host, _, path = key.partition("/")
+    return host if path in ("v1", "v2") else key
 
 
 @dataclass(frozen=True)
@@ -219,12 +158,13 @@ class Credentials:
 
 
 def credentials_from_files(
-    registry: str, files: Sequence[Path] | None = None
+    registry: str, repository: str = "", files: Sequence[Path] | None = None
 ) -> Credentials | None:
-    """The credentials for ``registry`` from the first auth file (``auth_files``) that has a
-    base64 ``auth`` entry for it; None when none has. A file that is not valid JSON is an
+    """The credentials for ``repository`` of ``registry`` from the first auth file
+    (``auth_files``) that has a base64 ``auth`` entry for it, the most specific key of that
+    file winning (``_auth_keys``); None when none has. A file that is not valid JSON is an
     ImageError naming it. Called by ``pull`` and ``push`` unless ``--username`` is given."""
-    keys = _auth_keys(registry)
+    keys = _auth_keys(registry, repository)
     for path in files if files is not None else auth_files():
         try:
             with open(path, "rb") as f:
@@ -240,15 +180,16 @@ def credentials_from_files(
         auths = doc.get("auths") if isinstance(doc, dict) else None
         if not isinstance(auths, dict):
             continue
+        found: list[tuple[int, str, str]] = []  # (rank in keys, key, auth)
         for key, entry in auths.items():
-            if not isinstance(key, str) or (_norm_auth_key(key) not in keys and key not in keys):
+            if not isinstance(key, str) or _norm_auth_key(key) not in keys:
                 continue
             if not isinstance(entry, dict) or not isinstance(entry.get("auth"), str):
                 continue
+            found.append((keys.index(_norm_auth_key(key)), key, entry["auth"]))
+        for _rank, key, auth in sorted(found):
             try:
-                user, sep, password = (
-                    base64.b64decode(entry["auth"], validate=True).decode().partition(":")
-                )
+                user, sep, password = base64.b64decode(auth, validate=True).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 raise ImageError(
                     f"credential file {path}: the 'auth' entry for {key} is not base64 of "
@@ -285,7 +226,7 @@ def mirrors(registry: str, env: str | None = None, *, insecure: bool = False) ->
         if not item:
             continue
         key, sep, url = item.partition("=")
-        parts = _split_url(url.strip())
+        parts = split_url(url.strip())
         if (
             not sep
             or parts is None
@@ -349,6 +290,22 @@ class _Response:
         self.conn.close()
 
 
+def tls_context(ca: Path | None) -> ssl.SSLContext:
+    """A verifying TLS context: the system CA store, plus the CAs of ``ca`` (``--ca FILE``)
+    when given: the extra CA is added, never in place of the system's, so a token realm,
+    blob storage or a mirror with a publicly trusted certificate stays verifiable. Made by
+    ``Client`` for each registry it talks to."""
+    ctx = ssl.create_default_context()
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ImageError(
+                f"--ca {ca}: cannot load it as PEM certificates ({exc}); give a PEM file"
+            ) from None
+    return ctx
+
+
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
     return scheme.lower(), dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', rest))
@@ -380,20 +337,17 @@ class Client:
         self.lock = threading.Lock()
         #: Set when a pull stops (an error in one download, or Ctrl-C): the others stop too.
         self.cancel = threading.Event()
-        try:
-            #: Every host but the registry's own is always verified (``--insecure`` or not).
-            self._verified = ssl.create_default_context(cafile=str(ca) if ca else None)
-            self._ssl = ssl.create_default_context(cafile=str(ca) if ca else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ImageError(f"--ca {ca}: cannot load it as PEM certificates ({exc})") from None
+        #: Every host but the registry's own is always verified (``--insecure`` or not).
+        self._verified = tls_context(ca)
+        self._ssl = tls_context(ca)
         if insecure:
             self._ssl.check_hostname = False
             self._ssl.verify_mode = ssl.CERT_NONE
 
     # URLs ----------------------------------------------------------------------------------
     def parse_url(self, url: str, what: str) -> urllib.parse.SplitResult:
-        """``url`` split (``_split_url``); one that is not a URL is this client's error."""
-        parts = _split_url(url)
+        """``url`` split (``split_url``); one that is not a URL is this client's error."""
+        parts = split_url(url)
         if parts is None:
             raise self.error(
                 f"sent a {what} that is not a valid URL ({_clean(url, 100)!r})",
@@ -496,7 +450,13 @@ class Client:
         if parts.query:
             path += "?" + parts.query
         try:
-            conn.request(method, path, body=body, headers=headers)
+            try:
+                conn.request(method, path, body=body, headers=headers)
+            except (BrokenPipeError, ConnectionResetError):
+                if body is None:
+                    raise
+                # the registry answered before it took the whole body (a 413 for a blob too
+                # large for one request, a 401): its answer is what counts
             resp = conn.getresponse()
         except ssl.SSLCertVerificationError as exc:
             conn.close()
@@ -953,11 +913,10 @@ def _clients(
     out = []
     for base in mirrors(ref.registry, insecure=insecure):
         host = urllib.parse.urlsplit(base).netloc
-        out.append(
-            Client(base, str(ref), creds=credentials_from_files(host), ca=ca, insecure=insecure)
-        )
+        c = credentials_from_files(host, ref.repository)
+        out.append(Client(base, str(ref), creds=c, ca=ca, insecure=insecure))
     base = endpoint(ref.registry, ca=ca, insecure=insecure)
-    c = creds if creds is not None else credentials_from_files(ref.registry)
+    c = creds if creds is not None else credentials_from_files(ref.registry, ref.repository)
     out.append(Client(base, str(ref), creds=c, ca=ca, insecure=insecure))
     return out
 
@@ -974,10 +933,15 @@ def pull(
     progress: Progress | None = None,
 ) -> Image:
     """Pull ``ref_text`` into ``store`` and return the image, stored under its full reference
-    (and ``name`` 'NAME[:TAG]' too). Mirrors are tried first; a mirror's failure falls back
-    to the next one, then to the registry. Called by ``sandbox-kernel image pull``."""
+    (and ``name`` 'NAME[:TAG]' too); a pull by digest is stored under the tag
+    ``sha256-<hex>`` of that digest (also when the reference has a tag, and when it is an
+    index's), so that ``ImageStore.resolve`` finds it again by the same reference. Mirrors
+    are tried first; a mirror's failure falls back to the next one, then to the registry.
+    Called by ``sandbox-kernel image pull``."""
     ref = parse_reference(ref_text)
     names = [(ref.name, ref.store_tag)]
+    if ref.digest and ref.tag:  # found again by REF@DIGEST too (an index's digest as well)
+        names.append((ref.name, digest_tag(ref.digest)))
     if name is not None:
         names.append(oci.split_ref(name))
     progress = progress or Progress()
@@ -1108,6 +1072,8 @@ def _fetch_layer_locked(
                 stale = False
                 continue
             raise DigestMismatch(f"{exc}; nothing stored") from None
+        except UnsafeArchiveError as exc:  # the extractor's refusal: name the image and layer
+            raise UnsafeArchiveError(f"{what} from {client.host}: {exc}; nothing stored") from None
         progress.layer_done(d.digest, d.size)
         return layer
 
@@ -1192,10 +1158,7 @@ def _push_blob(
             raise client._http_error(r, f"the mount of blob {digest}")
         upload = _location(client, r, "the upload request")
     else:
-        r = client.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope)
-        if r.status != 202:
-            raise client._http_error(r, f"the upload request for blob {digest}")
-        upload = _location(client, r, "the upload request")
+        upload = _start_upload(client, repo, digest, scope)[0]
     with open(path, "rb") as f:
         r = client.request(
             "PUT",
@@ -1204,10 +1167,70 @@ def _push_blob(
             body=f,
             scope=scope,
         )
+    if r.status == 413:  # too large for one request: a new upload, in chunks
+        r.close()
+        _push_chunked(client, repo, digest, size, path, scope)
+        say(f"blob {digest[:19]} pushed in chunks ({size} bytes)")
+        return
     if r.status != 201:
         raise client._http_error(r, f"the upload of blob {digest}")
     r.close()
     say(f"blob {digest[:19]} pushed ({size} bytes)")
+
+
+def _start_upload(client: Client, repo: str, digest: str, scope: str) -> tuple[str, int]:
+    """A new upload session of blob ``digest``: (its Location, the chunk size the registry
+    asks for in OCI-Chunk-Min-Length, 0 when none). Called by ``_push_blob`` and
+    ``_push_chunked``."""
+    r = client.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope)
+    if r.status != 202:
+        raise client._http_error(r, f"the upload request for blob {digest}")
+    least = r.header("OCI-Chunk-Min-Length")
+    return _location(client, r, "the upload request"), int(least) if least.isdigit() else 0
+
+
+def _push_chunked(
+    client: Client, repo: str, digest: str, size: int, path: Path, scope: str
+) -> None:
+    """Upload blob ``digest`` (``size`` bytes of ``path``) in chunks: a new session (POST),
+    one PATCH per ``UPLOAD_CHUNK`` bytes (or the registry's OCI-Chunk-Min-Length) with its
+    Content-Range, each to the Location the last answer gave, then ``PUT ?digest=`` with no
+    body. Called by ``_push_blob`` when the registry refuses the whole blob in one request
+    (413)."""
+    upload, least = _start_upload(client, repo, digest, scope)
+    chunk = max(UPLOAD_CHUNK, least)
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            data = f.read(min(chunk, size - start))
+            if not data:
+                raise ImageError(f"blob {digest}: {path} is shorter than its {size} bytes")
+            end = start + len(data) - 1
+            r = client.request(
+                "PATCH",
+                upload,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(len(data)),
+                    "Content-Range": f"{start}-{end}",
+                },
+                body=data,
+                scope=scope,
+            )
+            if r.status != 202:
+                raise client._http_error(r, f"the chunk {start}-{end} of blob {digest}")
+            upload = _location(client, r, f"the chunk {start}-{end}")
+            start = end + 1
+    r = client.request(
+        "PUT",
+        _with_query(upload, digest=digest),
+        headers={"Content-Type": "application/octet-stream", "Content-Length": "0"},
+        body=b"",
+        scope=scope,
+    )
+    if r.status != 201:
+        raise client._http_error(r, f"the end of the chunked upload of blob {digest}")
+    r.close()
 
 
 def push(
@@ -1222,13 +1245,14 @@ def push(
 ) -> str:
     """Push ``image`` (of ``store``) to ``dest_text`` and return the manifest digest the
     registry names it by: each blob is checked with HEAD, mounted from the image's own
-    repository when that is on the same registry, else uploaded (POST, then PUT ?digest=);
-    then the manifest is PUT. Called by ``sandbox-kernel image push``."""
+    repository when that is on the same registry, else uploaded (POST, then PUT ?digest=;
+    in PATCH chunks when the registry answers 413 to the whole blob); then the manifest is
+    PUT. Called by ``sandbox-kernel image push``."""
     dest = parse_reference(dest_text)
     if dest.digest and not dest.tag:
         raise ImageError(f"push {dest_text}: push to a tag, not a digest (REGISTRY/REPO:TAG)")
     base = endpoint(dest.registry, ca=ca, insecure=insecure)
-    c = creds if creds is not None else credentials_from_files(dest.registry)
+    c = creds if creds is not None else credentials_from_files(dest.registry, dest.repository)
     client = Client(base, str(dest), creds=c, ca=ca, insecure=insecure)
     repo = dest.repository
     mount_from: str | None = None

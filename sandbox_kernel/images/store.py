@@ -53,6 +53,7 @@ from .extract import (
 from .labels import LABEL_ARGV
 from .layer_writer import write_layer_tar
 from .recipe import available_recipes
+from .reference import parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -950,17 +951,21 @@ class ImageStore:
     def _not_found(self, ref: str) -> ImageNotFound:
         return not_found(ref, [("the store", self)])
 
-    def resolve(self, ref: str, *, unpack: bool = True) -> Image:
+    def resolve(self, ref: str, *, unpack: bool = True, docker_names: bool = True) -> Image:
         """'name' (tag latest), 'name:tag' or a 'sha256:' manifest digest prefix -> Image.
 
-        The snapshots of the returned image exist (missing ones are unpacked again) unless
-        ``unpack`` is False. Called by ``jupyter.launch.find_image`` when a kernel is launched,
-        by ``sandbox-kernel run`` and ``image inspect``, by the exporter, and by the builder
-        for a parent image.
+        A name is looked up as given first (local images such as ``python3``); when no image
+        has it, and ``docker_names``, it is read as docker reads a registry reference
+        (``reference.parse_reference``): ``python:2.7-slim`` finds the pulled
+        ``docker.io/library/python:2.7-slim``, and ``REGISTRY/REPO@sha256:...`` the image
+        pulled by that digest (a manifest's or an index's). The snapshots of the returned
+        image exist (missing ones are unpacked again) unless ``unpack`` is False. Called by
+        ``lookup.find`` (kernel starts, ``kernelspec add``, ``sandbox-kernel run``, ``image
+        inspect``), by the exporter, and by the builder for a parent image.
         """
-        return self._resolve(ref, unpack=unpack)
+        return self._resolve(ref, unpack=unpack, docker_names=docker_names)
 
-    def _resolve(self, ref: str, *, unpack: bool) -> Image:
+    def _resolve(self, ref: str, *, unpack: bool, docker_names: bool = True) -> Image:
         images = self.list()
         if ref.startswith("sha256:"):
             prefix = ref[len("sha256:") :]
@@ -977,13 +982,11 @@ class ImageStore:
                 raise self._not_found(ref)
             image = next(iter(hits.values()))
         else:
-            try:
-                name, tag = oci.split_ref(ref)
-            except ImageError:
-                raise self._not_found(ref) from None
-            found = [im for im in images if im.name == name and im.tag == tag]
+            found = _local_matches(images, ref)
+            if not found and docker_names:
+                found = _reference_matches(images, ref)
             if not found:
-                raise self._not_found(ref if ":" in ref else name)
+                raise self._not_found(ref)
             image = found[0]
         if unpack:
             for layer in image.layers:
@@ -1152,16 +1155,45 @@ class ImageStore:
         self._atomic_write(self._cache_file(key), oci.dump_json(doc))
 
 
+def _local_matches(images: Sequence[Image], ref: str) -> list[Image]:
+    """The images named ``ref`` ('name' or 'name:tag') exactly; none when ``ref`` is not a
+    valid NAME[:TAG]. Called by ``ImageStore._resolve``."""
+    try:
+        name, tag = oci.split_ref(ref)
+    except ImageError:
+        return []
+    return [im for im in images if im.name == name and im.tag == tag]
+
+
+def _reference_matches(images: Sequence[Image], ref: str) -> list[Image]:
+    """The images ``ref`` names read as a registry reference (``Reference.names``): the
+    pulled ``docker.io/library/python:2.7-slim`` for ``python:2.7-slim``; none when ``ref``
+    is not one. Called by ``ImageStore._resolve`` after ``_local_matches`` found none."""
+    try:
+        parsed = parse_reference(ref)
+    except ImageError:
+        return []
+    return [im for im in images if parsed.names(im.name, im.tag, im.digest)]
+
+
 def not_found(ref: str, looked: Sequence[tuple[str, ImageStore]]) -> ImageNotFound:
     """The one "image not found" error: every store looked in (label, store), what they
     hold, and how the caller gets the image (build it when a recipe of that name exists, as
-    root into the system store or into the user's own). Raised by ``ImageStore.resolve``
+    root into the system store or into the user's own; else pull it when ``ref`` is a
+    registry reference). Raised by ``ImageStore.resolve``
     and ``lookup.find``."""
     where = " and ".join(f"{label} ({store.root})" for label, store in looked)
     have = sorted({im.ref for _, store in looked if store.exists() for im in store.list()})
+    pull = ""
+    if not ref.startswith("sha256:"):
+        with contextlib.suppress(ImageError):
+            parse_reference(ref)
+            pull = f"sandbox-kernel image pull {ref}"
     name = ref.split(":", 1)[0] if not ref.startswith("sha256:") else ""
     advice = ""
-    if name and name in available_recipes():
+    if "/" in ref or "@" in ref:  # a registry reference: no recipe has such a name
+        advice = f"; pull it with: {pull}" if pull else ""
+    elif name and name in available_recipes():
         advice = f"; build it with: sandbox-kernel image build {name}"
         if os.geteuid() != 0 and len(looked) > 1:
             advice += " (into your store), or ask the administrator to build it as root"
@@ -1170,6 +1202,8 @@ def not_found(ref: str, looked: Sequence[tuple[str, ImageStore]]) -> ImageNotFou
             f"; there is no recipe named {name!r} either: pick one of the images there, "
             "or write a recipe (images/README.md) and build it with sandbox-kernel image build"
         )
+        if pull:
+            advice += f", or pull it from a registry: {pull}"
     return ImageNotFound(
         f"image '{ref}' not found in {where}; images there: {', '.join(have) or '(none)'}{advice}"
     )

@@ -16,7 +16,7 @@ from jupyter_client.manager import AsyncKernelManager
 from sandbox_kernel.cli import main as cli_main
 from sandbox_kernel.images import ipykernel_layer, lookup
 from sandbox_kernel.images.build import build_image
-from sandbox_kernel.images.store import ImageConfig, ImageStore
+from sandbox_kernel.images.store import Image, ImageConfig, ImageStore
 from sandbox_kernel.jupyter import kernelspecs
 from tests.privileged.test_provisioner import execute
 
@@ -43,22 +43,29 @@ BARE = {
 }
 
 
-@pytest.fixture
-def bare_image(request: pytest.FixtureRequest, images: None, tmp_path: Path) -> Iterator[str]:
-    """A new image of the store without ipykernel or any product label, removed afterwards:
-    the Debian base layer of the shipped image the test names (python3 / python2.7), or
-    ``bullseye-python3`` built by the product's builder from ``BULLSEYE_PYTHON3``."""
-    store = ImageStore()
-    name = f"skt-any-{request.param.replace('.', '')}-{uuid.uuid4().hex[:8]}"
-    if request.param == "bullseye-python3":
+def make_bare_image(kind: str, store: ImageStore, tmp_path: Path) -> Image:
+    """A new image in ``store`` without ipykernel or any product label (the caller removes
+    it): the Debian base layer of the shipped image ``kind`` names (python3 / python2.7), or
+    ``bullseye-python3`` built by the product's builder from ``BULLSEYE_PYTHON3``. Used by
+    ``bare_image`` and by the registry test that pulls such images back."""
+    name = f"skt-any-{kind.replace('.', '')}-{uuid.uuid4().hex[:8]}"
+    if kind == "bullseye-python3":
         (tmp_path / name).mkdir()
         (tmp_path / name / "recipe.toml").write_text(BULLSEYE_PYTHON3)
         image = build_image(str(tmp_path / name), store)
         assert not any(k.startswith("org.sandbox-kernel.") for k, _ in image.config.labels)
-    else:
-        source = lookup.find(request.param)
-        cfg = ImageConfig(env=(("PATH", "/usr/local/bin:/usr/bin:/bin"), ("LANG", "C.UTF-8")))
-        image = store.write_image(name, "latest", source.layers[:1], cfg)
+        return image
+    source = lookup.find(kind)
+    cfg = ImageConfig(env=(("PATH", "/usr/local/bin:/usr/bin:/bin"), ("LANG", "C.UTF-8")))
+    return store.write_image(name, "latest", source.layers[:1], cfg)
+
+
+@pytest.fixture
+def bare_image(request: pytest.FixtureRequest, images: None, tmp_path: Path) -> Iterator[str]:
+    """``make_bare_image`` of the kind the test names, in the default store, removed
+    afterwards."""
+    store = ImageStore()
+    image = make_bare_image(request.param, store, tmp_path)
     try:
         yield image.ref
     finally:

@@ -5,7 +5,9 @@ htpasswd file; one instance serves TLS from a CA the test makes with openssl. Im
 product's own (``python3`` from the default store), pushed by ``image push`` and by
 ``skopeo copy``, pulled back into a separate store (``SANDBOX_KERNEL_STATE_DIR``). A pull
 cut or stopped on the way goes through a ``CuttingProxy`` in front of the registry, which
-cuts or pauses a blob's body and keeps the request heads (the ``Range`` of the resumes).
+cuts or pauses a blob's body and keeps the request heads (the ``Range`` of the resumes). Two
+images without ipykernel (``test_any_image.make_bare_image``) go through the registry and
+come back as kernels started through jupyter_client.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jupyter_client.manager import AsyncKernelManager
 
-from sandbox_kernel import paths
-from sandbox_kernel.images import oci
+from sandbox_kernel.images import ipykernel_layer, lookup, oci, probe
+from sandbox_kernel.images.importer import import_path
 from sandbox_kernel.images.store import ImageStore
+from sandbox_kernel.jupyter import kernelspecs
+from tests.privileged.test_any_image import make_bare_image
+from tests.privileged.test_provisioner import execute
 from tests.registryserver import (
     PASSWORD,
     USER,
@@ -34,6 +40,8 @@ from tests.registryserver import (
     start_registry,
     stop_registry,
 )
+
+pytestmark = [pytest.mark.privileged, pytest.mark.images, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "python3"
@@ -60,9 +68,9 @@ def tls_reg(tmp_path: Path) -> Iterator[Registry]:
 def _env(state: Path | None) -> dict[str, str]:
     """The environment of a CLI run: no credential files of the host, the store ``state``."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for var in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR"):
+    for var in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_CONFIG_HOME"):
         env.pop(var, None)
-    env["HOME"] = str(state or "/nonexistent")
+    env["HOME"] = env["XDG_RUNTIME_DIR"] = str(state or "/nonexistent")
     if state is not None:
         env["SANDBOX_KERNEL_STATE_DIR"] = str(state)
     return env
@@ -86,12 +94,12 @@ def _login() -> tuple[str, ...]:
 
 
 def _source() -> ImageStore:
-    store = ImageStore(paths.state_dir())
-    store.resolve(SOURCE, unpack=False)
-    return store
+    """The store that holds ``SOURCE`` (the caller's own, or rootless the system store)."""
+    image = lookup.find(SOURCE, unpack=False)
+    return next(p.store for p in lookup.places() if p.store.has_blob(image.digest))
 
 
-def test_push_then_pull_by_tag_and_digest(reg: Registry, tmp_path: Path) -> None:
+def test_push_then_pull_by_tag_and_digest(reg: Registry, tmp_path: Path, images: None) -> None:
     src = _source().resolve(SOURCE, unpack=False)
     pushed = cli(
         "image", "push", SOURCE, f"{reg.host}/course/py:1", *_login(), stdin=PASSWORD + "\n"
@@ -147,7 +155,9 @@ def test_wrong_credentials_one_clear_line(reg: Registry, tmp_path: Path) -> None
     assert p.returncode == 125 and "answered 401" in p.stderr
 
 
-def test_skopeo_push_then_pull_and_manifest_list(reg: Registry, tmp_path: Path) -> None:
+def test_skopeo_push_then_pull_and_manifest_list(
+    reg: Registry, tmp_path: Path, images: None
+) -> None:
     skopeo = need("skopeo")
     store = _source()
     creds = f"{USER}:{PASSWORD}"
@@ -169,7 +179,7 @@ def test_skopeo_push_then_pull_and_manifest_list(reg: Registry, tmp_path: Path) 
     assert p.returncode == 0, p.stderr
     entries = []
     for im, arch in ((pulled, "amd64"), (other, "arm64")):
-        body = ImageStore(state if im is pulled else paths.state_dir()).read_blob(im.digest)
+        body = (ImageStore(state) if im is pulled else store).read_blob(im.digest)
         entries.append(
             {
                 "mediaType": json.loads(body).get("mediaType", oci.MT_OCI_MANIFEST),
@@ -190,7 +200,7 @@ def test_skopeo_push_then_pull_and_manifest_list(reg: Registry, tmp_path: Path) 
         assert ImageStore(s).resolve(f"{reg.host}/sk/py:multi").digest == want
 
 
-def test_tampered_blob_refused_nothing_stored(reg: Registry, tmp_path: Path) -> None:
+def test_tampered_blob_refused_nothing_stored(reg: Registry, tmp_path: Path, images: None) -> None:
     src = _source().resolve(SOURCE, unpack=False)
     p = cli("image", "push", SOURCE, f"{reg.host}/t/py:1", *_login(), stdin=PASSWORD)
     assert p.returncode == 0, p.stderr
@@ -208,7 +218,7 @@ def test_tampered_blob_refused_nothing_stored(reg: Registry, tmp_path: Path) -> 
     assert not store.has_blob(top.digest)
 
 
-def test_tls_registry_with_ca(tls_reg: Registry, tmp_path: Path) -> None:
+def test_tls_registry_with_ca(tls_reg: Registry, tmp_path: Path, images: None) -> None:
     assert tls_reg.ca is not None
     p = cli("image", "push", SOURCE, f"{tls_reg.host}/tls/py:1", "--ca", str(tls_reg.ca),
             *_login(), stdin=PASSWORD)  # fmt: skip
@@ -247,7 +257,9 @@ def _parts(store: ImageStore) -> dict[str, int]:
     }
 
 
-def test_pull_through_a_cut_connection_resumes_with_range(reg: Registry, tmp_path: Path) -> None:
+def test_pull_through_a_cut_connection_resumes_with_range(
+    reg: Registry, tmp_path: Path, images: None
+) -> None:
     src = _source().resolve(SOURCE, unpack=False)
     assert max(la.size for la in src.layers) > CUT_AFTER  # there is a blob to cut
     p = cli("image", "push", SOURCE, f"{reg.host}/cut/py:1", *_login(), stdin=PASSWORD)
@@ -277,7 +289,9 @@ def test_pull_through_a_cut_connection_resumes_with_range(reg: Registry, tmp_pat
     assert _parts(store) == {}
 
 
-def test_pull_killed_then_pulled_again_reuses_its_part_files(reg: Registry, tmp_path: Path) -> None:
+def test_pull_killed_then_pulled_again_reuses_its_part_files(
+    reg: Registry, tmp_path: Path, images: None
+) -> None:
     src = _source().resolve(SOURCE, unpack=False)
     p = cli("image", "push", SOURCE, f"{reg.host}/kill/py:1", *_login(), stdin=PASSWORD)
     assert p.returncode == 0, p.stderr
@@ -322,3 +336,67 @@ def test_pull_killed_then_pulled_again_reuses_its_part_files(reg: Registry, tmp_
     assert im.digest == src.digest
     assert [la.diff_id for la in im.layers] == [la.diff_id for la in src.layers]
     assert _parts(store) == {}
+
+
+#: The images without ipykernel that go through the registry: the kind ``make_bare_image``
+#: makes, and the Python version the kernel must report.
+BARE = {"python3": "3.11", "python2.7": "2.7"}
+
+
+async def test_images_without_ipykernel_pulled_from_the_registry_run_as_kernels(
+    reg: Registry,
+    tmp_path: Path,
+    images: None,
+    notebook_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    own = ImageStore()
+    state = tmp_path / "state"
+    pulled = ImageStore(state)
+    made = []
+    try:
+        for kind in BARE:
+            bare = make_bare_image(kind, own, tmp_path)
+            made.append(bare)
+            ref = f"{reg.host}/bare/{kind}:1"
+            p = cli("image", "push", bare.ref, ref, *_login(), stdin=PASSWORD)
+            assert p.returncode == 0, p.stderr
+            # The ipykernel layer for this Python, built once into the default store (the
+            # any-image test builds the same one) and copied into the fresh store, so that
+            # `kernelspec add` below finds it instead of building it again.
+            interp = ipykernel_layer.choose(bare.ref, probe.probe_image(bare).interpreters)
+            assert not interp.ipykernel
+            layer = ipykernel_layer.ensure(interp, own)
+            import_path(pulled, own.oci_dir, layer.ref)
+    finally:
+        for bare in made:
+            own.remove(bare.ref)
+    assert [im.name for im in pulled.list()] == [ipykernel_layer.NAME] * len(BARE)
+
+    prefix = tmp_path / "prefix"
+    for kind, version in BARE.items():
+        ref = f"{reg.host}/bare/{kind}:1"
+        p = cli("image", "pull", ref, *_login(), state=state, stdin=PASSWORD)
+        assert p.returncode == 0, p.stderr
+        add = cli("kernelspec", "add", f"pulled-{kind}", "--image", ref, "--prefix", str(prefix),
+                  "--pids", "100", state=state)  # fmt: skip
+        assert add.returncode == 0, add.stderr
+        assert f"image {ref}: Python {version}." in add.stdout, add.stdout
+        assert f"ipykernel from {ipykernel_layer.NAME}:" in add.stdout, add.stdout
+        assert "building the ipykernel layer" not in add.stdout
+
+    monkeypatch.setenv("SANDBOX_KERNEL_STATE_DIR", str(state))
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    if not kernelspecs.provisioner_registered():
+        kernelspecs.register_provisioner_in_process()
+    for kind, version in BARE.items():
+        km = AsyncKernelManager(kernel_name=f"pulled-{kind}")
+        await km.start_kernel(cwd=str(notebook_dir))
+        try:
+            reply, out = await execute(km, "import sys; print('%d.%d' % sys.version_info[:2])")
+            assert reply["status"] == "ok" and out.split() == [version], out
+            reply, out = await execute(km, "r = %sandbox\nprint(r)")
+            assert reply["status"] == "ok", out
+            assert "process limit        100" in out, out
+        finally:
+            await km.shutdown_kernel(now=True)

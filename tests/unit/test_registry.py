@@ -23,8 +23,14 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel.errors import DigestMismatch, ImageError, RegistryError, UnsafeArchiveError
-from sandbox_kernel.images import oci, registry
+from sandbox_kernel.errors import (
+    DigestMismatch,
+    ImageError,
+    ImageNotFound,
+    RegistryError,
+    UnsafeArchiveError,
+)
+from sandbox_kernel.images import lookup, oci, reference, registry
 from sandbox_kernel.images.extract import ExtractLimits
 from sandbox_kernel.images.store import ImageStore
 
@@ -58,6 +64,8 @@ class Fake:
     cut_after: dict[str, int] = field(default_factory=dict)  # digest -> bytes sent, once
     redirect_blobs_to: str = ""  # base URL of another server
     content_type_override: dict[str, str] = field(default_factory=dict)
+    max_body: int = 0  # a PUT or PATCH with more bytes is answered 413 (0: no limit)
+    chunks: bytes = b""  # what the PATCHes of the upload session sent so far
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -112,6 +120,7 @@ def _serve(fake: Fake) -> tuple[ThreadingHTTPServer, str]:
                 fake.seen.append(("POST", self.path, dict(self.headers.items())))
             if not self._authorized():
                 return
+            fake.chunks = b""  # a new upload session
             if "mount=" in self.path:
                 digest = self.path.split("mount=")[1].split("&")[0].replace("%3A", ":")
                 if digest in fake.blobs:
@@ -119,13 +128,37 @@ def _serve(fake: Fake) -> tuple[ThreadingHTTPServer, str]:
                     return
             self._send(202, b"", {"Location": "/v2/upload/abc?state=1"})
 
+        def _too_large(self) -> bool:
+            if fake.max_body and int(self.headers.get("Content-Length", "0")) > fake.max_body:
+                self.rfile.read(int(self.headers["Content-Length"]))  # as nginx drains it
+                self._send(413, b'{"errors":[{"code":"SIZE_INVALID","message":"too large"}]}')
+                self.close_connection = True
+                return True
+            return False
+
+        def do_PATCH(self) -> None:
+            with fake.lock:
+                fake.seen.append(("PATCH", self.path, dict(self.headers.items())))
+            if not self._authorized() or self._too_large():
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            start, _, end = self.headers.get("Content-Range", "").partition("-")
+            if not self.path.startswith("/v2/upload/abc?state=") or int(start) != len(fake.chunks):
+                self._send(416)
+                return
+            fake.chunks += body
+            assert int(end) == len(fake.chunks) - 1
+            n = len(fake.chunks)
+            self._send(202, b"", {"Location": f"/v2/upload/abc?state={n}", "Range": f"0-{n - 1}"})
+
         def do_PUT(self) -> None:
             with fake.lock:
                 fake.seen.append(("PUT", self.path, dict(self.headers.items())))
-            if not self._authorized():
+            if not self._authorized() or self._too_large():
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            if self.path.startswith("/v2/upload/abc?state=1&digest="):
+            if self.path.startswith("/v2/upload/abc?state=") and "&digest=" in self.path:
+                body, fake.chunks = fake.chunks + body, b""
                 digest = self.path.split("digest=")[1].replace("%3A", ":")
                 if _sha(body) != digest:
                     self._send(400, b'{"errors":[{"code":"DIGEST_INVALID","message":"bad"}]}')
@@ -215,9 +248,10 @@ def fake() -> Iterator[tuple[Fake, str]]:
 
 @pytest.fixture(autouse=True)
 def _no_auth_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var in ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG", registry.MIRRORS_ENV):
+    for var in ("REGISTRY_AUTH_FILE", "XDG_CONFIG_HOME", "DOCKER_CONFIG", registry.MIRRORS_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "no-runtime-dir"))
 
 
 def _image(f: Fake, tag: str = "v1", n: int = 2) -> tuple[bytes, list[bytes]]:
@@ -266,12 +300,12 @@ def _store(tmp_path: Path) -> ImageStore:
 
 
 def test_reference_parsing() -> None:
-    p = registry.parse_reference
-    assert p("python") == registry.Reference("docker.io", "library/python", "latest", None)
-    assert p("jupyter/base-notebook:2024") == registry.Reference(
+    p = reference.parse_reference
+    assert p("python") == reference.Reference("docker.io", "library/python", "latest", None)
+    assert p("jupyter/base-notebook:2024") == reference.Reference(
         "docker.io", "jupyter/base-notebook", "2024", None
     )
-    assert p("localhost/x") == registry.Reference("localhost", "x", "latest", None)
+    assert p("localhost/x") == reference.Reference("localhost", "x", "latest", None)
     assert p("127.0.0.1:5000/course/py:2.7").name == "127.0.0.1:5000/course/py"
     assert p("registry.example.edu/course/python:2.7").registry == "registry.example.edu"
     d = "sha256:" + "a" * 64
@@ -294,22 +328,69 @@ def test_credentials_file_order_and_parsing(
     def enc(s: str) -> str:
         return base64.b64encode(s.encode()).decode()
 
+    def who(reg: str, repo: str = "lib/app") -> tuple[str, ...]:
+        c = registry.credentials_from_files(reg, repo)
+        return () if c is None else (c.username, c.password, c.source)
+
+    home = tmp_path / "home"
+    run = tmp_path / "run"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    uid_run = Path("/run/containers") / str(os.geteuid()) / "auth.json"
+    # the one order: REGISTRY_AUTH_FILE, podman's runtime file (or /run/containers/UID),
+    # podman's config file, DOCKER_CONFIG, ~/.docker
+    assert registry.auth_files() == [
+        uid_run,
+        home / ".config/containers/auth.json",
+        home / ".docker/config.json",
+    ]
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "dcfg"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+    assert registry.auth_files() == [
+        tmp_path / "auth.json",
+        run / "containers/auth.json",
+        tmp_path / "cfg/containers/auth.json",
+        tmp_path / "dcfg/config.json",
+        home / ".docker/config.json",
+    ]
+    for var in ("XDG_CONFIG_HOME", "DOCKER_CONFIG", "REGISTRY_AUTH_FILE"):
+        monkeypatch.delenv(var)
+
     docker = write(
-        tmp_path / "home/.docker/config.json",
+        home / ".docker/config.json",
         {
             "https://index.docker.io/v1/": {"auth": enc("hub:pw:with:colons")},
             "reg.example:5000": {"auth": enc("d:1")},
         },
     )
-    assert registry.credentials_from_files("docker.io") == registry.Credentials(
-        "hub", "pw:with:colons", str(docker)
+    assert who("docker.io", "library/python") == ("hub", "pw:with:colons", str(docker))
+    assert who("reg.example:5000") == ("d", "1", str(docker))
+    # podman's file under ~/.config comes before docker's
+    config = write(
+        home / ".config/containers/auth.json", {"reg.example:5000": {"auth": enc("c:3")}}
     )
-    podman = write(
-        tmp_path / "run/containers/auth.json", {"reg.example:5000": {"auth": enc("p:2")}}
+    assert who("reg.example:5000") == ("c", "3", str(config))
+    podman = write(run / "containers/auth.json", {"reg.example:5000": {"auth": enc("p:2")}})
+    assert who("reg.example:5000") == ("p", "2", str(podman))
+    # keys naming a namespace or a repository: the most specific one for the repository wins
+    write(
+        podman,
+        {
+            "reg.example:5000": {"auth": enc("p:registry")},
+            "reg.example:5000/course": {"auth": enc("p:namespace")},
+            "reg.example:5000/course/python": {"auth": enc("p:repository")},
+            "docker.io/jupyter": {"auth": enc("p:hub-namespace")},
+        },
     )
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    c = registry.credentials_from_files("reg.example:5000")
-    assert c is not None and (c.username, c.password, c.source) == ("p", "2", str(podman))
+    assert who("reg.example:5000", "course/python")[:2] == ("p", "repository")
+    assert who("reg.example:5000", "course/other")[:2] == ("p", "namespace")
+    assert who("reg.example:5000", "courses/python")[:2] == ("p", "registry")
+    assert who("reg.example:5000", "")[:2] == ("p", "registry")
+    assert who("docker.io", "jupyter/base-notebook")[:2] == ("p", "hub-namespace")
+    # a file with only another namespace's entry does not hide the next file's
+    write(podman, {"reg.example:5000/other": {"auth": enc("p:other")}})
+    assert who("reg.example:5000", "course/python") == ("c", "3", str(config))
     first = write(tmp_path / "auth.json", {"http://reg.example:5000/": {"auth": enc("r:pw-xyzzy")}})
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(first))
     c = registry.credentials_from_files("reg.example:5000")
@@ -867,8 +948,8 @@ def test_bad_ports_and_urls_in_references_are_image_errors() -> None:
         "[::1/x",
     ):
         with pytest.raises(ImageError, match="invalid image reference"):
-            registry.parse_reference(bad)
-    assert registry.parse_reference("reg.example:65535/x").registry == "reg.example:65535"
+            reference.parse_reference(bad)
+    assert reference.parse_reference("reg.example:65535/x").registry == "reg.example:65535"
 
 
 def test_a_layer_of_size_zero(fake: tuple[Fake, str], tmp_path: Path) -> None:
@@ -997,3 +1078,292 @@ def test_a_blob_longer_than_declared_leaves_no_part(fake: tuple[Fake, str], tmp_
     with pytest.raises(DigestMismatch, match="longer than"):
         registry.pull(store, f"{host}/lib/app:v1")
     assert not list(store.tmp_dir.iterdir())
+
+
+#: Two self-signed CA certificates made for these tests (no key is kept): one stands for the
+#: system CA store, one for ``--ca FILE``.
+SYSTEM_CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBhjCCAS2gAwIBAgIUStXmST2Ly5asb9bQ+9z2OivanMwwCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNc2t0IHN5c3RlbSBDQTAgFw0yNjEyMDQwMTA5MjFaGA8yMTI2
+MTExMDAxMDkyMVowGDEWMBQGA1UEAwwNc2t0IHN5c3RlbSBDQTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABMcBwlXsAbAybCO0Tt79+OVH97D16wc7M5/KBZwwXzdF
+TfTmfL+0nmJ21s73g+PGQ74IMcCcpxCXbUKpXO00MoOjUzBRMB0GA1UdDgQWBBRL
+T/9DQKBGyKMVynr9YUsCOPJdHzAfBgNVHSMEGDAWgBRLT/9DQKBGyKMVynr9YUsC
+OPJdHzAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIEk5ZBClLhJF
+IkJhzjN6+rJ1lNs+YnkLUY8tzgBG4hjpAiATzMsepuq/b7CHfKk7tFgMomoXDoPx
+cdJB3cCGF8IcbQ==
+-----END CERTIFICATE-----
+"""
+EXTRA_CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBhTCCASugAwIBAgIUfbsd88by4XnbiWSklZO4M6qBFlAwCgYIKoZIzj0EAwIw
+FzEVMBMGA1UEAwwMc2t0IGV4dHJhIENBMCAXDTI2MTIwNDAxMDkyMloYDzIxMjYx
+MTEwMDEwOTIyWjAXMRUwEwYDVQQDDAxza3QgZXh0cmEgQ0EwWTATBgcqhkjOPQIB
+BggqhkjOPQMBBwNCAATLj2lbTHZ9AQRlzDAozfBLzafvHspUgHsS7gYEkedhn63G
+1bikv0+hZ1fzwDzIQXdv9aFH37ijZ+WS8eoUEHLno1MwUTAdBgNVHQ4EFgQU77QI
+1lfKtOVi4LcbeZnaAgsvhLMwHwYDVR0jBBgwFoAU77QI1lfKtOVi4LcbeZnaAgsv
+hLMwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAiZsQZSz+mRSL
+huDJYVxlv08pjhC1CS3E54HE7+iB4c4CIA2LPmlfmYjrR3Njih5zN3/EuqDIqaTf
+tG29lRV20EFY
+-----END CERTIFICATE-----
+"""
+
+
+def test_ca_file_adds_to_the_system_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    system, extra = tmp_path / "system.pem", tmp_path / "extra.pem"
+    system.write_text(SYSTEM_CA_PEM)
+    extra.write_text(EXTRA_CA_PEM)
+    monkeypatch.setenv("SSL_CERT_FILE", str(system))  # what OpenSSL loads as the system store
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-such-dir"))
+
+    def names(ctx: ssl.SSLContext) -> set[str]:
+        certs: list[dict[str, Any]] = ctx.get_ca_certs()
+        return {value for c in certs for rdn in c["subject"] for _key, value in rdn}
+
+    assert names(registry.tls_context(None)) == {"skt system CA"}
+    c = registry.Client("https://reg.example", "reg.example/a:1", ca=extra)
+    # the registry's own host and every other one (a token realm, blob storage) trust both
+    assert names(c._ssl) == names(c._verified) == {"skt system CA", "skt extra CA"}
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    with pytest.raises(ImageError, match=r"--ca .*bad\.pem: cannot load it as PEM"):
+        registry.tls_context(tmp_path / "bad.pem")
+
+
+# --- finding pulled images again -----------------------------------------------------------
+
+
+def test_a_pull_by_index_digest_is_found_by_that_reference(
+    fake: tuple[Fake, str], tmp_path: Path
+) -> None:
+    f, host = fake
+    amd, _ = _image(f, "amd")
+    arm, _ = _image(f, "arm")
+    _index(f, [("arm64", oci.MT_DOCKER_MANIFEST, arm), ("amd64", oci.MT_DOCKER_MANIFEST, amd)])
+    index = _sha(f.manifests["multi"][1])
+    f.manifests[index] = f.manifests["multi"]
+    store = _store(tmp_path)
+    ref = f"{host}/lib/app@{index}"
+    im = registry.pull(store, ref, platform="linux/amd64")
+    assert im.digest == _sha(amd)  # the image is the platform's manifest
+    assert (im.name, im.tag) == (f"{host}/lib/app", "sha256-" + oci.digest_hex(index))
+    assert store.resolve(ref).digest == _sha(amd)  # found by the reference it was pulled by
+    assert store.resolve(f"{host}/lib/app@{_sha(amd)}").digest == _sha(amd)  # and its own
+    assert store.resolve(f"{host}/lib/app:other@{index}").digest == _sha(amd)  # tag ignored
+    for other in (f"{host}/lib/app@{_sha(arm)}", f"{host}/lib/other@{index}"):
+        with pytest.raises(ImageNotFound):
+            store.resolve(other)
+    # with a tag as well: found by the tag, by the index digest and by the tag and digest
+    both = _store(tmp_path / "b")
+    registry.pull(both, f"{host}/lib/app:multi@{index}", platform="linux/arm64")
+    for found in (f"{host}/lib/app:multi", ref, f"{host}/lib/app:multi@{index}"):
+        assert both.resolve(found).digest == _sha(arm), found
+
+
+def test_docker_short_names_find_pulled_images_after_local_names(
+    fake: tuple[Fake, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f, host = fake
+    _image(f, "v1")
+    _image(f, "v2")
+    own, system = _store(tmp_path / "own"), _store(tmp_path / "system")
+    hub = "docker.io/library/python:2.7-slim"  # where `image pull python:2.7-slim` stores it
+    registry.pull(own, f"{host}/lib/app:v1", name=hub)
+    local = registry.pull(system, f"{host}/lib/app:v2", name="python3")
+    shadow = registry.pull(own, f"{host}/lib/app:v1", name="docker.io/library/python3")
+    monkeypatch.setattr(
+        lookup,
+        "places",
+        lambda: [lookup.Place(own, "your store"), lookup.Place(system, "the system store")],
+    )
+    for ref in (
+        "python:2.7-slim",
+        "library/python:2.7-slim",
+        "docker.io/library/python:2.7-slim",
+        "index.docker.io/library/python:2.7-slim",
+    ):
+        assert lookup.find(ref, unpack=False).ref == hub, ref
+    # a local name of any store comes before the docker reading of it in another
+    assert lookup.find("python3", unpack=False).digest == local.digest != shadow.digest
+    assert lookup.find("docker.io/library/python3", unpack=False).digest == shadow.digest
+    with pytest.raises(ImageNotFound, match=r"'python:3\.12' not found") as info:
+        lookup.find("python:3.12", unpack=False)
+    assert str(info.value).endswith(
+        "or pull it from a registry: sandbox-kernel image pull python:3.12"
+    )
+    with pytest.raises(ImageNotFound) as info:
+        lookup.find(f"{host}/lib/app@sha256:{'0' * 64}", unpack=False)
+    assert str(info.value).endswith(
+        f"; pull it with: sandbox-kernel image pull {host}/lib/app@sha256:{'0' * 64}"
+    )
+    assert "recipe" not in str(info.value)
+    with pytest.raises(ImageNotFound):
+        own.resolve("python:2.7-slim", docker_names=False)
+    assert own.resolve("python:2.7-slim").ref == hub
+
+
+# --- hostile layers through the registry ---------------------------------------------------
+
+
+def _put_image(f: Fake, tag: str, members: list[tarfile.TarInfo]) -> list[bytes]:
+    """Put a one-layer OCI image under ``lib/app:tag`` whose layer is a tar of ``members``
+    (regular files get a few bytes); returns the layer blob."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for m in members:
+            data = b"x\n" if m.isreg() else b""
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    tar = raw.getvalue()
+    blob = gzip.compress(tar, mtime=0)
+    f.blobs[_sha(blob)] = blob
+    config = oci.dump_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [_sha(tar)]},
+        }
+    )
+    f.blobs[_sha(config)] = config
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_OCI_MANIFEST,
+            "config": {"mediaType": oci.MT_OCI_CONFIG, "digest": _sha(config), "size": len(config)},
+            "layers": [
+                {"mediaType": oci.MT_OCI_LAYER_GZIP, "digest": _sha(blob), "size": len(blob)}
+            ],
+        }
+    ).encode()
+    f.manifests[tag] = (oci.MT_OCI_MANIFEST, manifest)
+    return [blob]
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, **attrs: Any) -> tarfile.TarInfo:
+    m = tarfile.TarInfo(name)
+    m.type = kind
+    m.mode = 0o644
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    return m
+
+
+def test_a_traversing_layer_from_a_registry_is_refused_and_nothing_stored(
+    fake: tuple[Fake, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sandbox_kernel.cli import main as cli_main
+
+    f, host = fake
+    (blob,) = _put_image(f, "evil", [_member("etc", tarfile.DIRTYPE), _member("../../escape")])
+    state = tmp_path / "state"
+    monkeypatch.setenv("SANDBOX_KERNEL_STATE_DIR", str(state))
+    assert cli_main(["image", "pull", f"{host}/lib/app:evil"]) == 125
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [e for e in err if "error" in e] == err[-1:], err  # one line, after the progress
+    assert err[-1].startswith(f"sandbox-kernel: error: {host}/lib/app:evil layer 0 ({_sha(blob)})")
+    assert "'../../escape'" in err[-1] and "path traversal" in err[-1], err
+    assert err[-1].endswith("nothing stored"), err
+    store = ImageStore(state)
+    assert store.list() == []
+    assert not store.has_blob(_sha(blob))
+    assert not list(store.tmp_dir.glob("pull-*.part"))
+    assert not (tmp_path / "escape").exists() and not (state.parent / "escape").exists()
+
+
+def test_device_nodes_of_a_pulled_layer_are_never_created(
+    fake: tuple[Fake, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # as for an imported layer (tests/security/test_malicious_images.py): device nodes are
+    # skipped with a warning, never made; the rest of the layer is kept
+    f, host = fake
+    members = [
+        _member("dev", tarfile.DIRTYPE, mode=0o755),
+        _member("dev/mem", tarfile.CHRTYPE, devmajor=1, devminor=1),
+        _member("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0),
+        _member("etc/mem", tarfile.CHRTYPE, devmajor=1, devminor=1),
+        _member("etc/ok"),
+    ]
+    _put_image(f, "dev", members)
+    store = _store(tmp_path)
+    im = registry.pull(store, f"{host}/lib/app:dev")
+    snap = im.layers[0].snapshot
+    assert (snap / "etc/ok").read_bytes() == b"x\n"
+    for name in ("dev/mem", "dev/sda", "etc/mem"):
+        assert not os.path.lexists(snap / name), name
+    assert "3 special entries not created" in caplog.text
+    assert not list(store.tmp_dir.glob("pull-*.part"))
+
+
+def test_a_blob_refused_whole_with_413_is_pushed_in_chunks(
+    fake: tuple[Fake, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f, host = fake
+    src = Fake()
+    blob, diff_id = _layer("noise.bin", os.urandom(40_000))  # incompressible: ~40 kB
+    config = oci.dump_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    )
+    src.blobs = {_sha(blob): blob, _sha(config): config}
+    manifest = oci.dump_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.MT_OCI_MANIFEST,
+            "config": {"mediaType": oci.MT_OCI_CONFIG, "digest": _sha(config), "size": len(config)},
+            "layers": [
+                {"mediaType": oci.MT_OCI_LAYER_GZIP, "digest": _sha(blob), "size": len(blob)}
+            ],
+        }
+    )
+    src.manifests["v1"] = (oci.MT_OCI_MANIFEST, manifest)
+    srv, src_host = _serve(src)
+    store = _store(tmp_path)
+    try:
+        im = registry.pull(store, f"{src_host}/lib/app:v1")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    f.max_body = 16_000  # the config goes whole; the layer is refused whole
+    monkeypatch.setattr(registry, "UPLOAD_CHUNK", 15_000)
+    said: list[str] = []
+    assert registry.push(im, store, f"{host}/course/app:1", say=said.append) == _sha(manifest)
+    assert f.blobs[_sha(blob)] == blob  # put together from its chunks, digest checked
+    assert f.manifests["1"] == (oci.MT_OCI_MANIFEST, manifest)
+    patches = [h for m, _p, h in f.seen if m == "PATCH"]
+    n = len(blob)
+    assert [h["Content-Range"] for h in patches] == [
+        f"{a}-{min(a + 15_000, n) - 1}" for a in range(0, n, 15_000)
+    ]
+    assert f"blob {_sha(blob)[:19]} pushed in chunks ({n} bytes)" in said
+    # a registry that refuses even a chunk: its error, naming the chunk
+    f.blobs.pop(_sha(blob))
+    monkeypatch.setattr(registry, "UPLOAD_CHUNK", 20_000)
+    with pytest.raises(RegistryError, match=r"413 .* to the chunk 0-19999 of blob .*too large"):
+        registry.push(im, store, f"{host}/course/app:2")
+
+
+def test_an_answer_sent_before_the_whole_body_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a registry that answers 413 (or 401) and closes before it has read the body: the
+    # client's write fails, and the answer is what the client acts on
+    class Early:
+        def __init__(self, host: str, port: int | None, *, timeout: float) -> None:
+            pass
+
+        def request(self, method: str, path: str, body: Any, headers: Any) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def getresponse(self) -> Any:
+            return type("R", (), {"status": 413, "reason": "Too Large", "headers": {}})()
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(http.client, "HTTPConnection", Early)
+    c = registry.Client("http://127.0.0.1:1", "127.0.0.1:1/a:1")
+    assert c._open("PUT", "http://127.0.0.1:1/v2/a/blobs/uploads/u", {}, b"x" * 10).status == 413
+    with pytest.raises(RegistryError, match="could not be reached"):
+        c._open("GET", "http://127.0.0.1:1/v2/", {}, None)  # no body: a broken connection
