@@ -8,7 +8,9 @@ container's address and a default route to the gateway (on-link). Every host-sid
 interface is the container's own, so the firewall tells kernels apart by interface, and
 no layer-2 path joins two kernels.
 
-The container side is configured from the host before the container's command runs,
+Every request is built with pyroute2's message classes and sent on a plain netlink socket
+(``Requests``). The container side is configured from the host before the container's
+command runs,
 through a netlink socket made inside the container's network namespace (a short-lived
 thread joins it with setns, as root of the host may, makes the socket, and ends: the
 socket stays in that namespace, and no other thread of the caller ever changes
@@ -20,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -39,10 +42,150 @@ class LinkError(SandboxError):
     """A link of a container could not be made or changed."""
 
 
-def _iproute(sock: socket.socket | None = None) -> Any:
-    from pyroute2 import IPRoute
+_ACK = struct.Struct("=IHHIIi")  # struct nlmsghdr, then nlmsgerr's errno
+NLMSG_ERROR = 2
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 17, 20, 24
+RTM_NEWQDISC, RTM_DELQDISC = 36, 37
+IFF_UP = 0x1
+TC_H_ROOT = 0xFFFFFFFF
+RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST = 254, 4, 1
 
-    return IPRoute(use_socket=sock) if sock is not None else IPRoute()
+
+def route_socket() -> socket.socket:
+    """A NETLINK_ROUTE socket of the caller's network namespace (acks without the request
+    echoed back)."""
+    sock = socket.socket(
+        socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+    )
+    sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    return sock
+
+
+class Requests:
+    """rtnetlink requests built with pyroute2's message classes and sent, one at a time,
+    on one socket, each checked against its ack. (pyroute2's own IPRoute costs about a
+    millisecond per call in its event loop; a start makes eight of them.)"""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.seq = 0
+
+    def __enter__(self) -> Requests:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, msg: Any, kind: int, flags: int = 0) -> None:
+        """Send ``msg`` (a pyroute2 message) as request ``kind``; OSError with the kernel's
+        errno when it refuses."""
+        from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+
+        self.seq += 1
+        msg["header"]["type"] = kind
+        msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
+        msg["header"]["sequence_number"] = self.seq
+        msg.encode()
+        self.sock.send(bytes(msg.data))
+        while True:
+            reply = self.sock.recv(65536)
+            _length, rtype, _flags, seq, _port, error = _ACK.unpack_from(reply)
+            if seq == self.seq and rtype == NLMSG_ERROR:
+                break
+        if error:
+            raise OSError(-error, os.strerror(-error))
+
+    def link_up(self, index: int) -> None:
+        """Set link ``index`` up."""
+        from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+        m = ifinfmsg()
+        m["family"], m["index"], m["flags"], m["change"] = 0, index, IFF_UP, IFF_UP
+        self.send(m, RTM_NEWLINK)
+
+    def address(self, index: int, address: str) -> None:
+        """Give link ``index`` the IPv4 ``address`` (/32)."""
+        from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
+        from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+
+        m = ifaddrmsg()
+        m["family"], m["prefixlen"], m["index"] = socket.AF_INET, 32, index
+        m["attrs"] = [("IFA_LOCAL", address), ("IFA_ADDRESS", address)]
+        self.send(m, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL)
+
+    def route(self, index: int, dst: str | None, gateway: str | None = None) -> None:
+        """A route to ``dst`` (an address; None: the default route) out of link ``index``,
+        on-link through ``gateway`` when given."""
+        from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
+        from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+        m = rtmsg()
+        m["family"], m["table"], m["proto"], m["type"] = (
+            socket.AF_INET,
+            RT_TABLE_MAIN,
+            RTPROT_STATIC,
+            RTN_UNICAST,
+        )
+        m["dst_len"] = 32 if dst else 0
+        m["scope"] = RT_SCOPE_LINK if gateway is None else 0
+        m["flags"] = RTNH_F_ONLINK if gateway is not None else 0
+        attrs: list[tuple[str, Any]] = [("RTA_TABLE", RT_TABLE_MAIN), ("RTA_OIF", index)]
+        if dst:
+            attrs.append(("RTA_DST", dst))
+        if gateway:
+            attrs.append(("RTA_GATEWAY", gateway))
+        m["attrs"] = attrs
+        self.send(m, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL)
+
+    def veth(self, ifname: str, pid: int) -> None:
+        """The pair ``ifname`` (here) and ``INSIDE_NAME`` (index ``INSIDE_INDEX``) in the
+        network namespace of process ``pid``."""
+        from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
+        from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+        peer = {
+            "index": INSIDE_INDEX,
+            "attrs": [("IFLA_IFNAME", INSIDE_NAME), ("IFLA_NET_NS_PID", pid)],
+        }
+        data = {"attrs": [("VETH_INFO_PEER", peer)]}
+        info = {"attrs": [("IFLA_INFO_KIND", "veth"), ("IFLA_INFO_DATA", data)]}
+        m = ifinfmsg()
+        m["family"], m["index"] = 0, 0
+        m["attrs"] = [("IFLA_IFNAME", ifname), ("IFLA_LINKINFO", info)]
+        self.send(m, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
+
+    def delete_link(self, index: int) -> None:
+        """Remove link ``index`` (a veth's peer goes with it)."""
+        from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+        m = ifinfmsg()
+        m["family"], m["index"] = 0, index
+        self.send(m, RTM_DELLINK)
+
+    def shape(self, index: int, rate_bits: int | None, *, first: bool) -> None:
+        """Put (or replace, or with None remove) the tbf root qdisc of link ``index``."""
+        from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE
+        from pyroute2.netlink.rtnl.tcmsg import plugins, tcmsg
+
+        m = tcmsg()
+        m["family"], m["index"], m["handle"], m["parent"] = 0, index, 0x10000, TC_H_ROOT
+        if rate_bits is None:
+            if first:
+                return
+            m["attrs"] = [("TCA_KIND", "tbf")]
+            try:
+                self.send(m, RTM_DELQDISC)
+            except OSError as exc:  # no qdisc: nothing to remove
+                if exc.errno not in (errno.ENOENT, errno.EINVAL):
+                    raise
+            return
+        options = plugins["tbf"].get_parameters(
+            {"rate": f"{rate_bits}bit", "burst": _burst(rate_bits), "latency": TBF_LATENCY}
+        )
+        m["attrs"] = [("TCA_KIND", "tbf"), ("TCA_OPTIONS", options)]
+        self.send(m, RTM_NEWQDISC, NLM_F_CREATE | (NLM_F_EXCL if first else NLM_F_REPLACE))
 
 
 _libc: list[Any] = []
@@ -77,10 +220,7 @@ def netns_socket(pid: int) -> socket.socket:
                 return
         finally:
             os.close(fd)
-        # pyroute2's event loop wants a datagram socket (netlink treats both alike)
-        result["sock"] = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
-        )
+        result["sock"] = route_socket()  # made here: it belongs to this namespace
 
     thread = threading.Thread(target=make, name=f"netns-{pid}", daemon=True)
     thread.start()
@@ -97,27 +237,6 @@ def _burst(rate_bits: int) -> int:
     return max(16 * 1024, rate_bits // 8 // 50)
 
 
-def _shape(ipr: Any, index: int, rate_bits: int | None, *, first: bool) -> None:
-    """Put (or change, or remove with None) the tbf root qdisc of link ``index``."""
-    if rate_bits is None:
-        if not first:
-            try:
-                ipr.tc("del", index=index, handle="1:", root=True)
-            except Exception as exc:  # pyroute2's NetlinkError; no qdisc: nothing to remove
-                if getattr(exc, "code", None) not in (errno.ENOENT, errno.EINVAL):
-                    raise
-        return
-    ipr.tc(
-        "add" if first else "replace",
-        "tbf",
-        index=index,
-        handle="1:",
-        rate=f"{rate_bits}bit",
-        burst=_burst(rate_bits),
-        latency=TBF_LATENCY,
-    )
-
-
 def create(ifname: str, pid: int, gateway: str, address: str, rate_bits: int | None) -> None:
     """Make the veth pair of the container whose init is ``pid`` and configure both sides
     (addresses, routes, links up, tbf on both sides' egress when ``rate_bits``: the host
@@ -125,28 +244,21 @@ def create(ifname: str, pid: int, gateway: str, address: str, rate_bits: int | N
     naming the interface on failure (the caller removes what was made with ``delete``).
     Called by ``nat.Attachment.attach`` while init waits for ``go``."""
     try:
-        with _iproute() as ipr:
-            ipr.link(
-                "add",
-                ifname=ifname,
-                kind="veth",
-                peer={"ifname": INSIDE_NAME, "net_ns_pid": pid, "index": INSIDE_INDEX},
-            )
+        with Requests(route_socket()) as host:
+            host.veth(ifname, pid)
             index = socket.if_nametoindex(ifname)
-            ipr.addr("add", index=index, address=gateway, prefixlen=32)
-            ipr.link("set", index=index, state="up")
-            ipr.route("add", dst=f"{address}/32", oif=index, scope=RT_SCOPE_LINK)
-            _shape(ipr, index, rate_bits, first=True)
-        with _iproute(netns_socket(pid)) as inside:
-            inside.addr("add", index=INSIDE_INDEX, address=address, prefixlen=32)
-            inside.link("set", index=INSIDE_INDEX, state="up")
-            inside.route(
-                "add", dst="0.0.0.0/0", gateway=gateway, oif=INSIDE_INDEX, flags=RTNH_F_ONLINK
-            )
-            _shape(inside, INSIDE_INDEX, rate_bits, first=True)
+            host.address(index, gateway)
+            host.link_up(index)
+            host.route(index, address)
+            host.shape(index, rate_bits, first=True)
+        with Requests(netns_socket(pid)) as inside:
+            inside.address(INSIDE_INDEX, address)
+            inside.link_up(INSIDE_INDEX)
+            inside.route(INSIDE_INDEX, None, gateway)
+            inside.shape(INSIDE_INDEX, rate_bits, first=True)
     except LinkError:
         raise
-    except Exception as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise LinkError(f"network link {ifname}: {exc}") from None
 
 
@@ -154,13 +266,13 @@ def set_rate(ifname: str, pid: int, rate_bits: int | None) -> None:
     """Change the running container's bandwidth cap (both directions; None: uncapped).
     Called by ``nat.Attachment.set_bandwidth`` (a live ``%sandbox bandwidth=`` change)."""
     try:
-        with _iproute() as ipr:
-            _shape(ipr, socket.if_nametoindex(ifname), rate_bits, first=False)
-        with _iproute(netns_socket(pid)) as inside:
-            _shape(inside, INSIDE_INDEX, rate_bits, first=False)
+        with Requests(route_socket()) as host:
+            host.shape(socket.if_nametoindex(ifname), rate_bits, first=False)
+        with Requests(netns_socket(pid)) as inside:
+            inside.shape(INSIDE_INDEX, rate_bits, first=False)
     except LinkError:
         raise
-    except Exception as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise LinkError(f"network link {ifname}: changing its bandwidth: {exc}") from None
 
 
@@ -172,10 +284,10 @@ def delete(ifname: str) -> None:
     except OSError:
         return
     try:
-        with _iproute() as ipr:
-            ipr.link("del", index=index)
-    except Exception as exc:
-        if getattr(exc, "code", None) != errno.ENODEV:
+        with Requests(route_socket()) as host:
+            host.delete_link(index)
+    except OSError as exc:
+        if exc.errno != errno.ENODEV:
             raise LinkError(f"removing network link {ifname}: {exc}") from None
 
 
