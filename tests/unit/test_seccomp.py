@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -592,3 +593,24 @@ def test_errno_constants_match_this_platform() -> None:
         errno.ENOSYS,
         errno.EAFNOSUPPORT,
     )
+
+
+def test_the_program_is_built_once_per_process_for_each_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[tuple[bool, tuple[str, ...]]] = []
+    real = seccomp.build_filter
+
+    def counting(*, allow_ptrace: bool = False, extra_denied: Sequence[str] = ()) -> bytes:
+        built.append((allow_ptrace, tuple(extra_denied)))
+        return real(allow_ptrace=allow_ptrace, extra_denied=extra_denied)
+
+    seccomp._built.cache_clear()
+    monkeypatch.setattr(seccomp, "build_filter", counting)
+    first = seccomp.write_filter(tmp_path)
+    assert seccomp.write_filter(tmp_path) == first
+    seccomp.write_filter(tmp_path, allow_ptrace=True)
+    seccomp.write_filter(tmp_path, allow_ptrace=True)
+    assert built == [(False, ()), (True, ())]
+    assert first.read_bytes() == real()
+    seccomp._built.cache_clear()
