@@ -329,10 +329,9 @@ class Pool:
                 )
             finally:
                 theirs.close()
-            # the server's exit (close) stops the wait within half a second
-            line = await asyncio.to_thread(
-                _read_line, ours, READY_TIMEOUT, 4096, lambda: self._closed
-            )
+            # read on the event loop, not in a thread: the interpreter's exit joins executor
+            # threads before the pool's close runs, and a hung member would hold it
+            line = await _read_line_async(ours, READY_TIMEOUT)
             if line != "ready":
                 raise SandboxError(f"pool member {container.id} said {line!r}, not ready")
             ready = replace(limits, cpu_weight=limits.cpu_weight or DEFAULT_WEIGHT)
@@ -426,6 +425,31 @@ def _read_line(
             return None
         data += chunk
     return data.rstrip(b"\n").decode("utf-8", "replace")
+
+
+async def _read_line_async(sock: socket.socket, timeout: float, limit: int = 4096) -> str | None:
+    """``_read_line`` on the event loop: one line from ``sock`` within ``timeout`` seconds
+    (None at end of input or past it), at most ``limit`` bytes; cancelled with the refill
+    task (``Pool.close``). The socket is left blocking again for ``hand_over``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    data = b""
+    sock.setblocking(False)
+    try:
+        while b"\n" not in data and len(data) < limit:
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, limit - len(data)), left)
+            except TimeoutError:
+                return None
+            if not chunk:
+                return None
+            data += chunk
+    finally:
+        sock.setblocking(True)
+    return data.split(b"\n", 1)[0].decode("utf-8", "replace")
 
 
 def _destroy(member: Member) -> None:

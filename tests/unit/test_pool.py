@@ -270,7 +270,11 @@ async def test_a_member_warms_at_the_lowest_cpu_weight_then_gets_its_own(
             events.append(("destroy", None))
 
     monkeypatch.setattr(Container, "create", lambda spec, **kw: Warming(spec))
-    monkeypatch.setattr(pool_mod, "_read_line", lambda *a: "ready")
+
+    async def ready(*a: Any) -> str:
+        return "ready"
+
+    monkeypatch.setattr(pool_mod, "_read_line_async", ready)
     pool = pool_mod.Pool()
     key = pool_mod.pool_key(_spec())
     for weight, after in ((None, pool_mod.DEFAULT_WEIGHT), (500, 500)):
@@ -289,3 +293,25 @@ async def test_a_member_warms_at_the_lowest_cpu_weight_then_gets_its_own(
         ]
         assert member.container.limits.memory == 1 << 30
         member.sock.close()
+
+
+async def test_ready_is_read_on_the_event_loop_bounded_and_cancellable() -> None:
+    a, b = socket.socketpair()
+    try:
+        b.sendall(b"rea")
+        reading = asyncio.ensure_future(pool_mod._read_line_async(a, 5))
+        await asyncio.sleep(0.05)
+        assert not reading.done()  # half a line: still waiting, and the loop runs on
+        b.sendall(b"dy\nmore")
+        assert await reading == "ready"
+        assert a.getblocking()  # left blocking for hand_over
+        assert await pool_mod._read_line_async(a, 0.1) is None  # no newline in time
+        waiting = asyncio.ensure_future(pool_mod._read_line_async(a, 60))
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # the pool's close cancels its refill task
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        b.close()
+        assert await pool_mod._read_line_async(a, 5) is None  # end of input
+    finally:
+        a.close()
