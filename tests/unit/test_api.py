@@ -153,7 +153,12 @@ async def test_status_limits_usage_and_live_changes_within_the_ceiling(
         assert status["image_digest"] == "sha256:abc" and status["state"] == "running"
         assert status["limits"] == {"memory": GiB, "cpus": 1.0, "pids": 100}
         # the live ceilings: the admin's memory, else the kernelspec's start values
-        assert status["ceilings"] == {"memory": 2 * GiB, "cpus": 1.0, "pids": 100}
+        assert status["ceilings"] == {
+            "memory": 2 * GiB,
+            "cpus": 1.0,
+            "pids": 100,
+            "bandwidth": None,
+        }
         assert status["usage"] == {
             "memory_current": 100 * 1024**2,
             "memory_peak": 100 * 1024**2,
