@@ -11,7 +11,6 @@ import pytest
 
 from sandbox_kernel import policy as hp
 from sandbox_kernel.errors import CeilingRefused, LimitRefused, SpecError
-from sandbox_kernel.jupyter import resolve as resolve_mod
 from sandbox_kernel.jupyter.resolve import Policy, allow_inside, read_policy, resolve_settings
 from sandbox_kernel.jupyter.settings import SETTING_NAMES, SandboxPolicy, SandboxSettings
 from sandbox_kernel.limits import Ceilings, Limits, check_live, plan_change
@@ -277,7 +276,7 @@ def test_policy_file_network_entries_are_checked_at_every_start(
     monkeypatch: pytest.MonkeyPatch, raw: dict[str, Any], expected: str
 ) -> None:
     parsed = hp.parse(raw, "/p.toml")
-    monkeypatch.setattr(resolve_mod.host_policy, "load", lambda: parsed)
+    monkeypatch.setattr(hp, "load", lambda: parsed)
     with pytest.raises(SpecError) as info:
         admin()
     assert expected in str(info.value) and "the policy file /p.toml" in str(info.value)
