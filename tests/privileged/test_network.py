@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_kernel.network import nat
+from sandbox_kernel.network import NET_DIR, nat
 from sandbox_kernel.network.config import NatConfig, parse_allow_list
 from sandbox_kernel.runtime.container import Container
 from sandbox_kernel.runtime.leftovers import collect_leftovers
@@ -380,7 +380,7 @@ def test_gc_removes_a_crashed_kernels_network(upstream: Upstream) -> None:
     gc removes them, and then the table and the forwarding change go too."""
     running = Running(nat_config(f"{ALLOWED}:8080"))
     c = running.container
-    lease_dir = nat.NET_DIR / "leases"
+    lease_dir = NET_DIR / "leases"
     (lease,) = list(lease_dir.iterdir())
     doc = json.loads(lease.read_text())
     dead = subprocess.Popen(["/bin/true"])
