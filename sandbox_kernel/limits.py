@@ -136,6 +136,10 @@ BOUNDS: dict[str, Bound] = {
 }
 #: The caps a running kernel may change (``%sandbox memory=2G cpus=2 pids=512``).
 LIVE: tuple[str, ...] = ("memory", "cpus", "pids")
+#: The live caps of a network-mode ``nat`` kernel besides ``LIVE`` (``%sandbox
+#: bandwidth=8mbit``): they are no cgroup limit, so ``plan_change`` leaves them to its caller
+#: (the provisioner, which checks them with ``check_live`` and applies them to the link).
+LIVE_NETWORK: tuple[str, ...] = ("bandwidth",)
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,8 @@ class Ceilings:
     pids: int | None = None
     tmp_size: int | None = None
     writable_size: int | None = None
+    #: a network-mode ``nat`` kernel's bandwidth, bits per second in each direction
+    bandwidth: int | None = None
     where: tuple[tuple[str, str], ...] = ()
 
     def of(self, name: str) -> float | None:
@@ -225,14 +231,16 @@ class Ceilings:
                 where.append((name, pick.source(name)))
         return Ceilings(**values, where=tuple(where))
 
-    def or_start(self, limits: Limits) -> Ceilings:
-        """The live ceilings of a kernel started with ``limits``: where the administrator set
-        none, the start value (a kernelspec's caps are the most its notebook can ask for
-        without an administrator's ceiling). Called for each ``%sandbox`` request."""
+    def or_start(self, limits: Limits, bandwidth: int | None = None) -> Ceilings:
+        """The live ceilings of a kernel started with ``limits`` (and, network ``nat``,
+        ``bandwidth``): where the administrator set none, the start value (a kernelspec's
+        caps are the most its notebook can ask for without an administrator's ceiling; a
+        ``nat`` kernel started without a cap may be given any). Called for each ``%sandbox``
+        request."""
         values: dict[str, Any] = {n: self.of(n) for n in CEILING_NAMES}
         where = list(self.where)
-        for name in LIVE:
-            start = getattr(limits, name)
+        starts = {name: getattr(limits, name) for name in LIVE} | {"bandwidth": bandwidth}
+        for name, start in starts.items():
             if values[name] is None and start is not None:
                 values[name] = start
                 where.append((name, KERNELSPEC_CEILING))
@@ -261,7 +269,36 @@ def _live_text(name: str, value: float) -> str:
         return format_size(value)
     if name == "cpus":
         return f"{value:g} CPUs"
+    if name == "bandwidth":
+        return f"{format_rate(value)} in each direction"
     return f"{int(value)} processes"
+
+
+def check_live(name: str, raw: object, ceilings: Ceilings) -> Any:
+    """The value of one live change ``name=raw`` (a name of ``LIVE`` or ``LIVE_NETWORK``)
+    once it passed its form, the ceiling and its bound; LimitRefused (CeilingRefused above
+    the ceiling) naming the field, the value and what is allowed. Called by
+    ``plan_change`` for each cap, and by the provisioner for a ``nat`` kernel's
+    ``bandwidth``."""
+    if not isinstance(raw, (str, int, float)) or isinstance(raw, bool) or len(str(raw)) > 32:
+        raise LimitRefused(f"{name}={str(raw)[:32]!r} is not a valid value")
+    bound = BOUNDS[name]
+    try:
+        value = bound.parser(raw, name)
+    except SpecError as exc:
+        raise LimitRefused(str(exc)) from None
+    top = ceilings.of(name)
+    if top is not None and value > top:
+        why = ceilings.source(name)
+        raise CeilingRefused(
+            f"{name}={raw} refused: this server allows at most "
+            f"{_live_text(name, top)} per kernel"
+            + (f" ({why})" if why == KERNELSPEC_CEILING else "")
+        )
+    problem = bound.problem(value, raw, name)  # the one range check, as at start
+    if problem:
+        raise LimitRefused(problem)
+    return value
 
 
 def plan_change(
@@ -269,41 +306,37 @@ def plan_change(
     current: Limits,
     ceilings: Ceilings,
     memory_usage: int | None,
+    *,
+    network: bool = False,
 ) -> tuple[Limits, list[str]]:
     """Validate a live ``set`` request (``{"op": "set", "memory": "2G"}``) against the bounds
     and the ceilings; return the new limits and warnings. Called by the provisioner for each
     request on a kernel's control socket. Raises LimitRefused naming the field, the value and
-    the allowed range.
+    the allowed range. ``network``: the kernel has network ``nat``, so ``LIVE_NETWORK``
+    fields are accepted too, and left to the caller (``check_live``); without it they are
+    refused with the reason.
     """
-    unknown = sorted(str(k)[:32] for k in set(request) - {"op", *LIVE})
+    fields_ok = (*LIVE, *LIVE_NETWORK) if network else LIVE
+    asked_net = sorted(k for k in LIVE_NETWORK if k in request)
+    if asked_net and not network:
+        raise LimitRefused(
+            f"{', '.join(asked_net)}: this kernel has network 'none' (loopback only), so "
+            "there is nothing to cap; a kernelspec with network 'nat' has a bandwidth"
+        )
+    unknown = sorted(str(k)[:32] for k in set(request) - {"op", *fields_ok})
     if unknown:
         raise LimitRefused(
-            f"unknown field(s) {', '.join(unknown)}; you can change: {', '.join(LIVE)}"
+            f"unknown field(s) {', '.join(unknown)}; you can change: {', '.join(fields_ok)}"
         )
     changes = {k: request[k] for k in LIVE if k in request}
-    if not changes:
-        raise LimitRefused(f"nothing to change; give one of: {', '.join(LIVE)}, e.g. memory=2G")
+    if not changes and not asked_net:
+        raise LimitRefused(
+            f"nothing to change; give one of: {', '.join(fields_ok)}, e.g. memory=2G"
+        )
     new = current
     warnings: list[str] = []
     for name, raw in changes.items():
-        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool) or len(str(raw)) > 32:
-            raise LimitRefused(f"{name}={str(raw)[:32]!r} is not a valid value")
-        bound = BOUNDS[name]
-        try:
-            value = bound.parser(raw, name)
-        except SpecError as exc:
-            raise LimitRefused(str(exc)) from None
-        top = ceilings.of(name)
-        if top is not None and value > top:
-            why = ceilings.source(name)
-            raise CeilingRefused(
-                f"{name}={raw} refused: this server allows at most "
-                f"{_live_text(name, top)} per kernel"
-                + (f" ({why})" if why == KERNELSPEC_CEILING else "")
-            )
-        problem = bound.problem(value, raw, name)  # the one range check, as at start
-        if problem:
-            raise LimitRefused(problem)
+        value = check_live(name, raw, ceilings)
         if name == "memory" and memory_usage is not None and value < memory_usage:
             warnings.append(
                 f"the kernel uses {format_size(memory_usage)} now, more than the new limit "

@@ -4,9 +4,10 @@ Layer: leaf (imports ``errors``, ``limits`` and ``units`` only). One TOML file,
 ``/etc/sandbox-kernel/policy.toml`` (``$SANDBOX_KERNEL_POLICY`` names another), read by:
 
 * the Jupyter layer at each kernel start and each live ``%sandbox`` change
-  (``jupyter.resolve``): the per-kernel ceilings, the allowed images and the most kernels of
-  the kernel's user. On a hub this check runs in the student's own server, so it is the
-  friendly first refusal, with the ceiling named;
+  (``jupyter.resolve``): the per-kernel ceilings, the allowed images, network modes and
+  allow-list, and the most kernels of the kernel's user (the network keys are kept as text
+  here and parsed there, by the network layer's parsers). On a hub this check runs in the
+  student's own server, so it is the friendly first refusal, with the ceiling named;
 * root's ``sandbox-kernel delegate USER`` (and so the JupyterHub spawner hook,
   ``sandbox_kernel.hub``): the user's aggregate caps and the host's reserve, written into
   cgroups the user does not own. That is the enforcement a student cannot lift;
@@ -56,6 +57,7 @@ user_memory = "4G"           # aggregate caps over all of one user's kernels (de
 user_cpus = 1.5
 user_pids = 1024
 home_quota = "2G"            # disk quota of each user's home (the hub hook sets it, as root)
+allowed_networks = ["none"]  # network modes kernels may use ("nat": with network_allow)
 
 [reserve]                    # never given to users' kernels: the hub and servers keep it
 memory = "2G"
@@ -66,6 +68,9 @@ max_memory = "8G"
 max_kernels = 8
 sandboxed_only = false
 user_memory = "12G"
+allowed_networks = ["none", "nat"]
+network_allow = ["198.18.0.0/15", "pypi.org:443"]   # the most a "nat" kernel may reach
+max_bandwidth = "16mbit"     # per-kernel bandwidth ceiling, each direction
 
 [users.alice]                # one user (name or uid): the same keys, highest priority
 max_kernels = 6
@@ -81,6 +86,7 @@ CEILING_KEYS = {
     "max_pids": "pids",
     "max_tmp_size": "tmp_size",
     "max_writable_size": "writable_size",
+    "max_bandwidth": "bandwidth",
 }
 #: Aggregate (per-user) cap keys -> the bound that parses them.
 USER_KEYS = {
@@ -89,7 +95,13 @@ USER_KEYS = {
     "user_pids": "pids",
     "home_quota": "disk_quota",
 }
-OTHER_KEYS = ("allowed_images", "max_kernels", "sandboxed_only")
+OTHER_KEYS = (
+    "allowed_images",
+    "max_kernels",
+    "sandboxed_only",
+    "allowed_networks",
+    "network_allow",
+)
 RULE_KEYS = (*CEILING_KEYS, *USER_KEYS, *OTHER_KEYS)
 RESERVE_KEYS = ("memory", "cpus")
 #: The most kernels one user may be allowed at once (a typo guard).
@@ -119,6 +131,9 @@ class Rule:
     images: tuple[str, ...] | None = None
     max_kernels: int | None = None
     sandboxed_only: bool | None = None
+    #: network modes and the ``nat`` allow-list, as text (``jupyter.resolve`` parses them)
+    networks: tuple[str, ...] | None = None
+    network_allow: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,10 @@ class UserPolicy:
     home_quota: int | None = None
     #: Offer only sandboxed kernelspecs in the user's server (the JupyterHub hook applies it).
     sandboxed_only: bool = False
+    #: Network modes the user's kernels may use, and the most a ``nat`` kernel may reach
+    #: (text, parsed by ``jupyter.resolve``); None: the file sets none.
+    networks: tuple[str, ...] | None = None
+    network_allow: tuple[str, ...] | None = None
     where: str = ""  # "/etc/sandbox-kernel/policy.toml (groups.students, users.alice)"
 
 
@@ -196,6 +215,8 @@ class HostPolicy:
             user_pids=_opt_int(rule.user.get("pids")),
             home_quota=_opt_int(rule.user.get("disk_quota")),
             sandboxed_only=bool(rule.sandboxed_only),
+            networks=rule.networks,
+            network_allow=rule.network_allow,
             where=where,
         )
 
@@ -223,9 +244,20 @@ def _group_names(name: str, gid: int | None) -> set[str]:
     return out
 
 
+def _union(lists: list[tuple[str, ...] | None]) -> tuple[str, ...] | None:
+    """The items of every list given, in order, each once; None when none is given (a
+    group that sets no list does not open everything)."""
+    out: list[str] | None = None
+    for items in lists:
+        if items is not None:
+            out = [*(out or []), *(i for i in items if i not in (out or []))]
+    return None if out is None else tuple(out)
+
+
 def _generous(rules: list[Rule]) -> Rule:
-    """Several groups' rules as one: the largest value of each key, the union of images
-    (a group that sets no image list does not open every image)."""
+    """Several groups' rules as one: the largest value of each key, the union of images,
+    of network modes and of allow-lists (a group that sets no list does not open
+    everything)."""
     ceilings: dict[str, float] = {}
     user: dict[str, float] = {}
     images: list[str] | None = None
@@ -242,7 +274,15 @@ def _generous(rules: list[Rule]) -> Rule:
             kernels = max(kernels or 0, r.max_kernels)
         if r.sandboxed_only is not None:
             only = r.sandboxed_only if only is None else (only and r.sandboxed_only)
-    return Rule(ceilings, user, tuple(images) if images is not None else None, kernels, only)
+    return Rule(
+        ceilings,
+        user,
+        tuple(images) if images is not None else None,
+        kernels,
+        only,
+        _union([r.networks for r in rules]),
+        _union([r.network_allow for r in rules]),
+    )
 
 
 def _override(base: Rule, top: Rule) -> Rule:
@@ -253,6 +293,8 @@ def _override(base: Rule, top: Rule) -> Rule:
         top.images if top.images is not None else base.images,
         top.max_kernels if top.max_kernels is not None else base.max_kernels,
         top.sandboxed_only if top.sandboxed_only is not None else base.sandboxed_only,
+        top.networks if top.networks is not None else base.networks,
+        top.network_allow if top.network_allow is not None else base.network_allow,
     )
 
 
@@ -433,6 +475,15 @@ def _kernels(raw: Any, at: str, problems: list[str]) -> int | None:
     return None if v is None else int(v)
 
 
+def _texts(raw: Any, at: str, problems: list[str]) -> tuple[str, ...] | None:
+    """A list of short strings (network modes, allow-list entries), checked for their
+    form by ``jupyter.resolve``."""
+    if not isinstance(raw, list) or not all(isinstance(i, str) and 0 < len(i) <= 260 for i in raw):
+        problems.append(f'{at} must be a list of strings, e.g. ["198.18.0.0/15", "pypi.org:443"]')
+        return None
+    return tuple(raw)
+
+
 def _flag(raw: Any, at: str, problems: list[str]) -> bool | None:
     if not isinstance(raw, bool):
         problems.append(f"{at} = {raw!r} must be true or false")
@@ -445,7 +496,13 @@ def _rule(body: Mapping[str, Any], where: str, problems: list[str]) -> Rule:
     ceilings: dict[str, float] = {}
     user: dict[str, float] = {}
     other: dict[str, Any] = {}
-    parsers = {"allowed_images": _images, "max_kernels": _kernels, "sandboxed_only": _flag}
+    parsers = {
+        "allowed_images": _images,
+        "max_kernels": _kernels,
+        "sandboxed_only": _flag,
+        "allowed_networks": _texts,
+        "network_allow": _texts,
+    }
     for key, raw in body.items():
         at = f"{where} {key}"
         for keys, into in ((CEILING_KEYS, ceilings), (USER_KEYS, user)):
@@ -465,4 +522,6 @@ def _rule(body: Mapping[str, Any], where: str, problems: list[str]) -> Rule:
         other.get("allowed_images"),
         other.get("max_kernels"),
         other.get("sandboxed_only"),
+        other.get("allowed_networks"),
+        other.get("network_allow"),
     )

@@ -1,6 +1,7 @@
 """``sandbox-kernel ps [--json] [--all]``: the running sandboxes, with their kernels and usage.
 
-Layer: cli. Reads the run dirs (``runtime.rundir``) and the cgroups; ``stats`` reuses
+Layer: cli. Reads the run dirs (``runtime.rundir``), the cgroups and, for a network-mode
+``nat`` container, its host-side link's byte counters (sysfs); ``stats`` reuses
 ``collect``.
 """
 
@@ -69,6 +70,7 @@ def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[
             # False: a rootless container without cgroups (the admin allowed it)
             "limits_enforced": meta.get("limits_enforced", True) is not False,
         }
+        row["network"] = network_of(info.id, meta, running)
         manager = cgroup_manager(owner, info) if running else None
         if manager is not None:
             try:
@@ -87,6 +89,45 @@ def collect(root: Path | None = None, *, include_stopped: bool = False) -> list[
                 }
         rows.append(row)
     return rows
+
+
+def network_of(container_id: str, meta: dict[str, Any], running: bool) -> dict[str, Any]:
+    """A container's network as ``ps`` and ``stats`` show it: ``{"mode": "none"}``, or a
+    ``nat`` one's address and bandwidth (bits per second, None: no cap; as its run dir's
+    metadata says: set at create, the bandwidth rewritten by each live change) and, while it
+    runs, the bytes it received and sent, read from its host-side link's counters
+    (``skn-`` + its short name: links only the host makes, never a kernel). Called by
+    ``collect`` for each container."""
+    net = meta.get("network")
+    if not isinstance(net, dict) or net.get("mode") != "nat":
+        return {"mode": "none"}
+    bandwidth = meta["bandwidth"] if "bandwidth" in meta else net.get("bandwidth")
+    out: dict[str, Any] = {
+        "mode": "nat",
+        "address": safe_text(net.get("address"), 15),
+        "bandwidth": _int(bandwidth),
+        "bytes_in": None,
+        "bytes_out": None,
+    }
+    if running:
+        from ..network import IF_PREFIX
+        from ..network.links import counters
+        from ..network.nat import short_name
+
+        name = short_name(container_id)
+        if name.isalnum():
+            counted = counters(IF_PREFIX + name)
+            if counted is not None:
+                out["bytes_in"], out["bytes_out"] = counted
+    return out
+
+
+def net_io(network: dict[str, Any] | None) -> str:
+    """The NET I/O column of ``ps`` and ``stats``: bytes in / out of a ``nat`` container
+    (``-`` for network 'none', or while unknown)."""
+    if not network or network.get("mode") != "nat" or network.get("bytes_in") is None:
+        return "-"
+    return f"{format_size(network['bytes_in'])} / {format_size(network['bytes_out'])}"
 
 
 def safe_text(value: object, limit: int = 200) -> str | None:
@@ -137,6 +178,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "MEMORY",
         "CPUS",
         "PIDS",
+        "NET I/O",
         "UPTIME",
     )
     me = os.geteuid()
@@ -165,6 +207,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 mem,
                 cpus,
                 pids,
+                net_io(r.get("network")),
                 _uptime(r["uptime_s"]) if r["running"] else "stopped",
             )
         )

@@ -41,6 +41,7 @@ HEAD = (
     "MEM %",
     "MEM PEAK",
     "PIDS",
+    "NET I/O",
     "OOM",
 )
 
@@ -130,6 +131,8 @@ def build_rows(
                 # the CPU cap a kernel gets once it answered its first request (start-up
                 # runs uncapped; see provisioner.post_launch)
                 "cpus_deferred": _deferred_cpus(box) if cur["cpus"] is None else None,
+                # network 'nat': address, bandwidth, bytes in and out (``ps.network_of``)
+                "network": box.get("network") or {"mode": "none"},
                 "usage": {
                     "memory": cur["memory"],
                     "memory_peak": cur["memory_peak"],
@@ -153,7 +156,7 @@ def _deferred_cpus(box: dict[str, Any]) -> float | None:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """``build_rows``' rows as an aligned text table, like ``docker stats`` (via ``render``)."""
-    from .ps import owner_name
+    from .ps import net_io, owner_name
 
     me = os.geteuid()
     show_owner = any(r.get("owner_uid", me) not in (me, None) for r in rows)
@@ -180,6 +183,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 mem_pct,
                 format_size(use["memory_peak"]),
                 f"{use['pids']} / {pids_limit}",
+                net_io(r.get("network")),
                 str(use["oom_kills"]),
             )
         )

@@ -4,9 +4,12 @@ Layer: Jupyter. ``serverext._load_jupyter_server_extension`` adds these handlers
 server's web app (under its base_url); JupyterLab's sandbox panel and ``curl`` use them:
 
 * ``GET /api/sandbox/kernels``: ``{"kernels": [KERNEL, ...]}``, this server's sandbox kernels;
-* ``GET /api/sandbox/kernels/{kernel_id}``: one ``KERNEL`` (``SandboxProvisioner.sandbox_status``);
+* ``GET /api/sandbox/kernels/{kernel_id}``: one ``KERNEL`` (``SandboxProvisioner.sandbox_status``:
+  with its ``network``, a ``nat`` kernel's address, allow-list, bandwidth, bytes in and out and
+  refused connections);
 * ``PATCH /api/sandbox/kernels/{kernel_id}`` with ``{"memory": "2G", "cpus": 2, "pids": 512}``
-  (any of them): the same checks and the same path to the cgroup as ``%sandbox memory=2G``
+  (any of them; ``"bandwidth": "8mbit"`` for a network-mode ``nat`` kernel): the same
+  checks and the same path to the cgroup (or the link) as ``%sandbox memory=2G``
   (``SandboxProvisioner.change_limits``); 200 and the ``KERNEL`` with its new limits, 403
   above a ceiling, 400 for a malformed body or value, 409 while the kernel restarts, 500
   when the host could not apply it (the log says why).
@@ -29,7 +32,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from ..errors import CeilingRefused, LimitRefused, SpecError
-from ..limits import BOUNDS, LIVE
+from ..limits import BOUNDS, LIVE, LIVE_NETWORK
 from .provisioner import RESTARTING, SandboxProvisioner
 
 #: The most bytes a PATCH body may have (three small fields).
@@ -57,9 +60,10 @@ def find_provisioner(kernel_manager: Any, kernel_id: str) -> SandboxProvisioner:
 
 
 def parse_changes(body: bytes) -> dict[str, Any]:
-    """The live changes of a PATCH body: a JSON object with some of memory, cpus and pids,
-    each in a form the product's parsers accept (``limits.BOUNDS``: ``"2G"`` or bytes; a
-    number of CPUs; a whole number of processes). A 400 HTTPError names the field and the
+    """The live changes of a PATCH body: a JSON object with some of memory, cpus, pids and
+    (a network-mode ``nat`` kernel) bandwidth, each in a form the product's parsers accept
+    (``limits.BOUNDS``: ``"2G"`` or bytes; a number of CPUs; a whole number of processes;
+    ``"8mbit"``). A 400 HTTPError names the field and the
     accepted form. The bounds and ceilings are checked after, by ``plan_change`` (through
     ``SandboxProvisioner.change_limits``). Called by the PATCH handler."""
     example = '{"memory": "2G", "cpus": 2, "pids": 512}'
@@ -71,10 +75,11 @@ def parse_changes(body: bytes) -> dict[str, Any]:
         raise web.HTTPError(400, f"the body is not JSON; send an object like {example}") from None
     if not isinstance(data, dict):
         raise web.HTTPError(400, f"the body must be a JSON object such as {example}")
-    unknown = sorted(str(k)[:32] for k in data if k not in LIVE)
+    fields = (*LIVE, *LIVE_NETWORK)
+    unknown = sorted(str(k)[:32] for k in data if k not in fields)
     if unknown:
         raise web.HTTPError(
-            400, f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(LIVE)}"
+            400, f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(fields)}"
         )
     if not data:
         raise web.HTTPError(400, f"nothing to change; send some of {', '.join(LIVE)}: {example}")

@@ -20,6 +20,8 @@ def _trait_rows(cls: type[Configurable]) -> list[str]:
     rows = []
     for name, trait in sorted(cls.class_traits(config=True).items()):
         default = trait.default_value_repr()
+        if trait.allow_none and trait.default_value is None:  # a List's repr says []
+            default = "None"
         helptext = " ".join((trait.help or "").split())
         rows.append(
             f"### `c.{cls.__name__}.{name}`\n\nType: `{type(trait).__name__}`, "

@@ -320,6 +320,7 @@ def kernel_spec(
             files=((start.paths.connection_file, 0o644, connection),),
             limits=settings.limits,
             network=settings.network,
+            nat=settings.nat,
             image=image.ref,
             image_digest=image.digest,
             labels=((LABEL_KERNELSPEC, start.kernelspec),),

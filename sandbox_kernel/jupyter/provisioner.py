@@ -51,7 +51,7 @@ from jupyter_client.connect import KernelConnectionInfo, port_names
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 from ..errors import LimitRefused, SandboxError, SpecError
-from ..limits import BOUNDS, LIVE, Ceilings, Limits, plan_change
+from ..limits import BOUNDS, LIVE, LIVE_NETWORK, Ceilings, Limits, check_live, plan_change
 from ..paths import is_container_id, new_container_id, run_dir
 from ..quota import Usage
 from ..quota import apply as apply_quota
@@ -68,7 +68,7 @@ from ..runtime.rundir import (
     running_containers,
 )
 from ..runtime.spec import ContainerSpec
-from ..units import format_cpus, format_size
+from ..units import format_cpus, format_rate, format_size
 from . import exits, launch
 from . import folder as folder_mod
 from . import pool as pool_mod
@@ -163,6 +163,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         # the kernelspec gave (the live ceiling where the administrator set none).
         self._live: dict[str, float] = {}
         self._start_limits: Limits | None = None
+        self._start_bandwidth: int | None = None  # network 'nat': the kernelspec's cap
         #: where the last start spent its time, pre_launch to the first kernel_info reply
         #: (logged at debug level; read by the benchmarks)
         self.start_phases: Phases | None = None
@@ -414,16 +415,25 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     def _with_live(self, settings: KernelSettings) -> KernelSettings:
         """``settings`` with the live changes of an earlier run of this kernel applied (a
-        restart keeps ``%sandbox memory=2G``), each checked again against today's ceilings:
-        one the administrator's policy no longer allows is dropped, with a log line."""
+        restart keeps ``%sandbox memory=2G`` and, network ``nat``, ``bandwidth=8mbit``),
+        each checked again against today's ceilings: one the administrator's policy no
+        longer allows (or a bandwidth once the kernelspec has network 'none') is dropped,
+        with a log line."""
         self._start_limits = settings.limits
+        nat = settings.nat
+        self._start_bandwidth = nat.bandwidth if nat is not None else None
         if not self._live:
             return settings
-        ceilings = settings.policy.ceilings.or_start(settings.limits)
+        ceilings = settings.policy.ceilings.or_start(settings.limits, self._start_bandwidth)
         kept = dict(self._live)
         for name, value in self._live.items():
             try:
-                plan_change({name: value}, settings.limits, ceilings, None)
+                if name in LIVE_NETWORK:
+                    if nat is None:
+                        raise LimitRefused("the kernelspec has network 'none' now")
+                    check_live(name, f"{int(value)}bit", ceilings)
+                else:
+                    plan_change({name: value}, settings.limits, ceilings, None)
             except LimitRefused as exc:
                 self.log.warning(
                     "kernel %s: the live change %s=%s is not kept across the restart: %s",
@@ -434,10 +444,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 )
                 del kept[name]
         self._live = kept
-        if not kept:
-            return settings
-        limits, _ = plan_change(kept, settings.limits, ceilings, None)
-        return replace(settings, limits=limits)
+        caps = {k: v for k, v in kept.items() if k in LIVE}
+        if caps:
+            limits, _ = plan_change(caps, settings.limits, ceilings, None)
+            settings = replace(settings, limits=limits)
+        if nat is not None and "bandwidth" in kept:
+            settings = replace(settings, nat=replace(nat, bandwidth=int(kept["bandwidth"])))
+        return settings
 
     def _check_kernel_count(self, settings: KernelSettings) -> None:
         """Refuse a start beyond the most kernels the kernel's user may run at once
@@ -1019,6 +1032,7 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         if request.get("op") == "get":
             info = self._info(container, settings, admin, ceilings)
             info["notebook_quota"] = await asyncio.to_thread(self._quota_info, settings)
+            info["network"] = await asyncio.to_thread(self._network_info, container)
             return {"ok": True, "info": info}
         return await asyncio.to_thread(self._change_limits, container, request, ceilings)
 
@@ -1034,8 +1048,15 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         except SpecError as exc:
             self.log.warning("kernel %s: %s", self.kernel_id, exc)
             raise
-        policy = policy.for_user(settings.host_uid)
-        return policy.ceilings, policy.ceilings.or_start(self._start_limits or settings.limits)
+        try:
+            policy = policy.for_user(settings.host_uid)
+        except SpecError as exc:
+            self.log.warning("kernel %s: %s", self.kernel_id, exc)
+            raise
+        live = policy.ceilings.or_start(
+            self._start_limits or settings.limits, self._start_bandwidth
+        )
+        return policy.ceilings, live
 
     # ---- the server's REST API (jupyter.api) ---------------------------------------------
     def state(self) -> str:
@@ -1062,16 +1083,19 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         image = container.spec.image if container is not None else None
         limits: dict[str, Any] = {"memory": None, "cpus": None, "pids": None}
         ceilings: dict[str, Any] = dict(limits)
+        ceilings["bandwidth"] = None
         usage: dict[str, Any] | None = None
         writable: bool | None = None
         enforced = False
+        network: dict[str, Any] | None = None
         if container is not None and settings is not None:
             lim = container.limits
             limits = {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids}
             enforced = container.limits_enforced
             with contextlib.suppress(SpecError):  # logged by _ceilings
                 live = (await self._ceilings(settings))[1]
-                ceilings = {name: live.of(name) for name in LIVE}
+                ceilings = {name: live.of(name) for name in (*LIVE, *LIVE_NETWORK)}
+            network = await asyncio.to_thread(self._network_info, container)
             if state == "running":
                 usage = await asyncio.to_thread(_usage, container)
             writable = await asyncio.to_thread(self._folder_writable, settings)
@@ -1085,6 +1109,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             "limits": limits,
             "ceilings": ceilings,
             "usage": usage,
+            # mode; with 'nat': address, allow-list, bandwidth (bits/s), bytes in and out,
+            # connections refused by the allow-list
+            "network": network,
             "limits_enforced": enforced,
             "last_exit": _shown_exit(self.last_exit),
             "notebook_folder_writable": writable,
@@ -1092,10 +1119,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
 
     async def change_limits(self, changes: dict[str, Any]) -> dict[str, Any]:
         """A live change asked through the server's REST API (``changes``: some of memory,
-        cpus, pids): the same checks and the same path to the cgroup as ``%sandbox
-        memory=2G`` (``_control_request``). Returns its answer (``ok``, ``limits``,
-        ``warnings`` or ``error``); raises LimitRefused (CeilingRefused above a ceiling).
-        Called by the API's PATCH handler."""
+        cpus, pids and, network ``nat``, bandwidth): the same checks and the same path to
+        the cgroup (or the link) as ``%sandbox memory=2G`` (``_control_request``). Returns
+        its answer (``ok``, ``limits``, ``warnings`` or ``error``); raises LimitRefused
+        (CeilingRefused above a ceiling). Called by the API's PATCH handler."""
         return await self._control_request({**changes, "op": "set"})
 
     def _folder_writable(self, settings: KernelSettings) -> bool | None:
@@ -1107,10 +1134,11 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
     def _change_limits(
         self, container: Container, request: dict[str, Any], ceilings: Any
     ) -> dict[str, Any]:
-        """Check a live change (``limits.plan_change``; raises LimitRefused) and apply it to
-        ``container``, under the limits lock, only while it still serves this kernel: the
-        one place a change from the kernel reaches the cgroup. Called (blocking, in a
-        thread) by ``_control_request``."""
+        """Check a live change (``limits.plan_change``, and ``check_live`` for a ``nat``
+        kernel's bandwidth; raises LimitRefused) and apply it to ``container``, under the
+        limits lock, only while it still serves this kernel: the one place a change from the
+        kernel reaches the cgroup or the link. Called (blocking, in a thread) by
+        ``_control_request``."""
         with self._limits_lock:
             if container is not self.container:
                 return {"ok": False, "error": RESTARTING}
@@ -1119,9 +1147,16 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 usage = container.stats().memory_current
             except SandboxError:
                 usage = None
-            new, warnings = plan_change(request, container.limits, ceilings, usage)
+            is_nat = container.network is not None
+            new, warnings = plan_change(request, container.limits, ceilings, usage, network=is_nat)
+            rate = None
+            if is_nat and "bandwidth" in request:
+                rate = int(check_live("bandwidth", request["bandwidth"], ceilings))
             try:
-                container.update(new)
+                if any(name in request for name in LIVE):
+                    container.update(new)
+                if rate is not None:
+                    container.set_bandwidth(rate)
             except SandboxError as exc:  # its text names host paths: the log has it, not the kernel
                 self.log.warning("kernel %s: limits %s not applied: %s", self.kernel_id, new, exc)
                 return {
@@ -1133,12 +1168,25 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
             for name in LIVE:
                 if name in request:
                     self._live[name] = getattr(lim, name)
-        self.log.info("kernel %s: limits changed from the kernel: %s", self.kernel_id, new)
-        return {
-            "ok": True,
-            "limits": {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids},
-            "warnings": warnings,
-        }
+            if rate is not None:
+                self._live["bandwidth"] = rate
+        shown = f"{new}" + (f", bandwidth {format_rate(rate)}" if rate is not None else "")
+        self.log.info("kernel %s: limits changed from the kernel: %s", self.kernel_id, shown)
+        limits: dict[str, Any] = {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids}
+        if container.network is not None:
+            limits["bandwidth"] = container.network.bandwidth
+        return {"ok": True, "limits": limits, "warnings": warnings}
+
+    def _network_info(self, container: Container) -> dict[str, Any]:
+        """The kernel's network for ``%sandbox`` and the REST API: mode, and with ``nat``
+        its address, allow-list, bandwidth (bits per second, None: no cap), bytes in and
+        out and the connections the allow-list refused (``Container.network_stats``: a
+        sysfs read and a firewall counter). Called in a thread (blocking)."""
+        try:
+            return container.network_stats()
+        except SandboxError as exc:
+            self.log.warning("kernel %s: network figures unreadable: %s", self.kernel_id, exc)
+            return {"mode": container.spec.network.value}
 
     def _quota_info(self, settings: KernelSettings) -> dict[str, Any] | None:
         """The notebook folder's quota for ``%sandbox`` (limit and use, bytes and files), or
@@ -1180,10 +1228,10 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 "pids": lim.pids,
                 "network": settings.network.value,
             },
-            "ceilings": {name: ceilings.describe(name) for name in ("memory", "cpus")}
+            "ceilings": {name: ceilings.describe(name) for name in ("memory", "cpus", "bandwidth")}
             | {"pids": ceilings.pids},
             # numbers, for the advice after a death (never above what may be asked for)
-            "ceiling_values": {name: live.of(name) for name in LIVE},
+            "ceiling_values": {name: live.of(name) for name in (*LIVE, *LIVE_NETWORK)},
             "previous_exit": self._previous_exit,
             # False: rootless without a delegated cgroup, allowed by the admin
             "limits_enforced": container.limits_enforced,

@@ -9,6 +9,7 @@ bounds and ceilings as live changes from the ``%sandbox`` magics.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import posixpath
@@ -21,7 +22,15 @@ from typing import Any
 from .. import policy as host_policy
 from ..errors import SpecError
 from ..images.ipykernel_layer import NAME as IPYKERNEL_NAME
-from ..limits import BOUNDS, DISK_QUOTA, Ceilings, Limits
+from ..limits import BANDWIDTH, BOUNDS, DISK_QUOTA, Ceilings, Limits
+from ..network import DEFAULT_SUBNET
+from ..network.config import (
+    AllowEntry,
+    NatConfig,
+    config_problems,
+    parse_allow_list,
+    parse_subnet,
+)
 from ..runtime.spec import (
     BYTES_PER_INODE,
     VOLUME_FORMS,
@@ -33,7 +42,9 @@ from ..runtime.spec import (
 from ..units import SIZE_FORMS, format_size, parse_size
 from .relay import MIN_MESSAGE_SIZE, OutputLimits
 from .settings import (
+    DNS_FORMS,
     IMAGE_FORMS,
+    NETWORK_FORMS,
     NOTEBOOK_FOLDER_FORMS,
     NOTEBOOK_FOLDER_MODES,
     USER_FORMS,
@@ -48,6 +59,25 @@ _USER_RE = re.compile(r"^([0-9]+)(?::([0-9]+))?$")
 CAP_SETTINGS = ("memory", "cpus", "pids", "tmp_size", "writable_size")
 #: The bound of ``SandboxPolicy.max_pool_size`` (idle sandboxes per kernelspec).
 MAX_POOL_SIZE = 64
+#: The settings of network mode ``nat`` (an error with network 'none').
+NAT_SETTINGS = ("network_allow", "bandwidth", "network_subnet", "network_dns")
+#: The resolvers' port, which a kernelspec's network_dns needs allowed by the administrator.
+DNS_PORT = 53
+
+
+def allow_inside(entry: AllowEntry, ceiling: AllowEntry) -> bool:
+    """Does allow-list entry ``entry`` (a kernelspec's) lie inside ``ceiling`` (an
+    administrator's)? A network inside its network, with its port (any port when the
+    ceiling names none; a ceiling with a port never covers "every port"); a host name
+    only inside the same name (a name resolves to anything, so no network covers it, and
+    a name never covers a network). Called by ``resolve_settings`` for each entry, against
+    ``SandboxPolicy.network_allow`` and the policy file's."""
+    if ceiling.port is not None and entry.port != ceiling.port:
+        return False
+    if entry.is_name or ceiling.is_name:
+        return entry.is_name and ceiling.is_name and entry.target == ceiling.target
+    inner = ipaddress.IPv4Network(entry.target)
+    return inner.subnet_of(ipaddress.IPv4Network(ceiling.target))
 
 
 @dataclass(frozen=True)
@@ -82,6 +112,16 @@ class Policy:
     file_home_quota: int | None = None
     #: Most idle pool members per kernelspec (``SandboxPolicy.max_pool_size``).
     max_pool_size: int = 4
+    #: Network modes kernels may use (``SandboxPolicy.allowed_networks``).
+    networks: tuple[str, ...] = ("none",)
+    #: What a ``nat`` kernel may reach at most (``SandboxPolicy.network_allow``).
+    network_allow: tuple[AllowEntry, ...] = ()
+    #: Networks a kernelspec's network_subnet must lie in (``SandboxPolicy.allowed_subnets``).
+    subnets: tuple[str, ...] = (DEFAULT_SUBNET,)
+    #: The policy file's network modes and allow-list for the user (``for_user``; None: the
+    #: file sets none), checked besides ``networks`` and ``network_allow``.
+    file_networks: tuple[str, ...] | None = None
+    file_allow: tuple[AllowEntry, ...] | None = None
 
     def for_user(self, uid: int) -> Policy:
         """This policy with the policy file's values for kernel user ``uid`` applied: the
@@ -101,6 +141,12 @@ class Policy:
             host=None,
             file_images=mine.images,
             file_where=mine.where,
+            file_networks=mine.networks,
+            file_allow=(
+                None
+                if mine.network_allow is None
+                else parse_allow_list(mine.network_allow, f"network_allow in {mine.where}")
+            ),
             file_home_quota=mine.home_quota,
         )
 
@@ -136,6 +182,8 @@ class KernelSettings:
     bytes_per_inode: int = BYTES_PER_INODE
     #: Idle sandboxes kept warm for this kernelspec and folder (``pool_size``; 0: none).
     pool_size: int = 0
+    #: Network ``nat``'s settings (``ContainerSpec.nat``); None with network 'none'.
+    nat: NatConfig | None = None
 
 
 def read_policy(policy: SandboxPolicy) -> Policy:
@@ -161,7 +209,9 @@ def read_policy(policy: SandboxPolicy) -> Policy:
             )
         else:
             sources.append(posixpath.normpath(src))
+    networks, allow, subnets, bandwidth = _read_network(policy, problems)
     ceilings = Ceilings(
+        bandwidth=bandwidth,
         memory=size("max_memory", policy.max_memory),
         cpus=policy.max_cpus if policy.max_cpus > 0 else None,
         pids=policy.max_pids if policy.max_pids > 0 else None,
@@ -188,7 +238,11 @@ def read_policy(policy: SandboxPolicy) -> Policy:
         problems.append("SandboxPolicy.notebook_quota_files needs SandboxPolicy.notebook_quota")
     if problems:
         raise SpecError(problems, context="the server's SandboxPolicy (jupyter_server_config.py)")
+    host = _load_file()
     return Policy(
+        networks=networks,
+        network_allow=allow,
+        subnets=subnets,
         notebook_quota=quota,
         notebook_quota_files=policy.notebook_quota_files or None,
         ceilings=ceilings,
@@ -198,8 +252,76 @@ def read_policy(policy: SandboxPolicy) -> Policy:
         allow_unenforced_limits=bool(policy.allow_unenforced_limits),
         max_kernels=policy.max_kernels if policy.max_kernels > 0 else None,
         max_pool_size=policy.max_pool_size,
-        host=host_policy.load(),
+        host=host,
     )
+
+
+def _read_network(
+    policy: SandboxPolicy, problems: list[str]
+) -> tuple[tuple[str, ...], tuple[AllowEntry, ...], tuple[str, ...], int | None]:
+    """``SandboxPolicy``'s network traits parsed: the modes, the allow-list, the subnets and
+    the bandwidth ceiling; each problem appended. Called by ``read_policy``."""
+    networks, bad = _policy_networks(
+        list(policy.allowed_networks), "SandboxPolicy.allowed_networks"
+    )
+    problems.extend(bad)
+    allow: tuple[AllowEntry, ...] = ()
+    try:
+        allow = parse_allow_list(policy.network_allow, "SandboxPolicy.network_allow")
+    except SpecError as exc:
+        problems.extend(exc.problems)
+    subnets = []
+    for subnet in policy.allowed_subnets:
+        try:
+            subnets.append(parse_subnet(subnet, "SandboxPolicy.allowed_subnets entry"))
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    bandwidth = None
+    if policy.max_bandwidth:
+        try:
+            bandwidth = BANDWIDTH.parse(policy.max_bandwidth, "SandboxPolicy.max_bandwidth")
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    return networks, allow, tuple(subnets), bandwidth
+
+
+def _policy_networks(raw: list[Any], where: str) -> tuple[tuple[str, ...], list[str]]:
+    """An administrator's list of network modes, and its problems (a mode that is none)."""
+    modes = {m.value for m in NetworkMode}
+    bad = [m for m in raw if m not in modes]
+    if bad:
+        shown = ", ".join(repr(m) for m in bad)
+        return (), [f"{where}: {shown} is not a network mode; use 'none' and/or 'nat'"]
+    return tuple(str(m) for m in raw), []
+
+
+def _load_file() -> host_policy.HostPolicy | None:
+    """The host's policy file (``policy.load``), its network keys checked."""
+    host = host_policy.load()
+    if host is not None:
+        _check_file_network(host)
+    return host
+
+
+def _check_file_network(host: host_policy.HostPolicy) -> None:
+    """The policy file's network keys in every section, parsed as the server's are: the
+    file (a leaf) keeps them as text. SpecError naming the file, the section and the
+    entry. Called by ``read_policy`` once the file is loaded, so a typo refuses every
+    start (as any other problem of the file does), not only a ``nat`` kernel's."""
+    problems: list[str] = []
+    sections = [("(top level)", host.top)]
+    sections += [(f"[groups.{n}]", r) for n, r in host.groups.items()]
+    sections += [(f"[users.{n}]", r) for n, r in host.users.items()]
+    for where, rule in sections:
+        if rule.networks is not None:
+            problems.extend(_policy_networks(list(rule.networks), f"{where} allowed_networks")[1])
+        if rule.network_allow is not None:
+            try:
+                parse_allow_list(rule.network_allow, f"{where} network_allow")
+            except SpecError as exc:
+                problems.extend(exc.problems)
+    if problems:
+        raise SpecError(problems, context=f"the policy file {host.path}")
 
 
 def parse_user(value: object, *, workdir: str | None, server_uid: int) -> tuple[int, int]:
@@ -372,14 +494,161 @@ class _Resolver:
             return True
         return bool(raw == "ro")
 
-    def network(self) -> NetworkMode:
+    def network(self) -> tuple[NetworkMode, NatConfig | None]:
+        """The network mode and, for ``nat``, its settings, held against the
+        administrator's: the mode must be allowed, every allow-list entry (and resolver)
+        inside the administrator's allow-list, the bandwidth within the ceiling (which a
+        kernelspec without one gets), the subnet inside an allowed one."""
         raw = self.values["network"]
         try:
-            return NetworkMode(raw)
+            mode = NetworkMode(raw)
         except ValueError:
-            modes = ", ".join(repr(m.value) for m in NetworkMode)
-            self.problems.append(f"network={raw!r} is not available; use {modes}")
-            return NetworkMode.NONE
+            self.problems.append(f"network={raw!r} is not available; use {NETWORK_FORMS}")
+            return NetworkMode.NONE, None
+        given = [k for k in NAT_SETTINGS if k in self.explicit and self.values.get(k)]
+        if mode is NetworkMode.NONE:
+            if given:
+                self.problems.append(
+                    f"{', '.join(given)}: only with network 'nat' (network is 'none'); set "
+                    "network='nat', or remove them"
+                )
+            return mode, None
+        policy = self.policy
+        for allowed, where in (
+            (policy.networks, "SandboxPolicy.allowed_networks"),
+            (policy.file_networks, f"allowed_networks in {policy.file_where}"),
+        ):
+            if allowed is not None and mode.value not in allowed:
+                shown = ", ".join(repr(m) for m in allowed) or "none"
+                self.problems.append(
+                    f"network={mode.value!r} is not allowed by the administrator ({where}: "
+                    f"{shown}); the administrator adds {mode.value!r} to {where} (and says "
+                    "what kernels may reach in network_allow), or use network 'none'"
+                )
+                return mode, None
+        if self.server_uid != 0:
+            self.problems.append(
+                f"network={mode.value!r} needs a root server for now (an unprivileged one "
+                "cannot make veth links or firewall rules); use network 'none'"
+            )
+            return mode, None
+        before = len(self.problems)
+        nat = NatConfig(
+            allow=self.allow_list(),
+            bandwidth=self.bandwidth(),
+            subnet=self.subnet(),
+            dns=self.dns(),
+        )
+        if len(self.problems) == before:
+            self.problems.extend(config_problems(nat))
+        return mode, nat
+
+    def _ceilings_of_allow(self) -> list[tuple[tuple[AllowEntry, ...], str]]:
+        """The administrator's allow-lists a kernelspec's entries must lie inside: the
+        server's, and the policy file's when it sets one."""
+        out = [(self.policy.network_allow, "SandboxPolicy.network_allow")]
+        if self.policy.file_allow is not None:
+            out.append((self.policy.file_allow, f"network_allow in {self.policy.file_where}"))
+        return out
+
+    def _outside(self, entry: AllowEntry, what: str) -> bool:
+        """Report ``entry`` (``what`` names it) if it is outside an administrator's list."""
+        for ceiling, where in self._ceilings_of_allow():
+            if not any(allow_inside(entry, top) for top in ceiling):
+                shown = ", ".join(str(e) for e in ceiling) or "nothing"
+                self.problems.append(
+                    f"{what} is not inside what the administrator allows ({where}: {shown}); "
+                    "ask for one of those or a part of one (a network inside a network, the "
+                    "same port; a host name only as the administrator lists it)"
+                )
+                return True
+        return False
+
+    def allow_list(self) -> tuple[AllowEntry, ...]:
+        raw = self.values["network_allow"]
+        if not isinstance(raw, (list, tuple)):
+            self.problems.append(
+                f"network_allow={raw!r} is not a list; {setting_forms('network_allow')}"
+            )
+            return ()
+        entries: tuple[AllowEntry, ...] | None = self.guard(parse_allow_list, raw, "network_allow")
+        if entries is None:
+            return ()
+        admin = self.policy.network_allow
+        if not admin:
+            self.problems.append(
+                "network='nat': the administrator allows nothing to be reached "
+                "(SandboxPolicy.network_allow = []); the administrator lists what kernels may "
+                "reach, e.g. c.SandboxPolicy.network_allow = ['198.18.0.0/15', 'pypi.org:443']"
+            )
+            return ()
+        if not entries:  # the administrator's list, within the policy file's
+            entries = tuple(e for e in admin if not self._outside_quiet(e))
+            if not entries:
+                self.problems.append(
+                    "network_allow is empty and no entry of SandboxPolicy.network_allow lies "
+                    f"inside network_allow in {self.policy.file_where}; list what the kernel "
+                    "needs"
+                )
+            return entries
+        for entry in entries:
+            self._outside(entry, f"network_allow entry {str(entry)!r}")
+        return entries
+
+    def _outside_quiet(self, entry: AllowEntry) -> bool:
+        return any(
+            not any(allow_inside(entry, top) for top in ceiling)
+            for ceiling, _ in self._ceilings_of_allow()
+        )
+
+    def bandwidth(self) -> int | None:
+        raw = self.values["bandwidth"]
+        ceilings = self.policy.ceilings
+        top = ceilings.of("bandwidth")
+        if raw in ("", None):
+            return None if top is None else int(top)
+        value = self.guard(BANDWIDTH.parse, raw, "bandwidth")
+        if value is None:
+            return None
+        problem = ceilings.start_problem("bandwidth", raw, value)
+        if problem:
+            self.problems.append(problem)
+            return None
+        return int(value)
+
+    def subnet(self) -> str:
+        subnet: str | None = self.guard(
+            parse_subnet, self.values["network_subnet"], "network_subnet"
+        )
+        if subnet is None:
+            return DEFAULT_SUBNET
+        net = ipaddress.IPv4Network(subnet)
+        if not any(net.subnet_of(ipaddress.IPv4Network(s)) for s in self.policy.subnets):
+            shown = ", ".join(self.policy.subnets) or "none"
+            self.problems.append(
+                f"network_subnet={subnet!r} is not inside a network the administrator allows "
+                f"(SandboxPolicy.allowed_subnets: {shown}); use one of those or a part of one"
+            )
+        return subnet
+
+    def dns(self) -> tuple[str, ...] | None:
+        raw = self.values["network_dns"]
+        if raw is None:
+            return None
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(x, str) for x in raw):
+            self.problems.append(f"network_dns={raw!r} is not valid; use {DNS_FORMS}")
+            return ()
+        servers = tuple(x.strip() for x in raw)
+        for server in servers:
+            try:
+                address = ipaddress.IPv4Address(server)
+            except ValueError:
+                continue  # config_problems names it
+            self._outside(
+                AllowEntry(f"{address}/32", DNS_PORT),
+                f"network_dns entry {server!r} (port {DNS_PORT})",
+            )
+        return servers
 
     def identity(self) -> tuple[int, int]:
         raw = self.values["user"]
@@ -499,7 +768,7 @@ def resolve_settings(
     r.policy = policy = policy.for_user(host_uid)
     image = r.image()
     caps = {name: r.cap(name) for name in CAP_SETTINGS}
-    mounts, env, network = r.mounts(), r.env(), r.network()
+    mounts, env, (network, nat) = r.mounts(), r.env(), r.network()
     readonly = r.notebook_readonly()
     timeout = r.cpu_defer_timeout()
     output = r.output()
@@ -527,4 +796,5 @@ def resolve_settings(
         ipykernel_layer=ipykernel_layer,
         bytes_per_inode=per_inode,
         pool_size=pool_size,
+        nat=nat,
     )

@@ -27,8 +27,10 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 from traitlets.config import Config, Configurable, LoggingConfigurable
 
 from ..limits import PIDS_FORMS
+from ..network import DEFAULT_SUBNET
+from ..network.config import ALLOW_FORMS, SUBNET_FORMS
 from ..runtime.spec import BYTES_PER_INODE, VOLUME_FORMS
-from ..units import CPUS_FORMS, SIZE_FORMS
+from ..units import CPUS_FORMS, RATE_FORMS, SIZE_FORMS
 
 USER_FORMS = (
     "'auto' (the owner of the notebook's directory), a uid, 'uid:gid' or a user name, "
@@ -38,6 +40,12 @@ USER_FORMS = (
 NOTEBOOK_FOLDER_MODES = ("rw", "ro")
 NOTEBOOK_FOLDER_FORMS = "'rw' (read-write) or 'ro' (read-only)"
 IMAGE_FORMS = "an image name of the store (see: sandbox-kernel image ls), e.g. 'python3'"
+#: The accepted values of ``network``, and how a message names them.
+NETWORK_FORMS = "'none' (loopback only) or 'nat' (what network_allow lists, through the host)"
+DNS_FORMS = (
+    "a list of IPv4 addresses of resolvers, e.g. ['198.18.0.53'], [] for none, or null "
+    "(the host's own non-loopback resolvers)"
+)
 
 
 class SandboxSettings(LoggingConfigurable):
@@ -121,8 +129,46 @@ class SandboxSettings(LoggingConfigurable):
         "none",
         config=True,
         help="""Network of the sandbox. 'none': a private network namespace with only
-        loopback (the only mode today; Jupyter talks to the kernel over unix sockets).
-        Default: 'none'.""",
+        loopback (Jupyter talks to the kernel over unix sockets). 'nat': also a link out
+        through the host (masqueraded) to what network_allow lists, everything else
+        refused and counted, capped at bandwidth; only where the administrator allows it
+        (SandboxPolicy.allowed_networks) and for a root server. Default: 'none'.""",
+    )
+    network_allow = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help=f"""With network 'nat': what the kernel may connect to, each {ALLOW_FORMS}
+        (a name is resolved when the kernel starts). Each entry must lie inside one of the
+        administrator's (SandboxPolicy.network_allow: a network inside a network, the same
+        port or a narrower one; a host name only where the administrator lists that name).
+        The host itself and other kernels are never reachable. Default: [] (the
+        administrator's whole SandboxPolicy.network_allow).""",
+    )
+    bandwidth = Unicode(
+        "",
+        config=True,
+        help=f"""With network 'nat': the kernel's bandwidth cap in each direction. Unit:
+        {RATE_FORMS}. Changeable live with `%sandbox bandwidth=8mbit`, up to
+        SandboxPolicy.max_bandwidth. Default: '' (SandboxPolicy.max_bandwidth, or no cap
+        when it has none).""",
+    )
+    network_subnet = Unicode(
+        DEFAULT_SUBNET,
+        config=True,
+        help=f"""With network 'nat': the network kernel addresses come from, {SUBNET_FORMS}
+        (its first address is the host's side of every kernel's link). It must lie inside
+        one of SandboxPolicy.allowed_subnets. Default: {DEFAULT_SUBNET!r}.""",
+    )
+    network_dns = List(
+        Unicode(),
+        default_value=None,
+        allow_none=True,
+        config=True,
+        help=f"""With network 'nat': the resolvers written into the kernel's
+        /etc/resolv.conf and reachable on port 53, {DNS_FORMS}. A resolver given here
+        must be allowed on port 53 by SandboxPolicy.network_allow. Default: null (the
+        host's resolvers).""",
     )
     user = Union(
         [Unicode(), Int()],
@@ -224,6 +270,10 @@ SETTING_NAMES: tuple[str, ...] = (
     "extra_mounts",
     "env",
     "network",
+    "network_allow",
+    "bandwidth",
+    "network_subnet",
+    "network_dns",
     "user",
     "magics",
     "ipykernel_layer",
@@ -352,6 +402,40 @@ class SandboxPolicy(Configurable):
         fails the kernel start, naming both). Unit: sandboxes, 0..64. Default: 4; 0
         turns pools off.""",
     )
+    allowed_networks = List(
+        Unicode(),
+        default_value=["none"],
+        config=True,
+        help="""Network modes kernels may use ('none', 'nat'; see the kernel setting
+        network). A kernelspec asking for another fails to start, naming this setting.
+        Default: ['none'] (no kernel reaches any network; add 'nat' to allow it, with
+        network_allow saying what may be reached).""",
+    )
+    network_allow = List(
+        Unicode(),
+        default_value=[],
+        config=True,
+        help=f"""The most a kernel with network 'nat' may reach: each entry {ALLOW_FORMS}.
+        A kernelspec's network_allow must lie inside it (a network inside one of these
+        networks, with the same port or any when the entry has none; a host name only if
+        listed here as that name) and is this whole list when it sets none. '0.0.0.0/0'
+        allows every IPv4 address. Default: [] (nothing: a 'nat' kernel does not start).""",
+    )
+    max_bandwidth = Unicode(
+        "",
+        config=True,
+        help=f"""Largest bandwidth cap a 'nat' kernel may have, in each direction, and the
+        cap of one whose kernelspec sets none. Unit: {RATE_FORMS}. Default: '' (no
+        ceiling: a kernelspec without bandwidth is not capped).""",
+    )
+    allowed_subnets = List(
+        Unicode(),
+        default_value=[DEFAULT_SUBNET],
+        config=True,
+        help=f"""Networks a kernelspec's network_subnet must lie inside (the host routes
+        kernel addresses of it to the kernels' links: keep it clear of the host's own
+        networks), each {SUBNET_FORMS}. Default: [{DEFAULT_SUBNET!r}].""",
+    )
     allow_root = Bool(
         False,
         config=True,
@@ -374,7 +458,11 @@ def setting_forms(name: str) -> str:
         "notebook_folder": f"use {NOTEBOOK_FOLDER_FORMS}",
         "extra_mounts": f"use a list of {VOLUME_FORMS}",
         "env": 'use {"NAME": "value"} with string values',
-        "network": "use 'none'",
+        "network": f"use {NETWORK_FORMS}",
+        "network_allow": f"use a list of entries, each {ALLOW_FORMS}",
+        "bandwidth": f"use {RATE_FORMS}, or '' (no cap of the kernelspec's)",
+        "network_subnet": f"use {SUBNET_FORMS}",
+        "network_dns": f"use {DNS_FORMS}",
         "user": f"use {USER_FORMS}",
         "cpu_defer_timeout": "use a number of seconds, e.g. 60",
         "bytes_per_inode": "use a number of bytes in 1024..1073741824, e.g. 16384",

@@ -7,7 +7,8 @@ by the host; images are not modified.
 
 * ``%sandbox``: limits and live usage (HTML in notebooks, text in terminals). Usage
   is read from the kernel's own cgroup, visible read-only at /sys/fs/cgroup.
-* ``%sandbox memory=2G cpus=2 pids=512``: ask the host to change the limits live.
+* ``%sandbox memory=2G cpus=2 pids=512``: ask the host to change the limits live (and
+  ``bandwidth=8mbit`` for a kernel with network ``nat``).
 * ``%%sandbox timeout=10s memory=500M``: run one cell under a wall-clock budget and/or
   a memory budget; past it the cell is interrupted and says which budget it exceeded.
 * On the first execution after a kernel was stopped by a cap, say why; and say when the
@@ -40,6 +41,51 @@ UNLIMITED = 1 << 60
 
 
 # ---------------------------------------------------------------- units
+def fmt_rate(bits):
+    """A rate in bits per second as tc writes it (16000000 -> '16mbit'; None ->
+    'unlimited'), for the network rows and the limit-change reply."""
+    if bits is None:
+        return "unlimited"
+    n = float(bits)
+    for unit in ("bit", "kbit", "mbit", "gbit"):
+        if abs(n) < 1000 or unit == "gbit":
+            return ("%.3f" % n).rstrip("0").rstrip(".") + unit
+        n /= 1000.0
+
+
+def network_rows(network, ceilings):
+    """The report's network rows from the host's ``network`` figures (``{"mode": "none"}``
+    or a ``nat`` kernel's address, allow-list, bandwidth, bytes and refused connections)
+    and the administrator's ``ceilings`` (``bandwidth``: its human form, or None)."""
+    network = network or {}
+    if network.get("mode") != "nat":
+        return [("network", "none (loopback only)")]
+    rows = [("network", "nat, address %s" % (network.get("address") or "?"))]
+    allow = network.get("allow") or []
+    rows.append(("network allow", ", ".join(str(a) for a in allow) or "nothing"))
+    bandwidth = "%s each way" % fmt_rate(network.get("bandwidth"))
+    if ceilings.get("bandwidth"):
+        bandwidth += " (server allows up to %s)" % ceilings.get("bandwidth")
+    rows.append(("bandwidth", bandwidth))
+    if network.get("bytes_in") is not None:
+        rows.append(
+            (
+                "network traffic",
+                "%s in, %s out"
+                % (fmt_size(network.get("bytes_in")), fmt_size(network.get("bytes_out"))),
+            )
+        )
+    refused = network.get("refused")
+    if refused is not None:
+        rows.append(
+            (
+                "network refused",
+                "%d connection%s refused by policy" % (refused, "" if refused == 1 else "s"),
+            )
+        )
+    return rows
+
+
 def fmt_size(n):
     """Human form with binary units (536870912 -> '512 MiB'; None -> 'unlimited'), for the
     report, the limit-change reply and the previous-exit notice."""
@@ -320,7 +366,9 @@ def build_report(info, usage, cpu_percent, host_error=None):
         ("cpu limit", ceiling("cpus", cpu_limit)),
         ("process limit", ceiling("pids", pids_limit)),
         ("/tmp size", tmp_info()),
-        ("network", limits.get("network", "none")),
+    ]
+    rows += network_rows(info.get("network") if info else None, ceilings)
+    rows += [
         (
             "memory used",
             "%s (peak %s)"
@@ -346,7 +394,10 @@ def build_report(info, usage, cpu_percent, host_error=None):
         rows.append(("uptime", "%d s" % up))
     note = None
     if ceilings:
-        note = "Change limits with %sandbox memory=SIZE cpus=N pids=N, up to what the server allows"
+        note = "Change limits with %sandbox memory=SIZE cpus=N pids=N"
+        if (info.get("network") or {}).get("mode") == "nat":
+            note += " bandwidth=RATE (e.g. 8mbit)"
+        note += ", up to what the server allows"
     if host_error:
         note = "Figures from the kernel's cgroup only; the host said: %s" % host_error
     if not enforced:
@@ -495,14 +546,14 @@ def sandbox(line, cell=None, shell=None):
     for warning in reply.get("warnings", []):
         sys.stderr.write("warning: %s\n" % warning)
     lim = reply.get("limits", {})
-    print(
-        "Limits now: memory %s, cpus %s, pids %s"
-        % (
-            fmt_size(lim.get("memory")),
-            lim.get("cpus") or "unlimited",
-            lim.get("pids") or "unlimited",
-        )
+    text = "Limits now: memory %s, cpus %s, pids %s" % (
+        fmt_size(lim.get("memory")),
+        lim.get("cpus") or "unlimited",
+        lim.get("pids") or "unlimited",
     )
+    if "bandwidth" in lim:
+        text += ", bandwidth %s each way" % fmt_rate(lim.get("bandwidth"))
+    print(text)
     return None
 
 

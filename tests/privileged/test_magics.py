@@ -164,7 +164,7 @@ async def test_report_figures_match_the_cgroup(sandboxes: Kernels, name: str) ->
     assert row(text, "cpu limit") == "%g CPUs" % (host.cpu_quota_us / host.cpu_period_us)
     assert row(text, "process limit") == str(host.pids_limit)
     assert row(text, "/tmp size").startswith("256 MiB (private tmpfs, ")
-    assert row(text, "network") == "none"
+    assert row(text, "network") == "none (loopback only)"
     assert row(text, "out-of-memory kills") == "0"
     used = re.fullmatch(r"([\d.]+) MiB \(peak ([\d.]+) MiB\)", row(text, "memory used"))
     assert used, text

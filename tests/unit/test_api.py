@@ -59,6 +59,8 @@ GiB = 1024**3
         (b'{"pids": 1.5}', "pids=1.5"),
         (b'{"pids": true}', "pids must be a string or a number; use a whole number"),
         (b'{"memory": [1]}', "memory must be a string or a number"),
+        (b'{"bandwidth": "16"}', "bandwidth='16' has no unit; use bits per second as tc"),
+        (b'{"bandwidth": 16000000}', "bandwidth=16000000 is not a rate"),
         (b" " * (api.MAX_BODY + 1), "larger than 4096 bytes"),
     ],
 )
@@ -73,6 +75,7 @@ def test_values_in_the_products_forms_pass_unchanged() -> None:
     body = b'{"memory": "1.5G", "cpus": 0.5, "pids": "256"}'
     assert api.parse_changes(body) == {"memory": "1.5G", "cpus": 0.5, "pids": "256"}
     assert api.parse_changes(b'{"memory": 1073741824}') == {"memory": GiB}
+    assert api.parse_changes(b'{"bandwidth": "8mbit"}') == {"bandwidth": "8mbit"}
 
 
 # ---- the kernel lookup ------------------------------------------------------------------------
@@ -153,7 +156,12 @@ async def test_status_limits_usage_and_live_changes_within_the_ceiling(
         assert status["image_digest"] == "sha256:abc" and status["state"] == "running"
         assert status["limits"] == {"memory": GiB, "cpus": 1.0, "pids": 100}
         # the live ceilings: the admin's memory, else the kernelspec's start values
-        assert status["ceilings"] == {"memory": 2 * GiB, "cpus": 1.0, "pids": 100}
+        assert status["ceilings"] == {
+            "memory": 2 * GiB,
+            "cpus": 1.0,
+            "pids": 100,
+            "bandwidth": None,
+        }
         assert status["usage"] == {
             "memory_current": 100 * 1024**2,
             "memory_peak": 100 * 1024**2,

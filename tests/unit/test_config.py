@@ -83,7 +83,7 @@ def test_defaults_resolve_to_documented_values(tmp_path: Path) -> None:
         ("extra_mounts", "/srv:/srv", "is not a list"),
         ("env", {"1BAD": "x"}, "env key '1BAD' is invalid"),
         ("env", ["A=1"], "is not a mapping"),
-        ("network", "host", "network='host' is not available; use 'none'"),
+        ("network", "host", "network='host' is not available; use 'none' (loopback only) or 'nat'"),
         ("notebook_folder", "rx", "notebook_folder='rx' is not a mode; use 'rw' (read-write)"),
         ("user", "nosuchuser-xyz", "user='nosuchuser-xyz' is no user of this host"),
         ("user", "0", "user='0' is root, which the administrator does not allow"),

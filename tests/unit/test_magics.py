@@ -52,6 +52,37 @@ def test_report_renders_html_and_text() -> None:
     assert html.startswith("<table>") and "<th style='text-align:left'>processes</th>" in html
 
 
+def test_report_network_rows_for_nat_and_none() -> None:
+    usage = {"memory_limit": 1 << 30}
+    info: dict[str, Any] = {
+        "ceilings": {"memory": None, "bandwidth": "16mbit"},
+        "network": {
+            "mode": "nat",
+            "address": "10.213.0.2",
+            "allow": ["198.18.0.0/15", "pypi.org:443"],
+            "bandwidth": 8_000_000,
+            "bytes_in": 3 << 20,
+            "bytes_out": 2048,
+            "refused": 12,
+        },
+    }
+    report = m.build_report(info, usage, 0.0)
+    rows = dict(report.rows)
+    assert rows["network"] == "nat, address 10.213.0.2"
+    assert rows["network allow"] == "198.18.0.0/15, pypi.org:443"
+    assert rows["bandwidth"] == "8mbit each way (server allows up to 16mbit)"
+    assert rows["network traffic"] == "3 MiB in, 2 KiB out"
+    assert rows["network refused"] == "12 connections refused by policy"
+    assert report.note is not None and "bandwidth=RATE" in report.note
+    info["network"] = {"mode": "nat", "address": "10.213.0.3", "allow": [], "refused": 1}
+    rows = dict(m.build_report(info, usage, 0.0).rows)
+    assert rows["bandwidth"] == "unlimited each way (server allows up to 16mbit)"
+    assert rows["network refused"] == "1 connection refused by policy"
+    rows = dict(m.build_report({"network": {"mode": "none"}}, usage, 0.0).rows)
+    assert rows["network"] == "none (loopback only)" and "bandwidth" not in rows
+    assert m.fmt_rate(512_000) == "512kbit" and m.fmt_rate(1_500_000_000) == "1.5gbit"
+
+
 def test_explanation_of_an_oom_kill() -> None:
     info: dict[str, Any] = {
         "ceilings": {"memory": "2 GiB"},
@@ -205,7 +236,10 @@ def test_compiles_and_works_on_python27(tmp_path: Path) -> None:
     code = (
         f"import sys; sys.path.insert(0, {os.path.dirname(SOURCE)!r}); import sandbox_magics as m; "
         "assert m.parse_size('1G') == 1 << 30; assert m.fmt_size(3 << 20) == '3 MiB'; "
-        "r = m.build_report({}, {'memory_limit': None}, 0.0); repr(r); r._repr_html_(); print('ok')"
+        "r = m.build_report({}, {'memory_limit': None}, 0.0); repr(r); r._repr_html_(); "
+        "n = {'network': {'mode': 'nat', 'allow': ['198.18.0.7'], 'refused': 2, "
+        "'bandwidth': 8000000, 'bytes_in': 1, 'bytes_out': 2}, 'ceilings': {}}; "
+        "assert 'refused by policy' in repr(m.build_report(n, {}, 0.0)); print('ok')"
     )
     out = subprocess.run([py27, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr

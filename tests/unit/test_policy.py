@@ -50,7 +50,9 @@ def test_the_example_parses_and_every_key_is_documented() -> None:
     }
     assert pol.top.max_kernels == 3 and pol.top.sandboxed_only is True
     assert pol.reserve_memory == 2 * GIB and pol.reserve_cpus == 0.5
-    assert pol.groups["instructors"].ceilings == {"memory": 8 * GIB}
+    assert pol.groups["instructors"].ceilings == {"memory": 8 * GIB, "bandwidth": 16_000_000}
+    assert pol.groups["instructors"].networks == ("none", "nat")
+    assert pol.groups["instructors"].network_allow == ("198.18.0.0/15", "pypi.org:443")
     assert pol.users["alice"].max_kernels == 6
     for key in hp.RULE_KEYS:
         assert f"\n{key} = " in hp.EXAMPLE, key

@@ -32,7 +32,7 @@ from sandbox_kernel.paths import run_dir
 from sandbox_kernel.runtime import userns
 from sandbox_kernel.runtime.container import ExitResult
 from sandbox_kernel.runtime.phases import Phases
-from sandbox_kernel.runtime.spec import Bind, ContainerSpec, IdMap, Tmpfs
+from sandbox_kernel.runtime.spec import Bind, ContainerSpec, IdMap, NetworkMode, Tmpfs
 
 FAKE_RANGE = userns.SubRange(300000, 65536)
 
@@ -43,6 +43,26 @@ def fake_userns() -> userns.UserNamespace:
         return userns.root_mode(FAKE_RANGE)
     uid, gid = os.geteuid(), os.getegid()
     return userns.UserNamespace((IdMap(uid, uid, 1),), (IdMap(gid, gid, 1),))
+
+
+class FakeNetwork:
+    """A ``nat`` container's attachment as the provisioner sees it (its figures, its cap)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.bandwidth = config.bandwidth
+        self.refused = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "mode": "nat",
+            "address": "10.213.0.2",
+            "allow": [str(e) for e in self.config.allow],
+            "bandwidth": self.bandwidth,
+            "bytes_in": 1000,
+            "bytes_out": 2000,
+            "refused": self.refused,
+        }
 
 
 class FakeContainer:
@@ -70,6 +90,17 @@ class FakeContainer:
         self.oom_kills = 0
         self.pids_hits = 0
         self.phases = Phases()
+        # network 'nat': what the attachment would report (``Attachment.stats``)
+        self.network = FakeNetwork(spec.nat) if spec.nat is not None else None
+
+    def network_stats(self) -> dict[str, Any]:
+        if self.network is None:
+            return {"mode": self.spec.network.value}
+        return self.network.stats()
+
+    def set_bandwidth(self, rate_bits: int | None) -> None:
+        assert self.network is not None
+        self.network.bandwidth = rate_bits
 
     @classmethod
     def create(
@@ -835,7 +866,12 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
         assert info["previous_exit"]["oom_killed"] is True
         # the live changes outlive the restart; the kernelspec's caps stay the live ceiling
         assert info["limits"]["memory"] == int(1.5 * 1024**3) and info["limits"]["pids"] == 80
-        assert info["ceiling_values"] == {"memory": 2 * 1024**3, "cpus": 1.0, "pids": 100}
+        assert info["ceiling_values"] == {
+            "memory": 2 * 1024**3,
+            "cpus": 1.0,
+            "pids": 100,
+            "bandwidth": None,
+        }
         assert FakeContainer.created[-1].spec.limits.pids == 80
         # a restart the user asked for is not a death to explain
         await km.restart_kernel(now=True)
@@ -846,6 +882,60 @@ async def test_control_channel_reports_and_changes_limits_within_the_policy(
         await km.shutdown_kernel(now=True)
     assert not Path(path).exists()
     assert not [t for t in threading.enumerate() if t.name.startswith("sandbox-control")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network 'nat' needs a root server")
+async def test_nat_kernel_bandwidth_shown_changed_live_within_the_ceiling_and_kept(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path
+) -> None:
+    """A ``nat`` kernel's %sandbox report has its network; bandwidth= changes the link's
+    cap live within SandboxPolicy.max_bandwidth (refused above it, with the usual message),
+    and a restart keeps it, as it keeps memory=."""
+    add_spec(
+        kernel_dir,
+        "t-nat",
+        {"image": "python3", "network": "nat", "network_allow": ["198.18.0.0/24:80"]},
+    )
+    add_spec(kernel_dir, "t-none", {"image": "python3"})
+    cfg = Config()
+    cfg.SandboxPolicy.allowed_networks = ["none", "nat"]
+    cfg.SandboxPolicy.network_allow = ["198.18.0.0/15"]
+    cfg.SandboxPolicy.max_bandwidth = "16mbit"
+    km = AsyncKernelManager(kernel_name="t-nat", config=cfg)
+    await km.start_kernel(cwd=str(tmp_path))
+    try:
+        c = FakeContainer.created[-1]
+        assert c.spec.network is NetworkMode.NAT and c.spec.nat is not None
+        assert c.spec.nat.bandwidth == 16_000_000, "no bandwidth of its own: the ceiling"
+        assert [str(e) for e in c.spec.nat.allow] == ["198.18.0.0/24:80"]
+        path = control_path(c)
+        info = (await asyncio.to_thread(ask, path, {"op": "get"}))["info"]
+        assert info["network"]["mode"] == "nat" and info["network"]["bandwidth"] == 16_000_000
+        assert info["ceilings"]["bandwidth"] == "16mbit"
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "bandwidth": "8mbit"})
+        assert reply["ok"] and reply["limits"]["bandwidth"] == 8_000_000, reply
+        assert c.network is not None and c.network.bandwidth == 8_000_000
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "bandwidth": "32mbit"})
+        assert not reply["ok"] and "at most 16mbit in each direction" in reply["error"], reply
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "bandwidth": "8"})
+        assert not reply["ok"] and "has no unit" in reply["error"], reply
+        assert c.network.bandwidth == 8_000_000
+        await km.restart_kernel(now=True)
+        again = FakeContainer.created[-1]
+        assert again is not c and again.spec.nat is not None
+        assert again.spec.nat.bandwidth == 8_000_000, "the live bandwidth outlives a restart"
+    finally:
+        await km.shutdown_kernel(now=True)
+    km = AsyncKernelManager(kernel_name="t-none", config=cfg)
+    await km.start_kernel(cwd=str(tmp_path))
+    try:
+        path = control_path(FakeContainer.created[-1])
+        info = (await asyncio.to_thread(ask, path, {"op": "get"}))["info"]
+        assert info["network"] == {"mode": "none"}
+        reply = await asyncio.to_thread(ask, path, {"op": "set", "bandwidth": "8mbit"})
+        assert not reply["ok"] and "network 'none'" in reply["error"], reply
+    finally:
+        await km.shutdown_kernel(now=True)
 
 
 async def test_notebook_folder_read_only_from_the_kernelspec_or_the_config(

@@ -114,6 +114,7 @@ def test_table_has_every_column() -> None:
         "12",
         "/",
         "256",
+        "-",  # NET I/O: network 'none'
         "0",
     ]
     # the first refresh has no earlier sample: no CPU % yet; no limit: "unlimited"
@@ -128,6 +129,38 @@ def test_table_has_every_column() -> None:
     rows = st.build_rows(boxes, None, (1.0, {"sk-0123456789ab": figures(0, cpus=None)}))
     assert rows[0]["limits"]["cpus"] is None and rows[0]["cpus_deferred"] == 2.0
     assert "2 (deferred)" in st.format_table(rows)
+
+
+def test_nat_sandbox_shows_bytes_in_and_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``nat`` container's bytes come from its host-side link (skn- + its short name),
+    its bandwidth from the run dir's metadata (a live change rewrote it)."""
+    from sandbox_kernel.cli import ps
+    from sandbox_kernel.network import links
+
+    asked: list[str] = []
+
+    def counters(ifname: str) -> tuple[int, int]:
+        asked.append(ifname)
+        return 3 * M, 2048
+
+    monkeypatch.setattr(links, "counters", counters)
+    meta = {"network": {"mode": "nat", "address": "10.213.0.2", "bandwidth": 16_000_000}}
+    net = ps.network_of("sk-0123456789ab", {**meta, "bandwidth": 8_000_000}, True)
+    assert asked == ["skn-0123456789a"]
+    assert net == {
+        "mode": "nat",
+        "address": "10.213.0.2",
+        "bandwidth": 8_000_000,
+        "bytes_in": 3 * M,
+        "bytes_out": 2048,
+    }
+    assert ps.network_of("sk-0123456789ab", meta, False)["bytes_in"] is None
+    assert ps.network_of("sk-0123456789ab", {}, True) == {"mode": "none"}
+    assert ps.network_of("sk-0123456789ab", {"network": "nat"}, True) == {"mode": "none"}
+    boxes = [dict(BOXES[0], network=net)]
+    rows = st.build_rows(boxes, None, (1.0, {"sk-0123456789ab": figures(0)}))
+    assert "3 MiB / 2 KiB" in st.format_table(rows)
+    assert ps.net_io({"mode": "none"}) == "-"
 
 
 def test_stream_redraws_with_cpu_from_the_previous_refresh(
