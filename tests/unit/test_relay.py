@@ -196,9 +196,12 @@ def relayed(tmp_path: Path) -> Iterator[BlockingKernelClient]:
     r.start()
     client = BlockingKernelClient()
     client.load_connection_file(cfile)
-    client.start_channels()
+    # no heartbeat channel: without a kernel manager, wait_for_ready takes a heartbeat not
+    # yet answered (a kernel slow to start on a loaded machine) for a dead kernel
+    client.start_channels(hb=False)
     try:
         client.wait_for_ready(timeout=60)
+        assert proc.poll() is None, "the kernel ended"
         yield client
     finally:
         client.stop_channels()
