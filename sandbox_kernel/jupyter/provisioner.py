@@ -133,6 +133,9 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         self._sent: set[int] = set()
         self._caps: exits.CapBaseline | None = None
         self._cpu_task: asyncio.Task[None] | None = None
+        # a nat kernel whose allow-list names hosts: their addresses resolved again now and
+        # then (``_refresh_names``)
+        self._names_task: asyncio.Task[None] | None = None
         # the kernel process's pidfd watched on the event loop (``_watch_exit``)
         self._exit_watch: exits.EndWatch | None = None
         self._exit_task: asyncio.Future[None] | None = None
@@ -886,11 +889,31 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
         if container is None:
             return
         container.phases.mark("kernel manager")
+        nat = container.spec.nat
+        if nat is not None and any(e.is_name for e in nat.allow):
+            self._names_task = asyncio.ensure_future(self._refresh_names(container))
         if container.limits.defer_cpu:
             self._cpu_task = asyncio.ensure_future(self._apply_cpu_when_ready(container))
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cpu_task
         self.log.debug("kernel %s start: %s", self.kernel_id, container.phases.text())
+
+    async def _refresh_names(self, container: Container) -> None:
+        """Every ``nat.REFRESH_S`` seconds while the kernel runs: resolve the host names of
+        its allow-list again, their new addresses swapped into its rules
+        (``Container.refresh_network``); a name that stopped resolving keeps the old rules
+        and is logged. Started by ``post_launch``, cancelled by ``cleanup``."""
+        from ..network.nat import REFRESH_S
+
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                if await asyncio.to_thread(container.refresh_network):
+                    self.log.info(
+                        "kernel %s: allow-listed names moved; rules updated", self.kernel_id
+                    )
+            except SandboxError as exc:
+                self.log.warning("kernel %s: allow-list refresh: %s", self.kernel_id, exc)
 
     async def _apply_cpu_when_ready(self, container: Container) -> None:
         timeout = self.settings.cpu_defer_timeout if self.settings else 60.0
@@ -1257,11 +1280,13 @@ class SandboxProvisioner(SandboxSettings, KernelProvisionerBase):  # type: ignor
                 await task
         await self._close_control()
         await self._close_relay()
-        if self._cpu_task is not None:
-            self._cpu_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._cpu_task
-            self._cpu_task = None
+        for name in ("_cpu_task", "_names_task"):
+            running = getattr(self, name)
+            if running is not None:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await running
+                setattr(self, name, None)
         container = self.container
         if container is not None:
             await asyncio.to_thread(self._locked, container.destroy)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from jupyter_client.manager import AsyncKernelManager
 from tornado.web import HTTPError
 from traitlets.config import Config
 
-from sandbox_kernel.errors import CgroupError, ContainerNotFound, SpecError
+from sandbox_kernel.errors import CgroupError, ContainerNotFound, SandboxError, SpecError
 from sandbox_kernel.jupyter import exits, kernelspecs, launch
 from sandbox_kernel.jupyter import provisioner as prov
 from sandbox_kernel.paths import run_dir
@@ -101,6 +102,14 @@ class FakeContainer:
     def set_bandwidth(self, rate_bits: int | None) -> None:
         assert self.network is not None
         self.network.bandwidth = rate_bits
+
+    refreshes = 0
+
+    def refresh_network(self) -> bool:
+        self.refreshes += 1
+        if self.refreshes == 2:
+            raise SandboxError("network_allow entry 'a.example': the host name does not resolve")
+        return True
 
     @classmethod
     def create(
@@ -934,6 +943,42 @@ async def test_nat_kernel_bandwidth_shown_changed_live_within_the_ceiling_and_ke
         assert info["network"] == {"mode": "none"}
         reply = await asyncio.to_thread(ask, path, {"op": "set", "bandwidth": "8mbit"})
         assert not reply["ok"] and "network 'none'" in reply["error"], reply
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_a_nat_kernels_host_names_are_resolved_again_while_it_runs(
+    fake_runtime: Path, kernel_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Allow-listed host names are resolved again every REFRESH_S seconds while the kernel
+    runs (a name that stops resolving is logged and the refreshing goes on); a list of
+    networks only is never refreshed; the shutdown stops it."""
+    from sandbox_kernel.network import nat
+
+    monkeypatch.setattr(nat, "REFRESH_S", 0.05)
+    for name, allow in (("t-names", ["a.example:443"]), ("t-nets", ["198.18.0.0/24"])):
+        add_spec(kernel_dir, name, {"image": "python3", "network": "nat", "network_allow": allow})
+    cfg = Config()
+    cfg.SandboxPolicy.allowed_networks = ["none", "nat"]
+    cfg.SandboxPolicy.network_allow = ["a.example:443", "198.18.0.0/15"]
+    km = AsyncKernelManager(kernel_name="t-names", config=cfg)
+    await km.start_kernel(cwd=str(tmp_path))
+    c = FakeContainer.created[-1]
+    try:
+        deadline = time.monotonic() + 10
+        while c.refreshes < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert c.refreshes >= 3, "refreshed again after the failed one"
+    finally:
+        await km.shutdown_kernel(now=True)
+    stopped = c.refreshes
+    await asyncio.sleep(0.2)
+    assert c.refreshes == stopped, "the shutdown stops it"
+    km = AsyncKernelManager(kernel_name="t-nets", config=cfg)
+    await km.start_kernel(cwd=str(tmp_path))
+    try:
+        await asyncio.sleep(0.2)
+        assert FakeContainer.created[-1].refreshes == 0
     finally:
         await km.shutdown_kernel(now=True)
 
