@@ -12,7 +12,12 @@ The table (docs/network.md has the reasoning):
   ``kernels`` (interface name -> jump); an interface of the product's prefix without an
   entry is dropped. When the host did not forward IPv4 before the product turned it on,
   any other forwarded packet is dropped too, so the host does not become a router.
-* chain ``k-NAME`` per kernel: replies pass; past ``MAX_CONNECTIONS`` tracked connections
+* chain ``prerouting`` (filter hook, before conntrack and DNAT): nothing from a kernel's
+  veth to any address of the host (nor broadcast or multicast), so a port the host
+  publishes by DNAT (Docker, NodePorts) is out of reach too.
+* chain ``k-NAME`` per kernel: only IPv4 from its own address; link-local (cloud metadata)
+  and never-routed networks dropped unless an entry lies inside them; replies pass; past
+  ``MAX_CONNECTIONS`` tracked connections
   of the kernel a new one is refused; new connections to an allowed network (and port)
   pass; DNS to the kernel's resolvers passes; the rest is counted in the counter
   ``refused-NAME`` and refused (TCP reset, ICMP administratively prohibited), so that a
@@ -47,6 +52,14 @@ def _ifname(key: str, op: str = "==") -> dict[str, Any]:
     return _match(_meta(key), IF_PREFIX + "*", op)
 
 
+#: address types (``fib daddr type``) a kernel's packet may never be sent to: the host's own
+#: addresses, and broadcast and multicast ones
+_HOST_TYPES = ("local", "broadcast", "multicast", "anycast")
+#: networks never reachable unless an allow-list entry lies inside one of them: link-local
+#: (cloud metadata services at 169.254.169.254 answer with the host's credentials), and
+#: what is never routed (this network, loopback, multicast, reserved)
+NEVER = ("169.254.0.0/16", "0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4")
+
 _REPLIES = _match({"ct": {"key": "state"}}, {"set": ["established", "related"]})
 _NEW = _match({"ct": {"key": "state"}}, "new")
 
@@ -72,9 +85,18 @@ def table_commands(router_before: bool) -> list[dict[str, Any]]:
         _rule("forward", {"vmap": {"key": _meta("iifname"), "data": "@kernels"}}),
         _rule("forward", _ifname("iifname"), {"drop": None}),
     ]
-    if not router_before:
-        cmds.append(_rule("forward", {"drop": None}))
+    if not router_before:  # IPv4 only: the host's IPv6 forwarding is not the product's
+        cmds.append(_rule("forward", _match(_meta("nfproto"), "ipv4"), {"drop": None}))
     cmds += [
+        # before conntrack and any DNAT (Docker's published ports, NodePorts rewrite a host
+        # address before the input hook): nothing from a kernel to a host address at all
+        _base_chain("prerouting", "filter", "prerouting", -300),
+        _rule(
+            "prerouting",
+            _ifname("iifname"),
+            _match({"fib": {"result": "type", "flags": ["daddr"]}}, {"set": list(_HOST_TYPES)}),
+            {"drop": None},
+        ),
         _base_chain("input", "filter", "input", 0),
         _rule("input", _ifname("iifname"), {"drop": None}),
         _base_chain("postrouting", "nat", "postrouting", 100),
@@ -130,12 +152,27 @@ MAX_CONNECTIONS = 1024
 
 
 def _kernel_rules(
-    name: str, allowed: tuple[tuple[str, int | None], ...], dns: tuple[str, ...]
+    name: str,
+    address: str,
+    allowed: tuple[tuple[str, int | None], ...],
+    dns: tuple[str, ...],
 ) -> list[dict[str, Any]]:
-    """The rules of kernel ``name``'s chain, in order (see the module docstring)."""
+    """The rules of kernel ``name`` (whose address is ``address``), in order (see the
+    module docstring)."""
     chain = f"k-{name}"
     counter = {"counter": f"refused-{name}"}
+    saddr = {"payload": {"protocol": "ip", "field": "saddr"}}
+    named = [ipaddress.IPv4Network(net) for net, _ in allowed]
+    never = [
+        n
+        for n in NEVER
+        if not any(a.subnet_of(ipaddress.IPv4Network(n)) for a in named if a.prefixlen > 0)
+    ]
     rules = [
+        # only its own address, and IPv4 only (its IPv6 link-local goes nowhere)
+        _rule(chain, _match(_meta("nfproto"), "ipv4", "!="), {"drop": None}),
+        _rule(chain, _match(saddr, address, "!="), {"drop": None}),
+        *(_rule(chain, _network(n), {"drop": None}) for n in never),
         _rule(chain, _REPLIES, {"accept": None}),
         _rule(
             chain,
@@ -158,7 +195,10 @@ def _kernel_rules(
 
 
 def kernel_commands(
-    name: str, allowed: tuple[tuple[str, int | None], ...], dns: tuple[str, ...]
+    name: str,
+    address: str,
+    allowed: tuple[tuple[str, int | None], ...],
+    dns: tuple[str, ...],
 ) -> list[dict[str, Any]]:
     """The commands adding kernel ``name``'s chain, counter and map entry. ``allowed``:
     (IPv4 network, port or None) pairs; ``dns``: resolvers allowed on port 53."""
@@ -167,29 +207,38 @@ def kernel_commands(
     return [
         {"add": {"chain": {**_T, "name": chain}}},
         {"add": {"counter": {**_T, "name": f"refused-{name}"}}},
-        *_kernel_rules(name, allowed, dns),
+        *_kernel_rules(name, address, allowed, dns),
         {"add": {"element": {**_T, "name": "kernels", "elem": element}}},
     ]
 
 
 def replace_kernel_rules(
-    name: str, allowed: tuple[tuple[str, int | None], ...], dns: tuple[str, ...]
+    name: str,
+    address: str,
+    allowed: tuple[tuple[str, int | None], ...],
+    dns: tuple[str, ...],
 ) -> None:
     """Swap kernel ``name``'s rules for new ones in one transaction (its counter and its
     open connections stay). Called by ``nat.Attachment.refresh`` when the allow-list's host
     names resolve to other addresses."""
     nft.run(
-        [{"flush": {"chain": {**_T, "name": f"k-{name}"}}}, *_kernel_rules(name, allowed, dns)],
+        [
+            {"flush": {"chain": {**_T, "name": f"k-{name}"}}},
+            *_kernel_rules(name, address, allowed, dns),
+        ],
         f"firewall rules of {IF_PREFIX}{name}",
     )
 
 
 def add_kernel(
-    name: str, allowed: tuple[tuple[str, int | None], ...], dns: tuple[str, ...]
+    name: str,
+    address: str,
+    allowed: tuple[tuple[str, int | None], ...],
+    dns: tuple[str, ...],
 ) -> None:
     """Add kernel ``name``'s rules in one transaction (before its veth carries a packet).
     Called by ``nat.Attachment.attach``."""
-    nft.run(kernel_commands(name, allowed, dns), f"firewall rules of {IF_PREFIX}{name}")
+    nft.run(kernel_commands(name, address, allowed, dns), f"firewall rules of {IF_PREFIX}{name}")
 
 
 def kernels() -> list[str]:

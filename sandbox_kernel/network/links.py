@@ -19,6 +19,7 @@ namespace).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -49,6 +50,8 @@ NETLINK_CAP_ACK = 10
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 17, 20, 24
 RTM_NEWQDISC, RTM_DELQDISC = 36, 37
 IFF_UP = 0x1
+#: seconds a netlink request may wait for its ack
+REPLY_TIMEOUT = 5.0
 TC_H_ROOT = 0xFFFFFFFF
 RT_TABLE_MAIN, RTPROT_STATIC, RTN_UNICAST = 254, 4, 1
 
@@ -88,12 +91,18 @@ class Requests:
         msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
         msg["header"]["sequence_number"] = self.seq
         msg.encode()
+        self.sock.settimeout(REPLY_TIMEOUT)  # the kernel answers within the send
         self.sock.send(bytes(msg.data))
-        while True:
+        for _ in range(64):  # replies to other requests (none are sent): skipped, bounded
             reply = self.sock.recv(65536)
-            _length, rtype, _flags, seq, _port, error = _ACK.unpack_from(reply)
+            try:
+                _length, rtype, _flags, seq, _port, error = _ACK.unpack_from(reply)
+            except struct.error:
+                raise OSError(errno.EPROTO, "a short netlink reply") from None
             if seq == self.seq and rtype == NLMSG_ERROR:
                 break
+        else:
+            raise OSError(errno.EPROTO, "no netlink ack")
         if error:
             raise OSError(-error, os.strerror(-error))
 
@@ -289,6 +298,23 @@ def delete(ifname: str) -> None:
     except OSError as exc:
         if exc.errno != errno.ENODEV:
             raise LinkError(f"removing network link {ifname}: {exc}") from None
+
+
+def forget_connections(address: str) -> int:
+    """Delete the connections the host tracks from ``address`` (a kernel's, once it is
+    gone: an address given again must not inherit its established entries). How many.
+    Called by ``nat`` when a kernel's network is removed."""
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    count = 0
+    with Conntrack() as ct:
+        selector = NFCTAttrTuple(saddr=address)
+        for entry in list(ct.dump_entries(tuple_orig=selector)):
+            with contextlib.suppress(Exception):  # one gone meanwhile: nothing to delete
+                ct.delete(entry)
+                count += 1
+    return count
 
 
 def counters(ifname: str) -> tuple[int, int] | None:

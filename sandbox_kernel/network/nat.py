@@ -23,7 +23,9 @@ import fcntl
 import ipaddress
 import json
 import os
+import select
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,21 +77,44 @@ def host_resolvers(path: str = "/etc/resolv.conf") -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    """The host lock of the network state (made on first use, root's, 0700)."""
+def _locked(wait: bool = True) -> Iterator[None]:
+    """The host lock of the network state (made on first use, root's, 0700: a folder that
+    is anything else is refused). ``wait=False``: raise ``Busy`` instead of waiting."""
     if os.geteuid() != 0:
         raise PrivilegeError(
             "network 'nat' needs a root server for now (an unprivileged one cannot make "
             "veth links or firewall rules); use network 'none'"
         )
-    NET_DIR.mkdir(mode=0o700, exist_ok=True)
-    (NET_DIR / "leases").mkdir(mode=0o700, exist_ok=True)
+    for folder in (NET_DIR, NET_DIR / "leases"):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise SandboxError(
+                f"{folder} is not a directory of root's closed to others: remove it (the "
+                "product makes it anew) or fix its owner and mode (root, 0700)"
+            )
     fd = os.open(NET_DIR / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if not wait else 0))
+        except BlockingIOError:
+            raise Busy() from None
         yield
     finally:
         os.close(fd)
+
+
+class Busy(Exception):
+    """The network state's lock is held by another process (``collect`` then skips)."""
+
+
+def _write_mark(name: str, text: str) -> None:
+    fd = os.open(
+        NET_DIR / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _leases() -> dict[str, dict[str, Any]]:
@@ -111,15 +136,26 @@ def _leases() -> dict[str, dict[str, Any]]:
     return out
 
 
+def _read_mark(name: str) -> str:
+    try:
+        fd = os.open(NET_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    with os.fdopen(fd) as f:
+        return f.read(256).strip()
+
+
 def _ensure_shared() -> None:
     """The table, and IPv4 forwarding on (remembering that it was off), under the lock."""
     if firewall.table_exists():
         return
-    router_before = _FORWARD.read_text().strip() == "1"
-    (NET_DIR / "table").write_text("made\n")  # before the table: collect's quick look
+    # the mark says the product turned forwarding on: a table gone meanwhile (the host's
+    # ruleset flushed) is made anew as it was, never as for a router
+    router_before = not (NET_DIR / "forwarding").exists() and _FORWARD.read_text().strip() == "1"
+    _write_mark("table", "made\n")  # before the table: collect's quick look
     firewall.ensure_table(router_before)
     if not router_before:
-        (NET_DIR / "forwarding").write_text("0\n")
+        _write_mark("forwarding", "0\n")
         _FORWARD.write_text("1\n")
 
 
@@ -163,6 +199,7 @@ class Attachment:
         self.dns: tuple[str, ...] = ()
         self.bandwidth = config.bandwidth
         self._pid: int | None = None
+        self._pidfd: int | None = None  # init's, while attached
 
     def reserve(self, owner: int, owner_start: str | None) -> None:
         """Resolve the allow-list, take an address, make the shared state. SpecError for
@@ -177,7 +214,12 @@ class Attachment:
             {"id": self.container_id, "name": self.name, "owner": owner, "start": owner_start}
         ).encode()
         with _locked():
-            for candidate in hosts:
+            # round robin from after the last address given: an address comes back only
+            # after the whole subnet went round (and its old connections are forgotten)
+            candidates = list(hosts)
+            last = _read_mark("last")
+            start = next((i + 1 for i, a in enumerate(candidates) if str(a) == last), 0)
+            for candidate in candidates[start:] + candidates[:start]:
                 path = NET_DIR / "leases" / str(candidate)
                 try:
                     fd = os.open(
@@ -190,6 +232,7 @@ class Attachment:
                 with os.fdopen(fd, "wb") as f:
                     f.write(doc)
                 self.lease = Lease(str(candidate), gateway, self.name)
+                _write_mark("last", str(candidate))
                 break
             else:
                 raise SpecError(
@@ -209,15 +252,24 @@ class Attachment:
         ``go``). On failure what was made is removed and the error raised. Called by
         ``Container.start`` on the executor's ``netns`` line."""
         assert self.lease is not None, "reserve() first"
-        self._pid = pid
+        # the links go to the namespace of whatever process has the pid ``pid`` then: a
+        # descriptor of init, taken first, tells afterwards whether it was still init
+        pidfd = os.pidfd_open(pid)
         try:
-            firewall.add_kernel(self.name, self.allowed, self.dns)
+            firewall.add_kernel(self.name, self.lease.address, self.allowed, self.dns)
             links.create(
                 self.lease.ifname, pid, self.lease.gateway, self.lease.address, self.bandwidth
             )
+            if select.select([pidfd], [], [], 0)[0]:
+                raise links.LinkError(
+                    f"container {self.container_id}: its init ended while its network was "
+                    "made (the links may have gone elsewhere: removed)"
+                )
         except BaseException:
+            os.close(pidfd)
             self._undo_links_and_rules()
             raise
+        self._pid, self._pidfd = pid, pidfd
 
     def refresh(self) -> bool:
         """Resolve the allow-list's host names again and, when their addresses changed,
@@ -230,22 +282,22 @@ class Attachment:
         allowed = resolve_allow(self.config.allow, _resolve)
         if allowed == self.allowed:
             return False
-        firewall.replace_kernel_rules(self.name, allowed, self.dns)
+        firewall.replace_kernel_rules(self.name, self.lease.address, allowed, self.dns)
         self.allowed = allowed
         return True
 
     def set_bandwidth(self, rate_bits: int | None) -> None:
         """Change the cap of the running container (both directions)."""
-        if self.lease is None or self._pid is None:
+        if self.lease is None or self._pid is None or self._pidfd is None:
             raise SandboxError(f"container {self.container_id} has no network attached")
+        if select.select([self._pidfd], [], [], 0)[0]:  # its pid may be another's now
+            raise SandboxError(f"container {self.container_id} has ended")
         links.set_rate(self.lease.ifname, self._pid, rate_bits)
         self.bandwidth = rate_bits
 
     def _undo_links_and_rules(self) -> None:
-        if self.lease is None:
-            return
-        links.delete(self.lease.ifname)
-        firewall.remove_kernel(self.name)
+        if self.lease is not None:
+            _remove_kernel(self.name, self.lease.address)
 
     def detach(self) -> None:
         """Links, rules, lease, then the shared state if this was the last. Idempotent.
@@ -253,6 +305,9 @@ class Attachment:
         lease = self.lease
         if lease is None:
             return
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
         try:
             self._undo_links_and_rules()
         finally:
@@ -287,8 +342,35 @@ def collect(alive: Alive) -> list[str]:
     absent."""
     if not anything_there():
         return []
+    try:
+        return _collect(alive)
+    except Busy:
+        return []  # another process is making or removing a network: the next gc will do
+
+
+def _remove_kernel(name: str, address: str | None) -> list[str]:
+    """Remove what kernel ``name`` has on the host, step by step (a failing step does not
+    keep the others from running): its link, its rules, and the connections tracked for
+    its address (so that an address given again carries none of them). The errors, one
+    line each."""
+    errors = []
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("link", lambda: links.delete(IF_PREFIX + name)),
+        ("rules", lambda: firewall.remove_kernel(name)),
+    ]
+    if address:
+        steps.append(("connections", lambda: links.forget_connections(address)))
+    for what, step in steps:
+        try:
+            step()
+        except (OSError, SandboxError) as exc:
+            errors.append(f"{IF_PREFIX}{name} {what}: {exc}")
+    return errors
+
+
+def _collect(alive: Alive) -> list[str]:
     removed: list[str] = []
-    with _locked():
+    with _locked(wait=False):
         live_names: set[str] = set()
         for address, lease in _leases().items():
             pid, start, name = lease.get("owner"), lease.get("start"), lease.get("name")
@@ -301,18 +383,17 @@ def collect(alive: Alive) -> list[str]:
                 live_names.add(name)
                 continue
             if isinstance(name, str) and name.isalnum():
-                links.delete(IF_PREFIX + name)
-                firewall.remove_kernel(name)
+                removed += _remove_kernel(name, address)
             with contextlib.suppress(FileNotFoundError):
                 (NET_DIR / "leases" / address).unlink()
             removed.append(f"network lease {address}")
         for ifname in host_links():
             if ifname[len(IF_PREFIX) :] not in live_names:
-                links.delete(ifname)
+                removed += _remove_kernel(ifname[len(IF_PREFIX) :], None)
                 removed.append(f"network link {ifname}")
         for name in firewall.kernels():
             if name not in live_names:
-                firewall.remove_kernel(name)
+                removed += _remove_kernel(name, None)
                 removed.append(f"firewall chain k-{name}")
         if not live_names:
             had_table = firewall.table_exists()

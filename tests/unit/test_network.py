@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sandbox_kernel import network
-from sandbox_kernel.errors import SpecError
+from sandbox_kernel.errors import SandboxError, SpecError
 from sandbox_kernel.limits import BANDWIDTH
 from sandbox_kernel.network import DEFAULT_SUBNET, firewall, links, nat, nft
 from sandbox_kernel.network.config import (
@@ -219,12 +219,23 @@ def test_the_table_never_lets_anything_reach_a_kernel_or_the_host() -> None:
     assert '"oifname"' in forward[0] and "established" in forward[0] and "accept" in forward[0]
     assert '"oifname"' in forward[1] and '"drop"' in forward[1]
     assert "@kernels" in forward[2]
-    assert forward[-1] == '[{"drop": null}]'  # the host was no router: it stays none
+    # the host was no router: it stays none for IPv4 (its IPv6 forwarding is not ours)
+    assert forward[-1] == (
+        '[{"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": "ipv4"}}, '
+        '{"drop": null}]'
+    )
     assert len(_exprs(firewall.table_commands(router_before=True), "forward")) == 4
     assert _exprs(cmds, "input") == [
         '[{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "skn-*"}}, '
         '{"drop": null}]'
     ]
+    # before conntrack and DNAT: no packet of a kernel to any address of the host
+    (pre,) = [
+        c["add"]["chain"] for c in cmds if c["add"].get("chain", {}).get("name") == "prerouting"
+    ]
+    assert pre["hook"] == "prerouting" and pre["prio"] == -300
+    (rule,) = _exprs(cmds, "prerouting")
+    assert '"fib"' in rule and '"local"' in rule and '"multicast"' in rule and "drop" in rule
     assert "masquerade" in _exprs(cmds, "postrouting")[0]
     # every object lives in the product's table
     for c in cmds:
@@ -234,19 +245,40 @@ def test_the_table_never_lets_anything_reach_a_kernel_or_the_host() -> None:
 
 def test_a_kernels_chain_allows_its_list_and_counts_the_rest() -> None:
     cmds = firewall.kernel_commands(
-        "0123456789a", (("198.18.9.0/24", None), ("198.18.1.1/32", 443)), ("198.18.0.53",)
+        "0123456789a",
+        "198.18.64.9",
+        (("198.18.9.0/24", None), ("198.18.1.1/32", 443)),
+        ("198.18.0.53",),
     )
     rules = _exprs(cmds, "k-0123456789a")
-    assert "established" in rules[0]
+    # IPv4 from its own address only, then what is never reachable, then replies
+    assert '"nfproto"' in rules[0] and '"!="' in rules[0] and "drop" in rules[0]
+    assert '"saddr"' in rules[1] and '"198.18.64.9"' in rules[1] and '"!="' in rules[1]
+    never = rules[2 : 2 + len(firewall.NEVER)]
+    assert any('"addr": "169.254.0.0", "len": 16' in r and "drop" in r for r in never)
+    rest = rules[2 + len(firewall.NEVER) :]
+    assert "established" in rest[0]
     # a kernel holds at most MAX_CONNECTIONS of the host's conntrack entries
-    assert '"ct count": {"val": 1024, "inv": true}' in rules[1] and "refused-" in rules[1]
-    assert '"prefix": {"addr": "198.18.9.0", "len": 24}' in rules[2]
-    assert '"right": "198.18.1.1"' in rules[3] and '"right": 443' in rules[3]
-    assert '"right": "198.18.0.53"' in rules[4] and '"right": 53' in rules[4]
-    assert '"counter": "refused-0123456789a"' in rules[5] and '"new"' in rules[5]
-    assert "tcp reset" in rules[6] and "admin-prohibited" in rules[7]
+    assert '"ct count": {"val": 1024, "inv": true}' in rest[1] and "refused-" in rest[1]
+    assert '"prefix": {"addr": "198.18.9.0", "len": 24}' in rest[2]
+    assert '"right": "198.18.1.1"' in rest[3] and '"right": 443' in rest[3]
+    assert '"right": "198.18.0.53"' in rest[4] and '"right": 53' in rest[4]
+    assert '"counter": "refused-0123456789a"' in rest[5] and '"new"' in rest[5]
+    assert "tcp reset" in rest[6] and "admin-prohibited" in rest[7]
     (elem,) = [c["add"]["element"] for c in cmds if "element" in c["add"]]
     assert elem["elem"] == [["skn-0123456789a", {"jump": {"target": "k-0123456789a"}}]]
+    # an entry inside link-local (an admin's own service there) lifts that drop only
+    opened = _exprs(
+        firewall.kernel_commands("0123456789a", "198.18.64.9", (("169.254.1.0/24", 80),), ()),
+        "k-0123456789a",
+    )
+    assert not any('"169.254.0.0"' in r for r in opened)
+    assert any('"127.0.0.0"' in r for r in opened)
+    everything = _exprs(
+        firewall.kernel_commands("0123456789a", "198.18.64.9", (("0.0.0.0/0", None),), ()),
+        "k-0123456789a",
+    )
+    assert any('"169.254.0.0"' in r for r in everything), "0.0.0.0/0 does not open metadata"
 
 
 class FakeNft:
@@ -294,6 +326,7 @@ def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
     root."""
     fake = FakeNft()
     made: set[str] = set()
+    forgotten: list[str] = []
     forward = tmp_path / "ip_forward"
     forward.write_text("0\n")
     monkeypatch.setattr(nft, "run", fake.run)
@@ -304,9 +337,10 @@ def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
     monkeypatch.setattr(links, "create", lambda ifname, *a: made.add(ifname))
     monkeypatch.setattr(links, "delete", lambda ifname: made.discard(ifname))
     monkeypatch.setattr(links, "counters", lambda ifname: (10, 20))
+    monkeypatch.setattr(links, "forget_connections", lambda address: forgotten.append(address))
     monkeypatch.setattr(nat, "host_links", lambda: sorted(made))
     monkeypatch.setattr(network, "host_links", lambda: sorted(made))
-    return {"nft": fake, "links": made, "forward": forward}
+    return {"nft": fake, "links": made, "forward": forward, "forgotten": forgotten}
 
 
 def _config() -> NatConfig:
@@ -329,8 +363,8 @@ def test_leases_take_free_addresses_and_the_last_detach_undoes_the_host(
         "198.18.64.1",
     )
     assert fake_host["forward"].read_text() == "1\n" and fake_host["nft"].table
-    a.attach(4242)
-    b.attach(4243)
+    a.attach(os.getpid())
+    b.attach(os.getpid())
     assert fake_host["links"] == {"skn-aaaaaaaaaaa", "skn-bbbbbbbbbbb"}
     assert a.stats()["bytes_in"] == 10 and a.stats()["address"] == "198.18.64.2"
     a.detach()
@@ -350,7 +384,7 @@ def test_a_refresh_swaps_the_rules_when_a_name_moves(
     config = NatConfig(allow=parse_allow_list(["a.example:443"]), subnet="198.18.64.0/29", dns=())
     a = nat.Attachment("sk-aaaaaaaaaaaa", config)
     a.reserve(1, "1")
-    a.attach(1)
+    a.attach(os.getpid())
     assert a.allowed == (("198.18.1.1/32", 443),)
     calls = len(fake_host["nft"].calls)
     assert a.refresh() is False and len(fake_host["nft"].calls) == calls  # unchanged: no-op
@@ -363,6 +397,49 @@ def test_a_refresh_swaps_the_rules_when_a_name_moves(
     assert any('"198.18.1.9"' in json.dumps(c) for c in swap)
     assert not any('"198.18.1.1"' in json.dumps(c) for c in swap)
     a.detach()
+
+
+def test_addresses_go_round_and_a_gone_kernels_connections_are_forgotten(
+    fake_host: dict[str, Any],
+) -> None:
+    a = nat.Attachment("sk-aaaaaaaaaaaa", _config())
+    a.reserve(1, "1")
+    a.attach(os.getpid())
+    a.detach()
+    assert fake_host["forgotten"] == ["198.18.64.2"]
+    b = nat.Attachment("sk-bbbbbbbbbbbb", _config())
+    b.reserve(1, "1")
+    assert b.lease is not None and b.lease.address == "198.18.64.3", "not .2 again at once"
+    b.detach()
+    c = [nat.Attachment(f"sk-c{i:011x}", _config()) for i in range(4)]
+    for att in c:
+        att.reserve(1, "1")
+    assert [att.lease.address for att in c if att.lease] == [
+        "198.18.64.4",
+        "198.18.64.5",
+        "198.18.64.6",
+        "198.18.64.2",
+    ]
+    for att in c:
+        att.detach()
+
+
+def test_a_state_folder_not_roots_alone_is_refused(fake_host: dict[str, Any]) -> None:
+    a = nat.Attachment("sk-aaaaaaaaaaaa", _config())
+    a.reserve(1, "1")
+    a.detach()
+    nat.NET_DIR.chmod(0o755)
+    with pytest.raises(SandboxError, match="closed to others"):
+        nat.Attachment("sk-bbbbbbbbbbbb", _config()).reserve(1, "1")
+    nat.NET_DIR.chmod(0o700)
+
+
+def test_collect_does_not_wait_for_a_busy_lock(fake_host: dict[str, Any]) -> None:
+    a = nat.Attachment("sk-aaaaaaaaaaaa", _config())
+    a.reserve(200, "6")
+    with nat._locked():
+        assert nat.collect(lambda pid, start: False) == []  # busy: the next gc will do
+    assert "network lease 198.18.64.2" in nat.collect(lambda pid, start: False)
 
 
 def test_a_router_keeps_forwarding(fake_host: dict[str, Any]) -> None:
@@ -395,8 +472,8 @@ def test_collect_removes_what_dead_owners_left_and_keeps_the_living(
     )
     live.reserve(100, "5")
     dead.reserve(200, "6")
-    live.attach(1)
-    dead.attach(2)
+    live.attach(os.getpid())
+    dead.attach(os.getpid())
     fake_host["links"].add("skn-ccccccccccc")  # a link no lease names
     removed = nat.collect(lambda pid, start: pid == 100 and start == "5")
     assert "network lease 198.18.64.3" in removed and "network link skn-ccccccccccc" in removed
@@ -421,7 +498,7 @@ def test_a_failed_attach_removes_what_it_made(
     a = nat.Attachment("sk-aaaaaaaaaaaa", _config())
     a.reserve(1, "1")
     with pytest.raises(links.LinkError):
-        a.attach(1)
+        a.attach(os.getpid())
     assert fake_host["links"] == set() and firewall.kernels() == []
     a.detach()
     assert nat.leftovers() == []
