@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,12 @@ def papermill_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def papermill(tmp_path: Path, nb: NotebookNode, cwd: Path) -> tuple[int, str, NotebookNode]:
-    """Run ``papermill --engine sandbox`` on ``nb``; its status, stderr and output notebook."""
-    source, output = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+def papermill(
+    tmp_path: Path, nb: NotebookNode, cwd: Path, output: Path | None = None
+) -> tuple[int, str, NotebookNode]:
+    """Run ``papermill --engine sandbox`` on ``nb`` (the output notebook ``output``, by
+    default beside the input); its status, stderr and output notebook."""
+    source, output = tmp_path / "in.ipynb", output or tmp_path / "out.ipynb"
     nbformat.write(nb, str(source))  # type: ignore[no-untyped-call]
     cmd = [sys.executable, "-m", "papermill", "--engine", "sandbox", "--cwd", str(cwd)]
     cmd += ["--start-timeout", "120", str(source), str(output)]
@@ -162,3 +166,38 @@ def test_papermill_engine_runs_a_notebook_that_fits(
     assert status == 0, stderr
     assert [texts(c) for c in out.cells] == ["42\n", "after\n"]
     assert out.metadata.papermill["exception"] is not True
+
+
+#: A cell that plants, in the kernel's folder (its working directory), what replaces the
+#: output notebook's name, then lets papermill save (autosave, the end) over it.
+PLANT_OUTPUT = {
+    "link to a host file": "os.symlink(SECRET, 'out.ipynb')",
+    "link to a host folder": "os.symlink(os.path.dirname(SECRET), 'out.ipynb')",
+    "dangling link": "os.symlink(os.path.dirname(SECRET) + '/new.ipynb', 'out.ipynb')",
+    "FIFO": "os.unlink('out.ipynb'); os.mkfifo('out.ipynb')",
+}
+
+
+@pytest.mark.parametrize("kind", list(PLANT_OUTPUT))
+def test_papermill_never_follows_what_the_kernel_planted_as_its_output(
+    kernels: Path, notebook_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    host = tmp_path / "host"
+    host.mkdir(mode=0o700)
+    secret = host / "secret.txt"
+    secret.write_text("host file\n")
+    plant = "import os\n"
+    if kind != "FIFO":
+        plant += "os.path.lexists('out.ipynb') and os.unlink('out.ipynb')\n"
+    plant += PLANT_OUTPUT[kind].replace("SECRET", repr(str(secret))) + "\nprint('planted')"
+    output = notebook_dir / "out.ipynb"
+    t0 = time.monotonic()
+    status, stderr, out = papermill(
+        tmp_path, notebook("python3-sandbox", plant, "print('after')"), notebook_dir, output
+    )
+    assert time.monotonic() - t0 < 240  # a FIFO did not block a save
+    assert status == 0, stderr
+    assert [texts(c) for c in out.cells] == ["planted\n", "after\n"]
+    assert not output.is_symlink() and output.is_file()
+    assert secret.read_text() == "host file\n"
+    assert sorted(p.name for p in host.iterdir()) == ["secret.txt"]
