@@ -69,6 +69,7 @@ async def test_a_notebook_cannot_lift_its_caps_under_the_default_policy(
         assert reply["ok"] is False, (request, reply)
         assert "refused" in reply["error"] or "at most" in reply["error"], (request, reply)
     after = sandboxes.cgroup(km)
+
     def caps(st: object) -> tuple[object, ...]:
         return tuple(getattr(st, k) for k in ("memory_limit", "pids_limit", "cpu_quota_us"))
 
