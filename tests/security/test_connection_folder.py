@@ -15,7 +15,6 @@ kernel back once the kernel puts its socket back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import stat
 import time

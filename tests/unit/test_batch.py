@@ -225,6 +225,7 @@ def test_a_planted_folder_link_on_the_way_is_refused(
 def test_the_engine_puts_its_handler_in_papermills_place(
     tmp_path: Path, papermill_handlers: list[tuple[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from papermill.engines import NBClientEngine
     from papermill.iorw import LocalHandler, papermill_io
 
     from sandbox_kernel.batch import engine
@@ -233,7 +234,7 @@ def test_the_engine_puts_its_handler_in_papermills_place(
     assert type(original) is LocalHandler
     seen: list[Any] = []
     monkeypatch.setattr(
-        engine.NBClientEngine, "execute_notebook", classmethod(lambda cls, *a, **k: seen.append(a))
+        NBClientEngine, "execute_notebook", classmethod(lambda cls, *a, **k: seen.append(a))
     )
     monkeypatch.chdir(tmp_path)
     engine.SandboxEngine.execute_notebook(nbformat.v4.new_notebook(), "k")  # type: ignore[no-untyped-call]
