@@ -18,7 +18,8 @@ and writer of such a folder goes through this module instead:
   never follow the last name either.
 
 Callers: ``jupyter.contents`` (the Jupyter server's contents manager and checkpoints),
-``jupyter.demo`` (the executed notebooks it writes next to the kernels' files).
+``jupyter.demo`` (the executed notebooks it writes next to the kernels' files),
+``batch.engine`` (papermill's output notebook), ``images.exporter``, ``quota``.
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ def write_bytes(root: str, path: str, data: bytes | BinaryIO, mode: int = 0o644)
     """Replace the file ``path`` below ``root`` with ``data`` (bytes, or a binary file read
     to its end): written to a new file in the same folder, then renamed over the name (a
     link or FIFO there is replaced, never followed). Called by writers that make whole
-    files: the demo's executed notebooks, the contents manager's checkpoints."""
+    files: the demo's executed notebooks, the contents manager's checkpoints, papermill's
+    output notebook (``batch.engine.write_output``), the exporter's index."""
     with parent(root, path) as (dfd, name):
         tmp = f".~{name}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):

@@ -35,7 +35,8 @@ fi
 SUITES=(tests/privileged/test_runtime.py tests/privileged/test_provisioner.py
         tests/privileged/test_magics.py tests/privileged/test_rootless_images.py
         tests/privileged/test_grading.py tests/privileged/test_soak.py
-        tests/privileged/test_folder_quota.py tests/privileged/test_pool.py tests/security)
+        tests/privileged/test_folder_quota.py tests/privileged/test_pool.py
+        tests/privileged/test_output_flood.py tests/security)
 BENCH=()
 HUB_ONLY=0
 if [ "${1:-}" = --bench ]; then

@@ -61,7 +61,7 @@ from .recipe import (
     load_recipe,
     step_cache_key,
 )
-from .store import Image, ImageConfig, ImageStore, Layer
+from .store import Image, ImageConfig, ImageStore, Layer, private_dir
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -613,7 +613,7 @@ class _Builder:
         total = len(steps) + 1
         layers: list[Layer] = list(parent.layers) if parent is not None else []
         history = [f"from {parent.name}:{parent.tag}" for _ in layers] if parent else []
-        self.tmp_root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.tmp_root)
         for n, step in enumerate(steps, 1):
             layer, line = self.layer_step(recipe, py, step, layers, f"[{n}/{total}]")
             layers.append(layer)

@@ -59,6 +59,8 @@ WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 USER_OPAQUE_XATTR = "user.overlay.opaque"
+#: A file capability set (what `setcap` writes); never applied, removed from older snapshots.
+CAPABILITY_XATTR = "security.capability"
 MAX_REPORTED = 1000  # report lists are capped; counts are not
 MAX_DEPTH = 256  # path components of one member name
 
@@ -204,8 +206,9 @@ def set_opaque(target: int | str) -> None:
 
 def harden_snapshot(root: Path) -> None:
     """Put snapshot ``root`` (unpacked by an earlier version) into today's form: setuid and
-    setgid dropped from files, opaque directories marked in both overlay xattr namespaces.
-    Never follows a symlink. Called once per snapshot by ``ImageStore._upgrade_snapshots``."""
+    setgid dropped from files, file capabilities (``security.capability``) removed, opaque
+    directories marked in both overlay xattr namespaces. Never follows a symlink. Called
+    once per snapshot by ``ImageStore._upgrade_snapshots``."""
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames:
             p = os.path.join(dirpath, name)
@@ -216,8 +219,12 @@ def harden_snapshot(root: Path) -> None:
             p = os.path.join(dirpath, name)
             with contextlib.suppress(OSError):
                 st = os.lstat(p)
-                if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
                     os.chmod(p, file_mode(st.st_mode))
+                with contextlib.suppress(OSError):
+                    os.removexattr(p, CAPABILITY_XATTR, follow_symlinks=False)
 
 
 class _Extractor:

@@ -31,7 +31,7 @@ from .labels import LABEL_IPYKERNEL_LAYER
 from .probe import CANDIDATE_DIRS, Interpreter
 from .probe import choose as probe_choose
 from .recipe import PipSpec, PythonSpec, find_recipe, load_recipe
-from .store import Image, ImageConfig, ImageStore
+from .store import Image, ImageConfig, ImageStore, private_dir
 
 #: Where the layer's packages are inside the kernel (and on its PYTHONPATH).
 TARGET = "/opt/sandbox-kernel/ipykernel"
@@ -190,8 +190,7 @@ def ensure(
     )
     if progress is not None:
         progress(f"building the ipykernel layer for Python {py.version} ({ref})")
-    tmp_root = store.root / "build-tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
+    tmp_root = private_dir(store.root / "build-tmp")
     scratch = Path(tempfile.mkdtemp(prefix="ipykernel-", dir=tmp_root))
     try:
         out = scratch / "layer"

@@ -12,6 +12,17 @@ Layout under the state dir (``paths.state_dir()``):
   decompressed again).
 * ``cache/<sha256 of key>.json`` - the build cache: step key -> layer.
 * ``tmp/`` - work space on the same filesystem; ``index.lock`` - flock for index updates.
+* ``build-tmp/`` - the builder's scratch folders (``build``, ``ipykernel_layer``).
+
+Modes (``PRIVATE_PARTS``, ``private_dir``): ``tmp/``, ``cache/`` and ``build-tmp/`` are the
+owner's work (partial downloads and unpacks, build scratch with whatever a build step left,
+the build cache's keys) and are made 0700 at every start of the store, an older store's
+included. ``oci/``, ``snapshots/`` and ``layers/`` stay readable by every host user: an
+ordinary user's rootless kernels read the system store (``lookup``). That is safe because a
+snapshot holds nothing that gains privileges when a host user runs it: setuid and setgid
+bits are stripped at unpack, no xattr of an archive (``security.capability`` among them) is
+ever applied, and ``harden_snapshot`` takes both off snapshots of older versions; what is
+left is an image's ordinary files, which any user could unpack from the image themselves.
 
 All writes are temp + rename. Digests are validated before a path is built from them and
 verified whenever a blob is read.
@@ -28,6 +39,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -59,9 +71,23 @@ log = logging.getLogger(__name__)
 
 HISTORY_EMPTY = "empty_layer"
 #: The form of the snapshots (``_upgrade_snapshots``): 2 = setuid/setgid stripped from files,
-#: opaque directories marked in both overlay xattr namespaces.
-SNAPSHOT_FORMAT = "2"
+#: opaque directories marked in both overlay xattr namespaces; 3 = file capabilities
+#: (``security.capability``) removed too.
+SNAPSHOT_FORMAT = "3"
 SNAPSHOT_FORMAT_FILE = ".format"
+#: The store's parts that only its owner uses: mode 0700 (see the module docstring).
+PRIVATE_PARTS = ("tmp", "cache", "build-tmp")
+PRIVATE_MODE = 0o700
+
+
+def private_dir(path: Path) -> Path:
+    """Make the folder ``path`` (one of a store's ``PRIVATE_PARTS``) if missing and give it
+    mode 0700 whatever the umask or an older version made; ``path``. Called by
+    ``ImageStore._init`` and by the builders for ``build-tmp``."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_MODE)
+    if stat.S_IMODE(path.lstat().st_mode) != PRIVATE_MODE:
+        os.chmod(path, PRIVATE_MODE)
+    return path
 
 
 @dataclass(frozen=True)
@@ -321,14 +347,10 @@ class ImageStore:
             self._ready = True
             return
         try:
-            for d in (
-                self.blobs_dir,
-                self.snapshots_dir,
-                self.layers_dir,
-                self.cache_dir,
-                self.tmp_dir,
-            ):
+            for d in (self.blobs_dir, self.snapshots_dir, self.layers_dir):
                 d.mkdir(parents=True, exist_ok=True)
+            for name in PRIVATE_PARTS:
+                private_dir(self.root / name)
             layout = self.oci_dir / "oci-layout"
             if not layout.exists():
                 self._atomic_write(
@@ -348,8 +370,9 @@ class ImageStore:
 
     def _upgrade_snapshots(self) -> None:
         """Bring snapshots unpacked by an earlier version to today's form, once (the
-        ``snapshots/.format`` file says which form they are in): setuid/setgid dropped from
-        files, and opaque directories marked for overlay in a user namespace too."""
+        ``snapshots/.format`` file says which form they are in): setuid/setgid and file
+        capabilities dropped from files, and opaque directories marked for overlay in a user
+        namespace too."""
         marker = self.snapshots_dir / SNAPSHOT_FORMAT_FILE
         try:
             if marker.read_text().strip() == SNAPSHOT_FORMAT:

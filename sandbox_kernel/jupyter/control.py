@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -82,7 +83,9 @@ def _bind_as(sock: socket.socket, path: str, uid: int, gid: int) -> None:
     are ``uid``/``gid``, the kernel's: the connection folder is a tmpfs of the container's
     user namespace, where the server's own ids may not exist (root's: EOVERFLOW), and the
     socket is then the kernel's from its creation (no chown through a path the kernel may
-    swap; the folder is mounted nosymfollow as well). Called by ``ControlServer.start``."""
+    swap), and its mode is set through a descriptor of the name, never through a link the
+    kernel put there meanwhile (``_chmod_socket``; the folder is mounted nosymfollow as
+    well). Called by ``ControlServer.start``."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -100,7 +103,7 @@ def _bind_as(sock: socket.socket, path: str, uid: int, gid: int) -> None:
                     "CAP_SETUID and CAP_SETGID: run Jupyter as root)"
                 )
             sock.bind(path)
-            os.chmod(path, 0o600)
+            _chmod_socket(path, 0o600)
         except BaseException as exc:
             failure.append(exc)
         finally:
@@ -112,6 +115,24 @@ def _bind_as(sock: socket.socket, path: str, uid: int, gid: int) -> None:
     thread.join()
     if failure:
         raise failure[0]
+
+
+def _chmod_socket(path: str, mode: int) -> None:
+    """Give the socket at ``path`` mode ``mode`` without following a link: the name is
+    opened ``O_PATH|O_NOFOLLOW`` (a link is opened as itself, not followed), must be a
+    socket (``fstat`` on the descriptor), and is changed through that descriptor. The kernel
+    writes the folder and may have swapped the name since the bind: PermissionError then,
+    nothing changed. Called by ``_bind_as`` right after the bind."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise PermissionError(
+                f"the control socket {path} was replaced by the kernel before its mode was "
+                "set; the kernel's start is refused (restart it)"
+            )
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 class ControlServer:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -111,7 +113,7 @@ def papermill_env(tmp_path: Path) -> dict[str, str]:
     engines = project["project"]["entry-points"]["papermill.engine"]
     site = tmp_path / "site"
     info = site / "sandbox_kernel_checkout-0.0.dist-info"
-    info.mkdir(parents=True)
+    info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: sandbox-kernel-checkout\nVersion: 0.0\n"
     )
@@ -122,9 +124,12 @@ def papermill_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def papermill(tmp_path: Path, nb: NotebookNode, cwd: Path) -> tuple[int, str, NotebookNode]:
-    """Run ``papermill --engine sandbox`` on ``nb``; its status, stderr and output notebook."""
-    source, output = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+def papermill(
+    tmp_path: Path, nb: NotebookNode, cwd: Path, output: Path | None = None
+) -> tuple[int, str, NotebookNode]:
+    """Run ``papermill --engine sandbox`` on ``nb`` (the output notebook ``output``, by
+    default beside the input); its status, stderr and output notebook."""
+    source, output = tmp_path / "in.ipynb", output or tmp_path / "out.ipynb"
     nbformat.write(nb, str(source))  # type: ignore[no-untyped-call]
     cmd = [sys.executable, "-m", "papermill", "--engine", "sandbox", "--cwd", str(cwd)]
     cmd += ["--start-timeout", "120", str(source), str(output)]
@@ -162,3 +167,42 @@ def test_papermill_engine_runs_a_notebook_that_fits(
     assert status == 0, stderr
     assert [texts(c) for c in out.cells] == ["42\n", "after\n"]
     assert out.metadata.papermill["exception"] is not True
+
+
+#: A cell that plants, in the kernel's folder (its working directory), what waits under the
+#: name of the next run's output notebook (a kernel cannot remove the root-owned output of
+#: its own run: its owner is in no map of the kernel's, EOVERFLOW; what an earlier kernel
+#: left there is what papermill meets).
+PLANT_OUTPUT = {
+    "link to a host file": "os.symlink(SECRET, 'out.ipynb')",
+    "link to a host folder": "os.symlink(os.path.dirname(SECRET), 'out.ipynb')",
+    "dangling link": "os.symlink(os.path.dirname(SECRET) + '/new.ipynb', 'out.ipynb')",
+    "FIFO": "os.mkfifo('out.ipynb')",
+}
+
+
+@pytest.mark.parametrize("kind", list(PLANT_OUTPUT))
+def test_papermill_never_follows_what_the_kernel_planted_as_its_output(
+    kernels: Path, notebook_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    host = tmp_path / "host"
+    host.mkdir(mode=0o700)
+    secret = host / "secret.txt"
+    secret.write_text("host file\n")
+    plant = "import os\n" + PLANT_OUTPUT[kind].replace("SECRET", repr(str(secret)))
+    status, stderr, _ = papermill(
+        tmp_path, notebook("python3-sandbox", plant + "\nprint('planted')"), notebook_dir
+    )
+    assert status == 0, stderr
+    output = notebook_dir / "out.ipynb"
+    assert not stat.S_ISREG(os.lstat(output).st_mode)  # what the kernel left
+    t0 = time.monotonic()
+    status, stderr, out = papermill(
+        tmp_path, notebook("python3-sandbox", "print('after')"), notebook_dir, output
+    )
+    assert time.monotonic() - t0 < 240  # a FIFO did not block a save
+    assert status == 0, stderr
+    assert [texts(c) for c in out.cells] == ["after\n"]
+    assert not output.is_symlink() and output.is_file()
+    assert secret.read_text() == "host file\n"
+    assert sorted(p.name for p in host.iterdir()) == ["secret.txt"]

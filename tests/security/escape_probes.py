@@ -78,7 +78,7 @@ ARGS: dict[str, Any] = json.loads(os.environ.get("SK_PROBE_ARGS") or "{}")
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 
-# x86_64 system call numbers (checked against sandbox_kernel/seccomp_tables.py by a unit
+# x86_64 system call numbers (checked against sandbox_kernel/runtime/seccomp_tables.py by a unit
 # test in test_escape.py, which reads this table without importing this file).
 NR = {
     "ioctl": 16,

@@ -4,6 +4,8 @@ papermill engine's entry point."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,3 +134,110 @@ def test_the_papermill_engine_is_declared_and_loads() -> None:
     client = engine.SandboxPapermillClient
     assert client.execute_cell is not NotebookClient.execute_cell
     assert client.execute_cell is not batch.SandboxNotebookClient.execute_cell
+
+
+@pytest.fixture
+def papermill_handlers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Papermill's handler list, restored after the test (install_handler changes it)."""
+    from papermill.iorw import papermill_io
+
+    saved = list(papermill_io._handlers)
+    monkeypatch.setattr(papermill_io, "_handlers", saved)
+    return saved
+
+
+def plant(folder: Path, name: str, kind: str, outside: Path) -> None:
+    """What a kernel leaves under the output's name in its folder."""
+    target = folder / name
+    if kind == "link to a file outside":
+        target.symlink_to(outside / "victim.txt")
+    elif kind == "link to a folder outside":
+        target.symlink_to(outside)
+    elif kind == "dangling link":
+        target.symlink_to(outside / "new.ipynb")
+    elif kind == "FIFO":
+        os.mkfifo(target)
+    else:
+        raise AssertionError(kind)
+
+
+PLANTED = ["link to a file outside", "link to a folder outside", "dangling link", "FIFO"]
+
+
+@pytest.mark.parametrize("kind", PLANTED)
+@pytest.mark.parametrize("where", ["the kernel's folder", "a subfolder of it"])
+def test_papermill_writes_replace_what_the_kernel_planted(
+    tmp_path: Path,
+    papermill_handlers: list[tuple[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    where: str,
+) -> None:
+    from papermill.iorw import write_ipynb
+
+    from sandbox_kernel.batch import engine
+
+    folder, outside = tmp_path / "kernel", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    (outside / "victim.txt").write_text("host file\n")
+    out_dir = folder if where == "the kernel's folder" else folder / "results"
+    out_dir.mkdir(exist_ok=True)
+    plant(out_dir, "out.ipynb", kind, outside)
+    handler = engine.install_handler()
+    handler.folders.append(str(folder))
+    assert engine.install_handler() is handler  # once per process
+    nb = nbformat.v4.new_notebook()  # type: ignore[no-untyped-call]
+    monkeypatch.chdir(tmp_path)
+    # a FIFO opened for writing would block: the write must end at once (alarm as a bound)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the write blocked"))
+    signal.alarm(10)
+    try:
+        write_ipynb(nb, str(out_dir.relative_to(tmp_path) / "out.ipynb"))  # papermill's path
+    finally:
+        signal.alarm(0)
+    out = out_dir / "out.ipynb"
+    assert not out.is_symlink() and out.is_file()
+    assert nbformat.read(str(out), as_version=4).cells == []  # type: ignore[no-untyped-call]
+    assert (outside / "victim.txt").read_text() == "host file\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["out.ipynb"]  # no temporary left
+
+
+def test_a_planted_folder_link_on_the_way_is_refused(
+    tmp_path: Path, papermill_handlers: list[tuple[str, Any]]
+) -> None:
+    from papermill.iorw import write_ipynb
+
+    from sandbox_kernel import beneath
+    from sandbox_kernel.batch import engine
+
+    folder, outside = tmp_path / "kernel", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    (folder / "results").symlink_to(outside)
+    engine.install_handler().folders.append(str(folder))
+    with pytest.raises(beneath.Refused, match="results is a symbolic link"):
+        write_ipynb(nbformat.v4.new_notebook(), str(folder / "results" / "out.ipynb"))  # type: ignore[no-untyped-call]
+    assert list(outside.iterdir()) == []
+
+
+def test_the_engine_puts_its_handler_in_papermills_place(
+    tmp_path: Path, papermill_handlers: list[tuple[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from papermill.engines import NBClientEngine
+    from papermill.iorw import LocalHandler, papermill_io
+
+    from sandbox_kernel.batch import engine
+
+    original = papermill_io.get_handler("x.ipynb")
+    assert type(original) is LocalHandler
+    seen: list[Any] = []
+    monkeypatch.setattr(
+        NBClientEngine, "execute_notebook", classmethod(lambda cls, *a, **k: seen.append(a))
+    )
+    monkeypatch.chdir(tmp_path)
+    engine.SandboxEngine.execute_notebook(nbformat.v4.new_notebook(), "k")  # type: ignore[no-untyped-call]
+    handler = papermill_io.get_handler(str(tmp_path / "out.ipynb"))
+    assert isinstance(handler, engine.BeneathLocalHandler) and seen
+    assert handler.folders == [os.path.realpath(tmp_path)]

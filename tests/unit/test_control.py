@@ -417,3 +417,38 @@ def test_a_control_thread_that_cannot_listen_raises_and_leaves_no_thread(
     with pytest.raises(OSError):
         server.start()
     assert not server.running and set(threading.enumerate()) <= before
+
+
+@pytest.mark.parametrize("planted", ["link to a host file", "link to a host socket", "FIFO"])
+def test_the_control_sockets_mode_is_never_set_through_what_the_kernel_swapped_in(
+    tmp_path: Path, planted: str
+) -> None:
+    """Between the bind and the chmod the kernel may replace the name: the mode is set on
+    the name itself, and only when it is a socket."""
+    import socket
+    import stat
+
+    from sandbox_kernel.jupyter import control
+
+    host = tmp_path / "host"
+    host.mkdir()
+    victim = host / "file"
+    victim.write_text("host")
+    victim.chmod(0o644)
+    with socket.socket(socket.AF_UNIX) as hs:
+        hs.bind(str(host / "sock"))
+        os.chmod(host / "sock", 0o755)
+        path = tmp_path / "control"
+        if planted == "FIFO":
+            os.mkfifo(path)
+        else:
+            path.symlink_to(victim if planted == "link to a host file" else host / "sock")
+        with pytest.raises(PermissionError, match="replaced by the kernel"):
+            control._chmod_socket(str(path), 0o600)
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+        assert stat.S_IMODE((host / "sock").stat().st_mode) == 0o755
+        path.unlink()
+        with socket.socket(socket.AF_UNIX) as ks:
+            ks.bind(str(path))
+            control._chmod_socket(str(path), 0o600)
+            assert stat.S_IMODE(path.lstat().st_mode) == 0o600

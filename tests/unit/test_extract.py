@@ -372,3 +372,53 @@ def test_an_image_expands_at_most_max_image_bytes(tmp_path: Path) -> None:
             store.add_layer_blob(blobs[1], oci.MT_OCI_LAYER_GZIP)
     layer = store.add_layer_blob(blobs[1], oci.MT_OCI_LAYER_GZIP)  # alone it fits
     assert layer.snapshot.is_dir()
+
+
+@pytest.mark.parametrize("mode", [0o4755, 0o2755, 0o6755, 0o6711, 0o2700])
+def test_setuid_and_setgid_bits_are_stripped_at_unpack(tmp_path: Path, mode: int) -> None:
+    data = tar_bytes(
+        [
+            ("usr/bin/tool", "f", "ELF", mode),
+            ("usr/bin/link", "h", "usr/bin/tool", mode),  # a hard link keeps no bit either
+            ("usr/share/", "d", None, 0o2775),  # a setgid folder is only inheritance: kept
+        ]
+    )
+    d = tmp_path / "out"
+    extract(data, d)
+    for name in ("usr/bin/tool", "usr/bin/link"):
+        got = stat.S_IMODE(os.lstat(d / name).st_mode)
+        assert got == mode & 0o777, (name, oct(got))
+        assert not got & (stat.S_ISUID | stat.S_ISGID)
+
+
+def test_harden_snapshot_strips_bits_and_file_capabilities(tmp_path: Path) -> None:
+    from sandbox_kernel.images.extract import CAPABILITY_XATTR, harden_snapshot
+
+    snap = tmp_path / "snap"
+    (snap / "usr/bin").mkdir(parents=True)
+    modes = {"su": 0o4755, "wall": 0o2755, "both": 0o6755, "plain": 0o755}
+    for name, mode in modes.items():
+        p = snap / "usr/bin" / name
+        p.write_text("ELF")
+        os.chmod(p, mode)
+    outside = tmp_path / "outside"
+    outside.write_text("host")
+    os.chmod(outside, 0o4755)
+    (snap / "usr/bin/out").symlink_to(outside)  # never followed
+    capped = snap / "usr/bin/ping"
+    capped.write_text("ELF")
+    # a file capability as setcap writes it (v2: cap_net_raw+ep); root only
+    cap = bytes.fromhex("0100000200200000000000000000000000000000")
+    try:
+        os.setxattr(capped, CAPABILITY_XATTR, cap)
+        has_cap = True
+    except OSError:
+        has_cap = False
+    harden_snapshot(snap)
+    for name, mode in modes.items():
+        assert stat.S_IMODE(os.lstat(snap / "usr/bin" / name).st_mode) == mode & 0o777, name
+    assert stat.S_IMODE(os.lstat(outside).st_mode) == 0o4755  # the link's target untouched
+    if ROOT:
+        assert has_cap, "root could not set a file capability on this filesystem"
+    if has_cap:
+        assert CAPABILITY_XATTR not in os.listxattr(capped, follow_symlinks=False)

@@ -580,3 +580,36 @@ def test_cli_import_of_a_damaged_archive_exits_125(
     err = capsys.readouterr().err
     assert err.startswith("sandbox-kernel: error: ") and str(path) in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_private_parts_are_the_owners_only(tmp_path: Path) -> None:
+    from sandbox_kernel.images.store import PRIVATE_PARTS
+
+    root = tmp_path / "state"
+    (root / "tmp").mkdir(parents=True, mode=0o777)  # an older store's, or a loose umask
+    os.chmod(root / "tmp", 0o777)
+    old = os.umask(0)
+    try:
+        ImageStore(root).list()
+    finally:
+        os.umask(old)
+    assert set(PRIVATE_PARTS) == {"tmp", "cache", "build-tmp"}
+    for name in PRIVATE_PARTS:
+        assert stat.S_IMODE((root / name).lstat().st_mode) == 0o700, name
+    # what rootless users read of the system store stays readable
+    for name in ("oci", "snapshots", "layers"):
+        assert (root / name).lstat().st_mode & 0o005 == 0o005, name
+
+
+def test_older_snapshots_are_upgraded_once(tmp_path: Path) -> None:
+    from sandbox_kernel.images.store import SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_FILE
+
+    root = tmp_path / "state"
+    snap = root / "snapshots" / ("a" * 64)
+    (snap / "bin").mkdir(parents=True)
+    (snap / "bin/su").write_text("ELF")
+    os.chmod(snap / "bin/su", 0o4755)
+    (root / "snapshots" / SNAPSHOT_FORMAT_FILE).write_text("2\n")
+    ImageStore(root).list()
+    assert stat.S_IMODE((snap / "bin/su").lstat().st_mode) == 0o755
+    assert (root / "snapshots" / SNAPSHOT_FORMAT_FILE).read_text().strip() == SNAPSHOT_FORMAT
