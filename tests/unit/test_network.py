@@ -428,10 +428,10 @@ def test_a_state_folder_not_roots_alone_is_refused(fake_host: dict[str, Any]) ->
     a = nat.Attachment("sk-aaaaaaaaaaaa", _config())
     a.reserve(1, "1")
     a.detach()
-    nat.NET_DIR.chmod(0o755)
+    network.NET_DIR.chmod(0o755)
     with pytest.raises(SandboxError, match="closed to others"):
         nat.Attachment("sk-bbbbbbbbbbbb", _config()).reserve(1, "1")
-    nat.NET_DIR.chmod(0o700)
+    network.NET_DIR.chmod(0o700)
 
 
 def test_collect_does_not_wait_for_a_busy_lock(fake_host: dict[str, Any]) -> None:
