@@ -31,6 +31,7 @@ from ..network.config import (
     parse_allow_list,
     parse_subnet,
 )
+from ..network.nat import host_resolvers
 from ..runtime.spec import (
     BYTES_PER_INODE,
     VOLUME_FORMS,
@@ -634,7 +635,16 @@ class _Resolver:
     def dns(self) -> tuple[str, ...] | None:
         raw = self.values["network_dns"]
         if raw is None:
-            return None
+            # the host's resolvers, only those the administrator allows on port 53: an
+            # allow-list of pypi.org:443 alone must not open DNS (a channel out) to the LAN
+            return tuple(
+                server
+                for server in host_resolvers()
+                if all(
+                    any(allow_inside(AllowEntry(f"{server}/32", DNS_PORT), top) for top in ceiling)
+                    for ceiling, _ in self._ceilings_of_allow()
+                )
+            )
         if not isinstance(raw, (list, tuple)) or not all(isinstance(x, str) for x in raw):
             self.problems.append(f"network_dns={raw!r} is not valid; use {DNS_FORMS}")
             return ()

@@ -168,7 +168,8 @@ class SandboxSettings(LoggingConfigurable):
         help=f"""With network 'nat': the resolvers written into the kernel's
         /etc/resolv.conf and reachable on port 53, {DNS_FORMS}. A resolver given here
         must be allowed on port 53 by SandboxPolicy.network_allow. Default: null (the
-        host's resolvers).""",
+        host's non-loopback resolvers that SandboxPolicy.network_allow allows on port 53;
+        none when it allows none).""",
     )
     user = Union(
         [Unicode(), Int()],

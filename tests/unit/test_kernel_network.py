@@ -11,6 +11,7 @@ import pytest
 
 from sandbox_kernel import policy as hp
 from sandbox_kernel.errors import CeilingRefused, LimitRefused, SpecError
+from sandbox_kernel.jupyter import resolve as resolve_mod
 from sandbox_kernel.jupyter.resolve import Policy, allow_inside, read_policy, resolve_settings
 from sandbox_kernel.jupyter.settings import SETTING_NAMES, SandboxPolicy, SandboxSettings
 from sandbox_kernel.limits import Ceilings, Limits, check_live, plan_change
@@ -80,7 +81,9 @@ def test_nat_allowed_without_an_admin_allow_list_reaches_nothing() -> None:
     assert "SandboxPolicy.network_allow = []" in text and "c.SandboxPolicy.network_allow" in text
 
 
-def test_nat_kernel_gets_its_allow_list_subnet_and_resolvers() -> None:
+def test_nat_kernel_gets_its_allow_list_subnet_and_resolvers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     s = resolve(
         values(network="nat", network_allow=["198.18.1.0/24:80", "pypi.org:443"], network_dns=[]),
         admin(**NAT_OK),
@@ -89,9 +92,14 @@ def test_nat_kernel_gets_its_allow_list_subnet_and_resolvers() -> None:
     assert [str(e) for e in s.nat.allow] == ["198.18.1.0/24:80", "pypi.org:443"]
     assert s.nat.dns == () and s.nat.subnet == "10.213.0.0/16" and s.nat.bandwidth is None
     # without an allow-list of its own: the administrator's whole list; null dns: the host's
+    # resolvers, only those the administrator allows on port 53
+    monkeypatch.setattr(resolve_mod, "host_resolvers", lambda: ("198.18.0.53", "10.9.9.9"))
     s = resolve(values(network="nat"), admin(**NAT_OK))
     assert s.nat is not None and [str(e) for e in s.nat.allow] == ["198.18.0.0/15", "pypi.org:443"]
-    assert s.nat.dns is None
+    assert s.nat.dns == ("198.18.0.53",), "10.9.9.9:53 is in no administrator's entry"
+    only_pypi = {**NAT_OK, "network_allow": ["pypi.org:443"]}
+    s = resolve(values(network="nat"), admin(**only_pypi))
+    assert s.nat is not None and s.nat.dns == (), "pypi.org:443 alone opens no DNS"
 
 
 @pytest.mark.parametrize(
