@@ -14,13 +14,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import SpecError
-from . import DEFAULT_SUBNET
+from . import DEFAULT_SUBNET, IF_PREFIX
 
 ALLOW_FORMS = (
     "an IPv4 address or network with an optional port (198.18.0.7, 198.18.0.0/15, "
     "198.18.0.7:443) or a host name with an optional port (pypi.org, pypi.org:443)"
 )
 SUBNET_FORMS = "an IPv4 network of at least 4 addresses, e.g. 10.213.0.0/16"
+#: Networks a kernel subnet may not overlap: this network, loopback, link-local, multicast,
+#: reserved, broadcast.
+SPECIAL = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
 #: At most this many allow-list entries, and addresses once host names are resolved.
 MAX_ALLOW = 64
 MAX_ALLOW_ADDRESSES = 256
@@ -120,7 +123,29 @@ def parse_subnet(text: object, field: str = "network_subnet") -> str:
         raise SpecError(f"{field}={text!r} is not valid; use {SUBNET_FORMS}") from None
     if not isinstance(text, str) or net.num_addresses < 4 or not re.match(r"^[0-9./]+$", text):
         raise SpecError(f"{field}={text!r} is not valid; use {SUBNET_FORMS}")
+    for special in SPECIAL:
+        if net.overlaps(ipaddress.IPv4Network(special)):
+            raise SpecError(
+                f"{field}={text!r} overlaps {special}, which is never a kernel's; "
+                f"use {SUBNET_FORMS}"
+            )
     return str(net)
+
+
+def route_conflicts(subnet: str, routes: Iterable[tuple[str, str]]) -> list[str]:
+    """The host's routes (interface, network) other than the product's links and the
+    default route that ``subnet`` overlaps: giving kernels those addresses would take them
+    from the host's own networks (the gateway address made local, /32 routes over them).
+    ``nat.Attachment.reserve`` refuses a subnet with any."""
+    net = ipaddress.IPv4Network(subnet)
+    out = []
+    for ifname, dest in routes:
+        route = ipaddress.IPv4Network(dest)
+        if ifname.startswith(IF_PREFIX) or route.prefixlen == 0:
+            continue
+        if net.overlaps(route):
+            out.append(f"{route} on {ifname}")
+    return out
 
 
 Resolver = Callable[[str], list[str]]

@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import stat
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 
 from ..errors import PrivilegeError, SandboxError, SpecError
 from . import IF_PREFIX, NET_DIR, anything_there, firewall, host_links, links
-from .config import NatConfig, resolve_allow
+from .config import NatConfig, resolve_allow, route_conflicts
 
 _FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 #: A lease file is at most this big (the host reads what it wrote, but bounds it anyway).
@@ -74,6 +75,27 @@ def host_resolvers(path: str = "/etc/resolv.conf") -> tuple[str, ...]:
             if not addr.is_loopback and str(addr) not in out:
                 out.append(str(addr))
     return tuple(out[:3])
+
+
+def host_routes(path: str = "/proc/net/route") -> list[tuple[str, str]]:
+    """The host's IPv4 routes as (interface, network), from /proc/net/route (no netlink)."""
+    out: list[tuple[str, str]] = []
+    try:
+        with open(path) as f:
+            lines = f.read(1 << 20).splitlines()[1:]
+    except OSError:
+        return out
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        try:
+            dest = ipaddress.IPv4Address(struct.pack("<I", int(fields[1], 16)))
+            mask = ipaddress.IPv4Address(struct.pack("<I", int(fields[7], 16)))
+            out.append((fields[0], str(ipaddress.IPv4Network(f"{dest}/{mask}"))))
+        except ValueError:
+            continue
+    return out
 
 
 @contextlib.contextmanager
@@ -208,6 +230,12 @@ class Attachment:
         self.allowed = resolve_allow(self.config.allow, _resolve)
         self.dns = self.config.dns if self.config.dns is not None else host_resolvers()
         subnet = ipaddress.IPv4Network(self.config.subnet)
+        conflicts = route_conflicts(str(subnet), host_routes())
+        if conflicts:
+            raise SpecError(
+                f"network subnet {subnet} overlaps the host's own network "
+                f"({', '.join(conflicts)}); give a network_subnet (--subnet) clear of it"
+            )
         hosts = subnet.hosts()
         gateway = str(next(hosts))
         doc = json.dumps(

@@ -24,6 +24,7 @@ from sandbox_kernel.network.config import (
     parse_allow_list,
     parse_subnet,
     resolve_allow,
+    route_conflicts,
 )
 from sandbox_kernel.runtime import ops
 from sandbox_kernel.runtime.plan import HostContext, compile_plan
@@ -152,6 +153,38 @@ def test_subnets() -> None:
     for bad in ("198.18.64.0/31", "10.0.0.0/8/2", "fd00::/64", "net"):
         with pytest.raises(SpecError, match="network_subnet"):
             parse_subnet(bad)
+    for special in ("127.0.0.0/24", "169.254.0.0/16", "224.0.0.0/24", "0.0.0.0/0"):
+        with pytest.raises(SpecError, match="never a kernel's"):
+            parse_subnet(special)
+
+
+def test_a_subnet_over_the_hosts_own_networks_is_refused(fake_host: dict[str, Any]) -> None:
+    routes = [
+        ("eth0", "0.0.0.0/0"),
+        ("eth0", "192.0.2.0/24"),
+        ("skn-aaaaaaaaaaa", "198.18.64.2/32"),
+    ]
+    assert route_conflicts("192.0.2.128/25", routes) == ["192.0.2.0/24 on eth0"]
+    assert route_conflicts("198.18.64.0/24", routes) == []  # the product's own links do not count
+    assert route_conflicts("10.213.0.0/16", routes) == []  # nor the default route
+    config = NatConfig(allow=parse_allow_list(["198.18.9.0/24"]), subnet="192.0.2.0/26", dns=())
+    with pytest.raises(
+        SpecError, match=r"overlaps the host's own network \(192.0.2.0/24 on eth0\)"
+    ):
+        nat.Attachment("sk-aaaaaaaaaaaa", config).reserve(1, "1")
+    assert nat.leftovers() == []
+
+
+def test_the_hosts_routes_are_read_from_proc(tmp_path: Path) -> None:
+    proc = tmp_path / "route"
+    proc.write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+        "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\n"
+        "eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n"
+        "junk\n"
+    )
+    assert nat.host_routes(str(proc)) == [("eth0", "0.0.0.0/0"), ("eth0", "192.0.2.0/24")]
+    assert nat.host_routes(str(tmp_path / "missing")) == []
 
 
 def test_the_validator_wants_an_allow_list_and_settings_only_with_nat() -> None:
@@ -337,6 +370,9 @@ def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
     monkeypatch.setattr(links, "create", lambda ifname, *a: made.add(ifname))
     monkeypatch.setattr(links, "delete", lambda ifname: made.discard(ifname))
     monkeypatch.setattr(links, "counters", lambda ifname: (10, 20))
+    monkeypatch.setattr(
+        nat, "host_routes", lambda: [("eth0", "0.0.0.0/0"), ("eth0", "192.0.2.0/24")]
+    )
     monkeypatch.setattr(links, "forget_connections", lambda address: forgotten.append(address))
     monkeypatch.setattr(nat, "host_links", lambda: sorted(made))
     monkeypatch.setattr(network, "host_links", lambda: sorted(made))
