@@ -653,10 +653,18 @@ class Container:
         for fd in self._shared.values():
             os.close(fd)
         self._shared.clear()
-        self.cgroup.remove()
-        if self.network is not None:
-            self.network.detach()
+        # each step runs whatever the one before it did (a cgroup busy with a process in
+        # D state must not keep the network's lease, link and rules for the server's life)
+        failed: list[SandboxError] = []
+        steps = [self.cgroup.remove, *((self.network.detach,) if self.network else ())]
+        for step in steps:
+            try:
+                step()
+            except SandboxError as exc:
+                failed.append(exc)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if failed:
+            raise failed[0]
 
     def __enter__(self) -> Container:
         return self

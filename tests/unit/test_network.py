@@ -578,3 +578,27 @@ def test_run_takes_the_network_options_only_with_nat() -> None:
     )
     with pytest.raises(SpecError, match="--subnet"):
         _nat_config(args(network="nat", allow=["198.18.0.1"], subnet="x"))
+
+
+def test_destroy_removes_the_network_even_when_the_cgroup_will_not_go(tmp_path: Path) -> None:
+    from sandbox_kernel.errors import CgroupError
+    from sandbox_kernel.runtime.container import Container
+
+    calls: list[str] = []
+
+    class StuckCgroup:
+        def remove(self) -> None:
+            calls.append("cgroup")
+            raise CgroupError("cgroup sk-0123456789ab: busy (a process in D state)")
+
+    class Network:
+        def detach(self) -> None:
+            calls.append("network")
+
+    spec = ContainerSpec(id="sk-0123456789ab", layers=("/x",), command=("true",))
+    (tmp_path / spec.id).mkdir()
+    c = Container(spec, None, StuckCgroup(), tmp_path, None, Network())  # type: ignore[arg-type]
+    with pytest.raises(CgroupError, match="busy"):
+        c.destroy()
+    assert calls == ["cgroup", "network"]
+    assert not (tmp_path / spec.id).exists()
