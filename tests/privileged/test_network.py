@@ -9,6 +9,7 @@ client code), so nothing needs building.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -51,6 +52,18 @@ def connect(addr, port, timeout):
 def probe(words):
     kind, addr, port = words[:3]
     t0 = time.monotonic()
+    if kind == "udp":  # a connected datagram socket hears an ICMP refusal as an error
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.connect((addr, int(port)))
+        try:
+            s.send(b"x")
+            s.recv(16)
+            return {"reply": "udp answered"}
+        except OSError as e:
+            return {"error": type(e).__name__, "errno": e.errno, "after": time.monotonic() - t0}
+        finally:
+            s.close()
     try:
         s = connect(addr, port, float(words[4]) if kind == "hello" and len(words) > 4 else 3)
     except OSError as e:
@@ -451,3 +464,39 @@ def test_the_cli_runs_a_command_with_nat(upstream: Upstream) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"hello from {ALLOWED}:8080"
+
+
+def test_udp_out_of_the_list_is_refused_at_once_and_counted(upstream: Upstream) -> None:
+    results, stats = run_client(
+        nat_config(f"{ALLOWED}:8080"), f"udp {ALLOWED} 9999", f"udp {OTHER} 53"
+    )
+    for r in results:  # ICMP administratively prohibited: refused, not left to time out
+        assert r.get("errno") in (errno.ECONNREFUSED, errno.EHOSTUNREACH), results
+        assert r["after"] < 1, results
+    assert stats["refused"] == 2, stats
+
+
+def test_a_refresh_moves_a_names_rules_to_its_new_addresses(
+    upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real table: a host name resolved at create, then again after it moved."""
+    answers = {"upstream.test": [ALLOWED]}
+    monkeypatch.setattr(nat, "_resolve", lambda name: answers[name])
+    config = NatConfig(allow=parse_allow_list(["upstream.test:8080"]), subnet=KERNEL_SUBNET, dns=())
+    check_targets([ALLOWED, OTHER])
+    running = Running(config)
+    try:
+        assert running.container.refresh_network() is False  # unchanged: nothing swapped
+        answers["upstream.test"] = [OTHER]
+        assert running.container.refresh_network() is True
+        name = nat.short_name(running.container.id)
+        listed = subprocess.run(
+            ["nft", "list", "chain", "inet", "sandbox_kernel", f"k-{name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert OTHER in listed and f"{ALLOWED} " not in listed, listed
+        assert running.container.network_stats()["refused"] == 0
+    finally:
+        running.finish()
