@@ -86,7 +86,7 @@ def _burst(rate_bits: int) -> int:
     return max(16 * 1024, rate_bits // 8 // 50)
 
 
-def _shape(ipr: Any, index: int, rate_bits: int | None, *, first: bool) -> None:
+def shape(ipr: Any, index: int, rate_bits: int | None, *, first: bool) -> None:
     """Put (or change, or remove with None) the tbf root qdisc of link ``index``."""
     if rate_bits is None:
         if not first:
@@ -125,14 +125,14 @@ def create(ifname: str, pid: int, gateway: str, address: str, rate_bits: int | N
             ipr.addr("add", index=index, address=gateway, prefixlen=32)
             ipr.link("set", index=index, state="up")
             ipr.route("add", dst=f"{address}/32", oif=index, scope=RT_SCOPE_LINK)
-            _shape(ipr, index, rate_bits, first=True)
+            shape(ipr, index, rate_bits, first=True)
         with _iproute(netns_socket(pid)) as inside:
             inside.addr("add", index=INSIDE_INDEX, address=address, prefixlen=32)
             inside.link("set", index=INSIDE_INDEX, state="up")
             inside.route(
                 "add", dst="0.0.0.0/0", gateway=gateway, oif=INSIDE_INDEX, flags=RTNH_F_ONLINK
             )
-            _shape(inside, INSIDE_INDEX, rate_bits, first=True)
+            shape(inside, INSIDE_INDEX, rate_bits, first=True)
     except LinkError:
         raise
     except Exception as exc:
@@ -144,9 +144,9 @@ def set_rate(ifname: str, pid: int, rate_bits: int | None) -> None:
     Called by ``nat.Attachment.set_bandwidth`` (a live ``%sandbox bandwidth=`` change)."""
     try:
         with _iproute() as ipr:
-            _shape(ipr, socket.if_nametoindex(ifname), rate_bits, first=False)
+            shape(ipr, socket.if_nametoindex(ifname), rate_bits, first=False)
         with _iproute(netns_socket(pid)) as inside:
-            _shape(inside, INSIDE_INDEX, rate_bits, first=False)
+            shape(inside, INSIDE_INDEX, rate_bits, first=False)
     except LinkError:
         raise
     except Exception as exc:

@@ -48,7 +48,8 @@ def short_name(container_id: str) -> str:
     return container_id.removeprefix("sk-")[:11]
 
 
-def _resolve(name: str) -> list[str]:
+def resolve_host(name: str) -> list[str]:
+    """The IPv4 addresses of host name ``name`` (the allow-list's resolver)."""
     infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
     return sorted({str(info[4][0]) for info in infos})
 
@@ -168,7 +169,7 @@ class Attachment:
         """Resolve the allow-list, take an address, make the shared state. SpecError for
         a host name that does not resolve or a full subnet. Called by
         ``Container.create``; ``owner``/``owner_start`` identify the creating process."""
-        self.allowed = resolve_allow(self.config.allow, _resolve)
+        self.allowed = resolve_allow(self.config.allow, resolve_host)
         self.dns = self.config.dns if self.config.dns is not None else host_resolvers()
         subnet = ipaddress.IPv4Network(self.config.subnet)
         hosts = subnet.hosts()
@@ -227,7 +228,7 @@ class Attachment:
         provisioner, every ``REFRESH_S`` seconds, for kernels whose list has names)."""
         if self.lease is None or not any(e.is_name for e in self.config.allow):
             return False
-        allowed = resolve_allow(self.config.allow, _resolve)
+        allowed = resolve_allow(self.config.allow, resolve_host)
         if allowed == self.allowed:
             return False
         firewall.replace_kernel_rules(self.name, allowed, self.dns)
@@ -272,11 +273,32 @@ class Attachment:
             "bandwidth": self.bandwidth,
         }
         if self.lease is not None:
-            counted = links.counters(self.lease.ifname)
-            if counted is not None:
-                out["bytes_in"], out["bytes_out"] = counted
-            out["refused"] = firewall.refused(self.name)
+            out.update(self._counters())
         return out
+
+    def _counters(self) -> dict[str, Any]:
+        """``bytes_in``, ``bytes_out`` and ``refused`` where they can be read (``stats``)."""
+        assert self.lease is not None
+        out: dict[str, Any] = {}
+        counted = links.counters(self.lease.ifname)
+        if counted is not None:
+            out["bytes_in"], out["bytes_out"] = counted
+        out["refused"] = firewall.refused(self.name)
+        return out
+
+
+def attachment(
+    container_id: str, config: NatConfig, run_dir: Path, start_time: Callable[[int], str | None]
+) -> Attachment:
+    """The ``nat`` attachment of a new container: the host's veth and table for a root
+    owner, a user-mode stack in the container's own namespace (``usermode``) for an
+    unprivileged one. ``start_time(pid)``: a process's start time (the stack's pid file).
+    Called by ``Container.create``."""
+    if os.geteuid() == 0:
+        return Attachment(container_id, config)
+    from .usermode import UserModeAttachment
+
+    return UserModeAttachment(container_id, config, run_dir, start_time)
 
 
 def collect(alive: Alive) -> list[str]:
