@@ -27,6 +27,18 @@ TEST_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 KERNEL_SUBNET = "198.18.64.0/24"
 UPSTREAM_NET = "198.19.7.0/24"
 HOST_SIDE = "198.19.7.1"
+#: The rootless tests' upstream (tests/privileged/test_network_rootless.py), made as root
+#: by tools/rootless-tests.sh (``python -m tests.netupstream --rootless``): its own network,
+#: so that it never meets the root tests' one.
+ROOTLESS_NET = "198.19.9.0/24"
+ROOTLESS_HOST_SIDE = "198.19.9.1"
+ROOTLESS_ALLOWED = "198.19.9.2"
+ROOTLESS_OTHER = "198.19.9.5"
+ROOTLESS_SERVERS = [
+    f"{ROOTLESS_ALLOWED}:8080",
+    f"{ROOTLESS_ALLOWED}:8081",
+    f"{ROOTLESS_OTHER}:8080",
+]
 
 SERVER = r"""
 import socket, socketserver, sys, threading, time
@@ -171,11 +183,15 @@ def upstream(
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m tests.netupstream NET HOST_SIDE SERVER...``: as root, the upstream
-    namespace and its servers until stdin closes (prints ``ready`` once they listen). The
-    rootless network tests' harness (tools/rootless-tests.sh) runs it before the
-    unprivileged users' suites: they cannot make a namespace on the host's side."""
-    net, host_side, *servers = argv
+    """``python -m tests.netupstream --rootless`` (or ``NET HOST_SIDE SERVER...``): as
+    root, the upstream namespace and its servers until stdin closes (prints ``ready`` once
+    they listen). The rootless network tests' harness (tools/rootless-tests.sh) runs it
+    before the unprivileged users' suites: they cannot make a namespace on the host's
+    side."""
+    if list(argv) == ["--rootless"]:
+        net, host_side, servers = ROOTLESS_NET, ROOTLESS_HOST_SIDE, ROOTLESS_SERVERS
+    else:
+        net, host_side, *servers = argv
     with upstream(servers, net, host_side):
         print("ready", flush=True)
         sys.stdin.read()

@@ -60,6 +60,7 @@ def shape(rate: int | None) -> None:
                 parent=_INGRESS,
                 protocol=_ETH_P_ALL,
                 prio=10,
+                target=0x10001,
                 keys=["0x0/0x0+0"],
                 action={
                     "kind": "mirred",
