@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -184,17 +185,19 @@ def upstream(
 
 def main(argv: Sequence[str]) -> int:
     """``python -m tests.netupstream --rootless`` (or ``NET HOST_SIDE SERVER...``): as
-    root, the upstream namespace and its servers until stdin closes (prints ``ready`` once
-    they listen). The rootless network tests' harness (tools/rootless-tests.sh) runs it
+    root, the upstream namespace and its servers until SIGTERM or SIGINT (prints ``ready``
+    once they listen). The rootless network tests' harness (tools/rootless-tests.sh) runs it
     before the unprivileged users' suites: they cannot make a namespace on the host's
     side."""
     if list(argv) == ["--rootless"]:
         net, host_side, servers = ROOTLESS_NET, ROOTLESS_HOST_SIDE, ROOTLESS_SERVERS
     else:
         net, host_side, *servers = argv
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # taken by sigwait, the block's exit runs
     with upstream(servers, net, host_side):
         print("ready", flush=True)
-        sys.stdin.read()
+        signal.sigwait(stop)
     return 0
 
 
