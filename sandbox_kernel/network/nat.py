@@ -80,8 +80,8 @@ def _locked() -> Iterator[None]:
     """The host lock of the network state (made on first use, root's, 0700)."""
     if os.geteuid() != 0:
         raise PrivilegeError(
-            "network 'nat' needs a root server for now (an unprivileged one cannot make "
-            "veth links or firewall rules); use network 'none'"
+            "the host's network state of network 'nat' is root's (an unprivileged server's "
+            "kernels get a user-mode stack instead, network.usermode); run this as root"
         )
     NET_DIR.mkdir(mode=0o700, exist_ok=True)
     (NET_DIR / "leases").mkdir(mode=0o700, exist_ok=True)
