@@ -293,10 +293,13 @@ class UserModeAttachment(nat.Attachment):
         return {k: counted[k] for k in ("bytes_in", "bytes_out", "refused") if k in counted}
 
 
-def collect_run_dir(run_dir: Path, alive: nat.Alive) -> list[str]:
+def collect_run_dir(run_dir: Path, alive: nat.Alive, uid: int) -> list[str]:
     """The user-mode stack a dead container's run dir names (``net.pid``: pid and start
-    time), killed when it still runs (its exit fd normally ends it with its owner). Called
-    by gc (``runtime.leftovers``) before it removes the run dir; returns what it removed."""
+    time), killed when it still runs (its exit fd normally ends it with its owner): only a
+    process named ``slirp4netns``, of user ``uid`` (the run dir's owner: root's gc never
+    kills another user's process on the word of a file a user wrote), started when the file
+    says. Called by gc (``runtime.leftovers``) before it removes the run dir; returns what
+    it removed."""
     try:
         fd = os.open(run_dir / PID_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
@@ -310,7 +313,7 @@ def collect_run_dir(run_dir: Path, alive: nat.Alive) -> list[str]:
         return []
     try:
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-            if f.read().strip() != STACK:
+            if f.read().strip() != STACK or os.fstat(f.fileno()).st_uid != uid:
                 return []
         os.kill(pid, signal.SIGKILL)
     except OSError:

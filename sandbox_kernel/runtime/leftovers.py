@@ -140,14 +140,19 @@ def collect_leftovers(
     return report
 
 
-def _collect_stack(run_dir: Path) -> list[str]:
+def _collect_stack(run_dir: Path, uid: int | None = None) -> list[str]:
     """The rootless ``nat`` user-mode stack a dead container's run dir names, killed
-    (``network.usermode.collect_run_dir``); nothing to do without its pid file."""
+    (``network.usermode.collect_run_dir``; only a process of ``uid``, default this
+    process's own); nothing to do without its pid file."""
     from ..network.usermode import PID_FILE, collect_run_dir
 
     if not (run_dir / PID_FILE).exists():
         return []
-    return collect_run_dir(run_dir, lambda pid, start: proc_starttime(pid) == start)
+    return collect_run_dir(
+        run_dir,
+        lambda pid, start: proc_starttime(pid) == start,
+        os.getuid() if uid is None else uid,
+    )
 
 
 def collect_other_users(*, dry_run: bool = False, uid: int | None = None) -> GcReport:
@@ -198,7 +203,7 @@ def _collect_user(root: RunRoot, report: GcReport, dry_run: bool) -> None:
         dead.append(info.id)
         report.run_dirs.append(info.id + tag)
         if not dry_run:
-            report.network += [f"{x}{tag}" for x in _collect_stack(info.path)]
+            report.network += [f"{x}{tag}" for x in _collect_stack(info.path, root.uid)]
         if handle is None:
             continue
         report.cgroups.append(info.id + tag)

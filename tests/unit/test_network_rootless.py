@@ -117,9 +117,13 @@ def test_gc_kills_the_stack_a_dead_kernel_left_and_nothing_else(
             (tmp_path / sub).mkdir()
             (tmp_path / sub / usermode.PID_FILE).write_text(f"{proc.pid} 123\n")
         check = lambda pid, start: alive and start == "123"  # noqa: E731
-        got = usermode.collect_run_dir(tmp_path / "a", check)
-        assert usermode.collect_run_dir(tmp_path / "b", check) == []
-        assert usermode.collect_run_dir(tmp_path / "none", check) == []
+        uid = os.getuid()
+        # another user's process is never killed on the word of that user's file
+        assert usermode.collect_run_dir(tmp_path / "a", check, uid + 1) == []
+        assert stack.poll() is None
+        got = usermode.collect_run_dir(tmp_path / "a", check, uid)
+        assert usermode.collect_run_dir(tmp_path / "b", check, uid) == []
+        assert usermode.collect_run_dir(tmp_path / "none", check, uid) == []
         if alive:
             assert got == [f"{usermode.STACK} {stack.pid}"]
             assert stack.wait(5) == -9
