@@ -74,17 +74,25 @@ def shape(rate: int | None) -> None:
             links.shape(ipr, ifb, rate, first=False)
 
 
-def stats() -> dict[str, Any]:
-    """The refused counter and the tap device's bytes (in: what the kernel received)."""
-    from pyroute2 import IPRoute
+def device_bytes(text: str, name: str = TAP) -> tuple[int, int] | None:
+    """(bytes received, bytes sent) of device ``name`` in ``/proc/net/dev``'s ``text``."""
+    for line in text.splitlines():
+        device, sep, rest = line.partition(":")
+        fields = rest.split()
+        if sep and device.strip() == name and len(fields) >= 9:
+            return int(fields[0]), int(fields[8])
+    return None
 
+
+def stats() -> dict[str, Any]:
+    """The refused counter and the tap device's bytes (in: what the kernel received), the
+    latter from this process's own ``/proc/net/dev`` (its network namespace's; no netlink
+    library to load)."""
     out: dict[str, Any] = {"refused": firewall.counter_packets(firewall.NS_COUNTER)}
-    with IPRoute() as ipr:
-        for link in ipr.get_links(ifname=TAP):
-            counted = link.get_attr("IFLA_STATS64")
-            if counted is not None:
-                out["bytes_in"] = int(counted["rx_bytes"])
-                out["bytes_out"] = int(counted["tx_bytes"])
+    with open("/proc/thread-self/net/dev", encoding="ascii", errors="replace") as f:
+        counted = device_bytes(f.read())
+    if counted is not None:
+        out["bytes_in"], out["bytes_out"] = counted
     return out
 
 

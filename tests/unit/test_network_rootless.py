@@ -94,6 +94,19 @@ def test_a_missing_stack_or_tun_device_is_refused_with_the_fix(
         usermode.check_host()
 
 
+def test_the_tap_devices_bytes_are_read_from_proc_net_dev() -> None:
+    text = (
+        "Inter-|   Receive                                                |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets\n"
+        "    lo:     10       1    0    0    0     0          0         0       10       1"
+        "    0    0    0     0       0          0\n"
+        "  eth0:   5432      12    0    0    0     0          0         0      987       7"
+        "    0    0    0     0       0          0\n"
+    )
+    assert inside.device_bytes(text) == (5432, 987)
+    assert inside.device_bytes(text, "sk-ifb") is None
+
+
 def test_an_unknown_request_in_the_namespace_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown request"):
         inside.handle({"op": "nothing"})
