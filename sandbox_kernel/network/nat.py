@@ -287,20 +287,6 @@ class Attachment:
         return out
 
 
-def attachment(
-    container_id: str, config: NatConfig, run_dir: Path, start_time: Callable[[int], str | None]
-) -> Attachment:
-    """The ``nat`` attachment of a new container: the host's veth and table for a root
-    owner, a user-mode stack in the container's own namespace (``usermode``) for an
-    unprivileged one. ``start_time(pid)``: a process's start time (the stack's pid file).
-    Called by ``Container.create``."""
-    if os.geteuid() == 0:
-        return Attachment(container_id, config)
-    from .usermode import UserModeAttachment
-
-    return UserModeAttachment(container_id, config, run_dir, start_time)
-
-
 def collect(alive: Alive) -> list[str]:
     """Remove the network objects of containers that are gone: leases whose creator is
     dead (``alive(pid, start)`` false), links and rules of the product's prefix that no

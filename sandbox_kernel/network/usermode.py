@@ -2,7 +2,7 @@
 allow-list, the refused counter, the connection cap and the bandwidth caps applied inside
 the container's own network namespace.
 
-Layer: network. ``nat.attachment`` gives a ``UserModeAttachment`` to an unprivileged
+Layer: network. ``attachment`` gives a ``UserModeAttachment`` to an unprivileged
 owner; its interface is ``nat.Attachment``'s. Why slirp4netns and what it cannot do:
 docs/network-rootless.md. The steps, while the container's init waits for ``go`` (still
 with the owner's credentials, so that the owner may open its namespaces):
@@ -291,6 +291,19 @@ class UserModeAttachment(nat.Attachment):
         except SandboxError:
             return {}
         return {k: counted[k] for k in ("bytes_in", "bytes_out", "refused") if k in counted}
+
+
+def attachment(
+    container_id: str, config: NatConfig, run_dir: Path, start_time: StartTime
+) -> nat.Attachment:
+    """The ``nat`` attachment of a new container: the host's veth and table
+    (``nat.Attachment``) for a root owner, a user-mode stack in the container's own
+    namespace (``UserModeAttachment``) for an unprivileged one. ``start_time(pid)``: a
+    process's start time (the stack's pid file). Called by ``Container.create``. (Here, not
+    in ``nat``, because this module builds on that one.)"""
+    if os.geteuid() == 0:
+        return nat.Attachment(container_id, config)
+    return UserModeAttachment(container_id, config, run_dir, start_time)
 
 
 def collect_run_dir(run_dir: Path, alive: nat.Alive, uid: int) -> list[str]:

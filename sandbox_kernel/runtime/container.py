@@ -249,7 +249,7 @@ class Container:
         network = None
         try:
             if spec.nat is not None:
-                from ..network.nat import attachment
+                from ..network.usermode import attachment
 
                 network = attachment(spec.id, spec.nat, rdir, proc_starttime)
                 network.reserve(info["owner_pid"], info["owner_start"])

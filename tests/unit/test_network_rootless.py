@@ -74,10 +74,10 @@ def test_the_factory_gives_root_the_hosts_attachment_and_others_the_stack(
 ) -> None:
     config = NatConfig()
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    root = nat.attachment("sk-0123456789ab", config, tmp_path, lambda pid: None)
+    root = usermode.attachment("sk-0123456789ab", config, tmp_path, lambda pid: None)
     assert type(root) is nat.Attachment
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    user = nat.attachment("sk-0123456789ab", config, tmp_path, lambda pid: None)
+    user = usermode.attachment("sk-0123456789ab", config, tmp_path, lambda pid: None)
     assert isinstance(user, usermode.UserModeAttachment)
     assert user.stats() == {"mode": "nat", "address": None, "allow": [], "bandwidth": None}
 
