@@ -166,15 +166,46 @@ def test_bandwidth_caps_both_directions() -> None:
     assert abs(up - cap) / cap < 0.10, f"upload {up / 1e6:.2f} mbit/s, cap 16"
 
 
+SHOW_QDISCS = """
+import subprocess, sys
+while sys.stdin.readline() == "show\\n":
+    for dev in ("eth0", "sk-ifb"):
+        out = subprocess.run(["tc", "qdisc", "show", "dev", dev], capture_output=True, text=True)
+        print(dev, " ".join(out.stdout.split()), flush=True)
+"""
+
+
 def test_a_live_bandwidth_change_and_its_removal() -> None:
-    running = Running(nat_config(f"{ALLOWED}:8080"))
-    try:
-        running.container.set_bandwidth(8_000_000)
-        assert running.container.network_stats()["bandwidth"] == 8_000_000
-        running.container.set_bandwidth(None)
-        assert running.container.network_stats()["bandwidth"] is None
-    finally:
-        running.finish()
+    """The kernel itself may read its qdiscs (not change them): both directions' tbf
+    follow a live change, and go with its removal."""
+    spec = nat_spec(["/usr/bin/python3", "-c", SHOW_QDISCS], nat_config(f"{ALLOWED}:8080"))
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    with Container.create(spec) as c:
+        try:
+            c.start(stdin=stdin_r, stdout=out_w, stderr=subprocess.DEVNULL)
+        finally:
+            os.close(stdin_r)
+            os.close(out_w)
+        with os.fdopen(stdin_w, "w") as to_kernel, os.fdopen(out_r) as from_kernel:
+
+            def qdiscs() -> dict[str, str]:
+                to_kernel.write("show\n")
+                to_kernel.flush()
+                lines = [from_kernel.readline().strip().partition(" ") for _ in range(2)]
+                return {dev: rest for dev, _, rest in lines}
+
+            assert "tbf" not in qdiscs()["eth0"]
+            c.set_bandwidth(8_000_000)
+            assert c.network_stats()["bandwidth"] == 8_000_000
+            shown = qdiscs()
+            for dev in ("eth0", "sk-ifb"):
+                assert "tbf" in shown[dev] and "rate 8Mbit" in shown[dev], shown
+            c.set_bandwidth(None)
+            assert c.network_stats()["bandwidth"] is None
+            shown = qdiscs()
+            assert not any("tbf" in v for v in shown.values()), shown
+        c.wait(30)
 
 
 def test_the_stack_ends_with_the_kernel_and_its_pid_file_goes() -> None:

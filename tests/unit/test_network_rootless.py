@@ -147,3 +147,31 @@ def test_gc_kills_the_stack_a_dead_kernel_left_and_nothing_else(
         for proc in (stack, other):
             proc.kill()
             proc.wait()
+
+
+def test_a_refresh_swaps_the_namespaces_rules_when_a_name_moved(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sandbox_kernel.network.config import parse_allow_list
+
+    config = NatConfig(allow=parse_allow_list(["pypi.example:443"]), dns=())
+    att = usermode.UserModeAttachment("sk-0123456789ab", config, tmp_path, lambda pid: None)
+    answers = {"pypi.example": ["198.18.5.5"]}
+    monkeypatch.setattr(nat, "resolve_host", lambda name: answers[name])
+    sent: list[dict[str, Any]] = []
+
+    def request(req: dict[str, Any]) -> dict[str, Any]:
+        sent.append(req)
+        return {}
+
+    monkeypatch.setattr(att, "_request", request)
+    att.lease = nat.Lease("198.18.64.100", "198.18.64.2", att.name)
+    att.allowed = (("198.18.5.5/32", 443),)
+    assert att.refresh() is False and sent == []
+    answers["pypi.example"] = ["198.18.6.6"]
+    assert att.refresh() is True
+    assert sent == [
+        {"op": "rules", "allowed": [["198.18.6.6/32", 443]], "dns": [], "deny": [],
+         "replace": True}
+    ]  # fmt: skip
+    assert att.allowed == (("198.18.6.6/32", 443),)
