@@ -124,7 +124,11 @@ def test_the_hosts_loopback_and_own_addresses_are_out_of_reach() -> None:
         own.close()
 
 
-def test_a_kernel_cannot_change_its_network_nor_open_raw_sockets() -> None:
+@pytest.mark.parametrize(
+    "as_root", [False, pytest.param(True, marks=pytest.mark.container_root)], ids=["user", "root"]
+)
+def test_a_kernel_cannot_change_its_network_nor_open_raw_sockets(as_root: bool) -> None:
+    """Not even the namespace's root (with a subordinate range): no capabilities."""
     probe = textwrap.dedent(
         """
         import socket, subprocess
@@ -140,7 +144,8 @@ def test_a_kernel_cannot_change_its_network_nor_open_raw_sockets() -> None:
         """
     )
     out_path = Path(f"/tmp/sk-net-rl-{os.getpid()}.out")
-    spec = nat_spec(["/usr/bin/python3", "-c", probe], nat_config(f"{ALLOWED}:8080"))
+    root = {"user": 0, "group": 0, "allow_root": True} if as_root else {}
+    spec = nat_spec(["/usr/bin/python3", "-c", probe], nat_config(f"{ALLOWED}:8080"), **root)
     try:
         with open(out_path, "w+") as out, Container.create(spec) as c:
             c.start(stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
