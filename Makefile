@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 CC ?= cc
 # the executor's compiler flags, shared with setup.py and the tests
 CFLAGS_RT := $(shell cat sandbox_kernel/runtime/native/cflags)
-DEB_PACKAGES := gcc libc6-dev make uidmap mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv clang-format clang-tidy cppcheck chromium docker-registry apache2-utils openssl nftables
+DEB_PACKAGES := gcc libc6-dev make uidmap mmdebstrap qemu-system-x86 busybox-static cpio skopeo umoci zstd bubblewrap iproute2 python3-venv clang-format clang-tidy cppcheck chromium docker-registry apache2-utils openssl nftables slirp4netns
 RUNTIME := sandbox_kernel/runtime/_bin/sk-runtime
 
 .PHONY: help deps venv native install labextension vm-setup demo hub-demo hub-demo-clean test test-unit test-unit-matrix test-privileged test-rootless test-cgroup-v2 test-cgroup-v2-native lint lint-c bench bench-rootless clean

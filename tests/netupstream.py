@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,18 @@ TEST_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 KERNEL_SUBNET = "198.18.64.0/24"
 UPSTREAM_NET = "198.19.7.0/24"
 HOST_SIDE = "198.19.7.1"
+#: The rootless tests' upstream (tests/privileged/test_network_rootless.py), made as root
+#: by tools/rootless-tests.sh (``python -m tests.netupstream --rootless``): its own network,
+#: so that it never meets the root tests' one.
+ROOTLESS_NET = "198.19.9.0/24"
+ROOTLESS_HOST_SIDE = "198.19.9.1"
+ROOTLESS_ALLOWED = "198.19.9.2"
+ROOTLESS_OTHER = "198.19.9.5"
+ROOTLESS_SERVERS = [
+    f"{ROOTLESS_ALLOWED}:8080",
+    f"{ROOTLESS_ALLOWED}:8081",
+    f"{ROOTLESS_OTHER}:8080",
+]
 
 SERVER = r"""
 import socket, socketserver, sys, threading, time
@@ -102,8 +115,11 @@ def check_targets(addresses: Sequence[str]) -> None:
 class Upstream:
     """The upstream namespace and its servers (``start``/``stop``; a context manager)."""
 
-    def __init__(self, servers: Sequence[str]) -> None:
-        check_targets([UPSTREAM_NET, HOST_SIDE, *servers])
+    def __init__(
+        self, servers: Sequence[str], net: str = UPSTREAM_NET, host_side: str = HOST_SIDE
+    ) -> None:
+        check_targets([net, host_side, *servers])
+        self.net, self.host_side = net, host_side
         self.servers = list(servers)
         self.addresses = sorted({s.rsplit(":", 1)[0] for s in servers})
         self.host_if = f"skt{secrets.token_hex(4)}"  # never the product's skn- prefix
@@ -123,13 +139,13 @@ class Upstream:
         while os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net"):
             assert time.monotonic() < deadline, "the upstream namespace did not appear"
             time.sleep(0.01)
-        prefix = ipaddress.IPv4Network(UPSTREAM_NET).prefixlen
+        prefix = ipaddress.IPv4Network(self.net).prefixlen
         with IPRoute() as ipr:
             ipr.link(
                 "add", ifname=self.host_if, kind="veth", peer={"ifname": "up0", "net_ns_pid": pid}
             )
             index = socket.if_nametoindex(self.host_if)
-            ipr.addr("add", index=index, address=HOST_SIDE, prefixlen=prefix)
+            ipr.addr("add", index=index, address=self.host_side, prefixlen=prefix)
             ipr.link("set", index=index, state="up")
         with IPRoute(use_socket=links.netns_socket(pid)) as inside:
             (lo,) = inside.link_lookup(ifname="lo")
@@ -165,7 +181,31 @@ class Upstream:
 
 
 @contextlib.contextmanager
-def upstream(servers: Sequence[str]) -> Iterator[Upstream]:
+def upstream(
+    servers: Sequence[str], net: str = UPSTREAM_NET, host_side: str = HOST_SIDE
+) -> Iterator[Upstream]:
     """``with upstream(["198.19.7.2:8080"]) as up:`` the servers run until the block ends."""
-    with Upstream(servers) as up:
+    with Upstream(servers, net, host_side) as up:
         yield up
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m tests.netupstream --rootless`` (or ``NET HOST_SIDE SERVER...``): as
+    root, the upstream namespace and its servers until SIGTERM or SIGINT (prints ``ready``
+    once they listen). The rootless network tests' harness (tools/rootless-tests.sh) runs it
+    before the unprivileged users' suites: they cannot make a namespace on the host's
+    side."""
+    if list(argv) == ["--rootless"]:
+        net, host_side, servers = ROOTLESS_NET, ROOTLESS_HOST_SIDE, ROOTLESS_SERVERS
+    else:
+        net, host_side, *servers = argv
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # taken by sigwait, the block's exit runs
+    with upstream(servers, net, host_side):
+        print("ready", flush=True)
+        signal.sigwait(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -36,7 +36,8 @@ SUITES=(tests/privileged/test_runtime.py tests/privileged/test_provisioner.py
         tests/privileged/test_magics.py tests/privileged/test_rootless_images.py
         tests/privileged/test_grading.py tests/privileged/test_soak.py
         tests/privileged/test_folder_quota.py tests/privileged/test_pool.py
-        tests/privileged/test_output_flood.py tests/security)
+        tests/privileged/test_output_flood.py tests/privileged/test_network_rootless.py
+        tests/security)
 BENCH=()
 HUB_ONLY=0
 if [ "${1:-}" = --bench ]; then
@@ -62,7 +63,16 @@ owned_by() {  # the top-level entries of the shared temp dirs owned by uid $1
   find "${SHARED_TMP[@]}" -xdev -mindepth 1 -maxdepth 1 -uid "$1" 2>/dev/null
 }
 
+# network nat without root: the upstream host of tests/privileged/test_network_rootless.py
+# (a namespace on 198.19.9.0/24 joined to the host: a user cannot make one), and
+# /dev/net/tun open to every user as Debian's udev rules make it (restored after)
+UPSTREAM_PID=""
+TUN_MODE=$(stat -c %a /dev/net/tun 2>/dev/null)
 cleanup() {
+  if [ -n "$UPSTREAM_PID" ]; then
+    kill "$UPSTREAM_PID" 2>/dev/null; wait "$UPSTREAM_PID" 2>/dev/null; UPSTREAM_PID=""
+  fi
+  [ -n "$TUN_MODE" ] && chmod "$TUN_MODE" /dev/net/tun 2>/dev/null
   for u in "${USERS[@]}"; do
     if id "$u" >/dev/null 2>&1; then
       "$WORK/venv/bin/sandbox-kernel" delegate --remove "$u" >/dev/null 2>&1
@@ -145,6 +155,15 @@ if [ ${#BENCH[@]} -gt 0 ]; then
   exit $status
 fi
 
+if [ $HUB_ONLY = 0 ]; then
+  [ -n "$TUN_MODE" ] && chmod 0666 /dev/net/tun
+  # the upstream ends (its namespace and veth removed) on SIGTERM
+  ( cd "$WORK/repo" && exec "$WORK/venv/bin/python" -m tests.netupstream --rootless \
+      </dev/null >"$WORK/upstream.log" 2>&1 ) &
+  UPSTREAM_PID=$!
+  for _ in $(seq 100); do grep -q ready "$WORK/upstream.log" 2>/dev/null && break; sleep 0.1; done
+  grep -q ready "$WORK/upstream.log" || { cat "$WORK/upstream.log" >&2; echo "rootless: no upstream" >&2; status=1; }
+fi
 for u in "${USERS[@]}"; do
   [ $HUB_ONLY = 1 ] && break
   home=$(getent passwd "$u" | cut -d: -f6)

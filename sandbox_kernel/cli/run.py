@@ -94,7 +94,8 @@ def register(sub: Any) -> None:
         choices=("none", "nat"),
         default="none",
         help="none (default): only loopback; nat: a link out of the host through its "
-        "routes, masqueraded, to what --allow lists only (root)",
+        "routes, masqueraded, to what --allow lists only (without root: a user-mode stack, "
+        "slirp4netns; docs/network-rootless.md)",
     )
     p.add_argument(
         "--allow",

@@ -12,6 +12,9 @@ Layer: network (OS side, between ``cgroups`` and ``runtime``; imports only the l
 * ``nat``: one container's attachment (plan, attach, detach) and the host's shared state
   (the table, IPv4 forwarding), with the leases that name every host resource of a
   container.
+* ``usermode``: without root, a user-mode stack (slirp4netns) per container instead, the
+  same rules and caps applied inside the container's own namespace by ``inside`` (a short
+  process that joins it); docs/network-rootless.md.
 
 The design (a routed point-to-point veth per container, no bridge) is in docs/network.md.
 """

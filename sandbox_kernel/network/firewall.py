@@ -153,14 +153,26 @@ MAX_CONNECTIONS = 1024
 
 def _kernel_rules(
     name: str,
-    address: str,
+    address: str | None,
     allowed: tuple[tuple[str, int | None], ...],
     dns: tuple[str, ...],
+    *,
+    chain: str | None = None,
+    counter_name: str | None = None,
+    table: dict[str, str] | None = None,
+    deny: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    """The rules of kernel ``name`` (whose address is ``address``), in order (see the
-    module docstring)."""
-    chain = f"k-{name}"
-    counter = {"counter": f"refused-{name}"}
+    """The rules of kernel ``name``'s chain, in order (see the module docstring): the one
+    rule list of both modes. Root mode: the host table's ``k-NAME`` and ``refused-NAME``
+    (the defaults), only from ``address``. Rootless (``namespace_commands``): the table in
+    the kernel's own network namespace (``table``), its chain ``kernel`` and counter
+    ``refused``, no source check (``address`` None), and ``deny``: the networks refused and
+    counted before the allow-list (the user-mode stack's own subnet and the host's
+    addresses, which that stack would reach as the host itself)."""
+    t = table if table is not None else _T
+    chain = chain if chain is not None else f"k-{name}"
+    counter = {"counter": counter_name if counter_name is not None else f"refused-{name}"}
+    reject = {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}
     saddr = {"payload": {"protocol": "ip", "field": "saddr"}}
     named = [ipaddress.IPv4Network(net) for net, _ in allowed]
     never = [
@@ -168,30 +180,94 @@ def _kernel_rules(
         for n in NEVER
         if not any(a.subnet_of(ipaddress.IPv4Network(n)) for a in named if a.prefixlen > 0)
     ]
-    rules = [
-        # only its own address, and IPv4 only (its IPv6 link-local goes nowhere)
-        _rule(chain, _match(_meta("nfproto"), "ipv4", "!="), {"drop": None}),
-        _rule(chain, _match(saddr, address, "!="), {"drop": None}),
-        *(_rule(chain, _network(n), {"drop": None}) for n in never),
-        _rule(chain, _REPLIES, {"accept": None}),
-        _rule(
-            chain,
-            _NEW,
-            {"ct count": {"val": MAX_CONNECTIONS, "inv": True}},
-            counter,
-            {"reject": {"type": "icmpx", "expr": "admin-prohibited"}},
-        ),
-    ]
-    for net, port in allowed:
-        rules.append(_rule(chain, _network(net), *(_port(port) if port else []), {"accept": None}))
-    for server in dns:
-        rules.append(_rule(chain, _network(f"{server}/32"), *_port(53), {"accept": None}))
+
+    def rule(*expr: dict[str, Any]) -> dict[str, Any]:
+        return {"add": {"rule": {**t, "chain": chain, "expr": list(expr)}}}
+
+    # IPv4 only (its IPv6 link-local goes nowhere), and root mode: only its own address
+    rules = [rule(_match(_meta("nfproto"), "ipv4", "!="), {"drop": None})]
+    if address is not None:
+        rules.append(rule(_match(saddr, address, "!="), {"drop": None}))
+    rules += [rule(_network(n), {"drop": None}) for n in never]
     rules += [
-        _rule(chain, _NEW, counter),
-        _rule(chain, _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}),
-        _rule(chain, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+        rule(_REPLIES, {"accept": None}),
+        rule(_NEW, {"ct count": {"val": MAX_CONNECTIONS, "inv": True}}, counter, reject),
+    ]
+    for net in deny:
+        rules.append(rule(_network(net), counter, reject))
+    for net, port in allowed:
+        rules.append(rule(_network(net), *(_port(port) if port else []), {"accept": None}))
+    for server in dns:
+        rules.append(rule(_network(f"{server}/32"), *_port(53), {"accept": None}))
+    rules += [
+        rule(_NEW, counter),
+        rule(_match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}),
+        rule(reject),
     ]
     return rules
+
+
+#: Rootless: the table's chain and counter in the kernel's own network namespace.
+NS_CHAIN = "kernel"
+NS_COUNTER = "refused"
+
+
+def namespace_commands(
+    allowed: tuple[tuple[str, int | None], ...],
+    dns: tuple[str, ...],
+    deny: tuple[str, ...],
+    *,
+    replace: bool = False,
+) -> list[dict[str, Any]]:
+    """Rootless: the commands making the product's table inside a kernel's own network
+    namespace (the user-mode stack's tap device is its only way out): chain ``output``
+    (filter hook) lets loopback pass and sends the rest through chain ``kernel``, the rules
+    of ``_kernel_rules``; chain ``input`` lets in only loopback and replies. ``replace``:
+    only swap chain ``kernel``'s rules (``Attachment.refresh``; the counter stays). Applied
+    by ``network.inside`` in that namespace, never on the host."""
+    rules = _kernel_rules(
+        "", None, allowed, dns, chain=NS_CHAIN, counter_name=NS_COUNTER, table=_T, deny=deny
+    )
+    if replace:
+        return [{"flush": {"chain": {**_T, "name": NS_CHAIN}}}, *rules]
+    lo_out = _match(_meta("oifname"), "lo")
+    lo_in = _match(_meta("iifname"), "lo")
+    return [
+        {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+        {"add": {"counter": {**_T, "name": NS_COUNTER}}},
+        {"add": {"chain": {**_T, "name": NS_CHAIN}}},
+        *rules,
+        _base_chain("output", "filter", "output", 0),
+        _rule("output", lo_out, {"accept": None}),
+        _rule("output", {"jump": {"target": NS_CHAIN}}),
+        {
+            "add": {
+                "chain": {
+                    **_T,
+                    "name": "input",
+                    "type": "filter",
+                    "hook": "input",
+                    "prio": 0,
+                    "policy": "drop",
+                }
+            }
+        },
+        _rule("input", lo_in, {"accept": None}),
+        _rule("input", _REPLIES, {"accept": None}),
+    ]
+
+
+def counter_packets(name: str) -> int | None:
+    """The packets of counter ``name`` of the product's table (None when it has none)."""
+    try:
+        items = nft.run([{"list": {"counter": {**_T, "name": name}}}], "read a counter")
+    except nft.NftError:
+        return None
+    for item in items:
+        c = item.get("counter")
+        if isinstance(c, dict) and isinstance(c.get("packets"), int):
+            return int(c["packets"])
+    return None
 
 
 def kernel_commands(
@@ -292,14 +368,4 @@ def remove_kernel(name: str) -> None:
 def refused(name: str) -> int | None:
     """How many connections kernel ``name`` had refused (its counter's packets; None when
     it has none)."""
-    try:
-        items = nft.run(
-            [{"list": {"counter": {**_T, "name": f"refused-{name}"}}}], "read a counter"
-        )
-    except nft.NftError:
-        return None
-    for item in items:
-        c = item.get("counter")
-        if isinstance(c, dict) and isinstance(c.get("packets"), int):
-            return int(c["packets"])
-    return None
+    return counter_packets(f"refused-{name}")

@@ -51,7 +51,8 @@ def short_name(container_id: str) -> str:
     return container_id.removeprefix("sk-")[:11]
 
 
-def _resolve(name: str) -> list[str]:
+def resolve_host(name: str) -> list[str]:
+    """The IPv4 addresses of host name ``name`` (the allow-list's resolver)."""
     infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
     return sorted({str(info[4][0]) for info in infos})
 
@@ -104,8 +105,8 @@ def _locked(wait: bool = True) -> Iterator[None]:
     is anything else is refused). ``wait=False``: raise ``Busy`` instead of waiting."""
     if os.geteuid() != 0:
         raise PrivilegeError(
-            "network 'nat' needs a root server for now (an unprivileged one cannot make "
-            "veth links or firewall rules); use network 'none'"
+            "the host's network state of network 'nat' is root's (an unprivileged server's "
+            "kernels get a user-mode stack instead, network.usermode); run this as root"
         )
     for folder in (NET_DIR, NET_DIR / "leases"):
         with contextlib.suppress(FileExistsError):
@@ -227,7 +228,7 @@ class Attachment:
         """Resolve the allow-list, take an address, make the shared state. SpecError for
         a host name that does not resolve or a full subnet. Called by
         ``Container.create``; ``owner``/``owner_start`` identify the creating process."""
-        self.allowed = resolve_allow(self.config.allow, _resolve)
+        self.allowed = resolve_allow(self.config.allow, resolve_host)
         self.dns = self.config.dns if self.config.dns is not None else host_resolvers()
         subnet = ipaddress.IPv4Network(self.config.subnet)
         conflicts = route_conflicts(str(subnet), host_routes())
@@ -307,7 +308,7 @@ class Attachment:
         provisioner, every ``REFRESH_S`` seconds, for kernels whose list has names)."""
         if self.lease is None or not any(e.is_name for e in self.config.allow):
             return False
-        allowed = resolve_allow(self.config.allow, _resolve)
+        allowed = resolve_allow(self.config.allow, resolve_host)
         if allowed == self.allowed:
             return False
         firewall.replace_kernel_rules(self.name, self.lease.address, allowed, self.dns)
@@ -355,10 +356,17 @@ class Attachment:
             "bandwidth": self.bandwidth,
         }
         if self.lease is not None:
-            counted = links.counters(self.lease.ifname)
-            if counted is not None:
-                out["bytes_in"], out["bytes_out"] = counted
-            out["refused"] = firewall.refused(self.name)
+            out.update(self._counters())
+        return out
+
+    def _counters(self) -> dict[str, Any]:
+        """``bytes_in``, ``bytes_out`` and ``refused`` where they can be read (``stats``)."""
+        assert self.lease is not None
+        out: dict[str, Any] = {}
+        counted = links.counters(self.lease.ifname)
+        if counted is not None:
+            out["bytes_in"], out["bytes_out"] = counted
+        out["refused"] = firewall.refused(self.name)
         return out
 
 

@@ -249,9 +249,9 @@ class Container:
         network = None
         try:
             if spec.nat is not None:
-                from ..network.nat import Attachment
+                from ..network.usermode import attachment
 
-                network = Attachment(spec.id, spec.nat)
+                network = attachment(spec.id, spec.nat, rdir, proc_starttime)
                 network.reserve(info["owner_pid"], info["owner_start"])
                 info["network"] = network.stats()
                 phases.mark("network lease")

@@ -125,18 +125,34 @@ def collect_leftovers(
         except SandboxError as exc:
             report.errors.append(f"cgroup {name}: {exc}")
     for name in report.run_dirs:
+        report.network += _collect_stack(root / name)
         shutil.rmtree(root / name, ignore_errors=True)
     report.host_layers = collect_host_layers(root)
     if network.anything_there():
         from ..network import nat
 
         try:
-            report.network = nat.collect(lambda pid, start: proc_starttime(pid) == start)
+            report.network += nat.collect(lambda pid, start: proc_starttime(pid) == start)
         except SandboxError as exc:
             report.errors.append(f"network: {exc}")
     if report.run_dirs or report.cgroups:
         log.info("gc removed run dirs %s, cgroups %s", report.run_dirs, report.cgroups)
     return report
+
+
+def _collect_stack(run_dir: Path, uid: int | None = None) -> list[str]:
+    """The rootless ``nat`` user-mode stack a dead container's run dir names, killed
+    (``network.usermode.collect_run_dir``; only a process of ``uid``, default this
+    process's own); nothing to do without its pid file."""
+    from ..network.usermode import PID_FILE, collect_run_dir
+
+    if not (run_dir / PID_FILE).exists():
+        return []
+    return collect_run_dir(
+        run_dir,
+        lambda pid, start: proc_starttime(pid) == start,
+        os.getuid() if uid is None else uid,
+    )
 
 
 def collect_other_users(*, dry_run: bool = False, uid: int | None = None) -> GcReport:
@@ -186,6 +202,8 @@ def _collect_user(root: RunRoot, report: GcReport, dry_run: bool) -> None:
                 handle = None  # no cgroup left
         dead.append(info.id)
         report.run_dirs.append(info.id + tag)
+        if not dry_run:
+            report.network += [f"{x}{tag}" for x in _collect_stack(info.path, root.uid)]
         if handle is None:
             continue
         report.cgroups.append(info.id + tag)

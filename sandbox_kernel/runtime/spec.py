@@ -74,7 +74,8 @@ class NetworkMode(str, enum.Enum):
     ``none``: a fresh network namespace with only loopback up (Jupyter talks to the kernel
     over unix sockets in its connection folder, never over the network).
     ``nat``: also a veth link to the host, an address, a default route and masquerading out
-    of the host, for what ``ContainerSpec.nat`` allows (``network.nat``; root only).
+    of the host, for what ``ContainerSpec.nat`` allows (``network.nat``; without root a
+    user-mode stack, ``network.usermode``).
     """
 
     NONE = "none"

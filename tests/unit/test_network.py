@@ -416,7 +416,7 @@ def test_a_refresh_swaps_the_rules_when_a_name_moves(
     fake_host: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answers = {"a.example": ["198.18.1.1"]}
-    monkeypatch.setattr(nat, "_resolve", lambda name: answers[name])
+    monkeypatch.setattr(nat, "resolve_host", lambda name: answers[name])
     config = NatConfig(allow=parse_allow_list(["a.example:443"]), subnet="198.18.64.0/29", dns=())
     a = nat.Attachment("sk-aaaaaaaaaaaa", config)
     a.reserve(1, "1")
