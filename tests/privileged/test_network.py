@@ -481,7 +481,7 @@ def test_a_refresh_moves_a_names_rules_to_its_new_addresses(
 ) -> None:
     """The real table: a host name resolved at create, then again after it moved."""
     answers = {"upstream.test": [ALLOWED]}
-    monkeypatch.setattr(nat, "_resolve", lambda name: answers[name])
+    monkeypatch.setattr(nat, "resolve_host", lambda name: answers[name])
     config = NatConfig(allow=parse_allow_list(["upstream.test:8080"]), subnet=KERNEL_SUBNET, dns=())
     check_targets([ALLOWED, OTHER])
     running = Running(config)
