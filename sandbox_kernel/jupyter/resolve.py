@@ -527,12 +527,6 @@ class _Resolver:
                     "what kernels may reach in network_allow), or use network 'none'"
                 )
                 return mode, None
-        if self.server_uid != 0:
-            self.problems.append(
-                f"network={mode.value!r} needs a root server for now (an unprivileged one "
-                "cannot make veth links or firewall rules); use network 'none'"
-            )
-            return mode, None
         before = len(self.problems)
         nat = NatConfig(
             allow=self.allow_list(),

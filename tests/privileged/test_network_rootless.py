@@ -10,6 +10,7 @@ host by a veth pair; an unprivileged user cannot make one). Every address here i
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,9 +30,11 @@ from tests.conftest import ROOTLESS
 from tests.netupstream import ROOTLESS_ALLOWED as ALLOWED
 from tests.netupstream import ROOTLESS_HOST_SIDE as HOST_SIDE
 from tests.netupstream import ROOTLESS_OTHER as OTHER
+from tests.privileged.test_magics import sandboxes
 from tests.privileged.test_network import Running, _rate, nat_config, nat_spec, run_client
 
 pytestmark = [pytest.mark.privileged, pytest.mark.rootless_only, pytest.mark.slow]
+__all__ = ["sandboxes"]  # the fixture, shared with the magics tests
 
 #: The user-mode stack puts the kernel at the subnet's address 100 and stands for the host
 #: at its address 2.
@@ -264,3 +268,53 @@ def test_kill_9_of_the_owner_leaves_nothing_gc_does_not_remove() -> None:
         time.sleep(0.5)  # the executor takes its container down first
     else:
         raise AssertionError(f"gc did not remove {line}")
+
+
+@pytest.mark.images
+async def test_a_rootless_servers_nat_kernel_through_jupyter_client(sandboxes: Any) -> None:
+    """A kernelspec with network nat under a policy allowing it, started by this
+    unprivileged server through jupyter_client: the allowed upstream answers, a refused port
+    is counted in ``%sandbox``, and the bandwidth changes live within the ceiling."""
+    from tests.netupstream import KERNEL_SUBNET, ROOTLESS_NET
+    from tests.privileged.test_magics import execute, row
+
+    policy = {
+        "allowed_networks": ["none", "nat"],
+        "network_allow": [ROOTLESS_NET],
+        "allowed_subnets": [KERNEL_SUBNET],
+        "max_bandwidth": "16mbit",
+    }
+    km = await sandboxes.start(
+        "python3-sandbox",
+        policy=policy,
+        network="nat",
+        network_allow=[f"{ALLOWED}:8080"],
+        network_subnet=KERNEL_SUBNET,
+        network_dns=[],
+        bandwidth="8mbit",
+    )
+    probe = textwrap.dedent(
+        f"""
+        import socket
+        for port in (8080, 8081):
+            try:
+                s = socket.create_connection(("{ALLOWED}", port), timeout=2)
+                s.sendall(b"hello\\n"); print(s.makefile().readline().strip()); s.close()
+            except OSError as e:
+                print("refused:", type(e).__name__)
+        """
+    )
+    res = await execute(km, probe)
+    assert res.ok, res
+    answered, refused = res.stdout.splitlines()
+    assert answered == f"hello from {ALLOWED}:8080" and refused.startswith("refused: "), res
+    report = await execute(km, "r = %sandbox\nprint(repr(r))")
+    assert row(report.stdout, "network").startswith("nat"), report.stdout
+    counted = re.fullmatch(
+        r"(\d+) connections? refused by policy", row(report.stdout, "network refused")
+    )
+    assert counted and int(counted.group(1)) >= 1, report.stdout
+    res = await execute(km, "%sandbox bandwidth=4mbit")
+    assert res.ok and "bandwidth 4mbit each way" in res.stdout, res
+    res = await execute(km, "%sandbox bandwidth=32mbit")
+    assert "refused: this server allows at most 16mbit" in res.stderr, res

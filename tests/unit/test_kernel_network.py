@@ -186,9 +186,12 @@ def test_nat_settings_with_network_none_are_an_error() -> None:
     assert "network_allow, bandwidth: only with network 'nat'" in text
 
 
-def test_a_rootless_server_refuses_nat_with_the_fix() -> None:
-    text = problems(values(network="nat"), admin(**NAT_OK), server_uid=1000, explicit=("user",))
-    assert "needs a root server for now" in text and "use network 'none'" in text
+def test_a_rootless_server_gives_nat_under_the_same_policy() -> None:
+    """(Its kernels get a user-mode stack: docs/network-rootless.md.)"""
+    s = resolve(values(network="nat"), admin(**NAT_OK), server_uid=1000, explicit=("user",))
+    assert s.network is NetworkMode.NAT and s.nat is not None
+    text = problems(values(network="nat"), admin(), server_uid=1000, explicit=("user",))
+    assert "SandboxPolicy.allowed_networks" in text
 
 
 @pytest.mark.parametrize(
