@@ -442,7 +442,7 @@ async def _read_line_async(sock: socket.socket, timeout: float, limit: int = 409
                 return None
             try:
                 chunk = await asyncio.wait_for(loop.sock_recv(sock, limit - len(data)), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (not yet the builtin TimeoutError on 3.10)
                 return None
             if not chunk:
                 return None

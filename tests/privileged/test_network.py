@@ -293,18 +293,26 @@ def _rate(result: dict[str, Any]) -> float:
     return float(result["bytes"]) * 8 / float(result["seconds"])
 
 
-def test_bandwidth_caps_both_directions_and_each_kernel_gets_its_own(upstream: Upstream) -> None:
-    cap = 16_000_000
-    size = 5_000_000  # 2.5 s at the cap
+CAP, SIZE = 16_000_000, 5_000_000  # 2.5 s at the cap
+
+
+def check_caps_both_ways(allowed: str) -> None:
+    """A kernel capped at 16 mbit/s downloads and uploads 5 MB from ``allowed``:8080 within
+    10% of its cap (also the rootless tests' check)."""
     results, _ = run_client(
-        nat_config(f"{ALLOWED}:8080", bandwidth=cap),
-        f"bulk {ALLOWED} 8080 {size}",
-        f"sink {ALLOWED} 8080 {size}",
+        nat_config(f"{allowed}:8080", bandwidth=CAP),
+        f"bulk {allowed} 8080 {SIZE}",
+        f"sink {allowed} 8080 {SIZE}",
     )
     down, up = _rate(results[0]), _rate(results[1])
-    assert results[0]["bytes"] == size and results[1]["reply"] == f"got {size}"
-    assert abs(down - cap) / cap < 0.10, f"download {down / 1e6:.2f} mbit/s, cap 16"
-    assert abs(up - cap) / cap < 0.10, f"upload {up / 1e6:.2f} mbit/s, cap 16"
+    assert results[0]["bytes"] == SIZE and results[1]["reply"] == f"got {SIZE}"
+    assert abs(down - CAP) / CAP < 0.10, f"download {down / 1e6:.2f} mbit/s, cap 16"
+    assert abs(up - CAP) / CAP < 0.10, f"upload {up / 1e6:.2f} mbit/s, cap 16"
+
+
+def test_bandwidth_caps_both_directions_and_each_kernel_gets_its_own(upstream: Upstream) -> None:
+    check_caps_both_ways(ALLOWED)
+    cap, size = CAP, SIZE
     # two kernels at once: each gets its own cap
     pair = [
         Running(nat_config(f"{ALLOWED}:8080", bandwidth=cap), f"bulk {ALLOWED} 8080 {size}")

@@ -11,7 +11,6 @@ resolver (network_dns = []), so no packet leaves the machine.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from sandbox_kernel.cli import ps
 from sandbox_kernel.network import links, nat
 from tests.netupstream import KERNEL_SUBNET, UPSTREAM_NET, Upstream, check_targets
 from tests.privileged.test_magics import KERNELS, Kernels, execute, row, sandboxes
+from tests.privileged.test_network import network_untouched
 
 pytestmark = [
     pytest.mark.privileged,
@@ -28,7 +28,9 @@ pytestmark = [
     pytest.mark.images,
     pytest.mark.slow,
 ]
-__all__ = ["sandboxes"]  # the fixture, shared with the magics tests
+# the fixtures, shared with the magics tests and the runtime's network tests (the kernels'
+# shutdown removes their links, rules and leases; the last one the table)
+__all__ = ["network_untouched", "sandboxes"]
 
 ALLOWED, PORT, DENIED_PORT = "198.19.7.2", 8080, 8081
 #: The administrator's policy: nat for this server, the upstream network, a ceiling.
@@ -71,18 +73,6 @@ def upstream() -> Iterator[Upstream]:
     check_targets([f"{ALLOWED}:{PORT}", f"{ALLOWED}:{DENIED_PORT}", *NAT["network_allow"]])
     with Upstream([f"{ALLOWED}:{PORT}", f"{ALLOWED}:{DENIED_PORT}"]) as up:
         yield up
-
-
-@pytest.fixture(autouse=True)
-def network_untouched() -> Iterator[None]:
-    """Nothing of the product's network is there before, nor left after (the kernels'
-    shutdown removed their links, rules and leases; the last one the table)."""
-    assert nat.leftovers() == [], "the product's network state was there before the test"
-    yield
-    deadline = time.monotonic() + 10
-    while nat.leftovers() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert nat.leftovers() == []
 
 
 async def report(km: Any) -> str:

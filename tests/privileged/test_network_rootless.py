@@ -31,7 +31,13 @@ from tests.netupstream import ROOTLESS_ALLOWED as ALLOWED
 from tests.netupstream import ROOTLESS_HOST_SIDE as HOST_SIDE
 from tests.netupstream import ROOTLESS_OTHER as OTHER
 from tests.privileged.test_magics import sandboxes
-from tests.privileged.test_network import Running, _rate, nat_config, nat_spec, run_client
+from tests.privileged.test_network import (
+    Running,
+    check_caps_both_ways,
+    nat_config,
+    nat_spec,
+    run_client,
+)
 
 pytestmark = [pytest.mark.privileged, pytest.mark.rootless_only, pytest.mark.slow]
 __all__ = ["sandboxes"]  # the fixture, shared with the magics tests
@@ -162,17 +168,7 @@ def test_a_kernel_cannot_change_its_network_nor_open_raw_sockets(as_root: bool) 
 
 
 def test_bandwidth_caps_both_directions() -> None:
-    cap = 16_000_000
-    size = 5_000_000  # 2.5 s at the cap
-    results, _ = run_client(
-        nat_config(f"{ALLOWED}:8080", bandwidth=cap),
-        f"bulk {ALLOWED} 8080 {size}",
-        f"sink {ALLOWED} 8080 {size}",
-    )
-    down, up = _rate(results[0]), _rate(results[1])
-    assert results[0]["bytes"] == size and results[1]["reply"] == f"got {size}"
-    assert abs(down - cap) / cap < 0.10, f"download {down / 1e6:.2f} mbit/s, cap 16"
-    assert abs(up - cap) / cap < 0.10, f"upload {up / 1e6:.2f} mbit/s, cap 16"
+    check_caps_both_ways(ALLOWED)
 
 
 SHOW_QDISCS = """
