@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 import struct
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ..errors import SandboxError
+
+_T = TypeVar("_T")
 
 CLONE_NEWNET = 0x40000000
 #: The container side's name and interface index (lo is 1 in a fresh namespace).
@@ -210,34 +214,47 @@ def _setns() -> Any:
     return _libc[0]
 
 
-def netns_socket(pid: int) -> socket.socket:
-    """A NETLINK_ROUTE socket in the network namespace of process ``pid`` (made by a
-    thread that joins that namespace and then ends). LinkError when it cannot."""
+def in_netns(pid: int, work: Callable[[], _T]) -> _T:
+    """``work()`` run by a thread that joined the network namespace of process ``pid``
+    first, and then ends (no other thread of the caller ever changes namespace); its
+    result, or its exception. LinkError when the namespace cannot be joined. What ``work``
+    makes there (a netlink socket, an nft context) stays in that namespace."""
     setns, get_errno = _setns()
     result: dict[str, Any] = {}
 
-    def make() -> None:
+    def run() -> None:
         try:
             fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            result["error"] = exc
+            result["join"] = exc
             return
         try:
             if setns(fd, CLONE_NEWNET) != 0:
                 err = get_errno()
-                result["error"] = OSError(err, os.strerror(err))
+                result["join"] = OSError(err, os.strerror(err))
                 return
         finally:
             os.close(fd)
-        result["sock"] = route_socket()  # made here: it belongs to this namespace
+        try:
+            result["value"] = work()
+        except BaseException as exc:
+            result["error"] = exc
 
-    thread = threading.Thread(target=make, name=f"netns-{pid}", daemon=True)
+    thread = threading.Thread(target=run, name=f"netns-{pid}", daemon=True)
     thread.start()
     thread.join()
-    if "sock" not in result:
-        raise LinkError(f"joining the network namespace of process {pid}: {result.get('error')}")
-    sock: socket.socket = result["sock"]
-    return sock
+    if "join" in result:
+        raise LinkError(f"joining the network namespace of process {pid}: {result['join']}")
+    if "error" in result:
+        raise result["error"]
+    value: _T = result["value"]
+    return value
+
+
+def netns_socket(pid: int) -> socket.socket:
+    """A NETLINK_ROUTE socket in the network namespace of process ``pid``
+    (``in_netns``). LinkError when it cannot be made."""
+    return in_netns(pid, route_socket)
 
 
 def _burst(rate_bits: int) -> int:
@@ -315,6 +332,20 @@ def forget_connections(address: str) -> int:
                 ct.delete(entry)
                 count += 1
     return count
+
+
+def host_addresses() -> tuple[str, ...]:
+    """The host's own IPv4 addresses as /32 networks, loopback left out (a kernel's rules
+    refuse them: its way to the host itself)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = {
+            str(a.get_attr("IFA_ADDRESS"))
+            for a in ipr.get_addr(family=socket.AF_INET)
+            if a.get_attr("IFA_ADDRESS")
+        }
+    return tuple(sorted(f"{a}/32" for a in found if not ipaddress.IPv4Address(a).is_loopback))
 
 
 def counters(ifname: str) -> tuple[int, int] | None:

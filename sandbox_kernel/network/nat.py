@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PrivilegeError, SandboxError, SpecError
-from . import IF_PREFIX, NET_DIR, anything_there, firewall, host_links, links
+from . import IF_PREFIX, NET_DIR, anything_there, firewall, host_links, links, nft
 from .config import NatConfig, resolve_allow, route_conflicts
 
 _FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -223,6 +223,9 @@ class Attachment:
         self.bandwidth = config.bandwidth
         self._pid: int | None = None
         self._pidfd: int | None = None  # init's, while attached
+        #: what the rules in the kernel's own namespace refuse before its allow-list: the
+        #: host's addresses (root mode: the gateway's and the host's own)
+        self.deny: tuple[str, ...] = ()
 
     def reserve(self, owner: int, owner_start: str | None) -> None:
         """Resolve the allow-list, take an address, make the shared state. SpecError for
@@ -289,6 +292,11 @@ class Attachment:
             links.create(
                 self.lease.ifname, pid, self.lease.gateway, self.lease.address, self.bandwidth
             )
+            # a second layer in the kernel's own namespace, where its processes have no
+            # capabilities: the same rules hold when the host's table is gone (the host's
+            # whole ruleset flushed, e.g. by a reload of its nftables service)
+            self.deny = (f"{self.lease.gateway}/32", *links.host_addresses())
+            self._inner_rules(pid, self.allowed, replace=False)
             if select.select([pidfd], [], [], 0)[0]:
                 raise links.LinkError(
                     f"container {self.container_id}: its init ended while its network was "
@@ -299,6 +307,25 @@ class Attachment:
             self._undo_links_and_rules()
             raise
         self._pid, self._pidfd = pid, pidfd
+
+    def _inner_rules(
+        self, pid: int, allowed: tuple[tuple[str, int | None], ...], *, replace: bool
+    ) -> None:
+        """The product's table in the kernel's own network namespace (root mode: made by
+        a thread of this process that joined it)."""
+        commands = firewall.namespace_commands(allowed, self.dns, self.deny, replace=replace)
+        links.in_netns(
+            pid, lambda: nft.run_here(commands, "firewall rules in the kernel's network namespace")
+        )
+
+    def _inner_refused(self) -> int | None:
+        """The refused counter of the kernel's own namespace (None when unreadable)."""
+        if self._pid is None or self._pidfd is None or select.select([self._pidfd], [], [], 0)[0]:
+            return None
+        try:
+            return links.in_netns(self._pid, lambda: _counter_here(firewall.NS_COUNTER))
+        except SandboxError:
+            return None
 
     def refresh(self) -> bool:
         """Resolve the allow-list's host names again and, when their addresses changed,
@@ -312,6 +339,8 @@ class Attachment:
         if allowed == self.allowed:
             return False
         firewall.replace_kernel_rules(self.name, self.lease.address, allowed, self.dns)
+        if self._pid is not None:
+            self._inner_rules(self._pid, allowed, replace=True)
         self.allowed = allowed
         return True
 
@@ -366,8 +395,23 @@ class Attachment:
         counted = links.counters(self.lease.ifname)
         if counted is not None:
             out["bytes_in"], out["bytes_out"] = counted
-        out["refused"] = firewall.refused(self.name)
+        # the kernel's own namespace refuses first; the host's chain counts what reached it
+        counts = [c for c in (self._inner_refused(), firewall.refused(self.name)) if c is not None]
+        out["refused"] = sum(counts) if counts else None
         return out
+
+
+def _counter_here(name: str) -> int | None:
+    """Counter ``name``'s packets in the product's table of this thread's namespace."""
+    items = nft.run_here(
+        [{"list": {"counter": {"family": firewall.FAMILY, "table": firewall.TABLE, "name": name}}}],
+        "read a counter",
+    )
+    for item in items:
+        c = item.get("counter")
+        if isinstance(c, dict) and isinstance(c.get("packets"), int):
+            return int(c["packets"])
+    return None
 
 
 def collect(alive: Alive) -> list[str]:

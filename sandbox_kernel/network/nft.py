@@ -29,6 +29,16 @@ def _context() -> tuple[Any, int]:
     """The library and one nft context, made once (guarded by ``_lock``)."""
     global _ctx
     if _ctx is None:
+        _ctx = _new_context()
+    return _ctx
+
+
+_lib: list[Any] = []
+
+
+def _library() -> Any:
+    """libnftables through ctypes, loaded once."""
+    if not _lib:
         import ctypes  # only a nat container's start pays for it
 
         try:
@@ -40,6 +50,7 @@ def _context() -> tuple[Any, int]:
             ) from None
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
         for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
         lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
@@ -47,14 +58,21 @@ def _context() -> tuple[Any, int]:
         for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
             getattr(lib, name).restype = ctypes.c_char_p
             getattr(lib, name).argtypes = [ctypes.c_void_p]
-        ctx = lib.nft_ctx_new(_NFT_CTX_DEFAULT)
-        if not ctx:
-            raise NftError("libnftables could not make a context")
-        lib.nft_ctx_buffer_output(ctx)
-        lib.nft_ctx_buffer_error(ctx)
-        lib.nft_ctx_output_set_flags(ctx, _NFT_CTX_OUTPUT_JSON)
-        _ctx = (lib, ctx)
-    return _ctx
+        _lib.append(lib)
+    return _lib[0]
+
+
+def _new_context() -> tuple[Any, int]:
+    """The library and a new nft context (its netlink socket belongs to the network
+    namespace of the thread that makes and uses it)."""
+    lib = _library()
+    ctx = lib.nft_ctx_new(_NFT_CTX_DEFAULT)
+    if not ctx:
+        raise NftError("libnftables could not make a context")
+    lib.nft_ctx_buffer_output(ctx)
+    lib.nft_ctx_buffer_error(ctx)
+    lib.nft_ctx_output_set_flags(ctx, _NFT_CTX_OUTPUT_JSON)
+    return lib, ctx
 
 
 def run(commands: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
@@ -62,12 +80,29 @@ def run(commands: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
     transaction and return the objects the library printed (for ``list`` commands). Raise
     NftError naming ``what`` and libnftables' message when it refuses. Called by
     ``firewall`` for each change, from any thread (one at a time)."""
-    text = json.dumps({"nftables": commands}).encode()
     with _lock:
-        lib, ctx = _context()
-        rc = lib.nft_run_cmd_from_buffer(ctx, text)
-        out = lib.nft_ctx_get_output_buffer(ctx) or b""
-        err = lib.nft_ctx_get_error_buffer(ctx) or b""
+        return _run(_context(), commands, what)
+
+
+def run_here(commands: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+    """``run`` on a context of its own, made and freed in the calling thread: in the
+    network namespace that thread joined (``links.in_netns``: a root kernel's own table).
+    Called from such a thread only."""
+    lib, ctx = _new_context()
+    try:
+        return _run((lib, ctx), commands, what)
+    finally:
+        lib.nft_ctx_free(ctx)
+
+
+def _run(
+    context: tuple[Any, int], commands: list[dict[str, Any]], what: str
+) -> list[dict[str, Any]]:
+    lib, ctx = context
+    text = json.dumps({"nftables": commands}).encode()
+    rc = lib.nft_run_cmd_from_buffer(ctx, text)
+    out = lib.nft_ctx_get_output_buffer(ctx) or b""
+    err = lib.nft_ctx_get_error_buffer(ctx) or b""
     if rc != 0:
         message = err.decode("utf-8", "replace").strip().splitlines()
         raise NftError(f"{what}: nftables refused: {message[0] if message else 'error'}")

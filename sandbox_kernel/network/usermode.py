@@ -76,22 +76,6 @@ def subnet_problem(subnet: str) -> str | None:
     return None
 
 
-def host_addresses() -> tuple[str, ...]:
-    """The host's own IPv4 addresses as /32 networks (the user-mode stack reaches them as
-    the host itself, so the kernel's rules refuse them)."""
-    import socket
-
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        found = {
-            str(a.get_attr("IFA_ADDRESS"))
-            for a in ipr.get_addr(family=socket.AF_INET)
-            if a.get_attr("IFA_ADDRESS")
-        }
-    return tuple(sorted(f"{a}/32" for a in found if not ipaddress.IPv4Address(a).is_loopback))
-
-
 def check_host() -> None:
     """PrivilegeError naming what this host lacks for rootless ``nat``, and the fix."""
     if shutil.which(STACK) is None:
@@ -130,7 +114,7 @@ class UserModeAttachment(nat.Attachment):
         self.allowed = resolve_allow(self.config.allow, nat.resolve_host)
         self.dns = self.config.dns if self.config.dns is not None else nat.host_resolvers()
         net = ipaddress.IPv4Network(self.config.subnet)
-        self.deny = (str(net), *host_addresses())
+        self.deny = (str(net), *links.host_addresses())
         self.lease = nat.Lease(
             str(net.network_address + 100), str(net.network_address + 2), self.name
         )

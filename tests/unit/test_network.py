@@ -363,6 +363,10 @@ def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
     forward = tmp_path / "ip_forward"
     forward.write_text("0\n")
     monkeypatch.setattr(nft, "run", fake.run)
+    inner = FakeNft()  # the tables in the kernels' own namespaces
+    monkeypatch.setattr(nft, "run_here", inner.run)
+    monkeypatch.setattr(links, "in_netns", lambda pid, work: work())
+    monkeypatch.setattr(links, "host_addresses", lambda: ("192.0.2.2/32",))
     monkeypatch.setattr(nat, "NET_DIR", tmp_path / "net")
     monkeypatch.setattr(network, "NET_DIR", tmp_path / "net")
     monkeypatch.setattr(nat, "_FORWARD", forward)
@@ -376,7 +380,13 @@ def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]
     monkeypatch.setattr(links, "forget_connections", lambda address: forgotten.append(address))
     monkeypatch.setattr(nat, "host_links", lambda: sorted(made))
     monkeypatch.setattr(network, "host_links", lambda: sorted(made))
-    return {"nft": fake, "links": made, "forward": forward, "forgotten": forgotten}
+    return {
+        "nft": fake,
+        "links": made,
+        "forward": forward,
+        "forgotten": forgotten,
+        "inner": inner,
+    }
 
 
 def _config() -> NatConfig:
@@ -402,6 +412,12 @@ def test_leases_take_free_addresses_and_the_last_detach_undoes_the_host(
     a.attach(os.getpid())
     b.attach(os.getpid())
     assert fake_host["links"] == {"skn-aaaaaaaaaaa", "skn-bbbbbbbbbbb"}
+    # the second layer, in each kernel's own namespace: the host's addresses refused first
+    (inner,) = [c for c in fake_host["inner"].calls if any("table" in x.get("add", {}) for x in c)][
+        :1
+    ]
+    rules = json.dumps(inner)
+    assert '"198.18.64.1"' in rules and '"192.0.2.2"' in rules and '"198.18.9.0"' in rules
     assert a.stats()["bytes_in"] == 10 and a.stats()["address"] == "198.18.64.2"
     a.detach()
     a.detach()  # a second call does nothing more
