@@ -618,3 +618,16 @@ def test_destroy_removes_the_network_even_when_the_cgroup_will_not_go(tmp_path: 
         c.destroy()
     assert calls == ["cgroup", "network"]
     assert not (tmp_path / spec.id).exists()
+
+
+def test_the_hosts_addresses_come_from_the_routing_tries_local_entries(tmp_path: Path) -> None:
+    trie = tmp_path / "fib_trie"
+    trie.write_text(
+        "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n"
+        "     |-- 192.0.2.2\n        /32 host LOCAL\n     |-- 192.0.2.0\n"
+        "        /24 link UNICAST\n  |-- 127.0.0.1\n     /32 host LOCAL\n"
+        "Local:\n     |-- 192.0.2.2\n        /32 host LOCAL\n     |-- 198.19.7.1\n"
+        "        /32 host LOCAL\n     |-- 192.0.2.255\n        /32 link BROADCAST\n"
+    )
+    assert links.host_addresses(str(trie)) == ("192.0.2.2/32", "198.19.7.1/32")
+    assert links.host_addresses(str(tmp_path / "missing")) == ()
