@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 
 #: The member's program, in the magics folder the kernel's container mounts.
 LAUNCHER = "sandbox_pool.py"
-#: The CPU weight of a member while it warms (the lowest: kernels in use come first), and
-#: the weight it gets once ready when its kernelspec sets none (the cgroup default).
-WARMING_WEIGHT = 1
-DEFAULT_WEIGHT = 100
 #: Seconds a new member may take to say ``ready`` (its kernel's imports and start).
 READY_TIMEOUT = 120.0
 #: Seconds a claimed member may take to take its session's key.
@@ -306,14 +302,10 @@ class Pool:
             )
 
     async def _make(self, key: ContainerSpec, want: Want) -> Member:
-        """Create and start one member at the lowest CPU weight, wait for its ``ready``, then
-        give it its kernelspec's weight and apply its CPU cap (the kernel's start ran
-        uncapped, as a cold one's does; what runs idle is capped)."""
+        """Create and start one member, wait for its ``ready``, then apply its CPU cap (the
+        kernel's start ran uncapped, as a cold one's does; what runs idle is capped)."""
         member_id = new_container_id()
         spec, meta, subdirs = want.make(member_id)
-        limits = spec.limits
-        # it warms at the lowest CPU weight, so that it never slows kernels in use
-        spec = replace(spec, limits=replace(limits, cpu_weight=WARMING_WEIGHT))
         # before the mount: a folder replaced in between shows as a different one at claim
         folder = await asyncio.to_thread(folder_id, spec.workdir)
         container = await asyncio.to_thread(
@@ -334,8 +326,6 @@ class Pool:
             line = await _read_line_async(ours, READY_TIMEOUT)
             if line != "ready":
                 raise SandboxError(f"pool member {container.id} said {line!r}, not ready")
-            ready = replace(limits, cpu_weight=limits.cpu_weight or DEFAULT_WEIGHT)
-            await asyncio.to_thread(container.update, ready)
             await asyncio.to_thread(container.apply_deferred_cpu)
         except BaseException:
             if ours is not None:

@@ -16,8 +16,7 @@ import pytest
 
 from sandbox_kernel.jupyter import pool as pool_mod
 from sandbox_kernel.magics import sandbox_pool
-from sandbox_kernel.runtime.container import Container
-from sandbox_kernel.runtime.spec import ContainerSpec, Limits
+from sandbox_kernel.runtime.spec import ContainerSpec
 
 CONN = {
     "transport": "ipc",
@@ -244,55 +243,6 @@ async def test_a_kernelspecs_size_bounds_all_its_folders_together() -> None:
     other = pool_mod.pool_key(_spec(user=5))
     pool._wants[other] = pool_mod.Want(1, "other", make, asked=0.5)
     assert pool._next() in ((b, old), (other, None))
-
-
-async def test_a_member_warms_at_the_lowest_cpu_weight_then_gets_its_own(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    events: list[tuple[str, Any]] = []
-
-    class Warming:
-        def __init__(self, spec: ContainerSpec) -> None:
-            self.id, self.spec, self.limits = spec.id, spec, spec.limits
-            events.append(("create", spec.limits.cpu_weight))
-
-        def start(self, **kw: Any) -> None:
-            events.append(("start", self.limits.cpu_weight))
-
-        def update(self, limits: Any) -> None:
-            self.limits = limits
-            events.append(("update", limits.cpu_weight))
-
-        def apply_deferred_cpu(self) -> None:
-            events.append(("cpu", self.limits.cpu_weight))
-
-        def destroy(self) -> None:
-            events.append(("destroy", None))
-
-    monkeypatch.setattr(Container, "create", lambda spec, **kw: Warming(spec))
-
-    async def ready(*a: Any) -> str:
-        return "ready"
-
-    monkeypatch.setattr(pool_mod, "_read_line_async", ready)
-    pool = pool_mod.Pool()
-    key = pool_mod.pool_key(_spec())
-    for weight, after in ((None, pool_mod.DEFAULT_WEIGHT), (500, 500)):
-        events.clear()
-        spec = _spec(limits=Limits(memory=1 << 30, cpu_weight=weight))
-
-        def make(mid: str, s: ContainerSpec = spec) -> Any:
-            return (s, {}, {})
-
-        member = await pool._make(key, pool_mod.Want(1, "k", make))
-        assert events == [
-            ("create", pool_mod.WARMING_WEIGHT),
-            ("start", pool_mod.WARMING_WEIGHT),
-            ("update", after),
-            ("cpu", after),
-        ]
-        assert member.container.limits.memory == 1 << 30
-        member.sock.close()
 
 
 async def test_ready_is_read_on_the_event_loop_bounded_and_cancellable() -> None:
