@@ -88,7 +88,7 @@ def run_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/run/sandbox-kernel")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and _private_dir(Path(xdg)):
+    if xdg and is_private_dir(Path(xdg)):
         return Path(xdg) / "sandbox-kernel"
     return _private_run_root(os.geteuid())
 
@@ -125,12 +125,12 @@ def user_run_roots(skip: Collection[str] = ()) -> list[tuple[int, Path]]:
             path = Path(base) / name / below if below else Path(base) / name
             if any(str(p) in skip for p in (path, path.parent)):
                 continue
-            if uid != os.geteuid() and _private_dir(path, uid):
+            if uid != os.geteuid() and is_private_dir(path, uid):
                 found.append((uid, path))
     return found
 
 
-def _private_dir(path: Path, uid: int | None = None) -> bool:
+def is_private_dir(path: Path, uid: int | None = None) -> bool:
     """Is ``path`` a real directory (not a symlink) of ``uid`` (default: the caller), closed
     to others (as systemd makes XDG_RUNTIME_DIR)?"""
     try:

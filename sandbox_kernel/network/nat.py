@@ -25,7 +25,6 @@ import json
 import os
 import select
 import socket
-import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PrivilegeError, SandboxError, SpecError
+from ..paths import is_private_dir
 from . import IF_PREFIX, NET_DIR, anything_there, firewall, host_links, links, nft
 from .config import NatConfig, resolve_allow, route_conflicts
 
@@ -111,8 +111,7 @@ def _locked(wait: bool = True) -> Iterator[None]:
     for folder in (NET_DIR, NET_DIR / "leases"):
         with contextlib.suppress(FileExistsError):
             folder.mkdir(mode=0o700)
-        st = os.lstat(folder)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        if not is_private_dir(folder, os.getuid()):
             raise SandboxError(
                 f"{folder} is not a directory of root's closed to others: remove it (the "
                 "product makes it anew) or fix its owner and mode (root, 0700)"
