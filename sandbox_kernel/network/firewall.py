@@ -257,10 +257,13 @@ def namespace_commands(
     ]
 
 
-def counter_packets(name: str) -> int | None:
-    """The packets of counter ``name`` of the product's table (None when it has none)."""
+def counter_packets(name: str, *, here: bool = False) -> int | None:
+    """The packets of counter ``name`` of the product's table (None when it has none).
+    ``here``: the table of the calling thread's network namespace (``nft.run_here``: a root
+    kernel's own, read from a thread that joined it)."""
+    run = nft.run_here if here else nft.run
     try:
-        items = nft.run([{"list": {"counter": {**_T, "name": name}}}], "read a counter")
+        items = run([{"list": {"counter": {**_T, "name": name}}}], "read a counter")
     except nft.NftError:
         return None
     for item in items:

@@ -322,7 +322,9 @@ class Attachment:
         if self._pid is None or self._pidfd is None or select.select([self._pidfd], [], [], 0)[0]:
             return None
         try:
-            return links.in_netns(self._pid, lambda: _counter_here(firewall.NS_COUNTER))
+            return links.in_netns(
+                self._pid, lambda: firewall.counter_packets(firewall.NS_COUNTER, here=True)
+            )
         except SandboxError:
             return None
 
@@ -398,19 +400,6 @@ class Attachment:
         counts = [c for c in (self._inner_refused(), firewall.refused(self.name)) if c is not None]
         out["refused"] = sum(counts) if counts else None
         return out
-
-
-def _counter_here(name: str) -> int | None:
-    """Counter ``name``'s packets in the product's table of this thread's namespace."""
-    items = nft.run_here(
-        [{"list": {"counter": {"family": firewall.FAMILY, "table": firewall.TABLE, "name": name}}}],
-        "read a counter",
-    )
-    for item in items:
-        c = item.get("counter")
-        if isinstance(c, dict) and isinstance(c.get("packets"), int):
-            return int(c["packets"])
-    return None
 
 
 def collect(alive: Alive) -> list[str]:
